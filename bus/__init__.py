@@ -1,0 +1,1 @@
+"""The event contract: events, codec, ids, signing, streams, publishing, the runner, the embedded server."""
