@@ -1,0 +1,227 @@
+"""Connecting to NATS and publishing events.
+
+`Bus` bundles the connection, its JetStream context, the settings and this process's
+identity. Publishing always sets `Nats-Msg-Id` to the event id (so a retried publish is
+stored once within the stream's duplicate window); `publish_once` adds
+`Nats-Expected-Last-Subject-Sequence: 0` on a per-entity subject, so an entity is recorded
+once, ever, whatever the window; server errors become the project's exceptions with the
+server's codes kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError, NoServersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
+from nats.js.errors import APIError, BadRequestError, NotFoundError
+
+from bus import codec
+from bus import events as ev
+from bus.errors import NatsUnavailable, PublishConflict, ServerError, StreamNotFound
+from bus.settings import Settings
+from bus.signing import SigningKey
+from bus.streams import stream_for_subject
+
+log = logging.getLogger("scf.bus")
+
+# Header names (as the server spells them).
+MSG_ID = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+SCF_TYPE = "Scf-Type"  # the event type, so routers and the archive need not parse the body
+SCF_SIG = "Scf-Sig"  # signature of a plain-JSON control command
+SCF_KID = "Scf-Kid"
+SCF_REDRIVE_FOR = "Scf-Redrive-For"  # a DLQ redrive meant for one consumer only
+
+# JetStream error codes we act on.
+ERR_WRONG_LAST_SEQUENCE = 10071
+ERR_STREAM_NOT_FOUND = 10059
+
+
+async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -> NATS:
+    """Connect, or fail with one line naming the URL and how to start the embedded server."""
+
+    async def _quiet(exc: Exception) -> None:
+        log.debug("nats: %s", exc)
+
+    await _probe(settings.url, timeout)
+    try:
+        return await nats.connect(
+            settings.url,
+            name=name,
+            connect_timeout=timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            error_cb=_quiet,
+        )
+    except (NoServersError, OSError, asyncio.TimeoutError, NatsTimeout) as exc:
+        raise NatsUnavailable(settings.url, type(exc).__name__) from None
+
+
+async def _probe(url: str, timeout: float) -> None:
+    """Fail fast when no server of the URL list accepts TCP (nats-py would retry forever)."""
+    from urllib.parse import urlparse
+
+    last = ""
+    for part in url.split(","):
+        u = urlparse(part.strip() if "://" in part else f"nats://{part.strip()}")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(u.hostname, u.port or 4222), timeout)
+            writer.close()
+            return
+        except (OSError, asyncio.TimeoutError) as exc:
+            last = "connection refused" if isinstance(exc, ConnectionRefusedError) else (type(exc).__name__)
+    raise NatsUnavailable(url, last)
+
+
+def map_error(exc: Exception, subject: str = "") -> Exception:
+    if isinstance(exc, NoRespondersError):
+        return StreamNotFound(f"no stream stores subject {subject!r}: run `scf streams ensure`", 503)
+    if isinstance(exc, NotFoundError):
+        return StreamNotFound(exc.description or "stream not found: run `scf streams ensure`", exc.code, exc.err_code)
+    if isinstance(exc, APIError):
+        if exc.err_code == ERR_WRONG_LAST_SEQUENCE:
+            return PublishConflict(f"{subject} already holds a message ({exc.description})", exc.code, exc.err_code)
+        return ServerError(exc.description or str(exc), exc.code, exc.err_code)
+    return exc
+
+
+@dataclass(frozen=True)
+class Published:
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Once:
+    """The outcome of `publish_once`."""
+
+    status: Literal["new", "duplicate", "conflict"]
+    seq: int
+    existing: ev.Event | None = None  # what the subject already held (duplicate / conflict)
+
+
+class Bus:
+    def __init__(self, nc: NATS, settings: Settings, *, key: SigningKey | None = None) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.settings = settings
+        self.source = settings.source or "scf"
+        self.key = key
+
+    @classmethod
+    async def connect(cls, settings: Settings, name: str = "scf", key: SigningKey | None = None) -> "Bus":
+        return cls(await connect(settings, name), settings, key=key)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # already closing
+                await self.nc.close()
+
+    async def __aenter__(self) -> "Bus":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------- publishing
+    def _body(self, event: ev.Event) -> bytes:
+        return codec.sign(event, self.key) if self.key else codec.encode(event)
+
+    @staticmethod
+    def headers(event: ev.Event, *, expect_new: bool = False) -> dict[str, str]:
+        h = {MSG_ID: event.id, SCF_TYPE: event.type_name()}
+        if expect_new:
+            h[EXPECTED_LAST_SUBJECT_SEQ] = "0"
+        return h
+
+    async def publish(self, event: ev.Event, *, timeout: float = 5.0) -> Published:
+        subject = event.subject()
+        try:
+            ack = await self.js.publish(subject, self._body(event), timeout=timeout, headers=self.headers(event))
+        except Exception as exc:
+            raise map_error(exc, subject) from None
+        return Published(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def publish_many(self, events: Iterable[ev.Event], *, window: int = 4096) -> list[Published]:
+        """Pipelined publishing: up to `window` unacknowledged at once, all acked on return."""
+        futures: list[asyncio.Future] = []
+        subjects: list[str] = []
+        out: list[Published] = []
+        for event in events:
+            subject = event.subject()
+            subjects.append(subject)
+            futures.append(await self.js.publish_async(subject, self._body(event), headers=self.headers(event)))
+            if len(futures) >= window:
+                out += await self._collect(futures, subjects)
+                futures, subjects = [], []
+        out += await self._collect(futures, subjects)
+        return out
+
+    async def _collect(self, futures: Sequence[asyncio.Future], subjects: Sequence[str]) -> list[Published]:
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        out = []
+        for res, subject in zip(results, subjects):
+            if isinstance(res, BaseException):
+                raise map_error(res, subject)  # type: ignore[arg-type]
+            out.append(Published(res.stream, res.seq, bool(res.duplicate)))
+        return out
+
+    async def publish_once(self, event: ev.Event, *, timeout: float = 5.0) -> Once:
+        """Publish on the event's per-entity subject only if the subject is empty.
+
+        Returns "new"; "duplicate" when the subject already holds an event with the same
+        payload (the effect already happened: treat as done); "conflict" when it holds a
+        different payload for the same entity (refuse and report)."""
+        subject = event.subject()
+        try:
+            ack = await self.js.publish(
+                subject, self._body(event), timeout=timeout, headers=self.headers(event, expect_new=True)
+            )
+            return Once("duplicate" if ack.duplicate else "new", ack.seq)
+        except Exception as exc:
+            err = map_error(exc, subject)
+            if not isinstance(err, PublishConflict):
+                raise err from None
+        existing_msg = await self.js.get_last_msg(stream_for_subject(subject), subject)
+        existing = codec.decode(existing_msg.data)
+        same = msgspec.json.encode(existing.data) == msgspec.json.encode(event.data)  # type: ignore[attr-defined]
+        return Once("duplicate" if same else "conflict", existing_msg.seq or 0, existing)
+
+    # ----------------------------------------------------------------- reading
+    async def last(self, subject: str) -> tuple[int, ev.Event] | None:
+        """The last event on a subject, or None."""
+        try:
+            msg = await self.js.get_last_msg(stream_for_subject(subject), subject)
+        except NotFoundError:
+            return None
+        except BadRequestError as exc:
+            raise map_error(exc, subject) from None
+        return msg.seq or 0, codec.decode(msg.data)
+
+    async def stream_last_seq(self, stream: str) -> int:
+        try:
+            info = await self.js.stream_info(stream)
+        except Exception as exc:
+            raise map_error(exc) from None
+        return info.state.last_seq
+
+    async def kv(self, bucket: str):
+        try:
+            return await self.js.key_value(bucket)
+        except Exception as exc:
+            raise StreamNotFound(f"KV bucket {bucket} does not exist: run `scf streams ensure`") from exc
+
+
+__all__ = ["Bus", "connect", "Published", "Once", "MSG_ID", "EXPECTED_LAST_SUBJECT_SEQ", "api"]

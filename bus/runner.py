@@ -1,0 +1,278 @@
+"""The consumer runner every SCF process uses.
+
+A handler decides; the runner owns the I/O:
+
+    async def handle(event, delivery) -> list[Event] | None
+
+* durable pull consumer, batched fetch, explicit ack;
+* the events a handler returns are published (ids derived from the input, so a
+  redelivered input republishes the same ids and JetStream's dedup keeps one) and only
+  then is the input acked: at-least-once delivery, effectively-once outcomes;
+* a failing handler is nak'ed with exponential backoff; on its last allowed delivery the
+  message is copied to the DLQ stream with the error and original headers, then terminated;
+  an undecodable message (or a handler raising `Poison`) goes to the DLQ at once;
+* long handlers are kept alive with `in_progress` acks;
+* a concurrency limit (1 keeps order);
+* a pause gate (the emergency stop): while engaged nothing new is handled; messages in hand
+  are kept alive and wait, nothing is dropped;
+* SIGTERM / SIGINT stop fetching, let in-flight handlers finish, nak what was fetched but
+  not started (so it is redelivered at once), then drain the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+
+from bus import codec
+from bus import events as ev
+from bus.client import SCF_REDRIVE_FOR, Bus
+from bus.errors import DecodeError, SCFError, SignatureError
+from bus.ids import derived_id
+from bus.streams import ConsumerSpec, ensure_consumer
+
+log = logging.getLogger("scf.runner")
+
+
+class Poison(SCFError):
+    """Raised by a handler for a message that can never succeed: straight to the DLQ."""
+
+
+class PauseGate(Protocol):
+    @property
+    def engaged(self) -> bool: ...
+
+    async def wait_clear(self) -> None: ...
+
+
+@dataclass
+class Delivery:
+    msg: Msg
+    subject: str
+    stream_seq: int
+    deliveries: int
+    headers: dict[str, str]
+
+    async def in_progress(self) -> None:
+        await self.msg.in_progress()
+
+
+@dataclass
+class RunnerStats:
+    handled: int = 0
+    published: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+Decoder = Callable[[Msg], Any]
+Handler = Callable[[Any, Delivery], Awaitable[Sequence[ev.Event] | None]]
+
+
+def event_decoder(c: codec.Codec = codec.ANY) -> Decoder:
+    return lambda msg: c.decode(msg.data)
+
+
+class Runner:
+    def __init__(
+        self,
+        bus: Bus,
+        spec: ConsumerSpec,
+        handler: Handler,
+        *,
+        decode: Decoder | None = None,
+        concurrency: int = 1,
+        batch: int = 64,
+        fetch_timeout: float = 1.0,
+        pause: PauseGate | None = None,
+        backoff_base: float = 0.25,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.bus, self.spec, self.handler = bus, spec, handler
+        self.decode = decode or event_decoder()
+        self.concurrency = max(1, concurrency)
+        self.batch = max(1, batch)
+        self.fetch_timeout = fetch_timeout
+        self.pause = pause
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        self.stats = RunnerStats()
+        self._sem = asyncio.Semaphore(self.concurrency)
+        self._tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        await ensure_consumer(self.bus.js, self.spec)
+        psub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+        try:
+            while not stop.is_set():
+                if self.pause is not None and self.pause.engaged:
+                    await _race(self.pause.wait_clear(), stop)
+                    continue
+                want = self.batch if self.concurrency == 1 else max(1, self.concurrency - len(self._tasks))
+                try:
+                    msgs = await psub.fetch(want, timeout=self.fetch_timeout)
+                except (NatsTimeout, asyncio.TimeoutError):
+                    continue
+                for i, msg in enumerate(msgs):
+                    if stop.is_set():
+                        for rest in msgs[i:]:
+                            await rest.nak()
+                        break
+                    if self.concurrency == 1:
+                        await self._process(msg)
+                    else:
+                        await self._sem.acquire()
+                        task = asyncio.create_task(self._process(msg))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._done)
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            try:
+                await psub.unsubscribe()
+            except Exception:
+                pass
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._sem.release()
+
+    # ------------------------------------------------------------------ one message
+    async def _process(self, msg: Msg) -> None:
+        meta = msg.metadata
+        headers = dict(msg.headers or {})
+        d = Delivery(msg, msg.subject, meta.sequence.stream, meta.num_delivered, headers)
+        target = headers.get(SCF_REDRIVE_FOR)
+        if target and target != self.spec.durable:
+            self.stats.skipped += 1
+            await msg.ack()
+            return
+        try:
+            item = self.decode(msg)
+        except (DecodeError, SignatureError) as exc:
+            await self._dead_letter(d, f"{type(exc).__name__}: {exc}")
+            return
+        except Exception as exc:  # a decoder bug is still poison for this message
+            await self._dead_letter(d, f"undecodable: {type(exc).__name__}: {exc}")
+            return
+
+        if self.pause is not None and self.pause.engaged:
+            await self._hold(d)
+
+        keepalive = asyncio.create_task(self._keepalive(d))
+        try:
+            out = await self.handler(item, d)
+            if out:
+                await self.bus.publish_many(out)
+                self.stats.published += len(out)
+        except Poison as exc:
+            await self._dead_letter(d, f"Poison: {exc}")
+            return
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: seq %s delivery %s failed: %s", self.spec.durable, d.stream_seq, d.deliveries, error)
+            log.debug("%s", traceback.format_exc())
+            self.stats.errors.append(error)
+            if d.deliveries >= self.spec.max_deliver > 0:
+                await self._dead_letter(d, f"failed after {d.deliveries} deliveries: {error}")
+            else:
+                self.stats.retried += 1
+                await msg.nak(delay=self.backoff(d.deliveries))
+            return
+        finally:
+            keepalive.cancel()
+        self.stats.handled += 1
+        await msg.ack()
+
+    def backoff(self, deliveries: int) -> float:
+        return min(self.backoff_max, self.backoff_base * (2 ** max(0, deliveries - 1)))
+
+    async def _keepalive(self, d: Delivery) -> None:
+        interval = max(0.5, self.spec.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await d.in_progress()
+            except Exception:
+                return
+
+    async def _hold(self, d: Delivery) -> None:
+        """Keep a message in hand alive until the pause gate clears."""
+        assert self.pause is not None
+        keepalive = asyncio.create_task(self._keepalive(d))
+        try:
+            await self.pause.wait_clear()
+        finally:
+            keepalive.cancel()
+
+    async def _dead_letter(self, d: Delivery, error: str) -> None:
+        dead = ev.DeadLettered.new(
+            ev.DeadLetter(
+                stream=self.spec.stream,
+                consumer=self.spec.durable,
+                subject=d.subject,
+                seq=d.stream_seq,
+                deliveries=d.deliveries,
+                error=error[:4000],
+                headers=d.headers,
+                payload=d.msg.data,
+            ),
+            source=self.bus.source,
+            id=derived_id("dlq", self.spec.stream, self.spec.durable, d.stream_seq),
+        )
+        await self.bus.publish(dead)
+        self.stats.dead_lettered += 1
+        log.error("%s: seq %s to the DLQ: %s", self.spec.durable, d.stream_seq, error)
+        await d.msg.term()
+
+
+async def _race(awaitable: Awaitable[Any], stop: asyncio.Event) -> None:
+    waiter = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (waiter, stopper):
+            if not t.done():
+                t.cancel()
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+
+
+async def run_all(bus: Bus, tasks: Sequence[Callable[[asyncio.Event], Awaitable[None]]], stop: asyncio.Event | None = None) -> None:
+    """Run runners / loops side by side until SIGTERM/SIGINT (or `stop`), then drain."""
+    stop = stop or asyncio.Event()
+    install_signal_handlers(stop)
+    running = [asyncio.create_task(t(stop)) for t in tasks]
+    try:
+        done, _ = await asyncio.wait(running + [asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t in running and t.exception() is not None:
+                stop.set()
+                raise t.exception()  # type: ignore[misc]
+        await asyncio.gather(*running)
+    finally:
+        stop.set()
+        for t in running:
+            if not t.done():
+                try:
+                    await asyncio.wait_for(t, 15)
+                except Exception:
+                    t.cancel()
+        await bus.close()

@@ -1,0 +1,72 @@
+"""What every CLI command shares: settings, running a coroutine, turning errors into one line."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from typing import Any, Awaitable, Callable, TypeVar
+
+import typer
+
+from bus import settings as settings_mod
+from bus.client import Bus
+from bus.errors import SCFError
+from bus.settings import Settings
+from bus.signing import SigningKey
+
+T = TypeVar("T")
+
+
+def fail(message: str) -> "typer.Exit":
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def load_settings(process: str = "cli") -> Settings:
+    try:
+        return settings_mod.load().with_source(process)
+    except SCFError as exc:
+        raise fail(str(exc)) from None
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run a coroutine; SCF errors become `Error: …` and exit code 1."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except SCFError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for sync commands: SCF errors become `Error: …`, exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SCFError as exc:
+            raise fail(str(exc)) from None
+
+    return wrapper
+
+
+def signing_key(settings: Settings) -> SigningKey | None:
+    if not settings.key:
+        return None
+    from pathlib import Path
+
+    path = Path(settings.key)
+    if not path.suffix:
+        path = settings.keys_dir / f"{settings.key}.key"
+    return SigningKey.load(path)
+
+
+async def open_bus(settings: Settings, name: str = "scf-cli", *, sign: bool = False) -> Bus:
+    return await Bus.connect(settings, name, key=signing_key(settings) if sign else None)
+
+
+def echo_err(text: str) -> None:
+    print(text, file=sys.stderr)

@@ -1,0 +1,220 @@
+"""What every physical domain provides: variables and bounds, constraints, energy, a solver.
+
+A domain is a physical system seen through two vectors: the *context* it is in (loads,
+weather, occupancy …), which nobody chooses, and the *state* an operator chooses (a
+generator dispatch, HVAC powers …). `cost(context, state)` is the fossil's energy;
+`violations(...)` lists the constraints a state breaks, with sizes; `reference_solution`
+is the optimum from a real solver. Everything here is numpy; torch stays in `ml/`.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from bus.errors import SCFError
+
+
+class DomainError(SCFError):
+    """Root of the errors of `domains`."""
+
+
+class UnknownDomain(DomainError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        super().__init__(f"unknown domain {name!r}: use one of {', '.join(known)}")
+
+
+class Infeasible(DomainError):
+    """No state satisfies the constraints in this context."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken constraint: `size` is by how much, in `unit`; `message` says both."""
+
+    constraint: str  # e.g. "line_limit[4-5]", "comfort[meeting]"
+    size: float
+    unit: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Sample(NamedTuple):
+    """A synthesized observation: what a fossil's content is made from."""
+
+    context: np.ndarray
+    state: np.ndarray
+    energy: float
+    verified: bool
+    detail: str
+
+
+class Domain(abc.ABC):
+    """A physical system. Subclasses set the attributes below and the abstract methods.
+
+    The feasible set of every domain here is a polytope in the state whose row matrix is
+    fixed and whose row bounds depend on the context: `row_lo(c) <= A @ x <= row_hi(c)`
+    and `state_lo <= x <= state_hi`. `feasible_rows` returns (A, row_lo, row_hi); the base
+    class uses it to draw random feasible states (random vertices of the polytope).
+    """
+
+    name: str
+    kind: str  # "grid", "hvac": which torch penalty ml/ uses
+    verifier: str  # provenance verifier name of `verify`, e.g. "grid.dc_check"
+    state_names: tuple[str, ...]
+    context_names: tuple[str, ...]
+    state_unit: str
+    energy_unit: str
+    state_bounds: tuple[np.ndarray, np.ndarray]
+    context_bounds: tuple[np.ndarray, np.ndarray]
+    sample_interval: dt.timedelta  # time between consecutive synthesized observations
+
+    # ------------------------------------------------------------------ to implement
+
+    @abc.abstractmethod
+    def sample_context(self, rng: np.random.Generator, index: int | None = None) -> np.ndarray:
+        """A plausible context; `index` is the observation's position in a series."""
+
+    @abc.abstractmethod
+    def cost(self, context: np.ndarray, state: np.ndarray) -> float:
+        """The energy (in `energy_unit`) of `state` in `context`."""
+
+    @abc.abstractmethod
+    def violations(
+        self, context: np.ndarray, state: np.ndarray, previous_state: np.ndarray | None = None
+    ) -> list[Violation]:
+        """Every constraint `state` breaks (empty when feasible)."""
+
+    @abc.abstractmethod
+    def reference_solution(self, context: np.ndarray) -> np.ndarray:
+        """The optimal state from a real solver; raises `Infeasible`."""
+
+    @abc.abstractmethod
+    def simulate(self, context: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """What the system does with `state` (line flows, next temperatures …)."""
+
+    @abc.abstractmethod
+    def feasible_rows(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A, row_lo, row_hi) of the feasible polytope (A fixed; bounds per context)."""
+
+    # ------------------------------------------------------------------ shared
+
+    @property
+    def state_dim(self) -> int:
+        return len(self.state_names)
+
+    @property
+    def context_dim(self) -> int:
+        return len(self.context_names)
+
+    def in_bounds(self, context, state) -> str | None:
+        """Why (context, state) is outside the domain's bounds or shape, or None."""
+        for what, values, names, (lo, hi) in (
+            ("context", context, self.context_names, self.context_bounds),
+            ("state", state, self.state_names, self.state_bounds),
+        ):
+            v = np.asarray(values, dtype=float)
+            if v.shape != (len(names),):
+                return f"{what} has {v.size} values, {self.name} expects {len(names)} ({', '.join(names[:4])}…)"
+            bad = ~np.isfinite(v)
+            if bad.any():
+                i = int(np.argmax(bad))
+                return f"{what}[{names[i]}] is not finite"
+            slack = 1e-9 * np.maximum(1.0, np.abs(hi - lo))
+            below, above = v < lo - slack, v > hi + slack
+            if below.any():
+                i = int(np.argmax(below))
+                return f"{what}[{names[i]}] = {v[i]:.6g} is below its bound {lo[i]:.6g}"
+            if above.any():
+                i = int(np.argmax(above))
+                return f"{what}[{names[i]}] = {v[i]:.6g} is above its bound {hi[i]:.6g}"
+        return None
+
+    def verify(self, context, state, energy: float) -> tuple[bool, str]:
+        """The domain's own check of an observation: in bounds, no violation, and `energy`
+        equal to the cost of `state` (relative 1e-6)."""
+        reason = self.in_bounds(context, state)
+        if reason:
+            return False, reason
+        context, state = np.asarray(context, float), np.asarray(state, float)
+        problems = [v.message for v in self.violations(context, state)]
+        cost = self.cost(context, state)
+        if not np.isfinite(energy) or abs(energy - cost) > 1e-6 * max(1.0, abs(cost)):
+            problems.append(f"energy {energy:.6g} {self.energy_unit} differs from the cost {cost:.6g} {self.energy_unit} of the state")
+        if problems:
+            return False, "; ".join(problems)
+        return True, f"{self.verifier} ok: cost {cost:.6g} {self.energy_unit}, no violation"
+
+    def random_feasible(self, context: np.ndarray, rng: np.random.Generator, vertices: int = 3) -> np.ndarray:
+        """A random feasible state: a random convex combination of `vertices` vertices of
+        the feasible polytope, each the optimum of an LP with a random cost."""
+        a, row_lo, row_hi = self.feasible_rows(context)
+        lp = self._vertex_lp(a)
+        points = []
+        for _ in range(vertices):
+            x = lp.solve(row_lo, row_hi, cost=rng.normal(size=self.state_dim))
+            if x is None:
+                raise Infeasible(f"{self.name}: no feasible state in this context ({lp.status})")
+            points.append(x)
+        return rng.dirichlet(np.ones(vertices)) @ np.stack(points)
+
+    def _vertex_lp(self, a: np.ndarray):
+        lp = getattr(self, "_vertex_lp_cache", None)
+        if lp is None:
+            from domains.solvers import HighsProgram
+
+            lp = HighsProgram(a, *self.state_bounds)
+            self._vertex_lp_cache = lp
+        return lp
+
+    def synthesize(
+        self, rng: np.random.Generator, n: int, *, first_index: int = 0, infeasible_fraction: float = 0.0
+    ) -> list[Sample]:
+        """`n` observations: contexts around nominal; states from a random feasible point
+        to the reference optimum (x = x_r + t (x* - x_r), t = sqrt(U)), with their true
+        energy; a fraction `infeasible_fraction` are feasible states pushed by noise until they
+        break a constraint (their `verified` is False)."""
+        out = []
+        lo, hi = self.state_bounds
+        for i in range(n):
+            for _attempt in range(100):
+                context = self.sample_context(rng, index=first_index + i)
+                try:
+                    best = self.reference_solution(context)
+                    if rng.random() < infeasible_fraction:
+                        state = self._infeasible_state(context, rng)
+                    else:
+                        start = self.random_feasible(context, rng)
+                        state = start + np.sqrt(rng.random()) * (best - start)
+                except Infeasible:
+                    continue
+                state = np.clip(state, lo, hi)  # solver round-off only
+                energy = self.cost(context, state)
+                ok, detail = self.verify(context, state, energy)
+                out.append(Sample(context, state, energy, ok, detail))
+                break
+            else:  # pragma: no cover - the samplers are built to be feasible
+                raise Infeasible(f"{self.name}: 100 sampled contexts in a row were infeasible; check the case data")
+        return out
+
+    def _infeasible_state(self, context: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A feasible state pushed by growing random noise until it breaks a constraint
+        (kept inside the state bounds, so it is a plausible reading, not garbage)."""
+        lo, hi = self.state_bounds
+        start = self.random_feasible(context, rng)
+        for attempt in range(60):
+            scale = 0.02 * 2 ** (attempt // 10)
+            state = np.clip(start + rng.normal(scale=scale * (hi - lo)), lo, hi)
+            if self.violations(context, state):
+                return state
+        raise Infeasible(f"{self.name}: could not draw an infeasible in-bounds state")  # pragma: no cover
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}: state {self.state_dim}, context {self.context_dim}>"

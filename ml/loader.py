@@ -1,0 +1,369 @@
+"""Stream fossils for training: sharded, shuffled, split across ranks and workers, resumable.
+
+How the data is cut up (deterministic, from the files alone):
+
+* A source is cut into *units*: byte ranges of shard files (`ShardSource`); a record
+  belongs to the unit where its line starts. Units are small enough that there are at
+  least 4 per slot.
+* A *slot* is one (rank, DataLoader worker): slot = rank * num_workers + worker, of
+  S = world_size * num_workers. In epoch e the units are permuted with seed (seed, e) and
+  slot s takes units s, s+S, s+2S, … of that permutation: every record goes to exactly one
+  slot per epoch, and no slot reads another's bytes.
+* A unit is read as *windows* of `shuffle_buffer` bytes (the records whose line starts in
+  the window); each window is decoded at once (msgspec `decode_lines`) and emitted in a
+  permutation seeded by (seed, epoch, unit, window). So the shuffle is: units in random
+  order, records in random order within a window — memory stays flat (one window per
+  worker plus the prefetched batches) however large the data.
+
+Resuming: a slot's position is [unit, window, row] — its `unit`-th unit of this epoch,
+the `window`-th window of that unit, and `row` records of that window's permutation
+already emitted. `FossilLoader.state_dict()` is {"epoch", "positions": {slot: position},
+and the layout it is valid for (seed, rank, world_size, num_workers)}; a position is
+recorded when a batch is *handed to the caller*, so a state saved after consuming batch b
+resumes with the batch after b: nothing repeats and nothing is skipped. Resuming needs the
+same files, seed, world_size and num_workers (checked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Protocol
+
+import msgspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from bus.errors import SCFError
+
+DEFAULT_WINDOW = 8 << 20  # bytes of NDJSON shuffled together (about 2-3k case118 fossils)
+MAX_UNIT = 256 << 20
+HELDOUT_EVERY = 16  # fossils whose id's last hex digit is 0 are held out (1 in 16)
+
+
+class LoaderError(SCFError):
+    pass
+
+
+class FossilRow(msgspec.Struct):
+    """The fields training reads; the decoder skips the rest of a Fossil line."""
+
+    fossil_id: str
+    domain: str
+    context: list[float]
+    state: list[float]
+    energy: float
+
+
+_row_decoder = msgspec.json.Decoder(FossilRow)
+
+
+def in_split(fossil_id: str, split: str | None) -> bool:
+    if split is None:
+        return True
+    heldout = int(fossil_id[-1], 16) % HELDOUT_EVERY == 0
+    return heldout if split == "heldout" else not heldout
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str  # the shard's name
+    start: int  # position range [start, end) in the source's units (bytes for shards)
+    end: int
+
+
+class FossilSource(Protocol):
+    """Where fossils come from. `ShardSource` reads NDJSON files; a FOSSILS-stream source
+    implements the same four methods with stream sequences as positions."""
+
+    def units(self, min_units: int) -> list[Unit]: ...
+
+    def windows(self, unit: Unit, window: int) -> int: ...
+
+    def read(self, unit: Unit, index: int, window: int) -> bytes: ...
+
+    def lineage(self, hashes: bool = True) -> dict: ...
+
+
+class ShardSource:
+    """A directory of `*.ndjson` shards (uncompressed: units are byte ranges)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise LoaderError(f"no shard directory at {self.root}: write shards with `scf fossils synth` or pass the right path")
+        self.files = sorted(p.name for p in self.root.glob("*.ndjson"))
+        if not self.files:
+            raise LoaderError(f"{self.root} holds no *.ndjson shard: write shards with `scf fossils synth`")
+        self.sizes = [(self.root / f).stat().st_size for f in self.files]
+
+    def __repr__(self) -> str:
+        return f"ShardSource({str(self.root)!r}, {len(self.files)} shards, {sum(self.sizes)} bytes)"
+
+    def units(self, min_units: int) -> list[Unit]:
+        total = sum(self.sizes)
+        size = max(1, min(MAX_UNIT, math.ceil(total / (4 * max(1, min_units)))))
+        return [
+            Unit(name, a, min(a + size, n)) for name, n in zip(self.files, self.sizes) for a in range(0, n, size)
+        ]
+
+    def windows(self, unit: Unit, window: int) -> int:
+        return max(1, math.ceil((unit.end - unit.start) / window))
+
+    def read(self, unit: Unit, index: int, window: int) -> bytes:
+        """The complete lines that start in [unit.start + index*window, …+window) ∩ unit."""
+        lo = unit.start + index * window
+        hi = min(lo + window, unit.end)
+        with open(self.root / unit.key, "rb") as f:
+            if lo > 0:
+                f.seek(lo - 1)
+                f.readline()  # skip the line that started before lo
+            first = f.tell()
+            if first >= hi:
+                return b""
+            data = f.read(hi - first)
+            if data and not data.endswith(b"\n"):
+                data += f.readline()  # finish the last line that starts before hi
+        return data
+
+    def lineage(self, hashes: bool = True) -> dict:
+        """What the data was: shard names, sizes and (with `hashes`) sha256 of each."""
+        shards = []
+        for name, size in zip(self.files, self.sizes):
+            entry: dict = {"name": name, "bytes": size}
+            if hashes:
+                h = hashlib.sha256()
+                with open(self.root / name, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                entry["sha256"] = h.hexdigest()
+            shards.append(entry)
+        return {"kind": "shards", "root": str(self.root), "shards": shards}
+
+
+def as_source(source: FossilSource | str | os.PathLike) -> FossilSource:
+    return ShardSource(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+# --------------------------------------------------------------------------- one slot's stream
+
+
+@dataclass(frozen=True)
+class _Plan:
+    source: FossilSource
+    domain: str | None
+    seed: int
+    window: int
+    split: str | None
+
+    def slot_units(self, epoch: int, slot: int, slots: int) -> list[tuple[int, Unit]]:
+        units = self.source.units(slots)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
+        return [(int(i), units[i]) for i in order[slot::slots]]
+
+    def rows(self, epoch: int, slot: int, slots: int, start=(0, 0, 0)) -> Iterator[tuple[FossilRow, tuple[int, int, int]]]:
+        """(row, position after it) for the slot, from `start`; filtered rows are passed over."""
+        units = self.slot_units(epoch, slot, slots)
+        k0, w0, r0 = start
+        for k in range(k0, len(units)):
+            uid, unit = units[k]
+            n_win = self.source.windows(unit, self.window)
+            for w in range(w0 if k == k0 else 0, n_win):
+                rows = _decode(self.source.read(unit, w, self.window))
+                order = np.random.default_rng([self.seed, epoch, uid, w]).permutation(len(rows))
+                last = len(rows) - 1
+                for r in range(r0 if (k, w) == (k0, w0) else 0, len(rows)):
+                    row = rows[order[r]]
+                    if (self.domain is None or row.domain == self.domain) and in_split(row.fossil_id, self.split):
+                        pos = (k, w, r + 1) if r < last else ((k, w + 1, 0) if w + 1 < n_win else (k + 1, 0, 0))
+                        yield row, pos
+
+
+def _decode(data: bytes) -> list[FossilRow]:
+    if not data:
+        return []
+    try:
+        return _row_decoder.decode_lines(data)
+    except msgspec.DecodeError:  # a bad line: keep the good ones (ingest should have caught it)
+        rows = []
+        for line in data.splitlines():
+            try:
+                if line.strip():
+                    rows.append(_row_decoder.decode(line))
+            except msgspec.DecodeError:
+                continue
+        return rows
+
+
+def _slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def iterate_fossils(
+    source: FossilSource | str | os.PathLike,
+    *,
+    domain: str | None = None,
+    seed: int = 0,
+    shuffle_buffer: int = DEFAULT_WINDOW,
+    rank: int = 0,
+    world_size: int = 1,
+    state: dict | None = None,
+    split: str | None = None,
+) -> Iterator[FossilRow]:
+    """One epoch of this process's share of the fossils, shuffled (see the module doc).
+
+    Inside a DataLoader worker the share is that worker's slot. `state` is a
+    `FossilLoader.state_dict()`: the epoch and this slot's position to resume from."""
+    worker, workers = _slot()
+    slot, slots = rank * workers + worker, world_size * workers
+    epoch = state["epoch"] if state else 0
+    start = tuple(state["positions"].get(str(slot), (0, 0, 0))) if state else (0, 0, 0)
+    plan = _Plan(as_source(source), domain, seed, shuffle_buffer, split)
+    for row, _ in plan.rows(epoch, slot, slots, start):
+        yield row
+
+
+# --------------------------------------------------------------------------- minibatches
+
+
+class Batch(NamedTuple):
+    state: torch.Tensor  # (B, state_dim) float32
+    context: torch.Tensor  # (B, context_dim) float32
+    energy: torch.Tensor  # (B,) float32
+
+
+class _BatchStream(IterableDataset):
+    """Yields (state, context, energy, slot, position) batches of one epoch, per worker."""
+
+    def __init__(self, plan: _Plan, epoch: int, rank: int, world_size: int, batch_size: int, positions: dict) -> None:
+        self.plan, self.epoch, self.rank, self.world_size = plan, epoch, rank, world_size
+        self.batch_size, self.positions = batch_size, positions
+
+    def __iter__(self):
+        worker, workers = _slot()
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        start = tuple(self.positions.get(str(slot), (0, 0, 0)))
+        rows, dims = [], None
+        for row, pos in self.plan.rows(self.epoch, slot, slots, start):
+            shape = (len(row.state), len(row.context))
+            if dims is None:
+                dims = shape
+            elif shape != dims:
+                raise LoaderError(
+                    f"fossil {row.fossil_id} of {row.domain} has {shape[0]} state / {shape[1]} context values, "
+                    f"earlier ones {dims[0]} / {dims[1]}: pass domain= to read one domain"
+                )
+            rows.append(row)
+            if len(rows) == self.batch_size:
+                yield (*_collate(rows), slot, pos)
+                rows = []
+        if rows:
+            yield (*_collate(rows), slot, pos)
+
+
+def _collate(rows: list[FossilRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    state = torch.from_numpy(np.array([r.state for r in rows], dtype=np.float32))
+    context = torch.from_numpy(np.array([r.context for r in rows], dtype=np.float32))
+    energy = torch.from_numpy(np.array([r.energy for r in rows], dtype=np.float32))
+    return state, context, energy
+
+
+class FossilLoader:
+    """Minibatches of (state, context, energy) over epochs; `state_dict()` to resume.
+
+    `epochs=None` repeats forever (training counts steps). `num_workers=0` reads in this
+    process (one slot per rank)."""
+
+    def __init__(
+        self,
+        source: FossilSource | str | os.PathLike,
+        *,
+        domain: str | None = None,
+        batch_size: int = 256,
+        seed: int = 0,
+        shuffle_buffer: int = DEFAULT_WINDOW,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        split: str | None = None,
+        epochs: int | None = 1,
+        state: dict | None = None,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise LoaderError(f"rank {rank} is outside world_size {world_size}: pass 0 <= rank < world_size")
+        if split not in (None, "train", "heldout"):
+            raise LoaderError(f"split {split!r} is unknown: use None, 'train' or 'heldout'")
+        self.plan = _Plan(as_source(source), domain, seed, shuffle_buffer, split)
+        self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
+        self.epochs, self.pin_memory, self.prefetch_factor = epochs, pin_memory, prefetch_factor
+        self.epoch, self.positions = 0, {}
+        if state is not None:
+            self.load_state_dict(state)
+
+    @property
+    def source(self) -> FossilSource:
+        return self.plan.source
+
+    def __iter__(self) -> Iterator[Batch]:
+        while self.epochs is None or self.epoch < self.epochs:
+            stream = _BatchStream(self.plan, self.epoch, self.rank, self.world_size, self.batch_size, dict(self.positions))
+            extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False} if self.num_workers else {}
+            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
+            for state, context, energy, slot, pos in loader:
+                self.positions[str(int(slot))] = [int(v) for v in pos]
+                yield Batch(state, context, energy)
+            self.epoch += 1
+            self.positions = {}
+
+    def state_dict(self) -> dict:
+        return {
+            "format": 1,
+            "epoch": self.epoch,
+            "positions": {k: list(v) for k, v in self.positions.items()},
+            "seed": self.plan.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "shuffle_buffer": self.plan.window,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = {"seed": self.plan.seed, "rank": self.rank, "world_size": self.world_size,
+                  "num_workers": self.num_workers, "shuffle_buffer": self.plan.window}
+        differ = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+        if differ:
+            what = ", ".join(f"{k} saved {a} now {b}" for k, (a, b) in differ.items())
+            raise LoaderError(f"loader state was saved for another layout ({what}): resume with the same settings")
+        self.epoch = int(state["epoch"])
+        self.positions = {str(k): [int(v) for v in p] for k, p in state["positions"].items()}
+
+
+def stream_minibatches(source: FossilSource | str | os.PathLike, **kwargs) -> FossilLoader:
+    """`FossilLoader(source, **kwargs)`: iterate it for `Batch(state, context, energy)`
+    float32 tensors; keep it to call `state_dict()`."""
+    return FossilLoader(source, **kwargs)
+
+
+def load_arrays(source, *, domain: str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0):
+    """Up to `limit` records as numpy float32 arrays (state, context, energy), one pass."""
+    loader = FossilLoader(source, domain=domain, split=split, seed=seed, batch_size=4096, epochs=1)
+    parts, n = [], 0
+    for batch in loader:
+        parts.append(batch)
+        n += len(batch.energy)
+        if limit is not None and n >= limit:
+            break
+    if not parts:
+        raise LoaderError(f"no {split or ''} fossils{' of ' + domain if domain else ''} in {loader.source}: check the domain and the data")
+    cat = [torch.cat(t)[:limit].numpy() for t in zip(*parts)]
+    return cat[0], cat[1], cat[2]
