@@ -181,7 +181,8 @@ class IntentCreated(Event, tag="intent.created", frozen=True, kw_only=True):
     data: Intent
 
     def subject(self) -> str:
-        return f"intent.created.{subject_token(self.data.kind)}"
+        # Per intent: created once, ever (publish_once), and found by id with a direct get.
+        return f"intent.created.{subject_token(self.data.kind)}.{subject_token(self.data.intent_id)}"
 
 
 class CodeProposal(Payload, frozen=True):
