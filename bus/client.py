@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from bus import codec
 from bus import events as ev
@@ -83,7 +83,7 @@ async def _probe(url: str, timeout: float) -> None:
 
 
 def map_error(exc: Exception, subject: str = "") -> Exception:
-    if isinstance(exc, NoRespondersError):
+    if isinstance(exc, (NoRespondersError, NoStreamResponseError)):
         return StreamNotFound(f"no stream stores subject {subject!r}: run `scf streams ensure`", 503)
     if isinstance(exc, NotFoundError):
         return StreamNotFound(exc.description or "stream not found: run `scf streams ensure`", exc.code, exc.err_code)

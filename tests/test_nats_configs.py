@@ -33,12 +33,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.aio.client import Client as NATS
-from nats.js.api import (
-    ConsumerConfig,
-    KeyValueConfig,
-    RetentionPolicy,
-    StreamConfig,
-)
+from nats.js.api import ConsumerConfig, StreamConfig
+
+from bus import streams
 
 REPO = Path(__file__).resolve().parents[1]
 NATS_DIR = REPO / "nats"
@@ -320,23 +317,13 @@ class Hub:
 
 
 async def declare_streams(service: Conn) -> None:
-    """The streams, buckets and durables the permission tests touch (a subset of bus/'s)."""
+    """The project's streams, buckets and object store (bus/streams.py), as `scf streams
+    ensure` makes them, plus the durables the edge test binds to."""
     js = service.nc.jetstream()
-    for name, subjects, retention in [
-        ("FOSSILS", ["fossil.>"], RetentionPolicy.LIMITS),
-        ("TRAINING", ["job.>"], RetentionPolicy.LIMITS),
-        ("JOBS", ["work.>"], RetentionPolicy.WORK_QUEUE),
-        ("CHECKPOINTS", ["checkpoint.>"], RetentionPolicy.LIMITS),
-        ("CONTROL", ["control.>", "gear.>", "emergency.>"], RetentionPolicy.LIMITS),
-        ("DEPLOY", ["deploy.>", "energy.>"], RetentionPolicy.LIMITS),
-    ]:
-        await js.add_stream(StreamConfig(name=name, subjects=subjects, retention=retention, allow_direct=True))
-    for bucket in ("scf_state", "scf_workers", "scf_nodes"):
-        await js.create_key_value(KeyValueConfig(bucket=bucket))
-    await js.create_object_store("scf_artifacts")
+    await streams.ensure(js)
+    await streams.ensure_consumer(js, streams.CONSUMERS["ledger"])
     # edge durables are created on the service side (users.conf: edge may not create on DEPLOY)
-    await js.add_consumer("DEPLOY", ConsumerConfig(durable_name="edge_node-a", filter_subject="deploy.requested.node-a"))
-    await js.add_consumer("DEPLOY", ConsumerConfig(durable_name="ledger", filter_subject="energy.measured.>"))
+    await js.add_consumer("DEPLOY", ConsumerConfig(durable_name="edge-node-a", filter_subject="deploy.requested.node-a"))
     kv = await js.key_value("scf_state")
     await kv.put("gear", b"STANDARD")
     await js.publish("fossil.recorded.grid.f1", b'{"fossil": 1}')
@@ -482,6 +469,11 @@ def test_operator_may_publish_control_commands_but_not_control_events(hub: Hub) 
         await operator.wait_for_error(violation("Publish", "control.rejected"))
         seen = await read_until(watch, "control.shift_gear")
         assert seen == ["control.stop", "control.shift_gear"]
+        # the operator reads everything but the work queue (reading it would take jobs)
+        js = operator.nc.jetstream()
+        assert (await js.stream_info("JOBS")).config.name == "JOBS"
+        await operator.refused(violation("Publish", "$JS.API.CONSUMER.CREATE.JOBS"),
+                               js.subscribe("work.>", stream="JOBS", ordered_consumer=True))
         await operator.nc.close()
         await service.nc.close()
 
@@ -500,7 +492,7 @@ ANALYST_REFUSED = [
     "$JS.API.STREAM.PURGE.FOSSILS",
     "$JS.API.CONSUMER.DELETE.DEPLOY.ledger",
     "$JS.API.CONSUMER.CREATE.JOBS",
-    "$JS.API.CONSUMER.MSG.NEXT.JOBS.worker_cloud",
+    "$JS.API.CONSUMER.MSG.NEXT.JOBS.worker-cloud",
     "$JS.ACK.DEPLOY.ledger.1.1.1.0.0",
     "_INBOX.somebody.reply",
 ]
@@ -551,7 +543,7 @@ def test_worker_pulls_jobs_uploads_checkpoints_and_keeps_to_its_subjects(hub: Hu
         worker = await hub.connect("worker", inbox_prefix="_INBOX.worker")
         js = worker.nc.jetstream()
         # the pool's durable: created by the worker on first use, then pulled and acked
-        jobs = await js.pull_subscribe("work.cloud", durable="worker_cloud", stream="JOBS")
+        jobs = await js.pull_subscribe("work.cloud", durable="worker-cloud", stream="JOBS")
         [job] = await jobs.fetch(1, timeout=5)
         assert job.data == b'{"job_id": "j1"}'
         await job.in_progress()
@@ -584,6 +576,8 @@ def test_worker_pulls_jobs_uploads_checkpoints_and_keeps_to_its_subjects(hub: Hu
         # what a compromised GPU box must not do
         await worker.nc.publish("checkpoint.promoted.grid", b"{}")
         await worker.wait_for_error(violation("Publish", "checkpoint.promoted.grid"))
+        await worker.nc.publish("checkpoint.verified.grid", b"{}")
+        await worker.wait_for_error(violation("Publish", "checkpoint.verified.grid"))
         await worker.nc.publish("job.dispatched.j2", b"{}")
         await worker.wait_for_error(violation("Publish", "job.dispatched.j2"))
         await worker.refused(violation("Publish", "$KV.scf_state.gear"), state.put("gear", b"SINGULARITY"))
@@ -621,7 +615,7 @@ def test_edge_reads_its_deployments_reports_and_registers(hub: Hub) -> None:
 
         edge = await hub.connect("edge", inbox_prefix="_INBOX.edge")
         js = edge.nc.jetstream()
-        requests = await js.pull_subscribe("deploy.requested.node-a", durable="edge_node-a", stream="DEPLOY")
+        requests = await js.pull_subscribe("deploy.requested.node-a", durable="edge-node-a", stream="DEPLOY")
         [request] = await requests.fetch(1, timeout=5)
         assert json.loads(request.data) == {"artifact": "release-7.bin"}
         store = await js.object_store("scf_artifacts")
@@ -730,7 +724,7 @@ def test_leaf_node_joins_the_hub_over_tls(hub: Hub, servers: list[Server], tmp_p
         await service.nc.jetstream().publish("work.leaf", b'{"job_id": "leaf-1"}')
         js = local.nc.jetstream()
         await eventually(lambda: js.stream_info("JOBS"), "the hub's JetStream API reachable from the leaf")
-        jobs = await js.pull_subscribe("work.leaf", durable="worker_leaf", stream="JOBS")
+        jobs = await js.pull_subscribe("work.leaf", durable="worker-leaf", stream="JOBS")
         [job] = await jobs.fetch(1, timeout=5)
         assert job.data == b'{"job_id": "leaf-1"}'
         await job.ack_sync()
