@@ -48,19 +48,27 @@ ERR_STREAM_NOT_FOUND = 10059
 async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -> NATS:
     """Connect, or fail with one line naming the URL and how to start the embedded server."""
 
-    async def _quiet(exc: Exception) -> None:
-        log.debug("nats: %s", exc)
+    async def _report(exc: Exception) -> None:
+        # Permission violations and similar server errors must be visible.
+        log.warning("nats: %s", exc)
 
     await _probe(settings.url, timeout)
+    from urllib.parse import urlparse
+
+    user = urlparse(settings.url.split(",")[0].strip()).username
+    # Restricted users (worker, edge, analyst) may only receive replies on their own
+    # inbox prefix (nats/users.conf): _INBOX.<user>.>
+    extra = {"inbox_prefix": f"_INBOX.{user}".encode()} if user and user != "service" else {}
     try:
         return await nats.connect(
             settings.url,
             name=name,
+            **extra,
             connect_timeout=timeout,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             allow_reconnect=True,
-            error_cb=_quiet,
+            error_cb=_report,
         )
     except (NoServersError, OSError, asyncio.TimeoutError, NatsTimeout) as exc:
         raise NatsUnavailable(settings.url, type(exc).__name__) from None
