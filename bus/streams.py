@@ -27,6 +27,7 @@ class StreamSpec:
     duplicate_window: float = 120.0
     max_msgs_per_subject: int = -1
     replicas: int = 1
+    atomic: bool = False  # allow atomic batch publishing (per-entity subjects: Bus.publish_batch)
 
     def config(self, replicas: int | None = None) -> api.StreamConfig:
         return api.StreamConfig(
@@ -41,11 +42,12 @@ class StreamSpec:
             num_replicas=replicas or self.replicas,
             discard=api.DiscardPolicy.OLD,
             allow_direct=True,
+            allow_atomic=self.atomic or None,
         )
 
 
 STREAMS: tuple[StreamSpec, ...] = (
-    StreamSpec("FOSSILS", ("fossil.>",), "observations of physical systems; one subject per fossil"),
+    StreamSpec("FOSSILS", ("fossil.>",), "observations of physical systems; one subject per fossil", atomic=True),
     StreamSpec("INTENTS", ("intent.>", "code.>", "state.>"), "intents, generated code and proposed states"),
     StreamSpec("VERDICTS", ("verdict.>",), "every ruling of the safety gate and of humans"),
     StreamSpec("TRAINING", ("job.>",), "training job lifecycle"),
@@ -58,7 +60,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("CHECKPOINTS", ("checkpoint.>",), "checkpoints produced, verified, promoted"),
     StreamSpec("CONTROL", ("control.>", "gear.>", "emergency.>"), "commands as sent, and what they changed"),
     StreamSpec("DEPLOY", ("deploy.>", "energy.>"), "deployments, activations, rollbacks, measurements"),
-    StreamSpec("LEDGER", ("ledger.>",), "double-entry transfers, one subject per transfer"),
+    StreamSpec("LEDGER", ("ledger.>",), "double-entry transfers, one subject per transfer", atomic=True),
     StreamSpec("DLQ", ("dlq.>",), "poison and exhausted messages, with the error and the original"),
 )
 
@@ -154,13 +156,15 @@ class EnsureReport:
         return out
 
 
-_COMPARED = ("subjects", "description", "max_age", "duplicate_window", "max_msgs_per_subject", "num_replicas", "allow_direct")
+_COMPARED = ("subjects", "description", "max_age", "duplicate_window", "max_msgs_per_subject", "num_replicas", "allow_direct", "allow_atomic")
 _FIXED = ("retention", "storage")
 
 
 def _norm(name: str, value: Any) -> Any:
     if name == "subjects":
         return sorted(value or [])
+    if name == "allow_atomic":
+        return bool(value)
     if isinstance(value, float):
         return round(value, 3)
     return value

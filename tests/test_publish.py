@@ -86,3 +86,27 @@ async def test_streams_ensure_is_idempotent_and_reports_drift(bus):
     report = await ensure(bus.js)
     assert sorted(report.updated["stream LEDGER"]) == ["description", "duplicate_window"]
     assert (await bus.js.stream_info("LEDGER")).config.duplicate_window == 120.0
+
+
+def fossil(i: int) -> ev.FossilRecorded:
+    import datetime as dt
+
+    content = ev.FossilContent(
+        domain="grid:case9", context=[float(i)], state=[1.0], energy=2.0,
+        observed_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+        provenance=ev.Provenance(source="t", verifier="v", verified=True),
+    )
+    return ev.FossilRecorded.new(ev.Fossil(**msgspec.structs.asdict(content), fossil_id=ev.fossil_content_id(content)), source="test")
+
+
+async def test_atomic_batches_store_each_entity_once(bus):
+    first = [fossil(i) for i in range(2500)]
+    res = await bus.publish_batch(first)
+    assert [r.status for r in res] == ["new"] * 2500
+    assert [r.seq for r in res] == list(range(1, 2501))
+    # a re-run with some old and some new entities (and one entity twice): the refused
+    # batch falls back to one by one, and each entity is still stored once
+    again = [fossil(i) for i in range(2400, 2600)] + [fossil(2599)]
+    res = await bus.publish_batch(again)
+    assert [r.status for r in res] == ["duplicate"] * 100 + ["new"] * 100 + ["duplicate"]
+    assert await stream_count(bus, "FOSSILS") == 2600
