@@ -419,13 +419,21 @@ def dlq_retry(
 
 
 # --------------------------------------------------------------------------- status
-def status() -> None:
-    """Streams with message counts, consumers with pending / ack-pending, DLQ size."""
+def status(
+    watch: bool = typer.Option(False, "--watch", "-w", help="a live view: gear, processes, jobs, checkpoints, nodes, ledger"),
+    interval: float = typer.Option(1.0, help="refresh interval for --watch, seconds"),
+) -> None:
+    """Streams with message counts, consumers with pending / ack-pending, DLQ size, archive lag."""
     from bus.status import collect
 
     async def main() -> None:
         bus = await open_bus(load_settings())
         try:
+            if watch:
+                from ops.status_view import watch as live
+
+                await live(bus, interval)
+                return
             for line in await collect(bus):
                 typer.echo(line)
         finally:
