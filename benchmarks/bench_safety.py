@@ -1,0 +1,157 @@
+"""Safety-gate benchmark: verdicts per second on a mixed stream.
+
+    python benchmarks/bench_safety.py [--n 3000]
+
+The stream (published to INTENTS before the gate starts): 40 % intents (train / optimise /
+deploy / an unknown kind, grid and HVAC domains, context facts in scf_context), 40 % code
+proposals (the ethics corpus of tests/data/ethics, malicious and benign, in turn), 20 %
+proposed states of grid:case14 (feasible reference dispatches and perturbed ones).
+
+* **gate**: `SafetyGate` (what `scf run safety` runs), in this process, with its durable
+  consumer: the clock runs from the runner's start until VERDICTS holds N verdicts;
+  at concurrency 1 and at the default (8).
+* **decide floor** (baseline, same run): the pure `decide(view, event)` over the same
+  events in a loop — rules, AST analysis, physics — without NATS: the CPU the gate must pay.
+  Per type as well, to show where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import domains  # noqa: E402
+from bus import events as ev  # noqa: E402
+from bus.client import Bus  # noqa: E402
+from bus.server import ServerProcess, free_port  # noqa: E402
+from bus.settings import Settings, init_home  # noqa: E402
+from bus.streams import ConsumerSpec, ensure  # noqa: E402
+from consumers.safety import GateView, SafetyGate, SafetySettings, decide  # noqa: E402
+from producers import gears  # noqa: E402
+
+CORPUS = ROOT / "tests" / "data" / "ethics"
+
+
+def mixed(n: int) -> list[ev.Event]:
+    codes = [p.read_text() for p in sorted((CORPUS / "malicious").glob("*.py")) + sorted((CORPUS / "benign").glob("*.py"))]
+    grid = domains.get("grid:case14")
+    rng = np.random.default_rng(0)
+    states = []
+    for k in range(40):
+        c = grid.sample_context(rng)
+        x = grid.reference_solution(c)
+        if k % 2:
+            x = x + rng.normal(0, 15, size=x.shape)
+        states.append((c.tolist(), np.clip(x, *grid.state_bounds).tolist()))
+    kinds = ["train", "optimise", "deploy", "train", "optimise", "mine_crypto"]
+    doms = ["grid:case14", "hvac:office3"]
+    out: list[ev.Event] = []
+    for i in range(n):
+        r = i % 10
+        if r < 4:
+            intent = ev.Intent(intent_id=f"bench-{i}", kind=kinds[i % len(kinds)], domain=doms[i % 2], params={"hypotheses": 4})
+            out.append(ev.IntentCreated.new(intent, source="bench"))
+        elif r < 8:
+            out.append(ev.CodeProposed.new(ev.CodeProposal(proposal_id=f"code-{i}", intent_id="bench", code=codes[i % len(codes)]), source="bench"))
+        else:
+            c, x = states[i % len(states)]
+            out.append(ev.StateProposed.new(ev.StateProposal(proposal_id=f"state-{i}", domain="grid:case14", context=c, state=x), source="bench"))
+    return out
+
+
+async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int, durable: str) -> float:
+    bus = await Bus.connect(settings, "bench-gate")
+    gate = SafetyGate(bus, SafetySettings(concurrency=concurrency))
+    await gate.start()
+    spec = ConsumerSpec("INTENTS", durable, ("intent.>", "code.>", "state.>"))
+    runner = gate.runner(spec)
+    stop = asyncio.Event()
+    t0 = time.perf_counter()
+    task = asyncio.create_task(runner.run(stop))
+    while runner.stats.handled < len(events):
+        await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+    dt = time.perf_counter() - t0
+    stop.set()
+    await task
+    await gate.stop()
+    await bus.close()
+    return dt
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=3000)
+    args = ap.parse_args()
+    events = mixed(args.n)
+
+    # the pure floor, per type and overall
+    view = GateView(gear="ACCELERATED", facts={"grid.state": "normal"})
+    for e in events[:50]:  # warm caches (domain build, regexes)
+        decide(view, e)
+    t0 = time.perf_counter()
+    for e in events:
+        decide(view, e)
+    floor = time.perf_counter() - t0
+    per_type = {}
+    for cls in (ev.IntentCreated, ev.CodeProposed, ev.StateProposed):
+        sub = [e for e in events if isinstance(e, cls)]
+        t = time.perf_counter()
+        for e in sub:
+            decide(view, e)
+        per_type[cls.type_name()] = len(sub) / (time.perf_counter() - t)
+
+    results = {}
+    decisions: dict[str, int] = {}
+    for conc in (1, 8):  # a fresh server per run: verdict ids derive from the events (dedup)
+        tmp = Path(tempfile.mkdtemp(prefix="bench-safety-"))
+        server = ServerProcess(tmp / "nats", free_port()).start()
+        try:
+            settings = Settings(home=str(tmp / "home"), nats_url=server.url, source="bench")
+            init_home(settings)
+            bus = await Bus.connect(settings, "bench")
+            await ensure(bus.js)
+            await (await bus.kv("scf_context")).put("grid.state", b"normal")
+            await gears.write_gear(bus, gears.GearState(gear="ACCELERATED"))
+            await bus.publish_many(events)
+            results[conc] = await run_gate(settings, events, conc, f"bench-safety-{conc}")
+            info = await bus.js.stream_info("VERDICTS")
+            assert info.state.messages == len(events), info.state.messages
+            if not decisions:
+                sub = await bus.js.subscribe("verdict.>", stream="VERDICTS", ordered_consumer=True)
+                for _ in range(len(events)):
+                    m = await sub.next_msg(timeout=5)
+                    k = m.subject.split(".", 1)[1]
+                    decisions[k] = decisions.get(k, 0) + 1
+            await bus.close()
+        finally:
+            server.stop()
+
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, load {os.getloadavg()[0]:.2f}")
+    print(f"stream: {args.n} events (40 % intents, 40 % code, 20 % states); verdicts: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(decisions.items())))
+    print()
+    print("| measure | verdicts/s | vs decide floor |")
+    print("|---|---|---|")
+    fl = args.n / floor
+    print(f"| decide floor (pure, no NATS) | {fl:,.0f} | 1.00× |")
+    for conc, dt in results.items():
+        print(f"| `scf run safety` gate, concurrency {conc} | {args.n / dt:,.0f} | {args.n / dt / fl:.2f}× |")
+    for name, rate in per_type.items():
+        print(f"| decide floor, {name} only | {rate:,.0f} | |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,202 @@
+"""The control plane and the safety gate on the command line.
+
+    scf run daemon                      the pulse / orient / act loop; applies control.*
+    scf run safety                      the safety gate: verdicts on intents, code, states
+    scf control watch-file PATH         the seed's control.json interface → control.*
+    scf safety check-code FILE.py       the ethics limiter on a file (exit 1 when rejected)
+    scf safety check-rules [FILE]       validate a rules file and print its rules
+    scf safety context [KEY [VALUE]]    list, read or set context facts (scf_context)
+    scf safety held                     subjects waiting for a human (approve / reject)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import fail, load_settings, open_bus, run
+
+safety_app = typer.Typer(help="The safety gate: ethics limiter, contextual rules, context facts, held subjects.", no_args_is_help=True)
+
+
+# --------------------------------------------------------------------------- processes
+def run_daemon() -> None:
+    """The daemon: applies control commands, pulses at the gear's heartbeat, emits training
+    intents, verifies and promotes checkpoints."""
+    from producers.daemon import DaemonSettings, serve
+
+    async def main() -> None:
+        s = load_settings("daemon")
+        bus = await open_bus(s, "scf-daemon")
+        await serve(bus, s, s.section("daemon", DaemonSettings))
+
+    run(main())
+
+
+def run_safety(rules: Optional[Path] = typer.Option(None, help="rules file (default: [safety] rules, or the built-in default.toml)")) -> None:
+    """The safety gate: rules on every intent, code proposal and proposed state."""
+    import msgspec
+
+    from consumers.safety import SafetySettings, serve
+
+    async def main() -> None:
+        s = load_settings("safety")
+        cfg = s.section("safety", SafetySettings)
+        if rules is not None:
+            cfg = msgspec.structs.replace(cfg, rules=str(rules))
+        bus = await open_bus(s, "scf-safety")
+        await serve(bus, cfg)
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- control file
+def control_watch_file(
+    path: Path = typer.Argument(..., help="the control file, e.g. data/scf/control.json"),
+    poll: float = typer.Option(0.2, help="seconds between checks of the file"),
+    once: bool = typer.Option(False, "--once", help="send the file's commands if new, then exit"),
+) -> None:
+    """Turn commands written to a JSON file ({"command": "SHIFT_GEAR", "payload": {...}}) into
+    control.* messages (signed when SCF_KEY is set)."""
+    import asyncio
+
+    from bus.runner import install_signal_handlers
+    from cli.common import echo_err, signing_key
+    from producers.control_file import ControlFileWatcher
+
+    async def main() -> None:
+        s = load_settings("control-file")
+        bus = await open_bus(s, "scf-control-file")
+        watcher = ControlFileWatcher(bus, path, s.path("system_cache"), key=signing_key(s), poll=poll, on_error=lambda m: echo_err(f"Error: {m}"))
+        try:
+            if once:
+                n = await watcher.check()
+                typer.echo(f"sent {n} command(s) from {path}")
+                return
+            stop = asyncio.Event()
+            install_signal_handlers(stop)
+            typer.echo(f"watching {path} (Ctrl-C stops)")
+            await watcher.run(stop)
+        finally:
+            await bus.close()
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- safety tools
+@safety_app.command("check-code")
+def safety_check_code(
+    file: Path = typer.Argument(..., help="a Python file to analyse (never run)"),
+    sandbox: list[str] = typer.Option([], help="sandbox root directories (default: [safety] sandbox_roots)"),
+) -> None:
+    """Run the ethics limiter on a file: prints each finding with its line; exit 1 when it would be rejected."""
+    from consumers import ethics
+    from consumers.safety import SafetySettings
+
+    s = load_settings()
+    cfg = s.section("safety", SafetySettings)
+    try:
+        code = file.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise fail(f"cannot read {file}: {exc.strerror}") from None
+    findings = ethics.analyse(code, ethics.EthicsConfig(sandbox_roots=tuple(sandbox or cfg.sandbox_roots), max_bytes=cfg.max_code_bytes))
+    for f in findings:
+        typer.echo(f"{file}:{f.line}: {f.category}: {f.detail}")
+    if findings:
+        typer.echo(f"REJECT: {len(findings)} finding(s)")
+        raise typer.Exit(1)
+    typer.echo("APPROVE: nothing found")
+
+
+@safety_app.command("check-rules")
+def safety_check_rules(file: Optional[Path] = typer.Argument(None, help="rules file (default: [safety] rules or the built-in one)")) -> None:
+    """Validate a rules file and list its rules (deny overrides hold overrides allow; default deny)."""
+    from bus.errors import SCFError
+    from consumers.regulator import RuleSet
+    from consumers.safety import SafetySettings
+
+    s = load_settings()
+    try:
+        rules = RuleSet.load(file or s.section("safety", SafetySettings).rules or None)
+    except SCFError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"{rules.source}: {len(rules.rules)} rules")
+    for r in rules.rules:
+        cond = ", ".join(f"{k}={v}" for k, v in {**r.when, **{f'params.{k}': v for k, v in r.params.items()}}.items())
+        typer.echo(f"  {r.decision:<5} {r.name:<36} kinds={','.join(r.kinds)} domains={','.join(r.domains)}{' when ' + cond if cond else ''}")
+
+
+@safety_app.command("context")
+def safety_context(
+    key: Optional[str] = typer.Argument(None, help="a fact name, e.g. grid.state"),
+    value: Optional[str] = typer.Argument(None, help="set the fact to this value (text or JSON scalar)"),
+    delete: bool = typer.Option(False, "--delete", help="remove the fact"),
+) -> None:
+    """List the context facts, read one, set one (KEY VALUE) or remove one (--delete)."""
+    from consumers.safety import SafetySettings
+
+    async def main() -> None:
+        s = load_settings()
+        bucket = s.section("safety", SafetySettings).context_bucket
+        bus = await open_bus(s)
+        try:
+            kv = await bus.kv(bucket)
+            if key and delete:
+                await kv.delete(key)
+                typer.echo(f"removed {key}")
+            elif key and value is not None:
+                await kv.put(key, value.encode())
+                typer.echo(f"{key} = {value}")
+            elif key:
+                try:
+                    entry = await kv.get(key)
+                except Exception:
+                    raise fail(f"no fact {key!r} in {bucket}: set it with `scf safety context {key} VALUE`") from None
+                typer.echo((entry.value or b"").decode(errors="replace"))
+            else:
+                try:
+                    keys = await kv.keys()
+                except Exception:  # nats-py raises when the bucket is empty
+                    keys = []
+                for k in sorted(keys):
+                    e = await kv.get(k)
+                    typer.echo(f"{k} = {(e.value or b'').decode(errors='replace')}")
+        finally:
+            await bus.close()
+
+    run(main())
+
+
+@safety_app.command("held")
+def safety_held() -> None:
+    """Subjects the safety gate held for a human, with the command to decide each."""
+    from producers.daemon import HoldsView
+
+    async def main() -> None:
+        bus = await open_bus(load_settings())
+        view = HoldsView(bus)
+        try:
+            await view.start()
+            await view.caught_up.wait()
+            held = view.held
+        finally:
+            await view.stop()
+            await bus.close()
+        if not held:
+            typer.echo("nothing is waiting for a human")
+        for r in held:
+            typer.echo(f"{r.subject_type:<7} {r.subject_id:<40} {r.kind or '-':<9} {r.domain or '-':<16} gate {r.gate}"
+                       f"   scf control approve {r.subject_id}")
+
+    run(main())
+
+
+def register(app: typer.Typer, run_app: typer.Typer) -> None:
+    from cli.core import control_app
+
+    run_app.command("daemon")(run_daemon)
+    run_app.command("safety")(run_safety)
+    control_app.command("watch-file")(control_watch_file)
+    app.add_typer(safety_app, name="safety")

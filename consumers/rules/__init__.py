@@ -1,0 +1,1 @@
+"""Rule files of the safety gate (a package so that the .toml files ship in the wheel)."""

@@ -1,0 +1,154 @@
+"""The seed's file interface: commands written to a JSON file become `control.*` messages.
+
+    scf control watch-file data/scf/control.json
+
+    {"command": "SHIFT_GEAR", "payload": {"level": "ACCELERATED"}}
+    {"command": "STOP"}
+    [{"command": "EMERGENCY_STOP", "payload": {"reason": "storm"}}, …]   (a list works too)
+
+`COMMAND` maps to the subject `control.<command in lower case>` (SHIFT_GEAR →
+control.shift_gear, EMERGENCY_STOP → control.emergency_stop, …); the payload is sent as the
+JSON body unchanged (signed with SCF_KEY when set), so the daemon validates it and anything
+wrong — an unknown command, a bad payload — comes back as `control.rejected` with its reason,
+exactly as for any other client. Note: in the seed, `{"command": "STOP"}` was described as
+the emergency stop; here STOP stops the daemon's loop (control.stop) and EMERGENCY_STOP
+engages the emergency stop.
+
+The watcher polls the file (mtime, size and content digest) and sends each new version once.
+The digest of the last version sent is kept in `$SCF_HOME/system_cache/control_file.<name>.sent`
+so a restarted watcher does not resend a file it already sent, but does send one written
+while it was not running. A file that is not valid JSON is reported on stderr and not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+
+from bus.client import SCF_KID, SCF_SIG, Bus
+from bus.errors import SCFError
+from bus.signing import SigningKey, command_message
+
+log = logging.getLogger("scf.control_file")
+
+
+class ControlFileError(SCFError):
+    pass
+
+
+class FileCommand(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    command: str
+    payload: dict = {}
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    subject: str
+    body: bytes
+
+
+def parse(text: bytes) -> list[Outgoing]:
+    """The control messages a file's content stands for. Raises ControlFileError."""
+    if not text.strip():
+        return []
+    try:
+        raw = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ControlFileError(f"not valid JSON ({exc}): write e.g. {{\"command\": \"STOP\"}}") from None
+    items = raw if isinstance(raw, list) else [raw]
+    out = []
+    for i, item in enumerate(items):
+        try:
+            cmd = msgspec.convert(item, FileCommand)
+        except msgspec.ValidationError as exc:
+            raise ControlFileError(f"command {i + 1}: {exc}: write {{\"command\": \"VERB\", \"payload\": {{…}}}}") from None
+        verb = cmd.command.strip().lower().replace("-", "_").replace(" ", "_")
+        if not verb or not all(ch.isalnum() or ch == "_" for ch in verb):
+            raise ControlFileError(f"command {i + 1}: {cmd.command!r} is not a command name")
+        out.append(Outgoing(f"control.{verb}", msgspec.json.encode(cmd.payload)))
+    return out
+
+
+def fingerprint(text: bytes) -> str:
+    return hashlib.sha256(text).hexdigest()
+
+
+class ControlFileWatcher:
+    def __init__(
+        self,
+        bus: Bus,
+        path: str | Path,
+        state_dir: str | Path,
+        *,
+        key: SigningKey | None = None,
+        poll: float = 0.2,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.path = Path(path)
+        self.key = key
+        self.poll = poll
+        self.state_file = Path(state_dir) / f"control_file.{hashlib.sha1(str(self.path.absolute()).encode()).hexdigest()[:12]}.sent"
+        self.on_error = on_error or (lambda m: log.error("%s", m))
+        self.sent = 0
+        self._last_stat: tuple[int, int] | None = None
+
+    def _sent_digest(self) -> str:
+        try:
+            return self.state_file.read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    def _remember(self, digest: str) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(digest)
+        tmp.replace(self.state_file)
+
+    async def check(self) -> int:
+        """Send the file's commands if it changed since the last send; returns how many."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._last_stat = None
+            return 0
+        stat = (st.st_mtime_ns, st.st_size)
+        if stat == self._last_stat:
+            return 0
+        text = self.path.read_bytes()
+        self._last_stat = stat
+        digest = f"{st.st_mtime_ns}:{fingerprint(text)}"
+        if digest == self._sent_digest():
+            return 0
+        try:
+            messages = parse(text)
+        except ControlFileError as exc:
+            self.on_error(f"{self.path}: {exc}")
+            self._remember(digest)  # reported once; a corrected file is sent
+            return 0
+        for m in messages:
+            headers = None
+            if self.key is not None:
+                headers = {SCF_SIG: self.key.sign(command_message(m.subject, m.body)), SCF_KID: self.key.kid}
+            ack = await self.bus.js.publish(m.subject, m.body, headers=headers)
+            log.info("%s: sent %s %s (CONTROL seq %s)", self.path, m.subject, m.body.decode(), ack.seq)
+        self._remember(digest)
+        self.sent += len(messages)
+        return len(messages)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.check()
+            try:
+                await asyncio.wait_for(stop.wait(), self.poll)
+            except asyncio.TimeoutError:
+                pass
+
+
+__all__ = ["ControlFileWatcher", "parse", "Outgoing", "ControlFileError"]

@@ -1,0 +1,814 @@
+"""The daemon: `scf run daemon`. Applies control commands, pulses at the gear's heartbeat,
+turns new fossils into training intents, verifies and promotes checkpoints.
+
+    control.<verb>            → gear.changed / daemon.stopped / daemon.resumed /
+                                emergency.engaged / emergency.released / a human verdict,
+                                or control.rejected with the reason (nothing is ignored)
+    fossil.recorded.<dom>.<id> → counted per domain (headers only); at a pulse, a domain
+                                with enough new fossils since its last training gets one
+                                intent.created.train.<intent_id>
+    checkpoint.produced.<dom> → checkpoint.verified + checkpoint.promoted, or
+                                checkpoint.rejected (producers/verify.py)
+
+Pure decisions: `decide_control(state, received, ctx, holds)` and `orient(...)`; the
+`Daemon` class owns the I/O. State is rebuilt from the log on start:
+
+* gear, stop and emergency: the last `gear.changed`, `gear.daemon.*`, `emergency.*`
+  events (direct gets, O(1)); the KV mirrors `scf_state/gear` and `scf_state/emergency`
+  are rewritten from them (the log wins over a stale cache);
+* the last applied command: the `CONTROL:<seq>` causation of those events, so a command
+  applied just before a crash and redelivered after it is not applied twice;
+* trainings: every `intent.created.train.*` the daemon wrote carries the domain's
+  generation and fossil count; intent ids are `train-<domain>-<generation>` and are
+  published with `publish_once`, so a restarted (or a second) daemon cannot duplicate one;
+* fossil counts: a headers-only ordered consumer over `fossil.recorded.>` from the start
+  (the domain is the subject's third token); orient waits until it has caught up with the
+  stream's last sequence at start, so a replay never fires on partial counts;
+* held subjects: an ordered consumer over `verdict.>`; an approve that names a subject the
+  view has not seen yet waits until the view has caught up with the stream (read your writes).
+
+While the emergency stop is engaged (KV or this host's lock file), the daemon keeps applying
+control commands (it must hear the release) but creates no intent and promotes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from bus import control
+from bus import events as ev
+from bus.client import Bus
+from bus.codec import Codec
+from bus.emergency import EmergencyGate, EmergencyState, write_state
+from bus.errors import DecodeError, SCFError, SignatureError
+from bus.ids import derived_id, subject_token
+from bus.runner import Delivery, Runner, run_all
+from bus.settings import Settings
+from bus.signing import TrustList
+from bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
+from producers import gears
+from producers.verify import CheckpointVerifier, Verifier, VerifySettings, current_promotion, decide_promotion
+
+log = logging.getLogger("scf.daemon")
+
+CONTROL_CONSUMER: ConsumerSpec = CONSUMERS["daemon-control"]
+CHECKPOINT_CONSUMER: ConsumerSpec = CONSUMERS["daemon-checkpoints"]
+MAX_BODY = 64 * 1024
+# Verbs the daemon applies; the others under control.> belong to other consumers.
+NOT_MINE = {"rollback"}
+
+
+class DaemonSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """`[daemon]` in scf.toml."""
+
+    train_threshold: dict[str, int] = {}  # per gear, e.g. {STANDARD = 5000}; default: the gear table
+    verify_checkpoints: str = "auto"  # auto (when torch is importable) | on (fail without torch) | off
+    liveness_min_interval: float = 0.25  # seconds between liveness writes at fast gears
+    checkpoint: VerifySettings = VerifySettings()
+
+
+# --------------------------------------------------------------------------- control state
+
+
+class ControlState(msgspec.Struct, frozen=True, kw_only=True):
+    """What control commands change; rebuilt from CONTROL on start."""
+
+    gear: str = gears.DEFAULT_GEAR
+    gear_since: dt.datetime | None = None
+    gear_by: str = ""
+    gear_event_id: str | None = None
+    stopped: bool = False
+    stopped_by: str = ""
+    emergency: bool = False
+    emergency_reason: str = ""
+    emergency_by: str = ""
+    emergency_since: dt.datetime | None = None
+    emergency_event_id: str | None = None
+    applied_seq: int = 0  # CONTROL sequence of the last command applied
+
+
+@dataclass(frozen=True)
+class SubjectRuling:
+    """The latest verdict on a subject (from VERDICTS), as the daemon's approval view sees it."""
+
+    subject_id: str
+    subject_type: str
+    decision: str
+    final: bool
+    gate: str
+    by: str
+    kind: str = ""
+    domain: str = ""
+    causation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    seq: int  # the command's CONTROL stream sequence
+    subject: str
+    body: bytes
+    source: str  # this daemon's identity
+    sandbox: bool
+    now: dt.datetime
+
+    @property
+    def ref(self) -> str:
+        return command_ref(self.seq)
+
+
+def command_ref(seq: int) -> str:
+    return f"CONTROL:{seq}"
+
+
+def command_seq(ref: str | None) -> int:
+    if ref and ref.startswith("CONTROL:"):
+        try:
+            return int(ref.removeprefix("CONTROL:"))
+        except ValueError:
+            return 0
+    return 0
+
+
+def _effect(cls: type[ev.Event], payload: ev.Payload, ctx: CommandContext, key: str = "") -> ev.Event:
+    return cls(  # type: ignore[call-arg]
+        id=derived_id(ctx.ref, cls.type_name(), key),
+        at=ctx.now,
+        source=ctx.source,
+        correlation_id=ctx.ref,
+        causation_id=ctx.ref,
+        data=payload,
+    )
+
+
+def rejection(ctx: CommandContext, reason: str) -> ev.ControlRejected:
+    body = ctx.body[:MAX_BODY].decode("utf-8", "replace")
+    return _effect(ev.ControlRejected, ev.ControlRejection(command_subject=ctx.subject, body=body, reason=reason, command_seq=ctx.seq), ctx)  # type: ignore[return-value]
+
+
+def decide_control(
+    state: ControlState,
+    received: control.Received | SCFError,
+    ctx: CommandContext,
+    holds: Mapping[str, SubjectRuling] | None = None,
+) -> tuple[ControlState, list[ev.Event]]:
+    """Apply one command: the new state and the events that record it (or its rejection)."""
+    applied = msgspec.structs.replace(state, applied_seq=max(state.applied_seq, ctx.seq))
+    if isinstance(received, SCFError):
+        return applied, [rejection(ctx, str(received))]
+    cmd = received.command
+    who = received.signer or cmd.by or "anonymous"
+
+    def reject(reason: str) -> tuple[ControlState, list[ev.Event]]:
+        return applied, [rejection(ctx, reason)]
+
+    match cmd:
+        case control.ShiftGear(level=level):
+            try:
+                to = gears.normalise(level)
+            except gears.UnknownGear as exc:
+                return reject(str(exc))
+            if gears.spec(to).sandbox_only and not ctx.sandbox:
+                return reject(
+                    f"{to} is refused: this deployment is not a sandbox "
+                    "(set SCF_SANDBOX=1 or `sandbox = true` in scf.toml where the daemon runs)"
+                )
+            if to == state.gear:
+                return reject(f"already in gear {to}: nothing to change")
+            e = _effect(ev.GearChanged, ev.GearChange(from_gear=state.gear, to_gear=to, by=who, reason=cmd.reason), ctx)  # type: ignore[arg-type]
+            return msgspec.structs.replace(applied, gear=to, gear_since=ctx.now, gear_by=who, gear_event_id=e.id), [e]
+        case control.Stop():
+            if state.stopped:
+                return reject(f"the daemon is already stopped (by {state.stopped_by or 'unknown'}): send control.resume to restart it")
+            e = _effect(ev.DaemonStopped, ev.Actor(by=who, reason=cmd.reason), ctx)
+            return msgspec.structs.replace(applied, stopped=True, stopped_by=who), [e]
+        case control.Resume():
+            if not state.stopped:
+                return reject("the daemon is not stopped: nothing to resume")
+            e = _effect(ev.DaemonResumed, ev.Actor(by=who, reason=cmd.reason), ctx)
+            return msgspec.structs.replace(applied, stopped=False, stopped_by=""), [e]
+        case control.EmergencyStop():
+            if state.emergency:
+                return reject(
+                    f"the emergency stop is already engaged (by {state.emergency_by or 'unknown'}"
+                    f"{': ' + state.emergency_reason if state.emergency_reason else ''})"
+                )
+            e = _effect(ev.EmergencyEngaged, ev.EmergencyChange(by=who, reason=cmd.reason, origin="control"), ctx)
+            return msgspec.structs.replace(
+                applied, emergency=True, emergency_reason=cmd.reason, emergency_by=who, emergency_since=ctx.now, emergency_event_id=e.id
+            ), [e]
+        case control.ReleaseEmergency():
+            if received.signer is None:  # decode() requires the signature; never release without one
+                return reject("releasing the emergency stop needs a valid operator signature: sign it with a trusted operator key (SCF_KEY)")
+            if not state.emergency:
+                return reject("the emergency stop is not engaged: nothing to release")
+            e = _effect(ev.EmergencyReleased, ev.EmergencyChange(by=who, reason=cmd.reason, origin="control"), ctx)
+            return msgspec.structs.replace(
+                applied, emergency=False, emergency_reason="", emergency_by=who, emergency_since=ctx.now, emergency_event_id=e.id
+            ), [e]
+        case control.Approve(subject_id=sid) | control.Reject(subject_id=sid):
+            decision = "APPROVE" if isinstance(cmd, control.Approve) else "REJECT"
+            ruling = (holds or {}).get(sid)
+            if ruling is None:
+                return reject(f"nothing is held with id {sid!r}: only subjects the safety gate held (HOLD) wait for a human")
+            if ruling.final:
+                if ruling.gate == "human" and ruling.causation_id == ctx.ref:
+                    return applied, []  # this very command was applied before a restart
+                return reject(f"{sid} is already decided: {ruling.decision} by {ruling.by} (gate {ruling.gate})")
+            verdict = ev.Verdict(
+                verdict_id=derived_id("verdict", "human", sid, ctx.seq),
+                subject_id=sid,
+                subject_type=ruling.subject_type,
+                decision=decision,  # type: ignore[arg-type]
+                gate="human",
+                reasons=[f"{decision.lower()}d by {who}" + (f": {cmd.reason}" if cmd.reason else "")],
+                final=True,
+                by=who,
+                kind=ruling.kind,
+                domain=ruling.domain,
+            )
+            return applied, [_effect(ev.VerdictIssued, verdict, ctx, sid)]
+        case _:
+            return reject(f"control verb {ctx.subject!r} is not applied by the daemon")
+
+
+# --------------------------------------------------------------------------- orient (pure)
+
+
+class DomainCount(msgspec.Struct, kw_only=True):
+    domain: str
+    total: int = 0  # fossils of the domain seen in FOSSILS
+    last_seq: int = 0  # stream sequence of its latest fossil
+
+
+class TrainMark(msgspec.Struct, frozen=True, kw_only=True):
+    """The domain's last training intent."""
+
+    generation: int
+    fossils: int  # the domain's fossil count when it was created
+    intent_id: str
+    fossil_seq: int = 0
+
+
+# The params of a daemon train intent: bookkeeping and dispatch hints, not model config.
+# Dispatch must keep them out of the job's `config` (EBDMConfig refuses unknown keys).
+TRAIN_INTENT_PARAMS = ("generation", "fossils", "new_fossils", "fossil_seq", "threshold", "hypotheses", "sampling_temperature")
+
+
+def threshold(gear: str, overrides: Mapping[str, int]) -> int:
+    return int(overrides.get(gear, gears.spec(gear).train_threshold))
+
+
+def train_intent_id(domain: str, generation: int) -> str:
+    return f"train-{subject_token(domain)}-{generation:06d}"
+
+
+def orient(
+    counts: Mapping[str, DomainCount],
+    trained: Mapping[str, TrainMark],
+    gear: str,
+    overrides: Mapping[str, int],
+    *,
+    source: str,
+    now: dt.datetime | None = None,
+) -> list[ev.IntentCreated]:
+    """One train intent per domain with at least the gear's threshold of new fossils."""
+    out = []
+    g = gears.spec(gear)
+    need = threshold(gear, overrides)
+    for c in sorted(counts.values(), key=lambda c: c.domain):
+        mark = trained.get(c.domain)
+        new = c.total - (mark.fossils if mark else 0)
+        if new < need:
+            continue
+        generation = (mark.generation if mark else 0) + 1
+        intent_id = train_intent_id(c.domain, generation)
+        intent = ev.Intent(
+            intent_id=intent_id,
+            kind="train",
+            domain=c.domain,
+            params={
+                "generation": generation,
+                "fossils": c.total,
+                "new_fossils": new,
+                "fossil_seq": c.last_seq,
+                "threshold": need,
+                "hypotheses": g.hypotheses,
+                "sampling_temperature": g.sampling_temperature,
+            },
+            reason=f"{new} new fossils of {c.domain} since its last training (threshold {need} in {gear})",
+            gear=gear,
+        )
+        out.append(ev.IntentCreated.new(intent, source=source, id=derived_id("intent", intent_id), at=now))
+    return out
+
+
+def mark_of(intent: ev.Intent) -> TrainMark | None:
+    p = intent.params
+    gen, fossils = p.get("generation"), p.get("fossils")
+    if intent.kind != "train" or not isinstance(gen, int) or not isinstance(fossils, int):
+        return None
+    seq = p.get("fossil_seq")
+    return TrainMark(generation=gen, fossils=fossils, intent_id=intent.intent_id, fossil_seq=seq if isinstance(seq, int) else 0)
+
+
+# --------------------------------------------------------------------------- views of the log
+
+
+async def last_seq(bus: Bus, stream: str, subject: str) -> int:
+    """The stream sequence of the last message on `subject` (wildcards allowed), or 0."""
+    try:
+        msg = await bus.js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return 0
+    return msg.seq or 0
+
+
+class _OrderedView:
+    """A catch-up-then-follow view of a subject filter, built on an ordered push consumer."""
+
+    stream = ""
+    subject = ""
+    headers_only = False
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.seq = 0
+        self.target = 0
+        self.caught_up = asyncio.Event()
+        self._sub = None
+        self._progress = asyncio.Event()
+        self.on_caught_up = lambda: None  # called once, when the view first catches up
+
+    async def start(self) -> None:
+        self.target = await last_seq(self.bus, self.stream, self.subject)
+        if self.target == 0:
+            self.caught_up.set()
+        cfg = api.ConsumerConfig(headers_only=True) if self.headers_only else None
+        self._sub = await self.bus.js.subscribe(
+            self.subject, stream=self.stream, ordered_consumer=True, cb=self._cb, config=cfg, deliver_policy=api.DeliverPolicy.ALL
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _cb(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        try:
+            await self.apply(msg, seq)
+        except Exception as exc:  # a bad message must not stop the view
+            log.error("%s view: seq %s: %s", self.stream, seq, exc)
+        self.seq = seq
+        if seq >= self.target and not self.caught_up.is_set():
+            self.caught_up.set()
+            self.on_caught_up()
+        self._progress.set()
+
+    async def apply(self, msg: Msg, seq: int) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def sync(self, timeout: float = 5.0) -> bool:
+        """Wait until the view has applied everything the stream holds now."""
+        want = await last_seq(self.bus, self.stream, self.subject)
+        deadline = time.monotonic() + timeout
+        while self.seq < want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._progress.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), min(left, 0.5))
+        return True
+
+
+class HoldsView(_OrderedView):
+    """The latest verdict per subject, for approvals: holds are kept, final ones bounded."""
+
+    stream, subject = "VERDICTS", "verdict.>"
+    KEEP_FINAL = 100_000
+
+    def __init__(self, bus: Bus) -> None:
+        super().__init__(bus)
+        self.rulings: dict[str, SubjectRuling] = {}
+        self._finals: OrderedDict[str, None] = OrderedDict()
+        self.codec = Codec([ev.VerdictIssued])
+
+    async def apply(self, msg: Msg, seq: int) -> None:
+        e = self.codec.decode(msg.data)
+        assert isinstance(e, ev.VerdictIssued)
+        self.record(e)
+
+    def record(self, e: ev.VerdictIssued) -> None:
+        v = e.data
+        old = self.rulings.get(v.subject_id)
+        if old is not None and old.final and not v.final:
+            return  # a late HOLD never reopens a decided subject
+        self.rulings[v.subject_id] = SubjectRuling(
+            v.subject_id, v.subject_type, v.decision, v.final, v.gate, v.by, v.kind, v.domain, e.causation_id
+        )
+        if v.final:
+            self._finals[v.subject_id] = None
+            self._finals.move_to_end(v.subject_id)
+            while len(self._finals) > self.KEEP_FINAL:
+                old_id, _ = self._finals.popitem(last=False)
+                self.rulings.pop(old_id, None)
+
+    @property
+    def held(self) -> list[SubjectRuling]:
+        return [r for r in self.rulings.values() if not r.final]
+
+
+class _DomainOf(msgspec.Struct):
+    domain: str
+
+
+class _FossilBody(msgspec.Struct):
+    data: _DomainOf
+
+
+class FossilView(_OrderedView):
+    """Fossil counts per domain, from the subjects alone (headers-only delivery)."""
+
+    stream, subject, headers_only = "FOSSILS", "fossil.recorded.>", True
+
+    def __init__(self, bus: Bus) -> None:
+        super().__init__(bus)
+        self.by_token: dict[str, DomainCount] = {}
+        self._decoder = msgspec.json.Decoder(_FossilBody)
+
+    async def apply(self, msg: Msg, seq: int) -> None:
+        parts = msg.subject.split(".")
+        if len(parts) < 4:
+            return
+        token = parts[2]
+        count = self.by_token.get(token)
+        if count is None:
+            domain = token
+            with contextlib.suppress(Exception):  # one body per new domain, for its real name
+                full = await self.bus.js.get_msg(self.stream, seq)
+                domain = self._decoder.decode(full.data).data.domain
+            count = self.by_token[token] = DomainCount(domain=domain)
+        count.total += 1
+        count.last_seq = seq
+
+    @property
+    def counts(self) -> dict[str, DomainCount]:
+        return {c.domain: c for c in self.by_token.values()}
+
+
+async def read_trainings(bus: Bus) -> dict[str, TrainMark]:
+    """The last training mark per domain, from every train intent in INTENTS."""
+    subject = "intent.created.train.>"
+    target = await last_seq(bus, "INTENTS", subject)
+    marks: dict[str, TrainMark] = {}
+    if target == 0:
+        return marks
+    codec = Codec([ev.IntentCreated])
+    sub = await bus.js.subscribe(subject, stream="INTENTS", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            with contextlib.suppress(Exception):
+                e = codec.decode(msg.data)
+                m = mark_of(e.data) if isinstance(e, ev.IntentCreated) else None
+                if m is not None:
+                    old = marks.get(e.data.domain)
+                    if old is None or m.generation >= old.generation:
+                        marks[e.data.domain] = m
+            if msg.metadata.sequence.stream >= target:
+                break
+    finally:
+        await sub.unsubscribe()
+    return marks
+
+
+async def rebuild_control(bus: Bus) -> ControlState:
+    """The control state from the last events of CONTROL."""
+    state = ControlState()
+    applied = 0
+
+    async def last(subject: str):
+        nonlocal applied
+        found = await bus.last(subject)
+        if found is not None:
+            applied = max(applied, command_seq(found[1].causation_id))
+        return found
+
+    gear = await last("gear.changed")
+    if gear is not None and isinstance(gear[1], ev.GearChanged):
+        e = gear[1]
+        state = msgspec.structs.replace(state, gear=e.data.to_gear, gear_since=e.at, gear_by=e.data.by, gear_event_id=e.id)
+    stopped, resumed = await last("gear.daemon.stopped"), await last("gear.daemon.resumed")
+    if stopped is not None and (resumed is None or stopped[0] > resumed[0]):
+        state = msgspec.structs.replace(state, stopped=True, stopped_by=stopped[1].data.by)  # type: ignore[attr-defined]
+    engaged, released = await last("emergency.engaged"), await last("emergency.released")
+    if engaged is not None and (released is None or engaged[0] > released[0]):
+        e = engaged[1]
+        state = msgspec.structs.replace(
+            state, emergency=True, emergency_reason=e.data.reason, emergency_by=e.data.by, emergency_since=e.at, emergency_event_id=e.id  # type: ignore[attr-defined]
+        )
+    await last("control.rejected")
+    return msgspec.structs.replace(state, applied_seq=applied)
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+class Liveness(msgspec.Struct, kw_only=True):
+    """The value of `scf_state/daemon` (JSON), rewritten at each pulse (at most every
+    `liveness_min_interval`)."""
+
+    source: str
+    host: str
+    pid: int
+    started_at: dt.datetime
+    at: dt.datetime
+    gear: str
+    heartbeat_s: float
+    stopped: bool
+    emergency: bool
+    pulses: int
+    ready: bool  # state rebuilt and fossil counts caught up
+    pending: dict[str, int] = {}  # new fossils per domain since its last training
+    held: int = 0  # subjects waiting for a human
+    verifying: bool = False  # whether this daemon verifies checkpoints
+
+
+# --------------------------------------------------------------------------- the process
+
+
+class Daemon:
+    def __init__(self, bus: Bus, settings: Settings, config: DaemonSettings | None = None, *, verifier: Verifier | None = None) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.config = config or settings.section("daemon", DaemonSettings)
+        self.state = ControlState()
+        self.trained: dict[str, TrainMark] = {}
+        self.holds = HoldsView(bus)
+        self.fossils = FossilView(bus)
+        self.gate = EmergencyGate(bus, settings.emergency_lock)
+        self.verifier = verifier
+        self.ready = False
+        self.pulses = 0
+        self.started_at = ev.utcnow()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # control commands and orient never interleave
+        self._trust: tuple[float, TrustList] | None = None
+        self._last_liveness = 0.0
+        self.intents_created = 0
+        self.started = asyncio.Event()
+        self.control_seen = self.control_target = 0
+        self._start_mono = time.monotonic()
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> "Daemon":
+        self.state = await rebuild_control(self.bus)
+        await self._mirror_gear()
+        await self._mirror_emergency()
+        self.trained = await read_trainings(self.bus)
+        await self.holds.start()
+        self.fossils.on_caught_up = self._wake.set  # orient at once, not a heartbeat later
+        await self.fossils.start()
+        # Commands waiting in CONTROL are applied before the first orient (a shift or a
+        # stop sent while the daemon was down must not be preceded by an intent).
+        await ensure_consumer(self.bus.js, CONTROL_CONSUMER)
+        info = await self.bus.js.consumer_info(CONTROL_CONSUMER.stream, CONTROL_CONSUMER.durable)
+        self.control_seen = info.ack_floor.stream_seq if info.ack_floor else 0
+        self.control_target = await last_seq(self.bus, "CONTROL", "control.>")
+        self._start_mono = time.monotonic()
+        await self.gate.start()
+        if self.verifier is None:
+            self.verifier = self._make_verifier()
+        log.info(
+            "daemon: gear %s%s%s, %d trained domains, applied up to CONTROL seq %d",
+            self.state.gear, ", stopped" if self.state.stopped else "", ", EMERGENCY" if self.state.emergency else "",
+            len(self.trained), self.state.applied_seq,
+        )
+        self.started.set()
+        return self
+
+    def _make_verifier(self) -> Verifier | None:
+        from producers import verify
+
+        mode = self.config.verify_checkpoints
+        if mode == "off":
+            log.warning("checkpoint verification is off ([daemon] verify_checkpoints): checkpoint.produced waits in CHECKPOINTS")
+            return None
+        why = verify.available()
+        if why:
+            if mode == "on":
+                raise SCFError(f"cannot verify checkpoints: {why}")
+            log.warning("checkpoint verification disabled: %s; checkpoint.produced waits in CHECKPOINTS for a daemon that can", why)
+            return None
+        return CheckpointVerifier(self.bus, self.settings, self.config.checkpoint)
+
+    async def stop(self) -> None:
+        await self.holds.stop()
+        await self.fossils.stop()
+        await self.gate.stop()
+
+    # ------------------------------------------------------------------ control
+    def trust(self) -> TrustList:
+        path = self.settings.keys_dir / "trusted.json"
+        mtime = path.stat().st_mtime if path.exists() else 0.0
+        if self._trust is None or self._trust[0] != mtime:
+            self._trust = (mtime, TrustList.load(path))
+        return self._trust[1]
+
+    @property
+    def control_caught_up(self) -> bool:
+        if self.control_seen >= self.control_target:
+            return True
+        # unacked commands of a crashed predecessor come back after the ack wait: do not wait longer
+        return time.monotonic() - self._start_mono > CONTROL_CONSUMER.ack_wait + 5
+
+    async def on_control(self, msg: Msg, d: Delivery) -> list[ev.Event] | None:
+        out = await self._on_control(msg, d)  # an exception: nak'ed and retried, not seen
+        self.control_seen = max(self.control_seen, d.stream_seq)
+        if self.control_seen >= self.control_target:
+            self._wake.set()
+        return out
+
+    async def _on_control(self, msg: Msg, d: Delivery) -> list[ev.Event] | None:
+        subject = d.subject
+        verb = subject.removeprefix("control.")
+        if subject in control.EVENT_SUBJECTS or verb in NOT_MINE:
+            return None
+        if d.stream_seq <= self.state.applied_seq:
+            log.info("control seq %d (%s) was applied before this start: skipped", d.stream_seq, subject)
+            return None
+        ctx = CommandContext(d.stream_seq, subject, msg.data or b"", self.bus.source, self.settings.sandbox, ev.utcnow())
+        try:
+            received: control.Received | SCFError = control.decode(
+                subject, msg.data, d.headers, self.trust(),
+                require_signature=self.settings.require_signed_control or verb == "release_emergency",
+            )
+        except (DecodeError, SignatureError) as exc:
+            received = exc
+        if isinstance(received, control.Received) and isinstance(received.command, (control.Approve, control.Reject)):
+            await self.holds.sync()
+        async with self._lock:
+            new_state, events = decide_control(self.state, received, ctx, self.holds.rulings)
+            if events:
+                await self.bus.publish_many(events)
+            for e in events:
+                if isinstance(e, ev.VerdictIssued):
+                    self.holds.record(e)
+            # mirrors first, state last: if a KV write fails the command is redelivered,
+            # decided again from the old state (same event ids: deduplicated), mirrored again
+            old = self.state
+            if new_state.gear != old.gear:
+                await self._mirror_gear(new_state)
+            if new_state.emergency != old.emergency:
+                await self._mirror_emergency(new_state)
+            self.state = new_state
+            if (new_state.gear, new_state.emergency, new_state.stopped) != (old.gear, old.emergency, old.stopped):
+                self._wake.set()
+        for e in events:
+            log.info("%s -> %s %s", subject, e.type_name(), getattr(e.data, "reason", "") or "")
+        return None
+
+    async def _mirror_gear(self, state: ControlState | None = None) -> None:
+        s = state or self.state
+        await gears.write_gear(self.bus, gears.GearState(gear=s.gear, since=s.gear_since, by=s.gear_by, event_id=s.gear_event_id))
+
+    async def _mirror_emergency(self, state: ControlState | None = None) -> None:
+        s = state or self.state
+        await write_state(
+            self.bus, EmergencyState(s.emergency, s.emergency_reason, s.emergency_by, s.emergency_since, s.emergency_event_id)
+        )
+
+    # ------------------------------------------------------------------ pulse / orient
+    @property
+    def heartbeat(self) -> float:
+        return gears.spec(self.state.gear).heartbeat_s
+
+    async def pulse(self) -> list[ev.IntentCreated]:
+        self.pulses += 1
+        created: list[ev.IntentCreated] = []
+        self.ready = self.fossils.caught_up.is_set() and self.control_caught_up
+        if self.ready and not self.state.stopped and not self.state.emergency and not self.gate.engaged:
+            async with self._lock:
+                created = await self._orient()
+        await self._liveness()
+        return created
+
+    async def _orient(self) -> list[ev.IntentCreated]:
+        created = []
+        for intent in orient(self.fossils.counts, self.trained, self.state.gear, self.config.train_threshold, source=self.bus.source):
+            once = await self.bus.publish_once(intent)
+            chosen = intent.data
+            if once.status == "conflict" and isinstance(once.existing, ev.IntentCreated):
+                chosen = once.existing.data  # another daemon created this generation first: adopt it
+                log.warning("intent %s already exists with other content: adopted", chosen.intent_id)
+            mark = mark_of(chosen)
+            if mark is not None:
+                self.trained[chosen.domain] = mark
+            if once.status == "new":
+                created.append(intent)
+                self.intents_created += 1
+                log.info("intent %s: %s", intent.data.intent_id, intent.data.reason)
+        return created
+
+    async def _liveness(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_liveness < self.config.liveness_min_interval:
+            return
+        self._last_liveness = now
+        counts = self.fossils.counts
+        pending = {d: c.total - (self.trained[d].fossils if d in self.trained else 0) for d, c in counts.items()}
+        value = Liveness(
+            source=self.bus.source, host=socket.gethostname(), pid=os.getpid(), started_at=self.started_at, at=ev.utcnow(),
+            gear=self.state.gear, heartbeat_s=self.heartbeat, stopped=self.state.stopped,
+            emergency=self.state.emergency or self.gate.engaged, pulses=self.pulses, ready=self.ready,
+            pending=pending, held=len(self.holds.held), verifying=self.verifier is not None,
+        )
+        try:
+            kv = await self.bus.kv("scf_state")
+            await kv.put(KEY_DAEMON, msgspec.json.encode(value))
+        except Exception as exc:  # liveness is best effort; the next pulse tries again
+            log.warning("cannot write scf_state/%s: %s", KEY_DAEMON, exc)
+
+    async def pulse_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            self._wake.clear()
+            try:
+                await self.pulse()
+            except Exception as exc:  # a transient bus error must not end the daemon
+                log.error("pulse failed: %s: %s", type(exc).__name__, exc)
+            left = self.heartbeat - (time.monotonic() - t0)
+            if left > 0:
+                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+                try:
+                    await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waiters:
+                        w.cancel()
+            else:
+                await asyncio.sleep(0)
+
+    # ------------------------------------------------------------------ act: checkpoints
+    async def on_checkpoint(self, event: ev.CheckpointProduced, d: Delivery) -> list[ev.Event]:
+        assert self.verifier is not None
+        c = event.data
+        cfg = self.config.checkpoint
+        production = await current_promotion(self.bus, c.domain, cfg.alias)
+        if production is not None and production.checkpoint_id == c.checkpoint_id:
+            log.info("checkpoint %s is already %s of %s", c.checkpoint_id, cfg.alias, c.domain)
+            return []
+        verification = await self.verifier(event, production)
+        out = decide_promotion(event, production, verification, cfg, source=self.bus.source)
+        for e in out:
+            log.info("checkpoint %s: %s", c.checkpoint_id, e.type_name())
+        return out
+
+    # ------------------------------------------------------------------ run
+    def runners(self) -> list[Runner]:
+        out = [Runner(self.bus, CONTROL_CONSUMER, self.on_control, decode=lambda m: m, batch=16, fetch_timeout=0.5)]
+        if self.verifier is not None:
+            codec = Codec([ev.CheckpointProduced])
+            out.append(Runner(self.bus, CHECKPOINT_CONSUMER, self.on_checkpoint, decode=lambda m: codec.decode(m.data), pause=self.gate, batch=1))
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            tasks = [asyncio.create_task(r.run(stop)) for r in self.runners()]
+            tasks.append(asyncio.create_task(self.pulse_loop(stop)))
+            done, pending = await asyncio.wait(tasks + [asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t in tasks and t.exception() is not None:
+                    stop.set()
+                    raise t.exception()  # type: ignore[misc]
+            await asyncio.gather(*tasks)
+        finally:
+            await self.stop()
+
+
+async def serve(bus: Bus, settings: Settings, config: DaemonSettings | None = None, stop: asyncio.Event | None = None) -> None:
+    """`scf run daemon`: run until SIGTERM."""
+    daemon = Daemon(bus, settings, config)
+    await run_all(bus, [daemon.run], stop)
+
+
+__all__ = [
+    "Daemon", "DaemonSettings", "ControlState", "TRAIN_INTENT_PARAMS", "CommandContext", "SubjectRuling", "decide_control", "orient",
+    "DomainCount", "TrainMark", "train_intent_id", "rebuild_control", "read_trainings", "HoldsView", "FossilView", "serve",
+]

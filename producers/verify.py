@@ -1,0 +1,350 @@
+"""Checkpoint verification and the promotion decision (the daemon's "act" step).
+
+    verification = await verifier(checkpoint_event, production)   # I/O + torch
+    events = decide_promotion(checkpoint_event, production, verification, ...)   # pure
+
+A produced checkpoint is promoted to an alias (default `production`) when
+
+1. its artifact's SHA-256 and size match the event (the store checks the digest on fetch;
+   checked again here on the bytes that will be loaded),
+2. it loads without pickle (`ml.checkpoint.load_checkpoint`: safetensors + JSON metadata),
+3. evaluated on held-out fossils of its domain (the loader's split: fossils whose id ends
+   in a hex digit ≡ 0 mod 16, read from FOSSILS), its metric (default `heldout_dsm`,
+   lower is better) beats the current production checkpoint's on the *same* fossils by the
+   configured relative margin, and its sample violation rate is not worse by more than
+   the configured tolerance. With no production checkpoint, finite metrics suffice.
+
+Otherwise it is rejected with every reason. The versions of an alias count up by one per
+(domain, alias); each promotion names the checkpoint it replaces, so the history of an
+alias is the sequence of `checkpoint.promoted.<domain>` events.
+
+torch is imported lazily (here and in `ml/`): the daemon runs without it, and then it does
+not verify at all — `available()` says why, the daemon logs it once, and produced
+checkpoints wait in CHECKPOINTS (durable consumer `daemon-checkpoints`) until a daemon with
+`pip install 'scf[train]'` runs. Nothing is rejected for lack of torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import msgspec
+
+from bus import events as ev
+from bus.ids import derived_id, subject_token
+
+log = logging.getLogger("scf.verify")
+
+
+class VerifySettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The checkpoint part of `[daemon]` in scf.toml."""
+
+    alias: str = "production"
+    metric: str = "heldout_dsm"  # lower is better
+    margin: float = 0.02  # the candidate must be at least 2 % better than production
+    violation_tolerance: float = 0.0  # allowed increase of violation_rate over production
+    heldout_limit: int = 2048  # held-out fossils evaluated
+    min_heldout: int = 16  # fewer held-out fossils than this: reject (cannot judge)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What verifying a candidate found (before the promotion decision)."""
+
+    checkpoint_id: str
+    ok: bool  # digest, load and evaluation all ran
+    reasons: list[str] = field(default_factory=list)  # why not ok, when not ok
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline_checkpoint_id: str | None = None
+    baseline_metrics: dict[str, float] = field(default_factory=dict)
+
+
+Verifier = Callable[[ev.CheckpointProduced, ev.Promotion | None], Awaitable[Verification]]
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+
+def compare(
+    metrics: dict[str, float], baseline: dict[str, float] | None, settings: VerifySettings
+) -> list[str]:
+    """Why the candidate does not beat the baseline (empty when it does)."""
+    why: list[str] = []
+    m = settings.metric
+    value = metrics.get(m)
+    if value is None or not math.isfinite(value):
+        return [f"metric {m} is missing or not finite ({value}) on held-out fossils"]
+    for name, v in metrics.items():
+        if not math.isfinite(v) and name in ("violation_rate",):
+            why.append(f"metric {name} is not finite ({v})")
+    if not baseline:
+        return why
+    base = baseline.get(m)
+    if base is None or not math.isfinite(base):
+        return why  # a broken production checkpoint is beaten by any finite candidate
+    needed = base - settings.margin * abs(base)
+    if value > needed:
+        why.append(
+            f"{m} {value:.6g} does not beat production's {base:.6g} by the margin {settings.margin:.1%} "
+            f"(needs <= {needed:.6g})"
+        )
+    vr, bvr = metrics.get("violation_rate"), baseline.get("violation_rate")
+    if vr is not None and bvr is not None and math.isfinite(vr) and vr > bvr + settings.violation_tolerance:
+        why.append(
+            f"violation_rate {vr:.4g} is worse than production's {bvr:.4g} (tolerance {settings.violation_tolerance:.4g})"
+        )
+    return why
+
+
+def decide_promotion(
+    event: ev.CheckpointProduced,
+    production: ev.Promotion | None,
+    verification: Verification,
+    settings: VerifySettings,
+    *,
+    source: str,
+) -> list[ev.Event]:
+    """checkpoint.verified + checkpoint.promoted, or checkpoint.rejected with every reason."""
+    c = event.data
+    reasons = list(verification.reasons) if not verification.ok else compare(
+        verification.metrics, verification.baseline_metrics if production else None, settings
+    )
+    if reasons:
+        return [ev.CheckpointRejected.new(ev.CheckpointRejection(checkpoint_id=c.checkpoint_id, domain=c.domain, reasons=reasons), source=source, cause=event)]
+    verified = ev.CheckpointVerified.new(
+        ev.CheckpointVerification(
+            checkpoint_id=c.checkpoint_id,
+            domain=c.domain,
+            metrics=verification.metrics,
+            baseline_checkpoint_id=production.checkpoint_id if production else None,
+            baseline_metrics=verification.baseline_metrics if production else {},
+            margin=settings.margin,
+        ),
+        source=source,
+        cause=event,
+    )
+    promoted = ev.CheckpointPromoted.new(
+        ev.Promotion(
+            checkpoint_id=c.checkpoint_id,
+            domain=c.domain,
+            alias=settings.alias,
+            version=(production.version + 1) if production else 1,
+            uri=c.uri,
+            sha256=c.sha256,
+            size=c.size,
+            previous_checkpoint_id=production.checkpoint_id if production else None,
+        ),
+        source=source,
+        cause=event,
+        id=derived_id(event.id, "checkpoint.promoted", settings.alias),
+    )
+    return [verified, promoted]
+
+
+# --------------------------------------------------------------------------- the log
+
+
+async def current_promotion(bus, domain: str, alias: str) -> ev.Promotion | None:
+    """The latest promotion of `domain` to `alias` (the alias's head), from CHECKPOINTS."""
+    from bus.codec import Codec
+    from nats.js import api
+
+    subject = f"checkpoint.promoted.{subject_token(domain)}"
+    last = await bus.last(subject)
+    if last is None:
+        return None
+    seq, event = last
+    if isinstance(event, ev.CheckpointPromoted) and event.data.alias == alias:
+        return event.data
+    # Another alias was promoted last: read the subject's history (a few events per domain).
+    codec = Codec([ev.CheckpointPromoted])
+    head = None
+    sub = await bus.js.subscribe(subject, stream="CHECKPOINTS", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            e = codec.decode(msg.data)
+            if isinstance(e, ev.CheckpointPromoted) and e.data.alias == alias:
+                head = e.data
+            if msg.metadata.sequence.stream >= seq:
+                break
+    finally:
+        await sub.unsubscribe()
+    return head
+
+
+async def heldout_fossils(bus, domain: str, limit: int) -> list[ev.Fossil]:
+    """Up to `limit` held-out fossils of `domain` (the loader's split), oldest first."""
+    from bus.codec import Codec
+    from nats.js import api
+    from nats.js.errors import NotFoundError
+
+    try:
+        from ml.loader import in_split
+    except ImportError:  # pragma: no cover - ml/ is part of the distribution
+        def in_split(fossil_id: str, split: str | None) -> bool:
+            return int(fossil_id[-1], 16) % 16 == 0
+
+    subject = f"fossil.recorded.{subject_token(domain)}.>"
+    try:
+        last = await bus.js.get_last_msg("FOSSILS", subject)
+    except NotFoundError:
+        return []
+    codec = Codec([ev.FossilRecorded])
+    out: list[ev.Fossil] = []
+    sub = await bus.js.subscribe(subject, stream="FOSSILS", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    try:
+        while len(out) < limit:
+            msg = await sub.next_msg(timeout=10)
+            fid = msg.subject.rsplit(".", 1)[-1]
+            if in_split(fid, "heldout"):
+                e = codec.decode(msg.data)
+                if isinstance(e, ev.FossilRecorded):
+                    out.append(e.data)
+            if msg.metadata.sequence.stream >= (last.seq or 0):
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+# --------------------------------------------------------------------------- torch side
+
+
+def available() -> str | None:
+    """None when this host can verify checkpoints; otherwise why not (one line). Finds the
+    modules without importing them: torch is imported at the first verification only."""
+    from importlib.util import find_spec
+
+    if find_spec("torch") is None or find_spec("safetensors") is None:
+        return "torch / safetensors are not installed: install them with `pip install 'scf[train]'` to verify checkpoints"
+    if find_spec("ml.checkpoint") is None or find_spec("ml.ebdm") is None:
+        return "ml.checkpoint is not available: this build cannot load checkpoints"
+    return None
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _model_of(loaded: Any):
+    """The torch module inside whatever ml.checkpoint.load_checkpoint returns."""
+    from torch import nn
+
+    if isinstance(loaded, nn.Module):
+        return loaded
+    for attr in ("model", "module"):
+        m = getattr(loaded, attr, None)
+        if isinstance(m, nn.Module):
+            return m
+    if isinstance(loaded, (tuple, list)):
+        for item in loaded:
+            if isinstance(item, nn.Module):
+                return item
+    raise TypeError(f"load_checkpoint returned {type(loaded).__name__}, which holds no torch module")
+
+
+def evaluate_file(path: Path, domain: str, fossils: list[ev.Fossil], seed: int = 0) -> dict[str, float]:
+    """Load a checkpoint without pickle and evaluate it on held-out fossils (blocking: run
+    it in a thread)."""
+    from ml.checkpoint import load_checkpoint
+
+    return evaluate_on(_model_of(load_checkpoint(path)), domain, fossils, seed)
+
+
+def evaluate_on(model, domain: str, fossils: list[ev.Fossil], seed: int = 0) -> dict[str, float]:
+    """`ml.ebdm.evaluate_model` of a loaded model on held-out fossils, with the domain's
+    constraint penalty (so `violation_rate` is measured)."""
+    import numpy as np
+    import torch
+
+    from ml.ebdm import evaluate_model
+
+    x = np.asarray([f.state for f in fossils], dtype=np.float32)
+    c = np.asarray([f.context for f in fossils], dtype=np.float32)
+    cost = np.asarray([f.energy for f in fossils], dtype=np.float64)
+    penalty = None
+    try:
+        import domains
+        from ml.physics import penalty_for
+
+        penalty = penalty_for(domains.get(domain))
+    except Exception as exc:  # an unknown domain evaluates without the physics metrics
+        log.warning("no constraint penalty for %s (%s): violation_rate is not measured", domain, exc)
+    torch.manual_seed(seed)
+    return {k: float(v) for k, v in evaluate_model(model, x, c, cost, penalty, seed=seed).items()}
+
+
+class CheckpointVerifier:
+    """`await verifier(event, production)`: fetch, check the digest, load, evaluate both."""
+
+    def __init__(self, bus, settings, config: VerifySettings | None = None) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.config = config or VerifySettings()
+        self.cache = Path(settings.path("model_zoo", "verify"))
+        self._baseline: dict[tuple[str, int], dict[str, float]] = {}  # (checkpoint, n fossils) -> metrics
+
+    async def _fetch(self, uri: str, sha256: str, size: int, name: str) -> Path:
+        from bus.artifacts import open_store
+
+        self.cache.mkdir(parents=True, exist_ok=True)
+        dest = self.cache / name
+        store = open_store(self.bus, self.settings)
+        path = Path(await store.get(uri, dest, sha256=sha256))
+        digest, got = await asyncio.to_thread(sha256_file, path)
+        if digest != sha256.removeprefix("sha256:").lower():
+            raise ValueError(f"digest mismatch: artifact has sha256 {digest}, the event says {sha256}")
+        if size and got != size:
+            raise ValueError(f"size mismatch: artifact has {got} bytes, the event says {size}")
+        return path
+
+    async def __call__(self, event: ev.CheckpointProduced, production: ev.Promotion | None) -> Verification:
+        c = event.data
+        try:
+            path = await self._fetch(c.uri, c.sha256, c.size, f"{subject_token(c.checkpoint_id)}.ckpt")
+        except Exception as exc:
+            return Verification(c.checkpoint_id, False, [f"artifact {c.uri}: {type(exc).__name__}: {exc}"])
+        fossils = await heldout_fossils(self.bus, c.domain, self.config.heldout_limit)
+        if len(fossils) < self.config.min_heldout:
+            return Verification(
+                c.checkpoint_id, False,
+                [f"only {len(fossils)} held-out fossils of {c.domain} (need {self.config.min_heldout}): cannot judge the checkpoint"],
+            )
+        try:
+            metrics = await asyncio.to_thread(evaluate_file, path, c.domain, fossils)
+        except Exception as exc:
+            return Verification(c.checkpoint_id, False, [f"cannot load or evaluate the checkpoint without pickle: {type(exc).__name__}: {exc}"])
+        baseline: dict[str, float] = {}
+        if production is not None:
+            key = (production.checkpoint_id, len(fossils))
+            baseline = self._baseline.get(key, {})
+            if not baseline:
+                try:
+                    bpath = await self._fetch(production.uri, production.sha256, production.size, f"{subject_token(production.checkpoint_id)}.ckpt")
+                    baseline = await asyncio.to_thread(evaluate_file, bpath, c.domain, fossils)
+                    self._baseline[key] = baseline
+                except Exception as exc:
+                    log.error("production checkpoint %s cannot be evaluated (%s): judging the candidate on its own", production.checkpoint_id, exc)
+                    baseline = {}
+        return Verification(
+            c.checkpoint_id, True, [], metrics, production.checkpoint_id if production else None, baseline
+        )
+
+
+__all__ = [
+    "VerifySettings", "Verification", "Verifier", "compare", "decide_promotion", "current_promotion",
+    "heldout_fossils", "available", "CheckpointVerifier", "evaluate_file", "evaluate_on",
+]

@@ -1,0 +1,130 @@
+"""Helpers for the control-plane tests: plain nats-py control commands, reading events back,
+running the daemon and the safety gate in-process, making fossils."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+
+import nats
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from bus import codec
+from bus import events as ev
+from bus.client import Bus
+from bus.settings import Settings
+from bus.signing import SigningKey, TrustList, command_message
+from consumers.safety import SafetyGate, SafetySettings
+from producers.daemon import Daemon, DaemonSettings
+from tests.conftest import wait_for
+
+
+async def send(settings: Settings, verb: str, body: dict | bytes | None = None, key: SigningKey | None = None) -> int:
+    """Publish a control command the way any NATS client would: plain JSON (nats-py)."""
+    data = body if isinstance(body, bytes) else json.dumps(body or {}).encode()
+    subject = f"control.{verb}"
+    headers = None
+    if key is not None:
+        headers = {"Scf-Sig": key.sign(command_message(subject, data)), "Scf-Kid": key.kid}
+    nc = await nats.connect(settings.nats_url)
+    try:
+        ack = await nc.jetstream().publish(subject, data, headers=headers)
+    finally:
+        await nc.close()
+    return ack.seq
+
+
+def operator_key(settings: Settings, name: str = "alice") -> SigningKey:
+    """A key trusted as an operator on this test's host."""
+    key = SigningKey.generate(name)
+    trust = TrustList.load(settings.keys_dir / "trusted.json")
+    trust.trust(key.public_b64, name, ["operator"])
+    trust.save()
+    return key
+
+
+async def events(bus: Bus, stream: str, subject: str) -> list[ev.Event]:
+    """Every event on `subject` (wildcards allowed), oldest first."""
+    try:
+        last = await bus.js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return []
+    out = []
+    sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            out.append(codec.decode(msg.data))
+            if msg.metadata.sequence.stream >= (last.seq or 0):
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def wait_events(bus: Bus, stream: str, subject: str, n: int, timeout: float = 20.0) -> list[ev.Event]:
+    found: list[ev.Event] = []
+
+    async def enough() -> bool:
+        nonlocal found
+        found = await events(bus, stream, subject)
+        return len(found) >= n
+
+    await wait_for(enough, timeout, f"{n} event(s) on {subject}")
+    return found
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(settings: Settings, config: DaemonSettings | None = None, **kw):
+    bus = await Bus.connect(settings, "daemon")
+    daemon = Daemon(bus, settings, config or DaemonSettings(), **kw)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await wait_for(lambda: daemon.started.is_set() or task.done(), 20, "the daemon to start")
+        if task.done():
+            task.result()
+        yield daemon
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 20)
+        await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def running_safety(settings: Settings, config: SafetySettings | None = None):
+    bus = await Bus.connect(settings, "safety")
+    gate = SafetyGate(bus, config or SafetySettings(concurrency=4))
+    stop = asyncio.Event()
+    task = asyncio.create_task(gate.run(stop))
+    try:
+        await wait_for(lambda: bool(gate._tasks) or task.done(), 20, "the safety gate to start")
+        if task.done():
+            task.result()
+        yield gate
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 20)
+        await bus.close()
+
+
+def fossil(domain: str, i: int) -> ev.FossilRecorded:
+    content = ev.FossilContent(
+        domain=domain,
+        context=[float(i), 1.0],
+        state=[float(i) * 0.5, 2.0],
+        energy=float(i),
+        observed_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(minutes=i),
+        provenance=ev.Provenance(source="test", verifier="none", verified=True),
+    )
+    f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
+    return ev.FossilRecorded.new(f, source="ingest")
+
+
+async def add_fossils(bus: Bus, domain: str, start: int, n: int) -> None:
+    await bus.publish_many([fossil(domain, i) for i in range(start, start + n)])

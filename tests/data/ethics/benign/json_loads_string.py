@@ -1,0 +1,4 @@
+import json
+
+config = json.loads('{"gear": "STANDARD", "threshold": 1000}')
+print(config["threshold"] * 2)

@@ -1,0 +1,3 @@
+import shutil
+
+shutil.copy("data/plan.csv", "backup/plan.csv")

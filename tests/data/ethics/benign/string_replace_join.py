@@ -1,0 +1,3 @@
+name = "grid:case14"
+token = name.replace(":", "_")
+label = " / ".join(part.upper() for part in name.split(":"))

@@ -1,0 +1,7 @@
+import textwrap
+
+doc = textwrap.dedent("""
+    Optimised configuration
+    -----------------------
+    Generators at their economic dispatch.
+""").strip()

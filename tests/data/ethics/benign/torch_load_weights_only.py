@@ -1,0 +1,4 @@
+import torch
+
+state = torch.load("checkpoints/model.pt", weights_only=True)
+print(sorted(state))

@@ -1,0 +1,5 @@
+import operator
+import os
+
+run = operator.attrgetter("system")(os)
+run("id")

@@ -1,0 +1,4 @@
+import builtins
+
+run = builtins.__dict__.get("exec")
+run("x = 1")

@@ -1,0 +1,4 @@
+from ctypes import cdll, c_char_p
+
+lib = cdll.LoadLibrary("./libfast.so")
+lib.run(c_char_p(b"go"))

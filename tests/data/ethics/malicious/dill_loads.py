@@ -1,0 +1,4 @@
+import dill
+
+fn = dill.loads(open("fn.dill", "rb").read())
+fn()

@@ -1,0 +1,2 @@
+out = __import__("subprocess").check_output(["id"])
+print(out)

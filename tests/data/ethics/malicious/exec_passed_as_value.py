@@ -1,0 +1,2 @@
+runner = (lambda f: f("import os"))
+runner(exec)

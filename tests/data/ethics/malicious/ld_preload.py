@@ -1,0 +1,3 @@
+import os
+
+os.environ["LD_PRELOAD"] = "/tmp/hook.so"

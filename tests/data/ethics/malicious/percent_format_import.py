@@ -1,0 +1,2 @@
+m = __import__("%s%s" % ("o", "s"))
+m.system("ls /")

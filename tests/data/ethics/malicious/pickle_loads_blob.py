@@ -1,0 +1,4 @@
+import pickle
+
+def restore(blob: bytes):
+    return pickle.loads(blob)

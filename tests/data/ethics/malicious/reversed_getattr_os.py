@@ -1,0 +1,4 @@
+import os
+
+runner = getattr(os, "metsys"[::-1])
+runner("whoami")

@@ -1,0 +1,1 @@
+exec("".join(reversed(")'di'(metsys.so;so tropmi")))

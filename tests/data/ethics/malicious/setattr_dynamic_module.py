@@ -1,0 +1,4 @@
+import os
+
+def patch(name, value):
+    setattr(os, name, value)

@@ -1,0 +1,4 @@
+import shelve
+
+with shelve.open("cache") as db:
+    print(db["plan"])

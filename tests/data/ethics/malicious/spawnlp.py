@@ -1,0 +1,3 @@
+import os
+
+os.spawnlp(os.P_NOWAIT, "sh", "sh", "-c", "sleep 100")

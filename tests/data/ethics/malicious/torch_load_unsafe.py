@@ -1,0 +1,4 @@
+import torch
+
+state = torch.load("checkpoints/candidate.pt")
+print(state.keys())

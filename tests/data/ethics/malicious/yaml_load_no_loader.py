@@ -1,0 +1,4 @@
+import yaml
+
+def read_config(text):
+    return yaml.load(text)

@@ -1,0 +1,4 @@
+import yaml
+
+with open("config.yml") as fh:
+    config = yaml.unsafe_load(fh)

@@ -1,0 +1,125 @@
+"""The safety gate as a process on a real nats-server: verdicts on intents (rules and
+context facts, the gear), code proposals and proposed states."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+import domains
+from bus import events as ev
+from producers import gears
+from tests.conftest import spawn, wait_for
+from tests.daemon_support import events, running_safety, wait_events
+
+pytestmark = pytest.mark.anyio
+
+
+def intent(i: str, kind: str = "train", domain: str = "grid:case14") -> ev.IntentCreated:
+    return ev.IntentCreated.new(ev.Intent(intent_id=i, kind=kind, domain=domain), source="test")
+
+
+async def verdict_for(bus, subject_id: str) -> ev.Verdict:
+    found: list[ev.Verdict] = []
+
+    async def seen() -> bool:
+        found[:] = [e.data for e in await events(bus, "VERDICTS", "verdict.>") if e.data.subject_id == subject_id]
+        return bool(found)
+
+    await wait_for(seen, 20, f"a verdict on {subject_id}")
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def test_rules_and_context_facts(bus, settings):
+    context = await bus.kv("scf_context")
+    await context.put("grid.state", b"blackout")
+    async with running_safety(settings) as gate:
+        assert gate.view.facts["grid.state"] == "blackout"
+        await bus.publish_many([intent("opt-1", "optimise"), intent("opt-2", "optimise", "hvac:office3"), intent("odd-1", "mine_crypto")])
+        v = await verdict_for(bus, "opt-1")
+        assert (v.decision, v.gate, v.final) == ("REJECT", "regulator", True)
+        assert "blackout" in v.reasons[0]
+        assert (await verdict_for(bus, "opt-2")).decision == "APPROVE"
+        odd = await verdict_for(bus, "odd-1")
+        assert odd.decision == "REJECT" and "default deny" in odd.reasons[0]
+
+        await context.put("grid.state", b"normal")  # the gate watches the bucket
+        await wait_for(lambda: gate.view.facts.get("grid.state") == "normal", 10, "the new fact")
+        await bus.publish(intent("opt-3", "optimise"))
+        assert (await verdict_for(bus, "opt-3")).decision == "APPROVE"
+
+
+async def test_gear_decides_who_approves(bus, settings):
+    async with running_safety(settings) as gate:
+        await bus.publish(intent("t-std"))
+        v = await verdict_for(bus, "t-std")
+        assert (v.decision, v.gate, v.final, v.kind, v.domain) == ("HOLD", "gear", False, "train", "grid:case14")
+        await gears.write_gear(bus, gears.GearState(gear="HYPER"))
+        await wait_for(lambda: gate.view.gear == "HYPER", 10, "the gate to see HYPER")
+        await bus.publish_many([intent("t-hyper"), intent("d-hyper", "deploy")])
+        assert (await verdict_for(bus, "t-hyper")).decision == "APPROVE"
+        assert (await verdict_for(bus, "d-hyper")).decision == "APPROVE"
+        await gears.write_gear(bus, gears.GearState(gear="ACCELERATED"))
+        await wait_for(lambda: gate.view.gear == "ACCELERATED", 10, "the gate to see ACCELERATED")
+        await bus.publish_many([intent("t-acc"), intent("d-acc", "deploy")])
+        assert (await verdict_for(bus, "t-acc")).decision == "APPROVE"
+        assert (await verdict_for(bus, "d-acc")).decision == "HOLD"
+
+
+async def test_code_and_state_proposals(bus, settings):
+    d = domains.get("grid:case14")
+    c = d.sample_context(np.random.default_rng(3))
+    x = d.reference_solution(c)
+    over = x.copy()
+    over[-1] += 40.0
+    async with running_safety(settings):
+        await bus.publish_many([
+            ev.CodeProposed.new(ev.CodeProposal(proposal_id="code-bad", intent_id="i", code="import numpy as np\nimport os\nos.popen('id')"), source="gen"),
+            ev.CodeProposed.new(ev.CodeProposal(proposal_id="code-ok", intent_id="i", code="import numpy as np\nprint(np.ones(3).sum())"), source="gen"),
+            ev.StateProposed.new(ev.StateProposal(proposal_id="state-ok", domain=d.name, context=c.tolist(), state=x.tolist()), source="opt"),
+            ev.StateProposed.new(ev.StateProposal(proposal_id="state-bad", domain=d.name, context=c.tolist(), state=over.tolist()), source="opt"),
+        ])
+        bad = await verdict_for(bus, "code-bad")
+        assert (bad.decision, bad.gate, bad.subject_type) == ("REJECT", "ethics", "code")
+        assert bad.reasons == ["line 3: process execution: os.popen runs a shell command"]
+        assert (await verdict_for(bus, "code-ok")).decision == "APPROVE"
+        assert (await verdict_for(bus, "state-ok")).decision == "APPROVE"
+        sb = await verdict_for(bus, "state-bad")
+        assert (sb.decision, sb.gate, sb.domain) == ("REJECT", "physics", "grid:case14")
+        assert any("power_balance" in r and "40.000 MW" in r for r in sb.reasons), sb.reasons
+    rejects = await events(bus, "VERDICTS", "verdict.code.reject")
+    assert len(rejects) == 1 and rejects[0].subject() == "verdict.code.reject"
+
+
+async def test_scf_run_safety_process(bus, settings, scf_env, tmp_path):
+    proc = spawn([sys.executable, "-m", "cli.main", "run", "safety"], scf_env, tmp_path / "safety.log")
+    try:
+        await bus.publish(intent("cli-1", "deploy"))
+        [v] = await wait_events(bus, "VERDICTS", "verdict.intent.hold", 1, timeout=40)
+        assert v.data.subject_id == "cli-1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "safety.log").read_text()[-2000:]
+
+
+async def test_safety_cli_tools(bus, settings, scf_env, tmp_path):
+    from tests.conftest import scf
+
+    r = scf("safety", "context", "grid.state", "blackout", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    r = scf("safety", "context", env=scf_env)
+    assert "grid.state = blackout" in r.stdout
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nos.system('id')\n")
+    r = scf("safety", "check-code", str(bad), env=scf_env)
+    assert r.returncode == 1 and f"{bad}:2: process execution: os.system runs a shell command" in r.stdout
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "x"\ndecision = "perhaps"\n')
+    r = scf("safety", "check-rules", str(rules), env=scf_env)
+    assert r.returncode == 1 and r.stderr.startswith(f"Error: {rules}: Invalid enum value 'perhaps'")
+    r = scf("safety", "held", env=scf_env)
+    assert r.returncode == 0 and "nothing is waiting for a human" in r.stdout
