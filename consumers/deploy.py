@@ -1,0 +1,381 @@
+"""The deploy planner: `scf run deploy`.
+
+    checkpoint.promoted (signed, role release)
+        → intent.created.deploy.<intent_id>    (publish_once; id derived from the checkpoint)
+    verdict.intent.approve (final, kind deploy) of that intent   ← the safety gate or a human
+        → deploy.requested.<node> for wave 0   (canary: the first node; all: every node)
+    deploy.activated.<canary> of that plan
+        → deploy.requested.<node> for wave 1   (the rest)
+    control.rollback {"node": ID, "to": VERSION?}   (verified like every control command)
+        → deploy.rollback_requested.<node>
+
+Human approval is the safety gate's business: it HOLDs deploy intents in STANDARD and
+ACCELERATED until a human `control.approve`s them and approves them itself in HYPER and
+SINGULARITY; the planner acts only on a *final* APPROVE. The emergency stop pauses every
+runner here except the rollback translation (a rollback order still waits at the edge
+agent, whose runner is paused too).
+
+Each decision is a function of the event and what the log says (the intent, the node's
+last order, the node registry); ids derive from the plan and the node, so redelivery and
+restarts republish the same events and JetStream keeps one. Nothing is kept in memory.
+
+`plan_orders` / `deploy_intent` are usable directly (tests, `scf deploy request`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Literal
+
+import msgspec
+
+from bus import control as control_mod
+from bus import events as ev
+from bus.client import Bus
+from bus.codec import Codec
+from bus.errors import DecodeError, SCFError, SignatureError
+from bus.ids import derived_id, subject_token
+from bus.runner import Delivery, Poison, Runner
+from bus.signing import TrustList
+from bus.streams import CONSUMERS, ConsumerSpec, ensure_consumer
+from consumers import nodes as nodes_mod
+from consumers.proposed_events import DeployOrder, DeployOrdered, DeployRollbackRequested, RollbackRequest
+
+log = logging.getLogger("scf.deploy")
+
+Strategy = Literal["all", "canary"]
+
+
+class DeploySettings(msgspec.Struct, frozen=True, kw_only=True):
+    """`[deploy]` in scf.toml."""
+
+    aliases: list[str] = msgspec.field(default_factory=lambda: ["production"])  # promotions to these aliases become deploy intents
+    target: str = ""  # default target; "" means the selector domain=<the promotion's domain>
+    strategy: Strategy = "canary"
+    verify_release: bool = True  # refuse (to the DLQ) promotions without a trusted release signature
+
+
+class PlanError(SCFError):
+    pass
+
+
+# Consumers of the planner (the lead consolidates them into bus.streams.CONSUMERS).
+PROMOTIONS = CONSUMERS["deploy"]  # CHECKPOINTS checkpoint.promoted.>
+VERDICTS = ConsumerSpec("VERDICTS", "deploy-verdicts", ("verdict.intent.approve",), description="approved deploy intents to orders")
+PROGRESS = ConsumerSpec("DEPLOY", "deploy-progress", ("deploy.activated.>",), description="canary healthy: the next wave")
+ROLLBACKS = ConsumerSpec("CONTROL", "deploy-control", ("control.rollback",), description="control.rollback to edge orders")
+
+
+# --------------------------------------------------------------------------- pure planning
+
+
+def intent_id_for(checkpoint_id: str, alias: str) -> str:
+    return derived_id("intent.deploy", checkpoint_id, alias)
+
+
+def deploy_intent(
+    promotion: ev.CheckpointPromoted,
+    promotion_seq: int,
+    *,
+    target: str,
+    strategy: Strategy,
+    source: str,
+    gear: str = "STANDARD",
+    reason: str = "",
+) -> ev.IntentCreated:
+    """The deploy intent for a promotion (one per checkpoint and alias, ever)."""
+    p = promotion.data
+    target_text = nodes_mod.parse_target(target or f"domain={p.domain}").text()
+    intent = ev.Intent(
+        intent_id=intent_id_for(p.checkpoint_id, p.alias),
+        kind="deploy",
+        domain=p.domain,
+        params={
+            "checkpoint_id": p.checkpoint_id,
+            "alias": p.alias,
+            "version": p.version,
+            "uri": p.uri,
+            "sha256": p.sha256,
+            "size": p.size,
+            "target": target_text,
+            "strategy": strategy,
+            "promotion_seq": promotion_seq,
+            "promotion_id": promotion.id,
+        },
+        reason=reason or f"deploy {p.domain} {p.alias} v{p.version} ({p.checkpoint_id}) to {target_text}, {strategy}",
+        gear=gear,
+    )
+    return ev.IntentCreated.new(intent, source=source, cause=promotion, id=derived_id("intent.created", intent.intent_id))
+
+
+def deployment_id_for(plan_id: str, node: str) -> str:
+    return derived_id("deployment", plan_id, node)
+
+
+def waves(nodes: list[str], strategy: str) -> tuple[list[str], list[str]]:
+    """(wave 0, wave 1): canary puts the first node (sorted) alone in wave 0."""
+    nodes = sorted(nodes)
+    if strategy == "canary" and len(nodes) > 1:
+        return nodes[:1], nodes[1:]
+    return nodes, []
+
+
+def artifact_of(intent: ev.Intent) -> ev.Artifact:
+    p = intent.params
+    try:
+        return ev.Artifact(
+            checkpoint_id=str(p["checkpoint_id"]),
+            domain=intent.domain,
+            version=int(p["version"]),  # type: ignore[arg-type]
+            uri=str(p["uri"]),
+            sha256=str(p["sha256"]),
+            size=int(p.get("size") or 0),  # type: ignore[arg-type]
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlanError(f"deploy intent {intent.intent_id} lacks a usable artifact param ({exc})") from None
+
+
+def plan_orders(
+    intent: ev.Intent,
+    nodes: list[str],
+    *,
+    wave: int,
+    release: bytes,
+    source: str,
+    cause: ev.Event | None = None,
+) -> list[DeployOrdered]:
+    """The orders for `nodes`, wave `wave` of the plan of `intent` (plan id = intent id);
+    `waves()` says which nodes belong to which wave."""
+    strategy = str(intent.params.get("strategy") or "all")
+    artifact = artifact_of(intent)
+    out = []
+    for node in sorted(nodes):
+        dep = deployment_id_for(intent.intent_id, node)
+        order = DeployOrder(
+            deployment_id=dep,
+            plan_id=intent.intent_id,
+            node=node,
+            artifact=artifact,
+            strategy="canary" if strategy == "canary" else "all",
+            wave=wave,
+            release=release,
+        )
+        out.append(DeployOrdered.new(order, source=source, cause=cause, id=derived_id("deploy.requested", dep)))
+    return out
+
+
+def rollback_order(received: control_mod.Received, seq: int, source: str) -> DeployRollbackRequested:
+    cmd = received.command
+    assert isinstance(cmd, control_mod.RollbackCommand)
+    rid = derived_id("deploy.rollback_requested", seq)
+    return DeployRollbackRequested.new(
+        RollbackRequest(
+            request_id=rid,
+            node=cmd.node,
+            to=cmd.to,
+            reason=cmd.reason,
+            by=cmd.by,
+            signer=received.signer,
+            command_seq=seq,
+        ),
+        source=source,
+        id=rid,
+    )
+
+
+# --------------------------------------------------------------------------- the process
+
+
+class DeployPlanner:
+    def __init__(self, bus: Bus, trust: TrustList, settings: DeploySettings = DeploySettings()) -> None:
+        self.bus, self.trust, self.settings = bus, trust, settings
+        self.release_codec = Codec([ev.CheckpointPromoted], trust=trust, require_signature=True, role="release")
+        self.promotion_codec = (
+            self.release_codec if settings.verify_release else Codec([ev.CheckpointPromoted])
+        )
+        self.order_codec = Codec([DeployOrdered])
+        self.intent_codec = Codec([ev.IntentCreated])
+        self._ensured: set[str] = set()
+
+    # ------------------------------------------------------------------ reading the log
+    async def current_gear(self) -> str:
+        """The gear the intent is created under (the scf_state/gear mirror; STANDARD when
+        unknown). The safety gate rules on the gear itself; this is a record."""
+        try:
+            from producers.gears import read_gear
+
+            return (await read_gear(self.bus)).gear
+        except Exception:
+            return "STANDARD"
+
+    async def intent(self, intent_id: str) -> ev.IntentCreated | None:
+        subject = f"intent.created.deploy.{subject_token(intent_id)}"
+        try:
+            msg = await self.bus.js.get_last_msg("INTENTS", subject)
+        except Exception:
+            return None
+        event = self.intent_codec.decode(msg.data)
+        return event if isinstance(event, ev.IntentCreated) else None
+
+    async def release(self, intent: ev.Intent) -> bytes:
+        """The signed promotion's raw bytes, from CHECKPOINTS, checked against the intent."""
+        seq = int(intent.params.get("promotion_seq") or 0)  # type: ignore[arg-type]
+        if seq <= 0:
+            raise Poison(f"deploy intent {intent.intent_id} has no promotion_seq: create it with `scf deploy request`")
+        try:
+            msg = await self.bus.js.get_msg("CHECKPOINTS", seq)
+        except Exception as exc:
+            raise PlanError(f"CHECKPOINTS seq {seq} (the promotion of {intent.intent_id}) cannot be read: {exc}") from exc
+        promotion = Codec([ev.CheckpointPromoted]).decode(msg.data)
+        assert isinstance(promotion, ev.CheckpointPromoted)
+        if promotion.data.checkpoint_id != intent.params.get("checkpoint_id"):
+            raise Poison(f"CHECKPOINTS seq {seq} is not the promotion of {intent.params.get('checkpoint_id')}")
+        return bytes(msg.data)
+
+    async def targets(self, intent: ev.Intent) -> list[str]:
+        target = nodes_mod.parse_target(str(intent.params.get("target") or f"domain={intent.domain}"))
+        registered = await nodes_mod.list_nodes(self.bus) if target.is_selector else []
+        return nodes_mod.select(registered, target)
+
+    async def ensure_edge_consumers(self, nodes: list[str]) -> None:
+        """Create each node's order consumer (an edge user may only bind to it): once per
+        node per process, concurrently (a consumer create is a server round trip)."""
+        todo = [n for n in dict.fromkeys(nodes) if n not in self._ensured]
+        sem = asyncio.Semaphore(32)
+
+        async def one(node: str) -> None:
+            spec = nodes_mod.edge_consumer(node)
+            async with sem:
+                try:  # a read is cheaper than a create-or-update
+                    await self.bus.js.consumer_info(spec.stream, spec.durable)
+                except Exception:
+                    await ensure_consumer(self.bus.js, spec)
+            self._ensured.add(node)
+
+        await asyncio.gather(*(one(n) for n in todo))
+
+    # ------------------------------------------------------------------ handlers
+    async def on_promotion(self, raw, delivery: Delivery) -> list[ev.Event]:
+        """checkpoint.promoted → intent.created (deploy), once per checkpoint and alias."""
+        try:
+            promotion = self.promotion_codec.decode(raw.data)
+        except SignatureError as exc:
+            raise Poison(f"promotion without a trusted release signature is not deployed: {exc}") from None
+        assert isinstance(promotion, ev.CheckpointPromoted)
+        if promotion.data.alias not in self.settings.aliases:
+            return []
+        intent = deploy_intent(
+            promotion,
+            delivery.stream_seq,
+            target=self.settings.target,
+            strategy=self.settings.strategy,
+            source=self.bus.source,
+            gear=await self.current_gear(),
+        )
+        once = await self.bus.publish_once(intent)
+        if once.status == "conflict":
+            log.warning("deploy intent %s already exists with other params: kept the first", intent.data.intent_id)
+        return []
+
+    async def on_verdict(self, event: ev.VerdictIssued, delivery: Delivery) -> list[ev.Event]:
+        """A final APPROVE of a deploy intent → wave 0 of its plan."""
+        v = event.data
+        if v.decision != "APPROVE" or not v.final or v.subject_type != "intent" or v.kind not in ("deploy", ""):
+            return []
+        created = await self.intent(v.subject_id)
+        if created is None:
+            return []  # not a deploy intent
+        intent = created.data
+        release = await self.release(intent)
+        nodes = await self.targets(intent)
+        if not nodes:
+            log.warning("deploy intent %s approved, but its target %s names no node", intent.intent_id, intent.params.get("target"))
+            return []
+        first, _ = waves(nodes, str(intent.params.get("strategy") or "all"))
+        orders = plan_orders(intent, first, wave=0, release=release, source=self.bus.source, cause=event)
+        await self.ensure_edge_consumers([o.data.node for o in orders])
+        log.info("plan %s: wave 0 to %s", intent.intent_id, ", ".join(o.data.node for o in orders))
+        return list(orders)
+
+    async def on_activated(self, event: ev.DeployActivated, delivery: Delivery) -> list[ev.Event]:
+        """The canary of a plan reported healthy → wave 1 (the rest of the target)."""
+        a = event.data
+        created = await self.intent(a.plan_id)
+        if created is None or created.data.params.get("strategy") != "canary":
+            return []
+        last = await self._last_order(a.node)
+        if last is None or last.data.deployment_id != a.deployment_id or last.data.wave != 0:
+            return []  # not this plan's canary, or superseded by a later order
+        intent = created.data
+        nodes = await self.targets(intent)
+        rest = [n for n in nodes if n != a.node]
+        orders = plan_orders(intent, rest, wave=1, release=last.data.release, source=self.bus.source, cause=event)
+        if not orders:
+            return []
+        await self.ensure_edge_consumers([o.data.node for o in orders])
+        log.info("plan %s: canary %s healthy, wave 1 to %s", intent.intent_id, a.node, ", ".join(o.data.node for o in orders))
+        return list(orders)
+
+    async def _last_order(self, node: str) -> DeployOrdered | None:
+        try:
+            msg = await self.bus.js.get_last_msg("DEPLOY", f"deploy.requested.{subject_token(node)}")
+        except Exception:
+            return None
+        order = self.order_codec.decode(msg.data)
+        return order if isinstance(order, DeployOrdered) else None
+
+    async def on_rollback(self, msg, delivery: Delivery) -> list[ev.Event]:
+        """control.rollback → deploy.rollback_requested.<node>, or control.rejected."""
+        try:
+            received = control_mod.decode(
+                msg.subject, msg.data, dict(msg.headers or {}), self.trust,
+                require_signature=self.bus.settings.require_signed_control,
+            )
+        except (DecodeError, SignatureError) as exc:
+            return [
+                ev.ControlRejected.new(
+                    ev.ControlRejection(
+                        command_subject=msg.subject,
+                        body=bytes(msg.data[:65536]).decode(errors="replace"),
+                        reason=str(exc),
+                        command_seq=delivery.stream_seq,
+                    ),
+                    source=self.bus.source,
+                    id=derived_id("control.rejected", delivery.stream_seq),
+                )
+            ]
+        order = rollback_order(received, delivery.stream_seq, self.bus.source)
+        await self.ensure_edge_consumers([order.data.node])
+        return [order]
+
+    # ------------------------------------------------------------------ runners
+    def runners(self, pause=None, **kw) -> list[Runner]:
+        raw = lambda msg: msg  # noqa: E731 - the handler verifies / decodes itself
+        verdicts = Codec([ev.VerdictIssued])
+        activations = Codec([ev.DeployActivated])
+        # batch=1: these events are rare and a handler makes several round trips; nothing
+        # fetched waits in hand behind it.
+        kw = dict(batch=1, **kw)
+        return [
+            Runner(self.bus, PROMOTIONS, self.on_promotion, decode=raw, pause=pause, **kw),
+            Runner(self.bus, VERDICTS, self.on_verdict, decode=lambda m: verdicts.decode(m.data), pause=pause, **kw),
+            Runner(self.bus, PROGRESS, self.on_activated, decode=lambda m: activations.decode(m.data), pause=pause, **kw),
+            Runner(self.bus, ROLLBACKS, self.on_rollback, decode=raw, **kw),
+        ]
+
+
+async def find_promotion(bus: Bus, checkpoint_id: str, alias: str | None = None) -> tuple[int, ev.CheckpointPromoted]:
+    """The (seq, event) of the latest promotion of `checkpoint_id` (to `alias`, if given)."""
+    codec = Codec([ev.CheckpointPromoted])
+    found = None
+    async for msg in nodes_mod.scan(bus, "CHECKPOINTS", "checkpoint.promoted.>"):
+        try:
+            p = codec.decode(msg.data)
+        except DecodeError:
+            continue
+        if isinstance(p, ev.CheckpointPromoted) and p.data.checkpoint_id == checkpoint_id and (alias is None or p.data.alias == alias):
+            found = (msg.metadata.sequence.stream, p)
+    if found is None:
+        raise PlanError(f"no checkpoint.promoted for {checkpoint_id}: promote it first (see `scf events tail 'checkpoint.>'`)")
+    return found
