@@ -56,7 +56,7 @@ class Reject(Command, frozen=True, kw_only=True):
 
 class RollbackCommand(Command, frozen=True, kw_only=True):
     node: str
-    to: str | None = None  # a checkpoint id; None = the previous one
+    to: str | int | None = None  # a checkpoint id or a version number; None = the previous one
 
 
 VERBS: dict[str, type[Command]] = {

@@ -511,6 +511,9 @@ class DeployRequest(Payload, frozen=True):
     artifact: Artifact
     strategy: Literal["all", "canary"] = "all"
     wave: int = 0  # 0: the canary (or everyone, for "all"); 1: the rest after the canary
+    # The signed checkpoint.promoted event (raw bytes) this order deploys: the edge agent
+    # verifies the release signature on these bytes before it activates anything.
+    release: bytes = b""
 
 
 class DeployRequested(Event, tag="deploy.requested", frozen=True, kw_only=True):
@@ -566,6 +569,25 @@ class DeployRolledBack(Event, tag="deploy.rolled_back", frozen=True, kw_only=Tru
         return f"deploy.rolled_back.{subject_token(self.data.node)}"
 
 
+class RollbackRequest(Payload, frozen=True):
+    """A verified `control.rollback`, addressed to one node (edge nodes read only deploy.>)."""
+
+    request_id: str  # derived from the control command (its CONTROL sequence)
+    node: str
+    to: str | None = None  # checkpoint id or version number; None: the previous artifact
+    reason: str = ""
+    by: str = ""
+    signer: str | None = None  # the trusted operator key that signed the command, if any
+    command_seq: int = 0
+
+
+class DeployRollbackRequested(Event, tag="deploy.rollback_requested", frozen=True, kw_only=True):
+    data: RollbackRequest
+
+    def subject(self) -> str:
+        return f"deploy.rollback_requested.{subject_token(self.data.node)}"
+
+
 class Measurement(Payload, frozen=True):
     measurement_id: str
     node: str
@@ -600,6 +622,7 @@ class Transfer(Payload, frozen=True):
     micro_credits: int  # amount in millionths of a credit: integers keep the books exact
     kwh: float
     rate: float  # credits per kWh
+    cause_digest: str = ""  # sha256 of the measurement: tells a true repeat from a changed one
 
 
 class LedgerTransfer(Event, tag="ledger.transfer", frozen=True, kw_only=True):
@@ -671,6 +694,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     DeployActivated,
     DeployFailed,
     DeployRolledBack,
+    DeployRollbackRequested,
     EnergyMeasured,
     LedgerTransfer,
     LedgerRejected,

@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NotFoundError
 
 from bus import codec
 from bus import events as ev
@@ -96,8 +97,12 @@ class Runner:
         pause: PauseGate | None = None,
         backoff_base: float = 0.25,
         backoff_max: float = 30.0,
+        create: bool = True,
     ) -> None:
         self.bus, self.spec, self.handler = bus, spec, handler
+        # create=False: only bind to the durable consumer (a restricted user, e.g. an edge
+        # node, may not create consumers); wait until someone with the right creates it.
+        self.create = create
         self.decode = decode or event_decoder()
         self.concurrency = max(1, concurrency)
         self.batch = max(1, batch)
@@ -109,9 +114,24 @@ class Runner:
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ lifecycle
+    async def _bind(self, stop: asyncio.Event):
+        if self.create:
+            await ensure_consumer(self.bus.js, self.spec)
+        else:
+            delay = 0.2
+            while not stop.is_set():
+                try:
+                    await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
+                    break
+                except NotFoundError:
+                    log.warning("%s: consumer %s/%s does not exist yet and this process may not create it: waiting",
+                                self.spec.durable, self.spec.stream, self.spec.durable)
+                    await _race(asyncio.sleep(delay), stop)
+                    delay = min(delay * 2, 10.0)
+        return await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+
     async def run(self, stop: asyncio.Event) -> None:
-        await ensure_consumer(self.bus.js, self.spec)
-        psub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+        psub = await self._bind(stop)
         try:
             while not stop.is_set():
                 if self.pause is not None and self.pause.engaged:

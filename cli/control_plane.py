@@ -29,7 +29,7 @@ def run_daemon() -> None:
 
     async def main() -> None:
         s = load_settings("daemon")
-        bus = await open_bus(s, "scf-daemon")
+        bus = await open_bus(s, "scf-daemon", sign=True)  # promotions signed: the release signature
         await serve(bus, s, s.section("daemon", DaemonSettings))
 
     run(main())
@@ -68,7 +68,7 @@ def control_watch_file(
 
     async def main() -> None:
         s = load_settings("control-file")
-        bus = await open_bus(s, "scf-control-file")
+        bus = await open_bus(s, "scf-control-file", sign=True)
         watcher = ControlFileWatcher(bus, path, s.path("system_cache"), key=signing_key(s), poll=poll, on_error=lambda m: echo_err(f"Error: {m}"))
         try:
             if once:

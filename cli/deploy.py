@@ -58,6 +58,7 @@ def run_edge(
     directory: Path = typer.Option(..., "--dir", help="where artifacts, the current link and the state live"),
     label: list[str] = typer.Option([], "--label", help="KEY=VALUE, repeatable (domain=grid:case14, site=berlin, account=acme)"),
     key: Optional[str] = typer.Option(None, help="the node's signing key (name or path; default $SCF_HOME/keys/<node>.key)"),
+    bind_only: bool = typer.Option(False, "--bind-only", help="do not create the consumer edge-<node> (the restricted edge user may not): wait for the deploy planner to create it"),
 ) -> None:
     """An edge node's agent: verify, activate, health-check, roll back; report meter readings."""
     from bus.client import Bus
@@ -75,10 +76,9 @@ def run_edge(
         bus = await Bus.connect(s, f"scf-edge-{node}", key=node_key)
         gate = await EmergencyGate(bus, s.emergency_lock).start()
         agent = await EdgeAgent(bus, node, directory, _trust(s), labels=labels, settings=s.section("edge", EdgeSettings)).start()
-        # Runner.run creates/updates the consumer edge-<node> (the planner creates it too);
-        # with the edge user of nats/users.conf (no consumer create on DEPLOY) it must only
-        # bind: see docs/deploy.md, "What the lead must wire".
-        runner = agent.runner(pause=gate)
+        # The runner creates/updates the consumer edge-<node> (the planner creates it too);
+        # the edge user of nats/users.conf may not create consumers on DEPLOY: --bind-only.
+        runner = agent.runner(pause=gate, create=not bind_only)
         try:
             await run_all(bus, [runner.run, agent.meter_loop])
         finally:

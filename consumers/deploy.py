@@ -40,7 +40,7 @@ from bus.runner import Delivery, Poison, Runner
 from bus.signing import TrustList
 from bus.streams import CONSUMERS, ConsumerSpec, ensure_consumer
 from consumers import nodes as nodes_mod
-from consumers.proposed_events import DeployOrder, DeployOrdered, DeployRollbackRequested, RollbackRequest
+from bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
 
 log = logging.getLogger("scf.deploy")
 
@@ -144,7 +144,7 @@ def plan_orders(
     release: bytes,
     source: str,
     cause: ev.Event | None = None,
-) -> list[DeployOrdered]:
+) -> list[DeployRequested]:
     """The orders for `nodes`, wave `wave` of the plan of `intent` (plan id = intent id);
     `waves()` says which nodes belong to which wave."""
     strategy = str(intent.params.get("strategy") or "all")
@@ -152,7 +152,7 @@ def plan_orders(
     out = []
     for node in sorted(nodes):
         dep = deployment_id_for(intent.intent_id, node)
-        order = DeployOrder(
+        order = DeployRequest(
             deployment_id=dep,
             plan_id=intent.intent_id,
             node=node,
@@ -161,7 +161,7 @@ def plan_orders(
             wave=wave,
             release=release,
         )
-        out.append(DeployOrdered.new(order, source=source, cause=cause, id=derived_id("deploy.requested", dep)))
+        out.append(DeployRequested.new(order, source=source, cause=cause, id=derived_id("deploy.requested", dep)))
     return out
 
 
@@ -173,7 +173,7 @@ def rollback_order(received: control_mod.Received, seq: int, source: str) -> Dep
         RollbackRequest(
             request_id=rid,
             node=cmd.node,
-            to=cmd.to,
+            to=None if cmd.to is None else str(cmd.to),
             reason=cmd.reason,
             by=cmd.by,
             signer=received.signer,
@@ -194,7 +194,7 @@ class DeployPlanner:
         self.promotion_codec = (
             self.release_codec if settings.verify_release else Codec([ev.CheckpointPromoted])
         )
-        self.order_codec = Codec([DeployOrdered])
+        self.order_codec = Codec([DeployRequested])
         self.intent_codec = Codec([ev.IntentCreated])
         self._ensured: set[str] = set()
 
@@ -317,13 +317,13 @@ class DeployPlanner:
         log.info("plan %s: canary %s healthy, wave 1 to %s", intent.intent_id, a.node, ", ".join(o.data.node for o in orders))
         return list(orders)
 
-    async def _last_order(self, node: str) -> DeployOrdered | None:
+    async def _last_order(self, node: str) -> DeployRequested | None:
         try:
             msg = await self.bus.js.get_last_msg("DEPLOY", f"deploy.requested.{subject_token(node)}")
         except Exception:
             return None
         order = self.order_codec.decode(msg.data)
-        return order if isinstance(order, DeployOrdered) else None
+        return order if isinstance(order, DeployRequested) else None
 
     async def on_rollback(self, msg, delivery: Delivery) -> list[ev.Event]:
         """control.rollback → deploy.rollback_requested.<node>, or control.rejected."""

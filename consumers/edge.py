@@ -63,7 +63,7 @@ from bus.ids import derived_id, subject_token
 from bus.runner import Delivery, Runner
 from bus.signing import SigningKey, TrustList
 from consumers import nodes as nodes_mod
-from consumers.proposed_events import DeployOrder, DeployOrdered, DeployRollbackRequested, RollbackRequest
+from bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
 
 log = logging.getLogger("scf.edge")
 
@@ -156,7 +156,7 @@ def normalise_digest(d: str) -> str:
     return d.lower().removeprefix("sha256:")
 
 
-def verify_release(order: DeployOrder, codec: Codec) -> ev.CheckpointPromoted:
+def verify_release(order: DeployRequest, codec: Codec) -> ev.CheckpointPromoted:
     """The signed promotion the order deploys, or Refused with the reason."""
     if not order.release:
         raise Refused("unsigned release: the order carries no signed checkpoint.promoted (release is empty)")
@@ -332,7 +332,7 @@ class EdgeAgent:
         self.fetch = fetch
         self.register_in_kv = register
         self.release_codec = Codec([ev.CheckpointPromoted], trust=trust, require_signature=True, role="release")
-        self.order_codec = Codec([DeployOrdered, DeployRollbackRequested])
+        self.order_codec = Codec([DeployRequested, DeployRollbackRequested])
         self.spec = nodes_mod.edge_consumer(node)
         self.state = EdgeState(node=node)
         for sub in ("versions", "incoming", "meter"):
@@ -452,7 +452,7 @@ class EdgeAgent:
         self.state.outcomes = (rest + [outcome])[-256:]
         self._save_state()
 
-    def _report(self, event: DeployOrdered, o: Outcome) -> list[ev.Event]:
+    def _report(self, event: DeployRequested, o: Outcome) -> list[ev.Event]:
         """The events that report outcome `o` of order `event` (ids derived from the order)."""
         if o.status == "activated":
             return [
@@ -523,13 +523,13 @@ class EdgeAgent:
 
     async def handle(self, event: ev.Event, delivery: Delivery | None = None) -> list[ev.Event]:
         match event:
-            case DeployOrdered():
+            case DeployRequested():
                 return await self.deploy(event, delivery)
             case DeployRollbackRequested():
                 return await self.rollback(event)
         return []
 
-    async def deploy(self, event: DeployOrdered, delivery: Delivery | None = None) -> list[ev.Event]:
+    async def deploy(self, event: DeployRequested, delivery: Delivery | None = None) -> list[ev.Event]:
         order = event.data
         a = order.artifact
         if order.node != self.node:
@@ -555,7 +555,7 @@ class EdgeAgent:
             return [self._failed(event, str(exc))]
         return await self._activate(event, item, previous=cur)
 
-    async def _install(self, order: DeployOrder, promotion: ev.CheckpointPromoted, delivery: Delivery | None) -> Installed:
+    async def _install(self, order: DeployRequest, promotion: ev.CheckpointPromoted, delivery: Delivery | None) -> Installed:
         """Fetch and verify the artifact beside the running one (never activated from here)."""
         a = order.artifact
         dirname = dirname_for(a.checkpoint_id, a.version)
@@ -605,7 +605,7 @@ class EdgeAgent:
         (final / "installed.json").write_bytes(msgspec.json.encode(item))
         return item
 
-    async def _activate(self, event: DeployOrdered, item: Installed, previous: Installed | None) -> list[ev.Event]:
+    async def _activate(self, event: DeployRequested, item: Installed, previous: Installed | None) -> list[ev.Event]:
         order = event.data
         self._switch(item.dirname)
         problem = await asyncio.to_thread(health_check, self.current_link / MODEL_FILE, self.settings.probe_max_elements)
@@ -618,7 +618,7 @@ class EdgeAgent:
             return self._report(event, outcome)
         return await self._revert(event, item, previous, problem)
 
-    async def _revert(self, event: DeployOrdered, bad: Installed, previous: Installed | None, problem: str) -> list[ev.Event]:
+    async def _revert(self, event: DeployRequested, bad: Installed, previous: Installed | None, problem: str) -> list[ev.Event]:
         """A failed health check: switch back to what ran before (or to nothing), forget and
         delete the bad artifact, report deploy.failed (+ deploy.rolled_back)."""
         order = event.data
@@ -643,7 +643,7 @@ class EdgeAgent:
                     previous.checkpoint_id if previous else "nothing")
         return self._report(event, outcome)
 
-    async def _confirm_running(self, event: DeployOrdered, cur: Installed) -> list[ev.Event]:
+    async def _confirm_running(self, event: DeployRequested, cur: Installed) -> list[ev.Event]:
         """The order names what already runs (a redelivery or a repeat): re-check and
         confirm; a failing check here rolls back like a fresh activation would."""
         problem = await asyncio.to_thread(health_check, self.current_link / MODEL_FILE, self.settings.probe_max_elements)
@@ -660,7 +660,7 @@ class EdgeAgent:
         others = [i for i in self.state.history if cur is None or i.checkpoint_id != cur.checkpoint_id]
         return others[-1] if others else None
 
-    def _failed(self, event: DeployOrdered, reason: str) -> ev.DeployFailed:
+    def _failed(self, event: DeployRequested, reason: str) -> ev.DeployFailed:
         order = event.data
         cur = self.current()
         return ev.DeployFailed.new(

@@ -43,7 +43,7 @@ from bus.runner import Delivery, Runner
 from bus.signing import TrustList
 from bus.streams import CONSUMERS
 from consumers import nodes as nodes_mod
-from consumers.proposed_events import LedgerTransferV, TransferV
+from bus.events import LedgerTransfer, Transfer
 
 log = logging.getLogger("scf.ledger")
 
@@ -131,10 +131,10 @@ def check(m: ev.Measurement, settings: LedgerSettings) -> str | None:
     return None
 
 
-def transfer_for(measured: ev.EnergyMeasured, account: str, settings: LedgerSettings, source: str) -> LedgerTransferV:
+def transfer_for(measured: ev.EnergyMeasured, account: str, settings: LedgerSettings, source: str) -> LedgerTransfer:
     m = measured.data
     kwh = saved_kwh(m)
-    t = TransferV(
+    t = Transfer(
         transfer_id=transfer_id_for(m.measurement_id),
         cause_id=m.measurement_id,
         debit_account=settings.issuer,
@@ -144,7 +144,7 @@ def transfer_for(measured: ev.EnergyMeasured, account: str, settings: LedgerSett
         rate=float(settings.rate),
         cause_digest=cause_digest(m),
     )
-    return LedgerTransferV.new(t, source=source, cause=measured)
+    return LedgerTransfer.new(t, source=source, cause=measured)
 
 
 def rejection(cause_id: str, reason: str, source: str, cause: ev.Event | None, key: str) -> ev.LedgerRejected:
@@ -164,13 +164,13 @@ def rejection(cause_id: str, reason: str, source: str, cause: ev.Event | None, k
 class Minted:
     status: str  # new | duplicate | conflict
     seq: int
-    existing: LedgerTransferV | None = None
+    existing: LedgerTransfer | None = None
 
 
-TRANSFER_CODEC = Codec([LedgerTransferV])
+TRANSFER_CODEC = Codec([LedgerTransfer])
 
 
-async def mint(bus: Bus, transfer: LedgerTransferV, timeout: float = 5.0) -> Minted:
+async def mint(bus: Bus, transfer: LedgerTransfer, timeout: float = 5.0) -> Minted:
     """Publish `transfer` on its own subject only if the subject is empty (expected last
     subject sequence 0). Like `Bus.publish_once`, but compares with this module's codec
     (the catalog's Transfer would drop `cause_digest`)."""
@@ -187,7 +187,7 @@ async def mint(bus: Bus, transfer: LedgerTransferV, timeout: float = 5.0) -> Min
             raise err from None
     msg = await bus.js.get_last_msg("LEDGER", subject)
     existing = TRANSFER_CODEC.decode(msg.data)
-    assert isinstance(existing, LedgerTransferV)
+    assert isinstance(existing, LedgerTransfer)
     same = msgspec.json.encode(existing.data) == msgspec.json.encode(transfer.data)
     return Minted("duplicate" if same else "conflict", msg.seq or 0, existing)
 
@@ -198,7 +198,7 @@ class Decided:
 
     msg: object
     measured: ev.EnergyMeasured | None = None
-    transfer: LedgerTransferV | None = None
+    transfer: LedgerTransfer | None = None
     rejections: list[ev.Event] = field(default_factory=list)
     poison: str | None = None
 
@@ -399,7 +399,7 @@ class Ledger:
         await msg.term()
 
 
-async def commit_atomic(bus: Bus, transfers: list[LedgerTransferV], timeout: float = 10.0) -> bool:
+async def commit_atomic(bus: Bus, transfers: list[LedgerTransfer], timeout: float = 10.0) -> bool:
     """Publish `transfers` (distinct subjects) as atomic batches of at most 1000, each
     message with expected last subject sequence 0: all stored or none. False when the
     server refuses a batch (a cause already minted, or a stream without allow_atomic):
@@ -440,7 +440,7 @@ async def commit_atomic(bus: Bus, transfers: list[LedgerTransferV], timeout: flo
 class Entry:
     seq: int
     subject: str
-    transfer: TransferV
+    transfer: Transfer
     at: str
 
 
@@ -448,7 +448,7 @@ async def read_transfers(bus: Bus) -> list[Entry]:
     out = []
     async for msg in nodes_mod.scan(bus, "LEDGER", "ledger.transfer.>"):
         e = TRANSFER_CODEC.decode(msg.data)
-        assert isinstance(e, LedgerTransferV)
+        assert isinstance(e, LedgerTransfer)
         out.append(Entry(msg.metadata.sequence.stream, msg.subject, e.data, e.at.isoformat()))
     return out
 

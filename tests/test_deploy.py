@@ -14,7 +14,7 @@ from bus import events as ev
 from bus.codec import Codec
 from consumers.deploy import deploy_intent, deployment_id_for, intent_id_for, plan_orders, waves
 from consumers.nodes import NodeInfo, Target, TargetError, parse_target, select
-from consumers.proposed_events import DeployOrdered
+from bus.events import DeployRequested
 from tests.conftest import scf, stream_count, wait_for
 from tests.test_deploy_helpers import (
     Keys,
@@ -73,7 +73,7 @@ def test_waves_and_ids(tmp_path):
 # --------------------------------------------------------------------------- processes
 
 NODES = ["edge-a", "edge-b", "edge-c"]
-DEPLOY_TYPES = [ev.DeployActivated, ev.DeployFailed, ev.DeployRolledBack, DeployOrdered]
+DEPLOY_TYPES = [ev.DeployActivated, ev.DeployFailed, ev.DeployRolledBack, DeployRequested]
 
 
 async def _deploy_log(bus):
@@ -114,7 +114,7 @@ async def test_canary_health_rollback_and_emergency(bus, settings, scf_env, tmp_
         await bus.publish(approve(iid))
         await wait_for(lambda: _all_run(bus, "ck-1"), 40, "all three nodes on ck-1")
         log = await _deploy_log(bus)
-        orders = [(s, e) for s, e in log if isinstance(e, DeployOrdered)]
+        orders = [(s, e) for s, e in log if isinstance(e, DeployRequested)]
         activations = {e.data.node: s for s, e in log if isinstance(e, ev.DeployActivated)}
         assert [(e.data.node, e.data.wave) for _, e in orders] == [("edge-a", 0), ("edge-b", 1), ("edge-c", 1)]
         assert all(s > activations["edge-a"] for s, e in orders if e.data.wave == 1), "wave 1 before the canary was healthy"
@@ -147,7 +147,7 @@ async def test_canary_health_rollback_and_emergency(bus, settings, scf_env, tmp_
         await wait_for(lambda: _intent_exists(bus, iid3), 30, "the ck-3 intent")
         await bus.publish(approve(iid3))
         await wait_for(lambda: _reported(bus, ev.DeployFailed, "edge-a", "ck-3"), 40, "the canary to fail")
-        plan3 = [e for _, e in await _deploy_log(bus) if isinstance(e, DeployOrdered) and e.data.plan_id == iid3]
+        plan3 = [e for _, e in await _deploy_log(bus) if isinstance(e, DeployRequested) and e.data.plan_id == iid3]
         assert [e.data.node for e in plan3] == ["edge-a"]
         assert await _all_run(bus, "ck-1")
 

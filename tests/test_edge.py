@@ -19,7 +19,7 @@ from bus import events as ev
 from bus.client import Bus
 from bus.codec import Codec
 from consumers.edge import EdgeAgent, Refused, health_check, verify_release
-from consumers.proposed_events import DeployOrdered, DeployRollbackRequested
+from bus.events import DeployRequested, DeployRollbackRequested
 from tests.conftest import scf, stream_count, wait_for
 from tests.test_deploy_helpers import (
     Keys,
@@ -87,7 +87,7 @@ async def _orders_done(bus: Bus, n: int) -> bool:
 
 async def _reports(bus: Bus):
     return [e for _, e in await events_on(bus, "DEPLOY", "deploy.*.edge-1",
-                                          [ev.DeployActivated, ev.DeployFailed, ev.DeployRolledBack, DeployOrdered, DeployRollbackRequested])]
+                                          [ev.DeployActivated, ev.DeployFailed, ev.DeployRolledBack, DeployRequested, DeployRollbackRequested])]
 
 
 @pytest.mark.anyio
