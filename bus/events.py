@@ -88,7 +88,10 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 def _payload_key(data: Payload) -> str:
     """The part of a payload that distinguishes several effects of one cause."""
-    for name in ("transfer_id", "verdict_id", "job_id", "deployment_id", "intent_id", "checkpoint_id", "node"):
+    for name in (
+        "transfer_id", "verdict_id", "proposal_id", "measurement_id", "request_id",
+        "job_id", "deployment_id", "intent_id", "checkpoint_id", "node",
+    ):
         value = getattr(data, name, None)
         if value:
             return f"{name}={value}"

@@ -436,6 +436,13 @@ def status(
                 return
             for line in await collect(bus):
                 typer.echo(line)
+            from projections.archive import lag_lines
+
+            lines = await lag_lines(bus, bus.settings)
+            if lines:
+                typer.echo("archive lag:")
+                for line in lines:
+                    typer.echo(f"  {line}")
         finally:
             await bus.close()
 

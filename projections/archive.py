@@ -1,0 +1,485 @@
+"""The archive process: every stream, followed into Parquet (see projections.store).
+
+`scf run archive` follows each archived stream with an *ordered consumer* that starts right
+after the archive's position (the largest sequence in the stream's files). There is no
+durable consumer and nothing to acknowledge: the archive's position is a function of its
+files only, so deleting or restoring files moves it, a crash cannot separate "written" from
+"acknowledged", and the server holds no state for the archive (docs/archive.md says why this
+beats a durable consumer here).
+
+Messages are buffered per stream and written as one file per `flush_rows` messages or
+`flush_seconds`, whichever comes first (and on SIGTERM). `replay` catches the archive up
+once, or rebuilds a stream's files from a sequence on, through a staging directory and a
+journaled swap. `lag_lines` tells `scf status` how far the archive trails each stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import msgspec
+import pyarrow as pa
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from bus.client import Bus
+from bus.settings import Settings
+from projections.store import (
+    ARCHIVED_STREAMS,
+    SKIPPED_STREAMS,
+    ArchiveError,
+    ArchiveStore,
+    parse_replies,
+    to_table,
+)
+
+log = logging.getLogger("scf.archive")
+
+
+class ArchiveSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[archive]` in scf.toml."""
+
+    dir: str = ""  # default: $SCF_HOME/archive
+    flush_rows: int = 50_000  # a file per this many messages …
+    flush_seconds: float = 2.0  # … or after this long, whichever comes first
+    compact_rows: int = 1_000_000  # compaction merges small files into files of up to this many rows
+    auto_compact_files: int = 64  # the process compacts a date once it wrote this many small files there (0: never)
+    streams: list[str] = []  # default: every stream except JOBS
+
+
+def archive_settings(settings: Settings) -> ArchiveSettings:
+    return settings.section("archive", ArchiveSettings)
+
+
+def archive_root(settings: Settings, override: str | Path | None = None) -> Path:
+    if override:
+        return Path(override).expanduser().absolute()
+    cfg = archive_settings(settings)
+    if cfg.dir:
+        p = Path(cfg.dir).expanduser()
+        return p if p.is_absolute() else settings.home_path / p
+    return settings.archive_dir
+
+
+def archived_streams(cfg: ArchiveSettings, only: Iterable[str] | None = None) -> list[str]:
+    wanted = list(only) if only else (cfg.streams or list(ARCHIVED_STREAMS))
+    for s in wanted:
+        if s in SKIPPED_STREAMS:
+            raise ArchiveError(f"stream {s} is not archived ({SKIPPED_STREAMS[s]})")
+        if s.startswith(("KV_", "OBJ_")):
+            raise ArchiveError(f"stream {s} is a KV bucket or object store, not part of the log: it is not archived")
+    return wanted
+
+
+# --------------------------------------------------------------------------- following a stream
+
+
+@dataclass
+class StreamStats:
+    stream: str
+    start_seq: int = 0
+    position: int = 0
+    messages: int = 0
+    files: int = 0
+    resubscribes: int = 0
+    compactions: int = 0
+
+
+class StreamFollower:
+    """Follows one stream from `start_seq` and appends its messages to `store`.
+
+    With `until_caught_up`, stops once it has written every message the stream held (the
+    replay); otherwise runs until `stop` is set, then writes what it holds and returns."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: ArchiveStore,
+        stream: str,
+        start_seq: int,
+        cfg: ArchiveSettings,
+        *,
+        until_caught_up: bool = False,
+        on_write: Callable[[StreamStats], None] | None = None,
+    ) -> None:
+        self.bus, self.store, self.stream, self.cfg = bus, store, stream, cfg
+        self.until_caught_up = until_caught_up
+        self.on_write = on_write
+        self.stats = StreamStats(stream, start_seq=start_seq, position=start_seq - 1)
+        self._buffer: list = []  # nats Msg objects, parsed in bulk when written
+        self._first_at = 0.0
+        self._last_seq = start_seq - 1  # last sequence written
+        self._last_dseq = 0  # consumer sequence of the last message written
+        self._caught_up = False  # the last message received said nothing was pending
+        self._gap = False
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._sub = None
+        self._small_files: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ subscription
+    async def _subscribe(self) -> None:
+        cfg = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self._last_seq + 1,
+            inactive_threshold=60.0,
+        )
+        self._last_dseq = 0
+        self._gap = False
+        self._sub = await self.bus.js.subscribe(
+            "", stream=self.stream, ordered_consumer=True, cb=self._on_msg, config=cfg, idle_heartbeat=5.0
+        )
+
+    async def _unsubscribe(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_msg(self, msg) -> None:
+        # The hot path: keep the message; sequences, timestamps and payloads are parsed in
+        # bulk (vectorised) when the batch is written.
+        buf = self._buffer
+        if not buf:
+            self._first_at = time.monotonic()
+        buf.append(msg)
+        if self.until_caught_up and msg.reply.endswith(".0"):  # pending == 0: the stream's end for now
+            self._caught_up = True
+            self._wake.set()
+        if len(buf) >= self.cfg.flush_rows:
+            self._wake.set()
+            if len(buf) >= 2 * self.cfg.flush_rows:
+                # Back-pressure: not returning holds the flow-control reply, so the server waits.
+                self._room.clear()
+                await self._room.wait()
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self, stop: asyncio.Event) -> StreamStats:
+        await self._subscribe()
+        if self.until_caught_up:
+            info = await self._sub.consumer_info()  # type: ignore[union-attr]
+            if info.num_pending == 0 and not self._buffer:
+                self._caught_up = True  # nothing to read
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                if self.until_caught_up and self._caught_up and not self._buffer:
+                    break
+                timeout = 1.0
+                if self._buffer:
+                    timeout = max(0.0, self._first_at + self.cfg.flush_seconds - time.monotonic())
+                waker = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({waker, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                self._wake.clear()
+                due = self._buffer and (
+                    len(self._buffer) >= self.cfg.flush_rows
+                    or time.monotonic() - self._first_at >= self.cfg.flush_seconds
+                    or (self.until_caught_up and self._caught_up)
+                )
+                if due:
+                    await self._flush()
+                if self._gap:
+                    await self._unsubscribe()
+                    self._buffer = []
+                    self._room.set()
+                    self.stats.resubscribes += 1
+                    log.warning("%s: delivery gap after seq %s: resubscribing", self.stream, self._last_seq)
+                    await self._subscribe()
+        finally:
+            stopper.cancel()
+            await self._unsubscribe()
+            if self._buffer and not self._gap:
+                await self._flush()
+        return self.stats
+
+    async def _flush(self) -> None:
+        batch, self._buffer = self._buffer, []
+        self._room.set()
+        if not batch:
+            return
+        written, n, gap = await asyncio.to_thread(self._write, batch)
+        if gap:
+            self._gap = True  # the loop resubscribes after the last message written
+        if n:
+            self.stats.messages += n
+            self.stats.files += len(written)
+            self.stats.position = self._last_seq
+            if self.on_write:
+                self.on_write(self.stats)
+        if self.cfg.auto_compact_files > 0 and not self.until_caught_up:
+            for f in written:
+                if n < self.cfg.compact_rows // 2:
+                    k = self._small_files.get(f.date, 0) + 1
+                    self._small_files[f.date] = k
+                    if k >= self.cfg.auto_compact_files:
+                        self._small_files[f.date] = 0
+                        await asyncio.to_thread(self._compact, f.date)
+
+    def _write(self, batch: list) -> tuple[list, int, bool]:
+        """Parse, check and write a batch (in a worker thread): (files, rows written, gap)."""
+        import numpy as np
+
+        sseq, dseq, ts, _pending = parse_replies([m.reply for m in batch])
+        s, d = sseq.to_numpy(), dseq.to_numpy()
+        # A consumer's deliveries are numbered 1, 2, 3 …: a jump means a message was lost
+        # between the server and us (a new consumer, after nats-py's ordered-consumer reset,
+        # starts again at 1). Stream sequences only increase: anything at or below what we
+        # already hold is a redelivery, skipped.
+        prev_d = np.concatenate(([self._last_dseq], d[:-1]))
+        jumps = np.flatnonzero((d != prev_d + 1) & (d != 1))
+        end = int(jumps[0]) if len(jumps) else len(batch)
+        seen = np.maximum.accumulate(np.concatenate(([self._last_seq], s[:-1])))
+        new = np.flatnonzero(s[:end] > seen[:end])
+        if end:
+            self._last_dseq = int(d[end - 1])
+        if len(new) == 0:
+            return [], 0, bool(len(jumps))
+        if len(new) < len(batch):
+            idx = pa.array(new)
+            sseq, ts = sseq.take(idx), ts.take(idx)
+            batch = [batch[i] for i in new.tolist()]
+        table = to_table(sseq, ts, [m.subject for m in batch], [m.data for m in batch], [m.headers for m in batch])
+        written = self.store.append(self.stream, table)
+        self._last_seq = int(s[new[-1]])
+        return written, len(new), bool(len(jumps))
+
+    def _compact(self, date: str) -> None:
+        from projections.store import ArchiveBusy
+
+        try:
+            report = self.store.compact(self.stream, target_rows=self.cfg.compact_rows, date=date)
+            self.stats.compactions += 1
+            log.info("%s", report.line())
+        except ArchiveBusy:
+            pass
+
+
+# --------------------------------------------------------------------------- the process
+
+
+@contextlib.contextmanager
+def gc_tuned():
+    """Fewer garbage collections while archiving. A follower holds up to a batch of messages
+    (tens of thousands of objects) between writes; with the default thresholds the collector
+    walks them again and again (about 1.5 µs per message). The archive makes few reference
+    cycles, so collecting rarely costs nothing in memory."""
+    import gc
+
+    before = gc.get_threshold()
+    gc.set_threshold(100_000, 50, 1_000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+async def _check_streams(bus: Bus, streams: list[str]) -> None:
+    for s in streams:
+        try:
+            await bus.js.stream_info(s)
+        except NotFoundError:
+            raise ArchiveError(f"stream {s} does not exist: run `scf streams ensure`") from None
+
+
+def prepare(store: ArchiveStore) -> None:
+    """Create the archive directory, its zero-row file and the DuckDB file with the views."""
+    from projections import views
+
+    store.ensure()
+    views.write_database(store.root)
+
+
+async def run_archive(
+    settings: Settings,
+    *,
+    archive_dir: str | Path | None = None,
+    streams: Iterable[str] | None = None,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[dict[str, int]], None] | None = None,
+) -> list[StreamStats]:
+    """`scf run archive`: follow every archived stream until SIGTERM / SIGINT / `stop`."""
+    from bus.runner import run_all
+
+    cfg = archive_settings(settings)
+    names = archived_streams(cfg, streams)
+    store = ArchiveStore(archive_root(settings, archive_dir))
+    prepare(store)
+    bus = await Bus.connect(settings, "scf-archive")
+    followers: list[StreamFollower] = []
+    with contextlib.ExitStack() as locks:
+        try:
+            await _check_streams(bus, names)
+            for s in names:
+                locks.enter_context(store.lock(s, "write"))
+                store.try_recover(s)
+                store.clean_temporary(s)
+                followers.append(StreamFollower(bus, store, s, store.position(s) + 1, cfg))
+        except BaseException:
+            await bus.close()
+            raise
+        if ready:
+            ready({f.stream: f.stats.position for f in followers})
+        log.info("archiving %s into %s", ", ".join(names), store.root)
+        with gc_tuned():
+            await run_all(bus, [f.run for f in followers], stop)
+    return [f.stats for f in followers]
+
+
+@dataclass
+class ReplayReport:
+    stream: str
+    from_seq: int
+    rows: int = 0
+    files: int = 0
+    replaced_files: int = 0
+    mode: str = "catch-up"
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.mode == "catch-up":
+            return f"{self.stream}: archived {self.rows} messages from seq {self.from_seq} in {self.files} files"
+        return (
+            f"{self.stream}: rebuilt from seq {self.from_seq}: {self.rows} messages in {self.files} files "
+            f"(replaced {self.replaced_files} files)" + "".join(f"; {n}" for n in self.notes)
+        )
+
+
+async def replay(
+    settings: Settings,
+    *,
+    archive_dir: str | Path | None = None,
+    streams: Iterable[str] | None = None,
+    from_seq: int | None = None,
+    rebuild: bool = False,
+    force: bool = False,
+) -> list[ReplayReport]:
+    """Read streams from JetStream into the archive once, then return.
+
+    Without `from_seq` / `rebuild`: catch up (archive what is not archived yet). With them:
+    rebuild each stream's files from `from_seq` (1 for `rebuild`) into a staging directory,
+    then swap them in with one journaled change. A rebuild that would drop rows the stream no
+    longer holds (max_age, deleted messages) is refused unless `force`."""
+    cfg = archive_settings(settings)
+    names = archived_streams(cfg, streams)
+    if from_seq is not None and from_seq < 1:
+        raise ArchiveError(f"--from-seq {from_seq}: sequences start at 1")
+    if rebuild and from_seq is None:
+        from_seq = 1
+    store = ArchiveStore(archive_root(settings, archive_dir))
+    prepare(store)
+    # Read-mostly work: a larger buffer than the live process makes fewer, larger files.
+    cfg = msgspec.structs.replace(cfg, flush_rows=max(cfg.flush_rows, 200_000), flush_seconds=3600.0)
+    bus = await Bus.connect(settings, "scf-replay")
+    reports = []
+    try:
+        await _check_streams(bus, names)
+        with gc_tuned():
+            for s in names:
+                if from_seq is None:
+                    reports.append(await _catch_up(bus, store, s, cfg))
+                else:
+                    reports.append(await _rebuild(bus, store, s, from_seq, cfg, force))
+    finally:
+        await bus.close()
+    return reports
+
+
+async def _catch_up(bus: Bus, store: ArchiveStore, stream: str, cfg: ArchiveSettings) -> ReplayReport:
+    with store.lock(stream, "write"):
+        store.try_recover(stream)
+        store.clean_temporary(stream)
+        start = store.position(stream) + 1
+        follower = StreamFollower(bus, store, stream, start, cfg, until_caught_up=True)
+        stats = await follower.run(asyncio.Event())
+    return ReplayReport(stream, start, rows=stats.messages, files=stats.files)
+
+
+async def _rebuild(bus: Bus, store: ArchiveStore, stream: str, from_seq: int, cfg: ArchiveSettings, force: bool) -> ReplayReport:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    report = ReplayReport(stream, from_seq, mode="rebuild")
+    with store.lock(stream, "write"), store.lock(stream, "maintain"):
+        store.recover(stream)
+        store.clean_temporary(stream)
+        old = [f for f in store.files(stream) if f.last >= from_seq]
+        old_rows = 0
+        stage_dir = store.staging(stream)
+        stage = ArchiveStore(stage_dir)
+        for f in old:
+            table = pq.read_table(f.path)
+            if f.first < from_seq:  # the part before from_seq stays as it is
+                stage.append(stream, table.filter(pc.less(table.column("seq"), from_seq)))
+            old_rows += int(pc.sum(pc.greater_equal(table.column("seq"), from_seq)).as_py() or 0)
+        follower = StreamFollower(bus, stage, stream, from_seq, cfg, until_caught_up=True)
+        stats = await follower.run(asyncio.Event())
+        if stats.messages < old_rows and not force:
+            import shutil
+
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            raise ArchiveError(
+                f"stream {stream} now holds {stats.messages} messages from seq {from_seq} but the archive has "
+                f"{old_rows}: the stream lost messages (max_age, deletes) that only the archive keeps; "
+                f"the archive is unchanged (pass --force to rebuild anyway and drop them)"
+            )
+        if stats.messages < old_rows:
+            report.notes.append(f"dropped {old_rows - stats.messages} rows the stream no longer holds")
+        adds = []
+        for f in stage.files(stream):
+            adds.append((f.path, store.partition_dir(stream, f.date) / f.path.name))
+        store.commit(stream, adds, [f.path for f in old])
+        store.recover(stream)  # removes the staging directory
+        report.rows, report.files, report.replaced_files = stats.messages, len(adds), len(old)
+    return report
+
+
+# --------------------------------------------------------------------------- freshness
+
+
+async def lag_lines(bus: Bus, settings: Settings) -> list[str]:
+    """Lines for `scf status`: how far the archive trails each archived stream."""
+    try:
+        cfg = archive_settings(settings)
+        root = archive_root(settings)
+        names = archived_streams(cfg)
+    except Exception as exc:  # a bad [archive] table must not break `scf status`
+        return [f"archive      {exc}"]
+    store = ArchiveStore(root)
+    if not store.exists():
+        return [f"archive      none at {root}: start `scf run archive`"]
+    lines = [f"archive      {root}  (stream: archived seq / stream last seq, lag in messages)"]
+    now = time.time()
+    for s in names:
+        files = store.files(s)
+        pos = max((f.last for f in files), default=0)
+        try:
+            last = (await bus.js.stream_info(s)).state.last_seq
+        except NotFoundError:
+            lines.append(f"  {s:<12} stream missing")
+            continue
+        age = ""
+        if files:
+            newest = max(f.path.stat().st_mtime for f in files[-3:])
+            age = f", last file {_ago(now - newest)} ago"
+        lag = max(0, last - pos)
+        state = "up to date" if lag == 0 else f"lag {lag}"
+        lines.append(f"  {s:<12} {pos:>10} / {last:<10} {state}  ({len(files)} files{age})")
+    return lines
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"

@@ -1,0 +1,385 @@
+"""The value report: what the loop delivered, from the archive's views.
+
+`build(archive, out, since=, until=)` writes `report.md` and `report.html` (self-contained:
+plotly.js is inlined, the page works offline) with:
+
+* energy saved (baseline − actual kWh, from `energy.measured`) by node, by domain, by week;
+* the stability score (docs/views.md, "Stability score"), per node and overall:
+      stability = 100 × clean_share / (1 + cv)
+  where clean_share is the share of deployments that reached an outcome and were activated
+  and never rolled back, and cv is the coefficient of variation (stddev / mean) of the
+  energy saved per measured period after deployment (0 with fewer than two periods);
+* verdict rates (approve / reject / hold) by what was ruled on, and the rollback rate;
+* training jobs per week by outcome, and checkpoint metrics over time.
+
+An archive with no events in the period gives a report that says so, not an error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from projections import views
+from projections.store import ArchiveStore
+
+
+@dataclass
+class ValueReport:
+    markdown: Path
+    html: Path
+    empty: bool
+    summary: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        if self.empty:
+            return [f"no data yet: wrote {self.markdown} and {self.html}"]
+        s = self.summary
+        return [
+            f"wrote {self.markdown} and {self.html}",
+            f"  energy saved {s['saved_kwh']:.1f} kWh over {s['measurements']} measurements; "
+            f"stability {s['stability']:.1f}; rollback rate {_pct(s['rollback_rate'])}",
+        ]
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _num(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return f"{x:,}"
+
+
+def _range_sql(column: str, since: dt.datetime | None, until: dt.datetime | None) -> str:
+    parts = []
+    if since:
+        parts.append(f"{column} >= TIMESTAMPTZ '{since.isoformat()}'")
+    if until:
+        parts.append(f"{column} < TIMESTAMPTZ '{until.isoformat()}'")
+    return " AND ".join(parts) or "true"
+
+
+def _rows(con, sql: str) -> list[dict[str, Any]]:
+    return views.rows(con.sql(sql))
+
+
+def collect(con, since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict[str, Any]:
+    """Every number and series of the report, from an open views connection."""
+    ev_range = _range_sql("event_at", since, until)
+    d: dict[str, Any] = {}
+    d["events"] = con.sql(f"SELECT count(*) FROM events WHERE event_at IS NOT NULL AND {ev_range}").fetchall()[0][0]
+    e_range = _range_sql("period_start", since, until)
+    d["energy_by_week"] = _rows(con, f"""
+        SELECT date_trunc('week', period_start)::DATE AS week, domain, sum(saved_kwh) AS saved_kwh,
+               sum(baseline_kwh) AS baseline_kwh, count(*) AS measurements
+        FROM energy WHERE {e_range} GROUP BY ALL ORDER BY week, domain""")
+    d["energy_by_node"] = _rows(con, f"""
+        SELECT node, sum(saved_kwh) AS saved_kwh, sum(baseline_kwh) AS baseline_kwh,
+               100 * sum(saved_kwh) / nullif(sum(baseline_kwh), 0) AS saved_pct, count(*) AS measurements
+        FROM energy WHERE {e_range} GROUP BY ALL ORDER BY saved_kwh DESC, node""")
+    d["energy_by_domain"] = _rows(con, f"""
+        SELECT domain, sum(saved_kwh) AS saved_kwh, sum(baseline_kwh) AS baseline_kwh,
+               100 * sum(saved_kwh) / nullif(sum(baseline_kwh), 0) AS saved_pct, count(*) AS measurements
+        FROM energy WHERE {e_range} GROUP BY ALL ORDER BY saved_kwh DESC, domain""")
+    d_range = _range_sql("requested_at", since, until)
+    stability_sql = f"""
+        WITH dep AS (
+            SELECT * FROM deployments WHERE {d_range}
+        ),
+        outcomes AS (
+            SELECT {{key}} AS key,
+                count(*) FILTER (WHERE status <> 'requested') AS decided,
+                count(*) FILTER (WHERE status = 'active') AS clean,
+                count(*) FILTER (WHERE activated_at IS NOT NULL) AS activated,
+                count(*) FILTER (WHERE status = 'rolled_back') AS rolled_back,
+                count(*) FILTER (WHERE status = 'failed') AS failed
+            FROM dep GROUP BY ALL
+        ),
+        post AS (
+            SELECT {{key_e}} AS key, avg(e.saved_kwh) AS mean_saved, stddev_samp(e.saved_kwh) AS sd_saved, count(*) AS periods
+            FROM energy e JOIN dep d USING (deployment_id)
+            WHERE e.period_start >= d.activated_at GROUP BY ALL
+        )
+        SELECT o.key, o.decided, o.clean, o.activated, o.rolled_back, o.failed,
+            o.clean / nullif(o.decided, 0) AS clean_share,
+            o.rolled_back / nullif(o.activated, 0) AS rollback_rate,
+            CASE WHEN p.periods >= 2 AND p.mean_saved > 0 THEN p.sd_saved / p.mean_saved ELSE 0 END AS cv,
+            coalesce(p.periods, 0) AS periods,
+            100 * (o.clean / nullif(o.decided, 0))
+                / (1 + CASE WHEN p.periods >= 2 AND p.mean_saved > 0 THEN p.sd_saved / p.mean_saved ELSE 0 END) AS stability
+        FROM outcomes o LEFT JOIN post p USING (key) ORDER BY o.key"""
+    d["stability_by_node"] = _rows(con, stability_sql.format(key="node", key_e="d.node"))
+    overall = _rows(con, stability_sql.format(key="'all'", key_e="'all'"))
+    d["stability"] = overall[0] if overall else None
+    v_range = _range_sql("ruled_at", since, until)
+    d["verdicts"] = _rows(con, f"""
+        SELECT subject_type, count(*) AS verdicts,
+            count(*) FILTER (WHERE decision = 'APPROVE') AS approve,
+            count(*) FILTER (WHERE decision = 'REJECT') AS reject,
+            count(*) FILTER (WHERE decision = 'HOLD') AS hold,
+            count(*) FILTER (WHERE decision = 'APPROVE') / count(*) AS approve_rate,
+            count(*) FILTER (WHERE decision = 'REJECT') / count(*) AS reject_rate,
+            count(*) FILTER (WHERE decision = 'HOLD') / count(*) AS hold_rate
+        FROM verdicts WHERE {v_range} GROUP BY ALL ORDER BY subject_type""")
+    d["deployments_by_week"] = _rows(con, f"""
+        SELECT date_trunc('week', requested_at)::DATE AS week, status, count(*) AS deployments
+        FROM deployments WHERE {d_range} GROUP BY ALL ORDER BY week, status""")
+    j_range = _range_sql("coalesce(dispatched_at, started_at)", since, until)
+    d["jobs_by_week"] = _rows(con, f"""
+        SELECT date_trunc('week', coalesce(dispatched_at, started_at))::DATE AS week, status, count(*) AS jobs,
+            avg(duration_s) AS mean_duration_s
+        FROM jobs WHERE {j_range} GROUP BY ALL ORDER BY week, status""")
+    c_range = _range_sql("produced_at", since, until)
+    d["checkpoint_metrics"] = _rows(con, f"""
+        SELECT produced_at, domain, status, checkpoint_id, key AS metric,
+            TRY_CAST(json_extract(metrics, '$."' || key || '"') AS DOUBLE) AS value
+        FROM (SELECT *, unnest(json_keys(metrics)) AS key FROM checkpoints
+              WHERE produced_at IS NOT NULL AND metrics IS NOT NULL AND {c_range})
+        ORDER BY produced_at, checkpoint_id, metric""")
+    saved = sum(r["saved_kwh"] or 0 for r in d["energy_by_node"])
+    st = d["stability"] or {}
+    d["summary"] = {
+        "events": d["events"],
+        "saved_kwh": float(saved),
+        "measurements": sum(r["measurements"] for r in d["energy_by_node"]),
+        "stability": float(st.get("stability") or 0.0),
+        "rollback_rate": st.get("rollback_rate"),
+        "deployments": st.get("decided", 0),
+        "jobs": sum(r["jobs"] for r in d["jobs_by_week"]),
+        "verdicts": sum(r["verdicts"] for r in d["verdicts"]),
+    }
+    return d
+
+
+def build(
+    archive: str | Path,
+    out: str | Path,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    now: dt.datetime | None = None,
+) -> ValueReport:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    store = ArchiveStore(archive)
+    period = _period(since, until)
+    md_path, html_path = out / "report.md", out / "report.html"
+    if not store.exists():
+        data = None
+    else:
+        con = views.connect(store.root)
+        try:
+            data = collect(con, since, until)
+        finally:
+            con.close()
+    if data is None or data["events"] == 0:
+        where = f"the archive at {store.root}" if store.exists() else f"{store.root} (no archive yet)"
+        msg = (f"No data yet: {where} holds no events{' in ' + period if since or until else ''}. "
+               "Start the archive with `scf run archive` (or build it with `scf replay`), then run this report again.")
+        md_path.write_text(f"# SCF value report\n\n_{period}; generated {now:%Y-%m-%d %H:%M} UTC_\n\n**{msg}**\n")
+        html_path.write_text(_page("SCF value report", f"<p class='meta'>{html.escape(period)}; generated {now:%Y-%m-%d %H:%M} UTC</p>"
+                                   f"<p class='empty'><strong>{html.escape(msg)}</strong></p>"))
+        return ValueReport(md_path, html_path, True, {})
+    md_path.write_text(_markdown(data, period, now))
+    html_path.write_text(_html(data, period, now))
+    return ValueReport(md_path, html_path, False, data["summary"])
+
+
+def _period(since: dt.datetime | None, until: dt.datetime | None) -> str:
+    if since and until:
+        return f"from {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC"
+    if since:
+        return f"since {since:%Y-%m-%d %H:%M} UTC"
+    if until:
+        return f"until {until:%Y-%m-%d %H:%M} UTC"
+    return "all time"
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    if not rows:
+        out.append("| (none) |" + " |" * (len(headers) - 1))
+    return out + [""]
+
+
+def _markdown(d: dict[str, Any], period: str, now: dt.datetime) -> str:
+    s = d["summary"]
+    st = d["stability"] or {}
+    lines = [
+        "# SCF value report",
+        "",
+        f"_{period}; generated {now:%Y-%m-%d %H:%M} UTC; charts in report.html_",
+        "",
+        "## Summary",
+        "",
+        f"- energy saved: **{_num(s['saved_kwh'])} kWh** over {s['measurements']} measured periods",
+        f"- stability score: **{_num(s['stability'])}** / 100 (clean deployments {_num(st.get('clean'))} of "
+        f"{_num(st.get('decided'))}, variability cv {_num(st.get('cv'), 3)})",
+        f"- rollback rate: **{_pct(s['rollback_rate'])}** of activated deployments",
+        f"- verdicts: {s['verdicts']}; training jobs: {s['jobs']}; events in the period: {s['events']}",
+        "",
+        "## Energy saved by domain",
+        "",
+        *_table(["domain", "saved kWh", "baseline kWh", "saved %", "periods"],
+                [[r["domain"] or "-", _num(r["saved_kwh"]), _num(r["baseline_kwh"]), _num(r["saved_pct"], 2), r["measurements"]] for r in d["energy_by_domain"]]),
+        "## Energy saved by node",
+        "",
+        *_table(["node", "saved kWh", "baseline kWh", "saved %", "periods"],
+                [[r["node"], _num(r["saved_kwh"]), _num(r["baseline_kwh"]), _num(r["saved_pct"], 2), r["measurements"]] for r in d["energy_by_node"]]),
+        "## Energy saved by week",
+        "",
+        *_table(["week", "domain", "saved kWh", "periods"],
+                [[r["week"], r["domain"] or "-", _num(r["saved_kwh"]), r["measurements"]] for r in d["energy_by_week"]]),
+        "## Stability by node",
+        "",
+        "stability = 100 × clean share / (1 + cv): clean share = deployments activated and never rolled back, over "
+        "deployments that reached an outcome; cv = stddev / mean of energy saved per period after activation.",
+        "",
+        *_table(["node", "stability", "clean / decided", "rolled back", "failed", "cv", "periods"],
+                [[r["key"], _num(r["stability"]), f"{r['clean']} / {r['decided']}", r["rolled_back"], r["failed"], _num(r["cv"], 3), r["periods"]]
+                 for r in d["stability_by_node"]]),
+        "## Verdicts",
+        "",
+        *_table(["ruled on", "verdicts", "approve", "reject", "hold"],
+                [[r["subject_type"], r["verdicts"], _pct(r["approve_rate"]), _pct(r["reject_rate"]), _pct(r["hold_rate"])] for r in d["verdicts"]]),
+        "## Training jobs by week",
+        "",
+        *_table(["week", "status", "jobs", "mean duration s"],
+                [[r["week"], r["status"], r["jobs"], _num(r["mean_duration_s"])] for r in d["jobs_by_week"]]),
+    ]
+    metrics = sorted({r["metric"] for r in d["checkpoint_metrics"]})
+    if metrics:
+        lines += ["## Checkpoint metrics", "", *_table(
+            ["metric", "checkpoints", "first", "last", "best (min)"],
+            [[m, len(v := [r["value"] for r in d["checkpoint_metrics"] if r["metric"] == m and r["value"] is not None]),
+              _num(v[0], 4) if v else "n/a", _num(v[-1], 4) if v else "n/a", _num(min(v), 4) if v else "n/a"] for m in metrics])]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto; max-width: 1100px; color: #1d2733; }
+h1 { margin-bottom: 0.2rem; } .meta { color: #5b6b7b; } .empty { font-size: 1.2rem; padding: 1rem; background: #f3f6f9; }
+.cards { display: flex; gap: 1rem; flex-wrap: wrap; margin: 1rem 0 2rem; }
+.card { background: #f3f6f9; border-radius: 8px; padding: 0.8rem 1.2rem; min-width: 12rem; }
+.card b { display: block; font-size: 1.6rem; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; } td, th { padding: 0.25rem 0.8rem; border-bottom: 1px solid #dde3ea; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body or '<tr><td>(none)</td></tr>'}</table>"
+
+
+def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
+    import plotly.graph_objects as go
+
+    s = d["summary"]
+    figs: list[tuple[str, Any]] = []
+    weeks = sorted({r["week"] for r in d["energy_by_week"]})
+    domains = sorted({r["domain"] for r in d["energy_by_week"]})
+    if weeks:
+        fig = go.Figure([
+            go.Bar(name=dom or "-", x=[str(w) for w in weeks],
+                   y=[sum(r["saved_kwh"] for r in d["energy_by_week"] if r["week"] == w and r["domain"] == dom) for w in weeks])
+            for dom in domains
+        ])
+        fig.update_layout(barmode="stack", title="Energy saved per week (kWh), by domain", xaxis_title="week of", yaxis_title="kWh")
+        figs.append(("Energy saved by week", fig))
+    if d["energy_by_node"]:
+        fig = go.Figure(go.Bar(x=[r["node"] for r in d["energy_by_node"]], y=[r["saved_kwh"] for r in d["energy_by_node"]]))
+        fig.update_layout(title="Energy saved by node (kWh)", yaxis_title="kWh")
+        figs.append(("Energy saved by node", fig))
+    if d["stability_by_node"]:
+        rows = d["stability_by_node"]
+        fig = go.Figure(go.Bar(x=[r["key"] for r in rows], y=[r["stability"] or 0 for r in rows],
+                               text=[f"{r['clean']}/{r['decided']} clean, cv {r['cv']:.2f}" for r in rows]))
+        fig.update_layout(title="Stability score by node (0–100)", yaxis_range=[0, 100])
+        figs.append(("Stability", fig))
+    if d["deployments_by_week"]:
+        dweeks = sorted({r["week"] for r in d["deployments_by_week"]})
+        statuses = sorted({r["status"] for r in d["deployments_by_week"]})
+        fig = go.Figure([
+            go.Bar(name=st, x=[str(w) for w in dweeks],
+                   y=[sum(r["deployments"] for r in d["deployments_by_week"] if r["week"] == w and r["status"] == st) for w in dweeks])
+            for st in statuses
+        ])
+        fig.update_layout(barmode="stack", title="Deployments per week by outcome")
+        figs.append(("Deployments and rollbacks", fig))
+    if d["verdicts"]:
+        v = d["verdicts"]
+        fig = go.Figure([
+            go.Bar(name=name, x=[r["subject_type"] for r in v], y=[100 * (r[key] or 0) for r in v])
+            for name, key in (("approve", "approve_rate"), ("reject", "reject_rate"), ("hold", "hold_rate"))
+        ])
+        fig.update_layout(barmode="stack", title="Verdicts by what was ruled on (%)", yaxis_range=[0, 100])
+        figs.append(("Verdict rates", fig))
+    if d["jobs_by_week"]:
+        jweeks = sorted({r["week"] for r in d["jobs_by_week"]})
+        statuses = sorted({r["status"] for r in d["jobs_by_week"]})
+        fig = go.Figure([
+            go.Bar(name=st, x=[str(w) for w in jweeks],
+                   y=[sum(r["jobs"] for r in d["jobs_by_week"] if r["week"] == w and r["status"] == st) for w in jweeks])
+            for st in statuses
+        ])
+        fig.update_layout(barmode="stack", title="Training jobs per week by outcome")
+        figs.append(("Training jobs", fig))
+    if d["checkpoint_metrics"]:
+        fig = go.Figure()
+        for metric in sorted({r["metric"] for r in d["checkpoint_metrics"]}):
+            pts = [r for r in d["checkpoint_metrics"] if r["metric"] == metric and r["value"] is not None]
+            fig.add_trace(go.Scatter(x=[r["produced_at"] for r in pts], y=[r["value"] for r in pts], mode="lines+markers",
+                                     name=metric, text=[f"{r['domain']} {r['status']}" for r in pts]))
+        fig.update_layout(title="Checkpoint metrics over time", xaxis_title="produced at")
+        figs.append(("Checkpoint metrics", fig))
+
+    cards = "".join(f"<div class='card'>{html.escape(k)}<b>{html.escape(v)}</b></div>" for k, v in (
+        ("energy saved", f"{_num(s['saved_kwh'])} kWh"),
+        ("stability", f"{_num(s['stability'])} / 100"),
+        ("rollback rate", _pct(s["rollback_rate"])),
+        ("deployments", _num(s["deployments"])),
+        ("verdicts", _num(s["verdicts"])),
+        ("training jobs", _num(s["jobs"])),
+    ))
+    parts = [f"<p class='meta'>{html.escape(period)}; generated {now:%Y-%m-%d %H:%M} UTC</p>", f"<div class='cards'>{cards}</div>"]
+    for i, (title, fig) in enumerate(figs):
+        fig.update_layout(template="plotly_white", height=380, margin=dict(l=50, r=20, t=50, b=40))
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False}))
+    parts.append("<h2>Stability by node</h2>")
+    parts.append("<p>stability = 100 × clean share / (1 + cv): clean share = deployments activated and never rolled back, "
+                 "over deployments that reached an outcome; cv = stddev / mean of energy saved per period after activation.</p>")
+    parts.append(_html_table(["node", "stability", "clean / decided", "rolled back", "failed", "cv", "periods"],
+                             [[r["key"], _num(r["stability"]), f"{r['clean']} / {r['decided']}", r["rolled_back"], r["failed"],
+                               _num(r["cv"], 3), r["periods"]] for r in d["stability_by_node"]]))
+    parts.append("<h2>Energy saved by domain</h2>")
+    parts.append(_html_table(["domain", "saved kWh", "baseline kWh", "saved %", "periods"],
+                             [[r["domain"] or "-", _num(r["saved_kwh"]), _num(r["baseline_kwh"]), _num(r["saved_pct"], 2), r["measurements"]]
+                              for r in d["energy_by_domain"]]))
+    parts.append("<h2>Verdicts</h2>")
+    parts.append(_html_table(["ruled on", "verdicts", "approve", "reject", "hold"],
+                             [[r["subject_type"], r["verdicts"], _pct(r["approve_rate"]), _pct(r["reject_rate"]), _pct(r["hold_rate"])]
+                              for r in d["verdicts"]]))
+    return _page("SCF value report", "\n".join(parts))

@@ -1,0 +1,42 @@
+-- view: checkpoints
+-- key: checkpoint_id
+-- One row per checkpoint: produced, then verified or rejected, and its latest promotion.
+WITH src AS (
+    SELECT seq, event_at, type,
+        from_json(payload, '{"checkpoint_id": "VARCHAR", "job_id": "VARCHAR", "domain": "VARCHAR", "uri": "VARCHAR",
+            "sha256": "VARCHAR", "size": "BIGINT", "metrics": "JSON", "config_hash": "VARCHAR", "margin": "DOUBLE",
+            "baseline_checkpoint_id": "VARCHAR", "reasons": "VARCHAR[]", "alias": "VARCHAR", "version": "BIGINT"}') AS d
+    FROM events
+    WHERE stream = 'CHECKPOINTS' AND type LIKE 'checkpoint.%'
+        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
+        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'CHECKPOINTS' AND type LIKE 'checkpoint.%' GROUP BY event_id)
+)
+SELECT
+    d.checkpoint_id AS checkpoint_id,
+    CASE
+        WHEN count(*) FILTER (WHERE type = 'checkpoint.promoted') > 0 THEN 'promoted'
+        WHEN count(*) FILTER (WHERE type = 'checkpoint.rejected') > 0 THEN 'rejected'
+        WHEN count(*) FILTER (WHERE type = 'checkpoint.verified') > 0 THEN 'verified'
+        ELSE 'produced'
+    END AS status,
+    arg_min(d.domain, seq) AS domain,
+    arg_min(d.job_id, seq) FILTER (WHERE type = 'checkpoint.produced') AS job_id,
+    arg_min(d.uri, seq) FILTER (WHERE type = 'checkpoint.produced') AS uri,
+    arg_min(d.sha256, seq) FILTER (WHERE type = 'checkpoint.produced') AS sha256,
+    arg_min(d.size, seq) FILTER (WHERE type = 'checkpoint.produced') AS size,
+    arg_min(d.metrics, seq) FILTER (WHERE type = 'checkpoint.produced') AS metrics,
+    arg_min(d.config_hash, seq) FILTER (WHERE type = 'checkpoint.produced') AS config_hash,
+    min(event_at) FILTER (WHERE type = 'checkpoint.produced') AS produced_at,
+    min(event_at) FILTER (WHERE type = 'checkpoint.verified') AS verified_at,
+    arg_min(d.margin, seq) FILTER (WHERE type = 'checkpoint.verified') AS margin,
+    arg_min(d.baseline_checkpoint_id, seq) FILTER (WHERE type = 'checkpoint.verified') AS baseline_checkpoint_id,
+    min(event_at) FILTER (WHERE type = 'checkpoint.rejected') AS rejected_at,
+    arg_min(d.reasons, seq) FILTER (WHERE type = 'checkpoint.rejected') AS rejection_reasons,
+    max(event_at) FILTER (WHERE type = 'checkpoint.promoted') AS promoted_at,
+    arg_max(d.alias, seq) FILTER (WHERE type = 'checkpoint.promoted') AS alias,
+    arg_max(d.version, seq) FILTER (WHERE type = 'checkpoint.promoted') AS version,
+    min(seq) AS first_seq,
+    max(seq) AS last_seq
+FROM src
+WHERE d.checkpoint_id IS NOT NULL
+GROUP BY d.checkpoint_id

@@ -1,0 +1,29 @@
+-- view: energy
+-- key: measurement_id
+-- One row per energy measurement (energy.measured) an edge node reported for a period.
+WITH src AS (
+    SELECT seq, event_id, event_at, source,
+        from_json(payload, '{"measurement_id": "VARCHAR", "node": "VARCHAR", "deployment_id": "VARCHAR",
+            "period_start": "TIMESTAMPTZ", "period_end": "TIMESTAMPTZ", "baseline_kwh": "DOUBLE",
+            "actual_kwh": "DOUBLE", "method": "VARCHAR", "domain": "VARCHAR"}') AS d
+    FROM events
+    WHERE stream = 'DEPLOY' AND type = 'energy.measured'
+        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
+        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'DEPLOY' AND type = 'energy.measured' GROUP BY event_id)
+)
+SELECT
+    d.measurement_id AS measurement_id,
+    d.node AS node,
+    coalesce(d.domain, '') AS domain,
+    d.deployment_id AS deployment_id,
+    d.period_start AS period_start,
+    d.period_end AS period_end,
+    d.baseline_kwh AS baseline_kwh,
+    d.actual_kwh AS actual_kwh,
+    d.baseline_kwh - d.actual_kwh AS saved_kwh,
+    d.method AS method,
+    event_id,
+    event_at AS measured_at,
+    source,
+    seq
+FROM src

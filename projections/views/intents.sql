@@ -1,0 +1,25 @@
+-- view: intents
+-- key: intent_id
+-- One row per intent (intent.created): what the daemon (or a person) asked for, in which context.
+WITH src AS (
+    SELECT seq, event_id, event_at, source, correlation_id,
+        from_json(payload, '{"intent_id": "VARCHAR", "kind": "VARCHAR", "domain": "VARCHAR", "params": "JSON",
+            "reason": "VARCHAR", "gear": "VARCHAR", "hypothesis": "BIGINT"}') AS d
+    FROM events
+    WHERE stream = 'INTENTS' AND type = 'intent.created'
+        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
+        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'INTENTS' AND type = 'intent.created' GROUP BY event_id)
+)
+SELECT
+    d.intent_id AS intent_id,
+    d.kind AS kind,
+    d.domain AS domain,
+    coalesce(d.params, '{}') AS params,
+    coalesce(d.reason, '') AS reason,
+    coalesce(d.gear, 'STANDARD') AS gear,
+    coalesce(d.hypothesis, 0) AS hypothesis,
+    event_id,
+    event_at AS created_at,
+    source,
+    seq
+FROM src
