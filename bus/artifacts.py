@@ -6,14 +6,14 @@ Two backends behind one interface:
   `obj://scf_artifacts/<name>`): what travels between the Mac and a cloud GPU. Objects are
   written in the Object Store's own layout (chunks on `$O.<bucket>.C.<nuid>`, the meta
   record on `$O.<bucket>.M.<base64url(name)>` with a rollup), so `nats object get` and
-  nats-py's `ObjectStore.get` read them too. Puts are pipelined (`publish_async`, a window
-  of chunks in flight). Gets do not use nats-py's `ObjectStore.get` (it appends each chunk
-  to a `bytes`, quadratic: about 2 MiB/s at 256 MiB): `StreamReader` reads the chunks
-  through an ephemeral pull consumer (ack none, batches of a window's worth of chunks,
-  the next request sent while the current one drains), hands each chunk to a writer
-  thread that hashes and writes it (hashlib and file writes release the GIL), detects
-  gaps by the consumer sequence and resumes from the last stream sequence on a new
-  consumer, and checks size and SHA-256 against the meta record before the file appears.
+  nats-py's `ObjectStore.get` read them too. Puts are pipelined (a window of chunk
+  publishes in flight). Gets do not use nats-py's `ObjectStore.get` (it appends each
+  chunk to a `bytes`, quadratic: about 2 MiB/s at 256 MiB): `StreamReader` reads the
+  chunks through an unnamed ephemeral push consumer (no acks, flow control) straight into
+  a callback that hands each chunk to a writer thread which hashes and writes it (hashlib
+  and file writes release the GIL); gaps are detected by the consumer sequence and the
+  read resumes from the last stream sequence on a new consumer; size and SHA-256 are
+  checked against the meta record before the file appears under its name.
 * `FileStoreBackend(root)` — a directory (local, or a shared mount), URIs `file:///…`;
   a `<file>.meta.json` beside each artifact holds its digest, size and metadata.
 
@@ -36,7 +36,6 @@ import asyncio
 import base64
 import datetime as dt
 import hashlib
-import json
 import os
 import queue
 import threading
@@ -55,7 +54,7 @@ from bus.errors import ConfigError, SCFError, StreamNotFound
 
 DEFAULT_BUCKET = "scf_artifacts"
 DEFAULT_CHUNK = 256 * 1024  # bytes per Object Store chunk (nats-py/Go write 128 KiB)
-DEFAULT_WINDOW = 16 << 20  # bytes of chunks in flight (put) / requested ahead (get; about 1.5 windows in flight)
+DEFAULT_WINDOW = 16 << 20  # bytes of chunk publishes in flight during a put
 
 
 class ArtifactError(SCFError):
@@ -116,6 +115,11 @@ def _dest_file(dest: str | os.PathLike, name: str) -> Path:
         return d / Path(name).name
     d.parent.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def _norm_digest(digest: str | None) -> str | None:
+    """Lowercase hex; a `sha256:` prefix is accepted."""
+    return digest.removeprefix("sha256:").lower() if digest else None
 
 
 def _check_name(name: str) -> str:
@@ -212,14 +216,18 @@ def _ack_tokens(reply: str) -> tuple[int, int, int]:
 
 class StreamReader:
     """Read the messages of `stream` matching `subject` from `start_seq` (to `end_seq`,
-    inclusive, when > 0) as fast as the connection allows, in stream order, each exactly
-    once, through an ephemeral pull consumer with no acks.
+    inclusive, when > 0) as fast as the connection allows, in stream order, each once.
 
-    `on_message(data, stream_seq)` is called on the event loop for each message, in order.
-    Requests ask for `batch` messages; the next is sent when half the previous arrived,
-    so about 1.5 batches are in flight. A gap in the consumer sequence (a slow-consumer
-    drop) or no progress for `stall` seconds ends the pass; the next pass starts a new
-    consumer after the last message handed over (at most `max_passes`)."""
+    The consumer is the kind every reading role may create (nats/users.conf grants
+    `$JS.API.CONSUMER.CREATE.<stream>` and `$JS.FC.<stream>.>`): an unnamed ephemeral push
+    consumer onto this connection's inbox, no acks, in memory, with flow control and idle
+    heartbeats. Flow-control requests are answered when every message before them has
+    been handed over, so the server never runs more than its flow-control window ahead.
+    `on_message(data, stream_seq)` runs on the event loop, in order. A gap in the consumer
+    sequence (a slow-consumer drop) or `stall` seconds without a message or heartbeat end
+    the pass; the next pass starts a new consumer after the last message handed over (at
+    most `max_passes`). Consumers are never deleted by request (readers may lack that
+    permission): unsubscribing ends their interest and the server removes them."""
 
     def __init__(
         self,
@@ -230,17 +238,17 @@ class StreamReader:
         *,
         start_seq: int = 1,
         end_seq: int = 0,
-        batch: int = 4096,
         stall: float = 10.0,
         max_passes: int = 5,
         expected: int | None = None,
+        heartbeat: float = 2.0,
+        batch: int = 0,  # accepted for compatibility; flow control paces the push consumer
     ) -> None:
         self.nc, self.js, self.stream, self.subject = nc, js, stream, subject
         self.start_seq, self.end_seq = max(1, start_seq), end_seq
-        self.batch, self.stall, self.max_passes = max(1, batch), stall, max_passes
+        self.stall, self.max_passes, self.heartbeat = stall, max_passes, heartbeat
         self.expected = expected  # stop after this many messages (an object's chunk count)
         self.stats = ReadStats()
-        self._prefix = getattr(js, "_prefix", "$JS.API")
 
     async def run(self, on_message: Callable[[bytes, int], None]) -> ReadStats:
         t0 = time.perf_counter()
@@ -263,55 +271,25 @@ class StreamReader:
         return self.expected is not None and self.stats.messages >= self.expected
 
     async def _pass(self, last: int, on_message: Callable[[bytes, int], None]) -> tuple[bool, int]:
-        if self._done_reading():
+        if self._done_reading() or (self.end_seq and last >= self.end_seq):
             return True, last
-        name = NUID().next().decode()
-        cfg = api.ConsumerConfig(
-            name=name,
-            ack_policy=api.AckPolicy.NONE,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=last + 1,
-            filter_subject=self.subject,
-            inactive_threshold=max(30.0, 2 * self.stall),
-            mem_storage=True,
-            num_replicas=1,
-            max_waiting=8,
-        )
-        try:
-            info = await self.js.add_consumer(self.stream, cfg)
-        except NotFoundError:
-            raise StreamNotFound(f"stream {self.stream} does not exist: run `scf streams ensure`") from None
-        pending = info.num_pending or 0
-        if pending == 0:
-            await self._delete(name)
-            return True, last
-        batch = self.batch
-        state = {"last": last, "cseq": 0, "received": 0, "requested": 0, "progress": time.monotonic(), "gap": False}
+        state = {"last": last, "cseq": 0, "progress": time.monotonic(), "gap": False}
         done = asyncio.Event()
-        next_subject = f"{self._prefix}.CONSUMER.MSG.NEXT.{self.stream}.{name}"
-        inbox = self.nc.new_inbox()
-        expires_ns = int(max(1.0, self.stall) * 1e9)
-
-        async def request(n: int) -> None:
-            state["requested"] += n
-            body = json.dumps({"batch": n, "expires": expires_ns}).encode()
-            await self.nc.publish(next_subject, body, reply=inbox)
+        nc = self.nc
 
         async def on_msg(msg) -> None:
             if done.is_set():
                 return
-            if not msg.reply:
-                hdr = msg.headers or {}
-                status = hdr.get(api.Header.STATUS.value) or hdr.get("Status")
-                if status in ("408", "409", "404"):
-                    # The request ended unfulfilled (expired, too many waiting, nothing
-                    # yet): forget what it still owed and ask again.
-                    state["requested"] = state["received"]
-                    if status == "409" and "deleted" in (hdr.get(api.Header.DESCRIPTION.value) or "").lower():
-                        state["gap"] = True
-                        done.set()
-                        return
-                    await request(batch)
+            state["progress"] = time.monotonic()
+            hdr = msg.headers
+            if hdr and hdr.get("Status") == "100":  # flow control request, or idle heartbeat
+                if msg.reply:
+                    await nc.publish(msg.reply, b"")
+                stalled = hdr.get(api.Header.CONSUMER_STALLED.value)
+                if stalled:
+                    await nc.publish(stalled, b"")
+                return
+            if not msg.reply or not msg.reply.startswith("$JS.ACK."):
                 return
             sseq, cseq, left = _ack_tokens(msg.reply)
             if cseq != state["cseq"] + 1:
@@ -324,21 +302,32 @@ class StreamReader:
                 return
             on_message(msg.data, sseq)
             state["last"] = sseq
-            state["received"] += 1
-            state["progress"] = time.monotonic()
             self.stats.messages += 1
             self.stats.bytes += len(msg.data)
             if left == 0 or (self.end_seq and sseq >= self.end_seq) or self._done_reading():
                 done.set()
-                return
-            if state["requested"] - state["received"] <= batch // 2:
-                await request(batch)
 
-        sub = await self.nc.subscribe(
-            inbox, cb=on_msg, pending_msgs_limit=4 * batch + 1024, pending_bytes_limit=-1
-        )
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
         try:
-            await request(batch)
+            cfg = api.ConsumerConfig(
+                deliver_subject=inbox,
+                ack_policy=api.AckPolicy.NONE,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=last + 1,
+                filter_subject=self.subject,
+                flow_control=True,
+                idle_heartbeat=self.heartbeat,
+                mem_storage=True,
+                num_replicas=1,
+                inactive_threshold=max(5.0, 2 * self.heartbeat),
+            )
+            try:
+                info = await self.js.add_consumer(self.stream, cfg)
+            except NotFoundError:
+                raise StreamNotFound(f"stream {self.stream} does not exist: run `scf streams ensure`") from None
+            if not info.num_pending and not info.delivered.consumer_seq:
+                return True, last  # nothing (more) matches
             while not done.is_set():
                 try:
                     await asyncio.wait_for(done.wait(), timeout=min(1.0, self.stall))
@@ -350,15 +339,7 @@ class StreamReader:
                 await sub.unsubscribe()
             except Exception:
                 pass
-            await self._delete(name)
-        finished = done.is_set() and not state["gap"]
-        return finished, state["last"]
-
-    async def _delete(self, name: str) -> None:
-        try:
-            await self.js.delete_consumer(self.stream, name)
-        except Exception:
-            pass  # inactive_threshold removes it anyway
+        return done.is_set() and not state["gap"], state["last"]
 
 
 # --------------------------------------------------------------------------- object store
@@ -525,22 +506,13 @@ class ObjectStoreBackend:
         target = _dest_file(dest, name)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
         want = _digest_to_hex(info.digest) if info.digest else None
-        if sha256 and want and sha256.lower() != want:
+        sha256 = _norm_digest(sha256)
+        if sha256 and want and sha256 != want:
             raise DigestMismatch(f"{self.uri(name)} holds sha256 {want}, expected {sha256}: the artifact was replaced")
         sink = _Sink(tmp)
         try:
             if info.chunks:
-                chunk = (info.options.max_chunk_size if info.options and info.options.max_chunk_size else 0) or max(
-                    1, info.size // max(1, info.chunks)
-                )
-                reader = StreamReader(
-                    self.bus.nc,
-                    self.bus.js,
-                    self.stream,
-                    self._chunk_subject(info.nuid),
-                    batch=max(2, self.window // max(1, chunk)),
-                    expected=info.chunks,
-                )
+                reader = StreamReader(self.bus.nc, self.bus.js, self.stream, self._chunk_subject(info.nuid), expected=info.chunks)
 
                 def on_chunk(data: bytes, _seq: int) -> None:
                     sink.put(data)
@@ -554,7 +526,7 @@ class ObjectStoreBackend:
             if sink.size != info.size:
                 raise ArtifactError(f"{self.uri(name)}: read {sink.size} bytes, the meta record says {info.size}: retry the get")
             for expected in (want, sha256):
-                if expected and digest != expected.lower():
+                if expected and digest != expected:
                     raise DigestMismatch(f"{self.uri(name)}: content sha256 {digest} does not match {expected}: the object is corrupt")
             os.replace(tmp, target)
         except BaseException:
@@ -653,8 +625,8 @@ class FileStoreBackend:
 
 
 def _verify(uri: str, digest: str, *expected: str | None) -> None:
-    for e in expected:
-        if e and digest != e.lower():
+    for e in map(_norm_digest, expected):
+        if e and digest != e:
             raise DigestMismatch(f"{uri}: content sha256 {digest} does not match {e}: the artifact is corrupt or was replaced")
 
 
