@@ -103,6 +103,123 @@ def map_error(exc: Exception, subject: str = "") -> Exception:
     return exc
 
 
+# --------------------------------------------------------------------------- pipelined publishing
+# nats-py's `publish_async` leaves its future pending forever when the server answers with
+# an error, so a refused publish could hang its caller; this publisher resolves every
+# future with the server's reply (errors included, as data) and decodes acks with msgspec.
+
+
+class PubError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class PubReply(msgspec.Struct):
+    """A JetStream publish acknowledgement, or its error."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    count: int = 0  # messages committed by an atomic batch
+    error: PubError | None = None
+
+
+_reply_decoder = msgspec.json.Decoder(PubReply)
+_NO_RESPONDERS = PubReply(error=PubError(503, 0, "no stream stores this subject: run `scf streams ensure`"))
+
+
+class PipelinedPublisher:
+    """JetStream publishes with many in flight, each answered by a future of `PubReply`.
+
+    nats-py's `publish_async` leaves its future pending forever when the server answers
+    with an error (its reply handler raises inside the callback), so an expected-sequence
+    refusal could never be seen; this publisher resolves every future with the server's
+    reply (errors included, as data) and decodes acks with msgspec."""
+
+    def __init__(self, nc, max_pending: int = 4000) -> None:
+        self.nc = nc
+        self._sem = asyncio.Semaphore(max_pending)
+        self._futures: dict[str, asyncio.Future] = {}
+        self._prefix = ""
+        self._sub = None
+        self._n = 0
+
+    async def start(self) -> "PipelinedPublisher":
+        self._prefix = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._prefix + ".*", cb=self._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        return self
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+        for fut in self._futures.values():
+            fut.cancel()
+
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str]) -> asyncio.Future:
+        await self._sem.acquire()
+        self._n += 1
+        token = str(self._n)
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda _f: self._sem.release())
+        self._futures[token] = fut
+        try:
+            await self.nc.publish(subject, body, reply=f"{self._prefix}.{token}", headers=headers)
+        except BaseException:
+            self._futures.pop(token, None)
+            fut.cancel()
+            raise
+        return fut
+
+    async def publish_atomic(self, items: Sequence[tuple[str, bytes]], extra: dict[str, str] | None = None) -> asyncio.Future:
+        """One atomic batch (nats-server >= 2.12, `allow_atomic` on the stream): stored as
+        one write, all or nothing; each message expects its subject to be empty. The
+        future's reply has `count` on success, an error when the batch was refused."""
+        batch_id = new_id().replace("-", "")
+        last = len(items)
+        for i, (subject, body) in enumerate(items[:-1], 1):
+            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i), EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {})}
+            await self.nc.publish(subject, body, headers=headers)
+        subject, body = items[-1]
+        headers = {
+            "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(last), "Nats-Batch-Commit": "1",
+            EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {}),
+        }
+        return await self.publish(subject, body, headers)
+
+    def forget(self, fut: asyncio.Future) -> None:
+        for token, f in list(self._futures.items()):
+            if f is fut:
+                del self._futures[token]
+        if not fut.done():
+            fut.cancel()
+
+    async def _on_reply(self, msg) -> None:
+        fut = self._futures.pop(msg.subject[len(self._prefix) + 1 :], None)
+        if fut is None or fut.done():
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            fut.set_result(_NO_RESPONDERS)
+            return
+        try:
+            fut.set_result(_reply_decoder.decode(msg.data))
+        except msgspec.DecodeError as exc:
+            fut.set_result(PubReply(error=PubError(0, 0, f"unreadable publish ack: {exc}")))
+
+
+
+
+def reply_error(err: PubError, subject: str) -> Exception:
+    if err.err_code == ERR_WRONG_LAST_SEQUENCE:
+        return PublishConflict(f"{subject} already holds a message ({err.description})", err.code, err.err_code)
+    if err.code == 503 or err.err_code == ERR_STREAM_NOT_FOUND:
+        return StreamNotFound(f"no stream stores subject {subject!r}: run `scf streams ensure`", err.code, err.err_code)
+    return ServerError(err.description or "publish refused", err.code, err.err_code)
+
+
 @dataclass(frozen=True)
 class Published:
     stream: str
@@ -126,12 +243,16 @@ class Bus:
         self.settings = settings
         self.source = settings.source or "scf"
         self.key = key
+        self._pipeline: PipelinedPublisher | None = None
 
     @classmethod
     async def connect(cls, settings: Settings, name: str = "scf", key: SigningKey | None = None) -> "Bus":
         return cls(await connect(settings, name), settings, key=key)
 
     async def close(self) -> None:
+        if self._pipeline is not None:
+            await self._pipeline.close()
+            self._pipeline = None
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
@@ -163,28 +284,35 @@ class Bus:
             raise map_error(exc, subject) from None
         return Published(ack.stream, ack.seq, bool(ack.duplicate))
 
-    async def publish_many(self, events: Iterable[ev.Event], *, window: int = 4096) -> list[Published]:
-        """Pipelined publishing: up to `window` unacknowledged at once, all acked on return."""
+    async def pipeline(self) -> PipelinedPublisher:
+        if self._pipeline is None:
+            self._pipeline = await PipelinedPublisher(self.nc).start()
+        return self._pipeline
+
+    async def publish_many(self, events: Iterable[ev.Event], *, timeout: float = 30.0) -> list[Published]:
+        """Pipelined publishing (up to 4000 unacknowledged at once), all acked on return.
+        A refusal raises the mapped error; an ack that never comes raises ServerError after
+        `timeout` (the events are safe to publish again: their ids dedup)."""
+        pub = await self.pipeline()
         futures: list[asyncio.Future] = []
         subjects: list[str] = []
-        out: list[Published] = []
         for event in events:
             subject = event.subject()
             subjects.append(subject)
-            futures.append(await self.js.publish_async(subject, self._body(event), headers=self.headers(event)))
-            if len(futures) >= window:
-                out += await self._collect(futures, subjects)
-                futures, subjects = [], []
-        out += await self._collect(futures, subjects)
-        return out
-
-    async def _collect(self, futures: Sequence[asyncio.Future], subjects: Sequence[str]) -> list[Published]:
-        results = await asyncio.gather(*futures, return_exceptions=True)
+            futures.append(await pub.publish(subject, self._body(event), self.headers(event)))
+        if not futures:
+            return []
+        try:
+            replies = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        except asyncio.TimeoutError:
+            for f in futures:
+                pub.forget(f)
+            raise ServerError(f"no publish acknowledgement within {timeout:.0f}s from {self.settings.url}: is the server up?") from None
         out = []
-        for res, subject in zip(results, subjects):
-            if isinstance(res, BaseException):
-                raise map_error(res, subject)  # type: ignore[arg-type]
-            out.append(Published(res.stream, res.seq, bool(res.duplicate)))
+        for reply, subject in zip(replies, subjects):
+            if reply.error is not None:
+                raise reply_error(reply.error, subject)
+            out.append(Published(reply.stream, reply.seq, reply.duplicate))
         return out
 
     async def publish_once(self, event: ev.Event, *, timeout: float = 5.0) -> Once:

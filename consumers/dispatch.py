@@ -36,6 +36,7 @@ from nats.js.errors import NotFoundError
 from nats.nuid import NUID
 
 from bus import events as ev
+from producers.gears import TRAIN_INTENT_PARAMS
 from bus.client import Bus
 from bus.codec import Codec
 from bus.errors import SCFError
@@ -47,7 +48,8 @@ log = logging.getLogger("scf.dispatch")
 
 WORKERS_BUCKET = "scf_workers"
 LOCAL_POOL = "local"
-DISPATCH_PARAMS = ("pool", "max_attempts")
+# Intent params that are dispatch's own or the daemon's bookkeeping, not the model's config.
+DISPATCH_PARAMS = ("pool", "max_attempts", *TRAIN_INTENT_PARAMS)
 
 
 class DispatchError(SCFError):

@@ -263,9 +263,7 @@ class TrainMark(msgspec.Struct, frozen=True, kw_only=True):
     fossil_seq: int = 0
 
 
-# The params of a daemon train intent: bookkeeping and dispatch hints, not model config.
-# Dispatch must keep them out of the job's `config` (EBDMConfig refuses unknown keys).
-TRAIN_INTENT_PARAMS = ("generation", "fossils", "new_fossils", "fossil_seq", "threshold", "hypotheses", "sampling_temperature")
+TRAIN_INTENT_PARAMS = gears.TRAIN_INTENT_PARAMS
 
 
 def threshold(gear: str, overrides: Mapping[str, int]) -> int:

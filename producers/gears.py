@@ -52,6 +52,10 @@ assert tuple(GEAR_TABLE) == GEARS, "the gear table must list bus.events.GEARS in
 
 DEFAULT_GEAR = "STANDARD"
 
+# The params of a daemon train intent: bookkeeping and dispatch hints, not model config.
+# Dispatch keeps them out of the job's `config` (EBDMConfig refuses unknown keys).
+TRAIN_INTENT_PARAMS = ("generation", "fossils", "new_fossils", "fossil_seq", "threshold", "hypotheses", "sampling_temperature")
+
 
 class UnknownGear(ValueError):
     pass

@@ -48,11 +48,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import msgspec
-from nats.nuid import NUID
 
 from bus import codec
 from bus import events as ev
-from bus.client import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_TYPE, Bus
+from bus.client import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_TYPE, Bus, PipelinedPublisher, PubReply
 from bus.errors import SCFError
 from bus.ids import derived_id
 
@@ -338,107 +337,6 @@ def iter_batches(path: Path, offset: int, first_line: int, block: int, max_lines
 
 
 # --------------------------------------------------------------------------- pipelined publishing
-
-
-class PubError(msgspec.Struct):
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-class PubReply(msgspec.Struct):
-    """A JetStream publish acknowledgement, or its error."""
-
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    count: int = 0  # messages committed by an atomic batch
-    error: PubError | None = None
-
-
-_reply_decoder = msgspec.json.Decoder(PubReply)
-_NO_RESPONDERS = PubReply(error=PubError(503, 0, "no stream stores this subject: run `scf streams ensure`"))
-
-
-class PipelinedPublisher:
-    """JetStream publishes with many in flight, each answered by a future of `PubReply`.
-
-    nats-py's `publish_async` leaves its future pending forever when the server answers
-    with an error (its reply handler raises inside the callback), so an expected-sequence
-    refusal could never be seen; this publisher resolves every future with the server's
-    reply (errors included, as data) and decodes acks with msgspec."""
-
-    def __init__(self, nc, max_pending: int = 4000) -> None:
-        self.nc = nc
-        self._sem = asyncio.Semaphore(max_pending)
-        self._futures: dict[str, asyncio.Future] = {}
-        self._prefix = ""
-        self._sub = None
-        self._n = 0
-
-    async def start(self) -> "PipelinedPublisher":
-        self._prefix = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(self._prefix + ".*", cb=self._on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        return self
-
-    async def close(self) -> None:
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:
-                pass
-        for fut in self._futures.values():
-            fut.cancel()
-
-    async def publish(self, subject: str, body: bytes, headers: dict[str, str]) -> asyncio.Future:
-        await self._sem.acquire()
-        self._n += 1
-        token = str(self._n)
-        fut = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(lambda _f: self._sem.release())
-        self._futures[token] = fut
-        try:
-            await self.nc.publish(subject, body, reply=f"{self._prefix}.{token}", headers=headers)
-        except BaseException:
-            self._futures.pop(token, None)
-            fut.cancel()
-            raise
-        return fut
-
-    async def publish_atomic(self, items: Sequence[tuple[str, bytes]], extra: dict[str, str] | None = None) -> asyncio.Future:
-        """One atomic batch (nats-server >= 2.12, `allow_atomic` on the stream): stored as
-        one write, all or nothing; each message expects its subject to be empty. The
-        future's reply has `count` on success, an error when the batch was refused."""
-        batch_id = NUID().next().decode()
-        last = len(items)
-        for i, (subject, body) in enumerate(items[:-1], 1):
-            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i), EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {})}
-            await self.nc.publish(subject, body, headers=headers)
-        subject, body = items[-1]
-        headers = {
-            "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(last), "Nats-Batch-Commit": "1",
-            EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {}),
-        }
-        return await self.publish(subject, body, headers)
-
-    def forget(self, fut: asyncio.Future) -> None:
-        for token, f in list(self._futures.items()):
-            if f is fut:
-                del self._futures[token]
-        if not fut.done():
-            fut.cancel()
-
-    async def _on_reply(self, msg) -> None:
-        fut = self._futures.pop(msg.subject[len(self._prefix) + 1 :], None)
-        if fut is None or fut.done():
-            return
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            fut.set_result(_NO_RESPONDERS)
-            return
-        try:
-            fut.set_result(_reply_decoder.decode(msg.data))
-        except msgspec.DecodeError as exc:
-            fut.set_result(PubReply(error=PubError(0, 0, f"unreadable publish ack: {exc}")))
 
 
 # --------------------------------------------------------------------------- the ingester

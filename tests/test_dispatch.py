@@ -155,3 +155,13 @@ async def test_run_dispatch_process(bus, scf_env, tmp_path):
 async def _acked(bus) -> bool:
     info = await bus.js.consumer_info("VERDICTS", "dispatch")
     return info.num_ack_pending == 0 and info.num_pending == 0
+
+
+def test_daemon_bookkeeping_params_stay_out_of_the_model_config():
+    from consumers.dispatch import job_config
+    from producers.gears import TRAIN_INTENT_PARAMS
+
+    params = {k: 1 for k in TRAIN_INTENT_PARAMS} | {"pool": "h100", "steps": 50, "lr": 0.001}
+    config, digest = job_config(params)
+    assert config == {"lr": 0.001, "steps": 50}
+    assert digest == job_config({"steps": 50, "lr": 0.001})[1]
