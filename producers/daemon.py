@@ -76,6 +76,7 @@ class DaemonSettings(msgspec.Struct, frozen=True, kw_only=True):
     """`[daemon]` in scf.toml."""
 
     train_threshold: dict[str, int] = {}  # per gear, e.g. {STANDARD = 5000}; default: the gear table
+    train_config: dict[str, ev.Scalar] = {}  # model config every train intent asks for (steps = 300, hidden = 128 …)
     verify_checkpoints: str = "auto"  # auto (when torch is importable) | on (fail without torch) | off
     liveness_min_interval: float = 0.25  # seconds between liveness writes at fast gears
     checkpoint: VerifySettings = VerifySettings()
@@ -282,8 +283,10 @@ def orient(
     *,
     source: str,
     now: dt.datetime | None = None,
+    train_config: Mapping[str, ev.Scalar] | None = None,
 ) -> list[ev.IntentCreated]:
-    """One train intent per domain with at least the gear's threshold of new fossils."""
+    """One train intent per domain with at least the gear's threshold of new fossils. The
+    intent's params are the configured model config plus the daemon's bookkeeping."""
     out = []
     g = gears.spec(gear)
     need = threshold(gear, overrides)
@@ -299,6 +302,7 @@ def orient(
             kind="train",
             domain=c.domain,
             params={
+                **(train_config or {}),
                 "generation": generation,
                 "fossils": c.total,
                 "new_fossils": new,
@@ -709,7 +713,10 @@ class Daemon:
 
     async def _orient(self) -> list[ev.IntentCreated]:
         created = []
-        for intent in orient(self.fossils.counts, self.trained, self.state.gear, self.config.train_threshold, source=self.bus.source):
+        for intent in orient(
+            self.fossils.counts, self.trained, self.state.gear, self.config.train_threshold,
+            source=self.bus.source, train_config=self.config.train_config,
+        ):
             once = await self.bus.publish_once(intent)
             chosen = intent.data
             if once.status == "conflict" and isinstance(once.existing, ev.IntentCreated):

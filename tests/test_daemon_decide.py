@@ -204,6 +204,15 @@ def test_orient_emits_one_intent_per_domain_over_threshold():
     assert [n.data.intent_id for n in nxt] == ["train-grid_case14-000002"] and nxt[0].data.params["new_fossils"] == 200
 
 
+def test_orient_carries_the_configured_model_config_and_dispatch_keeps_only_that():
+    from consumers.dispatch import job_config
+
+    counts = {"d": DomainCount(domain="d", total=600)}
+    [intent] = orient(counts, {}, "HYPER", {}, source="x", train_config={"steps": 300, "hidden": 64})
+    assert intent.data.params["steps"] == 300 and intent.data.params["generation"] == 1
+    assert job_config(intent.data.params)[0] == {"hidden": 64, "steps": 300}
+
+
 def test_orient_threshold_depends_on_gear_and_overrides():
     counts = {"d": DomainCount(domain="d", total=600)}
     assert orient(counts, {}, "STANDARD", {}, source="x") == []
