@@ -68,6 +68,35 @@ def service_install(
         typer.echo(f"then: {step}")
 
 
+def demo(
+    home: Optional[Path] = typer.Option(None, help="a fresh SCF_HOME for the demo (default: ./.scf/demo-<time>)"),
+    fossils: int = typer.Option(600, help="fossils to synthesise and ingest"),
+    steps: int = typer.Option(300, help="training steps of the demo's model"),
+    kill: Optional[str] = typer.Option(None, help="fault drill: SIGKILL this process after the gear shift (e.g. dispatch)"),
+) -> None:
+    """The whole loop once, on this machine: fossils → training → promotion → deployment → credits → reports."""
+    import asyncio
+    import datetime as dt
+
+    from bus.errors import SCFError
+    from ops.demo import DemoFailed, run_demo, summary
+
+    home = (home or Path(".scf") / f"demo-{dt.datetime.now():%Y%m%d-%H%M%S}").absolute()
+    try:
+        result = asyncio.run(run_demo(home, typer.echo, fossils=fossils, steps=steps, kill=kill))
+    except DemoFailed as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        typer.echo(f"Look into it: the process logs in {home / 'logs'}; with SCF_HOME={home}: `scf up`, then `scf status`, `scf dlq ls`, `scf events tail 'job.>'`", err=True)
+        raise typer.Exit(1) from None
+    except SCFError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    for line in summary(result):
+        typer.echo(line)
+
+
 def register(app: typer.Typer, run_app: typer.Typer) -> None:
     app.command("up")(up)
+    app.command("demo")(demo)
     app.add_typer(service_app, name="service")

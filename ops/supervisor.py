@@ -96,7 +96,9 @@ class Supervisor:
         backoff_base: float = 1.0,
         backoff_max: float = 30.0,
         healthy_after: float = 60.0,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_env = dict(extra_env or {})
         self.settings = settings
         self.children = [Child(p) for p in procs]
         self.echo = echo
@@ -112,6 +114,7 @@ class Supervisor:
         env["SCF_HOME"] = self.settings.home
         env["NATS_URL"] = self.settings.url
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.extra_env)
         return env
 
     async def prepare(self) -> None:

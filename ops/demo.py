@@ -1,0 +1,348 @@
+"""`scf demo`: the whole loop once, on this machine, explained as it happens.
+
+In a fresh SCF_HOME it starts nats-server and every process (as `scf up` does), creates
+the keys a deployment needs (a release key for the daemon, one key per edge node), shifts
+to the HYPER gear (no human approvals: the safety gate still rules on everything),
+synthesises and ingests fossils for the IEEE 14-bus grid, and follows one pass: a training
+intent, its verdict, the job on the local worker with its progress, the checkpoint
+verified and promoted, a canary deployment to two edge agents, energy measured (a
+simulated meter: the demo has no real site), credits minted, the archive updated, a CFR
+dataset and a value report written. Each step waits on the events that prove it; a step
+that does not complete in time stops the demo with what to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bus import codec, control
+from bus import events as ev
+from bus.client import Bus
+from bus.errors import SCFError
+from bus.server import free_port, port_open
+from bus.settings import Settings, init_home, load
+from bus.signing import SigningKey, TrustList
+from ops.supervisor import ProcessSpec, Supervisor
+
+DOMAIN = "grid:case14"
+NODES = ("node-a", "node-b")
+FOLLOWED = ("gear.>", "intent.>", "verdict.>", "job.>", "checkpoint.>", "deploy.>", "energy.>", "ledger.>", "control.rejected", "dlq.>")
+
+
+class DemoFailed(SCFError):
+    pass
+
+
+@dataclass
+class DemoResult:
+    home: Path
+    checkpoint_id: str = ""
+    version: int = 0
+    activated: list[str] = field(default_factory=list)
+    balances: dict[str, int] = field(default_factory=dict)
+    dataset: Path | None = None
+    report: Path | None = None
+    seconds: float = 0.0
+
+
+class Follower:
+    """Every event on the followed subjects, as it is published (core subscriptions)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.seen: list[ev.Event] = []
+        self.changed = asyncio.Event()
+        self.subs = []
+
+    async def start(self) -> "Follower":
+        for subject in FOLLOWED:
+            self.subs.append(await self.bus.nc.subscribe(subject, cb=self._on))
+        return self
+
+    async def _on(self, msg) -> None:
+        try:
+            event = codec.decode(msg.data)
+        except SCFError:
+            return
+        self.seen.append(event)
+        self.changed.set()
+
+    async def wait(self, step: str, match: Callable[[ev.Event], bool], timeout: float, count: int = 1, hint: str = "") -> list[ev.Event]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.seen if match(e)]
+            if len(found) >= count:
+                return found
+            for e in self.seen:
+                if isinstance(e, ev.DeadLettered):
+                    raise DemoFailed(f"step '{step}': {e.data.consumer} dead-lettered {e.data.subject}: {e.data.error[:300]}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DemoFailed(f"step '{step}' did not complete within {timeout:.0f}s" + (f": {hint}" if hint else ""))
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
+
+def _keys(settings: Settings) -> Path:
+    """A release key for the daemon (roles release + operator) and one key per edge node."""
+    trust = TrustList.load(settings.keys_dir / "trusted.json")
+    release = SigningKey.generate("release")
+    release_path = release.save(settings.keys_dir)
+    trust.trust(release.public_b64, "release", ["release", "operator"])
+    for node in NODES:
+        key = SigningKey.generate(node)
+        key.save(settings.keys_dir)
+        trust.trust(key.public_b64, node, ["node"])  # the ledger requires the signer to be the node
+    trust.save()
+    return release_path
+
+
+def _config(home: Path, port: int, steps: int) -> None:
+    (home / "scf.toml").write_text(
+        f"""# written by `scf demo`
+port = {port}
+
+[daemon]
+# a small model so that one training pass takes well under a minute on a laptop CPU
+train_config = {{ steps = {steps}, hidden = 64, depth = 2, batch_size = 128 }}
+
+[worker]
+progress_every = 0.5
+"""
+    )
+
+
+def _processes(settings: Settings) -> list[ProcessSpec]:
+    procs = [ProcessSpec(n, n) for n in ("daemon", "safety", "dispatch", "deploy", "ledger", "archive")]
+    procs.append(ProcessSpec("worker", "worker", ("--pool", "local", "--device", "cpu")))
+    for node in NODES:
+        procs.append(ProcessSpec(f"edge-{node}", "edge", ("--node", node, "--dir", str(settings.path("edge", node)), "--label", f"domain={DOMAIN}", "--label", "site=demo")))
+    return procs
+
+
+def _meter(settings: Settings, node: str, i: int) -> None:
+    """A simulated meter reading for the hour after activation (the demo has no real site)."""
+    start = dt.datetime.now(dt.timezone.utc).replace(minute=0, second=0, microsecond=0)
+    reading = {
+        "period_start": start.isoformat(),
+        "period_end": (start + dt.timedelta(hours=1)).isoformat(),
+        "baseline_kwh": 120.0,
+        "actual_kwh": 120.0 - 12.5 - 3.0 * i,
+        "method": "simulated-meter (scf demo)",
+        "domain": DOMAIN,
+    }
+    meter = settings.path("edge", node, "meter")
+    meter.mkdir(parents=True, exist_ok=True)
+    tmp = meter / f".reading-{i}.tmp"
+    tmp.write_text(json.dumps(reading))
+    tmp.rename(meter / f"reading-{i}.json")
+
+
+async def _archive_caught_up(bus: Bus, settings: Settings, streams: tuple[str, ...], timeout: float) -> None:
+    from projections.archive import archive_root
+    from projections.store import ArchiveStore
+
+    store = ArchiveStore(archive_root(settings))
+    deadline = time.monotonic() + timeout
+    while True:
+        behind = []
+        for s in streams:
+            last = (await bus.js.stream_info(s)).state.last_seq
+            if store.exists() and store.position(s) < last:
+                behind.append(f"{s} {store.position(s)}/{last}")
+            elif not store.exists():
+                behind.append("no archive yet")
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"step 'archive' is behind ({', '.join(behind)}): see logs/archive.log")
+        await asyncio.sleep(0.3)
+
+
+async def run_demo(
+    home: Path,
+    echo: Callable[[str], None] = print,
+    *,
+    fossils: int = 600,
+    steps: int = 300,
+    step_timeout: float = 300.0,
+    kill: str | None = None,
+) -> DemoResult:
+    t0 = time.monotonic()
+    if home.exists() and any(home.iterdir()):
+        raise DemoFailed(f"{home} is not empty: the demo needs a fresh SCF_HOME (choose another --home)")
+    home.mkdir(parents=True, exist_ok=True)
+    env_url = os.environ.get("NATS_URL")
+    port = 4333
+    if not env_url and port_open("127.0.0.1", port):
+        port = free_port()
+        echo(f"port 4333 is in use: the demo's nats-server takes port {port}")
+    _config(home, port, steps)
+    settings = load(home=home).with_source("demo")
+    init_home(settings)
+    result = DemoResult(home=home)
+
+    echo(f"== SCF demo in {home}")
+    release = _keys(settings)
+    echo(f"keys: release key {release.name} (signs promotions), node keys for {', '.join(NODES)}; trust list {settings.keys_dir / 'trusted.json'}")
+
+    sup = Supervisor(settings, _processes(settings), echo=lambda line: echo(f"   [up] {line}"), extra_env={"SCF_KEY": str(release)})
+    sup_task = asyncio.create_task(sup.run())
+    bus: Bus | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while sup.bus is None or any(c.proc is None for c in sup.children):
+            if sup_task.done():
+                sup_task.result()
+            if time.monotonic() > deadline:
+                raise DemoFailed("step 'start' did not complete: see logs/ and nats/nats-server.log")
+            await asyncio.sleep(0.05)
+        bus = await Bus.connect(settings, "scf-demo", key=SigningKey.load(release))
+        follow = await Follower(bus).start()
+
+        echo("1. shifting to HYPER: from here the loop runs without a human (the safety gate still rules)")
+        subject, body, headers = control.encode(control.ShiftGear(level="HYPER", by="scf demo", reason="demo: one unattended pass"), bus.key)
+        await bus.js.publish(subject, body, headers=headers)
+        await follow.wait("gear", lambda e: isinstance(e, ev.GearChanged) and e.data.to_gear == "HYPER", 60, hint="see logs/daemon.log")
+        echo("   gear.changed → HYPER")
+
+        if kill:
+            victim = next((c for c in sup.children if c.spec.name == kill), None)
+            if victim is None or victim.proc is None:
+                raise DemoFailed(f"--kill {kill}: no such process (use one of {', '.join(c.spec.name for c in sup.children)})")
+            os.kill(victim.proc.pid, signal.SIGKILL)
+            echo(f"   fault drill: sent SIGKILL to {kill} (pid {victim.proc.pid}); the supervisor restarts it")
+
+        from domains.fossils import synth_shards
+        from producers.ingest import ingest
+
+        echo(f"2. synthesising {fossils} fossils of {DOMAIN} (IEEE 14-bus DC network; costs from the domain's own model)")
+        shards = synth_shards(DOMAIN, fossils, settings.path("fossil_vault", "demo"), shard_size=max(100, fossils // 3), seed=7)
+        report = await ingest(bus, shards, settings=settings)
+        echo(f"   ingested {len(shards)} shards: {report.recorded} recorded, {report.duplicate} duplicate, {report.rejected} rejected")
+
+        echo("3. the daemon orients: enough new fossils → a training intent")
+        [intent] = await follow.wait("intent", lambda e: isinstance(e, ev.IntentCreated) and e.data.kind == "train", step_timeout, hint="see logs/daemon.log")
+        echo(f"   intent.created {intent.data.intent_id}: {intent.data.reason}")
+        iid = intent.data.intent_id
+        [verdict] = await follow.wait("verdict", lambda e: isinstance(e, ev.VerdictIssued) and e.data.subject_id == iid and e.data.final, 60, hint="see logs/safety.log")
+        echo(f"   verdict {verdict.data.decision} by {verdict.data.gate}: {'; '.join(verdict.data.reasons) or 'no objection'}")
+        if verdict.data.decision != "APPROVE":
+            raise DemoFailed(f"step 'verdict': the safety gate ruled {verdict.data.decision}: {verdict.data.reasons}")
+
+        echo("4. dispatch → the local worker trains the EBDM")
+        [job] = await follow.wait("dispatch", lambda e: isinstance(e, ev.JobDispatched) and e.data.intent_id == iid, 60, hint="see logs/dispatch.log")
+        jid = job.data.job_id
+        echo(f"   job.dispatched {jid} to pool {job.data.pool}")
+        shown = 0
+
+        def progress(e: ev.Event) -> bool:
+            return isinstance(e, (ev.JobCompleted, ev.JobFailed)) and e.data.job_id == jid
+
+        deadline = time.monotonic() + step_timeout
+        while not any(progress(e) for e in follow.seen):
+            for e in follow.seen[shown:]:
+                if isinstance(e, ev.JobProgress) and e.data.job_id == jid:
+                    d = e.data
+                    echo(f"   job.progress step {d.step}/{d.total_steps}  loss {d.loss:.4f}  {d.samples_per_s:,.0f} samples/s")
+            shown = len(follow.seen)
+            if time.monotonic() > deadline:
+                raise DemoFailed("step 'training' did not complete: see logs/worker.log")
+            await asyncio.sleep(0.2)
+        done = next(e for e in follow.seen if progress(e))
+        if isinstance(done, ev.JobFailed):
+            raise DemoFailed(f"step 'training': job failed: {done.data.error} (see logs/worker.log)")
+        echo(f"   job.completed in {done.data.duration_s:.1f}s")
+
+        echo("5. the daemon verifies the checkpoint (digest, no-pickle load, held-out evaluation) and promotes it")
+        [produced] = await follow.wait("checkpoint", lambda e: isinstance(e, ev.CheckpointProduced) and e.data.job_id == jid, 60)
+        ck = produced.data.checkpoint_id
+        await follow.wait(
+            "verify", lambda e: isinstance(e, (ev.CheckpointPromoted, ev.CheckpointRejected)) and e.data.checkpoint_id == ck, step_timeout, hint="see logs/daemon.log"
+        )
+        rejected = [e for e in follow.seen if isinstance(e, ev.CheckpointRejected) and e.data.checkpoint_id == ck]
+        if rejected:
+            raise DemoFailed(f"step 'verify': checkpoint rejected: {'; '.join(rejected[0].data.reasons)}")
+        [promoted] = [e for e in follow.seen if isinstance(e, ev.CheckpointPromoted) and e.data.checkpoint_id == ck]
+        result.checkpoint_id, result.version = ck, promoted.data.version
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(produced.data.metrics.items())[:4])
+        echo(f"   checkpoint.promoted {ck[:12]} as {promoted.data.alias} v{promoted.data.version} (signed release); {metrics}")
+
+        echo("6. deployment: a deploy intent, its verdict, then a canary (one node, then the rest)")
+        activated = await follow.wait(
+            "deploy", lambda e: isinstance(e, ev.DeployActivated) and e.data.checkpoint_id == ck, step_timeout, count=len(NODES), hint="see logs/deploy.log and logs/edge-*.log"
+        )
+        for e in activated:
+            echo(f"   deploy.activated on {e.data.node} (v{e.data.version})")
+            result.activated.append(e.data.node)
+
+        echo("7. energy measured at each node (a simulated meter: the demo has no real site), credits minted")
+        for i, node in enumerate(NODES):
+            _meter(settings, node, i)
+        minted = await follow.wait("ledger", lambda e: isinstance(e, ev.LedgerTransfer), 120, count=len(NODES), hint="see logs/ledger.log")
+        for e in minted:
+            d = e.data
+            echo(f"   ledger.transfer {d.kwh:.1f} kWh × {d.rate} → {d.micro_credits / 1e6:.2f} credits to {d.credit_account}")
+        from consumers.ledger import balances, read_transfers
+
+        result.balances = balances(await read_transfers(bus))
+
+        echo("8. the archive catches up; the CFR dataset and the value report are built from it")
+        await _archive_caught_up(bus, settings, ("CONTROL", "INTENTS", "VERDICTS", "TRAINING", "CHECKPOINTS", "DEPLOY", "LEDGER"), 120)
+        from projections import cfr, report
+        from projections.archive import archive_root
+
+        out = settings.path("out")
+        root = archive_root(settings)
+        result.dataset = out / "cfr"
+        cfr.build(root, result.dataset)
+        result.report = out / "report"
+        report.build(root, result.report)
+        echo(f"   CFR dataset {result.dataset}; value report {result.report / 'report.html'}")
+    finally:
+        if bus is not None:
+            await bus.close()
+        sup.stop_event.set()
+        await asyncio.wait_for(sup_task, 60)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def summary(r: DemoResult) -> list[str]:
+    credited = {k: v for k, v in r.balances.items() if v > 0}
+    lines = [
+        "",
+        f"== done in {r.seconds:.0f}s. Where things are:",
+        f"   SCF_HOME          {r.home}",
+        f"   checkpoint        {r.checkpoint_id} (v{r.version}) in the object store scf_artifacts; edge copies in {r.home / 'edge'}",
+        f"   deployed to       {', '.join(r.activated)}",
+        "   credits           " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in sorted(credited.items())),
+        f"   archive           {r.home / 'archive'} (Parquet + scf.duckdb)",
+        f"   CFR dataset       {r.dataset}",
+        f"   value report      {r.report / 'report.html' if r.report else '-'}",
+        f"   process logs      {r.home / 'logs'}",
+        "",
+        "Next, with this SCF_HOME:",
+        f"   export SCF_HOME={r.home}",
+        "   scf up                                  # bring everything back up (then, in another terminal:)",
+        "   scf status --watch                      # the live view",
+        "   scf control shift-gear STANDARD         # humans approve training and deploys again",
+        "   scf control emergency-stop --reason x   # nothing is dispatched, deployed or minted",
+        "   scf ledger balance",
+        f"   cd {r.home / 'archive'} && duckdb scf.duckdb -c 'SELECT node, sum(saved_kwh) FROM energy GROUP BY node'",
+    ]
+    return lines
+
+
+__all__ = ["run_demo", "summary", "DemoFailed", "DemoResult"]
