@@ -70,7 +70,7 @@ def service_install(
 
 def demo(
     home: Optional[Path] = typer.Option(None, help="a fresh SCF_HOME for the demo (default: ./.scf/demo-<time>)"),
-    fossils: int = typer.Option(600, help="fossils to synthesise and ingest"),
+    fossils: int = typer.Option(600, help="fossils to synthesise and ingest (one training pass once 5/6 of them are in)"),
     steps: int = typer.Option(300, help="training steps of the demo's model"),
     kill: Optional[str] = typer.Option(None, help="fault drill: SIGKILL this process after the gear shift (e.g. dispatch)"),
 ) -> None:

@@ -108,7 +108,8 @@ def _keys(settings: Settings) -> Path:
     return release_path
 
 
-def _config(home: Path, port: int, steps: int) -> None:
+def _config(home: Path, port: int, steps: int, fossils: int) -> None:
+    threshold = max(1, fossils * 5 // 6)
     (home / "scf.toml").write_text(
         f"""# written by `scf demo`
 port = {port}
@@ -116,6 +117,8 @@ port = {port}
 [daemon]
 # a small model so that one training pass takes well under a minute on a laptop CPU
 train_config = {{ steps = {steps}, hidden = 64, depth = 2, batch_size = 128 }}
+# one training pass for the demo's {fossils} fossils (HYPER's own threshold is 200)
+train_threshold = {{ HYPER = {threshold} }}
 
 [worker]
 progress_every = 0.5
@@ -188,7 +191,7 @@ async def run_demo(
     if not env_url and port_open("127.0.0.1", port):
         port = free_port()
         echo(f"port 4333 is in use: the demo's nats-server takes port {port}")
-    _config(home, port, steps)
+    _config(home, port, steps, fossils)
     settings = load(home=home).with_source("demo")
     init_home(settings)
     result = DemoResult(home=home)
@@ -306,10 +309,15 @@ async def run_demo(
         out = settings.path("out")
         root = archive_root(settings)
         result.dataset = out / "cfr"
-        cfr.build(root, result.dataset)
+        dataset = cfr.build(root, result.dataset)
+        for line in dataset.lines():
+            echo(f"   {line}")
+        if dataset.counts["tuples"] == 0:
+            echo("   (no code generator runs in this demo yet, so no code was proposed and ruled on: the dataset is empty;"
+                 " tests/test_cfr.py builds one from a hand-made scenario)")
         result.report = out / "report"
-        report.build(root, result.report)
-        echo(f"   CFR dataset {result.dataset}; value report {result.report / 'report.html'}")
+        for line in report.build(root, result.report).lines():
+            echo(f"   {line}")
     finally:
         if bus is not None:
             await bus.close()

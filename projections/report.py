@@ -143,6 +143,10 @@ def collect(con, since: dt.datetime | None = None, until: dt.datetime | None = N
         FROM (SELECT *, unnest(json_keys(metrics)) AS key FROM checkpoints
               WHERE produced_at IS NOT NULL AND metrics IS NOT NULL AND {c_range})
         ORDER BY produced_at, checkpoint_id, metric""")
+    # Credits are the ledger's balances (cumulative, all time): the accounts credited for
+    # verified savings. The issuing account's negative balance is their counterpart.
+    d["credits"] = _rows(con, """
+        SELECT account, balance_micro, entries FROM balances WHERE balance_micro > 0 ORDER BY account""")
     saved = sum(r["saved_kwh"] or 0 for r in d["energy_by_node"])
     st = d["stability"] or {}
     d["summary"] = {
@@ -154,6 +158,7 @@ def collect(con, since: dt.datetime | None = None, until: dt.datetime | None = N
         "deployments": st.get("decided", 0),
         "jobs": sum(r["jobs"] for r in d["jobs_by_week"]),
         "verdicts": sum(r["verdicts"] for r in d["verdicts"]),
+        "credits_micro": sum(int(r["balance_micro"]) for r in d["credits"]),
     }
     return d
 
@@ -229,7 +234,12 @@ def _markdown(d: dict[str, Any], period: str, now: dt.datetime) -> str:
         f"{_num(st.get('decided'))}, variability cv {_num(st.get('cv'), 3)})",
         f"- rollback rate: **{_pct(s['rollback_rate'])}** of activated deployments",
         f"- verdicts: {s['verdicts']}; training jobs: {s['jobs']}; events in the period: {s['events']}",
+        f"- credits minted (ledger balances, all time): **{s['credits_micro'] / 1e6:.2f}**",
         "",
+        "## Credits by account (ledger balances, all time)",
+        "",
+        *_table(["account", "credits", "transfers"],
+                [[r["account"], f"{int(r['balance_micro']) / 1e6:.6f}", r["entries"]] for r in d["credits"]]),
         "## Energy saved by domain",
         "",
         *_table(["domain", "saved kWh", "baseline kWh", "saved %", "periods"],
@@ -362,6 +372,7 @@ def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
         ("deployments", _num(s["deployments"])),
         ("verdicts", _num(s["verdicts"])),
         ("training jobs", _num(s["jobs"])),
+        ("credits minted", f"{s['credits_micro'] / 1e6:.2f}"),
     ))
     parts = [f"<p class='meta'>{html.escape(period)}; generated {now:%Y-%m-%d %H:%M} UTC</p>", f"<div class='cards'>{cards}</div>"]
     for i, (title, fig) in enumerate(figs):
@@ -378,6 +389,9 @@ def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
     parts.append(_html_table(["domain", "saved kWh", "baseline kWh", "saved %", "periods"],
                              [[r["domain"] or "-", _num(r["saved_kwh"]), _num(r["baseline_kwh"]), _num(r["saved_pct"], 2), r["measurements"]]
                               for r in d["energy_by_domain"]]))
+    parts.append("<h2>Credits by account (ledger balances, all time)</h2>")
+    parts.append(_html_table(["account", "credits", "transfers"],
+                             [[r["account"], f"{int(r['balance_micro']) / 1e6:.6f}", r["entries"]] for r in d["credits"]]))
     parts.append("<h2>Verdicts</h2>")
     parts.append(_html_table(["ruled on", "verdicts", "approve", "reject", "hold"],
                              [[r["subject_type"], r["verdicts"], _pct(r["approve_rate"]), _pct(r["reject_rate"]), _pct(r["hold_rate"])]
