@@ -593,7 +593,7 @@ class FileStoreBackend:
         digest, size = await asyncio.to_thread(_copy_hashing, src, target)
         m = _FileMeta(sha256=digest, size=size, name=name, meta=dict(meta or {}),
                       stored_at=dt.datetime.now(dt.timezone.utc).isoformat())
-        _atomic_write(self._meta_path(target), msgspec.json.encode(m))
+        atomic_write(self._meta_path(target), msgspec.json.encode(m))
         return ArtifactRef("file://" + quote(str(target)), digest, size, dict(meta or {}))
 
     async def get(self, uri: str, dest: str | os.PathLike, *, sha256: str | None = None) -> Path:
@@ -603,7 +603,7 @@ class FileStoreBackend:
         ref = await self.stat(uri)
         target = _dest_file(dest, src.name)
         if target.resolve() == src.resolve():
-            digest, _ = await asyncio.to_thread(_hash_file, src)
+            digest, _ = await asyncio.to_thread(sha256_file, src)
             _verify(uri, digest, ref.sha256 if ref else None, sha256)
             return target
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
@@ -630,7 +630,8 @@ def _verify(uri: str, digest: str, *expected: str | None) -> None:
             raise DigestMismatch(f"{uri}: content sha256 {digest} does not match {e}: the artifact is corrupt or was replaced")
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
+def sha256_file(path: Path) -> tuple[str, int]:
+    """(hex sha256, size) of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -660,7 +661,8 @@ def _copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)

@@ -56,6 +56,7 @@ import msgspec
 import numpy as np
 
 from bus import events as ev
+from bus.artifacts import sha256_file
 from bus.client import Bus
 from bus.codec import Codec
 from bus.errors import DecodeError, SCFError, SignatureError
@@ -142,14 +143,6 @@ def dirname_for(checkpoint_id: str, version: int) -> str:
     return f"{version:06d}-{hashlib.sha256(checkpoint_id.encode()).hexdigest()[:16]}"
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def normalise_digest(d: str) -> str:

@@ -39,7 +39,6 @@ import collections
 import concurrent.futures
 import datetime as dt
 import functools
-import hashlib
 import multiprocessing
 import os
 import time
@@ -51,6 +50,8 @@ import msgspec
 
 from bus import codec
 from bus import events as ev
+from bus.artifacts import atomic_write
+from bus.artifacts import sha256_file as file_digest
 from bus.client import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_TYPE, Bus, PipelinedPublisher, PubReply
 from bus.errors import SCFError
 from bus.ids import derived_id
@@ -100,13 +101,6 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- reports
@@ -306,11 +300,7 @@ def find_shards(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path)[0]
 
 
 def iter_batches(path: Path, offset: int, first_line: int, block: int, max_lines: int) -> Iterator[tuple[int, int, list[bytes]]]:
@@ -472,7 +462,7 @@ class Ingester:
 
     def _save_progress(self, prog: ShardProgress) -> None:
         prog.updated_at = _now()
-        _write_atomic(self._progress_path(prog.sha256), msgspec.json.encode(prog))
+        atomic_write(self._progress_path(prog.sha256), msgspec.json.encode(prog))
 
     async def _shard(self, path: Path) -> ShardReport:
         sha = await asyncio.to_thread(sha256_file, path)

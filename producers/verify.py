@@ -27,7 +27,6 @@ checkpoints wait in CHECKPOINTS (durable consumer `daemon-checkpoints`) until a 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Any, Awaitable, Callable
 import msgspec
 
 from bus import events as ev
+from bus.artifacts import sha256_file
 from bus.ids import derived_id, subject_token
 
 log = logging.getLogger("scf.verify")
@@ -229,14 +229,6 @@ def available() -> str | None:
     return None
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def _model_of(loaded: Any):

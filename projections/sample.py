@@ -288,14 +288,14 @@ def _train(g: _Gen, intent: ev.IntentCreated, c: int, domain: str, promoted: dic
         )
 
 
-async def publish(bus: Bus, items: Iterable[Item], *, window: int = 4096) -> int:
+async def publish(bus: Bus, items: Iterable[Item]) -> int:
     """Publish events (pipelined) and plain messages, in order. Returns the count."""
     n = 0
     pending: list[ev.Event] = []
 
     async def flush() -> None:
         if pending:
-            await bus.publish_many(pending, window=window)
+            await bus.publish_many(pending)
             pending.clear()
 
     for item in items:
