@@ -305,7 +305,7 @@ async def publish(bus: Bus, items: Iterable[Item]) -> int:
             await bus.js.publish(item.subject, item.body, headers=item.headers)
         else:
             pending.append(item)
-            if len(pending) >= window:
+            if len(pending) >= 4096:
                 await flush()
     await flush()
     return n
