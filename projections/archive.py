@@ -164,9 +164,12 @@ class StreamFollower:
     async def run(self, stop: asyncio.Event) -> StreamStats:
         await self._subscribe()
         if self.until_caught_up:
-            info = await self._sub.consumer_info()  # type: ignore[union-attr]
-            if info.num_pending == 0 and not self._buffer:
-                self._caught_up = True  # nothing to read
+            # Nothing to read only if the stream ends before our start. (The consumer's
+            # num_pending is no proof: messages already sent to us but not yet received
+            # count as delivered, and a replay would stop short of them under load.)
+            last = (await self.bus.js.stream_info(self.stream)).state.last_seq
+            if last <= self._last_seq and not self._buffer:
+                self._caught_up = True
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
