@@ -1,6 +1,6 @@
 """Physical domains: variables, bounds, constraints, cost/energy, a reference solver.
 
-    >>> import domains
+    >>> import domains, numpy as np
     >>> grid = domains.get("grid:case14")
     >>> c = grid.sample_context(np.random.default_rng(0))
     >>> x = grid.reference_solution(c); grid.cost(c, x), grid.violations(c, x)

@@ -71,6 +71,8 @@ def validate_line(line: bytes | str, *, recheck: bool = False) -> Fossil:
         raise _schema_error(err) from None
     except msgspec.DecodeError as err:
         raise FossilInvalid("malformed_json", f"{err}; write one JSON object per line") from None
+    except UnicodeDecodeError as err:
+        raise FossilInvalid("malformed_json", f"not UTF-8 ({err.reason} at byte {err.start} of a string); write UTF-8 JSON") from None
     prov = fossil.provenance
     if not prov.source.strip() or not prov.verifier.strip():
         empty = "source" if not prov.source.strip() else "verifier"

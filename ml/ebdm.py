@@ -10,12 +10,13 @@ so one model gives both energies (to rank states) and scores (to sample states).
   double backprop). The quadratic envelope is the energy of N(0, (1 + σ²) I), which holds
   everything the data can be; it keeps the energy growing away from the data, where the
   network never trained, so samplers cannot run off.
-* Training: denoising score matching (Vincent 2011) over σ log-uniform in
-  [σ_min, σ_max]: z̃ = z + σ ε, loss = |σ·score(z̃) + ε|², plus a physics penalty on the
+* Training: denoising score matching (Vincent 2011) over log-normal σ (EDM's choice for
+  data of std ≈ 0.5): z̃ = z + σ ε, loss = |σ·score(z̃) + ε|², plus a physics penalty on the
   denoised estimate x̂ = x̃ + σ²·score (Tweedie), the domain's constraint excess in torch.
 * Sampling: annealed Langevin dynamics (Song & Ermon 2019) over a geometric ladder of L
   levels from σ_max to σ_min, Metropolis-adjusted with the model's energy (plain Langevin
-  misweights modes by a few percent at affordable step counts), then a Tweedie step.
+  misweights modes by a few percent at affordable step counts), then a Tweedie step; with
+  the domain's penalty, physics-guided (a constraint likelihood added to the energy).
 * Evaluation: held-out DSM loss, constraint violation rate of samples, sliced-Wasserstein
   distance samples ↔ held-out states, Spearman correlation of E(x, c, σ_min) with cost.
 """
@@ -54,6 +55,9 @@ class EBDMConfig:
     sigma_min: float = 0.01
     sigma_max: float = 3.0
     n_levels: int = 30  # sampler ladder
+    sigma_log_mean: float = -1.2  # training σ: log σ ~ N(mean, std²) clamped to the ladder
+    sigma_log_std: float = 1.2  # (data in [-1, 1] has std ≈ 0.5, as in EDM) …
+    sigma_uniform: float = 0.0  # … except this share, log-uniform over [σ_min, σ_max]
     physics_weight: float = 0.1
     # training
     steps: int = 2000
@@ -62,12 +66,14 @@ class EBDMConfig:
     weight_decay: float = 0.0
     warmup: int = 100
     grad_clip: float = 1.0
+    ema: float = 0.999  # decay of the weights' moving average (0: off); warm-up (1+n)/(10+n)
     seed: int = 0
     log_every: int = 50
     # sampling and evaluation
     langevin_steps: int = 20  # moves per level
     langevin_step: float = 1.0  # step at level σ is langevin_step * σ² (adapted when metropolis)
     metropolis: bool = True  # Metropolis-adjust each move with the model's energy (MALA)
+    guidance: float = 1.0  # physics guidance: constraint distance ~ N(0, (guidance·σ)²) at level σ (0: off)
     eval_records: int = 1024
 
     def resolved(self) -> EBDMConfig:
@@ -171,9 +177,11 @@ class EBDM(nn.Module):
         h = self.inp(torch.cat([z, cond], dim=-1))  # (B, H)
         for block in self.blocks:
             h = block(h, cond)
+        g = self.head(h).squeeze(-1)  # (B,), bf16 under autocast: energies are summed in fp32
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
         sigma = sigma.squeeze(-1)  # (B,)
-        envelope = z.float().square().sum(-1) / (2 * (1 + sigma.square()))  # N(0, (1+σ²) I): data lies in [-1, 1]
-        return envelope + self.head(h).squeeze(-1).float() / sigma  # (B,)
+        envelope = z.square().sum(-1) / (2 * (1 + sigma.square()))  # N(0, (1+σ²) I): data lies in [-1, 1]
+        return envelope + g / sigma  # (B,)
 
     def score(self, z, cz, sigma, create_graph: bool = False):
         """(-∇_z E (B, d), E (B,)); `create_graph` to backpropagate through the score."""
@@ -190,8 +198,14 @@ class EBDM(nn.Module):
         cfg = self.config
         z, cz = self.normalise(x), self.normalise_context(c)
         log_lo, log_hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
-        sigma = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(z.shape[0], 1, device=z.device))  # (B, 1)
-        eps = torch.randn_like(z)
+        n = z.shape[0]
+        # log σ: log-normal (EDM, Karras et al. 2022) clamped to the ladder, except a share
+        # `sigma_uniform` drawn log-uniform over it, so that the ends are trained too
+        log_normal = (cfg.sigma_log_mean + cfg.sigma_log_std * torch.randn(n, 1, device=z.device)).clamp(log_lo, log_hi)
+        log_uniform = log_lo + (log_hi - log_lo) * torch.rand(n, 1, device=z.device)
+        uniform = torch.rand(n, 1, device=z.device) < cfg.sigma_uniform
+        sigma = torch.exp(torch.where(uniform, log_uniform, log_normal))  # (n, 1)
+        eps = torch.randn_like(z)  # (n, d)
         noisy = z + sigma * eps
         score, _ = self.score(noisy, cz, sigma, create_graph=self.training)
         dsm = (sigma * score + eps).square().mean()
@@ -206,15 +220,35 @@ class EBDM(nn.Module):
 
     # ---------------------------------------------------------------- sampling
 
+    def guided_score(self, z, cz, c, sigma, penalty: nn.Module | None = None):
+        """Score and energy at level σ, with the physics energy added when `penalty` is given:
+        sum_k dist_k² / (2 (guidance·σ)²), dist_k the distance (in z) to violated constraint k
+        — a Gaussian likelihood of the constraint that tightens with the noise, so it shapes
+        samples as they settle, not before (the final Tweedie step uses the model alone;
+        `Domain.project` then moves what still violates a constraint to the nearest
+        feasible state)."""
+        score, energy = self.score(z, cz, sigma)
+        if penalty is None or self.config.guidance <= 0:
+            return score, energy
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            dist = penalty.distance(self.denormalise(z), c, self.state_half)  # (B, K)
+            phys = dist.square().sum(-1) / (2 * (self.config.guidance * sigma) ** 2)  # (B,)
+            (grad,) = torch.autograd.grad(phys.sum(), z)
+        return score - grad, energy + phys.detach()
+
     @torch.no_grad()
-    def sample(self, c, generator: torch.Generator | None = None, steps: int | None = None):
-        """One state per context row c (B, m), in physical units (B, d).
+    def sample(self, c, generator: torch.Generator | None = None, steps: int | None = None, penalty: nn.Module | None = None):
+        """One state per context row c (B, m), in physical units (B, d); with `penalty`,
+        physics-guided (see `guided_score`).
 
         Annealed Langevin: from N(0, σ_max²) down the σ ladder, `steps` Langevin moves per
         level with step α = h·σ², then a Tweedie step at σ_min. With `metropolis` (the
         default) each move is Metropolis-adjusted with the model's own energy (MALA), so
         every level samples its density without the step-size bias of plain Langevin; h
-        adapts between moves towards an acceptance of 0.5-0.8."""
+        adapts between moves towards an acceptance of 0.5-0.8, within [h₀/16, 4h₀] so that
+        moves stay local (where the data is sparse at small σ, the energy is not to be
+        trusted across long jumps)."""
         cfg = self.config
         steps = steps or cfg.langevin_steps
         cz = self.normalise_context(c)
@@ -224,15 +258,15 @@ class EBDM(nn.Module):
         z = noise() * cfg.sigma_max  # (n, d)
         h = cfg.langevin_step
         for sigma in cfg.sigmas().tolist():
-            score, energy = self.score(z, cz, sigma)
+            score, energy = self.guided_score(z, cz, c, sigma, penalty)
             for _ in range(steps):
                 alpha = h * sigma**2
                 prop = z + 0.5 * alpha * score + math.sqrt(alpha) * noise()
                 if not cfg.metropolis:
                     z = prop
-                    score, energy = self.score(z, cz, sigma)
+                    score, energy = self.guided_score(z, cz, c, sigma, penalty)
                     continue
-                score_p, energy_p = self.score(prop, cz, sigma)
+                score_p, energy_p = self.guided_score(prop, cz, c, sigma, penalty)
                 fwd = (prop - z - 0.5 * alpha * score).square().sum(-1) / (2 * alpha)  # -log q(prop | z)
                 bwd = (z - prop - 0.5 * alpha * score_p).square().sum(-1) / (2 * alpha)  # -log q(z | prop)
                 accept = torch.log(uniform()) < energy - energy_p + fwd - bwd  # (n,)
@@ -241,9 +275,9 @@ class EBDM(nn.Module):
                 energy = torch.where(accept, energy_p, energy)
                 rate = float(accept.float().mean())
                 h = h * 0.8 if rate < 0.5 else (h * 1.25 if rate > 0.8 else h)
-        score, _ = self.score(z, cz, cfg.sigma_min)
+                h = min(max(h, cfg.langevin_step / 16), 4 * cfg.langevin_step)  # moves stay local: ≤ 2σ
+        score, _ = self.score(z, cz, cfg.sigma_min)  # Tweedie with the model's score alone
         return self.denormalise(z + cfg.sigma_min**2 * score)
-
 
 # ------------------------------------------------------------------------ evaluation
 
@@ -275,15 +309,46 @@ def heldout_dsm(model: EBDM, x, c, seed: int = 0, repeats: int = 4) -> float:
     return total / (len(sigmas) * repeats)
 
 
-def evaluate_model(model: EBDM, x, c, cost, penalty: nn.Module | None = None, *, seed: int = 0, tol: float = 1e-2) -> dict[str, float]:
-    """Metrics on held-out (x, c, cost) (numpy or tensors): heldout_dsm, violation_rate of
-    one sample per held-out context (a constraint off by more than `tol` of its scale),
-    sliced_wasserstein (normalised space), energy_cost_spearman."""
+def energy_ranks_cost(model: EBDM, domain, contexts, *, per_context: int = 8, limit: int = 32, seed: int = 0) -> float:
+    """Mean Spearman correlation, within a context, between E(x, c, σ_min) and the true cost
+    of `per_context` feasible states of that context (points from random feasible states
+    to the optimum, from the domain's solver): does the energy rank dispatches like cost?"""
+    rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
+    rhos = []
+    for c in np.asarray(contexts, dtype=float)[:limit]:
+        best = domain.reference_solution(c)
+        states = np.stack([r + rng.random() * (best - r) for r in (domain.random_feasible(c, rng) for _ in range(per_context))])
+        cost = [domain.cost(c, x) for x in states]
+        z = model.normalise(torch.tensor(states, dtype=torch.float32, device=device))
+        cz = model.normalise_context(torch.tensor(c, dtype=torch.float32, device=device)).expand(per_context, -1)
+        _, energy = model.score(z, cz, model.config.sigma_min)
+        rho = spearmanr(energy.detach().cpu().numpy(), cost).statistic
+        if np.isfinite(rho):
+            rhos.append(rho)
+    return float(np.mean(rhos)) if rhos else float("nan")
+
+
+def evaluate_model(
+    model: EBDM, x, c, cost, penalty: nn.Module | None = None, *, domain=None, seed: int = 0, tol: float = 1e-2
+) -> dict[str, float]:
+    """Metrics on held-out (x, c, cost) (numpy or tensors), one sample per held-out context:
+
+    heldout_dsm            DSM loss over the ladder, fixed noise (lower is better)
+    sliced_wasserstein     samples ↔ held-out states, normalised space (lower is better)
+    energy_cost_spearman   E(x, c, σ_min) vs cost over the held-out fossils (across contexts)
+    energy_cost_spearman_within  the same within a context (needs `domain`; see energy_ranks_cost)
+    violation_rate         share of samples (physics-guided) off a constraint by more than
+                           `tol` of its scale; sample_penalty their mean penalty;
+                           heldout_violation_rate the same for the data itself
+    violation_rate_projected  after `domain.project` (nearest feasible state; should be 0),
+                           projection_distance the mean move it took, normalised units"""
     model.eval()
     device = next(model.parameters()).device
     x, c = torch.as_tensor(x, dtype=torch.float32, device=device), torch.as_tensor(c, dtype=torch.float32, device=device)
+    penalty = penalty.to(device) if penalty is not None else None
     gen = torch.Generator(device=device).manual_seed(seed)
-    samples = model.sample(c, generator=gen)
+    samples = model.sample(c, generator=gen, penalty=penalty)
     _, energy = model.score(model.normalise(x), model.normalise_context(c), model.config.sigma_min)
     rho = spearmanr(energy.detach().cpu().numpy(), np.asarray(cost, dtype=float)).statistic if len(x) > 2 else float("nan")
     metrics = {
@@ -292,9 +357,15 @@ def evaluate_model(model: EBDM, x, c, cost, penalty: nn.Module | None = None, *,
         "energy_cost_spearman": float(rho),
         "heldout_records": float(len(x)),
     }
+    if domain is not None:
+        metrics["energy_cost_spearman_within"] = energy_ranks_cost(model, domain, c.cpu().numpy(), seed=seed)
     if penalty is not None:
-        penalty = penalty.to(device)
         metrics["violation_rate"] = float(penalty.violated(samples, c, tol).float().mean())
         metrics["sample_penalty"] = float(penalty(samples, c).mean())
+        if domain is not None:
+            x_np, c_np = samples.double().cpu().numpy(), c.double().cpu().numpy()
+            fixed = torch.tensor(np.stack([domain.project(ci, xi) for ci, xi in zip(c_np, x_np)]), dtype=torch.float32, device=device)
+            metrics["violation_rate_projected"] = float(penalty.violated(fixed, c, tol).float().mean())
+            metrics["projection_distance"] = float((model.normalise(fixed) - model.normalise(samples)).norm(dim=-1).mean())
         metrics["heldout_violation_rate"] = float(penalty.violated(x, c, tol).float().mean())
     return metrics

@@ -21,11 +21,14 @@ already emitted. `FossilLoader.state_dict()` is {"epoch", "positions": {slot: po
 and the layout it is valid for (seed, rank, world_size, num_workers)}; a position is
 recorded when a batch is *handed to the caller*, so a state saved after consuming batch b
 resumes with the batch after b: nothing repeats and nothing is skipped. Resuming needs the
-same files, seed, world_size and num_workers (checked).
+same files, seed, world_size and num_workers (checked). The state also keeps `turn`, the
+slot whose batch the DataLoader's round-robin hands out next, so a resumed run yields the
+very batches, in the very order, that the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
@@ -42,15 +45,19 @@ from bus.errors import SCFError
 
 DEFAULT_WINDOW = 8 << 20  # bytes of NDJSON shuffled together (about 2-3k case118 fossils)
 MAX_UNIT = 256 << 20
-HELDOUT_EVERY = 16  # fossils whose id's last hex digit is 0 are held out (1 in 16)
 
 
 class LoaderError(SCFError):
     pass
 
 
-class FossilRow(msgspec.Struct):
-    """The fields training reads; the decoder skips the rest of a Fossil line."""
+class NoFossils(LoaderError):
+    """The source holds no fossil of the requested domain and split."""
+
+
+class FossilRow(msgspec.Struct, gc=False):
+    """The fields training reads; the decoder skips the rest of a Fossil line. Not tracked
+    by the garbage collector (it holds no cycles), which keeps collections cheap."""
 
     fossil_id: str
     domain: str
@@ -63,10 +70,8 @@ _row_decoder = msgspec.json.Decoder(FossilRow)
 
 
 def in_split(fossil_id: str, split: str | None) -> bool:
-    if split is None:
-        return True
-    heldout = int(fossil_id[-1], 16) % HELDOUT_EVERY == 0
-    return heldout if split == "heldout" else not heldout
+    """Whether a fossil belongs to `split`: "heldout" when its id ends in 0 (1 in 16), else "train"."""
+    return split is None or (fossil_id[-1] == "0") == (split == "heldout")
 
 
 # --------------------------------------------------------------------------- sources
@@ -168,27 +173,50 @@ class _Plan:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
         return [(int(i), units[i]) for i in order[slot::slots]]
 
-    def rows(self, epoch: int, slot: int, slots: int, start=(0, 0, 0)) -> Iterator[tuple[FossilRow, tuple[int, int, int]]]:
-        """(row, position after it) for the slot, from `start`; filtered rows are passed over."""
+    def windows(self, epoch: int, slot: int, slots: int, start=(0, 0, 0)):
+        """The slot's windows from `start`, each as (kept rows in shuffled order, their
+        indices in the window's permutation, (unit, window, rows in window, windows in unit))."""
         units = self.slot_units(epoch, slot, slots)
         k0, w0, r0 = start
+        split = self.split
         for k in range(k0, len(units)):
             uid, unit = units[k]
             n_win = self.source.windows(unit, self.window)
             for w in range(w0 if k == k0 else 0, n_win):
                 rows = _decode(self.source.read(unit, w, self.window))
                 order = np.random.default_rng([self.seed, epoch, uid, w]).permutation(len(rows))
-                last = len(rows) - 1
-                for r in range(r0 if (k, w) == (k0, w0) else 0, len(rows)):
-                    row = rows[order[r]]
-                    if (self.domain is None or row.domain == self.domain) and in_split(row.fossil_id, self.split):
-                        pos = (k, w, r + 1) if r < last else ((k, w + 1, 0) if w + 1 < n_win else (k + 1, 0, 0))
-                        yield row, pos
+                first = r0 if (k, w) == (k0, w0) else 0
+                shuffled = [rows[i] for i in order[first:].tolist()]
+                if self.domain is None and split is None:
+                    kept, index = shuffled, range(first, len(rows))
+                else:
+                    index = [
+                        i for i, row in enumerate(shuffled, first)
+                        if (self.domain is None or row.domain == self.domain) and in_split(row.fossil_id, split)
+                    ]  # fmt: skip
+                    kept = [shuffled[i - first] for i in index]
+                yield kept, index, (k, w, len(rows), n_win)
+
+    def rows(self, epoch: int, slot: int, slots: int, start=(0, 0, 0)) -> Iterator[tuple[FossilRow, tuple[int, int, int]]]:
+        """(row, position after it) for the slot, from `start`; filtered rows are passed over."""
+        for kept, index, where in self.windows(epoch, slot, slots, start):
+            for row, i in zip(kept, index):
+                yield row, _after(i, where)
+
+
+def _after(i: int, where: tuple[int, int, int, int]) -> tuple[int, int, int]:
+    """The position after row `i` of window `where` = (unit, window, rows, windows)."""
+    k, w, n, n_win = where
+    return (k, w, i + 1) if i + 1 < n else ((k, w + 1, 0) if w + 1 < n_win else (k + 1, 0, 0))
 
 
 def _decode(data: bytes) -> list[FossilRow]:
+    """The rows of a window. The collector is paused meanwhile: the thousands of float lists
+    a window makes would trigger collections that find nothing (+25% decode rate)."""
     if not data:
         return []
+    paused = gc.isenabled()
+    gc.disable()
     try:
         return _row_decoder.decode_lines(data)
     except msgspec.DecodeError:  # a bad line: keep the good ones (ingest should have caught it)
@@ -200,6 +228,9 @@ def _decode(data: bytes) -> list[FossilRow]:
             except msgspec.DecodeError:
                 continue
         return rows
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _slot() -> tuple[int, int]:
@@ -243,37 +274,55 @@ class Batch(NamedTuple):
 class _BatchStream(IterableDataset):
     """Yields (state, context, energy, slot, position) batches of one epoch, per worker."""
 
-    def __init__(self, plan: _Plan, epoch: int, rank: int, world_size: int, batch_size: int, positions: dict) -> None:
+    def __init__(self, plan: _Plan, epoch: int, rank: int, world_size: int, batch_size: int, positions: dict, turn: int) -> None:
         self.plan, self.epoch, self.rank, self.world_size = plan, epoch, rank, world_size
-        self.batch_size, self.positions = batch_size, positions
+        self.batch_size, self.positions, self.turn = batch_size, positions, turn
 
     def __iter__(self):
         worker, workers = _slot()
-        slot, slots = self.rank * workers + worker, self.world_size * workers
+        # worker w serves this rank's slot (w + turn) % workers: the DataLoader asks workers
+        # round-robin from worker 0, so a resumed epoch continues with the slot whose turn it was
+        slot, slots = self.rank * workers + (worker + self.turn) % workers, self.world_size * workers
         start = tuple(self.positions.get(str(slot), (0, 0, 0)))
-        rows, dims = [], None
-        for row, pos in self.plan.rows(self.epoch, slot, slots, start):
-            shape = (len(row.state), len(row.context))
-            if dims is None:
-                dims = shape
-            elif shape != dims:
-                raise LoaderError(
-                    f"fossil {row.fossil_id} of {row.domain} has {shape[0]} state / {shape[1]} context values, "
-                    f"earlier ones {dims[0]} / {dims[1]}: pass domain= to read one domain"
-                )
-            rows.append(row)
-            if len(rows) == self.batch_size:
-                yield (*_collate(rows), slot, pos)
-                rows = []
-        if rows:
-            yield (*_collate(rows), slot, pos)
+        size, batch, dims, pos = self.batch_size, [], None, start
+        for kept, index, where in self.plan.windows(self.epoch, slot, slots, start):
+            j = 0
+            while j < len(kept):
+                take = min(size - len(batch), len(kept) - j)
+                batch.extend(kept[j : j + take])
+                j += take
+                pos = _after(index[j - 1], where)
+                if len(batch) == size:
+                    dims = _check_dims(batch, dims)
+                    yield (*_collate(batch), slot, pos)
+                    batch = []
+        if batch:
+            _check_dims(batch, dims)
+            yield (*_collate(batch), slot, pos)
+
+
+def _check_dims(rows: list[FossilRow], dims: tuple[int, int] | None) -> tuple[int, int]:
+    """The (state, context) sizes shared by `rows` (and by `dims`, from earlier batches)."""
+    first = dims or (len(rows[0].state), len(rows[0].context))
+    for row in rows[:1] if dims else rows:  # within a batch np.array finds ragged rows
+        shape = (len(row.state), len(row.context))
+        if shape != first:
+            raise LoaderError(
+                f"fossil {row.fossil_id} of {row.domain} has {shape[0]} state / {shape[1]} context values, "
+                f"others {first[0]} / {first[1]}: pass domain= to read one domain"
+            )
+    return first
 
 
 def _collate(rows: list[FossilRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    state = torch.from_numpy(np.array([r.state for r in rows], dtype=np.float32))
-    context = torch.from_numpy(np.array([r.context for r in rows], dtype=np.float32))
-    energy = torch.from_numpy(np.array([r.energy for r in rows], dtype=np.float32))
-    return state, context, energy
+    try:
+        state = np.array([r.state for r in rows], dtype=np.float32)  # (B, d)
+        context = np.array([r.context for r in rows], dtype=np.float32)  # (B, m)
+    except ValueError:  # ragged: rows of several sizes in one batch
+        _check_dims(rows, None)
+        raise
+    energy = np.array([r.energy for r in rows], dtype=np.float32)  # (B,)
+    return torch.from_numpy(state), torch.from_numpy(context), torch.from_numpy(energy)
 
 
 class FossilLoader:
@@ -306,7 +355,7 @@ class FossilLoader:
         self.plan = _Plan(as_source(source), domain, seed, shuffle_buffer, split)
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.epochs, self.pin_memory, self.prefetch_factor = epochs, pin_memory, prefetch_factor
-        self.epoch, self.positions = 0, {}
+        self.epoch, self.positions, self.turn = 0, {}, 0
         if state is not None:
             self.load_state_dict(state)
 
@@ -316,20 +365,23 @@ class FossilLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         while self.epochs is None or self.epoch < self.epochs:
-            stream = _BatchStream(self.plan, self.epoch, self.rank, self.world_size, self.batch_size, dict(self.positions))
+            workers = max(1, self.num_workers)
+            stream = _BatchStream(self.plan, self.epoch, self.rank, self.world_size, self.batch_size, dict(self.positions), self.turn)
             extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False} if self.num_workers else {}
             loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
             for state, context, energy, slot, pos in loader:
                 self.positions[str(int(slot))] = [int(v) for v in pos]
+                self.turn = (int(slot) - self.rank * workers + 1) % workers
                 yield Batch(state, context, energy)
             self.epoch += 1
-            self.positions = {}
+            self.positions, self.turn = {}, 0
 
     def state_dict(self) -> dict:
         return {
             "format": 1,
             "epoch": self.epoch,
             "positions": {k: list(v) for k, v in self.positions.items()},
+            "turn": self.turn,
             "seed": self.plan.seed,
             "rank": self.rank,
             "world_size": self.world_size,
@@ -346,6 +398,7 @@ class FossilLoader:
             raise LoaderError(f"loader state was saved for another layout ({what}): resume with the same settings")
         self.epoch = int(state["epoch"])
         self.positions = {str(k): [int(v) for v in p] for k, p in state["positions"].items()}
+        self.turn = int(state.get("turn", 0))
 
 
 def stream_minibatches(source: FossilSource | str | os.PathLike, **kwargs) -> FossilLoader:
@@ -364,6 +417,6 @@ def load_arrays(source, *, domain: str | None = None, split: str | None = None, 
         if limit is not None and n >= limit:
             break
     if not parts:
-        raise LoaderError(f"no {split or ''} fossils{' of ' + domain if domain else ''} in {loader.source}: check the domain and the data")
+        raise NoFossils(f"no {split or ''} fossils{' of ' + domain if domain else ''} in {loader.source}: check the domain and the data")
     cat = [torch.cat(t)[:limit].numpy() for t in zip(*parts)]
     return cat[0], cat[1], cat[2]

@@ -1,7 +1,8 @@
 """Differentiable constraint penalties per domain kind, in torch, from the domain's matrices.
 
-`excess(x, c)` is (B, K): each constraint's violation divided by its natural scale (total
-nominal load, a generator's range, a line's rating, 1 K of comfort …), zero when met;
+`raw_excess(x, c)` is (B, K): each constraint's violation in its physical unit (MW, K,
+kW), zero when met; `excess` divides by each constraint's natural scale (total nominal
+load, a generator's range, a line's rating, 1 K of comfort …);
 `forward(x, c)` is (B,): the sum of squared excesses, the physics term of the EBDM loss.
 They mirror `domains.grid.GridDomain.violations` / `domains.hvac.HvacDomain.violations`
 (tests check the two agree).
@@ -9,6 +10,7 @@ They mirror `domains.grid.GridDomain.violations` / `domains.hvac.HvacDomain.viol
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,11 +24,22 @@ def _buf(module: nn.Module, name: str, value) -> None:
 
 
 class ConstraintPenalty(nn.Module):
-    def excess(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, K)
+    scale: torch.Tensor  # (K,) each constraint's natural scale, in its physical unit
+    rows: torch.Tensor  # (K, d) each constraint's gradient in the state (all are linear in x)
+
+    def raw_excess(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, K) physical units
         raise NotImplementedError
+
+    def excess(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, K) dimensionless
+        return self.raw_excess(x, c) / self.scale
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B,)
         return self.excess(x, c).square().sum(-1)
+
+    def distance(self, x: torch.Tensor, c: torch.Tensor, half: torch.Tensor) -> torch.Tensor:  # (B, K)
+        """Distance of x to each violated constraint in normalised units z = x / half: the
+        excess divided by the norm of the constraint's row in z."""
+        return self.raw_excess(x, c) / (self.rows * half).norm(dim=-1).clamp(min=1e-12)
 
     def violated(self, x: torch.Tensor, c: torch.Tensor, tol: float = 1e-2) -> torch.Tensor:  # (B,) bool
         """Whether any constraint is off by more than `tol` of its scale."""
@@ -45,17 +58,20 @@ class GridPenalty(ConstraintPenalty):
         _buf(self, "rate", domain.rate[lim])  # (L,)
         _buf(self, "pmin", domain.pmin)  # (G,)
         _buf(self, "pmax", domain.pmax)
-        _buf(self, "span", (domain.pmax - domain.pmin).clip(min=1e-6))
         self.fixed_load = float(domain.fixed_load)
-        self.load_scale = float(max(1.0, abs(domain.nominal_load.sum() + domain.fixed_load)))
+        load_scale = max(1.0, abs(domain.nominal_load.sum() + domain.fixed_load))
+        span = (domain.pmax - domain.pmin).clip(min=1e-6)
+        _buf(self, "scale", [load_scale, *span, *span, *domain.rate[lim]])  # MW: total load, ranges, ratings
+        eye = np.eye(len(span))
+        _buf(self, "rows", np.vstack([np.ones((1, len(span))), eye, eye, domain.ptdf_gen[lim]]))  # (K, G)
 
-    def excess(self, x, c):
-        # x: (B, G) MW, c: (B, N) MW
-        balance = (x.sum(-1) - c.sum(-1) - self.fixed_load).abs() / self.load_scale  # (B,)
-        over = (x - self.pmax).clamp(min=0) / self.span  # (B, G)
-        under = (self.pmin - x).clamp(min=0) / self.span  # (B, G)
+    def raw_excess(self, x, c):
+        # x: (B, G) MW, c: (B, N) MW -> (B, 1 + 2G + L) MW
+        balance = (x.sum(-1) - c.sum(-1) - self.fixed_load).abs()  # (B,)
+        over = (x - self.pmax).clamp(min=0)  # (B, G)
+        under = (self.pmin - x).clamp(min=0)  # (B, G)
         flow = x @ self.ptdf_gen.T - c @ self.ptdf_load.T + self.offset  # (B, L)
-        line = (flow.abs() - self.rate).clamp(min=0) / self.rate  # (B, L)
+        line = (flow.abs() - self.rate).clamp(min=0)  # (B, L)
         return torch.cat([balance[:, None], over, under, line], dim=-1)
 
 
@@ -74,9 +90,13 @@ class HvacPenalty(ConstraintPenalty):
         _buf(self, "heat_max", domain.heat_max)
         _buf(self, "cool_max", domain.cool_max)
         self.band_occupied, self.band_empty = b.occupied_band, b.unoccupied_band
+        span = domain.heat_max + domain.cool_max
+        _buf(self, "scale", [*[1.0] * (2 * self.zones), *span, *span])  # K, K, kW, kW
+        eye = np.eye(self.zones)
+        _buf(self, "rows", np.vstack([domain.b_u, domain.b_u, eye, eye]))  # (K, Z)
 
-    def excess(self, x, c):
-        # x: (B, Z) kW, c: (B, 2 + 2Z) = [T_out, hour, occ (Z), T0 (Z)]
+    def raw_excess(self, x, c):
+        # x: (B, Z) kW, c: (B, 2 + 2Z) = [T_out, hour, occ (Z), T0 (Z)] -> (B, 4Z) K and kW
         z = self.zones
         t_out, hour, occ, t0 = c[:, 0], c[:, 1], c[:, 2 : 2 + z], c[:, 2 + z : 2 + 2 * z]
         sun = torch.sin(torch.pi * (hour - 6.0) / 12.0).clamp(min=0)  # (B,)
@@ -85,13 +105,12 @@ class HvacPenalty(ConstraintPenalty):
         occupied = occ > OCCUPIED
         lo = torch.where(occupied, self.band_occupied[0], self.band_empty[0])
         hi = torch.where(occupied, self.band_occupied[1], self.band_empty[1])
-        span = self.heat_max + self.cool_max
         return torch.cat(
             [
                 (t_next - hi).clamp(min=0),  # K above the band
                 (lo - t_next).clamp(min=0),  # K below
-                (x - self.heat_max).clamp(min=0) / span,
-                (-x - self.cool_max).clamp(min=0) / span,
+                (x - self.heat_max).clamp(min=0),  # kW beyond heating capacity
+                (-x - self.cool_max).clamp(min=0),  # kW beyond cooling capacity
             ],
             dim=-1,
         )

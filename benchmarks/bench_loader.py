@@ -1,0 +1,146 @@
+"""Fossil loader throughput against raw msgspec decoding, and its memory as the data grows.
+
+    python benchmarks/bench_loader.py                      # case118, 20k/40k/80k fossils
+    python benchmarks/bench_loader.py --sizes 100000,400000 --workers 2
+
+For each size: shards of realistic case118 fossils are written (a few hundred synthesized
+observations re-timestamped, so every line is a distinct fossil with its own content id);
+then, each in a fresh process so peak RSS is its own,
+  raw    — read every shard and `msgspec.json.Decoder(Fossil).decode_lines` it;
+  loader — one epoch of `FossilLoader` (window shuffle, float32 tensors of batch_size).
+Prints a table and one JSON line per size. Goal: loader ≥ 0.7× raw records/s, and peak RSS
+flat as the data grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_shards(out: Path, domain: str, n: int, shard_size: int, seed: int = 0) -> int:
+    import msgspec
+    import numpy as np
+
+    import domains
+    from domains.fossils import SHARD_PATTERN, to_fossil
+
+    d = domains.get(domain)
+    base = d.synthesize(np.random.default_rng(seed), 256)
+    start = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    encoder = msgspec.json.Encoder()
+    out.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for k, first in enumerate(range(0, n, shard_size)):
+        buf = bytearray()
+        for i in range(first, min(n, first + shard_size)):
+            encoder.encode_into(to_fossil(d, base[i % len(base)], start + i * d.sample_interval, f"synth:{domain}"), buf, -1)
+            buf += b"\n"
+        (out / SHARD_PATTERN.format(k)).write_bytes(buf)
+        total += len(buf)
+    return total
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    """(this process, its largest child) peak RSS in MB (Linux reports KiB)."""
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    )
+
+
+def run_raw(shards: Path) -> dict:
+    import msgspec
+
+    from bus.events import Fossil
+
+    decoder = msgspec.json.Decoder(Fossil)
+    t0, n, size = time.perf_counter(), 0, 0
+    for path in sorted(shards.glob("*.ndjson")):
+        data = path.read_bytes()
+        size += len(data)
+        n += len(decoder.decode_lines(data))
+    return {"records": n, "bytes": size, "seconds": time.perf_counter() - t0}
+
+
+def run_loader(shards: Path, domain: str, batch: int, workers: int) -> dict:
+    from ml.loader import FossilLoader
+
+    loader = FossilLoader(shards, domain=domain, batch_size=batch, num_workers=workers, epochs=1)
+    size = sum(p.stat().st_size for p in shards.glob("*.ndjson"))
+    t0, n = time.perf_counter(), 0
+    for b in loader:
+        n += b.energy.shape[0]
+    return {"records": n, "bytes": size, "seconds": time.perf_counter() - t0}
+
+
+def child(args) -> None:
+    """Run one measurement in this (fresh) process and print it as JSON."""
+    if args.child == "raw":
+        result = run_raw(Path(args.dir))
+    else:
+        result = run_loader(Path(args.dir), args.domain, args.batch, args.workers)
+    result["rss_mb"], result["child_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+def measure(kind: str, shards: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--dir", str(shards), "--domain", args.domain,
+           "--batch", str(args.batch), "--workers", str(args.workers)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="20000,40000,80000", help="fossil counts, comma-separated")
+    p.add_argument("--domain", default="grid:case118")
+    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in-process)")
+    p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is kept")
+    p.add_argument("--child", choices=["raw", "loader"], help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    print(f"{'fossils':>8} {'MB':>7} {'raw rec/s':>10} {'raw MB/s':>9} {'loader rec/s':>12} {'loader MB/s':>11} {'ratio':>6} {'loader RSS MB':>13} {'worker RSS MB':>13}")
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        for n in (int(s) for s in args.sizes.split(",")):
+            shards = Path(tmp) / f"n{n}"
+            write_shards(shards, args.domain, n, args.shard_size)
+            raw = min((measure("raw", shards, args) for _ in range(args.repeat)), key=lambda r: r["seconds"])
+            loader = min((measure("loader", shards, args) for _ in range(args.repeat)), key=lambda r: r["seconds"])
+            assert raw["records"] == loader["records"] == n, (raw, loader)
+            mb = raw["bytes"] / 1e6
+            row = {
+                "fossils": n,
+                "mb": round(mb, 1),
+                "raw_records_per_s": round(n / raw["seconds"]),
+                "raw_mb_per_s": round(mb / raw["seconds"], 1),
+                "loader_records_per_s": round(n / loader["seconds"]),
+                "loader_mb_per_s": round(mb / loader["seconds"], 1),
+                "ratio": round(raw["seconds"] / loader["seconds"], 2),
+                "raw_peak_rss_mb": round(raw["rss_mb"], 1),
+                "loader_peak_rss_mb": round(loader["rss_mb"], 1),
+                "loader_worker_peak_rss_mb": round(loader["child_rss_mb"], 1),
+                "workers": args.workers,
+            }
+            print(f"{n:>8} {mb:>7.1f} {row['raw_records_per_s']:>10} {row['raw_mb_per_s']:>9} {row['loader_records_per_s']:>12} "
+                  f"{row['loader_mb_per_s']:>11} {row['ratio']:>6} {row['loader_peak_rss_mb']:>13} {row['loader_worker_peak_rss_mb']:>13}")
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

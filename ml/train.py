@@ -1,0 +1,257 @@
+"""Train an EBDM on fossils, evaluate it, and write the checkpoint.
+
+    result = train_local("grid:case118", "vault/fossils", "model_zoo", steps=5000)
+    result.checkpoint, result.metrics
+
+`train` is what the GPU worker calls (with `progress_cb` publishing job.progress and
+`should_stop` watching the emergency stop); `evaluate` is what the daemon calls to compare
+a candidate checkpoint with production on the same held-out fossils.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+import domains
+from bus.events import domain_token
+from ml.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from ml.ebdm import EBDM, EBDMConfig, evaluate_model
+from ml.loader import FossilLoader, FossilSource, NoFossils, as_source, load_arrays
+from ml.physics import penalty_for
+
+ProgressCb = Callable[[int, int, float, float], None]  # (step, total, loss, samples_per_s)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    sha256: str  # hex digest of the checkpoint file
+    metrics: dict[str, float]
+    steps: int
+    samples: int
+    duration_s: float
+    stopped_early: bool = False
+    loader_state: dict = field(default_factory=dict)
+
+
+@dataclass
+class FitStats:
+    steps: int = 0
+    samples: int = 0
+    loss: float = math.nan  # mean loss over the last logging window
+    samples_per_s: float = 0.0
+    stopped_early: bool = False
+
+
+def _ema(model: EBDM, decay: float) -> AveragedModel:
+    """Exponential moving average of the weights, with the usual warm-up (1+n)/(10+n)."""
+    count = [0]
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], _n) -> None:
+        count[0] += 1
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + count[0]) / (10 + count[0])))
+
+    return AveragedModel(model, multi_avg_fn=update)
+
+
+def fit(
+    model: EBDM,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    penalty: torch.nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    progress_cb: ProgressCb | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    bf16: bool | None = None,
+) -> tuple[EBDM, FitStats]:
+    """Run `config.steps` optimiser steps over (state, context) batches; return the EMA
+    model (or the model itself with ema=0) and what happened. `bf16` autocast defaults to
+    on for CUDA, off elsewhere."""
+    cfg = model.config
+    device = torch.device(device)
+    model.to(device).train()
+    penalty = penalty.to(device) if penalty is not None else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, min(cfg.warmup, cfg.steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))
+    )
+    ema = _ema(model, cfg.ema) if cfg.ema > 0 else None
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    stats = FitStats()
+    window_loss, window_n, window_samples, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
+    for x, c in batches:
+        x, c = x.to(device, non_blocking=True), c.to(device, non_blocking=True)
+        with autocast:
+            loss, _ = model.loss(x, c, penalty)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        stats.steps += 1
+        stats.samples += x.shape[0]
+        window_loss += loss.detach()
+        window_n += 1
+        window_samples += x.shape[0]
+        last = stats.steps >= cfg.steps
+        if stats.steps % cfg.log_every == 0 or last:
+            now = time.perf_counter()
+            stats.loss = float(window_loss) / window_n  # one device sync per window
+            stats.samples_per_s = window_samples / max(now - t0, 1e-9)
+            window_loss.zero_()
+            window_n, window_samples, t0 = 0, 0, now
+            if progress_cb is not None:
+                progress_cb(stats.steps, cfg.steps, stats.loss, stats.samples_per_s)
+        if last:
+            break
+        if should_stop is not None and should_stop():
+            stats.stopped_early = True
+            if window_n:
+                stats.loss = float(window_loss) / window_n
+            break
+    trained = ema.module if ema is not None else model
+    return trained.eval(), stats
+
+
+def _penalty(config: EBDMConfig):
+    return penalty_for(domains.get(config.domain)) if config.domain else None
+
+
+def train(
+    config: EBDMConfig,
+    data_source: FossilSource | str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    progress_cb: ProgressCb | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    num_workers: int = 0,
+    loader_state: dict | None = None,
+    lineage: dict | None = None,
+) -> TrainResult:
+    """Train on the "train" split of `data_source` (fossils of `config.domain`), evaluate
+    on its "heldout" split (1 in 16 fossils by id), and write a safetensors checkpoint
+    under `out_dir` (a fresh temporary directory if None). `lineage` adds to what the
+    source reports (e.g. the stream sequence range a worker read); `loader_state` starts
+    the data where a previous loader stopped. Metrics are finite floats (one that cannot
+    be computed, e.g. a correlation over constant values, is left out)."""
+    started = time.perf_counter()
+    cfg = config.resolved()
+    torch.manual_seed(cfg.seed)
+    source = as_source(data_source)
+    pin = torch.device(device).type == "cuda"
+    loader = FossilLoader(
+        source, domain=cfg.domain, batch_size=cfg.batch_size, seed=cfg.seed, split="train", epochs=None,
+        num_workers=num_workers, state=loader_state, pin_memory=pin,
+    )
+    penalty = _penalty(cfg)
+    model = EBDM(cfg)
+    batches = ((b.state, b.context) for b in loader)
+    try:
+        trained, stats = fit(model, batches, penalty=penalty, device=device, progress_cb=progress_cb, should_stop=should_stop)
+    finally:
+        batches.close()  # stops the DataLoader's workers now, not at garbage collection
+    metrics = {"steps": float(stats.steps), "samples_per_s": stats.samples_per_s}
+    if math.isfinite(stats.loss):
+        metrics["train_loss"] = stats.loss
+    metrics.update(_evaluate(trained, source, penalty, cfg, device))
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="scf-train-"))
+    name = f"ebdm-{domain_token(cfg.domain or 'vector')}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-s{stats.steps}.safetensors"
+    full_lineage = {
+        "domain": cfg.domain,
+        "source": source.lineage(),
+        "split": "train: fossil_id last hex digit != 0; heldout: == 0",
+        "loader_state": loader.state_dict(),
+        "samples": stats.samples,
+        **(lineage or {}),
+    }
+    path = save_checkpoint(out / name, trained, lineage=full_lineage, metrics=metrics)
+    return TrainResult(
+        checkpoint=path, sha256=sha256_file(path), metrics=metrics, steps=stats.steps, samples=stats.samples,
+        duration_s=time.perf_counter() - started, stopped_early=stats.stopped_early, loader_state=loader.state_dict(),
+    )
+
+
+def _evaluate(model: EBDM, heldout, penalty, cfg: EBDMConfig, device, seed: int = 0) -> dict[str, float]:
+    if isinstance(heldout, tuple):
+        x, c, cost = heldout
+    else:
+        try:
+            x, c, cost = load_arrays(as_source(heldout), domain=cfg.domain, split="heldout", limit=cfg.eval_records)
+        except NoFossils:  # too little data to hold any out: say so in the metrics
+            return {"heldout_records": 0.0}
+    domain = domains.get(cfg.domain) if cfg.domain else None
+    metrics = evaluate_model(model.to(device), x, c, cost, penalty, domain=domain, seed=seed)
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}  # events carry finite floats only
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    heldout: FossilSource | str | os.PathLike | tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    limit: int | None = None,
+) -> dict[str, float]:
+    """Metrics of a checkpoint on held-out fossils: a source (its "heldout" split, up to
+    `limit` or the config's eval_records) or arrays (state, context, cost). Deterministic
+    for a seed, so a candidate and production evaluated alike are comparable."""
+    model, meta = load_checkpoint(checkpoint, device)
+    cfg = model.config
+    if limit is not None:
+        cfg = dataclasses.replace(cfg, eval_records=limit)
+    return _evaluate(model, heldout, _penalty(cfg), cfg, device, seed=seed)
+
+
+def compare(candidate: dict[str, float], baseline: dict[str, float], *, margin: float = 0.02, violation_slack: float = 0.01) -> tuple[bool, list[str]]:
+    """Whether a candidate beats the baseline: held-out DSM lower by `margin` (relative),
+    and sample violation rate not higher by more than `violation_slack`. Reasons either way."""
+    reasons, better = [], True
+    c, b = candidate.get("heldout_dsm", math.inf), baseline.get("heldout_dsm", math.inf)
+    if not c < b * (1 - margin):
+        better = False
+        reasons.append(f"heldout_dsm {c:.4g} is not {margin:.0%} below the baseline's {b:.4g}")
+    else:
+        reasons.append(f"heldout_dsm {c:.4g} < {b:.4g} by more than {margin:.0%}")
+    if "violation_rate" in candidate and "violation_rate" in baseline:
+        cv, bv = candidate["violation_rate"], baseline["violation_rate"]
+        if cv > bv + violation_slack:
+            better = False
+            reasons.append(f"violation_rate {cv:.3f} exceeds the baseline's {bv:.3f} by more than {violation_slack}")
+    return better, reasons
+
+
+def train_local(
+    domain: str,
+    shards_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    steps: int = 2000,
+    batch_size: int = 256,
+    device: str = "cpu",
+    seed: int = 0,
+    progress_cb: ProgressCb | None = None,
+    **config: object,
+) -> TrainResult:
+    """`scf train`: train an EBDM for `domain` on the shards in `shards_dir`, checkpoint
+    into `out_dir`. Extra keyword arguments are EBDMConfig fields."""
+    cfg = EBDMConfig.from_params({"domain": domain, "steps": steps, "batch_size": batch_size, "seed": seed, **config})
+    domains.get(domain)  # UnknownDomain before any work
+    return train(cfg, shards_dir, out_dir=out_dir, device=device, progress_cb=progress_cb)

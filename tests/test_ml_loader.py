@@ -1,0 +1,150 @@
+"""The fossil loader: every record once per epoch across ranks and workers, exact resume."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bus.events import Fossil
+from domains.fossils import synth_shards
+from ml.loader import FossilLoader, LoaderError, ShardSource, _Plan, iterate_fossils, load_arrays
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("case9")
+    synth_shards("grid:case9", 500, out, shard_size=130, seed=2)  # 4 shards: 130, 130, 130, 110
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(shards):
+    return [msgspec.json.decode(line, type=Fossil) for p in sorted(shards.glob("*.ndjson")) for line in p.read_bytes().splitlines()]
+
+
+def _energies(batches) -> Counter:
+    return Counter(float(e) for b in batches for e in b.energy)
+
+
+def test_two_ranks_two_workers_see_every_record_once_per_epoch(shards, records):
+    every = Counter(float(np.float32(r.energy)) for r in records)
+    assert len(every) == 500  # energies identify records here
+    per_epoch = [Counter(), Counter()]
+    orders = []
+    for rank in range(2):
+        loader = FossilLoader(shards, batch_size=16, seed=4, rank=rank, world_size=2, num_workers=2, epochs=2, shuffle_buffer=8192)
+        seen_by_rank = [Counter(), Counter()]
+        for batch in loader:
+            epoch = loader.epoch
+            assert batch.state.shape[1:] == (3,) and batch.context.shape[1:] == (3,) and batch.state.dtype.is_floating_point
+            for e in batch.energy:
+                seen_by_rank[epoch][float(e)] += 1
+            orders.append((rank, epoch, float(batch.energy[0])))
+        assert seen_by_rank[0] and seen_by_rank[1]
+        assert not set(seen_by_rank[0]) & set(per_epoch[0])  # ranks do not overlap
+        for epoch in range(2):
+            per_epoch[epoch] += seen_by_rank[epoch]
+    assert per_epoch[0] == every and per_epoch[1] == every
+    first = [o[2] for o in orders if o[:2] == (0, 0)]
+    second = [o[2] for o in orders if o[:2] == (0, 1)]
+    assert first != second  # each epoch is shuffled anew
+
+
+@settings(max_examples=40, deadline=None)
+@given(world=st.integers(1, 3), workers=st.integers(1, 3), window=st.integers(200, 100_000), epoch=st.integers(0, 5), seed=st.integers(0, 2**31))
+def test_slots_partition_the_records_for_any_layout(shards, records, world, workers, window, epoch, seed):
+    plan = _Plan(ShardSource(shards), None, seed, window, None)
+    slots = world * workers
+    ids = Counter(row.fossil_id for s in range(slots) for row, _ in plan.rows(epoch, s, slots))
+    assert ids == Counter(r.fossil_id for r in records)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cut=st.integers(0, 200), slots=st.integers(1, 4), window=st.integers(300, 50_000), split=st.sampled_from([None, "train", "heldout"]))
+def test_a_slot_resumes_exactly_where_it_stopped(shards, cut, slots, window, split):
+    plan = _Plan(ShardSource(shards), "grid:case9", 1, window, split)
+    rows = list(plan.rows(3, slots - 1, slots))
+    cut = min(cut, len(rows))
+    start = rows[cut - 1][1] if cut else (0, 0, 0)
+    rest = [r.fossil_id for r, _ in plan.rows(3, slots - 1, slots, start)]
+    assert rest == [r.fossil_id for r, _ in rows[cut:]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(window=st.integers(1, 40_000), data=st.data())
+def test_a_window_read_is_whole_lines_and_bounded(shards, window, data):
+    source = ShardSource(shards)
+    units = source.units(data.draw(st.integers(1, 8)))
+    unit = data.draw(st.sampled_from(units))
+    index = data.draw(st.integers(0, source.windows(unit, window) - 1))
+    chunk = source.read(unit, index, window)
+    longest = max(len(line) + 1 for line in (shards / unit.key).read_bytes().splitlines())
+    assert len(chunk) <= window + longest  # memory per worker is one window (plus one line)
+    assert chunk == b"" or chunk.endswith(b"\n")
+    for line in chunk.splitlines():
+        msgspec.json.decode(line, type=Fossil)
+
+
+@pytest.mark.parametrize("workers, world, rank", [(0, 1, 0), (2, 1, 0), (2, 2, 1)])
+def test_resume_from_state_dict_continues_without_repeat_or_skip(shards, workers, world, rank):
+    def make(state=None):
+        return FossilLoader(shards, batch_size=20, seed=9, rank=rank, world_size=world, num_workers=workers, epochs=2, shuffle_buffer=8192, state=state)
+
+    full = [b.energy.tolist() for b in make()]
+    for cut in (1, len(full) // 3, len(full) // 2 + 1, len(full) - 1):
+        loader = make()
+        it = iter(loader)
+        head = [next(it).energy.tolist() for _ in range(cut)]
+        state = msgspec.json.decode(msgspec.json.encode(loader.state_dict()))  # the state survives JSON
+        del it
+        tail = [b.energy.tolist() for b in make(state)]
+        assert head + tail == full, f"cut at batch {cut} of {len(full)}"
+
+
+def test_state_from_another_layout_is_refused(shards):
+    loader = FossilLoader(shards, num_workers=0, seed=1)
+    state = loader.state_dict()
+    with pytest.raises(LoaderError, match="saved for another layout \\(seed saved 1 now 2\\): resume with the same settings"):
+        FossilLoader(shards, num_workers=0, seed=2, state=state)
+
+
+def test_iterate_fossils_streams_one_epoch_of_rows(shards, records):
+    rows = list(iterate_fossils(shards, domain="grid:case9", seed=3, shuffle_buffer=4096))
+    assert sorted(r.fossil_id for r in rows) == sorted(r.fossil_id for r in records)
+    assert [r.fossil_id for r in rows] != [r.fossil_id for r in records]  # shuffled
+    assert list(iterate_fossils(shards, domain="grid:case14")) == []
+
+
+def test_splits_are_disjoint_and_cover_everything(shards, records):
+    train = list(iterate_fossils(shards, split="train"))
+    held = list(iterate_fossils(shards, split="heldout"))
+    assert {r.fossil_id for r in train}.isdisjoint(r.fossil_id for r in held)
+    assert len(train) + len(held) == len(records)
+    assert all(r.fossil_id.endswith("0") for r in held) and 10 < len(held) < 60  # about 1 in 16
+    x, c, e = load_arrays(shards, domain="grid:case9", split="heldout")
+    assert x.shape == (len(held), 3) and c.shape == (len(held), 3) and e.shape == (len(held),)
+
+
+def test_a_bad_line_is_passed_over_and_mixed_dimensions_named(tmp_path, shards):
+    lines = (shards / "fossils-00000.ndjson").read_bytes().splitlines()
+    (tmp_path / "fossils-00000.ndjson").write_bytes(b"\n".join([lines[0], b'{"not": "a fossil"', lines[1]]) + b"\n")
+    assert len(list(iterate_fossils(tmp_path))) == 2
+    synth_shards("grid:case14", 3, tmp_path / "mixed", seed=0)
+    (tmp_path / "mixed" / "fossils-00001.ndjson").write_bytes(b"\n".join(lines[:3]) + b"\n")
+    with pytest.raises(LoaderError, match="pass domain= to read one domain"):
+        list(FossilLoader(tmp_path / "mixed", batch_size=8))
+    assert sum(len(b.energy) for b in FossilLoader(tmp_path / "mixed", batch_size=8, domain="grid:case14")) == 3
+
+
+def test_missing_or_empty_shard_directory_is_named(tmp_path):
+    with pytest.raises(LoaderError, match="no shard directory at .*nowhere"):
+        ShardSource(tmp_path / "nowhere")
+    with pytest.raises(LoaderError, match="holds no \\*.ndjson shard"):
+        ShardSource(tmp_path)
