@@ -35,7 +35,7 @@ async def observe_nothing_happens(check, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         assert check()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # sampling interval: an absence is observed over a window
 
 
 async def test_emergency_stop_pauses_effects_and_releases_them_once(bus, settings):

@@ -147,7 +147,7 @@ async def _first_progress(bus: Bus, before: int, timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while await stream_count(bus, "LEDGER") <= before and loop.time() < end:
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # polling interval of the awaited condition above
 
 
 async def _drained(bus: Bus, n: int) -> bool:
