@@ -10,8 +10,10 @@ so one model gives both energies (to rank states) and scores (to sample states).
   double backprop). The quadratic envelope is the energy of N(0, (1 + σ²) I), which holds
   everything the data can be; it keeps the energy growing away from the data, where the
   network never trained, so samplers cannot run off.
-* Training: denoising score matching (Vincent 2011) over log-normal σ (EDM's choice for
-  data of std ≈ 0.5): z̃ = z + σ ε, loss = |σ·score(z̃) + ε|², plus a physics penalty on the
+* Training: denoising score matching (Vincent 2011), σ half log-normal (EDM's choice for
+  data of std ≈ 0.5: it learns the mid levels, where mode weights are decided) and half
+  log-uniform over the ladder (so the small σ the sampler ends on are trained too):
+  z̃ = z + σ ε, loss = |σ·score(z̃) + ε|², plus a physics penalty on the
   denoised estimate x̂ = x̃ + σ²·score (Tweedie), the domain's constraint excess in torch.
 * Sampling: annealed Langevin dynamics (Song & Ermon 2019) over a geometric ladder of L
   levels from σ_max to σ_min, Metropolis-adjusted with the model's energy (plain Langevin
@@ -57,7 +59,7 @@ class EBDMConfig:
     n_levels: int = 30  # sampler ladder
     sigma_log_mean: float = -1.2  # training σ: log σ ~ N(mean, std²) clamped to the ladder
     sigma_log_std: float = 1.2  # (data in [-1, 1] has std ≈ 0.5, as in EDM) …
-    sigma_uniform: float = 0.0  # … except this share, log-uniform over [σ_min, σ_max]
+    sigma_uniform: float = 0.5  # … except this share, log-uniform over [σ_min, σ_max]
     physics_weight: float = 0.1
     # training
     steps: int = 2000
