@@ -223,11 +223,11 @@ async def ensure_consumer(js, spec: ConsumerSpec) -> None:
     await js.add_consumer(spec.stream, spec.config())
 
 
-# Durable consumers of the processes, by name. Dynamic ones (a worker's pool, an edge
-# node, the archive of each stream) are built by the functions below.
+# Durable consumers of the processes, by name. A worker pool's is built by the function
+# below; the archive and the daemon's fossil counter use ordered consumers (their position
+# is their own state, see docs/archive.md and docs/control.md).
 CONSUMERS: dict[str, ConsumerSpec] = {
     "daemon-control": ConsumerSpec("CONTROL", "daemon-control", ("control.>",), description="the daemon applies commands"),
-    "daemon-fossils": ConsumerSpec("FOSSILS", "daemon-fossils", ("fossil.recorded.>",), description="the daemon counts new fossils"),
     "daemon-checkpoints": ConsumerSpec(
         "CHECKPOINTS", "daemon-checkpoints", ("checkpoint.produced.>",), ack_wait=120.0, description="verify and promote"
     ),
@@ -243,7 +243,3 @@ def worker_consumer(pool: str) -> ConsumerSpec:
         "JOBS", f"worker-{pool}", (f"work.{pool}",), ack_wait=60.0, max_deliver=3, max_ack_pending=64,
         description=f"GPU workers of pool {pool}",
     )
-
-
-def archive_consumer(stream: str) -> ConsumerSpec:
-    return ConsumerSpec(stream, f"archive-{stream.lower()}", (), ack_wait=60.0, max_ack_pending=20000, description="Parquet archive")
