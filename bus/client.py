@@ -25,8 +25,8 @@ from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, Not
 
 from bus import codec
 from bus import events as ev
-from bus.ids import new_id
 from bus.errors import NatsUnavailable, PublishConflict, ServerError, StreamNotFound
+from bus.ids import new_id
 from bus.settings import Settings
 from bus.signing import SigningKey
 from bus.streams import stream_for_subject

@@ -8,7 +8,7 @@ required), whose signature is checked on the raw payload bytes before the payloa
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Union
 
 import msgspec
 
@@ -119,7 +119,7 @@ class Codec:
     ) -> None:
         self.types = tuple(types)
         self.by_name = {cls.type_name(): cls for cls in self.types}
-        union = self.types[0] if len(self.types) == 1 else __import__("typing").Union[self.types]
+        union = self.types[0] if len(self.types) == 1 else Union[self.types]
         self._decoder = msgspec.json.Decoder(union)
         self.trust = trust
         self.require_signature = require_signature
@@ -146,9 +146,7 @@ class Codec:
             wire = msgspec.json.decode(buf, type=_Wire)
         except msgspec.DecodeError as exc:
             raise DecodeError(f"not an SCF event envelope ({exc})") from None
-        if wire.sig is None and not self.require_signature:
-            pass
-        else:
+        if wire.sig is not None or self.require_signature:
             assert self.trust is not None
             self.trust.verify(_canonical(wire), wire.sig, wire.kid, self.role)
         cls = self.by_name.get(wire.type)
