@@ -1,25 +1,39 @@
 # The two commands of the README: `make demo` (the whole loop on the embedded default) and
 # `make test`. Both set up a virtual environment first: torch==2.13.0 before the project,
-# so that no CUDA build of torch is pulled on a machine without a GPU.
+# so that no CUDA build of torch is pulled on a machine without a GPU. Every install goes
+# through constraints.txt (the lock: exact versions for every platform), refreshed by
+# `make lock`; pyproject.toml keeps the honest ranges.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+PIP := $(PY) -m pip install -q -c constraints.txt
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[train,test]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[train,test,dev]'
 	touch $@
 
-.PHONY: install test demo bench
+.PHONY: install test test-fast demo bench lock lint
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The default run without the long tests (training to quality, fault injection loops).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/scf demo
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_bus.py
+
+# Refresh the lock after changing a range in pyproject.toml: one resolution for every
+# platform (Linux, macOS, Windows; CPU and CUDA), Python 3.11 and newer.
+lock: $(VENV)/.installed
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra train --extra test --extra dev \
+		--universal --python-version 3.11 -c constraints.in -o constraints.txt

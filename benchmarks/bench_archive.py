@@ -36,18 +36,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bus import events as ev  # noqa: E402
-from bus.client import Bus  # noqa: E402
-from bus.server import ServerProcess, free_port  # noqa: E402
-from bus.settings import Settings  # noqa: E402
-from bus.streams import ensure  # noqa: E402
+from scf.bus import events as ev  # noqa: E402
+from scf.bus.client import Bus  # noqa: E402
+from scf.bus.server import ServerProcess, free_port  # noqa: E402
+from scf.bus.settings import Settings  # noqa: E402
+from scf.bus.streams import ensure  # noqa: E402
 
 
 # --------------------------------------------------------------------------- ingest
 
 
 def _fossils(n: int, seed: int = 1):
-    from projections import sample
+    from scf.projections import sample
 
     # Fossil-only history: the FOSSILS stream is the big one in practice.
     out = []
@@ -91,8 +91,8 @@ async def _raw_replay(bus: Bus, stream: str, n: int) -> float:
 
 
 async def _archive_replay(bus: Bus, stream: str, n: int, root: Path) -> tuple[float, int]:
-    from projections.archive import ArchiveSettings, StreamFollower, gc_tuned
-    from projections.store import ArchiveStore
+    from scf.projections.archive import ArchiveSettings, StreamFollower, gc_tuned
+    from scf.projections.store import ArchiveStore
 
     store = ArchiveStore(root)
     store.ensure()
@@ -159,7 +159,7 @@ _CHILD = textwrap.dedent(
     """
     import json, sys, time
     sys.path.insert(0, {root!r})
-    from projections import views, cfr
+    from scf.projections import views, cfr
     what, archive = sys.argv[1], sys.argv[2]
     t = time.perf_counter()
     if what == "dataset":
@@ -191,14 +191,14 @@ def _child(what: str, archive: Path, extra: list[str] | None = None) -> dict:
 def _partition_rows(archive: Path, streams: list[str]) -> int:
     import pyarrow.parquet as pq
 
-    from projections.store import ArchiveStore
+    from scf.projections.store import ArchiveStore
 
     store = ArchiveStore(archive)
     return sum(pq.ParquetFile(f.path).metadata.num_rows for s in streams for f in store.files(s))
 
 
 def _ledger_only(n: int):
-    from bus.ids import derived_id
+    from scf.bus.ids import derived_id
 
     at = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
     for i in range(n):
@@ -213,8 +213,8 @@ def _ledger_only(n: int):
 
 
 def bench_queries(events: int, keep: Path | None) -> dict:
-    from projections import sample, views
-    from projections.store import ArchiveStore
+    from scf.projections import sample, views
+    from scf.projections.store import ArchiveStore
 
     tmp = Path(tempfile.mkdtemp(prefix="scf-bench-queries-"))
     archive = keep or tmp / "archive"

@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bus.artifacts import ObjectStoreBackend  # noqa: E402
-from bus.client import Bus  # noqa: E402
-from bus.server import ServerProcess, free_port  # noqa: E402
-from bus.settings import Settings  # noqa: E402
-from bus.streams import ensure  # noqa: E402
+from scf.bus.artifacts import ObjectStoreBackend  # noqa: E402
+from scf.bus.client import Bus  # noqa: E402
+from scf.bus.server import ServerProcess, free_port  # noqa: E402
+from scf.bus.settings import Settings  # noqa: E402
+from scf.bus.streams import ensure  # noqa: E402
 
 
 def mib_s(nbytes: int, seconds: float) -> float:

@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nats  # noqa: E402
 
-from bus import codec  # noqa: E402
-from bus import events as ev  # noqa: E402
-from bus.client import Bus  # noqa: E402
-from bus.runner import Runner  # noqa: E402
-from bus.server import ServerProcess, free_port  # noqa: E402
-from bus.settings import Settings  # noqa: E402
-from bus.streams import ConsumerSpec, ensure  # noqa: E402
+from scf.bus import codec  # noqa: E402
+from scf.bus import events as ev  # noqa: E402
+from scf.bus.client import Bus  # noqa: E402
+from scf.bus.runner import Runner  # noqa: E402
+from scf.bus.server import ServerProcess, free_port  # noqa: E402
+from scf.bus.settings import Settings  # noqa: E402
+from scf.bus.streams import ConsumerSpec, ensure  # noqa: E402
 
 
 def make_events(n: int, tag: str) -> list[ev.Event]:

@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT))
 import msgspec  # noqa: E402
 import nats  # noqa: E402
 
-from bus.client import Bus  # noqa: E402
-from bus.server import ServerProcess, free_port  # noqa: E402
-from bus.settings import Settings, init_home  # noqa: E402
-from bus.streams import KEY_DAEMON, ensure  # noqa: E402
-from producers import gears  # noqa: E402
+from scf.bus.client import Bus  # noqa: E402
+from scf.bus.server import ServerProcess, free_port  # noqa: E402
+from scf.bus.settings import Settings, init_home  # noqa: E402
+from scf.bus.streams import KEY_DAEMON, ensure  # noqa: E402
+from scf.producers import gears  # noqa: E402
 from tests.daemon_support import fossil  # noqa: E402
 
 ORIENT_SAMPLES = {"STANDARD": 4, "ACCELERATED": 10, "HYPER": 30, "SINGULARITY": 30}
@@ -75,7 +75,7 @@ async def main() -> None:
         env = dict(os.environ, NATS_URL=server.url, SCF_HOME=settings.home, SCF_SANDBOX="1", PYTHONUNBUFFERED="1")
         env.pop("SCF_KEY", None)
         log = open(tmp / "daemon.log", "wb")
-        daemon = subprocess.Popen([sys.executable, "-m", "cli.main", "run", "daemon"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        daemon = subprocess.Popen([sys.executable, "-m", "scf.cli.main", "run", "daemon"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
         kv = await bus.kv("scf_state")
         deadline = time.monotonic() + 60
@@ -173,7 +173,7 @@ async def main() -> None:
 
 
 def ev_gears() -> list[str]:
-    from bus.events import GEARS
+    from scf.bus.events import GEARS
 
     return list(GEARS)
 

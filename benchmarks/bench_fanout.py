@@ -36,15 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from bus import codec  # noqa: E402
-from bus import events as ev  # noqa: E402
-from bus.client import Bus  # noqa: E402
-from bus.server import ServerProcess, free_port  # noqa: E402
-from bus.settings import Settings, init_home  # noqa: E402
-from bus.signing import SigningKey, TrustList  # noqa: E402
-from bus.streams import ensure  # noqa: E402
-from consumers.deploy import DeployPlanner, DeploySettings, intent_id_for  # noqa: E402
-from consumers.edge import EdgeAgent  # noqa: E402
+from scf.bus import codec  # noqa: E402
+from scf.bus import events as ev  # noqa: E402
+from scf.bus.client import Bus  # noqa: E402
+from scf.bus.server import ServerProcess, free_port  # noqa: E402
+from scf.bus.settings import Settings, init_home  # noqa: E402
+from scf.bus.signing import SigningKey, TrustList  # noqa: E402
+from scf.bus.streams import ensure  # noqa: E402
+from scf.consumers.deploy import DeployPlanner, DeploySettings, intent_id_for  # noqa: E402
+from scf.consumers.edge import EdgeAgent  # noqa: E402
 
 
 RECEIVED: dict[str, float] = {}

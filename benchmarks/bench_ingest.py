@@ -32,16 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import msgspec  # noqa: E402
 
-from bus import events as ev  # noqa: E402
-from bus.client import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_TYPE, Bus  # noqa: E402
-from bus.server import ServerProcess, free_port  # noqa: E402
-from bus.settings import Settings, init_home  # noqa: E402
-from bus.streams import ensure  # noqa: E402
-from producers.ingest import ingest, validate_batch  # noqa: E402
+from scf.bus import events as ev  # noqa: E402
+from scf.bus.client import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_TYPE, Bus  # noqa: E402
+from scf.bus.server import ServerProcess, free_port  # noqa: E402
+from scf.bus.settings import Settings, init_home  # noqa: E402
+from scf.bus.streams import ensure  # noqa: E402
+from scf.producers.ingest import ingest, validate_batch  # noqa: E402
 
 
 def shards_for(domain: str, n: int, seed: int) -> Path:
-    from domains.fossils import synth_shards
+    from scf.domains.fossils import synth_shards
 
     out = Path(tempfile.gettempdir()) / "scf-bench-fossils" / f"{domain.replace(':', '_')}-{n}-{seed}"
     if not (out / ".done").exists():

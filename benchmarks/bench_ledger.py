@@ -34,16 +34,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bus import codec  # noqa: E402
-from bus import events as ev  # noqa: E402
-from bus.client import Bus  # noqa: E402
-from bus.ids import new_id  # noqa: E402
-from bus.server import ServerProcess, free_port  # noqa: E402
-from bus.settings import Settings  # noqa: E402
-from bus.signing import SigningKey, TrustList  # noqa: E402
-from bus.streams import ensure  # noqa: E402
-from consumers.edge import measurement_event  # noqa: E402
-from consumers.ledger import Ledger, LedgerSettings, transfer_for  # noqa: E402
+from scf.bus import codec  # noqa: E402
+from scf.bus import events as ev  # noqa: E402
+from scf.bus.client import Bus  # noqa: E402
+from scf.bus.ids import new_id  # noqa: E402
+from scf.bus.server import ServerProcess, free_port  # noqa: E402
+from scf.bus.settings import Settings  # noqa: E402
+from scf.bus.signing import SigningKey, TrustList  # noqa: E402
+from scf.bus.streams import ensure  # noqa: E402
+from scf.consumers.edge import measurement_event  # noqa: E402
+from scf.consumers.ledger import Ledger, LedgerSettings, transfer_for  # noqa: E402
 
 
 def measurements(n: int, nodes: list[str]) -> list[ev.EnergyMeasured]:

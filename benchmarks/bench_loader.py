@@ -32,8 +32,8 @@ def write_shards(out: Path, domain: str, n: int, shard_size: int, seed: int = 0)
     import msgspec
     import numpy as np
 
-    import domains
-    from domains.fossils import SHARD_PATTERN, to_fossil
+    from scf import domains
+    from scf.domains.fossils import SHARD_PATTERN, to_fossil
 
     d = domains.get(domain)
     base = d.synthesize(np.random.default_rng(seed), 256)
@@ -62,7 +62,7 @@ def peak_rss_mb() -> tuple[float, float]:
 def run_raw(shards: Path) -> dict:
     import msgspec
 
-    from bus.events import Fossil
+    from scf.bus.events import Fossil
 
     decoder = msgspec.json.Decoder(Fossil)
     t0, n, size = time.perf_counter(), 0, 0
@@ -74,7 +74,7 @@ def run_raw(shards: Path) -> dict:
 
 
 def run_loader(shards: Path, domain: str, batch: int, workers: int) -> dict:
-    from ml.loader import FossilLoader
+    from scf.ml.loader import FossilLoader
 
     loader = FossilLoader(shards, domain=domain, batch_size=batch, num_workers=workers, epochs=1)
     size = sum(p.stat().st_size for p in shards.glob("*.ndjson"))

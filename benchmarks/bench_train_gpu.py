@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from bench_loader import write_shards  # noqa: E402
-from ml.ebdm import EBDM, EBDMConfig  # noqa: E402
-from ml.loader import FossilLoader, load_arrays  # noqa: E402
-from ml.physics import penalty_for  # noqa: E402
-from ml.train import fit  # noqa: E402
+from scf.ml.ebdm import EBDM, EBDMConfig  # noqa: E402
+from scf.ml.loader import FossilLoader, load_arrays  # noqa: E402
+from scf.ml.physics import penalty_for  # noqa: E402
+from scf.ml.train import fit  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

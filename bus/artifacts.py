@@ -50,7 +50,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 from nats.nuid import NUID
 
-from bus.errors import ConfigError, SCFError, StreamNotFound
+from scf.bus.errors import ConfigError, SCFError, StreamNotFound
 
 DEFAULT_BUCKET = "scf_artifacts"
 DEFAULT_CHUNK = 256 * 1024  # bytes per Object Store chunk (nats-py/Go write 128 KiB)

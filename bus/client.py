@@ -23,13 +23,13 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
-from bus import codec
-from bus import events as ev
-from bus.errors import NatsUnavailable, PublishConflict, ServerError, StreamNotFound
-from bus.ids import new_id
-from bus.settings import Settings
-from bus.signing import SigningKey
-from bus.streams import stream_for_subject
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.errors import NatsUnavailable, PublishConflict, ServerError, StreamNotFound
+from scf.bus.ids import new_id
+from scf.bus.settings import Settings
+from scf.bus.signing import SigningKey
+from scf.bus.streams import stream_for_subject
 
 log = logging.getLogger("scf.bus")
 

@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterable, Union
 
 import msgspec
 
-from bus import events as ev
-from bus.errors import DecodeError, SignatureError, UnknownEventType
-from bus.signing import SigningKey, TrustList
+from scf.bus import events as ev
+from scf.bus.errors import DecodeError, SignatureError, UnknownEventType
+from scf.bus.signing import SigningKey, TrustList
 
 _json_encoder = msgspec.json.Encoder()
 

@@ -16,8 +16,8 @@ from typing import Union
 
 import msgspec
 
-from bus.errors import DecodeError, SignatureError
-from bus.signing import SigningKey, TrustList, command_message
+from scf.bus.errors import DecodeError, SignatureError
+from scf.bus.signing import SigningKey, TrustList, command_message
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -90,7 +90,7 @@ def encode(command: Command, key: SigningKey | None = None) -> tuple[str, bytes,
     body = msgspec.json.encode(command)
     headers: dict[str, str] = {}
     if key is not None:
-        from bus.client import SCF_KID, SCF_SIG
+        from scf.bus.client import SCF_KID, SCF_SIG
 
         headers = {SCF_SIG: key.sign(command_message(subject, body)), SCF_KID: key.kid}
     return subject, body, headers
@@ -106,7 +106,7 @@ def decode(
 ) -> Received:
     """Verify (if signed or required), then parse. Raises DecodeError / SignatureError
     with a one-line reason suitable for `control.rejected`."""
-    from bus.client import SCF_KID, SCF_SIG
+    from scf.bus.client import SCF_KID, SCF_SIG
 
     verb = subject.removeprefix("control.")
     decoder = _DECODERS.get(verb)

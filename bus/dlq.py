@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from nats.js.errors import NotFoundError
 
-from bus import events as ev
-from bus.client import MSG_ID, SCF_REDRIVE_FOR, Bus
-from bus.codec import Codec
-from bus.errors import SCFError
+from scf.bus import events as ev
+from scf.bus.client import MSG_ID, SCF_REDRIVE_FOR, Bus
+from scf.bus.codec import Codec
+from scf.bus.errors import SCFError
 
 _codec = Codec([ev.DeadLettered])
 

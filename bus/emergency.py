@@ -16,8 +16,8 @@ from pathlib import Path
 
 import msgspec
 
-from bus.client import Bus
-from bus.streams import KEY_EMERGENCY
+from scf.bus.client import Bus
+from scf.bus.streams import KEY_EMERGENCY
 
 log = logging.getLogger("scf.emergency")
 

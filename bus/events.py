@@ -24,7 +24,7 @@ from typing import Literal, Union
 
 import msgspec
 
-from bus.ids import content_id, derived_id, new_id, subject_token
+from scf.bus.ids import content_id, derived_id, new_id, subject_token
 
 Gear = Literal["STANDARD", "ACCELERATED", "HYPER", "SINGULARITY"]
 GEARS: tuple[str, ...] = ("STANDARD", "ACCELERATED", "HYPER", "SINGULARITY")

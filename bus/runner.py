@@ -32,12 +32,12 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 
-from bus import codec
-from bus import events as ev
-from bus.client import SCF_REDRIVE_FOR, Bus
-from bus.errors import DecodeError, SCFError, SignatureError
-from bus.ids import derived_id
-from bus.streams import ConsumerSpec, ensure_consumer
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import SCF_REDRIVE_FOR, Bus
+from scf.bus.errors import DecodeError, SCFError, SignatureError
+from scf.bus.ids import derived_id
+from scf.bus.streams import ConsumerSpec, ensure_consumer
 
 log = logging.getLogger("scf.runner")
 

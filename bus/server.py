@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bus.errors import EmbeddedServerError
-from bus.settings import Settings
+from scf.bus.errors import EmbeddedServerError
+from scf.bus.settings import Settings
 
 
 def binary() -> str:

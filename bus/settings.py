@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus.errors import ConfigError
+from scf.bus.errors import ConfigError
 
 T = TypeVar("T")
 

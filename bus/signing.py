@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from bus.errors import ConfigError, SignatureError
+from scf.bus.errors import ConfigError, SignatureError
 
 ROLES = ("operator", "release", "node")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from nats.js.errors import NotFoundError
 
-from bus.client import Bus
-from bus.streams import STREAMS
+from scf.bus.client import Bus
+from scf.bus.streams import STREAMS
 
 
 async def collect(bus: Bus) -> list[str]:

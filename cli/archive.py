@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import errors_to_exit, fail, load_settings, open_bus, run
+from scf.cli.common import errors_to_exit, fail, load_settings, open_bus, run
 
 archive_app = typer.Typer(help="The Parquet archive of the log (a projection of JetStream; see docs/archive.md).", no_args_is_help=True)
 dataset_app = typer.Typer(help="Datasets built from the archive.", no_args_is_help=True)
@@ -27,7 +27,7 @@ def register(app: typer.Typer, run_app: typer.Typer) -> None:
 
 
 def _root(archive: Optional[Path]) -> Path:
-    from projections.archive import archive_root
+    from scf.projections.archive import archive_root
 
     return archive_root(load_settings(), archive)
 
@@ -38,7 +38,7 @@ def run_archive(
     stream: list[str] = typer.Option([], "--stream", help="archive only this stream (repeatable; default: all but JOBS)"),
 ) -> None:
     """Follow every stream into Parquet, resuming right after the last archived sequence."""
-    from projections.archive import run_archive as run_process
+    from scf.projections.archive import run_archive as run_process
 
     settings = load_settings("archive")
 
@@ -59,8 +59,8 @@ def archive_compact(
     target_rows: Optional[int] = typer.Option(None, help="rows per merged file (default: [archive] compact_rows)"),
 ) -> None:
     """Merge small Parquet files into larger ones without changing a row."""
-    from projections.archive import archive_settings
-    from projections.store import ArchiveStore
+    from scf.projections.archive import archive_settings
+    from scf.projections.store import ArchiveStore
 
     settings = load_settings()
     store = ArchiveStore(_root(archive))
@@ -73,7 +73,7 @@ def archive_compact(
 @archive_app.command("status")
 def archive_status() -> None:
     """How far the archive trails each stream (the lines `scf status` shows)."""
-    from projections.archive import lag_lines
+    from scf.projections.archive import lag_lines
 
     async def main() -> None:
         settings = load_settings()
@@ -94,7 +94,7 @@ def archive_hash(
     stream: list[str] = typer.Option([], "--stream", help="hash only this stream (repeatable)"),
 ) -> None:
     """Print the content hash of the archive's rows (equal rows, equal hash, whatever the files)."""
-    from projections.store import ArchiveStore
+    from scf.projections.store import ArchiveStore
 
     store = ArchiveStore(_root(archive))
     store.require()
@@ -108,8 +108,8 @@ def archive_hash(
 @errors_to_exit
 def archive_views(archive: Optional[Path] = ARCHIVE_OPT) -> None:
     """Write (or refresh) scf.duckdb with the views, for analysts' own DuckDB."""
-    from projections.archive import prepare
-    from projections.store import ArchiveStore
+    from scf.projections.archive import prepare
+    from scf.projections.store import ArchiveStore
 
     store = ArchiveStore(_root(archive))
     prepare(store)
@@ -125,7 +125,7 @@ def replay(
     archive: Optional[Path] = ARCHIVE_OPT,
 ) -> None:
     """Rebuild the archive from JetStream (without options: catch up once, then exit)."""
-    from projections.archive import replay as do_replay
+    from scf.projections.archive import replay as do_replay
 
     if from_seq is not None and not stream:
         raise fail("--from-seq needs --stream: sequences are per stream")
@@ -144,7 +144,7 @@ def query(
     archive: Optional[Path] = ARCHIVE_OPT,
 ) -> None:
     """Run SQL against the archive's views (docs/views.md lists them and their columns)."""
-    from projections import views
+    from scf.projections import views
 
     if (sql is None) == (file is None):
         raise fail("give the SQL as an argument or with --file F.sql (one of the two)")
@@ -179,7 +179,7 @@ def dataset_cfr(
     archive: Optional[Path] = ARCHIVE_OPT,
 ) -> None:
     """Build the CFR dataset (Context → Intent → Code → Review) as JSONL + Parquet with a card."""
-    from projections import cfr
+    from scf.projections import cfr
 
     ds = cfr.build(
         _root(archive), out, as_of=cfr.parse_as_of(as_of_seq), validation_pct=validation_pct,
@@ -199,8 +199,8 @@ def report_value(
     archive: Optional[Path] = ARCHIVE_OPT,
 ) -> None:
     """Energy saved, stability, verdict and rollback rates, jobs and checkpoints: Markdown + HTML."""
-    from cli.core import parse_since
-    from projections import report
+    from scf.cli.core import parse_since
+    from scf.projections import report
 
     start = parse_since(since) if since else None
     end = parse_since(until) if until else None

@@ -9,11 +9,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import typer
 
-from bus import settings as settings_mod
-from bus.client import Bus
-from bus.errors import SCFError
-from bus.settings import Settings
-from bus.signing import SigningKey
+from scf.bus import settings as settings_mod
+from scf.bus.client import Bus
+from scf.bus.errors import SCFError
+from scf.bus.settings import Settings
+from scf.bus.signing import SigningKey
 
 T = TypeVar("T")
 

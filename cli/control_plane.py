@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail, load_settings, open_bus, run
+from scf.cli.common import fail, load_settings, open_bus, run
 
 safety_app = typer.Typer(help="The safety gate: ethics limiter, contextual rules, context facts, held subjects.", no_args_is_help=True)
 
@@ -25,7 +25,7 @@ safety_app = typer.Typer(help="The safety gate: ethics limiter, contextual rules
 def run_daemon() -> None:
     """The daemon: applies control commands, pulses at the gear's heartbeat, emits training
     intents, verifies and promotes checkpoints."""
-    from producers.daemon import DaemonSettings, serve
+    from scf.producers.daemon import DaemonSettings, serve
 
     async def main() -> None:
         s = load_settings("daemon")
@@ -39,7 +39,7 @@ def run_safety(rules: Optional[Path] = typer.Option(None, help="rules file (defa
     """The safety gate: rules on every intent, code proposal and proposed state."""
     import msgspec
 
-    from consumers.safety import SafetySettings, serve
+    from scf.consumers.safety import SafetySettings, serve
 
     async def main() -> None:
         s = load_settings("safety")
@@ -62,9 +62,9 @@ def control_watch_file(
     control.* messages (signed when SCF_KEY is set)."""
     import asyncio
 
-    from bus.runner import install_signal_handlers
-    from cli.common import echo_err, signing_key
-    from producers.control_file import ControlFileWatcher
+    from scf.bus.runner import install_signal_handlers
+    from scf.cli.common import echo_err, signing_key
+    from scf.producers.control_file import ControlFileWatcher
 
     async def main() -> None:
         s = load_settings("control-file")
@@ -92,8 +92,8 @@ def safety_check_code(
     sandbox: list[str] = typer.Option([], help="sandbox root directories (default: [safety] sandbox_roots)"),
 ) -> None:
     """Run the ethics limiter on a file: prints each finding with its line; exit 1 when it would be rejected."""
-    from consumers import ethics
-    from consumers.safety import SafetySettings
+    from scf.consumers import ethics
+    from scf.consumers.safety import SafetySettings
 
     s = load_settings()
     cfg = s.section("safety", SafetySettings)
@@ -113,9 +113,9 @@ def safety_check_code(
 @safety_app.command("check-rules")
 def safety_check_rules(file: Optional[Path] = typer.Argument(None, help="rules file (default: [safety] rules or the built-in one)")) -> None:
     """Validate a rules file and list its rules (deny overrides hold overrides allow; default deny)."""
-    from bus.errors import SCFError
-    from consumers.regulator import RuleSet
-    from consumers.safety import SafetySettings
+    from scf.bus.errors import SCFError
+    from scf.consumers.regulator import RuleSet
+    from scf.consumers.safety import SafetySettings
 
     s = load_settings()
     try:
@@ -135,7 +135,7 @@ def safety_context(
     delete: bool = typer.Option(False, "--delete", help="remove the fact"),
 ) -> None:
     """List the context facts, read one, set one (KEY VALUE) or remove one (--delete)."""
-    from consumers.safety import SafetySettings
+    from scf.consumers.safety import SafetySettings
 
     async def main() -> None:
         s = load_settings()
@@ -172,7 +172,7 @@ def safety_context(
 @safety_app.command("held")
 def safety_held() -> None:
     """Subjects the safety gate held for a human, with the command to decide each."""
-    from producers.daemon import HoldsView
+    from scf.producers.daemon import HoldsView
 
     async def main() -> None:
         bus = await open_bus(load_settings())
@@ -194,7 +194,7 @@ def safety_held() -> None:
 
 
 def register(app: typer.Typer, run_app: typer.Typer) -> None:
-    from cli.core import control_app
+    from scf.cli.core import control_app
 
     run_app.command("daemon")(run_daemon)
     run_app.command("safety")(run_safety)

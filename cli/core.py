@@ -11,7 +11,7 @@ from typing import Optional
 import msgspec
 import typer
 
-from cli.common import errors_to_exit, fail, load_settings, open_bus, run
+from scf.cli.common import errors_to_exit, fail, load_settings, open_bus, run
 
 server_app = typer.Typer(help="Run the embedded nats-server (JetStream, store in $SCF_HOME/nats).", no_args_is_help=True)
 streams_app = typer.Typer(help="Streams, KV buckets and the object store, as declared in bus/streams.py.", no_args_is_help=True)
@@ -24,7 +24,7 @@ dlq_app = typer.Typer(help="Dead letters: messages that could not be handled.", 
 # --------------------------------------------------------------------------- init
 def init() -> None:
     """Create SCF_HOME with the vault layout (fossil_vault, model_zoo, archive, nats, keys …)."""
-    from bus.settings import init_home
+    from scf.bus.settings import init_home
 
     s = load_settings()
     created = init_home(s)
@@ -36,8 +36,8 @@ def init() -> None:
 @errors_to_exit
 def server_start() -> None:
     """Start the embedded nats-server in the background and wait until it is ready."""
-    from bus.server import EmbeddedServer
-    from bus.settings import init_home
+    from scf.bus.server import EmbeddedServer
+    from scf.bus.settings import init_home
 
     s = load_settings()
     init_home(s)
@@ -48,7 +48,7 @@ def server_start() -> None:
 @errors_to_exit
 def server_stop() -> None:
     """Stop the embedded nats-server (SIGTERM, then wait)."""
-    from bus.server import EmbeddedServer
+    from scf.bus.server import EmbeddedServer
 
     s = load_settings()
     typer.echo("stopped" if EmbeddedServer(s).stop() else "nats-server was not running")
@@ -58,7 +58,7 @@ def server_stop() -> None:
 @errors_to_exit
 def server_status() -> None:
     """Say whether the embedded server runs, its pid, URL and store."""
-    from bus.server import EmbeddedServer
+    from scf.bus.server import EmbeddedServer
 
     s = load_settings()
     if not s.embedded:
@@ -71,7 +71,7 @@ def server_status() -> None:
 @streams_app.command("ensure")
 def streams_ensure(replicas: Optional[int] = typer.Option(None, help="replicas per stream (3 on a cluster)")) -> None:
     """Create or update every declared stream and bucket; report drift."""
-    from bus.streams import ensure
+    from scf.bus.streams import ensure
 
     async def main() -> None:
         bus = await open_bus(load_settings())
@@ -101,7 +101,7 @@ def streams_ls() -> None:
 
 
 async def _stream_lines(bus):
-    from bus.streams import STREAMS
+    from scf.bus.streams import STREAMS
 
     from nats.js.errors import NotFoundError
 
@@ -139,7 +139,7 @@ def events_tail(
     limit: int = typer.Option(0, help="stop after N events (0: no limit)"),
 ) -> None:
     """Print the events on SUBJECT, one JSON line each."""
-    from bus.streams import stream_for_subject
+    from scf.bus.streams import stream_for_subject
 
     start = parse_since(since) if since else None
     try:
@@ -182,7 +182,7 @@ def events_publish(
     data: str = typer.Argument(..., metavar="JSON", help="the payload (the event's data) as JSON"),
 ) -> None:
     """Validate a payload against the catalog and publish it as an event."""
-    from bus import events as ev
+    from scf.bus import events as ev
 
     cls = ev.EVENT_TYPES.get(type_)
     if cls is None:
@@ -210,7 +210,7 @@ def events_publish(
 
 # --------------------------------------------------------------------------- control
 def _send(command) -> None:
-    from bus import control
+    from scf.bus import control
 
     async def main() -> None:
         s = load_settings()
@@ -232,8 +232,8 @@ def control_shift_gear(
     reason: str = typer.Option("", help="why"),
 ) -> None:
     """Shift the daemon's gear (heartbeat, approvals, parallel hypotheses)."""
-    from bus import control
-    from bus.events import GEARS
+    from scf.bus import control
+    from scf.bus.events import GEARS
 
     if level.upper() not in GEARS:
         raise fail(f"unknown gear {level!r}: use one of {', '.join(GEARS)}")
@@ -243,7 +243,7 @@ def control_shift_gear(
 @control_app.command("stop")
 def control_stop(reason: str = typer.Option("", help="why")) -> None:
     """Stop the daemon's loop (no new intents; consumers keep draining)."""
-    from bus import control
+    from scf.bus import control
 
     _send(control.Stop(reason=reason, by=_me()))
 
@@ -251,7 +251,7 @@ def control_stop(reason: str = typer.Option("", help="why")) -> None:
 @control_app.command("resume")
 def control_resume(reason: str = typer.Option("", help="why")) -> None:
     """Resume the daemon's loop."""
-    from bus import control
+    from scf.bus import control
 
     _send(control.Resume(reason=reason, by=_me()))
 
@@ -259,7 +259,7 @@ def control_resume(reason: str = typer.Option("", help="why")) -> None:
 @control_app.command("emergency-stop")
 def control_emergency_stop(reason: str = typer.Option("", help="why")) -> None:
     """Engage the emergency stop: nothing is dispatched, deployed or minted until released."""
-    from bus import control
+    from scf.bus import control
 
     _send(control.EmergencyStop(reason=reason, by=_me()))
 
@@ -267,7 +267,7 @@ def control_emergency_stop(reason: str = typer.Option("", help="why")) -> None:
 @control_app.command("release-emergency")
 def control_release_emergency(reason: str = typer.Option("", help="why")) -> None:
     """Release the emergency stop (needs an operator signature where configured)."""
-    from bus import control
+    from scf.bus import control
 
     _send(control.ReleaseEmergency(reason=reason, by=_me()))
 
@@ -275,7 +275,7 @@ def control_release_emergency(reason: str = typer.Option("", help="why")) -> Non
 @control_app.command("approve")
 def control_approve(subject_id: str = typer.Argument(..., help="the id of the held intent / proposal"), reason: str = typer.Option("")) -> None:
     """Approve something the safety gate held for a human."""
-    from bus import control
+    from scf.bus import control
 
     _send(control.Approve(subject_id=subject_id, reason=reason, by=_me()))
 
@@ -283,7 +283,7 @@ def control_approve(subject_id: str = typer.Argument(..., help="the id of the he
 @control_app.command("reject")
 def control_reject(subject_id: str = typer.Argument(..., help="the id of the held intent / proposal"), reason: str = typer.Option("")) -> None:
     """Reject something the safety gate held for a human."""
-    from bus import control
+    from scf.bus import control
 
     _send(control.Reject(subject_id=subject_id, reason=reason, by=_me()))
 
@@ -295,7 +295,7 @@ def control_rollback(
     reason: str = typer.Option(""),
 ) -> None:
     """Roll an edge node back to its previous (or a named) artifact."""
-    from bus import control
+    from scf.bus import control
 
     _send(control.RollbackCommand(node=node, to=to, reason=reason, by=_me()))
 
@@ -312,7 +312,7 @@ def _me() -> str:
 @errors_to_exit
 def keys_new(name: str = typer.Argument(..., help="key name, e.g. alice or release")) -> None:
     """Create an Ed25519 key pair in $SCF_HOME/keys (NAME.key, NAME.pub)."""
-    from bus.signing import SigningKey
+    from scf.bus.signing import SigningKey
 
     s = load_settings()
     key = SigningKey.generate(name)
@@ -325,7 +325,7 @@ def keys_new(name: str = typer.Argument(..., help="key name, e.g. alice or relea
 @errors_to_exit
 def keys_ls() -> None:
     """List this host's keys and the trust list."""
-    from bus.signing import SigningKey, TrustList
+    from scf.bus.signing import SigningKey, TrustList
 
     s = load_settings()
     for path in sorted(s.keys_dir.glob("*.key")):
@@ -343,7 +343,7 @@ def keys_trust(
     role: list[str] = typer.Option(["operator"], help="operator | release | node (repeatable)"),
 ) -> None:
     """Add a public key to the trust list with its roles."""
-    from bus.signing import TrustList
+    from scf.bus.signing import TrustList
 
     s = load_settings()
     p = Path(public)
@@ -358,7 +358,7 @@ def keys_trust(
 @dlq_app.command("ls")
 def dlq_ls() -> None:
     """List dead letters: DLQ seq, consumer, original stream#seq and subject, deliveries, error."""
-    from bus import dlq
+    from scf.bus import dlq
 
     async def main() -> None:
         bus = await open_bus(load_settings())
@@ -377,7 +377,7 @@ def dlq_ls() -> None:
 @dlq_app.command("show")
 def dlq_show(seq: int = typer.Argument(..., help="the DLQ sequence number")) -> None:
     """Show one dead letter with its error, headers and original payload."""
-    from bus import dlq
+    from scf.bus import dlq
 
     async def main() -> None:
         bus = await open_bus(load_settings())
@@ -401,7 +401,7 @@ def dlq_retry(
     all_: bool = typer.Option(False, "--all", help="redrive every dead letter"),
 ) -> None:
     """Redrive dead letters to the consumer that failed them."""
-    from bus import dlq
+    from scf.bus import dlq
 
     if seq is None and not all_:
         raise fail("give a DLQ sequence number or --all (see `scf dlq ls`)")
@@ -424,19 +424,19 @@ def status(
     interval: float = typer.Option(1.0, help="refresh interval for --watch, seconds"),
 ) -> None:
     """Streams with message counts, consumers with pending / ack-pending, DLQ size, archive lag."""
-    from bus.status import collect
+    from scf.bus.status import collect
 
     async def main() -> None:
         bus = await open_bus(load_settings())
         try:
             if watch:
-                from ops.status_view import watch as live
+                from scf.ops.status_view import watch as live
 
                 await live(bus, interval)
                 return
             for line in await collect(bus):
                 typer.echo(line)
-            from projections.archive import lag_lines
+            from scf.projections.archive import lag_lines
 
             lines = await lag_lines(bus, bus.settings)
             if lines:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail, load_settings, open_bus, run
+from scf.cli.common import fail, load_settings, open_bus, run
 
 deploy_app = typer.Typer(help="Deployments of promoted checkpoints to edge nodes.", no_args_is_help=True)
 nodes_app = typer.Typer(help="The edge node registry (KV scf_nodes).", no_args_is_help=True)
@@ -26,7 +26,7 @@ ledger_app = typer.Typer(help="The negentropy ledger: balances, history, verific
 
 
 def _trust(settings):
-    from bus.signing import TrustList
+    from scf.bus.signing import TrustList
 
     return TrustList.load(settings.keys_dir / "trusted.json")
 
@@ -36,9 +36,9 @@ def _trust(settings):
 
 def run_deploy() -> None:
     """The deploy planner: promotions → deploy intents → (approved) orders per node, canary waves, rollbacks."""
-    from bus.emergency import EmergencyGate
-    from bus.runner import run_all
-    from consumers.deploy import DeployPlanner, DeploySettings
+    from scf.bus.emergency import EmergencyGate
+    from scf.bus.runner import run_all
+    from scf.consumers.deploy import DeployPlanner, DeploySettings
 
     async def main() -> None:
         s = load_settings("deploy")
@@ -61,11 +61,11 @@ def run_edge(
     bind_only: bool = typer.Option(False, "--bind-only", help="do not create the consumer edge-<node> (the restricted edge user may not): wait for the deploy planner to create it"),
 ) -> None:
     """An edge node's agent: verify, activate, health-check, roll back; report meter readings."""
-    from bus.client import Bus
-    from bus.emergency import EmergencyGate
-    from bus.runner import run_all
-    from consumers.edge import EdgeAgent, EdgeSettings, load_node_key
-    from consumers.nodes import parse_labels
+    from scf.bus.client import Bus
+    from scf.bus.emergency import EmergencyGate
+    from scf.bus.runner import run_all
+    from scf.consumers.edge import EdgeAgent, EdgeSettings, load_node_key
+    from scf.consumers.nodes import parse_labels
 
     async def main() -> None:
         s = load_settings(f"edge-{node}")
@@ -89,9 +89,9 @@ def run_edge(
 
 def run_ledger() -> None:
     """The ledger: each verified energy.measured becomes one balanced transfer, once per cause, ever."""
-    from bus.emergency import EmergencyGate
-    from bus.runner import run_all
-    from consumers.ledger import Ledger, LedgerSettings
+    from scf.bus.emergency import EmergencyGate
+    from scf.bus.runner import run_all
+    from scf.consumers.ledger import Ledger, LedgerSettings
 
     async def main() -> None:
         s = load_settings("ledger")
@@ -117,8 +117,8 @@ def deploy_request(
     alias: Optional[str] = typer.Option(None, help="which promotion of the checkpoint (default: the latest)"),
 ) -> None:
     """Create the deploy intent for a promoted checkpoint (the safety gate rules on it; a human approves at low gears)."""
-    from consumers.deploy import DeployPlanner, deploy_intent, find_promotion
-    from consumers.nodes import parse_target
+    from scf.consumers.deploy import DeployPlanner, deploy_intent, find_promotion
+    from scf.consumers.nodes import parse_target
 
     if strategy not in ("canary", "all"):
         raise fail(f"unknown strategy {strategy!r}: use canary or all")
@@ -150,7 +150,7 @@ def deploy_request(
 @nodes_app.command("ls")
 def nodes_ls() -> None:
     """List registered edge nodes: what each runs, its status and labels."""
-    from consumers.nodes import list_nodes
+    from scf.consumers.nodes import list_nodes
 
     async def main() -> None:
         bus = await open_bus(load_settings())
@@ -193,8 +193,8 @@ def energy_report(
     key: Optional[str] = typer.Option(None, help="signing key (name or path; default $SCF_HOME/keys/<node>.key)"),
 ) -> None:
     """Publish a signed energy.measured for NODE (what a meter bridge calls)."""
-    from bus.client import Bus
-    from consumers.edge import load_node_key, measurement_event
+    from scf.bus.client import Bus
+    from scf.consumers.edge import load_node_key, measurement_event
 
     t0, t1 = _time(start, "start"), _time(end, "end")
 
@@ -222,7 +222,7 @@ def energy_report(
 @ledger_app.command("balance")
 def ledger_balance(account: Optional[str] = typer.Argument(None, help="one account (e.g. node:edge-1); default: all")) -> None:
     """Balances computed from the log (credits, 6 decimals)."""
-    from consumers.ledger import balances, fmt_credits, read_transfers
+    from scf.consumers.ledger import balances, fmt_credits, read_transfers
 
     async def main() -> None:
         bus = await open_bus(load_settings())
@@ -247,7 +247,7 @@ def ledger_history(
     limit: int = typer.Option(50, help="the last N transfers (0: all)"),
 ) -> None:
     """Transfers in log order: seq, time, debit → credit, amount, kWh, cause."""
-    from consumers.ledger import fmt_credits, read_transfers
+    from scf.consumers.ledger import fmt_credits, read_transfers
 
     async def main() -> None:
         bus = await open_bus(load_settings())
@@ -272,7 +272,7 @@ def ledger_verify(
     causes: bool = typer.Option(True, help="also check each transfer against its measurement in the DEPLOY log"),
 ) -> None:
     """Recompute every balance from the log; check debits = credits and that no cause was minted twice."""
-    from consumers.ledger import verify
+    from scf.consumers.ledger import verify
 
     async def main() -> bool:
         bus = await open_bus(load_settings())

@@ -13,8 +13,8 @@ import pkgutil
 
 import typer
 
-import cli
-from cli import core
+from scf import cli
+from scf.cli import core
 
 app = typer.Typer(
     help="SCF, the Sovereign Code Foundry: an event-sourced control plane on NATS JetStream.",
@@ -37,7 +37,7 @@ app.add_typer(run_app, name="run")
 for info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
     if info.name in ("main", "core", "common"):
         continue
-    module = importlib.import_module(f"cli.{info.name}")
+    module = importlib.import_module(f"scf.cli.{info.name}")
     register = getattr(module, "register", None)
     if register is not None:
         register(app, run_app)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail, load_settings, run
+from scf.cli.common import fail, load_settings, run
 
 service_app = typer.Typer(help="Service files to run SCF processes permanently (systemd, launchd).", no_args_is_help=True)
 
@@ -19,12 +19,12 @@ def up(
     pool: str = typer.Option("local", help="the local worker's pool"),
 ) -> None:
     """Start nats-server (embedded unless NATS_URL is set) and every process, supervised."""
-    from ops.supervisor import Supervisor, default_processes, select
+    from scf.ops.supervisor import Supervisor, default_processes, select
 
     settings = load_settings("up")
 
     async def main() -> None:
-        from bus.runner import install_signal_handlers
+        from scf.bus.runner import install_signal_handlers
 
         procs = select(default_processes(settings, edges, pool), only, except_)
         sup = Supervisor(settings, procs, echo=typer.echo)
@@ -44,9 +44,9 @@ def service_install(
     """Write systemd units or launchd plists that run `scf run NAME` permanently."""
     import sys
 
-    from bus.errors import SCFError
-    from ops import services
-    from ops.supervisor import default_processes, select
+    from scf.bus.errors import SCFError
+    from scf.ops import services
+    from scf.ops.supervisor import default_processes, select
 
     settings = load_settings("service")
     if flavour == "auto":
@@ -78,8 +78,8 @@ def demo(
     import asyncio
     import datetime as dt
 
-    from bus.errors import SCFError
-    from ops.demo import DemoFailed, run_demo, summary
+    from scf.bus.errors import SCFError
+    from scf.ops.demo import DemoFailed, run_demo, summary
 
     home = (home or Path(".scf") / f"demo-{dt.datetime.now():%Y%m%d-%H%M%S}").absolute()
     try:

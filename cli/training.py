@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail, load_settings, open_bus, run
+from scf.cli.common import fail, load_settings, open_bus, run
 
 fossils_app = typer.Typer(help="Fossils: write synthetic shards, ingest shards onto the bus.", no_args_is_help=True)
 artifacts_app = typer.Typer(help="The artifact store (JetStream Object Store or a shared directory).", no_args_is_help=True)
@@ -34,8 +34,8 @@ def fossils_synth(
     processes: int = typer.Option(1, help="shards written in parallel"),
 ) -> None:
     """Write N realistic synthetic fossils of DOMAIN as sharded NDJSON under OUT."""
-    from bus.errors import SCFError
-    from domains.fossils import synth_shards
+    from scf.bus.errors import SCFError
+    from scf.domains.fossils import synth_shards
 
     try:
         paths = synth_shards(domain, n, out, shard_size=shard_size, seed=seed, infeasible_fraction=infeasible_fraction, processes=processes)
@@ -53,7 +53,7 @@ def fossils_ingest(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Validate every line; publish fossil.recorded once per content id and fossil.rejected per bad line."""
-    from producers.ingest import IngestError, ingest, plan_bytes
+    from scf.producers.ingest import IngestError, ingest, plan_bytes
 
     try:
         total = plan_bytes(paths)
@@ -120,8 +120,8 @@ def train(
     """Train an EBDM on local shards and write a checkpoint (no bus, no job)."""
     import time
 
-    from bus.errors import SCFError
-    from bus.events import domain_token
+    from scf.bus.errors import SCFError
+    from scf.bus.events import domain_token
 
     config = {}
     for item in set_:
@@ -138,8 +138,8 @@ def train(
             typer.echo(f"step {step}/{total}  loss {loss:.4f}  {sps:,.0f} samples/s", err=True)
 
     try:
-        from consumers.worker import resolve_device
-        from ml import train as ml_train
+        from scf.consumers.worker import resolve_device
+        from scf.ml import train as ml_train
 
         out_dir = out or load_settings("train").path("model_zoo", domain_token(domain))
         result = ml_train.train_local(
@@ -174,7 +174,7 @@ def artifacts_put(
     name: str = typer.Argument(..., help="its name in the store, e.g. grid_case14/manual.safetensors"),
 ) -> None:
     """Store a file; print its URI, sha256 and size."""
-    from bus.artifacts import open_store
+    from scf.bus.artifacts import open_store
 
     async def main():
         s = load_settings()
@@ -195,7 +195,7 @@ def artifacts_get(
     sha256: Optional[str] = typer.Option(None, help="refuse the artifact unless its content has this sha256"),
 ) -> None:
     """Fetch an artifact, verifying its size and sha256."""
-    from bus.artifacts import open_store
+    from scf.bus.artifacts import open_store
 
     async def main():
         s = load_settings()
@@ -211,7 +211,7 @@ def artifacts_get(
 @artifacts_app.command("stat")
 def artifacts_stat(name: str = typer.Argument(..., help="a name in the configured store, or a URI")) -> None:
     """Show an artifact's URI, sha256, size and metadata."""
-    from bus.artifacts import open_store
+    from scf.bus.artifacts import open_store
 
     async def main():
         s = load_settings()
@@ -230,7 +230,7 @@ def artifacts_stat(name: str = typer.Argument(..., help="a name in the configure
 # --------------------------------------------------------------------------- processes
 def run_dispatch() -> None:
     """Dispatch: approved train intents → jobs on work.<pool> (a pool with live workers, else local)."""
-    from consumers.dispatch import run_dispatch as main
+    from scf.consumers.dispatch import run_dispatch as main
 
     run(main(load_settings("dispatch")))
 
@@ -241,7 +241,7 @@ def run_worker(
     worker_id: Optional[str] = typer.Option(None, "--id", help="this worker's id (default HOST-PID)"),
 ) -> None:
     """A training worker: one job at a time from work.<pool>; progress, checkpoint, completion on the bus."""
-    from consumers.worker import run_worker as main
+    from scf.consumers.worker import run_worker as main
 
     run(main(load_settings(f"worker-{pool}"), pool=pool, device=device, worker_id=worker_id))
 

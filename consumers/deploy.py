@@ -30,17 +30,17 @@ from typing import Literal
 
 import msgspec
 
-from bus import control as control_mod
-from bus import events as ev
-from bus.client import Bus
-from bus.codec import Codec
-from bus.errors import DecodeError, SCFError, SignatureError
-from bus.ids import derived_id, subject_token
-from bus.runner import Delivery, Poison, Runner
-from bus.signing import TrustList
-from bus.streams import CONSUMERS, ConsumerSpec, ensure_consumer
-from consumers import nodes as nodes_mod
-from bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
+from scf.bus import control as control_mod
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.codec import Codec
+from scf.bus.errors import DecodeError, SCFError, SignatureError
+from scf.bus.ids import derived_id, subject_token
+from scf.bus.runner import Delivery, Poison, Runner
+from scf.bus.signing import TrustList
+from scf.bus.streams import CONSUMERS, ConsumerSpec, ensure_consumer
+from scf.consumers import nodes as nodes_mod
+from scf.bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
 
 log = logging.getLogger("scf.deploy")
 
@@ -203,7 +203,7 @@ class DeployPlanner:
         """The gear the intent is created under (the scf_state/gear mirror; STANDARD when
         unknown). The safety gate rules on the gear itself; this is a record."""
         try:
-            from producers.gears import read_gear
+            from scf.producers.gears import read_gear
 
             return (await read_gear(self.bus)).gear
         except Exception:

@@ -35,14 +35,14 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 from nats.nuid import NUID
 
-from bus import events as ev
-from producers.gears import TRAIN_INTENT_PARAMS
-from bus.client import Bus
-from bus.codec import Codec
-from bus.errors import SCFError
-from bus.ids import derived_id, subject_token
-from bus.runner import Delivery, Poison, Runner, event_decoder
-from bus.streams import CONSUMERS
+from scf.bus import events as ev
+from scf.producers.gears import TRAIN_INTENT_PARAMS
+from scf.bus.client import Bus
+from scf.bus.codec import Codec
+from scf.bus.errors import SCFError
+from scf.bus.ids import derived_id, subject_token
+from scf.bus.runner import Delivery, Poison, Runner, event_decoder
+from scf.bus.streams import CONSUMERS
 
 log = logging.getLogger("scf.dispatch")
 
@@ -256,8 +256,8 @@ def _str(value: ev.Scalar) -> str | None:
 
 async def run_dispatch(settings, stop=None) -> None:
     """The `scf run dispatch` process: until SIGTERM/SIGINT (or `stop`)."""
-    from bus.emergency import EmergencyGate
-    from bus.runner import run_all
+    from scf.bus.emergency import EmergencyGate
+    from scf.bus.runner import run_all
 
     bus = await Bus.connect(settings, "scf-dispatch")
     gate = await EmergencyGate(bus, settings.emergency_lock).start()

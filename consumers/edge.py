@@ -55,16 +55,16 @@ from urllib.parse import unquote, urlparse
 import msgspec
 import numpy as np
 
-from bus import events as ev
-from bus.artifacts import sha256_file
-from bus.client import Bus
-from bus.codec import Codec
-from bus.errors import DecodeError, SCFError, SignatureError
-from bus.ids import derived_id, subject_token
-from bus.runner import Delivery, Runner
-from bus.signing import SigningKey, TrustList
-from consumers import nodes as nodes_mod
-from bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
+from scf.bus import events as ev
+from scf.bus.artifacts import sha256_file
+from scf.bus.client import Bus
+from scf.bus.codec import Codec
+from scf.bus.errors import DecodeError, SCFError, SignatureError
+from scf.bus.ids import derived_id, subject_token
+from scf.bus.runner import Delivery, Runner
+from scf.bus.signing import SigningKey, TrustList
+from scf.consumers import nodes as nodes_mod
+from scf.bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
 
 log = logging.getLogger("scf.edge")
 
@@ -268,7 +268,7 @@ async def fetch_artifact(bus: Bus, uri: str, dest: Path, sha256: str) -> None:
     Contract for any replacement `Fetcher`: `dest` exists on return only with content of
     digest `sha256`; otherwise raise `Refused` (mismatch) or any other error (retry)."""
     try:
-        from bus.artifacts import DigestMismatch, open_store
+        from scf.bus.artifacts import DigestMismatch, open_store
     except ImportError:  # pragma: no cover - before bus/artifacts.py landed
         await _fetch_plain(bus, uri, dest, sha256)
         return

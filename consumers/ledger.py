@@ -33,17 +33,17 @@ from decimal import ROUND_HALF_EVEN, Decimal
 
 import msgspec
 
-from bus import codec
-from bus import events as ev
-from bus.client import Bus
-from bus.codec import Codec
-from bus.errors import DecodeError, PublishConflict, SCFError, SignatureError
-from bus.ids import derived_id
-from bus.runner import Delivery, Runner
-from bus.signing import TrustList
-from bus.streams import CONSUMERS
-from consumers import nodes as nodes_mod
-from bus.events import LedgerTransfer, Transfer
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.codec import Codec
+from scf.bus.errors import DecodeError, PublishConflict, SCFError, SignatureError
+from scf.bus.ids import derived_id
+from scf.bus.runner import Delivery, Runner
+from scf.bus.signing import TrustList
+from scf.bus.streams import CONSUMERS
+from scf.consumers import nodes as nodes_mod
+from scf.bus.events import LedgerTransfer, Transfer
 
 log = logging.getLogger("scf.ledger")
 
@@ -180,7 +180,7 @@ async def mint(bus: Bus, transfer: LedgerTransfer, timeout: float = 5.0) -> Mint
         ack = await bus.js.publish(subject, body, timeout=timeout, headers=bus.headers(transfer, expect_new=True))
         return Minted("duplicate" if ack.duplicate else "new", ack.seq)
     except Exception as exc:
-        from bus.client import map_error
+        from scf.bus.client import map_error
 
         err = map_error(exc, subject)
         if not isinstance(err, PublishConflict):
@@ -293,7 +293,7 @@ class Ledger:
 
     # ------------------------------------------------------------------ one message (fallback, Runner)
     async def handle(self, msg, delivery: Delivery | None = None) -> list[ev.Event]:
-        from bus.runner import Poison
+        from scf.bus.runner import Poison
 
         d = await self.decide(msg)
         if d.poison is not None:
@@ -314,8 +314,8 @@ class Ledger:
     async def run(self, stop, pause=None, fetch_timeout: float = 1.0) -> None:
         from nats.errors import TimeoutError as NatsTimeout
 
-        from bus.runner import _race
-        from bus.streams import ensure_consumer
+        from scf.bus.runner import _race
+        from scf.bus.streams import ensure_consumer
 
         await ensure_consumer(self.bus.js, self.spec)
         psub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
@@ -406,8 +406,8 @@ async def commit_atomic(bus: Bus, transfers: list[LedgerTransfer], timeout: floa
     then nothing of that batch is stored and the caller mints one by one. Mirrors
     `Bus.publish_batch`, which this becomes once `cause_digest` is in the catalog (its
     one-by-one fallback compares payloads through the catalog's types)."""
-    from bus.client import EXPECTED_LAST_SUBJECT_SEQ, SCF_TYPE
-    from bus.ids import new_id
+    from scf.bus.client import EXPECTED_LAST_SUBJECT_SEQ, SCF_TYPE
+    from scf.bus.ids import new_id
 
     if len(transfers) > 1000:
         halves = [transfers[i : i + 1000] for i in range(0, len(transfers), 1000)]

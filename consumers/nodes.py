@@ -23,10 +23,10 @@ from typing import AsyncIterator
 import msgspec
 from nats.js import api
 
-from bus.client import Bus
-from bus.errors import ConfigError, SCFError
-from bus.ids import subject_token
-from bus.streams import ConsumerSpec
+from scf.bus.client import Bus
+from scf.bus.errors import ConfigError, SCFError
+from scf.bus.ids import subject_token
+from scf.bus.streams import ConsumerSpec
 
 NODES_BUCKET = "scf_nodes"
 

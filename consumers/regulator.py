@@ -31,8 +31,8 @@ from typing import Any, Callable, Literal, Mapping
 
 import msgspec
 
-from bus.errors import ConfigError
-from bus.ids import subject_token
+from scf.bus.errors import ConfigError
+from scf.bus.ids import subject_token
 
 DEFAULT_RULES = Path(__file__).resolve().parent / "rules" / "default.toml"
 

@@ -31,15 +31,15 @@ from typing import Any, Mapping
 
 import msgspec
 
-from bus import events as ev
-from bus.client import Bus
-from bus.codec import Codec
-from bus.ids import derived_id
-from bus.runner import Delivery, Runner
-from bus.streams import CONSUMERS, KEY_GEAR, ConsumerSpec
-from consumers import ethics
-from consumers.regulator import RuleSet, parse_fact
-from producers import gears
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.codec import Codec
+from scf.bus.ids import derived_id
+from scf.bus.runner import Delivery, Runner
+from scf.bus.streams import CONSUMERS, KEY_GEAR, ConsumerSpec
+from scf.consumers import ethics
+from scf.consumers.regulator import RuleSet, parse_fact
+from scf.producers import gears
 
 log = logging.getLogger("scf.safety")
 
@@ -108,7 +108,7 @@ def rule_code(view: GateView, proposal: ev.CodeProposal) -> Ruling:
 
 
 def rule_state(view: GateView, proposal: ev.StateProposal) -> Ruling:
-    import domains
+    from scf import domains
     import numpy as np
 
     try:
@@ -243,7 +243,7 @@ class SafetyGate:
 
 async def serve(bus: Bus, config: SafetySettings | None = None, stop: asyncio.Event | None = None) -> None:
     """`scf run safety`: rule until SIGTERM."""
-    from bus.runner import run_all
+    from scf.bus.runner import run_all
 
     gate = SafetyGate(bus, config)
     await run_all(bus, [gate.run], stop)

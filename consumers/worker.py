@@ -53,15 +53,15 @@ from typing import Any, Callable
 
 import msgspec
 
-from bus import events as ev
-from bus.artifacts import ArtifactRef, ArtifactStore, StreamReader, open_store
-from bus.client import Bus
-from bus.codec import Codec
-from bus.errors import ConfigError, SCFError
-from bus.ids import derived_id, subject_token
-from bus.runner import Delivery, Poison, Runner, event_decoder
-from bus.streams import ConsumerSpec, worker_consumer
-from consumers.dispatch import WORKERS_BUCKET, WorkerInfo, worker_key
+from scf.bus import events as ev
+from scf.bus.artifacts import ArtifactRef, ArtifactStore, StreamReader, open_store
+from scf.bus.client import Bus
+from scf.bus.codec import Codec
+from scf.bus.errors import ConfigError, SCFError
+from scf.bus.ids import derived_id, subject_token
+from scf.bus.runner import Delivery, Poison, Runner, event_decoder
+from scf.bus.streams import ConsumerSpec, worker_consumer
+from scf.consumers.dispatch import WORKERS_BUCKET, WorkerInfo, worker_key
 
 log = logging.getLogger("scf.worker")
 
@@ -227,7 +227,7 @@ class TrainResult:
 
 def check_with_ml(spec: ev.JobSpec) -> None:
     """Refuse a config the model cannot take, before any data is fetched (ConfigError)."""
-    from ml.ebdm import EBDMConfig
+    from scf.ml.ebdm import EBDMConfig
 
     try:
         EBDMConfig.from_params({**spec.config, "domain": spec.domain}).resolved()
@@ -238,8 +238,8 @@ def check_with_ml(spec: ev.JobSpec) -> None:
 def train_with_ml(req: TrainRequest) -> TrainResult:
     """Train the job's EBDM with `ml.train.train` on the fetched shards and move the
     checkpoint (safetensors) to `req.out_path`."""
-    from ml import train as ml_train
-    from ml.ebdm import EBDMConfig
+    from scf.ml import train as ml_train
+    from scf.ml.ebdm import EBDMConfig
 
     config = EBDMConfig.from_params({**req.spec.config, "domain": req.spec.domain})
     spec = req.spec
@@ -477,8 +477,8 @@ def _meta_metrics(ref: ArtifactRef) -> dict[str, float]:
 async def run_worker(settings, *, pool: str, device: str | None = None, worker_id: str | None = None,
                      stop: asyncio.Event | None = None, trainer: Trainer | None = None) -> Worker:
     """The `scf run worker` process: until SIGTERM/SIGINT (or `stop`)."""
-    from bus.emergency import EmergencyGate
-    from bus.runner import run_all
+    from scf.bus.emergency import EmergencyGate
+    from scf.bus.runner import run_all
 
     cfg = settings.section("worker", WorkerSettings)
     bus = await Bus.connect(settings, f"scf-worker-{pool}")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from domains.base import Domain, DomainError, Infeasible, Sample, UnknownDomain, Violation
+from scf.domains.base import Domain, DomainError, Infeasible, Sample, UnknownDomain, Violation
 
 
 def _grid(case: str) -> Callable[[], Domain]:
     def build() -> Domain:
-        from domains import grid
+        from scf.domains import grid
 
         return grid.load(case)
 
@@ -27,7 +27,7 @@ def _grid(case: str) -> Callable[[], Domain]:
 
 def _hvac(building: str) -> Callable[[], Domain]:
     def build() -> Domain:
-        from domains import hvac
+        from scf.domains import hvac
 
         return hvac.load(building)
 

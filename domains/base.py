@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bus.errors import SCFError
+from scf.bus.errors import SCFError
 
 
 class DomainError(SCFError):
@@ -176,7 +176,7 @@ class Domain(abc.ABC):
         a, row_lo, row_hi = self.feasible_rows(context)
         lp = getattr(self, "_projection_lp", None)
         if lp is None:  # variables [x, t]: rows [A x; x - half t <= s; x + half t >= s], min sum t
-            from domains.solvers import HighsProgram
+            from scf.domains.solvers import HighsProgram
 
             eye = np.eye(d)
             rows = np.block([[a, np.zeros((len(a), d))], [eye, -np.diag(half)], [eye, np.diag(half)]])
@@ -193,7 +193,7 @@ class Domain(abc.ABC):
     def _vertex_lp(self, a: np.ndarray):
         lp = getattr(self, "_vertex_lp_cache", None)
         if lp is None:
-            from domains.solvers import HighsProgram
+            from scf.domains.solvers import HighsProgram
 
             lp = HighsProgram(a, *self.state_bounds)
             self._vertex_lp_cache = lp

@@ -16,9 +16,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-import domains
-from bus.events import Fossil, FossilContent, Provenance, fossil_content_id
-from domains.base import Domain, DomainError, Sample, UnknownDomain
+from scf import domains
+from scf.bus.events import Fossil, FossilContent, Provenance, fossil_content_id
+from scf.domains.base import Domain, DomainError, Sample, UnknownDomain
 
 DEFAULT_START = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 SHARD_PATTERN = "fossils-{:05d}.ndjson"

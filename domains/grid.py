@@ -20,9 +20,9 @@ import datetime as dt
 
 import numpy as np
 
-from domains import matpower as mp
-from domains.base import Domain, DomainError, Infeasible, Violation
-from domains.solvers import HighsProgram
+from scf.domains import matpower as mp
+from scf.domains.base import Domain, DomainError, Infeasible, Violation
+from scf.domains.solvers import HighsProgram
 
 TOL_MW = 1e-3  # 1 kW: below this a balance or limit excess is solver round-off
 DEFAULT_RAMP_FRACTION = 0.3  # of Pmax per step, where the case gives no ramp_30

@@ -28,7 +28,7 @@ import numpy as np
 from scipy.linalg import expm
 from scipy.optimize import linprog
 
-from domains.base import Domain, Infeasible, Violation
+from scf.domains.base import Domain, Infeasible, Violation
 
 TOL_K = 1e-3  # comfort excess below this is solver round-off
 TOL_KW = 1e-6

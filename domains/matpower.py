@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domains.base import DomainError
+from scf.domains.base import DomainError
 
 # bus columns
 BUS_I, BUS_TYPE, PD, QD, GS, BS = 0, 1, 2, 3, 4, 5

@@ -8,8 +8,40 @@ draws only move the cost), so each solve is a warm-started re-solve.
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import highspy
 import numpy as np
+
+_quiet_lock = threading.Lock()
+_banner_done = False
+
+
+def quiet_highs() -> highspy.Highs:
+    """A silent `Highs()`. HiGHS >= 1.12 prints its banner on the process's stdout from the
+    C++ constructor, before `silent()` can run, once per process; the first construction
+    runs with file descriptor 1 pointed at /dev/null so that no `scf` command's output (a
+    JSON or CSV a user pipes on) ever carries it, whatever highspy version is installed."""
+    global _banner_done
+    with _quiet_lock:
+        if _banner_done:
+            h = highspy.Highs()
+        else:
+            sys.stdout.flush()
+            saved = os.dup(1)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, 1)
+                h = highspy.Highs()
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+                os.close(devnull)
+            _banner_done = True
+    h.silent()
+    return h
 
 
 class HighsProgram:
@@ -50,8 +82,7 @@ class HighsProgram:
         self.status = "not solved"
         self._rows = np.arange(n_row, dtype=np.int32)
         self._cols = np.arange(n_col, dtype=np.int32)
-        self._h = highspy.Highs()
-        self._h.silent()
+        self._h = quiet_highs()
         self._h.setOptionValue("threads", 1)
         self._h.passModel(model)
 

@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from bus.errors import SCFError
-from ml.ebdm import EBDM, EBDMConfig
+from scf.bus.errors import SCFError
+from scf.ml.ebdm import EBDM, EBDMConfig
 
 FORMAT = "scf-ebdm/1"
 

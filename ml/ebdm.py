@@ -35,7 +35,7 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
 
-from bus.errors import ConfigError
+from scf.bus.errors import ConfigError
 
 
 @dataclass
@@ -82,7 +82,7 @@ class EBDMConfig:
         """A copy with dimensions and bounds filled from the domain (a no-op if given)."""
         cfg = dataclasses.replace(self)
         if cfg.domain is not None:
-            import domains
+            from scf import domains
 
             d = domains.get(cfg.domain)
             cfg.state_dim, cfg.context_dim = d.state_dim, d.context_dim

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bus.errors import SCFError
+from scf.bus.errors import SCFError
 
 DEFAULT_WINDOW = 8 << 20  # bytes of NDJSON shuffled together (about 2-3k case118 fossils)
 MAX_UNIT = 256 << 20

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from domains import Domain
-from domains.grid import GridDomain
-from domains.hvac import OCCUPIED, HvacDomain
+from scf.domains import Domain
+from scf.domains.grid import GridDomain
+from scf.domains.hvac import OCCUPIED, HvacDomain
 
 
 def _buf(module: nn.Module, name: str, value) -> None:

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-import domains
-from bus.events import domain_token
-from ml.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-from ml.ebdm import EBDM, EBDMConfig, evaluate_model
-from ml.loader import FossilLoader, FossilSource, NoFossils, as_source, load_arrays
-from ml.physics import penalty_for
+from scf import domains
+from scf.bus.events import domain_token
+from scf.ml.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from scf.ml.ebdm import EBDM, EBDMConfig, evaluate_model
+from scf.ml.loader import FossilLoader, FossilSource, NoFossils, as_source, load_arrays
+from scf.ml.physics import penalty_for
 
 ProgressCb = Callable[[int, int, float, float], None]  # (step, total, loss, samples_per_s)
 

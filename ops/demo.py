@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bus import codec, control
-from bus import events as ev
-from bus.client import Bus
-from bus.errors import SCFError
-from bus.server import free_port, port_open
-from bus.settings import Settings, init_home, load
-from bus.signing import SigningKey, TrustList
-from ops.supervisor import ProcessSpec, Supervisor
+from scf.bus import codec, control
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.errors import SCFError
+from scf.bus.server import free_port, port_open
+from scf.bus.settings import Settings, init_home, load
+from scf.bus.signing import SigningKey, TrustList
+from scf.ops.supervisor import ProcessSpec, Supervisor
 
 DOMAIN = "grid:case14"
 NODES = ("node-a", "node-b")
@@ -153,8 +153,8 @@ def _meter(settings: Settings, node: str, i: int) -> None:
 
 
 async def _archive_caught_up(bus: Bus, settings: Settings, streams: tuple[str, ...], timeout: float) -> None:
-    from projections.archive import archive_root
-    from projections.store import ArchiveStore
+    from scf.projections.archive import archive_root
+    from scf.projections.store import ArchiveStore
 
     store = ArchiveStore(archive_root(settings))
     deadline = time.monotonic() + timeout
@@ -227,8 +227,8 @@ async def run_demo(
             os.kill(victim.proc.pid, signal.SIGKILL)
             echo(f"   fault drill: sent SIGKILL to {kill} (pid {victim.proc.pid}); the supervisor restarts it")
 
-        from domains.fossils import synth_shards
-        from producers.ingest import ingest
+        from scf.domains.fossils import synth_shards
+        from scf.producers.ingest import ingest
 
         echo(f"2. synthesising {fossils} fossils of {DOMAIN} (IEEE 14-bus DC network; costs from the domain's own model)")
         shards = synth_shards(DOMAIN, fossils, settings.path("fossil_vault", "demo"), shard_size=max(100, fossils // 3), seed=7)
@@ -297,14 +297,14 @@ async def run_demo(
         for e in minted:
             d = e.data
             echo(f"   ledger.transfer {d.kwh:.1f} kWh × {d.rate} → {d.micro_credits / 1e6:.2f} credits to {d.credit_account}")
-        from consumers.ledger import balances, read_transfers
+        from scf.consumers.ledger import balances, read_transfers
 
         result.balances = balances(await read_transfers(bus))
 
         echo("8. the archive catches up; the CFR dataset and the value report are built from it")
         await _archive_caught_up(bus, settings, ("CONTROL", "INTENTS", "VERDICTS", "TRAINING", "CHECKPOINTS", "DEPLOY", "LEDGER"), 120)
-        from projections import cfr, report
-        from projections.archive import archive_root
+        from scf.projections import cfr, report
+        from scf.projections.archive import archive_root
 
         out = settings.path("out")
         root = archive_root(settings)

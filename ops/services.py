@@ -10,8 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bus.settings import Settings
-from ops.supervisor import ProcessSpec
+from scf.bus.settings import Settings
+from scf.ops.supervisor import ProcessSpec
 
 
 @dataclass(frozen=True)

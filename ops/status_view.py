@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.js.errors import NotFoundError
 
-from bus import codec
-from bus import events as ev
-from bus.client import Bus
-from bus.emergency import read_state
-from bus.streams import STREAMS
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.emergency import read_state
+from scf.bus.streams import STREAMS
 
 
 @dataclass
@@ -106,7 +106,7 @@ async def snapshot(bus: Bus) -> Snapshot:
         d = e.data  # type: ignore[attr-defined]
         s.deployments.append(f"{d.node:<10} runs {d.checkpoint_id[:12]} v{d.version}")
     try:
-        from projections.archive import lag_lines  # optional: the archive may not be set up
+        from scf.projections.archive import lag_lines  # optional: the archive may not be set up
 
         s.archive = await lag_lines(bus, bus.settings)
     except Exception:

@@ -23,11 +23,11 @@ from typing import Callable
 
 import msgspec
 
-from bus.client import Bus
-from bus.errors import ConfigError
-from bus.server import EmbeddedServer
-from bus.settings import Settings, init_home
-from bus.streams import ensure
+from scf.bus.client import Bus
+from scf.bus.errors import ConfigError
+from scf.bus.server import EmbeddedServer
+from scf.bus.settings import Settings, init_home
+from scf.bus.streams import ensure
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class Supervisor:
     def argv(self, spec: ProcessSpec) -> list[str]:
         if spec.argv:
             return list(spec.argv)
-        return [sys.executable, "-m", "cli.main", "run", spec.kind, *spec.args]
+        return [sys.executable, "-m", "scf.cli.main", "run", spec.kind, *spec.args]
 
     def start(self, child: Child) -> None:
         log = open(self.logs / f"{child.spec.name}.log", "ab")

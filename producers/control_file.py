@@ -31,9 +31,9 @@ from typing import Callable
 
 import msgspec
 
-from bus.client import SCF_KID, SCF_SIG, Bus
-from bus.errors import SCFError
-from bus.signing import SigningKey, command_message
+from scf.bus.client import SCF_KID, SCF_SIG, Bus
+from scf.bus.errors import SCFError
+from scf.bus.signing import SigningKey, command_message
 
 log = logging.getLogger("scf.control_file")
 

@@ -49,19 +49,19 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from bus import control
-from bus import events as ev
-from bus.client import Bus
-from bus.codec import Codec
-from bus.emergency import EmergencyGate, EmergencyState, write_state
-from bus.errors import DecodeError, SCFError, SignatureError
-from bus.ids import derived_id, subject_token
-from bus.runner import Delivery, Runner, run_all
-from bus.settings import Settings
-from bus.signing import TrustList
-from bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
-from producers import gears
-from producers.verify import CheckpointVerifier, Verifier, VerifySettings, current_promotion, decide_promotion
+from scf.bus import control
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.codec import Codec
+from scf.bus.emergency import EmergencyGate, EmergencyState, write_state
+from scf.bus.errors import DecodeError, SCFError, SignatureError
+from scf.bus.ids import derived_id, subject_token
+from scf.bus.runner import Delivery, Runner, run_all
+from scf.bus.settings import Settings
+from scf.bus.signing import TrustList
+from scf.bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
+from scf.producers import gears
+from scf.producers.verify import CheckpointVerifier, Verifier, VerifySettings, current_promotion, decide_promotion
 
 log = logging.getLogger("scf.daemon")
 
@@ -606,7 +606,7 @@ class Daemon:
         return self
 
     def _make_verifier(self) -> Verifier | None:
-        from producers import verify
+        from scf.producers import verify
 
         mode = self.config.verify_checkpoints
         if mode == "off":

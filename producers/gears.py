@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from bus.events import GEARS
-from bus.streams import KEY_GEAR
+from scf.bus.events import GEARS
+from scf.bus.streams import KEY_GEAR
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import msgspec
 
-from bus import codec
-from bus import events as ev
-from bus.artifacts import atomic_write
-from bus.artifacts import sha256_file as file_digest
-from bus.client import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_TYPE, Bus, PipelinedPublisher, PubReply
-from bus.errors import SCFError
-from bus.ids import derived_id
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.artifacts import atomic_write
+from scf.bus.artifacts import sha256_file as file_digest
+from scf.bus.client import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_TYPE, Bus, PipelinedPublisher, PubReply
+from scf.bus.errors import SCFError
+from scf.bus.ids import derived_id
 
 ERR_WRONG_LAST_SEQUENCE = 10071
 RAW_LIMIT = 64 * 1024
@@ -219,7 +219,7 @@ def _claimed_id(raw: bytes) -> str | None:
 def validate_batch(lines: Sequence[bytes], first_line: int, source: str, at: str, recheck: bool = False) -> tuple[list[Record], list[Reject]]:
     """Validate NDJSON lines; encode a `fossil.recorded` event for each valid one.
     Pure and picklable: runs inline or in a worker process."""
-    from domains.fossils import FossilInvalid, validate_line
+    from scf.domains.fossils import FossilInvalid, validate_line
 
     at_time = dt.datetime.fromisoformat(at)
     records: list[Record] = []
@@ -260,7 +260,7 @@ class _DomainOnly(msgspec.Struct):
 
 def _init_validator(domain: str | None) -> None:
     """Pool initializer: import the validator and build the domain once per process."""
-    import domains
+    from scf import domains
 
     if domain:
         try:

@@ -35,9 +35,9 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 
-from bus import events as ev
-from bus.artifacts import sha256_file
-from bus.ids import derived_id, subject_token
+from scf.bus import events as ev
+from scf.bus.artifacts import sha256_file
+from scf.bus.ids import derived_id, subject_token
 
 log = logging.getLogger("scf.verify")
 
@@ -152,7 +152,7 @@ def decide_promotion(
 
 async def current_promotion(bus, domain: str, alias: str) -> ev.Promotion | None:
     """The latest promotion of `domain` to `alias` (the alias's head), from CHECKPOINTS."""
-    from bus.codec import Codec
+    from scf.bus.codec import Codec
     from nats.js import api
 
     subject = f"checkpoint.promoted.{subject_token(domain)}"
@@ -181,12 +181,12 @@ async def current_promotion(bus, domain: str, alias: str) -> ev.Promotion | None
 
 async def heldout_fossils(bus, domain: str, limit: int) -> list[ev.Fossil]:
     """Up to `limit` held-out fossils of `domain` (the loader's split), oldest first."""
-    from bus.codec import Codec
+    from scf.bus.codec import Codec
     from nats.js import api
     from nats.js.errors import NotFoundError
 
     try:
-        from ml.loader import in_split
+        from scf.ml.loader import in_split
     except ImportError:  # pragma: no cover - ml/ is part of the distribution
         def in_split(fossil_id: str, split: str | None) -> bool:
             return int(fossil_id[-1], 16) % 16 == 0
@@ -224,7 +224,7 @@ def available() -> str | None:
 
     if find_spec("torch") is None or find_spec("safetensors") is None:
         return "torch / safetensors are not installed: install them with `pip install 'scf[train]'` to verify checkpoints"
-    if find_spec("ml.checkpoint") is None or find_spec("ml.ebdm") is None:
+    if find_spec("scf.ml.checkpoint") is None or find_spec("scf.ml.ebdm") is None:
         return "ml.checkpoint is not available: this build cannot load checkpoints"
     return None
 
@@ -251,7 +251,7 @@ def _model_of(loaded: Any):
 def evaluate_file(path: Path, domain: str, fossils: list[ev.Fossil], seed: int = 0) -> dict[str, float]:
     """Load a checkpoint without pickle and evaluate it on held-out fossils (blocking: run
     it in a thread)."""
-    from ml.checkpoint import load_checkpoint
+    from scf.ml.checkpoint import load_checkpoint
 
     return evaluate_on(_model_of(load_checkpoint(path)), domain, fossils, seed)
 
@@ -262,15 +262,15 @@ def evaluate_on(model, domain: str, fossils: list[ev.Fossil], seed: int = 0) -> 
     import numpy as np
     import torch
 
-    from ml.ebdm import evaluate_model
+    from scf.ml.ebdm import evaluate_model
 
     x = np.asarray([f.state for f in fossils], dtype=np.float32)
     c = np.asarray([f.context for f in fossils], dtype=np.float32)
     cost = np.asarray([f.energy for f in fossils], dtype=np.float64)
     penalty = None
     try:
-        import domains
-        from ml.physics import penalty_for
+        from scf import domains
+        from scf.ml.physics import penalty_for
 
         penalty = penalty_for(domains.get(domain))
     except Exception as exc:  # an unknown domain evaluates without the physics metrics
@@ -290,7 +290,7 @@ class CheckpointVerifier:
         self._baseline: dict[tuple[str, int], dict[str, float]] = {}  # (checkpoint, n fossils) -> metrics
 
     async def _fetch(self, uri: str, sha256: str, size: int, name: str) -> Path:
-        from bus.artifacts import open_store
+        from scf.bus.artifacts import open_store
 
         self.cache.mkdir(parents=True, exist_ok=True)
         dest = self.cache / name

@@ -28,9 +28,9 @@ import pyarrow as pa
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from bus.client import Bus
-from bus.settings import Settings
-from projections.store import (
+from scf.bus.client import Bus
+from scf.bus.settings import Settings
+from scf.projections.store import (
     ARCHIVED_STREAMS,
     SKIPPED_STREAMS,
     ArchiveError,
@@ -255,7 +255,7 @@ class StreamFollower:
         return written, len(new), bool(len(jumps))
 
     def _compact(self, date: str) -> None:
-        from projections.store import ArchiveBusy
+        from scf.projections.store import ArchiveBusy
 
         try:
             report = self.store.compact(self.stream, target_rows=self.cfg.compact_rows, date=date)
@@ -294,7 +294,7 @@ async def _check_streams(bus: Bus, streams: list[str]) -> None:
 
 def prepare(store: ArchiveStore) -> None:
     """Create the archive directory, its zero-row file and the DuckDB file with the views."""
-    from projections import views
+    from scf.projections import views
 
     store.ensure()
     views.write_database(store.root)
@@ -309,7 +309,7 @@ async def run_archive(
     ready: Callable[[dict[str, int]], None] | None = None,
 ) -> list[StreamStats]:
     """`scf run archive`: follow every archived stream until SIGTERM / SIGINT / `stop`."""
-    from bus.runner import run_all
+    from scf.bus.runner import run_all
 
     cfg = archive_settings(settings)
     names = archived_streams(cfg, streams)

@@ -36,9 +36,9 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bus.errors import SCFError
-from projections import views
-from projections.store import ArchiveStore
+from scf.bus.errors import SCFError
+from scf.projections import views
+from scf.projections.store import ArchiveStore
 
 SOURCE_STREAMS = ("INTENTS", "VERDICTS")
 SPLITS = ("train", "validation")

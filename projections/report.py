@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from projections import views
-from projections.store import ArchiveStore
+from scf.projections import views
+from scf.projections.store import ArchiveStore
 
 
 @dataclass

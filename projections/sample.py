@@ -21,11 +21,11 @@ from typing import Iterable, Iterator
 
 import msgspec
 
-from bus import codec
-from bus import events as ev
-from bus.client import MSG_ID, SCF_TYPE, Bus
-from bus.ids import derived_id
-from bus.streams import stream_for_subject
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import MSG_ID, SCF_TYPE, Bus
+from scf.bus.ids import derived_id
+from scf.bus.streams import stream_for_subject
 
 START = dt.datetime(2026, 9, 7, tzinfo=dt.timezone.utc)  # a Monday
 NODES = ("edge-berlin-1", "edge-berlin-2", "edge-lyon-1", "edge-oslo-1")
@@ -314,7 +314,7 @@ async def publish(bus: Bus, items: Iterable[Item]) -> int:
 def write_archive(store, items: Iterable[Item], *, batch: int = 100_000, start_ns: int | None = None) -> dict[str, int]:
     """Write items into `store` as if each stream had received them in this order (one ms
     apart), without NATS. Returns the last sequence per stream."""
-    from projections.store import RawMessage, messages_table
+    from scf.projections.store import RawMessage, messages_table
 
     store.ensure()
     t0 = start_ns if start_ns is not None else int(dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc).timestamp()) * 1_000_000_000

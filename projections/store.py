@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bus.errors import SCFError
-from bus.streams import STREAMS
+from scf.bus.errors import SCFError
+from scf.bus.streams import STREAMS
 
 # Streams the archive keeps. JOBS is a work-queue stream: a second consumer would take work
 # from the GPU workers, and every item on it is mirrored as job.dispatched in TRAINING.

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from bus.errors import SCFError
-from projections.store import SCHEMA_VERSION, ArchiveStore
+from scf.bus.errors import SCFError
+from scf.projections.store import SCHEMA_VERSION, ArchiveStore
 
 VIEWS_DIR = Path(__file__).parent / "views"
 # Dependency order: a view is created after the views it reads.

@@ -18,10 +18,10 @@ from typing import Awaitable, Callable
 
 import pytest
 
-from bus.client import Bus
-from bus.server import ServerProcess, free_port
-from bus.settings import Settings, init_home
-from bus.streams import ensure
+from scf.bus.client import Bus
+from scf.bus.server import ServerProcess, free_port
+from scf.bus.settings import Settings, init_home
+from scf.bus.streams import ensure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: flo
 def scf(*args: str, env: dict[str, str], check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the `scf` CLI as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout, check=check, cwd=ROOT
+        [sys.executable, "-m", "scf.cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout, check=check, cwd=ROOT
     )
 
 

@@ -12,13 +12,13 @@ import nats
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from bus import codec
-from bus import events as ev
-from bus.client import Bus
-from bus.settings import Settings
-from bus.signing import SigningKey, TrustList, command_message
-from consumers.safety import SafetyGate, SafetySettings
-from producers.daemon import Daemon, DaemonSettings
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.settings import Settings
+from scf.bus.signing import SigningKey, TrustList, command_message
+from scf.consumers.safety import SafetyGate, SafetySettings
+from scf.producers.daemon import Daemon, DaemonSettings
 from tests.conftest import wait_for
 
 

@@ -17,11 +17,11 @@ import sys
 import msgspec
 import pytest
 
-from bus import codec
-from bus import events as ev
-from bus.client import MSG_ID, SCF_TYPE
-from projections import archive, sample, views
-from projections.store import ARCHIVED_STREAMS, ArchiveStore, file_name
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import MSG_ID, SCF_TYPE
+from scf.projections import archive, sample, views
+from scf.projections.store import ARCHIVED_STREAMS, ArchiveStore, file_name
 from tests.conftest import scf, spawn, wait_for
 from tests.test_archive_helpers import archived_all, read_stream, with_archive, write_toml
 
@@ -122,7 +122,7 @@ async def test_archive_process_survives_sigkill_without_duplicates_or_gaps(bus, 
     items = list(sample.history(cycles=320, seed=9))
     chunks = [items[i : i + 60] for i in range(0, len(items), 60)]
     log = tmp_path / "archive.log"
-    argv = [sys.executable, "-m", "cli.main", "run", "archive"]
+    argv = [sys.executable, "-m", "scf.cli.main", "run", "archive"]
     publishing_done = asyncio.Event()
 
     async def publish() -> None:
@@ -338,12 +338,12 @@ async def test_jobs_and_buckets_are_not_archived(settings):
 
 async def test_signed_and_headers_columns(bus, settings):
     """A signed event (the signature in the envelope) and a signed plain command (in headers)."""
-    from bus.signing import SigningKey
+    from scf.bus.signing import SigningKey
 
     key = SigningKey.generate("alice")
     intent = ev.IntentCreated.new(ev.Intent(intent_id="i-1", kind="train", domain="grid:case14"), source="t")
     await bus.js.publish(intent.subject(), codec.sign(intent, key), headers={MSG_ID: intent.id, SCF_TYPE: "intent.created"})
-    from bus import control
+    from scf.bus import control
 
     subject, body, headers = control.encode(control.Stop(by="alice"), key)
     await bus.js.publish(subject, body, headers=headers)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import msgspec
 from nats.js.errors import NotFoundError
 
-from bus.client import Bus
-from bus.settings import Settings
-from projections.store import ARCHIVED_STREAMS, ArchiveStore
+from scf.bus.client import Bus
+from scf.bus.settings import Settings
+from scf.projections.store import ARCHIVED_STREAMS, ArchiveStore
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from bus.artifacts import (
+from scf.bus.artifacts import (
     ArtifactNotFound,
     DigestMismatch,
     FileStoreBackend,
@@ -123,7 +123,7 @@ async def test_file_backend_and_routing_by_scheme(bus, settings, tmp_path):
 
 async def test_file_backend_from_settings(bus, settings, tmp_path):
     (settings.home_path / "scf.toml").write_text(f'[artifacts]\nbackend = "file"\nroot = "{tmp_path / "zoo"}"\n')
-    from bus.settings import load
+    from scf.bus.settings import load
 
     s = load({"SCF_HOME": settings.home, "NATS_URL": settings.nats_url or ""})
     store = open_store(bus, s)

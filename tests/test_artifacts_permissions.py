@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bus.artifacts import ObjectStoreBackend, StreamReader
+from scf.bus.artifacts import ObjectStoreBackend, StreamReader
 from tests.test_nats_configs import Hub, hub, passwords, tls_files  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,10 +9,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from bus import events as ev
-from bus.ids import new_id
-from projections import archive, cfr
-from projections.store import ArchiveStore
+from scf.bus import events as ev
+from scf.bus.ids import new_id
+from scf.projections import archive, cfr
+from scf.projections.store import ArchiveStore
 from tests.conftest import scf
 
 pytestmark = pytest.mark.anyio
@@ -112,7 +112,7 @@ async def test_hand_built_scenario_gives_exactly_the_expected_examples(bus, sett
 
 
 async def test_building_twice_gives_byte_identical_files(bus, settings, scf_env, tmp_path):
-    from projections import sample
+    from scf.projections import sample
 
     await _scenario(bus)
     await sample.publish(bus, sample.history(cycles=60, seed=13))

@@ -8,8 +8,8 @@ import socket
 import pytest
 import typer.main
 
-from bus.server import free_port
-from cli.main import app
+from scf.bus.server import free_port
+from scf.cli.main import app
 from tests.conftest import scf
 
 

@@ -9,9 +9,9 @@ import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from bus import codec
-from bus import events as ev
-from bus.errors import DecodeError, UnknownEventType
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.errors import DecodeError, UnknownEventType
 
 GOLDEN = Path(__file__).parent / "golden"
 

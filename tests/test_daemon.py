@@ -10,10 +10,10 @@ import sys
 import msgspec
 import pytest
 
-from bus.emergency import read_state
-from bus.streams import KEY_DAEMON
-from producers import gears
-from producers.daemon import DaemonSettings, Liveness
+from scf.bus.emergency import read_state
+from scf.bus.streams import KEY_DAEMON
+from scf.producers import gears
+from scf.producers.daemon import DaemonSettings, Liveness
 from tests.conftest import spawn, stream_count, wait_for
 from tests.daemon_support import (
     add_fossils,
@@ -159,8 +159,8 @@ async def test_processes_and_the_control_file(bus, settings, scf_env, tmp_path):
     """`scf run daemon` and `scf control watch-file` as real processes."""
     control_file = tmp_path / "data" / "scf" / "control.json"
     control_file.parent.mkdir(parents=True)
-    daemon = spawn([sys.executable, "-m", "cli.main", "run", "daemon"], scf_env, tmp_path / "daemon.log")
-    watcher = spawn([sys.executable, "-m", "cli.main", "control", "watch-file", str(control_file), "--poll", "0.1"], scf_env, tmp_path / "watch.log")
+    daemon = spawn([sys.executable, "-m", "scf.cli.main", "run", "daemon"], scf_env, tmp_path / "daemon.log")
+    watcher = spawn([sys.executable, "-m", "scf.cli.main", "control", "watch-file", str(control_file), "--poll", "0.1"], scf_env, tmp_path / "watch.log")
     try:
         control_file.write_text(json.dumps({"command": "SHIFT_GEAR", "payload": {"level": "ACCELERATED"}}))
         [g] = await wait_events(bus, "CONTROL", "gear.changed", 1, timeout=40)
@@ -177,7 +177,7 @@ async def test_processes_and_the_control_file(bus, settings, scf_env, tmp_path):
             assert p.wait(30) == 0, (tmp_path / "daemon.log").read_text()[-2000:]
     # a restarted watcher does not resend the file it already sent
     before = await stream_count(bus, "CONTROL", "control.>")
-    watcher = spawn([sys.executable, "-m", "cli.main", "control", "watch-file", str(control_file), "--once"], scf_env, tmp_path / "watch2.log")
+    watcher = spawn([sys.executable, "-m", "scf.cli.main", "control", "watch-file", str(control_file), "--once"], scf_env, tmp_path / "watch2.log")
     assert watcher.wait(30) == 0
     assert "sent 0 command(s)" in (tmp_path / "watch2.log").read_text()
     assert await stream_count(bus, "CONTROL", "control.>") == before
@@ -202,7 +202,7 @@ async def test_liveness_is_a_kv_entry_not_events(bus, settings):
 
 
 async def test_rebuild_knows_the_last_applied_command(bus, settings):
-    from producers.daemon import rebuild_control
+    from scf.producers.daemon import rebuild_control
 
     async with running_daemon(settings, FAST) as daemon:
         await send(settings, "stop")

@@ -11,9 +11,9 @@ import hashlib
 
 import pytest
 
-from bus import events as ev
-from producers.daemon import DaemonSettings
-from producers.verify import CheckpointVerifier, Verification, VerifySettings, current_promotion, heldout_fossils
+from scf.bus import events as ev
+from scf.producers.daemon import DaemonSettings
+from scf.producers.verify import CheckpointVerifier, Verification, VerifySettings, current_promotion, heldout_fossils
 from tests.conftest import wait_for
 from tests.daemon_support import add_fossils, operator_key, running_daemon, send, wait_events
 
@@ -96,7 +96,7 @@ async def test_emergency_pauses_promotion(bus, settings):
 
 
 async def test_real_verifier_checks_the_digest_and_refuses_what_it_cannot_load(bus, settings, tmp_path):
-    from bus.artifacts import open_store
+    from scf.bus.artifacts import open_store
 
     blob = tmp_path / "ck.safetensors"
     blob.write_bytes(b"not really a checkpoint")
@@ -137,10 +137,10 @@ async def test_real_checkpoints_are_verified_and_promoted(bus, settings, tmp_pat
     torch = pytest.importorskip("torch")
     import numpy as np
 
-    import domains
-    from bus.artifacts import open_store
-    from ml.checkpoint import save_checkpoint, sha256_file
-    from ml.ebdm import EBDM, EBDMConfig
+    from scf import domains
+    from scf.bus.artifacts import open_store
+    from scf.ml.checkpoint import save_checkpoint, sha256_file
+    from scf.ml.ebdm import EBDM, EBDMConfig
 
     d = domains.get("grid:case9")
     samples = d.synthesize(np.random.default_rng(0), 240)

@@ -7,13 +7,13 @@ import datetime as dt
 import msgspec
 import pytest
 
-from bus import control
-from bus import events as ev
-from bus.errors import DecodeError, SignatureError
-from bus.signing import SigningKey, TrustList
-from producers import gears
-from producers.control_file import ControlFileError, parse
-from producers.daemon import (
+from scf.bus import control
+from scf.bus import events as ev
+from scf.bus.errors import DecodeError, SignatureError
+from scf.bus.signing import SigningKey, TrustList
+from scf.producers import gears
+from scf.producers.control_file import ControlFileError, parse
+from scf.producers.daemon import (
     TRAIN_INTENT_PARAMS,
     CommandContext,
     ControlState,
@@ -25,7 +25,7 @@ from producers.daemon import (
     orient,
     train_intent_id,
 )
-from producers.verify import Verification, VerifySettings, compare, decide_promotion
+from scf.producers.verify import Verification, VerifySettings, compare, decide_promotion
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -205,7 +205,7 @@ def test_orient_emits_one_intent_per_domain_over_threshold():
 
 
 def test_orient_carries_the_configured_model_config_and_dispatch_keeps_only_that():
-    from consumers.dispatch import job_config
+    from scf.consumers.dispatch import job_config
 
     counts = {"d": DomainCount(domain="d", total=600)}
     [intent] = orient(counts, {}, "HYPER", {}, source="x", train_config={"steps": 300, "hidden": 64})

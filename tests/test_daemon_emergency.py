@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from bus import events as ev
-from bus.client import Bus
-from bus.emergency import EmergencyGate, read_state
-from bus.runner import Runner
-from bus.streams import ConsumerSpec
-from producers.daemon import DaemonSettings
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.emergency import EmergencyGate, read_state
+from scf.bus.runner import Runner
+from scf.bus.streams import ConsumerSpec
+from scf.producers.daemon import DaemonSettings
 from tests.conftest import wait_for
 from tests.daemon_support import add_fossils, events, operator_key, running_daemon, send, wait_events
 

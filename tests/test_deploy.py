@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from bus import events as ev
-from bus.codec import Codec
-from consumers.deploy import deploy_intent, deployment_id_for, intent_id_for, plan_orders, waves
-from consumers.nodes import NodeInfo, Target, TargetError, parse_target, select
-from bus.events import DeployRequested
+from scf.bus import events as ev
+from scf.bus.codec import Codec
+from scf.consumers.deploy import deploy_intent, deployment_id_for, intent_id_for, plan_orders, waves
+from scf.consumers.nodes import NodeInfo, Target, TargetError, parse_target, select
+from scf.bus.events import DeployRequested
 from tests.conftest import scf, stream_count, wait_for
 from tests.test_deploy_helpers import (
     Keys,
@@ -191,7 +191,7 @@ async def _reported(bus, cls, node: str, checkpoint_id: str | None = None) -> bo
 
 def test_release_codec_rejects_untrusted(settings, tmp_path):
     """The planner's own check: an unsigned promotion is not turned into an intent."""
-    from bus import codec
+    from scf.bus import codec
 
     keys = Keys(settings)
     make_model(tmp_path / "m.safetensors")

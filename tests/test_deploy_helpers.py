@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from bus import codec
-from bus import events as ev
-from bus.client import Bus
-from bus.signing import SigningKey, TrustList
-from bus.settings import Settings
-from consumers.deploy import deploy_intent, plan_orders
-from consumers.nodes import get_node
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.signing import SigningKey, TrustList
+from scf.bus.settings import Settings
+from scf.consumers.deploy import deploy_intent, plan_orders
+from scf.consumers.nodes import get_node
 from tests.conftest import spawn
 
 
@@ -123,7 +123,7 @@ def approve(intent_id: str) -> ev.VerdictIssued:
 
 
 async def events_on(bus: Bus, stream: str, subject: str, types) -> list[tuple[int, ev.Event]]:
-    from consumers.nodes import scan
+    from scf.consumers.nodes import scan
 
     c = codec.Codec(types)
     out = []
@@ -148,14 +148,14 @@ def current_model(directory: Path) -> str | None:
 
 
 def start_edge(env: dict, node: str, directory: Path, log_dir: Path, labels: dict[str, str] | None = None) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "cli.main", "run", "edge", "--node", node, "--dir", str(directory)]
+    argv = [sys.executable, "-m", "scf.cli.main", "run", "edge", "--node", node, "--dir", str(directory)]
     for k, v in (labels or {}).items():
         argv += ["--label", f"{k}={v}"]
     return spawn(argv, env, log_dir / f"edge-{node}.log")
 
 
 def start_process(env: dict, name: str, log_dir: Path) -> subprocess.Popen:
-    return spawn([sys.executable, "-m", "cli.main", "run", name], env, log_dir / f"{name}.log")
+    return spawn([sys.executable, "-m", "scf.cli.main", "run", name], env, log_dir / f"{name}.log")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:

@@ -9,9 +9,9 @@ import sys
 import msgspec
 import pytest
 
-from bus import events as ev
-from bus.codec import Codec
-from consumers.dispatch import (
+from scf.bus import events as ev
+from scf.bus.codec import Codec
+from scf.consumers.dispatch import (
     DispatchSettings,
     Dispatcher,
     WorkerInfo,
@@ -74,8 +74,8 @@ async def publish_intent(bus, intent_id: str, **params) -> ev.IntentCreated:
 
 
 async def publish_fossils(bus, n: int, tmp_path) -> None:
-    from domains.fossils import synth_shards
-    from producers.ingest import ingest
+    from scf.domains.fossils import synth_shards
+    from scf.producers.ingest import ingest
 
     synth_shards(DOMAIN, n, tmp_path / "shards", shard_size=n)
     report = await ingest(bus, [tmp_path / "shards"], settings=bus.settings)
@@ -137,7 +137,7 @@ async def test_routes_to_a_live_gpu_pool(bus, tmp_path):
 
 async def test_run_dispatch_process(bus, scf_env, tmp_path):
     await publish_intent(bus, "i-proc", steps=10)
-    proc = spawn([sys.executable, "-m", "cli.main", "run", "dispatch"], scf_env, tmp_path / "dispatch.out")
+    proc = spawn([sys.executable, "-m", "scf.cli.main", "run", "dispatch"], scf_env, tmp_path / "dispatch.out")
     try:
         await bus.publish(verdict("i-proc"))
 
@@ -158,8 +158,8 @@ async def _acked(bus) -> bool:
 
 
 def test_daemon_bookkeeping_params_stay_out_of_the_model_config():
-    from consumers.dispatch import job_config
-    from producers.gears import TRAIN_INTENT_PARAMS
+    from scf.consumers.dispatch import job_config
+    from scf.producers.gears import TRAIN_INTENT_PARAMS
 
     params = {k: 1 for k in TRAIN_INTENT_PARAMS} | {"pool": "h100", "steps": 50, "lr": 0.001}
     config, digest = job_config(params)

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-import domains
-from bus.events import Fossil, fossil_content_id
-from domains import matpower as mp
-from domains.fossils import FossilInvalid, synth_shards, to_fossil, validate_line
-from domains.grid import GridDomain
+from scf import domains
+from scf.bus.events import Fossil, fossil_content_id
+from scf.domains import matpower as mp
+from scf.domains.fossils import FossilInvalid, synth_shards, to_fossil, validate_line
+from scf.domains.grid import GridDomain
 
 # --------------------------------------------------------------------------- case files
 

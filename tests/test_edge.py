@@ -14,12 +14,12 @@ import shutil
 import msgspec
 import pytest
 
-from bus import codec
-from bus import events as ev
-from bus.client import Bus
-from bus.codec import Codec
-from consumers.edge import EdgeAgent, Refused, health_check, verify_release
-from bus.events import DeployRequested, DeployRollbackRequested
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.codec import Codec
+from scf.consumers.edge import EdgeAgent, Refused, health_check, verify_release
+from scf.bus.events import DeployRequested, DeployRollbackRequested
 from tests.conftest import scf, stream_count, wait_for
 from tests.test_deploy_helpers import (
     Keys,
@@ -209,7 +209,7 @@ async def _has_failure(bus: Bus, text: str) -> bool:
 
 
 async def _registered_after_restart(bus: Bus) -> bool:
-    from consumers.nodes import get_node
+    from scf.consumers.nodes import get_node
 
     info = await get_node(bus, NODE)
     return info is not None and info.updated_at is not None and info.updated_at > dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5) and info.status == "active"

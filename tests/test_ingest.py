@@ -11,10 +11,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bus import events as ev
-from bus.codec import Codec
-from domains.fossils import synth_shards
-from producers.ingest import IngestError, Ingester, IngestSettings, ingest
+from scf.bus import events as ev
+from scf.bus.codec import Codec
+from scf.domains.fossils import synth_shards
+from scf.producers.ingest import IngestError, Ingester, IngestSettings, ingest
 from tests.conftest import scf, stream_count, wait_for
 
 pytestmark = pytest.mark.anyio

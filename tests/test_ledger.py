@@ -12,14 +12,15 @@ from decimal import Decimal
 
 import msgspec
 import pytest
+from nats.js.errors import NotFoundError
 
-from bus import codec
-from bus import events as ev
-from bus.client import Bus
-from bus.emergency import EmergencyGate
-from bus.ids import new_id
-from consumers.edge import measurement_event
-from consumers.ledger import (
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.emergency import EmergencyGate
+from scf.bus.ids import new_id
+from scf.consumers.edge import measurement_event
+from scf.consumers.ledger import (
     Ledger,
     LedgerSettings,
     balances,
@@ -32,7 +33,7 @@ from consumers.ledger import (
     transfer_id_for,
     verify,
 )
-from consumers.nodes import NodeInfo, register
+from scf.consumers.nodes import NodeInfo, register
 from tests.conftest import scf, stream_count, wait_for
 from tests.test_deploy_helpers import Keys, utc
 
@@ -113,7 +114,10 @@ async def publish_signed(bus: Bus, event: ev.Event, key) -> int:
 
 
 async def consumer_done(bus: Bus, n_before: int = 0) -> bool:
-    info = await bus.js.consumer_info("DEPLOY", "ledger")
+    try:
+        info = await bus.js.consumer_info("DEPLOY", "ledger")
+    except NotFoundError:  # the ledger task has not created its consumer yet
+        return False
     return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq > n_before
 
 

@@ -15,12 +15,12 @@ from decimal import ROUND_HALF_EVEN, Decimal
 import msgspec
 import pytest
 
-from bus import codec
-from bus import events as ev
-from bus.client import Bus
-from bus.ids import new_id
-from consumers.edge import measurement_event
-from consumers.ledger import balances, read_transfers
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.ids import new_id
+from scf.consumers.edge import measurement_event
+from scf.consumers.ledger import balances, read_transfers
 from tests.conftest import scf, stream_count, wait_for
 from tests.test_deploy_helpers import Keys, logs, start_process, stop, utc
 
@@ -159,7 +159,7 @@ async def _drained(bus: Bus, n: int) -> bool:
 
 
 async def _scan(bus: Bus, subject: str):
-    from consumers.nodes import scan
+    from scf.consumers.nodes import scan
 
     async for msg in scan(bus, "LEDGER", subject):
         yield msg

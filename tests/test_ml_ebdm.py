@@ -16,13 +16,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import domains
-from bus.errors import ConfigError
-from domains.fossils import synth_shards
-from ml.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint, sha256_file
-from ml.ebdm import EBDM, EBDMConfig, sliced_wasserstein
-from ml.physics import penalty_for
-from ml.train import compare, evaluate, fit, train_local
+from scf import domains
+from scf.bus.errors import ConfigError
+from scf.domains.fossils import synth_shards
+from scf.ml.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint, sha256_file
+from scf.ml.ebdm import EBDM, EBDMConfig, sliced_wasserstein
+from scf.ml.physics import penalty_for
+from scf.ml.train import compare, evaluate, fit, train_local
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
@@ -216,7 +216,7 @@ def test_train_local_writes_a_checkpoint_with_finite_metrics_that_evaluate_repro
 
 
 def test_training_stops_when_asked_and_still_checkpoints(case9_shards, tmp_path):
-    from ml.train import train
+    from scf.ml.train import train
 
     asked = iter(range(100))
     result = train(EBDMConfig(domain="grid:case9", steps=1000, batch_size=32, **TINY), case9_shards, out_dir=tmp_path, should_stop=lambda: next(asked) >= 4)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bus.events import Fossil
-from domains.fossils import synth_shards
-from ml.loader import FossilLoader, LoaderError, ShardSource, _Plan, iterate_fossils, load_arrays
+from scf.bus.events import Fossil
+from scf.domains.fossils import synth_shards
+from scf.ml.loader import FossilLoader, LoaderError, ShardSource, _Plan, iterate_fossils, load_arrays
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 

@@ -35,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, StreamConfig
 
-from bus import streams
+from scf.bus import streams
 
 REPO = Path(__file__).resolve().parents[1]
 NATS_DIR = REPO / "nats"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from bus import events as ev
-from bus.errors import PublishConflict, StreamNotFound
-from bus.streams import STREAMS, ensure
+from scf.bus import events as ev
+from scf.bus.errors import PublishConflict, StreamNotFound
+from scf.bus.streams import STREAMS, ensure
 from tests.conftest import stream_count
 
 pytestmark = pytest.mark.anyio
@@ -36,7 +36,7 @@ async def test_expected_sequence_conflict_raises_the_projects_error(bus):
     e = intent("once")
     await bus.publish(e)
     again = msgspec.structs.replace(e, id="another-id")  # a different message for the same subject
-    from bus.client import map_error
+    from scf.bus.client import map_error
 
     with pytest.raises(Exception) as raw:
         await bus.js.publish(again.subject(), b"{}", headers=bus.headers(again, expect_new=True))
@@ -63,7 +63,7 @@ async def test_publish_once_new_duplicate_conflict(bus):
 
 
 async def test_publish_without_a_stream_names_the_fix(settings):
-    from bus.client import Bus
+    from scf.bus.client import Bus
 
     b = await Bus.connect(settings, "test")
     try:

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from projections import report, sample, views
-from projections.store import ArchiveStore
+from scf.projections import report, sample, views
+from scf.projections.store import ArchiveStore
 from tests.conftest import scf
 
 

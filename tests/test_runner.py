@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bus import events as ev
-from bus.dlq import list_dead
+from scf.bus import events as ev
+from scf.bus.dlq import list_dead
 from tests.conftest import scf, spawn, stream_count, wait_for
 
 pytestmark = pytest.mark.anyio

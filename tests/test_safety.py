@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-import domains
-from bus import events as ev
-from producers import gears
+from scf import domains
+from scf.bus import events as ev
+from scf.producers import gears
 from tests.conftest import spawn, wait_for
 from tests.daemon_support import events, running_safety, wait_events
 
@@ -96,7 +96,7 @@ async def test_code_and_state_proposals(bus, settings):
 
 
 async def test_scf_run_safety_process(bus, settings, scf_env, tmp_path):
-    proc = spawn([sys.executable, "-m", "cli.main", "run", "safety"], scf_env, tmp_path / "safety.log")
+    proc = spawn([sys.executable, "-m", "scf.cli.main", "run", "safety"], scf_env, tmp_path / "safety.log")
     try:
         await bus.publish(intent("cli-1", "deploy"))
         [v] = await wait_events(bus, "VERDICTS", "verdict.intent.hold", 1, timeout=40)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import domains
-from bus import events as ev
-from bus.errors import ConfigError
-from consumers.regulator import DEFAULT_RULES, RuleSet, parse_fact
-from consumers.safety import GateView, decide, rule_code, rule_intent, rule_state
+from scf import domains
+from scf.bus import events as ev
+from scf.bus.errors import ConfigError
+from scf.consumers.regulator import DEFAULT_RULES, RuleSet, parse_fact
+from scf.consumers.safety import GateView, decide, rule_code, rule_intent, rule_state
 
 RULES = RuleSet.load()
 

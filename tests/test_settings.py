@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from bus.errors import ConfigError
-from bus.settings import DEFAULT_PORT, init_home, load
+from scf.bus.errors import ConfigError
+from scf.bus.settings import DEFAULT_PORT, init_home, load
 
 
 class LedgerSettings(msgspec.Struct, frozen=True):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from bus import codec, control
-from bus import events as ev
-from bus.errors import SignatureError
-from bus.signing import SigningKey, TrustList
+from scf.bus import codec, control
+from scf.bus import events as ev
+from scf.bus.errors import SignatureError
+from scf.bus.signing import SigningKey, TrustList
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from bus import events as ev
-from bus.emergency import EmergencyState, write_state
-from ops.status_view import render, snapshot
-from producers.gears import GearState, write_gear
+from scf.bus import events as ev
+from scf.bus.emergency import EmergencyState, write_state
+from scf.ops.status_view import render, snapshot
+from scf.producers.gears import GearState, write_gear
 
 pytestmark = pytest.mark.anyio
 

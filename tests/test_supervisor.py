@@ -11,9 +11,9 @@ import sys
 import msgspec
 import pytest
 
-from bus import events as ev
-from ops import services
-from ops.supervisor import ProcessSpec, Supervisor, default_processes, select
+from scf.bus import events as ev
+from scf.ops import services
+from scf.ops.supervisor import ProcessSpec, Supervisor, default_processes, select
 from tests.conftest import stream_count, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -57,7 +57,7 @@ def test_only_and_except_pick_processes(settings):
     assert [p.name for p in select(procs, ["daemon", "safety"], None)] == ["daemon", "safety"]
     assert "worker" not in [p.name for p in select(procs, None, ["worker", "edge"])]
     assert not any(p.kind == "edge" for p in select(procs, None, ["edge"]))
-    from bus.errors import ConfigError
+    from scf.bus.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown process 'wrker': use one of"):
         select(procs, ["wrker"], None)

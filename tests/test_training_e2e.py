@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
-from bus import events as ev
-from bus.artifacts import StreamReader, open_store
-from bus.codec import Codec
-from consumers.dispatch import job_id_for
+from scf.bus import events as ev
+from scf.bus.artifacts import StreamReader, open_store
+from scf.bus.codec import Codec
+from scf.consumers.dispatch import job_id_for
 from tests.conftest import scf, spawn, stream_count, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -52,7 +52,7 @@ async def test_synth_ingest_dispatch_train_checkpoint(bus, settings, scf_env, tm
     )
     await bus.publish(verdict)
 
-    run = [sys.executable, "-m", "cli.main", "run"]
+    run = [sys.executable, "-m", "scf.cli.main", "run"]
     dispatch = spawn(run + ["dispatch"], scf_env, tmp_path / "dispatch.out")
     worker = spawn(run + ["worker", "--pool", "local", "--device", "cpu", "--id", "e2e"], scf_env, tmp_path / "worker.out")
     try:
@@ -90,7 +90,7 @@ async def test_synth_ingest_dispatch_train_checkpoint(bus, settings, scf_env, tm
     path = await open_store(bus, settings).get(info.uri, tmp_path / "fetched", sha256=info.sha256)
     assert path.stat().st_size == info.size
 
-    from ml.checkpoint import load_checkpoint
+    from scf.ml.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(path)
     assert model.config.domain == DOMAIN and model.config.hidden == TINY["hidden"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from projections import sample, views
-from projections.store import ArchiveStore, RawMessage, messages_table
+from scf.projections import sample, views
+from scf.projections.store import ArchiveStore, RawMessage, messages_table
 from tests.conftest import ROOT, scf
 
 DOCS = ROOT / "docs" / "views.md"

@@ -12,12 +12,12 @@ import msgspec
 import pytest
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
-from bus import events as ev
-from bus.artifacts import StreamReader, open_store
-from bus.codec import Codec
-from bus.dlq import list_dead
-from bus.ids import derived_id
-from consumers.dispatch import WorkerInfo, data_selection, worker_key
+from scf.bus import events as ev
+from scf.bus.artifacts import StreamReader, open_store
+from scf.bus.codec import Codec
+from scf.bus.dlq import list_dead
+from scf.bus.ids import derived_id
+from scf.consumers.dispatch import WorkerInfo, data_selection, worker_key
 from tests.conftest import spawn, stream_count, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -36,13 +36,13 @@ def worker_toml(settings, **extra) -> None:
 
 
 def start_worker(scf_env, tmp_path, wid: str):
-    argv = [sys.executable, "-m", "cli.main", "run", "worker", "--pool", POOL, "--device", "cpu", "--id", wid]
+    argv = [sys.executable, "-m", "scf.cli.main", "run", "worker", "--pool", POOL, "--device", "cpu", "--id", wid]
     return spawn(argv, scf_env, tmp_path / f"worker-{wid}.out")
 
 
 async def ingest_fossils(bus, tmp_path, n: int = 160) -> None:
-    from domains.fossils import synth_shards
-    from producers.ingest import ingest
+    from scf.domains.fossils import synth_shards
+    from scf.producers.ingest import ingest
 
     synth_shards(DOMAIN, n, tmp_path / "shards", shard_size=n)
     assert (await ingest(bus, [tmp_path / "shards"], settings=bus.settings)).recorded == n

@@ -20,12 +20,12 @@ import asyncio
 import os
 from pathlib import Path
 
-from bus import events as ev
-from bus.client import Bus
-from bus.codec import Codec
-from bus.runner import Poison, Runner, event_decoder, run_all
-from bus.settings import load
-from bus.streams import ConsumerSpec
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.bus.codec import Codec
+from scf.bus.runner import Poison, Runner, event_decoder, run_all
+from scf.bus.settings import load
+from scf.bus.streams import ConsumerSpec
 
 
 async def main() -> None:
