@@ -12,6 +12,13 @@ TOML file (`[ledger]`, `[safety]`, …) and decodes it into its own frozen struc
     SCF_KEY         name or path of the signing key for commands and releases
     SCF_SANDBOX     1 when this deployment is a sandbox (allows the SINGULARITY gear)
     SCF_REQUIRE_SIGNED_CONTROL  1 to refuse unsigned control commands
+    SCF_LOG         log level of SCF processes (default WARNING; `log = "info"` in scf.toml)
+    SCF_ARTIFACTS   artifact store backend, overriding `[artifacts] backend`
+
+Unknown keys are refused, at the top level when the file is read and in a section when its
+subsystem decodes it, with the key, the section and the keys that exist: a typo such as
+`[ledger] rat = 2.0` must never be silently ignored. A new subsystem adds its table name
+to SECTIONS.
 """
 
 from __future__ import annotations
@@ -28,6 +35,22 @@ from scf.bus.errors import ConfigError
 T = TypeVar("T")
 
 DEFAULT_PORT = 4333
+# The `[name]` tables of scf.toml: each is decoded by its subsystem with `Settings.section`
+# into the struct named here (as data: bus imports no other package). The CLI checks every
+# table present in the file against its struct when a command starts (scf.cli.common).
+SECTIONS: dict[str, str] = {
+    "archive": "scf.projections.archive:ArchiveSettings",
+    "artifacts": "scf.bus.artifacts:ArtifactSettings",
+    "daemon": "scf.producers.daemon:DaemonSettings",
+    "deploy": "scf.consumers.deploy:DeploySettings",
+    "dispatch": "scf.consumers.dispatch:DispatchSettings",
+    "edge": "scf.consumers.edge:EdgeSettings",
+    "ingest": "scf.producers.ingest:IngestSettings",
+    "ledger": "scf.consumers.ledger:LedgerSettings",
+    "safety": "scf.consumers.safety:SafetySettings",
+    "worker": "scf.consumers.worker:WorkerSettings",
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 VAULT_DIRS = (
     "fossil_vault",
     "fossil_vault/quarantine",
@@ -52,6 +75,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     key: str | None = None
     sandbox: bool = False
     require_signed_control: bool = False
+    log: str = "WARNING"
+    artifacts_backend: str | None = None  # SCF_ARTIFACTS; None = `[artifacts] backend`
     raw: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ derived paths
@@ -83,9 +108,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return self.home_path.joinpath(*parts)
 
     def section(self, name: str, type: type[T]) -> T:
-        """Decode the `[name]` table of scf.toml into `type` (defaults when absent)."""
+        """Decode the `[name]` table of scf.toml into `type` (defaults when absent); a key
+        that `type` does not have is refused with its name."""
+        table = self.raw.get(name, {})
+        known = {f.encode_name for f in msgspec.structs.fields(type)}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown key {unknown[0]!r} in [{name}] of {self.home_path / 'scf.toml'}: "
+                f"remove it or use one of {', '.join(sorted(known)) or '(none)'}"
+            )
         try:
-            return msgspec.convert(self.raw.get(name, {}), type)
+            return msgspec.convert(table, type)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"[{name}] in {self.home_path / 'scf.toml'}: {exc}") from None
 
@@ -103,6 +137,7 @@ class _File(msgspec.Struct, kw_only=True):
     key: str | None = None
     sandbox: bool | None = None
     require_signed_control: bool | None = None
+    log: str | None = None
 
 
 def _flag(value: str) -> bool:
@@ -120,10 +155,20 @@ def load(env: dict[str, str] | None = None, home: str | Path | None = None) -> S
         except msgspec.DecodeError as exc:
             raise ConfigError(f"{toml_path} is not valid TOML ({exc}): fix or remove it") from None
     top = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    for name, value in raw.items():
+        if isinstance(value, dict) and name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}] in {toml_path}: remove it or use one of {', '.join(SECTIONS)}")
+    known = {f.encode_name for f in msgspec.structs.fields(_File)}
+    for key in top:
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} at the top of {toml_path}: remove it or use one of {', '.join(sorted(known))}")
     try:
         f = msgspec.convert(top, _File)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{toml_path}: {exc}") from None
+    log_level = (env.get("SCF_LOG") or f.log or "WARNING").upper()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log level {log_level.lower()!r} (SCF_LOG or `log` in {toml_path}) is not one of {', '.join(x.lower() for x in LOG_LEVELS)}")
 
     port_text = env.get("SCF_NATS_PORT")
     try:
@@ -143,6 +188,8 @@ def load(env: dict[str, str] | None = None, home: str | Path | None = None) -> S
             if "SCF_REQUIRE_SIGNED_CONTROL" in env
             else bool(f.require_signed_control)
         ),
+        log=log_level,
+        artifacts_backend=env.get("SCF_ARTIFACTS") or None,
         raw=raw,
     )
 

@@ -24,10 +24,24 @@ def fail(message: str) -> "typer.Exit":
 
 
 def load_settings(process: str = "cli") -> Settings:
+    """Settings for a command, with every `[section]` of scf.toml checked against the
+    struct its subsystem decodes, so a misspelt key stops the command before it starts."""
     try:
-        return settings_mod.load().with_source(process)
+        settings = settings_mod.load().with_source(process)
+        check_sections(settings)
+        return settings
     except SCFError as exc:
         raise fail(str(exc)) from None
+
+
+def check_sections(settings: Settings) -> None:
+    import importlib
+
+    for name in settings.raw:
+        target = settings_mod.SECTIONS.get(name)
+        if target is not None:
+            module, _, struct = target.partition(":")
+            settings.section(name, getattr(importlib.import_module(module), struct))
 
 
 def run(coro: Awaitable[T]) -> T:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import pkgutil
 
 import typer
 
 from scf import cli
+from scf.bus.errors import ConfigError
+from scf.bus.settings import load
 from scf.cli import core
 
 app = typer.Typer(
@@ -44,10 +45,11 @@ for info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=os.environ.get("SCF_LOG", "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        level = load().log
+    except ConfigError:
+        level = "WARNING"  # the command itself reports the bad setting, with its fix
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
 
 
