@@ -96,6 +96,8 @@ class EmbeddedServer:
         self.store = settings.path("nats")
         self.pid_file = self.store / "nats-server.pid"
         self.log = self.store / "nats-server.log"
+        self.proc: subprocess.Popen | None = None  # set when this object started the server
+        self.pid: int | None = None  # the server this object started or found running
 
     def argv(self) -> list[str]:
         s = self.settings
@@ -129,6 +131,7 @@ class EmbeddedServer:
             )
         current = self.status()
         if current.running:
+            self.pid = current.pid
             return current
         if port_open(s.host, s.port):
             raise EmbeddedServerError(
@@ -136,21 +139,44 @@ class EmbeddedServer:
                 f"(or `port = N` in {s.path('scf.toml')}), or point NATS_URL at that server"
             )
         self.store.mkdir(parents=True, exist_ok=True)
+        # A server killed with SIGKILL leaves its pid file behind; the new one rewrites it.
+        self.pid_file.unlink(missing_ok=True)
         with open(self.log, "ab") as out:
             proc = subprocess.Popen(
                 self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
-        wait_ready(s.host, s.port, timeout, proc, self.log)
+        self.proc, self.pid = proc, proc.pid
+        try:
+            wait_ready(s.host, s.port, timeout, proc, self.log)
+        except EmbeddedServerError:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            raise
         # The pid file is written by nats-server itself; wait for it so stop() can find it.
         deadline = time.monotonic() + 5
         while self._pid() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         return self.status()
 
+    def check(self) -> str | None:
+        """None while the server this object started (or found) runs; else what became of
+        it, in words. Reaps a server this process started, so it never stays defunct."""
+        if self.proc is not None:
+            code = self.proc.poll()
+            if code is None:
+                return None
+            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            return f"nats-server (pid {self.proc.pid}) {how}"
+        if self.pid is not None and not _pid_alive(self.pid):
+            return f"nats-server (pid {self.pid}) is gone"
+        return None
+
     def stop(self, timeout: float = 15.0) -> bool:
         pid = self._pid()
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
+            self._reap()
             return False
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -159,7 +185,15 @@ class EmbeddedServer:
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
+        self._reap()
         return True
+
+    def _reap(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 class ServerProcess:

@@ -4,8 +4,11 @@ The supervisor starts the embedded nats-server (unless NATS_URL points elsewhere
 the stream declarations, then runs each SCF process (`scf run NAME …`) as a child exactly
 as it would run on a separate host. A child that exits unexpectedly is restarted with
 exponential backoff (reset after it has run a while); each restart is printed and recorded
-in the `scf_state` KV bucket (`proc.NAME`), where `scf status --watch` shows it. SIGINT /
-SIGTERM stop the children with SIGTERM (they drain), then SIGKILL what is left.
+in the `scf_state` KV bucket (`proc.NAME`), where `scf status --watch` shows it. The
+embedded nats-server is supervised the same way: when it dies (even SIGKILL) it is reaped
+and started again on the same port and store, with backoff, printed and recorded as
+`proc.nats-server`; the children reconnect to it. SIGINT / SIGTERM stop the children with
+SIGTERM (they drain), then SIGKILL what is left, then stop the server.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import datetime as dt
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,6 +80,18 @@ class ProcState(msgspec.Struct):
 
 
 @dataclass
+class ServerWatch:
+    """Restart bookkeeping of the embedded nats-server (like a Child's)."""
+
+    restarts: int = 0
+    started: float = 0.0
+    next_start: float | None = None  # set while the server is down
+    last_exit: int | None = None
+    history: list[int] = field(default_factory=list)
+    restarting: asyncio.Task | None = None
+
+
+@dataclass
 class Child:
     spec: ProcessSpec
     proc: subprocess.Popen | None = None
@@ -105,7 +121,9 @@ class Supervisor:
         self.backoff_base, self.backoff_max, self.healthy_after = backoff_base, backoff_max, healthy_after
         self.logs = settings.path("logs")
         self.server: EmbeddedServer | None = None
+        self.server_watch = ServerWatch()
         self.bus: Bus | None = None
+        self._records: set[asyncio.Task] = set()
         self.stop_event = asyncio.Event()
 
     # ------------------------------------------------------------------ setup
@@ -123,6 +141,7 @@ class Supervisor:
         if self.settings.embedded:
             self.server = EmbeddedServer(self.settings)
             status = self.server.start()
+            self.server_watch.started = time.monotonic()
             self.echo(status.line())
         self.bus = await Bus.connect(self.settings, "scf-up")
         report = await ensure(self.bus.js)
@@ -144,23 +163,98 @@ class Supervisor:
         log.close()
         child.started = time.monotonic()
 
-    async def record(self, child: Child) -> None:
-        if self.bus is None or child.proc is None:
-            return
-        import socket
-
-        state = ProcState(
-            name=child.spec.name, pid=child.proc.pid, restarts=child.restarts,
+    def state_of(self, child: Child) -> ProcState:
+        return ProcState(
+            name=child.spec.name, pid=child.proc.pid if child.proc else 0, restarts=child.restarts,
             started_at=dt.datetime.now(dt.timezone.utc), last_exit=child.last_exit, host=socket.gethostname(),
         )
+
+    async def record(self, child: Child) -> None:
+        if child.proc is not None:
+            await self.put_state(self.state_of(child))
+
+    async def put_state(self, state: ProcState, patience: float = 30.0) -> bool:
+        """Write `proc.NAME` in scf_state; while the server is away, retry until it is back
+        (the client reconnects every 0.5 s). The record is informative: it never stops
+        supervision."""
+        if self.bus is None:
+            return False
+        deadline = time.monotonic() + patience
+        while not self.stop_event.is_set():
+            try:
+                kv = await self.bus.kv("scf_state")
+                await kv.put(f"proc.{state.name}", msgspec.json.encode(state))
+                return True
+            except Exception:
+                if time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(0.2)
+        return False
+
+    def restarted(self, child: Child) -> None:
+        """Record a child's restart, then print it, without holding up supervision (the
+        record waits while the server is away)."""
+        state, line = self.state_of(child), f"restarted {child.spec.name} (restart #{child.restarts}, pid {child.proc.pid})"
+
+        async def go() -> None:
+            await self.put_state(state)
+            self.echo(line)
+
+        task = asyncio.create_task(go())
+        self._records.add(task)
+        task.add_done_callback(self._records.discard)
+
+    # ------------------------------------------------------------------ the embedded server
+    async def watch_server(self, now: float) -> None:
+        """Reap a dead embedded server and start it again (same port, same store) with
+        backoff; the start runs in a thread so the children stay supervised meanwhile."""
+        server, w = self.server, self.server_watch
+        if server is None or w.restarting is not None:
+            return
+        if w.next_start is None:
+            gone = server.check()
+            if gone is None:
+                return
+            w.last_exit = server.proc.returncode if server.proc is not None else None
+            ran = now - w.started
+            if ran > self.healthy_after:
+                w.history.clear()
+            delay = min(self.backoff_max, self.backoff_base * 2 ** len(w.history))
+            w.history.append(w.last_exit if w.last_exit is not None else -1)
+            w.next_start = now + delay
+            self.echo(f"{gone} after {ran:.1f}s: restarting it in {delay:.1f}s on port {self.settings.port}, store {server.store}")
+        if now >= w.next_start:
+            w.restarting = asyncio.create_task(self._restart_server(server))
+
+    async def _restart_server(self, server: EmbeddedServer) -> None:
+        w = self.server_watch
         try:
-            kv = await self.bus.kv("scf_state")
-            await kv.put(f"proc.{child.spec.name}", msgspec.json.encode(state))
-        except Exception:  # the record is informative; never let it stop supervision
-            pass
+            status = await asyncio.to_thread(server.start)
+        except Exception as exc:  # port taken, store unreadable, binary gone: say so and retry
+            delay = min(self.backoff_max, self.backoff_base * 2 ** len(w.history))
+            w.history.append(-1)
+            w.next_start = time.monotonic() + delay
+            self.echo(f"nats-server restart failed: {exc}; retrying in {delay:.1f}s")
+        else:
+            w.restarts += 1
+            w.started, w.next_start = time.monotonic(), None
+            self.echo(f"restarted nats-server (restart #{w.restarts}, pid {status.pid}) at {status.url}")
+            # Children that gave up while the server was away start again now, not after
+            # their grown backoff.
+            for child in self.children:
+                if child.proc is None:
+                    child.next_start = w.started
+            state = ProcState(
+                name="nats-server", pid=status.pid or 0, restarts=w.restarts,
+                started_at=dt.datetime.now(dt.timezone.utc), last_exit=w.last_exit, host=socket.gethostname(),
+            )
+            if not await self.put_state(state):
+                self.echo("could not record the nats-server restart in scf_state: the server does not answer")
+        finally:
+            w.restarting = None
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        stop = stop or self.stop_event
+        stop = self.stop_event = stop or self.stop_event
         await self.prepare()
         for child in self.children:
             self.start(child)
@@ -169,6 +263,7 @@ class Supervisor:
         try:
             while not stop.is_set():
                 now = time.monotonic()
+                await self.watch_server(now)
                 for child in self.children:
                     proc = child.proc
                     if proc is not None and proc.poll() is not None:
@@ -184,8 +279,7 @@ class Supervisor:
                     if child.proc is None and now >= child.next_start:
                         child.restarts += 1
                         self.start(child)
-                        await self.record(child)
-                        self.echo(f"restarted {child.spec.name} (restart #{child.restarts}, pid {child.proc.pid})")
+                        self.restarted(child)
                 try:
                     await asyncio.wait_for(stop.wait(), 0.2)
                 except asyncio.TimeoutError:
@@ -194,6 +288,13 @@ class Supervisor:
             await self.shutdown()
 
     async def shutdown(self, grace: float = 20.0) -> None:
+        if self.server_watch.restarting is not None:
+            try:
+                await self.server_watch.restarting
+            except Exception:
+                pass
+        for task in list(self._records):
+            task.cancel()
         live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
         for c in live:
             c.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
