@@ -31,9 +31,10 @@ from scf.bus.errors import SCFError
 from scf.projections.store import SCHEMA_VERSION, ArchiveStore
 
 VIEWS_DIR = Path(__file__).parent / "views"
-# Dependency order: a view is created after the views it reads.
+# Dependency order: a view is created after the views it reads (`unique_events` reads
+# `events`; every typed view reads `unique_events`).
 VIEW_ORDER = (
-    "events", "fossils", "intents", "code", "verdicts", "jobs", "checkpoints",
+    "events", "unique_events", "fossils", "intents", "code", "verdicts", "jobs", "checkpoints",
     "gear_changes", "deployments", "energy", "ledger", "balances", "cfr",
 )
 FORMATS = ("table", "csv", "json", "parquet")

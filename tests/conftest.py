@@ -85,6 +85,20 @@ def scf(*args: str, env: dict[str, str], check: bool = False, timeout: float = 6
     )
 
 
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run an `scf` command in this process (typer's CliRunner) with exactly `env` as its
+    environment: for CLI behaviour that needs no real process. Same result shape as `scf`.
+    Not from inside a running event loop (commands call asyncio.run): use a thread there."""
+    from typer.testing import CliRunner
+
+    from scf.cli.main import app
+
+    overlay: dict[str, str | None] = {k: None for k in os.environ if k not in env}
+    overlay.update(env)
+    r = CliRunner().invoke(app, list(args), env=overlay, catch_exceptions=False)
+    return subprocess.CompletedProcess(["scf", *args], r.exit_code, r.stdout, r.stderr)
+
+
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """Start a long-running process (e.g. `scf run NAME`) with its output in `log`."""
     fh = open(log, "ab")

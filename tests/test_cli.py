@@ -1,4 +1,7 @@
-"""The CLI as a user meets it: help everywhere, exact one-line errors, the embedded server."""
+"""The CLI as a user meets it: help everywhere, exact one-line errors, the embedded server.
+
+Commands run in-process (typer's CliRunner, `cli`) unless a real process is the point:
+the embedded server started and stopped across separate `scf` invocations."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import typer.main
 
 from scf.bus.server import free_port
 from scf.cli.main import app
-from tests.conftest import scf
+from tests.conftest import cli, scf
 
 
 def walk(cmd, path: str = "scf"):
@@ -45,7 +48,7 @@ def home_env(tmp_path):
 def test_unreachable_nats_names_the_url_and_the_fix(home_env):
     port = free_port()
     home_env["NATS_URL"] = f"nats://127.0.0.1:{port}"
-    r = scf("status", env=home_env)
+    r = cli("status", env=home_env)
     assert r.returncode == 1
     assert r.stderr.strip() == (
         f"Error: cannot reach NATS at nats://127.0.0.1:{port} (connection refused): "
@@ -54,19 +57,19 @@ def test_unreachable_nats_names_the_url_and_the_fix(home_env):
 
 
 def test_unknown_gear_is_refused_before_anything_is_sent(home_env):
-    r = scf("control", "shift-gear", "WARP", env=home_env)
+    r = cli("control", "shift-gear", "WARP", env=home_env)
     assert r.returncode == 1
     assert r.stderr.strip() == "Error: unknown gear 'WARP': use one of STANDARD, ACCELERATED, HYPER, SINGULARITY"
 
 
 def test_malformed_json_is_refused_with_its_position(home_env):
-    r = scf("events", "publish", "intent.created", '{"intent_id": ', env=home_env)
+    r = cli("events", "publish", "intent.created", '{"intent_id": ', env=home_env)
     assert r.returncode == 1
     assert r.stderr.strip() == "Error: malformed JSON: Input data was truncated"
 
 
 def test_payload_of_the_wrong_shape_names_the_field(home_env):
-    r = scf("events", "publish", "intent.created", '{"intent_id": 1, "kind": "train", "domain": "d"}', env=home_env)
+    r = cli("events", "publish", "intent.created", '{"intent_id": 1, "kind": "train", "domain": "d"}', env=home_env)
     assert r.returncode == 1
     assert r.stderr.strip() == "Error: invalid intent.created payload: Expected `str`, got `int` - at `$.intent_id`"
 
@@ -97,26 +100,26 @@ def test_a_port_taken_by_another_program_is_a_clear_error(home_env):
         s.listen()
         port = s.getsockname()[1]
         home_env["SCF_NATS_PORT"] = str(port)
-        r = scf("server", "start", env=home_env)
+        r = cli("server", "start", env=home_env)
     assert r.returncode == 1
     assert r.stderr.startswith(f"Error: port {port} on 127.0.0.1 is taken by another program: set SCF_NATS_PORT to a free port")
 
 
 def test_nats_url_set_means_no_embedded_server(home_env):
     home_env["NATS_URL"] = "nats://127.0.0.1:4222"
-    r = scf("server", "start", env=home_env)
+    r = cli("server", "start", env=home_env)
     assert r.returncode == 1
     assert "NATS_URL is set (nats://127.0.0.1:4222): SCF uses that server and does not start its own" in r.stderr
 
 
 def test_keys_new_trust_ls(home_env, tmp_path):
-    r = scf("keys", "new", "alice", env=home_env)
+    r = cli("keys", "new", "alice", env=home_env)
     assert r.returncode == 0, r.stderr
     pub = (tmp_path / "home" / "keys" / "alice.pub")
     assert oct((tmp_path / "home" / "keys" / "alice.key").stat().st_mode & 0o777) == "0o600"
-    t = scf("keys", "trust", str(pub), "--role", "operator", "--role", "release", env=home_env)
+    t = cli("keys", "trust", str(pub), "--role", "operator", "--role", "release", env=home_env)
     assert t.returncode == 0 and "as operator,release" in t.stdout
-    ls = scf("keys", "ls", env=home_env).stdout
+    ls = cli("keys", "ls", env=home_env).stdout
     assert "own" in ls and "trusted" in ls and "roles=operator,release" in ls
-    dup = scf("keys", "new", "alice", env=home_env)
+    dup = cli("keys", "new", "alice", env=home_env)
     assert dup.returncode == 1 and "already exists" in dup.stderr

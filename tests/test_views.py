@@ -15,10 +15,10 @@ import pytest
 
 from scf.projections import sample, views
 from scf.projections.store import ArchiveStore, RawMessage, messages_table
-from tests.conftest import ROOT, scf
+from tests.conftest import ROOT, cli
 
 DOCS = ROOT / "docs" / "views.md"
-EXPECTED = ("events", "fossils", "intents", "code", "verdicts", "jobs", "checkpoints",
+EXPECTED = ("events", "unique_events", "fossils", "intents", "code", "verdicts", "jobs", "checkpoints",
             "gear_changes", "deployments", "energy", "ledger", "balances", "cfr")
 
 
@@ -98,6 +98,12 @@ def test_events_hold_every_message_and_the_redrive_copy(con):
     n = con.sql("SELECT count(*) FROM events WHERE stream = 'LEDGER'").fetchall()[0][0]
     transfers = con.sql("SELECT count(*) FROM ledger").fetchall()[0][0]
     assert n == transfers + 1  # the copy is in the log, counted once in the view
+    once = con.sql("SELECT count(*) FROM unique_events WHERE stream = 'LEDGER'").fetchall()[0][0]
+    assert once == transfers  # the one home of "stored twice counts once"
+    plain = con.sql("SELECT count(*) FROM events WHERE event_id IS NULL").fetchall()[0][0]
+    assert plain > 0 and con.sql("SELECT count(*) FROM unique_events").fetchall()[0][0] == (
+        con.sql("SELECT count(DISTINCT (stream, event_id)) FROM events WHERE event_id IS NOT NULL").fetchall()[0][0]
+    )
 
 
 def test_gear_changes_upcast_v1_in_sql(con):
@@ -147,24 +153,24 @@ def test_the_duckdb_file_carries_the_views_and_their_descriptions(archive):
 def test_scf_query_formats(archive, tmp_path):
     env = dict(os.environ, SCF_HOME=str(tmp_path / "home"))
     sql = "SELECT account, balance_micro FROM balances ORDER BY account"
-    table = scf("query", "--archive", str(archive), sql, env=env)
+    table = cli("query", "--archive", str(archive), sql, env=env)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["account", "balance_micro"] and lines[-1] == "(4 rows)"
-    out = scf("query", "--archive", str(archive), sql, "--format", "csv", env=env)
+    out = cli("query", "--archive", str(archive), sql, "--format", "csv", env=env)
     rows = list(csv.reader(io.StringIO(out.stdout)))
     assert rows[0] == ["account", "balance_micro"] and len(rows) == 5
-    out = scf("query", "--archive", str(archive), "SELECT intent_id, params, created_at FROM intents ORDER BY seq LIMIT 2", "--format", "json", env=env)
+    out = cli("query", "--archive", str(archive), "SELECT intent_id, params, created_at FROM intents ORDER BY seq LIMIT 2", "--format", "json", env=env)
     first = json.loads(out.stdout.splitlines()[0])
     assert set(first) == {"intent_id", "params", "created_at"} and json.loads(first["params"])["objective"] == "energy"
     sqlfile = tmp_path / "q.sql"
     sqlfile.write_text("-- the ruled code\nSELECT proposal_id, decision FROM cfr;\n")
     target = tmp_path / "cfr.parquet"
-    out = scf("query", "--archive", str(archive), "--file", str(sqlfile), "--format", "parquet", "--out", str(target), env=env)
+    out = cli("query", "--archive", str(archive), "--file", str(sqlfile), "--format", "parquet", "--out", str(target), env=env)
     assert out.returncode == 0, out.stderr
     assert pq.read_table(target).column_names == ["proposal_id", "decision"]
     assert out.stderr.strip().startswith("wrote ") and out.stderr.strip().endswith(f"rows to {target}")
-    bad = scf("query", "--archive", str(archive), sql, "--format", "parquet", env=env)
+    bad = cli("query", "--archive", str(archive), sql, "--format", "parquet", env=env)
     assert bad.returncode == 1 and bad.stderr.strip() == "Error: --format parquet needs --out FILE.parquet"
-    both = scf("query", "--archive", str(archive), sql, "--file", str(sqlfile), env=env)
+    both = cli("query", "--archive", str(archive), sql, "--file", str(sqlfile), env=env)
     assert both.stderr.strip() == "Error: give the SQL as an argument or with --file F.sql (one of the two)"

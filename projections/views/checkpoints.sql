@@ -6,10 +6,8 @@ WITH src AS (
         from_json(payload, '{"checkpoint_id": "VARCHAR", "job_id": "VARCHAR", "domain": "VARCHAR", "uri": "VARCHAR",
             "sha256": "VARCHAR", "size": "BIGINT", "metrics": "JSON", "config_hash": "VARCHAR", "margin": "DOUBLE",
             "baseline_checkpoint_id": "VARCHAR", "reasons": "VARCHAR[]", "alias": "VARCHAR", "version": "BIGINT"}') AS d
-    FROM events
+    FROM unique_events
     WHERE stream = 'CHECKPOINTS' AND type LIKE 'checkpoint.%'
-        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'CHECKPOINTS' AND type LIKE 'checkpoint.%' GROUP BY event_id)
 )
 SELECT
     d.checkpoint_id AS checkpoint_id,

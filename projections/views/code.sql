@@ -5,10 +5,8 @@ WITH src AS (
     SELECT seq, event_id, event_at, source,
         from_json(payload, '{"proposal_id": "VARCHAR", "intent_id": "VARCHAR", "code": "VARCHAR",
             "language": "VARCHAR", "generator": "VARCHAR", "prompt": "VARCHAR"}') AS d
-    FROM events
+    FROM unique_events
     WHERE stream = 'INTENTS' AND type = 'code.proposed'
-        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'INTENTS' AND type = 'code.proposed' GROUP BY event_id)
 )
 SELECT
     d.proposal_id AS proposal_id,

@@ -8,10 +8,8 @@ WITH src AS (
             "artifact": {"checkpoint_id": "VARCHAR", "domain": "VARCHAR", "version": "BIGINT"},
             "strategy": "VARCHAR", "wave": "BIGINT", "checkpoint_id": "VARCHAR", "reason": "VARCHAR",
             "from_checkpoint_id": "VARCHAR", "to_checkpoint_id": "VARCHAR"}') AS d
-    FROM events
+    FROM unique_events
     WHERE stream = 'DEPLOY' AND type LIKE 'deploy.%'
-        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'DEPLOY' AND type LIKE 'deploy.%' GROUP BY event_id)
 ),
 deploys AS (
     SELECT

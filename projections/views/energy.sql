@@ -6,10 +6,8 @@ WITH src AS (
         from_json(payload, '{"measurement_id": "VARCHAR", "node": "VARCHAR", "deployment_id": "VARCHAR",
             "period_start": "TIMESTAMPTZ", "period_end": "TIMESTAMPTZ", "baseline_kwh": "DOUBLE",
             "actual_kwh": "DOUBLE", "method": "VARCHAR", "domain": "VARCHAR"}') AS d
-    FROM events
+    FROM unique_events
     WHERE stream = 'DEPLOY' AND type = 'energy.measured'
-        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'DEPLOY' AND type = 'energy.measured' GROUP BY event_id)
 )
 SELECT
     d.measurement_id AS measurement_id,

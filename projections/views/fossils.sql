@@ -6,10 +6,8 @@ WITH src AS (
         from_json(payload, '{"fossil_id": "VARCHAR", "domain": "VARCHAR", "context": "DOUBLE[]",
             "state": "DOUBLE[]", "energy": "DOUBLE", "observed_at": "TIMESTAMPTZ",
             "provenance": {"source": "VARCHAR", "verifier": "VARCHAR", "verified": "BOOLEAN", "detail": "VARCHAR"}}') AS d
-    FROM events
+    FROM unique_events
     WHERE stream = 'FOSSILS' AND type = 'fossil.recorded'
-        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'FOSSILS' AND type = 'fossil.recorded' GROUP BY event_id)
 )
 SELECT
     d.fossil_id AS fossil_id,

@@ -15,7 +15,5 @@ SELECT
     v,
     source,
     seq
-FROM events
+FROM unique_events
 WHERE stream = 'CONTROL' AND type = 'gear.changed'
-    -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-    AND seq IN (SELECT min(seq) FROM events WHERE stream = 'CONTROL' AND type = 'gear.changed' GROUP BY event_id)

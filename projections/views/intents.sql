@@ -5,10 +5,8 @@ WITH src AS (
     SELECT seq, event_id, event_at, source, correlation_id,
         from_json(payload, '{"intent_id": "VARCHAR", "kind": "VARCHAR", "domain": "VARCHAR", "params": "JSON",
             "reason": "VARCHAR", "gear": "VARCHAR", "hypothesis": "BIGINT"}') AS d
-    FROM events
+    FROM unique_events
     WHERE stream = 'INTENTS' AND type = 'intent.created'
-        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'INTENTS' AND type = 'intent.created' GROUP BY event_id)
 )
 SELECT
     d.intent_id AS intent_id,

@@ -7,10 +7,8 @@ WITH src AS (
             "config": "JSON", "config_hash": "VARCHAR", "worker": "VARCHAR", "device": "VARCHAR", "attempt": "BIGINT",
             "step": "BIGINT", "total_steps": "BIGINT", "loss": "DOUBLE", "checkpoint_id": "VARCHAR",
             "duration_s": "DOUBLE", "metrics": "JSON", "error": "VARCHAR", "final": "BOOLEAN"}') AS d
-    FROM events
+    FROM unique_events
     WHERE stream = 'TRAINING' AND type LIKE 'job.%'
-        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'TRAINING' AND type LIKE 'job.%' GROUP BY event_id)
 )
 SELECT
     d.job_id AS job_id,

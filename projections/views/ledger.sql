@@ -6,10 +6,8 @@ WITH src AS (
     SELECT seq, event_id, event_at, source,
         from_json(payload, '{"transfer_id": "VARCHAR", "cause_id": "VARCHAR", "debit_account": "VARCHAR",
             "credit_account": "VARCHAR", "micro_credits": "BIGINT", "kwh": "DOUBLE", "rate": "DOUBLE"}') AS d
-    FROM events
+    FROM unique_events
     WHERE stream = 'LEDGER' AND type = 'ledger.transfer'
-        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'LEDGER' AND type = 'ledger.transfer' GROUP BY event_id)
 )
 SELECT
     d.transfer_id AS transfer_id,

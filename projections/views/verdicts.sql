@@ -7,10 +7,8 @@ WITH src AS (
         from_json(payload, '{"verdict_id": "VARCHAR", "subject_id": "VARCHAR", "subject_type": "VARCHAR",
             "decision": "VARCHAR", "gate": "VARCHAR", "reasons": "VARCHAR[]", "final": "BOOLEAN", "by": "VARCHAR",
             "kind": "VARCHAR", "domain": "VARCHAR"}') AS d
-    FROM events
+    FROM unique_events
     WHERE stream = 'VERDICTS' AND type = 'verdict.issued'
-        -- a message stored twice (a DLQ redrive, a republish after the duplicate window) counts once
-        AND seq IN (SELECT min(seq) FROM events WHERE stream = 'VERDICTS' AND type = 'verdict.issued' GROUP BY event_id)
 )
 SELECT
     d.verdict_id AS verdict_id,
