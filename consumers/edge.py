@@ -56,14 +56,15 @@ import msgspec
 import numpy as np
 
 from scf.bus import events as ev
-from scf.bus.artifacts import sha256_file
+from scf.bus.files import sha256_file
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.errors import DecodeError, SCFError, SignatureError
-from scf.bus.ids import derived_id, subject_token
+from scf.bus.ids import subject_token
 from scf.bus.runner import Delivery, Runner
 from scf.bus.signing import SigningKey, TrustList
 from scf.consumers import nodes as nodes_mod
+from scf.consumers.energy import finite_kwh, measurement_event, measurement_id  # noqa: F401  (re-exported)
 from scf.bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
 
 log = logging.getLogger("scf.edge")
@@ -134,6 +135,7 @@ class MeterReading(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     method: str = "metered-vs-baseline"
     deployment_id: str | None = None  # default: the deployment running now
     domain: str | None = None
+    meter: str = ""  # which meter of the node ("" = its main meter)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -751,17 +753,26 @@ class EdgeAgent:
                 _move(path, self.dir / "meter" / "bad")
                 continue
             cur = self.current()
-            event = measurement_event(
-                self.node,
-                period_start=reading.period_start,
-                period_end=reading.period_end,
-                baseline_kwh=reading.baseline_kwh,
-                actual_kwh=reading.actual_kwh,
-                method=reading.method,
-                deployment_id=reading.deployment_id or (cur.deployment_id if cur else None),
-                domain=reading.domain or (cur.domain if cur else self.labels.get("domain", "")),
-                source=self.bus.source,
-            )
+            try:
+                for name, value in (("baseline_kwh", reading.baseline_kwh), ("actual_kwh", reading.actual_kwh)):
+                    if (problem := finite_kwh(name, value)) is not None:
+                        raise ValueError(problem)
+                event = measurement_event(
+                    self.node,
+                    period_start=reading.period_start,
+                    period_end=reading.period_end,
+                    baseline_kwh=reading.baseline_kwh,
+                    actual_kwh=reading.actual_kwh,
+                    method=reading.method,
+                    deployment_id=reading.deployment_id or (cur.deployment_id if cur else None),
+                    domain=reading.domain or (cur.domain if cur else self.labels.get("domain", "")),
+                    meter=reading.meter,
+                    source=self.bus.source,
+                )
+            except ValueError as exc:  # a non-finite or absurd reading: never reported
+                log.error("%s: meter file %s: %s: moved to meter/bad/", self.node, path, exc)
+                _move(path, self.dir / "meter" / "bad")
+                continue
             await self.bus.publish(event)
             _move(path, self.dir / "meter" / "sent")
             sent += 1
@@ -790,41 +801,8 @@ def _move(path: Path, directory: Path) -> None:
 
 
 # --------------------------------------------------------------------------- measurements
-
-
-def measurement_id(node: str, period_start: dt.datetime, period_end: dt.datetime, method: str) -> str:
-    """One measurement per (node, period, method): the ledger mints each at most once."""
-    return derived_id("energy.measured", node, period_start.isoformat(), period_end.isoformat(), method)
-
-
-def measurement_event(
-    node: str,
-    *,
-    period_start: dt.datetime,
-    period_end: dt.datetime,
-    baseline_kwh: float,
-    actual_kwh: float,
-    method: str,
-    deployment_id: str | None = None,
-    domain: str = "",
-    source: str,
-) -> ev.EnergyMeasured:
-    mid = measurement_id(node, period_start, period_end, method)
-    return ev.EnergyMeasured.new(
-        ev.Measurement(
-            measurement_id=mid,
-            node=node,
-            deployment_id=deployment_id,
-            period_start=period_start,
-            period_end=period_end,
-            baseline_kwh=float(baseline_kwh),
-            actual_kwh=float(actual_kwh),
-            method=method,
-            domain=domain,
-        ),
-        source=source,
-        id=derived_id("energy.measured.event", mid),
-    )
+# measurement_id / measurement_event live in consumers/energy.py (shared with the ledger,
+# which derives the same cause from the normalised content); re-exported here.
 
 
 def node_key_path(keys_dir: Path, node: str) -> Path:

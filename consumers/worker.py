@@ -54,11 +54,12 @@ from typing import Any, Callable
 import msgspec
 
 from scf.bus import events as ev
-from scf.bus.artifacts import ArtifactRef, ArtifactStore, StreamReader, open_store
+from scf.bus.artifacts import ArtifactRef, ArtifactStore, open_store
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.errors import ConfigError, SCFError
 from scf.bus.ids import derived_id, subject_token
+from scf.bus.reader import StreamReader
 from scf.bus.runner import Delivery, Poison, Runner, event_decoder
 from scf.bus.streams import ConsumerSpec, worker_consumer
 from scf.consumers.dispatch import WORKERS_BUCKET, WorkerInfo, worker_key
@@ -195,7 +196,7 @@ async def fetch_fossils(bus: Bus, selection: ev.DataSelection, dest: Path) -> in
 
     reader = StreamReader(bus.nc, bus.js, selection.stream or "FOSSILS", subject, start_seq=selection.start_seq, end_seq=selection.end_seq)
     try:
-        await reader.run(on_message)
+        await reader.scan(on_message)
     finally:
         files[0].close()
     if state["n"] == 0:

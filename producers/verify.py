@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable
 import msgspec
 
 from scf.bus import events as ev
-from scf.bus.artifacts import sha256_file
+from scf.bus.files import sha256_file
 from scf.bus.ids import derived_id, subject_token
 
 log = logging.getLogger("scf.verify")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from scf.bus.artifacts import ObjectStoreBackend, StreamReader
+from scf.bus.artifacts import ObjectStoreBackend
+from scf.bus.reader import StreamReader
 from tests.test_nats_configs import Hub, hub, passwords, tls_files  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,7 +38,7 @@ def test_worker_stores_and_reads_edge_fetches(hub: Hub, tmp_path) -> None:  # no
         worker = await hub.connect("worker", inbox_prefix="_INBOX.worker")
         w = _Conn(worker.nc, worker.nc.jetstream())
         seen: list[int] = []
-        await StreamReader(w.nc, w.js, "FOSSILS", "fossil.recorded.grid_case9.>").run(lambda d, s: seen.append(s))
+        await StreamReader(w.nc, w.js, "FOSSILS", "fossil.recorded.grid_case9.>").scan(lambda d, s: seen.append(s))
         assert len(seen) == 50 and seen == sorted(seen)
 
         src = tmp_path / "ckpt.safetensors"

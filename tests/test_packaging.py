@@ -22,7 +22,7 @@ def test_the_wheel_installs_only_scf_with_its_data(tmp_path):
         assert z.read(info).decode().split() == ["scf"]
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == {"scf"}
-    for needed in ("scf/bus/client.py", "scf/cli/main.py", "scf/projections/views/events.sql",
+    for needed in ("scf/bus/client.py", "scf/bus/artifacts/store.py", "scf/cli/main.py", "scf/projections/views/events.sql",
                    "scf/domains/data/case14.m", "scf/consumers/rules/default.toml"):  # fmt: skip
         assert needed in names, needed
     assert not any(n.startswith("scf/tests/") or "/__pycache__/" in n for n in names)

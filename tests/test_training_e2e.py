@@ -15,8 +15,9 @@ import sys
 import pytest
 
 from scf.bus import events as ev
-from scf.bus.artifacts import StreamReader, open_store
+from scf.bus.artifacts import open_store
 from scf.bus.codec import Codec
+from scf.bus.reader import StreamReader
 from scf.consumers.dispatch import job_id_for
 from tests.conftest import scf, spawn, stream_count, wait_for
 
@@ -30,7 +31,7 @@ TINY = {"hidden": 32, "depth": 1, "batch_size": 32, "fourier_features": 8, "sigm
 async def read_all(bus, stream: str, subject: str, cls) -> list:
     codec = Codec([cls])
     out: list = []
-    await StreamReader(bus.nc, bus.js, stream, subject).run(lambda data, _seq: out.append(codec.decode(data)))
+    await StreamReader(bus.nc, bus.js, stream, subject).scan(lambda data, _seq: out.append(codec.decode(data)))
     return out
 
 

@@ -13,10 +13,11 @@ import pytest
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from scf.bus import events as ev
-from scf.bus.artifacts import StreamReader, open_store
+from scf.bus.artifacts import open_store
 from scf.bus.codec import Codec
 from scf.bus.dlq import list_dead
 from scf.bus.ids import derived_id
+from scf.bus.reader import StreamReader
 from scf.consumers.dispatch import WorkerInfo, data_selection, worker_key
 from tests.conftest import spawn, stream_count, wait_for
 
@@ -59,7 +60,7 @@ async def submit(bus, job_id: str, config: dict, *, domain: str = DOMAIN, max_at
 async def events(bus, stream: str, subject: str, cls) -> list:
     codec = Codec([cls])
     out: list = []
-    await StreamReader(bus.nc, bus.js, stream, subject).run(lambda data, _seq: out.append(codec.decode(data)))
+    await StreamReader(bus.nc, bus.js, stream, subject).scan(lambda data, _seq: out.append(codec.decode(data)))
     return out
 
 

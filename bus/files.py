@@ -1,0 +1,56 @@
+"""Files written so that a reader sees the old content or the whole new one, and their digests.
+
+One home for what the artifact store, fossil ingest, the verifier and the edge agent all do
+with files: `sha256_file` (hex digest and size, read in 4 MiB chunks), `atomic_write`
+(temp file, fsync, rename) and `copy_hashing` (an atomic copy that hashes on the way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+CHUNK = 4 << 20  # bytes read at a time
+
+
+def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
+    """(hex sha256, size) of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
+    """Copy src to dst atomically (temp file, fsync, rename), hashing on the way:
+    (hex sha256, size) of what was copied."""
+    h = hashlib.sha256()
+    size = 0
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while chunk := fi.read(CHUNK):
+                h.update(chunk)
+                fo.write(chunk)
+                size += len(chunk)
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return h.hexdigest(), size
