@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
@@ -49,9 +51,18 @@ ERR_STREAM_NOT_FOUND = 10059
 async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -> NATS:
     """Connect, or fail with one line naming the URL and how to start the embedded server."""
 
+    throttle = Throttle(1.0)
+
     async def _report(exc: Exception) -> None:
-        # Permission violations and similar server errors must be visible.
-        log.warning("nats: %s", exc)
+        # Permission violations and similar server errors must be visible; the same error
+        # repeated (a server down: "Connect call failed" per attempt) at most once a second.
+        throttle.warn(log, str(exc)[:200], "nats: %s", exc)
+
+    async def _disconnected() -> None:
+        log.warning("nats: disconnected from %s: reconnecting (forever, with backoff)", _redact(settings.url))
+
+    async def _reconnected() -> None:
+        log.warning("nats: reconnected to %s", _redact(settings.url))
 
     await _probe(settings.url, timeout)
     from urllib.parse import urlparse
@@ -66,13 +77,53 @@ async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -
             name=name,
             **extra,
             connect_timeout=timeout,
+            # ride out a server restart: reconnect forever, backing off (reconnect_backoff),
+            # and hold up to 8 MiB of publishes/acks meanwhile
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
             allow_reconnect=True,
+            reconnect_to_server_handler=reconnect_backoff,
+            pending_size=8 * 1024 * 1024,
             error_cb=_report,
+            disconnected_cb=_disconnected,
+            reconnected_cb=_reconnected,
         )
     except (NoServersError, OSError, asyncio.TimeoutError, NatsTimeout) as exc:
         raise NatsUnavailable(settings.url, type(exc).__name__) from None
+
+
+class Throttle:
+    """Log a repeated message at most once per `interval` seconds per key, saying how many
+    were held back (a server restart must not flood the log)."""
+
+    def __init__(self, interval: float = 1.0, max_keys: int = 256) -> None:
+        self.interval, self.max_keys = interval, max_keys
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warn(self, logger: logging.Logger, key: str, fmt: str, *args: object, level: int = logging.WARNING) -> bool:
+        now = time.monotonic()
+        last, held = self._last.get(key, (-1e18, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, held + 1)
+            return False
+        if len(self._last) >= self.max_keys:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        logger.log(level, fmt + (f" ({held} more like it held back)" if held else ""), *args)
+        return True
+
+
+def reconnect_backoff(servers: list, info: dict) -> tuple[object, float]:
+    """nats-py's reconnect_to_server_handler: the server tried least, after an exponential
+    delay with jitter (0.1 s doubling to 2 s) -- nats-py's own reconnect_time_wait is fixed."""
+    server = min(servers, key=lambda s: s.reconnects)
+    delay = min(2.0, 0.1 * 2 ** min(server.reconnects, 5))
+    return server, delay * random.uniform(0.5, 1.0)
+
+
+def _redact(url: str) -> str:
+    import re
+
+    return re.sub(r"//[^@/]*@", "//", url)
 
 
 async def _probe(url: str, timeout: float) -> None:

@@ -658,7 +658,10 @@ class DeadLetter(Payload, frozen=True):
     deliveries: int
     error: str
     headers: dict[str, str] = {}
-    payload: bytes = b""  # the original message body (base64 in JSON)
+    payload: bytes = b""  # the original message body (base64 in JSON), cut when it does not fit
+    digest: str = ""  # "sha256:<hex>" of the whole original body
+    size: int = 0  # bytes in the whole original body
+    truncated: bool = False  # payload holds only the first bytes (the entry must fit max_payload)
 
 
 class DeadLettered(Event, tag="dlq.message", frozen=True, kw_only=True):

@@ -10,7 +10,14 @@ A handler decides; the runner owns the I/O:
   then is the input acked: at-least-once delivery, effectively-once outcomes;
 * a failing handler is nak'ed with exponential backoff; on its last allowed delivery the
   message is copied to the DLQ stream with the error and original headers, then terminated;
-  an undecodable message (or a handler raising `Poison`) goes to the DLQ at once;
+  an undecodable message (or a handler raising `Poison`) goes to the DLQ at once; the one
+  DLQ writer is `bus.dlq.dead_letter` (an entry always fits max_payload; a failed write
+  leaves the message for redelivery, never an exception);
+* a server restart is ridden out: `Pull` turns fetch failures (ServiceUnavailable,
+  connection closed or reconnecting, the consumer gone) into backoff and a re-bind, and
+  `process` never raises, so a consumer loop never exits on bus errors;
+* batched handlers (the ledger) use the same pieces: `Pull`, `Runner.process` for the
+  per-message fallback, `Runner.dead_letter`, `race`;
 * long handlers are kept alive with `in_progress` acks;
 * a concurrency limit (1 keeps order);
 * a pause gate (the emergency stop): while engaged nothing new is handled; messages in hand
@@ -32,11 +39,10 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 
-from scf.bus import codec
+from scf.bus import codec, dlq
 from scf.bus import events as ev
-from scf.bus.client import SCF_REDRIVE_FOR, Bus
+from scf.bus.client import SCF_REDRIVE_FOR, Bus, Throttle
 from scf.bus.errors import DecodeError, SCFError, SignatureError
-from scf.bus.ids import derived_id
 from scf.bus.streams import ConsumerSpec, ensure_consumer
 
 log = logging.getLogger("scf.runner")
@@ -112,61 +118,50 @@ class Runner:
         self.stats = RunnerStats()
         self._sem = asyncio.Semaphore(self.concurrency)
         self._tasks: set[asyncio.Task] = set()
+        self._throttle = Throttle(1.0)
 
     # ------------------------------------------------------------------ lifecycle
-    async def _bind(self, stop: asyncio.Event):
-        if self.create:
-            await ensure_consumer(self.bus.js, self.spec)
-        else:
-            delay = 0.2
-            while not stop.is_set():
-                try:
-                    await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
-                    break
-                except NotFoundError:
-                    log.warning("%s: consumer %s/%s does not exist yet and this process may not create it: waiting",
-                                self.spec.durable, self.spec.stream, self.spec.durable)
-                    await _race(asyncio.sleep(delay), stop)
-                    delay = min(delay * 2, 10.0)
-        return await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
-
     async def run(self, stop: asyncio.Event) -> None:
-        psub = await self._bind(stop)
+        pull = Pull(self.bus, self.spec, create=self.create)
         try:
             while not stop.is_set():
                 if self.pause is not None and self.pause.engaged:
-                    await _race(self.pause.wait_clear(), stop)
+                    await race(self.pause.wait_clear(), stop)
                     continue
                 want = self.batch if self.concurrency == 1 else max(1, self.concurrency - len(self._tasks))
-                try:
-                    msgs = await psub.fetch(want, timeout=self.fetch_timeout)
-                except (NatsTimeout, asyncio.TimeoutError):
-                    continue
+                msgs = await pull.fetch(want, self.fetch_timeout, stop)
                 for i, msg in enumerate(msgs):
                     if stop.is_set():
                         for rest in msgs[i:]:
-                            await rest.nak()
+                            await _quietly(rest.nak())
                         break
                     if self.concurrency == 1:
-                        await self._process(msg)
+                        await self.process(msg)
                     else:
                         await self._sem.acquire()
-                        task = asyncio.create_task(self._process(msg))
+                        task = asyncio.create_task(self.process(msg))
                         self._tasks.add(task)
                         task.add_done_callback(self._done)
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
-            try:
-                await psub.unsubscribe()
-            except Exception:
-                pass
+            await pull.close()
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         self._sem.release()
 
     # ------------------------------------------------------------------ one message
+    async def process(self, msg: Msg) -> None:
+        """Decode, handle, publish, ack one message with the runner's rules (retry with
+        backoff, the DLQ after max_deliver or on Poison). Never raises: a batched handler
+        (the ledger's loop) hands its messages here one by one when a batch fails."""
+        try:
+            await self._process(msg)
+        except Exception as exc:  # e.g. the ack itself failed (connection lost): ack_wait redelivers
+            self._throttle.warn(log, "process", "%s: %s on %s: %s: left for redelivery",
+                                self.spec.durable, type(exc).__name__, msg.subject, exc)
+
     async def _process(self, msg: Msg) -> None:
         meta = msg.metadata
         headers = dict(msg.headers or {})
@@ -179,10 +174,10 @@ class Runner:
         try:
             item = self.decode(msg)
         except (DecodeError, SignatureError) as exc:
-            await self._dead_letter(d, f"{type(exc).__name__}: {exc}")
+            await self.dead_letter(msg, f"{type(exc).__name__}: {exc}")
             return
         except Exception as exc:  # a decoder bug is still poison for this message
-            await self._dead_letter(d, f"undecodable: {type(exc).__name__}: {exc}")
+            await self.dead_letter(msg, f"undecodable: {type(exc).__name__}: {exc}")
             return
 
         if self.pause is not None and self.pause.engaged:
@@ -195,15 +190,16 @@ class Runner:
                 await self.bus.publish_many(out)
                 self.stats.published += len(out)
         except Poison as exc:
-            await self._dead_letter(d, f"Poison: {exc}")
+            await self.dead_letter(msg, f"Poison: {exc}")
             return
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.warning("%s: seq %s delivery %s failed: %s", self.spec.durable, d.stream_seq, d.deliveries, error)
             log.debug("%s", traceback.format_exc())
             self.stats.errors.append(error)
+            del self.stats.errors[:-100]
             if d.deliveries >= self.spec.max_deliver > 0:
-                await self._dead_letter(d, f"failed after {d.deliveries} deliveries: {error}")
+                await self.dead_letter(msg, f"failed after {d.deliveries} deliveries: {error}")
             else:
                 self.stats.retried += 1
                 await msg.nak(delay=self.backoff(d.deliveries))
@@ -212,6 +208,16 @@ class Runner:
             keepalive.cancel()
         self.stats.handled += 1
         await msg.ack()
+
+    async def dead_letter(self, msg: Msg, error: str) -> bool:
+        """Copy `msg` to the DLQ and terminate it (bus/dlq.py: always fits, never raises;
+        a failed write naks it for a later try)."""
+        deliveries = getattr(getattr(msg, "metadata", None), "num_delivered", 1) or 1
+        ok = await dlq.dead_letter(self.bus, msg, stream=self.spec.stream, consumer=self.spec.durable, error=error,
+                                   retry_delay=self.backoff(deliveries))
+        if ok:
+            self.stats.dead_lettered += 1
+        return ok
 
     def backoff(self, deliveries: int) -> float:
         return min(self.backoff_max, self.backoff_base * (2 ** max(0, deliveries - 1)))
@@ -234,28 +240,84 @@ class Runner:
         finally:
             keepalive.cancel()
 
-    async def _dead_letter(self, d: Delivery, error: str) -> None:
-        dead = ev.DeadLettered.new(
-            ev.DeadLetter(
-                stream=self.spec.stream,
-                consumer=self.spec.durable,
-                subject=d.subject,
-                seq=d.stream_seq,
-                deliveries=d.deliveries,
-                error=error[:4000],
-                headers=d.headers,
-                payload=d.msg.data,
-            ),
-            source=self.bus.source,
-            id=derived_id("dlq", self.spec.stream, self.spec.durable, d.stream_seq),
-        )
-        await self.bus.publish(dead)
-        self.stats.dead_lettered += 1
-        log.error("%s: seq %s to the DLQ: %s", self.spec.durable, d.stream_seq, error)
-        await d.msg.term()
+class Pull:
+    """A durable pull subscription that rides out a server restart.
+
+    `fetch` returns the messages it got, or none: a timeout is an empty batch, and any
+    other failure (ServiceUnavailableError while JetStream recovers, a connection closed or
+    reconnecting, a stale connection, no responders, the consumer gone) is logged at most
+    once a second, backed off (0.1 s doubling to 5 s, reset by the next success) and
+    retried; the subscription is bound again when the consumer is gone or the failures
+    persist. Used by the runner and by batched loops (the ledger)."""
+
+    BACKOFF_MAX = 5.0
+    REBIND_AFTER = 5  # consecutive failures
+
+    def __init__(self, bus: Bus, spec: ConsumerSpec, *, create: bool = True) -> None:
+        self.bus, self.spec, self.create = bus, spec, create
+        self.psub: Any = None
+        self.failures = 0
+        self._throttle = Throttle(1.0)
+
+    async def bind(self, stop: asyncio.Event) -> bool:
+        """Bind to the durable (creating it when allowed); True once bound, False if stopped first."""
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                if self.create:
+                    await ensure_consumer(self.bus.js, self.spec)
+                else:
+                    await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
+                self.psub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+                return True
+            except NotFoundError if not self.create else _Never:
+                self._throttle.warn(log, "missing", "%s: consumer %s/%s does not exist yet and this process may not create it: waiting",
+                                    self.spec.durable, self.spec.stream, self.spec.durable)
+            except Exception as exc:
+                self._throttle.warn(log, "bind", "%s: binding to %s/%s failed (%s: %s): retrying",
+                                    self.spec.durable, self.spec.stream, self.spec.durable, type(exc).__name__, exc)
+            await race(asyncio.sleep(delay), stop)
+            delay = min(delay * 2, 10.0)
+        return False
+
+    async def fetch(self, n: int, timeout: float, stop: asyncio.Event) -> list[Msg]:
+        if self.psub is None and not await self.bind(stop):
+            return []
+        try:
+            msgs = await self.psub.fetch(n, timeout=timeout)
+        except (NatsTimeout, asyncio.TimeoutError):
+            self.failures = 0
+            return []
+        except Exception as exc:  # transient by assumption: a consumer loop must never exit on it
+            self.failures += 1
+            self._throttle.warn(log, type(exc).__name__, "%s: fetch failed (%s: %s): retrying with backoff",
+                                self.spec.durable, type(exc).__name__, exc or "server unavailable")
+            if isinstance(exc, NotFoundError) or self.failures % self.REBIND_AFTER == 0:
+                await self.close()
+            await race(asyncio.sleep(min(self.BACKOFF_MAX, 0.1 * 2 ** min(self.failures, 6))), stop)
+            return []
+        self.failures = 0
+        return msgs
+
+    async def close(self) -> None:
+        psub, self.psub = self.psub, None
+        if psub is not None:
+            await _quietly(psub.unsubscribe())
 
 
-async def _race(awaitable: Awaitable[Any], stop: asyncio.Event) -> None:
+class _Never(Exception):
+    """Matches nothing (an `except` clause that is switched off)."""
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    try:
+        await awaitable
+    except Exception as exc:
+        log.debug("ignored: %s: %s", type(exc).__name__, exc)
+
+
+async def race(awaitable: Awaitable[Any], stop: asyncio.Event) -> None:
+    """Await `awaitable` until it completes or `stop` is set, whichever comes first."""
     waiter = asyncio.ensure_future(awaitable)
     stopper = asyncio.ensure_future(stop.wait())
     try:

@@ -385,12 +385,34 @@ def dlq_show(seq: int = typer.Argument(..., help="the DLQ sequence number")) -> 
             e = await dlq.get_dead(bus, seq)
         finally:
             await bus.close()
+        if e.event is None:
+            typer.echo(json.dumps({
+                "dlq_seq": e.seq, "undecodable": e.problem, "dlq_subject": e.subject, "size": e.size,
+                "raw": e.raw[:4096].decode(errors="replace"),
+            }, indent=2))
+            return
         d = e.event.data
         typer.echo(json.dumps({
             "dlq_seq": e.seq, "consumer": d.consumer, "stream": d.stream, "seq": d.seq, "subject": d.subject,
             "deliveries": d.deliveries, "error": d.error, "headers": d.headers,
+            "digest": d.digest, "size": d.size, "truncated": d.truncated,
             "payload": d.payload.decode(errors="replace"),
         }, indent=2))
+
+    run(main())
+
+
+@dlq_app.command("drop")
+def dlq_drop(seq: int = typer.Argument(..., help="the DLQ sequence number")) -> None:
+    """Remove one dead letter without redriving it (e.g. an undecodable entry)."""
+    from scf.bus import dlq
+
+    async def main() -> None:
+        bus = await open_bus(load_settings())
+        try:
+            typer.echo(await dlq.drop(bus, seq))
+        finally:
+            await bus.close()
 
     run(main())
 
@@ -400,22 +422,35 @@ def dlq_retry(
     seq: Optional[int] = typer.Argument(None, help="DLQ sequence number (or --all)"),
     all_: bool = typer.Option(False, "--all", help="redrive every dead letter"),
 ) -> None:
-    """Redrive dead letters to the consumer that failed them."""
+    """Redrive dead letters to the consumer that failed them (only genuine copies of a
+    message on its stream; a refused entry is named with the reason)."""
     from scf.bus import dlq
+    from scf.bus.signing import TrustList
 
     if seq is None and not all_:
         raise fail("give a DLQ sequence number or --all (see `scf dlq ls`)")
 
-    async def main() -> None:
-        bus = await open_bus(load_settings())
+    async def main() -> int:
+        s = load_settings()
+        trust = TrustList.load(s.keys_dir / "trusted.json")
+        bus = await open_bus(s)
+        refused = 0
         try:
             seqs = [seq] if seq is not None else [e.seq for e in await dlq.list_dead(bus)]
             for n in seqs:
-                typer.echo(await dlq.retry(bus, n))
+                try:
+                    typer.echo(await dlq.retry(bus, n, trust))
+                except dlq.RedriveRefused as exc:
+                    if seq is not None:
+                        raise
+                    refused += 1
+                    typer.echo(f"Error: {exc}", err=True)
         finally:
             await bus.close()
+        return refused
 
-    run(main())
+    if run(main()):
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- status

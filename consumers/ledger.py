@@ -33,7 +33,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 
 import msgspec
 
-from scf.bus import codec
+from scf.bus import codec, dlq
 from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
@@ -312,47 +312,38 @@ class Ledger:
 
     # ------------------------------------------------------------------ the batched loop
     async def run(self, stop, pause=None, fetch_timeout: float = 1.0) -> None:
-        from nats.errors import TimeoutError as NatsTimeout
+        from scf.bus.runner import Pull, race
 
-        from scf.bus.runner import _race
-        from scf.bus.streams import ensure_consumer
-
-        await ensure_consumer(self.bus.js, self.spec)
-        psub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+        # Pull rides out server restarts (fetch errors back off and re-bind, never raise);
+        # the fallback runner's `process` never raises either.
+        pull = Pull(self.bus, self.spec)
         fallback = self.runner(pause=pause)  # for its per-message retry / DLQ rules
         try:
             while not stop.is_set():
                 if pause is not None and pause.engaged:
-                    await _race(pause.wait_clear(), stop)
+                    await race(pause.wait_clear(), stop)
                     continue
-                try:
-                    msgs = await psub.fetch(1, timeout=fetch_timeout)
-                except (NatsTimeout, asyncio.TimeoutError):
+                msgs = await pull.fetch(1, fetch_timeout, stop)
+                if not msgs:
                     continue
                 # Wait (up to fetch_timeout) for the first measurement alone, then take what
                 # else is there, up to a batch, waiting at most `gather_s` for it.
                 if self.settings.batch > 1:
-                    try:
-                        msgs += await psub.fetch(self.settings.batch - 1, timeout=self.settings.gather_s)
-                    except (NatsTimeout, asyncio.TimeoutError):
-                        pass
+                    msgs += await pull.fetch(self.settings.batch - 1, self.settings.gather_s, stop)
                 try:
                     await self.handle_batch(msgs)
                 except Exception as exc:
                     log.warning("ledger batch of %d failed (%s: %s): handling one by one", len(msgs), type(exc).__name__, exc)
                     for msg in msgs:
-                        await fallback._process(msg)
+                        await fallback.process(msg)
         finally:
-            try:
-                await psub.unsubscribe()
-            except Exception:
-                pass
+            await pull.close()
 
     async def handle_batch(self, msgs: list) -> None:
         decided = [await self.decide(msg) for msg in msgs]
         poison = [d for d in decided if d.poison is not None]
         for d in poison:
-            await self._dead_letter(d.msg, d.poison or "")
+            await dlq.dead_letter(self.bus, d.msg, stream=self.spec.stream, consumer=self.spec.durable, error=d.poison or "")
         out: list[ev.Event] = []
         first: dict[str, Decided] = {}
         later: list[Decided] = []
@@ -383,20 +374,6 @@ class Ledger:
         for d in decided:
             if d.poison is None:
                 await d.msg.ack()
-
-    async def _dead_letter(self, msg, error: str) -> None:
-        meta = msg.metadata
-        dead = ev.DeadLettered.new(
-            ev.DeadLetter(
-                stream=self.spec.stream, consumer=self.spec.durable, subject=msg.subject, seq=meta.sequence.stream,
-                deliveries=meta.num_delivered, error=error[:4000], headers=dict(msg.headers or {}), payload=msg.data,
-            ),
-            source=self.bus.source,
-            id=derived_id("dlq", self.spec.stream, self.spec.durable, meta.sequence.stream),
-        )
-        await self.bus.publish(dead)
-        log.error("%s: seq %s to the DLQ: %s", self.spec.durable, meta.sequence.stream, error)
-        await msg.term()
 
 
 async def commit_atomic(bus: Bus, transfers: list[LedgerTransfer], timeout: float = 10.0) -> bool:
