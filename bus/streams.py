@@ -62,6 +62,9 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("DEPLOY", ("deploy.>", "energy.>"), "deployments, activations, rollbacks, measurements"),
     StreamSpec("LEDGER", ("ledger.>",), "double-entry transfers, one subject per transfer", atomic=True),
     StreamSpec("DLQ", ("dlq.>",), "poison and exhausted messages, with the error and the original"),
+    # The shared trust list (bus/trust.py): root-signed grants and revocations of signing
+    # keys, one subject per key (trust.key.<kid>); the whole history is kept as the audit trail.
+    StreamSpec("TRUST", ("trust.>",), "the shared trust list: root-signed grants and revocations of signing keys"),
 )
 
 STREAM_BY_NAME = {s.name: s for s in STREAMS}

@@ -22,13 +22,39 @@ dlq_app = typer.Typer(help="Dead letters: messages that could not be handled.", 
 
 
 # --------------------------------------------------------------------------- init
-def init() -> None:
+def init(
+    root: Optional[str] = typer.Option(None, "--root", help="also create a root key NAME here and pin it (the deployment's first host)"),
+) -> None:
     """Create SCF_HOME with the vault layout (fossil_vault, model_zoo, archive, nats, keys …)."""
     from scf.bus.settings import init_home
 
     s = load_settings()
     created = init_home(s)
     typer.echo(f"SCF_HOME {s.home}: {len(created)} directories created" if created else f"SCF_HOME {s.home} is ready")
+    if root:
+        keys_root_new(root)
+    _init_trust(s)
+
+
+def _init_trust(s) -> None:
+    """Migration: move keys/trusted.json into the shared trust list when this host can sign
+    it (a pinned root key is held here) and the bus answers; otherwise say how."""
+    from scf.bus import trust as tr
+    from scf.bus.errors import SCFError
+
+    if not (s.keys_dir / "trusted.json").exists():
+        return
+    try:
+        root = tr.find_root_key(s.keys_dir)
+    except SCFError:
+        root = None
+    if root is None:
+        typer.echo("keys/trusted.json is this host's own trust list: move it into the shared one with `scf keys trust --import` where a root key is held")
+        return
+    try:
+        _import_local(s, None)
+    except typer.Exit:
+        typer.echo("keys/trusted.json not imported (see above): run `scf keys trust --import` once the bus is up")
 
 
 # --------------------------------------------------------------------------- server
@@ -308,6 +334,13 @@ def _me() -> str:
 
 
 # --------------------------------------------------------------------------- keys
+# The shared trust list (bus/trust.py): `trust` / `revoke` write root-signed entries on the
+# TRUST stream, which every running verifier follows live; `log` is its audit trail.
+# `--local` (or a host without a pinned root key) writes this host's keys/trusted.json.
+root_app = typer.Typer(help="Root keys: the operator keys every host pins (keys/roots.json) to accept trust entries.", no_args_is_help=True)
+keys_app.add_typer(root_app, name="root")
+
+
 @keys_app.command("new")
 @errors_to_exit
 def keys_new(name: str = typer.Argument(..., help="key name, e.g. alice or release")) -> None:
@@ -318,40 +351,297 @@ def keys_new(name: str = typer.Argument(..., help="key name, e.g. alice or relea
     key = SigningKey.generate(name)
     path = key.save(s.keys_dir)
     typer.echo(f"created {path} (key id {key.kid}); public key: {key.public_b64}")
-    typer.echo(f"trust it on the hosts that verify: scf keys trust {key.public_b64} --name {name}")
+    typer.echo(f"trust it (where a root key is held): scf keys trust {key.public_b64} --name {name} --role ROLE")
+
+
+def _public_text(public: str) -> tuple[str, str]:
+    """(base64 public key, default name) from a base64 text or a NAME.pub path."""
+    p = Path(public)
+    if p.suffix == ".pub" or p.exists():
+        try:
+            return p.read_text().strip(), p.stem
+        except OSError as exc:
+            raise fail(f"cannot read public key {p} ({exc.strerror}): pass the base64 text or a readable NAME.pub")
+    return public.strip(), ""
+
+
+async def _open_shared(s):
+    from scf.bus.errors import ConfigError
+    from scf.bus.trust import STREAM, SharedTrust, load_roots
+
+    bus = await open_bus(s, "scf-keys")
+    view = SharedTrust(bus.js, load_roots(s.keys_dir), None)
+    await view.start()
+    if view._sub is None:
+        await view.stop()
+        await bus.close()
+        raise ConfigError(f"cannot read stream {STREAM} (the shared trust list): run `scf streams ensure`, and check this login may read it")
+    return bus, view
+
+
+async def _write_shared(s, root, items) -> list[int]:
+    """Publish root-signed entries `(kid, make(prev) -> TrustEntry)`; the TRUST seq of each."""
+    from scf.bus import trust as tr
+
+    bus, view = await _open_shared(s)
+    try:
+        return [(await tr.publish_entry(bus.js, view, root, kid, make))[0] for kid, make in items]
+    finally:
+        await view.stop()
+        await bus.close()
+
+
+def _grant(kid: str, public: str, name: str, roles: list[str]):
+    from scf.bus import trust as tr
+
+    by = _me()
+    return kid, lambda prev: tr.TrustEntry(action="trust", kid=kid, public=public, name=name, roles=list(roles), by=by, at=tr.utcnow(), prev=prev)
 
 
 @keys_app.command("ls")
 @errors_to_exit
 def keys_ls() -> None:
-    """List this host's keys and the trust list."""
+    """List this host's keys, pinned roots, the shared trust list (live) and this host's trusted.json."""
+    import asyncio
+
+    from scf.bus.errors import SCFError
     from scf.bus.signing import SigningKey, TrustList
+    from scf.bus.trust import load_roots
 
     s = load_settings()
     for path in sorted(s.keys_dir.glob("*.key")):
-        k = SigningKey.load(path)
+        try:
+            k = SigningKey.load(path)
+        except SCFError:
+            continue  # not a signing key (ids.key is the deployment's id secret)
         typer.echo(f"own      {k.kid}  {k.name}")
+    for kid, entry in load_roots(s.keys_dir).keys.items():
+        typer.echo(f"root     {kid}  {entry.name or '-'}  (pinned in keys/roots.json)")
+
+    async def shared():
+        bus, view = await _open_shared(s)
+        await view.stop()
+        await bus.close()
+        return view
+
+    try:
+        view = asyncio.run(shared())
+    except SCFError as exc:
+        view = None
+        typer.echo(f"shared trust list not read: {exc}")
+    if view is not None:
+        for kid, entry in view.state.keys.items():
+            typer.echo(f"trusted  {kid}  {entry.name or '-'}  roles={','.join(entry.roles)}  [shared]")
+        for kid, r in view.state.revoked.items():
+            typer.echo(f"revoked  {kid}  {r.name or '-'}  by {r.by} at {r.at:%Y-%m-%dT%H:%M:%SZ}  [shared]")
     for kid, entry in TrustList.load(s.keys_dir / "trusted.json").keys.items():
-        typer.echo(f"trusted  {kid}  {entry.name or '-'}  roles={','.join(entry.roles)}")
+        note = "  (revoked in the shared list: not honoured)" if view is not None and kid in view.state.revoked else ""
+        typer.echo(f"trusted  {kid}  {entry.name or '-'}  roles={','.join(entry.roles)}  [local: keys/trusted.json]{note}")
 
 
 @keys_app.command("trust")
 @errors_to_exit
 def keys_trust(
-    public: str = typer.Argument(..., help="base64 public key, or a path to a NAME.pub file"),
-    name: str = typer.Option("", help="who it belongs to"),
+    public: Optional[str] = typer.Argument(None, help="base64 public key, or a path to a NAME.pub file"),
+    name: str = typer.Option("", help="who it belongs to (a node key: the node id)"),
     role: list[str] = typer.Option(["operator"], help="operator | release | node (repeatable)"),
+    local: bool = typer.Option(False, "--local", help="this host only: write keys/trusted.json, not the shared list"),
+    by: Optional[str] = typer.Option(None, "--by", help="the root key that signs the entry (name or path; default: the pinned root held here)"),
+    import_: bool = typer.Option(False, "--import", help="move every key of keys/trusted.json into the shared list"),
 ) -> None:
-    """Add a public key to the trust list with its roles."""
+    """Trust a public key with its roles, in the shared root-signed trust list (live on every host)."""
+    from scf.bus import trust as tr
     from scf.bus.signing import TrustList
 
     s = load_settings()
-    p = Path(public)
-    text = p.read_text().strip() if p.exists() else public
-    trust = TrustList.load(s.keys_dir / "trusted.json")
-    kid = trust.trust(text, name or (p.stem if p.exists() else ""), role)
-    trust.save()
-    typer.echo(f"trusted {kid} as {','.join(role)}")
+    if import_:
+        return _import_local(s, by)
+    if public is None:
+        raise fail("give a public key (base64 text or a NAME.pub path), or --import to move keys/trusted.json into the shared list")
+    text, stem = _public_text(public)
+    scratch = TrustList()
+    kid = scratch.trust(text, name or stem, role)  # validates the key and the roles
+    entry = scratch.keys[kid]
+    root = None if local else tr.find_root_key(s.keys_dir, by)
+    if root is None:
+        t = TrustList.load(s.keys_dir / "trusted.json")
+        t.trust(text, entry.name, entry.roles)
+        t.save()
+        why = "" if local else (
+            ": no pinned root key is held here to sign a shared entry (`scf keys root new`, or --by KEY); "
+            "other hosts and running processes elsewhere do not see it"
+        )
+        typer.echo(f"trusted {kid} as {','.join(entry.roles)} on this host only ({t.path}){why}")
+        return
+    (seq,) = run(_write_shared(s, root, [_grant(kid, entry.public, entry.name, entry.roles)]))
+    typer.echo(f"trusted {kid} as {','.join(entry.roles)} in the shared trust list (TRUST seq {seq}, signed by root {root.name} {root.kid})")
+
+
+def _import_local(s, by: Optional[str]) -> None:
+    from scf.bus import trust as tr
+    from scf.bus.signing import TrustList
+
+    path = s.keys_dir / "trusted.json"
+    local = TrustList.load(path)
+    if not path.exists():
+        typer.echo(f"nothing to import: {path} does not exist")
+        return
+    root = tr.find_root_key(s.keys_dir, by)
+    if root is None:
+        raise fail("no pinned root key is held here to sign the imported entries: create one with `scf keys root new`, or pass --by KEY")
+
+    async def main() -> tuple[list[int], int, list[str]]:
+        bus, view = await _open_shared(s)
+        try:
+            revoked = [kid for kid in local.keys if kid in view.state.revoked]  # a revocation wins over a local file
+            todo = [_grant(kid, e.public, e.name, e.roles or ["operator"]) for kid, e in local.keys.items()
+                    if kid not in view.state.revoked
+                    and view.state.keys.get(kid) != tr.TrustedKey(public=e.public, name=e.name, roles=list(e.roles or ["operator"]))]
+            seqs = [(await tr.publish_entry(bus.js, view, root, kid, make))[0] for kid, make in todo]
+            return seqs, len(local.keys) - len(todo) - len(revoked), revoked
+        finally:
+            await view.stop()
+            await bus.close()
+
+    seqs, same, revoked = run(main())
+    moved = path.with_name("trusted.json.imported")
+    path.replace(moved)
+    skipped = f"; not imported, revoked in the shared list: {', '.join(revoked)}" if revoked else ""
+    typer.echo(f"imported {len(seqs)} key(s) into the shared trust list ({same} already there), signed by root {root.name}; {path} moved to {moved}{skipped}")
+
+
+@keys_app.command("revoke")
+@errors_to_exit
+def keys_revoke(
+    key: str = typer.Argument(..., help="key id, name in the trust list, base64 public key or NAME.pub path"),
+    reason: str = typer.Option("", help="why (kept in the audit trail)"),
+    local: bool = typer.Option(False, "--local", help="this host only: remove it from keys/trusted.json"),
+    by: Optional[str] = typer.Option(None, "--by", help="the root key that signs the revocation (default: the pinned root held here)"),
+) -> None:
+    """Revoke a key in the shared trust list: every running verifier refuses it within seconds."""
+    from scf.bus import trust as tr
+    from scf.bus.signing import TrustList
+
+    s = load_settings()
+    path = s.keys_dir / "trusted.json"
+    local_list = TrustList.load(path)
+    root = None if local else tr.find_root_key(s.keys_dir, by)
+    if not local and root is None:
+        raise fail("no pinned root key is held here to sign the revocation: run it where the root key is (or --by KEY), or --local to drop it from this host's keys/trusted.json")
+
+    async def resolve_and_revoke() -> tuple[str, int | None]:
+        bus = view = None
+        if root is not None:
+            bus, view = await _open_shared(s)
+        try:
+            kid = _resolve_kid(key, local_list, view)
+            if view is None:
+                return kid, None
+            name = (view.state.keys.get(kid) or local_list.keys.get(kid) or tr.TrustedKey(public="")).name
+            by_me = _me()
+            make = lambda prev: tr.TrustEntry(action="revoke", kid=kid, name=name, by=by_me, at=tr.utcnow(), prev=prev, reason=reason)  # noqa: E731
+            seq, _ = await tr.publish_entry(bus.js, view, root, kid, make)
+            return kid, seq
+        finally:
+            if view is not None:
+                await view.stop()
+                await bus.close()
+
+    kid, seq = run(resolve_and_revoke())
+    dropped = local_list.keys.pop(kid, None) is not None
+    if dropped:
+        local_list.save()
+    if seq is None:
+        if not dropped:
+            raise fail(f"key {kid} is not in {path}: nothing to remove")
+        typer.echo(f"removed {kid} from {path} (this host only)")
+        return
+    typer.echo(f"revoked {kid} in the shared trust list (TRUST seq {seq}, signed by root {root.name}){'; removed from ' + str(path) if dropped else ''}")
+
+
+def _resolve_kid(key: str, local_list, view) -> str:
+    import base64
+
+    from scf.bus.signing import key_id
+
+    if re.fullmatch(r"[0-9a-f]{16}", key):
+        return key
+    p = Path(key)
+    if p.suffix == ".pub" or p.exists():
+        key = p.read_text().strip()
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) == 32:
+        return key_id(raw)
+    known = dict(local_list.keys)
+    if view is not None:
+        known.update(view.state.keys)
+    hits = [kid for kid, e in known.items() if e.name == key]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise fail(f"{len(hits)} keys are named {key!r} ({', '.join(hits)}): give the key id")
+    raise fail(f"no key id, public key or trusted name {key!r}: see `scf keys ls`")
+
+
+@keys_app.command("log")
+@errors_to_exit
+def keys_log() -> None:
+    """The trust list's audit trail: every grant and revocation, who signed it, when; ignored entries and why."""
+    from scf.bus import trust as tr
+
+    s = load_settings()
+
+    async def main():
+        bus = await open_bus(s, "scf-keys")
+        try:
+            return await tr.read_log(bus.js, tr.load_roots(s.keys_dir))
+        finally:
+            await bus.close()
+
+    outcomes = run(main())
+    if not outcomes:
+        typer.echo("the shared trust list is empty")
+    for o in outcomes:
+        e = o.entry
+        when = f"{o.time:%Y-%m-%dT%H:%M:%SZ}" if o.time else "-"
+        what = f"{e.action:<6}  {e.kid}  {e.name or '-'}" + (f"  roles={','.join(e.roles)}" if e.action == "trust" else "") + f"  by {e.by}" if e else f"?       {o.subject}"
+        if e is not None and e.reason:
+            what += f"  ({e.reason})"
+        status = f"signed by root {o.signer}" if o.applied else f"IGNORED: {o.reason}"
+        typer.echo(f"{o.seq:>6}  {when}  {what}  {status}")
+
+
+@root_app.command("new")
+@errors_to_exit
+def keys_root_new(name: str = typer.Argument("root", help="key name (keep NAME.key offline or on the operator's machine)")) -> None:
+    """Create a root key here and pin it (keys/roots.json); pin its public key on every other host."""
+    from scf.bus.signing import SigningKey
+    from scf.bus.trust import pin_root
+
+    s = load_settings()
+    key = SigningKey.generate(name)
+    path = key.save(s.keys_dir)
+    pin_root(s.keys_dir, key.public_b64, name)
+    typer.echo(f"created root key {path} (key id {key.kid}) and pinned it in {s.keys_dir / 'roots.json'}")
+    typer.echo(f"pin it on every other host: scf keys root pin {key.public_b64} --name {name}")
+
+
+@root_app.command("pin")
+@errors_to_exit
+def keys_root_pin(
+    public: str = typer.Argument(..., help="base64 public key of the root, or its NAME.pub path"),
+    name: str = typer.Option("", help="whose root key it is"),
+) -> None:
+    """Pin a root key on this host: trust entries signed by it are applied here."""
+    from scf.bus.trust import pin_root
+
+    s = load_settings()
+    text, stem = _public_text(public)
+    kid = pin_root(s.keys_dir, text, name or stem)
+    typer.echo(f"pinned root {kid} in {s.keys_dir / 'roots.json'}")
 
 
 # --------------------------------------------------------------------------- dlq

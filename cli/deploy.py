@@ -25,10 +25,11 @@ energy_app = typer.Typer(help="Energy measurements (energy.measured), signed wit
 ledger_app = typer.Typer(help="The negentropy ledger: balances, history, verification.", no_args_is_help=True)
 
 
-def _trust(settings):
-    from scf.bus.signing import TrustList
+async def _trust(bus, settings):
+    """The live trust view: the shared TRUST list (root-signed) + this host's trusted.json (bus/trust.py)."""
+    from scf.bus.trust import SharedTrust
 
-    return TrustList.load(settings.keys_dir / "trusted.json")
+    return await SharedTrust.open(bus, settings)
 
 
 # --------------------------------------------------------------------------- processes
@@ -44,7 +45,7 @@ def run_deploy() -> None:
         s = load_settings("deploy")
         bus = await open_bus(s, "scf-deploy", sign=True)
         gate = await EmergencyGate(bus, s.emergency_lock).start()
-        planner = DeployPlanner(bus, _trust(s), s.section("deploy", DeploySettings))
+        planner = DeployPlanner(bus, await _trust(bus, s), s.section("deploy", DeploySettings))
         try:
             await run_all(bus, [r.run for r in planner.runners(pause=gate)])
         finally:
@@ -75,7 +76,7 @@ def run_edge(
             typer.echo(f"warning: no key for node {node} (scf keys new {node}): reports go unsigned and meter readings are not sent", err=True)
         bus = await Bus.connect(s, f"scf-edge-{node}", key=node_key)
         gate = await EmergencyGate(bus, s.emergency_lock).start()
-        agent = await EdgeAgent(bus, node, directory, _trust(s), labels=labels, settings=s.section("edge", EdgeSettings)).start()
+        agent = await EdgeAgent(bus, node, directory, await _trust(bus, s), labels=labels, settings=s.section("edge", EdgeSettings)).start()
         # The runner creates/updates the consumer edge-<node> (the planner creates it too);
         # the edge user of nats/users.conf may not create consumers on DEPLOY: --bind-only.
         runner = agent.runner(pause=gate, create=not bind_only)
@@ -97,7 +98,7 @@ def run_ledger() -> None:
         s = load_settings("ledger")
         bus = await open_bus(s, "scf-ledger", sign=True)
         gate = await EmergencyGate(bus, s.emergency_lock).start()
-        ledger = Ledger(bus, _trust(s), s.section("ledger", LedgerSettings))
+        ledger = Ledger(bus, await _trust(bus, s), s.section("ledger", LedgerSettings))
         try:
             await run_all(bus, [lambda stop: ledger.run(stop, pause=gate)])
         finally:
@@ -130,7 +131,7 @@ def deploy_request(
         bus = await open_bus(s, sign=True)
         try:
             seq, promotion = await find_promotion(bus, checkpoint_id, alias)
-            planner = DeployPlanner(bus, _trust(s))
+            planner = DeployPlanner(bus, await _trust(bus, s))
             intent = deploy_intent(promotion, seq, target=target, strategy=strategy, source=bus.source,  # type: ignore[arg-type]
                                    gear=await planner.current_gear())
             once = await bus.publish_once(intent)
@@ -150,17 +151,22 @@ def deploy_request(
 @nodes_app.command("ls")
 def nodes_ls() -> None:
     """List registered edge nodes: what each runs, its status and labels."""
-    from scf.consumers.nodes import list_nodes
+    from scf.consumers.nodes import read_nodes
 
     async def main() -> None:
-        bus = await open_bus(load_settings())
+        s = load_settings()
+        bus = await open_bus(s)
         try:
-            nodes = await list_nodes(bus)
+            entries = await read_nodes(bus, await _trust(bus, s))
         finally:
             await bus.close()
-        if not nodes:
+        if not entries:
             typer.echo("no edge node has registered (start one with `scf run edge --node ID --dir PATH`)")
-        for n in nodes:
+        for n, key, problem in entries:
+            if problem:  # not signed by the node's own trusted key: planner and ledger ignore it
+                typer.echo(f"{key:<20} IGNORED      {problem}")
+                continue
+            assert n is not None
             labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"
             running = f"{n.domain} v{n.version} {n.checkpoint_id}" if n.checkpoint_id else "-"
             when = n.updated_at.isoformat(timespec="seconds") if n.updated_at else "-"
@@ -190,13 +196,21 @@ def energy_report(
     method: str = typer.Option("metered-vs-baseline", help="measurement method (e.g. ipmvp-option-b)"),
     deployment: Optional[str] = typer.Option(None, help="the deployment the saving is due to"),
     domain: str = typer.Option("", help="the domain (e.g. grid:case14)"),
+    meter: str = typer.Option("", help="which of the node's meters (default: its main meter)"),
     key: Optional[str] = typer.Option(None, help="signing key (name or path; default $SCF_HOME/keys/<node>.key)"),
 ) -> None:
     """Publish a signed energy.measured for NODE (what a meter bridge calls)."""
     from scf.bus.client import Bus
-    from scf.consumers.edge import load_node_key, measurement_event
+    from scf.consumers.edge import load_node_key
+    from scf.consumers.energy import finite_kwh, measurement_event
 
+    for name, value in (("baseline", baseline), ("actual", actual)):
+        problem = finite_kwh(f"--{name}", value)
+        if problem:
+            raise fail(f"{problem}: give the kWh measured over the period as a plain number (e.g. --{name} 12.5)")
     t0, t1 = _time(start, "start"), _time(end, "end")
+    if t1 <= t0:
+        raise fail(f"--end {end} is not after --start {start}: a measured period must have a positive length")
 
     async def main() -> None:
         s = load_settings(f"energy-{node}")
@@ -206,7 +220,8 @@ def energy_report(
         bus = await Bus.connect(s, "scf-energy", key=k)
         try:
             event = measurement_event(node, period_start=t0, period_end=t1, baseline_kwh=baseline, actual_kwh=actual,
-                                      method=method, deployment_id=deployment, domain=domain, source=bus.source)
+                                      method=method, deployment_id=deployment, domain=domain, meter=meter,
+                                      source=bus.source)
             ack = await bus.publish(event)
         finally:
             await bus.close()
@@ -271,13 +286,14 @@ def ledger_history(
 def ledger_verify(
     causes: bool = typer.Option(True, help="also check each transfer against its measurement in the DEPLOY log"),
 ) -> None:
-    """Recompute every balance from the log; check debits = credits and that no cause was minted twice."""
+    """Recompute every balance from the log; check debits = credits, no cause minted twice, no overlapping periods."""
     from scf.consumers.ledger import verify
 
     async def main() -> bool:
-        bus = await open_bus(load_settings())
+        s = load_settings()
+        bus = await open_bus(s)
         try:
-            report = await verify(bus, check_causes=causes)
+            report = await verify(bus, check_causes=causes, trust=await _trust(bus, s))
         finally:
             await bus.close()
         for line in report.lines():

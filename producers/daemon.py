@@ -55,10 +55,11 @@ from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.emergency import EmergencyGate, EmergencyState, write_state
 from scf.bus.errors import DecodeError, SCFError, SignatureError
-from scf.bus.ids import derived_id, subject_token
+from scf.bus.ids import derived_id, ensure_id_key, keyed_id, load_id_key, subject_token
 from scf.bus.runner import Delivery, Runner, run_all
 from scf.bus.settings import Settings
 from scf.bus.signing import TrustList
+from scf.bus.trust import SharedTrust
 from scf.bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
 from scf.producers import gears
 from scf.producers.verify import CheckpointVerifier, Verifier, VerifySettings, current_promotion, decide_promotion
@@ -79,6 +80,9 @@ class DaemonSettings(msgspec.Struct, frozen=True, kw_only=True):
     train_config: dict[str, ev.Scalar] = {}  # model config every train intent asks for (steps = 300, hidden = 128 …)
     verify_checkpoints: str = "auto"  # auto (when torch is importable) | on (fail without torch) | off
     liveness_min_interval: float = 0.25  # seconds between liveness writes at fast gears
+    command_window_s: float = 300.0  # a signed command's issued_at may lie this far before it reached CONTROL
+    clock_skew_s: float = 30.0  # … and this far after it (the sender's clock ahead of the server's)
+    apply_attempts: int = 5  # a command that keeps failing is rejected (control.rejected) after this many tries
     checkpoint: VerifySettings = VerifySettings()
 
 
@@ -125,6 +129,7 @@ class CommandContext:
     source: str  # this daemon's identity
     sandbox: bool
     now: dt.datetime
+    id_key: bytes = b""  # the deployment's id key: effect ids outsiders cannot compute
 
     @property
     def ref(self) -> str:
@@ -145,8 +150,9 @@ def command_seq(ref: str | None) -> int:
 
 
 def _effect(cls: type[ev.Event], payload: ev.Payload, ctx: CommandContext, key: str = "") -> ev.Event:
+    parts = (ctx.ref, cls.type_name(), key)
     return cls(  # type: ignore[call-arg]
-        id=derived_id(ctx.ref, cls.type_name(), key),
+        id=keyed_id(ctx.id_key, *parts) if ctx.id_key else derived_id(*parts),
         at=ctx.now,
         source=ctx.source,
         correlation_id=ctx.ref,
@@ -529,6 +535,117 @@ async def rebuild_control(bus: Bus) -> ControlState:
     return msgspec.structs.replace(state, applied_seq=applied)
 
 
+# Where the daemon records what a command did: an effect or its rejection, each with
+# causation "CONTROL:<seq>" of the command (and stored after it, in the same stream).
+EFFECT_SUBJECTS = ("gear.>", "emergency.>", "control.rejected")
+
+
+class _Causation(msgspec.Struct):
+    causation_id: str | None = None
+
+
+async def _read_control(bus: Bus, cfg: api.ConsumerConfig, target: int, handle) -> None:
+    """Deliver CONTROL messages matching `cfg` to `handle(msg)` up to stream seq `target`."""
+    sub = await bus.js.subscribe("", stream="CONTROL", ordered_consumer=True, config=cfg)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            handle(msg)
+            if msg.metadata.sequence.stream >= target:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def decided_commands(bus: Bus, after_seq: int) -> set[int]:
+    """CONTROL sequences above `after_seq` of the commands whose effect or rejection CONTROL
+    holds (the causation of every effect stored after `after_seq`): these were decided, the
+    others above `after_seq` were not, whatever their order."""
+    target = max([await last_seq(bus, "CONTROL", s) for s in EFFECT_SUBJECTS])
+    found: set[int] = set()
+    if target <= after_seq:
+        return found
+    decoder = msgspec.json.Decoder(_Causation)
+
+    def handle(msg: Msg) -> None:
+        with contextlib.suppress(msgspec.DecodeError):
+            seq = command_seq(decoder.decode(msg.data).causation_id)
+            if seq > after_seq:
+                found.add(seq)
+
+    cfg = api.ConsumerConfig(
+        filter_subjects=list(EFFECT_SUBJECTS), deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
+    )
+    await _read_control(bus, cfg, target, handle)
+    return found
+
+
+async def read_recent_commands(bus: Bus, guard: control.ReplayGuard, trust: TrustList) -> int:
+    """Feed the replay guard every signed command CONTROL stored within its horizon before
+    the latest command (server time); returns how many it recorded."""
+    try:
+        last = await bus.js.get_last_msg("CONTROL", "control.>")
+    except NotFoundError:
+        return 0
+    if last.time is None or not last.seq:
+        return 0
+    recorded = 0
+
+    def handle(msg: Msg) -> None:
+        nonlocal recorded
+        if guard.observe(msg.subject, msg.data or b"", dict(msg.headers or {}), trust, msg.metadata.sequence.stream, msg.metadata.timestamp):
+            recorded += 1
+
+    cfg = api.ConsumerConfig(
+        filter_subject="control.>", deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=last.time - guard.horizon
+    )
+    await _read_control(bus, cfg, last.seq, handle)
+    return recorded
+
+
+def _stored_at(msg: Msg) -> dt.datetime:
+    """When CONTROL stored the message (the server's clock)."""
+    try:
+        return msg.metadata.timestamp
+    except Exception:  # not a JetStream delivery (a test's stand-in): now is as good as it gets
+        return ev.utcnow()
+
+
+def _adopt_reissued(events: list[ev.Event], published, state: ControlState) -> tuple[list[ev.Event], ControlState]:
+    """Effects the bus had to publish again under a fresh id replace the originals (and their
+    ids in the state, which the KV mirrors carry)."""
+    out = []
+    for e, p in zip(events, published):
+        fresh = p.reissued
+        if fresh is None:
+            out.append(e)
+            continue
+        out.append(fresh)
+        if state.gear_event_id == e.id:
+            state = msgspec.structs.replace(state, gear_event_id=fresh.id)
+        if state.emergency_event_id == e.id:
+            state = msgspec.structs.replace(state, emergency_event_id=fresh.id)
+    return out, state
+
+
+def _transient(exc: BaseException, bus: Bus) -> bool:
+    """Connection trouble (worth a redelivery later), as opposed to a command that fails."""
+    from nats import errors as nerr
+
+    if not bus.nc.is_connected:
+        return True
+    if isinstance(exc, (asyncio.TimeoutError, nerr.TimeoutError, nerr.ConnectionClosedError, nerr.NoServersError,
+                        nerr.StaleConnectionError, nerr.ConnectionReconnectingError, nerr.FlushTimeoutError,
+                        nerr.OutboundBufferLimitError, nerr.NoRespondersError)):
+        return True
+    from scf.bus.errors import NatsUnavailable, ServerError
+
+    if isinstance(exc, NatsUnavailable):
+        return True
+    return isinstance(exc, ServerError) and (exc.code is None or exc.code == 503)
+
+
 # --------------------------------------------------------------------------- liveness
 
 
@@ -571,16 +688,35 @@ class Daemon:
         self.started_at = ev.utcnow()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # control commands and orient never interleave
-        self._trust: tuple[float, TrustList] | None = None
+        self._trust: TrustList | None = None  # the live trust view (bus/trust.py), opened in start()
         self._last_liveness = 0.0
         self.intents_created = 0
         self.started = asyncio.Event()
         self.control_seen = self.control_target = 0
         self._start_mono = time.monotonic()
+        self.id_key = self._load_id_key()
+        self.replay = control.ReplayGuard(self.config.command_window_s, self.config.clock_skew_s)
+        # Which commands were decided (an effect or a control.rejected is in CONTROL): every
+        # command at or below the consumer's ack floor at start, and those in `decided`.
+        # A command that failed is not in either, so its redelivery is applied, whatever the
+        # order in which the consumer hands commands out.
+        self.ack_floor = 0
+        self.decided: set[int] = set()
+
+    def _load_id_key(self) -> bytes:
+        path, created = ensure_id_key(self.settings.keys_dir)
+        if created:
+            log.warning("created the deployment's id key %s (mode 0600): every service host needs this same file (docs/control.md)", path)
+        return load_id_key(self.settings.keys_dir)
 
     # ------------------------------------------------------------------ start
     async def start(self) -> "Daemon":
+        await ensure_consumer(self.bus.js, CONTROL_CONSUMER)
+        info = await self.bus.js.consumer_info(CONTROL_CONSUMER.stream, CONTROL_CONSUMER.durable)
+        self.ack_floor = info.ack_floor.stream_seq if info.ack_floor else 0
         self.state = await rebuild_control(self.bus)
+        self.decided = await decided_commands(self.bus, self.ack_floor)
+        replay_seen = await read_recent_commands(self.bus, self.replay, self.trust())
         await self._mirror_gear()
         await self._mirror_emergency()
         self.trained = await read_trainings(self.bus)
@@ -589,18 +725,18 @@ class Daemon:
         await self.fossils.start()
         # Commands waiting in CONTROL are applied before the first orient (a shift or a
         # stop sent while the daemon was down must not be preceded by an intent).
-        await ensure_consumer(self.bus.js, CONTROL_CONSUMER)
-        info = await self.bus.js.consumer_info(CONTROL_CONSUMER.stream, CONTROL_CONSUMER.durable)
-        self.control_seen = info.ack_floor.stream_seq if info.ack_floor else 0
+        self.control_seen = self.ack_floor
         self.control_target = await last_seq(self.bus, "CONTROL", "control.>")
         self._start_mono = time.monotonic()
         await self.gate.start()
+        self._trust = await SharedTrust.open(self.bus, self.settings)
         if self.verifier is None:
             self.verifier = self._make_verifier()
         log.info(
-            "daemon: gear %s%s%s, %d trained domains, applied up to CONTROL seq %d",
+            "daemon: gear %s%s%s, %d trained domains, commands decided up to CONTROL seq %d and %d after it, "
+            "%d signed command(s) in the replay window",
             self.state.gear, ", stopped" if self.state.stopped else "", ", EMERGENCY" if self.state.emergency else "",
-            len(self.trained), self.state.applied_seq,
+            len(self.trained), self.ack_floor, len(self.decided), replay_seen,
         )
         self.started.set()
         return self
@@ -624,14 +760,13 @@ class Daemon:
         await self.holds.stop()
         await self.fossils.stop()
         await self.gate.stop()
+        if isinstance(self._trust, SharedTrust):
+            await self._trust.stop()
 
     # ------------------------------------------------------------------ control
     def trust(self) -> TrustList:
-        path = self.settings.keys_dir / "trusted.json"
-        mtime = path.stat().st_mtime if path.exists() else 0.0
-        if self._trust is None or self._trust[0] != mtime:
-            self._trust = (mtime, TrustList.load(path))
-        return self._trust[1]
+        # the shared TRUST list + this host's trusted.json, followed live; before start(), the file
+        return self._trust if self._trust is not None else TrustList.load(self.settings.keys_dir / "trusted.json")
 
     @property
     def control_caught_up(self) -> bool:
@@ -641,7 +776,23 @@ class Daemon:
         return time.monotonic() - self._start_mono > CONTROL_CONSUMER.ack_wait + 5
 
     async def on_control(self, msg: Msg, d: Delivery) -> list[ev.Event] | None:
-        out = await self._on_control(msg, d)  # an exception: nak'ed and retried, not seen
+        """Apply one command; a failure is retried here (so later commands wait: order is
+        kept), and a command that keeps failing becomes control.rejected with the error.
+        Connection trouble is left to the runner (nak: the command comes back later)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                out = await self._on_control(msg, d)
+                break
+            except Exception as exc:
+                if _transient(exc, self.bus):
+                    raise  # nak'ed and redelivered: not decided, so never skipped
+                if attempt >= max(1, self.config.apply_attempts):
+                    out = await self._give_up(msg, d, exc, attempt)
+                    break
+                log.warning("control seq %d (%s) attempt %d failed: %s: %s", d.stream_seq, d.subject, attempt, type(exc).__name__, exc)
+                await asyncio.sleep(min(5.0, 0.25 * 2 ** (attempt - 1)))  # backoff between attempts
         self.control_seen = max(self.control_seen, d.stream_seq)
         if self.control_seen >= self.control_target:
             self._wake.set()
@@ -652,10 +803,10 @@ class Daemon:
         verb = subject.removeprefix("control.")
         if subject in control.EVENT_SUBJECTS or verb in NOT_MINE:
             return None
-        if d.stream_seq <= self.state.applied_seq:
-            log.info("control seq %d (%s) was applied before this start: skipped", d.stream_seq, subject)
+        if d.stream_seq <= self.ack_floor or d.stream_seq in self.decided:
+            log.info("control seq %d (%s) was decided before this start: skipped", d.stream_seq, subject)
             return None
-        ctx = CommandContext(d.stream_seq, subject, msg.data or b"", self.bus.source, self.settings.sandbox, ev.utcnow())
+        ctx = self._context(msg, d)
         try:
             received: control.Received | SCFError = control.decode(
                 subject, msg.data, d.headers, self.trust(),
@@ -663,12 +814,24 @@ class Daemon:
             )
         except (DecodeError, SignatureError) as exc:
             received = exc
+        stored_at = _stored_at(msg)
+        if isinstance(received, control.Received):
+            try:
+                self.replay.check(received, d.stream_seq, stored_at)
+            except control.ReplayError as exc:
+                log.warning("control seq %d refused: %s", d.stream_seq, exc)
+                received = exc
         if isinstance(received, control.Received) and isinstance(received.command, (control.Approve, control.Reject)):
             await self.holds.sync()
         async with self._lock:
             new_state, events = decide_control(self.state, received, ctx, self.holds.rulings)
             if events:
-                await self.bus.publish_many(events)
+                # a duplicate ack is checked against the stream: an id taken first by
+                # someone else gets the effect published again under a fresh id
+                published = await self.bus.publish_many(events, verify=True)
+                events, new_state = _adopt_reissued(events, published, new_state)
+            if isinstance(received, control.Received):
+                self.replay.record(received, d.stream_seq, stored_at)
             for e in events:
                 if isinstance(e, ev.VerdictIssued):
                     self.holds.record(e)
@@ -680,10 +843,28 @@ class Daemon:
             if new_state.emergency != old.emergency:
                 await self._mirror_emergency(new_state)
             self.state = new_state
+            self._decided(d.stream_seq)
             if (new_state.gear, new_state.emergency, new_state.stopped) != (old.gear, old.emergency, old.stopped):
                 self._wake.set()
         for e in events:
             log.info("%s -> %s %s", subject, e.type_name(), getattr(e.data, "reason", "") or "")
+        return None
+
+    def _context(self, msg: Msg, d: Delivery) -> CommandContext:
+        return CommandContext(d.stream_seq, d.subject, msg.data or b"", self.bus.source, self.settings.sandbox, ev.utcnow(), self.id_key)
+
+    def _decided(self, seq: int) -> None:
+        self.decided.add(seq)
+        if len(self.decided) > 200_000:  # long-gone redeliveries: keep the newest half
+            self.decided = set(sorted(self.decided)[100_000:])
+
+    async def _give_up(self, msg: Msg, d: Delivery, exc: Exception, attempts: int) -> None:
+        """A command that cannot be applied is rejected with the reason: never lost."""
+        reason = f"could not be applied after {attempts} attempts ({type(exc).__name__}: {exc}): fix the cause and send it again"
+        log.error("control seq %d (%s): %s", d.stream_seq, d.subject, reason)
+        async with self._lock:
+            await self.bus.publish_many([rejection(self._context(msg, d), reason[:4000])], verify=True)
+            self._decided(d.stream_seq)
         return None
 
     async def _mirror_gear(self, state: ControlState | None = None) -> None:

@@ -82,7 +82,9 @@ def test_embedded_server_start_status_stop_and_a_taken_port(home_env):
         assert "nats-server running (pid" in r.stdout
         again = scf("server", "start", env=home_env)  # idempotent
         assert again.returncode == 0 and again.stdout == r.stdout
-        assert scf("streams", "ensure", env=home_env).stdout.count("created   stream") == 10
+        from scf.bus.streams import STREAMS
+
+        assert scf("streams", "ensure", env=home_env).stdout.count("created   stream") == len(STREAMS)
         st = scf("status", env=home_env)
         assert st.returncode == 0 and "FOSSILS" in st.stdout and "DLQ size: 0" in st.stdout
         sent = scf("control", "stop", "--reason", "test", env=home_env)
