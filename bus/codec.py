@@ -62,8 +62,9 @@ class _Peek(msgspec.Struct):
     v: int = 1
 
 
-class _Wire(msgspec.Struct, kw_only=True):
-    """An envelope with its payload left as raw bytes: for signatures and upcasting."""
+class Wire(msgspec.Struct, kw_only=True):
+    """The envelope as it travels, its payload left as raw bytes: for signatures, upcasting,
+    and readers of the log that keep the payload as published (the archive)."""
 
     type: str
     id: str
@@ -88,19 +89,19 @@ class _Header(msgspec.Struct, array_like=True):
     kid: str | None
 
 
-def _canonical(w: _Wire) -> bytes:
+def _canonical(w: Wire) -> bytes:
     header = _Header(w.type, w.id, w.v, w.at, w.source, w.correlation_id, w.causation_id, w.kid)
     return b"scf-event-v1\n" + msgspec.json.encode(header) + b"\n" + bytes(w.data)
 
 
 def canonical_bytes(event_or_wire: bytes) -> bytes:
     """The bytes a signature covers, from an encoded event."""
-    return _canonical(msgspec.json.decode(event_or_wire, type=_Wire))
+    return _canonical(msgspec.json.decode(event_or_wire, type=Wire))
 
 
 def sign(event: ev.Event, key: SigningKey) -> bytes:
     """Encode `event` signed with `key`. The payload bytes are kept exactly as signed."""
-    wire = msgspec.json.decode(encode(event), type=_Wire)
+    wire = msgspec.json.decode(encode(event), type=Wire)
     wire.kid = key.kid
     wire.sig = key.sign(_canonical(wire))
     return msgspec.json.encode(wire)
@@ -143,7 +144,7 @@ class Codec:
 
     def _decode_verified(self, buf: bytes) -> ev.Event:
         try:
-            wire = msgspec.json.decode(buf, type=_Wire)
+            wire = msgspec.json.decode(buf, type=Wire)
         except msgspec.DecodeError as exc:
             raise DecodeError(f"not an SCF event envelope ({exc})") from None
         if wire.sig is not None or self.require_signature:
@@ -168,7 +169,7 @@ class Codec:
             if error is None:
                 raise DecodeError(f"{peek.type} v{peek.v} is newer than this build knows (v{current_version(cls)}): upgrade scf")
             raise DecodeError(f"invalid {peek.type} event: {error}")
-        wire = msgspec.json.decode(buf, type=_Wire)
+        wire = msgspec.json.decode(buf, type=Wire)
         return self._build(cls, peek.v, buf, bytes(wire.data))
 
     def _build(self, cls: type[ev.Event], version: int, buf: bytes, data: bytes) -> ev.Event:
@@ -187,7 +188,7 @@ class Codec:
                 raise DecodeError(f"no upcaster for {cls.type_name()} v{version}")
             payload = step(payload)
             version += 1
-        env = msgspec.json.decode(buf, type=_Wire)
+        env = msgspec.json.decode(buf, type=Wire)
         try:
             return msgspec.convert(
                 {

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from scf.bus.codec import Wire
 from scf.bus.errors import SCFError
 from scf.bus.streams import STREAMS
 
@@ -86,6 +87,28 @@ class ArchiveBusy(ArchiveError):
     pass
 
 
+class ArchiveWriteFailed(ArchiveError):
+    """Writing a file failed (a full disk, a file size limit, an I/O error). Nothing was
+    half-written: the temporary file is gone, and `written` lists the files of the batch that
+    were made durable before the failure (the position moved past them only)."""
+
+    def __init__(self, path: Path, cause: BaseException, written: list["ArchiveFile"] | None = None) -> None:
+        self.path, self.cause, self.written = Path(path), cause, list(written or [])
+        super().__init__(f"cannot write {self.path}: {self.reason}: free space there (or lift the file size limit)")
+
+    @property
+    def reason(self) -> str:
+        """Why, in a few words: `No space left on device`, `File too large`, …"""
+        code = getattr(self.cause, "errno", None)
+        if not code:  # pyarrow and DuckDB put the errno in their message
+            m = re.search(r"\[errno (\d+)\]", str(self.cause), re.I)
+            code = int(m.group(1)) if m else None
+        if code:
+            return os.strerror(code)
+        text = (str(self.cause).strip() or type(self.cause).__name__).splitlines()[0]
+        return text.rsplit(": ", 1)[-1]
+
+
 # --------------------------------------------------------------------------- messages → rows
 
 
@@ -100,20 +123,7 @@ class RawMessage:
     headers: dict[str, str] | None
 
 
-class _Envelope(msgspec.Struct):
-    type: str
-    id: str
-    at: str
-    source: str
-    data: msgspec.Raw
-    v: int = 1
-    correlation_id: str | None = None
-    causation_id: str | None = None
-    sig: str | None = None
-    kid: str | None = None
-
-
-_envelope = msgspec.json.Decoder(_Envelope)
+_envelope = msgspec.json.Decoder(Wire)  # the bus's own envelope, payload kept as raw bytes
 _headers_encoder = msgspec.json.Encoder(order="sorted")
 _SIG_HEADER = "Scf-Sig"
 _KID_HEADER = "Scf-Kid"
@@ -131,7 +141,7 @@ def _plain_payload(body: bytes) -> bytes:
         return msgspec.json.encode(body.decode("utf-8", errors="replace"))
 
 
-def _decode_or_none(body: bytes) -> _Envelope | None:
+def _decode_or_none(body: bytes) -> Wire | None:
     try:
         return _envelope.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -153,7 +163,7 @@ def to_table(
     comprehensions; everything else is vectorised in Arrow."""
     decode = _envelope.decode
     try:
-        envs: list[_Envelope | None] = [decode(b) for b in bodies]
+        envs: list[Wire | None] = [decode(b) for b in bodies]
     except (msgspec.DecodeError, msgspec.ValidationError):
         envs = [_decode_or_none(b) for b in bodies]
     enc = _headers_encoder.encode
@@ -300,7 +310,10 @@ class ArchiveStore:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         empty = self.partition_dir(EMPTY_STREAM, "1970-01-01") / file_name(EMPTY_STREAM, 0, 0)
         if not empty.exists():
-            self._write_atomic(SCHEMA.empty_table(), empty)
+            try:
+                self._write_atomic(SCHEMA.empty_table(), empty)
+            except OSError as exc:
+                raise ArchiveWriteFailed(empty, exc) from exc
 
     def require(self) -> None:
         if not self.exists():
@@ -360,8 +373,9 @@ class ArchiveStore:
                     f"archive stream {stream} is locked for {purpose} by {holder}: stop that process "
                     f"(`scf run archive` or a running compact / replay) and try again"
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            with contextlib.suppress(OSError):  # the holder's note is informative (a full disk)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
             yield
         finally:
             os.close(fd)  # closing releases the flock
@@ -370,6 +384,18 @@ class ArchiveStore:
     def _write_atomic(self, table: pa.Table, final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self._write_tmp(table, tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            # A full disk (ENOSPC), a file size limit (EFBIG), an I/O error: leave nothing
+            # half-written behind; the caller decides whether to retry.
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+
+    @staticmethod
+    def _write_tmp(table: pa.Table, tmp: Path) -> None:
         # Dictionary-encode only the low-cardinality columns (ids and payloads would just
         # overflow the dictionary and fall back); zstd level 1 compresses these rows as well
         # as the default level, faster.
@@ -386,8 +412,6 @@ class ArchiveStore:
             sorting_columns=[pq.SortingColumn(0)],
         )
         _fsync_path(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
 
     def append(self, stream: str, table: pa.Table) -> list[ArchiveFile]:
         """Write rows of `stream` (in sequence order, all after the current position) as one
@@ -402,12 +426,37 @@ class ArchiveStore:
             pdir = self.partition_dir(stream, date)
             new_dir = not pdir.exists()
             path = pdir / file_name(stream, first, last)
-            self._write_atomic(part, path)
-            if new_dir:
-                _fsync_dir(pdir.parent)
-                _fsync_dir(self.root)
+            try:
+                self._write_atomic(part, path)
+                if new_dir:
+                    _fsync_dir(pdir.parent)
+                    _fsync_dir(self.root)
+            except OSError as exc:  # pyarrow's IO errors are OSErrors too
+                raise ArchiveWriteFailed(path, exc, written) from exc
             written.append(ArchiveFile(stream, first, last, date, path))
         return written
+
+    @contextlib.contextmanager
+    def database_lock(self) -> Iterator[None]:
+        """Held while `scf.duckdb` is written (waits for another writer: it takes a second)."""
+        (self.root / ".locks").mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".locks" / "scf.duckdb.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def clean_database_temporary(self) -> int:
+        """Remove the `.scf.duckdb.*.tmp` (and their `.wal`) a failed or killed write left
+        behind (the caller holds `database_lock`)."""
+        removed = 0
+        if self.root.is_dir():
+            for p in self.root.glob(f".{self.database_path.name}.*.tmp*"):
+                if p.name.endswith((".tmp", ".tmp.wal")):
+                    p.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def clean_temporary(self, stream: str) -> int:
         """Remove temporary files a crash left behind (the caller holds the write lock)."""
@@ -440,9 +489,13 @@ class ArchiveStore:
         jdir.mkdir(parents=True, exist_ok=True)
         jpath = jdir / f"{stream}.json"
         tmp = jdir / f".{stream}.json.tmp"
-        tmp.write_text(json.dumps(journal))
-        _fsync_path(tmp)
-        os.replace(tmp, jpath)
+        try:
+            tmp.write_text(json.dumps(journal))
+            _fsync_path(tmp)
+            os.replace(tmp, jpath)
+        except OSError as exc:  # nothing was changed yet
+            tmp.unlink(missing_ok=True)
+            raise ArchiveWriteFailed(jpath, exc) from exc
         _fsync_dir(jdir)
         self._roll_forward(jpath)
 
@@ -512,17 +565,26 @@ class ArchiveStore:
             stage = self.staging(stream)
             adds: list[tuple[Path, Path]] = []
             removes: list[Path] = []
-            for run in runs:
-                table = pa.concat_tables([pq.read_table(f.path, schema=SCHEMA) for f in run])
-                final = self.partition_dir(stream, run[0].date) / file_name(stream, run[0].first, run[-1].last)
-                staged = stage / final.name
-                self._write_atomic(table, staged)
-                adds.append((staged, final))
-                removes += [f.path for f in run]
-                report.merged += len(run)
-                report.written += 1
-                report.rows += table.num_rows
-            self.commit(stream, adds, removes)
+            try:
+                for run in runs:
+                    table = pa.concat_tables([pq.read_table(f.path, schema=SCHEMA) for f in run])
+                    final = self.partition_dir(stream, run[0].date) / file_name(stream, run[0].first, run[-1].last)
+                    staged = stage / final.name
+                    try:
+                        self._write_atomic(table, staged)
+                    except OSError as exc:
+                        raise ArchiveWriteFailed(staged, exc) from exc
+                    adds.append((staged, final))
+                    removes += [f.path for f in run]
+                    report.merged += len(run)
+                    report.written += 1
+                    report.rows += table.num_rows
+                self.commit(stream, adds, removes)
+            except ArchiveWriteFailed:
+                # Nothing journaled: the files are unchanged; the staged copies go (they only
+                # take room). Once journaled, the staging stays for `recover` to roll forward.
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
             shutil.rmtree(stage, ignore_errors=True)
         return report
 

@@ -29,19 +29,6 @@ pytestmark = pytest.mark.anyio
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
-class _Wire(msgspec.Struct):
-    type: str
-    id: str
-    at: str
-    source: str
-    data: msgspec.Raw
-    v: int = 1
-    correlation_id: str | None = None
-    causation_id: str | None = None
-    sig: str | None = None
-    kid: str | None = None
-
-
 async def _archive_once(settings, stop_when) -> list[archive.StreamStats]:
     """Run the archive process in-process until `stop_when()` holds."""
     stop = asyncio.Event()
@@ -79,7 +66,7 @@ async def test_archive_equals_stream(bus, settings):
             assert r["published_at"] == EPOCH + dt.timedelta(microseconds=m.ts_ns // 1000)
             assert (json.loads(r["headers"]) if r["headers"] else None) == (m.headers or None)
             try:
-                w = msgspec.json.decode(m.data, type=_Wire)
+                w = msgspec.json.decode(m.data, type=codec.Wire)  # the bus's envelope
             except (msgspec.DecodeError, msgspec.ValidationError):
                 w = None
             if w is None:  # a plain message: kept whole, typed envelope columns null
