@@ -276,6 +276,10 @@ class Published:
     stream: str
     seq: int
     duplicate: bool
+    # verify=True only: the event as stored when the stream's `duplicate` ack named a message
+    # that was not this event (an id taken first by someone else) and it was published again
+    # under a fresh id
+    reissued: ev.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -327,29 +331,73 @@ class Bus:
             h[EXPECTED_LAST_SUBJECT_SEQ] = "0"
         return h
 
-    async def publish(self, event: ev.Event, *, timeout: float = 5.0) -> Published:
+    async def publish(self, event: ev.Event, *, timeout: float = 5.0, verify: bool = False) -> Published:
+        """Publish one event. verify=True: a `duplicate` ack is checked against what the
+        stream holds (see `verify_duplicate`)."""
         subject = event.subject()
         try:
             ack = await self.js.publish(subject, self._body(event), timeout=timeout, headers=self.headers(event))
         except Exception as exc:
             raise map_error(exc, subject) from None
-        return Published(ack.stream, ack.seq, bool(ack.duplicate))
+        out = Published(ack.stream, ack.seq, bool(ack.duplicate))
+        return await self.verify_duplicate(event, out, timeout=timeout) if verify else out
+
+    # ----------------------------------------------------------------- duplicate acks
+    async def stored_is(self, event: ev.Event, stream: str, seq: int) -> bool:
+        """Whether the message at (stream, seq) is `event`: same subject, type and id."""
+        try:
+            msg = await self.js.get_msg(stream, seq)
+        except NotFoundError:
+            return False
+        except Exception as exc:
+            raise map_error(exc, event.subject()) from None
+        if msg.subject != event.subject():
+            return False
+        try:
+            stored = codec.decode(msg.data or b"")
+        except Exception:  # not an SCF event at all: certainly not this one
+            return False
+        return type(stored) is type(event) and stored.id == event.id
+
+    async def verify_duplicate(self, event: ev.Event, published: Published, *, timeout: float = 5.0) -> Published:
+        """Never take a `duplicate` ack on trust: JetStream deduplicates by `Nats-Msg-Id`
+        across the whole stream, so anyone who may publish into the stream could have taken
+        this id first with other content on another subject. When the message the ack names
+        is not this event, publish the event again under a fresh id (logged) and return it
+        in `reissued`."""
+        if not published.duplicate or await self.stored_is(event, published.stream, published.seq):
+            return published
+        fresh = msgspec.structs.replace(event, id=new_id())
+        log.warning(
+            "%s %s: the stream holds another message under this id (%s seq %d): published again as %s",
+            event.type_name(), event.id, published.stream, published.seq, fresh.id,
+        )
+        subject = fresh.subject()
+        try:
+            ack = await self.js.publish(subject, self._body(fresh), timeout=timeout, headers=self.headers(fresh))
+        except Exception as exc:
+            raise map_error(exc, subject) from None
+        return Published(ack.stream, ack.seq, bool(ack.duplicate), reissued=fresh)
 
     async def pipeline(self) -> PipelinedPublisher:
         if self._pipeline is None:
             self._pipeline = await PipelinedPublisher(self.nc).start()
         return self._pipeline
 
-    async def publish_many(self, events: Iterable[ev.Event], *, timeout: float = 30.0) -> list[Published]:
+    async def publish_many(self, events: Iterable[ev.Event], *, timeout: float = 30.0, verify: bool = False) -> list[Published]:
         """Pipelined publishing (up to 4000 unacknowledged at once), all acked on return.
         A refusal raises the mapped error; an ack that never comes raises ServerError after
-        `timeout` (the events are safe to publish again: their ids dedup)."""
+        `timeout` (the events are safe to publish again: their ids dedup). verify=True:
+        every `duplicate` ack is checked against what the stream holds (`verify_duplicate`;
+        for effects that matter; needs message-get permission on the stream)."""
         pub = await self.pipeline()
         futures: list[asyncio.Future] = []
         subjects: list[str] = []
+        sent: list[ev.Event] = []
         for event in events:
             subject = event.subject()
             subjects.append(subject)
+            sent.append(event)
             futures.append(await pub.publish(subject, self._body(event), self.headers(event)))
         if not futures:
             return []
@@ -364,6 +412,8 @@ class Bus:
             if reply.error is not None:
                 raise reply_error(reply.error, subject)
             out.append(Published(reply.stream, reply.seq, reply.duplicate))
+        if verify:
+            out = [await self.verify_duplicate(e, p) if p.duplicate else p for e, p in zip(sent, out)]
         return out
 
     async def publish_once(self, event: ev.Event, *, timeout: float = 5.0) -> Once:
@@ -387,7 +437,9 @@ class Bus:
         same = msgspec.json.encode(existing.data) == msgspec.json.encode(event.data)  # type: ignore[attr-defined]
         return Once("duplicate" if same else "conflict", existing_msg.seq or 0, existing)
 
-    async def publish_batch(self, events: Sequence[ev.Event], *, size: int = 1000, timeout: float = 10.0) -> list[Once]:
+    async def publish_batch(
+        self, events: Sequence[ev.Event], *, size: int = 1000, timeout: float = 10.0, concurrency: int = 1
+    ) -> list[Once]:
         """Per-entity events (each on its own subject, e.g. fossils) in atomic batches.
 
         Every message carries `Nats-Expected-Last-Subject-Sequence: 0`, so each entity is
@@ -397,15 +449,25 @@ class Bus:
         it). The stream needs `allow_atomic` (StreamSpec.atomic). When a batch is refused
         as a whole — one entity already stored, two events for one entity, or a stream
         without atomic publishing — its events are published one by one with
-        `publish_once`, which sorts new from duplicate from conflict. Order is kept.
+        `publish_once`, which sorts new from duplicate from conflict, up to `concurrency`
+        at once (1: in order on the stream too). The returned list is in the events' order.
         """
         out: list[Once] = []
+        sem = asyncio.Semaphore(max(1, concurrency))
+
+        async def once(event: ev.Event) -> Once:
+            async with sem:
+                return await self.publish_once(event, timeout=timeout)
+
         for start in range(0, len(events), size):
             chunk = events[start : start + size]
             seqs = await self._commit_batch(chunk, timeout)
             if seqs is None:
-                for event in chunk:
-                    out.append(await self.publish_once(event, timeout=timeout))
+                if concurrency <= 1:
+                    for event in chunk:
+                        out.append(await self.publish_once(event, timeout=timeout))
+                else:
+                    out.extend(await asyncio.gather(*(once(e) for e in chunk)))
             else:
                 out.extend(Once("new", s) for s in seqs)
         return out

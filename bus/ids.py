@@ -3,15 +3,23 @@
 * event ids are UUIDv7 (time-ordered) from `uuid_utils`;
 * effects derived from an input event take ids derived deterministically from that event,
   so a redelivered input produces the same ids and JetStream's dedup drops the repeat;
-* content ids (`sha256:…`) name a thing by its canonical encoding.
+* content ids (`sha256:…`) name a thing by its canonical encoding;
+* keyed ids (`keyed_id`): derived like the above, but with the deployment's secret id key, so
+  an outsider cannot compute (and pre-empt) the id of an effect.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
+import secrets
 import uuid
+from pathlib import Path
 
 import uuid_utils
+
+from scf.bus.errors import ConfigError
 
 # A fixed namespace for SCF's derived ids (UUIDv5 over it).
 SCF_NAMESPACE = uuid.UUID("6f1f2b0e-9c55-4b8a-9a0e-5c0f3d7e2a11")
@@ -40,3 +48,64 @@ def subject_token(value: str) -> str:
         else:
             out.append("_")
     return "".join(out) or "_"
+
+
+# --------------------------------------------------------------------------- keyed ids
+# Ids derived with `derived_id` can be computed by anyone who knows the parts (the
+# namespace is public): an outsider who may publish into a stream could take an effect's
+# id first and have JetStream drop the real effect as a duplicate. Effects that matter
+# take ids keyed with the deployment's secret instead (HMAC-SHA256), shared by the
+# service hosts and by nobody else: `$SCF_HOME/keys/ids.key`, mode 0600.
+
+ID_KEY_FILE = "ids.key"
+
+
+class IdKeyError(ConfigError):
+    """The deployment's id key is unreadable or unsafe (message names the fix)."""
+
+
+def id_key_path(keys_dir: Path) -> Path:
+    return Path(keys_dir) / ID_KEY_FILE
+
+
+def ensure_id_key(keys_dir: Path) -> tuple[Path, bool]:
+    """Create the deployment's id key if missing (32 random bytes, hex, mode 0600).
+    Returns (path, created)."""
+    path = id_key_path(keys_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path, False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    return path, True
+
+
+def load_id_key(keys_dir: Path) -> bytes:
+    """The deployment's id key. Raises IdKeyError (missing, unsafe mode, malformed)."""
+    path = id_key_path(keys_dir)
+    try:
+        st = path.stat()
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise IdKeyError(f"no id key {path}: run `scf init` (or copy ids.key from another service host, mode 0600)") from None
+    except OSError as exc:
+        raise IdKeyError(f"cannot read the id key {path}: {exc.strerror}") from None
+    if st.st_mode & 0o077:
+        raise IdKeyError(f"id key {path} is readable by others (mode {st.st_mode & 0o777:o}): run `chmod 600 {path}`")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise IdKeyError(f"id key {path} is not hex text: restore it from another service host") from None
+    if len(key) < 16:
+        raise IdKeyError(f"id key {path} is shorter than 16 bytes: restore it from another service host")
+    return key
+
+
+def keyed_id(key: bytes, *parts: object) -> str:
+    """A deterministic id only holders of `key` can compute (HMAC-SHA256, UUIDv8 layout)."""
+    digest = bytearray(hmac.new(key, "\x1f".join(str(p) for p in parts).encode(), hashlib.sha256).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8 (custom)
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return str(uuid.UUID(bytes=bytes(digest)))

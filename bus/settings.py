@@ -202,4 +202,9 @@ def init_home(settings: Settings) -> list[Path]:
         if not p.exists():
             p.mkdir(parents=True, exist_ok=True)
             created.append(p)
+    # the deployment's secret for effect ids (bus/ids.py keyed_id): created once, mode 0600;
+    # every service host needs the same file (docs/control.md)
+    from scf.bus.ids import ensure_id_key
+
+    ensure_id_key(settings.keys_dir)
     return created

@@ -8,7 +8,9 @@
 
 `COMMAND` maps to the subject `control.<command in lower case>` (SHIFT_GEAR →
 control.shift_gear, EMERGENCY_STOP → control.emergency_stop, …); the payload is sent as the
-JSON body unchanged (signed with SCF_KEY when set), so the daemon validates it and anything
+JSON body unchanged (signed with SCF_KEY when set; a signed command gets a fresh `nonce` and
+`issued_at` unless the payload has them, for the daemon's replay protection), so the daemon
+validates it and anything
 wrong — an unknown command, a bad payload — comes back as `control.rejected` with its reason,
 exactly as for any other client. Note: in the seed, `{"command": "STOP"}` was described as
 the emergency stop; here STOP stops the daemon's loop (control.stop) and EMERGENCY_STOP
@@ -25,15 +27,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import msgspec
 
-from scf.bus.client import SCF_KID, SCF_SIG, Bus
+from scf.bus import control
+from scf.bus.client import Bus
 from scf.bus.errors import SCFError
-from scf.bus.signing import SigningKey, command_message
+from scf.bus.signing import SigningKey
 
 log = logging.getLogger("scf.control_file")
 
@@ -51,6 +54,7 @@ class FileCommand(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Outgoing:
     subject: str
     body: bytes
+    payload: dict = field(default_factory=dict)
 
 
 def parse(text: bytes) -> list[Outgoing]:
@@ -71,7 +75,7 @@ def parse(text: bytes) -> list[Outgoing]:
         verb = cmd.command.strip().lower().replace("-", "_").replace(" ", "_")
         if not verb or not all(ch.isalnum() or ch == "_" for ch in verb):
             raise ControlFileError(f"command {i + 1}: {cmd.command!r} is not a command name")
-        out.append(Outgoing(f"control.{verb}", msgspec.json.encode(cmd.payload)))
+        out.append(Outgoing(f"control.{verb}", msgspec.json.encode(cmd.payload), cmd.payload))
     return out
 
 
@@ -133,11 +137,11 @@ class ControlFileWatcher:
             self._remember(digest)  # reported once; a corrected file is sent
             return 0
         for m in messages:
-            headers = None
+            body, headers = m.body, None
             if self.key is not None:
-                headers = {SCF_SIG: self.key.sign(command_message(m.subject, m.body)), SCF_KID: self.key.kid}
-            ack = await self.bus.js.publish(m.subject, m.body, headers=headers)
-            log.info("%s: sent %s %s (CONTROL seq %s)", self.path, m.subject, m.body.decode(), ack.seq)
+                body, headers = control.sign_json(m.subject, m.payload, self.key)
+            ack = await self.bus.js.publish(m.subject, body, headers=headers)
+            log.info("%s: sent %s %s (CONTROL seq %s)", self.path, m.subject, body.decode(errors="replace"), ack.seq)
         self._remember(digest)
         self.sent += len(messages)
         return len(messages)

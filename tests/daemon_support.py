@@ -27,7 +27,11 @@ async def send(settings: Settings, verb: str, body: dict | bytes | None = None, 
     data = body if isinstance(body, bytes) else json.dumps(body or {}).encode()
     subject = f"control.{verb}"
     headers = None
-    if key is not None:
+    if key is not None and not isinstance(body, bytes):  # signed: with nonce and issued_at, as `scf control` sends it
+        from scf.bus.control import sign_json
+
+        data, headers = sign_json(subject, body or {}, key)
+    elif key is not None:
         headers = {"Scf-Sig": key.sign(command_message(subject, data)), "Scf-Kid": key.kid}
     nc = await nats.connect(settings.nats_url)
     try:
