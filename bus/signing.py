@@ -7,8 +7,11 @@
 * Verification always happens on bytes, before the payload is parsed.
 
 Keys live in `$SCF_HOME/keys/`: `NAME.key` (PKCS8 PEM, mode 0600) and `NAME.pub` (the raw
-public key, base64). The trust list is `$SCF_HOME/keys/trusted.json`: key id → public key,
-name and roles (operator, release, node).
+public key, base64). `TrustList` is a key id → public key, name and roles (operator,
+release, node) map; `TrustList.load` reads a host-local file (`keys/trusted.json`, or
+`keys/roots.json` for the pinned root keys). Running processes verify with
+`bus.trust.SharedTrust`, a `TrustList` that follows the shared, root-signed trust list on
+the TRUST stream live (and this host's trusted.json as a supplement).
 """
 
 from __future__ import annotations

@@ -212,6 +212,62 @@ async def test_forged_trust_entries_are_ignored_by_the_running_ledger(bus, setti
     assert audit.count("IGNORED") == 2 and "not a pinned root" in audit and "unsigned" in audit
 
 
+async def control_events(bus: Bus, subject: str) -> list[ev.Event]:
+    from tests.test_deploy_helpers import events_on
+
+    return [e for _, e in await events_on(bus, "CONTROL", subject, [ev.ControlRejected, ev.DaemonStopped, ev.DaemonResumed])]
+
+
+async def test_daemon_honours_an_operator_key_trusted_after_start_and_refuses_it_once_revoked(bus, settings, scf_env, tmp_path):
+    """Signed control commands (SCF_REQUIRE_SIGNED_CONTROL=1), `scf run daemon` left running."""
+    (settings.home_path / "scf.toml").write_text('[daemon]\nverify_checkpoints = "off"\n')
+    await cli("keys", "root", "new", "root", env=scf_env)
+    await cli("keys", "new", "alice", env=scf_env)
+    env = {**scf_env, "SCF_REQUIRE_SIGNED_CONTROL": "1"}
+    alice = {**scf_env, "SCF_KEY": "alice"}
+    log = tmp_path / "daemon.log"
+    daemon = spawn([sys.executable, "-m", "scf.cli.main", "run", "daemon"], env, log)
+    try:
+        async def live() -> bool:
+            assert daemon.poll() is None, log.read_text()[-2000:]
+            try:
+                entry = await (await bus.kv("scf_state")).get("daemon")
+            except Exception:
+                return False
+            return bool(entry and entry.value)
+
+        await wait_for(live, 60, "the daemon's liveness entry")
+        await cli("control", "stop", "--reason", "before trust", env=alice)
+
+        async def rejected(text: str, n: int = 1) -> bool:
+            return sum(text in e.data.reason for e in await control_events(bus, "control.rejected")) >= n
+
+        await wait_for(lambda: rejected("unknown signing key"), 30, "the untrusted operator's command rejected")
+        await cli("keys", "trust", str(settings.keys_dir / "alice.pub"), "--role", "operator", env=scf_env)
+        await cli("control", "stop", "--reason", "after trust", env=alice)
+        [stopped] = await wait_for_events(bus, "gear.daemon.stopped")
+        assert stopped.data.reason == "after trust"
+        await cli("keys", "revoke", "alice", env=scf_env)
+        await cli("control", "resume", "--reason", "after revoke", env=alice)
+        await wait_for(lambda: rejected("was revoked"), 30, "the revoked operator's command rejected")
+        assert await control_events(bus, "gear.daemon.resumed") == []
+        assert daemon.poll() is None
+    finally:
+        stop(daemon)
+
+
+async def wait_for_events(bus: Bus, subject: str, n: int = 1) -> list[ev.Event]:
+    found: list[ev.Event] = []
+
+    async def enough() -> bool:
+        nonlocal found
+        found = await control_events(bus, subject)
+        return len(found) >= n
+
+    await wait_for(enough, 30, f"{n} event(s) on {subject}")
+    return found
+
+
 # --------------------------------------------------------------------------- hosts
 
 
