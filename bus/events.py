@@ -601,6 +601,7 @@ class Measurement(Payload, frozen=True):
     actual_kwh: float
     method: str  # e.g. "metered-vs-baseline", "ipmvp-option-b"
     domain: str = ""
+    meter: str = ""  # which of the node's meters ("" = its main meter); part of the cause
 
     @property
     def saved_kwh(self) -> float:
@@ -626,6 +627,12 @@ class Transfer(Payload, frozen=True):
     kwh: float
     rate: float  # credits per kWh
     cause_digest: str = ""  # sha256 of the measurement: tells a true repeat from a changed one
+    # The normalised cause (consumers/energy.py): what `scf ledger verify` re-derives the
+    # cause id from and checks for overlapping periods. Empty/0 on transfers minted before.
+    node: str = ""
+    meter: str = ""
+    period_start_us: int = 0  # UTC microseconds since the epoch, half-open [start, end)
+    period_end_us: int = 0
 
 
 class LedgerTransfer(Event, tag="ledger.transfer", frozen=True, kw_only=True):

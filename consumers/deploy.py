@@ -235,7 +235,8 @@ class DeployPlanner:
 
     async def targets(self, intent: ev.Intent) -> list[str]:
         target = nodes_mod.parse_target(str(intent.params.get("target") or f"domain={intent.domain}"))
-        registered = await nodes_mod.list_nodes(self.bus) if target.is_selector else []
+        # Only entries signed by their own node's key: an edge login may write any entry.
+        registered = await nodes_mod.list_nodes(self.bus, trust=self.trust) if target.is_selector else []
         return nodes_mod.select(registered, target)
 
     async def ensure_edge_consumers(self, nodes: list[str]) -> None:

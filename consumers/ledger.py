@@ -4,17 +4,22 @@ Each verified `energy.measured` becomes one balanced double-entry transfer — d
 issuing account, credit the node's (or its client's) account, `micro_credits` =
 saved kWh × rate × 10⁶, an integer — published on its own subject
 `ledger.transfer.<transfer_id>` with `Nats-Expected-Last-Subject-Sequence: 0`, where
-`transfer_id` is derived from the measurement id alone. So a cause is minted once, ever:
-JetStream itself refuses a second message on that subject, whatever the redelivery, the
-restart, the process that crashed between publishing and acking, or the duplicate window.
+`transfer_id` is derived from the cause alone. The cause is derived here from the
+normalised content — (node, meter, period in UTC microseconds), `consumers/energy.py` —
+never taken from the id a node supplies. So a cause is minted once, ever: JetStream itself
+refuses a second message on that subject, whatever the redelivery, the restart, the
+process that crashed between publishing and acking, or the duplicate window.
 
-* A repeat whose content is identical (same measurement content, same amount and accounts)
+* A period that overlaps a minted period of the same (node, meter) is refused
+  (`ledger.rejected` "overlap: …", naming the transfer it overlaps).
+* A repeat whose content is identical (same normalised content, same amount and accounts)
   is acknowledged as already done.
 * A repeat with different content for the same cause is refused: `ledger.rejected`
   ("conflict: …"), the first transfer stands.
 * Unsigned, untrusted, wrongly signed (a node key signing for another node), negative,
-  zero, non-finite or implausible (beyond `[ledger] max_saved_kwh`) savings are rejected
-  with `ledger.rejected` and the reason — never the DLQ: a rejection is a business outcome.
+  zero, non-finite (also `null` in the JSON) or implausible (beyond `[ledger]
+  max_saved_kwh`) savings are rejected with `ledger.rejected` and the reason — never the
+  DLQ: a rejection is a business outcome.
 
 Balances are a projection of the LEDGER stream (`balances`, `scf ledger balance`);
 `verify` recomputes everything from the log (`scf ledger verify`).
@@ -23,7 +28,9 @@ Balances are a projection of the LEDGER stream (`balances`, `scf ledger balance`
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
+import datetime as dt
 import hashlib
 import logging
 import math
@@ -33,16 +40,25 @@ from decimal import ROUND_HALF_EVEN, Decimal
 
 import msgspec
 
-from scf.bus import codec, dlq
+from scf.bus import dlq
 from scf.bus import events as ev
-from scf.bus.client import Bus
+from scf.bus.client import Bus, Once
 from scf.bus.codec import Codec
-from scf.bus.errors import DecodeError, PublishConflict, SCFError, SignatureError
+from scf.bus.errors import DecodeError, SCFError, SignatureError
 from scf.bus.ids import derived_id
 from scf.bus.runner import Delivery, Runner
 from scf.bus.signing import TrustList
 from scf.bus.streams import CONSUMERS
 from scf.consumers import nodes as nodes_mod
+from scf.consumers.energy import (
+    DEFAULT_METER,
+    Cause,
+    content_digest,
+    iso_micros,
+    norm_meter,
+    normalise,
+    utc_micros,
+)
 from scf.bus.events import LedgerTransfer, Transfer
 
 log = logging.getLogger("scf.ledger")
@@ -74,6 +90,9 @@ LEDGER_CONSUMER = CONSUMERS["ledger"]  # DEPLOY energy.measured.>
 # --------------------------------------------------------------------------- pure rules
 
 
+TRANSFER_CODEC = Codec([LedgerTransfer])
+
+
 def transfer_id_for(cause_id: str) -> str:
     return derived_id("ledger.transfer", cause_id)
 
@@ -93,14 +112,9 @@ def micro_credits(kwh: float, rate: float) -> int:
     return int((dec(kwh) * dec(rate) * MICRO).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
 
 
-def cause_digest(m: ev.Measurement) -> str:
-    """sha256 over the fields that make a measurement what it is (stable across schema
-    additions: new fields do not change old digests)."""
-    canon = msgspec.json.encode(
-        [m.measurement_id, m.node, m.deployment_id, m.period_start.isoformat(), m.period_end.isoformat(),
-         repr(float(m.baseline_kwh)), repr(float(m.actual_kwh)), m.method, m.domain]
-    )
-    return "sha256:" + hashlib.sha256(canon).hexdigest()
+# sha256 over the *normalised* content (consumers/energy.py): `10:00Z` and `11:00+01:00`,
+# `Metered` and `metered` are one claim, whatever ids the node put on it.
+cause_digest = content_digest
 
 
 def credit_account(node: str, labels: dict[str, str], settings: LedgerSettings) -> str:
@@ -108,6 +122,11 @@ def credit_account(node: str, labels: dict[str, str], settings: LedgerSettings) 
     if account:
         return account if ":" in account else f"client:{account}"
     return f"node:{node}"
+
+
+def allowed_meters(labels: dict[str, str]) -> set[str]:
+    """The node's main meter, plus those its (signed) registry entry lists: `meters=a,b`."""
+    return {DEFAULT_METER} | {norm_meter(x) for x in labels.get("meters", "").split(",") if x.strip()}
 
 
 def check(m: ev.Measurement, settings: LedgerSettings) -> str | None:
@@ -132,17 +151,24 @@ def check(m: ev.Measurement, settings: LedgerSettings) -> str | None:
 
 
 def transfer_for(measured: ev.EnergyMeasured, account: str, settings: LedgerSettings, source: str) -> LedgerTransfer:
+    """The transfer for a checked measurement. Its cause is derived here from the
+    normalised content; the node's `measurement_id` is never trusted."""
     m = measured.data
+    c = normalise(m)
     kwh = saved_kwh(m)
     t = Transfer(
-        transfer_id=transfer_id_for(m.measurement_id),
-        cause_id=m.measurement_id,
+        transfer_id=transfer_id_for(c.id),
+        cause_id=c.id,
         debit_account=settings.issuer,
         credit_account=account,
         micro_credits=micro_credits(kwh, settings.rate),
         kwh=kwh,
         rate=float(settings.rate),
         cause_digest=cause_digest(m),
+        node=c.node,
+        meter=c.meter,
+        period_start_us=c.start_us,
+        period_end_us=c.end_us,
     )
     return LedgerTransfer.new(t, source=source, cause=measured)
 
@@ -157,39 +183,97 @@ def rejection(cause_id: str, reason: str, source: str, cause: ev.Event | None, k
     )
 
 
-# --------------------------------------------------------------------------- minting
+# --------------------------------------------------------------------------- minted periods
 
 
 @dataclass(frozen=True)
-class Minted:
-    status: str  # new | duplicate | conflict
+class Claim:
+    """A minted period of one (node, meter)."""
+
+    start_us: int
+    end_us: int
+    cause_id: str
+    transfer_id: str
     seq: int
-    existing: LedgerTransfer | None = None
+
+    def period(self) -> str:
+        return f"[{iso_micros(self.start_us)}, {iso_micros(self.end_us)})"
 
 
-TRANSFER_CODEC = Codec([LedgerTransfer])
+class Periods:
+    """Minted periods per (node, meter), sorted by start: what the ledger checks a new
+    cause against so that no energy is credited twice. Rebuilt from the LEDGER stream at
+    start (each transfer records its normalised cause) and extended on every mint."""
+
+    def __init__(self) -> None:
+        self._claims: dict[tuple[str, str], list[Claim]] = defaultdict(list)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._claims.values())
+
+    def overlapping(self, key: tuple[str, str], start_us: int, end_us: int, cause: str) -> Claim | None:
+        """A claim of another cause whose period intersects [start, end), or None."""
+        claims = self._claims.get(key)
+        if not claims:
+            return None
+        i = bisect.bisect_left(claims, end_us, key=lambda c: c.start_us)  # claims[:i] start before `end`
+        for c in reversed(claims[max(0, i - 4) : i]):  # sorted, disjoint: only the last few can reach `start`
+            if c.end_us > start_us and c.cause_id != cause:
+                return c
+        return None
+
+    def add(self, key: tuple[str, str], claim: Claim) -> None:
+        claims = self._claims[key]
+        if any(c.cause_id == claim.cause_id for c in claims):
+            return
+        bisect.insort(claims, claim, key=lambda c: c.start_us)
+
+    def add_transfer(self, t: Transfer, seq: int) -> None:
+        if t.node and t.period_end_us > t.period_start_us:
+            self.add((t.node, t.meter), Claim(t.period_start_us, t.period_end_us, t.cause_id, t.transfer_id, seq))
 
 
-async def mint(bus: Bus, transfer: LedgerTransfer, timeout: float = 5.0) -> Minted:
-    """Publish `transfer` on its own subject only if the subject is empty (expected last
-    subject sequence 0). Like `Bus.publish_once`, but compares with this module's codec
-    (the catalog's Transfer would drop `cause_digest`)."""
-    subject = transfer.subject()
+def overlap_reason(c: Cause, claim: Claim) -> str:
+    return (
+        f"overlap: node {c.node} meter {c.meter} period {c.period()} overlaps transfer {claim.transfer_id} "
+        f"(cause {claim.cause_id}, period {claim.period()}, LEDGER seq {claim.seq}): energy is credited once; "
+        "report each period once, without overlaps"
+    )
+
+
+class _LooseData(msgspec.Struct):
+    node: object = None
+    meter: object = None
+    period_start: object = None
+    period_end: object = None
+
+
+class _LooseEvent(msgspec.Struct):
+    """Enough of an `energy.measured` that failed to decode to reject it with a reason."""
+
+    type: str = ""
+    data: _LooseData | None = None
+
+
+def loose_cause(buf: bytes) -> tuple[str, str] | None:
+    """(cause id, what it names) of a payload that claims to be an energy.measured but does
+    not decode (null / non-finite energy, a wrong type): None when it does not even claim."""
     try:
-        body = codec.sign(transfer, bus.key) if bus.key else codec.encode(transfer)
-        ack = await bus.js.publish(subject, body, timeout=timeout, headers=bus.headers(transfer, expect_new=True))
-        return Minted("duplicate" if ack.duplicate else "new", ack.seq)
-    except Exception as exc:
-        from scf.bus.client import map_error
-
-        err = map_error(exc, subject)
-        if not isinstance(err, PublishConflict):
-            raise err from None
-    msg = await bus.js.get_last_msg("LEDGER", subject)
-    existing = TRANSFER_CODEC.decode(msg.data)
-    assert isinstance(existing, LedgerTransfer)
-    same = msgspec.json.encode(existing.data) == msgspec.json.encode(transfer.data)
-    return Minted("duplicate" if same else "conflict", msg.seq or 0, existing)
+        loose = msgspec.json.decode(buf, type=_LooseEvent)
+    except msgspec.DecodeError:
+        return None
+    if loose.type != ev.EnergyMeasured.type_name():
+        return None
+    d = loose.data
+    try:
+        assert d is not None and isinstance(d.node, str)
+        start = msgspec.convert(d.period_start, dt.datetime)
+        end = msgspec.convert(d.period_end, dt.datetime)
+        meter = norm_meter(d.meter if isinstance(d.meter, str) else "")
+        c = Cause(d.node, meter, utc_micros(start), utc_micros(end))
+        return c.id, f"node {c.node} meter {c.meter} period {c.period()}"
+    except (AssertionError, msgspec.ValidationError, TypeError, ValueError, OverflowError):
+        return "unreadable-" + hashlib.sha256(buf).hexdigest()[:32], "an unreadable measurement"
 
 
 @dataclass
@@ -198,6 +282,7 @@ class Decided:
 
     msg: object
     measured: ev.EnergyMeasured | None = None
+    cause: Cause | None = None
     transfer: LedgerTransfer | None = None
     rejections: list[ev.Event] = field(default_factory=list)
     poison: str | None = None
@@ -211,10 +296,16 @@ class Ledger:
     and one fsync on a `sync_interval: always` server — per batch; every message still
     carries `Nats-Expected-Last-Subject-Sequence: 0`), publishes the rejections, then acks.
     A batch the server refuses as a whole (one of its causes is already minted: a repeat)
-    is minted one by one with `mint`, which tells new from repeat from conflict. Any
-    failure falls back to handling each message alone (`handle`, with the runner's rules:
-    nak with backoff, the DLQ after max_deliver). Ack comes after publish, always: a crash
-    anywhere redelivers, and the expected sequence makes the repeat harmless.
+    is minted one by one (`Bus.publish_batch` falls back to `Bus.publish_once`, which tells
+    new from repeat from conflict). Any failure falls back to handling each message alone
+    (`handle`, with the runner's rules: nak with backoff, the DLQ after max_deliver). Ack
+    comes after publish, always: a crash anywhere redelivers, and the expected sequence
+    makes the repeat harmless.
+
+    The cause is derived from the normalised content (`energy.normalise`), and a cause
+    whose period overlaps a minted period of the same (node, meter) is rejected: `periods`
+    holds them, rebuilt from the LEDGER stream before the first decision and extended on
+    every mint, under one lock per (node, meter) on the per-message path.
     """
 
     def __init__(self, bus: Bus, trust: TrustList, settings: LedgerSettings = LedgerSettings()) -> None:
@@ -222,25 +313,51 @@ class Ledger:
         self.plain = Codec([ev.EnergyMeasured])
         self.verified = Codec([ev.EnergyMeasured], trust=trust, require_signature=True, role="node")
         self.counts: dict[str, int] = defaultdict(int)
-        self._labels: dict[str, tuple[float, dict[str, str]]] = {}
+        self._labels: dict[str, tuple[float, nodes_mod.NodeInfo | None]] = {}
         self.spec = dataclasses.replace(LEDGER_CONSUMER, ack_wait=settings.ack_wait)
+        self.periods = Periods()
+        self._loaded = False
+        self._load_lock = asyncio.Lock()
+        self._key_locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def load(self) -> None:
+        """Rebuild the minted periods from the LEDGER stream (once, before deciding)."""
+        if self._loaded:
+            return
+        async with self._load_lock:
+            if self._loaded:
+                return
+            entries = await read_transfers(self.bus)
+            for e in entries:
+                self.periods.add_transfer(e.transfer, e.seq)
+            self._loaded = True
+            log.info("ledger: %d minted periods loaded from %d transfers", len(self.periods), len(entries))
 
     async def labels(self, node: str) -> dict[str, str]:
+        """The node's labels from its registry entry, believed only when signed by the
+        node's own trusted key (an `edge` login may write any entry). An entry older than
+        one already seen (a replayed earlier entry of the node) does not replace it."""
         import time
 
         hit = self._labels.get(node)
         if hit and time.monotonic() - hit[0] < 30.0:
-            return hit[1]
-        info = await nodes_mod.get_node(self.bus, node)
-        labels = info.labels if info else {}
-        self._labels[node] = (time.monotonic(), labels)
-        return labels
+            return hit[1].labels if hit[1] else {}
+        info = await nodes_mod.get_node(self.bus, node, trust=self.trust)
+        seen = hit[1] if hit else None
+        if info and seen and seen.updated_at and (info.updated_at is None or info.updated_at < seen.updated_at):
+            log.warning("scf_nodes/%s: an older entry (%s) replaced a newer one (%s): keeping the newer", node,
+                        info.updated_at, seen.updated_at)
+            info = seen
+        self._labels[node] = (time.monotonic(), info)
+        return info.labels if info else {}
 
     def decode(self, msg):
         return msg  # verification needs the raw bytes; a bad signature is a rejection, not poison
 
     # ------------------------------------------------------------------ deciding
     async def decide(self, msg) -> Decided:
+        """Verify, check and price one measurement (no overlap check: that needs the
+        minted periods, see `claim`)."""
         src = self.bus.source
         try:
             measured = self.verified.decode(msg.data)
@@ -248,15 +365,16 @@ class Ledger:
             try:
                 unverified = self.plain.decode(msg.data)
             except DecodeError as exc2:
-                return Decided(msg, poison=f"not an energy.measured event: {exc2}")
+                return self._undecodable(msg, exc2)
             assert isinstance(unverified, ev.EnergyMeasured)
             reason = f"unsigned or untrusted measurement: {exc}"
-            mid = unverified.data.measurement_id
-            return Decided(msg, unverified, rejections=[rejection(mid, reason, src, unverified, "signature")])
+            cid = normalise(unverified.data).id
+            return Decided(msg, unverified, rejections=[rejection(cid, reason, src, unverified, "signature")])
         except DecodeError as exc:
-            return Decided(msg, poison=f"not an energy.measured event: {exc}")
+            return self._undecodable(msg, exc)
         assert isinstance(measured, ev.EnergyMeasured)
         m = measured.data
+        c = normalise(m)
         entry = self.trust.keys.get(measured.kid or "")
         signer = entry.name if entry else ""
         if self.settings.require_signer_is_node and signer != m.node:
@@ -264,29 +382,68 @@ class Ledger:
                 f"measurement for node {m.node!r} signed by key {measured.kid} named {signer!r}: "
                 "a node may only report its own savings (trust its key under its node id)"
             )
-            return Decided(msg, measured, rejections=[rejection(m.measurement_id, reason, src, measured, "signer")])
+            return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "signer")])
         reason = check(m, self.settings)
         if reason is not None:
-            return Decided(msg, measured, rejections=[rejection(m.measurement_id, reason, src, measured, "invalid")])
-        account = credit_account(m.node, await self.labels(m.node), self.settings)
-        return Decided(msg, measured, transfer=transfer_for(measured, account, self.settings, src))
+            return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "invalid")])
+        labels = await self.labels(m.node)
+        if c.meter not in allowed_meters(labels):
+            reason = (f"unknown meter {c.meter!r} of node {m.node}: a node reports its main meter, or those its "
+                      f"signed registry entry lists (label meters={c.meter})")
+            return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "meter")])
+        account = credit_account(m.node, labels, self.settings)
+        return Decided(msg, measured, c, transfer=transfer_for(measured, account, self.settings, src))
+
+    def _undecodable(self, msg, exc: Exception) -> Decided:
+        """A payload that claims to be an energy.measured but does not decode (null or
+        non-finite energy, a field of the wrong type) is a business rejection with the
+        reason; anything else has no cause to reject and is poison (the DLQ)."""
+        found = loose_cause(msg.data)
+        if found is None:
+            return Decided(msg, poison=f"not an energy.measured event: {exc}")
+        cid, what = found
+        reason = (f"unreadable measurement ({what}): {exc}; energy must be a finite number of kWh "
+                  "(JSON null is how encoders write NaN and infinity)")
+        key = "undecodable:" + hashlib.sha256(msg.data).hexdigest()
+        return Decided(msg, rejections=[rejection(cid, reason, self.bus.source, None, key)])
+
+    def claim(self, d: Decided, pending: dict[tuple[str, str], list[Claim]] | None = None) -> bool:
+        """Check `d`'s period against the minted periods (and those `pending` in the same
+        batch); on an overlap turn `d` into a rejection and return False."""
+        assert d.cause is not None and d.transfer is not None and d.measured is not None
+        c = d.cause
+        hit = self.periods.overlapping(c.key, c.start_us, c.end_us, c.id)
+        if hit is None and pending is not None:
+            hit = next((p for p in pending.get(c.key, []) if p.start_us < c.end_us and c.start_us < p.end_us
+                        and p.cause_id != c.id), None)
+        if hit is None:
+            return True
+        d.transfer = None
+        d.rejections = [rejection(c.id, overlap_reason(c, hit), self.bus.source, d.measured, f"overlap:{hit.cause_id}")]
+        return False
 
     async def settle(self, d: Decided) -> list[ev.Event]:
-        """Mint one decided transfer on its own (expected sequence 0); the rejection to
-        publish when the cause was minted before with other content."""
-        assert d.transfer is not None and d.measured is not None
-        transfer, m = d.transfer, d.measured.data
-        minted = await mint(self.bus, transfer)
-        self.counts[minted.status] += 1
-        if minted.status != "conflict":
+        """Mint one decided transfer on its own (`Bus.publish_once`: expected sequence 0);
+        the rejection to publish when the cause was minted before with other content."""
+        assert d.transfer is not None
+        return self._settled(d, await self.bus.publish_once(d.transfer))
+
+    def _settled(self, d: Decided, once: Once) -> list[ev.Event]:
+        assert d.transfer is not None and d.measured is not None and d.cause is not None
+        transfer, m, c = d.transfer, d.measured.data, d.cause
+        self.counts[once.status] += 1
+        if once.status != "conflict":
+            self.periods.add_transfer(transfer.data, once.seq)
             return []
-        e = minted.existing.data if minted.existing else None
+        e = once.existing.data if isinstance(once.existing, LedgerTransfer) else None
+        if e is not None:
+            self.periods.add_transfer(e, once.seq)
         return [
             rejection(
-                m.measurement_id,
-                f"conflict: cause {m.measurement_id} was already minted as transfer {transfer.data.transfer_id} "
-                f"(LEDGER seq {minted.seq}: {e.micro_credits if e else '?'} µcr to {e.credit_account if e else '?'}, "
-                f"digest {e.cause_digest if e else '?'}) and this measurement differs: refused",
+                c.id,
+                f"conflict: cause {c.id} ({c.node} meter {c.meter} {c.period()}) was already minted as transfer "
+                f"{transfer.data.transfer_id} (LEDGER seq {once.seq}: {e.micro_credits if e else '?'} µcr to "
+                f"{e.credit_account if e else '?'}, digest {e.cause_digest if e else '?'}) and this measurement differs: refused",
                 self.bus.source, d.measured, f"conflict:{cause_digest(m)}",
             )
         ]
@@ -295,13 +452,19 @@ class Ledger:
     async def handle(self, msg, delivery: Delivery | None = None) -> list[ev.Event]:
         from scf.bus.runner import Poison
 
+        await self.load()
         d = await self.decide(msg)
         if d.poison is not None:
             raise Poison(d.poison)
         if d.rejections:
             self.counts["rejected"] += 1
             return d.rejections
-        return await self.settle(d)
+        assert d.cause is not None
+        async with self._key_locks[d.cause.key]:  # check and mint as one step per (node, meter)
+            if not self.claim(d):
+                self.counts["rejected"] += 1
+                return d.rejections
+            return await self.settle(d)
 
     def runner(self, pause=None, **kw) -> Runner:
         """The per-message path in the standard runner (one mint round trip per message)."""
@@ -340,6 +503,7 @@ class Ledger:
             await pull.close()
 
     async def handle_batch(self, msgs: list) -> None:
+        await self.load()
         decided = [await self.decide(msg) for msg in msgs]
         poison = [d for d in decided if d.poison is not None]
         for d in poison:
@@ -347,11 +511,9 @@ class Ledger:
         out: list[ev.Event] = []
         first: dict[str, Decided] = {}
         later: list[Decided] = []
+        pending: dict[tuple[str, str], list[Claim]] = defaultdict(list)
         for d in decided:
-            if d.rejections:
-                self.counts["rejected"] += 1
-                out += d.rejections
-            elif d.transfer is not None:
+            if d.transfer is not None and d.cause is not None and self.claim(d, pending):
                 # The first decision per cause goes into the atomic batch; a repeat inside
                 # the same batch is settled after it (and found a duplicate or a conflict).
                 tid = d.transfer.data.transfer_id
@@ -359,14 +521,17 @@ class Ledger:
                     later.append(d)
                 else:
                     first[tid] = d
+                    c = d.cause
+                    pending[c.key].append(Claim(c.start_us, c.end_us, c.id, tid, 0))
+            if d.rejections:
+                self.counts["rejected"] += 1
+                out += d.rejections
         batch = list(first.values())
         if batch:
-            committed = await commit_atomic(self.bus, [d.transfer for d in batch])  # type: ignore[misc]
-            if committed:
-                self.counts["new"] += len(batch)
-            else:
-                results = await asyncio.gather(*(self.settle(d) for d in batch))
-                out += [e for r in results for e in r]
+            # One atomic write per batch; refused as a whole (a repeat inside), one by one.
+            results = await self.bus.publish_batch([d.transfer for d in batch], concurrency=32)  # type: ignore[misc]
+            for d, once in zip(batch, results):
+                out += self._settled(d, once)
         for d in later:
             out += await self.settle(d)
         if out:
@@ -374,40 +539,6 @@ class Ledger:
         for d in decided:
             if d.poison is None:
                 await d.msg.ack()
-
-
-async def commit_atomic(bus: Bus, transfers: list[LedgerTransfer], timeout: float = 10.0) -> bool:
-    """Publish `transfers` (distinct subjects) as atomic batches of at most 1000, each
-    message with expected last subject sequence 0: all stored or none. False when the
-    server refuses a batch (a cause already minted, or a stream without allow_atomic):
-    then nothing of that batch is stored and the caller mints one by one. Mirrors
-    `Bus.publish_batch`, which this becomes once `cause_digest` is in the catalog (its
-    one-by-one fallback compares payloads through the catalog's types)."""
-    from scf.bus.client import EXPECTED_LAST_SUBJECT_SEQ, SCF_TYPE
-    from scf.bus.ids import new_id
-
-    if len(transfers) > 1000:
-        halves = [transfers[i : i + 1000] for i in range(0, len(transfers), 1000)]
-        return all([await commit_atomic(bus, h, timeout) for h in halves])
-    if len(transfers) == 1:
-        return False  # one message: the plain expected-sequence publish is as cheap
-    batch_id = new_id().replace("-", "")
-    last = len(transfers)
-    for i, t in enumerate(transfers, 1):
-        headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i), EXPECTED_LAST_SUBJECT_SEQ: "0",
-                   SCF_TYPE: t.type_name()}
-        body = codec.sign(t, bus.key) if bus.key else codec.encode(t)
-        if i < last:
-            await bus.nc.publish(t.subject(), body, headers=headers)
-            continue
-        headers["Nats-Batch-Commit"] = "1"
-        reply = await bus.nc.request(t.subject(), body, timeout=timeout, headers=headers)
-        ack = msgspec.json.decode(reply.data)
-        if "error" in ack or ack.get("count") != last:
-            log.debug("atomic batch refused (%s): minting one by one", ack.get("error"))
-            return False
-        return True
-    return False
 
 
 # --------------------------------------------------------------------------- the projection
@@ -469,22 +600,25 @@ class VerifyReport:
         return [f"FAILED: {len(self.problems)} problem(s); {head}"] + [f"  {p}" for p in self.problems[:200]]
 
 
-async def verify(bus: Bus, check_causes: bool = True) -> VerifyReport:
+async def verify(bus: Bus, check_causes: bool = True, trust=None) -> VerifyReport:
     """Recompute the books from the log and check them:
 
     * every transfer is balanced (one debit, one credit of the same positive integer
       amount, two distinct accounts) and the debits of all accounts equal the credits;
     * every transfer sits on the subject of its id, and its id is the one derived from
       its cause: no cause can have two subjects;
+    * its cause id is the one derived from its normalised content (node, meter, period),
+      and no two transfers of one (node, meter) cover overlapping periods;
     * no cause was minted twice (one transfer per cause id, one message per subject);
     * its amount recomputes from kWh × rate;
-    * (check_causes) its cause is a measurement in the DEPLOY log whose saving and content
-      digest match the transfer."""
+    * (check_causes) its cause is a measurement in the DEPLOY log — signed by the node's
+      own trusted key when `trust` is given — whose normalised content and digest match."""
     report = VerifyReport()
     entries = await read_transfers(bus)
     report.transfers = len(entries)
     by_cause: dict[str, list[Entry]] = defaultdict(list)
     by_subject: dict[str, int] = defaultdict(int)
+    periods: dict[tuple[str, str], list[Entry]] = defaultdict(list)
     for e in entries:
         t = e.transfer
         by_cause[t.cause_id].append(e)
@@ -497,6 +631,19 @@ async def verify(bus: Bus, check_causes: bool = True) -> VerifyReport:
             report.problems.append(f"seq {e.seq}: transfer {t.transfer_id} sits on subject {e.subject}")
         if t.transfer_id != transfer_id_for(t.cause_id):
             report.problems.append(f"seq {e.seq}: transfer id {t.transfer_id} is not derived from its cause {t.cause_id}")
+        if not t.node or t.period_end_us <= t.period_start_us:
+            report.problems.append(
+                f"seq {e.seq}: transfer {t.transfer_id} names no normalised cause (node {t.node!r}, meter {t.meter!r}, "
+                f"period {t.period_start_us}..{t.period_end_us} µs): it cannot be checked against double minting"
+            )
+        else:
+            expected = Cause(t.node, t.meter, t.period_start_us, t.period_end_us)
+            if t.meter != norm_meter(t.meter) or t.cause_id != expected.id:
+                report.problems.append(
+                    f"seq {e.seq}: cause id {t.cause_id} of transfer {t.transfer_id} does not match its normalised content "
+                    f"(node {t.node}, meter {t.meter}, period {expected.period()}: cause {expected.id})"
+                )
+            periods[(t.node, t.meter)].append(e)
         if micro_credits(t.kwh, t.rate) != t.micro_credits:
             report.problems.append(
                 f"seq {e.seq}: {t.kwh} kWh × {t.rate} is {micro_credits(t.kwh, t.rate)} µcr, the transfer says {t.micro_credits}"
@@ -509,6 +656,20 @@ async def verify(bus: Bus, check_causes: bool = True) -> VerifyReport:
     for subject, n in by_subject.items():
         if n > 1:
             report.problems.append(f"subject {subject} holds {n} transfers")
+    for (node, meter), items in periods.items():
+        items.sort(key=lambda e: (e.transfer.period_start_us, e.seq))
+        reach: Entry | None = None  # the transfer reaching furthest so far
+        for e in items:
+            t = e.transfer
+            if reach is not None and t.period_start_us < reach.transfer.period_end_us and t.cause_id != reach.transfer.cause_id:
+                r = reach.transfer
+                report.problems.append(
+                    f"seqs {reach.seq} and {e.seq}: transfers {r.transfer_id} and {t.transfer_id} credit overlapping periods of "
+                    f"node {node} meter {meter}: [{iso_micros(r.period_start_us)}, {iso_micros(r.period_end_us)}) and "
+                    f"[{iso_micros(t.period_start_us)}, {iso_micros(t.period_end_us)})"
+                )
+            if reach is None or t.period_end_us > reach.transfer.period_end_us:
+                reach = e
     bal = balances(entries)
     report.accounts = len(bal)
     debit_side = -sum(v for v in bal.values() if v < 0)
@@ -519,6 +680,7 @@ async def verify(bus: Bus, check_causes: bool = True) -> VerifyReport:
         report.rejections += 1
     if check_causes:
         plain = Codec([ev.EnergyMeasured])
+        verified = Codec([ev.EnergyMeasured], trust=trust, require_signature=True, role="node") if trust is not None else None
         digests: dict[str, set[str]] = defaultdict(set)
         async for msg in nodes_mod.scan(bus, "DEPLOY", "energy.measured.>"):
             try:
@@ -527,12 +689,23 @@ async def verify(bus: Bus, check_causes: bool = True) -> VerifyReport:
                 continue
             assert isinstance(m, ev.EnergyMeasured)
             report.measurements += 1
-            digests[m.data.measurement_id].add(cause_digest(m.data))
+            if verified is not None:
+                try:
+                    verified.decode(msg.data)
+                except (DecodeError, SignatureError):
+                    continue
+                entry = trust.keys.get(m.kid or "")
+                if entry is None or entry.name != m.data.node:
+                    continue
+            digests[normalise(m.data).id].add(cause_digest(m.data))
+        signed = " signed by its node's trusted key" if verified is not None else ""
         for cause, items in by_cause.items():
             t = items[0].transfer
             seen = digests.get(cause)
             if not seen:
-                report.problems.append(f"transfer {t.transfer_id}: its cause {cause} is not a measurement in the DEPLOY log")
-            elif t.cause_digest and t.cause_digest not in seen:
-                report.problems.append(f"transfer {t.transfer_id}: no measurement {cause} in the log has digest {t.cause_digest}")
+                report.problems.append(f"transfer {t.transfer_id}: its cause {cause} is not a measurement{signed} in the DEPLOY log")
+            elif t.cause_digest not in seen:
+                report.problems.append(
+                    f"transfer {t.transfer_id}: no measurement of cause {cause} in the log has digest {t.cause_digest or '(none)'}"
+                )
     return report

@@ -1,8 +1,13 @@
 """The edge node registry, deployment targets, and reading a slice of a stream.
 
 * Nodes register themselves in the `scf_nodes` KV bucket (key: the node id as a subject
-  token; value: `NodeInfo` as JSON): their labels (`domain`, `site`, `account` …) and what
-  they run. The registry is a cache for planning and display; the log stays the truth
+  token; value: `SignedEntry`, the `NodeInfo` JSON signed with the node's own key): their
+  labels (`domain`, `site`, `account` …) and what they run. Every edge box logs in as the
+  same `edge` user, which may write any key of the bucket, so NATS cannot keep one node
+  from writing another's entry: readers that act on an entry (the deploy planner, the
+  ledger's account lookup) pass the trust list and believe an entry only when it is
+  signed by a trusted `node` key named after the entry's node, under that node's key.
+  The registry is a cache for planning and display; the log stays the truth
   (`deploy.activated` / `deploy.rolled_back`).
 * A deployment *target* is either a node list (`node-a,node-b`, or `nodes:node-a,node-b`)
   or a label selector (`domain=grid:case14,site!=lab`: every term must hold). `*` selects
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import re
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -24,9 +30,12 @@ import msgspec
 from nats.js import api
 
 from scf.bus.client import Bus
-from scf.bus.errors import ConfigError, SCFError
+from scf.bus.errors import ConfigError, SCFError, SignatureError
 from scf.bus.ids import subject_token
+from scf.bus.signing import SigningKey
 from scf.bus.streams import ConsumerSpec
+
+log = logging.getLogger("scf.nodes")
 
 NODES_BUCKET = "scf_nodes"
 
@@ -49,12 +58,75 @@ def node_key(node: str) -> str:
     return subject_token(node)
 
 
-async def register(bus: Bus, info: NodeInfo) -> None:
+class SignedEntry(msgspec.Struct, frozen=True):
+    """What `scf_nodes/<node>` holds: the NodeInfo JSON exactly as signed, and the node
+    key's signature over `entry_message(kv key, info)`."""
+
+    info: msgspec.Raw
+    kid: str = ""
+    sig: str = ""
+
+
+def entry_message(key: str, info_json: bytes) -> bytes:
+    """What a registry entry's signature covers: the bucket, the KV key and the info bytes
+    (so an entry signed for one node cannot be copied under another node's key)."""
+    return NODES_BUCKET.encode() + b"\n" + key.encode() + b"\n" + bytes(info_json)
+
+
+def encode_entry(info: NodeInfo, key: SigningKey | None) -> bytes:
+    raw = msgspec.json.encode(info)
+    if key is None:
+        return msgspec.json.encode(SignedEntry(info=msgspec.Raw(raw)))
+    return msgspec.json.encode(SignedEntry(info=msgspec.Raw(raw), kid=key.kid, sig=key.sign(entry_message(node_key(info.node), raw))))
+
+
+def decode_entry(key: str, value: bytes, trust) -> tuple[NodeInfo | None, str | None]:
+    """(info, None) for an entry that may be believed; (info or None, why not) otherwise.
+
+    With `trust` (TrustList's verify interface), an entry is believed only when signed by a
+    trusted key with the `node` role whose trust-list name is the entry's node id, and the
+    entry sits under that node's own KV key. Without `trust` (display only) any readable
+    entry is returned, its problem still named."""
+    try:
+        entry = msgspec.json.decode(value, type=SignedEntry)
+        info = msgspec.json.decode(entry.info, type=NodeInfo)
+    except msgspec.DecodeError:
+        try:  # an entry written before entries were signed: plain NodeInfo
+            return _unsigned(msgspec.json.decode(value, type=NodeInfo), trust, "unsigned entry (written before registry signing)")
+        except msgspec.DecodeError as exc:
+            return None, f"unreadable entry ({exc})"
+    if node_key(info.node) != key:
+        return None if trust is not None else info, f"entry for node {info.node!r} stored under key {key!r}"
+    if not entry.sig:
+        return _unsigned(info, trust, "unsigned entry")
+    if trust is None:
+        return info, None
+    try:
+        signer = trust.verify(entry_message(key, bytes(entry.info)), entry.sig, entry.kid, "node")
+    except SignatureError as exc:
+        return None, f"entry for {info.node} not believed: {exc}"
+    if signer != info.node:
+        return None, f"entry for {info.node} signed by {signer!r}: a node may only write its own entry"
+    return info, None
+
+
+def _unsigned(info: NodeInfo, trust, why: str) -> tuple[NodeInfo | None, str | None]:
+    if trust is None:
+        return info, why
+    return None, f"{why} for {info.node}: restart its agent with its node key (scf keys new {info.node})"
+
+
+async def register(bus: Bus, info: NodeInfo, key: SigningKey | None = None) -> None:
+    """Write this node's entry, signed with `key` (default: the bus's key, the node's own
+    in an edge agent). Readers that pass a trust list ignore entries not signed by the
+    node's own trusted key."""
     kv = await bus.kv(NODES_BUCKET)
-    await kv.put(node_key(info.node), msgspec.json.encode(info))
+    await kv.put(node_key(info.node), encode_entry(info, key or bus.key))
 
 
-async def get_node(bus: Bus, node: str) -> NodeInfo | None:
+async def get_node(bus: Bus, node: str, trust=None) -> NodeInfo | None:
+    """The node's entry; with `trust`, only when it is signed by the node's own key (else
+    None, and a warning naming why)."""
     kv = await bus.kv(NODES_BUCKET)
     try:
         entry = await kv.get(node_key(node))
@@ -62,13 +134,16 @@ async def get_node(bus: Bus, node: str) -> NodeInfo | None:
         return None
     if not entry or not entry.value:
         return None
-    try:
-        return msgspec.json.decode(entry.value, type=NodeInfo)
-    except msgspec.DecodeError:
+    info, problem = decode_entry(node_key(node), entry.value, trust)
+    if problem and trust is not None:
+        log.warning("scf_nodes/%s ignored: %s", node_key(node), problem)
         return None
+    return info
 
 
-async def list_nodes(bus: Bus) -> list[NodeInfo]:
+async def read_nodes(bus: Bus, trust=None) -> list[tuple[NodeInfo | None, str, str | None]]:
+    """Every entry as (info, kv key, problem); `problem` None when it may be believed
+    (with `trust`) or is at least signed (without)."""
     kv = await bus.kv(NODES_BUCKET)
     try:
         keys = await kv.keys()
@@ -76,7 +151,7 @@ async def list_nodes(bus: Bus) -> list[NodeInfo]:
         return []
     sem = asyncio.Semaphore(32)
 
-    async def one(key: str) -> NodeInfo | None:
+    async def one(key: str) -> tuple[NodeInfo | None, str, str | None] | None:
         async with sem:
             try:
                 entry = await kv.get(key)
@@ -84,13 +159,24 @@ async def list_nodes(bus: Bus) -> list[NodeInfo]:
                 return None
         if not entry or not entry.value:
             return None
-        try:
-            return msgspec.json.decode(entry.value, type=NodeInfo)
-        except msgspec.DecodeError:
-            return None
+        info, problem = decode_entry(key, entry.value, trust)
+        return info, key, problem
 
     found = await asyncio.gather(*(one(k) for k in sorted(keys)))
-    return [n for n in found if n is not None]
+    return [f for f in found if f is not None]
+
+
+async def list_nodes(bus: Bus, trust=None) -> list[NodeInfo]:
+    """Registered nodes; with `trust`, only entries signed by their own node's key (the
+    deploy planner and the ledger always pass it)."""
+    out = []
+    for info, key, problem in await read_nodes(bus, trust):
+        if trust is not None and problem:
+            log.warning("scf_nodes/%s ignored: %s", key, problem)
+            continue
+        if info is not None:
+            out.append(info)
+    return out
 
 
 # --------------------------------------------------------------------------- targets

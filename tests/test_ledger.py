@@ -132,8 +132,8 @@ async def rejections(bus: Bus) -> list[ev.LedgerRejection]:
 async def test_one_transfer_per_cause_repeats_and_conflicts(bus, settings, mode):
     keys = Keys(settings)
     k1 = keys.node("n1")
-    await register(bus, NodeInfo(node="n2", labels={"account": "acme"}))
     k2 = keys.node("n2")
+    await register(bus, NodeInfo(node="n2", labels={"account": "acme"}), key=k2)  # signed by n2 itself
     async with running_ledger(bus, keys, mode=mode) as ledger:
         m1 = measurement("n1", 10.0, 7.5, hour=0)
         await publish_signed(bus, m1, k1)
