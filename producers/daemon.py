@@ -716,6 +716,8 @@ class Daemon:
         self.ack_floor = info.ack_floor.stream_seq if info.ack_floor else 0
         self.state = await rebuild_control(self.bus)
         self.decided = await decided_commands(self.bus, self.ack_floor)
+        # the trust view first: the replay guard verifies the recent signed commands with it
+        self._trust = await SharedTrust.open(self.bus, self.settings)
         replay_seen = await read_recent_commands(self.bus, self.replay, self.trust())
         await self._mirror_gear()
         await self._mirror_emergency()
@@ -729,7 +731,6 @@ class Daemon:
         self.control_target = await last_seq(self.bus, "CONTROL", "control.>")
         self._start_mono = time.monotonic()
         await self.gate.start()
-        self._trust = await SharedTrust.open(self.bus, self.settings)
         if self.verifier is None:
             self.verifier = self._make_verifier()
         log.info(
@@ -961,9 +962,11 @@ class Daemon:
             return []
         verification = await self.verifier(event, production)
         out = decide_promotion(event, production, verification, cfg, source=self.bus.source)
-        for e in out:
-            log.info("checkpoint %s: %s", c.checkpoint_id, e.type_name())
-        return out
+        # published here, not by the runner: a worker may publish into CHECKPOINTS, so a
+        # duplicate ack is checked against the stream (an id taken first gets a fresh one)
+        for e, p in zip(out, await self.bus.publish_many(out, verify=True)):
+            log.info("checkpoint %s: %s%s", c.checkpoint_id, e.type_name(), f" (re-issued as {p.reissued.id})" if p.reissued else "")
+        return []
 
     # ------------------------------------------------------------------ run
     def runners(self) -> list[Runner]:
