@@ -3,6 +3,7 @@ training runs end to end from shards to a checkpoint the daemon can evaluate."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -52,6 +53,19 @@ def mode_masses(model: EBDM, n: int, seed: int) -> tuple[float, float]:
     first = float((x.sum(1) > 0).float().mean())
     near = torch.minimum((x - 5).norm(dim=1), (x + 5).norm(dim=1)) < 3
     return first, float(near.float().mean())
+
+
+def test_ebdm_learns_the_mode_weights_of_a_2d_mixture_quickly():
+    """The default run's version: a third of the steps at half the batch (about 1/6 of the
+    slow test's work). Measured over seeds 0-7: 0.785-0.808 on the first mode, 0.978-0.992
+    near a mode; asked: 0.8 ± 0.04 and > 0.95."""
+    config = dataclasses.replace(MIXTURE, steps=1000, batch_size=512)
+    torch.manual_seed(0)
+    model, stats = fit(EBDM(config), mixture_batches(config, seed=0))
+    assert stats.steps == config.steps
+    first, near = mode_masses(model, 2000, seed=1)
+    assert first == pytest.approx(0.8, abs=0.04)
+    assert near > 0.95
 
 
 @pytest.mark.slow
