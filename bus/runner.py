@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from scf.bus import codec, dlq
 from scf.bus import events as ev
@@ -159,8 +159,8 @@ class Runner:
         try:
             await self._process(msg)
         except Exception as exc:  # e.g. the ack itself failed (connection lost): ack_wait redelivers
-            self._throttle.warn(log, "process", "%s: %s on %s: %s: left for redelivery",
-                                self.spec.durable, type(exc).__name__, msg.subject, exc)
+            self._throttle.warn(log, "process", "%s: %s on %s: left for redelivery",
+                                self.spec.durable, describe(exc), msg.subject)
 
     async def _process(self, msg: Msg) -> None:
         meta = msg.metadata
@@ -248,7 +248,8 @@ class Pull:
     reconnecting, a stale connection, no responders, the consumer gone) is logged at most
     once a second, backed off (0.1 s doubling to 5 s, reset by the next success) and
     retried; the subscription is bound again when the consumer is gone or the failures
-    persist. Used by the runner and by batched loops (the ledger)."""
+    persist (a pull subscription may silently stop delivering after a server reboot:
+    nats-io/nats.py#504). Used by the runner and by batched loops (the ledger)."""
 
     BACKOFF_MAX = 5.0
     REBIND_AFTER = 5  # consecutive failures
@@ -274,8 +275,8 @@ class Pull:
                 self._throttle.warn(log, "missing", "%s: consumer %s/%s does not exist yet and this process may not create it: waiting",
                                     self.spec.durable, self.spec.stream, self.spec.durable)
             except Exception as exc:
-                self._throttle.warn(log, "bind", "%s: binding to %s/%s failed (%s: %s): retrying",
-                                    self.spec.durable, self.spec.stream, self.spec.durable, type(exc).__name__, exc)
+                self._throttle.warn(log, "bind", "%s: binding to %s/%s failed (%s): retrying",
+                                    self.spec.durable, self.spec.stream, self.spec.durable, describe(exc))
             await race(asyncio.sleep(delay), stop)
             delay = min(delay * 2, 10.0)
         return False
@@ -290,8 +291,8 @@ class Pull:
             return []
         except Exception as exc:  # transient by assumption: a consumer loop must never exit on it
             self.failures += 1
-            self._throttle.warn(log, type(exc).__name__, "%s: fetch failed (%s: %s): retrying with backoff",
-                                self.spec.durable, type(exc).__name__, exc or "server unavailable")
+            self._throttle.warn(log, type(exc).__name__, "%s: fetch failed (%s): retrying with backoff",
+                                self.spec.durable, describe(exc))
             if isinstance(exc, NotFoundError) or self.failures % self.REBIND_AFTER == 0:
                 await self.close()
             await race(asyncio.sleep(min(self.BACKOFF_MAX, 0.1 * 2 ** min(self.failures, 6))), stop)
@@ -303,6 +304,14 @@ class Pull:
         psub, self.psub = self.psub, None
         if psub is not None:
             await _quietly(psub.unsubscribe())
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a bus error (nats-py's own str() of a 503 is all `None`s)."""
+    if isinstance(exc, ServiceUnavailableError):
+        return "ServiceUnavailableError: JetStream is not answering (server restarting, or JetStream off)"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class _Never(Exception):
