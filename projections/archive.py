@@ -8,7 +8,11 @@ files only, so deleting or restoring files moves it, a crash cannot separate "wr
 beats a durable consumer here).
 
 Messages are buffered per stream and written as one file per `flush_rows` messages or
-`flush_seconds`, whichever comes first (and on SIGTERM). `replay` catches the archive up
+`flush_seconds`, whichever comes first (and on SIGTERM). A write that fails (a full disk, a
+file size limit) leaves no temporary file, keeps the messages in memory (the buffer is
+bounded: back-pressure holds the server) and is retried with backoff, with a one-line status
+logged at most every `WriteTrouble.every` seconds; the position never moves past what is on
+disk, so nothing is lost even if the process is stopped meanwhile. `replay` catches the archive up
 once, or rebuilds a stream's files from a sequence on, through a staging directory and a
 journaled swap. `lag_lines` tells `scf status` how far the archive trails each stream.
 """
@@ -35,6 +39,7 @@ from scf.projections.store import (
     SKIPPED_STREAMS,
     ArchiveError,
     ArchiveStore,
+    ArchiveWriteFailed,
     parse_replies,
     to_table,
 )
@@ -77,6 +82,48 @@ def archived_streams(cfg: ArchiveSettings, only: Iterable[str] | None = None) ->
     return wanted
 
 
+# --------------------------------------------------------------------------- failed writes
+
+
+class WriteTrouble:
+    """Failed writes of the whole process, reported as one status line at most every
+    `every` seconds (however many streams are stuck), and retried with backoff."""
+
+    def __init__(self, every: float = 5.0, retry_min: float = 0.5, retry_max: float = 5.0) -> None:
+        self.every, self.retry_min, self.retry_max = every, retry_min, retry_max
+        self.stuck: dict[str, tuple[str, int | None, float]] = {}  # what -> (reason, messages held, since)
+        self._logged = float("-inf")
+        self.lines: list[str] = []  # what was logged (for `scf run archive`'s exit summary)
+
+    def retry_in(self, failures: int) -> float:
+        return min(self.retry_max, self.retry_min * 2 ** max(0, failures - 1))
+
+    def failed(self, what: str, exc: ArchiveWriteFailed, held: int | None = None) -> None:
+        """`what`: a stream (with the messages it holds in memory) or another file."""
+        since = self.stuck.get(what, ("", 0, time.monotonic()))[2]
+        self.stuck[what] = (exc.reason, held, since)
+        now = time.monotonic()
+        if now - self._logged >= self.every:
+            self._logged = now
+            parts = ", ".join(
+                f"{w} ({n} messages, {now - t:.0f}s)" if n is not None else f"{w} ({now - t:.0f}s)"
+                for w, (_, n, t) in sorted(self.stuck.items())
+            )
+            self.say(
+                f"archive cannot write to {exc.path.parent}: {exc.reason}; holding {parts}; retrying "
+                f"(nothing is lost: the position is the files; free space to resume)"
+            )
+
+    def recovered(self, stream: str, rows: int) -> None:
+        if stream in self.stuck:
+            _, _, since = self.stuck.pop(stream)
+            self.say(f"archive writes {stream} again: {rows} messages written after {time.monotonic() - since:.0f}s of failed writes")
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        log.warning("%s", line)
+
+
 # --------------------------------------------------------------------------- following a stream
 
 
@@ -107,10 +154,14 @@ class StreamFollower:
         *,
         until_caught_up: bool = False,
         on_write: Callable[[StreamStats], None] | None = None,
+        trouble: WriteTrouble | None = None,
     ) -> None:
         self.bus, self.store, self.stream, self.cfg = bus, store, stream, cfg
         self.until_caught_up = until_caught_up
         self.on_write = on_write
+        self.trouble = trouble or WriteTrouble()
+        self._failures = 0  # consecutive failed writes
+        self._retry_at = 0.0
         self.stats = StreamStats(stream, start_seq=start_seq, position=start_seq - 1)
         self._buffer: list = []  # nats Msg objects, parsed in bulk when written
         self._first_at = 0.0
@@ -177,12 +228,13 @@ class StreamFollower:
                     break
                 timeout = 1.0
                 if self._buffer:
-                    timeout = max(0.0, self._first_at + self.cfg.flush_seconds - time.monotonic())
+                    due_at = max(self._first_at + self.cfg.flush_seconds, self._retry_at)
+                    timeout = max(0.0, due_at - time.monotonic())
                 waker = asyncio.ensure_future(self._wake.wait())
                 await asyncio.wait({waker, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 waker.cancel()
                 self._wake.clear()
-                due = self._buffer and (
+                due = self._buffer and time.monotonic() >= self._retry_at and (
                     len(self._buffer) >= self.cfg.flush_rows
                     or time.monotonic() - self._first_at >= self.cfg.flush_seconds
                     or (self.until_caught_up and self._caught_up)
@@ -200,15 +252,22 @@ class StreamFollower:
             stopper.cancel()
             await self._unsubscribe()
             if self._buffer and not self._gap:
-                await self._flush()
+                await self._flush(final=True)
         return self.stats
 
-    async def _flush(self) -> None:
+    async def _flush(self, final: bool = False) -> None:
         batch, self._buffer = self._buffer, []
         self._room.set()
         if not batch:
             return
-        written, n, gap = await asyncio.to_thread(self._write, batch)
+        try:
+            written, n, gap = await asyncio.to_thread(self._write, batch)
+        except ArchiveWriteFailed as exc:
+            self._write_failed(exc, batch, final)
+            return
+        if self._failures:
+            self._failures, self._retry_at = 0, 0.0
+            self.trouble.recovered(self.stream, n)
         if gap:
             self._gap = True  # the loop resubscribes after the last message written
         if n:
@@ -226,6 +285,24 @@ class StreamFollower:
                         self._small_files[f.date] = 0
                         await asyncio.to_thread(self._compact, f.date)
 
+    def _write_failed(self, exc: ArchiveWriteFailed, batch: list, final: bool) -> None:
+        """Keep the batch (the part of it not on disk) for the next attempt."""
+        if exc.written:
+            self.stats.messages += getattr(exc, "rows", 0)
+            self.stats.files += len(exc.written)
+            self.stats.position = self._last_seq
+        if self.until_caught_up:  # a one-shot replay reports and stops; it resumes where it stopped
+            raise ArchiveError(f"{exc}; then run the replay again (it resumes after seq {self._last_seq})") from None
+        self._buffer = batch + self._buffer
+        self._failures += 1
+        self._retry_at = time.monotonic() + self.trouble.retry_in(self._failures)
+        self.trouble.failed(self.stream, exc, len(self._buffer))
+        if final:
+            self.trouble.say(
+                f"{self.stream}: stopping with {len(self._buffer)} messages not written; the stream still holds them "
+                f"and the next start archives them from seq {self._last_seq + 1}"
+            )
+
     def _write(self, batch: list) -> tuple[list, int, bool]:
         """Parse, check and write a batch (in a worker thread): (files, rows written, gap)."""
         import numpy as np
@@ -241,16 +318,26 @@ class StreamFollower:
         end = int(jumps[0]) if len(jumps) else len(batch)
         seen = np.maximum.accumulate(np.concatenate(([self._last_seq], s[:-1])))
         new = np.flatnonzero(s[:end] > seen[:end])
-        if end:
-            self._last_dseq = int(d[end - 1])
         if len(new) == 0:
+            if end:
+                self._last_dseq = int(d[end - 1])
             return [], 0, bool(len(jumps))
         if len(new) < len(batch):
             idx = pa.array(new)
             sseq, ts = sseq.take(idx), ts.take(idx)
             batch = [batch[i] for i in new.tolist()]
         table = to_table(sseq, ts, [m.subject for m in batch], [m.data for m in batch], [m.headers for m in batch])
-        written = self.store.append(self.stream, table)
+        try:
+            written = self.store.append(self.stream, table)
+        except ArchiveWriteFailed as exc:
+            # The position moves past the files made durable only; the delivery numbering is
+            # left as it was, so the retry parses the same batch the same way.
+            if exc.written:
+                self._last_seq = exc.written[-1].last
+                exc.rows = int(np.count_nonzero(s[new] <= self._last_seq))  # type: ignore[attr-defined]
+            raise
+        if end:
+            self._last_dseq = int(d[end - 1])
         self._last_seq = int(s[new[-1]])
         return written, len(new), bool(len(jumps))
 
@@ -263,6 +350,8 @@ class StreamFollower:
             log.info("%s", report.line())
         except ArchiveBusy:
             pass
+        except ArchiveWriteFailed as exc:  # the small files stay as they are; compacted later
+            log.warning("%s: compaction skipped: %s", self.stream, exc)
 
 
 # --------------------------------------------------------------------------- the process
@@ -293,11 +382,34 @@ async def _check_streams(bus: Bus, streams: list[str]) -> None:
 
 
 def prepare(store: ArchiveStore) -> None:
-    """Create the archive directory, its zero-row file and the DuckDB file with the views."""
+    """Create the archive directory, its zero-row file and the DuckDB file with the views;
+    remove the temporary files of a failed or killed database write. Raises
+    ArchiveWriteFailed when the disk is full."""
     from scf.projections import views
 
+    store.root.mkdir(parents=True, exist_ok=True)
+    with store.database_lock():
+        store.clean_database_temporary()
     store.ensure()
     views.write_database(store.root)
+
+
+async def _prepare_when_possible(store: ArchiveStore, trouble: WriteTrouble, stop: asyncio.Event) -> None:
+    """`prepare` again until it succeeds (the process started on a full disk)."""
+    failures = 1
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), trouble.retry_in(failures))
+        if stop.is_set():
+            return
+        try:
+            await asyncio.to_thread(prepare, store)
+            trouble.stuck.pop("scf.duckdb", None)
+            trouble.say(f"archive wrote {store.database_path} after {failures} failed attempts")
+            return
+        except ArchiveWriteFailed as exc:
+            failures += 1
+            trouble.failed("scf.duckdb", exc)
 
 
 async def run_archive(
@@ -314,7 +426,13 @@ async def run_archive(
     cfg = archive_settings(settings)
     names = archived_streams(cfg, streams)
     store = ArchiveStore(archive_root(settings, archive_dir))
-    prepare(store)
+    trouble = WriteTrouble()
+    loops: list[Callable[[asyncio.Event], object]] = []
+    try:
+        prepare(store)
+    except ArchiveWriteFailed as exc:  # a full disk: archive anyway, retry the views database
+        trouble.failed("scf.duckdb", exc)
+        loops.append(lambda stop: _prepare_when_possible(store, trouble, stop))
     bus = await Bus.connect(settings, "scf-archive")
     followers: list[StreamFollower] = []
     with contextlib.ExitStack() as locks:
@@ -324,7 +442,7 @@ async def run_archive(
                 locks.enter_context(store.lock(s, "write"))
                 store.try_recover(s)
                 store.clean_temporary(s)
-                followers.append(StreamFollower(bus, store, s, store.position(s) + 1, cfg))
+                followers.append(StreamFollower(bus, store, s, store.position(s) + 1, cfg, trouble=trouble))
         except BaseException:
             await bus.close()
             raise
@@ -332,7 +450,7 @@ async def run_archive(
             ready({f.stream: f.stats.position for f in followers})
         log.info("archiving %s into %s", ", ".join(names), store.root)
         with gc_tuned():
-            await run_all(bus, [f.run for f in followers], stop)
+            await run_all(bus, [f.run for f in followers] + loops, stop)
     return [f.stats for f in followers]
 
 

@@ -144,7 +144,25 @@ def write_database(root: str | Path) -> Path:
                 return target
         except duckdb.Error:
             pass  # unreadable, older, or held open read-write by someone: write a new one
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    with store.database_lock():
+        store.clean_database_temporary()  # what a full disk or a kill left behind
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            _write_database_file(store, tmp, want)
+            os.replace(tmp, target)
+        except (duckdb.IOException, OSError) as exc:  # a full disk, a file size limit
+            from scf.projections.store import ArchiveWriteFailed
+
+            raise ArchiveWriteFailed(target, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+            Path(f"{tmp}.wal").unlink(missing_ok=True)
+    return target
+
+
+def _write_database_file(store: ArchiveStore, tmp: Path, want: str) -> None:
+    import duckdb
+
     con = duckdb.connect(":memory:")
     try:
         con.execute(f"ATTACH {_sql_string(str(tmp))} AS scf (STORAGE_VERSION '{DATABASE_STORAGE_VERSION}')")
@@ -168,9 +186,6 @@ def write_database(root: str | Path) -> Path:
         con.execute("DETACH scf")
     finally:
         con.close()
-    os.replace(tmp, target)
-    Path(f"{tmp}.wal").unlink(missing_ok=True)
-    return target
 
 
 # --------------------------------------------------------------------------- queries
