@@ -31,6 +31,12 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_bus.py
 
+# The guard rails: ruff (style, import order, broad excepts without a reason, the old import
+# names, torch only lazily outside ml/) and the layers' import contract (.importlinter).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
 # Refresh the lock after changing a range in pyproject.toml: one resolution for every
 # platform (Linux, macOS, Windows; CPU and CUDA), Python 3.11 and newer.
 lock: $(VENV)/.installed
