@@ -318,6 +318,26 @@ async def test_hosts_pinning_the_same_root_see_the_same_list(bus, settings, scf_
         await bus_c.close()
 
 
+async def test_a_revocation_reaches_a_running_view_across_a_server_restart(bus, settings, scf_env, nats_server, tmp_path):
+    """The view follows TRUST through a SIGKILLed and restarted nats-server (same store)."""
+    await cli("keys", "root", "new", "root", env=scf_env)
+    node = SigningKey.generate("n1")
+    await cli("keys", "trust", node.public_b64, "--name", "n1", "--role", "node", env=scf_env)
+    follower = await Bus.connect(settings, "follower")
+    view = await tr.SharedTrust.open(follower, settings)
+    try:
+        assert node.kid in view.keys
+        nats_server.kill()
+        nats_server.start()
+        await cli("keys", "revoke", "n1", env=scf_env)
+        await wait_for(lambda: node.kid not in view.keys, 60, "the running view to apply the revocation after the restart")
+        with pytest.raises(SignatureError, match="was revoked"):
+            view.verify(b"m", node.sign(b"m"), node.kid, "node")
+    finally:
+        await view.stop()
+        await follower.close()
+
+
 async def test_import_moves_the_local_file_into_the_shared_list(bus, settings, scf_env):
     local = TrustList.load(settings.keys_dir / "trusted.json")
     release, node = SigningKey.generate("release"), SigningKey.generate("n1")
