@@ -12,7 +12,6 @@ process (SIGKILLed and restarted), and the attacker as the `operator` login.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import secrets
@@ -25,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
 
+import nats
 from scf.bus import control
 from scf.bus import events as ev
 from scf.bus.client import MSG_ID, Bus
@@ -344,3 +343,59 @@ async def test_only_services_may_publish_effect_subjects(deployment, service, us
         await conn.nc.close()
     info = await service.js.stream_info("CONTROL")
     assert info.state.messages == 0
+
+
+# --------------------------------------------------------------------------- the pure parts
+
+
+def test_replay_guard_lets_a_redelivery_through_and_forgets_only_what_the_window_refuses():
+    from scf.bus.signing import SigningKey, TrustList
+
+    key = SigningKey.generate("alice")
+    trust = TrustList()
+    trust.trust(key.public_b64, "alice", ["operator"])
+    guard = control.ReplayGuard(window_s=300, skew_s=30)
+    t0 = ev.utcnow()
+    subject, body, headers = control.encode(control.Stop(reason="x"), key)
+    received = control.decode(subject, body, headers, trust)
+    assert received.kid == key.kid and received.command.nonce and received.command.issued_at
+    guard.check(received, 7, t0)
+    guard.record(received, 7, t0)
+    guard.check(received, 7, t0)  # the same message redelivered: not a replay
+    with pytest.raises(control.ReplayError, match="replayed control.stop"):
+        guard.check(received, 8, t0 + dt.timedelta(seconds=1))
+    # entries are forgotten only once a replay would fail the window check anyway
+    later = control.decode(*control.encode(control.Stop(), key), trust)
+    guard.record(later, 9, t0 + guard.horizon - dt.timedelta(seconds=1))
+    assert len(guard) == 2
+    guard.record(control.decode(*control.encode(control.Stop(), key), trust), 10, t0 + guard.horizon + dt.timedelta(seconds=1))
+    assert len(guard) == 2  # the first one is gone ...
+    with pytest.raises(control.ReplayError, match="older than the 300 s window"):
+        guard.check(received, 11, t0 + guard.horizon + dt.timedelta(seconds=1))  # ... and its replay is refused by time
+
+
+def test_the_control_file_signs_with_a_fresh_nonce_each_time():
+    from scf.bus.signing import SigningKey, TrustList
+    from scf.producers.control_file import parse
+
+    key = SigningKey.generate("alice")
+    trust = TrustList()
+    trust.trust(key.public_b64, "alice", ["operator"])
+    [m] = parse(b'{"command": "RELEASE_EMERGENCY", "payload": {"reason": "clear"}}')
+    bodies = [control.sign_json(m.subject, m.payload, key) for _ in range(2)]
+    got = [control.decode(m.subject, body, headers, trust, require_signature=True).command for body, headers in bodies]
+    assert got[0].nonce != got[1].nonce and all(c.issued_at is not None and c.reason == "clear" for c in got)
+
+
+def test_the_id_key_is_private_and_keys_the_ids(tmp_path: Path):
+    from scf.bus.ids import IdKeyError, ensure_id_key
+
+    path, created = ensure_id_key(tmp_path)
+    assert created and (path.stat().st_mode & 0o777) == 0o600
+    assert ensure_id_key(tmp_path) == (path, False)
+    key = load_id_key(tmp_path)
+    assert keyed_id(key, "CONTROL:5", "emergency.engaged", "") == keyed_id(key, "CONTROL:5", "emergency.engaged", "")
+    assert keyed_id(key, "CONTROL:5", "emergency.engaged", "") != keyed_id(b"k" * 32, "CONTROL:5", "emergency.engaged", "")
+    os.chmod(path, 0o644)
+    with pytest.raises(IdKeyError, match="chmod 600"):
+        load_id_key(tmp_path)
