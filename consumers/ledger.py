@@ -52,6 +52,7 @@ from scf.bus.streams import CONSUMERS
 from scf.consumers import nodes as nodes_mod
 from scf.consumers.energy import (
     DEFAULT_METER,
+    MAX_KWH,
     Cause,
     content_digest,
     iso_micros,
@@ -136,7 +137,10 @@ def check(m: ev.Measurement, settings: LedgerSettings) -> str | None:
             return f"{name} is {value}: not a number"
         if value < 0:
             return f"{name} is negative ({value})"
-    if m.period_end <= m.period_start:
+        if value > MAX_KWH:
+            return f"{name} is {value:g} kWh: absurd for one reading (above {MAX_KWH:g})"
+    c = normalise(m)  # compared as UTC microseconds: a naive and an aware time compare too
+    if c.end_us <= c.start_us:
         return f"period ends ({m.period_end.isoformat()}) before it starts ({m.period_start.isoformat()})"
     kwh = saved_kwh(m)
     if kwh < 0:
@@ -528,8 +532,9 @@ class Ledger:
                 out += d.rejections
         batch = list(first.values())
         if batch:
-            # One atomic write per batch; refused as a whole (a repeat inside), one by one.
-            results = await self.bus.publish_batch([d.transfer for d in batch], concurrency=32)  # type: ignore[misc]
+            # One atomic write per batch; refused as a whole (a repeat inside), one by one,
+            # all of the batch in flight at once.
+            results = await self.bus.publish_batch([d.transfer for d in batch], concurrency=len(batch))  # type: ignore[misc]
             for d, once in zip(batch, results):
                 out += self._settled(d, once)
         for d in later:

@@ -355,3 +355,37 @@ async def test_registry_entry_signature_binds_node_and_key(bus, settings):
     by_operator = nodes_mod.encode_entry(info, keys.operator)
     found, problem = nodes_mod.decode_entry("n1", by_operator, keys.trust)
     assert found is None and "lacks the 'node' role" in problem
+
+
+async def test_edge_agent_never_reports_a_non_finite_or_absurd_meter_file(bus, settings, tmp_path):
+    """Meter files from a bridge: out-of-range, negative and absurd readings go to
+    meter/bad/ with a log line; a good one is sent. A mixed naive/aware period is one the
+    ledger can still order (no exception: a rejection)."""
+    import json
+
+    from scf.consumers.edge import EdgeAgent
+
+    keys = Keys(settings)
+    k = keys.node("n1")
+    node_bus = await Bus.connect(settings, "edge-n1", key=k)
+    try:
+        agent = EdgeAgent(node_bus, "n1", tmp_path / "n1", keys.trust, register=False)
+        meter = tmp_path / "n1" / "meter"
+        period = {"period_start": "2026-11-03T10:00:00Z", "period_end": "2026-11-03T11:00:00Z"}
+        (meter / "a.json").write_text(json.dumps({**period, "baseline_kwh": -1.0, "actual_kwh": 1.0}))
+        (meter / "b.json").write_text(json.dumps({**period, "baseline_kwh": 1e300, "actual_kwh": 1.0}))
+        (meter / "c.json").write_bytes(b'{"period_start": "2026-11-03T10:00:00Z", "period_end": "2026-11-03T11:00:00Z",'
+                                       b' "baseline_kwh": 1e999, "actual_kwh": 1.0}')
+        (meter / "d.json").write_text(json.dumps({**period, "baseline_kwh": 5.0, "actual_kwh": 1.0, "meter": " Main"}))
+        assert await agent.report_meter_files() == 1
+        assert sorted(p.name for p in (meter / "bad").iterdir()) == ["a.json", "b.json", "c.json"]
+        assert await stream_count(bus, "DEPLOY", "energy.measured.>") == 1
+    finally:
+        await node_bus.close()
+    mixed = reading(start=T0.replace(tzinfo=None), end=T0 - HOUR)
+    async with running_ledger(bus, keys.trust):
+        await publish_signed(bus, mixed, k)
+        await wait_for(lambda: drained(bus), 30, "the ledger to drain")
+    reasons = sorted(r.reason for r in await rejections(bus))
+    assert len(reasons) == 1 and "before it starts" in reasons[0], reasons
+    assert len(await read_transfers(bus)) == 1  # the good meter file's hour
