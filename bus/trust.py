@@ -48,7 +48,7 @@ from typing import Literal
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from scf.bus.errors import ConfigError, SCFError, SignatureError
 from scf.bus.signing import ROLES, SigningKey, TrustedKey, TrustList, command_message, key_id
@@ -60,6 +60,10 @@ SUBJECT_PREFIX = "trust.key."
 MAX_ENTRY_BYTES = 16 * 1024
 HDR_SIG, HDR_KID = "Scf-Sig", "Scf-Kid"  # as bus.client.SCF_SIG / SCF_KID (no import cycle)
 HDR_MSG_ID, HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence"
+
+
+class TrustWriteError(SCFError):
+    """A trust entry could not be written (refused, raced, or ignored on read-back)."""
 
 
 class TrustSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -103,7 +107,7 @@ def pin_root(keys_dir: Path, public_b64: str, name: str = "") -> str:
     try:
         raw = base64.b64decode(public_b64.strip(), validate=True)
         Ed25519PublicKey.from_public_bytes(raw)
-    except Exception:
+    except ValueError:  # binascii.Error is a ValueError
         raise ConfigError("not an Ed25519 public key: pass the base64 text of a NAME.pub file") from None
     kid = key_id(raw)
     roots.keys[kid] = TrustedKey(public=base64.b64encode(raw).decode(), name=name, roles=["root"])
@@ -201,7 +205,7 @@ class TrustState:
             try:
                 raw = base64.b64decode(entry.public, validate=True)
                 Ed25519PublicKey.from_public_bytes(raw)
-            except Exception:
+            except ValueError:  # binascii.Error is a ValueError
                 return ignored("grant without a valid Ed25519 public key", entry, signer)
             if key_id(raw) != entry.kid:
                 return ignored(f"grant's public key has id {key_id(raw)}, not {entry.kid}", entry, signer)
@@ -239,15 +243,9 @@ async def last_subject_seq(js, subject: str) -> int:
     return msg.seq or 0
 
 
-class TrustWriteError(SCFError):
-    pass
-
-
 async def publish_entry(js, view: "SharedTrust", root: SigningKey, kid: str, make) -> tuple[int, TrustEntry]:
     """Publish the entry `make(prev)` builds for `kid`, chained to the last entry applied for
     it (`prev`), and wait until `view` applied it. Returns (TRUST seq, entry)."""
-    from nats.js.errors import APIError
-
     entry: TrustEntry = make(view.state.applied_seq.get(kid, 0))
     subject, body, headers = signed_entry(entry, root)
     headers[HDR_EXPECTED_LAST_SUBJECT_SEQ] = str(await last_subject_seq(js, subject))
@@ -287,6 +285,11 @@ class SharedTrust(TrustList):
         self._last_warn = 0.0
         self._quiet = 0
 
+    @property
+    def following(self) -> bool:
+        """Whether the view reads the TRUST stream (False while it is missing or unreadable)."""
+        return self._sub is not None
+
     # ------------------------------------------------------------------ opening
     @classmethod
     async def open(cls, bus, settings=None, *, history: bool = False, timeout: float | None = None) -> "SharedTrust":
@@ -307,7 +310,7 @@ class SharedTrust(TrustList):
         except NotFoundError:
             log.warning("stream %s does not exist (run `scf streams ensure`): verifying with the local trust file until it does", STREAM)
             self._retry = asyncio.create_task(self._resubscribe())
-        except Exception as exc:  # no permission, server away: keep verifying, keep trying
+        except Exception as exc:  # noqa: BLE001 - no permission, server away: keep verifying, keep trying
             log.warning("cannot read the shared trust list (%s: %s): verifying with the local trust file until it can", type(exc).__name__, exc)
             self._retry = asyncio.create_task(self._resubscribe())
         return self
@@ -360,7 +363,7 @@ class SharedTrust(TrustList):
         seq = msg.metadata.sequence.stream
         try:
             out = self.state.apply(seq, msg.subject, dict(msg.headers or {}), msg.data or b"", msg.metadata.timestamp)
-        except Exception as exc:  # nothing on the stream may stop the view
+        except Exception as exc:  # noqa: BLE001 - nothing on the stream may stop the view
             out = Outcome(seq, msg.subject, False, f"could not be read ({type(exc).__name__}: {exc})")
         self.outcomes[seq] = out
         if len(self.outcomes) > 1024:

@@ -372,7 +372,7 @@ async def _open_shared(s):
     bus = await open_bus(s, "scf-keys")
     view = SharedTrust(bus.js, load_roots(s.keys_dir), None)
     await view.start()
-    if view._sub is None:
+    if not view.following:
         await view.stop()
         await bus.close()
         raise ConfigError(f"cannot read stream {STREAM} (the shared trust list): run `scf streams ensure`, and check this login may read it")

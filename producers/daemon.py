@@ -59,8 +59,8 @@ from scf.bus.ids import derived_id, ensure_id_key, keyed_id, load_id_key, subjec
 from scf.bus.runner import Delivery, Runner, run_all
 from scf.bus.settings import Settings
 from scf.bus.signing import TrustList
-from scf.bus.trust import SharedTrust
 from scf.bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
+from scf.bus.trust import SharedTrust
 from scf.producers import gears
 from scf.producers.verify import CheckpointVerifier, Verifier, VerifySettings, current_promotion, decide_promotion
 
@@ -161,8 +161,8 @@ def _effect(cls: type[ev.Event], payload: ev.Payload, ctx: CommandContext, key: 
     )
 
 
-def rejection(ctx: CommandContext, reason: str) -> ev.ControlRejected:
-    body = ctx.body[:MAX_BODY].decode("utf-8", "replace")
+def rejection(ctx: CommandContext, reason: str, max_body: int = MAX_BODY) -> ev.ControlRejected:
+    body = ctx.body[:max_body].decode("utf-8", "replace")
     return _effect(ev.ControlRejected, ev.ControlRejection(command_subject=ctx.subject, body=body, reason=reason, command_seq=ctx.seq), ctx)  # type: ignore[return-value]
 
 
@@ -864,7 +864,8 @@ class Daemon:
         reason = f"could not be applied after {attempts} attempts ({type(exc).__name__}: {exc}): fix the cause and send it again"
         log.error("control seq %d (%s): %s", d.stream_seq, d.subject, reason)
         async with self._lock:
-            await self.bus.publish_many([rejection(self._context(msg, d), reason[:4000])], verify=True)
+            # small on purpose: whatever made the command fail must not make its rejection fail
+            await self.bus.publish_many([rejection(self._context(msg, d), reason[:4000], max_body=4096)], verify=True)
             self._decided(d.stream_seq)
         return None
 
