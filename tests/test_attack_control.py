@@ -105,14 +105,13 @@ class Deployment:
         await self.start_daemon(bus)
 
 
-@pytest.fixture
-def deployment(tmp_path: Path):
+def make_deployment(tmp_path: Path, extra_conf: str = "") -> Deployment:
     workdir = tmp_path / "nats"
     workdir.mkdir()
     shutil.copy(NATS_DIR / "users.conf", workdir / "users.conf")
     port = free_port()
     (workdir / "server.conf").write_text(
-        f'listen: 127.0.0.1:{port}\njetstream {{ store_dir: "{workdir / "store"}" }}\ninclude users.conf\n'
+        f'listen: 127.0.0.1:{port}\njetstream {{ store_dir: "{workdir / "store"}" }}\n{extra_conf}\ninclude users.conf\n'
     )
     passwords = {user: "p" + secrets.token_hex(12) for user in USERS}
     passwords["worker"] = WORKER_PASSWORD
@@ -121,11 +120,17 @@ def deployment(tmp_path: Path):
     d = Deployment(server, passwords, home, tmp_path)
     init_home(d.settings)
     (home / "scf.toml").write_text('[daemon]\nverify_checkpoints = "off"\n')
+    return d
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, request):
+    d = make_deployment(tmp_path, getattr(request, "param", ""))
     try:
         yield d
     finally:
         d.kill_daemon()
-        server.stop()
+        d.server.stop()
 
 
 @pytest.fixture
@@ -241,6 +246,32 @@ async def test_a_command_near_max_payload_is_rejected_and_the_next_one_applied(d
     assert isinstance(await decision(service, shift), ev.GearChanged)
     assert not (await read_state(service)).engaged
     assert deployment.daemon is not None and deployment.daemon.poll() is None  # still running
+
+
+@pytest.mark.parametrize("deployment", ["max_payload: 15200"], indirect=True)
+async def test_a_command_whose_effect_cannot_be_published_ends_as_control_rejected_in_order(deployment, service, operator):
+    """The tester's mechanism on a server with a small max_payload: the body fits, its
+    effect does not. It used to be nak'ed, overtaken by the next command and then skipped
+    as 'applied before'; now it is retried in place and rejected with the error, and the
+    next command is applied after it."""
+    await deployment.start_daemon(service)
+    body = msgspec.json.encode({"reason": "x" * 15_000})
+    stop = await send(operator, "control.emergency_stop", body)
+    shift = await send(operator, "control.shift_gear", b'{"level": "ACCELERATED"}')
+    reason = await rejected(service, stop)
+    assert reason.startswith("could not be applied after 5 attempts") and "payload" in reason.lower()
+    change = await decision(service, shift)
+    assert isinstance(change, ev.GearChanged)
+    [r] = [e for e in await events(service, "CONTROL", "control.rejected") if e.data.command_seq == stop]
+    assert r.causation_id == f"CONTROL:{stop}"
+    assert await _seq_of(service, r) < await _seq_of(service, change)  # decided in order
+    assert deployment.daemon is not None and deployment.daemon.poll() is None
+
+
+async def _seq_of(bus: Bus, e: ev.Event) -> int:
+    found = await bus.last(e.subject())
+    assert found is not None
+    return found[0]
 
 
 async def test_a_command_left_undecided_by_a_crash_is_applied_after_a_later_one(deployment, service, operator):
