@@ -16,8 +16,11 @@ Pure decisions: `decide_control(state, received, ctx, holds)` and `orient(...)`;
 * gear, stop and emergency: the last `gear.changed`, `gear.daemon.*`, `emergency.*`
   events (direct gets, O(1)); the KV mirrors `scf_state/gear` and `scf_state/emergency`
   are rewritten from them (the log wins over a stale cache);
-* the last applied command: the `CONTROL:<seq>` causation of those events, so a command
-  applied just before a crash and redelivered after it is not applied twice;
+* which commands were decided: all at or below the control consumer's ack floor, and above
+  it those whose effect or `control.rejected` CONTROL holds (their `CONTROL:<seq>`
+  causation), so a command applied just before a crash and redelivered after it is not
+  applied twice, and one that failed is applied when it comes back, whatever came between;
+* the replay guard: the signed commands CONTROL stored within its window (docs/control.md);
 * trainings: every `intent.created.train.*` the daemon wrote carries the domain's
   generation and fossil count; intent ids are `train-<domain>-<generation>` and are
   published with `publish_once`, so a restarted (or a second) daemon cannot duplicate one;
@@ -26,6 +29,10 @@ Pure decisions: `decide_control(state, received, ctx, holds)` and `orient(...)`;
   stream's last sequence at start, so a replay never fires on partial counts;
 * held subjects: an ordered consumer over `verdict.>`; an approve that names a subject the
   view has not seen yet waits until the view has caught up with the stream (read your writes).
+
+Effect ids are keyed with the deployment's id key (`bus.ids.keyed_id`, `$SCF_HOME/keys/ids.key`)
+and published with `verify=True`: a duplicate ack for an id someone else took first is
+detected and the effect published again under a fresh id.
 
 While the emergency stop is engaged (KV or this host's lock file), the daemon keeps applying
 control commands (it must hear the release) but creates no intent and promotes nothing.
