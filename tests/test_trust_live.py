@@ -32,6 +32,7 @@ from scf.bus.client import Bus
 from scf.bus.errors import SignatureError
 from scf.bus.server import free_port
 from scf.bus.settings import Settings, init_home
+from scf.bus.settings import load as load_settings
 from scf.bus.signing import SigningKey, TrustList, command_message
 from scf.bus.streams import ensure
 from scf.consumers.ledger import read_transfers
@@ -334,6 +335,34 @@ async def test_a_revocation_reaches_a_running_view_across_a_server_restart(bus, 
     finally:
         await view.stop()
         await follower.close()
+
+
+async def test_a_shared_revocation_overrides_a_hosts_local_file(bus, settings, scf_env):
+    """A host whose keys/trusted.json still lists a key refuses it once the root revoked it;
+    `[trust] local_file = false` ignores the file altogether."""
+    node, other = SigningKey.generate("n1"), SigningKey.generate("n2")
+    local = TrustList.load(settings.keys_dir / "trusted.json")
+    local.trust(node.public_b64, "n1", ["node"])
+    local.trust(other.public_b64, "n2", ["node"])
+    local.save()
+    await cli("keys", "root", "new", "root", env=scf_env)
+    await cli("keys", "revoke", node.kid, "--reason", "lost", env=scf_env)
+    assert node.kid not in TrustList.load(settings.keys_dir / "trusted.json").keys  # dropped here too
+    local.save()  # a stale copy of the file, as on another host
+    view = await tr.SharedTrust.open(bus, settings)
+    try:
+        with pytest.raises(SignatureError, match="was revoked by .*: lost"):
+            view.verify(b"m", node.sign(b"m"), node.kid, "node")
+        assert view.verify(b"m", other.sign(b"m"), other.kid, "node") == "n2"
+    finally:
+        await view.stop()
+    (settings.home_path / "scf.toml").write_text("[trust]\nlocal_file = false\n")
+    strict = await tr.SharedTrust.open(bus, load_settings(home=settings.home, env={"NATS_URL": settings.nats_url}))
+    try:
+        with pytest.raises(SignatureError, match="unknown signing key"):
+            strict.verify(b"m", other.sign(b"m"), other.kid, "node")
+    finally:
+        await strict.stop()
 
 
 async def test_import_moves_the_local_file_into_the_shared_list(bus, settings, scf_env):
