@@ -45,6 +45,7 @@ from scf.bus import events as ev
 from scf.bus.client import Bus, Once
 from scf.bus.codec import Codec
 from scf.bus.errors import DecodeError, SCFError, SignatureError
+from scf.bus.events import LedgerTransfer, Transfer
 from scf.bus.ids import derived_id
 from scf.bus.runner import Delivery, Runner
 from scf.bus.signing import TrustList
@@ -60,7 +61,6 @@ from scf.consumers.energy import (
     normalise,
     utc_micros,
 )
-from scf.bus.events import LedgerTransfer, Transfer
 
 log = logging.getLogger("scf.ledger")
 

@@ -28,6 +28,7 @@ from typing import AsyncIterator
 
 import msgspec
 from nats.js import api
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 
 from scf.bus.client import Bus
 from scf.bus.errors import ConfigError, SCFError, SignatureError
@@ -130,7 +131,7 @@ async def get_node(bus: Bus, node: str, trust=None) -> NodeInfo | None:
     kv = await bus.kv(NODES_BUCKET)
     try:
         entry = await kv.get(node_key(node))
-    except Exception:  # KeyNotFoundError / KeyDeletedError
+    except (KeyNotFoundError, KeyDeletedError):  # anything else (a server away) raises: no guess
         return None
     if not entry or not entry.value:
         return None
@@ -147,7 +148,7 @@ async def read_nodes(bus: Bus, trust=None) -> list[tuple[NodeInfo | None, str, s
     kv = await bus.kv(NODES_BUCKET)
     try:
         keys = await kv.keys()
-    except Exception:  # NoKeysError: an empty bucket
+    except NoKeysError:  # an empty bucket
         return []
     sem = asyncio.Semaphore(32)
 
@@ -155,7 +156,7 @@ async def read_nodes(bus: Bus, trust=None) -> list[tuple[NodeInfo | None, str, s
         async with sem:
             try:
                 entry = await kv.get(key)
-            except Exception:  # deleted meanwhile
+            except (KeyNotFoundError, KeyDeletedError):  # deleted meanwhile
                 return None
         if not entry or not entry.value:
             return None

@@ -215,7 +215,7 @@ async def test_verify_fails_on_an_unsigned_measurement_behind_a_transfer(bus, se
     report = await verify(bus)  # without the trust list the pair is consistent ...
     assert report.ok, report.lines()
     bad = await asyncio.to_thread(cli, "ledger", "verify", env=scf_env)  # ... with it, not
-    assert bad.returncode == 1 and f"is not a measurement signed by its node's trusted key" in bad.stdout, bad.stdout
+    assert bad.returncode == 1 and "is not a measurement signed by its node's trusted key" in bad.stdout, bad.stdout
     assert m.node == "n1"
 
 
