@@ -31,7 +31,7 @@ from scf.bus.streams import ensure
 from scf.consumers.edge import measurement_event
 from tests.conftest import cli, spawn, stream_count, wait_for
 from tests.test_deploy_helpers import Keys, start_process, stop
-from tests.test_nats_configs import Hub, hub, passwords, tls_files, violation  # noqa: F401 (fixtures)
+from tests.test_nats_configs import Hub, hub, passwords, servers, tls_files, violation  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.anyio
 
@@ -292,3 +292,59 @@ def test_entries_fit_whatever_the_original(tmp_path) -> None:
             assert d.truncated == (d.payload != body)
             assert body.startswith(d.payload)
 
+
+
+async def test_a_worker_meeting_poison_terminates_it_with_the_reason_and_writes_no_dlq(tmp_path, servers):  # noqa: F811
+    """Production users without TLS (users.conf included as prod.conf does): `scf run
+    worker` logs in as `worker`, which may not write dlq.>; a poison job is terminated
+    with its reason (the server's MSG_TERMINATED advisory carries it), the worker lives on,
+    and nothing reaches the DLQ."""
+    import os
+    import shutil
+
+    import nats
+
+    from scf.bus.client import Bus
+    from scf.bus.server import free_port
+    from scf.bus.settings import Settings, init_home
+    from tests.test_deploy_helpers import logs
+    from tests.test_nats_configs import NATS_DIR, base_env, start_server, users_env
+
+    pw = {u: "p" + new_id().replace("-", "")[:20] for u in ("service", "operator", "worker", "edge", "analyst")}
+    shutil.copy(NATS_DIR / "users.conf", tmp_path / "users.conf")
+    (tmp_path / "test.conf").write_text("include ./users.conf\n")
+    port = free_port()
+    servers.append(start_server(
+        "users", ["-c", str(tmp_path / "test.conf"), "-js", "-sd", str(tmp_path / "store"), "-a", "127.0.0.1", "-p", str(port)],
+        {**base_env(), **users_env(pw), "SCF_WORKER_PASSWORD": pw["worker"]}, tmp_path, port,
+    ))
+    service_url = f"nats://service:{pw['service']}@127.0.0.1:{port}"
+    settings = Settings(home=str(tmp_path / "home"), nats_url=service_url, source="test")
+    init_home(settings)
+    bus = await Bus.connect(settings, "test")
+    await ensure(bus.js)
+    adv = await nats.connect(service_url)
+    terminated = await adv.subscribe("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.JOBS.>")
+    await adv.flush()
+    await bus.js.publish("work.cpu", b"\x00 not a work item")
+    env = dict(os.environ, NATS_URL=f"nats://worker:{pw['worker']}@127.0.0.1:{port}", SCF_HOME=settings.home,
+               PYTHONUNBUFFERED="1")
+    env.pop("SCF_KEY", None)
+    worker = spawn([sys.executable, "-m", "scf.cli.main", "run", "worker", "--pool", "cpu", "--device", "cpu"],
+                   env, tmp_path / "worker.log")
+    try:
+        advisory = await terminated.next_msg(timeout=120)
+        assert b"worker-cpu" in advisory.data and b"not a JSON event" in advisory.data, advisory.data
+        await wait_for(lambda: "this user may not write the DLQ" in (tmp_path / "worker.log").read_text(), 30,
+                       "the worker to log the poison job")
+
+        async def gone() -> bool:
+            return (await bus.js.stream_info("JOBS")).state.messages == 0
+        await wait_for(gone, 30, "the terminated job to leave the work queue")
+        assert await stream_count(bus, "DLQ") == 0
+        assert "Permissions Violation" not in (tmp_path / "worker.log").read_text()
+        assert worker.poll() is None, logs(tmp_path)
+    finally:
+        assert stop(worker) == 0, logs(tmp_path)
+        await adv.close()
+        await bus.close()
