@@ -36,8 +36,8 @@ from scf.bus.streams import stream_for_subject
 log = logging.getLogger("scf.bus")
 
 # Header names (as the server spells them).
-MSG_ID = "Nats-Msg-Id"
-EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+MSG_ID = api.Header.MSG_ID.value  # "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQ = api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
 SCF_TYPE = "Scf-Type"  # the event type, so routers and the archive need not parse the body
 SCF_SIG = "Scf-Sig"  # signature of a plain-JSON control command
 SCF_KID = "Scf-Kid"
@@ -186,7 +186,9 @@ class PipelinedPublisher:
     nats-py's `publish_async` leaves its future pending forever when the server answers
     with an error (its reply handler raises inside the callback), so an expected-sequence
     refusal could never be seen; this publisher resolves every future with the server's
-    reply (errors included, as data) and decodes acks with msgspec."""
+    reply (errors included, as data) and decodes acks with msgspec. Upstream:
+    nats-io/nats.py#703 and #985 (fix proposed in #994); drop this workaround once a
+    released nats-py resolves error acks on the future."""
 
     def __init__(self, nc, max_pending: int = 4000) -> None:
         self.nc = nc
