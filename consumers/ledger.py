@@ -125,6 +125,15 @@ def credit_account(node: str, labels: dict[str, str], settings: LedgerSettings) 
     return f"node:{node}"
 
 
+def account_problem(node: str, account: str, settings: LedgerSettings) -> str | None:
+    """Why a node's registry label may not name `account`: a node's credits go to a client
+    account (`client:…`) or its own (`node:<id>`), never to the issuer or another node."""
+    if account == f"node:{node}" or (account.startswith("client:") and len(account) > len("client:")):
+        return None
+    return (f"node {node}'s registry label {settings.account_label}={account!r} names no client account: "
+            f"credits go to client:<name> (label {settings.account_label}=<name>) or node:{node}")
+
+
 def allowed_meters(labels: dict[str, str]) -> set[str]:
     """The node's main meter, plus those its (signed) registry entry lists: `meters=a,b`."""
     return {DEFAULT_METER} | {norm_meter(x) for x in labels.get("meters", "").split(",") if x.strip()}
@@ -396,6 +405,8 @@ class Ledger:
                       f"signed registry entry lists (label meters={c.meter})")
             return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "meter")])
         account = credit_account(m.node, labels, self.settings)
+        if (reason := account_problem(m.node, account, self.settings)) is not None:
+            return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "account")])
         return Decided(msg, measured, c, transfer=transfer_for(measured, account, self.settings, src))
 
     def _undecodable(self, msg, exc: Exception) -> Decided:

@@ -389,3 +389,20 @@ async def test_edge_agent_never_reports_a_non_finite_or_absurd_meter_file(bus, s
     reasons = sorted(r.reason for r in await rejections(bus))
     assert len(reasons) == 1 and "before it starts" in reasons[0], reasons
     assert len(await read_transfers(bus)) == 1  # the good meter file's hour
+
+
+async def test_a_node_label_cannot_credit_the_issuer_or_another_node(bus, settings):
+    """A node's own (validly signed) entry naming the issuer (a transfer debiting and
+    crediting one account: `verify` would fail for everyone) or another node's account."""
+    keys = Keys(settings)
+    k = keys.node("n1")
+    async with running_ledger(bus, keys.trust) as ledger:
+        for hour, account in enumerate(["issuer:negentropy", "node:n2", "client:", "acme"]):
+            await nodes_mod.register(bus, nodes_mod.NodeInfo(node="n1", labels={"account": account}), key=k)
+            ledger._labels.clear()  # (the ledger caches labels for 30 s)
+            await publish_signed(bus, reading(start=T0 + hour * HOUR, end=T0 + (hour + 1) * HOUR), k)
+            await wait_for(lambda: drained(bus), 30, f"the ledger to decide ({account})")
+    reasons = [r.reason for r in await rejections(bus)]
+    assert len(reasons) == 3 and all("names no client account" in r for r in reasons), reasons
+    assert balances(await read_transfers(bus)) == {"issuer:negentropy": -18_000_000, "client:acme": 18_000_000}
+    assert (await verify(bus, trust=keys.trust)).ok
