@@ -169,6 +169,6 @@ class StreamReader:
         finally:
             try:
                 await sub.unsubscribe()
-            except Exception:
+            except Exception:  # noqa: BLE001 - a closed connection has no interest left: the server drops the consumer
                 pass
         return done.is_set() and not state["gap"], state["last"]

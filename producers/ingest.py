@@ -50,10 +50,10 @@ import msgspec
 
 from scf.bus import codec
 from scf.bus import events as ev
-from scf.bus.files import atomic_write
-from scf.bus.files import sha256_file as file_digest
 from scf.bus.client import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_TYPE, Bus, PipelinedPublisher, PubReply
 from scf.bus.errors import SCFError
+from scf.bus.files import atomic_write
+from scf.bus.files import sha256_file as file_digest
 from scf.bus.ids import derived_id
 
 ERR_WRONG_LAST_SEQUENCE = 10071

@@ -79,7 +79,7 @@ class _Sink:
                     self.hash.update(data)
                     self.file.write(data)
                     self.size += len(data)
-            except BaseException as exc:  # disk full …: reported by close()
+            except BaseException as exc:  # noqa: BLE001 - disk full …: kept and raised by close() on the event loop
                 self._error = exc
             with self._lock:
                 self.backlog -= len(data)
@@ -233,13 +233,13 @@ class ObjectStoreBackend:
                 fut.cancel()
             try:
                 await js.purge_stream(self.stream, subject=chunk_subject)
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort: the put's own error is the one to raise; unreferenced chunks harm no reader
                 pass
             raise
         if old is not None and old.nuid != nuid:
             try:
                 await js.purge_stream(self.stream, subject=self._chunk_subject(old.nuid))
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort: the new object is stored; the old chunks are unreferenced
                 pass
         return self._ref(info)
 

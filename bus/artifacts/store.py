@@ -31,19 +31,18 @@ class ArtifactStore:
         return self.primary.uri(name)
 
     def _backend(self, uri: str) -> Backend:
+        """The backend that holds `uri` (a bare name: the primary one)."""
         if "://" not in uri:
             return self.primary
-        scheme = uri.split("://", 1)[0]
-        if scheme == self.primary.scheme:
-            if scheme == "obj" and urlparse(uri).netloc != getattr(self.primary, "bucket", None):
-                return ObjectStoreBackend(self.bus, urlparse(uri).netloc, chunk_size=self.cfg.chunk_size, window=self.cfg.window)
-            return self.primary
+        scheme, bucket = uri.split("://", 1)[0], urlparse(uri).netloc
         if scheme == "obj":
+            if isinstance(self.primary, ObjectStoreBackend) and self.primary.bucket == bucket:
+                return self.primary
             if self.bus is None:
                 raise ArtifactError(f"{uri} needs a NATS connection: open the store with open_store(bus, settings)")
-            return ObjectStoreBackend(self.bus, urlparse(uri).netloc, chunk_size=self.cfg.chunk_size, window=self.cfg.window)
+            return ObjectStoreBackend(self.bus, bucket, chunk_size=self.cfg.chunk_size, window=self.cfg.window)
         if scheme == "file":
-            return FileStoreBackend(self.file_root or "/")
+            return self.primary if self.primary.scheme == "file" else FileStoreBackend(self.file_root or "/")
         raise ArtifactError(f"unsupported artifact URI {uri!r}: use obj://BUCKET/NAME or file:///PATH")
 
     async def put(self, path: str | os.PathLike, name: str, *, meta: dict[str, str] | None = None) -> ArtifactRef:
