@@ -118,11 +118,20 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     rolled_back_to: str | None = None
 
 
+class PendingActivation(msgspec.Struct, frozen=True, kw_only=True):
+    """An activation under way: saved before `current` is switched, cleared once its
+    outcome is recorded. Found at start, it tells the agent what a crash interrupted."""
+
+    order: DeployRequested
+    previous: str | None = None  # checkpoint id that ran before
+
+
 class EdgeState(msgspec.Struct, kw_only=True):
     node: str
     current: str | None = None  # checkpoint id that `current` points to
     history: list[Installed] = []  # most recently activated last; unique by checkpoint id
     outcomes: list[Outcome] = []  # what became of recent orders (bounded)
+    pending: PendingActivation | None = None
 
 
 class MeterReading(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -445,6 +454,9 @@ class EdgeAgent:
     def _record(self, outcome: Outcome) -> None:
         rest = [o for o in self.state.outcomes if o.deployment_id != outcome.deployment_id]
         self.state.outcomes = (rest + [outcome])[-256:]
+        p = self.state.pending
+        if p is not None and p.order.data.deployment_id == outcome.deployment_id:
+            self.state.pending = None
         self._save_state()
 
     def _report(self, event: DeployRequested, o: Outcome) -> list[ev.Event]:
@@ -509,8 +521,38 @@ class EdgeAgent:
 
     async def start(self) -> "EdgeAgent":
         self.load_state()
+        reports = await self.reconcile()
         await self.publish_status("active" if self.state.current else "idle")
+        for event in reports:
+            await self.bus.publish(event)
         return self
+
+    async def reconcile(self) -> list[ev.Event]:
+        """At start: finish what a crash interrupted. An activation whose switch of `current`
+        happened is health-checked and reported as `deploy.activated` for what runs (or
+        rolled back and reported failed); one whose switch did not happen is left to the
+        redelivered order. The reports take the ids the redelivered order's would, so
+        JetStream keeps one of each. Returns the reports (the caller publishes them)."""
+        p, cur = self.state.pending, self.current()
+        if p is None:
+            if cur is not None:
+                done = self._outcome(cur.deployment_id)
+                log.info("%s: runs %s v%d (%s), deployment %s%s", self.node, cur.domain, cur.version, cur.checkpoint_id,
+                         cur.deployment_id, " (deploy.activated)" if done is not None and done.status == "activated" else "")
+            return []
+        a = p.order.data.artifact
+        if cur is not None and cur.checkpoint_id == a.checkpoint_id:
+            log.warning("%s: restarted after switching current to v%d (%s) for deployment %s: checking what runs",
+                        self.node, cur.version, cur.checkpoint_id, p.order.data.deployment_id)
+            return await self._confirm_running(p.order, cur, level=logging.WARNING)
+        log.warning(
+            "%s: restarted before switching to v%d (%s) for deployment %s: %s runs; the redelivered order carries it out",
+            self.node, a.version, a.checkpoint_id, p.order.data.deployment_id,
+            f"v{cur.version} ({cur.checkpoint_id})" if cur else "nothing",
+        )
+        self.state.pending = None
+        self._save_state()
+        return []
 
     # ------------------------------------------------------------------ orders
     def decode(self, msg) -> ev.Event:
@@ -602,6 +644,9 @@ class EdgeAgent:
 
     async def _activate(self, event: DeployRequested, item: Installed, previous: Installed | None) -> list[ev.Event]:
         order = event.data
+        # Saved before the switch: a crash from here on is finished by `reconcile` at start.
+        self.state.pending = PendingActivation(order=event, previous=previous.checkpoint_id if previous else None)
+        self._save_state()
         self._switch(item.dirname)
         problem = await asyncio.to_thread(health_check, self.current_link / MODEL_FILE, self.settings.probe_max_elements)
         if problem is None:
@@ -610,6 +655,8 @@ class EdgeAgent:
                               checkpoint_id=item.checkpoint_id, version=item.version)
             self._record(outcome)
             await self.publish_status("active")
+            log.info("%s: deploy.activated for deployment %s: runs %s v%d (%s)", self.node, order.deployment_id,
+                     item.domain, item.version, item.checkpoint_id)
             return self._report(event, outcome)
         return await self._revert(event, item, previous, problem)
 
@@ -638,17 +685,22 @@ class EdgeAgent:
                     previous.checkpoint_id if previous else "nothing")
         return self._report(event, outcome)
 
-    async def _confirm_running(self, event: DeployRequested, cur: Installed) -> list[ev.Event]:
+    async def _confirm_running(self, event: DeployRequested, cur: Installed, level: int = logging.INFO) -> list[ev.Event]:
         """The order names what already runs (a redelivery or a repeat): re-check and
         confirm; a failing check here rolls back like a fresh activation would."""
         problem = await asyncio.to_thread(health_check, self.current_link / MODEL_FILE, self.settings.probe_max_elements)
         if problem is not None:
             return await self._revert(event, cur, self._previous(cur), problem)
         order = event.data
+        if cur.activated_at is None:  # a crash fell between the switch and its record
+            self._activated(msgspec.structs.replace(cur, activated_at=_now()))
         outcome = Outcome(deployment_id=order.deployment_id, plan_id=order.plan_id, status="activated",
                           checkpoint_id=cur.checkpoint_id, version=cur.version)
-        if self._outcome(order.deployment_id) != outcome:
+        if self._outcome(order.deployment_id) != outcome or self.state.pending is not None:
             self._record(outcome)
+        await self.publish_status("active")
+        log.log(level, "%s: deploy.activated for deployment %s: runs %s v%d (%s)", self.node, order.deployment_id,
+                cur.domain, cur.version, cur.checkpoint_id)
         return self._report(event, outcome)
 
     def _previous(self, cur: Installed | None) -> Installed | None:
