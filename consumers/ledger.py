@@ -220,6 +220,7 @@ class Periods:
 
     def __init__(self) -> None:
         self._claims: dict[tuple[str, str], list[Claim]] = defaultdict(list)
+        self._causes: set[str] = set()
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._claims.values())
@@ -236,10 +237,10 @@ class Periods:
         return None
 
     def add(self, key: tuple[str, str], claim: Claim) -> None:
-        claims = self._claims[key]
-        if any(c.cause_id == claim.cause_id for c in claims):
+        if claim.cause_id in self._causes:  # a cause is one (node, meter, period): never twice
             return
-        bisect.insort(claims, claim, key=lambda c: c.start_us)
+        self._causes.add(claim.cause_id)
+        bisect.insort(self._claims[key], claim, key=lambda c: c.start_us)
 
     def add_transfer(self, t: Transfer, seq: int) -> None:
         if t.node and t.period_end_us > t.period_start_us:

@@ -406,3 +406,21 @@ async def test_a_node_label_cannot_credit_the_issuer_or_another_node(bus, settin
     assert len(reasons) == 3 and all("names no client account" in r for r in reasons), reasons
     assert balances(await read_transfers(bus)) == {"issuer:negentropy": -18_000_000, "client:acme": 18_000_000}
     assert (await verify(bus, trust=keys.trust)).ok
+
+
+def test_periods_index_half_open_overlaps():
+    from scf.consumers.ledger import Claim, Periods
+
+    p = Periods()
+    key = ("n1", "main")
+    for i in (0, 2, 4):  # [0,10) [20,30) [40,50)
+        p.add(key, Claim(i * 10, i * 10 + 10, f"c{i}", f"t{i}", i))
+    assert p.overlapping(key, 10, 20, "new") is None  # adjacent on both sides
+    assert p.overlapping(key, 0, 10, "c0") is None  # the same cause is a repeat, not an overlap
+    assert p.overlapping(key, 9, 11, "new").cause_id == "c0"
+    assert p.overlapping(key, 29, 41, "new").cause_id == "c4"  # the latest one it reaches
+    assert p.overlapping(key, -5, 100, "new") is not None  # around everything
+    assert p.overlapping(key, 22, 23, "new").cause_id == "c2"  # inside
+    assert p.overlapping(("n1", "pv"), 0, 10, "new") is None  # another meter
+    p.add(key, Claim(0, 10, "c0", "t0", 99))  # a cause is indexed once
+    assert len(p) == 3
