@@ -715,17 +715,19 @@ def dlq_retry(
     """Redrive dead letters to the consumer that failed them (only genuine copies of a
     message on its stream; a refused entry is named with the reason)."""
     from scf.bus import dlq
-    from scf.bus.signing import TrustList
+    from scf.bus.trust import SharedTrust
 
     if seq is None and not all_:
         raise fail("give a DLQ sequence number or --all (see `scf dlq ls`)")
 
     async def main() -> int:
         s = load_settings()
-        trust = TrustList.load(s.keys_dir / "trusted.json")
         bus = await open_bus(s)
         refused = 0
+        trust = None
         try:
+            # the deployment's trust list (shared, live), for entries whose original is gone
+            trust = await SharedTrust.open(bus, s)
             seqs = [seq] if seq is not None else [e.seq for e in await dlq.list_dead(bus)]
             for n in seqs:
                 try:
@@ -736,6 +738,8 @@ def dlq_retry(
                     refused += 1
                     typer.echo(f"Error: {exc}", err=True)
         finally:
+            if trust is not None:
+                await trust.stop()
             await bus.close()
         return refused
 
