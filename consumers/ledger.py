@@ -221,6 +221,7 @@ class Periods:
     def __init__(self) -> None:
         self._claims: dict[tuple[str, str], list[Claim]] = defaultdict(list)
         self._causes: set[str] = set()
+        self._accounts: dict[str, tuple[int, str]] = {}  # node → (seq, account) of its latest transfer
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._claims.values())
@@ -245,6 +246,13 @@ class Periods:
     def add_transfer(self, t: Transfer, seq: int) -> None:
         if t.node and t.period_end_us > t.period_start_us:
             self.add((t.node, t.meter), Claim(t.period_start_us, t.period_end_us, t.cause_id, t.transfer_id, seq))
+        if t.node and seq >= self._accounts.get(t.node, (-1, ""))[0]:
+            self._accounts[t.node] = (seq, t.credit_account)
+
+    def last_account(self, node: str) -> str | None:
+        """The account the node's latest transfer credited, if any."""
+        hit = self._accounts.get(node)
+        return hit[1] if hit else None
 
 
 def overlap_reason(c: Cause, claim: Claim) -> str:
@@ -347,15 +355,16 @@ class Ledger:
             self._loaded = True
             log.info("ledger: %d minted periods loaded from %d transfers", len(self.periods), len(entries))
 
-    async def labels(self, node: str) -> dict[str, str]:
+    async def labels(self, node: str) -> dict[str, str] | None:
         """The node's labels from its registry entry, believed only when signed by the
-        node's own trusted key (an `edge` login may write any entry). An entry older than
-        one already seen (a replayed earlier entry of the node) does not replace it."""
+        node's own trusted key (an `edge` login may write any entry); None without such an
+        entry. An entry older than one already seen (a replayed earlier entry of the node)
+        does not replace it."""
         import time
 
         hit = self._labels.get(node)
         if hit and time.monotonic() - hit[0] < 30.0:
-            return hit[1].labels if hit[1] else {}
+            return hit[1].labels if hit[1] else None
         info = await nodes_mod.get_node(self.bus, node, trust=self.trust)
         seen = hit[1] if hit else None
         if info and seen and seen.updated_at and (info.updated_at is None or info.updated_at < seen.updated_at):
@@ -363,7 +372,7 @@ class Ledger:
                         info.updated_at, seen.updated_at)
             info = seen
         self._labels[node] = (time.monotonic(), info)
-        return info.labels if info else {}
+        return info.labels if info else None
 
     def decode(self, msg):
         return msg  # verification needs the raw bytes; a bad signature is a rejection, not poison
@@ -400,12 +409,18 @@ class Ledger:
         reason = check(m, self.settings)
         if reason is not None:
             return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "invalid")])
-        labels = await self.labels(m.node)
+        believed = await self.labels(m.node)
+        labels = believed if believed is not None else {}
         if c.meter not in allowed_meters(labels):
             reason = (f"unknown meter {c.meter!r} of node {m.node}: a node reports its main meter, or those its "
                       f"signed registry entry lists (label meters={c.meter})")
             return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "meter")])
-        account = credit_account(m.node, labels, self.settings)
+        if believed is None:
+            # No entry signed by the node (none yet, deleted or overwritten by another edge
+            # login): the account its latest transfer credited, else its own.
+            account = self.periods.last_account(m.node) or f"node:{m.node}"
+        else:
+            account = credit_account(m.node, labels, self.settings)
         if (reason := account_problem(m.node, account, self.settings)) is not None:
             return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "account")])
         return Decided(msg, measured, c, transfer=transfer_for(measured, account, self.settings, src))
@@ -511,7 +526,7 @@ class Ledger:
                     msgs += await pull.fetch(self.settings.batch - 1, self.settings.gather_s, stop)
                 try:
                     await self.handle_batch(msgs)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any batch failure: each message alone, by the runner's rules
                     log.warning("ledger batch of %d failed (%s: %s): handling one by one", len(msgs), type(exc).__name__, exc)
                     for msg in msgs:
                         await fallback.process(msg)

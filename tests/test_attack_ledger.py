@@ -317,6 +317,8 @@ async def test_edge_login_cannot_redirect_another_nodes_credits(users_server, tm
                 nodes_mod.NodeInfo(node="node-evil", labels={"account": "evil"}), kevil),
         }
         async with running_ledger(service, keys.trust) as ledger:
+            await publish_signed(service, reading("node-x", T0 - HOUR, T0), kx)  # credited to client:acme
+            await wait_for(lambda: drained(service), 30, "the ledger to mint the genuine hour")
             for hour, (what, value) in enumerate(forgeries.items()):
                 await kv.put(nodes_mod.node_key("node-x"), value)  # the production edge user may write it ...
                 ledger._labels.clear()  # (the ledger caches labels for 30 s)
@@ -326,6 +328,11 @@ async def test_edge_login_cannot_redirect_another_nodes_credits(users_server, tm
                 assert await nodes_mod.get_node(service, "node-x", trust=keys.trust) is None, what
                 assert nodes_mod.select(await nodes_mod.list_nodes(service, trust=keys.trust),
                                         nodes_mod.parse_target("account=evil")) == [], what
+            # deleting the entry (an edge login may) does not move the credits either
+            await kv.delete(nodes_mod.node_key("node-x"))
+            ledger._labels.clear()
+            await publish_signed(service, reading("node-x", T0 + 8 * HOUR, T0 + 9 * HOUR), kx)
+            await wait_for(lambda: drained(service), 30, "the ledger to mint after the deletion")
             # node-x's agent registers again (it does at every start and order): believed again
             await nodes_mod.register(node_x, nodes_mod.NodeInfo(node="node-x", labels={"account": "acme"},
                                                                 updated_at=when + 2 * HOUR))
@@ -334,7 +341,8 @@ async def test_edge_login_cannot_redirect_another_nodes_credits(users_server, tm
             await wait_for(lambda: drained(service), 30, "the ledger to mint after re-registration")
         bal = balances(await read_transfers(service))
         assert not any("evil" in account for account in bal), bal
-        assert bal["node:node-x"] == 4 * 18_000_000 and bal["client:acme"] == 18_000_000, bal
+        # every hour went to the account of node-x's latest genuine transfer
+        assert bal == {"issuer:negentropy": -7 * 18_000_000, "client:acme": 7 * 18_000_000}, bal
         out = await asyncio.to_thread(cli, "nodes", "ls", env={"NATS_URL": service_settings.nats_url, "SCF_HOME": str(home)})
         assert out.returncode == 0 and "node-x" in out.stdout, out.stdout + out.stderr
     finally:
