@@ -288,13 +288,14 @@ def loose_cause(buf: bytes) -> tuple[str, str] | None:
         return None
     d = loose.data
     try:
-        assert d is not None and isinstance(d.node, str)
+        if d is None or not isinstance(d.node, str):
+            raise ValueError("no node")
         start = msgspec.convert(d.period_start, dt.datetime)
         end = msgspec.convert(d.period_end, dt.datetime)
         meter = norm_meter(d.meter if isinstance(d.meter, str) else "")
         c = Cause(d.node, meter, utc_micros(start), utc_micros(end))
         return c.id, f"node {c.node} meter {c.meter} period {c.period()}"
-    except (AssertionError, msgspec.ValidationError, TypeError, ValueError, OverflowError):
+    except (msgspec.ValidationError, TypeError, ValueError, OverflowError):
         return "unreadable-" + hashlib.sha256(buf).hexdigest()[:32], "an unreadable measurement"
 
 
