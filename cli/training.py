@@ -51,6 +51,7 @@ def fossils_ingest(
     workers: Optional[int] = typer.Option(None, help="validation processes (default: auto; 0 validates inline)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="refuse lines with fields a fossil does not have (default: [ingest] strict, off: drop and count them)"),
 ) -> None:
     """Validate every line; publish fossil.recorded once per content id and fossil.rejected per bad line."""
     from scf.producers.ingest import IngestError, ingest, plan_bytes
@@ -65,7 +66,7 @@ def fossils_ingest(
         bus = await open_bus(s, "scf-ingest")
         try:
             if quiet:
-                return await ingest(bus, paths, settings=s, force=force, workers=workers)
+                return await ingest(bus, paths, settings=s, force=force, workers=workers, strict=strict)
             from rich.console import Console
             from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -83,7 +84,7 @@ def fossils_ingest(
                     seen.update(lines=lines, recorded=rec, duplicate=dup, rejected=rej)
                     bar.update(task, completed=p.bytes_done, counts=f"{lines:,} lines: {rec:,} new, {dup:,} dup, {rej:,} rejected")
 
-                report = await ingest(bus, paths, settings=s, force=force, workers=workers, on_progress=on_progress)
+                report = await ingest(bus, paths, settings=s, force=force, workers=workers, strict=strict, on_progress=on_progress)
                 bar.update(task, completed=total)
                 return report
         finally:
@@ -93,13 +94,17 @@ def fossils_ingest(
     if as_json:
         typer.echo(json.dumps({
             "lines": report.lines, "recorded": report.recorded, "duplicate": report.duplicate, "rejected": report.rejected,
-            "reasons": dict(report.reasons), "skipped_shards": report.skipped, "seconds": round(report.seconds, 3),
+            "reasons": dict(report.reasons), "unknown_fields": dict(report.unknown_fields),
+            "skipped_shards": report.skipped, "seconds": round(report.seconds, 3),
             "shards": [{"path": r.path, "sha256": r.sha256, "lines": r.lines, "recorded": r.recorded, "duplicate": r.duplicate,
-                        "rejected": r.rejected, "skipped": r.skipped, "resumed_from_line": r.resumed_from_line} for r in report.shards],
+                        "rejected": r.rejected, "unknown_fields": dict(r.unknown_fields), "skipped": r.skipped,
+                        "resumed_from_line": r.resumed_from_line} for r in report.shards],
         }))
         return
     typer.echo(report.summary())
     for line in report.reason_lines():
+        typer.echo(line)
+    for line in report.unknown_field_lines():
         typer.echo(line)
     if report.rejected:
         s = load_settings("ingest")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,6 +55,9 @@ class Sample(NamedTuple):
     energy: float
     verified: bool
     detail: str
+
+
+ENERGY_MARGIN = 0.1  # the plausible energy range: the cost range over the state bounds, widened by 10% of its span
 
 
 class Domain(abc.ABC):
@@ -136,6 +140,50 @@ class Domain(abc.ABC):
                 i = int(np.argmax(above))
                 return f"{what}[{names[i]}] = {v[i]:.6g} is above its bound {hi[i]:.6g}"
         return None
+
+    def energy_range(self) -> tuple[float, float]:
+        """(min, max) of `cost` over the state bounds, in any context. This default assumes
+        a separable cost (one term per state variable, as in every domain here) and scans
+        each variable over its bounds; domains with a closed form override it."""
+        lo, hi = self.state_bounds
+        c_lo, c_hi = self.context_bounds
+        context = (np.asarray(c_lo, float) + np.asarray(c_hi, float)) / 2
+        base = np.asarray(lo, dtype=float)
+        f0 = self.cost(context, base)
+        low = high = f0
+        for j in range(self.state_dim):
+            terms = []
+            for v in np.linspace(lo[j], hi[j], 257):
+                x = base.copy()
+                x[j] = v
+                terms.append(self.cost(context, x) - f0)
+            low, high = low + min(terms), high + max(terms)
+        return float(low), float(high)
+
+    def plausible_energy(self) -> tuple[float, float]:
+        """The energy range a fossil of this domain may claim: `energy_range` widened by
+        ENERGY_MARGIN of its span (measurement noise), computed once."""
+        cached = getattr(self, "_plausible_energy", None)
+        if cached is None:
+            lo, hi = self.energy_range()
+            m = ENERGY_MARGIN * max(hi - lo, abs(lo), abs(hi), 1.0)
+            cached = self._plausible_energy = (lo - m, hi + m)
+        return cached
+
+    def energy_implausible(self, energy: float, bounds: tuple[float, float] | None = None) -> str | None:
+        """Why `energy` cannot be a reading of this domain (not finite, or outside
+        `bounds`, default `plausible_energy()`), or None."""
+        if not math.isfinite(energy):
+            return f"energy {energy} is not finite"
+        lo, hi = bounds if bounds is not None else self.plausible_energy()
+        if lo <= energy <= hi:
+            return None
+        origin = "set in [ingest] energy_bounds" if bounds is not None else "the cost of any state within its bounds, ±10%"
+        return (
+            f"energy {energy:.6g} {self.energy_unit} is outside the plausible range [{lo:.6g}, {hi:.6g}] "
+            f"{self.energy_unit} of {self.name} ({origin}); if such readings are real, set "
+            f'[ingest] energy_bounds = {{ "{self.name}" = [LOW, HIGH] }} in scf.toml'
+        )
 
     def verify(self, context, state, energy: float) -> tuple[bool, str]:
         """The domain's own check of an observation: in bounds, no violation, and `energy`

@@ -12,6 +12,7 @@ import datetime as dt
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Mapping
 
 import msgspec
 import numpy as np
@@ -25,6 +26,20 @@ SHARD_PATTERN = "fossils-{:05d}.ndjson"
 
 _decoder = msgspec.json.Decoder(Fossil)
 _encoder = msgspec.json.Encoder()
+
+
+class _StrictProvenance(Provenance, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class _StrictFossil(Fossil, frozen=True, forbid_unknown_fields=True):
+    provenance: _StrictProvenance
+
+
+_strict_decoder = msgspec.json.Decoder(_StrictFossil)  # a check only: finds fields a Fossil drops
+_keys_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_FOSSIL_FIELDS = frozenset(f.encode_name for f in msgspec.structs.fields(Fossil))
+_PROVENANCE_FIELDS = frozenset(f.encode_name for f in msgspec.structs.fields(Provenance))
 
 
 class FossilInvalid(DomainError, ValueError):
@@ -41,6 +56,7 @@ class FossilInvalid(DomainError, ValueError):
         "shape_mismatch",
         "out_of_bounds",
         "recheck_failed",
+        "unknown_field",
     )
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -59,12 +75,47 @@ def _schema_error(err: msgspec.ValidationError) -> FossilInvalid:
     return FossilInvalid("schema", f"{msg}; a line must match bus.events.Fossil")
 
 
-def validate_line(line: bytes | str, *, recheck: bool = False) -> Fossil:
-    """Decode and check one NDJSON line; raise `FossilInvalid` naming the first problem.
+def unknown_fields(line: bytes | str) -> tuple[str, ...]:
+    """Names of the fields of a (schema-valid) fossil line that a Fossil does not have and
+    decoding drops: `colour`, `provenance.operator` …, in line order."""
+    top = _keys_decoder.decode(line)
+    out = [k for k in top if k not in _FOSSIL_FIELDS]
+    prov = top.get("provenance")
+    if prov is not None:
+        try:
+            out += [f"provenance.{k}" for k in _keys_decoder.decode(prov) if k not in _PROVENANCE_FIELDS]
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+    return tuple(out)
 
-    Checks, in order: JSON, schema (msgspec path in the message), provenance present and
-    non-empty, known domain, content id, verifier passed, vector sizes, values within the
-    domain's bounds; with `recheck`, the domain's own check is run again on the values."""
+
+def validate_line(
+    line: bytes | str,
+    *,
+    recheck: bool = False,
+    strict: bool = False,
+    energy_bounds: Mapping[str, tuple[float, float]] | None = None,
+) -> Fossil:
+    """Decode and check one NDJSON line; raise `FossilInvalid` naming the first problem.
+    See `check_line`."""
+    return check_line(line, recheck=recheck, strict=strict, energy_bounds=energy_bounds)[0]
+
+
+def check_line(
+    line: bytes | str,
+    *,
+    recheck: bool = False,
+    strict: bool = False,
+    energy_bounds: Mapping[str, tuple[float, float]] | None = None,
+) -> tuple[Fossil, tuple[str, ...]]:
+    """Decode and check one NDJSON line: (the fossil, the unknown fields it dropped), or
+    `FossilInvalid` naming the first problem.
+
+    Checks, in order: JSON, schema (msgspec path in the message), unknown fields (refused
+    with `strict`, else reported), provenance present and non-empty, known domain, content
+    id, verifier passed, vector sizes, values within the domain's bounds, energy within the
+    domain's plausible range (`Domain.plausible_energy`, or `energy_bounds[domain]`); with
+    `recheck`, the domain's own check is run again on the values."""
     try:
         fossil = _decoder.decode(line)
     except msgspec.ValidationError as err:
@@ -73,6 +124,17 @@ def validate_line(line: bytes | str, *, recheck: bool = False) -> Fossil:
         raise FossilInvalid("malformed_json", f"{err}; write one JSON object per line") from None
     except UnicodeDecodeError as err:
         raise FossilInvalid("malformed_json", f"not UTF-8 ({err.reason} at byte {err.start} of a string); write UTF-8 JSON") from None
+    unknown: tuple[str, ...] = ()
+    try:
+        _strict_decoder.decode(line)
+    except msgspec.ValidationError:  # the only error left once the lenient decode passed
+        unknown = unknown_fields(line)
+        if strict and unknown:
+            raise FossilInvalid(
+                "unknown_field",
+                f"field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} {'are' if len(unknown) > 1 else 'is'} not part of a "
+                "fossil (bus.events.Fossil); remove them, or ingest without --strict to drop them",
+            ) from None
     prov = fossil.provenance
     if not prov.source.strip() or not prov.verifier.strip():
         empty = "source" if not prov.source.strip() else "verifier"
@@ -99,11 +161,14 @@ def validate_line(line: bytes | str, *, recheck: bool = False) -> Fossil:
     reason = domain.in_bounds(fossil.context, fossil.state)
     if reason:
         raise FossilInvalid("out_of_bounds", f"{fossil.domain}: {reason}")
+    reason = domain.energy_implausible(fossil.energy, (energy_bounds or {}).get(fossil.domain))
+    if reason:
+        raise FossilInvalid("out_of_bounds", reason)
     if recheck:
         ok, detail = domain.verify(fossil.context, fossil.state, fossil.energy)
         if not ok:
             raise FossilInvalid("recheck_failed", f"{domain.verifier}: {detail}")
-    return fossil
+    return fossil, unknown
 
 
 def to_fossil(domain: Domain, sample: Sample, observed_at: dt.datetime, source: str) -> Fossil:

@@ -115,6 +115,17 @@ class GridDomain(Domain):
         c2, c1, c0 = self.cost_coef.T
         return float(np.sum((c2 * x + c1) * x + c0))
 
+    def energy_range(self) -> tuple[float, float]:
+        """Each generator's quadratic cost over [Pmin, Pmax]: its extremes lie at the ends
+        or at the vertex -c1 / 2 c2."""
+        c2, c1, c0 = self.cost_coef.T
+        lo, hi = self.pmin, self.pmax
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vertex = np.where(c2 != 0, -c1 / (2 * np.where(c2 != 0, c2, 1.0)), lo)
+        points = np.stack([lo, hi, np.clip(vertex, lo, hi)])  # (3, n_gen)
+        values = (c2 * points + c1) * points + c0
+        return float(values.min(0).sum()), float(values.max(0).sum())
+
     def feasible_rows(self, context):
         context = np.asarray(context, dtype=float)
         demand = self.demand(context)

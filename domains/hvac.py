@@ -142,6 +142,12 @@ class HvacDomain(Domain):
         b = self.building
         return float(np.sum(np.clip(u, 0, None) / b.cop_heat + np.clip(-u, 0, None) / b.cop_cool) * b.dt_h)
 
+    def energy_range(self) -> tuple[float, float]:
+        """0 (all off) to every zone at full heating or cooling, whichever costs more."""
+        b = self.building
+        most = np.maximum(self.heat_max / b.cop_heat, self.cool_max / b.cop_cool)
+        return 0.0, float(most.sum() * b.dt_h)
+
     def feasible_rows(self, context):
         free = self.free_response(context)
         lo, hi = self.comfort_band(context)

@@ -12,13 +12,17 @@ Every line read ends in exactly one of three counts, per shard and in total:
   this run (JetStream's duplicate window answers `duplicate`), or from any earlier run,
   however long ago (the server refuses the publish with err_code 10071, "wrong last
   sequence"). Not an error: the fossil is recorded, once;
-* **rejected** — a line that is not a valid fossil (`domains.fossils.validate_line`:
-  malformed JSON, schema, missing provenance, unknown domain, content id mismatch,
-  verifier failed, shape, out of bounds). It becomes a `fossil.rejected` event
-  (reason `"<code>: <detail>"`, the shard path, the 1-based line number, the raw line,
-  id derived from (shard sha256, line) so a re-read inside the duplicate window adds
-  nothing) and is appended to `$SCF_HOME/fossil_vault/quarantine/<stem>.<sha12>.ndjson`
-  (the raw line, verbatim) with its reason in `<stem>.<sha12>.reasons.ndjson`.
+* **rejected** — a line that is not a valid fossil (`domains.fossils.check_line`:
+  malformed JSON, schema, unknown fields with `strict`, missing provenance, unknown domain,
+  content id mismatch, verifier failed, shape, out of bounds, an implausible energy). It
+  becomes a `fossil.rejected` event (reason `"<code>: <detail>"`, the shard path, the
+  1-based line number, the raw line cut to 64 KiB, id derived from (shard sha256, line) so
+  a re-read inside the duplicate window adds nothing) and is appended to
+  `$SCF_HOME/fossil_vault/quarantine/<stem>.<sha12>.ndjson` (the whole line, verbatim,
+  however long) with its reason in `<stem>.<sha12>.reasons.ndjson`.
+
+Fields a fossil does not have are dropped from accepted lines and counted per field name
+(`unknown_fields` in the report); `strict` refuses such lines instead.
 
 Resumable: after each batch is acknowledged, `$SCF_HOME/fossil_vault/ingest/<sha256>.json`
 records the shard's byte offset, line count, counts and quarantine sizes. A re-run
@@ -39,6 +43,7 @@ import collections
 import concurrent.futures
 import datetime as dt
 import functools
+import math
 import multiprocessing
 import os
 import time
@@ -76,6 +81,20 @@ class IngestSettings(msgspec.Struct, frozen=True, kw_only=True):
     recheck: bool = False  # run the domain's own check again on every fossil
     ack_timeout: float = 30.0
     atomic_batch: int = 1000  # fossils per atomic batch (0: never; used when the stream allows it)
+    strict: bool = False  # refuse lines with fields a fossil does not have (default: drop and count them)
+    energy_bounds: dict[str, tuple[float, float]] = {}  # per domain: the plausible energy range (default: from its physics)
+
+
+def check_settings(cfg: IngestSettings) -> None:
+    """Refuse an [ingest] table that cannot work, naming the key and the fix."""
+    from scf import domains
+
+    for name, bounds in cfg.energy_bounds.items():
+        if name not in domains.names():
+            raise IngestError(f"[ingest] energy_bounds names an unknown domain {name!r}: use one of {', '.join(domains.names())}")
+        lo, hi = bounds
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise IngestError(f"[ingest] energy_bounds for {name!r} is [{lo}, {hi}]: give a finite [LOW, HIGH] with LOW < HIGH")
 
 
 # --------------------------------------------------------------------------- progress files
@@ -90,6 +109,7 @@ class ShardProgress(msgspec.Struct, kw_only=True):
     duplicate: int = 0
     rejected: int = 0
     reasons: dict[str, int] = {}
+    unknown_fields: dict[str, int] = {}  # accepted lines with fields a fossil does not have, per field
     quarantine_bytes: int = 0
     reasons_bytes: int = 0
     complete: bool = False
@@ -116,6 +136,7 @@ class ShardReport:
     duplicate: int = 0
     rejected: int = 0
     reasons: collections.Counter = field(default_factory=collections.Counter)
+    unknown_fields: collections.Counter = field(default_factory=collections.Counter)  # dropped, per field name
     skipped: bool = False  # finished by an earlier run: not read again
     resumed_from_line: int = 0  # lines done by earlier runs when this one started
     total: ShardProgress | None = None  # cumulative over all runs
@@ -157,6 +178,13 @@ class IngestReport:
         return out
 
     @property
+    def unknown_fields(self) -> collections.Counter:
+        out: collections.Counter = collections.Counter()
+        for s in self.shards:
+            out.update(s.unknown_fields)
+        return out
+
+    @property
     def skipped(self) -> int:
         return sum(1 for s in self.shards if s.skipped)
 
@@ -180,6 +208,10 @@ class IngestReport:
     def reason_lines(self) -> list[str]:
         return [f"  {n:>8}  {r}" for r, n in self.reasons.most_common()]
 
+    def unknown_field_lines(self) -> list[str]:
+        """Fields dropped from accepted lines (`--strict` refuses such lines)."""
+        return [f"  {n:>8}  line(s) with unknown field {name!r} (dropped; --strict refuses them)" for name, n in self.unknown_fields.most_common()]
+
 
 @dataclass(frozen=True)
 class IngestProgress:
@@ -196,9 +228,11 @@ class IngestProgress:
 # --------------------------------------------------------------------------- validation (pure)
 
 # A validated batch: records are (line, fossil_id, subject, encoded event) and rejects are
-# (line, code, message, raw, fossil_id or None). Plain tuples: they cross process borders.
+# (line, code, message, raw cut to RAW_LIMIT, fossil_id or None); unknown counts the fields
+# dropped from accepted lines. Plain values: they cross process borders.
 Record = tuple[int, str, str, bytes]
 Reject = tuple[int, str, str, bytes, "str | None"]
+Validated = tuple[list[Record], list[Reject], dict[str, int]]
 
 
 class _IdOnly(msgspec.Struct):
@@ -216,18 +250,28 @@ def _claimed_id(raw: bytes) -> str | None:
         return None
 
 
-def validate_batch(lines: Sequence[bytes], first_line: int, source: str, at: str, recheck: bool = False) -> tuple[list[Record], list[Reject]]:
+def validate_batch(
+    lines: Sequence[bytes],
+    first_line: int,
+    source: str,
+    at: str,
+    recheck: bool = False,
+    strict: bool = False,
+    energy_bounds: dict[str, tuple[float, float]] | None = None,
+) -> Validated:
     """Validate NDJSON lines; encode a `fossil.recorded` event for each valid one.
     Pure and picklable: runs inline or in a worker process."""
-    from scf.domains.fossils import FossilInvalid, validate_line
+    from scf.domains.fossils import FossilInvalid, check_line
 
     at_time = dt.datetime.fromisoformat(at)
     records: list[Record] = []
     rejects: list[Reject] = []
+    unknown: collections.Counter = collections.Counter()
     for i, raw in enumerate(lines):
         n = first_line + i
         try:
-            fossil = validate_line(raw, recheck=recheck)
+            fossil, dropped = check_line(raw, recheck=recheck, strict=strict, energy_bounds=energy_bounds)
+            unknown.update(dropped)
         except FossilInvalid as exc:
             rejects.append((n, exc.reason, str(exc), bytes(raw[:RAW_LIMIT]), _claimed_id(raw)))
             continue
@@ -237,7 +281,7 @@ def validate_batch(lines: Sequence[bytes], first_line: int, source: str, at: str
         event = ev.FossilRecorded(id=fossil.fossil_id, at=at_time, source=source, data=fossil)
         subject = f"fossil.recorded.{_domain_token(fossil.domain)}.{fossil.fossil_id[7:]}"  # == event.subject()
         records.append((n, fossil.fossil_id, subject, _encoder.encode(event)))
-    return records, rejects
+    return records, rejects, dict(unknown)
 
 
 @functools.lru_cache(maxsize=256)
@@ -269,7 +313,7 @@ def _init_validator(domain: str | None) -> None:
             pass  # an unknown domain is reported line by line
 
 
-def _validate_job(args: tuple) -> tuple[list[Record], list[Reject]]:
+def _validate_job(args: tuple) -> Validated:
     return validate_batch(*args)
 
 
@@ -379,6 +423,8 @@ class _Batch:
     nlines: int
     records: list[Record]
     rejects: list[Reject]
+    unknown: dict[str, int] = field(default_factory=dict)
+    rejected_lines: list[bytes] = field(default_factory=list)  # whole, for the quarantine
     parts: list[_Part] = field(default_factory=list)
     reject_futures: list[asyncio.Future] = field(default_factory=list)
     reject_sends: list[tuple[str, bytes, dict[str, str]]] = field(default_factory=list)
@@ -499,7 +545,7 @@ class Ingester:
                 first, end, lines = next(batches)
             except StopIteration:
                 return False
-            args = (lines, first, source, at, self.cfg.recheck)
+            args = (lines, first, source, at, self.cfg.recheck, self.cfg.strict, dict(self.cfg.energy_bounds))
             fut = loop.run_in_executor(self._pool, _validate_job, args) if self._pool else None
             pending_validation.append((first, end, len(lines), fut, args))
             return True
@@ -511,8 +557,9 @@ class Ingester:
                 if not pending_validation:
                     break
                 first, end, nlines, fut, args = pending_validation.popleft()
-                records, rejects = await fut if fut is not None else validate_batch(*args)
-                batch = _Batch(first, end, nlines, records, rejects)
+                records, rejects, unknown = await fut if fut is not None else validate_batch(*args)
+                lines = args[0]
+                batch = _Batch(first, end, nlines, records, rejects, unknown, [lines[r[0] - first] for r in rejects])
                 await self._publish(batch, rep.path, sha)
                 unsettled.append(batch)
                 if len(unsettled) > 1:
@@ -621,11 +668,15 @@ class Ingester:
                     f"publishing a fossil.rejected failed: {reply.error.description} (code {reply.error.code}, "
                     f"err_code {reply.error.err_code}); run ingest again (it resumes)"
                 )
-        for n, code, message, raw, _fid in batch.rejects:
-            qf.write(raw + b"\n")
-            rf.write(_encoder.encode({"line": n, "reason": code, "detail": message, "shard": rep.path}) + b"\n")
+        for (n, code, message, _raw, _fid), whole in zip(batch.rejects, batch.rejected_lines):
+            qf.write(whole)  # verbatim, however long (the event carries at most RAW_LIMIT bytes)
+            qf.write(b"\n")
+            rf.write(_encoder.encode({"line": n, "reason": code, "detail": message, "shard": rep.path, "bytes": len(whole)}) + b"\n")
             rep.reasons[code] += 1
             prog.reasons[code] = prog.reasons.get(code, 0) + 1
+        for name, k in batch.unknown.items():
+            rep.unknown_fields[name] += k
+            prog.unknown_fields[name] = prog.unknown_fields.get(name, 0) + k
         qf.sync()
         rf.sync()
         rejected = len(batch.rejects)
@@ -653,12 +704,17 @@ async def ingest(
     home: Path | None = None,
     force: bool = False,
     workers: int | None = None,
+    strict: bool | None = None,
     on_progress: Callable[[IngestProgress], None] | None = None,
 ) -> IngestReport:
-    """Ingest the shards under `paths` (files or directories); see the module doc."""
+    """Ingest the shards under `paths` (files or directories); see the module doc.
+    `strict` (default: `[ingest] strict`) refuses lines with unknown fields."""
     cfg = settings.section("ingest", IngestSettings) if settings is not None else IngestSettings()
     if workers is not None:
         cfg = msgspec.structs.replace(cfg, workers=workers)
+    if strict is not None:
+        cfg = msgspec.structs.replace(cfg, strict=strict)
+    check_settings(cfg)
     root = home or (settings.home_path if settings is not None else bus.settings.home_path)
     return await Ingester(bus, home=Path(root), config=cfg, force=force, on_progress=on_progress).run(paths)
 

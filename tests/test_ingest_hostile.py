@@ -1,0 +1,148 @@
+"""Hostile fossil shards (issue 10, lower severity), against a real nats-server and the
+real CLI: a 10 MB rejected line is quarantined whole, verbatim; absurd energies (-1e308)
+are refused with a reason, by domain, with configurable bounds; unknown fields are counted
+per field name, or refused with --strict."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from scf import domains
+from scf.bus import events as ev
+from scf.domains.fossils import FossilInvalid, check_line, synth_shards, validate_line
+from scf.producers.ingest import ingest
+from tests.conftest import scf, stream_count
+
+pytestmark = pytest.mark.anyio
+
+DOMAIN = "grid:case14"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> list[bytes]:
+    out = tmp_path_factory.mktemp("shards")
+    synth_shards(DOMAIN, 20, out, shard_size=20, seed=3)
+    return (out / "fossils-00000.ndjson").read_bytes().splitlines()
+
+
+def with_id(fossil: dict) -> bytes:
+    """Re-derive the content id after an edit (so only the edit is wrong)."""
+    fossil = {k: v for k, v in fossil.items() if k != "fossil_id"}
+    f = msgspec.convert(dict(fossil, fossil_id=""), ev.Fossil)
+    return json.dumps(dict(fossil, fossil_id=ev.fossil_content_id(f))).encode()
+
+
+def write(path, lines: list[bytes]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_a_10_mb_rejected_line_is_quarantined_verbatim(bus, settings, good, tmp_path, workers):
+    huge_json = b'{"domain": "grid:case14", "note": "' + b"x" * (10 << 20) + b'"}'  # schema: fields missing
+    huge_junk = bytes(range(256)) * (40 << 10)  # 10 MiB of every byte value but newline's neighbours
+    huge_junk = huge_junk.replace(b"\n", b" ")
+    path = write(tmp_path / "in" / "big-00000.ndjson", good[:3] + [huge_json] + good[3:5] + [huge_junk] + good[5:6])
+    report = await ingest(bus, [path], settings=settings, workers=workers)
+    assert (report.lines, report.recorded, report.rejected) == (8, 6, 2) and report.balanced
+    assert dict(report.reasons) == {"schema": 1, "malformed_json": 1}
+
+    sha = report.shards[0].sha256
+    quarantine = settings.path("fossil_vault", "quarantine")
+    assert (quarantine / f"big-00000.{sha[:12]}.ndjson").read_bytes() == huge_json + b"\n" + huge_junk + b"\n"
+    reasons = [json.loads(x) for x in (quarantine / f"big-00000.{sha[:12]}.reasons.ndjson").read_text().splitlines()]
+    assert [(r["line"], r["reason"], r["bytes"]) for r in reasons] == [(4, "schema", len(huge_json)), (7, "malformed_json", len(huge_junk))]
+    assert "missing required field" in reasons[0]["detail"]
+    # The event stays within max_payload: its raw is cut; the quarantine has the whole line.
+    assert await stream_count(bus, "FOSSILS", "fossil.rejected") == 2
+
+
+def test_every_domain_has_plausible_energy_bounds_and_synthesized_fossils_pass(tmp_path):
+    for name in domains.names():
+        d = domains.get(name)
+        lo, hi = d.plausible_energy()
+        assert lo < hi and abs(lo) < 1e7 and abs(hi) < 1e7, (name, lo, hi)
+        if d.state_dim <= 20:  # the closed forms agree with the generic scan of the cost
+            from scf.domains.base import Domain
+
+            assert Domain.energy_range(d) == pytest.approx(d.energy_range(), rel=1e-9, abs=1e-9)
+    for name in ("grid:case9", "hvac:office3"):
+        out = tmp_path / name.replace(":", "_")
+        synth_shards(name, 30, out, shard_size=30, seed=1, infeasible_fraction=0.2)
+        for line in (out / "fossils-00000.ndjson").read_bytes().splitlines():
+            try:
+                validate_line(line)
+            except FossilInvalid as exc:
+                assert exc.reason == "verifier_failed", exc  # the infeasible ones, nothing else
+
+
+@pytest.mark.parametrize("energy", [-1e308, 1e308, -5e4, 1e12])
+def test_absurd_energy_is_refused_with_a_reason(good, energy):
+    f = json.loads(good[0])
+    with pytest.raises(FossilInvalid) as info:
+        validate_line(with_id(dict(f, energy=energy)))
+    assert info.value.reason == "out_of_bounds"
+    assert "outside the plausible range" in str(info.value) and "[ingest] energy_bounds" in str(info.value)
+    # Configurable per domain: a range that allows it lets it pass.
+    assert validate_line(with_id(dict(f, energy=energy)), energy_bounds={DOMAIN: (-1e308, 1e308)}).energy == energy
+
+
+async def test_energy_bounds_are_configurable_in_scf_toml(bus, settings, scf_env, good, tmp_path):
+    f = json.loads(good[0])
+    high = with_id(dict(f, energy=50_000.0))  # above grid:case14's default plausible range (about 34 543 $/h)
+    path = write(tmp_path / "in" / "energy-00000.ndjson", [good[1], high, with_id(dict(f, energy=-1e308))])
+    r = scf("fossils", "ingest", str(path), "--json", "-q", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["recorded"], out["rejected"], out["reasons"]) == (1, 2, {"out_of_bounds": 2})
+
+    (settings.home_path / "scf.toml").write_text('[ingest]\nenergy_bounds = { "grid:case14" = [0.0, 100000.0] }\n')
+    r = scf("fossils", "ingest", str(path), "--json", "-q", "--force", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["recorded"], out["duplicate"], out["rejected"]) == (1, 1, 1)  # 50 000 now passes; -1e308 still not
+
+    (settings.home_path / "scf.toml").write_text('[ingest]\nenergy_bounds = { "grid:case99" = [0.0, 1.0] }\n')
+    r = scf("fossils", "ingest", str(path), "-q", "--force", env=scf_env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: [ingest] energy_bounds names an unknown domain 'grid:case99': use one of")
+    (settings.home_path / "scf.toml").write_text('[ingest]\nenergy_bounds = { "grid:case14" = [5.0, 1.0] }\n')
+    r = scf("fossils", "ingest", str(path), "-q", "--force", env=scf_env)
+    assert r.returncode == 1 and "give a finite [LOW, HIGH] with LOW < HIGH" in r.stderr
+
+
+def test_unknown_fields_are_named(good):
+    f = json.loads(good[0])
+    line = json.dumps(dict(f, colour="red", provenance=dict(f["provenance"], operator="bob"))).encode()
+    fossil, dropped = check_line(line)
+    assert dropped == ("colour", "provenance.operator") and fossil == validate_line(good[0])
+    with pytest.raises(FossilInvalid, match=r"^unknown_field: fields colour, provenance.operator are not part of a fossil"):
+        check_line(line, strict=True)
+    assert check_line(good[0], strict=True)[1] == ()
+
+
+async def test_unknown_fields_counted_or_refused_with_strict(bus, settings, scf_env, good, tmp_path):
+    f0, f1 = json.loads(good[0]), json.loads(good[1])
+    lines = [
+        json.dumps(dict(f0, colour="red")).encode(),
+        json.dumps(dict(f1, colour="blue", provenance=dict(f1["provenance"], operator="bob"))).encode(),
+        good[2],
+    ]
+    path = write(tmp_path / "in" / "extra-00000.ndjson", lines)
+    r = scf("fossils", "ingest", str(path), "-q", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    assert "3 recorded, 0 duplicate, 0 rejected" in r.stdout
+    assert "       2  line(s) with unknown field 'colour' (dropped; --strict refuses them)" in r.stdout
+    assert "       1  line(s) with unknown field 'provenance.operator' (dropped; --strict refuses them)" in r.stdout
+
+    # The same shard again with --strict (--force: a finished shard is otherwise skipped).
+    r = scf("fossils", "ingest", str(path), "--strict", "--force", "--json", "-q", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["recorded"], out["duplicate"], out["rejected"], out["reasons"]) == (0, 1, 2, {"unknown_field": 2})
+    assert out["unknown_fields"] == {}
+    assert await stream_count(bus, "FOSSILS", "fossil.rejected") == 2
