@@ -79,6 +79,9 @@ class ProcState(msgspec.Struct):
     host: str = ""
 
 
+SERVER_RESTART_TIMEOUT = 300.0  # seconds a restarted nats-server may take to answer (store recovery)
+
+
 @dataclass
 class ServerWatch:
     """Restart bookkeeping of the embedded nats-server (like a Child's)."""
@@ -229,7 +232,8 @@ class Supervisor:
     async def _restart_server(self, server: EmbeddedServer) -> None:
         w = self.server_watch
         try:
-            status = await asyncio.to_thread(server.start)
+            # Generous: after a kill, JetStream recovers its store before the server answers.
+            status = await asyncio.to_thread(server.start, SERVER_RESTART_TIMEOUT)
         except Exception as exc:  # port taken, store unreadable, binary gone: say so and retry
             delay = min(self.backoff_max, self.backoff_base * 2 ** len(w.history))
             w.history.append(-1)
