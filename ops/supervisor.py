@@ -292,10 +292,10 @@ class Supervisor:
             await self.shutdown()
 
     async def shutdown(self, grace: float = 20.0) -> None:
-        if self.server_watch.restarting is not None:
+        if self.server_watch.restarting is not None:  # a server coming back: let it, for a while
             try:
-                await self.server_watch.restarting
-            except Exception:
+                await asyncio.wait_for(asyncio.shield(self.server_watch.restarting), 30)
+            except (Exception, asyncio.TimeoutError):
                 pass
         for task in list(self._records):
             task.cancel()
