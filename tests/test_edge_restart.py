@@ -5,6 +5,7 @@ for what runs, never `deploy.failed … downgrade refused` for the version it ru
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
@@ -61,6 +62,8 @@ async def test_killed_after_switching_to_v4_reports_v4_activated_on_restart(bus,
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait(10)
         assert _linked(edir).startswith("000004-") and v4_dir
+        # Did the kill land between the switch and the recorded outcome (the usual case)?
+        pending = json.loads((edir / "state.json").read_bytes()).get("pending")
 
         before = (logd / f"edge-{NODE}.log").read_text()
         agent = start_edge(env, NODE, edir, logd)
@@ -79,6 +82,9 @@ async def test_killed_after_switching_to_v4_reports_v4_activated_on_restart(bus,
         reports = await _reports(bus)
         assert not [e for e in reports if isinstance(e, ev.DeployFailed) and e.data.checkpoint_id == "ck-4"], log
         assert "downgrade refused" not in log, log
+        if pending is not None:  # reconciled at start, not left to the redelivery an ack wait later
+            assert pending["order"]["data"]["deployment_id"] == deployment
+            assert "restarted after switching current to v4 (ck-4)" in log[len(before):], log
         activated = [e for e in reports if isinstance(e, ev.DeployActivated) and e.data.checkpoint_id == "ck-4"]
         assert len(activated) == 1 and activated[0].data.deployment_id == order4.data.deployment_id
     finally:
