@@ -38,6 +38,7 @@ log = logging.getLogger("scf.bus")
 # Header names (as the server spells them).
 MSG_ID = api.Header.MSG_ID.value  # "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
+EXPECTED_LAST_SEQ = api.Header.EXPECTED_LAST_SEQUENCE.value  # the stream's: a fencing token
 SCF_TYPE = "Scf-Type"  # the event type, so routers and the archive need not parse the body
 SCF_SIG = "Scf-Sig"  # signature of a plain-JSON control command
 SCF_KID = "Scf-Kid"
@@ -474,9 +475,34 @@ class Bus:
                 out.extend(Once("new", s) for s in seqs)
         return out
 
-    async def _commit_batch(self, chunk: Sequence[ev.Event], timeout: float) -> list[int] | None:
+    async def commit_batch(
+        self, events: Sequence[ev.Event], *, expected_last_seq: int | None = None, timeout: float = 10.0
+    ) -> list[int] | None:
+        """Per-entity events stored as one atomic batch — all (their stream sequences) or
+        none (None: the server refused it) — each expecting its subject to be empty; with
+        `expected_last_seq`, also only if the stream's last sequence is that (a fencing
+        token: nothing was written to the stream since the caller last looked). Batches of
+        more than 1000 are committed as consecutive chunks, each fenced on the one before
+        (all or none per chunk). No one-by-one fallback: the caller decides."""
+        out: list[int] = []
+        for start in range(0, len(events), 1000):
+            seqs = await self._commit_batch(events[start : start + 1000], timeout, expected_last_seq)
+            if seqs is None:
+                return None
+            out += seqs
+            if expected_last_seq is not None and seqs:
+                expected_last_seq = seqs[-1]
+        return out
+
+    async def _commit_batch(
+        self, chunk: Sequence[ev.Event], timeout: float, expected_last_seq: int | None = None
+    ) -> list[int] | None:
         if not chunk:
             return []
+        if len(chunk) == 1 and expected_last_seq is not None:
+            # One message: a plain publish carries both expectations, without the atomic
+            # batch's extra server round (about 10x faster alone).
+            return await self._commit_one(chunk[0], timeout, expected_last_seq)
         batch_id = new_id().replace("-", "")
         last = len(chunk)
         for i, event in enumerate(chunk, 1):
@@ -486,6 +512,8 @@ class Bus:
                 EXPECTED_LAST_SUBJECT_SEQ: "0",
                 SCF_TYPE: event.type_name(),
             }
+            if i == 1 and expected_last_seq is not None:  # the server allows it on the first message only
+                headers[EXPECTED_LAST_SEQ] = str(expected_last_seq)
             body = self._body(event)
             if i < last:
                 await self.nc.publish(event.subject(), body, headers=headers)
@@ -502,6 +530,18 @@ class Bus:
             end = int(ack["seq"])
             return list(range(end - last + 1, end + 1))
         return None
+
+    async def _commit_one(self, event: ev.Event, timeout: float, expected_last_seq: int) -> list[int] | None:
+        subject = event.subject()
+        headers = {EXPECTED_LAST_SUBJECT_SEQ: "0", EXPECTED_LAST_SEQ: str(expected_last_seq), SCF_TYPE: event.type_name()}
+        try:
+            ack = await self.js.publish(subject, self._body(event), timeout=timeout, headers=headers)
+        except Exception as exc:
+            err = map_error(exc, subject)
+            if isinstance(err, PublishConflict):
+                return None
+            raise err from None
+        return [ack.seq]
 
     # ----------------------------------------------------------------- reading
     async def last(self, subject: str) -> tuple[int, ev.Event] | None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 
 import msgspec
+from nats.js.errors import NotFoundError
 
 from scf.bus import dlq
 from scf.bus import events as ev
@@ -86,6 +87,7 @@ class LedgerError(SCFError):
 
 
 LEDGER_CONSUMER = CONSUMERS["ledger"]  # DEPLOY energy.measured.>
+LEDGER_STREAM = "LEDGER"
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -221,6 +223,7 @@ class Periods:
     def __init__(self) -> None:
         self._claims: dict[tuple[str, str], list[Claim]] = defaultdict(list)
         self._causes: set[str] = set()
+        self.minted: dict[str, int] = {}  # transfer id (its subject) → LEDGER seq, for every transfer
         self._accounts: dict[str, tuple[int, str]] = {}  # node → (seq, account) of its latest transfer
 
     def __len__(self) -> int:
@@ -244,6 +247,7 @@ class Periods:
         bisect.insort(self._claims[key], claim, key=lambda c: c.start_us)
 
     def add_transfer(self, t: Transfer, seq: int) -> None:
+        self.minted.setdefault(t.transfer_id, seq)
         if t.node and t.period_end_us > t.period_start_us:
             self.add((t.node, t.meter), Claim(t.period_start_us, t.period_end_us, t.cause_id, t.transfer_id, seq))
         if t.node and seq >= self._accounts.get(t.node, (-1, ""))[0]:
@@ -341,7 +345,8 @@ class Ledger:
         self.periods = Periods()
         self._loaded = False
         self._load_lock = asyncio.Lock()
-        self._key_locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.last_seq = 0  # the LEDGER sequence the index covers: the fencing token of every mint
+        self._write_lock = asyncio.Lock()  # one mint at a time in this process
 
     async def load(self) -> None:
         """Rebuild the minted periods from the LEDGER stream (once, before deciding)."""
@@ -350,11 +355,40 @@ class Ledger:
         async with self._load_lock:
             if self._loaded:
                 return
+            last = await self.bus.stream_last_seq(LEDGER_STREAM)
             entries = await read_transfers(self.bus)
             for e in entries:
                 self.periods.add_transfer(e.transfer, e.seq)
+            self.last_seq = last
             self._loaded = True
-            log.info("ledger: %d minted periods loaded from %d transfers", len(self.periods), len(entries))
+            log.info("ledger: %d minted periods loaded from %d transfers (LEDGER seq %d)", len(self.periods),
+                     len(entries), last)
+
+    async def catch_up(self) -> bool:
+        """Index what was written to LEDGER since `last_seq` (by another ledger, by our own
+        unacknowledged publishes, rejections); False when nothing was."""
+        last = await self.bus.stream_last_seq(LEDGER_STREAM)
+        if last <= self.last_seq:
+            return False
+        if last - self.last_seq <= 256:
+            async def one(seq: int):
+                try:
+                    return await self.bus.js.get_msg(LEDGER_STREAM, seq)
+                except NotFoundError:  # deleted
+                    return None
+
+            msgs = await asyncio.gather(*(one(q) for q in range(self.last_seq + 1, last + 1)))
+            found = [(m.seq, m.data) for m in msgs if m is not None and (m.subject or "").startswith("ledger.transfer.")]
+        else:
+            found = [(m.metadata.sequence.stream, m.data)
+                     async for m in nodes_mod.scan(self.bus, LEDGER_STREAM, "ledger.transfer.>", start_seq=self.last_seq + 1)]
+        for seq, data in found:
+            e = TRANSFER_CODEC.decode(data)
+            if isinstance(e, LedgerTransfer):
+                self.periods.add_transfer(e.data, seq)
+        log.info("ledger: caught up LEDGER seqs %d..%d (%d transfers written elsewhere)", self.last_seq + 1, last, len(found))
+        self.last_seq = last
+        return True
 
     async def labels(self, node: str) -> dict[str, str] | None:
         """The node's labels from its registry entry, believed only when signed by the
@@ -439,33 +473,102 @@ class Ledger:
         key = "undecodable:" + hashlib.sha256(msg.data).hexdigest()
         return Decided(msg, rejections=[rejection(cid, reason, self.bus.source, None, key)])
 
-    def claim(self, d: Decided, pending: dict[tuple[str, str], list[Claim]] | None = None) -> bool:
-        """Check `d`'s period against the minted periods (and those `pending` in the same
-        batch); on an overlap turn `d` into a rejection and return False."""
-        assert d.cause is not None and d.transfer is not None and d.measured is not None
+    def overlap(self, d: Decided, pending: dict[tuple[str, str], list[Claim]]) -> Claim | None:
+        """A minted period (or one `pending` earlier in the same mint) of another cause that
+        `d`'s period overlaps, or None."""
+        assert d.cause is not None
         c = d.cause
         hit = self.periods.overlapping(c.key, c.start_us, c.end_us, c.id)
-        if hit is None and pending is not None:
+        if hit is None:
             hit = next((p for p in pending.get(c.key, []) if p.start_us < c.end_us and c.start_us < p.end_us
                         and p.cause_id != c.id), None)
-        if hit is None:
-            return True
-        d.transfer = None
-        d.rejections = [rejection(c.id, overlap_reason(c, hit), self.bus.source, d.measured, f"overlap:{hit.cause_id}")]
-        return False
+        return hit
 
-    async def settle(self, d: Decided) -> list[ev.Event]:
-        """Mint one decided transfer on its own (`Bus.publish_once`: expected sequence 0);
-        the rejection to publish when the cause was minted before with other content."""
-        assert d.transfer is not None
-        return self._settled(d, await self.bus.publish_once(d.transfer))
+    async def mint(self, ds: list[Decided]) -> list[ev.Event]:
+        """Mint the transfers of `ds`, in order, as one atomic batch fenced on `last_seq`:
+        stored only if nothing was written to LEDGER since this ledger last looked.
+
+        Causes already minted are settled as repeats (nothing written); a period that
+        overlaps a minted one, or one earlier in `ds`, is rejected; a second decision for
+        a cause in `ds` is settled as a repeat after the commit. Refused, the ledger catches
+        up (indexing what another writer minted meanwhile) and decides `ds` again from the
+        start. So two ledgers running at once cannot both mint overlapping periods. Returns
+        the rejections to publish. Call under `_write_lock`."""
+        out: list[ev.Event] = []
+        todo = [d for d in ds if d.transfer is not None]
+        tid = lambda d: d.transfer.data.transfer_id  # noqa: E731
+        for _attempt in range(10):
+            repeats = [d for d in todo if tid(d) in self.periods.minted]
+            if repeats:
+                out += await self.repeats(repeats)
+                todo = [d for d in todo if tid(d) not in self.periods.minted]
+            fresh: list[Decided] = []
+            later: list[Decided] = []
+            refused: list[tuple[Decided, Claim]] = []
+            pending: dict[tuple[str, str], list[Claim]] = defaultdict(list)
+            fresh_tids: set[str] = set()
+            for d in todo:
+                if tid(d) in fresh_tids:  # the same cause again: a repeat of what this mint stores
+                    later.append(d)
+                    continue
+                hit = self.overlap(d, pending)
+                if hit is not None:
+                    refused.append((d, hit))
+                    continue
+                fresh.append(d)
+                fresh_tids.add(tid(d))
+                c = d.cause
+                assert c is not None
+                pending[c.key].append(Claim(c.start_us, c.end_us, c.id, tid(d), 0))
+            seqs = await self.bus.commit_batch([d.transfer for d in fresh], expected_last_seq=self.last_seq) if fresh else []  # type: ignore[misc]
+            if seqs is None:
+                if not await self.catch_up():
+                    raise LedgerError(
+                        f"LEDGER refused a batch of {len(fresh)} transfers although nothing was written since seq "
+                        f"{self.last_seq} and none of their subjects is known: is `allow_atomic` on? (`scf streams ensure`)"
+                    )
+                continue  # decide them all again against what was minted meanwhile
+            for d, seq in zip(fresh, seqs):
+                self.periods.add_transfer(d.transfer.data, seq)  # type: ignore[union-attr]
+            if seqs:
+                self.counts["new"] += len(fresh)
+                self.last_seq = max(self.last_seq, seqs[-1])
+            for d, hit in refused:
+                c = d.cause
+                assert c is not None and d.measured is not None
+                self.counts["rejected"] += 1
+                out.append(rejection(c.id, overlap_reason(c, hit), self.bus.source, d.measured, f"overlap:{hit.cause_id}"))
+            if later:
+                out += await self.repeats(later)
+            return out
+        raise LedgerError("LEDGER kept changing under 10 attempts to mint: is a second ledger running? (run one)")
+
+    async def repeats(self, ds: list[Decided]) -> list[ev.Event]:
+        """Causes already minted: the same content is acknowledged as done, other content
+        refused ("conflict"). Reads the existing transfers, writes nothing."""
+
+        async def one(d: Decided) -> list[ev.Event]:
+            assert d.transfer is not None
+            seq = self.periods.minted[d.transfer.data.transfer_id]
+            existing = TRANSFER_CODEC.decode((await self.bus.js.get_msg(LEDGER_STREAM, seq)).data)
+            same = isinstance(existing, LedgerTransfer) and (
+                msgspec.json.encode(existing.data) == msgspec.json.encode(d.transfer.data))
+            return self._settled(d, Once("duplicate" if same else "conflict", seq, existing))
+
+        return [e for r in await asyncio.gather(*(one(d) for d in ds)) for e in r]
+
+    def published(self, acks: list) -> None:
+        """Move `last_seq` over this ledger's own publishes (rejections) when they are the
+        next sequences of the stream; otherwise the next mint catches up."""
+        seqs = sorted(a.seq for a in acks if not a.duplicate)
+        if seqs and seqs == list(range(self.last_seq + 1, self.last_seq + 1 + len(seqs))):
+            self.last_seq = seqs[-1]
 
     def _settled(self, d: Decided, once: Once) -> list[ev.Event]:
         assert d.transfer is not None and d.measured is not None and d.cause is not None
         transfer, m, c = d.transfer, d.measured.data, d.cause
         self.counts[once.status] += 1
         if once.status != "conflict":
-            self.periods.add_transfer(transfer.data, once.seq)
             return []
         e = once.existing.data if isinstance(once.existing, LedgerTransfer) else None
         if e is not None:
@@ -491,12 +594,8 @@ class Ledger:
         if d.rejections:
             self.counts["rejected"] += 1
             return d.rejections
-        assert d.cause is not None
-        async with self._key_locks[d.cause.key]:  # check and mint as one step per (node, meter)
-            if not self.claim(d):
-                self.counts["rejected"] += 1
-                return d.rejections
-            return await self.settle(d)
+        async with self._write_lock:  # check and mint as one step
+            return await self.mint([d])
 
     def runner(self, pause=None, **kw) -> Runner:
         """The per-message path in the standard runner (one mint round trip per message)."""
@@ -541,34 +640,15 @@ class Ledger:
         for d in poison:
             await dlq.dead_letter(self.bus, d.msg, stream=self.spec.stream, consumer=self.spec.durable, error=d.poison or "")
         out: list[ev.Event] = []
-        first: dict[str, Decided] = {}
-        later: list[Decided] = []
-        pending: dict[tuple[str, str], list[Claim]] = defaultdict(list)
         for d in decided:
-            if d.transfer is not None and d.cause is not None and self.claim(d, pending):
-                # The first decision per cause goes into the atomic batch; a repeat inside
-                # the same batch is settled after it (and found a duplicate or a conflict).
-                tid = d.transfer.data.transfer_id
-                if tid in first:
-                    later.append(d)
-                else:
-                    first[tid] = d
-                    c = d.cause
-                    pending[c.key].append(Claim(c.start_us, c.end_us, c.id, tid, 0))
             if d.rejections:
                 self.counts["rejected"] += 1
                 out += d.rejections
-        batch = list(first.values())
-        if batch:
-            # One atomic write per batch; refused as a whole (a repeat inside), one by one,
-            # all of the batch in flight at once.
-            results = await self.bus.publish_batch([d.transfer for d in batch], concurrency=len(batch))  # type: ignore[misc]
-            for d, once in zip(batch, results):
-                out += self._settled(d, once)
-        for d in later:
-            out += await self.settle(d)
-        if out:
-            await self.bus.publish_many(out)
+        async with self._write_lock:
+            # One fenced atomic write for the batch (repeats and overlaps inside it settled).
+            out += await self.mint(decided)
+            if out:
+                self.published(await self.bus.publish_many(out))
         for d in decided:
             if d.poison is None:
                 await d.msg.ack()

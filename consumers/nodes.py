@@ -285,15 +285,17 @@ def edge_consumer(node: str) -> ConsumerSpec:
 # --------------------------------------------------------------------------- reading a stream
 
 
-async def scan(bus: Bus, stream: str, subject: str, batch: int = 2000) -> AsyncIterator:
+async def scan(bus: Bus, stream: str, subject: str, batch: int = 2000, start_seq: int = 0) -> AsyncIterator:
     """Every message of `stream` on `subject` (wildcards allowed) present when called, in
-    sequence order, through an ephemeral unacknowledged pull consumer."""
+    sequence order (from `start_seq` when given), through an ephemeral unacknowledged pull
+    consumer."""
     psub = await bus.js.pull_subscribe(
         subject,
         stream=stream,
         config=api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE,
-            deliver_policy=api.DeliverPolicy.ALL,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 0 else api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq if start_seq > 0 else None,
             inactive_threshold=30.0,
             mem_storage=True,
         ),

@@ -156,6 +156,42 @@ async def test_periods_survive_a_sigkilled_ledger(bus, settings, scf_env, tmp_pa
     assert (await verify(bus, trust=keys.trust)).ok
 
 
+@pytest.mark.parametrize("mode", ["batched", "runner"])
+async def test_a_second_ledger_with_a_stale_index_cannot_mint_an_overlap(bus, settings, mode):
+    """Two ledgers at once (a second `scf run ledger` by mistake, or a failover): B loads
+    the minted periods, then A mints an hour; B, whose index does not have it, is handed a
+    measurement overlapping that hour. Its mint is fenced on the LEDGER sequence it last
+    saw: refused, it catches up and rejects the overlap; a repeat of A's hour is a repeat."""
+    keys = Keys(settings)
+    k = keys.node("n1")
+    b_bus = await Bus.connect(settings, "ledger-b")
+    try:
+        ledger_b = Ledger(b_bus, keys.trust)
+        await ledger_b.load()  # B's view: nothing minted
+        async with running_ledger(bus, keys.trust, mode):  # A
+            await publish_signed(bus, reading(), k)
+            await wait_for(lambda: drained(bus), 30, "ledger A to mint")
+        assert ledger_b.periods.overlapping(("n1", "main"), utc_micros(T0), utc_micros(T0 + HOUR), "x") is None
+        stop = asyncio.Event()
+        run_b = (ledger_b.run(stop, fetch_timeout=0.2) if mode == "batched"
+                 else ledger_b.runner(fetch_timeout=0.2).run(stop))
+        task = asyncio.create_task(run_b)
+        try:
+            await publish_signed(bus, reading(start=T0 + HOUR / 2, end=T0 + HOUR + HOUR / 2), k)
+            await publish_signed(bus, reading(), k)  # A's hour again: a repeat for B
+            await wait_for(lambda: drained(bus), 30, "ledger B to decide")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    finally:
+        await b_bus.close()
+    assert await stream_count(bus, "LEDGER", "ledger.transfer.>") == 1
+    reasons = [r.reason for r in await rejections(bus)]
+    assert len(reasons) == 1 and reasons[0].startswith("overlap:"), reasons
+    assert ledger_b.counts["duplicate"] == 1 and ledger_b.counts["new"] == 0
+    assert (await verify(bus, trust=keys.trust)).ok
+
+
 def forged(t: ev.Transfer, **changes) -> ev.LedgerTransfer:
     return ev.LedgerTransfer.new(msgspec.structs.replace(t, **changes), source="mallory")
 
