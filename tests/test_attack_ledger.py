@@ -156,8 +156,8 @@ async def test_periods_survive_a_sigkilled_ledger(bus, settings, scf_env, tmp_pa
     assert (await verify(bus, trust=keys.trust)).ok
 
 
-@pytest.mark.parametrize("mode", ["batched", "runner"])
-async def test_a_second_ledger_with_a_stale_index_cannot_mint_an_overlap(bus, settings, mode):
+@pytest.mark.parametrize(("mode", "hours"), [("batched", 1), ("runner", 1), ("batched", 300)])
+async def test_a_second_ledger_with_a_stale_index_cannot_mint_an_overlap(bus, settings, mode, hours):
     """Two ledgers at once (a second `scf run ledger` by mistake, or a failover): B loads
     the minted periods, then A mints an hour; B, whose index does not have it, is handed a
     measurement overlapping that hour. Its mint is fenced on the LEDGER sequence it last
@@ -168,9 +168,10 @@ async def test_a_second_ledger_with_a_stale_index_cannot_mint_an_overlap(bus, se
     try:
         ledger_b = Ledger(b_bus, keys.trust)
         await ledger_b.load()  # B's view: nothing minted
-        async with running_ledger(bus, keys.trust, mode):  # A
-            await publish_signed(bus, reading(), k)
-            await wait_for(lambda: drained(bus), 30, "ledger A to mint")
+        async with running_ledger(bus, keys.trust, mode):  # A (300 hours: B catches up by a scan, not by reads)
+            for h in range(hours):
+                await publish_signed(bus, reading(start=T0 + h * HOUR, end=T0 + (h + 1) * HOUR), k)
+            await wait_for(lambda: drained(bus), 60, "ledger A to mint")
         assert ledger_b.periods.overlapping(("n1", "main"), utc_micros(T0), utc_micros(T0 + HOUR), "x") is None
         stop = asyncio.Event()
         run_b = (ledger_b.run(stop, fetch_timeout=0.2) if mode == "batched"
@@ -185,10 +186,11 @@ async def test_a_second_ledger_with_a_stale_index_cannot_mint_an_overlap(bus, se
             await asyncio.wait_for(task, 10)
     finally:
         await b_bus.close()
-    assert await stream_count(bus, "LEDGER", "ledger.transfer.>") == 1
+    assert await stream_count(bus, "LEDGER", "ledger.transfer.>") == hours
     reasons = [r.reason for r in await rejections(bus)]
     assert len(reasons) == 1 and reasons[0].startswith("overlap:"), reasons
     assert ledger_b.counts["duplicate"] == 1 and ledger_b.counts["new"] == 0
+    assert len(ledger_b.periods) == hours
     assert (await verify(bus, trust=keys.trust)).ok
 
 
