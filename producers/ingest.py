@@ -49,7 +49,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import msgspec
 
@@ -82,6 +82,7 @@ class IngestSettings(msgspec.Struct, frozen=True, kw_only=True):
     ack_timeout: float = 30.0
     atomic_batch: int = 1000  # fossils per atomic batch (0: never; used when the stream allows it)
     strict: bool = False  # refuse lines with fields a fossil does not have (default: drop and count them)
+    max_line_bytes: int = 1 << 20  # a longer line is rejected (too_long) unread: it streams to the quarantine
     energy_bounds: dict[str, tuple[float, float]] = {}  # per domain: the plausible energy range (default: from its physics)
 
 
@@ -269,6 +270,13 @@ def validate_batch(
     unknown: collections.Counter = collections.Counter()
     for i, raw in enumerate(lines):
         n = first_line + i
+        if isinstance(raw, LongLine):
+            message = (
+                f"too_long: the line is {raw.length:,} bytes, longer than any fossil ([ingest] max_line_bytes); "
+                "it was not parsed; the whole line is in the quarantine"
+            )
+            rejects.append((n, "too_long", message, raw.head, None))
+            continue
         try:
             fossil, dropped = check_line(raw, recheck=recheck, strict=strict, energy_bounds=energy_bounds)
             unknown.update(dropped)
@@ -347,26 +355,87 @@ def sha256_file(path: Path) -> str:
     return file_digest(path)[0]
 
 
-def iter_batches(path: Path, offset: int, first_line: int, block: int, max_lines: int) -> Iterator[tuple[int, int, list[bytes]]]:
+class LongLine(NamedTuple):
+    """A line longer than `[ingest] max_line_bytes`, by position: its bytes are never held
+    in memory; its head goes into the `fossil.rejected` event, the whole line is copied
+    from the shard into the quarantine in chunks."""
+
+    offset: int  # where the line starts in the shard
+    length: int  # its bytes, without the newline
+    head: bytes  # its first RAW_LIMIT bytes
+
+
+def iter_batches(
+    path: Path, offset: int, first_line: int, block: int, max_lines: int, max_line: int = 0
+) -> Iterator[tuple[int, int, list]]:
     """(first line number, offset after the batch, lines) from byte `offset` on; lines
-    without their newline; a last line without a newline counts."""
+    without their newline; a last line without a newline counts. A line longer than
+    `max_line` bytes (0: no limit) comes as a `LongLine`: it is skipped over, never read
+    into memory whole."""
+    limit = max_line if max_line > 0 else 1 << 62
     with open(path, "rb") as f:
         f.seek(offset)
-        carry = b""
+        pending: list = []  # lines read, not yet yielded
         line = first_line
-        while True:
+        done = offset  # file offset after the lines yielded so far
+        carry, carry_at = b"", offset  # a partial line and where it starts
+        unterminated = False  # the file's last line has no newline (it is in `pending`)
+        eof = False
+
+        def add(parts: list[bytes], at: int) -> None:
+            if max(map(len, parts)) <= limit:
+                pending.extend(parts)
+                return
+            for p in parts:
+                pending.append(p if len(p) <= limit else LongLine(at, len(p), p[:RAW_LIMIT]))
+                at += len(p) + 1
+
+        while not eof:
             data = f.read(block)
             if not data:
+                eof = True
                 if carry:
-                    yield line, offset + len(carry), [carry]
-                return
-            buf = carry + data if carry else data
-            parts = buf.split(b"\n")
-            carry = parts.pop()
-            for i in range(0, len(parts), max_lines):
-                group = parts[i : i + max_lines]
-                offset += sum(len(p) for p in group) + len(group)
-                yield line, offset, group
+                    parts = carry.split(b"\n")
+                    last = parts.pop()
+                    if parts:
+                        add(parts, carry_at)
+                    if last:
+                        add([last], carry_at + len(carry) - len(last))
+                        unterminated = True
+                    carry = b""
+            else:
+                buf = carry + data if carry else data
+                buf_at = carry_at
+                parts = buf.split(b"\n")
+                carry = parts.pop()
+                carry_at = buf_at + len(buf) - len(carry)
+                if parts:
+                    add(parts, buf_at)
+                if len(carry) > limit:  # a long line whose end is further on: skip to it
+                    at, length, head = carry_at, len(carry), carry[:RAW_LIMIT]
+                    carry = b""
+                    while True:
+                        data = f.read(block)
+                        if not data:
+                            eof = unterminated = True
+                            pending.append(LongLine(at, length, head))
+                            break
+                        i = data.find(b"\n")
+                        piece = data if i < 0 else data[:i]
+                        if len(head) < RAW_LIMIT:
+                            head += piece[: RAW_LIMIT - len(head)]
+                        length += len(piece)
+                        if i < 0:
+                            continue
+                        pending.append(LongLine(at, length, head))
+                        carry, carry_at = data[i + 1 :], at + length + 1
+                        break
+            while pending:  # what each read completed, in groups of max_lines (as read, block by block)
+                group, pending = pending[:max_lines], pending[max_lines:]
+                done += sum(len(p) if isinstance(p, bytes) else p.length for p in group) + len(group)
+                if eof and unterminated and not pending:
+                    done -= 1  # no newline after the file's last line
+                yield line, done, group
                 line += len(group)
 
 
@@ -424,7 +493,7 @@ class _Batch:
     records: list[Record]
     rejects: list[Reject]
     unknown: dict[str, int] = field(default_factory=dict)
-    rejected_lines: list[bytes] = field(default_factory=list)  # whole, for the quarantine
+    rejected_lines: list = field(default_factory=list)  # whole (bytes, or a LongLine to copy), for the quarantine
     parts: list[_Part] = field(default_factory=list)
     reject_futures: list[asyncio.Future] = field(default_factory=list)
     reject_sends: list[tuple[str, bytes, dict[str, str]]] = field(default_factory=list)
@@ -532,7 +601,7 @@ class Ingester:
         loop = asyncio.get_running_loop()
         # With a pool, smaller batches keep every validator busy and the publisher fed.
         block = min(self.cfg.block_bytes, 1 << 20) if self._pool is not None else self.cfg.block_bytes
-        batches = iter_batches(path, prog.offset, prog.lines + 1, block, self.cfg.max_batch_lines)
+        batches = iter_batches(path, prog.offset, prog.lines + 1, block, self.cfg.max_batch_lines, self.cfg.max_line_bytes)
 
         # Validation runs ahead (in the pool) while earlier batches are published.
         ahead = max(2, 2 * self._nworkers)
@@ -669,9 +738,14 @@ class Ingester:
                     f"err_code {reply.error.err_code}); run ingest again (it resumes)"
                 )
         for (n, code, message, _raw, _fid), whole in zip(batch.rejects, batch.rejected_lines):
-            qf.write(whole)  # verbatim, however long (the event carries at most RAW_LIMIT bytes)
+            # Verbatim, however long (the event carries at most RAW_LIMIT bytes).
+            if isinstance(whole, LongLine):
+                size = await asyncio.to_thread(_copy_range, Path(rep.path), whole.offset, whole.length, qf)
+            else:
+                qf.write(whole)
+                size = len(whole)
             qf.write(b"\n")
-            rf.write(_encoder.encode({"line": n, "reason": code, "detail": message, "shard": rep.path, "bytes": len(whole)}) + b"\n")
+            rf.write(_encoder.encode({"line": n, "reason": code, "detail": message, "shard": rep.path, "bytes": size}) + b"\n")
             rep.reasons[code] += 1
             prog.reasons[code] = prog.reasons.get(code, 0) + 1
         for name, k in batch.unknown.items():
@@ -695,6 +769,20 @@ class Ingester:
         self._save_progress(prog)
         if self.on_progress is not None:
             self.on_progress(IngestProgress(rep.path, self._bytes_done, rep.lines, rep.recorded, rep.duplicate, rep.rejected))
+
+def _copy_range(src: Path, offset: int, length: int, out: "_Quarantine", chunk: int = 1 << 20) -> int:
+    """Copy `length` bytes of `src` from `offset` to `out`, a chunk at a time."""
+    copied = 0
+    with open(src, "rb") as f:
+        f.seek(offset)
+        while copied < length:
+            data = f.read(min(chunk, length - copied))
+            if not data:
+                raise IngestError(f"{src} changed while it was ingested (ends before byte {offset + length}): run ingest again")
+            out.write(data)
+            copied += len(data)
+    return copied
+
 
 async def ingest(
     bus: Bus,

@@ -9,11 +9,12 @@ import json
 
 import msgspec
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
 from scf import domains
 from scf.bus import events as ev
 from scf.domains.fossils import FossilInvalid, check_line, synth_shards, validate_line
-from scf.producers.ingest import ingest
+from scf.producers.ingest import LongLine, ingest, iter_batches
 from tests.conftest import scf, stream_count
 
 pytestmark = pytest.mark.anyio
@@ -43,22 +44,76 @@ def write(path, lines: list[bytes]):
 
 @pytest.mark.parametrize("workers", [0, 1])
 async def test_a_10_mb_rejected_line_is_quarantined_verbatim(bus, settings, good, tmp_path, workers):
-    huge_json = b'{"domain": "grid:case14", "note": "' + b"x" * (10 << 20) + b'"}'  # schema: fields missing
-    huge_junk = bytes(range(256)) * (40 << 10)  # 10 MiB of every byte value but newline's neighbours
-    huge_junk = huge_junk.replace(b"\n", b" ")
-    path = write(tmp_path / "in" / "big-00000.ndjson", good[:3] + [huge_json] + good[3:5] + [huge_junk] + good[5:6])
+    huge_json = b'{"domain": "grid:case14", "note": "' + b"x" * (10 << 20) + b'"}'
+    huge_junk = (bytes(range(256)) * (40 << 10)).replace(b"\n", b" ")  # 10 MiB of every other byte value
+    long_json = b'{"domain": "grid:case14", "note": "' + b"y" * (200 << 10) + b'"}'  # > 64 KiB, < max_line_bytes: parsed
+    lines = good[:3] + [huge_json] + good[3:5] + [huge_junk] + good[5:6] + [long_json]
+    path = write(tmp_path / "in" / "big-00000.ndjson", lines)
     report = await ingest(bus, [path], settings=settings, workers=workers)
-    assert (report.lines, report.recorded, report.rejected) == (8, 6, 2) and report.balanced
-    assert dict(report.reasons) == {"schema": 1, "malformed_json": 1}
+    assert (report.lines, report.recorded, report.rejected) == (9, 6, 3) and report.balanced
+    assert dict(report.reasons) == {"too_long": 2, "schema": 1}
 
     sha = report.shards[0].sha256
     quarantine = settings.path("fossil_vault", "quarantine")
-    assert (quarantine / f"big-00000.{sha[:12]}.ndjson").read_bytes() == huge_json + b"\n" + huge_junk + b"\n"
+    assert (quarantine / f"big-00000.{sha[:12]}.ndjson").read_bytes() == b"\n".join([huge_json, huge_junk, long_json]) + b"\n"
     reasons = [json.loads(x) for x in (quarantine / f"big-00000.{sha[:12]}.reasons.ndjson").read_text().splitlines()]
-    assert [(r["line"], r["reason"], r["bytes"]) for r in reasons] == [(4, "schema", len(huge_json)), (7, "malformed_json", len(huge_junk))]
-    assert "missing required field" in reasons[0]["detail"]
-    # The event stays within max_payload: its raw is cut; the quarantine has the whole line.
-    assert await stream_count(bus, "FOSSILS", "fossil.rejected") == 2
+    assert [(r["line"], r["reason"], r["bytes"]) for r in reasons] == [
+        (4, "too_long", len(huge_json)), (7, "too_long", len(huge_junk)), (9, "schema", len(long_json)),
+    ]
+    assert reasons[0]["detail"].startswith("too_long: the line is 10,485,797 bytes, longer than any fossil ([ingest] max_line_bytes)")
+    assert "missing required field" in reasons[2]["detail"]
+    # The events stay within max_payload: their raw is cut; the quarantine has the whole lines.
+    rejected = [e for e in await rejected_events(bus)]
+    assert sorted((e.data.line, len(e.data.raw.encode())) for e in rejected)[0] == (4, 64 << 10)
+
+
+async def rejected_events(bus) -> list[ev.FossilRejected]:
+    from scf.bus.codec import Codec
+
+    codec, out = Codec([ev.FossilRejected]), []
+    info = await bus.js.stream_info("FOSSILS")
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await bus.js.get_msg("FOSSILS", seq)
+        if msg.subject == "fossil.rejected":
+            out.append(codec.decode(msg.data))
+    return out
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=30),
+    st.booleans(), st.integers(1, 17), st.integers(1, 5), st.integers(0, 25),
+)
+def test_iter_batches_reads_every_line_once_and_skips_long_ones(tmp_path_factory, lines, final_newline, block, max_lines, max_line):
+    """Whatever the block size, batch size and line limit: the lines in order, long ones by
+    position only, batch ends at line boundaries from which a resumed read gives the rest."""
+    data = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    path = tmp_path_factory.mktemp("lines") / "s.ndjson"
+    path.write_bytes(data)
+    want = data.split(b"\n")
+    if want[-1] == b"":
+        want.pop()
+
+    def read(offset: int, first: int) -> tuple[list[bytes], list[tuple[int, int]]]:
+        got, ends, n = [], [], first
+        for first_line, end, group in iter_batches(path, offset, first, block, max_lines, max_line):
+            assert first_line == n and 0 < len(group) <= max_lines
+            n += len(group)
+            for x in group:
+                if isinstance(x, LongLine):
+                    assert max_line and x.length > max_line and x.head == data[x.offset : x.offset + min(x.length, 64 << 10)]
+                    x = data[x.offset : x.offset + x.length]
+                else:
+                    assert not max_line or len(x) <= max_line
+                got.append(x)
+            ends.append((end, n))
+        return got, ends
+
+    got, ends = read(0, 1)
+    assert got == want
+    assert (ends[-1][0] if ends else 0) == len(data)
+    for end, following in ends:
+        assert read(end, following)[0] == want[following - 1 :]
 
 
 def test_every_domain_has_plausible_energy_bounds_and_synthesized_fossils_pass(tmp_path):
