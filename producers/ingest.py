@@ -90,6 +90,8 @@ def check_settings(cfg: IngestSettings) -> None:
     """Refuse an [ingest] table that cannot work, naming the key and the fix."""
     from scf import domains
 
+    if cfg.max_line_bytes < 0:
+        raise IngestError(f"[ingest] max_line_bytes = {cfg.max_line_bytes}: give a size in bytes (0: no limit)")
     for name, bounds in cfg.energy_bounds.items():
         if name not in domains.names():
             raise IngestError(f"[ingest] energy_bounds names an unknown domain {name!r}: use one of {', '.join(domains.names())}")
