@@ -126,7 +126,7 @@ async def dead_letter(bus: Bus, msg: Any, *, stream: str, consumer: str, error: 
     try:
         meta = msg.metadata
         seq, deliveries = meta.sequence.stream, meta.num_delivered
-    except Exception:  # not a JetStream message (cannot happen from a pull consumer)
+    except Exception:  # noqa: BLE001 - not a JetStream message (cannot happen from a pull consumer)
         seq, deliveries = 0, 0
     data = msg.data or b""
     if not may_write(bus):
@@ -141,7 +141,7 @@ async def dead_letter(bus: Bus, msg: Any, *, stream: str, consumer: str, error: 
         )
         dead = ev.DeadLettered.new(entry, source=bus.source, id=derived_id("dlq", stream, consumer, seq))
         await bus.publish(dead)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the DLQ write path must never raise: the message comes back
         log.warning("%s: %s seq %s could not be dead-lettered (%s: %s): left for redelivery in %.0fs",
                     consumer, stream, seq, type(exc).__name__, exc, retry_delay)
         await _settle(msg, None, retry_delay)
@@ -161,10 +161,11 @@ async def _settle(msg: Any, term: bytes | None, delay: float = 0.0) -> None:
         elif term == b"+TERM":
             await msg.term()
         else:
-            # "+TERM <reason>" (nats-server >= 2.11): the MSG_TERMINATED advisory carries it
+            # "+TERM <reason>" (nats-server >= 2.11): the MSG_TERMINATED advisory carries it.
+            # nats-py's Msg.term() takes no reason, so the ack is sent as Msg.term() would.
             await msg._client.publish(msg.reply, term)
             msg._ackd = True
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - settling is best effort: ack_wait redelivers
         log.warning("settling %s failed (%s: %s): it is redelivered after ack_wait", msg.subject, type(exc).__name__, exc)
 
 
@@ -191,7 +192,7 @@ class DeadEntry:
 def _entry(seq: int, subject: str, data: bytes) -> DeadEntry:
     try:
         event = _codec.decode(data)
-    except Exception as exc:  # any bytes may sit on dlq.>: list them, never fail the listing
+    except Exception as exc:  # noqa: BLE001 - any bytes may sit on dlq.>: list them, never fail the listing
         return DeadEntry(seq, None, subject, len(data), f"{type(exc).__name__}: {exc}", data)
     assert isinstance(event, ev.DeadLettered)
     return DeadEntry(seq, event, subject, len(data), "", data)

@@ -158,7 +158,7 @@ class Runner:
         (the ledger's loop) hands its messages here one by one when a batch fails."""
         try:
             await self._process(msg)
-        except Exception as exc:  # e.g. the ack itself failed (connection lost): ack_wait redelivers
+        except Exception as exc:  # noqa: BLE001 - e.g. the ack failed (connection lost): ack_wait redelivers
             self._throttle.warn(log, "process", "%s: %s on %s: left for redelivery",
                                 self.spec.durable, describe(exc), msg.subject)
 
@@ -176,7 +176,7 @@ class Runner:
         except (DecodeError, SignatureError) as exc:
             await self.dead_letter(msg, f"{type(exc).__name__}: {exc}")
             return
-        except Exception as exc:  # a decoder bug is still poison for this message
+        except Exception as exc:  # noqa: BLE001 - a decoder bug is still poison for this message
             await self.dead_letter(msg, f"undecodable: {type(exc).__name__}: {exc}")
             return
 
@@ -192,7 +192,7 @@ class Runner:
         except Poison as exc:
             await self.dead_letter(msg, f"Poison: {exc}")
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
             error = f"{type(exc).__name__}: {exc}"
             log.warning("%s: seq %s delivery %s failed: %s", self.spec.durable, d.stream_seq, d.deliveries, error)
             log.debug("%s", traceback.format_exc())
@@ -228,7 +228,7 @@ class Runner:
             await asyncio.sleep(interval)
             try:
                 await d.in_progress()
-            except Exception:
+            except Exception:  # noqa: BLE001 - settled or connection gone: ack_wait takes over
                 return
 
     async def _hold(self, d: Delivery) -> None:
@@ -271,10 +271,14 @@ class Pull:
                     await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
                 self.psub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
                 return True
-            except NotFoundError if not self.create else _Never:
-                self._throttle.warn(log, "missing", "%s: consumer %s/%s does not exist yet and this process may not create it: waiting",
-                                    self.spec.durable, self.spec.stream, self.spec.durable)
-            except Exception as exc:
+            except NotFoundError as exc:
+                if self.create:
+                    self._throttle.warn(log, "bind", "%s: binding to %s/%s failed (%s): retrying",
+                                        self.spec.durable, self.spec.stream, self.spec.durable, describe(exc))
+                else:
+                    self._throttle.warn(log, "missing", "%s: consumer %s/%s does not exist yet and this process may not create it: waiting",
+                                        self.spec.durable, self.spec.stream, self.spec.durable)
+            except Exception as exc:  # noqa: BLE001 - server away or restarting: keep trying until stopped
                 self._throttle.warn(log, "bind", "%s: binding to %s/%s failed (%s): retrying",
                                     self.spec.durable, self.spec.stream, self.spec.durable, describe(exc))
             await race(asyncio.sleep(delay), stop)
@@ -289,7 +293,7 @@ class Pull:
         except (NatsTimeout, asyncio.TimeoutError):
             self.failures = 0
             return []
-        except Exception as exc:  # transient by assumption: a consumer loop must never exit on it
+        except Exception as exc:  # noqa: BLE001 - transient by assumption: a consumer loop must never exit on it
             self.failures += 1
             self._throttle.warn(log, type(exc).__name__, "%s: fetch failed (%s): retrying with backoff",
                                 self.spec.durable, describe(exc))
@@ -314,14 +318,10 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class _Never(Exception):
-    """Matches nothing (an `except` clause that is switched off)."""
-
-
 async def _quietly(awaitable: Awaitable[Any]) -> None:
     try:
         await awaitable
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - best effort (unsubscribe, nak on shutdown): logged at debug
         log.debug("ignored: %s: %s", type(exc).__name__, exc)
 
 
@@ -364,6 +364,6 @@ async def run_all(bus: Bus, tasks: Sequence[Callable[[asyncio.Event], Awaitable[
             if not t.done():
                 try:
                     await asyncio.wait_for(t, 15)
-                except Exception:
+                except Exception:  # noqa: BLE001 - shutting down: a loop that fails to finish is cancelled
                     t.cancel()
         await bus.close()

@@ -127,6 +127,8 @@ async def test_daemon_ledger_and_a_runner_ride_out_server_restarts(tmp_path):
                 await bus.close()
         text = logs(tmp_path)
         assert "Traceback" not in text, text
+    except AssertionError as exc:  # say what the processes said
+        raise AssertionError(f"{exc}\n{logs(tmp_path)}\n--- nats-server\n{server.log.read_text(errors='replace')[-2000:]}") from None
     finally:
         codes = {name: stop(p) for name, p in procs.items()}
         server.stop()
