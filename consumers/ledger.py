@@ -341,6 +341,7 @@ class Ledger:
         self.verified = Codec([ev.EnergyMeasured], trust=trust, require_signature=True, role="node")
         self.counts: dict[str, int] = defaultdict(int)
         self._labels: dict[str, tuple[float, nodes_mod.NodeInfo | None]] = {}
+        self._newest: dict[str, nodes_mod.NodeInfo] = {}
         self.spec = dataclasses.replace(LEDGER_CONSUMER, ack_wait=settings.ack_wait)
         self.periods = Periods()
         self._loaded = False
@@ -393,19 +394,24 @@ class Ledger:
     async def labels(self, node: str) -> dict[str, str] | None:
         """The node's labels from its registry entry, believed only when signed by the
         node's own trusted key (an `edge` login may write any entry); None without such an
-        entry. An entry older than one already seen (a replayed earlier entry of the node)
-        does not replace it."""
+        entry. While this ledger runs, the newest entry it believed stands when the
+        registry later holds none (deleted, forged) or an older one (a replay)."""
         import time
 
         hit = self._labels.get(node)
         if hit and time.monotonic() - hit[0] < 30.0:
             return hit[1].labels if hit[1] else None
         info = await nodes_mod.get_node(self.bus, node, trust=self.trust)
-        seen = hit[1] if hit else None
-        if info and seen and seen.updated_at and (info.updated_at is None or info.updated_at < seen.updated_at):
-            log.warning("scf_nodes/%s: an older entry (%s) replaced a newer one (%s): keeping the newer", node,
-                        info.updated_at, seen.updated_at)
-            info = seen
+        newest = self._newest.get(node)  # the newest entry believed while this ledger runs
+        older = (info is not None and newest is not None and info.updated_at is not None
+                 and newest.updated_at is not None and info.updated_at < newest.updated_at)
+        if newest is not None and (info is None or older):
+            if info is not None:
+                log.warning("scf_nodes/%s: an older entry (%s) replaced a newer one (%s): keeping the newer", node,
+                            info.updated_at, newest.updated_at)
+            info = newest
+        elif info is not None:
+            self._newest[node] = info
         self._labels[node] = (time.monotonic(), info)
         return info.labels if info else None
 

@@ -371,16 +371,23 @@ async def test_edge_login_cannot_redirect_another_nodes_credits(users_server, tm
             ledger._labels.clear()
             await publish_signed(service, reading("node-x", T0 + 8 * HOUR, T0 + 9 * HOUR), kx)
             await wait_for(lambda: drained(service), 30, "the ledger to mint after the deletion")
+        # a restarted ledger (nothing in memory) with a forged entry in place: the account of
+        # node-x's latest transfer, from the log
+        await kv.put(nodes_mod.node_key("node-x"), forgeries["signed by the attacker's own node key"])
+        async with running_ledger(service, keys.trust) as ledger:
+            await publish_signed(service, reading("node-x", T0 + 9 * HOUR, T0 + 10 * HOUR), kx)
+            await wait_for(lambda: drained(service), 30, "the restarted ledger to mint")
             # node-x's agent registers again (it does at every start and order): believed again
-            await nodes_mod.register(node_x, nodes_mod.NodeInfo(node="node-x", labels={"account": "acme"},
+            await nodes_mod.register(node_x, nodes_mod.NodeInfo(node="node-x", labels={"account": "acme-2"},
                                                                 updated_at=when + 2 * HOUR))
             ledger._labels.clear()
             await publish_signed(service, reading("node-x", T0 + 10 * HOUR, T0 + 11 * HOUR), kx)
             await wait_for(lambda: drained(service), 30, "the ledger to mint after re-registration")
         bal = balances(await read_transfers(service))
         assert not any("evil" in account for account in bal), bal
-        # every hour went to the account of node-x's latest genuine transfer
-        assert bal == {"issuer:negentropy": -7 * 18_000_000, "client:acme": 7 * 18_000_000}, bal
+        # every hour went to the account node-x itself named last
+        assert bal == {"issuer:negentropy": -8 * 18_000_000, "client:acme": 7 * 18_000_000,
+                       "client:acme-2": 18_000_000}, bal
         out = await asyncio.to_thread(cli, "nodes", "ls", env={"NATS_URL": service_settings.nats_url, "SCF_HOME": str(home)})
         assert out.returncode == 0 and "node-x" in out.stdout, out.stdout + out.stderr
     finally:
