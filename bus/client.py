@@ -536,7 +536,7 @@ class Bus:
         headers = {EXPECTED_LAST_SUBJECT_SEQ: "0", EXPECTED_LAST_SEQ: str(expected_last_seq), SCF_TYPE: event.type_name()}
         try:
             ack = await self.js.publish(subject, self._body(event), timeout=timeout, headers=headers)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - mapped: a refusal is None, anything else re-raised
             err = map_error(exc, subject)
             if isinstance(err, PublishConflict):
                 return None

@@ -834,7 +834,7 @@ class EdgeAgent:
         while not stop.is_set():
             try:
                 await self.report_meter_files()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a reading stays in meter/ and is sent next round
                 log.warning("%s: reporting meter readings failed (will retry): %s", self.node, exc)
             try:
                 await asyncio.wait_for(stop.wait(), self.settings.meter_poll_s)

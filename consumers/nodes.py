@@ -310,5 +310,5 @@ async def scan(bus: Bus, stream: str, subject: str, batch: int = 2000, start_seq
     finally:
         try:
             await psub.unsubscribe()
-        except Exception:
+        except Exception:  # noqa: BLE001 - connection gone: the consumer expires (inactive_threshold)
             pass
