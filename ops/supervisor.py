@@ -9,12 +9,21 @@ embedded nats-server is supervised the same way: when it dies (even SIGKILL) it 
 and started again on the same port and store, with backoff, printed and recorded as
 `proc.nats-server`; the children reconnect to it. SIGINT / SIGTERM stop the children with
 SIGTERM (they drain), then SIGKILL what is left, then stop the server.
+
+One `scf up` per SCF_HOME: it holds a lock on `$SCF_HOME/scf-up.pid`, which lists its pid
+and its children's. A second one is refused; one started after a supervisor was killed
+(SIGKILL leaves its children running) first stops the children it left behind (Linux:
+checked by their command line and SCF_HOME in /proc, so a reused pid is never touched), so
+no process runs twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
+import json
 import os
 import signal
 import socket
@@ -126,6 +135,7 @@ class Supervisor:
         self.server: EmbeddedServer | None = None
         self.server_watch = ServerWatch()
         self.bus: Bus | None = None
+        self._home_fd: int | None = None
         self._records: set[asyncio.Task] = set()
         self.stop_event = asyncio.Event()
 
@@ -138,8 +148,58 @@ class Supervisor:
         env.update(self.extra_env)
         return env
 
+    # ------------------------------------------------------------------ one per SCF_HOME
+    @property
+    def pid_file(self) -> Path:
+        return self.settings.path("scf-up.pid")
+
+    def claim_home(self) -> None:
+        """Lock `$SCF_HOME/scf-up.pid` for this supervisor; stop what a killed one left."""
+        fd = os.open(self.pid_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid_file(fd).get("pid", "?")
+            os.close(fd)
+            raise ConfigError(
+                f"another `scf up` (pid {holder}) supervises SCF_HOME={self.settings.home}: stop it first, or use another SCF_HOME"
+            ) from None
+        previous = _read_pid_file(fd)
+        self._home_fd = fd
+        self.write_pid_file()
+        left = [p for p in previous.get("children", []) if isinstance(p, int) and _is_our_child(p, self.settings.home)]
+        if left:
+            self.echo(
+                f"a previous `scf up` (pid {previous.get('pid', '?')}) left {len(left)} processes running "
+                f"(pids {', '.join(map(str, left))}): stopping them"
+            )
+            _stop_pids(left)
+
+    def write_pid_file(self) -> None:
+        """This supervisor's pid and its live children's, for the next one after a kill."""
+        if self._home_fd is None:
+            return
+        children = [c.proc.pid for c in self.children if c.proc is not None and c.proc.poll() is None]
+        data = json.dumps({"pid": os.getpid(), "children": children}).encode()
+        try:
+            os.ftruncate(self._home_fd, 0)
+            os.pwrite(self._home_fd, data, 0)
+        except OSError:  # informative: a full disk must not stop supervision
+            pass
+
+    def release_home(self) -> None:
+        if self._home_fd is not None:
+            try:
+                os.ftruncate(self._home_fd, 0)
+                os.pwrite(self._home_fd, json.dumps({"pid": os.getpid(), "children": []}).encode(), 0)
+            except OSError:
+                pass
+            os.close(self._home_fd)  # releases the lock
+            self._home_fd = None
+
     async def prepare(self) -> None:
         init_home(self.settings)
+        self.claim_home()
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.settings.embedded:
             self.server = EmbeddedServer(self.settings)
@@ -165,6 +225,7 @@ class Supervisor:
         )
         log.close()
         child.started = time.monotonic()
+        self.write_pid_file()
 
     def state_of(self, child: Child) -> ProcState:
         return ProcState(
@@ -259,7 +320,11 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = self.stop_event = stop or self.stop_event
-        await self.prepare()
+        try:
+            await self.prepare()
+        except BaseException:
+            self.release_home()
+            raise
         for child in self.children:
             self.start(child)
             await self.record(child)
@@ -315,3 +380,48 @@ class Supervisor:
         if self.server is not None:
             self.server.stop()
             self.echo("nats-server stopped")
+        self.release_home()
+
+
+def _read_pid_file(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_our_child(pid: int, home: str) -> bool:
+    """Whether `pid` is still an SCF process of this SCF_HOME (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, not ours to read, or no /proc (macOS: leftovers are not found)
+        return False
+    return b"scf.cli.main" in cmdline and f"SCF_HOME={home}".encode() in environ.split(b"\0")
+
+
+def _stop_pids(pids: list[int], grace: float = 20.0) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
