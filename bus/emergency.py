@@ -47,11 +47,19 @@ async def read_state(bus: Bus) -> EmergencyState:
 
 
 class EmergencyGate:
-    def __init__(self, bus: Bus, lock_file: Path, poll: float = 0.2) -> None:
-        self.bus, self.lock_file, self.poll = bus, Path(lock_file), poll
+    """The pause gate. The KV watch is the fast path; the entry is also re-read every
+    `refresh` seconds, because the watch is an ordered consumer that nats-py resets only
+    after missed heartbeats: after a server restart a stop engaged meanwhile reached a
+    running gate ~20 s late. A failed re-read keeps the state the gate has; an entry older
+    (lower revision) than the one applied never replaces it."""
+
+    def __init__(self, bus: Bus, lock_file: Path, poll: float = 0.2, refresh: float = 1.0) -> None:
+        self.bus, self.lock_file, self.poll, self.refresh = bus, Path(lock_file), poll, refresh
         self.kv_state = EmergencyState(False)
+        self.revision = 0  # of the scf_state/emergency entry applied
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._warned = 0.0
 
     @property
     def engaged(self) -> bool:
@@ -67,7 +75,8 @@ class EmergencyGate:
         self.kv_state = await read_state(self.bus)
         kv = await self.bus.kv("scf_state")
         watcher = await kv.watch(KEY_EMERGENCY)
-        self._tasks = [asyncio.create_task(self._watch(watcher)), asyncio.create_task(self._poll_file())]
+        self._tasks = [asyncio.create_task(self._watch(watcher)), asyncio.create_task(self._poll_file()),
+                       asyncio.create_task(self._reread())]
         return self
 
     async def stop(self) -> None:
@@ -82,15 +91,46 @@ class EmergencyGate:
             entry = await watcher.updates(timeout=None)
             if entry is None:
                 continue
-            if entry.value:
-                try:
-                    self.kv_state = msgspec.json.decode(entry.value, type=EmergencyState)
-                except msgspec.DecodeError:
-                    log.error("scf_state/emergency holds an unreadable value: treating the stop as engaged")
-                    self.kv_state = EmergencyState(True, "unreadable emergency state")
-            else:
-                self.kv_state = EmergencyState(False)
+            self._apply(entry.value, entry.revision or 0)
+
+    def _apply(self, value: bytes | None, revision: int) -> None:
+        if revision and revision < self.revision:
+            return  # older than what the gate already applied (a re-read racing the watch)
+        if value:
+            try:
+                state = msgspec.json.decode(value, type=EmergencyState)
+            except msgspec.DecodeError:
+                log.error("scf_state/emergency holds an unreadable value: treating the stop as engaged")
+                state = EmergencyState(True, "unreadable emergency state")
+        else:
+            state = EmergencyState(False)
+        self.revision = max(self.revision, revision)
+        if state != self.kv_state:
+            self.kv_state = state
             self._changed.set()
+
+    async def _reread(self) -> None:
+        import time
+
+        from nats.js.errors import KeyNotFoundError
+
+        while True:
+            await asyncio.sleep(self.refresh)
+            try:
+                kv = await self.bus.kv("scf_state")
+                entry = await kv.get(KEY_EMERGENCY)
+            except KeyNotFoundError as exc:  # never written, or deleted (KeyDeletedError: its tombstone)
+                tomb = getattr(exc, "entry", None)
+                if tomb is not None or self.revision == 0:
+                    self._apply(b"", getattr(tomb, "revision", 0) or 0)
+                continue
+            except Exception as exc:  # noqa: BLE001 - server away: keep the state the gate has, try again
+                if time.monotonic() - self._warned > 30:
+                    self._warned = time.monotonic()
+                    log.warning("re-reading scf_state/emergency failed (%s): the gate keeps its state (%s)",
+                                type(exc).__name__, "engaged" if self.kv_state.engaged else "clear")
+                continue
+            self._apply(entry.value, entry.revision or 0)
 
     async def _poll_file(self) -> None:
         last = self.lock_file.exists()

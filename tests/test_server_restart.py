@@ -133,3 +133,37 @@ async def test_daemon_ledger_and_a_runner_ride_out_server_restarts(tmp_path):
         codes = {name: stop(p) for name, p in procs.items()}
         server.stop()
     assert codes == {"consumer": 0, "ledger": 0, "daemon": 0}, logs(tmp_path)
+
+
+async def test_the_emergency_gate_sees_a_stop_engaged_across_a_restart(tmp_path):
+    """The gate's KV watch is an ordered consumer that nats-py resets only after missed
+    heartbeats (a stop engaged right after a restart reached a running gate ~20 s late);
+    the gate also re-reads the entry every second, and a failed re-read keeps its state."""
+    from scf.bus.emergency import EmergencyGate, EmergencyState, write_state
+
+    server = ServerProcess(tmp_path / "nats", free_port()).start()
+    settings = Settings(home=str(tmp_path / "home"), nats_url=server.url, source="test")
+    init_home(settings)
+    bus = await Bus.connect(settings, "gate")
+    await ensure(bus.js)
+    gate = await EmergencyGate(bus, settings.emergency_lock).start()
+    try:
+        await write_state(bus, EmergencyState(True, "before"))
+        await wait_for(lambda: gate.engaged, 10, "the gate to see the stop")
+        server.kill()
+        await wait_for(lambda: not bus.nc.is_connected, 10, "the gate's connection to drop")
+        assert gate.engaged  # the server away: the gate keeps the state it has (fails closed)
+        server.start()
+        other = await Bus.connect(settings, "operator")
+        try:
+            await write_state(other, EmergencyState(False, "released after the restart"))
+            await wait_for(lambda: not gate.engaged, 10, "the gate to see the release")
+            await write_state(other, EmergencyState(True, "engaged after the restart"))
+            await wait_for(lambda: gate.engaged, 10, "the gate to see the stop engaged after the restart")
+            assert gate.reason == "engaged after the restart"
+        finally:
+            await other.close()
+    finally:
+        await gate.stop()
+        await bus.close()
+        server.stop()
