@@ -37,7 +37,7 @@ from typing import Callable
 import msgspec
 
 from scf.bus.client import Bus
-from scf.bus.errors import ConfigError
+from scf.bus.errors import ConfigError, EmbeddedServerError
 from scf.bus.server import EmbeddedServer
 from scf.bus.settings import Settings, init_home
 from scf.bus.streams import ensure
@@ -249,7 +249,7 @@ class Supervisor:
                 kv = await self.bus.kv("scf_state")
                 await kv.put(f"proc.{state.name}", msgspec.json.encode(state))
                 return True
-            except Exception:
+            except Exception:  # noqa: BLE001 - server away or KV refusing: retried until patience runs out
                 if time.monotonic() > deadline:
                     return False
                 await asyncio.sleep(0.2)
@@ -295,7 +295,7 @@ class Supervisor:
         try:
             # Generous: after a kill, JetStream recovers its store before the server answers.
             status = await asyncio.to_thread(server.start, SERVER_RESTART_TIMEOUT)
-        except Exception as exc:  # port taken, store unreadable, binary gone: say so and retry
+        except (EmbeddedServerError, OSError) as exc:  # port taken, store unreadable, binary gone: say so and retry
             delay = min(self.backoff_max, self.backoff_base * 2 ** len(w.history))
             w.history.append(-1)
             w.next_start = time.monotonic() + delay
@@ -360,7 +360,7 @@ class Supervisor:
         if self.server_watch.restarting is not None:  # a server coming back: let it, for a while
             try:
                 await asyncio.wait_for(asyncio.shield(self.server_watch.restarting), 30)
-            except (Exception, asyncio.TimeoutError):
+            except asyncio.TimeoutError:  # still recovering its store: stopped below all the same
                 pass
         for task in list(self._records):
             task.cancel()

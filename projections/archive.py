@@ -571,7 +571,7 @@ async def lag_lines(bus: Bus, settings: Settings) -> list[str]:
         cfg = archive_settings(settings)
         root = archive_root(settings)
         names = archived_streams(cfg)
-    except Exception as exc:  # a bad [archive] table must not break `scf status`
+    except Exception as exc:  # noqa: BLE001 - a bad [archive] table must not break `scf status`
         return [f"archive      {exc}"]
     store = ArchiveStore(root)
     if not store.exists():

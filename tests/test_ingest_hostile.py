@@ -9,7 +9,9 @@ import json
 
 import msgspec
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from scf import domains
 from scf.bus import events as ev
