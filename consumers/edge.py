@@ -119,11 +119,23 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PendingActivation(msgspec.Struct, frozen=True, kw_only=True):
-    """An activation under way: saved before `current` is switched, cleared once its
-    outcome is recorded. Found at start, it tells the agent what a crash interrupted."""
+    """An activation under way (a deployment or a rollback): saved before `current` is
+    switched, cleared once its outcome is recorded. Found at start, it tells the agent what
+    a crash interrupted."""
 
-    order: DeployRequested
+    order: DeployRequested | DeployRollbackRequested
     previous: str | None = None  # checkpoint id that ran before
+    target: str = ""  # checkpoint id being activated
+
+    @property
+    def key(self) -> str:
+        return _order_key(self.order)
+
+
+def _order_key(order: ev.Event) -> str:
+    """What an order's outcome is recorded under: a deployment id, or a rollback's request id."""
+    data = order.data
+    return getattr(data, "deployment_id", None) or getattr(data, "request_id", "")
 
 
 class EdgeState(msgspec.Struct, kw_only=True):
@@ -455,7 +467,7 @@ class EdgeAgent:
         rest = [o for o in self.state.outcomes if o.deployment_id != outcome.deployment_id]
         self.state.outcomes = (rest + [outcome])[-256:]
         p = self.state.pending
-        if p is not None and p.order.data.deployment_id == outcome.deployment_id:
+        if p is not None and p.key == outcome.deployment_id:
             self.state.pending = None
         self._save_state()
 
@@ -540,15 +552,17 @@ class EdgeAgent:
                 log.info("%s: runs %s v%d (%s), deployment %s%s", self.node, cur.domain, cur.version, cur.checkpoint_id,
                          cur.deployment_id, " (deploy.activated)" if done is not None and done.status == "activated" else "")
             return []
-        a = p.order.data.artifact
-        if cur is not None and cur.checkpoint_id == a.checkpoint_id:
-            log.warning("%s: restarted after switching current to v%d (%s) for deployment %s: checking what runs",
-                        self.node, cur.version, cur.checkpoint_id, p.order.data.deployment_id)
-            return await self._confirm_running(p.order, cur, level=logging.WARNING)
+        what = "deployment" if isinstance(p.order, DeployRequested) else "rollback"
+        target = p.order.data.artifact.checkpoint_id if isinstance(p.order, DeployRequested) else p.target
+        if cur is not None and cur.checkpoint_id == target:
+            log.warning("%s: restarted after switching current to v%d (%s) for %s %s: checking what runs",
+                        self.node, cur.version, cur.checkpoint_id, what, p.key)
+            if isinstance(p.order, DeployRequested):
+                return await self._confirm_running(p.order, cur, level=logging.WARNING)
+            return await self._finish_rollback(p.order, cur, self._find(p.previous), level=logging.WARNING)
         log.warning(
-            "%s: restarted before switching to v%d (%s) for deployment %s: %s runs; the redelivered order carries it out",
-            self.node, a.version, a.checkpoint_id, p.order.data.deployment_id,
-            f"v{cur.version} ({cur.checkpoint_id})" if cur else "nothing",
+            "%s: restarted before switching to %s for %s %s: %s runs; the redelivered order carries it out",
+            self.node, target, what, p.key, f"v{cur.version} ({cur.checkpoint_id})" if cur else "nothing",
         )
         self.state.pending = None
         self._save_state()
@@ -645,7 +659,8 @@ class EdgeAgent:
     async def _activate(self, event: DeployRequested, item: Installed, previous: Installed | None) -> list[ev.Event]:
         order = event.data
         # Saved before the switch: a crash from here on is finished by `reconcile` at start.
-        self.state.pending = PendingActivation(order=event, previous=previous.checkpoint_id if previous else None)
+        self.state.pending = PendingActivation(order=event, previous=previous.checkpoint_id if previous else None,
+                                               target=item.checkpoint_id)
         self._save_state()
         self._switch(item.dirname)
         problem = await asyncio.to_thread(health_check, self.current_link / MODEL_FILE, self.settings.probe_max_elements)
@@ -743,6 +758,11 @@ class EdgeAgent:
         req: RollbackRequest = event.data
         if req.node != self.node:
             return []
+        done = self._outcome(req.request_id)
+        if done is not None and done.status == "rolled_back":
+            # Carried out before (a redelivery after a crash): report it again, same ids.
+            log.info("%s: rollback %s already done: re-reporting", self.node, req.request_id)
+            return [self._rolled_back(event, done)]
         cur = self.current()
         try:
             target = self.rollback_target(req.to)
@@ -753,42 +773,70 @@ class EdgeAgent:
             got, _ = await asyncio.to_thread(sha256_file, path)
             if got != target.sha256:
                 raise Refused(f"artifact {target.checkpoint_id} on disk no longer matches its signed digest: not activated")
+            # Saved before the switch: a crash from here on is finished by `reconcile` at start.
+            self.state.pending = PendingActivation(order=event, previous=cur.checkpoint_id if cur else None,
+                                                   target=target.checkpoint_id)
+            self._save_state()
             self._switch(target.dirname)
-            problem = await asyncio.to_thread(health_check, self.current_link / MODEL_FILE, self.settings.probe_max_elements)
-            if problem is not None:
-                self._switch(cur.dirname if cur else None)
-                raise Refused(f"rollback target {target.checkpoint_id} fails its health check: {problem}")
         except Refused as exc:
             log.warning("%s: rollback refused: %s", self.node, exc)
-            return [
-                ev.DeployFailed.new(
-                    ev.DeployFailure(
-                        deployment_id=req.request_id,
-                        plan_id="rollback",
-                        node=self.node,
-                        checkpoint_id=req.to or "",
-                        reason=str(exc)[:2000],
-                        running_checkpoint_id=cur.checkpoint_id if cur else None,
-                    ),
-                    source=self.bus.source,
-                    cause=event,
-                )
-            ]
+            return [self._rollback_failed(event, str(exc), cur)]
+        return await self._finish_rollback(event, target, cur)
+
+    async def _finish_rollback(self, event: DeployRollbackRequested, target: Installed, previous: Installed | None,
+                               level: int = logging.INFO) -> list[ev.Event]:
+        """`current` points at `target`: health-check it; record and report the rollback, or
+        switch back to `previous` and report the failure."""
+        req: RollbackRequest = event.data
+        problem = await asyncio.to_thread(health_check, self.current_link / MODEL_FILE, self.settings.probe_max_elements)
+        if problem is not None:
+            self._switch(previous.dirname if previous else None)
+            self.state.current = previous.checkpoint_id if previous else None
+            self.state.pending = None
+            self._save_state()
+            reason = f"rollback target {target.checkpoint_id} fails its health check: {problem}"
+            log.warning("%s: rollback refused: %s", self.node, reason)
+            return [self._rollback_failed(event, reason, previous)]
         self._activated(msgspec.structs.replace(target, activated_at=_now()))
+        outcome = Outcome(
+            deployment_id=req.request_id, plan_id="rollback", status="rolled_back", checkpoint_id=target.checkpoint_id,
+            version=target.version, reason=req.reason or f"control.rollback by {req.signer or req.by or 'an operator'}",
+            running_checkpoint_id=previous.checkpoint_id if previous else None,
+        )
+        self._record(outcome)
         await self.publish_status("rolled_back")
-        return [
-            ev.DeployRolledBack.new(
-                ev.Rollback(
-                    node=self.node,
-                    from_checkpoint_id=cur.checkpoint_id if cur else None,
-                    to_checkpoint_id=target.checkpoint_id,
-                    reason=req.reason or f"control.rollback by {req.signer or req.by or 'an operator'}",
-                    deployment_id=target.deployment_id,
-                ),
-                source=self.bus.source,
-                cause=event,
-            )
-        ]
+        log.log(level, "%s: deploy.rolled_back for rollback %s: runs %s v%d (%s)", self.node, req.request_id,
+                target.domain, target.version, target.checkpoint_id)
+        return [self._rolled_back(event, outcome)]
+
+    def _rolled_back(self, event: DeployRollbackRequested, o: Outcome) -> ev.DeployRolledBack:
+        target = self._find(o.checkpoint_id)
+        return ev.DeployRolledBack.new(
+            ev.Rollback(
+                node=self.node,
+                from_checkpoint_id=o.running_checkpoint_id,
+                to_checkpoint_id=o.checkpoint_id,
+                reason=o.reason,
+                deployment_id=target.deployment_id if target else None,
+            ),
+            source=self.bus.source,
+            cause=event,
+        )
+
+    def _rollback_failed(self, event: DeployRollbackRequested, reason: str, running: Installed | None) -> ev.DeployFailed:
+        req: RollbackRequest = event.data
+        return ev.DeployFailed.new(
+            ev.DeployFailure(
+                deployment_id=req.request_id,
+                plan_id="rollback",
+                node=self.node,
+                checkpoint_id=req.to or "",
+                reason=reason[:2000],
+                running_checkpoint_id=running.checkpoint_id if running else None,
+            ),
+            source=self.bus.source,
+            cause=event,
+        )
 
     # ------------------------------------------------------------------ energy
     async def report_meter_files(self) -> int:
