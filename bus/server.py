@@ -112,12 +112,15 @@ class EmbeddedServer:
             "--log", str(self.log),
         ]
 
-    def _pid(self) -> int | None:
+    def _pid_in_file(self) -> int | None:
         try:
-            pid = int(self.pid_file.read_text().strip())
+            return int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _pid_alive(pid) else None
+
+    def _pid(self) -> int | None:
+        pid = self._pid_in_file()
+        return pid if pid is not None and _pid_alive(pid) else None
 
     def status(self) -> ServerStatus:
         pid = self._pid()
@@ -130,8 +133,8 @@ class EmbeddedServer:
                 f"NATS_URL is set ({s.nats_url}): SCF uses that server and does not start its own; unset NATS_URL to use the embedded server"
             )
         current = self.status()
-        if current.running:
-            self.pid = current.pid
+        if current.running:  # started elsewhere (`scf server start`, a killed `scf up`): adopted
+            self.proc, self.pid = None, current.pid
             return current
         if port_open(s.host, s.port):
             raise EmbeddedServerError(
@@ -166,6 +169,8 @@ class EmbeddedServer:
             code = self.proc.poll()
             if code is None:
                 return None
+            if self._pid_in_file() == self.proc.pid:  # stale: the pid may be reused by anyone
+                self.pid_file.unlink(missing_ok=True)
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             return f"nats-server (pid {self.proc.pid}) {how}"
         if self.pid is not None and not _pid_alive(self.pid):
