@@ -93,7 +93,6 @@ class WriteTrouble:
         self.every, self.retry_min, self.retry_max = every, retry_min, retry_max
         self.stuck: dict[str, tuple[str, int | None, float]] = {}  # what -> (reason, messages held, since)
         self._logged = float("-inf")
-        self.lines: list[str] = []  # what was logged (for `scf run archive`'s exit summary)
 
     def retry_in(self, failures: int) -> float:
         return min(self.retry_max, self.retry_min * 2 ** max(0, failures - 1))
@@ -120,7 +119,6 @@ class WriteTrouble:
             self.say(f"archive writes {stream} again: {rows} messages written after {time.monotonic() - since:.0f}s of failed writes")
 
     def say(self, line: str) -> None:
-        self.lines.append(line)
         log.warning("%s", line)
 
 
@@ -387,10 +385,13 @@ def prepare(store: ArchiveStore) -> None:
     ArchiveWriteFailed when the disk is full."""
     from scf.projections import views
 
-    store.root.mkdir(parents=True, exist_ok=True)
-    with store.database_lock():
-        store.clean_database_temporary()
-    store.ensure()
+    try:
+        store.root.mkdir(parents=True, exist_ok=True)
+        with store.database_lock():
+            store.clean_database_temporary()
+        store.ensure()
+    except OSError as exc:  # no room even for a directory or a lock file
+        raise ArchiveWriteFailed(store.root, exc) from exc
     views.write_database(store.root)
 
 
