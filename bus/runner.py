@@ -8,7 +8,10 @@ A handler decides; the runner owns the I/O:
 * the events a handler returns are published (ids derived from the input, so a
   redelivered input republishes the same ids and JetStream's dedup keeps one) and only
   then is the input acked: at-least-once delivery, effectively-once outcomes;
-* a failing handler is nak'ed with exponential backoff; on its last allowed delivery the
+* a failing handler is nak'ed with exponential backoff (the delay travels with the nak:
+  the retry policy is the runner's, one place; the consumers' JetStream `backoff` is left
+  unset because it governs ack-timeout redeliveries too, where a fixed `ack_wait` lets
+  another process take over a dead one's message fast); on its last allowed delivery the
   message is copied to the DLQ stream with the error and original headers, then terminated;
   an undecodable message (or a handler raising `Poison`) goes to the DLQ at once; the one
   DLQ writer is `bus.dlq.dead_letter` (an entry always fits max_payload; a failed write
