@@ -250,6 +250,10 @@ async def genuine(bus: Bus, entry: DeadEntry, trust: TrustList | None) -> tuple[
         holder = ""
     if holder != d.stream:
         raise _refuse(seq, f"its subject {d.subject!r} is not stored by stream {d.stream} (forged entry?)")
+    try:
+        await bus.js.consumer_info(d.stream, d.consumer)
+    except NotFoundError:
+        raise _refuse(seq, f"it names consumer {d.consumer!r}, which {d.stream} does not have (forged entry?)") from None
     original = None
     if d.seq > 0:
         try:

@@ -27,7 +27,7 @@ from scf.bus import events as ev
 from scf.bus.dlq import HEADROOM, list_dead
 from scf.bus.ids import new_id
 from scf.bus.signing import SigningKey
-from scf.bus.streams import ensure
+from scf.bus.streams import CONSUMERS, ConsumerSpec, ensure, ensure_consumer
 from scf.consumers.edge import measurement_event
 from tests.conftest import cli, spawn, stream_count, wait_for
 from tests.test_deploy_helpers import Keys, start_process, stop
@@ -156,9 +156,10 @@ def test_only_services_may_write_the_dlq(hub: Hub) -> None:  # noqa: F811 (fixtu
     asyncio.run(run())
 
 
-def forged(stream: str, subject: str, seq: int, payload: bytes, *, truncated: bool = False) -> ev.DeadLettered:
+def forged(stream: str, subject: str, seq: int, payload: bytes, *, truncated: bool = False, consumer: str = "") -> ev.DeadLettered:
+    consumer = consumer or {"LEDGER": "books", "DEPLOY": "ledger"}.get(stream, "ledger")
     return ev.DeadLettered.new(
-        ev.DeadLetter(stream=stream, consumer="ledger", subject=subject, seq=seq, deliveries=5, error="forged",
+        ev.DeadLetter(stream=stream, consumer=consumer, subject=subject, seq=seq, deliveries=5, error="forged",
                       headers={"Nats-Msg-Id": "forged"}, payload=payload[: 10 if truncated else None],
                       digest=sha(payload), size=len(payload), truncated=truncated),
         source="worker", id=new_id(),
@@ -174,6 +175,9 @@ async def test_forged_dead_letters_are_refused_by_the_redrive(bus, settings, scf
         source="worker",
     )
     evil_body = codec.encode(evil)
+    # the durables the entries name exist (the ledger's on DEPLOY, one on LEDGER)
+    await ensure_consumer(bus.js, CONSUMERS["ledger"])
+    await ensure_consumer(bus.js, ConsumerSpec("LEDGER", "books", ("ledger.>",)))
     real_body, evil_json = b'{"real": 1}', b'{"evil": 1}'
     real = (await bus.js.publish("energy.measured.n1", real_body)).seq  # a genuine DEPLOY message
     cases = [
@@ -191,6 +195,8 @@ async def test_forged_dead_letters_are_refused_by_the_redrive(bus, settings, scf
         (forged("DEPLOY", evil.subject(), real, evil_body), None,
          f"its subject '{evil.subject()}' is not stored by stream DEPLOY"),
         (forged("DLQ", "dlq.ledger", 1, b"{}"), None, "it names stream 'DLQ'"),
+        (forged("DEPLOY", "energy.measured.n1", real, real_body, consumer="nobody"), None,
+         "it names consumer 'nobody', which DEPLOY does not have"),
     ]
     dlq_seqs = []
     for entry, key, _ in cases:
@@ -213,6 +219,7 @@ async def test_forged_dead_letters_are_refused_by_the_redrive(bus, settings, scf
 
 async def test_an_entry_whose_original_is_gone_is_redriven_only_whole_and_signed_by_a_control_plane_key(bus, settings, scf_env):
     keys = Keys(settings)
+    await ensure_consumer(bus.js, ConsumerSpec("INTENTS", "effect", ("intent.created.>",)))
     lost = intent("lost")
     body = codec.encode(lost)
     entry = ev.DeadLettered.new(
