@@ -59,7 +59,11 @@ async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -
         # repeated (a server down: "Connect call failed" per attempt) at most once a second.
         throttle.warn(log, str(exc)[:200], "nats: %s", exc)
 
+    client: list[NATS] = []  # set once connected
+
     async def _disconnected() -> None:
+        if client and client[0].is_closed:  # a deliberate close() calls this too: nothing to say
+            return
         log.warning("nats: disconnected from %s: reconnecting (forever, with backoff)", _redact(settings.url))
 
     async def _reconnected() -> None:
@@ -73,7 +77,7 @@ async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -
     # inbox prefix (nats/users.conf): _INBOX.<user>.>
     extra = {"inbox_prefix": f"_INBOX.{user}".encode()} if user and user != "service" else {}
     try:
-        return await nats.connect(
+        nc = await nats.connect(
             settings.url,
             name=name,
             **extra,
@@ -90,6 +94,8 @@ async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -
         )
     except (NoServersError, OSError, asyncio.TimeoutError, NatsTimeout) as exc:
         raise NatsUnavailable(settings.url, type(exc).__name__) from None
+    client.append(nc)
+    return nc
 
 
 class Throttle:
