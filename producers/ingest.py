@@ -542,7 +542,15 @@ class Ingester:
                     initializer=_init_validator, initargs=(_first_domain(shards[0]) if shards else None,),
                 )
             for path in shards:
-                report.shards.append(await self._shard(path))
+                try:
+                    report.shards.append(await self._shard(path))
+                except OSError as exc:  # a full disk (quarantine, progress), an unreadable shard
+                    file = f" ({exc.filename})" if exc.filename else ""
+                    raise IngestError(
+                        f"ingest of {path} stopped: {exc.strerror or exc}{file}: free space or fix permissions "
+                        f"(shards, {self.quarantine_dir.parent}) and run ingest again (it resumes after the last "
+                        "acknowledged batch; nothing is recorded or quarantined twice)"
+                    ) from None
         finally:
             await self._pub.close()
             if self._pool is not None:

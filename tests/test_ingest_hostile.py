@@ -203,3 +203,42 @@ async def test_unknown_fields_counted_or_refused_with_strict(bus, settings, scf_
     assert (out["recorded"], out["duplicate"], out["rejected"], out["reasons"]) == (0, 1, 2, {"unknown_field": 2})
     assert out["unknown_fields"] == {}
     assert await stream_count(bus, "FOSSILS", "fossil.rejected") == 2
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:  # runs in the child before exec
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return apply
+
+
+async def test_ingest_that_cannot_write_stops_in_one_line_and_resumes(bus, settings, scf_env, good, tmp_path):
+    """The quarantine cannot be written (RLIMIT_FSIZE on the real CLI process: EFBIG, as on a
+    full disk): one line, exit 1, no traceback; the next run resumes and nothing doubles."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    bad = b'{"domain": "grid:case14", "note": "' + b"z" * (200 << 10) + b'"}'
+    path = write(tmp_path / "in" / "full-00000.ndjson", good[:4] + [bad] + good[4:8])
+    r = subprocess.run(
+        [sys.executable, "-m", "scf.cli.main", "fossils", "ingest", str(path), "-q"], env=scf_env, cwd=ROOT,
+        capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size(100 << 10),
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: ingest of {path} stopped: File too large") and "run ingest again" in last, last
+
+    r = scf("fossils", "ingest", str(path), "--json", "-q", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["lines"] == 9 and out["rejected"] == 1 and out["recorded"] + out["duplicate"] == 8
+    assert await stream_count(bus, "FOSSILS", "fossil.recorded.>") == 8
+    quarantine = settings.path("fossil_vault", "quarantine")
+    (qfile,) = [p for p in quarantine.glob("full-00000.*.ndjson") if not p.name.endswith(".reasons.ndjson")]
+    assert qfile.read_bytes() == bad + b"\n"
