@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT))
 import msgspec  # noqa: E402
 import nats  # noqa: E402
 
+from scf.bus import gears  # noqa: E402
 from scf.bus.client import Bus  # noqa: E402
 from scf.bus.server import ServerProcess, free_port  # noqa: E402
 from scf.bus.settings import Settings, init_home  # noqa: E402
 from scf.bus.streams import KEY_DAEMON, ensure  # noqa: E402
-from scf.producers import gears  # noqa: E402
 from tests.daemon_support import fossil  # noqa: E402
 
 ORIENT_SAMPLES = {"STANDARD": 4, "ACCELERATED": 10, "HYPER": 30, "SINGULARITY": 30}

@@ -33,12 +33,12 @@ import numpy as np  # noqa: E402
 
 from scf import domains  # noqa: E402
 from scf.bus import events as ev  # noqa: E402
+from scf.bus import gears  # noqa: E402
 from scf.bus.client import Bus  # noqa: E402
 from scf.bus.server import ServerProcess, free_port  # noqa: E402
 from scf.bus.settings import Settings, init_home  # noqa: E402
 from scf.bus.streams import ConsumerSpec, ensure  # noqa: E402
 from scf.consumers.safety import GateView, SafetyGate, SafetySettings, decide  # noqa: E402
-from scf.producers import gears  # noqa: E402
 
 CORPUS = ROOT / "tests" / "data" / "ethics"
 

@@ -203,7 +203,7 @@ class DeployPlanner:
         """The gear the intent is created under (the scf_state/gear mirror; STANDARD when
         unknown). The safety gate rules on the gear itself; this is a record."""
         try:
-            from scf.producers.gears import read_gear
+            from scf.bus.gears import read_gear
 
             return (await read_gear(self.bus)).gear
         except Exception:

@@ -36,10 +36,10 @@ from nats.js.errors import NotFoundError
 from nats.nuid import NUID
 
 from scf.bus import events as ev
-from scf.producers.gears import TRAIN_INTENT_PARAMS
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.errors import SCFError
+from scf.bus.gears import TRAIN_INTENT_PARAMS
 from scf.bus.ids import derived_id, subject_token
 from scf.bus.runner import Delivery, Poison, Runner, event_decoder
 from scf.bus.streams import CONSUMERS

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import msgspec
 
 from scf.bus import events as ev
+from scf.bus import gears
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.ids import derived_id
@@ -39,7 +40,6 @@ from scf.bus.runner import Delivery, Runner
 from scf.bus.streams import CONSUMERS, KEY_GEAR, ConsumerSpec
 from scf.consumers import ethics
 from scf.consumers.regulator import RuleSet, parse_fact
-from scf.producers import gears
 
 log = logging.getLogger("scf.safety")
 

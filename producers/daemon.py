@@ -56,7 +56,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from scf.bus import control
+from scf.bus import control, gears
 from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
@@ -68,7 +68,6 @@ from scf.bus.settings import Settings
 from scf.bus.signing import TrustList
 from scf.bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
 from scf.bus.trust import SharedTrust
-from scf.producers import gears
 from scf.producers.verify import CheckpointVerifier, Verifier, VerifySettings, current_promotion, decide_promotion
 
 log = logging.getLogger("scf.daemon")

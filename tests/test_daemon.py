@@ -10,9 +10,9 @@ import sys
 import msgspec
 import pytest
 
+from scf.bus import gears
 from scf.bus.emergency import read_state
 from scf.bus.streams import KEY_DAEMON
-from scf.producers import gears
 from scf.producers.daemon import DaemonSettings, Liveness
 from tests.conftest import spawn, stream_count, wait_for
 from tests.daemon_support import (

@@ -7,11 +7,10 @@ import datetime as dt
 import msgspec
 import pytest
 
-from scf.bus import control
+from scf.bus import control, gears
 from scf.bus import events as ev
 from scf.bus.errors import DecodeError, SignatureError
 from scf.bus.signing import SigningKey, TrustList
-from scf.producers import gears
 from scf.producers.control_file import ControlFileError, parse
 from scf.producers.daemon import (
     TRAIN_INTENT_PARAMS,

@@ -158,8 +158,8 @@ async def _acked(bus) -> bool:
 
 
 def test_daemon_bookkeeping_params_stay_out_of_the_model_config():
+    from scf.bus.gears import TRAIN_INTENT_PARAMS
     from scf.consumers.dispatch import job_config
-    from scf.producers.gears import TRAIN_INTENT_PARAMS
 
     params = {k: 1 for k in TRAIN_INTENT_PARAMS} | {"pool": "h100", "steps": 50, "lr": 0.001}
     config, digest = job_config(params)

@@ -11,7 +11,7 @@ import pytest
 
 from scf import domains
 from scf.bus import events as ev
-from scf.producers import gears
+from scf.bus import gears
 from tests.conftest import spawn, wait_for
 from tests.daemon_support import events, running_safety, wait_events
 

@@ -6,8 +6,8 @@ import pytest
 
 from scf.bus import events as ev
 from scf.bus.emergency import EmergencyState, write_state
+from scf.bus.gears import GearState, write_gear
 from scf.ops.status_view import render, snapshot
-from scf.producers.gears import GearState, write_gear
 
 pytestmark = pytest.mark.anyio
 
