@@ -28,7 +28,7 @@ from scf.bus.dlq import HEADROOM, list_dead
 from scf.bus.ids import new_id
 from scf.bus.signing import SigningKey
 from scf.bus.streams import CONSUMERS, ConsumerSpec, ensure, ensure_consumer
-from scf.consumers.edge import measurement_event
+from scf.consumers.energy import measurement_event
 from tests.conftest import cli, spawn, stream_count, wait_for
 from tests.test_deploy_helpers import Keys, start_process, stop
 from tests.test_nats_configs import Hub, hub, passwords, servers, tls_files, violation  # noqa: F401 (fixtures)

@@ -430,7 +430,7 @@ async def test_edge_agent_never_reports_a_non_finite_or_absurd_meter_file(bus, s
         (meter / "c.json").write_bytes(b'{"period_start": "2026-11-03T10:00:00Z", "period_end": "2026-11-03T11:00:00Z",'
                                        b' "baseline_kwh": 1e999, "actual_kwh": 1.0}')
         (meter / "d.json").write_text(json.dumps({**period, "baseline_kwh": 5.0, "actual_kwh": 1.0, "meter": " Main"}))
-        assert await agent.report_meter_files() == 1
+        assert await agent.meter.report_files() == 1
         assert sorted(p.name for p in (meter / "bad").iterdir()) == ["a.json", "b.json", "c.json"]
         assert await stream_count(bus, "DEPLOY", "energy.measured.>") == 1
     finally:

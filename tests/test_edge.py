@@ -18,8 +18,8 @@ from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
-from scf.consumers.edge import EdgeAgent, Refused, health_check, verify_release
 from scf.bus.events import DeployRequested, DeployRollbackRequested
+from scf.consumers.edge import EdgeAgent, Refused, health_check, verify_release
 from tests.conftest import scf, stream_count, wait_for
 from tests.test_deploy_helpers import (
     Keys,
@@ -46,8 +46,8 @@ def test_health_check(tmp_path):
     assert "non-finite" in health_check(tmp_path / "nan.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     assert "does not load" in health_check(tmp_path / "junk.safetensors")
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     save_file({"steps": np.arange(3, dtype=np.int64)}, str(tmp_path / "ints.safetensors"))
     assert "no floating-point tensor" in health_check(tmp_path / "ints.safetensors")
@@ -231,7 +231,7 @@ async def test_state_rebuilt_from_directory(bus, settings, tmp_path):
     (tmp_path / "edge" / "state.json").write_text("{garbage")
     again = await EdgeAgent(bus, "n", tmp_path / "edge", keys.trust).start()
     assert again.current().checkpoint_id == "ck-2"
-    assert [i.checkpoint_id for i in again.state.history] == ["ck-1", "ck-2"]
+    assert [i.checkpoint_id for i in again.store.state.history] == ["ck-1", "ck-2"]
     assert again.rollback_target(None).checkpoint_id == "ck-1"
     # A redelivered order that already ran is confirmed (same event id), not re-installed.
     order = orders_for(p2, codec.sign(p2, keys.release), ["n"])[0]

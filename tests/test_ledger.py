@@ -19,7 +19,7 @@ from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.emergency import EmergencyGate
 from scf.bus.ids import new_id
-from scf.consumers.edge import measurement_event
+from scf.consumers.energy import measurement_event
 from scf.consumers.ledger import (
     Ledger,
     LedgerSettings,

@@ -19,7 +19,7 @@ from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.ids import new_id
-from scf.consumers.edge import measurement_event
+from scf.consumers.energy import measurement_event
 from scf.consumers.ledger import balances, read_transfers
 from tests.conftest import scf, stream_count, wait_for
 from tests.test_deploy_helpers import Keys, logs, start_process, stop, utc

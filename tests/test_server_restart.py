@@ -26,7 +26,7 @@ from scf.bus.client import Bus
 from scf.bus.server import ServerProcess, binary, free_port
 from scf.bus.settings import Settings, init_home
 from scf.bus.streams import CONSUMERS, ensure
-from scf.consumers.edge import measurement_event
+from scf.consumers.energy import measurement_event
 from tests.conftest import spawn, stream_count, wait_for
 from tests.test_deploy_helpers import Keys, logs, start_process, stop
 

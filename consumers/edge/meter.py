@@ -1,0 +1,99 @@
+"""Meter reporting: readings a meter bridge drops into `<dir>/meter/*.json` become signed
+`energy.measured` events (signed with the node's key; the ledger mints from them)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+
+from scf.bus.client import Bus
+from scf.consumers.edge.store import Installed
+from scf.consumers.energy import finite_kwh, measurement_event
+
+log = logging.getLogger("scf.edge")
+
+
+class MeterReading(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A file a meter bridge drops into `<dir>/meter/` for the agent to report."""
+
+    period_start: dt.datetime
+    period_end: dt.datetime
+    baseline_kwh: float
+    actual_kwh: float
+    method: str = "metered-vs-baseline"
+    deployment_id: str | None = None  # default: the deployment running now
+    domain: str | None = None
+    meter: str = ""  # which meter of the node ("" = its main meter)
+
+
+class MeterReporter:
+    """Sends the readings in `<dir>/meter/`; `running()` says what runs now (a reading's
+    default deployment and domain)."""
+
+    def __init__(self, bus: Bus, node: str, directory: Path, running: Callable[[], Installed | None], *,
+                 labels: dict[str, str] | None = None, poll_s: float = 2.0) -> None:
+        self.bus, self.node, self.dir = bus, node, Path(directory) / "meter"
+        self.running = running
+        self.labels = dict(labels or {})
+        self.poll_s = poll_s
+
+    async def report_files(self) -> int:
+        """Publish every reading in `<dir>/meter/*.json` as a signed energy.measured; the
+        file moves to meter/sent/ (or meter/bad/ when unreadable). Returns how many were sent."""
+        if self.bus.key is None:
+            return 0
+        sent = 0
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                reading = msgspec.json.decode(path.read_bytes(), type=MeterReading)
+            except (OSError, msgspec.DecodeError) as exc:
+                log.error("%s: meter file %s is unreadable (%s): moved to meter/bad/", self.node, path, exc)
+                _move(path, self.dir / "bad")
+                continue
+            cur = self.running()
+            try:
+                for name, value in (("baseline_kwh", reading.baseline_kwh), ("actual_kwh", reading.actual_kwh)):
+                    if (problem := finite_kwh(name, value)) is not None:
+                        raise ValueError(problem)
+                event = measurement_event(
+                    self.node,
+                    period_start=reading.period_start,
+                    period_end=reading.period_end,
+                    baseline_kwh=reading.baseline_kwh,
+                    actual_kwh=reading.actual_kwh,
+                    method=reading.method,
+                    deployment_id=reading.deployment_id or (cur.deployment_id if cur else None),
+                    domain=reading.domain or (cur.domain if cur else self.labels.get("domain", "")),
+                    meter=reading.meter,
+                    source=self.bus.source,
+                )
+            except ValueError as exc:  # a non-finite or absurd reading: never reported
+                log.error("%s: meter file %s: %s: moved to meter/bad/", self.node, path, exc)
+                _move(path, self.dir / "bad")
+                continue
+            await self.bus.publish(event)
+            _move(path, self.dir / "sent")
+            sent += 1
+        return sent
+
+    async def loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.report_files()
+            except Exception as exc:  # noqa: BLE001 - a reading stays in meter/ and is sent next round
+                log.warning("%s: reporting meter readings failed (will retry): %s", self.node, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+
+
+def _move(path: Path, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    os.replace(path, directory / path.name)

@@ -1,0 +1,49 @@
+"""The health probe run after every activation (and on a redelivered order for what runs):
+does the model load with numpy and answer a probe? Numpy only (no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from scf.consumers.edge.tensors import load_tensors
+
+
+def health_check(path: Path, max_elements: int = 50_000_000) -> str | None:
+    """None when the model loads and answers a probe; otherwise the reason it does not.
+
+    Numpy only (no torch). The checks: the file parses as safetensors; it holds at least
+    one floating-point tensor; every floating tensor is finite (tensors beyond
+    `max_elements` are checked on a strided sample); and the probe — the first 2-D float
+    tensor W (by name), taken as a linear layer, maps a fixed input x (a ramp in [-1, 1])
+    to W @ x (+ a bias of matching shape when present) with a finite, non-degenerate result.
+    This is SCF's own minimal probe: ml/ offers no numpy-only one (docs/deploy.md)."""
+    try:
+        tensors = load_tensors(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, and any failure to load is the answer
+        return f"the model does not load: {type(exc).__name__}: {exc}"
+    floats = {k: v for k, v in tensors.items() if np.issubdtype(v.dtype, np.floating)}
+    if not floats:
+        return "the model holds no floating-point tensor"
+    for name in sorted(floats):
+        t = floats[name]
+        flat = t.reshape(-1)
+        if flat.size > max_elements:
+            flat = flat[:: max(1, flat.size // max_elements)]
+        if not np.isfinite(flat).all():
+            return f"tensor {name} {list(t.shape)} holds non-finite values (NaN or inf)"
+    matrices = [k for k in sorted(floats) if floats[k].ndim == 2 and floats[k].size > 0]
+    if matrices:
+        name = matrices[0]
+        w = floats[name].astype(np.float64)
+        x = np.linspace(-1.0, 1.0, w.shape[1])
+        with np.errstate(all="ignore"):
+            y = w @ x
+            bias_name = name.rsplit(".", 1)[0] + ".bias" if "." in name else ""
+            b = floats.get(bias_name)
+            if b is not None and b.shape == (w.shape[0],):
+                y = y + b
+        if not np.isfinite(y).all():
+            return f"the probe through {name} {list(w.shape)} answers non-finite values"
+    return None
