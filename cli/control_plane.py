@@ -92,8 +92,8 @@ def safety_check_code(
     sandbox: list[str] = typer.Option([], help="sandbox root directories (default: [safety] sandbox_roots)"),
 ) -> None:
     """Run the ethics limiter on a file: prints each finding with its line; exit 1 when it would be rejected."""
-    from scf.consumers import ethics
     from scf.consumers.safety import SafetySettings
+    from scf.domains import ethics
 
     s = load_settings()
     cfg = s.section("safety", SafetySettings)

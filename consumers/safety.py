@@ -38,8 +38,8 @@ from scf.bus.codec import Codec
 from scf.bus.ids import derived_id
 from scf.bus.runner import Delivery, Runner
 from scf.bus.streams import CONSUMERS, KEY_GEAR, ConsumerSpec
-from scf.consumers import ethics
 from scf.consumers.regulator import RuleSet, parse_fact
+from scf.domains import ethics
 
 log = logging.getLogger("scf.safety")
 
@@ -108,8 +108,9 @@ def rule_code(view: GateView, proposal: ev.CodeProposal) -> Ruling:
 
 
 def rule_state(view: GateView, proposal: ev.StateProposal) -> Ruling:
-    from scf import domains
     import numpy as np
+
+    from scf import domains
 
     try:
         domain = domains.get(proposal.domain)

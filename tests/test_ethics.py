@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scf.consumers import ethics
+from scf.domains import ethics
 
 CORPUS = Path(__file__).parent / "data" / "ethics"
 MALICIOUS = sorted((CORPUS / "malicious").glob("*.py"))
