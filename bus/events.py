@@ -24,7 +24,7 @@ from typing import Literal, Union
 
 import msgspec
 
-from scf.bus.ids import content_id, derived_id, new_id, subject_token
+from scf.bus.ids import PUBLIC_IDS, Ids, content_id, new_id, subject_token
 
 Gear = Literal["STANDARD", "ACCELERATED", "HYPER", "SINGULARITY"]
 GEARS: tuple[str, ...] = ("STANDARD", "ACCELERATED", "HYPER", "SINGULARITY")
@@ -70,12 +70,15 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
         cause: "Event | None" = None,
         id: str | None = None,
         at: dt.datetime | None = None,
+        ids: Ids = PUBLIC_IDS,
     ):
         """Build an event. With `cause`, correlation/causation ids follow the cause, and the
         id (unless given) is derived from the cause's id and this type, so a redelivered
-        cause yields the same event id (and JetStream drops the duplicate)."""
+        cause yields the same event id (and JetStream drops the duplicate). Services pass
+        `ids=bus.ids`: the derivation is then keyed with the deployment's id key, so nobody
+        without it can compute (and pre-empt) the id."""
         if id is None:
-            id = derived_id(cause.id, cls.type_name(), _payload_key(data)) if cause else new_id()
+            id = ids.derive(cause.id, cls.type_name(), _payload_key(data)) if cause else new_id()
         return cls(
             id=id,
             at=at or utcnow(),
@@ -678,6 +681,37 @@ class DeadLettered(Event, tag="dlq.message", frozen=True, kw_only=True):
         return f"dlq.{subject_token(self.data.consumer)}"
 
 
+# --------------------------------------------------------------------------- proofs
+
+
+class LateRows(Payload, frozen=True):
+    """Rows of `stream` with sequences in (after, upto] that the transparency log placed at
+    time `t` (µs): they reached the archive below the log's watermark (docs/proofs.md)."""
+
+    stream: str
+    after: int
+    upto: int
+    t: int
+
+
+class LogCheckpoint(Payload, frozen=True):
+    """A signed checkpoint of the transparency log over the archived events."""
+
+    origin: str  # the log's name: the checkpoint's first line and its key's name
+    size: int  # leaves (archived events) in the tree
+    root: str  # base64 RFC 9162 root hash
+    note: str  # the C2SP signed note (tlog-checkpoint body, blank line, signature line)
+    verifier_key: str  # the note key that signed it: NAME+HASH+BASE64 (pin it to verify offline)
+    late: list[LateRows] = []  # every late range so far: a rebuild from the archive needs them
+
+
+class ProofCheckpoint(Event, tag="proof.checkpoint", frozen=True, kw_only=True):
+    data: LogCheckpoint
+
+    def subject(self) -> str:
+        return f"proof.checkpoint.{subject_token(self.data.origin)}.{self.data.size}"
+
+
 # --------------------------------------------------------------------------- the catalog
 
 ALL_EVENTS: tuple[type[Event], ...] = (
@@ -712,6 +746,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     LedgerTransfer,
     LedgerRejected,
     DeadLettered,
+    ProofCheckpoint,
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.type_name(): cls for cls in ALL_EVENTS}

@@ -65,6 +65,10 @@ STREAMS: tuple[StreamSpec, ...] = (
     # The shared trust list (bus/trust.py): root-signed grants and revocations of signing
     # keys, one subject per key (trust.key.<kid>); the whole history is kept as the audit trail.
     StreamSpec("TRUST", ("trust.>",), "the shared trust list: root-signed grants and revocations of signing keys"),
+    # The transparency log's signed checkpoints (projections/tlog.py), one subject per origin
+    # and tree size (proof.checkpoint.<origin>.<size>, published once: a second root for a
+    # size is refused as a conflict).
+    StreamSpec("PROOFS", ("proof.>",), "signed checkpoints of the transparency log over the archived events"),
 )
 
 STREAM_BY_NAME = {s.name: s for s in STREAMS}
