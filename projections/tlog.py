@@ -807,6 +807,8 @@ class TransparencyLog:
         signed = [s for s in self.signed_sizes()]
         wanted = iter(signed)
         next_size = next(wanted, None)
+        while next_size == 0:
+            next_size = next(wanted, None)
         roots: dict[int, bytes] = {0: pc.EMPTY_ROOT}
         compact = CompactRange()
         i = 0
