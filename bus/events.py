@@ -712,6 +712,22 @@ class ProofCheckpoint(Event, tag="proof.checkpoint", frozen=True, kw_only=True):
         return f"proof.checkpoint.{subject_token(self.data.origin)}.{self.data.size}"
 
 
+class ReleaseRecord(Payload, frozen=True):
+    """A weekly release (projections/release.py), recorded so the transparency log covers it."""
+
+    week: str  # "week-YYYY-MM-DD"
+    envelope_sha256: str  # sha256 of its provenance.dsse.json
+    domains: list[str] = []
+    kid: str = ""  # the release key's id
+
+
+class ReleaseLogged(Event, tag="proof.release", frozen=True, kw_only=True):
+    data: ReleaseRecord
+
+    def subject(self) -> str:
+        return f"proof.release.{subject_token(self.data.week)}"
+
+
 # --------------------------------------------------------------------------- the catalog
 
 ALL_EVENTS: tuple[type[Event], ...] = (
@@ -747,6 +763,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     LedgerRejected,
     DeadLettered,
     ProofCheckpoint,
+    ReleaseLogged,
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.type_name(): cls for cls in ALL_EVENTS}

@@ -1,0 +1,83 @@
+"""`scf release weekly|verify`: the signed weekly release (docs/proofs.md)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from scf.cli.common import errors_to_exit, fail, load_settings, open_bus, run
+
+release_app = typer.Typer(help="Signed weekly releases: in-toto / SLSA provenance in a DSSE envelope (docs/proofs.md).", no_args_is_help=True)
+
+
+def register(app: typer.Typer, run_app: typer.Typer) -> None:
+    app.add_typer(release_app, name="release")
+
+
+@release_app.command("weekly")
+@errors_to_exit
+def release_weekly(
+    date: Optional[str] = typer.Option(None, help="a day of the week to release, YYYY-MM-DD (default: today, UTC)"),
+    key: str = typer.Option("release", "--key", help="the release signing key in $SCF_HOME/keys (role release)"),
+    archive: Optional[Path] = typer.Option(None, "--archive", help="archive directory (default: $SCF_HOME/archive)"),
+    publish: bool = typer.Option(True, help="record the release as a proof.release event (needs the server)"),
+) -> None:
+    """Package the week's best production checkpoint per domain, signed; a second run reproduces it or refuses."""
+    from scf.bus.signing import SigningKey
+    from scf.projections import release
+    from scf.projections.archive import archive_root
+    from scf.projections.store import ArchiveStore
+
+    settings = load_settings()
+    try:
+        day = dt.date.fromisoformat(date) if date else dt.datetime.now(dt.timezone.utc).date()
+    except ValueError:
+        raise fail(f"--date {date!r} is not a date: use YYYY-MM-DD") from None
+    path = settings.keys_dir / f"{key}.key"
+    if not path.exists():
+        raise fail(f"no release key {path}: create it with `scf keys new {key}` and trust it with the release role")
+    k = SigningKey.load(path)
+    store = ArchiveStore(archive_root(settings, archive))
+    store.require()
+    result = release.weekly(store, settings.path("release_history"), day, k)
+    typer.echo(result.line())
+    if publish:
+
+        async def main() -> str:
+            bus = await open_bus(settings, "scf-release")
+            try:
+                once = await bus.publish_once(release.release_logged_event(result, k, bus.source))
+            finally:
+                await bus.close()
+            if once.status == "conflict":
+                raise release.ReleaseError(f"{result.directory.name} was recorded before with another envelope: releases are immutable")
+            return once.status
+
+        typer.echo(f"recorded as proof.release.{result.directory.name} ({run(main())})")
+
+
+@release_app.command("verify")
+def release_verify(
+    directory: Path = typer.Argument(..., help="the release directory (release_history/week-YYYY-MM-DD)"),
+    key: Path = typer.Option(..., "--key", help="the release public key: a NAME.pub file (base64 Ed25519)"),
+) -> None:
+    """Check a release offline: the DSSE signature, the in-toto statement and every file's digest."""
+    from scf.projections import release
+
+    try:
+        raw = base64.b64decode(key.read_text().strip(), validate=True)
+        if len(raw) != 32:
+            raise ValueError
+    except FileNotFoundError:
+        raise fail(f"{key}: no such file") from None
+    except ValueError:
+        raise fail(f"{key} is not an Ed25519 public key: pass the base64 NAME.pub file of the release key") from None
+    try:
+        summary = release.verify_release(directory, raw)
+    except release.ReleaseError as exc:
+        raise fail(f"release does not verify: {exc}") from None
+    typer.echo(f"OK: {summary['week']}: signature, statement and {summary['files']} files verified")

@@ -1,0 +1,332 @@
+"""The weekly release: the best production checkpoint per domain, packaged with its cards,
+metrics and lineage, described by an in-toto Statement v1 with a SLSA provenance v1
+predicate in a DSSE envelope signed with the release key (docs/proofs.md).
+
+    $SCF_HOME/release_history/week-YYYY-MM-DD/      (the Monday of the ISO week, UTC)
+      release.json                 what was selected, from which archive rows
+      <domain>/model_card.md       per selected checkpoint
+      <domain>/metrics.json
+      <domain>/dataset_card.md
+      <domain>/lineage.json        the archive sequence ranges of its events
+      RELEASE_NOTES.md
+      provenance.intoto.json       the in-toto Statement (subjects: every file above, sha256)
+      provenance.dsse.json         the DSSE envelope over it, Ed25519 (role `release`)
+
+Everything is a function of the archive rows published before the week's end and of the
+release key (Ed25519 signatures are deterministic): building the same week again gives the
+same bytes, so a second run either reproduces the release byte for byte or is refused.
+`verify_release` needs only the directory and the release public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from scf.bus import events as ev
+from scf.bus.errors import SCFError
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+BUILD_TYPE = "https://scf.local/release/weekly/v1"
+ENVELOPE = "provenance.dsse.json"
+STATEMENT = "provenance.intoto.json"
+
+
+class ReleaseError(SCFError):
+    """A release cannot be built or does not verify (the message says which and why)."""
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@dataclass
+class Candidate:
+    checkpoint_id: str
+    domain: str
+    uri: str = ""
+    sha256: str = ""
+    size: int = 0
+    job_id: str = ""
+    config_hash: str = ""
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    verified_metrics: dict[str, float] = field(default_factory=dict)
+    version: int = 0
+    promoted_at: int = 0  # µs
+    seqs: list[int] = field(default_factory=list)  # CHECKPOINTS sequences of its events
+
+
+def selection_key(c: Candidate) -> tuple:
+    """How production checkpoints are ranked (smaller is better): the held-out denoising
+    score-matching loss the daemon's verification measured (`heldout_dsm`), else the training
+    `loss`, then the newest promotion. The one place to change when decision metrics exist."""
+    inf = float("inf")
+    return (c.verified_metrics.get("heldout_dsm", inf), c.train_metrics.get("loss", inf), -c.promoted_at, c.checkpoint_id)
+
+
+def week_of(day: dt.date) -> tuple[dt.date, dt.datetime]:
+    """(the Monday of `day`'s ISO week, the week's end: the next Monday 00:00 UTC)."""
+    monday = day - dt.timedelta(days=day.weekday())
+    end = dt.datetime.combine(monday + dt.timedelta(days=7), dt.time(), tzinfo=dt.timezone.utc)
+    return monday, end
+
+
+def candidates(store, end: dt.datetime) -> tuple[dict[str, Candidate], dict[str, int]]:
+    """Checkpoints promoted to production before `end`, by id; and the archive position used
+    (the last CHECKPOINTS sequence before `end`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pac
+
+    table = store.read("CHECKPOINTS")
+    end_us = int(end.timestamp() * 1_000_000)
+    table = table.filter(pac.less(table.column("published_at").cast(pa.int64()), end_us))
+    by_id: dict[str, Candidate] = {}
+    promoted: set[str] = set()
+    last_seq = 0
+    dec = {
+        "checkpoint.produced": msgspec.json.Decoder(ev.CheckpointInfo),
+        "checkpoint.verified": msgspec.json.Decoder(ev.CheckpointVerification),
+        "checkpoint.promoted": msgspec.json.Decoder(ev.Promotion),
+    }
+    cols = [table.column(n).to_pylist() for n in ("seq", "type", "payload")]
+    pub = table.column("published_at").cast(pa.int64()).to_pylist()
+    for seq, typ, payload, at in zip(*cols, pub):
+        last_seq = max(last_seq, seq)
+        d = dec.get(typ)
+        if d is None:
+            continue
+        try:
+            data = d.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue  # not ours to judge here: the views show it
+        c = by_id.setdefault(data.checkpoint_id, Candidate(data.checkpoint_id, data.domain))
+        c.seqs.append(seq)
+        if isinstance(data, ev.CheckpointInfo):
+            c.uri, c.sha256, c.size, c.job_id = data.uri, data.sha256, data.size, data.job_id
+            c.config_hash, c.train_metrics = data.config_hash, dict(data.metrics)
+        elif isinstance(data, ev.CheckpointVerification):
+            c.verified_metrics = dict(data.metrics)
+        elif data.alias == "production":
+            promoted.add(data.checkpoint_id)
+            c.version, c.promoted_at = data.version, at
+            c.uri, c.sha256 = c.uri or data.uri, c.sha256 or data.sha256
+    return {k: v for k, v in by_id.items() if k in promoted}, {"CHECKPOINTS": last_seq}
+
+
+def select(cands: dict[str, Candidate]) -> dict[str, Candidate]:
+    best: dict[str, Candidate] = {}
+    for c in cands.values():
+        if c.domain not in best or selection_key(c) < selection_key(best[c.domain]):
+            best[c.domain] = c
+    return dict(sorted(best.items()))
+
+
+# --------------------------------------------------------------------------- DSSE
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding: "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def dsse_sign(payload: bytes, key) -> bytes:
+    sig = key.sign(pae(PAYLOAD_TYPE, payload))
+    env = {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(), "signatures": [{"keyid": key.kid, "sig": sig}]}
+    return (json.dumps(env, indent=2, sort_keys=True) + "\n").encode()
+
+
+def dsse_open(envelope: bytes, public_raw: bytes) -> bytes:
+    """The payload of a DSSE envelope signed by `public_raw` (checked before it is parsed)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        env = json.loads(envelope)
+        payload = base64.b64decode(env["payload"], validate=True)
+        ptype = env["payloadType"]
+        sigs = env["signatures"]
+    except (ValueError, KeyError, TypeError):
+        raise ReleaseError(f"{ENVELOPE} is not a DSSE envelope (payloadType, payload, signatures)") from None
+    if ptype != PAYLOAD_TYPE:
+        raise ReleaseError(f"{ENVELOPE} carries {ptype!r}, not an in-toto statement")
+    pub = Ed25519PublicKey.from_public_bytes(public_raw)
+    for s in sigs if isinstance(sigs, list) else []:
+        try:
+            pub.verify(base64.b64decode(s["sig"], validate=True), pae(ptype, payload))
+            return payload
+        except (InvalidSignature, ValueError, KeyError, TypeError):
+            continue
+    raise ReleaseError(f"{ENVELOPE} is not signed by the release key given: the release was altered or signed by another key")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _json(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _files(c: Candidate, week: str, lineage: dict) -> dict[str, bytes]:
+    d = c.domain.replace(":", "_").replace("/", "_")
+    metrics = {"verified": c.verified_metrics, "training": c.train_metrics, "selection_key": list(selection_key(c)[:2])}
+    card = (
+        f"# Model card: {c.domain}, {week}\n\n"
+        f"- checkpoint: `{c.checkpoint_id}` (production version {c.version})\n"
+        f"- artifact: `{c.uri}`, sha256 `{c.sha256}`, {c.size} bytes\n"
+        f"- model: energy-based diffusion model (EBDM) over the domain's fossils; training job `{c.job_id}`, config `{c.config_hash}`\n"
+        f"- selected by: `scf.projections.release.selection_key` (held-out `heldout_dsm`, then training `loss`)\n"
+        f"- held-out metrics: {json.dumps(c.verified_metrics, sort_keys=True)}\n"
+        f"- limits: metrics are the daemon's held-out evaluation, not decision quality in the field\n"
+    )
+    dataset = (
+        f"# Dataset card: {c.domain}, {week}\n\n"
+        f"- source: fossils of `{c.domain}` on the FOSSILS stream, as the training job `{c.job_id}` selected them\n"
+        f"- held-out split: the daemon's hash split of fossil subjects (`heldout`)\n"
+        f"- lineage: the archive sequence ranges in `lineage.json`; every row is a leaf of the transparency log\n"
+    )
+    return {
+        f"{d}/model_card.md": card.encode(),
+        f"{d}/metrics.json": _json(metrics),
+        f"{d}/dataset_card.md": dataset.encode(),
+        f"{d}/lineage.json": _json(lineage),
+    }
+
+
+def build(store, day: dt.date, key, *, log_checkpoint: str | None = None) -> dict[str, bytes]:
+    """Every file of the week's release, as bytes (nothing written)."""
+    monday, end = week_of(day)
+    week = f"week-{monday.isoformat()}"
+    cands, position = candidates(store, end)
+    chosen = select(cands)
+    if not chosen:
+        raise ReleaseError(f"no checkpoint was promoted to production before {end:%Y-%m-%d %H:%M} UTC: nothing to release for {week}")
+    files: dict[str, bytes] = {}
+    domains = {}
+    for domain, c in chosen.items():
+        lineage = {"checkpoint_id": c.checkpoint_id, "job_id": c.job_id, "archive": {"CHECKPOINTS": [min(c.seqs), max(c.seqs)]}, "sequences": sorted(c.seqs)}
+        files.update(_files(c, week, lineage))
+        domains[domain] = {"checkpoint_id": c.checkpoint_id, "uri": c.uri, "sha256": c.sha256, "size": c.size, "version": c.version}
+    manifest = {"week": week, "until": end.isoformat(), "archive_position": position, "domains": domains}
+    if log_checkpoint:
+        manifest["transparency_log_checkpoint"] = log_checkpoint
+    files["release.json"] = _json(manifest)
+    notes = [f"# SCF release {week}\n", f"Production checkpoints as of {end:%Y-%m-%d} 00:00 UTC, the best per domain:\n"]
+    for domain, c in chosen.items():
+        notes.append(f"- **{domain}**: `{c.checkpoint_id}` v{c.version}, held-out {json.dumps(c.verified_metrics, sort_keys=True)}")
+    notes.append("\nVerify offline: `scf release verify DIR --key release.pub`.\n")
+    files["RELEASE_NOTES.md"] = "\n".join(notes).encode()
+    subjects = [{"name": name, "digest": {"sha256": hashlib.sha256(data).hexdigest()}} for name, data in sorted(files.items())]
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "subject": subjects,
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {"week": week},
+                "internalParameters": {"selection": "scf.projections.release.selection_key", "archive_position": position},
+                "resolvedDependencies": [
+                    {"uri": c.uri, "digest": {"sha256": c.sha256}, "name": c.checkpoint_id} for c in chosen.values()
+                ],
+            },
+            "runDetails": {
+                "builder": {"id": "https://scf.local/release/weekly"},
+                "metadata": {"invocationId": week, "finishedOn": end.isoformat().replace("+00:00", "Z")},
+            },
+        },
+    }
+    files[STATEMENT] = _json(statement)
+    files[ENVELOPE] = dsse_sign(files[STATEMENT], key)
+    return files
+
+
+@dataclass
+class ReleaseResult:
+    directory: Path
+    status: str  # "written" | "reproduced"
+    domains: list[str]
+    envelope_sha256: str
+
+    def line(self) -> str:
+        verb = "wrote" if self.status == "written" else "reproduced byte for byte (unchanged)"
+        return f"{verb} {self.directory} ({', '.join(self.domains)})"
+
+
+def weekly(store, history: Path, day: dt.date, key, *, log_checkpoint: str | None = None) -> ReleaseResult:
+    """Write the week's release under `history`, or check that the one there is the same."""
+    files = build(store, day, key, log_checkpoint=log_checkpoint)
+    week = json.loads(files["release.json"])["week"]
+    target = Path(history) / week
+    domains = sorted(json.loads(files["release.json"])["domains"])
+    digest = hashlib.sha256(files[ENVELOPE]).hexdigest()
+    if target.exists():
+        have = {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+        if have != files:
+            changed = sorted(set(have) ^ set(files) | {k for k in have.keys() & files.keys() if have[k] != files[k]})
+            raise ReleaseError(
+                f"{target} exists and differs ({', '.join(changed[:3])}): releases are immutable; "
+                f"a week is released once (move it away only if you mean to replace a published release)"
+            )
+        return ReleaseResult(target, "reproduced", domains, digest)
+    Path(history).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{week}.", dir=history))
+    try:
+        for name, data in files.items():
+            p = tmp / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+            os.chmod(p, 0o444)
+        os.rename(tmp, target)  # all or nothing; refuses if another run got there first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ReleaseResult(target, "written", domains, digest)
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+def verify_release(directory: Path, public_raw: bytes) -> dict:
+    """Check a release offline: the envelope's signature (before parsing its payload), the
+    statement's types, and that the files are exactly its subjects with their digests."""
+    directory = Path(directory)
+    try:
+        envelope = (directory / ENVELOPE).read_bytes()
+    except FileNotFoundError:
+        raise ReleaseError(f"{directory} has no {ENVELOPE}: not a release directory") from None
+    payload = dsse_open(envelope, public_raw)
+    statement = json.loads(payload)
+    if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
+        raise ReleaseError("the signed statement is not an in-toto Statement v1 with a SLSA provenance v1 predicate")
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement.get("subject", [])}
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {ENVELOPE}
+    extra = sorted(present - set(subjects) - {STATEMENT})
+    if extra:
+        raise ReleaseError(f"{directory} holds files the statement does not list: {', '.join(extra[:5])}")
+    for name, want in subjects.items():
+        p = directory / name
+        if not p.is_file():
+            raise ReleaseError(f"{name} is listed in the statement but missing from {directory}")
+        if hashlib.sha256(p.read_bytes()).hexdigest() != want:
+            raise ReleaseError(f"{name} does not match its digest in the signed statement: the release was altered")
+    if (directory / STATEMENT).read_bytes() != payload:
+        raise ReleaseError(f"{STATEMENT} differs from the statement the envelope signs")
+    return {"week": statement["predicate"]["buildDefinition"]["externalParameters"]["week"], "files": len(subjects)}
+
+
+def release_logged_event(result: ReleaseResult, key, source: str):
+    return ev.ReleaseLogged.new(
+        ev.ReleaseRecord(week=result.directory.name, envelope_sha256=result.envelope_sha256, domains=result.domains, kid=key.kid),
+        source=source,
+    )

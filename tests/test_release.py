@@ -1,0 +1,98 @@
+"""The weekly release: selection, DSSE / in-toto / SLSA, immutability, offline verification."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+
+import pytest
+
+from scf.bus.signing import SigningKey
+from scf.projections import release, sample
+from scf.projections.store import ArchiveStore
+from tests.conftest import cli
+
+DAY = dt.date(2026, 11, 22)  # sample.write_archive publishes everything on this Sunday
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ArchiveStore(tmp_path / "archive")
+    sample.write_archive(s, sample.history(30, seed=11))
+    return s
+
+
+def test_pae_matches_the_dsse_spec_example():
+    # DSSE v1 protocol.md: PAE("http://example.com/HelloWorld", "hello world")
+    assert release.pae("http://example.com/HelloWorld", b"hello world") == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+
+
+def test_selection_picks_the_best_production_checkpoint_per_domain(store):
+    cands, position = release.candidates(store, release.week_of(DAY)[1])
+    chosen = release.select(cands)
+    assert chosen and position["CHECKPOINTS"] == store.position("CHECKPOINTS")
+    for domain, c in chosen.items():
+        others = [x for x in cands.values() if x.domain == domain]
+        assert min(release.selection_key(x) for x in others) == release.selection_key(c)
+    # Nothing promoted before the week: refused in one line.
+    with pytest.raises(release.ReleaseError, match="no checkpoint was promoted to production before 2026-11-16"):
+        release.build(store, dt.date(2026, 11, 10), SigningKey.generate("release"))
+
+
+def test_weekly_release_is_signed_immutable_and_verifies_offline(store, tmp_path):
+    key = SigningKey.generate("release")
+    history = tmp_path / "release_history"
+    first = release.weekly(store, history, DAY, key)
+    assert first.status == "written" and first.directory.name == "week-2026-11-16"
+    assert release.verify_release(first.directory, key.public_raw)["week"] == "week-2026-11-16"
+    env = json.loads((first.directory / release.ENVELOPE).read_text())
+    stmt = json.loads(base64.b64decode(env["payload"]))
+    assert stmt["_type"] == "https://in-toto.io/Statement/v1" and stmt["predicateType"] == "https://slsa.dev/provenance/v1"
+    assert {s["name"] for s in stmt["subject"]} >= {"release.json", "RELEASE_NOTES.md"}
+    # A second run (another day of the same week) reproduces it byte for byte.
+    assert release.weekly(store, history, DAY - dt.timedelta(days=2), key).status == "reproduced"
+    # Another key would change the envelope: refused, the release stays.
+    with pytest.raises(release.ReleaseError, match="exists and differs .*provenance.dsse.json.*releases are immutable"):
+        release.weekly(store, history, DAY, SigningKey.generate("other"))
+    with pytest.raises(release.ReleaseError, match="not signed by the release key given"):
+        release.verify_release(first.directory, SigningKey.generate("x").public_raw)
+    # A changed file is caught by its digest.
+    card = next(first.directory.glob("*/metrics.json"))
+    os.chmod(card, 0o644)
+    card.write_text(card.read_text().replace("0.", "0.0", 1))
+    with pytest.raises(release.ReleaseError, match=r"metrics.json does not match its digest in the signed statement"):
+        release.verify_release(first.directory, key.public_raw)
+
+
+def test_release_cli_verify_is_offline(store, tmp_path):
+    key = SigningKey.generate("release")
+    result = release.weekly(store, tmp_path / "h", DAY, key)
+    pub = tmp_path / "release.pub"
+    pub.write_text(key.public_b64 + "\n")
+    bare = {"PATH": os.environ["PATH"]}
+    r = cli("release", "verify", str(result.directory), "--key", str(pub), env=bare)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("OK: week-2026-11-16: signature, statement and ")
+    (result.directory / "extra.txt").write_text("x")
+    r = cli("release", "verify", str(result.directory), "--key", str(pub), env=bare)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"Error: release does not verify: {result.directory} holds files the statement does not list: extra.txt"
+
+
+@pytest.mark.anyio
+async def test_scf_release_weekly_records_the_release_once(bus, settings, scf_env):
+    import asyncio
+
+    sample.write_archive(ArchiveStore(settings.archive_dir), sample.history(30, seed=11))
+    r = await asyncio.to_thread(cli, "release", "weekly", "--date", "2026-11-22", env=scf_env)
+    assert r.returncode == 1 and r.stderr.startswith("Error: no release key ")
+    SigningKey.generate("release").save(settings.keys_dir)
+    r = await asyncio.to_thread(cli, "release", "weekly", "--date", "2026-11-22", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("wrote ") and r.stdout.rstrip().endswith("(new)")
+    r = await asyncio.to_thread(cli, "release", "weekly", "--date", "2026-11-20", env=scf_env)
+    assert "reproduced byte for byte" in r.stdout and r.stdout.rstrip().endswith("(duplicate)")
+    seq, event = await bus.last("proof.release.week-2026-11-16")
+    assert event.data.week == "week-2026-11-16" and seq > 0
