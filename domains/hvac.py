@@ -29,6 +29,7 @@ from scipy.linalg import expm
 from scipy.optimize import linprog
 
 from scf.domains.base import Domain, Infeasible, Violation
+from scf.domains.certify import Rows, SeparableCost
 
 TOL_K = 1e-3  # comfort excess below this is solver round-off
 TOL_KW = 1e-6
@@ -92,6 +93,9 @@ class HvacDomain(Domain):
         aug = np.zeros((2 * z + 1, 2 * z + 1))
         aug[:z, :z], aug[:z, z:] = m, inputs
         phi = expm(aug * building.dt_h)
+        # the continuous-time model, for the time-domain simulator (domains/hvac_dynamics.py)
+        self.capacitance, self.g_out = cap, g_out  # kWh/K, kW/K per zone
+        self.m_cont, self.inputs_cont = m, inputs  # dT/dt = m T + inputs @ [u + gain; T_out] (per hour)
         self.a_d = phi[:z, :z]  # (z, z)
         self.b_u = phi[:z, z : 2 * z]  # (z, z): K per kW held over the step
         self.b_out = phi[:z, 2 * z]  # (z,)
@@ -153,22 +157,61 @@ class HvacDomain(Domain):
         lo, hi = self.comfort_band(context)
         return self.b_u, lo - free, hi - free
 
-    def reference_solution(self, context) -> np.ndarray:
-        """Minimum-energy HVAC powers keeping every zone in its band (linprog, HiGHS)."""
+    @property
+    def separable_cost(self) -> SeparableCost:
+        """The energy as a separable convex cost: per zone max(u / COP_heat, -u / COP_cool) dt."""
         b, z = self.building, self.n_zones
+        slopes = np.tile([-b.dt_h / b.cop_cool, b.dt_h / b.cop_heat], (z, 1))
+        return SeparableCost(np.zeros(z), np.zeros(z), np.zeros(z), slopes, np.zeros((z, 2)), np.ones(z, bool))
+
+    def row_names(self) -> tuple[str, ...]:
+        return tuple(f"comfort[{zone}]" for zone in self.building.zones)
+
+    def constraint_rows(self, context) -> Rows:
+        """The comfort rows lo - free <= Bu u <= hi - free (`feasible_rows`) as an operator."""
+        a, lo, hi = self.feasible_rows(context)
+        return Rows.dense(a, lo, hi, self.row_names())
+
+    def solve_exact(self, context, *, lo=None, hi=None, start=None) -> tuple[np.ndarray, np.ndarray]:
+        """(minimum-energy HVAC powers, the comfort rows' multipliers from HiGHS's duals, in
+        HiGHS's sign convention: > 0 where the lower comfort bound binds). `lo`/`hi` tighten
+        the equipment bounds (ramps); `start` is accepted for symmetry with the grid and
+        unused (the LP is three to a few dozen variables). Raises `Infeasible`."""
+        b, z = self.building, self.n_zones
+        lo = -self.cool_max if lo is None else np.asarray(lo, float)
+        hi = self.heat_max if hi is None else np.asarray(hi, float)
         _, row_lo, row_hi = self.feasible_rows(context)
         cost = np.concatenate([np.full(z, b.dt_h / b.cop_heat), np.full(z, b.dt_h / b.cop_cool)])
         a = np.hstack([self.b_u, -self.b_u])  # T+ - free = Bu (h - k)
-        res = linprog(
-            cost,
-            A_ub=np.vstack([a, -a]),
-            b_ub=np.concatenate([row_hi, -row_lo]),
-            bounds=list(zip(np.zeros(2 * z), np.concatenate([self.heat_max, self.cool_max]))),
-            method="highs",
-        )
+        # u = h - k with h in [max(lo, 0), max(hi, 0)], k in [max(-hi, 0), max(-lo, 0)]
+        h_bounds = list(zip(np.maximum(lo, 0), np.maximum(hi, 0)))
+        k_bounds = list(zip(np.maximum(-hi, 0), np.maximum(-lo, 0)))
+        res = linprog(cost, A_ub=np.vstack([a, -a]), b_ub=np.concatenate([row_hi, -row_lo]), bounds=h_bounds + k_bounds, method="highs")
         if res.status != 0:
-            raise Infeasible(f"{self.name}: no HVAC setting keeps every zone in its comfort band ({res.message})")
-        return np.clip(res.x[:z] - res.x[z:], -self.cool_max, self.heat_max)
+            raise Infeasible(f"{self.name}: no HVAC setting keeps every zone in its comfort band: {self.diagnose(context, lo, hi)}")
+        marg = np.asarray(res.ineqlin.marginals, float)
+        dual = marg[:z] - marg[z:]
+        return np.clip(res.x[:z] - res.x[z:], lo, hi), dual
+
+    def reference_solution(self, context) -> np.ndarray:
+        """Minimum-energy HVAC powers keeping every zone in its band (linprog, HiGHS)."""
+        return self.solve_exact(context)[0]
+
+    def diagnose(self, context, lo=None, hi=None) -> str:
+        """Which comfort bands no setting within the equipment limits can reach (each zone
+        checked on its own, the others free within their limits)."""
+        lo = -self.cool_max if lo is None else np.asarray(lo, float)
+        hi = self.heat_max if hi is None else np.asarray(hi, float)
+        a, row_lo, row_hi = self.feasible_rows(context)
+        reach_hi = np.where(a > 0, a * hi, a * lo).sum(1)
+        reach_lo = np.where(a > 0, a * lo, a * hi).sum(1)
+        out = []
+        for i, zone in enumerate(self.building.zones):
+            if reach_hi[i] < row_lo[i] - TOL_K:
+                out.append(f"comfort[{zone}] needs {row_lo[i] - reach_hi[i]:.2f} K more heating than equipment[{zone}] and its neighbours can give")
+            elif reach_lo[i] > row_hi[i] + TOL_K:
+                out.append(f"comfort[{zone}] needs {reach_lo[i] - row_hi[i]:.2f} K more cooling than equipment[{zone}] and its neighbours can give")
+        return "; ".join(out) if out else "the comfort bands cannot all hold at once within the equipment limits"
 
     def violations(self, context, state, previous_state=None) -> list[Violation]:
         u = np.asarray(state, dtype=float)

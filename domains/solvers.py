@@ -3,7 +3,10 @@
     min  0.5 x'Qx + c'x + c0   s.t.  row_lo <= A x <= row_hi,  lo <= x <= hi,  Q = diag(q)
 
 The row matrix and the Hessian are fixed; contexts only move row bounds (and random-vertex
-draws only move the cost), so each solve is a warm-started re-solve.
+draws only move the cost), so each solve is a warm-started re-solve. The row matrix may be a
+numpy array or a scipy.sparse matrix (passed to HiGHS in CSR without densifying); after a
+solve, `row_dual` holds HiGHS's row duals (sign convention: minimisation, a dual > 0 means
+the row's lower bound binds, < 0 its upper bound).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import threading
 
 import highspy
 import numpy as np
+from scipy import sparse
 
 _quiet_lock = threading.Lock()
 _banner_done = False
@@ -55,18 +59,22 @@ class HighsProgram:
         quad: np.ndarray | None = None,
         offset: float = 0.0,
     ) -> None:
-        a = np.atleast_2d(np.asarray(a, dtype=float))
-        n_row, n_col = a.shape
+        if sparse.issparse(a):
+            csr = sparse.csr_array(a, dtype=float)
+            csr.sum_duplicates()
+            csr.eliminate_zeros()
+        else:
+            csr = sparse.csr_array(np.atleast_2d(np.asarray(a, dtype=float)))
+        n_row, n_col = csr.shape
         lp = highspy.HighsLp()
         lp.num_col_, lp.num_row_ = n_col, n_row
         lp.col_cost_ = np.zeros(n_col) if cost is None else np.asarray(cost, float)
         lp.col_lower_, lp.col_upper_ = np.asarray(lo, float), np.asarray(hi, float)
         lp.row_lower_, lp.row_upper_ = np.full(n_row, -highspy.kHighsInf), np.full(n_row, highspy.kHighsInf)
-        rows, cols = np.nonzero(a)
         lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-        lp.a_matrix_.start_ = np.searchsorted(rows, np.arange(n_row + 1)).astype(np.int32)
-        lp.a_matrix_.index_ = cols.astype(np.int32)
-        lp.a_matrix_.value_ = a[rows, cols]
+        lp.a_matrix_.start_ = csr.indptr.astype(np.int32)
+        lp.a_matrix_.index_ = csr.indices.astype(np.int32)
+        lp.a_matrix_.value_ = csr.data.astype(float)
         lp.offset_ = float(offset)
         model = highspy.HighsModel()
         model.lp_ = lp
@@ -80,16 +88,26 @@ class HighsProgram:
             model.hessian_ = hess
         self.n_row, self.n_col = n_row, n_col
         self.status = "not solved"
+        self.row_dual: np.ndarray | None = None
+        self.row_value: np.ndarray | None = None
         self._rows = np.arange(n_row, dtype=np.int32)
         self._cols = np.arange(n_col, dtype=np.int32)
         self._h = quiet_highs()
         self._h.setOptionValue("threads", 1)
         self._h.passModel(model)
 
-    def solve(self, row_lo: np.ndarray, row_hi: np.ndarray, *, cost: np.ndarray | None = None) -> np.ndarray | None:
+    def solve(
+        self, row_lo: np.ndarray, row_hi: np.ndarray, *, cost: np.ndarray | None = None, start: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """The optimal x for these row bounds (and cost, if given), or None if there is no
-        optimum (`self.status` says why)."""
+        optimum (`self.status` says why). `start`, a full column vector, is handed to
+        HiGHS as a starting point (a warm start from a candidate decision)."""
         h = self._h
+        if start is not None:
+            sol = highspy.HighsSolution()
+            sol.col_value = np.asarray(start, float).tolist()
+            sol.value_valid = True
+            h.setSolution(sol)
         if cost is not None:
             h.changeColsCost(self.n_col, self._cols, np.asarray(cost, float))
         row_lo = np.where(np.isfinite(row_lo), row_lo, -highspy.kHighsInf)
@@ -99,8 +117,12 @@ class HighsProgram:
         status = h.getModelStatus()
         self.status = h.modelStatusToString(status)
         if status != highspy.HighsModelStatus.kOptimal:
+            self.row_dual = self.row_value = None
             return None
-        return np.array(h.getSolution().col_value)
+        solution = h.getSolution()
+        self.row_dual = np.array(solution.row_dual) if solution.dual_valid else None
+        self.row_value = np.array(solution.row_value)
+        return np.array(solution.col_value)
 
     def objective(self) -> float:
         return float(self._h.getInfo().objective_function_value)
