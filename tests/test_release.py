@@ -96,3 +96,31 @@ async def test_scf_release_weekly_records_the_release_once(bus, settings, scf_en
     assert "reproduced byte for byte" in r.stdout and r.stdout.rstrip().endswith("(duplicate)")
     seq, event = await bus.last("proof.release.week-2026-11-16")
     assert event.data.week == "week-2026-11-16" and seq > 0
+
+
+def test_the_weekly_workflow_runs_real_commands():
+    """actionlint is not installable offline here (docs/proofs.md); instead: the workflow's
+    `scf` command lines name commands and options the CLI has, and it is scheduled."""
+    import re
+    from pathlib import Path
+
+    import typer
+
+    from scf.cli.main import app
+
+    text = (Path(__file__).parent.parent / ".github" / "workflows" / "weekly-release.yml").read_text()
+    assert re.search(r'^\s+- cron: "0 6 \* \* 1"$', text, re.M)
+    root = typer.main.get_command(app)
+    seen = set()
+    for line in re.findall(r"\.venv/bin/scf (.*)$", text, re.M):
+        tokens = line.split()
+        words = [t for t in tokens[:2] if re.fullmatch(r"[a-z-]+", t)]
+        seen.add(" ".join(words))
+        cmd = root
+        for w in words:
+            cmd = cmd.commands[w]  # KeyError: the workflow calls a command that does not exist
+        options = {o for p in cmd.params for o in p.opts}
+        for t in tokens:
+            if t.startswith("--"):
+                assert t in options, f"scf {' '.join(words)} has no {t}"
+    assert seen == {"proof checkpoint", "release weekly", "release verify"}
