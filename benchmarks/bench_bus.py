@@ -31,6 +31,7 @@ import nats  # noqa: E402
 from scf.bus import codec  # noqa: E402
 from scf.bus import events as ev  # noqa: E402
 from scf.bus.client import Bus  # noqa: E402
+from scf.bus.headers import MSG_ID  # noqa: E402
 from scf.bus.runner import Runner  # noqa: E402
 from scf.bus.server import ServerProcess, free_port  # noqa: E402
 from scf.bus.settings import Settings  # noqa: E402
@@ -59,7 +60,7 @@ async def bench_publish(bus: Bus, n: int) -> dict:
     scf_rate = n / (time.perf_counter() - t)
 
     raw_events = make_events(n, "raw")
-    payloads = [(e.subject(), codec.encode(e), {"Nats-Msg-Id": e.id}) for e in raw_events]
+    payloads = [(e.subject(), codec.encode(e), {MSG_ID: e.id}) for e in raw_events]
     await purge(bus.js)
     t = time.perf_counter()
     futs = [await bus.js.publish_async(s, b, headers=h) for s, b, h in payloads]

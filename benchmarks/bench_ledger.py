@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scf.bus import codec  # noqa: E402
 from scf.bus import events as ev  # noqa: E402
 from scf.bus.client import Bus  # noqa: E402
+from scf.bus.headers import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID  # noqa: E402
 from scf.bus.ids import new_id  # noqa: E402
 from scf.bus.server import ServerProcess, free_port  # noqa: E402
 from scf.bus.settings import Settings  # noqa: E402
@@ -138,7 +139,7 @@ async def bench(url: str, n: int, concurrency: int, mode: str) -> dict:
     for e in events:
         t = transfer_for(e, f"node:{e.data.node}", ls, "bench")
         t = ev.LedgerTransfer.new(catalog_transfer(t), source="bench")
-        raw.append((t.subject(), codec.encode(t), {"Nats-Msg-Id": t.id, "Nats-Expected-Last-Subject-Sequence": "0"}))
+        raw.append((t.subject(), codec.encode(t), {MSG_ID: t.id, EXPECTED_LAST_SUBJECT_SEQ: "0"}))
     t0 = time.perf_counter()
     futs = []
     for s, b, h in raw:

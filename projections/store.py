@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from scf.bus.codec import Wire
 from scf.bus.errors import SCFError
+from scf.bus.headers import SCF_KID, SCF_SIG
 from scf.bus.streams import STREAMS
 
 # Streams the archive keeps. JOBS is a work-queue stream: a second consumer would take work
@@ -125,8 +126,6 @@ class RawMessage:
 
 _envelope = msgspec.json.Decoder(Wire)  # the bus's own envelope, payload kept as raw bytes
 _headers_encoder = msgspec.json.Encoder(order="sorted")
-_SIG_HEADER = "Scf-Sig"
-_KID_HEADER = "Scf-Kid"
 
 
 def _plain_payload(body: bytes) -> bytes:
@@ -190,8 +189,8 @@ def to_table(
             pa.array([e.source if e else None for e in envs], pa.string()),
             pa.array([e.correlation_id if e else None for e in envs], pa.string()),
             pa.array([e.causation_id if e else None for e in envs], pa.string()),
-            pa.array([e.kid if e else (h or {}).get(_KID_HEADER) for e, h in zip(envs, headers)], pa.string()),
-            pa.array([e.sig is not None if e else bool((h or {}).get(_SIG_HEADER)) for e, h in zip(envs, headers)], pa.bool_()),
+            pa.array([e.kid if e else (h or {}).get(SCF_KID) for e, h in zip(envs, headers)], pa.string()),
+            pa.array([e.sig is not None if e else bool((h or {}).get(SCF_SIG)) for e, h in zip(envs, headers)], pa.bool_()),
         ]
         payload = pa.array([bytes(e.data) if e else _plain_payload(b) for e, b in zip(envs, bodies)], pa.binary())
     try:

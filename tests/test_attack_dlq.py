@@ -25,6 +25,7 @@ import pytest
 from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.dlq import HEADROOM, list_dead
+from scf.bus.headers import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_REDRIVE_FOR
 from scf.bus.ids import new_id
 from scf.bus.signing import SigningKey
 from scf.bus.streams import CONSUMERS, ConsumerSpec, ensure, ensure_consumer
@@ -160,7 +161,7 @@ def forged(stream: str, subject: str, seq: int, payload: bytes, *, truncated: bo
     consumer = consumer or {"LEDGER": "books", "DEPLOY": "ledger"}.get(stream, "ledger")
     return ev.DeadLettered.new(
         ev.DeadLetter(stream=stream, consumer=consumer, subject=subject, seq=seq, deliveries=5, error="forged",
-                      headers={"Nats-Msg-Id": "forged"}, payload=payload[: 10 if truncated else None],
+                      headers={MSG_ID: "forged"}, payload=payload[: 10 if truncated else None],
                       digest=sha(payload), size=len(payload), truncated=truncated),
         source="worker", id=new_id(),
     )
@@ -224,7 +225,7 @@ async def test_an_entry_whose_original_is_gone_is_redriven_only_whole_and_signed
     body = codec.encode(lost)
     entry = ev.DeadLettered.new(
         ev.DeadLetter(stream="INTENTS", consumer="effect", subject=lost.subject(), seq=42, deliveries=3, error="x",
-                      headers={"Nats-Msg-Id": lost.id, "Nats-Expected-Last-Subject-Sequence": "0"},
+                      headers={MSG_ID: lost.id, EXPECTED_LAST_SUBJECT_SEQ: "0"},
                       payload=body, digest=sha(body), size=len(body)),
         source="daemon", id=new_id(),
     )
@@ -234,8 +235,8 @@ async def test_an_entry_whose_original_is_gone_is_redriven_only_whole_and_signed
     assert "from the signed entry (release)" in result.stdout
     copy = await bus.js.get_last_msg("INTENTS", lost.subject())
     assert copy.data == body
-    assert copy.headers["Scf-Redrive-For"] == "effect"
-    assert "Nats-Expected-Last-Subject-Sequence" not in copy.headers
+    assert copy.headers[SCF_REDRIVE_FOR] == "effect"
+    assert EXPECTED_LAST_SUBJECT_SEQ not in copy.headers
     assert await stream_count(bus, "DLQ") == 0
 
 
@@ -289,7 +290,7 @@ def test_entries_fit_whatever_the_original(tmp_path) -> None:
 
     limit = 1024 * 1024
     for size in (0, 10, limit // 2, limit - 100, limit):
-        for headers in ({}, {"Nats-Msg-Id": "a"}, {f"h{i}": "v" * 5000 for i in range(200)}):
+        for headers in ({}, {MSG_ID: "a"}, {f"h{i}": "v" * 5000 for i in range(200)}):
             body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
             d = entry_for(stream="DEPLOY", consumer="ledger", subject="energy.measured.n1", seq=3, deliveries=1,
                           error="e" * 100_000, headers=headers, payload=body, max_payload=limit)

@@ -10,6 +10,7 @@ import pytest
 
 from scf.bus import events as ev
 from scf.bus.dlq import list_dead
+from scf.bus.headers import MSG_ID
 from tests.conftest import scf, spawn, stream_count, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -60,7 +61,7 @@ async def test_sigkill_mid_handler_redelivers_and_the_effect_happens_once(bus, s
 
 async def test_poison_and_exhausted_messages_go_to_the_dlq_with_their_error(bus, scf_env, tmp_path):
     log = tmp_path / "handled.log"
-    await bus.js.publish("intent.created.train.garbage", b"{not json", headers={"Nats-Msg-Id": "garbage-1"})
+    await bus.js.publish("intent.created.train.garbage", b"{not json", headers={MSG_ID: "garbage-1"})
     await bus.publish(intent("p1", poison=True))
     await bus.publish(intent("f1", fail=True))
     await bus.publish(intent("ok1"))
@@ -75,7 +76,7 @@ async def test_poison_and_exhausted_messages_go_to_the_dlq_with_their_error(bus,
     dead = {d.event.data.subject: d.event.data for d in await list_dead(bus)}
     assert "not a JSON event" in dead["intent.created.train.garbage"].error
     assert dead["intent.created.train.garbage"].payload == b"{not json"
-    assert dead["intent.created.train.garbage"].headers["Nats-Msg-Id"] == "garbage-1"
+    assert dead["intent.created.train.garbage"].headers[MSG_ID] == "garbage-1"
     assert dead["intent.created.train.p1"].error.startswith("Poison: this intent can never be handled")
     assert dead["intent.created.train.p1"].deliveries == 1
     assert "failed after 3 deliveries: RuntimeError: handler failed on purpose" in dead["intent.created.train.f1"].error

@@ -30,6 +30,7 @@ from scf.bus import events as ev
 from scf.bus import trust as tr
 from scf.bus.client import Bus
 from scf.bus.errors import SignatureError
+from scf.bus.headers import SCF_KID, SCF_SIG
 from scf.bus.server import free_port
 from scf.bus.settings import Settings, init_home
 from scf.bus.settings import load as load_settings
@@ -71,7 +72,7 @@ def test_only_root_signed_chained_entries_apply():
     assert "unsigned" in state.apply(2, subject, {}, body).reason
     assert "bad signature" in state.apply(3, subject, headers, body.replace(b'"node"', b'"operator"')).reason
     moved = "trust.key.0000000000000000"  # signed for another key's subject
-    assert "published on" in state.apply(4, moved, {"Scf-Sig": root.sign(command_message(moved, body)), "Scf-Kid": root.kid}, body).reason
+    assert "published on" in state.apply(4, moved, {SCF_SIG: root.sign(command_message(moved, body)), SCF_KID: root.kid}, body).reason
     assert node.kid not in state.keys
 
     grant = apply(5, _grant(node, 0), root)
@@ -158,7 +159,7 @@ async def test_ledger_honours_a_key_trusted_after_start_and_refuses_it_once_revo
 
         # the captured grant replayed by any client (same body and signature; the unsigned
         # headers an attacker controls dropped): stale, ignored
-        signed = {k: v for k, v in (grant.headers or {}).items() if k in ("Scf-Sig", "Scf-Kid")}
+        signed = {k: v for k, v in (grant.headers or {}).items() if k in (SCF_SIG, SCF_KID)}
         await raw_publish(settings.nats_url, grant.subject, grant.data, signed)
         await wait_for(lambda: log_has(log, "ignored, not applied: stale"), 30, "the ledger ignoring the replayed grant")
         await publish_signed(bus, measurement("n1", 10.0, 7.5, hour=3), node)

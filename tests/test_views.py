@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from scf.bus.headers import MSG_ID, SCF_REDRIVE_FOR
 from scf.projections import sample, views
 from scf.projections.store import ArchiveStore, RawMessage, messages_table
 from tests.conftest import ROOT, cli
@@ -32,7 +33,7 @@ def archive(tmp_path_factory) -> Path:
     # views must count it once.
     first_transfer = next(i for i in items if not isinstance(i, sample.Plain) and i.type_name() == "ledger.transfer")
     copy = RawMessage(seqs["LEDGER"] + 1, 1_795_400_000_000_000_000, first_transfer.subject(), sample.body_of(first_transfer),
-                      {"Nats-Msg-Id": f"{first_transfer.id}:redrive:1", "Scf-Redrive-For": "ledger"})
+                      {MSG_ID: f"{first_transfer.id}:redrive:1", SCF_REDRIVE_FOR: "ledger"})
     store.append("LEDGER", messages_table([copy]))
     views.write_database(store.root)
     return store.root
