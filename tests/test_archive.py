@@ -22,7 +22,7 @@ from scf.bus import events as ev
 from scf.bus.client import MSG_ID, SCF_TYPE
 from scf.projections import archive, sample, views
 from scf.projections.store import ARCHIVED_STREAMS, ArchiveStore, file_name
-from tests.conftest import scf, spawn, wait_for
+from tests.conftest import cli, spawn, wait_for
 from tests.test_archive_helpers import archived_all, read_stream, with_archive, write_toml
 
 pytestmark = pytest.mark.anyio
@@ -173,25 +173,25 @@ async def test_replay_rebuild_reproduces_the_same_rows(bus, settings, scf_env, t
     before = store.content_hash()
     files_before = len(store.all_files())
 
-    r = scf("replay", "--rebuild", env=scf_env)
+    r = await asyncio.to_thread(cli, "replay", "--rebuild", env=scf_env)
     assert r.returncode == 0, r.stderr
     assert "FOSSILS: rebuilt from seq 1" in r.stdout
     assert store.content_hash() == before
     assert len(store.all_files()) < files_before  # larger files, same rows
 
     other = tmp_path / "copy"
-    r = scf("replay", "--archive", str(other), env=scf_env)
+    r = await asyncio.to_thread(cli, "replay", "--archive", str(other), env=scf_env)
     assert r.returncode == 0, r.stderr
     assert ArchiveStore(other).content_hash() == before
 
     mid = store.position("INTENTS") // 2
-    r = scf("replay", "--stream", "INTENTS", "--from-seq", str(mid), env=scf_env)
+    r = await asyncio.to_thread(cli, "replay", "--stream", "INTENTS", "--from-seq", str(mid), env=scf_env)
     assert r.returncode == 0, r.stderr
     assert f"INTENTS: rebuilt from seq {mid}" in r.stdout
     assert store.content_hash() == before
     assert ArchiveStore(other).content_hash(["INTENTS"]) == store.content_hash(["INTENTS"])
 
-    r = scf("replay", "--from-seq", "3", env=scf_env)
+    r = await asyncio.to_thread(cli, "replay", "--from-seq", "3", env=scf_env)
     assert r.returncode == 1
     assert r.stderr.strip() == "Error: --from-seq needs --stream: sequences are per stream"
 
@@ -202,7 +202,7 @@ async def test_rebuild_refuses_to_drop_rows_the_stream_lost(bus, settings, scf_e
     await archive.replay(settings)
     before = store.content_hash(["FOSSILS"])
     await bus.js.delete_msg("FOSSILS", 3)
-    r = scf("replay", "--stream", "FOSSILS", "--rebuild", env=scf_env)
+    r = await asyncio.to_thread(cli, "replay", "--stream", "FOSSILS", "--rebuild", env=scf_env)
     assert r.returncode == 1
     n = store.position("FOSSILS")
     assert r.stderr.strip() == (
@@ -211,7 +211,7 @@ async def test_rebuild_refuses_to_drop_rows_the_stream_lost(bus, settings, scf_e
         "(pass --force to rebuild anyway and drop them)"
     )
     assert store.content_hash(["FOSSILS"]) == before
-    r = scf("replay", "--stream", "FOSSILS", "--rebuild", "--force", env=scf_env)
+    r = await asyncio.to_thread(cli, "replay", "--stream", "FOSSILS", "--rebuild", "--force", env=scf_env)
     assert r.returncode == 0, r.stderr
     assert "dropped 1 rows the stream no longer holds" in r.stdout
 
@@ -222,7 +222,7 @@ async def test_compaction_merges_files_without_changing_a_row(tmp_path, scf_env)
     sample.write_archive(store, items, batch=25)
     before = store.content_hash()
     n_before = len(store.files("FOSSILS"))
-    r = scf("archive", "compact", "--archive", str(store.root), "--target-rows", "200", env=scf_env)
+    r = await asyncio.to_thread(cli, "archive", "compact", "--archive", str(store.root), "--target-rows", "200", env=scf_env)
     assert r.returncode == 0, r.stderr
     assert "FOSSILS: merged" in r.stdout
     assert store.content_hash() == before
@@ -232,7 +232,7 @@ async def test_compaction_merges_files_without_changing_a_row(tmp_path, scf_env)
     for a, b in zip(files, files[1:]):
         assert b.first == a.last + 1
     # A second run has nothing left to merge.
-    r = scf("archive", "compact", "--archive", str(store.root), "--target-rows", "200", env=scf_env)
+    r = await asyncio.to_thread(cli, "archive", "compact", "--archive", str(store.root), "--target-rows", "200", env=scf_env)
     assert "merged" not in r.stdout
 
 
@@ -347,12 +347,12 @@ async def test_signed_and_headers_columns(bus, settings):
 def test_scf_query_errors_are_one_line(tmp_path):
     env = dict(os.environ, SCF_HOME=str(tmp_path / "home"))
     env.pop("NATS_URL", None)
-    r = scf("query", "SELECT 1", env=env)
+    r = cli("query", "SELECT 1", env=env)
     assert r.returncode == 1
     assert r.stderr.strip() == f"Error: no archive at {tmp_path / 'home' / 'archive'}: start `scf run archive` or build one with `scf replay`"
     store = ArchiveStore(tmp_path / "home" / "archive")
     store.ensure()
-    r = scf("query", "SELECT * FROM nope", env=env)
+    r = cli("query", "SELECT * FROM nope", env=env)
     assert r.returncode == 1
     assert r.stderr.startswith("Error: Catalog Error: Table with name nope does not exist!")
     assert len(r.stderr.strip().splitlines()) == 1

@@ -3,6 +3,7 @@ the expected supervised example and preference pair, byte-identical rebuilds, as
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
@@ -13,7 +14,7 @@ from scf.bus import events as ev
 from scf.bus.ids import new_id
 from scf.projections import archive, cfr
 from scf.projections.store import ArchiveStore
-from tests.conftest import scf
+from tests.conftest import cli
 
 pytestmark = pytest.mark.anyio
 
@@ -118,7 +119,7 @@ async def test_building_twice_gives_byte_identical_files(bus, settings, scf_env,
     await sample.publish(bus, sample.history(cycles=60, seed=13))
     await archive.replay(settings)
     a, b = tmp_path / "a", tmp_path / "b"
-    r = scf("dataset", "cfr", "--out", str(a), env=scf_env)
+    r = await asyncio.to_thread(cli, "dataset", "cfr", "--out", str(a), env=scf_env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"CFR dataset in {a}")
     cfr.build(settings.archive_dir, b)
@@ -156,10 +157,10 @@ async def test_as_of_cuts_the_log_and_held_code_is_left_out(bus, settings, scf_e
     ds = cfr.build(settings.archive_dir, tmp_path / "late")
     assert (ds.counts["tuples"], ds.counts["pending"]) == (2, 1)
 
-    r = scf("dataset", "cfr", "--out", str(tmp_path / "x"), "--as-of-seq", "FOSSILS=3", env=scf_env)
+    r = await asyncio.to_thread(cli, "dataset", "cfr", "--out", str(tmp_path / "x"), "--as-of-seq", "FOSSILS=3", env=scf_env)
     assert r.returncode == 1
     assert r.stderr.strip() == "Error: --as-of-seq names FOSSILS: the CFR dataset reads only INTENTS, VERDICTS"
-    r = scf("dataset", "cfr", "--out", str(tmp_path / "x"), "--as-of-seq", "INTENTS=x", env=scf_env)
+    r = await asyncio.to_thread(cli, "dataset", "cfr", "--out", str(tmp_path / "x"), "--as-of-seq", "INTENTS=x", env=scf_env)
     assert r.stderr.strip() == "Error: --as-of-seq 'INTENTS=x': expected N or STREAM=N (e.g. INTENTS=5000)"
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from scf.bus import events as ev
 from scf.bus.codec import Codec
+from scf.bus.events import DeployRequested
 from scf.consumers.deploy import deploy_intent, deployment_id_for, intent_id_for, plan_orders, waves
 from scf.consumers.nodes import NodeInfo, Target, TargetError, parse_target, select
-from scf.bus.events import DeployRequested
 from tests.conftest import scf, stream_count, wait_for
 from tests.test_deploy_helpers import (
     Keys,

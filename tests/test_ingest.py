@@ -13,9 +13,10 @@ import pytest
 
 from scf.bus import events as ev
 from scf.bus.codec import Codec
+from scf.bus.headers import MSG_ID
 from scf.domains.fossils import synth_shards
-from scf.producers.ingest import IngestError, Ingester, IngestSettings, ingest
-from tests.conftest import scf, stream_count, wait_for
+from scf.producers.ingest import Ingester, IngestError, IngestSettings, ingest
+from tests.conftest import cli, stream_count, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -125,7 +126,7 @@ async def test_reingest_adds_nothing_even_beyond_the_duplicate_window(bus, setti
 
     async def window_passed() -> bool:
         probe["n"] += 1
-        ack = await bus.js.publish("fossil.probe", b"x", headers={"Nats-Msg-Id": "probe"})
+        ack = await bus.js.publish("fossil.probe", b"x", headers={MSG_ID: "probe"})
         return probe["n"] > 1 and not ack.duplicate
 
     await wait_for(window_passed, 10, "the duplicate window to expire")
@@ -185,16 +186,16 @@ async def test_missing_path_is_one_clear_error(bus, settings, tmp_path):
 
 async def test_cli_synth_then_ingest(scf_env, bus, tmp_path):
     out = tmp_path / "synth"
-    r = await asyncio.to_thread(scf, "fossils", "synth", "--domain", DOMAIN, "--n", "50", "--out", str(out), "--shard-size", "20", env=scf_env)
+    r = await asyncio.to_thread(cli, "fossils", "synth", "--domain", DOMAIN, "--n", "50", "--out", str(out), "--shard-size", "20", env=scf_env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"wrote 50 fossils of {DOMAIN} in 3 shards under {out}"
-    r = await asyncio.to_thread(scf, "fossils", "ingest", str(out), "--json", env=scf_env)
+    r = await asyncio.to_thread(cli, "fossils", "ingest", str(out), "--json", env=scf_env)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert (got["lines"], got["recorded"], got["duplicate"], got["rejected"]) == (50, 50, 0, 0)
-    r = await asyncio.to_thread(scf, "fossils", "ingest", str(out), env=scf_env)
+    r = await asyncio.to_thread(cli, "fossils", "ingest", str(out), env=scf_env)
     assert r.returncode == 0, r.stderr
     assert "3 shards already ingested" in r.stdout
-    r = await asyncio.to_thread(scf, "fossils", "ingest", str(tmp_path / "missing"), env=scf_env)
+    r = await asyncio.to_thread(cli, "fossils", "ingest", str(tmp_path / "missing"), env=scf_env)
     assert r.returncode == 1
     assert r.stderr.strip() == f"Error: no file or directory at {tmp_path / 'missing'}: check the path"

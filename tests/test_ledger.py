@@ -18,6 +18,7 @@ from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.emergency import EmergencyGate
+from scf.bus.headers import MSG_ID
 from scf.bus.ids import new_id
 from scf.consumers.energy import measurement_event
 from scf.consumers.ledger import (
@@ -34,7 +35,7 @@ from scf.consumers.ledger import (
     verify,
 )
 from scf.consumers.nodes import NodeInfo, register
-from tests.conftest import scf, stream_count, wait_for
+from tests.conftest import cli, stream_count, wait_for
 from tests.test_deploy_helpers import Keys, utc
 
 T0 = utc(2026, 11, 1, 0, 0)
@@ -204,7 +205,7 @@ async def test_repeat_beyond_the_duplicate_window_mints_once(bus, settings):
         # The identical event again (same envelope id → same transfer event id), under a
         # new Nats-Msg-Id so that DEPLOY's own window does not drop it first.
         raw = codec.sign(m, k1)
-        await bus.js.publish(m.subject(), raw, headers={"Nats-Msg-Id": f"{m.id}:day-2"})
+        await bus.js.publish(m.subject(), raw, headers={MSG_ID: f"{m.id}:day-2"})
         await wait_for(lambda: ledger.counts["duplicate"] == 1, 10, "the repeat to be acknowledged as done")
     assert len(await read_transfers(bus)) == 1
     assert (await verify(bus)).ok
@@ -236,24 +237,24 @@ async def test_cli_balance_history_verify(bus, settings, scf_env):
         for h in range(2):
             await publish_signed(bus, measurement("n1", 10.0, 9.0, hour=h), k1)
         # The third through `scf energy report`, as a meter bridge would (signed with keys/n1.key).
-        rep = scf("energy", "report", "--node", "n1", "--baseline", "10", "--actual", "9",
+        rep = await asyncio.to_thread(cli, "energy", "report", "--node", "n1", "--baseline", "10", "--actual", "9",
                   "--start", "2026-11-01T02:00:00Z", "--end", "2026-11-01T03:00:00Z", env=scf_env)
         assert rep.returncode == 0 and "1 kWh saved" in rep.stdout, rep.stderr
         assert rep.stdout.startswith(f"measurement {measurement('n1', hour=2).data.measurement_id}")
         await wait_for(lambda: stream_count(bus, "LEDGER"), 10, "transfers")
         await wait_for(lambda: consumer_done(bus), 20, "the ledger to drain")
-    out = scf("ledger", "balance", env=scf_env)
+    out = await asyncio.to_thread(cli, "ledger", "balance", env=scf_env)
     assert out.returncode == 0, out.stderr
     assert "node:n1" in out.stdout and "6.000000" in out.stdout and "-6.000000" in out.stdout
-    one = scf("ledger", "balance", "node:n1", env=scf_env)
+    one = await asyncio.to_thread(cli, "ledger", "balance", "node:n1", env=scf_env)
     assert one.stdout.strip() == "node:n1  6.000000"
-    hist = scf("ledger", "history", "--account", "node:n1", env=scf_env)
+    hist = await asyncio.to_thread(cli, "ledger", "history", "--account", "node:n1", env=scf_env)
     assert hist.returncode == 0 and len(hist.stdout.strip().splitlines()) == 3
-    nokey = scf("energy", "report", "--node", "ghost", "--baseline", "2", "--actual", "1",
+    nokey = await asyncio.to_thread(cli, "energy", "report", "--node", "ghost", "--baseline", "2", "--actual", "1",
                 "--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z", env=scf_env)
     assert nokey.returncode == 1
     assert nokey.stderr.strip() == "Error: no signing key for node ghost: create it with `scf keys new ghost` or pass --key"
-    ok = scf("ledger", "verify", env=scf_env)
+    ok = await asyncio.to_thread(cli, "ledger", "verify", env=scf_env)
     assert ok.returncode == 0 and ok.stdout.startswith("ok: 3 transfers"), ok.stdout + ok.stderr
 
     # A forged transfer (a second one for the same cause, on another subject) fails verify.
@@ -264,6 +265,6 @@ async def test_cli_balance_history_verify(bus, settings, scf_env):
         source="mallory",
     )
     await bus.publish(forged)
-    bad = scf("ledger", "verify", env=scf_env)
+    bad = await asyncio.to_thread(cli, "ledger", "verify", env=scf_env)
     assert bad.returncode == 1
     assert "minted 2 times" in bad.stdout and "not derived from its cause" in bad.stdout

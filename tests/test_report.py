@@ -11,7 +11,7 @@ import pytest
 
 from scf.projections import report, sample, views
 from scf.projections.store import ArchiveStore
-from tests.conftest import scf
+from tests.conftest import cli
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def env(tmp_path):
 
 
 def test_empty_archive_gives_a_clear_no_data_report(tmp_path, env):
-    r = scf("report", "value", "--out", str(tmp_path / "out"), env=env)
+    r = cli("report", "value", "--out", str(tmp_path / "out"), env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("no data yet: wrote ")
     md = (tmp_path / "out" / "report.md").read_text()
@@ -39,7 +39,7 @@ def test_empty_archive_gives_a_clear_no_data_report(tmp_path, env):
     # an archive that exists but holds nothing says the same
     store = ArchiveStore(tmp_path / "home" / "archive")
     store.ensure()
-    r = scf("report", "value", "--out", str(tmp_path / "out2"), env=env)
+    r = cli("report", "value", "--out", str(tmp_path / "out2"), env=env)
     assert r.returncode == 0 and "No data yet: the archive at" in (tmp_path / "out2" / "report.md").read_text()
 
 
@@ -77,13 +77,13 @@ def test_html_is_self_contained_with_plotly_charts(archive, tmp_path):
 
 
 def test_since_until_filter_the_period(archive, tmp_path, env):
-    r = scf("report", "value", "--archive", str(archive), "--out", str(tmp_path / "a"), "--since", "2026-10-01", "--until", "2026-10-15", env=env)
+    r = cli("report", "value", "--archive", str(archive), "--out", str(tmp_path / "a"), "--since", "2026-10-01", "--until", "2026-10-15", env=env)
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "a" / "report.md").read_text()
     weeks = re.findall(r"^\| (2026-\d\d-\d\d) \|", md, re.M)
     assert weeks and all("2026-09-28" <= w <= "2026-10-12" for w in weeks)
     assert "from 2026-10-01 00:00 to 2026-10-15 00:00 UTC" in md
-    r = scf("report", "value", "--archive", str(archive), "--out", str(tmp_path / "b"), "--since", "2030-01-01", env=env)
+    r = cli("report", "value", "--archive", str(archive), "--out", str(tmp_path / "b"), "--since", "2030-01-01", env=env)
     assert r.returncode == 0 and r.stdout.startswith("no data yet")
-    r = scf("report", "value", "--archive", str(archive), "--out", str(tmp_path / "c"), "--since", "2026-10-15", "--until", "2026-10-01", env=env)
+    r = cli("report", "value", "--archive", str(archive), "--out", str(tmp_path / "c"), "--since", "2026-10-15", "--until", "2026-10-01", env=env)
     assert r.returncode == 1 and r.stderr.strip() == "Error: --until 2026-10-01 is not after --since 2026-10-15"

@@ -3,6 +3,7 @@ context facts, the gear), code proposals and proposed states."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 
@@ -107,19 +108,19 @@ async def test_scf_run_safety_process(bus, settings, scf_env, tmp_path):
 
 
 async def test_safety_cli_tools(bus, settings, scf_env, tmp_path):
-    from tests.conftest import scf
+    from tests.conftest import cli
 
-    r = scf("safety", "context", "grid.state", "blackout", env=scf_env)
+    r = await asyncio.to_thread(cli, "safety", "context", "grid.state", "blackout", env=scf_env)
     assert r.returncode == 0, r.stderr
-    r = scf("safety", "context", env=scf_env)
+    r = await asyncio.to_thread(cli, "safety", "context", env=scf_env)
     assert "grid.state = blackout" in r.stdout
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nos.system('id')\n")
-    r = scf("safety", "check-code", str(bad), env=scf_env)
+    r = await asyncio.to_thread(cli, "safety", "check-code", str(bad), env=scf_env)
     assert r.returncode == 1 and f"{bad}:2: process execution: os.system runs a shell command" in r.stdout
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rule]]\nname = "x"\ndecision = "perhaps"\n')
-    r = scf("safety", "check-rules", str(rules), env=scf_env)
+    r = await asyncio.to_thread(cli, "safety", "check-rules", str(rules), env=scf_env)
     assert r.returncode == 1 and r.stderr.startswith(f"Error: {rules}: Invalid enum value 'perhaps'")
-    r = scf("safety", "held", env=scf_env)
+    r = await asyncio.to_thread(cli, "safety", "held", env=scf_env)
     assert r.returncode == 0 and "nothing is waiting for a human" in r.stdout
