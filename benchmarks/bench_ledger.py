@@ -43,7 +43,7 @@ from scf.bus.server import ServerProcess, free_port  # noqa: E402
 from scf.bus.settings import Settings  # noqa: E402
 from scf.bus.signing import SigningKey, TrustList  # noqa: E402
 from scf.bus.streams import ensure  # noqa: E402
-from scf.consumers.edge import measurement_event  # noqa: E402
+from scf.consumers.energy import measurement_event  # noqa: E402
 from scf.consumers.ledger import Ledger, LedgerSettings, transfer_for  # noqa: E402
 
 
