@@ -28,21 +28,25 @@ from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, Not
 from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.errors import NatsUnavailable, PublishConflict, ServerError, StreamNotFound
-from scf.bus.ids import new_id
+from scf.bus.headers import (  # noqa: F401 - the header names, also re-exported here
+    BATCH_COMMIT,
+    BATCH_ID,
+    BATCH_SEQUENCE,
+    EXPECTED_LAST_SEQ,
+    EXPECTED_LAST_SUBJECT_SEQ,
+    MSG_ID,
+    SCF_KID,
+    SCF_REDRIVE_FOR,
+    SCF_SIG,
+    SCF_TYPE,
+)
+from scf.bus.ids import PUBLIC_IDS, Ids, new_id, service_ids
 from scf.bus.settings import Settings
 from scf.bus.signing import SigningKey
 from scf.bus.streams import stream_for_subject
 
 log = logging.getLogger("scf.bus")
 
-# Header names (as the server spells them).
-MSG_ID = api.Header.MSG_ID.value  # "Nats-Msg-Id"
-EXPECTED_LAST_SUBJECT_SEQ = api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
-EXPECTED_LAST_SEQ = api.Header.EXPECTED_LAST_SEQUENCE.value  # the stream's: a fencing token
-SCF_TYPE = "Scf-Type"  # the event type, so routers and the archive need not parse the body
-SCF_SIG = "Scf-Sig"  # signature of a plain-JSON control command
-SCF_KID = "Scf-Kid"
-SCF_REDRIVE_FOR = "Scf-Redrive-For"  # a DLQ redrive meant for one consumer only
 
 # JetStream error codes we act on.
 ERR_WRONG_LAST_SEQUENCE = 10071
@@ -125,6 +129,21 @@ def reconnect_backoff(servers: list, info: dict) -> tuple[object, float]:
     server = min(servers, key=lambda s: s.reconnects)
     delay = min(2.0, 0.1 * 2 ** min(server.reconnects, 5))
     return server, delay * random.uniform(0.5, 1.0)
+
+
+def login_user(url: str) -> str | None:
+    """The user a NATS URL logs in as (None: no user, a dev server without auth)."""
+    from urllib.parse import urlparse
+
+    part = url.split(",")[0].strip()
+    return urlparse(part if "://" in part else f"nats://{part}").username
+
+
+# Logins that hold no id key and may not read the streams they publish into (nats/users.conf):
+# their effects take public ids and their duplicate acks cannot be checked (docs/security.md).
+RESTRICTED_LOGINS = ("worker", "edge")
+# Logins that may hold the deployment's id key: the services (and a dev server without users).
+SERVICE_LOGINS = (None, "service")
 
 
 def _redact(url: str) -> str:
@@ -241,11 +260,11 @@ class PipelinedPublisher:
         batch_id = new_id().replace("-", "")
         last = len(items)
         for i, (subject, body) in enumerate(items[:-1], 1):
-            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i), EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {})}
+            headers = {BATCH_ID: batch_id, BATCH_SEQUENCE: str(i), EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {})}
             await self.nc.publish(subject, body, headers=headers)
         subject, body = items[-1]
         headers = {
-            "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(last), "Nats-Batch-Commit": "1",
+            BATCH_ID: batch_id, BATCH_SEQUENCE: str(last), BATCH_COMMIT: "1",
             EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {}),
         }
         return await self.publish(subject, body, headers)
@@ -285,9 +304,9 @@ class Published:
     stream: str
     seq: int
     duplicate: bool
-    # verify=True only: the event as stored when the stream's `duplicate` ack named a message
-    # that was not this event (an id taken first by someone else) and it was published again
-    # under a fresh id
+    # with the duplicate check (on by default where the login may read the stream): the event
+    # as stored when the stream's `duplicate` ack named a message that was not this event (an
+    # id taken first by someone else) and it was published again under another id
     reissued: ev.Event | None = None
 
 
@@ -298,20 +317,39 @@ class Once:
     status: Literal["new", "duplicate", "conflict"]
     seq: int
     existing: ev.Event | None = None  # what the subject already held (duplicate / conflict)
+    reissued: ev.Event | None = None  # published under another id: its id was taken first (see Published)
 
 
 class Bus:
-    def __init__(self, nc: NATS, settings: Settings, *, key: SigningKey | None = None) -> None:
+    """A process's connection. `ids` derives its effects' ids: keyed with the deployment's id
+    key (`$SCF_HOME/keys/ids.key`) when the login is a service's and the file is there, public
+    otherwise. `verify_duplicates` (default: every login but worker and edge, which may not
+    read the streams they write) makes every publish check a `duplicate` ack against what
+    the stream holds (`verify_duplicate`)."""
+
+    def __init__(
+        self, nc: NATS, settings: Settings, *, key: SigningKey | None = None, ids: Ids | None = None,
+        verify_duplicates: bool | None = None,
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
         self.source = settings.source or "scf"
         self.key = key
+        self.login = login_user(settings.url)
+        if ids is None:
+            ids = service_ids(settings.keys_dir) if self.login in SERVICE_LOGINS else PUBLIC_IDS
+        self.ids = ids
+        self.verify_duplicates = self.login not in RESTRICTED_LOGINS if verify_duplicates is None else verify_duplicates
         self._pipeline: PipelinedPublisher | None = None
 
     @classmethod
-    async def connect(cls, settings: Settings, name: str = "scf", key: SigningKey | None = None) -> "Bus":
-        return cls(await connect(settings, name), settings, key=key)
+    async def connect(
+        cls, settings: Settings, name: str = "scf", key: SigningKey | None = None, ids: Ids | None = None
+    ) -> "Bus":
+        if ids is None and login_user(settings.url) in SERVICE_LOGINS:
+            ids = service_ids(settings.keys_dir)  # an unsafe key file is refused before connecting
+        return cls(await connect(settings, name), settings, key=key, ids=ids)
 
     async def close(self) -> None:
         if self._pipeline is not None:
@@ -340,24 +378,30 @@ class Bus:
             h[EXPECTED_LAST_SUBJECT_SEQ] = "0"
         return h
 
-    async def publish(self, event: ev.Event, *, timeout: float = 5.0, verify: bool = False) -> Published:
-        """Publish one event. verify=True: a `duplicate` ack is checked against what the
-        stream holds (see `verify_duplicate`)."""
+    def _verify(self, verify: bool | None) -> bool:
+        return self.verify_duplicates if verify is None else verify
+
+    async def publish(self, event: ev.Event, *, timeout: float = 5.0, verify: bool | None = None) -> Published:
+        """Publish one event. A `duplicate` ack is checked against what the stream holds
+        (`verify_duplicate`) unless verify=False or the login may not read the stream
+        (`verify_duplicates`)."""
         subject = event.subject()
         try:
             ack = await self.js.publish(subject, self._body(event), timeout=timeout, headers=self.headers(event))
         except Exception as exc:
             raise map_error(exc, subject) from None
         out = Published(ack.stream, ack.seq, bool(ack.duplicate))
-        return await self.verify_duplicate(event, out, timeout=timeout) if verify else out
+        return await self.verify_duplicate(event, out, timeout=timeout) if self._verify(verify) else out
 
     # ----------------------------------------------------------------- duplicate acks
-    async def stored_is(self, event: ev.Event, stream: str, seq: int) -> bool:
-        """Whether the message at (stream, seq) is `event`: same subject, type and id."""
+    async def stored_is(self, event: ev.Event, stream: str, seq: int) -> bool | None:
+        """Whether the message at (stream, seq) is `event`: same subject, type and id; None
+        when the stream no longer holds that sequence (a work queue's taken item: nobody but
+        services writes those, and a gone message pre-empts nothing that could be read)."""
         try:
             msg = await self.js.get_msg(stream, seq)
         except NotFoundError:
-            return False
+            return None
         except Exception as exc:
             raise map_error(exc, event.subject()) from None
         if msg.subject != event.subject():
@@ -368,37 +412,52 @@ class Bus:
             return False
         return type(stored) is type(event) and stored.id == event.id
 
-    async def verify_duplicate(self, event: ev.Event, published: Published, *, timeout: float = 5.0) -> Published:
+    def _reissue_ids(self, event: ev.Event) -> list[str]:
+        """The ids to publish `event` under when its own was taken: first one derived from it
+        with the id key (stable: a redelivered input finds its own re-issue and keeps it),
+        then a random one (the key leaked, or no key)."""
+        return ([self.ids.derive("reissue", event.id)] if self.ids.keyed else []) + [new_id()]
+
+    async def verify_duplicate(
+        self, event: ev.Event, published: Published, *, timeout: float = 5.0, expect_new: bool = False
+    ) -> Published:
         """Never take a `duplicate` ack on trust: JetStream deduplicates by `Nats-Msg-Id`
         across the whole stream, so anyone who may publish into the stream could have taken
         this id first with other content on another subject. When the message the ack names
-        is not this event, publish the event again under a fresh id (logged) and return it
-        in `reissued`."""
-        if not published.duplicate or await self.stored_is(event, published.stream, published.seq):
+        is not this event, publish the event again under another id (logged; `_reissue_ids`)
+        and return it in `reissued`."""
+        if not published.duplicate or await self.stored_is(event, published.stream, published.seq) is not False:
             return published
-        fresh = msgspec.structs.replace(event, id=new_id())
-        log.warning(
-            "%s %s: the stream holds another message under this id (%s seq %d): published again as %s",
-            event.type_name(), event.id, published.stream, published.seq, fresh.id,
-        )
-        subject = fresh.subject()
-        try:
-            ack = await self.js.publish(subject, self._body(fresh), timeout=timeout, headers=self.headers(fresh))
-        except Exception as exc:
-            raise map_error(exc, subject) from None
-        return Published(ack.stream, ack.seq, bool(ack.duplicate), reissued=fresh)
+        for fresh_id in self._reissue_ids(event):
+            fresh = msgspec.structs.replace(event, id=fresh_id)
+            log.warning(
+                "%s %s: the stream holds another message under this id (%s seq %d): published again as %s",
+                event.type_name(), event.id, published.stream, published.seq, fresh.id,
+            )
+            subject = fresh.subject()
+            try:
+                ack = await self.js.publish(
+                    subject, self._body(fresh), timeout=timeout, headers=self.headers(fresh, expect_new=expect_new)
+                )
+            except Exception as exc:
+                raise map_error(exc, subject) from None
+            again = Published(ack.stream, ack.seq, bool(ack.duplicate), reissued=fresh)
+            if not again.duplicate or await self.stored_is(fresh, again.stream, again.seq) is not False:
+                return again
+            published = again
+        raise ServerError(f"{event.type_name()} {event.id}: every id tried is taken by another message on {published.stream}")
 
     async def pipeline(self) -> PipelinedPublisher:
         if self._pipeline is None:
             self._pipeline = await PipelinedPublisher(self.nc).start()
         return self._pipeline
 
-    async def publish_many(self, events: Iterable[ev.Event], *, timeout: float = 30.0, verify: bool = False) -> list[Published]:
+    async def publish_many(self, events: Iterable[ev.Event], *, timeout: float = 30.0, verify: bool | None = None) -> list[Published]:
         """Pipelined publishing (up to 4000 unacknowledged at once), all acked on return.
         A refusal raises the mapped error; an ack that never comes raises ServerError after
-        `timeout` (the events are safe to publish again: their ids dedup). verify=True:
-        every `duplicate` ack is checked against what the stream holds (`verify_duplicate`;
-        for effects that matter; needs message-get permission on the stream)."""
+        `timeout` (the events are safe to publish again: their ids dedup). Every `duplicate`
+        ack is checked against what the stream holds (`verify_duplicate`) unless
+        verify=False or the login may not read the stream (`verify_duplicates`)."""
         pub = await self.pipeline()
         futures: list[asyncio.Future] = []
         subjects: list[str] = []
@@ -421,22 +480,34 @@ class Bus:
             if reply.error is not None:
                 raise reply_error(reply.error, subject)
             out.append(Published(reply.stream, reply.seq, reply.duplicate))
-        if verify:
+        if self._verify(verify):
             out = [await self.verify_duplicate(e, p) if p.duplicate else p for e, p in zip(sent, out)]
         return out
 
-    async def publish_once(self, event: ev.Event, *, timeout: float = 5.0) -> Once:
+    async def publish_once(self, event: ev.Event, *, timeout: float = 5.0, verify: bool | None = None) -> Once:
         """Publish on the event's per-entity subject only if the subject is empty.
 
         Returns "new"; "duplicate" when the subject already holds an event with the same
         payload (the effect already happened: treat as done); "conflict" when it holds a
-        different payload for the same entity (refuse and report)."""
+        different payload for the same entity (refuse and report). A `duplicate` ack (the
+        server matched the id before it looked at the subject) is checked like `publish`'s:
+        an id someone else took on another subject gets the event published again under
+        another id (`reissued`)."""
         subject = event.subject()
         try:
             ack = await self.js.publish(
                 subject, self._body(event), timeout=timeout, headers=self.headers(event, expect_new=True)
             )
-            return Once("duplicate" if ack.duplicate else "new", ack.seq)
+            if not ack.duplicate:
+                return Once("new", ack.seq)
+            if not self._verify(verify):
+                return Once("duplicate", ack.seq)
+            got = await self.verify_duplicate(
+                event, Published(ack.stream, ack.seq, True), timeout=timeout, expect_new=True
+            )
+            if got.reissued is None:
+                return Once("duplicate", ack.seq)
+            return Once("duplicate" if got.duplicate else "new", got.seq, reissued=got.reissued)
         except Exception as exc:
             err = map_error(exc, subject)
             if not isinstance(err, PublishConflict):
@@ -513,8 +584,8 @@ class Bus:
         last = len(chunk)
         for i, event in enumerate(chunk, 1):
             headers = {
-                "Nats-Batch-Id": batch_id,
-                "Nats-Batch-Sequence": str(i),
+                BATCH_ID: batch_id,
+                BATCH_SEQUENCE: str(i),
                 EXPECTED_LAST_SUBJECT_SEQ: "0",
                 SCF_TYPE: event.type_name(),
             }
@@ -524,7 +595,7 @@ class Bus:
             if i < last:
                 await self.nc.publish(event.subject(), body, headers=headers)
                 continue
-            headers["Nats-Batch-Commit"] = "1"
+            headers[BATCH_COMMIT] = "1"
             try:
                 reply = await self.nc.request(event.subject(), body, timeout=timeout, headers=headers)
             except Exception as exc:

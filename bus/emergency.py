@@ -4,6 +4,10 @@ Engaged when the `emergency` key of the `scf_state` KV bucket says so (the daemo
 `emergency.engaged` / `emergency.released` events there) or when the lock file
 `$SCF_HOME/EMERGENCY_LOCK` exists on this host (a stop that works without the bus).
 `EmergencyGate` is the runner's pause gate: while engaged, nothing new is handled.
+
+A safety gate fails closed: when the state cannot be read (the server away, the bucket
+deleted, a timeout) the gate counts as engaged until a read succeeds, and says so at most
+once a second. `read_state` raises `EmergencyUnknown` instead of guessing "not engaged".
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 
 import msgspec
 
-from scf.bus.client import Bus
+from scf.bus.client import Bus, Throttle
+from scf.bus.errors import SCFError
 from scf.bus.streams import KEY_EMERGENCY
 
 log = logging.getLogger("scf.emergency")
@@ -35,23 +40,52 @@ async def write_state(bus: Bus, state: EmergencyState) -> None:
     await kv.put(KEY_EMERGENCY, msgspec.json.encode(state))
 
 
+class EmergencyUnknown(SCFError):
+    """The emergency state could not be read: treat the stop as engaged (fail closed)."""
+
+
 async def read_state(bus: Bus) -> EmergencyState:
-    kv = await bus.kv("scf_state")
+    """The stop as `scf_state/emergency` records it: not engaged when the key was never
+    written (or was deleted); engaged when its value is unreadable. Raises EmergencyUnknown
+    (one line) when the entry cannot be read at all: never a guess that the stop is off."""
+    return (await _read_entry(bus))[0]
+
+
+async def _read_entry(bus: Bus) -> tuple[EmergencyState, int]:
+    """(state, revision of the entry; 0 when none)."""
+    from nats.js.errors import KeyNotFoundError
+
     try:
+        kv = await bus.kv("scf_state")
         entry = await kv.get(KEY_EMERGENCY)
-    except Exception:
+    except KeyNotFoundError as exc:  # never written, or deleted (KeyDeletedError: its tombstone)
+        tomb = getattr(exc, "entry", None)
+        return EmergencyState(False), getattr(tomb, "revision", 0) or 0
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the state is unknown: the caller fails closed
+        raise EmergencyUnknown(
+            f"cannot read scf_state/emergency ({type(exc).__name__}: {str(exc)[:120] or 'no detail'}): "
+            "treated as engaged until it can be read; check the server and run `scf streams ensure`"
+        ) from None
+    return _decode_state(entry.value if entry else None), (entry.revision or 0) if entry else 0
+
+
+def _decode_state(value: bytes | None) -> EmergencyState:
+    if not value:
         return EmergencyState(False)
-    if not entry or not entry.value:
-        return EmergencyState(False)
-    return msgspec.json.decode(entry.value, type=EmergencyState)
+    try:
+        return msgspec.json.decode(value, type=EmergencyState)
+    except msgspec.DecodeError:
+        log.error("scf_state/emergency holds an unreadable value: treating the stop as engaged")
+        return EmergencyState(True, "unreadable emergency state")
 
 
 class EmergencyGate:
     """The pause gate. The KV watch is the fast path; the entry is also re-read every
     `refresh` seconds, because the watch is an ordered consumer that nats-py resets only
     after missed heartbeats: after a server restart a stop engaged meanwhile reached a
-    running gate ~20 s late. A failed re-read keeps the state the gate has; an entry older
-    (lower revision) than the one applied never replaces it."""
+    running gate ~20 s late. An entry older (lower revision) than the one applied never
+    replaces it. Fails closed: while the entry cannot be read (at start or on a re-read) the
+    gate is engaged (`unknown` says why, logged at most once a second) until a read succeeds."""
 
     def __init__(self, bus: Bus, lock_file: Path, poll: float = 0.2, refresh: float = 1.0) -> None:
         self.bus, self.lock_file, self.poll, self.refresh = bus, Path(lock_file), poll, refresh
@@ -59,25 +93,49 @@ class EmergencyGate:
         self.revision = 0  # of the scf_state/emergency entry applied
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._warned = 0.0
+        self.unknown: str | None = None  # why the state cannot be read now (None: it was read)
+        self._throttle = Throttle(1.0)
 
     @property
     def engaged(self) -> bool:
-        return self.kv_state.engaged or self.lock_file.exists()
+        return self.kv_state.engaged or self.unknown is not None or self.lock_file.exists()
 
     @property
     def reason(self) -> str:
         if self.lock_file.exists():
             return f"lock file {self.lock_file}"
+        if self.unknown is not None and not self.kv_state.engaged:
+            return self.unknown
         return self.kv_state.reason
 
     async def start(self) -> "EmergencyGate":
-        self.kv_state = await read_state(self.bus)
-        kv = await self.bus.kv("scf_state")
-        watcher = await kv.watch(KEY_EMERGENCY)
-        self._tasks = [asyncio.create_task(self._watch(watcher)), asyncio.create_task(self._poll_file()),
-                       asyncio.create_task(self._reread())]
+        await self._read()
+        tasks = [asyncio.create_task(self._poll_file()), asyncio.create_task(self._reread())]
+        try:
+            kv = await self.bus.kv("scf_state")
+            tasks.append(asyncio.create_task(self._watch(await kv.watch(KEY_EMERGENCY))))
+        except Exception as exc:  # noqa: BLE001 - no watch (bucket gone): the re-read every second still sees changes
+            log.warning("cannot watch scf_state/emergency (%s): relying on the re-read every %.0f s", exc, self.refresh)
+        self._tasks = tasks
         return self
+
+    async def _read(self) -> None:
+        """One read of the entry: applied, or the gate fails closed until one succeeds."""
+        try:
+            state, revision = await _read_entry(self.bus)
+        except EmergencyUnknown as exc:
+            if self.unknown is None:
+                self._changed.set()
+            self.unknown = str(exc)
+            self._throttle.warn(log, "unknown", "emergency gate closed: %s", exc)
+            return
+        if self.unknown is not None:
+            log.warning("emergency gate: scf_state/emergency read again (%s)", "engaged" if state.engaged else "clear")
+            self.unknown = None
+            self._changed.set()
+        if revision == 0 and self.revision > 0 and not state.engaged:
+            return  # the entry vanished without a delete marker (the bucket recreated): keep what the gate applied
+        self._apply_state(state, revision)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -96,41 +154,20 @@ class EmergencyGate:
     def _apply(self, value: bytes | None, revision: int) -> None:
         if revision and revision < self.revision:
             return  # older than what the gate already applied (a re-read racing the watch)
-        if value:
-            try:
-                state = msgspec.json.decode(value, type=EmergencyState)
-            except msgspec.DecodeError:
-                log.error("scf_state/emergency holds an unreadable value: treating the stop as engaged")
-                state = EmergencyState(True, "unreadable emergency state")
-        else:
-            state = EmergencyState(False)
+        self._apply_state(_decode_state(value), revision)
+
+    def _apply_state(self, state: EmergencyState, revision: int) -> None:
+        if revision and revision < self.revision:
+            return
         self.revision = max(self.revision, revision)
         if state != self.kv_state:
             self.kv_state = state
             self._changed.set()
 
     async def _reread(self) -> None:
-        import time
-
-        from nats.js.errors import KeyNotFoundError
-
         while True:
             await asyncio.sleep(self.refresh)
-            try:
-                kv = await self.bus.kv("scf_state")
-                entry = await kv.get(KEY_EMERGENCY)
-            except KeyNotFoundError as exc:  # never written, or deleted (KeyDeletedError: its tombstone)
-                tomb = getattr(exc, "entry", None)
-                if tomb is not None or self.revision == 0:
-                    self._apply(b"", getattr(tomb, "revision", 0) or 0)
-                continue
-            except Exception as exc:  # noqa: BLE001 - server away: keep the state the gate has, try again
-                if time.monotonic() - self._warned > 30:
-                    self._warned = time.monotonic()
-                    log.warning("re-reading scf_state/emergency failed (%s): the gate keeps its state (%s)",
-                                type(exc).__name__, "engaged" if self.kv_state.engaged else "clear")
-                continue
-            self._apply(entry.value, entry.revision or 0)
+            await self._read()
 
     async def _poll_file(self) -> None:
         last = self.lock_file.exists()

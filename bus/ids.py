@@ -109,3 +109,38 @@ def keyed_id(key: bytes, *parts: object) -> str:
     digest[6] = (digest[6] & 0x0F) | 0x80  # version 8 (custom)
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     return str(uuid.UUID(bytes=bytes(digest)))
+
+
+class Ids:
+    """How a process derives the ids of its effects: keyed with the deployment's id key when
+    the process holds it (the services), public UUIDv5 otherwise (worker, edge: docs/security.md
+    says what protects their effects). Same key, same parts: same id, so a redelivered input
+    republishes the same ids and JetStream keeps one. `Bus.ids` is the process's deriver;
+    `Event.new(..., ids=bus.ids)` derives through it."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key or None
+
+    @property
+    def keyed(self) -> bool:
+        return self._key is not None
+
+    def derive(self, *parts: object) -> str:
+        return keyed_id(self._key, *parts) if self._key is not None else derived_id(*parts)
+
+    def __repr__(self) -> str:  # never the key
+        return f"Ids(keyed={self.keyed})"
+
+
+PUBLIC_IDS = Ids(None)
+
+
+def service_ids(keys_dir: Path) -> Ids:
+    """The deriver of a service process: keyed with `$SCF_HOME/keys/ids.key` when the file is
+    there (IdKeyError when it is unsafe or malformed), public when it is not (a host that is
+    not a service host: no key was copied to it)."""
+    if not id_key_path(keys_dir).exists():
+        return PUBLIC_IDS
+    return Ids(load_id_key(keys_dir))

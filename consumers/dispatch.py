@@ -9,8 +9,9 @@ at dispatch time) and publishes
 * `job.dispatched` on `job.dispatched.<job_id>` (TRAINING) with `publish_once`.
 
 Ids: `job_id` is derived from the intent id (one job per intent, ever); the work item and
-the dispatch record take ids derived from the job id, so a redelivered verdict (or a
-second approval of the same intent) republishes nothing new: when `job.dispatched.<job_id>`
+the dispatch record take ids derived from the job id with the deployment's id key
+(`bus.ids`: no worker login can compute them), so a redelivered verdict (or a second
+approval of the same intent) republishes nothing new: when `job.dispatched.<job_id>`
 already holds the record the verdict is acknowledged without effect.
 
 Pool choice (`choose_pool`, pure): workers announce themselves in the KV bucket
@@ -238,8 +239,10 @@ class Dispatcher:
         selection = await data_selection(self.bus, intent.domain)
         spec = plan_job(intent, pool, selection, self.cfg)
         source = self.bus.source
-        work = ev.WorkItem.new(spec, source=source, cause=event, id=derived_id("work.item", job_id))
-        record = ev.JobDispatched.new(spec, source=source, cause=event, id=derived_id("job.dispatched", job_id))
+        # ids keyed with the deployment's id key (bus.ids): a worker login, which may publish
+        # into TRAINING, cannot compute the record's id and have the record dropped as a duplicate
+        work = ev.WorkItem.new(spec, source=source, cause=event, id=self.bus.ids.derive("work.item", job_id))
+        record = ev.JobDispatched.new(spec, source=source, cause=event, id=self.bus.ids.derive("job.dispatched", job_id))
         await self.bus.publish(work)  # first the work (deduplicated by id on a redelivery) …
         once = await self.bus.publish_once(record)  # … then the record that it was sent
         self.dispatched.append(Dispatched(spec, once.status))

@@ -17,7 +17,7 @@ from nats.js.errors import NotFoundError
 from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
-from scf.bus.emergency import read_state
+from scf.bus.emergency import EmergencyUnknown, read_state
 from scf.bus.streams import STREAMS
 
 
@@ -68,8 +68,11 @@ async def snapshot(bus: Bus) -> Snapshot:
             s.gear = str(msgspec.json.decode(gear).get("gear", gear))  # type: ignore[union-attr]
         except Exception:
             s.gear = gear.strip('"')
-    em = await read_state(bus)
-    s.emergency = f"ENGAGED ({em.reason or 'no reason'}, by {em.by or '?'})" if em.engaged else "released"
+    try:
+        em = await read_state(bus)
+        s.emergency = f"ENGAGED ({em.reason or 'no reason'}, by {em.by or '?'})" if em.engaged else "released"
+    except EmergencyUnknown as exc:  # gates treat it as engaged: say so
+        s.emergency = f"UNKNOWN, gates paused ({exc})"
     s.daemon = (await _kv_text(bus, "daemon")) or "no heartbeat"
     try:
         kv = await bus.kv("scf_state")

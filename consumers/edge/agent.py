@@ -60,6 +60,9 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_artifact_bytes: int = 8 * 1024**3
     meter_poll_s: float = 2.0
     probe_max_elements: int = 50_000_000  # tensors larger than this are sampled, not scanned
+    # the node's registry entry is written again this often (an entry another edge login
+    # deleted or replaced comes back within it; docs/security.md "The node registry")
+    register_every_s: float = 30.0
 
 
 def _now() -> dt.datetime:
@@ -133,6 +136,8 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ the node registry
     async def publish_status(self, status: str) -> None:
+        """Write this node's signed entry (its own `updated_at`: readers refuse older ones)."""
+        self._status = status
         if not self.register_in_kv:
             return
         cur = self.current()
@@ -151,6 +156,15 @@ class EdgeAgent:
             await nodes_mod.register(self.bus, info)
         except Exception as exc:  # noqa: BLE001 - the registry is a cache: never fail an order over it
             log.warning("%s: could not update the node registry: %s", self.node, exc)
+
+    async def registration(self, stop: asyncio.Event) -> None:
+        """Re-register every `register_every_s` until `stop` (a loop for `run_all`): a
+        deleted or replayed entry is replaced by a fresh one within that."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.register_every_s)
+            except asyncio.TimeoutError:
+                await self.publish_status(getattr(self, "_status", "active" if self.store.state.current else "idle"))
 
     async def start(self) -> "EdgeAgent":
         self.store.load()
