@@ -93,6 +93,21 @@ def proof_inclusion(
     _emit(log.inclusion_bundle(tlog.find_event(log, event), size), out)
 
 
+@proof_app.command("events")
+@errors_to_exit
+def proof_events(
+    events: list[str] = typer.Argument(..., help="event ids (or STREAM:SEQ), e.g. the events of one strike"),
+    size: Optional[int] = typer.Option(None, help="prove against the signed checkpoint of this size (default: the latest)"),
+    archive: Optional[Path] = ARCHIVE_OPT,
+    out: Optional[Path] = OUT_OPT,
+) -> None:
+    """Prove several events against one signed checkpoint (what a strike's JSON proof embeds)."""
+    from scf.projections import tlog
+
+    log = tlog.open_log(load_settings(), archive)
+    _emit(log.events_bundle([tlog.find_event(log, e) for e in events], size), out)
+
+
 @proof_app.command("consistency")
 @errors_to_exit
 def proof_consistency(
@@ -131,6 +146,8 @@ def proof_verify(
             f"OK: leaf {summary['leaf_index']} ({e.get('type')} {e.get('id')}, {e.get('stream')} seq {e.get('seq')}) "
             f"is in {summary['origin']} at tree size {summary['tree_size']}"
         )
+    elif summary["kind"] == "events":
+        typer.echo(f"OK: {len(summary['entries'])} events are in {summary['origin']} at tree size {summary['tree_size']}")
     else:
         typer.echo(f"OK: {summary['origin']} at size {summary['new_size']} extends size {summary['old_size']}")
 

@@ -16,7 +16,9 @@ event's bytes only.
 * A verifier key is the note spec's text form `<name>+<hex key hash>+<base64(0x01 || key)>`.
 * A proof bundle (`scf proof inclusion`) is JSON: {"kind": "scf.proof.inclusion/v1",
   "checkpoint": note text, "leaf_index", "tree_size", "entry": base64 entry bytes,
-  "proof": [base64 hashes]}; a consistency bundle has "old" and "new" notes and "proof".
+  "proof": [base64 hashes]}; a consistency bundle has "old" and "new" notes and "proof";
+  an events bundle ("scf.proof.events/v1", what a strike's JSON proof embeds) has one
+  "checkpoint", "tree_size" and "events": [{"leaf_index", "entry", "proof"}, …].
 
 Every failure raises `ProofError` with one line saying what does not hold.
 """
@@ -308,7 +310,34 @@ def verify_bundle(bundle: bytes | str | dict, verifier_key_text: str, entry: byt
         new = open_checkpoint(_str(bundle, "new"), v, origin=old.origin)
         verify_consistency(old.size, new.size, old.root, new.root, _b64list(bundle.get("proof")))
         return {"kind": "consistency", "origin": old.origin, "old_size": old.size, "new_size": new.size}
-    raise ProofError(f"unknown proof kind {kind!r}: expected scf.proof.inclusion/v1 or scf.proof.consistency/v1")
+    if kind == "scf.proof.events/v1":
+        cp = open_checkpoint(_str(bundle, "checkpoint"), v)
+        size = _int(bundle, "tree_size")
+        if size != cp.size:
+            raise ProofError(f"the proof is for tree size {size} but the checkpoint has size {cp.size}")
+        events = bundle.get("events")
+        if not isinstance(events, list) or not events:
+            raise ProofError("the proof lists no events")
+        out = []
+        for n, e in enumerate(events):
+            if not isinstance(e, dict):
+                raise ProofError(f"event {n} of the proof is not an object")
+            try:
+                data = base64.b64decode(_str(e, "entry"), validate=True)
+            except binascii.Error:
+                raise ProofError(f"event {n}: the entry is not base64") from None
+            try:
+                verify_inclusion(_int(e, "leaf_index"), size, leaf_hash(data), _b64list(e.get("proof")), cp.root)
+            except ProofError as exc:
+                raise ProofError(f"event {n}: {exc}") from None
+            try:
+                out.append(json.loads(data))
+            except ValueError:
+                out.append(None)
+        return {"kind": "events", "origin": cp.origin, "tree_size": size, "entries": out}
+    raise ProofError(
+        f"unknown proof kind {kind!r}: expected scf.proof.inclusion/v1, scf.proof.consistency/v1 or scf.proof.events/v1"
+    )
 
 
 def _str(d: dict, key: str) -> str:

@@ -127,6 +127,13 @@ def test_audit_and_proofs_catch_a_tampered_row_and_a_reordered_stream(tmp_path):
     assert summary["entry"]["stream"] == "LEDGER" and summary["entry"]["seq"] == 2
     assert pc.open_checkpoint(note, pc.parse_verifier_key(vkey)).size == log.state.size
 
+    # Several events against one checkpoint (a strike's proof); a swapped entry fails.
+    many = log.events_bundle([log.find("LEDGER", 1), i, log.find("CHECKPOINTS", 1)])
+    assert [e["seq"] for e in pc.verify_bundle(many, vkey)["entries"]] == [1, 2, 1]
+    many["events"][0]["entry"], many["events"][1]["entry"] = many["events"][1]["entry"], many["events"][0]["entry"]
+    with pytest.raises(pc.ProofError, match="^event 0: leaf .* is not in the tree"):
+        pc.verify_bundle(many, vkey)
+
     # Tamper: one payload in the LEDGER file changes.
     f = store.files("LEDGER")[0]
     table = pq.read_table(f.path)
@@ -259,3 +266,67 @@ async def test_checkpoints_on_the_bus_inclusion_and_consistency_verified_offline
     assert r.stderr.strip().startswith("Error: proof does not hold: the consistency proof does not lead to the")
     r = await asyncio.to_thread(cli, "proof", "audit", env=scf_env)
     assert r.returncode == 0 and r.stdout.startswith(f"the archive reproduces all {second} leaves"), r.stdout + r.stderr
+
+
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_any_altered_or_moved_row_is_named_by_the_audit(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("audit")
+    store = ArchiveStore(tmp / "archive")
+    store.ensure()
+    t0 = 1_764_000_000_000_000_000
+    n_a, n_b = data.draw(st.integers(2, 30)), data.draw(st.integers(2, 30))
+    for stream, n, step in (("LEDGER", n_a, 3_000), ("DEPLOY", n_b, 5_000)):
+        store.append(stream, messages_table([RawMessage(k + 1, t0 + k * step, f"{stream.lower()}.x.{k}", b'{"k": %d}' % k, None) for k in range(n)]))
+    with tlog.TransparencyLog(tmp / "tlog", store, origin="o") as log:
+        log.sync(watermark=FAR)
+    assert log.audit().ok
+    stream = data.draw(st.sampled_from(["LEDGER", "DEPLOY"]))
+    f = store.files(stream)[0]
+    table = pq.read_table(f.path)
+    k = data.draw(st.integers(0, table.num_rows - 2))
+    if data.draw(st.booleans()):  # alter one payload
+        payload = table.column("payload").to_pylist()
+        payload[k] = '{"k": -1}'
+        table = table.set_column(table.schema.get_field_index("payload"), "payload", pa.array(payload, pa.string()))
+        bad = log.find(stream, k + 1)
+    else:  # move a row: rows k and k+1 swap places (and so their sequences)
+        order = list(range(table.num_rows))
+        order[k], order[k + 1] = order[k + 1], order[k]
+        table = table.take(pa.array(order)).set_column(0, "seq", table.column("seq"))
+        bad = log.find(stream, k + 1)
+    pq.write_table(table, f.path)
+    report = log.audit()
+    assert report.first_bad == bad
+    assert report.lines()[0].startswith(f"MISMATCH at leaf {bad}: the log recorded {stream} seq {k + 1}")
+
+
+@pytest.mark.anyio
+async def test_scf_run_tlog_publishes_checkpoints_and_stops_on_sigterm(bus, settings, scf_env, tmp_path):
+    import signal
+    import sys
+
+    from scf.projections.archive import replay
+    from tests.conftest import spawn
+
+    await sample.publish(bus, list(sample.history(2, seed=9)))
+    await replay(settings)
+    log_file = tmp_path / "tlog.log"
+    proc = spawn([sys.executable, "-m", "scf.cli.main", "run", "tlog", "--interval", "0.2"], scf_env, log_file)
+    try:
+        from scf.bus import codec
+
+        async def nonempty_checkpoint():
+            if (await bus.js.stream_info("PROOFS")).state.messages == 0:
+                return None
+            event = codec.decode((await bus.js.get_last_msg("PROOFS", "proof.checkpoint.>")).data)
+            return event if event.data.size > 0 else None
+
+        await wait_for(nonempty_checkpoint, 30, "a proof.checkpoint over the archived events from scf run tlog")
+        event = await nonempty_checkpoint()
+        cp = pc.open_checkpoint(event.data.note, pc.parse_verifier_key(event.data.verifier_key))
+        assert cp.size == event.data.size and base64.b64encode(cp.root).decode() == event.data.root
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(proc.wait, 20)
+    assert rc == 0, log_file.read_text()
