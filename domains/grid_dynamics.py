@@ -200,12 +200,12 @@ class GridPlant:
     def measure(self, pg: np.ndarray, loads: np.ndarray) -> GridMeasurement:
         d = self.domain
         demand = d.demand(loads)
-        c2, c1, c0 = d.cost_coef.T
         headroom = np.minimum(d.pmax - pg, self.reserve_cap)
         need = pg - (headroom.sum(1, keepdims=True) - headroom)  # unit g trips: its output vs the others' reserve
         flows = d.flows(loads, pg)
-        loading = (np.abs(flows[:, d.limited]) / d.rate[d.limited]).max(1) if len(d.limited) else np.zeros(len(pg))
-        return GridMeasurement(pg, demand, pg.sum(1) - demand, ((c2 * pg + c1) * pg + c0).sum(1), headroom.sum(1),
+        rated = np.flatnonzero(np.isfinite(d.rate))
+        loading = (np.abs(flows[:, rated]) / d.rate[rated]).max(1) if len(rated) else np.zeros(len(pg))
+        return GridMeasurement(pg, demand, pg.sum(1) - demand, d.costs(pg), headroom.sum(1),
                                np.maximum(need.max(1), 0.0), loading)  # fmt: skip
 
     def step(self, pg_prev: np.ndarray, setpoint: np.ndarray, loads: np.ndarray) -> GridMeasurement:

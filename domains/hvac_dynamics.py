@@ -130,8 +130,10 @@ class HvacPlant:
         f[iw, iv] = np.eye(z + 1)
         e = expm(f * dt_h)
         # T1 = T0 Phi' + u Gu' + w0 G0' + w1 G1'   (v = (w1 - w0) / h); S likewise
-        self._t = (e[it, it], e[it, iu], e[it, iw] - e[it, iv] / dt_h, e[it, iv] / dt_h)
-        self._s = (e[i_s, it], e[i_s, iu], e[i_s, iw] - e[i_s, iv] / dt_h, e[i_s, iv] / dt_h)
+        t_rows = (e[it, it], e[it, iu], e[it, iw] - e[it, iv] / dt_h, e[it, iv] / dt_h)
+        s_rows = (e[i_s, it], e[i_s, iu], e[i_s, iw] - e[i_s, iv] / dt_h, e[i_s, iv] / dt_h)
+        # one product per step: [T0, u, w0, w1] (n, 4z + 2) @ step (4z + 2, 2z) = [T1, int T]
+        self._step = np.hstack([np.vstack([m.T for m in t_rows]), np.vstack([m.T for m in s_rows])])
         self.ramp_per_step = domain.ramp * dt_h / b.dt_h  # the domain's ramp is per hour-long step
         self.cop_heat, self.cop_cool = b.cop_heat, b.cop_cool
 
@@ -165,11 +167,10 @@ class HvacPlant:
         w0 = np.concatenate([g0, now.t_out[:, None]], axis=1)
         w1 = np.concatenate([g1, nxt.t_out[:, None]], axis=1)
         t0 = state.t_zone
-        phi, gu, g_0, g_1 = self._t
-        t1 = t0 @ phi.T + u @ gu.T + w0 @ g_0.T + w1 @ g_1.T
-        sp, su, s0, s1 = self._s
-        integral = t0 @ sp.T + u @ su.T + w0 @ s0.T + w1 @ s1.T  # int_0^h T dt per zone (K h)
         d = self.domain
+        z = d.n_zones
+        out = np.concatenate([t0, u, w0, w1], axis=1) @ self._step
+        t1, integral = out[:, :z], out[:, z:]  # T at the end; int_0^h T dt per zone (K h)
         heat_in = (u.sum(1) + 0.5 * (g0 + g1).sum(1)) * h
         stored = (t1 - t0) @ d.capacitance
         lost = (integral - 0.5 * h * (now.t_out + nxt.t_out)[:, None]) @ d.g_out

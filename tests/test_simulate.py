@@ -159,6 +159,24 @@ def test_free_floating_building_violates_comfort_and_the_thermostat_mostly_holds
     assert np.all(col(thermo, "energy_kwh") > 0)
 
 
+def test_reference_controller_is_the_domains_lp_from_the_measured_state():
+    """Each hour the `reference` controller decides what domains/hvac.py's LP decides for
+    the measured context [T_out, hour, occupancy, T0], and holds it for the hour."""
+    from scf.domains.hvac_dynamics import HvacState, reference
+
+    dom = domains.get("hvac:office3")
+    plant = HvacPlant(dom)
+    dist = weather(dom, scenarios=2, steps=13, dt_h=5 / 60, seed=9, start_hour=8.0)
+    state = HvacState(np.array([[20.0, 21.5, 23.0], [24.5, 22.0, 19.0]]), np.zeros((2, 3)))
+    decide = reference(plant)
+    now = dist.at(0)
+    u0 = decide(0, state, now)
+    for i in range(2):
+        context = np.concatenate([[now.t_out[i], now.hour[i]], now.occupancy[i], state.t_zone[i]])
+        np.testing.assert_allclose(u0[i], dom.reference_solution(context), atol=1e-9)
+    np.testing.assert_array_equal(decide(5, state, dist.at(5)), u0)  # held within the hour
+
+
 # --------------------------------------------------------------------------- reproducibility
 
 
