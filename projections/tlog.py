@@ -1086,8 +1086,10 @@ async def run_tlog(settings, *, interval: float = 60.0, archive_dir=None, key_na
                 if result.sync.size != last:
                     last = result.sync.size
                     log.info("%s", result.line())
-            except SCFError as exc:  # an unreadable archive or a busy log: said once per round, retried
+            except SCFError as exc:  # a busy log or archive, a rewritten archive: said once per round, retried
                 log.warning("tlog: %s", exc)
+            except (OSError, ValueError) as exc:  # a full disk, an unreadable Parquet file (pyarrow's errors are these)
+                log.warning("tlog: cannot read the archive or write the log (%s): retrying next round", exc)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop_ev.wait(), interval)
 
