@@ -138,7 +138,8 @@ class SimResult:
         return paths
 
 
-LOW_IS_BAD = {"nadir_hz", "steady_state_hz"}  # the worst nadir is the lowest; every other metric is worse when higher
+LOW_IS_BAD = {"nadir_hz", "steady_state_hz"}
+MAX_VALUES = 60_000_000  # per-step values of a run (x 8 bytes, about 3 copies): about 1.5 GB at most  # the worst nadir is the lowest; every other metric is worse when higher
 
 
 # --------------------------------------------------------------------------- entry point
@@ -196,8 +197,15 @@ def simulate(
         raise SimulationError(f"--step-minutes {step_minutes:g}: use a step between 1 second (0.0167) and 60 minutes")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise SimulationError(f"--out {out} is a file: give a directory (it is created if missing)")
+    if seed < 0:
+        raise SimulationError(f"--seed {seed}: give a seed of 0 or more")
     name = {"hvac": "hvac:office3", "grid": "grid:case14"}.get(domain, domain)
     dom = domains.get(name)  # UnknownDomain names the choices
+    steps = max(1, round(hours / ((5.0 if step_minutes is None else step_minutes) / 60.0)))
+    values = scenarios * steps * (dom.state_dim + dom.context_dim + 8)  # what the run holds per scenario and step, roughly
+    if values > MAX_VALUES:
+        raise SimulationError(f"{scenarios} scenarios x {steps} steps of {dom.name} would hold about {values * 8 * 3 / 1e9:.0f} GB; "
+                              f"simulate fewer scenarios or hours (or a longer --step-minutes), in several runs with different seeds")  # fmt: skip
     if dom.kind == "hvac":
         from scf.domains import hvac_dynamics
 

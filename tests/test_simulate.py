@@ -236,6 +236,9 @@ def test_cli_writes_parquet_and_prints_the_metrics(tmp_path, env):
         (["--domain", "hvac", "--controller", "pid"], "unknown controller 'pid' for hvac:office3: use one of thermostat, off, reference"),
         (["--domain", "hvac", "--step-minutes", "0"], "--step-minutes 0: use a step between 1 second (0.0167) and 60 minutes"),
         (["--domain", "hvac", "--controller", "off", "--decision", "d.json"], "give either --controller or --decision, not both"),
+        (["--domain", "hvac", "--seed", "-1"], "--seed -1: give a seed of 0 or more"),
+        (["--domain", "grid:case118", "--scenarios", "100000"], "100000 scenarios x 288 steps of grid:case118 would hold about 111 GB; "
+         "simulate fewer scenarios or hours (or a longer --step-minutes), in several runs with different seeds"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, env, args, message):
