@@ -167,14 +167,32 @@ def proof_audit(archive: Optional[Path] = ARCHIVE_OPT) -> None:
 
 @proof_app.command("rebuild")
 @errors_to_exit
-def proof_rebuild(archive: Optional[Path] = ARCHIVE_OPT) -> None:
+def proof_rebuild(
+    archive: Optional[Path] = ARCHIVE_OPT,
+    from_bus: bool = typer.Option(False, "--from-bus", help="the log directory is lost: restore from the archive and the newest proof.checkpoint event"),
+    key: str = KEY_OPT,
+) -> None:
     """Rebuild the stored tree from the archive (same order, same watermark), then audit it."""
     from scf.projections import tlog
 
-    with tlog.open_log(load_settings(), archive) as log:
-        report = log.rebuild()
-        typer.echo(report.line())
+    settings = load_settings()
+    if from_bus:
+
+        async def main() -> tlog.SyncReport:
+            bus = await open_bus(settings, "scf-proof")
+            try:
+                return await tlog.restore_from_bus(settings, bus, archive_dir=archive, key_name=key)
+            finally:
+                await bus.close()
+
+        typer.echo(run(main()).line())
+        log = tlog.open_log(settings, archive)
         audit = log.audit()
+    else:
+        with tlog.open_log(settings, archive) as log:
+            report = log.rebuild()
+            typer.echo(report.line())
+            audit = log.audit()
     for line in audit.lines():
         typer.echo(line)
     if not audit.ok:

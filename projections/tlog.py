@@ -501,8 +501,8 @@ class _Merge:
         prev = self.positions[stream].t
         return int(_times(stream, seqs, pub, prev, self.late)[-1]) if len(pub) else prev
 
-    def rounds(self, bound: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[bytes]]]:
-        """Yield (stream ranks, seqs, entries) chunks of the rows with t < bound, in order."""
+    def rounds(self, bound: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[bytes], np.ndarray]]:
+        """Yield (stream ranks, seqs, entries, times) chunks of the rows with t < bound, in order."""
         while True:
             for s in self.streams:
                 if not len(self.pending[s].t) and not self.pending[s].done:
@@ -553,7 +553,7 @@ def _order(streams: list[str], taken: list[tuple[str, np.ndarray, np.ndarray, li
     r = np.concatenate([np.full(len(x[1]), rank[x[0]], np.int64) for x in taken])
     ents = [e for x in taken for e in x[3]]
     perm = np.lexsort((seq, r, t))
-    return r[perm], seq[perm], [ents[i] for i in perm]
+    return r[perm], seq[perm], [ents[i] for i in perm], t[perm]
 
 
 class _LateHook:
@@ -699,7 +699,7 @@ class TransparencyLog:
             appended = 0
             order_fh = open(self.order_path, "ab")
             try:
-                for ranks, seqs, ents in merge.rounds(bound):
+                for ranks, seqs, ents, _ in merge.rounds(bound):
                     rec = np.zeros(len(ents), ORDER_DTYPE)
                     rec["stream"] = code_of[ranks]
                     rec["seq"] = seqs
@@ -733,6 +733,45 @@ class TransparencyLog:
         report = self.sync(watermark=old.watermark)
         self.state.watermark = old.watermark
         self._save_state()
+        return report
+
+    def restore(self, note: str, verifier_key: str, late: Sequence[LateRange] = ()) -> SyncReport:
+        """Rebuild a log that lost its directory from the archive and its newest signed
+        checkpoint (with the late ranges the checkpoint event carries): append exactly the
+        checkpoint's leaves, check the root, keep the note. Lock held, log empty."""
+        if self.state.size:
+            raise TlogError(f"the log at {self.dir} is not empty: use `scf proof rebuild` to rebuild it in place")
+        cp = pc.open_checkpoint(note, pc.parse_verifier_key(verifier_key))
+        self.state = State(origin=cp.origin, late=list(late))
+        # The live log's sizes are watermark boundaries: all rows with t < W. Find W for this
+        # size: the time of the first row after it (none: everything).
+        streams = sorted(self.store.streams())
+        merge = _Merge(self.store, streams, {}, self.state.late, 65_536)
+        seen, cut, prev = 0, FAR_FUTURE, None
+        for _, _, ents, t in merge.rounds(FAR_FUTURE):
+            if seen + len(ents) > cp.size:
+                k = cp.size - seen
+                cut = int(t[k])
+                before = int(t[k - 1]) if k > 0 else prev
+                if before is not None and before == cut:
+                    raise TlogError(
+                        f"checkpoint {cp.size} does not end at a time boundary of the archive: "
+                        f"the archive differs from the log that signed it (`scf proof audit`)"
+                    )
+                break
+            seen += len(ents)
+            prev = int(t[-1]) if len(t) else prev
+        report = self.sync(watermark=cut)
+        if cut == FAR_FUTURE and prev is not None:  # the archive ends with the checkpoint
+            self.state.watermark = prev + 1
+            self._save_state()
+        if self.state.size != cp.size or self.tree.root(cp.size) != cp.root:
+            raise TlogError(
+                f"the archive does not reproduce checkpoint {cp.size} (rebuilt {self.state.size} leaves, "
+                f"root {'differs' if self.state.size >= cp.size else 'unknown'}): the archive lost or changed rows"
+            )
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        (self.checkpoints_dir / f"{cp.size}.note").write_text(note)
         return report
 
     def _code(self, stream: str) -> int:
@@ -854,7 +893,7 @@ class TransparencyLog:
         roots: dict[int, bytes] = {0: pc.EMPTY_ROOT}
         compact = CompactRange()
         i = 0
-        for ranks, seqs, ents in merge.rounds(FAR_FUTURE):
+        for ranks, seqs, ents, _ in merge.rounds(FAR_FUTURE):
             n = min(len(ents), max(0, size - i))
             if n == 0:
                 break
@@ -1064,6 +1103,40 @@ async def checkpoint(settings, bus=None, *, archive_dir=None, key_name: str = DE
             )
         status = once.status
     return CheckpointResult(report, note, status)
+
+
+async def restore_from_bus(settings, bus, *, archive_dir=None, key_name: str = DEFAULT_KEY) -> SyncReport:
+    """`scf proof rebuild --from-bus`: the log directory is gone; rebuild it from the archive
+    and the newest `proof.checkpoint` event, whose note must verify with this host's log key."""
+    import asyncio
+
+    from scf.bus import codec
+    from scf.bus import events as ev
+
+    key = log_key(settings, key_name, create=False)
+    try:
+        msg = await bus.js.get_last_msg("PROOFS", "proof.checkpoint.>")
+    except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds for "no message"
+        raise TlogError(f"no proof.checkpoint event on PROOFS ({exc}): nothing to restore from; start a new log with `scf proof checkpoint`") from None
+    event = codec.Codec([ev.ProofCheckpoint]).decode(msg.data)
+    mine = verifier_key_of_origin(event.data.origin, key)
+    if event.data.verifier_key != mine:
+        raise TlogError(f"the newest checkpoint on PROOFS was signed by {event.data.verifier_key.split('+')[0]}, not by this host's log key {key_name}: restore on the host that holds its key")
+    from scf.projections.archive import archive_root
+    from scf.projections.store import ArchiveStore
+
+    log = TransparencyLog(log_dir(settings), ArchiveStore(archive_root(settings, archive_dir)))
+    late = [LateRange(r.stream, r.after, r.upto, r.t) for r in event.data.late]
+
+    def work() -> SyncReport:
+        with log:
+            return log.restore(event.data.note, mine, late)
+
+    return await asyncio.to_thread(work)
+
+
+def verifier_key_of_origin(origin: str, key) -> str:
+    return pc.verifier_key(origin, key.public_raw)
 
 
 async def run_tlog(settings, *, interval: float = 60.0, archive_dir=None, key_name: str = DEFAULT_KEY, stop=None) -> None:

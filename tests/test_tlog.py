@@ -267,6 +267,30 @@ async def test_checkpoints_on_the_bus_inclusion_and_consistency_verified_offline
     r = await asyncio.to_thread(cli, "proof", "audit", env=scf_env)
     assert r.returncode == 0 and r.stdout.startswith(f"the archive reproduces all {second} leaves"), r.stdout + r.stderr
 
+    # The log directory is lost: the archive and the newest checkpoint event restore it.
+    import shutil
+
+    newest = await tlog.checkpoint(settings, bus)
+    root = tlog.open_log(settings).tree.root()
+    shutil.rmtree(tlog.log_dir(settings))
+    r = await asyncio.to_thread(cli, "proof", "rebuild", "--from-bus", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    restored = tlog.open_log(settings)
+    assert restored.state.size == newest.sync.size and restored.tree.root() == root
+    assert r.stdout.splitlines()[-1] == f"the archive reproduces all {newest.sync.size} leaves and the 1 signed checkpoints"
+    # … and it goes on from there: the next checkpoint extends the restored one.
+    await sample.publish(bus, list(sample.history(1, seed=99)))
+
+    async def grown() -> bool:
+        await replay(settings)
+        return (await tlog.checkpoint(settings, bus)).sync.size > newest.sync.size
+
+    await wait_for(grown, 30, "the restored log to grow")
+    log = tlog.open_log(settings)
+    later = log.state.size
+    pc.verify_consistency(newest.sync.size, later, root, log.tree.root(), log.tree.consistency(newest.sync.size, later))
+    assert log.audit().ok
+
 
 @settings(max_examples=12, deadline=None)
 @given(data=st.data())
