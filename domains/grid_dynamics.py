@@ -185,7 +185,7 @@ class GridPlant:
     """The units of `domain` moving toward setpoints within ramp rates, `dt_h` hours a step."""
 
     def __init__(self, domain: GridDomain, dt_h: float = 5.0 / 60.0, params: FrequencyParams = FrequencyParams()) -> None:
-        if not (0 < dt_h <= 1.0):
+        if not (1.0 / 3600.0 - 1e-12 <= dt_h <= 1.0):
             raise SimulationError(f"dispatch step {dt_h * 60:g} min: use a step between 1 second and 60 minutes")
         self.domain, self.dt_h, self.params = domain, dt_h, params
         interval_h = domain.sample_interval.total_seconds() / 3600.0

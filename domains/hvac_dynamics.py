@@ -115,7 +115,7 @@ class HvacPlant:
     """The RC network of `domain`, stepped `dt_h` hours at a time, for n scenarios at once."""
 
     def __init__(self, domain: HvacDomain, dt_h: float = 5.0 / 60.0) -> None:
-        if not (0 < dt_h <= 1.0):
+        if not (1.0 / 3600.0 - 1e-12 <= dt_h <= 1.0):
             raise SimulationError(f"control step {dt_h * 60:g} min: use a step between 1 second and 60 minutes")
         self.domain, self.dt_h = domain, dt_h
         z = domain.n_zones
