@@ -39,6 +39,7 @@ from scf.bus.client import SCF_REDRIVE_FOR, Bus
 from scf.bus.codec import Codec
 from scf.bus.errors import DecodeError, SCFError, SignatureError
 from scf.bus.ids import derived_id
+from scf.bus.reader import read
 from scf.bus.signing import TrustList
 from scf.bus.streams import STREAM_BY_NAME, stream_for_subject
 
@@ -199,17 +200,8 @@ def _entry(seq: int, subject: str, data: bytes) -> DeadEntry:
 
 
 async def list_dead(bus: Bus, limit: int = 1000) -> list[DeadEntry]:
-    info = await bus.js.stream_info("DLQ")
-    out: list[DeadEntry] = []
-    seq = info.state.first_seq
-    while seq and seq <= info.state.last_seq and len(out) < limit:
-        try:
-            msg = await bus.js.get_msg("DLQ", seq, next=True)
-        except NotFoundError:
-            break
-        out.append(_entry(msg.seq or seq, msg.subject or "", msg.data or b""))
-        seq = (msg.seq or seq) + 1
-    return out
+    """The first `limit` dead letters, oldest first."""
+    return [_entry(m.seq, m.subject, m.data) for m in await read(bus, "DLQ", limit=limit)]
 
 
 async def get_dead(bus: Bus, seq: int) -> DeadEntry:

@@ -40,12 +40,13 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NotFoundError
 
 from scf.bus import codec, dlq
 from scf.bus import events as ev
 from scf.bus.client import SCF_REDRIVE_FOR, Bus, Throttle
 from scf.bus.errors import DecodeError, SCFError, SignatureError
+from scf.bus.reader import describe
 from scf.bus.streams import ConsumerSpec, ensure_consumer
 
 log = logging.getLogger("scf.runner")
@@ -311,14 +312,6 @@ class Pull:
         psub, self.psub = self.psub, None
         if psub is not None:
             await _quietly(psub.unsubscribe())
-
-
-def describe(exc: BaseException) -> str:
-    """One line for a bus error (nats-py's own str() of a 503 is all `None`s)."""
-    if isinstance(exc, ServiceUnavailableError):
-        return "ServiceUnavailableError: JetStream is not answering (server restarting, or JetStream off)"
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

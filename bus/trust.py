@@ -47,10 +47,11 @@ from typing import Literal
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from nats.js import api
 from nats.js.errors import APIError, NotFoundError
 
-from scf.bus.errors import ConfigError, SCFError, SignatureError
+from scf.bus.errors import ConfigError, SCFError, SignatureError, StreamNotFound
+from scf.bus.headers import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_KID, SCF_SIG
+from scf.bus.reader import StreamMsg, StreamReader
 from scf.bus.signing import ROLES, SigningKey, TrustedKey, TrustList, command_message, key_id
 
 log = logging.getLogger("scf.trust")
@@ -58,8 +59,6 @@ log = logging.getLogger("scf.trust")
 STREAM = "TRUST"
 SUBJECT_PREFIX = "trust.key."
 MAX_ENTRY_BYTES = 16 * 1024
-HDR_SIG, HDR_KID = "Scf-Sig", "Scf-Kid"  # as bus.client.SCF_SIG / SCF_KID (no import cycle)
-HDR_MSG_ID, HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence"
 
 
 class TrustWriteError(SCFError):
@@ -186,7 +185,7 @@ class TrustState:
 
         if len(body) > MAX_ENTRY_BYTES:
             return ignored(f"{len(body)} bytes, more than a trust entry may hold ({MAX_ENTRY_BYTES})")
-        sig, kid = headers.get(HDR_SIG), headers.get(HDR_KID)
+        sig, kid = headers.get(SCF_SIG), headers.get(SCF_KID)
         if not sig or not kid:
             return ignored("unsigned: trust entries must be signed by a pinned root key (scf keys trust)")
         if kid not in self.roots.keys:
@@ -228,9 +227,9 @@ def signed_entry(entry: TrustEntry, root: SigningKey) -> tuple[str, bytes, dict[
     subject = subject_for(entry.kid)
     body = msgspec.json.encode(entry)
     headers = {
-        HDR_SIG: root.sign(command_message(subject, body)),
-        HDR_KID: root.kid,
-        HDR_MSG_ID: "trust-" + hashlib.sha256(subject.encode() + b"\n" + body).hexdigest()[:32],
+        SCF_SIG: root.sign(command_message(subject, body)),
+        SCF_KID: root.kid,
+        MSG_ID: "trust-" + hashlib.sha256(subject.encode() + b"\n" + body).hexdigest()[:32],
     }
     return subject, body, headers
 
@@ -248,7 +247,7 @@ async def publish_entry(js, view: "SharedTrust", root: SigningKey, kid: str, mak
     it (`prev`), and wait until `view` applied it. Returns (TRUST seq, entry)."""
     entry: TrustEntry = make(view.state.applied_seq.get(kid, 0))
     subject, body, headers = signed_entry(entry, root)
-    headers[HDR_EXPECTED_LAST_SUBJECT_SEQ] = str(await last_subject_seq(js, subject))
+    headers[EXPECTED_LAST_SUBJECT_SEQ] = str(await last_subject_seq(js, subject))
     try:
         ack = await js.publish(subject, body, headers=headers, stream=STREAM)
     except APIError as exc:
@@ -279,16 +278,18 @@ class SharedTrust(TrustList):
         self.outcomes: dict[int, Outcome] = {}  # recent, for writers reading their own entry back
         self._local: dict[str, TrustedKey] = {}
         self._local_stamp: tuple[int, int] | None = None
-        self._sub = None
-        self._retry: asyncio.Task | None = None
-        self._progress = asyncio.Event()
+        # the TRUST stream, followed (bus/reader.py: resumes after a server restart, waits
+        # for a stream that is missing or unreadable)
+        self._reader = StreamReader(js._nc, js, STREAM, "trust.>")
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
         self._last_warn = 0.0
         self._quiet = 0
 
     @property
     def following(self) -> bool:
         """Whether the view reads the TRUST stream (False while it is missing or unreadable)."""
-        return self._sub is not None
+        return self._reader.live
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -302,44 +303,41 @@ class SharedTrust(TrustList):
         return view
 
     async def start(self, timeout: float = 10.0) -> "SharedTrust":
+        """Start following TRUST and wait (up to `timeout`) until what it holds is applied;
+        a stream that is missing or unreadable is waited for in the background."""
         self._refresh_local(force=True)
         if not self.roots.keys:
             log.warning("no root keys pinned in keys/roots.json: the shared trust list is ignored on this host (scf keys root pin)")
-        try:
-            await self._subscribe(timeout)
-        except NotFoundError:
-            log.warning("stream %s does not exist (run `scf streams ensure`): verifying with the local trust file until it does", STREAM)
-            self._retry = asyncio.create_task(self._resubscribe())
-        except Exception as exc:  # noqa: BLE001 - no permission, server away: keep verifying, keep trying
-            log.warning("cannot read the shared trust list (%s: %s): verifying with the local trust file until it can", type(exc).__name__, exc)
-            self._retry = asyncio.create_task(self._resubscribe())
+        self._task = asyncio.create_task(self._follow())
+        if not await self._settled(timeout):
+            log.warning("the shared trust list was not read to its end within %.0f s: it applies as it arrives", timeout)
+        elif self._reader.failed.is_set():
+            log.warning("cannot read the shared trust list (%s): verifying with the local trust file until it can", self._reader.problem)
         return self
 
-    async def _subscribe(self, timeout: float) -> None:
-        info = await self.js.stream_info(STREAM)
-        target = info.state.last_seq or 0
-        self._sub = await self.js.subscribe(
-            "trust.>", stream=STREAM, ordered_consumer=True, cb=self._on_msg, deliver_policy=api.DeliverPolicy.ALL
-        )
-        if target and not await self.sync(min_seq=target, timeout=timeout):
-            log.warning("the shared trust list was not read up to seq %d within %.0f s: it applies as it arrives", target, timeout)
+    async def _settled(self, timeout: float) -> bool:
+        """Wait until TRUST is read to its end, or the first try to read it failed."""
+        waiters = [asyncio.ensure_future(self._reader.caught_up.wait()), asyncio.ensure_future(self._reader.failed.wait())]
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        return bool(done)
 
-    async def _resubscribe(self) -> None:
-        while self._sub is None:
-            await asyncio.sleep(2.0)  # polling interval for a stream that is not readable yet
-            with contextlib.suppress(Exception):
-                await self._subscribe(10.0)
+    async def _follow(self) -> None:
+        def caught_up() -> None:
+            if self._reader.stats.passes > 1:
                 log.info("stream %s readable: following the shared trust list", STREAM)
 
+        await self._reader.follow(self._on_msg, self._stop, on_caught_up=caught_up)
+
     async def stop(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
+        self._stop.set()
+        if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._retry
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await self._task
+            self._task = None
 
     async def sync(self, min_seq: int | None = None, timeout: float = 5.0) -> bool:
         """Wait until the view has applied TRUST up to `min_seq` (default: what it holds now)."""
@@ -348,21 +346,13 @@ class SharedTrust(TrustList):
                 min_seq = (await self.js.stream_info(STREAM)).state.last_seq or 0
             except NotFoundError:
                 return True
-        deadline = time.monotonic() + timeout
-        while self.seq < min_seq:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self._progress.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), min(left, 0.5))
-        return True
+        return await self._reader.reached(min_seq, timeout)
 
     # ------------------------------------------------------------------ following
-    async def _on_msg(self, msg) -> None:
-        seq = msg.metadata.sequence.stream
+    def _on_msg(self, msg: StreamMsg) -> None:
+        seq = msg.seq
         try:
-            out = self.state.apply(seq, msg.subject, dict(msg.headers or {}), msg.data or b"", msg.metadata.timestamp)
+            out = self.state.apply(seq, msg.subject, msg.headers, msg.data, msg.time)
         except Exception as exc:  # noqa: BLE001 - nothing on the stream may stop the view
             out = Outcome(seq, msg.subject, False, f"could not be read ({type(exc).__name__}: {exc})")
         self.outcomes[seq] = out
@@ -376,7 +366,6 @@ class SharedTrust(TrustList):
         else:
             self._warn(f"trust entry TRUST seq {seq} ({msg.subject}) ignored, not applied: {out.reason}")
         self.seq = max(self.seq, seq)
-        self._progress.set()
 
     def _warn(self, line: str) -> None:
         now = time.monotonic()
@@ -442,11 +431,9 @@ async def read_log(js, roots: TrustList, timeout: float = 10.0) -> list[Outcome]
     """Every entry of the TRUST stream with what this host's roots make of it (the audit trail)."""
     view = SharedTrust(js, roots, None, history=True)
     try:
-        await view._subscribe(timeout)
-    except NotFoundError:
+        await StreamReader(js._nc, js, STREAM, "trust.>", stall=timeout).scan(view._on_msg)
+    except StreamNotFound:
         return []
-    finally:
-        await view.stop()
     return list(view.state.history or [])
 
 

@@ -174,28 +174,26 @@ def events_tail(
         raise fail(f"no stream stores subject {subject!r}: see `scf streams ls` for the subject space") from None
 
     async def main() -> None:
-        from nats.js import api
+        import asyncio
+
+        from scf.bus.reader import StreamMsg, StreamReader
 
         bus = await open_bus(load_settings())
-        try:
-            info = await bus.js.stream_info(stream)
-            if info.state.messages == 0 and not follow:
+        enough = asyncio.Event()
+        shown = 0
+
+        def show(m: StreamMsg) -> None:
+            nonlocal shown
+            if enough.is_set():
                 return
-            kwargs = {"deliver_policy": api.DeliverPolicy.BY_START_TIME} if start else {}
-            cfg = api.ConsumerConfig(opt_start_time=start.isoformat().replace("+00:00", "Z")) if start else None
-            sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True, config=cfg, **kwargs)
-            n = 0
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=None if follow else 1.0)
-                except Exception:
-                    break
-                typer.echo(msg.data.decode(errors="replace"))
-                n += 1
-                if limit and n >= limit:
-                    break
-                if not follow and msg.metadata.num_pending == 0:
-                    break
+            typer.echo(m.data.decode(errors="replace"))
+            shown += 1
+            if limit and shown >= limit:
+                enough.set()
+
+        try:
+            reader = StreamReader(bus.nc, bus.js, stream, subject, start_time=start)
+            await (reader.follow(show, enough) if follow else reader.scan(show, enough))
         finally:
             await bus.close()
 

@@ -25,6 +25,7 @@ restarts republish the same events and JetStream keeps one. Nothing is kept in m
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from typing import Literal
 
@@ -35,7 +36,8 @@ from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.errors import DecodeError, SCFError, SignatureError
-from scf.bus.ids import derived_id, subject_token
+from scf.bus.ids import PUBLIC_IDS, Ids, derived_id, subject_token
+from scf.bus.reader import read
 from scf.bus.runner import Delivery, Poison, Runner
 from scf.bus.signing import TrustList
 from scf.bus.streams import CONSUMERS, ConsumerSpec, ensure_consumer
@@ -54,6 +56,9 @@ class DeploySettings(msgspec.Struct, frozen=True, kw_only=True):
     target: str = ""  # default target; "" means the selector domain=<the promotion's domain>
     strategy: Strategy = "canary"
     verify_release: bool = True  # refuse (to the DLQ) promotions without a trusted release signature
+    # signed control.rollback: the daemon's replay window ([daemon] has the same two keys)
+    command_window_s: float = 300.0
+    clock_skew_s: float = 30.0
 
 
 class PlanError(SCFError):
@@ -83,6 +88,7 @@ def deploy_intent(
     source: str,
     gear: str = "STANDARD",
     reason: str = "",
+    ids: Ids = PUBLIC_IDS,
 ) -> ev.IntentCreated:
     """The deploy intent for a promotion (one per checkpoint and alias, ever)."""
     p = promotion.data
@@ -106,7 +112,7 @@ def deploy_intent(
         reason=reason or f"deploy {p.domain} {p.alias} v{p.version} ({p.checkpoint_id}) to {target_text}, {strategy}",
         gear=gear,
     )
-    return ev.IntentCreated.new(intent, source=source, cause=promotion, id=derived_id("intent.created", intent.intent_id))
+    return ev.IntentCreated.new(intent, source=source, cause=promotion, id=ids.derive("intent.created", intent.intent_id))
 
 
 def deployment_id_for(plan_id: str, node: str) -> str:
@@ -144,9 +150,12 @@ def plan_orders(
     release: bytes,
     source: str,
     cause: ev.Event | None = None,
+    ids: Ids = PUBLIC_IDS,
 ) -> list[DeployRequested]:
     """The orders for `nodes`, wave `wave` of the plan of `intent` (plan id = intent id);
-    `waves()` says which nodes belong to which wave."""
+    `waves()` says which nodes belong to which wave. The planner passes `ids=bus.ids`: the
+    orders' ids are then keyed (an edge login, which may publish into DEPLOY, cannot take
+    them first)."""
     strategy = str(intent.params.get("strategy") or "all")
     artifact = artifact_of(intent)
     out = []
@@ -161,14 +170,14 @@ def plan_orders(
             wave=wave,
             release=release,
         )
-        out.append(DeployRequested.new(order, source=source, cause=cause, id=derived_id("deploy.requested", dep)))
+        out.append(DeployRequested.new(order, source=source, cause=cause, id=ids.derive("deploy.requested", dep)))
     return out
 
 
-def rollback_order(received: control_mod.Received, seq: int, source: str) -> DeployRollbackRequested:
+def rollback_order(received: control_mod.Received, seq: int, source: str, ids: Ids = PUBLIC_IDS) -> DeployRollbackRequested:
     cmd = received.command
     assert isinstance(cmd, control_mod.RollbackCommand)
-    rid = derived_id("deploy.rollback_requested", seq)
+    rid = ids.derive("deploy.rollback_requested", seq)
     return DeployRollbackRequested.new(
         RollbackRequest(
             request_id=rid,
@@ -197,6 +206,10 @@ class DeployPlanner:
         self.order_codec = Codec([DeployRequested])
         self.intent_codec = Codec([ev.IntentCreated])
         self._ensured: set[str] = set()
+        # signed control.rollback: refused when replayed (bus.control.ReplayGuard, rebuilt
+        # from CONTROL before the first rollback is decided, so it holds across restarts)
+        self.replay = control_mod.ReplayGuard(settings.command_window_s, settings.clock_skew_s)
+        self._replay_ready = False
 
     # ------------------------------------------------------------------ reading the log
     async def current_gear(self) -> str:
@@ -273,6 +286,7 @@ class DeployPlanner:
             strategy=self.settings.strategy,
             source=self.bus.source,
             gear=await self.current_gear(),
+            ids=self.bus.ids,
         )
         once = await self.bus.publish_once(intent)
         if once.status == "conflict":
@@ -294,7 +308,7 @@ class DeployPlanner:
             log.warning("deploy intent %s approved, but its target %s names no node", intent.intent_id, intent.params.get("target"))
             return []
         first, _ = waves(nodes, str(intent.params.get("strategy") or "all"))
-        orders = plan_orders(intent, first, wave=0, release=release, source=self.bus.source, cause=event)
+        orders = plan_orders(intent, first, wave=0, release=release, source=self.bus.source, cause=event, ids=self.bus.ids)
         await self.ensure_edge_consumers([o.data.node for o in orders])
         log.info("plan %s: wave 0 to %s", intent.intent_id, ", ".join(o.data.node for o in orders))
         return list(orders)
@@ -311,7 +325,9 @@ class DeployPlanner:
         intent = created.data
         nodes = await self.targets(intent)
         rest = [n for n in nodes if n != a.node]
-        orders = plan_orders(intent, rest, wave=1, release=last.data.release, source=self.bus.source, cause=event)
+        orders = plan_orders(
+            intent, rest, wave=1, release=last.data.release, source=self.bus.source, cause=event, ids=self.bus.ids
+        )
         if not orders:
             return []
         await self.ensure_edge_consumers([o.data.node for o in orders])
@@ -327,13 +343,21 @@ class DeployPlanner:
         return order if isinstance(order, DeployRequested) else None
 
     async def on_rollback(self, msg, delivery: Delivery) -> list[ev.Event]:
-        """control.rollback → deploy.rollback_requested.<node>, or control.rejected."""
+        """control.rollback → deploy.rollback_requested.<node>, or control.rejected (bad
+        body, bad signature, a replayed signed command)."""
+        if not self._replay_ready:
+            seen = await control_mod.read_recent_commands(self.bus, self.replay, self.trust, "control.rollback")
+            self._replay_ready = True
+            log.info("replay guard: %d signed rollback(s) in the window", seen)
         try:
             received = control_mod.decode(
                 msg.subject, msg.data, dict(msg.headers or {}), self.trust,
                 require_signature=self.bus.settings.require_signed_control,
             )
-        except (DecodeError, SignatureError) as exc:
+            stored_at = _stored_at(msg)
+            self.replay.check(received, delivery.stream_seq, stored_at)
+        except (DecodeError, SignatureError, control_mod.ReplayError) as exc:
+            log.warning("control seq %d (%s) refused: %s", delivery.stream_seq, msg.subject, exc)
             return [
                 ev.ControlRejected.new(
                     ev.ControlRejection(
@@ -343,11 +367,12 @@ class DeployPlanner:
                         command_seq=delivery.stream_seq,
                     ),
                     source=self.bus.source,
-                    id=derived_id("control.rejected", delivery.stream_seq),
+                    id=self.bus.ids.derive("control.rejected", delivery.stream_seq),
                 )
             ]
-        order = rollback_order(received, delivery.stream_seq, self.bus.source)
+        order = rollback_order(received, delivery.stream_seq, self.bus.source, ids=self.bus.ids)
         await self.ensure_edge_consumers([order.data.node])
+        self.replay.record(received, delivery.stream_seq, stored_at)
         return [order]
 
     # ------------------------------------------------------------------ runners
@@ -366,17 +391,25 @@ class DeployPlanner:
         ]
 
 
+def _stored_at(msg) -> dt.datetime:
+    """When CONTROL stored the message (the server's clock: the replay window's reference)."""
+    try:
+        return msg.metadata.timestamp
+    except Exception:  # noqa: BLE001 - not a JetStream delivery (a direct call): now is as good as it gets
+        return ev.utcnow()
+
+
 async def find_promotion(bus: Bus, checkpoint_id: str, alias: str | None = None) -> tuple[int, ev.CheckpointPromoted]:
     """The (seq, event) of the latest promotion of `checkpoint_id` (to `alias`, if given)."""
     codec = Codec([ev.CheckpointPromoted])
     found = None
-    async for msg in nodes_mod.scan(bus, "CHECKPOINTS", "checkpoint.promoted.>"):
+    for msg in await read(bus, "CHECKPOINTS", "checkpoint.promoted.>"):
         try:
             p = codec.decode(msg.data)
         except DecodeError:
             continue
         if isinstance(p, ev.CheckpointPromoted) and p.data.checkpoint_id == checkpoint_id and (alias is None or p.data.alias == alias):
-            found = (msg.metadata.sequence.stream, p)
+            found = (msg.seq, p)
     if found is None:
         raise PlanError(f"no checkpoint.promoted for {checkpoint_id}: promote it first (see `scf events tail 'checkpoint.>'`)")
     return found

@@ -9,6 +9,13 @@
   signed by a trusted `node` key named after the entry's node, under that node's key.
   The registry is a cache for planning and display; the log stays the truth
   (`deploy.activated` / `deploy.rolled_back`).
+* Replays: the bucket keeps one version per key, so an edge login could put back an entry
+  the node itself signed earlier. Each entry carries the node's own signed `updated_at`;
+  readers that pass the trust list refuse an entry older than the newest they know, which
+  services record per node in `scf_state/node.<node>` (only services write scf_state), so
+  the newest survives every restart. Deletion is a denial an edge login can still cause:
+  the node leaves the selectors until its agent re-registers, every `[edge]
+  register_every_s` (30 s).
 * A deployment *target* is either a node list (`node-a,node-b`, or `nodes:node-a,node-b`)
   or a label selector (`domain=grid:case14,site!=lab`: every term must hold). `*` selects
   every registered node.
@@ -24,13 +31,11 @@ import datetime as dt
 import logging
 import re
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import msgspec
-from nats.js import api
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 
-from scf.bus.client import Bus
+from scf.bus.client import SERVICE_LOGINS, Bus
 from scf.bus.errors import ConfigError, SCFError, SignatureError
 from scf.bus.ids import subject_token
 from scf.bus.signing import SigningKey
@@ -39,6 +44,7 @@ from scf.bus.streams import ConsumerSpec
 log = logging.getLogger("scf.nodes")
 
 NODES_BUCKET = "scf_nodes"
+STATE_BUCKET = "scf_state"  # where services record the newest entry believed per node
 
 
 class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,6 +123,67 @@ def _unsigned(info: NodeInfo, trust, why: str) -> tuple[NodeInfo | None, str | N
     return None, f"{why} for {info.node}: restart its agent with its node key (scf keys new {info.node})"
 
 
+# --------------------------------------------------------------------------- the newest entry believed
+
+
+class Newest(msgspec.Struct, frozen=True):
+    """`scf_state/node.<node>`: the signed `updated_at` of the newest entry of that node a
+    service believed (and the revision of the scf_nodes entry it came from)."""
+
+    updated_at: dt.datetime
+    revision: int = 0
+
+
+def newest_key(node: str) -> str:
+    return f"node.{node_key(node)}"
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _stamp(info: NodeInfo) -> dt.datetime:
+    at = info.updated_at or _EPOCH
+    return at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)
+
+
+async def check_newest(bus: Bus, info: NodeInfo, revision: int = 0) -> str | None:
+    """None when `info` (a believed, signed entry) is at least as new as the newest entry of
+    its node that a service believed before (then, from a service login, recorded as the
+    newest); else why it is refused: a replay of an older entry the node signed."""
+    key = newest_key(info.node)
+    try:
+        state = await bus.kv(STATE_BUCKET)
+        try:
+            entry = await state.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            entry = None
+    except SCFError as exc:  # no scf_state: nothing known, and nothing to record into
+        log.warning("cannot read %s/%s (%s): the entry of %s is not checked for replay", STATE_BUCKET, key, exc, info.node)
+        return None
+    known = None
+    if entry is not None and entry.value:
+        try:
+            known = msgspec.json.decode(entry.value, type=Newest)
+        except msgspec.DecodeError:
+            known = None
+    at = _stamp(info)
+    if known is not None and at < known.updated_at:
+        return (
+            f"entry for {info.node} was signed at {at.isoformat()}, older than the newest one believed "
+            f"({known.updated_at.isoformat()}): a replayed entry; the node's next registration replaces it"
+        )
+    if (known is None or at > known.updated_at) and bus.login in SERVICE_LOGINS:
+        value = msgspec.json.encode(Newest(updated_at=at, revision=revision))
+        try:
+            if entry is None:
+                await state.create(key, value)
+            else:
+                await state.update(key, value, last=entry.revision)
+        except Exception as exc:  # noqa: BLE001 - another reader recorded first: the next read decides against it
+            log.debug("%s/%s not recorded (%s)", STATE_BUCKET, key, exc)
+    return None
+
+
 async def register(bus: Bus, info: NodeInfo, key: SigningKey | None = None) -> None:
     """Write this node's entry, signed with `key` (default: the bus's key, the node's own
     in an edge agent). Readers that pass a trust list ignore entries not signed by the
@@ -136,6 +203,8 @@ async def get_node(bus: Bus, node: str, trust=None) -> NodeInfo | None:
     if not entry or not entry.value:
         return None
     info, problem = decode_entry(node_key(node), entry.value, trust)
+    if trust is not None and not problem and info is not None:
+        problem = await check_newest(bus, info, entry.revision or 0)
     if problem and trust is not None:
         log.warning("scf_nodes/%s ignored: %s", node_key(node), problem)
         return None
@@ -144,7 +213,8 @@ async def get_node(bus: Bus, node: str, trust=None) -> NodeInfo | None:
 
 async def read_nodes(bus: Bus, trust=None) -> list[tuple[NodeInfo | None, str, str | None]]:
     """Every entry as (info, kv key, problem); `problem` None when it may be believed
-    (with `trust`) or is at least signed (without)."""
+    (with `trust`: signed by the node's own trusted key, and not older than the newest
+    believed before, `check_newest`) or is at least signed (without)."""
     kv = await bus.kv(NODES_BUCKET)
     try:
         keys = await kv.keys()
@@ -158,9 +228,11 @@ async def read_nodes(bus: Bus, trust=None) -> list[tuple[NodeInfo | None, str, s
                 entry = await kv.get(key)
             except (KeyNotFoundError, KeyDeletedError):  # deleted meanwhile
                 return None
-        if not entry or not entry.value:
-            return None
-        info, problem = decode_entry(key, entry.value, trust)
+            if not entry or not entry.value:
+                return None
+            info, problem = decode_entry(key, entry.value, trust)
+            if trust is not None and not problem and info is not None:
+                problem = await check_newest(bus, info, entry.revision or 0)
         return info, key, problem
 
     found = await asyncio.gather(*(one(k) for k in sorted(keys)))
@@ -281,34 +353,3 @@ def edge_consumer(node: str) -> ConsumerSpec:
         description=f"orders for edge node {node}",
     )
 
-
-# --------------------------------------------------------------------------- reading a stream
-
-
-async def scan(bus: Bus, stream: str, subject: str, batch: int = 2000, start_seq: int = 0) -> AsyncIterator:
-    """Every message of `stream` on `subject` (wildcards allowed) present when called, in
-    sequence order (from `start_seq` when given), through an ephemeral unacknowledged pull
-    consumer."""
-    psub = await bus.js.pull_subscribe(
-        subject,
-        stream=stream,
-        config=api.ConsumerConfig(
-            ack_policy=api.AckPolicy.NONE,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 0 else api.DeliverPolicy.ALL,
-            opt_start_seq=start_seq if start_seq > 0 else None,
-            inactive_threshold=30.0,
-            mem_storage=True,
-        ),
-    )
-    try:
-        remaining = (await psub.consumer_info()).num_pending
-        while remaining > 0:
-            msgs = await psub.fetch(min(batch, remaining), timeout=10.0)
-            for msg in msgs:
-                yield msg
-            remaining -= len(msgs)
-    finally:
-        try:
-            await psub.unsubscribe()
-        except Exception:  # noqa: BLE001 - connection gone: the consumer expires (inactive_threshold)
-            pass

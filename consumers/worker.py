@@ -59,7 +59,7 @@ from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.errors import ConfigError, SCFError
 from scf.bus.ids import derived_id, subject_token
-from scf.bus.reader import StreamReader
+from scf.bus.reader import StreamMsg, StreamReader
 from scf.bus.runner import Delivery, Poison, Runner, event_decoder
 from scf.bus.streams import ConsumerSpec, worker_consumer
 from scf.consumers.dispatch import WORKERS_BUCKET, WorkerInfo, worker_key
@@ -180,9 +180,9 @@ async def fetch_fossils(bus: Bus, selection: ev.DataSelection, dest: Path) -> in
     state = {"n": 0, "shard": 0, "lines": 0}
     files: list[Any] = [open(dest / "fossils-00000.ndjson", "wb")]
 
-    def on_message(body: bytes, _seq: int) -> None:
+    def on_message(m: StreamMsg) -> None:
         try:
-            raw = _data_decoder.decode(body).data
+            raw = _data_decoder.decode(m.data).data
         except msgspec.DecodeError:
             return  # not an event: the stream's own business (ingest never writes these)
         if state["lines"] >= SHARD_LINES:

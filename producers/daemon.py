@@ -24,11 +24,14 @@ Pure decisions: `decide_control(state, received, ctx, holds)` and `orient(...)`;
 * trainings: every `intent.created.train.*` the daemon wrote carries the domain's
   generation and fossil count; intent ids are `train-<domain>-<generation>` and are
   published with `publish_once`, so a restarted (or a second) daemon cannot duplicate one;
-* fossil counts: a headers-only ordered consumer over `fossil.recorded.>` from the start
-  (the domain is the subject's third token); orient waits until it has caught up with the
-  stream's last sequence at start, so a replay never fires on partial counts;
-* held subjects: an ordered consumer over `verdict.>`; an approve that names a subject the
-  view has not seen yet waits until the view has caught up with the stream (read your writes).
+* fossil counts: a headers-only `StreamReader.follow` over `fossil.recorded.>` from the
+  start (the domain is the subject's third token); orient waits until it has caught up with
+  the stream's last sequence at start, so a replay never fires on partial counts;
+* held subjects: a `StreamReader.follow` over `verdict.>`; an approve that names a subject
+  the view has not seen yet waits until the view has caught up with the stream (read your
+  writes).
+
+A server restart while this is rebuilt resets it and starts again (`Daemon.start`).
 
 Effect ids are keyed with the deployment's id key (`bus.ids.keyed_id`, `$SCF_HOME/keys/ids.key`)
 and published with `verify=True`: a duplicate ack for an id someone else took first is
@@ -53,17 +56,17 @@ from typing import Mapping
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from scf.bus import control, gears
 from scf.bus import events as ev
-from scf.bus.client import Bus
+from scf.bus.client import Bus, Throttle
 from scf.bus.codec import Codec
 from scf.bus.emergency import EmergencyGate, EmergencyState, write_state
 from scf.bus.errors import DecodeError, SCFError, SignatureError
 from scf.bus.ids import derived_id, ensure_id_key, keyed_id, load_id_key, subject_token
-from scf.bus.runner import Delivery, Runner, run_all
+from scf.bus.reader import ReadStalled, StreamMsg, StreamReader, describe
+from scf.bus.runner import Delivery, Runner, race, run_all
 from scf.bus.settings import Settings
 from scf.bus.signing import TrustList
 from scf.bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
@@ -351,8 +354,9 @@ async def last_seq(bus: Bus, stream: str, subject: str) -> int:
     return msg.seq or 0
 
 
-class _OrderedView:
-    """A catch-up-then-follow view of a subject filter, built on an ordered push consumer."""
+class _LogView:
+    """A catch-up-then-follow view of a subject filter (`StreamReader.follow`: it resumes
+    after a server restart on its own)."""
 
     stream = ""
     subject = ""
@@ -360,58 +364,46 @@ class _OrderedView:
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self.seq = 0
-        self.target = 0
         self.caught_up = asyncio.Event()
-        self._sub = None
-        self._progress = asyncio.Event()
         self.on_caught_up = lambda: None  # called once, when the view first catches up
+        self._reader = StreamReader(bus.nc, bus.js, self.stream, self.subject, headers_only=self.headers_only)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def seq(self) -> int:
+        """The stream sequence of the last message applied."""
+        return self._reader.stats.last_seq
 
     async def start(self) -> None:
-        self.target = await last_seq(self.bus, self.stream, self.subject)
-        if self.target == 0:
-            self.caught_up.set()
-        cfg = api.ConsumerConfig(headers_only=True) if self.headers_only else None
-        self._sub = await self.bus.js.subscribe(
-            self.subject, stream=self.stream, ordered_consumer=True, cb=self._cb, config=cfg, deliver_policy=api.DeliverPolicy.ALL
-        )
+        self._task = asyncio.create_task(self._reader.follow(self._apply, self._stop, on_caught_up=self._caught_up))
 
     async def stop(self) -> None:
-        if self._sub is not None:
+        self._stop.set()
+        if self._task is not None:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await self._task
+            self._task = None
 
-    async def _cb(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
+    def _caught_up(self) -> None:
+        self.caught_up.set()
+        self.on_caught_up()
+
+    async def _apply(self, msg: StreamMsg) -> None:
         try:
-            await self.apply(msg, seq)
-        except Exception as exc:  # a bad message must not stop the view
-            log.error("%s view: seq %s: %s", self.stream, seq, exc)
-        self.seq = seq
-        if seq >= self.target and not self.caught_up.is_set():
-            self.caught_up.set()
-            self.on_caught_up()
-        self._progress.set()
+            await self.apply(msg)
+        except Exception as exc:  # noqa: BLE001 - a bad message must not stop the view
+            log.error("%s view: seq %s: %s", self.stream, msg.seq, exc)
 
-    async def apply(self, msg: Msg, seq: int) -> None:  # pragma: no cover - overridden
+    async def apply(self, msg: StreamMsg) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
     async def sync(self, timeout: float = 5.0) -> bool:
         """Wait until the view has applied everything the stream holds now."""
-        want = await last_seq(self.bus, self.stream, self.subject)
-        deadline = time.monotonic() + timeout
-        while self.seq < want:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self._progress.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), min(left, 0.5))
-        return True
+        return await self._reader.reached(await last_seq(self.bus, self.stream, self.subject), timeout)
 
 
-class HoldsView(_OrderedView):
+class HoldsView(_LogView):
     """The latest verdict per subject, for approvals: holds are kept, final ones bounded."""
 
     stream, subject = "VERDICTS", "verdict.>"
@@ -423,7 +415,7 @@ class HoldsView(_OrderedView):
         self._finals: OrderedDict[str, None] = OrderedDict()
         self.codec = Codec([ev.VerdictIssued])
 
-    async def apply(self, msg: Msg, seq: int) -> None:
+    async def apply(self, msg: StreamMsg) -> None:
         e = self.codec.decode(msg.data)
         assert isinstance(e, ev.VerdictIssued)
         self.record(e)
@@ -456,7 +448,7 @@ class _FossilBody(msgspec.Struct):
     data: _DomainOf
 
 
-class FossilView(_OrderedView):
+class FossilView(_LogView):
     """Fossil counts per domain, from the subjects alone (headers-only delivery)."""
 
     stream, subject, headers_only = "FOSSILS", "fossil.recorded.>", True
@@ -466,7 +458,8 @@ class FossilView(_OrderedView):
         self.by_token: dict[str, DomainCount] = {}
         self._decoder = msgspec.json.Decoder(_FossilBody)
 
-    async def apply(self, msg: Msg, seq: int) -> None:
+    async def apply(self, msg: StreamMsg) -> None:
+        seq = msg.seq
         parts = msg.subject.split(".")
         if len(parts) < 4:
             return
@@ -488,27 +481,19 @@ class FossilView(_OrderedView):
 
 async def read_trainings(bus: Bus) -> dict[str, TrainMark]:
     """The last training mark per domain, from every train intent in INTENTS."""
-    subject = "intent.created.train.>"
-    target = await last_seq(bus, "INTENTS", subject)
     marks: dict[str, TrainMark] = {}
-    if target == 0:
-        return marks
     codec = Codec([ev.IntentCreated])
-    sub = await bus.js.subscribe(subject, stream="INTENTS", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            with contextlib.suppress(Exception):
-                e = codec.decode(msg.data)
-                m = mark_of(e.data) if isinstance(e, ev.IntentCreated) else None
-                if m is not None:
-                    old = marks.get(e.data.domain)
-                    if old is None or m.generation >= old.generation:
-                        marks[e.data.domain] = m
-            if msg.metadata.sequence.stream >= target:
-                break
-    finally:
-        await sub.unsubscribe()
+
+    def take(msg: StreamMsg) -> None:
+        with contextlib.suppress(Exception):
+            e = codec.decode(msg.data)
+            m = mark_of(e.data) if isinstance(e, ev.IntentCreated) else None
+            if m is not None:
+                old = marks.get(e.data.domain)
+                if old is None or m.generation >= old.generation:
+                    marks[e.data.domain] = m
+
+    await StreamReader(bus.nc, bus.js, "INTENTS", "intent.created.train.>").scan(take)
     return marks
 
 
@@ -550,64 +535,26 @@ class _Causation(msgspec.Struct):
     causation_id: str | None = None
 
 
-async def _read_control(bus: Bus, cfg: api.ConsumerConfig, target: int, handle) -> None:
-    """Deliver CONTROL messages matching `cfg` to `handle(msg)` up to stream seq `target`."""
-    sub = await bus.js.subscribe("", stream="CONTROL", ordered_consumer=True, config=cfg)
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            handle(msg)
-            if msg.metadata.sequence.stream >= target:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+# CONTROL reads and the replay guard's rebuild are shared with the deploy planner (bus/control.py)
+_read_control = control.read_control
+read_recent_commands = control.read_recent_commands
 
 
 async def decided_commands(bus: Bus, after_seq: int) -> set[int]:
     """CONTROL sequences above `after_seq` of the commands whose effect or rejection CONTROL
     holds (the causation of every effect stored after `after_seq`): these were decided, the
     others above `after_seq` were not, whatever their order."""
-    target = max([await last_seq(bus, "CONTROL", s) for s in EFFECT_SUBJECTS])
     found: set[int] = set()
-    if target <= after_seq:
-        return found
     decoder = msgspec.json.Decoder(_Causation)
 
-    def handle(msg: Msg) -> None:
+    def handle(msg: StreamMsg) -> None:
         with contextlib.suppress(msgspec.DecodeError):
             seq = command_seq(decoder.decode(msg.data).causation_id)
             if seq > after_seq:
                 found.add(seq)
 
-    cfg = api.ConsumerConfig(
-        filter_subjects=list(EFFECT_SUBJECTS), deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1
-    )
-    await _read_control(bus, cfg, target, handle)
+    await StreamReader(bus.nc, bus.js, "CONTROL", EFFECT_SUBJECTS, start_seq=after_seq + 1).scan(handle)
     return found
-
-
-async def read_recent_commands(bus: Bus, guard: control.ReplayGuard, trust: TrustList) -> int:
-    """Feed the replay guard every signed command CONTROL stored within its horizon before
-    the latest command (server time); returns how many it recorded."""
-    try:
-        last = await bus.js.get_last_msg("CONTROL", "control.>")
-    except NotFoundError:
-        return 0
-    if last.time is None or not last.seq:
-        return 0
-    recorded = 0
-
-    def handle(msg: Msg) -> None:
-        nonlocal recorded
-        if guard.observe(msg.subject, msg.data or b"", dict(msg.headers or {}), trust, msg.metadata.sequence.stream, msg.metadata.timestamp):
-            recorded += 1
-
-    cfg = api.ConsumerConfig(
-        filter_subject="control.>", deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=last.time - guard.horizon
-    )
-    await _read_control(bus, cfg, last.seq, handle)
-    return recorded
 
 
 def _stored_at(msg: Msg) -> dt.datetime:
@@ -643,7 +590,7 @@ def _transient(exc: BaseException, bus: Bus) -> bool:
         return True
     if isinstance(exc, (asyncio.TimeoutError, nerr.TimeoutError, nerr.ConnectionClosedError, nerr.NoServersError,
                         nerr.StaleConnectionError, nerr.ConnectionReconnectingError, nerr.FlushTimeoutError,
-                        nerr.OutboundBufferLimitError, nerr.NoRespondersError)):
+                        nerr.OutboundBufferLimitError, nerr.NoRespondersError, ServiceUnavailableError)):
         return True
     from scf.bus.errors import NatsUnavailable, ServerError
 
@@ -708,6 +655,7 @@ class Daemon:
         # order in which the consumer hands commands out.
         self.ack_floor = 0
         self.decided: set[int] = set()
+        self._throttle = Throttle(1.0)
 
     def _load_id_key(self) -> bytes:
         path, created = ensure_id_key(self.settings.keys_dir)
@@ -716,7 +664,39 @@ class Daemon:
         return load_id_key(self.settings.keys_dir)
 
     # ------------------------------------------------------------------ start
-    async def start(self) -> "Daemon":
+    async def start(self, stop: asyncio.Event | None = None) -> "Daemon":
+        """Rebuild the state from the log, then start the views. Connection trouble meanwhile
+        (a server restart, JetStream recovering) is ridden out: what the attempt built is
+        reset and the start tried again with backoff (0.1 s doubling to 5 s, logged at most
+        once a second) until it succeeds or `stop` is set; `started` is set once it has."""
+        delay = 0.1
+        log.info("daemon: rebuilding its state from the log")
+        while stop is None or not stop.is_set():
+            try:
+                return await self._start()
+            except Exception as exc:
+                if not (_transient(exc, self.bus) or isinstance(exc, ReadStalled)):
+                    await self._reset()
+                    raise
+                self._throttle.warn(log, "start", "daemon start interrupted (%s): starting again", describe(exc))
+            await self._reset()
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                await race(asyncio.sleep(delay), stop)
+            delay = min(delay * 2, 5.0)
+        return self
+
+    async def _reset(self) -> None:
+        """Forget what an interrupted start built (views, trust view, gate, replay guard)."""
+        await self.stop()
+        self.holds, self.fossils = HoldsView(self.bus), FossilView(self.bus)
+        self.gate = EmergencyGate(self.bus, self.settings.emergency_lock)
+        self._trust = None
+        self.replay = control.ReplayGuard(self.config.command_window_s, self.config.clock_skew_s)
+        self.state, self.trained, self.decided, self.ack_floor = ControlState(), {}, set(), 0
+
+    async def _start(self) -> "Daemon":
         await ensure_consumer(self.bus.js, CONTROL_CONSUMER)
         info = await self.bus.js.consumer_info(CONTROL_CONSUMER.stream, CONTROL_CONSUMER.durable)
         self.ack_floor = info.ack_floor.stream_seq if info.ack_floor else 0
@@ -984,8 +964,10 @@ class Daemon:
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
+        await self.start(stop)
         try:
+            if not self.started.is_set():
+                return  # stopped while starting
             tasks = [asyncio.create_task(r.run(stop)) for r in self.runners()]
             tasks.append(asyncio.create_task(self.pulse_loop(stop)))
             done, pending = await asyncio.wait(tasks + [asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)

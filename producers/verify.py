@@ -36,8 +36,10 @@ from typing import Any, Awaitable, Callable
 import msgspec
 
 from scf.bus import events as ev
+from scf.bus.errors import SCFError
 from scf.bus.files import sha256_file
 from scf.bus.ids import derived_id, subject_token
+from scf.bus.reader import StreamMsg, StreamReader, read
 
 log = logging.getLogger("scf.verify")
 
@@ -153,7 +155,6 @@ def decide_promotion(
 async def current_promotion(bus, domain: str, alias: str) -> ev.Promotion | None:
     """The latest promotion of `domain` to `alias` (the alias's head), from CHECKPOINTS."""
     from scf.bus.codec import Codec
-    from nats.js import api
 
     subject = f"checkpoint.promoted.{subject_token(domain)}"
     last = await bus.last(subject)
@@ -165,52 +166,39 @@ async def current_promotion(bus, domain: str, alias: str) -> ev.Promotion | None
     # Another alias was promoted last: read the subject's history (a few events per domain).
     codec = Codec([ev.CheckpointPromoted])
     head = None
-    sub = await bus.js.subscribe(subject, stream="CHECKPOINTS", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            e = codec.decode(msg.data)
-            if isinstance(e, ev.CheckpointPromoted) and e.data.alias == alias:
-                head = e.data
-            if msg.metadata.sequence.stream >= seq:
-                break
-    finally:
-        await sub.unsubscribe()
+    for msg in await read(bus, "CHECKPOINTS", subject, end_seq=seq):
+        e = codec.decode(msg.data)
+        if isinstance(e, ev.CheckpointPromoted) and e.data.alias == alias:
+            head = e.data
     return head
 
 
 async def heldout_fossils(bus, domain: str, limit: int) -> list[ev.Fossil]:
     """Up to `limit` held-out fossils of `domain` (the loader's split), oldest first."""
     from scf.bus.codec import Codec
-    from nats.js import api
-    from nats.js.errors import NotFoundError
 
     try:
-        from scf.ml.loader import in_split
-    except ImportError:  # pragma: no cover - ml/ is part of the distribution
-        def in_split(fossil_id: str, split: str | None) -> bool:
-            return int(fossil_id[-1], 16) % 16 == 0
+        from scf.ml.loader import in_split  # the loader's split: the verifier must hold out what training did
+    except ImportError as exc:
+        raise SCFError(
+            f"cannot pick the held-out fossils of {domain}: scf.ml.loader does not import ({exc}): "
+            "reinstall SCF with its train extra (`pip install 'scf[train]'`)"
+        ) from exc
 
-    subject = f"fossil.recorded.{subject_token(domain)}.>"
-    try:
-        last = await bus.js.get_last_msg("FOSSILS", subject)
-    except NotFoundError:
-        return []
     codec = Codec([ev.FossilRecorded])
     out: list[ev.Fossil] = []
-    sub = await bus.js.subscribe(subject, stream="FOSSILS", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
-    try:
-        while len(out) < limit:
-            msg = await sub.next_msg(timeout=10)
-            fid = msg.subject.rsplit(".", 1)[-1]
-            if in_split(fid, "heldout"):
-                e = codec.decode(msg.data)
-                if isinstance(e, ev.FossilRecorded):
-                    out.append(e.data)
-            if msg.metadata.sequence.stream >= (last.seq or 0):
-                break
-    finally:
-        await sub.unsubscribe()
+    enough = asyncio.Event()
+
+    def take(msg: StreamMsg) -> None:
+        if in_split(msg.subject.rsplit(".", 1)[-1], "heldout"):
+            e = codec.decode(msg.data)
+            if isinstance(e, ev.FossilRecorded):
+                out.append(e.data)
+                if len(out) >= limit:
+                    enough.set()  # the rest of the stream is not read
+
+    if limit > 0:
+        await StreamReader(bus.nc, bus.js, "FOSSILS", f"fossil.recorded.{subject_token(domain)}.>").scan(take, enough)
     return out
 
 

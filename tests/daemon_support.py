@@ -9,12 +9,12 @@ import datetime as dt
 import json
 
 import nats
-from nats.js import api
-from nats.js.errors import NotFoundError
 
 from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
+from scf.bus.headers import SCF_KID, SCF_SIG
+from scf.bus.reader import read
 from scf.bus.settings import Settings
 from scf.bus.signing import SigningKey, TrustList, command_message
 from scf.consumers.safety import SafetyGate, SafetySettings
@@ -32,7 +32,7 @@ async def send(settings: Settings, verb: str, body: dict | bytes | None = None, 
 
         data, headers = sign_json(subject, body or {}, key)
     elif key is not None:
-        headers = {"Scf-Sig": key.sign(command_message(subject, data)), "Scf-Kid": key.kid}
+        headers = {SCF_SIG: key.sign(command_message(subject, data)), SCF_KID: key.kid}
     nc = await nats.connect(settings.nats_url)
     try:
         ack = await nc.jetstream().publish(subject, data, headers=headers)
@@ -52,21 +52,7 @@ def operator_key(settings: Settings, name: str = "alice") -> SigningKey:
 
 async def events(bus: Bus, stream: str, subject: str) -> list[ev.Event]:
     """Every event on `subject` (wildcards allowed), oldest first."""
-    try:
-        last = await bus.js.get_last_msg(stream, subject)
-    except NotFoundError:
-        return []
-    out = []
-    sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            out.append(codec.decode(msg.data))
-            if msg.metadata.sequence.stream >= (last.seq or 0):
-                break
-    finally:
-        await sub.unsubscribe()
-    return out
+    return [codec.decode(m.data) for m in await read(bus, stream, subject)]
 
 
 async def wait_events(bus: Bus, stream: str, subject: str, n: int, timeout: float = 20.0) -> list[ev.Event]:

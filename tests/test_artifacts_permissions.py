@@ -38,7 +38,7 @@ def test_worker_stores_and_reads_edge_fetches(hub: Hub, tmp_path) -> None:  # no
         worker = await hub.connect("worker", inbox_prefix="_INBOX.worker")
         w = _Conn(worker.nc, worker.nc.jetstream())
         seen: list[int] = []
-        await StreamReader(w.nc, w.js, "FOSSILS", "fossil.recorded.grid_case9.>").scan(lambda d, s: seen.append(s))
+        await StreamReader(w.nc, w.js, "FOSSILS", "fossil.recorded.grid_case9.>").scan(lambda m: seen.append(m.seq))
         assert len(seen) == 50 and seen == sorted(seen)
 
         src = tmp_path / "ckpt.safetensors"

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
+from scf.bus.reader import read
 from scf.bus.signing import SigningKey, TrustList
 from scf.bus.settings import Settings
 from scf.consumers.deploy import deploy_intent, plan_orders
@@ -123,13 +124,8 @@ def approve(intent_id: str) -> ev.VerdictIssued:
 
 
 async def events_on(bus: Bus, stream: str, subject: str, types) -> list[tuple[int, ev.Event]]:
-    from scf.consumers.nodes import scan
-
     c = codec.Codec(types)
-    out = []
-    async for msg in scan(bus, stream, subject):
-        out.append((msg.metadata.sequence.stream, c.decode(msg.data)))
-    return out
+    return [(m.seq, c.decode(m.data)) for m in await read(bus, stream, subject)]
 
 
 async def node_runs(bus: Bus, node: str, checkpoint_id: str | None) -> bool:

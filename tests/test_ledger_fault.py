@@ -19,6 +19,7 @@ from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.ids import new_id
+from scf.bus.reader import read
 from scf.consumers.energy import measurement_event
 from scf.consumers.ledger import balances, read_transfers
 from tests.conftest import scf, stream_count, wait_for
@@ -132,7 +133,7 @@ async def test_ledger_survives_sigkill_with_duplicates(bus, settings, scf_env, t
     assert len(entries) == minted
     assert balances(entries) == dict(model)
     # Every invalid cause was reported (at least once; repeats of a rejection may repeat).
-    rejected = {msgspec.json.decode(m.data)["data"]["cause_id"] async for m in _scan(bus, "ledger.rejected.>")}
+    rejected = {msgspec.json.decode(m.data)["data"]["cause_id"] for m in await read(bus, "LEDGER", "ledger.rejected.>")}
     assert len(rejected) == len(causes) - minted
     assert await stream_count(bus, "DLQ") == 0
 
@@ -157,9 +158,3 @@ async def _drained(bus: Bus, n: int) -> bool:
         return False
     return info.num_pending == 0 and info.num_ack_pending == 0
 
-
-async def _scan(bus: Bus, subject: str):
-    from scf.consumers.nodes import scan
-
-    async for msg in scan(bus, "LEDGER", subject):
-        yield msg

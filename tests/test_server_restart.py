@@ -11,23 +11,27 @@ restart is done, and no process ever exits.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
+import msgspec
 import pytest
 
 from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
-from scf.bus.server import ServerProcess, binary, free_port
+from scf.bus.server import ServerProcess, binary, free_port, port_open
 from scf.bus.settings import Settings, init_home
-from scf.bus.streams import CONSUMERS, ensure
+from scf.bus.streams import CONSUMERS, KEY_DAEMON, ensure
 from scf.consumers.energy import measurement_event
 from tests.conftest import spawn, stream_count, wait_for
+from tests.daemon_support import fossil
 from tests.test_deploy_helpers import Keys, logs, start_process, stop
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -81,9 +85,8 @@ async def test_daemon_ledger_and_a_runner_ride_out_server_restarts(tmp_path):
         for stream, durable in (("INTENTS", "effect"), ("DEPLOY", CONSUMERS["ledger"].durable),
                                 ("CONTROL", CONSUMERS["daemon-control"].durable)):
             await wait_for(lambda: consumer_exists(bus, stream, durable), 60, f"consumer {stream}/{durable}")
-        # The daemon has started once it logs its state (its durable exists before that).
-        # A restart *during* a process's start is not covered here: Daemon.start() then
-        # exits 1 and relies on its supervisor (see the report in docs/security.md).
+        # The daemon has started once it logs its state (its durable exists before that);
+        # a restart *during* its start is the next two tests'.
         await wait_for(lambda: "daemon: gear" in log_of("daemon"), 90, "the daemon to finish starting")
         await bus.close()
 
@@ -102,7 +105,10 @@ async def test_daemon_ledger_and_a_runner_ride_out_server_restarts(tmp_path):
                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                 try:
                     for name in procs:
-                        await wait_for(lambda: "fetch failed" in log_of(name), 60, f"{name} to meet a failing fetch")
+                        # a gated consumer may instead close its emergency gate first (the
+                        # state unreadable: fail closed), and then it fetches nothing
+                        await wait_for(lambda: "fetch failed" in log_of(name) or "emergency gate closed" in log_of(name),
+                                       60, f"{name} to meet a failing fetch or close its emergency gate")
                     alive()
                 finally:
                     bare.terminate()
@@ -171,3 +177,151 @@ async def test_the_emergency_gate_sees_a_stop_engaged_across_a_restart(tmp_path)
         await gate.stop()
         await bus.close()
         server.stop()
+
+
+
+# --------------------------------------------------------------------------- the daemon's start
+
+DOMAIN, GENERATIONS = "grid:case9", 20_000
+
+
+async def long_log(tmp_path) -> tuple[ServerProcess, Settings, dict[str, str]]:
+    """A server whose log the daemon takes seconds to rebuild from: 20 000 train intents of
+    one domain, 3 kB each (the last one counted 10 fossils), and 59 fossils, one short of a
+    training."""
+    from scf.producers.daemon import train_intent_id
+
+    server = ServerProcess(tmp_path / "nats", free_port()).start()
+    settings = Settings(home=str(tmp_path / "home"), nats_url=server.url, source="test")
+    init_home(settings)
+    env = dict(os.environ, NATS_URL=server.url, SCF_HOME=settings.home, PYTHONUNBUFFERED="1", SCF_LOG="INFO")
+    env.pop("SCF_KEY", None)
+    (settings.home_path / "scf.toml").write_text('[daemon]\ntrain_threshold = {STANDARD = 50}\nverify_checkpoints = "off"\n')
+    bus = await Bus.connect(settings, "test")
+    try:
+        await ensure(bus.js)
+        note = "x" * 3000  # bulk: reading the log takes the daemon seconds, not a blink
+        trained = [ev.IntentCreated.new(ev.Intent(intent_id=train_intent_id(DOMAIN, g), kind="train", domain=DOMAIN,
+                                                  params={"generation": g, "fossils": 10, "note": note}), source="test")
+                   for g in range(1, GENERATIONS + 1)]
+        for i in range(0, GENERATIONS, 2000):
+            await bus.publish_many(trained[i:i + 2000])
+        await bus.publish_many([fossil(DOMAIN, i) for i in range(59)])
+    finally:
+        await bus.close()
+    return server, settings, env
+
+
+async def state_is_the_logs(settings: Settings) -> None:
+    """The started daemon counted the fossils once and knows the last generation: 49 new
+    fossils pending; the 50th makes generation 20 001 (not 1, not a second intent)."""
+    from scf.producers.daemon import Liveness, train_intent_id
+
+    bus = await Bus.connect(settings, "test")
+    try:
+        async def liveness() -> Liveness | None:
+            try:
+                entry = await (await bus.kv("scf_state")).get(KEY_DAEMON)
+            except Exception:
+                return None
+            return msgspec.json.decode(entry.value, type=Liveness)
+
+        async def ready() -> bool:
+            live = await liveness()
+            return live is not None and live.ready
+
+        await wait_for(ready, 60, "the daemon to be ready")
+        assert (await liveness()).pending == {DOMAIN: 49}  # type: ignore[union-attr]
+        assert await stream_count(bus, "INTENTS") == GENERATIONS
+        await bus.publish(fossil(DOMAIN, 59))
+
+        async def trained() -> bool:
+            return await stream_count(bus, "INTENTS") == GENERATIONS + 1
+
+        await wait_for(trained, 60, "the next train intent")
+        last = await bus.last("intent.created.train.>")
+        assert last is not None and isinstance(last[1], ev.IntentCreated)
+        assert last[1].data.intent_id == train_intent_id(DOMAIN, GENERATIONS + 1)
+        assert (last[1].data.params["fossils"], last[1].data.params["new_fossils"]) == (60, 50)
+    finally:
+        await bus.close()
+
+
+def without_jetstream(port: int) -> subprocess.Popen:
+    """A bare nats-server on `port`: connections work, every JetStream request fails."""
+    return subprocess.Popen([binary(), "--addr", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+@contextlib.asynccontextmanager
+async def daemon_process(env: dict[str, str], tmp_path, server: ServerProcess):
+    """`scf run daemon`, and a reader of its log; on the way out it is stopped (thawed
+    first) and must exit 0, and a failed assertion shows its log."""
+    log_path = tmp_path / "daemon.log"
+    daemon = start_process(env, "daemon", tmp_path)
+
+    def text() -> str:
+        return log_path.read_text(errors="replace") if log_path.exists() else ""
+
+    try:
+        yield daemon, text
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- daemon\n{text()[-6000:]}") from None
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGCONT)
+        code = stop(daemon)
+        server.stop()
+    assert code == 0, text()[-6000:]
+
+
+async def back_with_jetstream(server: ServerProcess, settings: Settings, daemon: subprocess.Popen, text) -> None:
+    """The real server returns: the daemon finishes starting, with the log's state."""
+    server.start()
+    await wait_for(lambda: "daemon: gear" in text(), 120, "the daemon to finish starting")
+    await state_is_the_logs(settings)
+    assert daemon.poll() is None and "Traceback" not in text(), text()
+
+
+async def test_the_daemon_start_rides_out_a_restart_while_it_rebuilds_a_long_log(tmp_path):
+    """`Daemon.start()` reads its log before it applies anything; a server restart meanwhile
+    once made it exit 1. The daemon is frozen (SIGSTOP) as soon as it starts rebuilding, the
+    server restarts (first without JetStream, as while it recovers its store), the daemon
+    thaws and carries on: the state it ends with is the log's, counted once."""
+    server, settings, env = await long_log(tmp_path)
+    async with daemon_process(env, tmp_path, server) as (daemon, text):
+        await wait_for(lambda: "rebuilding its state from the log" in text(), 90, "the daemon to start rebuilding")
+        daemon.send_signal(signal.SIGSTOP)
+        assert "daemon: gear" not in text()  # frozen mid-start
+        server.stop()
+        bare = without_jetstream(server.port)
+        try:
+            daemon.send_signal(signal.SIGCONT)
+            await wait_for(lambda: "daemon start interrupted" in text() or "retrying from seq" in text(), 60,
+                           "the daemon to meet the server without JetStream")
+            assert daemon.poll() is None, text()
+        finally:
+            bare.terminate()
+            bare.wait(10)
+        await back_with_jetstream(server, settings, daemon, text)
+
+
+async def test_a_daemon_started_while_jetstream_is_away_starts_when_it_is_back(tmp_path):
+    """Started while the port is held by a server without JetStream, the daemon's start fails
+    at once and is tried again with backoff, logged at most once a second; with the real
+    server back it rebuilds the long log from scratch and ends with the log's state."""
+    server, settings, env = await long_log(tmp_path)
+    server.stop()
+    bare = without_jetstream(server.port)
+    await wait_for(lambda: port_open("127.0.0.1", server.port), 20, "the server without JetStream")
+    t0 = time.monotonic()
+    async with daemon_process(env, tmp_path, server) as (daemon, text):
+        try:
+            await wait_for(lambda: text().count("daemon start interrupted") >= 2, 60, "two tries to start")
+            assert daemon.poll() is None, text()
+        finally:
+            bare.terminate()
+            bare.wait(10)
+        elapsed = time.monotonic() - t0
+        lines = [ln for ln in text().splitlines() if "daemon start interrupted" in ln]
+        assert len(lines) <= elapsed + 1, (elapsed, lines)  # at most once a second
+        await back_with_jetstream(server, settings, daemon, text)

@@ -31,7 +31,7 @@ TINY = {"hidden": 32, "depth": 1, "batch_size": 32, "fourier_features": 8, "sigm
 async def read_all(bus, stream: str, subject: str, cls) -> list:
     codec = Codec([cls])
     out: list = []
-    await StreamReader(bus.nc, bus.js, stream, subject).scan(lambda data, _seq: out.append(codec.decode(data)))
+    await StreamReader(bus.nc, bus.js, stream, subject).scan(lambda m: out.append(codec.decode(m.data)))
     return out
 
 

@@ -60,7 +60,7 @@ async def submit(bus, job_id: str, config: dict, *, domain: str = DOMAIN, max_at
 async def events(bus, stream: str, subject: str, cls) -> list:
     codec = Codec([cls])
     out: list = []
-    await StreamReader(bus.nc, bus.js, stream, subject).scan(lambda data, _seq: out.append(codec.decode(data)))
+    await StreamReader(bus.nc, bus.js, stream, subject).scan(lambda m: out.append(codec.decode(m.data)))
     return out
 
 

@@ -273,12 +273,9 @@ class ObjectStoreBackend:
         sink = _Sink(part)
         try:
             if info.chunks:
-                reader = StreamReader(self.bus.nc, self.bus.js, self.stream, self._chunk_subject(info.nuid), expected=info.chunks)
+                reader = StreamReader(self.bus.nc, self.bus.js, self.stream, self._chunk_subject(info.nuid), limit=info.chunks)
 
-                def on_chunk(data: bytes, _seq: int) -> None:
-                    sink.put(data)
-
-                await reader.scan(on_chunk)
+                await reader.scan(lambda chunk: sink.put(chunk.data))
             digest = await sink.close()
         except BaseException:
             sink.abort()
