@@ -64,6 +64,8 @@ class Candidate:
     version: int = 0
     promoted_at: int = 0  # µs
     seqs: list[int] = field(default_factory=list)  # CHECKPOINTS sequences of its events
+    job_seqs: list[int] = field(default_factory=list)  # TRAINING sequences of its job's events
+    data: dict = field(default_factory=dict)  # the job's data selection (FOSSILS range), as dispatched
 
 
 def selection_key(c: Candidate) -> tuple:
@@ -120,7 +122,55 @@ def candidates(store, end: dt.datetime) -> tuple[dict[str, Candidate], dict[str,
             promoted.add(data.checkpoint_id)
             c.version, c.promoted_at = data.version, at
             c.uri, c.sha256 = c.uri or data.uri, c.sha256 or data.sha256
-    return {k: v for k, v in by_id.items() if k in promoted}, {"CHECKPOINTS": last_seq}
+    chosen = {k: v for k, v in by_id.items() if k in promoted}
+    jobs = _jobs(store, end_us, {c.job_id for c in chosen.values() if c.job_id})
+    for c in chosen.values():
+        c.job_seqs, c.data = jobs.get(c.job_id, ([], {}))
+    return chosen, {"CHECKPOINTS": last_seq}
+
+
+def _jobs(store, end_us: int, wanted: set[str]) -> dict[str, tuple[list[int], dict]]:
+    """For each wanted job id: the TRAINING sequences of its events and its data selection."""
+    import pyarrow as pa
+    import pyarrow.compute as pac
+
+    table = store.read("TRAINING")
+    table = table.filter(pac.less(table.column("published_at").cast(pa.int64()), end_us))
+    out: dict[str, tuple[list[int], dict]] = {}
+    spec = msgspec.json.Decoder(ev.JobSpec)
+    cols = [table.column(n).to_pylist() for n in ("seq", "subject", "type", "payload")]
+    pub = table.column("published_at").cast(pa.int64()).to_pylist()
+    for seq, subject, typ, payload, at in zip(*cols, pub):
+        job_id = subject.rsplit(".", 1)[-1]
+        if job_id not in wanted:
+            continue
+        seqs, data = out.setdefault(job_id, ([], {}))
+        seqs.append(seq)
+        if typ == "job.dispatched" and not data:
+            try:
+                sel = spec.decode(payload).data
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if sel is not None:
+                data.update(msgspec.structs.asdict(sel))
+                if not sel.end_seq:  # "up to the last at dispatch time": resolve it from the archive
+                    data["end_seq"] = _last_seq_before(store, sel.stream, at)
+    return out
+
+
+def _last_seq_before(store, stream: str, t_us: int) -> int:
+    import pyarrow as pa
+    import pyarrow.compute as pac
+    import pyarrow.parquet as pq
+
+    last = 0
+    for f in store.files(stream):
+        t = pq.read_table(f.path, columns=["seq", "published_at"])
+        mask = pac.less_equal(t.column("published_at").cast(pa.int64()), t_us)
+        seqs = t.column("seq").filter(mask)
+        if len(seqs):
+            last = max(last, pac.max(seqs).as_py())
+    return last
 
 
 def select(cands: dict[str, Candidate]) -> dict[str, Candidate]:
@@ -189,9 +239,15 @@ def _files(c: Candidate, week: str, lineage: dict) -> dict[str, bytes]:
         f"- held-out metrics: {json.dumps(c.verified_metrics, sort_keys=True)}\n"
         f"- limits: metrics are the daemon's held-out evaluation, not decision quality in the field\n"
     )
+    sel = c.data
+    span = (
+        f"{sel.get('stream', 'FOSSILS')} sequences {sel.get('start_seq', 1)}–{sel.get('end_seq') or 'the end at dispatch'}"
+        f"{', subject ' + sel['subject'] if sel.get('subject') else ''}, {sel.get('count', 0)} fossils"
+        if sel else "not recorded (the job's dispatch event is not in the archive)"
+    )
     dataset = (
         f"# Dataset card: {c.domain}, {week}\n\n"
-        f"- source: fossils of `{c.domain}` on the FOSSILS stream, as the training job `{c.job_id}` selected them\n"
+        f"- source: fossils of `{c.domain}`, as the training job `{c.job_id}` selected them: {span}\n"
         f"- held-out split: the daemon's hash split of fossil subjects (`heldout`)\n"
         f"- lineage: the archive sequence ranges in `lineage.json`; every row is a leaf of the transparency log\n"
     )
@@ -214,7 +270,15 @@ def build(store, day: dt.date, key, *, log_checkpoint: str | None = None) -> dic
     files: dict[str, bytes] = {}
     domains = {}
     for domain, c in chosen.items():
-        lineage = {"checkpoint_id": c.checkpoint_id, "job_id": c.job_id, "archive": {"CHECKPOINTS": [min(c.seqs), max(c.seqs)]}, "sequences": sorted(c.seqs)}
+        archive = {"CHECKPOINTS": [min(c.seqs), max(c.seqs)]}
+        if c.job_seqs:
+            archive["TRAINING"] = [min(c.job_seqs), max(c.job_seqs)]
+        if c.data:
+            archive[c.data.get("stream", "FOSSILS")] = [c.data.get("start_seq", 1), c.data.get("end_seq", 0)]
+        lineage = {
+            "checkpoint_id": c.checkpoint_id, "job_id": c.job_id, "archive": archive, "data_selection": c.data,
+            "sequences": {"CHECKPOINTS": sorted(c.seqs), "TRAINING": sorted(c.job_seqs)},
+        }
         files.update(_files(c, week, lineage))
         domains[domain] = {"checkpoint_id": c.checkpoint_id, "uri": c.uri, "sha256": c.sha256, "size": c.size, "version": c.version}
     manifest = {"week": week, "until": end.isoformat(), "archive_position": position, "domains": domains}

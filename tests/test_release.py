@@ -51,6 +51,12 @@ def test_weekly_release_is_signed_immutable_and_verifies_offline(store, tmp_path
     stmt = json.loads(base64.b64decode(env["payload"]))
     assert stmt["_type"] == "https://in-toto.io/Statement/v1" and stmt["predicateType"] == "https://slsa.dev/provenance/v1"
     assert {s["name"] for s in stmt["subject"]} >= {"release.json", "RELEASE_NOTES.md"}
+    # Lineage: the checkpoint's events, its job's events and the fossils it was trained on.
+    lineage = json.loads(next(first.directory.glob("*/lineage.json")).read_text())
+    assert set(lineage["archive"]) >= {"CHECKPOINTS", "TRAINING"}
+    assert lineage["sequences"]["TRAINING"] and lineage["job_id"]
+    sel = lineage["data_selection"]  # "up to the last at dispatch" resolved to a sequence
+    assert lineage["archive"]["FOSSILS"] == [1, sel["end_seq"]] and sel["end_seq"] >= sel["count"] > 0
     # A second run (another day of the same week) reproduces it byte for byte.
     assert release.weekly(store, history, DAY - dt.timedelta(days=2), key).status == "reproduced"
     # Another key would change the envelope: refused, the release stays.
