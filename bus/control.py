@@ -267,28 +267,12 @@ class ReplayGuard:
 # refused across restarts too.
 
 
-async def read_control(bus, cfg, target: int, handle) -> None:
-    """Deliver CONTROL messages matching consumer config `cfg` to `handle(msg)` up to stream
-    seq `target` (an ordered consumer: every reading role may create one)."""
-    import contextlib
-
-    sub = await bus.js.subscribe("", stream="CONTROL", ordered_consumer=True, config=cfg)
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            handle(msg)
-            if msg.metadata.sequence.stream >= target:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-
-
 async def read_recent_commands(bus, guard: ReplayGuard, trust: TrustList | None, subject: str = "control.>") -> int:
     """Feed `guard` every signed command on `subject` that CONTROL stored within the guard's
     horizon before the latest one (server time); returns how many it recorded."""
-    from nats.js import api
     from nats.js.errors import NotFoundError
+
+    from scf.bus.reader import StreamMsg, StreamReader  # here: the command codec stays free of NATS
 
     try:
         last = await bus.js.get_last_msg("CONTROL", subject)
@@ -298,13 +282,10 @@ async def read_recent_commands(bus, guard: ReplayGuard, trust: TrustList | None,
         return 0
     recorded = 0
 
-    def handle(msg) -> None:
+    def handle(msg: StreamMsg) -> None:
         nonlocal recorded
-        if guard.observe(msg.subject, msg.data or b"", dict(msg.headers or {}), trust, msg.metadata.sequence.stream, msg.metadata.timestamp):
+        if guard.observe(msg.subject, msg.data, msg.headers, trust, msg.seq, msg.time):
             recorded += 1
 
-    cfg = api.ConsumerConfig(
-        filter_subject=subject, deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=last.time - guard.horizon
-    )
-    await read_control(bus, cfg, last.seq, handle)
+    await StreamReader(bus.nc, bus.js, "CONTROL", subject, start_time=last.time - guard.horizon, end_seq=last.seq).scan(handle)
     return recorded

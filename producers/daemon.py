@@ -535,8 +535,7 @@ class _Causation(msgspec.Struct):
     causation_id: str | None = None
 
 
-# CONTROL reads and the replay guard's rebuild are shared with the deploy planner (bus/control.py)
-_read_control = control.read_control
+# the replay guard's rebuild is shared with the deploy planner (bus/control.py)
 read_recent_commands = control.read_recent_commands
 
 
