@@ -64,6 +64,8 @@ def release_weekly(
 def release_verify(
     directory: Path = typer.Argument(..., help="the release directory (release_history/week-YYYY-MM-DD)"),
     key: Path = typer.Option(..., "--key", help="the release public key: a NAME.pub file (base64 Ed25519)"),
+    log_proof: Optional[Path] = typer.Option(None, "--log-proof", help="inclusion proof of its proof.release event (`scf proof inclusion ID`)"),
+    log_key: Optional[str] = typer.Option(None, "--log-key", help="the transparency log's verifier key (text or file), with --log-proof"),
 ) -> None:
     """Check a release offline: the DSSE signature, the in-toto statement and every file's digest."""
     from scf.projections import release
@@ -76,8 +78,20 @@ def release_verify(
         raise fail(f"{key}: no such file") from None
     except ValueError:
         raise fail(f"{key} is not an Ed25519 public key: pass the base64 NAME.pub file of the release key") from None
+    proof_bytes, vkey = None, None
+    if log_proof is not None:
+        if not log_key:
+            raise fail("--log-proof needs --log-key (the log's verifier key from `scf proof key`)")
+        try:
+            proof_bytes = log_proof.read_bytes()
+        except FileNotFoundError:
+            raise fail(f"{log_proof}: no such file") from None
+        vkey = Path(log_key).read_text().strip() if Path(log_key).is_file() else log_key
     try:
-        summary = release.verify_release(directory, raw)
+        summary = release.verify_release(directory, raw, log_proof=proof_bytes, log_key=vkey)
     except release.ReleaseError as exc:
         raise fail(f"release does not verify: {exc}") from None
     typer.echo(f"OK: {summary['week']}: signature, statement and {summary['files']} files verified")
+    if "log" in summary:
+        lg = summary["log"]
+        typer.echo(f"OK: recorded in the transparency log {lg['origin']} (leaf {lg['leaf_index']} of {lg['tree_size']})")

@@ -361,9 +361,11 @@ def weekly(store, history: Path, day: dt.date, key, *, log_checkpoint: str | Non
 # --------------------------------------------------------------------------- verifying
 
 
-def verify_release(directory: Path, public_raw: bytes) -> dict:
+def verify_release(directory: Path, public_raw: bytes, *, log_proof: bytes | None = None, log_key: str | None = None) -> dict:
     """Check a release offline: the envelope's signature (before parsing its payload), the
-    statement's types, and that the files are exactly its subjects with their digests."""
+    statement's types, and that the files are exactly its subjects with their digests. With
+    `log_proof` (an inclusion bundle of its `proof.release` event) and the log's verifier
+    key: that the transparency log holds this very release."""
     directory = Path(directory)
     try:
         envelope = (directory / ENVELOPE).read_bytes()
@@ -386,7 +388,30 @@ def verify_release(directory: Path, public_raw: bytes) -> dict:
             raise ReleaseError(f"{name} does not match its digest in the signed statement: the release was altered")
     if (directory / STATEMENT).read_bytes() != payload:
         raise ReleaseError(f"{STATEMENT} differs from the statement the envelope signs")
-    return {"week": statement["predicate"]["buildDefinition"]["externalParameters"]["week"], "files": len(subjects)}
+    week = statement["predicate"]["buildDefinition"]["externalParameters"]["week"]
+    out = {"week": week, "files": len(subjects)}
+    if log_proof is not None:
+        out["log"] = _verify_logged(log_proof, log_key or "", week, hashlib.sha256(envelope).hexdigest())
+    return out
+
+
+def _verify_logged(bundle: bytes, vkey: str, week: str, envelope_sha256: str) -> dict:
+    from scf.projections import proofcheck
+
+    try:
+        summary = proofcheck.verify_bundle(bundle, vkey)
+    except proofcheck.ProofError as exc:
+        raise ReleaseError(f"the log proof does not hold: {exc}") from None
+    entry = summary.get("entry") or {}
+    if summary["kind"] != "inclusion" or entry.get("type") != "proof.release":
+        raise ReleaseError("the log proof is not the inclusion proof of a proof.release event: pass `scf proof inclusion <its event id>`")
+    try:
+        record = json.loads(entry.get("payload") or "")
+    except ValueError:
+        record = {}
+    if not isinstance(record, dict) or record.get("week") != week or record.get("envelope_sha256") != envelope_sha256:
+        raise ReleaseError(f"the logged release is not this one (week {record.get('week') if isinstance(record, dict) else '?'}, another envelope)")
+    return {"origin": summary["origin"], "tree_size": summary["tree_size"], "leaf_index": summary["leaf_index"]}
 
 
 def release_logged_event(result: ReleaseResult, key, source: str):

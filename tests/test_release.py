@@ -103,6 +103,33 @@ async def test_scf_release_weekly_records_the_release_once(bus, settings, scf_en
     seq, event = await bus.last("proof.release.week-2026-11-16")
     assert event.data.week == "week-2026-11-16" and seq > 0
 
+    # The transparency log covers the release: its proof.release event's inclusion proof
+    # ties the directory to the log, offline.
+    from scf.projections import tlog
+    from scf.projections.archive import replay
+    from tests.conftest import wait_for
+
+    async def release_logged() -> bool:
+        await replay(settings, streams=["PROOFS"])
+        await tlog.checkpoint(settings, bus)
+        return tlog.open_log(settings).state.positions.get("PROOFS", tlog.StreamPos()).seq >= seq
+
+    await wait_for(release_logged, 30, "the proof.release event in the log")
+    await tlog.checkpoint(settings, bus)
+    proof = settings.home_path / "release.proof.json"
+    r = await asyncio.to_thread(cli, "proof", "inclusion", event.id, "--out", str(proof), env=scf_env)
+    assert r.returncode == 0, r.stderr
+    vkey = (await asyncio.to_thread(cli, "proof", "key", env=scf_env)).stdout.strip()
+    pub = settings.keys_dir / "release.pub"
+    week_dir = settings.path("release_history", "week-2026-11-16")
+    bare = {"PATH": scf_env["PATH"]}
+    r = await asyncio.to_thread(cli, "release", "verify", str(week_dir), "--key", str(pub), "--log-proof", str(proof), "--log-key", vkey, env=bare)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1].startswith("OK: recorded in the transparency log scf.local/tlog/")
+    # The proof vouches for this envelope only: another one (a re-signed release) fails.
+    with pytest.raises(release.ReleaseError, match="the logged release is not this one"):
+        release._verify_logged(proof.read_bytes(), vkey, "week-2026-11-16", "0" * 64)
+
 
 def test_the_weekly_workflow_runs_real_commands():
     """actionlint is not installable offline here (docs/proofs.md); instead: the workflow's
