@@ -47,17 +47,20 @@ def release_weekly(
     typer.echo(result.line())
     if publish:
 
-        async def main() -> str:
+        async def main() -> tuple[str, str]:
             bus = await open_bus(settings, "scf-release")
             try:
-                once = await bus.publish_once(release.release_logged_event(result, k, bus.source))
+                event = release.release_logged_event(result, k, bus.source)
+                once = await bus.publish_once(event)
             finally:
                 await bus.close()
             if once.status == "conflict":
                 raise release.ReleaseError(f"{result.directory.name} was recorded before with another envelope: releases are immutable")
-            return once.status
+            recorded = once.existing if once.status == "duplicate" and once.existing is not None else event
+            return once.status, recorded.id
 
-        typer.echo(f"recorded as proof.release.{result.directory.name} ({run(main())})")
+        status, event_id = run(main())
+        typer.echo(f"recorded as proof.release.{result.directory.name} ({status}), event {event_id}")
 
 
 @release_app.command("verify")

@@ -97,11 +97,12 @@ async def test_scf_release_weekly_records_the_release_once(bus, settings, scf_en
     SigningKey.generate("release").save(settings.keys_dir)
     r = await asyncio.to_thread(cli, "release", "weekly", "--date", "2026-11-22", env=scf_env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("wrote ") and r.stdout.rstrip().endswith("(new)")
+    assert r.stdout.startswith("wrote ") and "(new), event " in r.stdout
     r = await asyncio.to_thread(cli, "release", "weekly", "--date", "2026-11-20", env=scf_env)
-    assert "reproduced byte for byte" in r.stdout and r.stdout.rstrip().endswith("(duplicate)")
+    assert "reproduced byte for byte" in r.stdout and "(duplicate), event " in r.stdout
     seq, event = await bus.last("proof.release.week-2026-11-16")
     assert event.data.week == "week-2026-11-16" and seq > 0
+    assert r.stdout.rstrip().endswith(f"event {event.id}")  # the id of the event stored first
 
     # The transparency log covers the release: its proof.release event's inclusion proof
     # ties the directory to the log, offline.
@@ -156,4 +157,4 @@ def test_the_weekly_workflow_runs_real_commands():
         for t in tokens:
             if t.startswith("--"):
                 assert t in options, f"scf {' '.join(words)} has no {t}"
-    assert seen == {"proof checkpoint", "release weekly", "release verify"}
+    assert seen == {"proof checkpoint", "proof inclusion", "proof key", "release weekly", "release verify"}
