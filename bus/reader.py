@@ -377,6 +377,15 @@ class StreamReader:
             pass
 
 
+async def last_seq(js, stream: str, subject: str) -> int:
+    """The stream sequence of the last message on `subject` (wildcards allowed), or 0."""
+    try:
+        msg = await js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return 0
+    return msg.seq or 0
+
+
 async def read(bus, stream: str, subject: str | Sequence[str] = "", **kw: Any) -> list[StreamMsg]:
     """Every message of `stream` on `subject` up to the last one when the read began
     (`StreamReader.scan`), as a list; `kw` as StreamReader's."""

@@ -51,7 +51,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from scf.bus.errors import ConfigError, SCFError, SignatureError, StreamNotFound
 from scf.bus.headers import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_KID, SCF_SIG
-from scf.bus.reader import StreamMsg, StreamReader
+from scf.bus.reader import StreamMsg, StreamReader, last_seq
 from scf.bus.signing import ROLES, SigningKey, TrustedKey, TrustList, command_message, key_id
 
 log = logging.getLogger("scf.trust")
@@ -234,20 +234,12 @@ def signed_entry(entry: TrustEntry, root: SigningKey) -> tuple[str, bytes, dict[
     return subject, body, headers
 
 
-async def last_subject_seq(js, subject: str) -> int:
-    try:
-        msg = await js.get_last_msg(STREAM, subject)
-    except NotFoundError:
-        return 0
-    return msg.seq or 0
-
-
 async def publish_entry(js, view: "SharedTrust", root: SigningKey, kid: str, make) -> tuple[int, TrustEntry]:
     """Publish the entry `make(prev)` builds for `kid`, chained to the last entry applied for
     it (`prev`), and wait until `view` applied it. Returns (TRUST seq, entry)."""
     entry: TrustEntry = make(view.state.applied_seq.get(kid, 0))
     subject, body, headers = signed_entry(entry, root)
-    headers[EXPECTED_LAST_SUBJECT_SEQ] = str(await last_subject_seq(js, subject))
+    headers[EXPECTED_LAST_SUBJECT_SEQ] = str(await last_seq(js, STREAM, subject))
     try:
         ack = await js.publish(subject, body, headers=headers, stream=STREAM)
     except APIError as exc:

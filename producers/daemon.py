@@ -56,7 +56,7 @@ from typing import Mapping
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import ServiceUnavailableError
 
 from scf.bus import control, gears
 from scf.bus import events as ev
@@ -65,7 +65,7 @@ from scf.bus.codec import Codec
 from scf.bus.emergency import EmergencyGate, EmergencyState, write_state
 from scf.bus.errors import DecodeError, SCFError, SignatureError
 from scf.bus.ids import derived_id, ensure_id_key, keyed_id, load_id_key, subject_token
-from scf.bus.reader import ReadStalled, StreamMsg, StreamReader, describe
+from scf.bus.reader import ReadStalled, StreamMsg, StreamReader, describe, last_seq
 from scf.bus.runner import Delivery, Runner, race, run_all
 from scf.bus.settings import Settings
 from scf.bus.signing import TrustList
@@ -345,15 +345,6 @@ def mark_of(intent: ev.Intent) -> TrainMark | None:
 # --------------------------------------------------------------------------- views of the log
 
 
-async def last_seq(bus: Bus, stream: str, subject: str) -> int:
-    """The stream sequence of the last message on `subject` (wildcards allowed), or 0."""
-    try:
-        msg = await bus.js.get_last_msg(stream, subject)
-    except NotFoundError:
-        return 0
-    return msg.seq or 0
-
-
 class _LogView:
     """A catch-up-then-follow view of a subject filter (`StreamReader.follow`: it resumes
     after a server restart on its own)."""
@@ -400,7 +391,7 @@ class _LogView:
 
     async def sync(self, timeout: float = 5.0) -> bool:
         """Wait until the view has applied everything the stream holds now."""
-        return await self._reader.reached(await last_seq(self.bus, self.stream, self.subject), timeout)
+        return await self._reader.reached(await last_seq(self.bus.js, self.stream, self.subject), timeout)
 
 
 class HoldsView(_LogView):
@@ -713,7 +704,7 @@ class Daemon:
         # Commands waiting in CONTROL are applied before the first orient (a shift or a
         # stop sent while the daemon was down must not be preceded by an intent).
         self.control_seen = self.ack_floor
-        self.control_target = await last_seq(self.bus, "CONTROL", "control.>")
+        self.control_target = await last_seq(self.bus.js, "CONTROL", "control.>")
         self._start_mono = time.monotonic()
         await self.gate.start()
         if self.verifier is None:
