@@ -26,7 +26,6 @@ Every failure raises `ProofError` with one line saying what does not hold.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 from dataclasses import dataclass
@@ -181,7 +180,7 @@ def parse_verifier_key(text: str) -> Verifier:
     try:
         raw = base64.b64decode(b64, validate=True)
         want = bytes.fromhex(hexhash)
-    except (binascii.Error, ValueError):
+    except ValueError:
         raise ProofError("not a verifier key: its hash or key part is not hex / base64") from None
     if len(raw) != 33 or raw[:1] != ED25519_TYPE:
         raise ProofError("the verifier key is not an Ed25519 key (type 0x01, 32 bytes)")
@@ -198,6 +197,7 @@ def raise_if_bad_name(name: str) -> None:
 
 def signature_line(name: str, public: bytes, signature: bytes) -> str:
     """A signed note's signature line for an Ed25519 key."""
+    raise_if_bad_name(name)
     return f"{EM_DASH} {name} {base64.b64encode(key_hash(name, public) + signature).decode()}\n"
 
 
@@ -216,7 +216,7 @@ def open_note(note: str, verifier: Verifier) -> str:
         try:
             name, b64 = line[len(prefix) :].split(" ")
             blob = base64.b64decode(b64, validate=True)
-        except (ValueError, binascii.Error):
+        except ValueError:
             raise ProofError(f"not a signed note: malformed signature line {line[:40]!r}") from None
         if name != verifier.name or blob[:4] != verifier.hash:
             continue  # another signer's line: ignored, as the spec says
@@ -249,7 +249,7 @@ def parse_checkpoint(text: str) -> Checkpoint:
         raise ProofError(f"not a checkpoint: tree size {size_s!r} is not a decimal number")
     try:
         root = base64.b64decode(root_s, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a non-ASCII character
         raise ProofError("not a checkpoint: the root hash is not base64") from None
     if len(root) != 32:
         raise ProofError("not a checkpoint: the root hash is not 32 bytes")
@@ -271,7 +271,7 @@ def _b64list(values) -> list[bytes]:
         raise ProofError("the proof is not a list of base64 hashes")
     try:
         return [base64.b64decode(v, validate=True) for v in values]
-    except (binascii.Error, TypeError):
+    except (ValueError, TypeError):  # binascii.Error is a ValueError; so is a non-ASCII string
         raise ProofError("the proof is not a list of base64 hashes") from None
 
 
@@ -295,7 +295,7 @@ def verify_bundle(bundle: bytes | str | dict, verifier_key_text: str, entry: byt
             raise ProofError(f"the proof is for tree size {size} but the checkpoint has size {cp.size}")
         try:
             data = base64.b64decode(_str(bundle, "entry"), validate=True)
-        except binascii.Error:
+        except ValueError:
             raise ProofError("the entry is not base64") from None
         if entry is not None and entry != data:
             raise ProofError("the event bytes given differ from the bundle's entry")
@@ -324,7 +324,7 @@ def verify_bundle(bundle: bytes | str | dict, verifier_key_text: str, entry: byt
                 raise ProofError(f"event {n} of the proof is not an object")
             try:
                 data = base64.b64decode(_str(e, "entry"), validate=True)
-            except binascii.Error:
+            except ValueError:
                 raise ProofError(f"event {n}: the entry is not base64") from None
             try:
                 verify_inclusion(_int(e, "leaf_index"), size, leaf_hash(data), _b64list(e.get("proof")), cp.root)

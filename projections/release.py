@@ -372,10 +372,16 @@ def verify_release(directory: Path, public_raw: bytes, *, log_proof: bytes | Non
     except FileNotFoundError:
         raise ReleaseError(f"{directory} has no {ENVELOPE}: not a release directory") from None
     payload = dsse_open(envelope, public_raw)
-    statement = json.loads(payload)
-    if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
-        raise ReleaseError("the signed statement is not an in-toto Statement v1 with a SLSA provenance v1 predicate")
-    subjects = {s["name"]: s["digest"]["sha256"] for s in statement.get("subject", [])}
+    try:
+        statement = json.loads(payload)
+        if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
+            raise ReleaseError("the signed statement is not an in-toto Statement v1 with a SLSA provenance v1 predicate")
+        subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+        week = statement["predicate"]["buildDefinition"]["externalParameters"]["week"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ReleaseError("the signed statement is malformed (subjects, digests or the week are missing)") from None
+    if any(not isinstance(n, str) or n.startswith("/") or ".." in Path(n).parts for n in subjects):
+        raise ReleaseError("the signed statement names a file outside the release directory")
     present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {ENVELOPE}
     extra = sorted(present - set(subjects) - {STATEMENT})
     if extra:
@@ -388,7 +394,6 @@ def verify_release(directory: Path, public_raw: bytes, *, log_proof: bytes | Non
             raise ReleaseError(f"{name} does not match its digest in the signed statement: the release was altered")
     if (directory / STATEMENT).read_bytes() != payload:
         raise ReleaseError(f"{STATEMENT} differs from the statement the envelope signs")
-    week = statement["predicate"]["buildDefinition"]["externalParameters"]["week"]
     out = {"week": week, "files": len(subjects)}
     if log_proof is not None:
         out["log"] = _verify_logged(log_proof, log_key or "", week, hashlib.sha256(envelope).hexdigest())

@@ -103,3 +103,57 @@ def test_generated_proofs_verify(n, data):
         bad[k] = bytes([bad[k][0] ^ 1]) + bad[k][1:]
         with pytest.raises(pc.ProofError):
             pc.verify_consistency(old, size, tree.root(old), root, bad)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**20) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=12,
+)
+
+
+def _valid_bundle():
+    from scf.bus.signing import SigningKey
+
+    key = SigningKey.generate("k")
+    leaves = [pc.leaf_hash(b"e%d" % i) for i in range(5)]
+    tree = MemoryTree(leaves)
+    body = pc.Checkpoint("o", 5, tree.root()).body()
+    note = body + "\n" + pc.signature_line("o", key.public_raw, base64.b64decode(key.sign(body.encode())))
+    bundle = {"kind": "scf.proof.inclusion/v1", "checkpoint": note, "leaf_index": 3, "tree_size": 5,
+              "entry": base64.b64encode(b"e3").decode(), "proof": [base64.b64encode(h).decode() for h in tree.inclusion(3, 5)]}
+    return bundle, pc.verifier_key("o", key.public_raw)
+
+
+BUNDLE, VKEY = _valid_bundle()
+
+
+def test_the_valid_bundle_verifies():
+    assert pc.verify_bundle(BUNDLE, VKEY)["leaf_index"] == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(BUNDLE)), value=_json)
+def test_hostile_bundles_fail_with_a_proof_error_only(field, value):
+    """Any field replaced by any JSON value: verified, or refused with ProofError — never
+    another exception (a client's verifier must not crash on what it is handed)."""
+    bad = dict(BUNDLE, **{field: value})
+    try:
+        pc.verify_bundle(json.dumps(bad), VKEY)
+    except pc.ProofError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(junk=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_hostile_bytes_and_notes_fail_with_a_proof_error_only(junk):
+    for call in (
+        lambda: pc.verify_bundle(junk, VKEY),
+        lambda: pc.open_note(junk.decode("utf-8", "replace"), pc.parse_verifier_key(VKEY)),
+        lambda: pc.parse_verifier_key(junk.decode("utf-8", "replace")),
+        lambda: pc.parse_checkpoint(junk.decode("utf-8", "replace")),
+    ):
+        try:
+            call()
+        except pc.ProofError:
+            pass
