@@ -189,15 +189,21 @@ class TileTree(TreeProofs):
         if got is not None and len(got) >= need * HASH:
             return got
         full = self.dir / tile_path(tlevel, index)
-        try:
-            data = full.read_bytes()
-        except FileNotFoundError:
-            data = b""
+        data = b""
+        for _ in range(3):  # a writer may replace a partial tile by a wider one (or the full tile) meanwhile
+            try:
+                data = full.read_bytes()
+                break
+            except FileNotFoundError:
+                pass
             pdir = self.dir / (tile_path(tlevel, index) + ".p")
-            if pdir.is_dir():
+            try:
                 widths = sorted(int(p.name) for p in pdir.iterdir() if p.name.isdigit() and int(p.name) >= need)
                 if widths:
                     data = (pdir / str(widths[0])).read_bytes()
+                break
+            except FileNotFoundError:
+                continue
         if len(data) < need * HASH:
             raise TlogError(
                 f"tile {tile_path(tlevel, index)} is missing or short under {self.dir}: "
