@@ -41,18 +41,29 @@ def config_sha256(config: EBDMConfig) -> str:
 
 def save_checkpoint(path: str | os.PathLike, model: EBDM, *, lineage: dict, metrics: dict[str, float]) -> Path:
     """Write `model` (weights and buffers) with its config, lineage and metrics; atomic."""
+    config = model.config
+    return write_module(path, model, FORMAT, dataclasses.asdict(config), lineage=lineage, metrics=metrics,
+                        extra={"config_sha256": config_sha256(config)})
+
+
+def write_module(
+    path: str | os.PathLike, module: torch.nn.Module, format: str, config: dict, *, lineage: dict,
+    metrics: dict[str, float], extra: dict[str, str] | None = None,
+) -> Path:
+    """Write a module's weights and buffers as safetensors with the header every SCF model
+    file carries (format, config, lineage, metrics as JSON; torch_version, created_at);
+    atomic. The one writer of model files (EBDM checkpoints, learned optimisers)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    config = model.config
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     metadata = {
-        "format": FORMAT,
-        "config": json.dumps(dataclasses.asdict(config), sort_keys=True),
-        "config_sha256": config_sha256(config),
+        "format": format,
+        "config": json.dumps(config, sort_keys=True),
         "lineage": json.dumps(lineage, sort_keys=True, default=str),
         "metrics": json.dumps(metrics, sort_keys=True),
         "torch_version": torch.__version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        **(extra or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=metadata)

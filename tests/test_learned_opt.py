@@ -1,0 +1,107 @@
+"""The learned optimiser (ml/optimize.py): trained on fossils only, repaired, judged against
+the exact optimum on held-out contexts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scf import domains
+from scf.domains.fossils import synth_shards
+from scf.domains.quality import best_in_data, decision_quality, optimum_costs
+from scf.ml.loader import load_arrays
+from scf.ml.optimize import (
+    FORMAT,
+    OptimiserConfig,
+    OptimiserError,
+    checkpoint_format,
+    load_optimiser,
+    propose,
+    repair,
+    train_optimiser,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """case14: 2000 synthesised fossils, a small network trained briefly."""
+    root = tmp_path_factory.mktemp("opt14")
+    synth_shards("grid:case14", 2000, root / "shards", shard_size=1000, seed=5)
+    cfg = OptimiserConfig(steps=400, hidden=128, batch_size=128)
+    result = train_optimiser("grid:case14", root / "shards", root / "zoo", cfg)
+    return result, root / "shards"
+
+
+def test_learned_proposals_are_feasible_and_beat_the_best_in_data_on_heldout_contexts(trained):
+    result, shards = trained
+    d = domains.get("grid:case14")
+    x, c, e = (np.asarray(a, dtype=float) for a in load_arrays(shards, domain="grid:case14", split="heldout"))
+    tx, tc, te = (np.asarray(a, dtype=float) for a in load_arrays(shards, domain="grid:case14", split="train"))
+    assert len(c) >= 80  # held-out contexts the model never saw
+    states = propose(d, c, result.checkpoint)
+    _, opt = optimum_costs(d, c)
+    learned = decision_quality(d, c, states, status_quo=x, optimum=opt)
+    baseline = decision_quality(d, c, best_in_data(d, tc, tx, te, c), status_quo=x, optimum=opt)
+    assert learned.feasible.all()  # the domain's own check, 1 kW
+    assert np.all(learned.gap >= -1e-9)  # nothing beats the exact optimum
+    assert np.median(learned.gap) < np.median(baseline.gap)
+    assert np.percentile(learned.gap, 95) < np.percentile(baseline.gap, 95)
+    assert learned.savings_captured() > baseline.savings_captured()
+    # the metrics the checkpoint carries are the same measurement
+    assert result.metrics["decision_feasible"] == 1.0
+    assert result.metrics["decision_gap_median"] < result.metrics["baseline_gap_median"]
+
+
+def test_the_learned_cost_ranks_heldout_states_like_their_measured_energy(trained):
+    result, shards = trained
+    model, meta = load_optimiser(result.checkpoint)
+    x, c, e = load_arrays(shards, domain="grid:case14", split="heldout")
+    pred = model.cost(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(c, dtype=torch.float64)).numpy()
+    assert np.mean(np.abs(pred - e)) / np.mean(np.abs(e)) < 1e-3
+    assert meta["metrics"]["cost_heldout_mae_rel"] < 1e-3
+
+
+def test_checkpoint_is_safetensors_with_its_story_and_refuses_other_files(trained, tmp_path):
+    result, _ = trained
+    assert checkpoint_format(result.checkpoint) == FORMAT
+    raw = result.checkpoint.read_bytes()
+    assert b"pickle" not in raw[:4096] and not raw.startswith(b"\x80")  # a safetensors header, not a pickle stream
+    model, meta = load_optimiser(result.checkpoint)
+    assert meta["config"]["domain"] == "grid:case14" and meta["lineage"]["fossils"] > 1500
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(OptimiserError, match=r"is not a readable safetensors file, not a learned optimiser \(scf-opt/1\)"):
+        load_optimiser(junk)
+    with pytest.raises(OptimiserError, match=r"was trained for grid:case14 \(5 state, 11 context values\); grid:case30 has 6 and 20"):
+        propose(domains.get("grid:case30"), np.zeros((1, 20)), result.checkpoint)
+
+
+def test_repair_hook_matches_the_domain_check():
+    d = domains.get("grid:case9")
+    c = np.stack([d.nominal_load, 1.1 * d.nominal_load])
+    fixed = repair(d, c, np.zeros((2, 3)))
+    assert all(d.violations(ci, xi) == [] for ci, xi in zip(c, fixed))
+
+
+def test_hvac_learned_decisions_are_feasible_and_beat_the_best_in_data(tmp_path):
+    synth_shards("hvac:office3", 2000, tmp_path / "shards", shard_size=1000, seed=6)
+    result = train_optimiser("hvac:office3", tmp_path / "shards", tmp_path / "zoo", OptimiserConfig(steps=1000))
+    m = result.metrics
+    assert m["decision_feasible"] == 1.0
+    assert m["decision_savings_captured"] > m["baseline_savings_captured"]
+    assert m["decision_gap_median"] <= m["baseline_gap_median"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grid:case118", "hvac:office3"])
+def test_learned_optimiser_meets_the_issue_goals(name, tmp_path):
+    """Issue 12's measures on held-out contexts: 100 % feasible, gap median <= 0.5 %, p95 <= 2 %,
+    savings captured >= 95 %, better than the best in data."""
+    synth_shards(name, 8000, tmp_path / "shards", shard_size=2000, seed=7)
+    result = train_optimiser(name, tmp_path / "shards", tmp_path / "zoo", OptimiserConfig(steps=2000))
+    m = result.metrics
+    assert m["decision_feasible"] == 1.0
+    assert m["decision_gap_median"] <= 0.005 and m["decision_gap_p95"] <= 0.02
+    assert m["decision_savings_captured"] >= 0.95
+    assert m["decision_gap_mean"] < m["baseline_gap_mean"]
