@@ -60,6 +60,7 @@ def default_processes(settings: Settings, edges: int = 2, pool: str = "local") -
         ProcessSpec("deploy", "deploy"),
         ProcessSpec("ledger", "ledger"),
         ProcessSpec("archive", "archive"),
+        ProcessSpec("tlog", "tlog"),  # the transparency log over the archive (docs/proofs.md)
     ]
     for i in range(edges):
         node = f"node-{chr(ord('a') + i)}"
