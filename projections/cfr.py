@@ -2,11 +2,17 @@
 
 From the `cfr` view (one row per code proposal with its intent and its ruling):
 
-* approved code → supervised examples, chat `messages` (system, user, assistant);
+* approved code → supervised examples in the conversational prompt/completion format
+  (`prompt`: the system and user messages, `completion`: the assistant message), so a
+  trainer puts the loss on the code only (TRL's `SFTTrainer` does for this format);
 * rejected code → negatives: unpaired examples (`prompt`, `completion`, `label` false, the
   format of KTO-style trainers, approved ones with `label` true), and preference pairs
   (`prompt`, `chosen`, `rejected`) for every intent that has both (at most
-  `max_pairs_per_intent`, chosen deterministically);
+  `max_pairs_per_intent`, chosen deterministically); prompts are message lists and
+  completions one assistant message, TRL's conversational formats.
+
+The prompt is rendered by `scf.projections.cfr_prompt`, the function GenN serves it with:
+the examples are byte-identical to what the generator was asked.
 * held or unruled proposals are left out (and counted in the card).
 
 Splits are by a hash of the intent id, so every example of an intent lands in the same split.
@@ -15,9 +21,9 @@ gives byte-identical files. Layout of DIR:
 
     README.md                    the dataset card: counts, schema, lineage
     dataset.json                 the card's numbers, machine-readable
-    sft/{train,validation}.jsonl         {"messages": [...]}
-    preference/{train,validation}.jsonl  {"prompt", "chosen", "rejected"}
-    unpaired/{train,validation}.jsonl    {"prompt", "completion", "label"}
+    sft/{train,validation}.jsonl         {"prompt": [system, user], "completion": [assistant]}
+    preference/{train,validation}.jsonl  {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}
+    unpaired/{train,validation}.jsonl    {"prompt": [...], "completion": [assistant], "label"}
     sft.parquet, preference.parquet, unpaired.parquet   the same rows with ids and split
     tuples.parquet               every reviewed tuple with its full context
 """
@@ -38,15 +44,11 @@ import pyarrow.parquet as pq
 
 from scf.bus.errors import SCFError
 from scf.projections import views
+from scf.projections.cfr_prompt import SYSTEM_PROMPT, messages, render_row  # noqa: F401 (SYSTEM_PROMPT: re-exported)
 from scf.projections.store import ArchiveStore
 
 SOURCE_STREAMS = ("INTENTS", "VERDICTS")
 SPLITS = ("train", "validation")
-SYSTEM_PROMPT = (
-    "You write Python for SCF, a control loop that optimises physical energy systems. "
-    "Answer with code only. The code must pass the safety gate: no network access, no "
-    "filesystem access, no subprocesses, and it must respect the domain's physical limits."
-)
 
 
 class DatasetError(SCFError):
@@ -80,26 +82,8 @@ def split_of(intent_id: str, validation_pct: float) -> str:
 
 
 def render_prompt(row: dict[str, Any]) -> str:
-    """The user turn: the context and the intent, then the task."""
-    params = row.get("params") or "{}"
-    try:
-        params = json.dumps(json.loads(params), sort_keys=True, separators=(", ", ": "))
-    except (TypeError, ValueError):
-        pass
-    lines = [
-        "Context:",
-        f"- domain: {row.get('domain') or 'unknown'}",
-        f"- gear: {row.get('gear') or 'STANDARD'}",
-        f"- intent: {row.get('kind') or 'codegen'} (hypothesis {row.get('hypothesis') or 0})",
-        f"- params: {params}",
-    ]
-    if row.get("intent_reason"):
-        lines.append(f"- why: {row['intent_reason']}")
-    lines += ["", "Task:", (row.get("prompt") or "Write the Python code this intent asks for.").strip()]
-    lang = row.get("language") or "python"
-    if lang != "python":
-        lines.append(f"(language: {lang})")
-    return "\n".join(lines)
+    """The user turn: the context and the intent, then the task (`cfr_prompt.render_row`)."""
+    return render_row(row)
 
 
 def parse_as_of(values: list[str] | None) -> dict[str, int] | int | None:
@@ -220,15 +204,12 @@ def _emit(sink: "_Sink", intent_id: str, group: list[dict[str, Any]], counts: di
         approved = r["decision"] == "APPROVE"
         counts["tuples"] += 1
         counts["approved" if approved else "rejected"] += 1
-        split, user = r["split"], r["prompt_text"]
+        split, prompt = r["split"], messages(r["prompt_text"])
+        completion = _answer(r["code"])
         if approved:
-            ex = {"messages": [
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": r["code"]},
-            ]}
+            ex = {"prompt": prompt, "completion": completion}
             sink.add("sft", split, ex, {"split": split, "intent_id": intent_id, "proposal_id": r["proposal_id"], **ex})
-        un = {"prompt": _prompt_text(user), "completion": r["code"], "label": approved}
+        un = {"prompt": prompt, "completion": completion, "label": approved}
         sink.add("unpaired", split, un, {
             "split": split, "intent_id": intent_id, "proposal_id": r["proposal_id"], "reasons": list(r["reasons"] or []), **un,
         })
@@ -236,11 +217,15 @@ def _emit(sink: "_Sink", intent_id: str, group: list[dict[str, Any]], counts: di
     good = [r for r in group if r["decision"] == "APPROVE"]
     bad = [r for r in group if r["decision"] == "REJECT"]
     for g, b in itertools.islice(itertools.product(good, bad), max_pairs):
-        p = {"prompt": _prompt_text(g["prompt_text"]), "chosen": g["code"], "rejected": b["code"]}
+        p = {"prompt": messages(g["prompt_text"]), "chosen": _answer(g["code"]), "rejected": _answer(b["code"])}
         sink.add("preference", g["split"], p, {
             "split": g["split"], "intent_id": intent_id, "chosen_proposal_id": g["proposal_id"],
             "rejected_proposal_id": b["proposal_id"], "rejected_reasons": list(b["reasons"] or []), **p,
         })
+
+
+def _answer(code: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": code}]
 
 
 class _Sink:
@@ -320,10 +305,6 @@ def _limit_events(con, limits: dict[str, int]) -> None:
     )
 
 
-def _prompt_text(user: str) -> str:
-    return f"{SYSTEM_PROMPT}\n\n{user}"
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -344,15 +325,17 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-_SFT_SCHEMA = pa.schema([("split", pa.string()), ("intent_id", pa.string()), ("proposal_id", pa.string()), ("messages", _MESSAGES)])
+_SFT_SCHEMA = pa.schema([
+    ("split", pa.string()), ("intent_id", pa.string()), ("proposal_id", pa.string()), ("prompt", _MESSAGES), ("completion", _MESSAGES),
+])
 _PAIR_SCHEMA = pa.schema([
     ("split", pa.string()), ("intent_id", pa.string()), ("chosen_proposal_id", pa.string()),
     ("rejected_proposal_id", pa.string()), ("rejected_reasons", pa.list_(pa.string())),
-    ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+    ("prompt", _MESSAGES), ("chosen", _MESSAGES), ("rejected", _MESSAGES),
 ])
 _UNPAIRED_SCHEMA = pa.schema([
     ("split", pa.string()), ("intent_id", pa.string()), ("proposal_id", pa.string()), ("reasons", pa.list_(pa.string())),
-    ("prompt", pa.string()), ("completion", pa.string()), ("label", pa.bool_()),
+    ("prompt", _MESSAGES), ("completion", _MESSAGES), ("label", pa.bool_()),
 ])
 _TUPLE_COLUMNS = [
     ("proposal_id", pa.string()), ("intent_id", pa.string()), ("split", pa.string()),
@@ -404,10 +387,13 @@ def _card(ds: CfrDataset, files: list[str]) -> str:
         "",
         "## Files and formats",
         "",
-        "- `sft/*.jsonl`: `{\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": …}]}` "
-        "(chat format of TRL `SFTTrainer`, OpenAI fine-tuning, axolotl `chat_template`).",
-        "- `preference/*.jsonl`: `{\"prompt\", \"chosen\", \"rejected\"}` (TRL `DPOTrainer` / ORPO / CPO, standard format).",
-        "- `unpaired/*.jsonl`: `{\"prompt\", \"completion\", \"label\"}` (TRL `KTOTrainer`): label true = approved.",
+        "- `sft/*.jsonl`: `{\"prompt\": [system, user], \"completion\": [assistant]}`, each message "
+        "`{\"role\", \"content\"}`: TRL's conversational prompt-completion format, so `SFTTrainer` puts the loss "
+        "on the completion (the code) only.",
+        "- `preference/*.jsonl`: `{\"prompt\": [system, user], \"chosen\": [assistant], \"rejected\": [assistant]}` "
+        "(TRL `DPOTrainer` / ORPO / CPO, conversational).",
+        "- `unpaired/*.jsonl`: `{\"prompt\": [system, user], \"completion\": [assistant], \"label\"}` (TRL `KTOTrainer`): "
+        "label true = approved.",
         "- `*.parquet`: the same rows with their split and ids; `tuples.parquet`: every reviewed tuple with its context.",
         "",
         "### Schemas",

@@ -74,16 +74,14 @@ async def test_hand_built_scenario_gives_exactly_the_expected_examples(bus, sett
     split = cfr.split_of("intent-peak-1", 10.0)
     other = "validation" if split == "train" else "train"
 
-    assert _lines(out / "sft" / f"{split}.jsonl") == [{"messages": [
-        {"role": "system", "content": cfr.SYSTEM_PROMPT},
-        {"role": "user", "content": USER},
-        {"role": "assistant", "content": GOOD},
-    ]}]
-    prompt = f"{cfr.SYSTEM_PROMPT}\n\n{USER}"
-    assert _lines(out / "preference" / f"{split}.jsonl") == [{"prompt": prompt, "chosen": GOOD, "rejected": BAD}]
+    prompt = [{"role": "system", "content": cfr.SYSTEM_PROMPT}, {"role": "user", "content": USER}]
+    good, bad = [{"role": "assistant", "content": GOOD}], [{"role": "assistant", "content": BAD}]
+    # Conversational prompt/completion: the trainer's loss falls on the completion only.
+    assert _lines(out / "sft" / f"{split}.jsonl") == [{"prompt": prompt, "completion": good}]
+    assert _lines(out / "preference" / f"{split}.jsonl") == [{"prompt": prompt, "chosen": good, "rejected": bad}]
     assert _lines(out / "unpaired" / f"{split}.jsonl") == [
-        {"prompt": prompt, "completion": BAD, "label": False},  # proposals in id order: p-bad, p-good
-        {"prompt": prompt, "completion": GOOD, "label": True},
+        {"prompt": prompt, "completion": bad, "label": False},  # proposals in id order: p-bad, p-good
+        {"prompt": prompt, "completion": good, "label": True},
     ]
     for name in ("sft", "preference", "unpaired"):
         assert (out / name / f"{other}.jsonl").read_text() == ""
@@ -91,7 +89,7 @@ async def test_hand_built_scenario_gives_exactly_the_expected_examples(bus, sett
     pairs = pq.read_table(out / "preference.parquet").to_pylist()
     assert pairs == [{
         "split": split, "intent_id": "intent-peak-1", "chosen_proposal_id": "p-good", "rejected_proposal_id": "p-bad",
-        "rejected_reasons": ["network access: socket.create_connection"], "prompt": prompt, "chosen": GOOD, "rejected": BAD,
+        "rejected_reasons": ["network access: socket.create_connection"], "prompt": prompt, "chosen": good, "rejected": bad,
     }]
     tuples = pq.read_table(out / "tuples.parquet").to_pylist()
     assert [(t["proposal_id"], t["decision"], t["gear"], json.loads(t["params"])) for t in tuples] == [
