@@ -288,11 +288,14 @@ class GridDomain(Domain):
         return (self._bf @ theta.T).T.reshape(*p.shape[:-1], len(self.b))
 
     def _ptdf_transpose(self, nu: np.ndarray) -> np.ndarray:
-        """PTDF' @ nu (n_bus,) for branch weights nu (n_branch,)."""
-        w = np.zeros(len(self.bus))
-        rhs = (self._bf.T @ np.asarray(nu, float))[self._nonslack]
-        w[self._nonslack] = self._solve_reduced(rhs, trans=True)
-        return w
+        """PTDF' @ nu (..., n_bus) for branch weights nu (..., n_branch): one sparse solve."""
+        nu = np.asarray(nu, float)
+        flat = nu.reshape(-1, nu.shape[-1])
+        w = np.zeros((len(flat), len(self.bus)))
+        if len(self._nonslack):
+            rhs = (self._bf.T @ flat.T)[self._nonslack]  # (n_nonslack, B)
+            w[:, self._nonslack] = self._solve_reduced(rhs, trans=True).T
+        return w.reshape(*nu.shape[:-1], len(self.bus))
 
     def injection(self, context, state) -> np.ndarray:
         """Net bus injections (MW), batched: Cg Pg - Pd - Gs - Pbusinj."""
@@ -408,15 +411,17 @@ class GridDomain(Domain):
             return Rows.dense(self._rows_a, lo, hi, self.row_names())
         n_isl, lim, nb = self.n_islands, self.limited, len(self.b)
 
-        def matvec(x):
-            p = np.zeros(len(self.bus))
-            np.add.at(p, self.gen_bus, x)
-            return np.concatenate([self.island_generation(x), self._flows_from_injection(p)[lim]])
+        def matvec(x):  # (..., n_gen) -> (..., n_rows)
+            x = np.asarray(x, float)
+            p = np.zeros((*x.shape[:-1], len(self.bus)))
+            np.add.at(p, (..., self.gen_bus), x)
+            return np.concatenate([self.island_generation(x), self._flows_from_injection(p)[..., lim]], axis=-1)
 
-        def rmatvec(y):
-            nu = np.zeros(nb)
-            nu[lim] = y[n_isl:]
-            return y[:n_isl][self._gen_island] + self._ptdf_transpose(nu)[self.gen_bus]
+        def rmatvec(y):  # (..., n_rows) -> (..., n_gen)
+            y = np.asarray(y, float)
+            nu = np.zeros((*y.shape[:-1], nb))
+            nu[..., lim] = y[..., n_isl:]
+            return y[..., :n_isl][..., self._gen_island] + self._ptdf_transpose(nu)[..., self.gen_bus]
 
         return Rows(lo, hi, self.row_names(), matvec, rmatvec)
 

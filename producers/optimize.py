@@ -496,11 +496,10 @@ def _optimize_learned(problems: list[Problem], checkpoint: Path, max_gap: float 
             flat = np.asarray(repair(domain, np.repeat(contexts, k, axis=0), states.reshape(-1, domain.state_dim)), float)
             states = flat.reshape(len(members), k, domain.state_dim)
         t2 = time.perf_counter()
-        per_propose = (t1 - t0) / len(members)
-        per_repair = (t2 - t1) / len(members)
-        for row, i in enumerate(members):
-            out[i] = choose(problems[i], states[row], max_gap=max_gap, model_id=model_id, duals=None if duals is None else duals[row],
-                            repaired=callable(repair), timings={"propose_s": per_propose, "repair_s": per_repair})  # fmt: skip
+        per = {"propose_s": (t1 - t0) / len(members), "repair_s": (t2 - t1) / len(members)}
+        group = [problems[i] for i in members]
+        for i, dec in zip(members, choose_batch(group, states, max_gap=max_gap, model_id=model_id, duals=duals, repaired=callable(repair), timings=per)):
+            out[i] = dec
     return out  # type: ignore[return-value]
 
 
@@ -515,48 +514,92 @@ def _unpack(result: Any, checkpoint: Path) -> tuple[np.ndarray, str, np.ndarray 
 
 def choose(p: Problem, candidates: np.ndarray, *, max_gap: float | None, model_id: str | None = None,
            duals: np.ndarray | None = None, repaired: bool = False, timings: dict[str, float] | None = None) -> Decision:  # fmt: skip
-    """The decision among candidate states (K, state_dim) for one problem: each made
-    feasible (projected unless `repaired` says a repair already did), certified with
-    recovered multipliers (and `duals`, predicted ones, where given), the cheapest kept; with
-    `max_gap`, an exact solve warm-started from it replaces it when its gap is not certified
-    (`fallback` True). This is the learned path after `propose`; tests feed it any states."""
-    d = p.domain
+    """`choose_batch` for one problem: candidates (K, state_dim)."""
+    return choose_batch([p], np.asarray(candidates, float)[None], max_gap=max_gap, model_id=model_id,
+                        duals=None if duals is None else np.asarray(duals, float)[None], repaired=repaired, timings=timings)[0]  # fmt: skip
+
+
+def choose_batch(problems: list[Problem], candidates: np.ndarray, *, max_gap: float | None, model_id: str | None = None,
+                 duals: np.ndarray | None = None, repaired: bool = False, timings: dict[str, float] | None = None) -> list[Decision]:  # fmt: skip
+    """Decisions among candidate states (B, K, state_dim) for problems of one domain: each
+    candidate clipped to its problem's bounds and, where the rows say it is not feasible (or
+    `repaired` is False), projected (`Domain.project`); all feasible candidates certified at
+    once with multipliers recovered from them (`certify.recover_duals`, vectorised; and
+    `duals` (B, n_rows), predicted ones, where given: the higher bound kept); the cheapest
+    per problem kept and checked by the domain's own `violations`; with `max_gap`, an exact
+    solve warm-started from it replaces it when its gap is not certified (`fallback` True).
+    This is the learned path after `propose`; tests and benchmarks feed it any states."""
+    from scf.domains.certify import lower_bounds, make_certificates, recover_duals
+
     timings = dict(timings or {})
+    cand = np.asarray(candidates, float)
+    n_b, k, n = cand.shape
+    d = problems[0].domain
     t0 = time.perf_counter()
-    best: tuple[float, np.ndarray, Certificate] | None = None
-    for x in candidates:
-        x = np.clip(x, p.lo, p.hi)
-        if not repaired or d.violations(p.context, x, p.previous):
-            try:
-                x = np.clip(d.project(p.context, x), p.lo, p.hi)
-            except Infeasible:
-                continue
-        if _violations(p, x):
-            continue
-        certs = [certify(p, x)]
+    row_sets = [d.constraint_rows(p.context) for p in problems]
+    rows0 = row_sets[0]
+    rlo = np.stack([r.lo for r in row_sets])  # (B, m)
+    rhi = np.stack([r.hi for r in row_sets])
+    lo = np.stack([p.lo for p in problems])  # (B, n)
+    hi = np.stack([p.hi for p in problems])
+    x = np.clip(cand, lo[:, None], hi[:, None])  # (B, K, n)
+    tol = 1e-3 * 0.5  # inside the domains' 1 kW / 1 mK tolerance
+    act = rows0.matvec(x.reshape(-1, n)).reshape(n_b, k, -1)
+    ok = np.all((act >= rlo[:, None] - tol) & (act <= rhi[:, None] + tol), axis=-1)
+    for b, j in zip(*np.nonzero(~ok | (not repaired))):
+        p = problems[b]
+        try:
+            x[b, j] = np.clip(d.project(p.context, x[b, j]), p.lo, p.hi)
+            ok[b, j] = True
+        except Infeasible:
+            ok[b, j] = False
+    act = rows0.matvec(x.reshape(-1, n)).reshape(n_b, k, -1)
+    ok &= np.all((act >= rlo[:, None] - tol) & (act <= rhi[:, None] + tol), axis=-1)
+    flat_b, flat_j = np.nonzero(ok)
+    best: list[tuple[np.ndarray, Certificate] | None] = [None] * n_b
+    if len(flat_b):
+        xs = x[flat_b, flat_j]
+        y = recover_duals(d.separable_cost, rows0, rlo[flat_b], rhi[flat_b], lo[flat_b], hi[flat_b], xs)
+        if duals is not None:  # predicted multipliers: keep whichever bounds higher
+            yp = np.asarray(duals, float)[flat_b]
+            g_rec = lower_bounds(d.separable_cost, rows0.rmatvec, rlo[flat_b], rhi[flat_b], lo[flat_b], hi[flat_b], y)
+            g_pred = lower_bounds(d.separable_cost, rows0.rmatvec, rlo[flat_b], rhi[flat_b], lo[flat_b], hi[flat_b], yp)
+            y = np.where((g_pred > g_rec)[:, None], yp, y)
+        certs = make_certificates(d.separable_cost, rows0, rlo[flat_b], rhi[flat_b], lo[flat_b], hi[flat_b], xs, y, "recovered")
         if duals is not None:
-            certs.append(certify(p, x, duals, source="predicted"))
-        cert = max(certs, key=lambda c: c.lower_bound)
-        if best is None or cert.cost < best[0]:
-            best = (cert.cost, x, cert)
-    t1 = time.perf_counter()
-    timings = {**timings, "certify_s": t1 - t0}
-    if best is not None and (max_gap is None or best[2].certified(max_gap)):
-        timings["total_s"] = sum(timings.values())
-        return _finish(p, best[1], best[2], "learned", model_id, False, max_gap, timings)
-    if max_gap is None:  # nothing feasible came out of the model and no fallback was asked for
-        timings["total_s"] = sum(timings.values())
-        return _failed(p, "learned", f"no feasible candidate from the model after repair ({len(candidates)} tried); set max_gap to fall back to an exact solve", timings)
-    try:
-        x, y = _exact(p, start=None if best is None else best[1])
-    except Infeasible as exc:
-        timings["total_s"] = sum(timings.values())
-        return _failed(p, "learned", str(exc), timings)
-    t2 = time.perf_counter()
-    cert = certify(p, x, y, source="solver")
-    timings.update(solve_s=t2 - t1, certify_s=timings["certify_s"] + time.perf_counter() - t2)
-    timings["total_s"] = sum(v for key, v in timings.items() if key != "total_s")
-    return _finish(p, x, cert, "learned", model_id, True, max_gap, timings)
+            certs = [dataclasses.replace(c, source="predicted") if up else c for c, up in zip(certs, g_pred > g_rec)]
+        for i, (b, cert) in enumerate(zip(flat_b, certs)):
+            if best[b] is None or cert.cost < best[b][1].cost:
+                best[b] = (xs[i], cert)
+    per = (time.perf_counter() - t0) / n_b
+    out = []
+    for b, p in enumerate(problems):
+        tb = {**timings, "certify_s": per}
+        chosen = best[b]
+        if chosen is not None and _violations(p, chosen[0]):
+            chosen = None  # the domain's own check is the authority
+        if chosen is not None and (max_gap is None or chosen[1].certified(max_gap)):
+            tb["total_s"] = sum(tb.values())
+            out.append(_finish(p, chosen[0], chosen[1], "learned", model_id, False, max_gap, tb))
+            continue
+        if max_gap is None:  # nothing feasible came out of the model and no fallback was asked for
+            tb["total_s"] = sum(tb.values())
+            out.append(_failed(p, "learned", f"no feasible candidate from the model after repair ({k} tried); set max_gap to fall back to an exact solve", tb))
+            continue
+        t1 = time.perf_counter()
+        try:
+            xe, ye = _exact(p, start=None if chosen is None else chosen[0])
+        except Infeasible as exc:
+            tb["total_s"] = sum(tb.values())
+            out.append(_failed(p, "learned", str(exc), tb))
+            continue
+        t2 = time.perf_counter()
+        cert = certify(p, xe, ye, source="solver")
+        tb.update(solve_s=t2 - t1, certify_s=tb["certify_s"] + time.perf_counter() - t2)
+        tb["total_s"] = sum(v for key, v in tb.items() if key != "total_s")
+        dec = _finish(p, xe, cert, "learned", model_id, True, max_gap, tb)
+        out.append(dec)
+    return out
 
 
 def summary(decisions: list[Decision]) -> dict:

@@ -118,6 +118,27 @@ def test_candidates_beyond_max_gap_fall_back_to_a_warm_started_exact_solve():
     assert not any(d.fallback for d in near) and all(d.method == "learned" for d in near)
 
 
+def test_a_batch_of_candidates_is_certified_at_once_and_predicted_multipliers_are_used():
+    problems = _problems("grid:case118", 20, seed=3)
+    rng = np.random.default_rng(3)
+    exact = opt.optimize(problems)
+    lo, hi = problems[0].domain.state_bounds
+    cands = np.stack([[d.state, p.domain.project(p.context, d.state + rng.normal(scale=0.02 * (hi - lo)))] for p, d in zip(problems, exact)])
+    batch = opt.choose_batch(problems, cands, max_gap=1e-6, model_id="m", repaired=True)
+    assert all(d.status == "optimal" and not d.fallback for d in batch)  # the optimum is among each pair's candidates
+    assert [round(d.cost, 6) for d in batch] == [round(d.cost, 6) for d in exact]
+    single = [opt.choose(p, c, max_gap=None) for p, c in zip(problems, cands[:, 1:])]
+    again = opt.choose_batch(problems, cands[:, 1:], max_gap=None)
+    np.testing.assert_allclose([d.certificate.lower_bound for d in again], [d.certificate.lower_bound for d in single], rtol=1e-9)
+    # a model that also predicts multipliers: the exact ones certify a near-optimal candidate at least as tightly
+    duals = np.stack([d.certificate.dual for d in exact])
+    predicted = opt.choose_batch(problems, cands[:, 1:], max_gap=None, duals=duals)
+    assert all(p.certificate.lower_bound >= s.certificate.lower_bound - 1e-9 * abs(s.cost) for p, s in zip(predicted, again))
+    assert {d.certificate.source for d in predicted} <= {"predicted", "recovered"}
+    for p, d in zip(problems, predicted):
+        assert opt.check_certificate(p, d.state, d.certificate) is None
+
+
 def test_learned_method_without_a_checkpoint_is_one_line():
     p = _problems("grid:case14", 1)
     with pytest.raises(opt.OptimizeError) as err:
