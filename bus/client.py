@@ -6,6 +6,12 @@ stored once within the stream's duplicate window); `publish_once` adds
 `Nats-Expected-Last-Subject-Sequence: 0` on a per-entity subject, so an entity is recorded
 once, ever, whatever the window; server errors become the project's exceptions with the
 server's codes kept.
+
+One publisher, three ways: one event (`publish`, `publish_once`: both through `_send`),
+many pipelined (`publish_many`), and atomic batches (`commit_batch`: all or none, optionally
+fenced on the stream's last sequence; `publish_batch`: the same, falling back to
+`publish_once` per event when a batch is refused). Every atomic batch is written by
+`PipelinedPublisher.publish_atomic`, which fossil ingest uses directly.
 """
 
 from __future__ import annotations
@@ -253,21 +259,29 @@ class PipelinedPublisher:
             raise
         return fut
 
-    async def publish_atomic(self, items: Sequence[tuple[str, bytes]], extra: dict[str, str] | None = None) -> asyncio.Future:
+    async def publish_atomic(
+        self, items: Sequence[tuple[str, bytes]], extra: dict[str, str] | None = None, *,
+        types: Sequence[str] | None = None, expected_last_seq: int | None = None,
+    ) -> asyncio.Future:
         """One atomic batch (nats-server >= 2.12, `allow_atomic` on the stream): stored as
-        one write, all or nothing; each message expects its subject to be empty. The
-        future's reply has `count` on success, an error when the batch was refused."""
+        one write, all or nothing; each message expects its subject to be empty (and, with
+        `expected_last_seq`, the stream its last sequence: the server reads it on the first
+        message only). `extra` goes on every message, `types[i]` as `Scf-Type` on the i-th.
+        The future's reply has `count` on success, an error when the batch was refused."""
         batch_id = new_id().replace("-", "")
         last = len(items)
-        for i, (subject, body) in enumerate(items[:-1], 1):
+        for i, (subject, body) in enumerate(items, 1):
             headers = {BATCH_ID: batch_id, BATCH_SEQUENCE: str(i), EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {})}
-            await self.nc.publish(subject, body, headers=headers)
-        subject, body = items[-1]
-        headers = {
-            BATCH_ID: batch_id, BATCH_SEQUENCE: str(last), BATCH_COMMIT: "1",
-            EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {}),
-        }
-        return await self.publish(subject, body, headers)
+            if types is not None:
+                headers[SCF_TYPE] = types[i - 1]
+            if i == 1 and expected_last_seq is not None:
+                headers[EXPECTED_LAST_SEQ] = str(expected_last_seq)
+            if i < last:
+                await self.nc.publish(subject, body, headers=headers)
+            else:
+                headers[BATCH_COMMIT] = "1"
+                return await self.publish(subject, body, headers)
+        raise ValueError("an atomic batch needs at least one message")
 
     def forget(self, fut: asyncio.Future) -> None:
         for token, f in list(self._futures.items()):
@@ -381,15 +395,19 @@ class Bus:
     def _verify(self, verify: bool | None) -> bool:
         return self.verify_duplicates if verify is None else verify
 
+    async def _send(self, event: ev.Event, headers: dict[str, str], timeout: float):
+        """One event, one acknowledgement (nats-py's); refusals mapped to SCF errors."""
+        subject = event.subject()
+        try:
+            return await self.js.publish(subject, self._body(event), timeout=timeout, headers=headers)
+        except Exception as exc:  # noqa: BLE001 - mapped (a refusal, no stream); anything else re-raised as it is
+            raise map_error(exc, subject) from None
+
     async def publish(self, event: ev.Event, *, timeout: float = 5.0, verify: bool | None = None) -> Published:
         """Publish one event. A `duplicate` ack is checked against what the stream holds
         (`verify_duplicate`) unless verify=False or the login may not read the stream
         (`verify_duplicates`)."""
-        subject = event.subject()
-        try:
-            ack = await self.js.publish(subject, self._body(event), timeout=timeout, headers=self.headers(event))
-        except Exception as exc:
-            raise map_error(exc, subject) from None
+        ack = await self._send(event, self.headers(event), timeout)
         out = Published(ack.stream, ack.seq, bool(ack.duplicate))
         return await self.verify_duplicate(event, out, timeout=timeout) if self._verify(verify) else out
 
@@ -434,13 +452,7 @@ class Bus:
                 "%s %s: the stream holds another message under this id (%s seq %d): published again as %s",
                 event.type_name(), event.id, published.stream, published.seq, fresh.id,
             )
-            subject = fresh.subject()
-            try:
-                ack = await self.js.publish(
-                    subject, self._body(fresh), timeout=timeout, headers=self.headers(fresh, expect_new=expect_new)
-                )
-            except Exception as exc:
-                raise map_error(exc, subject) from None
+            ack = await self._send(fresh, self.headers(fresh, expect_new=expect_new), timeout)
             again = Published(ack.stream, ack.seq, bool(ack.duplicate), reissued=fresh)
             if not again.duplicate or await self.stored_is(fresh, again.stream, again.seq) is not False:
                 return again
@@ -495,9 +507,7 @@ class Bus:
         another id (`reissued`)."""
         subject = event.subject()
         try:
-            ack = await self.js.publish(
-                subject, self._body(event), timeout=timeout, headers=self.headers(event, expect_new=True)
-            )
+            ack = await self._send(event, self.headers(event, expect_new=True), timeout)
             if not ack.duplicate:
                 return Once("new", ack.seq)
             if not self._verify(verify):
@@ -508,10 +518,8 @@ class Bus:
             if got.reissued is None:
                 return Once("duplicate", ack.seq)
             return Once("duplicate" if got.duplicate else "new", got.seq, reissued=got.reissued)
-        except Exception as exc:
-            err = map_error(exc, subject)
-            if not isinstance(err, PublishConflict):
-                raise err from None
+        except PublishConflict:
+            pass  # the subject holds something: the same payload, or another
         existing_msg = await self.js.get_last_msg(stream_for_subject(subject), subject)
         existing = codec.decode(existing_msg.data)
         same = msgspec.json.encode(existing.data) == msgspec.json.encode(event.data)  # type: ignore[attr-defined]
@@ -541,7 +549,7 @@ class Bus:
 
         for start in range(0, len(events), size):
             chunk = events[start : start + size]
-            seqs = await self._commit_batch(chunk, timeout)
+            seqs = await self.commit_batch(chunk, timeout=timeout)
             if seqs is None:
                 if concurrency <= 1:
                     for event in chunk:
@@ -580,44 +588,28 @@ class Bus:
             # One message: a plain publish carries both expectations, without the atomic
             # batch's extra server round (about 10x faster alone).
             return await self._commit_one(chunk[0], timeout, expected_last_seq)
-        batch_id = new_id().replace("-", "")
-        last = len(chunk)
-        for i, event in enumerate(chunk, 1):
-            headers = {
-                BATCH_ID: batch_id,
-                BATCH_SEQUENCE: str(i),
-                EXPECTED_LAST_SUBJECT_SEQ: "0",
-                SCF_TYPE: event.type_name(),
-            }
-            if i == 1 and expected_last_seq is not None:  # the server allows it on the first message only
-                headers[EXPECTED_LAST_SEQ] = str(expected_last_seq)
-            body = self._body(event)
-            if i < last:
-                await self.nc.publish(event.subject(), body, headers=headers)
-                continue
-            headers[BATCH_COMMIT] = "1"
-            try:
-                reply = await self.nc.request(event.subject(), body, timeout=timeout, headers=headers)
-            except Exception as exc:
-                raise map_error(exc, event.subject()) from None
-            ack = msgspec.json.decode(reply.data)
-            if "error" in ack or ack.get("count") != last:
-                log.debug("atomic batch refused (%s): falling back to one by one", ack.get("error"))
-                return None
-            end = int(ack["seq"])
-            return list(range(end - last + 1, end + 1))
-        return None
+        pub = await self.pipeline()
+        fut = await pub.publish_atomic(
+            [(e.subject(), self._body(e)) for e in chunk], types=[e.type_name() for e in chunk], expected_last_seq=expected_last_seq
+        )
+        try:
+            reply: PubReply = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pub.forget(fut)
+            raise NatsTimeout from None
+        if reply is _NO_RESPONDERS:
+            raise reply_error(reply.error, chunk[-1].subject())  # type: ignore[arg-type]
+        if reply.error is not None or reply.count != len(chunk):
+            log.debug("atomic batch refused (%s): the caller decides", reply.error)
+            return None
+        return list(range(reply.seq - len(chunk) + 1, reply.seq + 1))
 
     async def _commit_one(self, event: ev.Event, timeout: float, expected_last_seq: int) -> list[int] | None:
-        subject = event.subject()
         headers = {EXPECTED_LAST_SUBJECT_SEQ: "0", EXPECTED_LAST_SEQ: str(expected_last_seq), SCF_TYPE: event.type_name()}
         try:
-            ack = await self.js.publish(subject, self._body(event), timeout=timeout, headers=headers)
-        except Exception as exc:  # noqa: BLE001 - mapped: a refusal is None, anything else re-raised
-            err = map_error(exc, subject)
-            if isinstance(err, PublishConflict):
-                return None
-            raise err from None
+            ack = await self._send(event, headers, timeout)
+        except PublishConflict:  # the subject holds something, or the stream moved on: refused
+            return None
         return [ack.seq]
 
     # ----------------------------------------------------------------- reading
