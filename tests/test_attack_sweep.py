@@ -300,3 +300,39 @@ async def _quiet(coro) -> bool:
         return await coro
     except Exception:  # noqa: BLE001 - the key deleted (KeyDeletedError): not back yet
         return False
+
+
+# --------------------------------------------------------------------------- deliver subjects (open)
+
+
+@pytest.mark.xfail(strict=True, reason="open (docs/security.md 'Push consumers deliver into streams their creator may not "
+                                        "write'): CONTROL stores the operator's bytes delivered by its own push consumer")
+async def test_an_operator_push_consumer_cannot_write_into_control(deployment: Deployment, service: Bus):
+    """Found during this sweep. The operator may create consumers on any stream but JOBS, and
+    a consumer's deliver subject is in the request body, which no subject permission sees:
+    bytes the operator may write into TRUST (trust.key.*), delivered onto `emergency.released`
+    (a publish denied to it) while it listens there, are stored by CONTROL — under their
+    original subject, outside CONTROL's own subjects, so filtered readers skip them."""
+    from nats.js import api
+
+    operator = await login(deployment, "operator")
+    try:
+        seq = (await operator.jetstream().publish("trust.key.forged", b'{"type": "emergency.released"}')).seq
+        received: list = []
+
+        async def interest(msg) -> None:  # a push consumer delivers only where someone listens
+            received.append(msg)
+
+        await operator.subscribe("emergency.released", cb=interest)
+        await operator.jetstream().add_consumer(
+            "TRUST", api.ConsumerConfig(deliver_subject="emergency.released", ack_policy=api.AckPolicy.NONE,
+                                        filter_subject="trust.key.forged", opt_start_seq=seq,
+                                        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE),
+        )
+        await wait_for(lambda: bool(received), 30, "the delivery onto emergency.released")
+        # a message CONTROL stores after the delivery: whatever the delivery put there is stored by then
+        marker = (await service.js.publish("control.stop", b"{}")).seq
+        subjects = [(await service.js.get_msg("CONTROL", n)).subject for n in range(1, marker)]
+        assert subjects == [], f"CONTROL stored messages the operator may not write there: {subjects}"
+    finally:
+        await operator.close()
