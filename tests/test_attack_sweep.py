@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
 
-import nats
 from scf.bus import control
 from scf.bus import events as ev
 from scf.bus.client import MSG_ID, Bus
