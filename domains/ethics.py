@@ -1,5 +1,14 @@
 """The ethics limiter: static analysis (AST) of generated Python code. Code is never run.
 
+Two analysers. `gate(code)` is the one that decides for generated code, and it is default
+deny: only the declared capability set (domains/data/codegate_allow.txt: math, numpy and
+its linalg/random/fft, statistics, dataclasses, typing, itertools, functools, collections
+… and per module the names it may give; allow-listed builtins) passes, and everything else
+is refused with its line, the construct and the rule; with a contract it also checks that
+the code defines what the contract asks (docs/codegen.md). `analyse(code)`, below, is the
+older deny-list: it names *why* refused code matters (`explain`) and still judges code
+that is not generated controllers.
+
 `analyse(code)` returns findings, each naming its line and what it found:
 
 * **process execution** — os.system / os.popen / os.exec* / os.spawn* / os.fork / os.kill,
@@ -1155,6 +1164,454 @@ def _show(path: str) -> str:
     return repr(path.replace(_UNKNOWN, "…"))
 
 
+# --------------------------------------------------------------------------- the capability gate
+#
+# Default deny, for generated code: the code may import only the modules of a declared
+# capability set and use only the names listed for each (domains/data/codegate_allow.txt),
+# call only allow-listed builtins, and never touch a dunder attribute, a frame, a module
+# object as a value, or a module's attributes by assignment. Everything else is refused with
+# its line, the construct and the rule. The deny-list analyser above stays as the
+# explanation of *why* a refused construct matters (`explain`).
+
+CAPABILITY = "capability"
+CONTRACT = "contract"
+
+ALLOW_FILE = "codegate_allow.txt"
+
+ALLOWED_BUILTINS = frozenset(
+    {
+        "abs", "all", "any", "bool", "dict", "divmod", "enumerate", "filter", "float", "frozenset", "int",
+        "isinstance", "len", "list", "map", "max", "min", "next", "pow", "range", "reversed", "round", "set",
+        "slice", "sorted", "str", "sum", "tuple", "zip", "print", "complex", "iter", "repr", "format", "hash",
+        "callable", "chr", "ord", "bin", "hex", "oct", "bytes", "property", "staticmethod", "classmethod",
+        "super", "object", "issubclass", "NotImplemented", "Ellipsis",
+        "Exception", "ArithmeticError", "AssertionError", "FloatingPointError", "IndexError", "KeyError",
+        "LookupError", "NotImplementedError", "OverflowError", "RuntimeError", "StopIteration", "TypeError",
+        "ValueError", "ZeroDivisionError",
+    }
+)
+# dunder names a module may name (read or bind) and dunder methods a class may define
+ALLOWED_DUNDER_NAMES = frozenset({"__name__", "__all__", "__slots__", "__doc__"})
+ALLOWED_DUNDER_DEFS = frozenset(
+    {
+        "__init__", "__post_init__", "__call__", "__repr__", "__str__", "__len__", "__iter__", "__next__",
+        "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__getitem__", "__contains__",
+        "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__neg__",
+        "__bool__", "__float__", "__int__",
+    }
+)
+# attributes refused on any object (they lead to frames, code, native memory or files)
+DENIED_OBJECT_ATTRS: dict[str, str] = {
+    **{a: "reaches interpreter frames or code objects" for a in (
+        "f_globals", "f_locals", "f_back", "f_builtins", "f_code", "f_trace", "gi_frame", "gi_code",
+        "gi_yieldfrom", "cr_frame", "cr_code", "ag_frame", "ag_code", "tb_frame", "tb_next", "co_code",
+        "co_consts", "func_globals", "func_code", "mro")},
+    "ctypes": "exposes raw memory through ctypes",
+    "cffi": "exposes raw memory through cffi",
+    "tofile": "writes a file",
+    "dump": "writes a file (pickle)",
+    "dumps": "pickles an object",
+    "format_map": "formats with attribute lookups chosen by data",
+}
+MAX_INT = 2**31  # integer constants beyond this are resource bombs in a controller
+MAX_ELEMENTS = 10**8  # a constant shape with more elements is a memory bomb
+INFINITE_ITERATORS = frozenset({"itertools.count", "itertools.cycle", "itertools.repeat"})
+CONSUMERS = frozenset({"list", "tuple", "set", "frozenset", "sorted", "sum", "max", "min", "dict", "any", "all"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What generated code may use: module -> the names it may take from it."""
+
+    modules: dict[str, frozenset[str]]
+    builtins: frozenset[str] = ALLOWED_BUILTINS
+
+    @classmethod
+    def load(cls, path: str | None = None) -> "Capabilities":
+        from pathlib import Path
+
+        text = (Path(path) if path else Path(__file__).parent / "data" / ALLOW_FILE).read_text()
+        modules: dict[str, set[str]] = {}
+        current = None
+        for raw in text.splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                current = line[1:-1].strip()
+                modules.setdefault(current, set())
+            elif current is None:
+                raise ValueError(f"{path or ALLOW_FILE}: names before the first [module] header")
+            else:
+                modules[current].update(line.split())
+        return cls({m: frozenset(n) for m, n in modules.items()})
+
+    def is_module(self, qual: str) -> bool:
+        return qual in self.modules
+
+
+_CAPS: list[Capabilities] = []
+
+
+def capabilities() -> Capabilities:
+    """The shipped capability set (read once)."""
+    if not _CAPS:
+        _CAPS.append(Capabilities.load())
+    return _CAPS[0]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What the code must define: a class `Controller` with `step(self, observation)` and an
+    optional `__init__(self, spec)` (docs/codegen.md)."""
+
+    cls: str = "Controller"
+    method: str = "step"
+    method_params: tuple[str, ...] = ("self", "observation")
+    init_params: tuple[str, ...] = ("self", "spec")
+
+
+CONTROLLER = Contract()
+
+
+def _construct(node: ast.AST) -> str:
+    try:
+        text = ast.unparse(node)
+    except Exception:  # noqa: BLE001 - unparse of a hostile tree: name the node type instead
+        text = type(node).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Gate:
+    def __init__(self, caps: Capabilities) -> None:
+        self.caps = caps
+        self.findings: dict[tuple[int, str], Finding] = {}
+        self.modules: dict[str, str] = {}  # local name -> module it is bound to by an import
+        self.bound: set[str] = set()
+        self.parent: dict[int, ast.AST] = {}
+
+    def deny(self, node: ast.AST, why: str, rule: str, category: str = CAPABILITY) -> None:
+        line = getattr(node, "lineno", 1) or 1
+        detail = f"`{_construct(node)}`: {why} [rule: {rule}]"
+        self.findings.setdefault((line, detail), Finding(line, category, detail))
+
+    # ----------------------------------------------------------------- pass 1
+    def collect(self, tree: ast.AST) -> None:
+        for node in ast.walk(tree):
+            for child in ast.iter_child_nodes(node):
+                self.parent[id(child)] = node
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.asname:
+                        self.modules[a.asname] = a.name
+                    else:
+                        self.modules[a.name.split(".")[0]] = a.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:
+                    qual = f"{node.module}.{a.name}"
+                    if self.caps.is_module(qual):
+                        self.modules[a.asname or a.name] = qual
+                    else:
+                        self.bound.add(a.asname or a.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                self.bound.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                self.bound.add(node.name)
+            elif isinstance(node, ast.arg):
+                self.bound.add(node.arg)
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                self.bound.add(node.name)
+            elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+                self.bound.add(node.name)
+            elif isinstance(node, ast.MatchMapping) and node.rest:
+                self.bound.add(node.rest)
+            elif isinstance(node, (ast.Global, ast.Nonlocal)):
+                self.bound.update(node.names)
+
+    # ----------------------------------------------------------------- pass 2
+    def check(self, tree: ast.AST) -> None:
+        for name in self.modules:
+            if name in self.bound:
+                self.deny(ast.Name(id=name, lineno=1), f"the module name {name!r} is bound again elsewhere", "module names are never re-bound")
+        for node in ast.walk(tree):
+            method = getattr(self, "_" + type(node).__name__, None)
+            if method is not None:
+                method(node)
+
+    def module_of(self, node: ast.AST) -> str | None:
+        """The allowed module an expression names (`np`, `np.linalg`), or None."""
+        if isinstance(node, ast.Name):
+            return self.modules.get(node.id)
+        if isinstance(node, ast.Attribute):
+            outer = self.module_of(node.value)
+            if outer is not None and self.caps.is_module(f"{outer}.{node.attr}") and node.attr in self.caps.modules.get(outer, ()):
+                return f"{outer}.{node.attr}"
+        return None
+
+    def _Import(self, node: ast.Import) -> None:
+        for a in node.names:
+            if not self.caps.is_module(a.name):
+                self.deny(node, f"module {a.name} is outside the capability set ({', '.join(sorted(m for m in self.caps.modules if '.' not in m and m != '__future__'))})", "allowed imports")
+
+    def _ImportFrom(self, node: ast.ImportFrom) -> None:
+        mod = node.module or ""
+        if node.level:
+            self.deny(node, "relative imports reach outside the code", "allowed imports")
+            return
+        if not self.caps.is_module(mod):
+            self.deny(node, f"module {mod} is outside the capability set", "allowed imports")
+            return
+        for a in node.names:
+            if a.name == "*":
+                self.deny(node, "a star import brings in names unseen", "allowed imports")
+            elif a.name not in self.caps.modules[mod]:
+                self.deny(node, f"{mod}.{a.name} is not in the capability set of {mod}", "allowed names of a module")
+
+    def _Name(self, node: ast.Name) -> None:
+        name = node.id
+        if name.startswith("__") and name.endswith("__") and name not in ALLOWED_DUNDER_NAMES:
+            self.deny(node, f"the dunder name {name} reaches the interpreter's internals", "no dunder access")
+            return
+        if isinstance(node.ctx, (ast.Store, ast.Del)):
+            if name in BUILTIN_NAMES and name not in self.caps.builtins:
+                self.deny(node, f"re-binds the builtin {name}, which is outside the allowed builtins", "no builtins outside the allow-list")
+            return
+        if name in self.modules:
+            parent = self.parent.get(id(node))
+            if not (isinstance(parent, ast.Attribute) and parent.value is node):
+                self.deny(node, f"the module {self.modules[name]} is used as a value (passed, stored or returned)", "modules only as the root of an attribute")
+            return
+        if name in self.bound or name in ALLOWED_DUNDER_NAMES:
+            return
+        if name in self.caps.builtins:
+            return
+        if name in BUILTIN_NAMES:
+            self.deny(node, f"the builtin {name} is outside the allowed builtins", "no builtins outside the allow-list")
+        else:
+            self.deny(node, f"{name} is never defined in the code", "every name defined or allowed")
+
+    def _Attribute(self, node: ast.Attribute) -> None:
+        attr = node.attr
+        if attr.startswith("__") and attr.endswith("__"):
+            if not (attr == "__init__" and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name) and node.value.func.id == "super"):
+                self.deny(node, f"the dunder attribute {attr} reaches the interpreter's internals", "no dunder access")
+            return
+        if attr in DENIED_OBJECT_ATTRS:
+            self.deny(node, f".{attr} {DENIED_OBJECT_ATTRS[attr]}", "no frames, raw memory or files")
+            return
+        if isinstance(node.ctx, (ast.Store, ast.Del)):
+            root = node.value
+            while isinstance(root, (ast.Attribute, ast.Subscript, ast.Call)):
+                root = root.func if isinstance(root, ast.Call) else root.value
+            if isinstance(root, ast.Name) and root.id in self.modules:
+                self.deny(node, f"changes {_construct(node)}, which the module {self.modules[root.id]} owns (monkeypatching)", "modules are read-only")
+                return
+        mod = self.module_of(node.value)
+        if mod is None:
+            return
+        if attr not in self.caps.modules.get(mod, ()):
+            self.deny(node, f"{mod}.{attr} is not in the capability set of {mod}", "allowed names of a module")
+
+    def _Call(self, node: ast.Call) -> None:
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "format" and isinstance(func.value, ast.Constant) and isinstance(func.value.value, str):
+            import string
+
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(func.value.value) if f]
+            except ValueError:
+                fields = ["?"]
+            if any("." in f or "[" in f for f in fields):
+                self.deny(node, "a format string that looks up attributes or items of its arguments", "no dynamic attribute access")
+        elif isinstance(func, ast.Attribute) and func.attr == "format" and not isinstance(func.value, (ast.Constant, ast.JoinedStr)):
+            self.deny(node, "str.format on a string that is not a literal", "no dynamic attribute access")
+        name = func.id if isinstance(func, ast.Name) and func.id not in self.bound else None
+        if name in CONSUMERS and node.args and isinstance(node.args[0], ast.Call):
+            inner = node.args[0]
+            mod = self.module_of(inner.func.value) if isinstance(inner.func, ast.Attribute) else None
+            qual = f"{mod}.{inner.func.attr}" if mod else None
+            if qual is None and isinstance(inner.func, ast.Name) and inner.func.id in self.bound:
+                qual = next((f"itertools.{inner.func.id}" for _ in [0] if f"itertools.{inner.func.id}" in INFINITE_ITERATORS), None)
+            if qual in INFINITE_ITERATORS and not (qual == "itertools.repeat" and (len(inner.args) > 1 or inner.keywords)):
+                self.deny(node, f"{name}() consumes the endless {qual}()", "bounded resources")
+
+    def _shadow(self, node: ast.FunctionDef | ast.ClassDef) -> None:
+        if node.name in BUILTIN_NAMES:
+            self.deny(node, f"defines {node.name}, replacing the builtin of that name", "no builtins re-defined")
+
+    def _ClassDef(self, node: ast.ClassDef) -> None:
+        self._shadow(node)
+        for k in node.keywords:
+            self.deny(node, f"class keyword {k.arg}= (metaclasses and class hooks)", "plain classes only")
+
+    def _FunctionDef(self, node: ast.FunctionDef) -> None:
+        self._shadow(node)
+        if node.name.startswith("__") and node.name.endswith("__") and node.name not in ALLOWED_DUNDER_DEFS:
+            self.deny(node, f"defines the hook {node.name}, which the interpreter calls implicitly", "no dunder access")
+
+    def _AsyncFunctionDef(self, node: ast.AST) -> None:
+        self.deny(node, "async code is outside the capability set", "synchronous code only")
+
+    _Await = _AsyncFor = _AsyncWith = _AsyncFunctionDef
+
+    def _Constant(self, node: ast.Constant) -> None:
+        v = node.value
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+            self.deny(node, f"the integer {v} exceeds 2**31", "bounded resources")
+
+    def _BinOp(self, node: ast.BinOp) -> None:
+        if isinstance(node.op, (ast.Pow, ast.LShift, ast.Mult)):
+            try:
+                value = _fold_int(node)
+            except (TypeError, OverflowError, ValueError):
+                return
+            if abs(value) > MAX_INT:
+                self.deny(node, "a constant expression beyond 2**31", "bounded resources")
+            elif isinstance(node.op, ast.Mult) and _is_sequence_literal(node) and abs(value) > MAX_ELEMENTS // 100:
+                self.deny(node, "a sequence repeated into a huge constant size", "bounded resources")
+        if isinstance(node.op, ast.Mult) and (_is_sequence_literal(node.left) or _is_sequence_literal(node.right)):
+            other = node.right if _is_sequence_literal(node.left) else node.left
+            try:
+                n = _fold_int(other)
+            except (TypeError, OverflowError, ValueError):
+                return
+            if n > MAX_ELEMENTS // 100:
+                self.deny(node, f"a sequence repeated {n} times", "bounded resources")
+
+    def _Tuple(self, node: ast.Tuple) -> None:
+        sizes = []
+        for e in node.elts:
+            try:
+                sizes.append(_fold_int(e))
+            except (TypeError, OverflowError, ValueError):
+                return
+        total = 1
+        for s in sizes:
+            total *= max(int(s), 0)
+        if len(sizes) >= 2 and total > MAX_ELEMENTS:
+            self.deny(node, f"a constant shape of {total} elements", "bounded resources")
+
+    def _While(self, node: ast.While) -> None:
+        try:
+            always = isinstance(node.test, ast.Constant) and bool(node.test.value)
+        except Exception:  # noqa: BLE001
+            always = False
+        if always and not _has_exit(node.body):
+            self.deny(node, "a loop with a constant-true test and no break, return or raise", "bounded resources")
+
+    def _Global(self, node: ast.Global) -> None:
+        for name in node.names:
+            if name in self.modules:
+                self.deny(node, f"global {name} lets a function re-bind a module name", "module names are never re-bound")
+
+
+def _fold_int(node: ast.AST) -> int:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_fold_int(node.operand)
+    if isinstance(node, ast.BinOp):
+        a, b = _fold_int(node.left), _fold_int(node.right)
+        if isinstance(node.op, ast.Pow):
+            if b < 0 or (abs(a) > 1 and b > 256):
+                return MAX_INT * 2 if abs(a) > 1 else 1
+            return a**b
+        if isinstance(node.op, ast.LShift):
+            return MAX_INT * 2 if b > 62 else a << b
+        if isinstance(node.op, ast.Mult):
+            return a * b
+        if isinstance(node.op, ast.Add):
+            return a + b
+        if isinstance(node.op, ast.Sub):
+            return a - b
+    raise TypeError("not a constant integer")
+
+
+def _is_sequence_literal(node: ast.AST) -> bool:
+    return isinstance(node, (ast.List, ast.Tuple)) or (isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)))
+
+
+def _has_exit(body: list[ast.stmt]) -> bool:
+    stack: list[ast.AST] = list(body)
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (ast.Break, ast.Return, ast.Raise)):
+            return True
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.While, ast.For)):
+            if isinstance(n, (ast.While, ast.For)):
+                stack.extend(s for s in ast.walk(n) if isinstance(s, (ast.Return, ast.Raise)))
+            continue
+        stack.extend(ast.iter_child_nodes(n))
+    return False
+
+
+def check_contract(tree: ast.Module, contract: Contract = CONTROLLER) -> list[Finding]:
+    """Findings where `tree` does not define what the contract asks, or runs code at import."""
+    out: list[Finding] = []
+    cls = None
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ClassDef) and stmt.name == contract.cls:
+            cls = stmt
+        elif isinstance(stmt, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign, ast.Pass)):
+            continue
+        elif isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            continue  # a docstring
+        elif isinstance(stmt, ast.If) and _construct(stmt.test) in ('__name__ == "__main__"', "__name__ == '__main__'"):
+            continue  # never runs: the sandbox imports the module under another name
+        else:
+            out.append(Finding(stmt.lineno, CONTRACT, f"`{_construct(stmt)}`: a statement at module level runs at import: move it into a function [rule: definitions only at module level]"))
+    if cls is None:
+        out.append(Finding(1, CONTRACT, f"no class {contract.cls}: define `class {contract.cls}` with `def {contract.method}({', '.join(contract.method_params)})` [rule: the code contract, docs/codegen.md]"))
+        return out
+    methods = {s.name: s for s in cls.body if isinstance(s, ast.FunctionDef)}
+    for name, want in ((contract.method, contract.method_params), ("__init__", contract.init_params)):
+        fn = methods.get(name)
+        if fn is None:
+            if name == contract.method:
+                out.append(Finding(cls.lineno, CONTRACT, f"class {contract.cls} has no method {name}: define `def {name}({', '.join(want)})` [rule: the code contract, docs/codegen.md]"))
+            continue
+        a = fn.args
+        positional = [x.arg for x in a.posonlyargs + a.args]
+        required = len(positional) - len(a.defaults)
+        if len(positional) < len(want) or required > len(want) or a.kwonlyargs and len(a.kw_defaults) != len([d for d in a.kw_defaults if d is not None]):
+            out.append(Finding(fn.lineno, CONTRACT, f"{contract.cls}.{name} takes ({', '.join(positional)}): it must accept ({', '.join(want)}) [rule: the code contract, docs/codegen.md]"))
+        if any(isinstance(d, ast.AST) and not isinstance(d, ast.Constant) for d in a.defaults):
+            out.append(Finding(fn.lineno, CONTRACT, f"{contract.cls}.{name} has a default that is not a constant [rule: the code contract, docs/codegen.md]"))
+    return out
+
+
+def gate(code: str, contract: Contract | None = CONTROLLER, caps: Capabilities | None = None, max_bytes: int = 512_000) -> list[Finding]:
+    """The capability gate: every construct in `code` outside the declared capability set
+    (and, with a contract, what the contract is missing). Empty when the code may run in the
+    sandbox. Code is never run."""
+    caps = caps or capabilities()
+    if len(code.encode("utf-8", "replace")) > max_bytes:
+        return [Finding(1, INVALID, f"code is larger than {max_bytes} bytes: split it or raise [safety] max_code_bytes")]
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as exc:
+        return [Finding(exc.lineno or 1, INVALID, f"does not parse ({exc.msg}): the gate rules only on valid Python")]
+    except (ValueError, RecursionError, MemoryError) as exc:
+        return [Finding(1, INVALID, f"cannot be parsed ({type(exc).__name__}): the gate rules only on valid Python")]
+    g = _Gate(caps)
+    try:
+        g.collect(tree)
+        g.check(tree)
+    except RecursionError:
+        return [Finding(1, INVALID, "nested too deeply to analyse: the gate rules only on code it can read")]
+    out = list(g.findings.values())
+    if contract is not None:
+        out += check_contract(tree, contract)
+    return sorted(out)
+
+
+def explain(code: str, config: EthicsConfig | None = None) -> list[Finding]:
+    """Why refused code matters: the deny-list analyser's findings (process execution,
+    network, files, escapes …), for the record; the capability gate decides."""
+    return [f for f in analyse(code, config) if f.category != INVALID]
+
+
 # --------------------------------------------------------------------------- API
 
 
@@ -1167,4 +1624,4 @@ def reasons(findings: Iterable[Finding]) -> list[str]:
     return [str(f) for f in findings]
 
 
-__all__ = ["analyse", "reasons", "Finding", "EthicsConfig", "Analyzer"]
+__all__ = ["analyse", "reasons", "Finding", "EthicsConfig", "Analyzer", "gate", "explain", "check_contract", "Capabilities", "capabilities", "Contract", "CONTROLLER", "CAPABILITY", "CONTRACT"]

@@ -1,0 +1,444 @@
+"""Running generated code, only in a sandbox, against the simulator.
+
+    >>> from scf.domains import sandbox
+    >>> r = sandbox.evaluate(code, sandbox.Trial("hvac:office3", scenarios=4, hours=24))
+    >>> r.ok, r.reason, r.scores["relative_cost"], r.isolation
+
+The candidate (a module defining `class Controller` with `step(observation)`, the contract
+of docs/codegen.md) never runs in this process. `evaluate` starts `sandbox_child.py` in a
+separate process — inside bubblewrap where it is installed (new user, PID, network, IPC and
+UTS namespaces; a read-only view of the interpreter, its site-packages and the child script
+only; no /tmp, no home, no repository; uid 65534; all capabilities dropped) — and that
+process confines itself further before it reads the candidate (rlimits on CPU, address
+space, file size 0 and open files; a seccomp filter that refuses fork, clone, clone3 and
+socket). This process steps the plant (domains/hvac_dynamics.py, domains/grid_dynamics.py)
+and asks the child for setpoints, one JSON line per step, with a wall-clock deadline over
+the whole run; every score is computed here from the plant, so a candidate cannot report
+its own. Without bubblewrap the fallback is the child's own confinement in a fresh empty
+working directory (and, as root, an empty network namespace): see docs/security.md for
+what it does not stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from scf.domains.base import DomainError
+
+CHILD = Path(__file__).with_name("sandbox_child.py")
+BWRAP = "bwrap"
+
+
+class SandboxError(DomainError):
+    """The sandbox cannot be used as asked: the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    cpu_s: int = 60  # CPU seconds of the child (RLIMIT_CPU)
+    wall_s: float = 120.0  # the whole run, start to last step
+    memory_mb: int = 1024  # address space of the child (RLIMIT_AS)
+    max_reply_bytes: int = 1 << 20  # one answer of the candidate
+    max_stderr_bytes: int = 16 << 10  # kept of what it prints
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What the candidate is run against: the domain's plant over stochastic scenarios."""
+
+    domain: str = "hvac:office3"
+    scenarios: int = 4
+    hours: float = 24.0
+    seed: int = 0
+    step_minutes: float = 15.0
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    ok: bool
+    reason: str  # why it failed ("" when ok)
+    scores: dict[str, float]
+    isolation: str  # bwrap | fallback | sandbox-exec
+    confined: tuple[str, ...] = ()  # what the child applied to itself (rlimits, netns, seccomp)
+    stderr: str = ""  # the tail of what the candidate printed
+    contexts: np.ndarray | None = None  # hourly (context, state) samples of the run, for the EBDM's energy
+    states: np.ndarray | None = None
+
+
+class _Failed(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- isolation
+
+_PROBED: dict[str, bool] = {}
+
+
+def _ro_paths() -> list[str]:
+    import importlib.util
+
+    paths = {"/usr", "/lib", "/lib64", "/lib32", "/bin", sys.base_prefix, sys.prefix, sys.exec_prefix}
+    spec = importlib.util.find_spec("numpy")
+    if spec and spec.origin:
+        paths.add(str(Path(spec.origin).resolve().parent.parent))
+    paths.add(str(Path(sys.executable).resolve().parent))
+    keep = sorted(p for p in paths if p and os.path.exists(p))
+    # drop paths inside another kept path (bind order would hide nothing, but keep it short)
+    return [p for p in keep if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in keep)]
+
+
+def bwrap_argv(python: str = sys.executable) -> list[str]:
+    argv = [
+        shutil.which(BWRAP) or BWRAP,
+        "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--hostname", "sandbox",
+        "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv",
+        "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "OPENBLAS_NUM_THREADS", "1",
+        "--setenv", "OMP_NUM_THREADS", "1", "--setenv", "MKL_NUM_THREADS", "1",
+        "--proc", "/proc", "--dev", "/dev",
+    ]  # fmt: skip
+    for p in _ro_paths():
+        argv += ["--ro-bind", p, p]
+    argv += ["--ro-bind", str(CHILD), "/sandbox/child.py", "--remount-ro", "/", "--chdir", "/sandbox"]
+    return argv + ["--", python, "-I", "-B", "/sandbox/child.py"]
+
+
+def bwrap_works() -> bool:
+    """Whether bubblewrap is installed and can create its namespaces here (probed once)."""
+    if "bwrap" not in _PROBED:
+        ok = False
+        if shutil.which(BWRAP):
+            argv = bwrap_argv()
+            argv[-3:] = ["-I", "-c", "import numpy"]
+            try:
+                ok = subprocess.run(argv, capture_output=True, timeout=60).returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+        _PROBED["bwrap"] = ok
+    return _PROBED["bwrap"]
+
+
+SANDBOX_EXEC_PROFILE = """(version 1)
+(deny default)
+(allow process-exec (literal "{python}"))
+(allow file-read*)
+(allow sysctl-read)
+(allow mach-lookup)
+(deny network*)
+(deny file-write*)
+(deny process-fork)
+"""
+
+
+def isolation_mode(requested: str = "auto") -> str:
+    if requested not in ("auto", "bwrap", "fallback", "sandbox-exec"):
+        raise SandboxError(f"unknown isolation {requested!r}: use auto, bwrap, fallback or sandbox-exec")
+    if requested != "auto":
+        if requested == "bwrap" and not bwrap_works():
+            raise SandboxError("bubblewrap is not usable here: install it (apt-get install bubblewrap) or use isolation 'fallback'")
+        return requested
+    if sys.platform.startswith("linux") and bwrap_works():
+        return "bwrap"
+    if sys.platform == "darwin" and shutil.which("sandbox-exec"):
+        return "sandbox-exec"
+    return "fallback"
+
+
+# --------------------------------------------------------------------------- the child
+
+
+class _Child:
+    """The sandboxed process: one JSON line in, one out, under a deadline."""
+
+    def __init__(self, mode: str, limits: SandboxLimits, deadline: float) -> None:
+        self.limits, self.deadline, self.mode = limits, deadline, mode
+        self.workdir = tempfile.mkdtemp(prefix="scf-sandbox-")
+        env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if mode == "bwrap":
+            argv = bwrap_argv()
+        elif mode == "sandbox-exec":
+            argv = ["sandbox-exec", "-p", SANDBOX_EXEC_PROFILE.format(python=os.path.realpath(sys.executable)), sys.executable, "-I", "-B", str(CHILD)]
+        else:
+            argv = [sys.executable, "-I", "-B", str(CHILD)]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.workdir, env=env,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+        self._err = bytearray()
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
+        self._buf = b""
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
+
+    def _read_stderr(self) -> None:
+        cap = self.limits.max_stderr_bytes
+        for chunk in iter(lambda: self.proc.stderr.read1(4096), b""):
+            self._err += chunk
+            if len(self._err) > 2 * cap:
+                del self._err[: len(self._err) - cap]
+
+    @property
+    def stderr(self) -> str:
+        return bytes(self._err[-self.limits.max_stderr_bytes :]).decode("utf-8", "replace")
+
+    def call(self, msg: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise _Failed(self._death()) from None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _Failed(f"time limit: the run took longer than {self.limits.wall_s:g} s (wall clock)")
+            if not self._sel.select(timeout=left):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise _Failed(self._death())
+            self._buf += chunk
+            if len(self._buf) > self.limits.max_reply_bytes:
+                raise _Failed(f"an answer longer than {self.limits.max_reply_bytes} bytes")
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise _Failed("an answer that is not JSON") from None
+        if not isinstance(reply, dict):
+            raise _Failed("an answer that is not a JSON object")
+        return reply
+
+    def _death(self) -> str:
+        try:
+            code = self.proc.wait(timeout=max(0.1, min(5.0, self.deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            return "the sandboxed process stopped answering"
+        if code < 0:
+            sig = signal.Signals(-code).name
+            why = {"SIGXCPU": f"CPU limit ({self.limits.cpu_s} s)", "SIGKILL": "killed", "SIGXFSZ": "file size limit (writes are refused)", "SIGSEGV": "crashed", "SIGSYS": "a refused system call"}.get(sig, sig)
+            return f"the sandboxed process ended by {sig}: {why}"
+        tail = self.stderr.strip().splitlines()[-1:] or [""]
+        if "MemoryError" in self.stderr:
+            return f"memory limit ({self.limits.memory_mb} MiB): {tail[0]}"
+        return f"the sandboxed process exited with {code}: {tail[0]}"
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        self.proc.wait()
+        self._drain.join(timeout=5)
+        self._sel.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _answer(reply: dict, k: int, shape: tuple[int, int]) -> np.ndarray:
+    if "error" in reply:
+        raise _Failed(str(reply["error"])[:500])
+    try:
+        u = np.asarray(reply["u"], dtype=float)
+    except (KeyError, TypeError, ValueError):
+        raise _Failed(f"step {k}: the answer is not an array of numbers") from None
+    if u.shape != shape:
+        try:
+            u = np.broadcast_to(u, shape)
+        except ValueError:
+            raise _Failed(f"step {k}: the answer has shape {u.shape}, expected {shape} (scenarios, setpoints)") from None
+    if not np.all(np.isfinite(u)):
+        raise _Failed(f"step {k}: the answer holds NaN or infinite values")
+    return np.array(u)
+
+
+def evaluate(
+    code: str,
+    trial: Trial = Trial(),
+    limits: SandboxLimits = SandboxLimits(),
+    *,
+    isolation: str = "auto",
+    modules: list[str] | None = None,
+    builtins: list[str] | None = None,
+) -> SandboxResult:
+    """Run `code` (the Controller contract) in the sandbox against `trial`'s plant; never raises
+    for anything the candidate does (its failures are `ok=False` with the reason)."""
+    from scf import domains
+    from scf.domains import ethics
+
+    if trial.scenarios < 1 or trial.hours <= 0 or trial.step_minutes <= 0:
+        raise SandboxError(f"trial {trial}: scenarios, hours and step_minutes must be positive")
+    domain = domains.get(trial.domain)
+    caps = ethics.capabilities()
+    mode = isolation_mode(isolation)
+    deadline = time.monotonic() + limits.wall_s
+    child = _Child(mode, limits, deadline)
+    confined: tuple[str, ...] = ()
+    try:
+        kind = "hvac" if trial.domain.startswith("hvac") else "grid"
+        plan = _HvacPlan(domain, trial) if kind == "hvac" else _GridPlan(domain, trial)
+        first = {
+            "code": code,
+            "spec": plan.spec,
+            "modules": modules if modules is not None else sorted(caps.modules),
+            "builtins": builtins if builtins is not None else sorted(caps.builtins),
+            "limits": {"cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb, "unshare_net": mode == "fallback"},
+        }
+        hello = child.call(first)
+        confined = tuple(hello.get("confined", ()))
+        if "error" in hello:
+            raise _Failed(str(hello["error"])[:500])
+        scores, contexts, states = plan.run(lambda k, obs, shape: _answer(child.call({"obs": obs}), k, shape))
+        return SandboxResult(True, "", scores, mode, confined, child.stderr, contexts, states)
+    except _Failed as exc:
+        return SandboxResult(False, str(exc), {}, mode, confined, child.stderr)
+    finally:
+        child.close()
+
+
+def _mean(x) -> float:
+    return float(np.mean(x))
+
+
+class _HvacPlan:
+    COMFORT_KWH_PER_KH = 10.0  # the cost of one zone-degree-hour outside the band, in kWh
+
+    def __init__(self, domain, trial: Trial) -> None:
+        from scf.domains import hvac_dynamics as hd
+
+        self.hd, self.domain, self.trial = hd, domain, trial
+        self.dt_h = trial.step_minutes / 60.0
+        self.plant = hd.HvacPlant(domain, dt_h=self.dt_h)
+        self.steps = max(1, round(trial.hours / self.dt_h))
+        self.dist = hd.weather(domain, scenarios=trial.scenarios, steps=self.steps, dt_h=self.dt_h, seed=trial.seed)
+        self.t0 = hd.initial_temperatures(trial.seed, trial.scenarios, domain.n_zones)
+        b = domain.building
+        self.spec = {
+            "domain": trial.domain, "kind": "hvac", "scenarios": trial.scenarios, "zones": list(b.zones),
+            "dt_h": self.dt_h, "heat_max": domain.heat_max.tolist(), "cool_max": domain.cool_max.tolist(),
+            "ramp_per_step": np.broadcast_to(self.plant.ramp_per_step, (domain.n_zones,)).tolist(),
+            "occupied_band": list(b.occupied_band), "unoccupied_band": list(b.unoccupied_band),
+            "work_hours": [hd.WORK_START, hd.WORK_END], "cop_heat": b.cop_heat, "cop_cool": b.cop_cool,
+        }  # fmt: skip
+
+    def run(self, ask):
+        hd, d, n, z = self.hd, self.domain, self.trial.scenarios, self.domain.n_zones
+        requests = []
+        per_hour = max(1, round(1.0 / self.dt_h))
+        contexts, states = [], []
+
+        def controller(k, state, now):
+            obs = {"step": k, "hour": now.hour.tolist(), "t_out": now.t_out.tolist(), "occupancy": now.occupancy.tolist(),
+                   "t_zone": state.t_zone.tolist(), "u": state.u.tolist()}  # fmt: skip
+            u = ask(k, obs, (n, z))
+            requests.append(u)
+            if k % per_hour == 0:
+                contexts.append(np.concatenate([now.t_out[:, None], now.hour[:, None], now.occupancy, state.t_zone], axis=1))
+                states.append(self.plant.limit(state.u, u))
+            return u
+
+        run = hd.run_plant(self.plant, self.dist, controller, self.t0)
+        base = hd.run_plant(self.plant, self.dist, hd.thermostat(self.plant), self.t0)
+        req = np.stack(requests, axis=1)  # (n, K, z)
+        beyond = (req > d.heat_max + 1e-6) | (req < -d.cool_max - 1e-6)
+        broken = (run.comfort_dev_k > 1e-3) | beyond
+        energy = run.power_kw.sum(1) * self.dt_h
+        comfort = run.comfort_dev_k.sum((1, 2)) * self.dt_h
+        b_energy = base.power_kw.sum(1) * self.dt_h
+        b_comfort = base.comfort_dev_k.sum((1, 2)) * self.dt_h
+        cost = energy + self.COMFORT_KWH_PER_KH * comfort
+        b_cost = b_energy + self.COMFORT_KWH_PER_KH * b_comfort
+        scores = {
+            "scenarios": float(n), "steps": float(self.steps),
+            "energy_kwh": _mean(energy), "comfort_violation_kh": _mean(comfort), "peak_power_kw": _mean(run.power_kw.max(1)),
+            "violations": float(broken.any(axis=2).sum()), "violation_rate": _mean(broken.any(axis=2)),
+            "limit_requests": float(beyond.any(axis=2).sum()),
+            "baseline_energy_kwh": _mean(b_energy), "baseline_comfort_violation_kh": _mean(b_comfort),
+            "cost": _mean(cost), "baseline_cost": _mean(b_cost), "relative_cost": _mean(cost) / max(_mean(b_cost), 1e-9),
+        }  # fmt: skip
+        return scores, np.concatenate(contexts), np.concatenate(states)
+
+
+class _GridPlan:
+    VOLL_PER_MWH = 1000.0  # the cost of unserved or excess energy, $/MWh
+
+    def __init__(self, domain, trial: Trial) -> None:
+        from scf.domains import grid_dynamics as gd
+
+        self.gd, self.domain, self.trial = gd, domain, trial
+        self.dt_h = trial.step_minutes / 60.0
+        self.plant = gd.GridPlant(domain, dt_h=self.dt_h)
+        self.steps = max(1, round(trial.hours / self.dt_h))
+        self.loads, self.forecast = gd.load_trajectory(domain, scenarios=trial.scenarios, steps=self.steps, dt_h=self.dt_h, seed=trial.seed)
+        lo, hi = domain.pmin, domain.pmax
+        base = domain.costs(lo[None])[0]
+        marginal = []
+        for g in range(len(lo)):
+            x = lo.copy()
+            x[g] = hi[g]
+            marginal.append(float((domain.costs(x[None])[0] - base) / max(hi[g] - lo[g], 1e-9)))
+        self.spec = {
+            "domain": trial.domain, "kind": "grid", "scenarios": trial.scenarios, "units": list(domain.state_names),
+            "dt_h": self.dt_h, "pmin": lo.tolist(), "pmax": hi.tolist(),
+            "ramp_per_step": np.broadcast_to(self.plant.ramp_per_step, lo.shape).tolist(), "marginal_cost": marginal,
+        }  # fmt: skip
+
+    def run(self, ask):
+        gd, d, n, g = self.gd, self.domain, self.trial.scenarios, len(self.domain.pmin)
+        requests = []
+        per_hour = max(1, round(1.0 / self.dt_h))
+        contexts, states = [], []
+
+        def controller(k, pg_prev, loads):
+            obs = {"step": k, "pg": pg_prev.tolist(), "loads": loads.tolist(), "demand": d.demand(loads).tolist()}
+            u = ask(k, obs, (n, g))
+            requests.append(u)
+            if k % per_hour == 0:
+                contexts.append(np.array(loads, dtype=float))
+                states.append(self.plant.limit(pg_prev, u))
+            return u
+
+        run = gd.run_dispatch(self.plant, self.loads, controller)
+        base = gd.run_dispatch(self.plant, self.loads, gd.prorata(self.plant, self.forecast))
+        req = np.stack(requests[1:] or requests, axis=1)
+        beyond = ((req > d.pmax + 1e-6) | (req < d.pmin - 1e-6)).any(axis=2)
+        beyond = np.pad(beyond, ((0, 0), (0, run.pg.shape[1] - beyond.shape[1])))
+        broken = (np.abs(run.imbalance_mw) > 1e-2) | (run.max_loading > 1 + 1e-6) | beyond
+        cost = run.cost_per_h.sum(1) * self.dt_h
+        unbalanced = np.abs(run.imbalance_mw).sum(1) * self.dt_h
+        b_cost = base.cost_per_h.sum(1) * self.dt_h
+        b_unbalanced = np.abs(base.imbalance_mw).sum(1) * self.dt_h
+        total = cost + self.VOLL_PER_MWH * unbalanced
+        b_total = b_cost + self.VOLL_PER_MWH * b_unbalanced
+        scores = {
+            "scenarios": float(n), "steps": float(self.steps),
+            "cost_usd": _mean(cost), "unbalanced_mwh": _mean(unbalanced), "max_imbalance_mw": float(np.abs(run.imbalance_mw).max()),
+            "max_line_loading": float(run.max_loading.max()), "violations": float(broken.sum()), "violation_rate": _mean(broken),
+            "limit_requests": float(beyond.sum()),
+            "baseline_cost_usd": _mean(b_cost), "baseline_unbalanced_mwh": _mean(b_unbalanced),
+            "cost": _mean(total), "baseline_cost": _mean(b_total), "relative_cost": _mean(total) / max(_mean(b_total), 1e-9),
+        }  # fmt: skip
+        return scores, np.concatenate(contexts), np.concatenate(states)
+
+
+__all__ = ["evaluate", "Trial", "SandboxLimits", "SandboxResult", "SandboxError", "isolation_mode", "bwrap_works", "bwrap_argv"]

@@ -1,0 +1,176 @@
+"""The sandbox that runs generated code against the simulator (domains/sandbox.py).
+
+Every escape attempt runs with the child's Python-level restrictions lifted (all builtins,
+os/socket/threading importable): what must hold it is the OS — bubblewrap's namespaces and
+read-only view where it is installed, and in every mode the child's rlimits and seccomp
+filter. Each attempt is run under both isolations that work here.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from scf.domains import ethics, sandbox
+
+BENIGN = Path(__file__).parent / "data" / "codegate" / "benign"
+HVAC = (BENIGN / "000_hvac_band_thermostat_0.py").read_text()
+GRID = next(BENIGN.glob("*grid_merit_order_0.py")).read_text()
+SHORT = sandbox.Trial("hvac:office3", scenarios=2, hours=2, step_minutes=15)
+MODES = ["bwrap", "fallback"] if sandbox.bwrap_works() else ["fallback"]
+EVERYTHING = dict(modules=sorted(ethics.capabilities().modules) + ["os", "socket", "threading", "ctypes", "pathlib"],
+                  builtins=[n for n in dir(builtins) if not n.startswith("_")])  # fmt: skip
+
+
+def controller(init: str = "", step: str = "") -> str:
+    """A contract-conforming module whose __init__ / step run the given lines."""
+    body_init = "\n".join("        " + line for line in (init or "pass").splitlines())
+    body_step = "\n".join("        " + line for line in (step or "pass").splitlines())
+    return (
+        "import numpy as np\n\n\nclass Controller:\n    def __init__(self, spec):\n"
+        f"{body_init}\n\n    def step(self, observation):\n{body_step}\n"
+        "        return np.zeros_like(np.asarray(observation['t_zone']))\n"
+    )
+
+
+def leftover_children() -> list[int]:
+    """Processes still running the sandbox child (there must be none after a run)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"sandbox_child.py" in cmd or b"/sandbox/child.py" in cmd:
+            out.append(int(pid))
+    return out
+
+
+def test_bubblewrap_is_used_where_it_works():
+    if not sandbox.bwrap_works():
+        pytest.skip("bubblewrap is not installed here: the fallback isolation is tested below")
+    assert sandbox.isolation_mode() == "bwrap"
+    argv = sandbox.bwrap_argv()
+    assert argv[-3:] == ["-I", "-B", "/sandbox/child.py"]
+    assert {"--unshare-all", "--unshare-user", "--die-with-parent", "--clearenv"} <= set(argv)
+    assert "--bind" not in argv and "--tmpfs" not in argv  # nothing writable
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_good_controller_is_scored_against_the_simulator(mode):
+    r = sandbox.evaluate(HVAC, sandbox.Trial("hvac:office3", scenarios=3, hours=6), isolation=mode)
+    assert r.ok, r.reason
+    assert r.isolation == mode and "seccomp" in r.confined and "rlimits" in r.confined
+    assert r.scores["steps"] == 24 and r.scores["scenarios"] == 3
+    assert r.scores["energy_kwh"] > 0 and r.scores["baseline_energy_kwh"] > 0
+    assert r.contexts.shape == (3 * 6, 2 + 2 * 3) and r.states.shape == (18, 3)
+
+
+def test_scores_do_not_depend_on_the_isolation():
+    runs = [sandbox.evaluate(GRID, sandbox.Trial("grid:case14", scenarios=2, hours=3), isolation=m) for m in MODES + ["fallback"]]
+    assert all(r.ok for r in runs), [r.reason for r in runs]
+    assert all(r.scores == runs[0].scores for r in runs)
+    # the merit order dispatch is cheaper than pro rata over the same loads, and balanced
+    assert runs[0].scores["cost_usd"] < runs[0].scores["baseline_cost_usd"]
+    assert runs[0].scores["violations"] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_network_is_contained(mode):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    code = controller(init=f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'leak')")
+    r = sandbox.evaluate(code, SHORT, isolation=mode, **EVERYTHING)
+    assert not r.ok and "loading the candidate" in r.reason
+    assert "PermissionError" in r.reason or "OSError" in r.reason, r.reason
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nobody connected
+    listener.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_file_writes_outside_are_contained(mode, tmp_path):
+    targets = [tmp_path / "escaped.txt", Path("/tmp") / f"scf-escape-{uuid.uuid4().hex}"]
+    lines = "\n".join(f"open({str(t)!r}, 'w').write('x')" for t in targets)
+    r = sandbox.evaluate(controller(init=lines), SHORT, isolation=mode, **EVERYTHING)
+    assert not r.ok
+    assert not any(t.exists() for t in targets)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fork_bomb_is_contained(mode):
+    r = sandbox.evaluate(controller(init="import os\nwhile True:\n    os.fork()"), SHORT, isolation=mode, **EVERYTHING)
+    assert not r.ok and "PermissionError" in r.reason, r.reason
+    assert leftover_children() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_threads_are_refused(mode):
+    code = controller(init="import threading\nfor _ in range(1000):\n    threading.Thread(target=lambda: None).start()")
+    r = sandbox.evaluate(code, SHORT, isolation=mode, **EVERYTHING)
+    assert not r.ok and "RuntimeError" in r.reason, r.reason
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_infinite_loop_is_stopped(mode):
+    limits = sandbox.SandboxLimits(cpu_s=2, wall_s=4)
+    r = sandbox.evaluate(controller(step="while True:\n    pass"), SHORT, limits, isolation=mode)
+    assert not r.ok
+    assert r.reason.startswith("time limit") or "CPU limit" in r.reason, r.reason
+    assert leftover_children() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_huge_allocation_is_contained(mode):
+    limits = sandbox.SandboxLimits(memory_mb=768)
+    r = sandbox.evaluate(controller(init="hog = bytearray(8 << 30)"), SHORT, limits, isolation=mode, **EVERYTHING)
+    assert not r.ok and "MemoryError" in r.reason, r.reason
+    r = sandbox.evaluate(controller(init="hog = np.ones((40000, 40000))"), SHORT, limits, isolation=mode)
+    assert not r.ok and "MemoryError" in r.reason, r.reason
+
+
+def test_bubblewrap_hides_the_host_filesystem(tmp_path):
+    if "bwrap" not in MODES:
+        pytest.skip("bubblewrap is not installed here; the fallback does not hide files (docs/security.md)")
+    secret = tmp_path / "secret.key"
+    secret.write_text("s3cret")
+    r = sandbox.evaluate(controller(init=f"print(open({str(secret)!r}).read())"), SHORT, isolation="bwrap", **EVERYTHING)
+    assert not r.ok and "FileNotFoundError" in r.reason, r.reason
+    assert "s3cret" not in r.stderr
+
+
+def test_the_candidate_cannot_forge_the_protocol_or_its_scores():
+    code = controller(step="print('{\"u\": [[1e9, 1e9, 1e9]]}')\nprint('{\"error\": \"forged\"}')")
+    r = sandbox.evaluate(code, SHORT)
+    assert r.ok, r.reason
+    assert r.scores["limit_requests"] == 0 and '"forged"' in r.stderr
+
+
+def test_bad_answers_are_rejected_with_the_reason():
+    bad_shape = controller().replace("return np.zeros_like(np.asarray(observation['t_zone']))", "return np.zeros((5, 7))")
+    r = sandbox.evaluate(bad_shape, SHORT)
+    assert not r.ok and r.reason == "step 0: the answer has shape (5, 7), expected (2, 3) (scenarios, setpoints)"
+    nan = controller().replace("return np.zeros_like(np.asarray(observation['t_zone']))", "return np.full((2, 3), np.nan)")
+    assert sandbox.evaluate(nan, SHORT).reason == "step 0: the answer holds NaN or infinite values"
+    r = sandbox.evaluate("class Controller:\n    def step(self, observation):\n        return 0\n", SHORT)
+    assert not r.ok and r.reason.startswith("loading the candidate: ") and "TypeError" in r.reason
+
+
+def test_the_child_refuses_imports_outside_the_capability_set():
+    r = sandbox.evaluate(controller(init="import os"), SHORT)
+    assert not r.ok and "import of 'os' is outside the capability set" in r.reason
+
+
+def test_a_bad_trial_is_one_clear_line():
+    with pytest.raises(sandbox.SandboxError, match="scenarios, hours and step_minutes must be positive"):
+        sandbox.evaluate(HVAC, sandbox.Trial(scenarios=0))
+    with pytest.raises(sandbox.SandboxError, match="unknown isolation 'docker'"):
+        sandbox.evaluate(HVAC, SHORT, isolation="docker")
