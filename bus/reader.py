@@ -60,8 +60,9 @@ class StreamMsg:
 
     @property
     def time(self) -> dt.datetime:
-        """When the stream stored the message (the server's clock)."""
-        return dt.datetime.fromtimestamp(self._ts / 1e9, dt.timezone.utc)
+        """When the stream stored the message (the server's clock, to the microsecond)."""
+        s, ns = divmod(self._ts, 1_000_000_000)
+        return dt.datetime.fromtimestamp(s, dt.timezone.utc) + dt.timedelta(microseconds=ns // 1000)
 
     def __repr__(self) -> str:
         return f"StreamMsg(seq={self.seq}, subject={self.subject!r}, {len(self.data)} bytes)"
