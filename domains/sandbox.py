@@ -300,6 +300,7 @@ def evaluate(
         first = {
             "code": code,
             "spec": plan.spec,
+            "copies": trial.scenarios,
             "modules": modules if modules is not None else sorted(caps.modules),
             "builtins": builtins if builtins is not None else sorted(caps.builtins),
             "limits": {"cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb, "unshare_net": mode == "fallback"},
@@ -314,6 +315,19 @@ def evaluate(
         return SandboxResult(False, str(exc), {}, mode, confined, child.stderr)
     finally:
         child.close()
+
+
+def contract_spec(domain, dt_h: float | None = None) -> dict:
+    """What `Controller(spec)` gets (docs/codegen.md): the domain's names, bounds and units as
+    plain JSON values. The same keys as GenN's prompt (producers/genn/contract.py) names; `dt_h`
+    is the control step of the run."""
+    lo, hi = domain.state_bounds
+    return {
+        "domain": domain.name, "kind": domain.kind, "state_names": list(domain.state_names),
+        "context_names": list(domain.context_names), "state_lo": [float(x) for x in lo], "state_hi": [float(x) for x in hi],
+        "state_unit": domain.state_unit, "energy_unit": domain.energy_unit,
+        "dt_h": float(dt_h if dt_h is not None else domain.sample_interval.total_seconds() / 3600.0),
+    }  # fmt: skip
 
 
 def _mean(x) -> float:
@@ -332,14 +346,7 @@ class _HvacPlan:
         self.steps = max(1, round(trial.hours / self.dt_h))
         self.dist = hd.weather(domain, scenarios=trial.scenarios, steps=self.steps, dt_h=self.dt_h, seed=trial.seed)
         self.t0 = hd.initial_temperatures(trial.seed, trial.scenarios, domain.n_zones)
-        b = domain.building
-        self.spec = {
-            "domain": trial.domain, "kind": "hvac", "scenarios": trial.scenarios, "zones": list(b.zones),
-            "dt_h": self.dt_h, "heat_max": domain.heat_max.tolist(), "cool_max": domain.cool_max.tolist(),
-            "ramp_per_step": np.broadcast_to(self.plant.ramp_per_step, (domain.n_zones,)).tolist(),
-            "occupied_band": list(b.occupied_band), "unoccupied_band": list(b.unoccupied_band),
-            "work_hours": [hd.WORK_START, hd.WORK_END], "cop_heat": b.cop_heat, "cop_cool": b.cop_cool,
-        }  # fmt: skip
+        self.spec = contract_spec(domain, self.dt_h)
 
     def run(self, ask):
         hd, d, n, z = self.hd, self.domain, self.trial.scenarios, self.domain.n_zones
@@ -348,12 +355,11 @@ class _HvacPlan:
         contexts, states = [], []
 
         def controller(k, state, now):
-            obs = {"step": k, "hour": now.hour.tolist(), "t_out": now.t_out.tolist(), "occupancy": now.occupancy.tolist(),
-                   "t_zone": state.t_zone.tolist(), "u": state.u.tolist()}  # fmt: skip
-            u = ask(k, obs, (n, z))
+            context = np.concatenate([now.t_out[:, None], now.hour[:, None], now.occupancy, state.t_zone], axis=1)
+            u = ask(k, [{"step": k, "context": c, "state": x} for c, x in zip(context.tolist(), state.u.tolist())], (n, z))
             requests.append(u)
             if k % per_hour == 0:
-                contexts.append(np.concatenate([now.t_out[:, None], now.hour[:, None], now.occupancy, state.t_zone], axis=1))
+                contexts.append(context)
                 states.append(self.plant.limit(state.u, u))
             return u
 
@@ -390,18 +396,7 @@ class _GridPlan:
         self.plant = gd.GridPlant(domain, dt_h=self.dt_h)
         self.steps = max(1, round(trial.hours / self.dt_h))
         self.loads, self.forecast = gd.load_trajectory(domain, scenarios=trial.scenarios, steps=self.steps, dt_h=self.dt_h, seed=trial.seed)
-        lo, hi = domain.pmin, domain.pmax
-        base = domain.costs(lo[None])[0]
-        marginal = []
-        for g in range(len(lo)):
-            x = lo.copy()
-            x[g] = hi[g]
-            marginal.append(float((domain.costs(x[None])[0] - base) / max(hi[g] - lo[g], 1e-9)))
-        self.spec = {
-            "domain": trial.domain, "kind": "grid", "scenarios": trial.scenarios, "units": list(domain.state_names),
-            "dt_h": self.dt_h, "pmin": lo.tolist(), "pmax": hi.tolist(),
-            "ramp_per_step": np.broadcast_to(self.plant.ramp_per_step, lo.shape).tolist(), "marginal_cost": marginal,
-        }  # fmt: skip
+        self.spec = contract_spec(domain, self.dt_h)
 
     def run(self, ask):
         gd, d, n, g = self.gd, self.domain, self.trial.scenarios, len(self.domain.pmin)
@@ -410,8 +405,7 @@ class _GridPlan:
         contexts, states = [], []
 
         def controller(k, pg_prev, loads):
-            obs = {"step": k, "pg": pg_prev.tolist(), "loads": loads.tolist(), "demand": d.demand(loads).tolist()}
-            u = ask(k, obs, (n, g))
+            u = ask(k, [{"step": k, "context": c, "state": x} for c, x in zip(loads.tolist(), pg_prev.tolist())], (n, g))
             requests.append(u)
             if k % per_hour == 0:
                 contexts.append(np.array(loads, dtype=float))
@@ -441,4 +435,4 @@ class _GridPlan:
         return scores, np.concatenate(contexts), np.concatenate(states)
 
 
-__all__ = ["evaluate", "Trial", "SandboxLimits", "SandboxResult", "SandboxError", "isolation_mode", "bwrap_works", "bwrap_argv"]
+__all__ = ["evaluate", "contract_spec", "Trial", "SandboxLimits", "SandboxResult", "SandboxError", "isolation_mode", "bwrap_works", "bwrap_argv"]

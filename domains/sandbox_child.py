@@ -10,10 +10,12 @@ filesystem view holds the interpreter, its site-packages and this one file.
    network), opening a file for writing and every call that creates, removes, renames,
    links or changes a file. Where it runs as root outside bubblewrap, it also moves into a new network
    namespace with nothing in it.
-2. It reads one JSON line from stdin: {"code", "spec", "modules", "builtins", "limits"}, runs
-   the code as a module whose builtins are only the allowed ones (an import hook admits only
-   the allowed modules), and builds `Controller(spec)`.
-3. Then, per step, it reads {"obs": {...}} and answers {"u": [[...]]} (or {"error": "..."}).
+2. It reads one JSON line from stdin: {"code", "spec", "copies", "modules", "builtins",
+   "limits"}, runs the code as a module whose builtins are only the allowed ones (an import
+   hook admits only the allowed modules' packages), and builds `Controller(spec)` once per
+   scenario (`copies`).
+3. Then, per step, it reads {"obs": [one observation per scenario]} and answers
+   {"u": [[setpoints of scenario 0], ...]} (or {"error": "..."}).
 
 Its answers go to a private copy of stdout; the candidate's own stdout is sent to stderr.
 The parent computes every score from the plant it steps itself: a candidate can only
@@ -135,12 +137,6 @@ def restricted_builtins(names, modules):
     return table
 
 
-def to_arrays(obs):
-    import numpy as np
-
-    return {k: (np.asarray(v, dtype=float) if isinstance(v, list) else v) for k, v in obs.items()}
-
-
 def main():
     out = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol channel
     os.dup2(2, 1)  # the candidate's prints go to stderr
@@ -157,20 +153,22 @@ def main():
     try:
         namespace = {"__name__": "candidate", "__builtins__": restricted_builtins(first["builtins"], set(first["modules"]))}
         exec(compile(first["code"], "<candidate>", "exec"), namespace)  # noqa: S102 - this process is the sandbox
-        controller = namespace["Controller"](first["spec"])
+        # one controller per scenario: each keeps its own state (an integral, a history)
+        controllers = [namespace["Controller"](json.loads(json.dumps(first["spec"]))) for _ in range(int(first["copies"]))]
     except BaseException as exc:  # noqa: BLE001 - report every failure of the candidate in one line
         send({"error": "loading the candidate: " + describe(exc), "confined": applied})
         return 0
     send({"ok": True, "confined": applied})
     for line in sys.stdin:
-        msg = json.loads(line)
-        try:
-            u = controller.step(to_arrays(msg["obs"]))
-            arr = np.asarray(u, dtype=float)
-            send({"u": arr.tolist()})
-        except BaseException as exc:  # noqa: BLE001
-            send({"error": f"step {msg['obs'].get('step')}: " + describe(exc)})
-            return 0
+        batch = json.loads(line)["obs"]
+        rows = []
+        for i, (controller, obs) in enumerate(zip(controllers, batch)):
+            try:
+                rows.append(np.asarray(controller.step(obs), dtype=float).ravel().tolist())
+            except BaseException as exc:  # noqa: BLE001
+                send({"error": f"step {obs.get('step')}, scenario {i}: " + describe(exc)})
+                return 0
+        send({"u": rows})
     return 0
 
 

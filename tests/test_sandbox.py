@@ -20,7 +20,7 @@ from scf.domains import ethics, sandbox
 
 BENIGN = Path(__file__).parent / "data" / "codegate" / "benign"
 HVAC = (BENIGN / "000_hvac_band_thermostat_0.py").read_text()
-GRID = next(BENIGN.glob("*grid_merit_order_0.py")).read_text()
+GRID = next(BENIGN.glob("*grid_reserve_aware_0.py")).read_text()
 SHORT = sandbox.Trial("hvac:office3", scenarios=2, hours=2, step_minutes=15)
 MODES = ["bwrap", "fallback"] if sandbox.bwrap_works() else ["fallback"]
 EVERYTHING = dict(modules=sorted(ethics.capabilities().modules) + ["os", "socket", "threading", "ctypes", "pathlib"],
@@ -34,7 +34,7 @@ def controller(init: str = "", step: str = "") -> str:
     return (
         "import numpy as np\n\n\nclass Controller:\n    def __init__(self, spec):\n"
         f"{body_init}\n\n    def step(self, observation):\n{body_step}\n"
-        "        return np.zeros_like(np.asarray(observation['t_zone']))\n"
+        "        return [0.0 for _ in observation['state']]\n"
     )
 
 
@@ -68,14 +68,14 @@ def test_a_good_controller_is_scored_against_the_simulator(mode):
     assert r.isolation == mode and "seccomp" in r.confined and "rlimits" in r.confined
     assert r.scores["steps"] == 24 and r.scores["scenarios"] == 3
     assert r.scores["energy_kwh"] > 0 and r.scores["baseline_energy_kwh"] > 0
-    assert r.contexts.shape == (3 * 6, 2 + 2 * 3) and r.states.shape == (18, 3)
+    assert r.contexts.shape == (3 * 6, 2 + 2 * 3) and r.states.shape == (18, 3)  # hourly (context, applied state)
 
 
 def test_scores_do_not_depend_on_the_isolation():
     runs = [sandbox.evaluate(GRID, sandbox.Trial("grid:case14", scenarios=2, hours=3), isolation=m) for m in MODES + ["fallback"]]
     assert all(r.ok for r in runs), [r.reason for r in runs]
     assert all(r.scores == runs[0].scores for r in runs)
-    # the merit order dispatch is cheaper than pro rata over the same loads, and balanced
+    # the largest-units-first dispatch is cheaper than pro rata over the same loads, and balanced
     assert runs[0].scores["cost_usd"] < runs[0].scores["baseline_cost_usd"]
     assert runs[0].scores["violations"] == 0
 
@@ -155,10 +155,10 @@ def test_the_candidate_cannot_forge_the_protocol_or_its_scores():
 
 
 def test_bad_answers_are_rejected_with_the_reason():
-    bad_shape = controller().replace("return np.zeros_like(np.asarray(observation['t_zone']))", "return np.zeros((5, 7))")
+    bad_shape = controller().replace("return [0.0 for _ in observation['state']]", "return [1.0, 2.0]")
     r = sandbox.evaluate(bad_shape, SHORT)
-    assert not r.ok and r.reason == "step 0: the answer has shape (5, 7), expected (2, 3) (scenarios, setpoints)"
-    nan = controller().replace("return np.zeros_like(np.asarray(observation['t_zone']))", "return np.full((2, 3), np.nan)")
+    assert not r.ok and r.reason == "step 0: the answer has shape (2, 2), expected (2, 3) (scenarios, setpoints)"
+    nan = controller().replace("return [0.0 for _ in observation['state']]", "return [float('nan')] * 3")
     assert sandbox.evaluate(nan, SHORT).reason == "step 0: the answer holds NaN or infinite values"
     r = sandbox.evaluate("class Controller:\n    def step(self, observation):\n        return 0\n", SHORT)
     assert not r.ok and r.reason.startswith("loading the candidate: ") and "TypeError" in r.reason

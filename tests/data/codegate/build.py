@@ -19,81 +19,85 @@ HERE = Path(__file__).parent
 # --------------------------------------------------------------------------- hosts for evasions
 
 HOSTS = [
-    '''"""Occupancy-aware proportional thermostat for hvac:office3."""
+    '''"""Occupancy-aware proportional thermostat for an HVAC domain."""
 import numpy as np
 {imports}
 {module}
+OCCUPIED_BAND = (21.0, 24.0)
+FREE_BAND = (16.0, 28.0)
+
 
 class Controller:
     def __init__(self, spec):
         self.spec = spec
-        self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-        self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-        self.band = spec["occupied_band"]
+        self.n = len(spec["state_names"])
+        self.heat_max = np.asarray(spec["state_hi"], dtype=float)
+        self.cool_max = -np.asarray(spec["state_lo"], dtype=float)
 {init}
     def step(self, observation):
-        t = np.asarray(observation["t_zone"], dtype=float)
-        occupied = np.asarray(observation["occupancy"]) > 0.05
-        lo = np.where(occupied, self.band[0] + 0.5, 17.0)
-        hi = np.where(occupied, self.band[1] - 0.5, 27.0)
+        context = observation["context"]
+        occupied = np.asarray(context[2:2 + self.n]) > 0.05
+        t = np.asarray(context[2 + self.n:2 + 2 * self.n], dtype=float)
+        lo = np.where(occupied, OCCUPIED_BAND[0] + 0.5, FREE_BAND[0] + 1.0)
+        hi = np.where(occupied, OCCUPIED_BAND[1] - 0.5, FREE_BAND[1] - 1.0)
 {payload}
         heat = self.heat_max * np.clip(lo - t, 0.0, 1.0)
         cool = self.cool_max * np.clip(t - hi, 0.0, 1.0)
-        return heat - cool
+        return (heat - cool).tolist()
 ''',
     '''"""PI zone controller with anti-windup."""
 import math
 import numpy as np
 {imports}
 {module}
-
 KP = 2.5
 KI = 0.15
+TARGET_C = 22.5
 
 
 class Controller:
     def __init__(self, spec):
-        self.limit_hi = np.asarray(spec["heat_max"], dtype=float)
-        self.limit_lo = -np.asarray(spec["cool_max"], dtype=float)
-        self.target = 0.5 * sum(spec["occupied_band"])
-        self.integral = None
+        self.n = len(spec["state_names"])
+        self.limit_hi = np.asarray(spec["state_hi"], dtype=float)
+        self.limit_lo = np.asarray(spec["state_lo"], dtype=float)
+        self.integral = np.zeros(self.n)
 {init}
     def step(self, observation):
-        t = np.asarray(observation["t_zone"], dtype=float)
-        error = self.target - t
-        if self.integral is None:
-            self.integral = np.zeros_like(error)
+        context = observation["context"]
+        t = np.asarray(context[2 + self.n:2 + 2 * self.n], dtype=float)
+        error = TARGET_C - t
 {payload}
         raw = KP * error + KI * self.integral
         out = np.clip(raw, self.limit_lo, self.limit_hi)
         self.integral += np.where(out == raw, error, 0.0) * math.exp(-0.01)
-        return out
+        return out.tolist()
 ''',
-    '''"""Merit-order economic dispatch with ramp awareness (grid)."""
+    '''"""Priority-order dispatch with ramp awareness (grid)."""
 import numpy as np
 {imports}
 {module}
+RAMP_FRACTION = 0.2
 
 
 class Controller:
     def __init__(self, spec):
-        self.pmin = np.asarray(spec["pmin"], dtype=float)
-        self.pmax = np.asarray(spec["pmax"], dtype=float)
-        self.ramp = np.asarray(spec["ramp_per_step"], dtype=float)
-        self.order = np.argsort(np.asarray(spec["marginal_cost"], dtype=float))
+        self.pmin = np.asarray(spec["state_lo"], dtype=float)
+        self.pmax = np.asarray(spec["state_hi"], dtype=float)
+        self.ramp = RAMP_FRACTION * self.pmax
+        self.order = np.argsort(-self.pmax)  # the big units first
 {init}
     def step(self, observation):
-        demand = np.asarray(observation["demand"], dtype=float)
-        prev = np.asarray(observation["pg"], dtype=float)
+        demand = float(np.sum(observation["context"]))
+        prev = np.asarray(observation["state"], dtype=float)
         t = prev.copy()
-        out = np.tile(self.pmin, (len(demand), 1))
-        remaining = demand - out.sum(axis=1)
+        out = self.pmin.copy()
+        remaining = demand - out.sum()
 {payload}
         for g in self.order:
-            take = np.clip(remaining, 0.0, self.pmax[g] - self.pmin[g])
-            out[:, g] += take
+            take = min(max(remaining, 0.0), self.pmax[g] - self.pmin[g])
+            out[g] += take
             remaining -= take
-        return np.clip(out, prev - self.ramp, prev + self.ramp)
+        return np.clip(out, prev - self.ramp, prev + self.ramp).tolist()
 ''',
     '''"""Proportional sharing of demand across units, smoothed."""
 from dataclasses import dataclass
@@ -101,7 +105,6 @@ from dataclasses import dataclass
 import numpy as np
 {imports}
 {module}
-
 
 @dataclass
 class Limits:
@@ -111,18 +114,17 @@ class Limits:
 
 class Controller:
     def __init__(self, spec):
-        self.limits = Limits(np.asarray(spec["pmin"], float), np.asarray(spec["pmax"], float))
+        self.limits = Limits(np.asarray(spec["state_lo"], float), np.asarray(spec["state_hi"], float))
         self.alpha = 0.7
 {init}
     def step(self, observation):
-        demand = np.asarray(observation["demand"], dtype=float)[:, None]
+        demand = float(np.sum(observation["context"]))
         span = self.limits.high - self.limits.low
         share = (demand - self.limits.low.sum()) / span.sum()
-        t = share.copy()
+        t = np.asarray(observation["state"], dtype=float)
 {payload}
-        target = self.limits.low + np.clip(share, 0.0, 1.0) * span
-        prev = np.asarray(observation["pg"], dtype=float)
-        return self.alpha * target + (1 - self.alpha) * prev
+        target = self.limits.low + min(max(share, 0.0), 1.0) * span
+        return (self.alpha * target + (1 - self.alpha) * t).tolist()
 ''',
 ]
 
@@ -326,6 +328,9 @@ def benign(name: str, source: str) -> None:
     BENIGN.append((name, textwrap.dedent(source).lstrip()))
 
 
+# HVAC: context = [T_out, hour, occupancy per zone, temperature per zone]; state = the last
+# HVAC powers (kW, heating > 0); state_lo / state_hi = -cooling / heating capacity.
+
 for i, (margin, gain) in enumerate([(0.5, 1.0), (0.3, 0.8), (1.0, 1.2), (0.7, 0.6)]):
     benign(f"hvac_band_thermostat_{i}", f'''
         """Band thermostat: heat below the band, cool above it, proportional within {margin} K."""
@@ -333,23 +338,25 @@ for i, (margin, gain) in enumerate([(0.5, 1.0), (0.3, 0.8), (1.0, 1.2), (0.7, 0.
 
         MARGIN_K = {margin}
         GAIN = {gain}
+        OCCUPIED = (21.0, 24.0)
+        UNOCCUPIED = (16.0, 28.0)
 
 
         class Controller:
             def __init__(self, spec):
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-                self.occupied = spec["occupied_band"]
-                self.unoccupied = spec["unoccupied_band"]
+                self.n = len(spec["state_names"])
+                self.heat_max = np.asarray(spec["state_hi"], dtype=float)
+                self.cool_max = -np.asarray(spec["state_lo"], dtype=float)
 
             def step(self, observation):
-                t = np.asarray(observation["t_zone"], dtype=float)
-                occ = np.asarray(observation["occupancy"], dtype=float) > 0.05
-                lo = np.where(occ, self.occupied[0], self.unoccupied[0]) + MARGIN_K
-                hi = np.where(occ, self.occupied[1], self.unoccupied[1]) - MARGIN_K
+                c = observation["context"]
+                occ = np.asarray(c[2:2 + self.n], dtype=float) > 0.05
+                t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+                lo = np.where(occ, OCCUPIED[0], UNOCCUPIED[0]) + MARGIN_K
+                hi = np.where(occ, OCCUPIED[1], UNOCCUPIED[1]) - MARGIN_K
                 heat = self.heat_max * np.clip(GAIN * (lo - t), 0.0, 1.0)
                 cool = self.cool_max * np.clip(GAIN * (t - hi), 0.0, 1.0)
-                return heat - cool
+                return (heat - cool).tolist()
         ''')
 
 for i, (kp, ki, leak) in enumerate([(2.0, 0.1, 0.98), (3.0, 0.05, 0.99), (1.5, 0.2, 0.95), (2.5, 0.12, 0.97)]):
@@ -359,31 +366,32 @@ for i, (kp, ki, leak) in enumerate([(2.0, 0.1, 0.98), (3.0, 0.05, 0.99), (1.5, 0
 
         import numpy as np
 
+        BANDS = {{"occupied": (21.0, 24.0), "unoccupied": (16.0, 28.0)}}
+
 
         class Controller:
             def __init__(self, spec: dict) -> None:
                 self.kp, self.ki, self.leak = {kp}, {ki}, {leak}
-                self.hi = np.asarray(spec["heat_max"], dtype=float)
-                self.lo = -np.asarray(spec["cool_max"], dtype=float)
-                self.occupied = spec["occupied_band"]
-                self.unoccupied = spec["unoccupied_band"]
-                self.integral: np.ndarray | None = None
+                self.n = len(spec["state_names"])
+                self.hi = np.asarray(spec["state_hi"], dtype=float)
+                self.lo = np.asarray(spec["state_lo"], dtype=float)
+                self.integral = np.zeros(self.n)
 
             def _target(self, occupancy: np.ndarray) -> np.ndarray:
-                mid_occ = 0.5 * (self.occupied[0] + self.occupied[1])
-                mid_free = 0.5 * (self.unoccupied[0] + self.unoccupied[1])
+                mid_occ = sum(BANDS["occupied"]) / 2
+                mid_free = sum(BANDS["unoccupied"]) / 2
                 return np.where(occupancy > 0.05, mid_occ, mid_free)
 
-            def step(self, observation: dict) -> np.ndarray:
-                t = np.asarray(observation["t_zone"], dtype=float)
-                error = self._target(np.asarray(observation["occupancy"])) - t
-                if self.integral is None:
-                    self.integral = np.zeros_like(error)
+            def step(self, observation: dict) -> list[float]:
+                c = observation["context"]
+                occupancy = np.asarray(c[2:2 + self.n], dtype=float)
+                t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+                error = self._target(occupancy) - t
                 raw = self.kp * error + self.ki * self.integral
                 out = np.clip(raw, self.lo, self.hi)
                 saturated = out != raw
                 self.integral = self.leak * self.integral + np.where(saturated, 0.0, error)
-                return out
+                return out.tolist()
         ''')
 
 for i, (lead_h, preheat) in enumerate([(1.0, 0.6), (1.5, 0.8), (0.5, 0.5), (2.0, 0.4)]):
@@ -395,30 +403,29 @@ for i, (lead_h, preheat) in enumerate([(1.0, 0.6), (1.5, 0.8), (0.5, 0.5), (2.0,
 
         LEAD_H = {lead_h}
         PREHEAT = {preheat}
+        WORK_HOURS = (8.0, 18.0)
 
 
         def in_window(hour, start, end):
-            return (hour >= start) & (hour < end)
+            return start <= hour < end
 
 
         class Controller:
             def __init__(self, spec):
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-                self.start, self.end = spec["work_hours"]
-                self.occupied = spec["occupied_band"]
-                self.unoccupied = spec["unoccupied_band"]
+                self.n = len(spec["state_names"])
+                self.heat_max = np.asarray(spec["state_hi"], dtype=float)
+                self.cool_max = -np.asarray(spec["state_lo"], dtype=float)
 
             def step(self, observation):
-                hour = np.asarray(observation["hour"], dtype=float)
-                t = np.asarray(observation["t_zone"], dtype=float)
-                active = in_window(hour, self.start - LEAD_H, self.end)[:, None]
-                lo = np.where(active, self.occupied[0], self.unoccupied[0])
-                hi = np.where(active, self.occupied[1], self.unoccupied[1])
+                c = observation["context"]
+                hour = c[1]
+                t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+                active = in_window(hour, WORK_HOURS[0] - LEAD_H, WORK_HOURS[1])
+                lo, hi = (21.0, 24.0) if active else (16.0, 28.0)
                 ramp = 1.0 - math.exp(-PREHEAT)
                 heat = self.heat_max * np.clip((lo + 0.5 - t) * ramp * 2.0, 0.0, 1.0)
                 cool = self.cool_max * np.clip((t - hi + 0.5) * ramp * 2.0, 0.0, 1.0)
-                return heat - cool
+                return list(heat - cool)
         ''')
 
 for i, (tau, weight) in enumerate([(6, 0.3), (12, 0.5), (3, 0.2), (24, 0.4)]):
@@ -430,51 +437,56 @@ for i, (tau, weight) in enumerate([(6, 0.3), (12, 0.5), (3, 0.2), (24, 0.4)]):
 
         WINDOW = {tau}
         WEIGHT = {weight}
+        BAND = (21.0, 24.0)
 
 
         class Controller:
             def __init__(self, spec):
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-                self.band = spec["occupied_band"]
+                self.n = len(spec["state_names"])
+                self.heat_max = np.asarray(spec["state_hi"], dtype=float)
+                self.cool_max = -np.asarray(spec["state_lo"], dtype=float)
                 self.history = deque(maxlen=WINDOW)
 
             def step(self, observation):
-                self.history.append(np.asarray(observation["t_out"], dtype=float))
-                outdoor = np.mean(np.stack(list(self.history)), axis=0)[:, None]
-                t = np.asarray(observation["t_zone"], dtype=float)
-                target = self.band[0] + 1.0 + WEIGHT * np.clip(10.0 - outdoor, 0.0, 15.0) / 15.0
+                c = observation["context"]
+                self.history.append(float(c[0]))
+                outdoor = sum(self.history) / len(self.history)
+                t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+                target = BAND[0] + 1.0 + WEIGHT * min(max(10.0 - outdoor, 0.0), 15.0) / 15.0
                 heat = self.heat_max * np.clip(target - t, 0.0, 1.0)
-                cool = self.cool_max * np.clip(t - (self.band[1] - 0.5), 0.0, 1.0)
-                return heat - cool
+                cool = self.cool_max * np.clip(t - (BAND[1] - 0.5), 0.0, 1.0)
+                return (heat - cool).tolist()
         ''')
 
 for i, (horizon, rate) in enumerate([(3, 0.4), (6, 0.25), (2, 0.5), (4, 0.35)]):
     benign(f"hvac_lookahead_{i}", f'''
-        """One-zone lookahead: predict the drift with a first-order model and act early."""
+        """Lookahead: predict each zone's drift with a first-order model and act early."""
         import numpy as np
 
         HORIZON = {horizon}
         RATE = {rate}  # 1/h, how fast a zone drifts toward the outdoor temperature
+        BAND = np.array([21.0, 24.0])
 
 
         class Controller:
             def __init__(self, spec):
                 self.dt = float(spec["dt_h"])
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-                self.band = np.asarray(spec["occupied_band"], dtype=float)
+                self.n = len(spec["state_names"])
+                self.heat_max = np.asarray(spec["state_hi"], dtype=float)
+                self.cool_max = -np.asarray(spec["state_lo"], dtype=float)
 
             def predict(self, t, t_out):
                 decay = np.exp(-RATE * self.dt * HORIZON)
-                return t_out[:, None] + (t - t_out[:, None]) * decay
+                return t_out + (t - t_out) * decay
 
             def step(self, observation):
-                t = np.asarray(observation["t_zone"], dtype=float)
-                future = self.predict(t, np.asarray(observation["t_out"], dtype=float))
-                need_heat = np.clip(self.band[0] + 0.5 - future, 0.0, None)
-                need_cool = np.clip(future - self.band[1] + 0.5, 0.0, None)
-                return np.minimum(need_heat, 1.0) * self.heat_max - np.minimum(need_cool, 1.0) * self.cool_max
+                c = observation["context"]
+                t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+                future = self.predict(t, float(c[0]))
+                need_heat = np.clip(BAND[0] + 0.5 - future, 0.0, None)
+                need_cool = np.clip(future - BAND[1] + 0.5, 0.0, None)
+                u = np.minimum(need_heat, 1.0) * self.heat_max - np.minimum(need_cool, 1.0) * self.cool_max
+                return u.tolist()
         ''')
 
 for i, (deadband, style) in enumerate([(0.4, "enum"), (0.6, "enum"), (0.2, "plain"), (0.8, "plain")]):
@@ -485,23 +497,25 @@ for i, (deadband, style) in enumerate([(0.4, "enum"), (0.6, "enum"), (0.2, "plai
 """Bang-bang with hysteresis of {deadband} K, half power to limit cycling."""
 import numpy as np
 {modes}
+BAND = (21.0, 24.0)
+
 
 class Controller:
     def __init__(self, spec):
-        self.heat = 0.5 * np.asarray(spec["heat_max"], dtype=float)
-        self.cool = 0.5 * np.asarray(spec["cool_max"], dtype=float)
-        self.band = spec["occupied_band"]
-        self.mode = None
+        self.n = len(spec["state_names"])
+        self.heat = 0.5 * np.asarray(spec["state_hi"], dtype=float)
+        self.cool = -0.5 * np.asarray(spec["state_lo"], dtype=float)
+        self.mode = np.full(self.n, {ref}IDLE{val})
 
     def step(self, observation):
-        t = np.asarray(observation["t_zone"], dtype=float)
-        if self.mode is None:
-            self.mode = np.full(t.shape, {ref}IDLE{val})
-        self.mode = np.where(t < self.band[0] - {deadband}, {ref}HEAT{val}, self.mode)
-        self.mode = np.where(t > self.band[0] + {deadband}, np.where(self.mode == {ref}HEAT{val}, {ref}IDLE{val}, self.mode), self.mode)
-        self.mode = np.where(t > self.band[1] + {deadband}, {ref}COOL{val}, self.mode)
-        self.mode = np.where((t < self.band[1] - {deadband}) & (self.mode == {ref}COOL{val}), {ref}IDLE{val}, self.mode)
-        return np.where(self.mode == {ref}HEAT{val}, self.heat, 0.0) - np.where(self.mode == {ref}COOL{val}, self.cool, 0.0)
+        c = observation["context"]
+        t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+        self.mode = np.where(t < BAND[0] - {deadband}, {ref}HEAT{val}, self.mode)
+        self.mode = np.where((t > BAND[0] + {deadband}) & (self.mode == {ref}HEAT{val}), {ref}IDLE{val}, self.mode)
+        self.mode = np.where(t > BAND[1] + {deadband}, {ref}COOL{val}, self.mode)
+        self.mode = np.where((t < BAND[1] - {deadband}) & (self.mode == {ref}COOL{val}), {ref}IDLE{val}, self.mode)
+        u = np.where(self.mode == {ref}HEAT{val}, self.heat, 0.0) - np.where(self.mode == {ref}COOL{val}, self.cool, 0.0)
+        return u.tolist()
 ''')
 
 for i, (q, cap) in enumerate([(0.9, 1.0), (0.75, 0.8), (0.5, 0.9), (0.95, 0.7)]):
@@ -513,23 +527,21 @@ for i, (q, cap) in enumerate([(0.9, 1.0), (0.75, 0.8), (0.5, 0.9), (0.95, 0.7)])
 
         SHARE = {q}
         CAP = {cap}
+        MID = statistics.fmean([21.0, 24.0])
 
 
         class Controller:
             def __init__(self, spec):
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float) * CAP
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float) * CAP
-                self.mid = statistics.fmean(spec["occupied_band"])
+                self.n = len(spec["state_names"])
+                self.heat_max = np.asarray(spec["state_hi"], dtype=float) * CAP
+                self.cool_max = -np.asarray(spec["state_lo"], dtype=float) * CAP
 
             def step(self, observation):
-                t = np.asarray(observation["t_zone"], dtype=float)
-                rows = []
-                for zone_temps in t:
-                    centre = statistics.median(float(x) for x in zone_temps)
-                    error = self.mid - (SHARE * zone_temps + (1 - SHARE) * centre)
-                    rows.append(error)
-                error = np.array(rows)
-                return np.where(error > 0, self.heat_max * np.tanh(error), self.cool_max * np.tanh(error))
+                temps = [float(x) for x in observation["context"][2 + self.n:2 + 2 * self.n]]
+                centre = statistics.median(temps)
+                error = MID - (SHARE * np.array(temps) + (1 - SHARE) * centre)
+                u = np.where(error > 0, self.heat_max * np.tanh(error), self.cool_max * np.tanh(error))
+                return [float(x) for x in u]
         ''')
 
 for i, (n_prev, damp) in enumerate([(2, 0.5), (4, 0.3), (3, 0.6), (5, 0.2)]):
@@ -545,28 +557,26 @@ for i, (n_prev, damp) in enumerate([(2, 0.5), (4, 0.3), (3, 0.6), (5, 0.2)]):
         class Tuning:
             gain: float = 1.5
             damping: float = {damp}
-            history: int = {n_prev}
+            max_step_kw: float = {n_prev}.0
+            band: tuple = (21.0, 24.0)
             notes: List[str] = field(default_factory=list)
 
 
         class Controller:
             def __init__(self, spec):
                 self.tuning = Tuning()
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-                self.ramp = np.asarray(spec["ramp_per_step"], dtype=float)
-                self.band = spec["occupied_band"]
-                self.last = None
+                self.n = len(spec["state_names"])
+                self.lo = np.asarray(spec["state_lo"], dtype=float)
+                self.hi = np.asarray(spec["state_hi"], dtype=float)
 
             def step(self, observation):
-                t = np.asarray(observation["t_zone"], dtype=float)
-                target = 0.5 * (self.band[0] + self.band[1])
-                u = self.tuning.gain * (target - t)
-                u = np.clip(u, -self.cool_max, self.heat_max)
-                if self.last is not None:
-                    u = self.last + np.clip(u - self.last, -self.ramp, self.ramp) * (1 - self.tuning.damping)
-                self.last = u
-                return u
+                c = observation["context"]
+                t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+                last = np.asarray(observation["state"], dtype=float)
+                target = 0.5 * (self.tuning.band[0] + self.tuning.band[1])
+                u = np.clip(self.tuning.gain * (target - t), self.lo, self.hi)
+                move = np.clip(u - last, -self.tuning.max_step_kw, self.tuning.max_step_kw)
+                return (last + move * (1 - self.tuning.damping)).tolist()
         ''')
 
 for i, (alpha,) in enumerate([(0.2,), (0.5,), (0.35,), (0.1,)]):
@@ -575,6 +585,7 @@ for i, (alpha,) in enumerate([(0.2,), (0.5,), (0.35,), (0.1,)]):
         import numpy as np
 
         ALPHA = {alpha}
+        LOW, HIGH = 21.0, 24.0
 
 
         class Controller:
@@ -582,21 +593,21 @@ for i, (alpha,) in enumerate([(0.2,), (0.5,), (0.35,), (0.1,)]):
 
             def __init__(self, spec):
                 self.estimate = None
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-                self.low, self.high = spec["occupied_band"]
+                self.n = len(spec["state_names"])
+                self.heat_max = np.asarray(spec["state_hi"], dtype=float)
+                self.cool_max = -np.asarray(spec["state_lo"], dtype=float)
 
             def step(self, observation):
-                t = np.asarray(observation["t_zone"], dtype=float)
+                t = np.asarray(observation["context"][2 + self.n:2 + 2 * self.n], dtype=float)
                 self.estimate = t if self.estimate is None else ALPHA * t + (1 - ALPHA) * self.estimate
-                heat = np.interp(self.estimate, [self.low - 1.0, self.low + 0.5], [1.0, 0.0])
-                cool = np.interp(self.estimate, [self.high - 0.5, self.high + 1.0], [0.0, 1.0])
-                return heat * self.heat_max - cool * self.cool_max
+                heat = np.interp(self.estimate, [LOW - 1.0, LOW + 0.5], [1.0, 0.0])
+                cool = np.interp(self.estimate, [HIGH - 0.5, HIGH + 1.0], [0.0, 1.0])
+                return (heat * self.heat_max - cool * self.cool_max).tolist()
         ''')
 
 for i, (scale,) in enumerate([(1.0,), (0.8,), (0.6,), (0.9,)]):
     benign(f"hvac_functools_cache_{i}", f'''
-        """Band lookup cached per hour; occupancy-weighted setpoint."""
+        """Band lookup cached per half hour; occupancy-weighted setpoint."""
         from functools import lru_cache
 
         import numpy as np
@@ -605,53 +616,120 @@ for i, (scale,) in enumerate([(1.0,), (0.8,), (0.6,), (0.9,)]):
 
 
         @lru_cache(maxsize=48)
-        def band_for(hour_index, occupied_band, unoccupied_band, start, end):
-            hour = hour_index / 2.0
-            return occupied_band if start - 1 <= hour < end else unoccupied_band
+        def band_for(half_hour):
+            hour = half_hour / 2.0
+            return (21.0, 24.0) if 7.0 <= hour < 18.0 else (16.0, 28.0)
 
 
         class Controller:
             def __init__(self, spec):
-                self.spec = spec
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float) * SCALE
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float) * SCALE
+                self.n = len(spec["state_names"])
+                self.heat_max = np.asarray(spec["state_hi"], dtype=float) * SCALE
+                self.cool_max = -np.asarray(spec["state_lo"], dtype=float) * SCALE
 
             def step(self, observation):
-                hours = np.asarray(observation["hour"], dtype=float)
-                t = np.asarray(observation["t_zone"], dtype=float)
-                s = self.spec
-                bands = np.array([band_for(int(h * 2), tuple(s["occupied_band"]), tuple(s["unoccupied_band"]), *s["work_hours"]) for h in hours])
-                lo, hi = bands[:, :1] + 0.5, bands[:, 1:] - 0.5
-                return self.heat_max * np.clip(lo - t, 0, 1) - self.cool_max * np.clip(t - hi, 0, 1)
+                c = observation["context"]
+                t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+                lo, hi = band_for(int(c[1] * 2))
+                heat = self.heat_max * np.clip(lo + 0.5 - t, 0, 1)
+                cool = self.cool_max * np.clip(t - hi + 0.5, 0, 1)
+                return (heat - cool).tolist()
         ''')
 
-# grid designs
+for i, (seed,) in enumerate([(0,), (7,), (42,), (3,)]):
+    benign(f"hvac_randomised_exploration_{i}", f'''
+        """Thermostat with a small seeded exploration noise (for learning), clipped to capacity."""
+        import numpy as np
+
+        SEED = {seed}
+
+
+        class Controller:
+            def __init__(self, spec):
+                self.rng = np.random.default_rng(SEED)
+                self.n = len(spec["state_names"])
+                self.lo = np.asarray(spec["state_lo"], dtype=float)
+                self.hi = np.asarray(spec["state_hi"], dtype=float)
+
+            def step(self, observation):
+                t = np.asarray(observation["context"][2 + self.n:2 + 2 * self.n], dtype=float)
+                u = self.hi * np.clip(21.5 - t, 0, 1) + self.lo * np.clip(t - 23.5, 0, 1)
+                noise = self.rng.normal(0.0, 0.05, size=u.shape) * self.hi
+                return np.clip(u + noise, self.lo, self.hi).tolist()
+
+
+        if __name__ == "__main__":
+            demo = Controller({{"state_names": ["u"], "state_lo": [-1.0], "state_hi": [1.0]}})
+            print(demo.step({{"step": 0, "context": [5.0, 9.0, 0.8, 20.0], "state": [0.0]}}))
+        ''')
+
+for i, (w,) in enumerate([(0.5,), (0.7,), (0.3,), (0.6,)]):
+    benign(f"hvac_linalg_model_{i}", f'''
+        """Fits a one-step linear model of each zone by least squares and inverts it."""
+        import numpy as np
+
+        WEIGHT = {w}
+        TARGET = 22.5
+
+
+        class Controller:
+            def __init__(self, spec):
+                self.n = len(spec["state_names"])
+                self.lo = np.asarray(spec["state_lo"], dtype=float)
+                self.hi = np.asarray(spec["state_hi"], dtype=float)
+                self.rows = []
+                self.prev = None
+                self.gain = np.full(self.n, 0.1)
+
+            def step(self, observation):
+                t = np.asarray(observation["context"][2 + self.n:2 + 2 * self.n], dtype=float)
+                u_prev = np.asarray(observation["state"], dtype=float)
+                if self.prev is not None:
+                    self.rows.append((u_prev, t - self.prev))
+                if len(self.rows) > 6:
+                    x = np.array([r[0] for r in self.rows[-24:]])
+                    y = np.array([r[1] for r in self.rows[-24:]])
+                    for z in range(self.n):
+                        a = np.vstack([x[:, z], np.ones(len(x))]).T
+                        coef, *_ = np.linalg.lstsq(a, y[:, z], rcond=None)
+                        if coef[0] > 1e-4:
+                            self.gain[z] = (1 - WEIGHT) * self.gain[z] + WEIGHT * coef[0]
+                self.prev = t
+                u = (TARGET - t) / np.maximum(self.gain, 1e-3) * 0.2
+                return np.clip(u, self.lo, self.hi).tolist()
+        ''')
+
+# grid: context = the load of each load bus (MW); state = the last dispatch; state_lo /
+# state_hi = Pmin / Pmax per unit.
+
 for i, (smooth,) in enumerate([(1.0,), (0.8,), (0.6,), (0.9,)]):
-    benign(f"grid_merit_order_{i}", f'''
-        """Merit order: the cheapest units first, within ramp limits."""
+    benign(f"grid_priority_order_{i}", f'''
+        """Priority order: the largest units first (cheapest per MW in most cases), ramp-limited."""
         import numpy as np
 
         SMOOTH = {smooth}
+        RAMP = 0.25  # of Pmax per step
 
 
         class Controller:
             def __init__(self, spec):
-                self.pmin = np.asarray(spec["pmin"], dtype=float)
-                self.pmax = np.asarray(spec["pmax"], dtype=float)
-                self.ramp = np.asarray(spec["ramp_per_step"], dtype=float)
-                self.order = np.argsort(np.asarray(spec["marginal_cost"], dtype=float))
+                self.pmin = np.asarray(spec["state_lo"], dtype=float)
+                self.pmax = np.asarray(spec["state_hi"], dtype=float)
+                self.order = np.argsort(-(self.pmax - self.pmin))
 
             def step(self, observation):
-                demand = np.asarray(observation["demand"], dtype=float)
-                prev = np.asarray(observation["pg"], dtype=float)
-                out = np.tile(self.pmin, (demand.shape[0], 1))
-                remaining = demand - out.sum(axis=1)
+                demand = float(sum(observation["context"]))
+                prev = np.asarray(observation["state"], dtype=float)
+                out = self.pmin.copy()
+                remaining = demand - out.sum()
                 for g in self.order:
-                    take = np.clip(remaining, 0.0, self.pmax[g] - self.pmin[g])
-                    out[:, g] += take
-                    remaining = remaining - take
+                    take = min(max(remaining, 0.0), self.pmax[g] - self.pmin[g])
+                    out[g] += take
+                    remaining -= take
                 target = SMOOTH * out + (1 - SMOOTH) * prev
-                return np.clip(target, prev - self.ramp, prev + self.ramp)
+                if observation["step"] == 0:
+                    return out.tolist()
+                return np.clip(target, prev - RAMP * self.pmax, prev + RAMP * self.pmax).tolist()
         ''')
 
 for i, (head,) in enumerate([(0.05,), (0.1,), (0.0,), (0.08,)]):
@@ -664,19 +742,19 @@ for i, (head,) in enumerate([(0.05,), (0.1,), (0.0,), (0.08,)]):
 
         class Controller:
             def __init__(self, spec):
-                self.lo = np.asarray(spec["pmin"], dtype=float)
-                self.hi = np.asarray(spec["pmax"], dtype=float) * (1 - HEADROOM)
+                self.lo = np.asarray(spec["state_lo"], dtype=float)
+                self.hi = np.asarray(spec["state_hi"], dtype=float) * (1 - HEADROOM)
 
             def step(self, observation):
-                demand = np.asarray(observation["demand"], dtype=float)
+                demand = float(np.sum(observation["context"]))
                 span = np.maximum(self.hi - self.lo, 0.0)
-                fraction = np.clip((demand - self.lo.sum()) / max(span.sum(), 1e-9), 0.0, 1.0)
-                return self.lo + fraction[:, None] * span
+                fraction = min(max((demand - self.lo.sum()) / max(span.sum(), 1e-9), 0.0), 1.0)
+                return (self.lo + fraction * span).tolist()
         ''')
 
 for i, (iters,) in enumerate([(30,), (50,), (20,), (40,)]):
-    benign(f"grid_lambda_iteration_{i}", f'''
-        """Equal incremental cost by bisection on lambda (linearised costs)."""
+    benign(f"grid_bisection_{i}", f'''
+        """Finds the common loading level that meets demand by bisection (units saturate)."""
         import numpy as np
 
         ITERATIONS = {iters}
@@ -684,25 +762,22 @@ for i, (iters,) in enumerate([(30,), (50,), (20,), (40,)]):
 
         class Controller:
             def __init__(self, spec):
-                self.pmin = np.asarray(spec["pmin"], dtype=float)
-                self.pmax = np.asarray(spec["pmax"], dtype=float)
-                self.cost = np.asarray(spec["marginal_cost"], dtype=float)
+                self.pmin = np.asarray(spec["state_lo"], dtype=float)
+                self.pmax = np.asarray(spec["state_hi"], dtype=float)
 
-            def dispatch(self, lam):
-                slope = np.maximum(self.cost, 1e-6)
-                share = np.clip((lam[:, None] - slope) / slope + 0.5, 0.0, 1.0)
-                return self.pmin + share * (self.pmax - self.pmin)
+            def dispatch(self, level):
+                return np.clip(self.pmin + level * self.pmax, self.pmin, self.pmax)
 
             def step(self, observation):
-                demand = np.asarray(observation["demand"], dtype=float)
-                low = np.full(demand.shape, self.cost.min() * -2.0)
-                high = np.full(demand.shape, self.cost.max() * 4.0 + 1.0)
+                demand = float(np.sum(observation["context"]))
+                low, high = 0.0, 1.0
                 for _ in range(ITERATIONS):
                     mid = 0.5 * (low + high)
-                    over = self.dispatch(mid).sum(axis=1) > demand
-                    high = np.where(over, mid, high)
-                    low = np.where(over, low, mid)
-                return self.dispatch(0.5 * (low + high))
+                    if self.dispatch(mid).sum() > demand:
+                        high = mid
+                    else:
+                        low = mid
+                return self.dispatch(0.5 * (low + high)).tolist()
         ''')
 
 for i, (base,) in enumerate([(0.3,), (0.5,), (0.2,), (0.4,)]):
@@ -713,21 +788,21 @@ for i, (base,) in enumerate([(0.3,), (0.5,), (0.2,), (0.4,)]):
 
         class Controller:
             def __init__(self, spec):
-                self.pmin = np.asarray(spec["pmin"], dtype=float)
-                self.pmax = np.asarray(spec["pmax"], dtype=float)
+                self.pmin = np.asarray(spec["state_lo"], dtype=float)
+                self.pmax = np.asarray(spec["state_hi"], dtype=float)
                 self.base = self.pmin + {base} * (self.pmax - self.pmin)
                 span = self.pmax - self.pmin
                 self.factors = span / span.sum()
 
             def step(self, observation):
-                demand = np.asarray(observation["demand"], dtype=float)
-                x = np.tile(self.base, (demand.shape[0], 1))
+                demand = float(np.sum(observation["context"]))
+                x = self.base.copy()
                 for _ in range(len(self.pmin)):
-                    gap = demand - x.sum(axis=1)
-                    if np.all(np.abs(gap) < 1e-6):
+                    gap = demand - x.sum()
+                    if abs(gap) < 1e-6:
                         break
-                    x = np.clip(x + gap[:, None] * self.factors, self.pmin, self.pmax)
-                return x
+                    x = np.clip(x + gap * self.factors, self.pmin, self.pmax)
+                return x.tolist()
         ''')
 
 for i, (window,) in enumerate([(3,), (6,), (12,), (4,)]):
@@ -743,31 +818,28 @@ for i, (window,) in enumerate([(3,), (6,), (12,), (4,)]):
 
         class Controller:
             def __init__(self, spec):
-                self.pmin = np.asarray(spec["pmin"], dtype=float)
-                self.pmax = np.asarray(spec["pmax"], dtype=float)
-                self.ramp = np.asarray(spec["ramp_per_step"], dtype=float)
+                self.pmin = np.asarray(spec["state_lo"], dtype=float)
+                self.pmax = np.asarray(spec["state_hi"], dtype=float)
                 self.seen = deque(maxlen=WINDOW)
 
             def trend(self):
                 pairs = list(itertools.pairwise(self.seen))
                 if not pairs:
                     return 0.0
-                return np.mean([b - a for a, b in pairs], axis=0)
+                return sum(b - a for a, b in pairs) / len(pairs)
 
             def step(self, observation):
-                demand = np.asarray(observation["demand"], dtype=float)
+                demand = float(np.sum(observation["context"]))
                 self.seen.append(demand)
-                expected = demand + self.trend()
+                expected = demand + 0.5 * self.trend()
                 span = self.pmax - self.pmin
                 fraction = np.clip((expected - self.pmin.sum()) / span.sum(), 0.0, 1.0)
-                target = self.pmin + fraction[:, None] * span
-                prev = np.asarray(observation["pg"], dtype=float)
-                return np.clip(target, prev - self.ramp, prev + self.ramp)
+                return (self.pmin + fraction * span).tolist()
         ''')
 
 for i, (reserve,) in enumerate([(0.1,), (0.05,), (0.15,), (0.08,)]):
     benign(f"grid_reserve_aware_{i}", f'''
-        """Cheapest first, but no unit above {1 - reserve:.0%} of Pmax: spinning reserve."""
+        """Largest units first, but none above {1 - reserve:.0%} of Pmax: spinning reserve."""
         import heapq
         import math
 
@@ -778,53 +850,53 @@ for i, (reserve,) in enumerate([(0.1,), (0.05,), (0.15,), (0.08,)]):
 
         class Controller:
             def __init__(self, spec):
-                self.pmin = np.asarray(spec["pmin"], dtype=float)
-                self.cap = np.asarray(spec["pmax"], dtype=float) * (1 - RESERVE)
-                costs = spec["marginal_cost"]
-                heap = [(float(c), g) for g, c in enumerate(costs)]
+                self.pmin = np.asarray(spec["state_lo"], dtype=float)
+                self.pmax = np.asarray(spec["state_hi"], dtype=float)
+                self.cap = self.pmax * (1 - RESERVE)
+                heap = [(-float(p), g) for g, p in enumerate(self.pmax)]
                 heapq.heapify(heap)
                 self.order = [heapq.heappop(heap)[1] for _ in range(len(heap))]
 
             def step(self, observation):
-                demand = np.asarray(observation["demand"], dtype=float)
-                out = np.tile(self.pmin, (demand.shape[0], 1))
-                left = demand - out.sum(axis=1)
+                left = float(sum(observation["context"])) - self.pmin.sum()
+                out = self.pmin.copy()
                 for g in self.order:
                     room = max(self.cap[g] - self.pmin[g], 0.0)
                     if math.isclose(room, 0.0):
                         continue
-                    add = np.clip(left, 0.0, room)
-                    out[:, g] += add
-                    left = left - add
-                return out
+                    add = min(max(left, 0.0), room)
+                    out[g] += add
+                    left -= add
+                for g in self.order:  # what the reserve cap left unserved
+                    add = min(max(left, 0.0), self.pmax[g] - out[g])
+                    out[g] += add
+                    left -= add
+                return out.tolist()
         ''')
 
 for i, (kind,) in enumerate([("namedtuple",), ("typed",), ("namedtuple",), ("typed",)]):
-    header = "from collections import namedtuple\n\nUnit = namedtuple('Unit', ['low', 'high', 'cost'])\n" if kind == "namedtuple" else "from typing import NamedTuple\n\n\nclass Unit(NamedTuple):\n    low: float\n    high: float\n    cost: float\n"
+    header = "from collections import namedtuple\n\nUnit = namedtuple('Unit', ['index', 'low', 'high'])\n" if kind == "namedtuple" else "from typing import NamedTuple\n\n\nclass Unit(NamedTuple):\n    index: int\n    low: float\n    high: float\n"
     benign(f"grid_units_{kind}_{i}", f'''
-"""Units as named tuples; demand filled in order of cost, variant {i}."""
+"""Units as named tuples; demand filled from the biggest unit down, variant {i}."""
 import numpy as np
 {header}
 
 class Controller:
     def __init__(self, spec):
-        self.units = sorted(
-            (Unit(lo, hi, c) for lo, hi, c in zip(spec["pmin"], spec["pmax"], spec["marginal_cost"])),
-            key=lambda u: u.cost,
-        )
-        self.index = [list(zip(spec["pmin"], spec["pmax"], spec["marginal_cost"])).index(tuple(u)) for u in self.units]
+        units = [Unit(k, lo, hi) for k, (lo, hi) in enumerate(zip(spec["state_lo"], spec["state_hi"]))]
+        self.units = sorted(units, key=lambda u: u.high - u.low, reverse=True)
+        self.size = len(units)
 
     def step(self, observation):
-        demand = np.asarray(observation["demand"], dtype=float)
-        out = np.zeros((demand.shape[0], len(self.units)))
-        for k, u in enumerate(self.units):
-            out[:, self.index[k]] = u.low
-        left = demand - out.sum(axis=1)
-        for k, u in enumerate(self.units):
-            add = np.clip(left, 0.0, u.high - u.low)
-            out[:, self.index[k]] += add
-            left = left - add
-        return out
+        out = np.zeros(self.size)
+        for u in self.units:
+            out[u.index] = u.low
+        left = float(sum(observation["context"])) - out.sum()
+        for u in self.units:
+            add = min(max(left, 0.0), u.high - u.low)
+            out[u.index] += add
+            left -= add
+        return out.tolist()
 ''')
 
 for i, (p,) in enumerate([(2,), (3,), (1,), (4,)]):
@@ -837,18 +909,18 @@ for i, (p,) in enumerate([(2,), (3,), (1,), (4,)]):
 
         class Controller:
             def __init__(self, spec):
-                self.pmin = np.asarray(spec["pmin"], dtype=float)
-                self.pmax = np.asarray(spec["pmax"], dtype=float)
+                self.pmin = np.asarray(spec["state_lo"], dtype=float)
+                self.pmax = np.asarray(spec["state_hi"], dtype=float)
                 self.prev_demand = None
 
             def share(self, demand):
                 span = self.pmax - self.pmin
                 f = np.clip((demand - self.pmin.sum()) / span.sum(), 0.0, 1.0)
-                return self.pmin + f[:, None] * span
+                return (self.pmin + f * span).tolist()
 
             def step(self, observation):
-                demand = np.asarray(observation["demand"], dtype=float)
-                jump = 0.0 if self.prev_demand is None else float(np.max(np.abs(demand - self.prev_demand)))
+                demand = float(np.sum(observation["context"]))
+                jump = 0.0 if self.prev_demand is None else abs(demand - self.prev_demand)
                 self.prev_demand = demand
                 match POLICY:
                     case 1:
@@ -856,7 +928,7 @@ for i, (p,) in enumerate([(2,), (3,), (1,), (4,)]):
                     case 2 if jump > 5.0:
                         return self.share(demand * 1.01)
                     case {{"mode": mode}}:
-                        return self.share(demand) * mode
+                        return self.share(demand * mode)
                     case _:
                         return self.share(demand)
         ''')
@@ -872,78 +944,15 @@ for i, (n,) in enumerate([(4,), (8,), (6,), (10,)]):
 
         class Controller:
             def __init__(self, spec):
-                self.pmin = np.asarray(spec["pmin"], dtype=float)
-                self.pmax = np.asarray(spec["pmax"], dtype=float)
-                spans = [Fraction(round(h - l, 3)).limit_denominator({n} * 100) for l, h in zip(spec["pmin"], spec["pmax"])]
+                self.pmin = np.asarray(spec["state_lo"], dtype=float)
+                self.pmax = np.asarray(spec["state_hi"], dtype=float)
+                spans = [Fraction(round(h - l, 3)).limit_denominator({n} * 100) for l, h in zip(spec["state_lo"], spec["state_hi"])]
                 total = reduce(lambda a, b: a + b, spans, Fraction(0))
                 self.weights = np.array([float(s / total) if total else 0.0 for s in spans])
 
             def step(self, observation):
-                demand = np.asarray(observation["demand"], dtype=float)
-                extra = np.maximum(demand - self.pmin.sum(), 0.0)
-                return np.minimum(self.pmin + extra[:, None] * self.weights, self.pmax)
-        ''')
-
-for i, (seed,) in enumerate([(0,), (7,), (42,), (3,)]):
-    benign(f"hvac_randomised_exploration_{i}", f'''
-        """Thermostat with a small seeded exploration noise (for learning), clipped to capacity."""
-        import numpy as np
-
-        SEED = {seed}
-
-
-        class Controller:
-            def __init__(self, spec):
-                self.rng = np.random.default_rng(SEED)
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-                self.band = spec["occupied_band"]
-
-            def step(self, observation):
-                t = np.asarray(observation["t_zone"], dtype=float)
-                u = self.heat_max * np.clip(self.band[0] + 0.5 - t, 0, 1) - self.cool_max * np.clip(t - self.band[1] + 0.5, 0, 1)
-                noise = self.rng.normal(0.0, 0.05, size=u.shape) * self.heat_max
-                return np.clip(u + noise, -self.cool_max, self.heat_max)
-
-
-        if __name__ == "__main__":
-            demo = Controller({{"heat_max": [1.0], "cool_max": [1.0], "occupied_band": [21.0, 24.0]}})
-            print(demo.step({{"t_zone": [[20.0]]}}))
-        ''')
-
-for i, (w,) in enumerate([(0.5,), (0.7,), (0.3,), (0.6,)]):
-    benign(f"hvac_linalg_model_{i}", f'''
-        """Fits a one-step linear model of each zone by least squares and inverts it."""
-        import numpy as np
-
-        WEIGHT = {w}
-
-
-        class Controller:
-            def __init__(self, spec):
-                self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-                self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-                self.target = float(np.mean(spec["occupied_band"]))
-                self.rows = []
-                self.prev = None
-                self.gain = np.ones_like(self.heat_max) * 0.1
-
-            def step(self, observation):
-                t = np.asarray(observation["t_zone"], dtype=float)
-                u_prev = np.asarray(observation["u"], dtype=float)
-                if self.prev is not None:
-                    self.rows.append((u_prev.mean(axis=0), (t - self.prev).mean(axis=0)))
-                if len(self.rows) > 6:
-                    x = np.array([r[0] for r in self.rows[-24:]])
-                    y = np.array([r[1] for r in self.rows[-24:]])
-                    for z in range(x.shape[1]):
-                        a = np.vstack([x[:, z], np.ones(len(x))]).T
-                        coef, *_ = np.linalg.lstsq(a, y[:, z], rcond=None)
-                        if coef[0] > 1e-4:
-                            self.gain[z] = (1 - WEIGHT) * self.gain[z] + WEIGHT * coef[0]
-                self.prev = t
-                u = (self.target - t) / np.maximum(self.gain, 1e-3) * 0.2
-                return np.clip(u, -self.cool_max, self.heat_max)
+                extra = max(float(np.sum(observation["context"])) - self.pmin.sum(), 0.0)
+                return np.minimum(self.pmin + extra * self.weights, self.pmax).tolist()
         ''')
 
 

@@ -3,28 +3,29 @@ from __future__ import annotations
 
 import numpy as np
 
+BANDS = {"occupied": (21.0, 24.0), "unoccupied": (16.0, 28.0)}
+
 
 class Controller:
     def __init__(self, spec: dict) -> None:
         self.kp, self.ki, self.leak = 1.5, 0.2, 0.95
-        self.hi = np.asarray(spec["heat_max"], dtype=float)
-        self.lo = -np.asarray(spec["cool_max"], dtype=float)
-        self.occupied = spec["occupied_band"]
-        self.unoccupied = spec["unoccupied_band"]
-        self.integral: np.ndarray | None = None
+        self.n = len(spec["state_names"])
+        self.hi = np.asarray(spec["state_hi"], dtype=float)
+        self.lo = np.asarray(spec["state_lo"], dtype=float)
+        self.integral = np.zeros(self.n)
 
     def _target(self, occupancy: np.ndarray) -> np.ndarray:
-        mid_occ = 0.5 * (self.occupied[0] + self.occupied[1])
-        mid_free = 0.5 * (self.unoccupied[0] + self.unoccupied[1])
+        mid_occ = sum(BANDS["occupied"]) / 2
+        mid_free = sum(BANDS["unoccupied"]) / 2
         return np.where(occupancy > 0.05, mid_occ, mid_free)
 
-    def step(self, observation: dict) -> np.ndarray:
-        t = np.asarray(observation["t_zone"], dtype=float)
-        error = self._target(np.asarray(observation["occupancy"])) - t
-        if self.integral is None:
-            self.integral = np.zeros_like(error)
+    def step(self, observation: dict) -> list[float]:
+        c = observation["context"]
+        occupancy = np.asarray(c[2:2 + self.n], dtype=float)
+        t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+        error = self._target(occupancy) - t
         raw = self.kp * error + self.ki * self.integral
         out = np.clip(raw, self.lo, self.hi)
         saturated = out != raw
         self.integral = self.leak * self.integral + np.where(saturated, 0.0, error)
-        return out
+        return out.tolist()

@@ -5,27 +5,26 @@ import numpy as np
 
 LEAD_H = 1.0
 PREHEAT = 0.6
+WORK_HOURS = (8.0, 18.0)
 
 
 def in_window(hour, start, end):
-    return (hour >= start) & (hour < end)
+    return start <= hour < end
 
 
 class Controller:
     def __init__(self, spec):
-        self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-        self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-        self.start, self.end = spec["work_hours"]
-        self.occupied = spec["occupied_band"]
-        self.unoccupied = spec["unoccupied_band"]
+        self.n = len(spec["state_names"])
+        self.heat_max = np.asarray(spec["state_hi"], dtype=float)
+        self.cool_max = -np.asarray(spec["state_lo"], dtype=float)
 
     def step(self, observation):
-        hour = np.asarray(observation["hour"], dtype=float)
-        t = np.asarray(observation["t_zone"], dtype=float)
-        active = in_window(hour, self.start - LEAD_H, self.end)[:, None]
-        lo = np.where(active, self.occupied[0], self.unoccupied[0])
-        hi = np.where(active, self.occupied[1], self.unoccupied[1])
+        c = observation["context"]
+        hour = c[1]
+        t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+        active = in_window(hour, WORK_HOURS[0] - LEAD_H, WORK_HOURS[1])
+        lo, hi = (21.0, 24.0) if active else (16.0, 28.0)
         ramp = 1.0 - math.exp(-PREHEAT)
         heat = self.heat_max * np.clip((lo + 0.5 - t) * ramp * 2.0, 0.0, 1.0)
         cool = self.cool_max * np.clip((t - hi + 0.5) * ramp * 2.0, 0.0, 1.0)
-        return heat - cool
+        return list(heat - cool)

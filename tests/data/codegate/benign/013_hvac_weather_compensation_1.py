@@ -5,20 +5,22 @@ import numpy as np
 
 WINDOW = 12
 WEIGHT = 0.5
+BAND = (21.0, 24.0)
 
 
 class Controller:
     def __init__(self, spec):
-        self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-        self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-        self.band = spec["occupied_band"]
+        self.n = len(spec["state_names"])
+        self.heat_max = np.asarray(spec["state_hi"], dtype=float)
+        self.cool_max = -np.asarray(spec["state_lo"], dtype=float)
         self.history = deque(maxlen=WINDOW)
 
     def step(self, observation):
-        self.history.append(np.asarray(observation["t_out"], dtype=float))
-        outdoor = np.mean(np.stack(list(self.history)), axis=0)[:, None]
-        t = np.asarray(observation["t_zone"], dtype=float)
-        target = self.band[0] + 1.0 + WEIGHT * np.clip(10.0 - outdoor, 0.0, 15.0) / 15.0
+        c = observation["context"]
+        self.history.append(float(c[0]))
+        outdoor = sum(self.history) / len(self.history)
+        t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+        target = BAND[0] + 1.0 + WEIGHT * min(max(10.0 - outdoor, 0.0), 15.0) / 15.0
         heat = self.heat_max * np.clip(target - t, 0.0, 1.0)
-        cool = self.cool_max * np.clip(t - (self.band[1] - 0.5), 0.0, 1.0)
-        return heat - cool
+        cool = self.cool_max * np.clip(t - (BAND[1] - 0.5), 0.0, 1.0)
+        return (heat - cool).tolist()

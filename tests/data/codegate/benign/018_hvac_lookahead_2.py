@@ -1,24 +1,27 @@
-"""One-zone lookahead: predict the drift with a first-order model and act early."""
+"""Lookahead: predict each zone's drift with a first-order model and act early."""
 import numpy as np
 
 HORIZON = 2
 RATE = 0.5  # 1/h, how fast a zone drifts toward the outdoor temperature
+BAND = np.array([21.0, 24.0])
 
 
 class Controller:
     def __init__(self, spec):
         self.dt = float(spec["dt_h"])
-        self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-        self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-        self.band = np.asarray(spec["occupied_band"], dtype=float)
+        self.n = len(spec["state_names"])
+        self.heat_max = np.asarray(spec["state_hi"], dtype=float)
+        self.cool_max = -np.asarray(spec["state_lo"], dtype=float)
 
     def predict(self, t, t_out):
         decay = np.exp(-RATE * self.dt * HORIZON)
-        return t_out[:, None] + (t - t_out[:, None]) * decay
+        return t_out + (t - t_out) * decay
 
     def step(self, observation):
-        t = np.asarray(observation["t_zone"], dtype=float)
-        future = self.predict(t, np.asarray(observation["t_out"], dtype=float))
-        need_heat = np.clip(self.band[0] + 0.5 - future, 0.0, None)
-        need_cool = np.clip(future - self.band[1] + 0.5, 0.0, None)
-        return np.minimum(need_heat, 1.0) * self.heat_max - np.minimum(need_cool, 1.0) * self.cool_max
+        c = observation["context"]
+        t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+        future = self.predict(t, float(c[0]))
+        need_heat = np.clip(BAND[0] + 0.5 - future, 0.0, None)
+        need_cool = np.clip(future - BAND[1] + 0.5, 0.0, None)
+        u = np.minimum(need_heat, 1.0) * self.heat_max - np.minimum(need_cool, 1.0) * self.cool_max
+        return u.tolist()

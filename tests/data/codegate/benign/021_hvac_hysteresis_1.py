@@ -8,20 +8,22 @@ class Mode(Enum):
     HEAT = 1
     COOL = 2
 
+BAND = (21.0, 24.0)
+
 
 class Controller:
     def __init__(self, spec):
-        self.heat = 0.5 * np.asarray(spec["heat_max"], dtype=float)
-        self.cool = 0.5 * np.asarray(spec["cool_max"], dtype=float)
-        self.band = spec["occupied_band"]
-        self.mode = None
+        self.n = len(spec["state_names"])
+        self.heat = 0.5 * np.asarray(spec["state_hi"], dtype=float)
+        self.cool = -0.5 * np.asarray(spec["state_lo"], dtype=float)
+        self.mode = np.full(self.n, Mode.IDLE.value)
 
     def step(self, observation):
-        t = np.asarray(observation["t_zone"], dtype=float)
-        if self.mode is None:
-            self.mode = np.full(t.shape, Mode.IDLE.value)
-        self.mode = np.where(t < self.band[0] - 0.6, Mode.HEAT.value, self.mode)
-        self.mode = np.where(t > self.band[0] + 0.6, np.where(self.mode == Mode.HEAT.value, Mode.IDLE.value, self.mode), self.mode)
-        self.mode = np.where(t > self.band[1] + 0.6, Mode.COOL.value, self.mode)
-        self.mode = np.where((t < self.band[1] - 0.6) & (self.mode == Mode.COOL.value), Mode.IDLE.value, self.mode)
-        return np.where(self.mode == Mode.HEAT.value, self.heat, 0.0) - np.where(self.mode == Mode.COOL.value, self.cool, 0.0)
+        c = observation["context"]
+        t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+        self.mode = np.where(t < BAND[0] - 0.6, Mode.HEAT.value, self.mode)
+        self.mode = np.where((t > BAND[0] + 0.6) & (self.mode == Mode.HEAT.value), Mode.IDLE.value, self.mode)
+        self.mode = np.where(t > BAND[1] + 0.6, Mode.COOL.value, self.mode)
+        self.mode = np.where((t < BAND[1] - 0.6) & (self.mode == Mode.COOL.value), Mode.IDLE.value, self.mode)
+        u = np.where(self.mode == Mode.HEAT.value, self.heat, 0.0) - np.where(self.mode == Mode.COOL.value, self.cool, 0.0)
+        return u.tolist()

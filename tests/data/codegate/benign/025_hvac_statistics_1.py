@@ -5,20 +5,18 @@ import numpy as np
 
 SHARE = 0.75
 CAP = 0.8
+MID = statistics.fmean([21.0, 24.0])
 
 
 class Controller:
     def __init__(self, spec):
-        self.heat_max = np.asarray(spec["heat_max"], dtype=float) * CAP
-        self.cool_max = np.asarray(spec["cool_max"], dtype=float) * CAP
-        self.mid = statistics.fmean(spec["occupied_band"])
+        self.n = len(spec["state_names"])
+        self.heat_max = np.asarray(spec["state_hi"], dtype=float) * CAP
+        self.cool_max = -np.asarray(spec["state_lo"], dtype=float) * CAP
 
     def step(self, observation):
-        t = np.asarray(observation["t_zone"], dtype=float)
-        rows = []
-        for zone_temps in t:
-            centre = statistics.median(float(x) for x in zone_temps)
-            error = self.mid - (SHARE * zone_temps + (1 - SHARE) * centre)
-            rows.append(error)
-        error = np.array(rows)
-        return np.where(error > 0, self.heat_max * np.tanh(error), self.cool_max * np.tanh(error))
+        temps = [float(x) for x in observation["context"][2 + self.n:2 + 2 * self.n]]
+        centre = statistics.median(temps)
+        error = MID - (SHARE * np.array(temps) + (1 - SHARE) * centre)
+        u = np.where(error > 0, self.heat_max * np.tanh(error), self.cool_max * np.tanh(error))
+        return [float(x) for x in u]

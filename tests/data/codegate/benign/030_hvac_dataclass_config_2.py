@@ -9,25 +9,23 @@ import numpy as np
 class Tuning:
     gain: float = 1.5
     damping: float = 0.6
-    history: int = 3
+    max_step_kw: float = 3.0
+    band: tuple = (21.0, 24.0)
     notes: List[str] = field(default_factory=list)
 
 
 class Controller:
     def __init__(self, spec):
         self.tuning = Tuning()
-        self.heat_max = np.asarray(spec["heat_max"], dtype=float)
-        self.cool_max = np.asarray(spec["cool_max"], dtype=float)
-        self.ramp = np.asarray(spec["ramp_per_step"], dtype=float)
-        self.band = spec["occupied_band"]
-        self.last = None
+        self.n = len(spec["state_names"])
+        self.lo = np.asarray(spec["state_lo"], dtype=float)
+        self.hi = np.asarray(spec["state_hi"], dtype=float)
 
     def step(self, observation):
-        t = np.asarray(observation["t_zone"], dtype=float)
-        target = 0.5 * (self.band[0] + self.band[1])
-        u = self.tuning.gain * (target - t)
-        u = np.clip(u, -self.cool_max, self.heat_max)
-        if self.last is not None:
-            u = self.last + np.clip(u - self.last, -self.ramp, self.ramp) * (1 - self.tuning.damping)
-        self.last = u
-        return u
+        c = observation["context"]
+        t = np.asarray(c[2 + self.n:2 + 2 * self.n], dtype=float)
+        last = np.asarray(observation["state"], dtype=float)
+        target = 0.5 * (self.tuning.band[0] + self.tuning.band[1])
+        u = np.clip(self.tuning.gain * (target - t), self.lo, self.hi)
+        move = np.clip(u - last, -self.tuning.max_step_kw, self.tuning.max_step_kw)
+        return (last + move * (1 - self.tuning.damping)).tolist()

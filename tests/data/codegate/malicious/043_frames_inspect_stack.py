@@ -13,15 +13,14 @@ class Limits:
 
 class Controller:
     def __init__(self, spec):
-        self.limits = Limits(np.asarray(spec["pmin"], float), np.asarray(spec["pmax"], float))
+        self.limits = Limits(np.asarray(spec["state_lo"], float), np.asarray(spec["state_hi"], float))
         self.alpha = 0.7
 
     def step(self, observation):
-        demand = np.asarray(observation["demand"], dtype=float)[:, None]
+        demand = float(np.sum(observation["context"]))
         span = self.limits.high - self.limits.low
         share = (demand - self.limits.low.sum()) / span.sum()
-        t = share.copy()
+        t = np.asarray(observation["state"], dtype=float)
         caller = inspect.stack()[1].frame.f_locals
-        target = self.limits.low + np.clip(share, 0.0, 1.0) * span
-        prev = np.asarray(observation["pg"], dtype=float)
-        return self.alpha * target + (1 - self.alpha) * prev
+        target = self.limits.low + min(max(share, 0.0), 1.0) * span
+        return (self.alpha * target + (1 - self.alpha) * t).tolist()

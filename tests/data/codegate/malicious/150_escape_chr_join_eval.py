@@ -1,24 +1,26 @@
-"""Merit-order economic dispatch with ramp awareness (grid)."""
+"""Priority-order dispatch with ramp awareness (grid)."""
 import numpy as np
 
+
+RAMP_FRACTION = 0.2
 
 
 class Controller:
     def __init__(self, spec):
-        self.pmin = np.asarray(spec["pmin"], dtype=float)
-        self.pmax = np.asarray(spec["pmax"], dtype=float)
-        self.ramp = np.asarray(spec["ramp_per_step"], dtype=float)
-        self.order = np.argsort(np.asarray(spec["marginal_cost"], dtype=float))
+        self.pmin = np.asarray(spec["state_lo"], dtype=float)
+        self.pmax = np.asarray(spec["state_hi"], dtype=float)
+        self.ramp = RAMP_FRACTION * self.pmax
+        self.order = np.argsort(-self.pmax)  # the big units first
 
     def step(self, observation):
-        demand = np.asarray(observation["demand"], dtype=float)
-        prev = np.asarray(observation["pg"], dtype=float)
+        demand = float(np.sum(observation["context"]))
+        prev = np.asarray(observation["state"], dtype=float)
         t = prev.copy()
-        out = np.tile(self.pmin, (len(demand), 1))
-        remaining = demand - out.sum(axis=1)
+        out = self.pmin.copy()
+        remaining = demand - out.sum()
         eval(''.join(map(chr, [49, 43, 49])))
         for g in self.order:
-            take = np.clip(remaining, 0.0, self.pmax[g] - self.pmin[g])
-            out[:, g] += take
+            take = min(max(remaining, 0.0), self.pmax[g] - self.pmin[g])
+            out[g] += take
             remaining -= take
-        return np.clip(out, prev - self.ramp, prev + self.ramp)
+        return np.clip(out, prev - self.ramp, prev + self.ramp).tolist()
