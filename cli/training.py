@@ -3,6 +3,7 @@
     scf fossils synth --domain grid:case14 --n 100000 --out DIR   synthetic shards (NDJSON)
     scf fossils ingest PATH...                                   validate + publish, resumable
     scf train --data DIR --domain grid:case14 --out CKPT          train here, no bus
+    scf distill --checkpoint ID                                  a ternary student of a checkpoint
     scf artifacts put FILE NAME | get URI DEST | stat NAME|URI    the artifact store
     scf run dispatch                                             approved train intents → jobs
     scf run worker --pool NAME [--device cuda]                   a (GPU) training worker
@@ -172,6 +173,54 @@ def _scalar(text: str):
     return text
 
 
+# --------------------------------------------------------------------------- distil (ternary students)
+def distill(
+    checkpoint: str = typer.Option(..., help="the teacher: a checkpoint id on the bus (its checkpoint.produced), or a local checkpoint file"),
+    data: Optional[Path] = typer.Option(None, help="fossil shards to distil on (default: the domain's fossils, fetched from the bus)"),
+    out: Optional[Path] = typer.Option(None, help="directory for the student of a local file (default $SCF_HOME/model_zoo/students)"),
+    packing: str = typer.Option("2bit", help="2bit (4 weights a byte) or base3 (5 weights a byte: 1.6 bits/weight)"),
+    steps: int = typer.Option(2000, help="distillation steps"),
+    set_: list[str] = typer.Option([], "--set", help="more distil config, KEY=VALUE, repeatable (lr=5e-4, batch_size=256 …)"),
+) -> None:
+    """Distil an EBDM or learned-optimiser checkpoint into a ternary (BitNet b1.58) student, packed for the edge; from the bus, publish it to be verified and promoted."""
+    from scf.bus.errors import SCFError
+
+    params: dict = {"steps": steps, "packing": packing}
+    for item in set_:
+        if "=" not in item:
+            raise fail(f"--set {item!r} is not KEY=VALUE: e.g. --set lr=5e-4")
+        k, v = item.split("=", 1)
+        params[k.strip()] = _scalar(v.strip())
+    log = lambda line: typer.echo(line, err=True)  # noqa: E731
+    try:
+        from scf.ml import distill as ml_distill
+
+        cfg = ml_distill.DistillConfig.from_params(params)
+        if Path(checkpoint).is_file():
+            if data is None:
+                raise ml_distill.DistillError("a local checkpoint file needs --data DIR (fossil shards of its domain)")
+            result = ml_distill.distill_file(checkpoint, data, out or load_settings("distill").path("model_zoo", "students"), cfg, log=log)
+            event = None
+        else:
+            async def main():
+                s = load_settings("distill")
+                bus = await open_bus(s, "scf-distill")
+                try:
+                    return await ml_distill.distill_on_bus(bus, s, checkpoint, cfg, data=data, log=log)
+                finally:
+                    await bus.close()
+
+            result, event = run(main())
+    except SCFError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"wrote {result.student} ({result.kind} student, {cfg.packing}: {result.student_bytes:,} bytes, "
+               f"{result.student_bytes / result.teacher_bytes:.3f}x the teacher's {result.teacher_bytes:,})")  # fmt: skip
+    if event is not None:
+        typer.echo(f"published checkpoint.produced {event.data.checkpoint_id} ({event.data.uri}): the daemon judges it against its teacher")
+    for k, v in sorted(result.metrics.items()):
+        typer.echo(f"  {k:<32} {v:.6g}")
+
+
 # --------------------------------------------------------------------------- artifacts
 @artifacts_app.command("put")
 def artifacts_put(
@@ -255,5 +304,6 @@ def register(app: typer.Typer, run_app: typer.Typer) -> None:
     app.add_typer(fossils_app, name="fossils")
     app.add_typer(artifacts_app, name="artifacts")
     app.command("train")(train)
+    app.command("distill")(distill)
     run_app.command("dispatch")(run_dispatch)
     run_app.command("worker")(run_worker)

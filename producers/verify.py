@@ -53,6 +53,10 @@ class VerifySettings(msgspec.Struct, frozen=True, kw_only=True):
     violation_tolerance: float = 0.0  # allowed increase of violation_rate over production
     heldout_limit: int = 2048  # held-out fossils evaluated
     min_heldout: int = 16  # fewer held-out fossils than this: reject (cannot judge)
+    # ternary students (`scf distill`, docs/distill.md): judged against their teacher, promoted to their own alias
+    student_alias: str = "edge"
+    student_max_dsm_ratio: float = 1.02  # held-out DSM at most this × the teacher's, on the same fossils
+    student_min_rank_corr: float = 0.98  # Spearman of the student's energies against the teacher's
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,11 @@ class Verification:
     metrics: dict[str, float] = field(default_factory=dict)
     baseline_checkpoint_id: str | None = None
     baseline_metrics: dict[str, float] = field(default_factory=dict)
+    alias: str = ""  # a ternary student's: the alias it goes to instead of `settings.alias` (baseline: its teacher) …
+    head: ev.Promotion | None = None  # … and that alias's head, which its version counts from
+
+
+STUDENT_JOB_PREFIX = "distill-"  # job_id of a ternary student's checkpoint.produced (ml.distill.distill_on_bus)
 
 
 Verifier = Callable[[ev.CheckpointProduced, ev.Promotion | None], Awaitable[Verification]]
@@ -114,6 +123,8 @@ def decide_promotion(
 ) -> list[ev.Event]:
     """checkpoint.verified + checkpoint.promoted, or checkpoint.rejected with every reason."""
     c = event.data
+    if verification.alias:  # a ternary student: judged against its teacher by the verifier, its own alias
+        return _decide_student(event, verification, settings, source)
     reasons = list(verification.reasons) if not verification.ok else compare(
         verification.metrics, verification.baseline_metrics if production else None, settings
     )
@@ -146,6 +157,33 @@ def decide_promotion(
         cause=event,
         id=derived_id(event.id, "checkpoint.promoted", settings.alias),
     )
+    return [verified, promoted]
+
+
+def _decide_student(event: ev.CheckpointProduced, verification: Verification, settings: VerifySettings, source: str) -> list[ev.Event]:
+    """A ternary student's verdict: rejected with the verifier's reasons, or verified
+    (baseline: its teacher) and promoted to `verification.alias` after that alias's head."""
+    c, head, alias = event.data, verification.head, verification.alias
+    if head is not None and head.checkpoint_id == c.checkpoint_id:
+        return []  # already the head of its alias (a redelivery)
+    if verification.reasons or not verification.ok:
+        reasons = list(verification.reasons) or ["the student could not be judged"]
+        return [ev.CheckpointRejected.new(ev.CheckpointRejection(checkpoint_id=c.checkpoint_id, domain=c.domain, reasons=reasons), source=source, cause=event)]
+    verified = ev.CheckpointVerified.new(
+        ev.CheckpointVerification(
+            checkpoint_id=c.checkpoint_id, domain=c.domain, metrics=verification.metrics,
+            baseline_checkpoint_id=verification.baseline_checkpoint_id, baseline_metrics=verification.baseline_metrics,
+            margin=settings.student_max_dsm_ratio - 1.0,
+        ),
+        source=source, cause=event,
+    )  # fmt: skip
+    promoted = ev.CheckpointPromoted.new(
+        ev.Promotion(
+            checkpoint_id=c.checkpoint_id, domain=c.domain, alias=alias, version=(head.version + 1) if head else 1,
+            uri=c.uri, sha256=c.sha256, size=c.size, previous_checkpoint_id=head.checkpoint_id if head else None,
+        ),
+        source=source, cause=event, id=derived_id(event.id, "checkpoint.promoted", alias),
+    )  # fmt: skip
     return [verified, promoted]
 
 
@@ -291,8 +329,49 @@ class CheckpointVerifier:
             raise ValueError(f"size mismatch: artifact has {got} bytes, the event says {size}")
         return path
 
+    async def _verify_student(self, event: ev.CheckpointProduced) -> Verification:
+        """A ternary student: fetch it and the teacher its lineage names (digest from the
+        teacher's own checkpoint.produced), judge both on the same held-out fossils
+        (`ml.distill.judge_student`); promoted to `student_alias`, never to production."""
+        import numpy as np
+
+        from scf.ml.distill import find_produced, judge_student, read_header
+
+        c, cfg = event.data, self.config
+        head = await current_promotion(self.bus, c.domain, cfg.student_alias)
+
+        def out(reasons: list[str], metrics=None, teacher_id=None, teacher_metrics=None) -> Verification:
+            return Verification(c.checkpoint_id, True, reasons, metrics or {}, teacher_id, teacher_metrics or {}, alias=cfg.student_alias, head=head)
+
+        try:
+            path = await self._fetch(c.uri, c.sha256, c.size, f"{subject_token(c.checkpoint_id)}.ckpt")
+            teacher_id = str((await asyncio.to_thread(read_header, path))["lineage"]["teacher"]["checkpoint_id"])
+        except Exception as exc:  # noqa: BLE001 - an untrusted file: whatever breaks is a named rejection
+            return out([f"student {c.uri}: {type(exc).__name__}: {exc}"])
+        produced = await find_produced(self.bus, teacher_id)
+        if produced is None or produced.data.domain != c.domain:
+            return out([f"its teacher {teacher_id} has no checkpoint.produced of {c.domain}: a student is judged against its teacher"])
+        t = produced.data
+        try:
+            tpath = await self._fetch(t.uri, t.sha256, t.size, f"{subject_token(t.checkpoint_id)}.ckpt")
+        except Exception as exc:  # noqa: BLE001
+            return out([f"teacher {t.uri}: {type(exc).__name__}: {exc}"])
+        fossils = await heldout_fossils(self.bus, c.domain, cfg.heldout_limit)
+        if len(fossils) < cfg.min_heldout:
+            return out([f"only {len(fossils)} held-out fossils of {c.domain} (need {cfg.min_heldout}): cannot judge the student"])
+        x, cc, e = (np.asarray([getattr(f, k) for f in fossils], dtype=float) for k in ("state", "context", "energy"))
+        try:
+            metrics, teacher_metrics, reasons = await asyncio.to_thread(
+                judge_student, path, tpath, x, cc, e, max_dsm_ratio=cfg.student_max_dsm_ratio, min_rank_corr=cfg.student_min_rank_corr
+            )
+        except Exception as exc:  # noqa: BLE001
+            return out([f"cannot load or judge the student without pickle: {type(exc).__name__}: {exc}"])
+        return out(reasons, metrics, t.checkpoint_id, teacher_metrics)
+
     async def __call__(self, event: ev.CheckpointProduced, production: ev.Promotion | None) -> Verification:
         c = event.data
+        if c.job_id.startswith(STUDENT_JOB_PREFIX):  # a ternary student (`scf distill`): judged against its teacher
+            return await self._verify_student(event)
         try:
             path = await self._fetch(c.uri, c.sha256, c.size, f"{subject_token(c.checkpoint_id)}.ckpt")
         except Exception as exc:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from scf.consumers.edge.tensors import load_tensors
+from scf.consumers.edge.ternary import is_packed
+from scf.consumers.edge.ternary import probe as probe_packed
 
 
 def health_check(path: Path, max_elements: int = 50_000_000) -> str | None:
@@ -18,7 +20,11 @@ def health_check(path: Path, max_elements: int = 50_000_000) -> str | None:
     `max_elements` are checked on a strided sample); and the probe — the first 2-D float
     tensor W (by name), taken as a linear layer, maps a fixed input x (a ramp in [-1, 1])
     to W @ x (+ a bias of matching shape when present) with a finite, non-degenerate result.
-    This is SCF's own minimal probe: ml/ offers no numpy-only one (docs/deploy.md)."""
+    This is SCF's own minimal probe: ml/ offers no numpy-only one (docs/deploy.md). A
+    ternary student (its header states `scf-ternary/1`) is unpacked (every code checked)
+    and run on a fixed input by the numpy runtime instead (`ternary.probe`, docs/distill.md)."""
+    if is_packed(path):  # a ternary student (format scf-ternary/1): unpacked and run by its runtime
+        return probe_packed(path)
     try:
         tensors = load_tensors(path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, and any failure to load is the answer

@@ -1,0 +1,570 @@
+"""Ternary students: distil an EBDM (or a learned optimiser's network) into BitNet b1.58
+layers, judge it against its teacher on held-out data, export it packed for the edge.
+
+    result = distill_file("teacher.safetensors", "vault/fossils", "model_zoo")   # no bus
+    await distill_on_bus(bus, settings, checkpoint_id)       # `scf distill --checkpoint ID`
+
+* The student starts as a copy of the teacher whose inner linear layers are BitLinear
+  (`ml/ternary.py`); input/output projections, feature maps, norms and biases stay in
+  full precision.
+* EBDM: at noisy points z̃ = z + σε of the training fossils (σ drawn as in training), the
+  student matches the teacher's score (σ²|s_S - s_T|²: score distillation) and energy
+  (σ²(E_S - E_T)²: the network part g, the envelope being the same), plus the task loss,
+  denoising score matching on the data itself.
+* Optimiser: the proposal network's normalised output matched on fossil contexts (and
+  convex mixtures of two), plus the teacher's task loss: the learned cost of the balanced
+  proposal and the constraint penalty.
+* The student is frozen (scales fixed, weights snapped to γ·T), judged on held-out data
+  against the teacher (`compare_ebdm`, `compare_optimiser`), and written packed
+  (`export_student`: format `scf-ternary/1`, docs/distill.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from scipy.stats import spearmanr
+from torch import nn
+
+from scf.bus.errors import ConfigError, SCFError
+from scf.consumers.edge.ternary import FORMAT, PACKINGS, TernaryError, pack, unpack
+from scf.ml.ternary import bit_layers, freeze, ternarise, ternary_share
+
+EBDM_FORMAT = "scf-ebdm/1"
+OPT_FORMAT = "scf-opt/1"
+KINDS = {EBDM_FORMAT: "ebdm", OPT_FORMAT: "optimiser"}
+
+
+class DistillError(SCFError):
+    pass
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 5e-4
+    warmup: int = 50
+    score_weight: float = 1.0  # σ²|s_S - s_T|² (EBDM)
+    energy_weight: float = 1.0  # σ²(E_S - E_T)² (EBDM)
+    match_weight: float = 1.0  # |π_S - π_T|² on normalised outputs (optimiser)
+    task_weight: float = 0.1  # the teacher's own loss on the data (DSM; the optimiser's objective)
+    packing: str = "2bit"  # 2bit | base3
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    max_fossils: int = 50_000  # train-split fossils read
+    heldout: int = 512  # held-out fossils the student is judged on
+    decisions: int = 0  # held-out contexts for decision quality (0: not measured; EBDM sampling is slow)
+    log_every: int = 100
+
+    def check(self) -> DistillConfig:
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"packing {self.packing!r} is not one of {sorted(PACKINGS)}: use --packing 2bit or base3")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ConfigError(f"distil steps must be >= 0 and batch_size >= 1 (got {self.steps}, {self.batch_size})")
+        return self
+
+    @classmethod
+    def from_params(cls, params: dict) -> DistillConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ConfigError(f"unknown distil config keys {unknown}: use some of {sorted(names)}")
+        return cls(**params).check()
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _lr_lambda(cfg: DistillConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
+    return f
+
+
+# --------------------------------------------------------------------------- students
+
+
+def student_keep(kind: str, model: nn.Module) -> tuple[str, ...]:
+    """The linear layers kept in full precision: the input and output projections."""
+    if kind == "ebdm":
+        return ("inp", "head.1")
+    linears = [n for n, m in model.policy.net.named_children() if isinstance(m, nn.Linear)]
+    return (linears[0], linears[-1])
+
+
+def make_student(teacher: nn.Module, kind: str) -> nn.Module:
+    """A copy of the teacher whose inner linear layers are BitLinear (latent weights = the
+    teacher's: distillation starts where the teacher is)."""
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    root = student if kind == "ebdm" else student.policy.net
+    if not ternarise(root, student_keep(kind, student)):
+        raise DistillError("the teacher has no inner linear layer to ternarise: give it depth >= 1")
+    if kind == "optimiser":
+        student.cost.requires_grad_(False)
+    return student
+
+
+def _sigmas(cfg, n: int, gen: torch.Generator) -> torch.Tensor:
+    """σ per example as the EBDM trains: log-normal clamped to the ladder, a share log-uniform."""
+    lo, hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
+    normal = (cfg.sigma_log_mean + cfg.sigma_log_std * torch.randn(n, 1, generator=gen)).clamp(lo, hi)
+    uniform = lo + (hi - lo) * torch.rand(n, 1, generator=gen)
+    pick = torch.rand(n, 1, generator=gen) < cfg.sigma_uniform
+    return torch.exp(torch.where(pick, uniform, normal))
+
+
+def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, log=None):
+    """(frozen student, training stats) from a teacher EBDM and train-split fossils (x, c)."""
+    cfg = config.check()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    teacher = teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = make_student(teacher, "ebdm").train()
+    tcfg = teacher.config
+    xt, ct = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(c, dtype=torch.float32)
+    z_all, cz_all = teacher.normalise(xt), teacher.normalise_context(ct)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    stats = {"steps": 0.0}
+    started = time.perf_counter()
+    with _threads(cfg.threads):
+        for step in range(cfg.steps):
+            idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen)
+            z, cz = z_all[idx], cz_all[idx]
+            sigma = _sigmas(tcfg, len(z), gen)
+            eps = torch.randn(z.shape, generator=gen)
+            noisy = z + sigma * eps
+            s_t, e_t = (v.detach() for v in teacher.score(noisy, cz, sigma))
+            s_s, e_s = student.score(noisy, cz, sigma, create_graph=True)
+            score = (sigma * (s_s - s_t)).square().mean()
+            energy = (sigma.squeeze(-1) * (e_s - e_t)).square().mean()
+            task = (sigma * s_s + eps).square().mean()
+            loss = cfg.score_weight * score + cfg.energy_weight * energy + cfg.task_weight * task
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+                log(f"step {step}: score {float(score.detach()):.5f} energy {float(energy.detach()):.5f} dsm {float(task.detach()):.5f}")
+            stats.update(score_match=float(score.detach()), energy_match=float(energy.detach()), dsm=float(task.detach()))
+    stats["steps"] = float(cfg.steps)
+    stats["train_seconds"] = time.perf_counter() - started
+    freeze(student)
+    return student.eval(), stats
+
+
+def distill_optimiser(teacher, domain, c: np.ndarray, config: DistillConfig, log=None):
+    """(frozen student, stats) from a LearnedOptimiser and fossil contexts c."""
+    from scf.domains.repair import batch_rows
+    from scf.ml.optimize import _balance_layer, _equality_rows
+
+    cfg = config.check()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    teacher = teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = make_student(teacher, "optimiser").train()
+    contexts = np.asarray(c, dtype=float)
+    a, rlo_all, rhi_all = batch_rows(domain, contexts[: min(len(contexts), 64)])
+    eq = _equality_rows(a, rlo_all, rhi_all)
+    a_t = torch.tensor(a[~eq], dtype=torch.float32)
+    row_norm = (a_t * student.state_half).norm(dim=-1).clamp(min=1e-9)
+    e_mean, e_std = (float(v) for v in student.cost.energy_scale)
+    rho = teacher.config.penalty
+    opt = torch.optim.AdamW(student.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    stats: dict[str, float] = {}
+    started = time.perf_counter()
+    with _threads(cfg.threads):
+        for step in range(cfg.steps):
+            cb = contexts[rng.integers(len(contexts), size=cfg.batch_size)]
+            n_mix = cfg.batch_size // 2
+            t = rng.random((n_mix, 1))
+            cb[:n_mix] = t * cb[:n_mix] + (1 - t) * contexts[rng.integers(len(contexts), size=n_mix)]
+            ct = torch.tensor(cb, dtype=torch.float32)
+            with torch.no_grad():
+                _, out_t = teacher._raw(ct)
+            xb, out_s = student._raw(ct)
+            match = (out_s - out_t).square().sum(-1).mean()
+            task = torch.zeros(())
+            if cfg.task_weight:
+                _, rlo, rhi = batch_rows(domain, cb)
+                if eq.any():
+                    xb = _balance_layer(xb, student.state_lo, student.state_hi, torch.tensor(rlo[:, eq][:, 0], dtype=torch.float32))
+                energy_b = (student.cost(xb, ct).float() - e_mean) / e_std
+                ax = xb @ a_t.T
+                excess = (ax - torch.tensor(rhi[:, ~eq], dtype=torch.float32)).clamp(min=0) + (torch.tensor(rlo[:, ~eq], dtype=torch.float32) - ax).clamp(min=0)
+                task = energy_b.mean() + rho * (excess / row_norm).square().sum(-1).mean()
+            loss = cfg.match_weight * match + cfg.task_weight * task
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(student.policy.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+                log(f"step {step}: match {float(match.detach()):.3g} task {float(task.detach()):.5f}")
+            stats.update(match=float(match.detach()), task=float(task.detach()))
+    stats["steps"] = float(cfg.steps)
+    stats["train_seconds"] = time.perf_counter() - started
+    freeze(student)
+    return student.eval(), stats
+
+
+# --------------------------------------------------------------------------- judged against the teacher
+
+
+def _spearman(a, b) -> float:
+    rho = spearmanr(np.asarray(a, float), np.asarray(b, float)).statistic
+    return float(rho) if np.isfinite(rho) else float("nan")
+
+
+def compare_ebdm(teacher, student, x, c, cost=None, *, domain=None, decisions: int = 0, seed: int = 0) -> dict[str, float]:
+    """Student vs teacher on the same held-out fossils (x, c, cost):
+
+    heldout_dsm / teacher_heldout_dsm / dsm_ratio   DSM over the ladder, the same fixed noise
+    energy_rank_corr        Spearman of E_S vs E_T at σ_min over the held-out states
+    energy_rank_corr_noisy  the same at noisy points of every level of the ladder (mean)
+    energy_cost_spearman / teacher_energy_cost_spearman   E vs the measured cost
+    ternary_share           share of the student's numbers that are ternary weights
+    decision_* / teacher_decision_*   with `decisions` > 0 and a domain: one physics-guided
+                            sample per held-out context, repaired (ml.optimize.ebdm_decisions)"""
+    from scf.ml.ebdm import heldout_dsm
+
+    teacher.eval(), student.eval()
+    x, c = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(c, dtype=torch.float32)
+    z, cz = teacher.normalise(x), teacher.normalise_context(c)
+    out = {"heldout_dsm": heldout_dsm(student, x, c, seed=seed), "teacher_heldout_dsm": heldout_dsm(teacher, x, c, seed=seed)}
+    out["dsm_ratio"] = out["heldout_dsm"] / out["teacher_heldout_dsm"]
+    smin = teacher.config.sigma_min
+    _, e_t = teacher.score(z, cz, smin)
+    _, e_s = student.score(z, cz, smin)
+    out["energy_rank_corr"] = _spearman(e_s.detach(), e_t.detach())
+    gen = torch.Generator().manual_seed(seed)
+    rhos = []
+    for sigma in teacher.config.sigmas().tolist():
+        noisy = z + sigma * torch.randn(z.shape, generator=gen)
+        _, et = teacher.score(noisy, cz, sigma)
+        _, es = student.score(noisy, cz, sigma)
+        rhos.append(_spearman(es.detach(), et.detach()))
+    out["energy_rank_corr_noisy"] = float(np.nanmean(rhos))
+    if cost is not None and len(x) > 2:
+        out["energy_cost_spearman"] = _spearman(e_s.detach(), cost)
+        out["teacher_energy_cost_spearman"] = _spearman(e_t.detach(), cost)
+    out["ternary_share"] = ternary_share(student)
+    if decisions and domain is not None:
+        from scf.ml.optimize import ebdm_decisions
+
+        xs, cs = x[:decisions].double().numpy(), c[:decisions].double().numpy()
+        for prefix, model in (("", student), ("teacher_", teacher)):
+            out.update({prefix + k: v for k, v in ebdm_decisions(model, domain, xs, cs, seed=seed).items()})
+    out["records"] = float(len(x))
+    return out
+
+
+def compare_optimiser(teacher, student, domain, heldout, limit: int = 256) -> dict[str, float]:
+    """Decision quality of student and teacher on the same held-out fossils (x, c, energy):
+    gap to the exact optimum after repair, savings captured; their differences in
+    percentage points (`*_diff_pp`)."""
+    from scf.ml.optimize import evaluate_optimiser
+
+    s = evaluate_optimiser(student, domain, heldout, limit=limit)
+    t = evaluate_optimiser(teacher, domain, heldout, limit=limit)
+    out = {**s, **{"teacher_" + k: v for k, v in t.items()}}
+    for k in ("decision_gap_mean", "decision_savings_captured", "decision_feasible"):
+        if k in s and k in t:
+            out[k + "_diff_pp"] = 100.0 * (s[k] - t[k])
+    out["ternary_share"] = ternary_share(student.policy)
+    return out
+
+
+def judge_student(student_path, teacher_path, x, c, cost, *, max_dsm_ratio: float = 1.02, min_rank_corr: float = 0.98,
+                  seed: int = 0) -> tuple[dict[str, float], dict[str, float], list[str]]:  # fmt: skip
+    """The verifier's check of a packed EBDM student against its teacher on the same
+    held-out fossils: (student metrics, teacher metrics, reasons it fails). It fails when
+    its held-out DSM exceeds `max_dsm_ratio` × the teacher's or its energies rank the
+    held-out states with Spearman < `min_rank_corr` against the teacher's. Optimiser
+    students are refused here (docs/distill.md: judged by `compare_optimiser` offline)."""
+    student, meta = load_student(student_path)
+    if meta.get("model") != "ebdm":
+        return {}, {}, [f"a {meta.get('model')} student is not verified on the bus yet: judge it with benchmarks/bench_distill.py"]
+    teacher, kind, _ = teacher_file(teacher_path)
+    if kind != "ebdm":
+        return {}, {}, [f"its teacher is a {kind}, not an EBDM: the student's lineage names the wrong checkpoint"]
+    if dataclasses.asdict(teacher.config) != meta["config"]:
+        return {}, {}, ["its config differs from its teacher's: a student keeps its teacher's architecture"]
+    m = compare_ebdm(teacher, student, x, c, cost, seed=seed)
+    student_metrics = {k: v for k, v in m.items() if not k.startswith("teacher_") and math.isfinite(v)}
+    teacher_metrics = {k.removeprefix("teacher_"): v for k, v in m.items() if k.startswith("teacher_") and math.isfinite(v)}
+    reasons = []
+    if not m["dsm_ratio"] <= max_dsm_ratio:
+        reasons.append(f"held-out DSM {m['heldout_dsm']:.6g} is {m['dsm_ratio']:.4f}x its teacher's {m['teacher_heldout_dsm']:.6g} (allowed {max_dsm_ratio:.4g}x)")
+    if not m["energy_rank_corr"] >= min_rank_corr:
+        reasons.append(f"its energies rank the held-out states with Spearman {m['energy_rank_corr']:.4f} against its teacher's (needs >= {min_rank_corr:.4g})")
+    return student_metrics, teacher_metrics, reasons
+
+
+# --------------------------------------------------------------------------- files
+
+
+def export_student(path: str | os.PathLike, student: nn.Module, *, kind: str, config: dict, packing: str,
+                   lineage: dict, metrics: dict[str, float]) -> Path:  # fmt: skip
+    """Write a frozen student packed (format `scf-ternary/1`); atomic. Ternary layers as
+    `<name>.weight.packed` (uint8), shape and scale in the metadata's `layers`; every
+    other tensor as it is (float)."""
+    if packing not in PACKINGS:
+        raise ConfigError(f"packing {packing!r} is not one of {sorted(PACKINGS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bits = bit_layers(student)
+    tensors, layers = {}, {}
+    for name, layer in bits.items():
+        t, gamma = layer.quantised_weight()
+        tensors[f"{name}.weight.packed"] = torch.from_numpy(pack(t.to(torch.int8).cpu().numpy(), packing))
+        layers[name] = {"shape": list(t.shape), "scale": float(gamma)}
+    for k, v in student.state_dict().items():
+        owner = k.rsplit(".", 1)[0]
+        if owner in bits and k.endswith((".weight", ".wscale")):
+            continue
+        tensors[k] = v.detach().cpu().contiguous()
+    metadata = {
+        "format": FORMAT,
+        "packing": packing,
+        "bits_per_weight": str(PACKINGS[packing]),
+        "activation_bits": "8",
+        "model": kind,
+        "layers": json.dumps(layers, sort_keys=True),
+        "config": json.dumps(config, sort_keys=True),
+        "lineage": json.dumps(lineage, sort_keys=True, default=str),
+        "metrics": json.dumps({k: float(v) for k, v in metrics.items()}, sort_keys=True),
+        "torch_version": torch.__version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """A model file's metadata, its JSON fields decoded; reads no tensor."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise DistillError(f"{path} is not a readable safetensors model file ({exc}): give a checkpoint written by SCF") from None
+    for key in ("config", "lineage", "metrics", "layers"):
+        if key in raw:
+            raw[key] = json.loads(raw[key])
+    return raw
+
+
+def load_student(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """(torch student in eval mode, metadata) from a packed file: the modules rebuilt from
+    the config, the ternary weights unpacked and set to γ·T with γ fixed."""
+    meta = read_header(path)
+    if meta.get("format") != FORMAT:
+        raise DistillError(f"{path} has format {meta.get('format')!r}, not {FORMAT!r}: give a student written by `scf distill`")
+    kind = meta.get("model")
+    if kind == "ebdm":
+        from scf.ml.ebdm import EBDM, EBDMConfig
+
+        model = EBDM(EBDMConfig.from_dict(meta["config"]))
+        root = model
+    elif kind == "optimiser":
+        from scf.ml.optimize import LearnedOptimiser, OptimiserConfig
+
+        model = LearnedOptimiser(OptimiserConfig.from_dict(meta["config"]))
+        root = model.policy.net
+    else:
+        raise DistillError(f"{path} states model {kind!r}: only 'ebdm' and 'optimiser' students are known")
+    ternarise(root, student_keep(kind, model))
+    bits = bit_layers(model)
+    if set(bits) != set(meta["layers"]):
+        raise DistillError(f"{path}: its packed layers {sorted(meta['layers'])} do not fit its config's {sorted(bits)}: the file is damaged")
+    state = load_file(str(path))
+    with torch.no_grad():
+        for name, info in meta["layers"].items():
+            shape = [int(v) for v in info["shape"]]
+            try:
+                t = unpack(state.pop(f"{name}.weight.packed").numpy(), int(np.prod(shape)), meta["packing"])
+            except (KeyError, TernaryError) as exc:
+                raise DistillError(f"{path}: layer {name} does not unpack ({exc})") from None
+            layer = bits[name]
+            layer.wscale.fill_(float(info["scale"]))
+            layer.weight.copy_(torch.from_numpy(t.astype(np.float32)).reshape(shape) * layer.wscale)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in bits]
+    if missing or unexpected:
+        raise DistillError(f"{path} does not fit its config (missing {missing}, unexpected {unexpected}): the file is damaged")
+    return model.eval(), meta
+
+
+def teacher_file(path: str | os.PathLike):
+    """(teacher module in eval mode, kind, metadata) of an EBDM or learned-optimiser checkpoint."""
+    meta = read_header(path)
+    kind = KINDS.get(meta.get("format", ""))
+    if kind == "ebdm":
+        from scf.ml.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(path)
+    elif kind == "optimiser":
+        from scf.ml.optimize import load_optimiser
+
+        model, _ = load_optimiser(path)
+    else:
+        what = "a ternary student already" if meta.get("format") == FORMAT else f"format {meta.get('format')!r}"
+        raise DistillError(f"{path} is {what}: distil an EBDM ({EBDM_FORMAT}) or a learned optimiser ({OPT_FORMAT}) checkpoint")
+    return model.eval(), kind, meta
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+@dataclass
+class DistillResult:
+    student: Path
+    kind: str
+    metrics: dict[str, float]
+    teacher_bytes: int
+    student_bytes: int
+    duration_s: float
+
+
+def distill_file(teacher_path: str | os.PathLike, data_source, out_dir: str | os.PathLike, config: DistillConfig | None = None,
+                 *, teacher_ref: dict | None = None, log=None) -> DistillResult:  # fmt: skip
+    """Distil the checkpoint at `teacher_path` on the train split of `data_source` (shards or
+    a FossilSource), judge it on the held-out split, write the packed student under
+    `out_dir`; its lineage names the teacher (`teacher_ref`: the checkpoint id, uri, sha256
+    where it came from the bus)."""
+    from scf import domains
+    from scf.bus.events import domain_token
+    from scf.ml.checkpoint import sha256_file
+    from scf.ml.loader import as_source, load_arrays
+
+    cfg = (config or DistillConfig()).check()
+    started = time.perf_counter()
+    teacher, kind, tmeta = teacher_file(teacher_path)
+    domain_name = tmeta["config"].get("domain") or tmeta["lineage"].get("domain")
+    if not domain_name:
+        raise DistillError(f"{teacher_path} names no domain in its config or lineage: distil a checkpoint trained on a domain's fossils")
+    source = as_source(data_source)
+    x, c, e = load_arrays(source, domain=domain_name, split="train", limit=cfg.max_fossils, seed=cfg.seed)
+    hx, hc, he = load_arrays(source, domain=domain_name, split="heldout", limit=cfg.heldout, seed=cfg.seed)
+    domain = domains.get(domain_name)
+    if kind == "ebdm":
+        student, stats = distill_ebdm(teacher, x, c, cfg, log=log)
+        metrics = compare_ebdm(teacher, student, hx, hc, he, domain=domain, decisions=cfg.decisions, seed=cfg.seed)
+        config_dict = dataclasses.asdict(teacher.config)
+    else:
+        student, stats = distill_optimiser(teacher, domain, c, cfg, log=log)
+        metrics = compare_optimiser(teacher, student, domain, (hx, hc, he), limit=cfg.heldout)
+        config_dict = teacher.config.to_dict()
+    metrics.update({f"distill_{k}": v for k, v in stats.items()})
+    lineage = {
+        "teacher": {"format": tmeta["format"], "sha256": sha256_file(teacher_path), "file": Path(teacher_path).name, **(teacher_ref or {})},
+        "teacher_lineage": tmeta.get("lineage", {}),
+        "domain": domain_name,
+        "source": source.lineage(hashes=False),
+        "fossils": len(x),
+        "distill": dataclasses.asdict(cfg),
+        "recipe": "BitNet b1.58: absmean ternary weights, per-row absmax 8-bit activations, STE (docs/distill.md)",
+    }
+    name = f"student-{kind}-{domain_token(domain_name)}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{cfg.packing}.safetensors"
+    path = export_student(Path(out_dir) / name, student, kind=kind, config=config_dict, packing=cfg.packing, lineage=lineage,
+                          metrics={k: v for k, v in metrics.items() if math.isfinite(v)})  # fmt: skip
+    return DistillResult(path, kind, metrics, os.path.getsize(teacher_path), os.path.getsize(path), time.perf_counter() - started)
+
+
+async def find_produced(bus, checkpoint_id: str):
+    """The checkpoint.produced event of `checkpoint_id` (from CHECKPOINTS), or None."""
+    from scf.bus import events as ev
+    from scf.bus.codec import Codec
+    from scf.bus.reader import read
+
+    codec = Codec([ev.CheckpointProduced])
+    found = None
+    for msg in await read(bus, "CHECKPOINTS", "checkpoint.produced.>"):
+        e = codec.decode(msg.data)
+        if isinstance(e, ev.CheckpointProduced) and e.data.checkpoint_id == checkpoint_id:
+            found = e
+    return found
+
+
+async def distill_on_bus(bus, settings, checkpoint_id: str, config: DistillConfig | None = None, *, data=None, log=None):
+    """`scf distill --checkpoint ID`: fetch the teacher named by its checkpoint.produced
+    event (digest checked), distil it on its domain's fossils (from the bus, or `data`),
+    store the student in the artifact store and publish its checkpoint.produced (job
+    `distill-<teacher id>`): the daemon verifies and promotes it like any checkpoint.
+    Returns (DistillResult, the published event)."""
+    import asyncio
+
+    from scf.bus import events as ev
+    from scf.bus.artifacts import open_store
+    from scf.bus.ids import derived_id, subject_token
+
+    produced = await find_produced(bus, checkpoint_id)
+    if produced is None:
+        raise DistillError(f"no checkpoint.produced for checkpoint {checkpoint_id} in CHECKPOINTS: check the id (`scf query` the checkpoints view)")
+    t = produced.data
+    work = Path(settings.path("model_zoo", "distill", subject_token(checkpoint_id)))
+    work.mkdir(parents=True, exist_ok=True)
+    store = open_store(bus, settings)
+    teacher_path = Path(await store.get(t.uri, work / "teacher.safetensors", sha256=t.sha256))
+    if data is None:
+        from scf.consumers.worker import fetch_fossils
+
+        data = work / "fossils"
+        await fetch_fossils(bus, ev.DataSelection(domain=t.domain), data)
+    ref = {"checkpoint_id": t.checkpoint_id, "uri": t.uri, "sha256": t.sha256, "job_id": t.job_id}
+    result = await asyncio.to_thread(distill_file, teacher_path, data, work, config, teacher_ref=ref, log=log)
+    ref_student = await store.put(result.student, f"{subject_token(t.domain)}/{result.student.name}", meta={"teacher": t.checkpoint_id})
+    job_id = f"distill-{t.checkpoint_id}"
+    event = ev.CheckpointProduced.new(
+        ev.CheckpointInfo(
+            checkpoint_id=derived_id("checkpoint", job_id, ref_student.sha256), job_id=job_id, domain=t.domain, uri=ref_student.uri,
+            sha256=ref_student.sha256, size=ref_student.size, metrics={k: float(v) for k, v in result.metrics.items() if math.isfinite(v)},
+        ),
+        source=bus.source, cause=produced, id=derived_id("checkpoint.produced", job_id, ref_student.sha256),
+    )  # fmt: skip
+    await bus.publish(event)
+    return result, event
+
+
+__all__ = [
+    "DistillConfig", "DistillError", "DistillResult", "compare_ebdm", "compare_optimiser", "distill_ebdm", "distill_file",
+    "distill_on_bus", "distill_optimiser", "export_student", "find_produced", "load_student", "make_student", "read_header",
+    "student_keep", "teacher_file",
+]
