@@ -30,9 +30,11 @@ computed on first use for the code that wants them dense (ml/physics).
 
 Reference solution: DC-OPF solved by HiGHS (QP for quadratic costs, LP otherwise), in the
 PTDF formulation for small cases (one balance row per island, one row per limited branch;
-fastest to re-solve) and in the sparse B-theta formulation (angles as variables, one
-balance row per bus) above `DENSE_MAX_BUS` buses. Piecewise-linear costs are epigraph
-variables y_g >= m_k Pg + b_k in both.
+fastest to re-solve); above `DENSE_MAX_BUS` buses in the sparse B-theta formulation (angles
+as variables, one balance row per bus) for linear costs, and for quadratic costs (HiGHS's
+QP fails on B-theta) by constraint generation on the PTDF form ("lazy": branch rows added
+when a solution overloads them). Piecewise-linear costs are epigraph variables
+y_g >= m_k Pg + b_k in all three.
 """
 
 from __future__ import annotations
@@ -217,9 +219,10 @@ class GridDomain(Domain):
         self.context_bounds = (np.minimum(0.5 * nominal, 1.5 * nominal), np.maximum(0.5 * nominal, 1.5 * nominal))
         if formulation == "auto":  # HiGHS's QP solver fails on the B-theta QP (free angles); the PTDF QP solves
             quadratic = bool(np.any(self.cost_coef[:, 0] > 0))
-            formulation = "ptdf" if n_bus <= DENSE_MAX_BUS or quadratic else "b-theta"
-        if formulation not in ("ptdf", "b-theta"):
-            raise DomainError(f"{self.name}: formulation {formulation!r}: use 'ptdf', 'b-theta' or 'auto'")
+            formulation = "ptdf" if n_bus <= DENSE_MAX_BUS else ("lazy" if quadratic else "b-theta")
+        if formulation not in ("ptdf", "b-theta", "lazy"):
+            raise DomainError(f"{self.name}: formulation {formulation!r}: use 'ptdf', 'b-theta', 'lazy' or 'auto'")
+        self._lazy: list[int] = []  # "lazy": the branches (indices into `limited`) whose rows the model holds
         self.formulation = formulation
         self._opf: HighsProgram | None = None
 
@@ -441,9 +444,13 @@ class GridDomain(Domain):
         self._epi_hi = np.array([-sc.intercepts[g, k] for _, g, k in pieces])
         quad = 2 * sc.c2
         offset = float(sc.c0.sum())
-        if self.formulation == "ptdf":
+        if self.formulation in ("ptdf", "lazy"):
             n_var = n_gen + n_y
-            rows_a = sparse.csr_array(self._rows_a)
+            if self.formulation == "ptdf":
+                rows_a = sparse.csr_array(self._rows_a)
+            else:  # balance rows only; branch rows are added when a solution breaks them
+                rows_a = sparse.csr_array((np.ones(n_gen), (self._gen_island, np.arange(n_gen))), shape=(self.n_islands, n_gen))
+                self._lazy = []
             cols = [c if c >= 0 else n_gen + (-1 - c) for c in epi_cols]
             epi = sparse.csr_array((epi_vals, (epi_rows, cols)), shape=(len(pieces), n_var))
             a = sparse.vstack([sparse.hstack([rows_a, sparse.csr_array((rows_a.shape[0], n_y))]), epi], format="csr")
@@ -471,9 +478,19 @@ class GridDomain(Domain):
         self._n_var = n_var
         return HighsProgram(a, lo, hi, cost=cost, quad=q, offset=offset)
 
-    def _opf_bounds(self, context) -> tuple[np.ndarray, np.ndarray]:
+    def _base_flows(self, context) -> np.ndarray:
+        """Branch flows (MW) with every generator at 0: one sparse solve."""
+        return self._flows_from_injection(self.injection(context, np.zeros(len(self.gen_bus)))) + self._pf_shift_mw
+
+    def _opf_bounds(self, context, base_flows=None) -> tuple[np.ndarray, np.ndarray]:
         n_epi = len(self._epi_hi)
         epi_lo, epi_hi = np.full(n_epi, -np.inf), self._epi_hi
+        if self.formulation == "lazy":
+            demand = self.island_demand(np.asarray(context, float))
+            lim = self.limited[self._lazy]
+            base = self._base_flows(context) if base_flows is None else base_flows
+            return (np.concatenate([demand, epi_lo, self.flow_lo[lim] - base[lim]]),
+                    np.concatenate([demand, epi_hi, self.flow_hi[lim] - base[lim]]))  # fmt: skip
         if self.formulation == "ptdf":
             lo, hi = self._row_bounds(context)
         else:
@@ -497,6 +514,8 @@ class GridDomain(Domain):
             col_lo = self.pmin if lo is None else np.asarray(lo, float)
             col_hi = self.pmax if hi is None else np.asarray(hi, float)
             prog._h.changeColsBounds(n_gen, np.arange(n_gen, dtype=np.int32), col_lo, col_hi)
+        if self.formulation == "lazy":
+            return self._solve_lazy(context, lo, hi, start)
         row_lo, row_hi = self._opf_bounds(context)
         full_start = None
         if start is not None and self.formulation == "ptdf":
@@ -529,6 +548,49 @@ class GridDomain(Domain):
                 dual[: self.n_islands] = -rd[self.slack]  # the price at each island's slack
                 dual[self.n_islands :] = rd[nb : nb + len(self.limited)]
         return pg, dual
+
+    def _solve_lazy(self, context, lo, hi, start) -> tuple[np.ndarray, np.ndarray]:
+        """Constraint generation: solve with the branch rows the model holds, add every
+        limited branch the solution overloads (its PTDF row over the generators, one sparse
+        solve), repeat. The relaxation's optimum that breaks no limit is the optimum."""
+        prog, n_gen = self._opf, len(self.gen_bus)
+        col_lo = self.pmin if lo is None else np.asarray(lo, float)
+        col_hi = self.pmax if hi is None else np.asarray(hi, float)
+        prog._h.changeColsBounds(n_gen, np.arange(n_gen, dtype=np.int32), col_lo, col_hi)
+        base = self._base_flows(context)
+        n_y = self._n_var - n_gen
+        position = {int(b): i for i, b in enumerate(self.limited)}
+        try:
+            for _round in range(200):
+                row_lo, row_hi = self._opf_bounds(context, base)
+                x = prog.solve(row_lo, row_hi)
+                if x is None:
+                    raise Infeasible(f"{self.name}: DC-OPF has no feasible dispatch ({prog.status}): {self.diagnose(context, lo, hi)}")
+                pg = x[:n_gen]
+                p = np.zeros(len(self.bus))
+                np.add.at(p, self.gen_bus, pg)
+                flows = base + self._flows_from_injection(p)
+                held = np.zeros(len(self.b), bool)
+                held[self.limited[self._lazy]] = True
+                over = np.flatnonzero(((flows > self.flow_hi + 1e-7) | (flows < self.flow_lo - 1e-7)) & ~held)
+                if not len(over):
+                    break
+                eye = np.zeros((len(over), len(self.b)))
+                eye[np.arange(len(over)), over] = 1.0
+                rows = self._ptdf_transpose(eye)[:, self.gen_bus]  # (k, n_gen): PTDF rows of these branches
+                prog.add_rows(np.hstack([rows, np.zeros((len(over), n_y))]), self.flow_lo[over] - base[over], self.flow_hi[over] - base[over])
+                self._lazy += [position[int(b)] for b in over]
+            else:  # pragma: no cover - each round adds a row; 200 rounds means something is wrong
+                raise Infeasible(f"{self.name}: constraint generation did not settle in 200 rounds; use formulation='ptdf'")
+        finally:
+            prog._h.changeColsBounds(n_gen, np.arange(n_gen, dtype=np.int32), self.pmin, self.pmax)
+        dual = np.zeros(self.n_islands + len(self.limited))
+        rd = prog.row_dual
+        if rd is not None:
+            dual[: self.n_islands] = rd[: self.n_islands]
+            first = self.n_islands + len(self._epi_hi)
+            dual[self.n_islands + np.array(self._lazy, dtype=int)] = rd[first : first + len(self._lazy)]
+        return np.clip(pg, col_lo, col_hi), dual
 
     def reference_solution(self, context) -> np.ndarray:
         """DC-OPF optimum (HiGHS, see the module docstring for the formulation)."""

@@ -96,6 +96,17 @@ class HighsProgram:
         self._h.setOptionValue("threads", 1)
         self._h.passModel(model)
 
+    def add_rows(self, a: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Append rows (k, n_col) with bounds; later solves take bounds for all rows."""
+        csr = sparse.csr_array(np.atleast_2d(np.asarray(a, dtype=float)))
+        csr.eliminate_zeros()
+        k = csr.shape[0]
+        lo = np.where(np.isfinite(lo), lo, -highspy.kHighsInf).astype(float)
+        hi = np.where(np.isfinite(hi), hi, highspy.kHighsInf).astype(float)
+        self._h.addRows(k, lo, hi, int(csr.nnz), csr.indptr[:-1].astype(np.int32), csr.indices.astype(np.int32), csr.data.astype(float))
+        self.n_row += k
+        self._rows = np.arange(self.n_row, dtype=np.int32)
+
     def solve(
         self, row_lo: np.ndarray, row_hi: np.ndarray, *, cost: np.ndarray | None = None, start: np.ndarray | None = None
     ) -> np.ndarray | None:

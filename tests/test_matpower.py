@@ -24,7 +24,7 @@ from scf.domains import matpower as mp
 from scf.domains.grid import GridDomain
 
 DATA = Path(__file__).parent / "data" / "matpower"
-FORMULATIONS = ["ptdf", "b-theta"]
+FORMULATIONS = ["ptdf", "b-theta", "lazy"]
 
 
 def t_case9_opf() -> mp.MatpowerCase:
@@ -99,6 +99,8 @@ def test_t_case9_opf_matches_matpowers_published_dcopf(formulation):
     np.testing.assert_allclose(x, [89.99995004, 95.34844939, 129.65160057], atol=1e-3)
     assert grid.violations(grid.nominal_load, x) == []
     assert list(grid.pwl_gens) == [0, 1]
+    if formulation == "lazy":  # constraint generation added the binding 40 MW line, and only what it needed
+        assert "6-7" in [grid.branch_labels[grid.limited[i]] for i in grid._lazy] and len(grid._lazy) < len(grid.limited)
 
 
 @pytest.mark.parametrize("formulation", FORMULATIONS)
@@ -258,7 +260,7 @@ LARGE = Path(os.environ.get("SCF_MATPOWER_DATA", "/nonexistent"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["case1354pegase", "case2383wp", "case13659pegase", "case_RTS_GMLC", "case300"])
+@pytest.mark.parametrize("name", ["case1354pegase", "case2383wp", "case13659pegase", "case_RTS_GMLC", "case300", "case_ACTIVSg2000", "case_ACTIVSg10k"])
 def test_large_cases_from_matpowers_data_folder(name):
     """Set SCF_MATPOWER_DATA to MATPOWER's data/ folder to run these."""
     path = LARGE / f"{name}.m"
