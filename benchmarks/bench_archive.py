@@ -42,7 +42,6 @@ from scf.bus.server import ServerProcess, free_port  # noqa: E402
 from scf.bus.settings import Settings  # noqa: E402
 from scf.bus.streams import ensure  # noqa: E402
 
-
 # --------------------------------------------------------------------------- ingest
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import nats  # noqa: E402
 
 from scf.bus import codec  # noqa: E402
 from scf.bus import events as ev  # noqa: E402

@@ -46,7 +46,6 @@ from scf.bus.streams import ensure  # noqa: E402
 from scf.consumers.deploy import DeployPlanner, DeploySettings, intent_id_for  # noqa: E402
 from scf.consumers.edge import EdgeAgent  # noqa: E402
 
-
 RECEIVED: dict[str, float] = {}
 
 

@@ -239,7 +239,7 @@ class PipelinedPublisher:
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
-            except Exception:
+            except Exception:  # noqa: BLE001 - closing finishes whatever state the connection is in
                 pass
         for fut in self._futures.values():
             fut.cancel()
@@ -372,7 +372,7 @@ class Bus:
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
-            except Exception:  # already closing
+            except Exception:  # noqa: BLE001 - already closing, or the server is gone: close hard
                 await self.nc.close()
 
     async def __aenter__(self) -> "Bus":
@@ -420,13 +420,13 @@ class Bus:
             msg = await self.js.get_msg(stream, seq)
         except NotFoundError:
             return None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised as SCF's own error, with its one-line fix
             raise map_error(exc, event.subject()) from None
         if msg.subject != event.subject():
             return False
         try:
             stored = codec.decode(msg.data or b"")
-        except Exception:  # not an SCF event at all: certainly not this one
+        except Exception:  # noqa: BLE001 - not an SCF event at all: certainly not this one
             return False
         return type(stored) is type(event) and stored.id == event.id
 
@@ -626,7 +626,7 @@ class Bus:
     async def stream_last_seq(self, stream: str) -> int:
         try:
             info = await self.js.stream_info(stream)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised as SCF's own error, with its one-line fix
             raise map_error(exc) from None
         return info.state.last_seq
 

@@ -22,6 +22,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 import msgspec
+from nats.js.errors import KeyNotFoundError
 
 from scf.bus.events import GEARS
 from scf.bus.streams import KEY_GEAR
@@ -121,6 +122,6 @@ async def read_gear(bus) -> GearState:
     kv = await bus.kv("scf_state")
     try:
         entry = await kv.get(KEY_GEAR)
-    except Exception:  # KeyNotFoundError and friends: no gear written yet
+    except KeyNotFoundError:  # no gear written yet (deleted and purged keys included)
         return GearState()
     return decode_state(entry.value if entry else None)

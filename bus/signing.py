@@ -118,7 +118,7 @@ class TrustList:
         try:
             raw = base64.b64decode(public_b64.strip(), validate=True)
             Ed25519PublicKey.from_public_bytes(raw)
-        except Exception:
+        except ValueError:  # bad base64 (binascii.Error) or not 32 bytes
             raise ConfigError("not an Ed25519 public key: pass the base64 text of a NAME.pub file") from None
         for role in roles or []:
             if role not in ROLES:

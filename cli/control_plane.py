@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from scf.cli.common import fail, load_settings, open_bus, run
 
@@ -152,13 +153,13 @@ def safety_context(
             elif key:
                 try:
                     entry = await kv.get(key)
-                except Exception:
+                except KeyNotFoundError:
                     raise fail(f"no fact {key!r} in {bucket}: set it with `scf safety context {key} VALUE`") from None
                 typer.echo((entry.value or b"").decode(errors="replace"))
             else:
                 try:
                     keys = await kv.keys()
-                except Exception:  # nats-py raises when the bucket is empty
+                except NoKeysError:  # nats-py raises when the bucket is empty
                     keys = []
                 for k in sorted(keys):
                     e = await kv.get(k)

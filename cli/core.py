@@ -127,9 +127,9 @@ def streams_ls() -> None:
 
 
 async def _stream_lines(bus):
-    from scf.bus.streams import STREAMS
-
     from nats.js.errors import NotFoundError
+
+    from scf.bus.streams import STREAMS
 
     for spec in STREAMS:
         try:

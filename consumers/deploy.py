@@ -30,19 +30,20 @@ import logging
 from typing import Literal
 
 import msgspec
+from nats.js.errors import NotFoundError
 
 from scf.bus import control as control_mod
 from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.errors import DecodeError, SCFError, SignatureError
+from scf.bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
 from scf.bus.ids import PUBLIC_IDS, Ids, derived_id, subject_token
 from scf.bus.reader import read
 from scf.bus.runner import Delivery, Poison, Runner
 from scf.bus.signing import TrustList
 from scf.bus.streams import CONSUMERS, ConsumerSpec, ensure_consumer
 from scf.consumers import nodes as nodes_mod
-from scf.bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
 
 log = logging.getLogger("scf.deploy")
 
@@ -219,14 +220,14 @@ class DeployPlanner:
             from scf.bus.gears import read_gear
 
             return (await read_gear(self.bus)).gear
-        except Exception:
+        except Exception:  # noqa: BLE001 - the gear cannot be read: STANDARD, the gear that asks a human, is the safe answer
             return "STANDARD"
 
     async def intent(self, intent_id: str) -> ev.IntentCreated | None:
         subject = f"intent.created.deploy.{subject_token(intent_id)}"
         try:
             msg = await self.bus.js.get_last_msg("INTENTS", subject)
-        except Exception:
+        except NotFoundError:
             return None
         event = self.intent_codec.decode(msg.data)
         return event if isinstance(event, ev.IntentCreated) else None
@@ -263,7 +264,7 @@ class DeployPlanner:
             async with sem:
                 try:  # a read is cheaper than a create-or-update
                     await self.bus.js.consumer_info(spec.stream, spec.durable)
-                except Exception:
+                except NotFoundError:
                     await ensure_consumer(self.bus.js, spec)
             self._ensured.add(node)
 
@@ -337,7 +338,7 @@ class DeployPlanner:
     async def _last_order(self, node: str) -> DeployRequested | None:
         try:
             msg = await self.bus.js.get_last_msg("DEPLOY", f"deploy.requested.{subject_token(node)}")
-        except Exception:
+        except NotFoundError:
             return None
         order = self.order_codec.decode(msg.data)
         return order if isinstance(order, DeployRequested) else None

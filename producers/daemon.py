@@ -551,7 +551,7 @@ def _stored_at(msg: Msg) -> dt.datetime:
     """When CONTROL stored the message (the server's clock)."""
     try:
         return msg.metadata.timestamp
-    except Exception:  # not a JetStream delivery (a test's stand-in): now is as good as it gets
+    except Exception:  # noqa: BLE001 - not a JetStream delivery (a test's stand-in): now is as good as it gets
         return ev.utcnow()
 
 
@@ -906,7 +906,7 @@ class Daemon:
         try:
             kv = await self.bus.kv("scf_state")
             await kv.put(KEY_DAEMON, msgspec.json.encode(value))
-        except Exception as exc:  # liveness is best effort; the next pulse tries again
+        except Exception as exc:  # noqa: BLE001 - liveness is best effort; the next pulse tries again
             log.warning("cannot write scf_state/%s: %s", KEY_DAEMON, exc)
 
     async def pulse_loop(self, stop: asyncio.Event) -> None:
@@ -915,7 +915,7 @@ class Daemon:
             self._wake.clear()
             try:
                 await self.pulse()
-            except Exception as exc:  # a transient bus error must not end the daemon
+            except Exception as exc:  # noqa: BLE001 - a transient bus error must not end the daemon
                 log.error("pulse failed: %s: %s", type(exc).__name__, exc)
             left = self.heartbeat - (time.monotonic() - t0)
             if left > 0:

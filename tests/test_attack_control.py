@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
 
-import nats
 from scf.bus import control
 from scf.bus import events as ev
 from scf.bus.client import MSG_ID, Bus

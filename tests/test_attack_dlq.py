@@ -311,6 +311,7 @@ async def test_a_worker_meeting_poison_terminates_it_with_the_reason_and_writes_
     import shutil
 
     import nats
+
     from scf.bus.client import Bus
     from scf.bus.server import free_port
     from scf.bus.settings import Settings, init_home

@@ -18,8 +18,8 @@ from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.reader import read
-from scf.bus.signing import SigningKey, TrustList
 from scf.bus.settings import Settings
+from scf.bus.signing import SigningKey, TrustList
 from scf.consumers.deploy import deploy_intent, plan_orders
 from scf.consumers.nodes import get_node
 from tests.conftest import spawn

@@ -12,8 +12,8 @@ import pytest
 from scf.bus import events as ev
 from scf.bus.codec import Codec
 from scf.consumers.dispatch import (
-    DispatchSettings,
     Dispatcher,
+    DispatchSettings,
     WorkerInfo,
     choose_pool,
     job_config,

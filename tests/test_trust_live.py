@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
 from nats.js.errors import NotFoundError
 
-import nats
 from scf.bus import events as ev
 from scf.bus import trust as tr
 from scf.bus.client import Bus
