@@ -594,6 +594,18 @@ class DeployRollbackRequested(Event, tag="deploy.rollback_requested", frozen=Tru
         return f"deploy.rollback_requested.{subject_token(self.data.node)}"
 
 
+class Calibration(Payload, frozen=True):
+    """How well the baseline model reproduces the site's measured history (IPMVP Option D,
+    ASHRAE Guideline 14 figures as fractions: 0.12 = 12 %; docs/mv.md)."""
+
+    interval: str  # "hourly" | "monthly": which Guideline 14 criterion applies
+    points: int  # measured intervals compared
+    cv_rmse: float
+    nmbe: float  # signed
+    model: str = ""  # what was calibrated, against what
+    parameters: dict[str, float] | None = None  # the fitted factors, by name
+
+
 class Measurement(Payload, frozen=True):
     measurement_id: str
     node: str
@@ -605,6 +617,11 @@ class Measurement(Payload, frozen=True):
     method: str  # e.g. "metered-vs-baseline", "ipmvp-option-b"
     domain: str = ""
     meter: str = ""  # which of the node's meters ("" = its main meter); part of the cause
+    # M&V (docs/mv.md): the calibration of the baseline model and the saving's uncertainty
+    # (the half-width of its interval at `confidence`, kWh); None when not stated.
+    calibration: Calibration | None = None
+    uncertainty_kwh: float | None = None
+    confidence: float = 0.0
 
     @property
     def saved_kwh(self) -> float:

@@ -81,7 +81,7 @@ def run_edge(
         # the edge user of nats/users.conf may not create consumers on DEPLOY: --bind-only.
         runner = agent.runner(pause=gate, create=not bind_only)
         try:
-            await run_all(bus, [runner.run, agent.meter.loop, agent.registration])
+            await run_all(bus, [runner.run, agent.meter.loop, agent.registration, agent.control])
         finally:
             await gate.stop()
 

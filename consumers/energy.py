@@ -133,6 +133,9 @@ def measurement_event(
     domain: str = "",
     meter: str = "",
     source: str,
+    calibration: ev.Calibration | None = None,
+    uncertainty_kwh: float | None = None,
+    confidence: float = 0.0,
 ) -> ev.EnergyMeasured:
     """An `energy.measured` for the node to sign, its times in UTC and its id the cause.
     (It builds what it is given; callers check readings from outside with `finite_kwh`.)"""
@@ -151,6 +154,9 @@ def measurement_event(
             method=method,
             domain=domain,
             meter=norm_meter(meter),
+            calibration=calibration,
+            uncertainty_kwh=uncertainty_kwh,
+            confidence=confidence,
         ),
         source=source,
         id=derived_id("energy.measured.event", mid),

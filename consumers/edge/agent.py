@@ -44,6 +44,7 @@ from scf.bus.files import sha256_file
 from scf.bus.runner import Delivery, Runner
 from scf.bus.signing import TrustList
 from scf.consumers import nodes as nodes_mod
+from scf.consumers.edge.control import ControlLoop, ControlSettings
 from scf.consumers.edge.meter import MeterReporter
 from scf.consumers.edge.probe import health_check
 from scf.consumers.edge.reconcile import reconcile
@@ -63,6 +64,11 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     # the node's registry entry is written again this often (an entry another edge login
     # deleted or replaced comes back within it; docs/security.md "The node registry")
     register_every_s: float = 30.0
+    # the plant this node controls (docs/plants.md): "" (none: the agent only deploys),
+    # "sim" (the simulator in process) or "mqtt://HOST:PORT/SITE"; the loop's own settings
+    # are [edge.control]
+    plant: str = ""
+    control: ControlSettings = ControlSettings()
 
 
 def _now() -> dt.datetime:
@@ -165,6 +171,41 @@ class EdgeAgent:
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.register_every_s)
             except asyncio.TimeoutError:
                 await self.publish_status(getattr(self, "_status", "active" if self.store.state.current else "idle"))
+
+    async def control(self, stop: asyncio.Event) -> None:
+        """The control loop on `[edge] plant` until `stop` (a loop for `run_all`; nothing
+        when no plant is set). A plant that cannot be opened is retried every 5 s."""
+        from scf.consumers.edge.plant import PlantError, open_plant
+
+        if not self.settings.plant:
+            return
+        while not stop.is_set():
+            try:
+                plant = await open_plant(self.settings.plant, self.settings.control.site())
+            except PlantError as exc:
+                log.warning("%s: %s (retrying in 5 s)", self.node, exc)
+                try:
+                    await asyncio.wait_for(stop.wait(), 5.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                self.loop = ControlLoop(plant, self.node, self.dir, self.settings.control, current=self.current,
+                                        previous=self.store.previous, publish=self._publish_control, source=self.bus.source)
+                await self.loop.run(stop)
+            except PlantError as exc:  # a misconfigured loop: the agent keeps deploying
+                log.error("%s: the control loop does not run: %s", self.node, exc)
+            except Exception:  # noqa: BLE001 - never let the loop take the agent (and its rollbacks) down
+                log.exception("%s: the control loop failed; the agent keeps deploying", self.node)
+            finally:
+                await plant.close()
+            return
+
+    async def _publish_control(self, event: ev.Event) -> None:
+        if isinstance(event, ev.EnergyMeasured) and self.bus.key is None:
+            log.warning("%s: no node key: measurement for %s not reported", self.node, event.data.period_start)
+            return
+        await self.bus.publish(event)
 
     async def start(self) -> "EdgeAgent":
         self.store.load()

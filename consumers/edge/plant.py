@@ -1,0 +1,367 @@
+"""Plants the edge control loop acts on, behind one small interface (docs/plants.md).
+
+    plant = open_plant("sim", domain=..., options=...)      # the simulator, in process
+    plant = open_plant("mqtt://127.0.0.1:1883/site-a", ...)  # telemetry in, setpoints out over MQTT
+    tel = await plant.telemetry(after=-1)       # the first telemetry with seq > after (waits)
+    await plant.write(Setpoint(seq=tel.seq, u_kw=[...], controller="..."))
+    await plant.close()
+
+`HvacSite` is the simulated site itself (the RC network of domains/hvac_dynamics.py with
+the site's own, unknown to the edge, factors and stochastic weather): in process it backs
+`SimPlant`; `scf run plant --mqtt HOST:PORT` serves it over MQTT (`serve_mqtt`), so that
+tests and the demo exercise the same protocol a real BMS bridge would speak.
+
+MQTT topics (`scf/plant/<site>/...`): `telemetry` (JSON `Telemetry`, QoS 1, retained),
+`setpoint` (JSON `Setpoint`, QoS 1), `status` (`online` | `ended` | `offline`, retained;
+`offline` is the plant's last will). The simulated plant is lock-step: it publishes
+telemetry seq 0, then one step per setpoint answering the latest seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlparse
+
+import msgspec
+import numpy as np
+
+from scf.bus.errors import SCFError
+
+log = logging.getLogger("scf.plant")
+UTC = dt.timezone.utc
+TOPIC_ROOT = "scf/plant"
+
+
+class PlantError(SCFError):
+    """A plant that cannot be used: the message names the problem and the fix."""
+
+
+class PlantEnded(PlantError):
+    """The plant stopped producing telemetry (its simulated horizon is over)."""
+
+
+class Telemetry(msgspec.Struct, frozen=True, kw_only=True):
+    """What the plant measured at the end of step `seq` (seq 0: before any setpoint)."""
+
+    seq: int
+    time: dt.datetime  # plant clock, UTC, at the end of the step
+    period_s: float  # the step length
+    zones: list[str]
+    t_zone_c: list[float]  # zone temperatures, °C
+    t_out_c: float  # outdoor temperature, °C
+    occupancy: list[float]  # per zone, 0-1
+    clearness: float = 0.7  # sky clearness 0-1 (a pyranometer's reading over clear-sky)
+    u_kw: list[float] = []  # thermal power applied over the step (heating > 0), kW
+    power_kw: float = 0.0  # electric, mean over the step
+    energy_kwh: float = 0.0  # electric, over the step (the meter's increment)
+
+    def hour(self) -> float:
+        t = self.time.astimezone(UTC)
+        return t.hour + t.minute / 60.0 + t.second / 3600.0
+
+
+class Setpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """The setpoints for the step after telemetry `seq`."""
+
+    seq: int
+    u_kw: list[float]  # thermal power per zone (heating > 0, cooling < 0), kW
+    controller: str = ""  # who decided (a checkpoint id or the status-quo controller's name)
+
+
+TELEMETRY = msgspec.json.Decoder(Telemetry)
+SETPOINT = msgspec.json.Decoder(Setpoint)
+
+
+class Plant(Protocol):
+    zones: tuple[str, ...]
+
+    async def telemetry(self, after: int) -> Telemetry: ...
+
+    async def write(self, setpoint: Setpoint) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- the simulated site
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    """A simulated site: its true factors (what calibration must recover), weather seed,
+    horizon and step."""
+
+    domain: str = "hvac:office3"
+    seed: int = 10
+    hours: float = 96.0
+    step_minutes: float = 15.0
+    start: dt.datetime = dt.datetime(2026, 1, 5, tzinfo=UTC)  # a Monday, midnight UTC (site time = UTC)
+    factors: tuple[tuple[str, float], ...] = (("envelope_ua", 1.2), ("internal_gains", 0.85), ("efficiency", 0.9))
+    meter_noise: float = 0.02  # relative std of the meter's per-step reading
+
+
+def parse_factors(text: str) -> tuple[tuple[str, float], ...]:
+    """`envelope_ua=1.2,efficiency=0.9` → pairs (unknown names refused in one line)."""
+    from scf.domains.mv import PARAMETERS
+
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in PARAMETERS:
+            raise PlantError(f"unknown site factor {name!r}: use {', '.join(PARAMETERS)} (e.g. envelope_ua=1.2)")
+        try:
+            out.append((name, float(value)))
+        except ValueError:
+            raise PlantError(f"site factor {name}={value!r} is not a number") from None
+    return tuple(out)
+
+
+class HvacSite:
+    """The simulated building: one scenario of `HvacPlant`, with the site's true factors."""
+
+    def __init__(self, options: SiteOptions) -> None:
+        from scf import domains
+        from scf.domains.hvac_dynamics import HvacPlant, weather
+        from scf.domains.mv import calibrated_domain
+
+        try:
+            nominal = domains.get(options.domain)
+        except Exception as exc:  # noqa: BLE001 - an unknown domain name is one line
+            raise PlantError(f"unknown domain {options.domain!r}: {exc}") from None
+        if getattr(nominal, "kind", "") != "hvac":
+            raise PlantError(f"domain {options.domain} has no plant to simulate here: the plant runs hvac domains (e.g. hvac:office3)")
+        self.options = options
+        self.domain = calibrated_domain(nominal, dict(options.factors))
+        self.dt_h = options.step_minutes / 60.0
+        self.plant = HvacPlant(self.domain, self.dt_h)
+        self.steps = max(1, round(options.hours / self.dt_h))
+        start_hour = options.start.hour + options.start.minute / 60.0
+        self.dist = weather(self.domain, scenarios=1, steps=self.steps, dt_h=self.dt_h, seed=options.seed, start_hour=start_hour)
+        self.state = self.plant.initial_state(np.full((1, self.domain.n_zones), 20.0))
+        self.rng = np.random.default_rng([options.seed, 99])
+        self.zones = tuple(self.domain.building.zones)
+        self.seq = 0
+        self.last = self._telemetry(None)
+
+    def _telemetry(self, m) -> Telemetry:
+        k = self.seq
+        now = self.dist.at(k)
+        energy = 0.0 if m is None else float(m.energy_kwh[0]) * max(0.0, 1.0 + self.options.meter_noise * self.rng.standard_normal())
+        return Telemetry(
+            seq=k,
+            time=self.options.start + dt.timedelta(hours=k * self.dt_h),
+            period_s=self.dt_h * 3600.0,
+            zones=list(self.zones),
+            t_zone_c=[float(x) for x in self.state.t_zone[0]],
+            t_out_c=float(now.t_out[0]),
+            occupancy=[float(x) for x in now.occupancy[0]],
+            clearness=float(now.clearness[0]),
+            u_kw=[float(x) for x in self.state.u[0]],
+            power_kw=energy / self.dt_h,
+            energy_kwh=energy,
+        )
+
+    @property
+    def ended(self) -> bool:
+        return self.seq >= self.steps
+
+    def apply(self, u_kw) -> Telemetry:
+        """Hold `u_kw` over the next step; the telemetry at its end."""
+        if self.ended:
+            raise PlantEnded(f"the simulated plant's {self.options.hours:g} h are over")
+        u = np.asarray(u_kw, dtype=float).reshape(1, -1)
+        if u.shape[1] != len(self.zones) or not np.isfinite(u).all():
+            raise PlantError(f"setpoint needs {len(self.zones)} finite numbers (kW per zone: {', '.join(self.zones)}), got {u_kw!r}")
+        k = self.seq
+        self.state, m = self.plant.step(self.state, u, self.dist.at(k), self.dist.at(k + 1))
+        self.seq += 1
+        self.last = self._telemetry(m)
+        return self.last
+
+
+class SimPlant:
+    """The simulated site in this process: no wall-clock waits, a step per setpoint."""
+
+    def __init__(self, options: SiteOptions) -> None:
+        self.site = HvacSite(options)
+        self.zones = self.site.zones
+
+    async def telemetry(self, after: int) -> Telemetry:
+        if self.site.last.seq <= after:
+            raise PlantEnded(f"the simulated plant's {self.site.options.hours:g} h are over")
+        return self.site.last
+
+    async def write(self, setpoint: Setpoint) -> None:
+        if setpoint.seq == self.site.seq and not self.site.ended:
+            self.site.apply(setpoint.u_kw)
+
+    async def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- MQTT
+
+
+def topics(site: str) -> dict[str, str]:
+    base = f"{TOPIC_ROOT}/{site}"
+    return {"telemetry": f"{base}/telemetry", "setpoint": f"{base}/setpoint", "status": f"{base}/status"}
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise PlantError(f"MQTT broker {text!r}: write HOST:PORT (e.g. 127.0.0.1:1883)")
+    return host, int(port)
+
+
+def _client(name: str):
+    import paho.mqtt.client as mqtt
+
+    return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
+
+
+class MqttPlant:
+    """A plant behind an MQTT broker: telemetry in, setpoints out (docs/plants.md)."""
+
+    def __init__(self, host: str, port: int, site: str, *, client_id: str = "", timeout_s: float = 60.0) -> None:
+        self.host, self.port, self.site = host, port, site
+        self.topics = topics(site)
+        self.timeout_s = timeout_s
+        self.zones: tuple[str, ...] = ()
+        self._loop = asyncio.get_running_loop()
+        self._latest: Telemetry | None = None
+        self._status = ""
+        self._changed = asyncio.Event()
+        self._connected = threading.Event()
+        self.client = _client(client_id or f"scf-edge-{site}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+
+    def _on_connect(self, client, userdata, flags, reason, properties=None) -> None:
+        client.subscribe([(self.topics["telemetry"], 1), (self.topics["status"], 1)])
+        self._connected.set()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic == self.topics["status"]:
+            self._loop.call_soon_threadsafe(self._set_status, msg.payload.decode("utf-8", "replace"))
+            return
+        try:
+            tel = TELEMETRY.decode(msg.payload)
+        except msgspec.DecodeError as exc:
+            log.error("plant %s: telemetry payload refused (%s): fix the bridge's JSON (docs/plants.md)", self.site, exc)
+            return
+        self._loop.call_soon_threadsafe(self._set, tel)
+
+    def _set(self, tel: Telemetry) -> None:
+        if self._latest is None or tel.seq > self._latest.seq or tel.seq == 0:
+            self._latest = tel
+            self.zones = tuple(tel.zones)
+        self._changed.set()
+
+    def _set_status(self, status: str) -> None:
+        self._status = status
+        self._changed.set()
+
+    async def connect(self) -> "MqttPlant":
+        try:
+            self.client.connect(self.host, self.port, keepalive=30)
+        except OSError as exc:
+            raise PlantError(f"MQTT broker {self.host}:{self.port} is not reachable ({exc}): start it or fix [edge] plant") from None
+        self.client.loop_start()
+        if not await asyncio.to_thread(self._connected.wait, 10.0):
+            raise PlantError(f"MQTT broker {self.host}:{self.port} did not accept the connection within 10 s")
+        return self
+
+    async def telemetry(self, after: int) -> Telemetry:
+        deadline = self._loop.time() + self.timeout_s
+        while True:
+            if self._latest is not None and self._latest.seq > after:
+                return self._latest
+            if self._status in ("ended", "offline") and self._latest is not None:
+                raise PlantEnded(f"plant {self.site} is {self._status}")
+            left = deadline - self._loop.time()
+            if left <= 0:
+                raise PlantError(f"no telemetry from plant {self.site} on {self.topics['telemetry']} for {self.timeout_s:g} s")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    async def write(self, setpoint: Setpoint) -> None:
+        info = self.client.publish(self.topics["setpoint"], msgspec.json.encode(setpoint), qos=1)
+        await asyncio.to_thread(info.wait_for_publish, 10.0)
+
+    async def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+async def open_plant(spec: str, options: SiteOptions | None = None) -> Plant:
+    """`sim` (the simulator in process, `options`) or `mqtt://HOST:PORT/SITE`."""
+    if spec == "sim":
+        return SimPlant(options or SiteOptions())
+    u = urlparse(spec)
+    if u.scheme == "mqtt" and u.hostname and u.port and u.path.strip("/"):
+        return await MqttPlant(u.hostname, u.port, u.path.strip("/")).connect()
+    raise PlantError(f"plant {spec!r}: use 'sim' or 'mqtt://HOST:PORT/SITE'")
+
+
+async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop: asyncio.Event | None = None) -> int:
+    """Run the simulated site as an MQTT plant until its horizon ends (or `stop`); returns
+    the number of steps taken. A malformed or stale setpoint is logged and ignored."""
+    sim = HvacSite(options)
+    t = topics(site)
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[bytes] = asyncio.Queue()
+    stop = stop or asyncio.Event()
+    client = _client(f"scf-plant-{site}")
+    client.will_set(t["status"], b"offline", qos=1, retain=True)
+    ready = threading.Event()
+
+    def on_connect(c, userdata, flags, reason, properties=None):
+        c.subscribe(t["setpoint"], qos=1)
+        ready.set()
+
+    client.on_connect = on_connect
+    client.on_message = lambda c, u, msg: loop.call_soon_threadsafe(inbox.put_nowait, msg.payload)
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as exc:
+        raise PlantError(f"MQTT broker {host}:{port} is not reachable ({exc}): start mosquitto or fix --mqtt") from None
+    client.loop_start()
+    try:
+        if not await asyncio.to_thread(ready.wait, 10.0):
+            raise PlantError(f"MQTT broker {host}:{port} did not accept the connection within 10 s")
+
+        def publish(tel: Telemetry) -> None:
+            client.publish(t["telemetry"], msgspec.json.encode(tel), qos=1, retain=True)
+
+        client.publish(t["status"], b"online", qos=1, retain=True)
+        publish(sim.last)
+        log.info("plant %s: %s, %d steps of %g min, on %s:%d", site, options.domain, sim.steps, options.step_minutes, host, port)
+        while not sim.ended and not stop.is_set():
+            get = asyncio.ensure_future(inbox.get())
+            halt = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({get, halt}, return_when=asyncio.FIRST_COMPLETED)
+            halt.cancel()
+            if get not in done:
+                get.cancel()
+                break
+            try:
+                sp = SETPOINT.decode(get.result())
+                if sp.seq != sim.seq:
+                    log.info("plant %s: setpoint for seq %d ignored (the plant is at %d)", site, sp.seq, sim.seq)
+                    continue
+                publish(sim.apply(sp.u_kw))
+            except (msgspec.DecodeError, PlantError) as exc:
+                log.error("plant %s: setpoint refused: %s", site, exc)
+        client.publish(t["status"], b"ended" if sim.ended else b"offline", qos=1, retain=True).wait_for_publish(5.0)
+        return sim.seq
+    finally:
+        client.loop_stop()
+        client.disconnect()
