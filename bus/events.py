@@ -198,6 +198,7 @@ class CodeProposal(Payload, frozen=True):
     language: str = "python"
     generator: str = ""  # which model or tool wrote it
     prompt: str = ""  # the context it was written from
+    domain: str = ""  # the domain the code controls: the safety gate scores it there in its sandbox ("" = static gate only)
 
 
 class CodeProposed(Event, tag="code.proposed", frozen=True, kw_only=True):
@@ -242,6 +243,7 @@ class Verdict(Payload, frozen=True):
     by: str = "safety"
     kind: str = ""  # the intent kind, where the subject is an intent
     domain: str = ""
+    scores: dict[str, float] = {}  # code: what the sandbox measured (docs/codegen.md); empty otherwise
 
 
 class VerdictIssued(Event, tag="verdict.issued", frozen=True, kw_only=True):

@@ -2,7 +2,10 @@
 
     intent.created.<kind>.<id>   → contextual regulator (rules as data + context facts),
                                    then the gear: HOLD when the gear needs a human for the kind
-    code.proposed                → ethics limiter (static analysis; the code is never run)
+    code.proposed                → the capability gate (static, default deny; docs/codegen.md),
+                                   then, when the proposal names a domain, the sandbox: the
+                                   candidate runs in a sandboxed process against the domain's
+                                   simulator and the verdict carries its scores
     state.proposed.<domain>      → physical constraints of the domain (bounds, balance,
                                    limits, ramp rates)
 
@@ -55,6 +58,17 @@ class SafetySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_code_bytes: int = 512_000
     concurrency: int = 8  # messages ruled at once (publishing overlaps; the analysis is CPU)
     context_bucket: str = "scf_context"
+    # generated code in the sandbox (domains/sandbox.py, docs/codegen.md)
+    sandbox: bool = True  # score code that names a domain; false = the static gate only
+    sandbox_isolation: str = "auto"  # auto | bwrap | fallback | sandbox-exec
+    sandbox_runs: int = 2  # sandboxes at once
+    sandbox_scenarios: int = 4
+    sandbox_hours: float = 24.0
+    sandbox_step_minutes: float = 15.0
+    sandbox_seed: int = 0
+    sandbox_cpu_s: int = 60
+    sandbox_wall_s: float = 120.0
+    sandbox_memory_mb: int = 1024
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,7 @@ class Ruling:
     gate: str
     reasons: list[str]
     final: bool = True
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 def rule_intent(view: GateView, intent: ev.Intent) -> Ruling:
@@ -99,12 +114,32 @@ def _approve_hint(intent_id: str) -> str:
 
 
 def rule_code(view: GateView, proposal: ev.CodeProposal) -> Ruling:
+    """The static ruling: default deny. The capability gate decides (and, for code that names a
+    domain, checks the Controller contract); the deny-list's findings explain what it refused."""
+    error = getattr(proposal, "error", "")  # GenN's field for a malformed answer (bus/events.py)
+    if error:
+        return Ruling("REJECT", "ethics", [f"the generator's answer is malformed: {error}"])
     if proposal.language.lower() not in ("python", "py", "python3"):
         return Ruling("REJECT", "ethics", [f"language {proposal.language!r} cannot be analysed: the gate rules on Python only"])
-    findings = ethics.analyse(proposal.code, view.ethics)
+    contract = ethics.CONTROLLER if proposal.domain else None
+    findings = ethics.gate(proposal.code, contract, max_bytes=view.ethics.max_bytes)
     if findings:
-        return Ruling("REJECT", "ethics", ethics.reasons(findings))
-    return Ruling("APPROVE", "ethics", ["static analysis found nothing against it"])
+        why = [f"why it matters: {f}" for f in ethics.explain(proposal.code, view.ethics)]
+        return Ruling("REJECT", "ethics", ethics.reasons(findings) + why)
+    return Ruling("APPROVE", "ethics", ["capability gate: nothing outside the capability set" + (", the Controller contract holds" if contract else "")])
+
+
+def rule_sandbox(static: Ruling, result) -> Ruling:
+    """The ruling once the sandbox has run the code (`result`: a domains.sandbox.SandboxResult)."""
+    if not result.ok:
+        return Ruling("REJECT", "sandbox", static.reasons + [f"sandbox ({result.isolation}): {result.reason}"])
+    sc = result.scores
+    summary = (
+        f"sandbox ({result.isolation}): {int(sc['steps'])} steps x {int(sc['scenarios'])} scenarios; cost {sc['cost']:.6g} "
+        f"vs {sc['baseline_cost']:.6g} for the baseline (relative {sc['relative_cost']:.3f}); "
+        f"{int(sc['violations'])} steps with a violated constraint"
+    )
+    return Ruling("APPROVE", "sandbox", static.reasons + [summary], scores=dict(sc))
 
 
 def rule_state(view: GateView, proposal: ev.StateProposal) -> Ruling:
@@ -131,15 +166,19 @@ def rule_state(view: GateView, proposal: ev.StateProposal) -> Ruling:
     return Ruling("APPROVE", "physics", [f"{domain.name}: {checked} hold"])
 
 
-def decide(view: GateView, event: ev.Event, *, source: str = "safety") -> list[ev.VerdictIssued]:
-    """The gate's verdict on one event (a list of one verdict, or empty for other types)."""
+def decide(view: GateView, event: ev.Event, *, source: str = "safety", sandbox=None) -> list[ev.VerdictIssued]:
+    """The gate's verdict on one event (a list of one verdict, or empty for other types).
+    `sandbox`: the sandbox's result for a code proposal the static gate approved (the runner
+    runs it; `decide` stays pure)."""
     match event:
         case ev.IntentCreated(data=intent):
             r = rule_intent(view, intent)
             sid, stype, kind, domain = intent.intent_id, "intent", intent.kind, intent.domain
         case ev.CodeProposed(data=proposal):
             r = rule_code(view, proposal)
-            sid, stype, kind, domain = proposal.proposal_id, "code", "", ""
+            if sandbox is not None and r.decision == "APPROVE":
+                r = rule_sandbox(r, sandbox)
+            sid, stype, kind, domain = proposal.proposal_id, "code", "", proposal.domain
         case ev.StateProposed(data=proposal):
             r = rule_state(view, proposal)
             sid, stype, kind, domain = proposal.proposal_id, "state", "", proposal.domain
@@ -156,8 +195,21 @@ def decide(view: GateView, event: ev.Event, *, source: str = "safety") -> list[e
         by="safety",
         kind=kind,
         domain=domain,
+        scores=r.scores,
     )
     return [ev.VerdictIssued.new(verdict, source=source, cause=event)]
+
+
+def evaluate_code(code: str, trial, limits, isolation: str = "auto"):
+    """The sandbox run of a code proposal; an unknown domain or a sandbox that cannot start is a
+    failed run (default deny), never an exception."""
+    from scf.domains import sandbox
+    from scf.domains.base import DomainError
+
+    try:
+        return sandbox.evaluate(code, trial, limits, isolation=isolation)
+    except DomainError as exc:
+        return sandbox.SandboxResult(False, str(exc), {}, isolation)
 
 
 # --------------------------------------------------------------------------- the process
@@ -175,6 +227,7 @@ class SafetyGate:
         )
         self._facts: dict[str, Any] = {}
         self._tasks: list[asyncio.Task] = []
+        self._sandboxes = asyncio.Semaphore(max(1, self.config.sandbox_runs))
         self.ruled = 0
 
     async def start(self) -> "SafetyGate":
@@ -224,12 +277,33 @@ class SafetyGate:
             self.view = replace(self.view, facts=dict(self._facts))
 
     async def handle(self, event: ev.Event, delivery: Delivery) -> list[ev.Event]:
-        out = decide(self.view, event, source=self.bus.source)
+        result = None
+        if isinstance(event, ev.CodeProposed) and self.config.sandbox and event.data.domain:
+            if rule_code(self.view, event.data).decision == "APPROVE":
+                result = await self._run_sandbox(event.data, delivery)
+        out = decide(self.view, event, source=self.bus.source, sandbox=result)
         for v in out:
             d = v.data
             log.info("%s %s %s: %s (%s) %s", d.subject_type, d.subject_id, d.decision, d.gate, d.kind or d.domain, "; ".join(d.reasons)[:300])
         self.ruled += 1
         return list(out)
+
+    async def _run_sandbox(self, proposal: ev.CodeProposal, delivery: Delivery):
+        """The candidate in its sandboxed process (a thread waits for it; the message's ack
+        deadline is extended while it runs)."""
+        from scf.domains import sandbox
+
+        c = self.config
+        trial = sandbox.Trial(proposal.domain, c.sandbox_scenarios, c.sandbox_hours, c.sandbox_seed, c.sandbox_step_minutes)
+        limits = sandbox.SandboxLimits(cpu_s=c.sandbox_cpu_s, wall_s=c.sandbox_wall_s, memory_mb=c.sandbox_memory_mb)
+        async with self._sandboxes:
+            job = asyncio.ensure_future(asyncio.to_thread(evaluate_code, proposal.code, trial, limits, c.sandbox_isolation))
+            while not job.done():
+                await asyncio.wait({job}, timeout=5)
+                if not job.done():
+                    with contextlib.suppress(Exception):
+                        await delivery.in_progress()
+            return job.result()
 
     def runner(self, spec: ConsumerSpec = SAFETY_CONSUMER) -> Runner:
         return Runner(self.bus, spec, self.handle, decode=lambda m: CODEC.decode(m.data), concurrency=self.config.concurrency)
@@ -250,4 +324,4 @@ async def serve(bus: Bus, config: SafetySettings | None = None, stop: asyncio.Ev
     await run_all(bus, [gate.run], stop)
 
 
-__all__ = ["SafetySettings", "GateView", "Ruling", "decide", "rule_intent", "rule_code", "rule_state", "SafetyGate", "serve"]
+__all__ = ["SafetySettings", "GateView", "Ruling", "decide", "rule_intent", "rule_code", "rule_sandbox", "rule_state", "evaluate_code", "SafetyGate", "serve"]

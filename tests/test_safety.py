@@ -86,7 +86,8 @@ async def test_code_and_state_proposals(bus, settings):
         ])
         bad = await verdict_for(bus, "code-bad")
         assert (bad.decision, bad.gate, bad.subject_type) == ("REJECT", "ethics", "code")
-        assert bad.reasons == ["line 3: process execution: os.popen runs a shell command"]
+        assert bad.reasons[0].startswith("line 2: capability: `import os`: module os is outside the capability set")
+        assert bad.reasons[-1] == "why it matters: line 3: process execution: os.popen runs a shell command"
         assert (await verdict_for(bus, "code-ok")).decision == "APPROVE"
         assert (await verdict_for(bus, "state-ok")).decision == "APPROVE"
         sb = await verdict_for(bus, "state-bad")

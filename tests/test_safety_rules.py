@@ -119,7 +119,8 @@ def test_code_rulings():
     ok = rule_code(view(), ev.CodeProposal(proposal_id="p", intent_id="i", code="import math\nprint(math.pi)"))
     assert ok.decision == "APPROVE" and ok.gate == "ethics"
     bad = rule_code(view(), ev.CodeProposal(proposal_id="p", intent_id="i", code="import os\n\nos.system('x')"))
-    assert bad.decision == "REJECT" and bad.reasons == ["line 3: process execution: os.system runs a shell command"]
+    assert bad.decision == "REJECT" and bad.reasons[0].startswith("line 1: capability: `import os`: module os is outside the capability set")
+    assert "why it matters: line 3: process execution: os.system runs a shell command" in bad.reasons
     js = rule_code(view(), ev.CodeProposal(proposal_id="p", intent_id="i", code="1", language="javascript"))
     assert js.decision == "REJECT"
 
