@@ -536,7 +536,7 @@ class GridDomain(Domain):
             self.formulation, self._opf = "ptdf", None
             return self.solve_exact(context, lo=lo, hi=hi, start=start)
         if x is None:
-            raise Infeasible(f"{self.name}: DC-OPF has no feasible dispatch ({prog.status}): {self.diagnose(context, lo, hi)}")
+            raise Infeasible(f"{self.name}: DC-OPF has no feasible dispatch{'' if prog.status == 'Infeasible' else f' ({prog.status})'}: {self.diagnose(context, lo, hi)}")
         pg = np.clip(x[:n_gen], self.pmin if lo is None else lo, self.pmax if hi is None else hi)
         dual = np.zeros(self.n_islands + len(self.limited))
         rd = prog.row_dual
@@ -565,7 +565,7 @@ class GridDomain(Domain):
                 row_lo, row_hi = self._opf_bounds(context, base)
                 x = prog.solve(row_lo, row_hi)
                 if x is None:
-                    raise Infeasible(f"{self.name}: DC-OPF has no feasible dispatch ({prog.status}): {self.diagnose(context, lo, hi)}")
+                    raise Infeasible(f"{self.name}: DC-OPF has no feasible dispatch{'' if prog.status == 'Infeasible' else f' ({prog.status})'}: {self.diagnose(context, lo, hi)}")
                 pg = x[:n_gen]
                 p = np.zeros(len(self.bus))
                 np.add.at(p, self.gen_bus, pg)
@@ -622,7 +622,31 @@ class GridDomain(Domain):
             if len(bad):
                 names = ", ".join(self.branch_labels[self.limited[j]] for j in bad[:5])
                 return f"no dispatch within the generator limits keeps branch {names} within its limit: line_limit conflicts with gen_limit"
+        found = self._iis_names()
+        if found:
+            return f"these constraints conflict (an irreducible infeasible set from HiGHS): {', '.join(found[:8])}{'…' if len(found) > 8 else ''}"
         return "the balance, generator and branch limits cannot hold together (no single constraint pair explains it); relax line limits or loads"
+
+    def _iis_names(self) -> list[str]:
+        """The constraints of HiGHS's IIS of the last infeasible solve, by name."""
+        prog = self._opf
+        found = prog.iis() if prog is not None else None
+        if not found:
+            return []
+        rows, cols = found
+        n_gen, n_isl, n_epi = len(self.gen_bus), self.n_islands, len(getattr(self, "_epi_hi", ()))
+        balance = ["power_balance"] if n_isl == 1 else [f"power_balance[island {k + 1}]" for k in range(n_isl)]
+        if self.formulation == "ptdf":
+            names = balance + [f"line_limit[{self.branch_labels[b]}]" for b in self.limited]
+            names += [f"cost_epigraph[{i}]" for i in range(n_epi)]
+        elif self.formulation == "lazy":
+            names = balance + [f"cost_epigraph[{i}]" for i in range(n_epi)] + [f"line_limit[{self.branch_labels[self.limited[i]]}]" for i in self._lazy]
+        else:
+            names = [f"power_balance[bus {b}]" for b in self.bus_ids] + [f"line_limit[{self.branch_labels[b]}]" for b in self.limited]
+            names += [f"cost_epigraph[{i}]" for i in range(n_epi)]
+        out = [names[r] for r in rows if r < len(names)]
+        out += [f"gen_limit[{self.state_names[c]}]" for c in cols if c < n_gen]
+        return out
 
     def violations(self, context, state, previous_state=None) -> list[Violation]:
         context, x = np.asarray(context, float), np.asarray(state, float)

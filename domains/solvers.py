@@ -135,5 +135,20 @@ class HighsProgram:
         self.row_value = np.array(solution.row_value)
         return np.array(solution.col_value)
 
+    def iis(self) -> tuple[list[int], list[int]] | None:
+        """After an infeasible solve: (rows, columns) of an irreducible infeasible subset
+        (HiGHS's IIS: remove any one and the rest can hold), or None if HiGHS finds none."""
+        lp = self._h.getLp()  # the constraints alone (HiGHS finds no IIS for a model with a Hessian)
+        lp.col_cost_ = np.zeros(lp.num_col_)
+        h = quiet_highs()
+        h.setOptionValue("threads", 1)
+        h.setOptionValue("iis_strategy", 2)  # from the LP (0, the default, only finds trivial conflicts)
+        h.passModel(lp)
+        h.run()
+        status, iis = h.getIis()
+        if status != highspy.HighsStatus.kOk or not iis.valid_ or not (len(iis.row_index_) or len(iis.col_index_)):
+            return None
+        return list(iis.row_index_), list(iis.col_index_)
+
     def objective(self) -> float:
         return float(self._h.getInfo().objective_function_value)

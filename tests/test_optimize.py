@@ -205,6 +205,25 @@ def test_infeasible_problems_say_which_constraints_conflict():
     assert d.status == "infeasible" and "comfort[open_plan] needs 7.62 K more heating than equipment[open_plan]" in d.message
 
 
+@pytest.mark.parametrize("formulation", ["ptdf", "b-theta", "lazy"])
+def test_a_conflict_no_cheap_check_explains_is_named_from_highs_iis(formulation):
+    """Generator 1 must make 50 MW but its only line carries 10: neither the capacity check
+    nor a single branch's reach explains it; HiGHS's irreducible infeasible set does."""
+    import dataclasses
+
+    from scf.domains.grid import GridDomain
+
+    case = mp.load_case("case9")
+    branch, gen = case.branch.copy(), case.gen.copy()
+    branch[(branch[:, 0] == 1) & (branch[:, 1] == 4), mp.RATE_A] = 10.0
+    gen[0, mp.PMIN] = 50.0
+    grid = GridDomain(dataclasses.replace(case, branch=branch, gen=gen), name="grid:case9-cut", formulation=formulation)
+    [d] = opt.optimize([opt.problem(grid, {})])
+    assert d.status == "infeasible"
+    assert "these constraints conflict (an irreducible infeasible set from HiGHS): power_balance" in d.message
+    assert "line_limit[1-4]" in d.message and "gen_limit[Pg1@bus1]" in d.message
+
+
 def test_hvac_comfort_bands_and_context_by_name():
     hvac = domains.get("hvac:office3")
     spec = {"T_out": 0, "hour": 9, "occupancy": {"open_plan": 1, "meeting": 0, "south_office": 1}, "T0": [21, 21, 21]}
