@@ -66,6 +66,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    device: str = "cpu"  # where the EBDM student trains (cpu, cuda, cuda:N, mps); it is judged and exported on the CPU
     max_fossils: int = 50_000  # train-split fossils read
     heldout: int = 512  # held-out fossils the student is judged on
     decisions: int = 0  # held-out contexts for decision quality (0: not measured; EBDM sampling is slow)
@@ -145,12 +146,14 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
     cfg = config.check()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    teacher = teacher.eval()
+    device = torch.device(cfg.device)
+    home = next(teacher.parameters()).device
+    teacher = teacher.eval().to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = make_student(teacher, "ebdm").train()
     tcfg = teacher.config
-    xt, ct = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(c, dtype=torch.float32)
+    xt, ct = torch.as_tensor(x, dtype=torch.float32, device=device), torch.as_tensor(c, dtype=torch.float32, device=device)
     z_all, cz_all = teacher.normalise(xt), teacher.normalise_context(ct)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
@@ -158,10 +161,10 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
     started = time.perf_counter()
     with _threads(cfg.threads):
         for step in range(cfg.steps):
-            idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen)
+            idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen).to(device)
             z, cz = z_all[idx], cz_all[idx]
-            sigma = _sigmas(tcfg, len(z), gen)
-            eps = torch.randn(z.shape, generator=gen)
+            sigma = _sigmas(tcfg, len(z), gen).to(device)
+            eps = torch.randn(z.shape, generator=gen).to(device)
             noisy = z + sigma * eps
             s_t, e_t = (v.detach() for v in teacher.score(noisy, cz, sigma))
             s_s, e_s = student.score(noisy, cz, sigma, create_graph=True)
@@ -175,13 +178,16 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
                 nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
-            if log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-                log(f"step {step}: score {float(score.detach()):.5f} energy {float(energy.detach()):.5f} dsm {float(task.detach()):.5f}")
-            stats.update(score_match=float(score.detach()), energy_match=float(energy.detach()), dsm=float(task.detach()))
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:  # (a host sync: not every step)
+                stats.update(score_match=float(score.detach()), energy_match=float(energy.detach()), dsm=float(task.detach()))
+                if log is not None:
+                    log(f"step {step}: score {stats['score_match']:.5f} energy {stats['energy_match']:.5f} dsm {stats['dsm']:.5f}")
     stats["steps"] = float(cfg.steps)
     stats["train_seconds"] = time.perf_counter() - started
+    stats["samples_per_s"] = cfg.steps * cfg.batch_size / max(stats["train_seconds"], 1e-9)
     freeze(student)
-    return student.eval(), stats
+    teacher.to(home)
+    return student.eval().to(home), stats
 
 
 def distill_optimiser(teacher, domain, c: np.ndarray, config: DistillConfig, log=None):
