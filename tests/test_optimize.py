@@ -271,5 +271,19 @@ def test_cli_batch_jsonl_to_parquet(tmp_path):
     assert table.column("state").to_pylist()[1][2] == 0.0
     names = json.loads(table.schema.metadata[b"slack_names"])
     assert names[0] == "power_balance" and len(table.column("slack").to_pylist()[0]) == len(names)
+    import pyarrow as pa
+
+    d = domains.get("grid:case30")
+    rng = np.random.default_rng(8)
+    contexts = [d.sample_context(rng) for _ in range(3)]
+    by_list, by_name = tmp_path / "list.parquet", tmp_path / "named.parquet"
+    pq.write_table(pa.table({"context": [list(c) for c in contexts]}), by_list)
+    pq.write_table(pa.table({name: [c[j] for c in contexts] for j, name in enumerate(d.context_names)}), by_name)
+    costs = []
+    for path in (by_list, by_name):
+        r = scf_optimize(tmp_path, "--domain", "grid:case30", "--batch", str(path), "--json")
+        assert r.returncode == 0, r.stderr
+        costs.append([json.loads(line)["cost"] for line in r.stdout.strip().splitlines()])
+    assert costs[0] == costs[1] and costs[0] == pytest.approx([d.cost(c, d.reference_solution(c)) for c in contexts], rel=1e-9)
     r = scf_optimize(tmp_path, "--domain", "grid:case30", "--batch", str(batch).replace("jsonl", "csv"))
     assert r.stderr.strip() == f"Error: no batch file at {str(batch).replace('jsonl', 'csv')}; give a .jsonl or .parquet file"
