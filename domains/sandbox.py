@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +169,15 @@ class _Child:
         if mode == "bwrap":
             argv = bwrap_argv()
         elif mode == "sandbox-exec":
-            argv = ["sandbox-exec", "-p", SANDBOX_EXEC_PROFILE.format(python=os.path.realpath(sys.executable)), sys.executable, "-I", "-B", str(CHILD)]
+            argv = [
+                "sandbox-exec",
+                "-p",
+                SANDBOX_EXEC_PROFILE.format(python=os.path.realpath(sys.executable)),
+                sys.executable,
+                "-I",
+                "-B",
+                str(CHILD),
+            ]
         else:
             argv = [sys.executable, "-I", "-B", str(CHILD)]
         self.proc = subprocess.Popen(
@@ -229,7 +237,13 @@ class _Child:
             return "the sandboxed process stopped answering"
         if code < 0:
             sig = signal.Signals(-code).name
-            why = {"SIGXCPU": f"CPU limit ({self.limits.cpu_s} s)", "SIGKILL": "killed", "SIGXFSZ": "file size limit (writes are refused)", "SIGSEGV": "crashed", "SIGSYS": "a refused system call"}.get(sig, sig)
+            why = {
+                "SIGXCPU": f"CPU limit ({self.limits.cpu_s} s)",
+                "SIGKILL": "killed",
+                "SIGXFSZ": "file size limit (writes are refused)",
+                "SIGSEGV": "crashed",
+                "SIGSYS": "a refused system call",
+            }.get(sig, sig)
             return f"the sandboxed process ended by {sig}: {why}"
         tail = self.stderr.strip().splitlines()[-1:] or [""]
         if "MemoryError" in self.stderr:
@@ -303,7 +317,12 @@ def evaluate(
             "copies": trial.scenarios,
             "modules": modules if modules is not None else sorted(caps.modules),
             "builtins": builtins if builtins is not None else sorted(caps.builtins),
-            "limits": {"cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb, "unshare_net": mode == "fallback"},
+            "limits": {
+                "cpu_s": limits.cpu_s,
+                "memory_mb": limits.memory_mb,
+                "unshare_net": mode == "fallback",
+                "seccomp": mode != "sandbox-exec",
+            },
         }
         hello = child.call(first)
         confined = tuple(hello.get("confined", ()))
@@ -435,4 +454,14 @@ class _GridPlan:
         return scores, np.concatenate(contexts), np.concatenate(states)
 
 
-__all__ = ["evaluate", "contract_spec", "Trial", "SandboxLimits", "SandboxResult", "SandboxError", "isolation_mode", "bwrap_works", "bwrap_argv"]
+__all__ = [
+    "evaluate",
+    "contract_spec",
+    "Trial",
+    "SandboxLimits",
+    "SandboxResult",
+    "SandboxError",
+    "isolation_mode",
+    "bwrap_works",
+    "bwrap_argv",
+]

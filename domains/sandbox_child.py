@@ -7,7 +7,7 @@ filesystem view holds the interpreter, its site-packages and this one file.
 1. It confines itself before it reads the candidate: resource limits (CPU seconds, address
    space, file size 0, open files, no core dumps), `no_new_privs`, and a seccomp filter that
    refuses with EPERM: fork, vfork, clone, clone3 (no processes, no threads), socket (no
-   network), opening a file for writing and every call that creates, removes, renames,
+   network), kill, tkill, tgkill, ptrace and process_vm_readv/writev, opening a file for writing and every call that creates, removes, renames,
    links or changes a file. Where it runs as root outside bubblewrap, it also moves into a new network
    namespace with nothing in it.
 2. It reads one JSON line from stdin: {"code", "spec", "copies", "modules", "builtins",
@@ -32,20 +32,60 @@ import traceback
 
 # --------------------------------------------------------------------------- confinement
 
-# Refused with EPERM, per architecture (AUDIT_ARCH_*): processes, threads and sockets; every
+# Refused with EPERM, per architecture (AUDIT_ARCH_*): processes, threads and sockets; signals
+# to any process and tracing or reading another's memory; every
 # call that creates, removes, renames, links or changes a file; and opening a file for
 # writing (the open flags are inspected: O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_APPEND).
 _ARCH = {
     "x86_64": dict(
         arch=0xC000003E,
-        deny=(56, 57, 58, 435, 41,  # clone fork vfork clone3 socket
-              85, 87, 263, 82, 264, 316, 83, 258, 84, 88, 266, 86, 265, 90, 91, 268, 92, 93, 94, 260,
-              76, 77, 133, 259, 132, 235, 280, 261, 437),  # creat unlink* rename* mkdir* rmdir symlink* link* chmod* chown* truncate mknod* utime* openat2
+        deny=(
+            56,
+            57,
+            58,
+            435,
+            41,
+            62,
+            200,
+            234,
+            101,
+            310,
+            311,  # clone fork vfork clone3 socket kill tkill tgkill ptrace process_vm_*
+            85,
+            87,
+            263,
+            82,
+            264,
+            316,
+            83,
+            258,
+            84,
+            88,
+            266,
+            86,
+            265,
+            90,
+            91,
+            268,
+            92,
+            93,
+            94,
+            260,
+            76,
+            77,
+            133,
+            259,
+            132,
+            235,
+            280,
+            261,
+            437,
+        ),  # creat unlink* rename* mkdir* rmdir symlink* link* chmod* chown* truncate mknod* utime* openat2
         flags={2: 1, 257: 2},  # open(path, flags), openat(dirfd, path, flags)
     ),
     "aarch64": dict(
         arch=0xC00000B7,
-        deny=(220, 435, 198, 35, 38, 276, 34, 36, 37, 53, 52, 54, 55, 45, 46, 33, 88, 437),
+        deny=(220, 435, 198, 129, 130, 131, 117, 270, 271, 35, 38, 276, 34, 36, 37, 53, 52, 54, 55, 45, 46, 33, 88, 437),
         flags={56: 2},
     ),
 }
@@ -103,7 +143,11 @@ def confine(limits):
     if limits.get("unshare_net") and os.geteuid() == 0:
         if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET
             applied.append("netns")
+    if not limits.get("seccomp", True):
+        return applied  # macOS: sandbox-exec is the boundary
     prog = seccomp_program()
+    if prog is None:
+        raise OSError(f"no seccomp filter for the architecture {platform.machine()}: the candidate is not run")
     if prog is not None:
         PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 

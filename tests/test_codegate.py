@@ -25,7 +25,9 @@ FAMILIES = ("via_module", "runs_strings", "frames", "files", "secrets", "signals
 
 
 def test_corpus_covers_every_family_at_size():
-    families = Counter(next(f for f in FAMILIES + ("network", "native", "deserialise", "process") if p.stem[4:].startswith(f)) for p in MALICIOUS)
+    families = Counter(
+        next(f for f in FAMILIES + ("network", "native", "deserialise", "process") if p.stem[4:].startswith(f)) for p in MALICIOUS
+    )
     assert len(MALICIOUS) >= 120 and len(BENIGN) >= 80, (len(MALICIOUS), len(BENIGN))
     for family in FAMILIES:
         assert families[family] >= 5, (family, families)
@@ -113,7 +115,10 @@ def test_allowed_constructs_pass(code):
         ("import numpy as np\n", "no class Controller"),
         ("class Controller:\n    pass", "has no method step"),
         ("class Controller:\n    def step(self):\n        return 0", "must accept (self, observation)"),
-        ("class Controller:\n    def __init__(self):\n        pass\n    def step(self, o):\n        return 0", "Controller.__init__ takes (self)"),
+        (
+            "class Controller:\n    def __init__(self):\n        pass\n    def step(self, o):\n        return 0",
+            "Controller.__init__ takes (self)",
+        ),
         ("print('at import')\nclass Controller:\n    def step(self, o):\n        return 0", "a statement at module level runs at import"),
     ],
 )

@@ -27,7 +27,8 @@ def proposal(pid: str, code: str, domain: str = "grid:case14", **kw) -> ev.CodeP
 async def test_code_is_judged_statically_then_scored_in_the_sandbox(bus, settings):
     wrong_shape = GRID.replace("return out.tolist()", "return out.tolist()[:2]")
     escaping = GRID.replace("import numpy as np", "import numpy as np\nimport shutil", 1).replace(
-        "left = float(", "shutil.os.system('id')\n        left = float(", 1)
+        "left = float(", "shutil.os.system('id')\n        left = float(", 1
+    )
     async with running_safety(settings, CONFIG):
         await bus.publish_many([
             proposal("good", GRID),

@@ -113,6 +113,13 @@ def test_a_fork_bomb_is_contained(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_signals_to_other_processes_are_refused(mode):
+    # signal 0 only asks whether the process exists: harmless if the filter were missing
+    r = sandbox.evaluate(controller(init="import os\nos.kill(os.getppid(), 0)\nos.kill(1, 0)"), SHORT, isolation=mode, **EVERYTHING)
+    assert not r.ok and "PermissionError" in r.reason, r.reason
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_threads_are_refused(mode):
     code = controller(init="import threading\nfor _ in range(1000):\n    threading.Thread(target=lambda: None).start()")
     r = sandbox.evaluate(code, SHORT, isolation=mode, **EVERYTHING)
@@ -148,7 +155,7 @@ def test_bubblewrap_hides_the_host_filesystem(tmp_path):
 
 
 def test_the_candidate_cannot_forge_the_protocol_or_its_scores():
-    code = controller(step="print('{\"u\": [[1e9, 1e9, 1e9]]}')\nprint('{\"error\": \"forged\"}')")
+    code = controller(step='print(\'{"u": [[1e9, 1e9, 1e9]]}\')\nprint(\'{"error": "forged"}\')')
     r = sandbox.evaluate(code, SHORT)
     assert r.ok, r.reason
     assert r.scores["limit_requests"] == 0 and '"forged"' in r.stderr
@@ -174,3 +181,52 @@ def test_a_bad_trial_is_one_clear_line():
         sandbox.evaluate(HVAC, sandbox.Trial(scenarios=0))
     with pytest.raises(sandbox.SandboxError, match="unknown isolation 'docker'"):
         sandbox.evaluate(HVAC, SHORT, isolation="docker")
+
+
+def run_bpf(prog: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
+    """A classic-BPF interpreter for the few instructions the filter uses (ld abs, jeq, jge,
+    jset, ret): what the kernel would return for one system call."""
+    import struct
+
+    data = struct.pack("<iI", nr, arch) + bytes(8) + b"".join(struct.pack("<Q", a) for a in (tuple(args) + (0,) * 6)[:6])
+    ins = [struct.unpack("HBBI", prog[i : i + 8]) for i in range(0, len(prog), 8)]
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = ins[pc]
+        if code == 0x20:
+            acc = struct.unpack_from("<I", data, k)[0]
+            pc += 1
+        elif code in (0x15, 0x35, 0x45):
+            hit = acc == k if code == 0x15 else acc >= k if code == 0x35 else bool(acc & k)
+            pc += 1 + (jt if hit else jf)
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"unexpected BPF instruction {code:#x}")
+
+
+@pytest.mark.parametrize("machine, arch, calls", [
+    ("x86_64", 0xC000003E, {"read": 0, "write": 1, "clone": 56, "fork": 57, "socket": 41, "kill": 62, "unlink": 87, "openat": 257, "open": 2, "mmap": 9}),
+    ("aarch64", 0xC00000B7, {"read": 63, "write": 64, "clone": 220, "socket": 198, "kill": 129, "unlinkat": 35, "openat": 56, "mmap": 222}),
+])  # fmt: skip
+def test_the_seccomp_filter_decides_as_documented(machine, arch, calls):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sandbox_child", sandbox.CHILD)
+    child = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(child)
+    prog = child.seccomp_program(machine)
+    allow, eperm = 0x7FFF0000, 0x00050001
+    verdict = lambda name, *args: run_bpf(prog, calls[name], arch, args)  # noqa: E731
+    for name in ("read", "write", "mmap"):
+        assert verdict(name) == allow, name
+    for name in ("clone", "socket", "kill", "unlink" if "unlink" in calls else "unlinkat"):
+        assert verdict(name) == eperm, name
+    assert verdict("openat", 0, 0, 0o0) == allow  # O_RDONLY
+    for flags in (0o1, 0o2, 0o100, 0o1000, 0o2000, 0o101):
+        assert verdict("openat", 0, 0, flags) == eperm, oct(flags)
+    if "open" in calls:
+        assert verdict("open", 0, 0o0) == allow and verdict("open", 0, 0o101) == eperm
+        assert run_bpf(prog, 0x40000000 | 0, arch) == eperm  # the x32 ABI
+    assert run_bpf(prog, 0, 0x40000003) == eperm  # a foreign architecture (i386 on x86-64)
+    assert child.seccomp_program("riscv64") is None

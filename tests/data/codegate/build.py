@@ -158,12 +158,24 @@ EVASIONS: list[tuple[str, str, str, str, str]] = [
     ("runs_strings", "profile_runctx", "step", "import profile", "profile.runctx('x=1', {}, {})"),
     ("runs_strings", "doctest_run", "step", "import doctest", "doctest.run_docstring_examples('>>> import os; os.system(1)', {})"),
     ("runs_strings", "pydoc_locate", "step", "import pydoc", "pydoc.locate('os.system')('id')"),
-    ("runs_strings", "logging_dictconfig_factory", "init", "import logging.config", "logging.config.dictConfig({'version': 1, 'handlers': {'h': {'()': 'os.system', 'command': 'id'}}})"),
+    (
+        "runs_strings",
+        "logging_dictconfig_factory",
+        "init",
+        "import logging.config",
+        "logging.config.dictConfig({'version': 1, 'handlers': {'h': {'()': 'os.system', 'command': 'id'}}})",
+    ),
     ("runs_strings", "code_interpreter", "step", "import code", "code.InteractiveInterpreter().runsource('import os')"),
     ("runs_strings", "pdb_run", "step", "import pdb", "pdb.run('import os')"),
     ("runs_strings", "trace_runctx", "step", "import trace", "trace.Trace().runctx('import os', {}, {})"),
     ("runs_strings", "runpy_module", "step", "import runpy", "runpy.run_module('http.server')"),
-    ("runs_strings", "typing_get_type_hints", "module", "import typing", "def _h(x: \"__import__('os').system('id')\"): pass\ntyping.get_type_hints(_h)"),
+    (
+        "runs_strings",
+        "typing_get_type_hints",
+        "module",
+        "import typing",
+        "def _h(x: \"__import__('os').system('id')\"): pass\ntyping.get_type_hints(_h)",
+    ),
     ("runs_strings", "operator_attrgetter", "step", "import operator", "operator.attrgetter('__globals__')(self.step)"),
     ("runs_strings", "dataclasses_make", "step", "import dataclasses", "dataclasses.make_dataclass('X', [('a', int)])"),
     ("runs_strings", "np_bmat_frame", "step", "", "m = np.bmat('self')"),
@@ -179,7 +191,13 @@ EVASIONS: list[tuple[str, str, str, str, str]] = [
     ("frames", "inspect_stack", "step", "import inspect", "caller = inspect.stack()[1].frame.f_locals"),
     ("frames", "sys_getframe", "step", "import sys", "sys._getframe(1).f_globals.clear()"),
     ("frames", "generator_gi_frame", "step", "", "g = (i for i in range(1))\nleak = g.gi_frame.f_back"),
-    ("frames", "traceback_tb_frame", "step", "", "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    leak = e.__traceback__.tb_frame.f_back.f_globals"),
+    (
+        "frames",
+        "traceback_tb_frame",
+        "step",
+        "",
+        "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    leak = e.__traceback__.tb_frame.f_back.f_globals",
+    ),
     ("frames", "traceback_module", "step", "import traceback", "stack = traceback.extract_stack()"),
     ("frames", "gc_get_objects", "step", "import gc", "objs = gc.get_objects()"),
     ("frames", "gc_referrers", "step", "import gc", "refs = gc.get_referrers(self)"),
@@ -234,7 +252,13 @@ EVASIONS: list[tuple[str, str, str, str, str]] = [
     ("bombs", "thread_bomb", "step", "import threading", "for _ in range(10000):\n    threading.Thread(target=lambda: None).start()"),
     ("bombs", "fork_bomb", "step", "import os", "while True:\n    os.fork()"),
     ("bombs", "multiprocessing_pool", "step", "import multiprocessing", "multiprocessing.Pool(64).map(abs, range(10))"),
-    ("bombs", "concurrent_futures", "step", "from concurrent.futures import ThreadPoolExecutor", "ThreadPoolExecutor(512).map(abs, range(10))"),
+    (
+        "bombs",
+        "concurrent_futures",
+        "step",
+        "from concurrent.futures import ThreadPoolExecutor",
+        "ThreadPoolExecutor(512).map(abs, range(10))",
+    ),
     ("bombs", "list_bomb", "step", "", "hog = [0] * 10 ** 10"),
     ("bombs", "np_zeros_bomb", "step", "", "hog = np.zeros((10 ** 6, 10 ** 6))"),
     ("bombs", "np_shape_bomb", "step", "", "hog = np.ones((200000, 200000))"),
@@ -332,7 +356,9 @@ def benign(name: str, source: str) -> None:
 # HVAC powers (kW, heating > 0); state_lo / state_hi = -cooling / heating capacity.
 
 for i, (margin, gain) in enumerate([(0.5, 1.0), (0.3, 0.8), (1.0, 1.2), (0.7, 0.6)]):
-    benign(f"hvac_band_thermostat_{i}", f'''
+    benign(
+        f"hvac_band_thermostat_{i}",
+        f'''
         """Band thermostat: heat below the band, cool above it, proportional within {margin} K."""
         import numpy as np
 
@@ -357,10 +383,13 @@ for i, (margin, gain) in enumerate([(0.5, 1.0), (0.3, 0.8), (1.0, 1.2), (0.7, 0.
                 heat = self.heat_max * np.clip(GAIN * (lo - t), 0.0, 1.0)
                 cool = self.cool_max * np.clip(GAIN * (t - hi), 0.0, 1.0)
                 return (heat - cool).tolist()
-        ''')
+        ''',
+    )
 
 for i, (kp, ki, leak) in enumerate([(2.0, 0.1, 0.98), (3.0, 0.05, 0.99), (1.5, 0.2, 0.95), (2.5, 0.12, 0.97)]):
-    benign(f"hvac_pi_antiwindup_{i}", f'''
+    benign(
+        f"hvac_pi_antiwindup_{i}",
+        f'''
         """PI control of each zone toward the middle of its band, with conditional integration."""
         from __future__ import annotations
 
@@ -392,10 +421,13 @@ for i, (kp, ki, leak) in enumerate([(2.0, 0.1, 0.98), (3.0, 0.05, 0.99), (1.5, 0
                 saturated = out != raw
                 self.integral = self.leak * self.integral + np.where(saturated, 0.0, error)
                 return out.tolist()
-        ''')
+        ''',
+    )
 
 for i, (lead_h, preheat) in enumerate([(1.0, 0.6), (1.5, 0.8), (0.5, 0.5), (2.0, 0.4)]):
-    benign(f"hvac_schedule_preheat_{i}", f'''
+    benign(
+        f"hvac_schedule_preheat_{i}",
+        f'''
         """Schedule-aware control: pre-heat or pre-cool {lead_h} h before occupancy starts."""
         import math
 
@@ -426,10 +458,13 @@ for i, (lead_h, preheat) in enumerate([(1.0, 0.6), (1.5, 0.8), (0.5, 0.5), (2.0,
                 heat = self.heat_max * np.clip((lo + 0.5 - t) * ramp * 2.0, 0.0, 1.0)
                 cool = self.cool_max * np.clip((t - hi + 0.5) * ramp * 2.0, 0.0, 1.0)
                 return list(heat - cool)
-        ''')
+        ''',
+    )
 
 for i, (tau, weight) in enumerate([(6, 0.3), (12, 0.5), (3, 0.2), (24, 0.4)]):
-    benign(f"hvac_weather_compensation_{i}", f'''
+    benign(
+        f"hvac_weather_compensation_{i}",
+        f'''
         """Weather compensation: the heating curve follows a smoothed outdoor temperature."""
         from collections import deque
 
@@ -456,10 +491,13 @@ for i, (tau, weight) in enumerate([(6, 0.3), (12, 0.5), (3, 0.2), (24, 0.4)]):
                 heat = self.heat_max * np.clip(target - t, 0.0, 1.0)
                 cool = self.cool_max * np.clip(t - (BAND[1] - 0.5), 0.0, 1.0)
                 return (heat - cool).tolist()
-        ''')
+        ''',
+    )
 
 for i, (horizon, rate) in enumerate([(3, 0.4), (6, 0.25), (2, 0.5), (4, 0.35)]):
-    benign(f"hvac_lookahead_{i}", f'''
+    benign(
+        f"hvac_lookahead_{i}",
+        f'''
         """Lookahead: predict each zone's drift with a first-order model and act early."""
         import numpy as np
 
@@ -487,13 +525,20 @@ for i, (horizon, rate) in enumerate([(3, 0.4), (6, 0.25), (2, 0.5), (4, 0.35)]):
                 need_cool = np.clip(future - BAND[1] + 0.5, 0.0, None)
                 u = np.minimum(need_heat, 1.0) * self.heat_max - np.minimum(need_cool, 1.0) * self.cool_max
                 return u.tolist()
-        ''')
+        ''',
+    )
 
 for i, (deadband, style) in enumerate([(0.4, "enum"), (0.6, "enum"), (0.2, "plain"), (0.8, "plain")]):
-    modes = "from enum import Enum\n\n\nclass Mode(Enum):\n    IDLE = 0\n    HEAT = 1\n    COOL = 2\n" if style == "enum" else "IDLE, HEAT, COOL = 0, 1, 2\n"
+    modes = (
+        "from enum import Enum\n\n\nclass Mode(Enum):\n    IDLE = 0\n    HEAT = 1\n    COOL = 2\n"
+        if style == "enum"
+        else "IDLE, HEAT, COOL = 0, 1, 2\n"
+    )
     ref = "Mode." if style == "enum" else ""
     val = ".value" if style == "enum" else ""
-    benign(f"hvac_hysteresis_{i}", f'''
+    benign(
+        f"hvac_hysteresis_{i}",
+        f'''
 """Bang-bang with hysteresis of {deadband} K, half power to limit cycling."""
 import numpy as np
 {modes}
@@ -516,10 +561,13 @@ class Controller:
         self.mode = np.where((t < BAND[1] - {deadband}) & (self.mode == {ref}COOL{val}), {ref}IDLE{val}, self.mode)
         u = np.where(self.mode == {ref}HEAT{val}, self.heat, 0.0) - np.where(self.mode == {ref}COOL{val}, self.cool, 0.0)
         return u.tolist()
-''')
+''',
+    )
 
 for i, (q, cap) in enumerate([(0.9, 1.0), (0.75, 0.8), (0.5, 0.9), (0.95, 0.7)]):
-    benign(f"hvac_statistics_{i}", f'''
+    benign(
+        f"hvac_statistics_{i}",
+        f'''
         """Zone-coupled control: every zone reacts to its own error and the building's median."""
         import statistics
 
@@ -542,10 +590,13 @@ for i, (q, cap) in enumerate([(0.9, 1.0), (0.75, 0.8), (0.5, 0.9), (0.95, 0.7)])
                 error = MID - (SHARE * np.array(temps) + (1 - SHARE) * centre)
                 u = np.where(error > 0, self.heat_max * np.tanh(error), self.cool_max * np.tanh(error))
                 return [float(x) for x in u]
-        ''')
+        ''',
+    )
 
 for i, (n_prev, damp) in enumerate([(2, 0.5), (4, 0.3), (3, 0.6), (5, 0.2)]):
-    benign(f"hvac_dataclass_config_{i}", f'''
+    benign(
+        f"hvac_dataclass_config_{i}",
+        f'''
         """Configured with a dataclass; rate-limited output."""
         from dataclasses import dataclass, field
         from typing import List
@@ -577,10 +628,13 @@ for i, (n_prev, damp) in enumerate([(2, 0.5), (4, 0.3), (3, 0.6), (5, 0.2)]):
                 u = np.clip(self.tuning.gain * (target - t), self.lo, self.hi)
                 move = np.clip(u - last, -self.tuning.max_step_kw, self.tuning.max_step_kw)
                 return (last + move * (1 - self.tuning.damping)).tolist()
-        ''')
+        ''',
+    )
 
 for i, (alpha,) in enumerate([(0.2,), (0.5,), (0.35,), (0.1,)]):
-    benign(f"hvac_filtered_estimator_{i}", f'''
+    benign(
+        f"hvac_filtered_estimator_{i}",
+        f'''
         """Exponentially filtered temperature estimate drives a proportional law."""
         import numpy as np
 
@@ -603,10 +657,13 @@ for i, (alpha,) in enumerate([(0.2,), (0.5,), (0.35,), (0.1,)]):
                 heat = np.interp(self.estimate, [LOW - 1.0, LOW + 0.5], [1.0, 0.0])
                 cool = np.interp(self.estimate, [HIGH - 0.5, HIGH + 1.0], [0.0, 1.0])
                 return (heat * self.heat_max - cool * self.cool_max).tolist()
-        ''')
+        ''',
+    )
 
 for i, (scale,) in enumerate([(1.0,), (0.8,), (0.6,), (0.9,)]):
-    benign(f"hvac_functools_cache_{i}", f'''
+    benign(
+        f"hvac_functools_cache_{i}",
+        f'''
         """Band lookup cached per half hour; occupancy-weighted setpoint."""
         from functools import lru_cache
 
@@ -634,10 +691,13 @@ for i, (scale,) in enumerate([(1.0,), (0.8,), (0.6,), (0.9,)]):
                 heat = self.heat_max * np.clip(lo + 0.5 - t, 0, 1)
                 cool = self.cool_max * np.clip(t - hi + 0.5, 0, 1)
                 return (heat - cool).tolist()
-        ''')
+        ''',
+    )
 
 for i, (seed,) in enumerate([(0,), (7,), (42,), (3,)]):
-    benign(f"hvac_randomised_exploration_{i}", f'''
+    benign(
+        f"hvac_randomised_exploration_{i}",
+        f'''
         """Thermostat with a small seeded exploration noise (for learning), clipped to capacity."""
         import numpy as np
 
@@ -661,10 +721,13 @@ for i, (seed,) in enumerate([(0,), (7,), (42,), (3,)]):
         if __name__ == "__main__":
             demo = Controller({{"state_names": ["u"], "state_lo": [-1.0], "state_hi": [1.0]}})
             print(demo.step({{"step": 0, "context": [5.0, 9.0, 0.8, 20.0], "state": [0.0]}}))
-        ''')
+        ''',
+    )
 
 for i, (w,) in enumerate([(0.5,), (0.7,), (0.3,), (0.6,)]):
-    benign(f"hvac_linalg_model_{i}", f'''
+    benign(
+        f"hvac_linalg_model_{i}",
+        f'''
         """Fits a one-step linear model of each zone by least squares and inverts it."""
         import numpy as np
 
@@ -697,13 +760,16 @@ for i, (w,) in enumerate([(0.5,), (0.7,), (0.3,), (0.6,)]):
                 self.prev = t
                 u = (TARGET - t) / np.maximum(self.gain, 1e-3) * 0.2
                 return np.clip(u, self.lo, self.hi).tolist()
-        ''')
+        ''',
+    )
 
 # grid: context = the load of each load bus (MW); state = the last dispatch; state_lo /
 # state_hi = Pmin / Pmax per unit.
 
 for i, (smooth,) in enumerate([(1.0,), (0.8,), (0.6,), (0.9,)]):
-    benign(f"grid_priority_order_{i}", f'''
+    benign(
+        f"grid_priority_order_{i}",
+        f'''
         """Priority order: the largest units first (cheapest per MW in most cases), ramp-limited."""
         import numpy as np
 
@@ -730,10 +796,13 @@ for i, (smooth,) in enumerate([(1.0,), (0.8,), (0.6,), (0.9,)]):
                 if observation["step"] == 0:
                     return out.tolist()
                 return np.clip(target, prev - RAMP * self.pmax, prev + RAMP * self.pmax).tolist()
-        ''')
+        ''',
+    )
 
 for i, (head,) in enumerate([(0.05,), (0.1,), (0.0,), (0.08,)]):
-    benign(f"grid_prorata_headroom_{i}", f'''
+    benign(
+        f"grid_prorata_headroom_{i}",
+        f'''
         """Every unit at the same fraction of its range, keeping {head:.0%} headroom."""
         import numpy as np
 
@@ -750,10 +819,13 @@ for i, (head,) in enumerate([(0.05,), (0.1,), (0.0,), (0.08,)]):
                 span = np.maximum(self.hi - self.lo, 0.0)
                 fraction = min(max((demand - self.lo.sum()) / max(span.sum(), 1e-9), 0.0), 1.0)
                 return (self.lo + fraction * span).tolist()
-        ''')
+        ''',
+    )
 
 for i, (iters,) in enumerate([(30,), (50,), (20,), (40,)]):
-    benign(f"grid_bisection_{i}", f'''
+    benign(
+        f"grid_bisection_{i}",
+        f'''
         """Finds the common loading level that meets demand by bisection (units saturate)."""
         import numpy as np
 
@@ -778,10 +850,13 @@ for i, (iters,) in enumerate([(30,), (50,), (20,), (40,)]):
                     else:
                         low = mid
                 return self.dispatch(0.5 * (low + high)).tolist()
-        ''')
+        ''',
+    )
 
 for i, (base,) in enumerate([(0.3,), (0.5,), (0.2,), (0.4,)]):
-    benign(f"grid_agc_participation_{i}", f'''
+    benign(
+        f"grid_agc_participation_{i}",
+        f'''
         """A base schedule plus AGC: the gap to demand shared by participation factors."""
         import numpy as np
 
@@ -803,10 +878,13 @@ for i, (base,) in enumerate([(0.3,), (0.5,), (0.2,), (0.4,)]):
                         break
                     x = np.clip(x + gap * self.factors, self.pmin, self.pmax)
                 return x.tolist()
-        ''')
+        ''',
+    )
 
 for i, (window,) in enumerate([(3,), (6,), (12,), (4,)]):
-    benign(f"grid_forecast_ramp_{i}", f'''
+    benign(
+        f"grid_forecast_ramp_{i}",
+        f'''
         """Follows a moving-average load trend and pre-positions units for the next step."""
         from collections import deque
         import itertools
@@ -835,10 +913,13 @@ for i, (window,) in enumerate([(3,), (6,), (12,), (4,)]):
                 span = self.pmax - self.pmin
                 fraction = np.clip((expected - self.pmin.sum()) / span.sum(), 0.0, 1.0)
                 return (self.pmin + fraction * span).tolist()
-        ''')
+        ''',
+    )
 
 for i, (reserve,) in enumerate([(0.1,), (0.05,), (0.15,), (0.08,)]):
-    benign(f"grid_reserve_aware_{i}", f'''
+    benign(
+        f"grid_reserve_aware_{i}",
+        f'''
         """Largest units first, but none above {1 - reserve:.0%} of Pmax: spinning reserve."""
         import heapq
         import math
@@ -872,11 +953,18 @@ for i, (reserve,) in enumerate([(0.1,), (0.05,), (0.15,), (0.08,)]):
                     out[g] += add
                     left -= add
                 return out.tolist()
-        ''')
+        ''',
+    )
 
 for i, (kind,) in enumerate([("namedtuple",), ("typed",), ("namedtuple",), ("typed",)]):
-    header = "from collections import namedtuple\n\nUnit = namedtuple('Unit', ['index', 'low', 'high'])\n" if kind == "namedtuple" else "from typing import NamedTuple\n\n\nclass Unit(NamedTuple):\n    index: int\n    low: float\n    high: float\n"
-    benign(f"grid_units_{kind}_{i}", f'''
+    header = (
+        "from collections import namedtuple\n\nUnit = namedtuple('Unit', ['index', 'low', 'high'])\n"
+        if kind == "namedtuple"
+        else "from typing import NamedTuple\n\n\nclass Unit(NamedTuple):\n    index: int\n    low: float\n    high: float\n"
+    )
+    benign(
+        f"grid_units_{kind}_{i}",
+        f'''
 """Units as named tuples; demand filled from the biggest unit down, variant {i}."""
 import numpy as np
 {header}
@@ -897,10 +985,13 @@ class Controller:
             out[u.index] += add
             left -= add
         return out.tolist()
-''')
+''',
+    )
 
 for i, (p,) in enumerate([(2,), (3,), (1,), (4,)]):
-    benign(f"grid_match_dispatch_{i}", f'''
+    benign(
+        f"grid_match_dispatch_{i}",
+        f'''
         """Chooses a policy by the size of the step in demand (match statement)."""
         import numpy as np
 
@@ -931,10 +1022,13 @@ for i, (p,) in enumerate([(2,), (3,), (1,), (4,)]):
                         return self.share(demand * mode)
                     case _:
                         return self.share(demand)
-        ''')
+        ''',
+    )
 
 for i, (n,) in enumerate([(4,), (8,), (6,), (10,)]):
-    benign(f"grid_fraction_{i}", f'''
+    benign(
+        f"grid_fraction_{i}",
+        f'''
         """Exact fractions for the sharing weights (no float drift), then numpy."""
         from fractions import Fraction
         from functools import reduce
@@ -953,7 +1047,8 @@ for i, (n,) in enumerate([(4,), (8,), (6,), (10,)]):
             def step(self, observation):
                 extra = max(float(np.sum(observation["context"])) - self.pmin.sum(), 0.0)
                 return np.minimum(self.pmin + extra * self.weights, self.pmax).tolist()
-        ''')
+        ''',
+    )
 
 
 def embed(host: str, where: str, imports: str, payload: str) -> str:
