@@ -747,6 +747,68 @@ class ReleaseLogged(Event, tag="proof.release", frozen=True, kw_only=True):
         return f"proof.release.{subject_token(self.data.week)}"
 
 
+# --------------------------------------------------------------------------- contracts / strikes
+
+
+class ContractSpec(Payload, frozen=True):
+    """A client contract (docs/value-loop.md): who, where, what the optimiser must respect.
+    `constraints` is the field engineer's JSON (loads or a load profile, outages, derates,
+    comfort bands, budgets, objectives), validated by `scf.producers.contracts` at the
+    boundary and carried here as canonical JSON text (its sha256 is an input hash)."""
+
+    contract_id: str
+    client: str
+    domain: str
+    nodes: list[str] = []  # the edge nodes (sites) that run its capsules
+    constraints: str = "{}"  # canonical JSON (sorted keys)
+    schedule_s: float = 86_400.0  # the regiment strikes it again this often (0: only on new data or a new model)
+    status: Literal["active", "paused", "ended"] = "active"
+    by: str = ""
+    reason: str = ""
+
+
+class ContractRegistered(Event, tag="contract.registered", frozen=True, kw_only=True):
+    data: ContractSpec
+
+    def subject(self) -> str:
+        return f"contract.registered.{subject_token(self.data.contract_id)}"
+
+
+class ContractUpdated(Event, tag="contract.updated", frozen=True, kw_only=True):
+    data: ContractSpec
+
+    def subject(self) -> str:
+        return f"contract.updated.{subject_token(self.data.contract_id)}"
+
+
+class ContractEnded(Event, tag="contract.ended", frozen=True, kw_only=True):
+    data: ContractSpec
+
+    def subject(self) -> str:
+        return f"contract.ended.{subject_token(self.data.contract_id)}"
+
+
+class StrikeRecord(Payload, frozen=True):
+    """One strike of the loop (producers/strike.py): its activity id (a function of the
+    contract and its inputs), how far it got and the signed proof's digest."""
+
+    activity_id: str
+    contract_id: str
+    domain: str
+    status: str  # "awaiting-approval" | "deployed" | "measured" | "rejected" | "failed"
+    inputs_sha256: str = ""
+    capsule_id: str = ""
+    proof_sha256: str = ""
+    detail: str = ""
+
+
+class StrikeCompleted(Event, tag="strike.completed", frozen=True, kw_only=True):
+    data: StrikeRecord
+
+    def subject(self) -> str:
+        return f"strike.completed.{subject_token(self.data.activity_id)}"
+
+
 # --------------------------------------------------------------------------- the catalog
 
 ALL_EVENTS: tuple[type[Event], ...] = (
@@ -783,6 +845,10 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     DeadLettered,
     ProofCheckpoint,
     ReleaseLogged,
+    ContractRegistered,
+    ContractUpdated,
+    ContractEnded,
+    StrikeCompleted,
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.type_name(): cls for cls in ALL_EVENTS}

@@ -69,6 +69,9 @@ STREAMS: tuple[StreamSpec, ...] = (
     # and tree size (proof.checkpoint.<origin>.<size>, published once: a second root for a
     # size is refused as a conflict).
     StreamSpec("PROOFS", ("proof.>",), "signed checkpoints of the transparency log over the archived events"),
+    # Client contracts and the strikes run for them (docs/value-loop.md): contract.<what>.<id>,
+    # strike.completed.<activity_id> (published once per activity: a strike never repeats).
+    StreamSpec("CONTRACTS", ("contract.>", "strike.>"), "client contracts and the strikes of the value loop"),
 )
 
 STREAM_BY_NAME = {s.name: s for s in STREAMS}

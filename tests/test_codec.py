@@ -60,7 +60,7 @@ def test_every_type_round_trips(cls, data):
     # the per-boundary decoder for just this type agrees
     assert codec.Codec([cls]).decode(encoded) == event
     assert event.subject().split(".")[0] in {
-        "fossil", "intent", "code", "state", "verdict", "work", "job", "checkpoint", "control", "gear", "emergency", "deploy", "energy", "ledger", "dlq", "proof",
+        "fossil", "intent", "code", "state", "verdict", "work", "job", "checkpoint", "control", "gear", "emergency", "deploy", "energy", "ledger", "dlq", "proof", "contract", "strike",
     }
 
 

@@ -1,0 +1,97 @@
+"""`scf contract add|ls|show|end`: client contracts on the log (library: scf.producers.contracts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from scf.cli.common import load_settings, open_bus, run
+
+contract_app = typer.Typer(help="Client contracts: constraints, nodes and schedule, as facts on the log (docs/value-loop.md).", no_args_is_help=True)
+
+
+def register(app: typer.Typer, run_app: typer.Typer) -> None:
+    app.add_typer(contract_app, name="contract")
+
+
+@contract_app.command("add")
+def contract_add(file: Path = typer.Argument(..., help="the contract: JSON or YAML {contract_id, client, domain, nodes, constraints, schedule_s}")) -> None:
+    """Register a contract (or record an update when it exists with other content); bad fields are named by their path."""
+    from scf.producers import contracts
+
+    async def main() -> None:
+        doc = contracts.read_doc(file)
+        s = load_settings()
+        bus = await open_bus(s, sign=True)
+        try:
+            what, event, seq = await contracts.add(bus, doc, by=s.source)
+        finally:
+            await bus.close()
+        typer.echo(f"contract {doc.contract_id} {what} (CONTRACTS seq {seq}): {doc.domain} on {', '.join(doc.nodes) or 'no nodes'}")
+
+    run(main())
+
+
+@contract_app.command("ls")
+def contract_ls(all_: bool = typer.Option(False, "--all", help="ended contracts too")) -> None:
+    """List the contracts: id, status, client, domain, nodes, schedule."""
+    from scf.producers import contracts
+
+    async def main() -> None:
+        bus = await open_bus(load_settings())
+        try:
+            found = await contracts.load(bus)
+        finally:
+            await bus.close()
+        rows = [c for c in found.values() if all_ or c.spec.status != "ended"]
+        if not rows:
+            typer.echo("no contracts: register one with `scf contract add FILE`")
+        for c in sorted(rows, key=lambda c: c.spec.contract_id):
+            s = c.spec
+            typer.echo(f"{s.contract_id:24} {s.status:7} {s.client:16} {s.domain:14} nodes={','.join(s.nodes) or '-'} every {s.schedule_s:g} s")
+
+    run(main())
+
+
+@contract_app.command("show")
+def contract_show(contract_id: str = typer.Argument(..., help="the contract id")) -> None:
+    """Print a contract as JSON, with the log positions of its events."""
+    import msgspec
+
+    from scf.producers import contracts
+
+    async def main() -> None:
+        bus = await open_bus(load_settings())
+        try:
+            c = await contracts.get(bus, contract_id)
+        finally:
+            await bus.close()
+        out = msgspec.to_builtins(c.spec)
+        out["constraints"] = json.loads(c.spec.constraints)
+        out["contract_sha256"] = contracts.spec_sha256(c.spec)
+        out["history"] = [{"seq": s, "type": t, "id": i} for s, t, i in c.history]
+        typer.echo(json.dumps(out, indent=2))
+
+    run(main())
+
+
+@contract_app.command("end")
+def contract_end(
+    contract_id: str = typer.Argument(..., help="the contract id"),
+    reason: str = typer.Option("", "--reason", help="why it ends (recorded)"),
+) -> None:
+    """End a contract: the regiment strikes it no more."""
+    from scf.producers import contracts
+
+    async def main() -> None:
+        s = load_settings()
+        bus = await open_bus(s, sign=True)
+        try:
+            _, seq = await contracts.end(bus, contract_id, by=s.source, reason=reason)
+        finally:
+            await bus.close()
+        typer.echo(f"contract {contract_id} ended (CONTRACTS seq {seq})")
+
+    run(main())
