@@ -224,7 +224,7 @@ class _Child:
         line, _, self._buf = self._buf.partition(b"\n")
         try:
             reply = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _Failed("an answer that is not JSON") from None
         if not isinstance(reply, dict):
             raise _Failed("an answer that is not a JSON object")
@@ -274,7 +274,7 @@ def _answer(reply: dict, k: int, shape: tuple[int, int]) -> np.ndarray:
         raise _Failed(str(reply["error"])[:500])
     try:
         u = np.asarray(reply["u"], dtype=float)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise _Failed(f"step {k}: the answer is not an array of numbers") from None
     if u.shape != shape:
         try:
@@ -306,7 +306,10 @@ def evaluate(
     caps = ethics.capabilities()
     mode = isolation_mode(isolation)
     deadline = time.monotonic() + limits.wall_s
-    child = _Child(mode, limits, deadline)
+    try:
+        child = _Child(mode, limits, deadline)
+    except OSError as exc:
+        return SandboxResult(False, f"the sandbox could not start ({exc}): check the isolation ({mode})", {}, mode)
     confined: tuple[str, ...] = ()
     try:
         kind = "hvac" if trial.domain.startswith("hvac") else "grid"

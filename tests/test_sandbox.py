@@ -161,6 +161,19 @@ def test_the_candidate_cannot_forge_the_protocol_or_its_scores():
     assert r.scores["limit_requests"] == 0 and '"forged"' in r.stderr
 
 
+def test_a_child_that_writes_garbage_to_the_protocol_cannot_crash_the_parent():
+    # the candidate escapes the Python-level restrictions and writes to the protocol's fd itself
+    for junk in (b"[" * 200_000, b"x" * (2 << 20), b'{"u": "' + b"9" * 1000 + b'"}'):
+        code = controller(step=f"import os\nfor fd in range(3, 12):\n    try:\n        os.write(fd, {junk!r} + b'\\n')\n    except OSError:\n        pass")
+        r = sandbox.evaluate(code, SHORT, **EVERYTHING)
+        assert not r.ok and r.reason in (
+            "an answer that is not JSON",
+            f"an answer longer than {sandbox.SandboxLimits().max_reply_bytes} bytes",
+            "step 0: the answer is not an array of numbers",
+            "step 0: the answer holds NaN or infinite values",
+        ), r.reason
+
+
 def test_bad_answers_are_rejected_with_the_reason():
     bad_shape = controller().replace("return [0.0 for _ in observation['state']]", "return [1.0, 2.0]")
     r = sandbox.evaluate(bad_shape, SHORT)
