@@ -1185,7 +1185,7 @@ ALLOWED_BUILTINS = frozenset(
         "slice", "sorted", "str", "sum", "tuple", "zip", "print", "complex", "iter", "repr", "format", "hash",
         "callable", "chr", "ord", "bin", "hex", "oct", "bytes", "property", "staticmethod", "classmethod",
         "super", "object", "issubclass", "NotImplemented", "Ellipsis",
-        "Exception", "ArithmeticError", "AssertionError", "FloatingPointError", "IndexError", "KeyError",
+        "Exception", "ArithmeticError", "AssertionError", "AttributeError", "FloatingPointError", "IndexError", "KeyError",
         "LookupError", "NotImplementedError", "OverflowError", "RuntimeError", "StopIteration", "TypeError",
         "ValueError", "ZeroDivisionError",
     }
