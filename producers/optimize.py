@@ -184,6 +184,13 @@ def _grid_problem(grid, spec: dict):
     for what, value, keys in (("outages", outages, {"branches", "generators"}), ("derates", derates, {"branches", "generators"})):
         if not isinstance(value, dict) or set(value) - keys:
             raise OptimizeError(f"{what} must be an object with 'branches' and/or 'generators', got {value!r:.80}")
+    for what, value, kind in (
+        ("outages.branches", outages.get("branches"), list), ("outages.generators", outages.get("generators"), list),
+        ("derates.branches", derates.get("branches"), dict), ("derates.generators", derates.get("generators"), dict),
+    ):  # fmt: skip
+        if value is not None and not isinstance(value, kind):
+            shape = '["from-to", ...]' if kind is list else '{"name": fraction}'
+            raise OptimizeError(f"{what} must be {'a list' if kind is list else 'an object'} like {shape}, got {value!r:.60}")
     out_br = list(outages.get("branches") or [])
     der_br = dict(derates.get("branches") or {})
     if out_br or der_br:  # a changed network: a domain of its own (same state and context)

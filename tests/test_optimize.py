@@ -183,6 +183,7 @@ def test_branch_outage_and_derate_build_their_own_network():
         ({"outages": {"branches": ["1-9"]}}, "unknown branch '1-9' in grid:case14: name a branch as 'from-to' bus numbers, e.g. '1-2'"),
         ({"derates": {"generators": {"Pg1@bus1": 2}}}, "derates.generators[Pg1@bus1] = 2: a derate is a fraction of Pmax between 0 and 1"),
         ({"load_scale": "big"}, "load_scale must be a finite number, got 'big'"),
+        ({"outages": {"branches": "1-2"}}, "outages.branches must be a list like [\"from-to\", ...], got '1-2'"),
         ({"wind": 3}, "unknown constraint 'wind' for grid:case14; use budget, context, derates, load_scale, loads, outages, previous"),
     ],
 )
