@@ -48,6 +48,7 @@ SECTIONS: dict[str, str] = {
     "ingest": "scf.producers.ingest:IngestSettings",
     "ledger": "scf.consumers.ledger:LedgerSettings",
     "safety": "scf.consumers.safety:SafetySettings",
+    "regiment": "scf.producers.regiment:RegimentSettings",
     "trust": "scf.bus.trust:TrustSettings",
     "worker": "scf.consumers.worker:WorkerSettings",
 }

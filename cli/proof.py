@@ -125,13 +125,19 @@ def proof_consistency(
 
 @proof_app.command("verify")
 def proof_verify(
-    proof: Path = typer.Argument(..., help="the proof file (from `scf proof inclusion` or `consistency`)"),
-    key: str = typer.Option(..., "--key", help="the log's verifier key (NAME+HASH+KEY), or a file holding it"),
+    proof: Path = typer.Argument(..., help="the proof file (from `scf proof inclusion` or `consistency`, or a strike's proof.json)"),
+    key: Optional[str] = typer.Option(None, "--key", help="the log's verifier key (NAME+HASH+KEY), or a file holding it"),
     entry: Optional[Path] = typer.Option(None, "--entry", help="the event's bytes, if you hold them apart from the proof"),
+    online: bool = typer.Option(False, "--online", help="a strike's proof: check its events against the log too"),
 ) -> None:
-    """Verify a proof offline: only the proof, the log's key and (optionally) the event bytes."""
+    """Verify a proof offline: only the proof, the log's key and (optionally) the event bytes; a strike's proof against the release keys."""
+    from scf.cli.strike import strike_proof_verify
     from scf.projections import proofcheck
 
+    if strike_proof_verify(proof, online):  # a strike's proof (docs/value-loop.md): checked there
+        return
+    if key is None:
+        raise fail("--key is needed: the log's verifier key (`scf proof key`)")
     try:
         data = proof.read_bytes()
         key_text = Path(key).read_text().strip() if Path(key).is_file() else key

@@ -1,0 +1,163 @@
+"""`scf strike`, `scf run regiment` and the strike-proof check behind `scf proof verify`
+(libraries: scf.producers.strike, scf.producers.regiment; docs/value-loop.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from scf.cli.common import fail, load_settings, open_bus, run
+
+KEY_OPT = typer.Option("release", "--key", help="the release key in $SCF_HOME/keys: signs the capsule and the proof")
+
+
+def register(app: typer.Typer, run_app: typer.Typer) -> None:
+    app.command("strike")(strike_command)
+    run_app.command("regiment")(run_regiment)
+
+
+def release_key(settings, name: str):
+    from scf.bus.signing import SigningKey
+
+    path = Path(name) if Path(name).suffix else settings.keys_dir / f"{name}.key"
+    if not path.is_file():
+        raise fail(f"no release key {path}: create it with `scf keys new {name}` and trust it with the release role")
+    return SigningKey.load(path)
+
+
+def trust_list(settings):
+    from scf.bus.signing import TrustList
+
+    return TrustList.load(settings.keys_dir / "trusted.json")
+
+
+def strike_command(
+    contract: Optional[str] = typer.Option(None, "--contract", help="a registered contract's id"),
+    domain: Optional[str] = typer.Option(None, "--domain", help="without a contract: the domain ..."),
+    constraints: Optional[Path] = typer.Option(None, "--constraints", help="... its constraints JSON file ..."),
+    nodes: str = typer.Option("", "--nodes", help="... and the nodes to deploy to (a,b)"),
+    measure: str = typer.Option("sim", "--measure", help="sim (the capsule on the simulated site, here) | live (the nodes' energy.measured) | none"),
+    wait: float = typer.Option(60.0, "--wait", help="seconds to wait for each of verdicts, activation and measurement"),
+    key: str = KEY_OPT,
+    as_json: bool = typer.Option(False, "--json", help="print the proof"),
+) -> None:
+    """Map → optimise → verify → deploy a capsule → measure → a signed JSON proof; prints the activity id (re-running resumes, never deploys twice)."""
+    from scf.producers import contracts
+    from scf.producers import strike as st
+
+    if (contract is None) == (domain is None or constraints is None):
+        raise fail("give --contract ID, or --domain D with --constraints FILE (and --nodes)")
+
+    async def main() -> st.StrikeResult:
+        s = load_settings("strike")
+        k, trust = release_key(s, key), trust_list(s)
+        bus = await open_bus(s, "scf-strike", sign=True)
+        try:
+            seq, eid = 0, ""
+            if contract is not None:
+                c = await contracts.get(bus, contract)
+                if not c.active:
+                    raise st.StrikeError(f"contract {contract} is {c.spec.status}: nothing to strike")
+                spec, seq, eid = c.spec, c.seq, c.event_id
+            else:
+                try:
+                    raw = json.loads(constraints.read_text())  # type: ignore[union-attr]
+                except (OSError, ValueError) as exc:
+                    raise st.StrikeError(f"{constraints}: not a readable JSON file ({exc})") from None
+                doc = contracts.parse_doc({"contract_id": "adhoc-" + st.sha256_json([domain, raw, nodes])[:12], "client": "ad hoc",
+                                           "domain": domain, "nodes": [n for n in nodes.split(",") if n], "constraints": raw,
+                                           "schedule_s": 0})
+                spec = contracts.spec_of(doc)
+            opts = st.StrikeOptions(measure=measure, wait_s=wait, model=await st.production_model(bus, spec.domain),
+                                    period=st.period_of(spec, time.time()))
+            return await st.strike(bus, s, spec, key=k, trust=trust, opts=opts, contract_seq=seq, contract_event_id=eid)
+        finally:
+            await bus.close()
+
+    result = run(main())
+    if as_json and result.proof:
+        typer.echo(json.dumps(result.proof, indent=2, sort_keys=True))
+    else:
+        typer.echo(st.summary(result))
+        if result.proof_path:
+            typer.echo(f"proof: {result.proof_path}")
+    if result.status in ("rejected", "failed"):
+        raise typer.Exit(1)
+
+
+def run_regiment(
+    concurrency: Optional[int] = typer.Option(None, help="strikes at once (default [regiment] concurrency)"),
+    once: bool = typer.Option(False, "--once", help="one pass, then exit"),
+) -> None:
+    """The regiment: at the gear's heartbeat, strike every active contract that is due (schedule, contract change, new production model)."""
+    import asyncio
+
+    import msgspec
+
+    from scf.bus.emergency import EmergencyGate
+    from scf.bus.runner import run_all
+    from scf.producers import regiment
+    from scf.producers import strike as st
+
+    async def main() -> None:
+        s = load_settings("regiment")
+        cfg = s.section("regiment", regiment.RegimentSettings)
+        if concurrency is not None:
+            cfg = msgspec.structs.replace(cfg, concurrency=concurrency)
+        k, trust = release_key(s, cfg.release_key), trust_list(s)
+        bus = await open_bus(s, "scf-regiment", sign=True)
+        gate = await EmergencyGate(bus, s.emergency_lock).start()
+        try:
+            if once:
+                r = await regiment.one_pass(bus, s, key=k, trust=trust, opts=st.StrikeOptions(measure=cfg.measure, wait_s=cfg.wait_s),
+                                            concurrency=cfg.concurrency, gate=gate)
+                typer.echo(f"{r.contracts} contracts, {r.due} due: {r.statuses() or 'nothing to do'} in {r.seconds:.1f} s")
+                return
+
+            async def loop(stop: asyncio.Event) -> None:
+                await regiment.run_regiment(s, bus, key=k, trust=trust, cfg=cfg, stop=stop, gate=gate)
+
+            await run_all(bus, [loop])
+        finally:
+            await gate.stop()
+            await bus.close()
+
+    run(main())
+
+
+def strike_proof_verify(path: Path, online: bool = False) -> bool:
+    """`scf proof verify FILE` for a strike's proof: False when FILE is not one (the log's
+    own bundles are checked by cli/proof.py). The release signature is checked against
+    $SCF_HOME/keys/trusted.json; with `online`, every event against the log too."""
+    from scf.producers import strike as st
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict) or data.get("kind") != st.PROOF_KIND:
+        return False
+    s = load_settings()
+    try:
+        body = st.verify_proof(data, trust_list(s))
+    except st.ProofInvalid as exc:
+        raise fail(f"proof does not hold: {exc}") from None
+    if online:
+
+        async def main() -> list[str]:
+            bus = await open_bus(s)
+            try:
+                return await st.check_against_log(bus, body)
+            finally:
+                await bus.close()
+
+        problems = run(main())
+        if problems:
+            raise fail("proof does not hold: " + "; ".join(problems))
+    typer.echo(f"OK: strike {body['activity_id']} of contract {body['contract_id']} ({body['status']}), signed by a release key; "
+               f"{len(body['events'])} events{' match the log' if online else ' named (add --online to check them against the log)'}")
+    return True

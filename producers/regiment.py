@@ -1,0 +1,158 @@
+"""The regiment: `scf run regiment` (docs/value-loop.md).
+
+At the gear's heartbeat, every active contract that is due is struck, at most
+`concurrency` at once. "Due" is one question — has the strike of the contract's current
+inputs been completed? — because a strike's activity id is a function of the contract's
+content, its schedule period (floor(now / schedule_s)) and the production model of its
+domain: a contract update, a new period or a newly promoted model each give a new
+activity id, and so a new strike; anything else finds its strike done and skips it.
+
+The emergency stop pauses the regiment between strikes (a strike in flight finishes its
+step and the next waits). Progress goes to the `scf_state` KV key `regiment` (read by
+`scf status --watch`) as a small JSON record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from scf.producers import contracts as contracts_mod
+from scf.producers import strike as strike_mod
+
+log = logging.getLogger("scf.regiment")
+KEY_REGIMENT = "regiment"
+
+
+class RegimentSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[regiment]` in scf.toml."""
+
+    concurrency: int = 4  # strikes at once
+    measure: str = "sim"  # sim | live | none (StrikeOptions.measure)
+    wait_s: float = 60.0  # per awaited step of a strike
+    release_key: str = "release"  # the key in $SCF_HOME/keys that signs capsules and proofs
+    heartbeat_s: float = 0.0  # 0: the gear's heartbeat
+
+
+class Progress(msgspec.Struct, kw_only=True):
+    """What `scf status --watch` shows: the last pass of the regiment."""
+
+    pass_no: int = 0
+    started_at: str = ""
+    finished_at: str = ""
+    contracts: int = 0
+    due: int = 0
+    done: int = 0
+    statuses: dict[str, int] = {}
+    paused: str = ""  # why the regiment waits (the emergency stop), "" when it does not
+
+
+@dataclass
+class PassReport:
+    contracts: int = 0
+    due: int = 0
+    results: list[strike_mod.StrikeResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def statuses(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.results:
+            out[r.status] = out.get(r.status, 0) + 1
+        return out
+
+
+async def due_contracts(bus, now: float, opts: strike_mod.StrikeOptions, trust) -> tuple[int, list[tuple[contracts_mod.Contract, strike_mod.StrikeOptions]]]:
+    """(active contracts, those due now with the options their strike runs under)."""
+    import dataclasses
+
+    found = [c for c in (await contracts_mod.load(bus)).values() if c.active]
+    models: dict[str, str] = {}
+    out = []
+    for c in found:
+        if c.spec.domain not in models:
+            models[c.spec.domain] = await strike_mod.production_model(bus, c.spec.domain)
+        o = dataclasses.replace(opts, model=models[c.spec.domain] or opts.model, period=strike_mod.period_of(c.spec, now))
+        activity = strike_mod.activity_id_for(c.spec.contract_id, strike_mod.sha256_json(strike_mod.inputs_of(c.spec, o)))
+        if await strike_mod.completed(bus, activity, trust) is None:
+            out.append((c, o))
+    return len(found), out
+
+
+async def one_pass(bus, settings, *, key, trust, opts: strike_mod.StrikeOptions, concurrency: int = 4,
+                   gate=None, progress=None, now: float | None = None) -> PassReport:
+    """Strike every due contract once, `concurrency` at a time; a strike's failure is its
+    result (status "failed"), never the pass's."""
+    t0 = time.perf_counter()
+    n, due = await due_contracts(bus, time.time() if now is None else now, opts, trust)
+    report = PassReport(contracts=n, due=len(due))
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(c: contracts_mod.Contract, o: strike_mod.StrikeOptions) -> None:
+        async with sem:
+            while gate is not None and gate.engaged:
+                if progress is not None:
+                    await progress(report, paused=gate.reason)
+                await asyncio.sleep(0.2)
+            try:
+                r = await strike_mod.strike(bus, settings, c.spec, key=key, trust=trust, opts=o, contract_seq=c.seq,
+                                            contract_event_id=c.event_id)
+            except Exception as exc:  # noqa: BLE001 - one contract's problem is its own line
+                r = strike_mod.StrikeResult("", "failed", f"{c.spec.contract_id}: {type(exc).__name__}: {exc}")
+                log.warning("strike of %s failed: %s", c.spec.contract_id, r.detail)
+            else:
+                log.info("strike of %s: %s", c.spec.contract_id, strike_mod.summary(r))
+            report.results.append(r)
+            if progress is not None:
+                await progress(report)
+
+    await asyncio.gather(*(one(c, o) for c, o in due))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+async def run_regiment(settings, bus, *, key, trust, cfg: RegimentSettings = RegimentSettings(),
+                       stop: asyncio.Event, gate=None) -> None:
+    """Pass after pass at the gear's heartbeat until `stop`."""
+    from scf.bus.gears import read_gear, spec
+
+    kv = await bus.kv("scf_state")
+    state = Progress()
+
+    async def progress(report: PassReport, paused: str = "") -> None:
+        state.contracts, state.due, state.done = report.contracts, report.due, len(report.results)
+        state.statuses, state.paused = report.statuses(), paused
+        try:
+            await kv.put(KEY_REGIMENT, msgspec.json.encode(state))
+        except Exception as exc:  # noqa: BLE001 - progress is a courtesy
+            log.debug("regiment progress not written: %s", exc)
+
+    opts = strike_mod.StrikeOptions(measure=cfg.measure, wait_s=cfg.wait_s)
+    while not stop.is_set():
+        if gate is not None and gate.engaged:
+            await progress(PassReport(), paused=gate.reason)
+        else:
+            state.pass_no += 1
+            state.started_at, state.finished_at = _now(), ""
+            report = await one_pass(bus, settings, key=key, trust=trust, opts=opts, concurrency=cfg.concurrency, gate=gate,
+                                    progress=progress)
+            state.finished_at = _now()
+            await progress(report)
+            if report.due:
+                log.info("regiment pass %d: %d contracts, %d due, %s in %.1f s", state.pass_no, report.contracts, report.due,
+                         report.statuses(), report.seconds)
+        beat = cfg.heartbeat_s or spec((await read_gear(bus)).gear).heartbeat_s
+        try:
+            await asyncio.wait_for(stop.wait(), beat)
+        except asyncio.TimeoutError:
+            pass
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
