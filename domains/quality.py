@@ -12,7 +12,8 @@
   an infeasible state counts with gap +inf;
 * **savings_captured** — Σ (cost(status quo) − cost(state)) / Σ (cost(status quo) −
   cost(optimum)) over the contexts: the share of the achievable savings, from the state
-  observed in that context (the status quo) to the optimum, that the decision captures.
+  observed in that context (the status quo) to the optimum, that the decision captures;
+  **regret** is 1 − savings_captured, the share missed (what promotion compares).
 
 Also `best_in_data`, the baseline a learned optimiser must beat: for a new context, the
 lowest-energy observed state among its nearest observed contexts, repaired.
@@ -60,7 +61,9 @@ class DecisionQuality:
             f"{prefix}contexts": float(len(self.feasible)),
         }
         if self.status_quo is not None:
-            out[f"{prefix}savings_captured"] = self.savings_captured()
+            captured = self.savings_captured()
+            out[f"{prefix}savings_captured"] = captured
+            out[f"{prefix}regret"] = 1.0 - captured  # the share of achievable savings missed (lower is better)
         return out
 
 

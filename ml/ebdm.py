@@ -344,7 +344,11 @@ def evaluate_model(
                            `tol` of its scale; sample_penalty their mean penalty;
                            heldout_violation_rate the same for the data itself
     violation_rate_projected  after `domain.project` (nearest feasible state; should be 0),
-                           projection_distance the mean move it took, normalised units"""
+                           projection_distance the mean move it took, normalised units
+    decision_*             the samples as decisions: repaired (domains.repair) and measured
+                           against the exact optimum and the held-out states as status quo
+                           (domains.quality: feasible, gap_median, gap_p95, savings_captured,
+                           regret) — what promotion compares"""
     model.eval()
     device = next(model.parameters()).device
     x, c = torch.as_tensor(x, dtype=torch.float32, device=device), torch.as_tensor(c, dtype=torch.float32, device=device)
@@ -369,5 +373,17 @@ def evaluate_model(
             fixed = torch.tensor(np.stack([domain.project(ci, xi) for ci, xi in zip(c_np, x_np)]), dtype=torch.float32, device=device)
             metrics["violation_rate_projected"] = float(penalty.violated(fixed, c, tol).float().mean())
             metrics["projection_distance"] = float((model.normalise(fixed) - model.normalise(samples)).norm(dim=-1).mean())
+            metrics.update(_decisions(domain, c_np, x_np, x.double().cpu().numpy()))
         metrics["heldout_violation_rate"] = float(penalty.violated(x, c, tol).float().mean())
     return metrics
+
+
+def _decisions(domain, c, samples, status_quo) -> dict[str, float]:
+    """Decision quality of repaired samples (numpy in, finite floats out)."""
+    from scf.domains.quality import decision_quality
+    from scf.domains.repair import repair_batch
+
+    fixed = repair_batch(domain, c, samples)
+    metrics = decision_quality(domain, c, fixed.states, status_quo=status_quo).metrics("decision_")
+    metrics["decision_repair_fallback"] = fixed.fallback_rate
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}

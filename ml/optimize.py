@@ -328,6 +328,19 @@ def evaluate_optimiser(
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
+def ebdm_decisions(model, domain: Domain, x: np.ndarray, c: np.ndarray, *, seed: int = 0) -> dict[str, float]:
+    """Decision quality of an EBDM used as an optimiser: one physics-guided sample per
+    held-out context, repaired, measured like the learned optimiser's decisions (status quo:
+    the held-out states x)."""
+    from scf.ml.ebdm import _decisions
+    from scf.ml.physics import penalty_for
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        samples = model.sample(torch.as_tensor(c, dtype=torch.float32), generator=gen, penalty=penalty_for(domain))
+    return _decisions(domain, np.asarray(c, dtype=float), samples.double().numpy(), np.asarray(x, dtype=float))
+
+
 @dataclass
 class OptimiserResult:
     checkpoint: Path
@@ -422,6 +435,6 @@ def repair(domain: Domain, contexts: np.ndarray, states: np.ndarray) -> np.ndarr
 
 __all__ = [
     "FORMAT", "LearnedOptimiser", "OptimiserConfig", "OptimiserError", "OptimiserResult", "PolicyNet",
-    "checkpoint_format", "evaluate_optimiser", "fit_optimiser", "load_optimiser", "propose", "repair",
+    "checkpoint_format", "ebdm_decisions", "evaluate_optimiser", "fit_optimiser", "load_optimiser", "propose", "repair",
     "save_optimiser", "train_optimiser",
 ]

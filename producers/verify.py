@@ -7,12 +7,21 @@ A produced checkpoint is promoted to an alias (default `production`) when
 
 1. its artifact's SHA-256 and size match the event (the store checks the digest on fetch;
    checked again here on the bytes that will be loaded),
-2. it loads without pickle (`ml.checkpoint.load_checkpoint`: safetensors + JSON metadata),
+2. it loads without pickle (`ml.checkpoint.load_checkpoint`: safetensors + JSON metadata;
+   a learned optimiser, format `scf-opt/1`, through `ml.optimize.load_optimiser`),
 3. evaluated on held-out fossils of its domain (the loader's split: fossils whose id ends
-   in a hex digit ≡ 0 mod 16, read from FOSSILS), its metric (default `heldout_dsm`,
-   lower is better) beats the current production checkpoint's on the *same* fossils by the
-   configured relative margin, and its sample violation rate is not worse by more than
-   the configured tolerance. With no production checkpoint, finite metrics suffice.
+   in a hex digit ≡ 0 mod 16, read from FOSSILS), its metric beats the current production
+   checkpoint's on the *same* fossils by the configured relative margin, and its sample
+   violation rate is not worse by more than the configured tolerance. With no production
+   checkpoint, finite metrics suffice. The metric (`primary_metric`) is **decision
+   quality** where both sides carry it: `decision_regret`, the share of the achievable
+   savings (held-out state → exact optimum) that the checkpoint's repaired decisions miss
+   on `decision_contexts` held-out contexts, and every repaired decision must pass the
+   domain's own check (`min_feasible`). A learned optimiser always carries it; an EBDM
+   does when `ebdm_decisions` is set or when it is the production a learned optimiser is
+   compared with (sampling is slow: 30-700 ms a context). Otherwise `metric` (default
+   `heldout_dsm`, lower is better), and for a learned optimiser of a domain without an
+   exact solver, its cost model's error on the measured energies (`cost_heldout_mae_rel`).
 
 Otherwise it is rejected with every reason. The versions of an alias count up by one per
 (domain, alias); each promotion names the checkpoint it replaces, so the history of an
@@ -57,6 +66,10 @@ class VerifySettings(msgspec.Struct, frozen=True, kw_only=True):
     student_alias: str = "edge"
     student_max_dsm_ratio: float = 1.02  # held-out DSM at most this × the teacher's, on the same fossils
     student_min_rank_corr: float = 0.98  # Spearman of the student's energies against the teacher's
+    decisions: bool = True  # judge on decision quality (decision_regret) where both sides carry it
+    decision_contexts: int = 64  # held-out contexts decided, repaired and solved exactly per checkpoint
+    ebdm_decisions: bool = False  # decide with EBDM checkpoints too (sampling: 30-700 ms a context on a CPU)
+    min_feasible: float = 1.0  # share of repaired decisions that must pass the domain's check
 
 
 @dataclass(frozen=True)
@@ -82,12 +95,35 @@ Verifier = Callable[[ev.CheckpointProduced, ev.Promotion | None], Awaitable[Veri
 # --------------------------------------------------------------------------- pure decisions
 
 
+DECISION_METRIC = "decision_regret"  # 1 - savings captured on held-out contexts (domains.quality)
+COST_METRIC = "cost_heldout_mae_rel"  # the learned cost against measured energy, where no optimum is known
+
+
+def primary_metric(metrics: dict[str, float], baseline: dict[str, float] | None, settings: VerifySettings) -> str:
+    """The metric a candidate is judged on: decision quality (`decision_regret`: the share of
+    the achievable savings its repaired decisions miss, against the exact optimum) when
+    `settings.decisions` and both sides carry it; else `settings.metric` (held-out DSM) when
+    the candidate has it; else the learned cost's error on measured energy (a learned
+    optimiser of a domain with no exact solver)."""
+    if settings.decisions and DECISION_METRIC in metrics and (not baseline or DECISION_METRIC in baseline):
+        return DECISION_METRIC
+    if settings.metric in metrics or COST_METRIC not in metrics:
+        return settings.metric
+    return COST_METRIC
+
+
 def compare(
     metrics: dict[str, float], baseline: dict[str, float] | None, settings: VerifySettings
 ) -> list[str]:
     """Why the candidate does not beat the baseline (empty when it does)."""
     why: list[str] = []
-    m = settings.metric
+    m = primary_metric(metrics, baseline, settings)
+    feasible = metrics.get("decision_feasible")
+    if feasible is not None and feasible < settings.min_feasible:
+        why.append(
+            f"decision_feasible {feasible:.4g}: some repaired decisions on held-out contexts break a constraint "
+            f"(needs >= {settings.min_feasible:.4g})"
+        )
     value = metrics.get(m)
     if value is None or not math.isfinite(value):
         return [f"metric {m} is missing or not finite ({value}) on held-out fossils"]
@@ -274,12 +310,52 @@ def _model_of(loaded: Any):
     raise TypeError(f"load_checkpoint returned {type(loaded).__name__}, which holds no torch module")
 
 
-def evaluate_file(path: Path, domain: str, fossils: list[ev.Fossil], seed: int = 0) -> dict[str, float]:
+def evaluate_file(
+    path: Path, domain: str, fossils: list[ev.Fossil], seed: int = 0, *, decisions: bool = False, decision_contexts: int = 64
+) -> dict[str, float]:
     """Load a checkpoint without pickle and evaluate it on held-out fossils (blocking: run
-    it in a thread)."""
+    it in a thread). A learned optimiser (`scf-opt/1`) is judged on its decisions for the
+    first `decision_contexts` held-out contexts; an EBDM on held-out DSM and its samples,
+    and with `decisions` also on its samples as decisions."""
     from scf.ml.checkpoint import load_checkpoint
+    from scf.ml.optimize import FORMAT as OPTIMISER
+    from scf.ml.optimize import checkpoint_format
 
-    return evaluate_on(_model_of(load_checkpoint(path)), domain, fossils, seed)
+    if checkpoint_format(path) == OPTIMISER:
+        return evaluate_optimiser_on(path, domain, fossils[:decision_contexts])
+    model = _model_of(load_checkpoint(path))
+    metrics = evaluate_on(model, domain, fossils, seed)
+    if decisions:
+        metrics.update(ebdm_decisions_on(model, domain, fossils[:decision_contexts], seed))
+    return metrics
+
+
+def _arrays(fossils: list[ev.Fossil]):
+    import numpy as np
+
+    x = np.asarray([f.state for f in fossils], dtype=float)
+    c = np.asarray([f.context for f in fossils], dtype=float)
+    return x, c, np.asarray([f.energy for f in fossils], dtype=float)
+
+
+def evaluate_optimiser_on(path: Path, domain: str, fossils: list[ev.Fossil]) -> dict[str, float]:
+    """A learned optimiser's decisions on held-out contexts: feasibility after repair, gap to
+    the exact optimum, savings captured and regret (status quo: the held-out states), and its
+    learned cost against the measured energies (`ml.optimize.evaluate_optimiser`)."""
+    from scf import domains
+    from scf.ml.optimize import evaluate_optimiser, load_optimiser
+
+    model, _ = load_optimiser(path)
+    return evaluate_optimiser(model, domains.get(domain), _arrays(fossils), limit=len(fossils))
+
+
+def ebdm_decisions_on(model, domain: str, fossils: list[ev.Fossil], seed: int = 0) -> dict[str, float]:
+    """An EBDM's samples as decisions on held-out contexts, repaired and measured alike."""
+    from scf import domains
+    from scf.ml.optimize import ebdm_decisions
+
+    x, c, _ = _arrays(fossils)
+    return ebdm_decisions(model, domains.get(domain), x, c, seed=seed)
 
 
 def evaluate_on(model, domain: str, fossils: list[ev.Fossil], seed: int = 0) -> dict[str, float]:
@@ -299,7 +375,7 @@ def evaluate_on(model, domain: str, fossils: list[ev.Fossil], seed: int = 0) -> 
         from scf.ml.physics import penalty_for
 
         penalty = penalty_for(domains.get(domain))
-    except Exception as exc:  # an unknown domain evaluates without the physics metrics
+    except Exception as exc:  # noqa: BLE001 - an unknown domain evaluates without the physics metrics
         log.warning("no constraint penalty for %s (%s): violation_rate is not measured", domain, exc)
     torch.manual_seed(seed)
     return {k: float(v) for k, v in evaluate_model(model, x, c, cost, penalty, seed=seed).items()}
@@ -313,7 +389,7 @@ class CheckpointVerifier:
         self.settings = settings
         self.config = config or VerifySettings()
         self.cache = Path(settings.path("model_zoo", "verify"))
-        self._baseline: dict[tuple[str, int], dict[str, float]] = {}  # (checkpoint, n fossils) -> metrics
+        self._baseline: dict[tuple[str, int, bool], dict[str, float]] = {}  # (checkpoint, n fossils, decisions) -> metrics
 
     async def _fetch(self, uri: str, sha256: str, size: int, name: str) -> Path:
         from scf.bus.artifacts import open_store
@@ -374,7 +450,7 @@ class CheckpointVerifier:
             return await self._verify_student(event)
         try:
             path = await self._fetch(c.uri, c.sha256, c.size, f"{subject_token(c.checkpoint_id)}.ckpt")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to fetch is a reason to reject, named
             return Verification(c.checkpoint_id, False, [f"artifact {c.uri}: {type(exc).__name__}: {exc}"])
         fossils = await heldout_fossils(self.bus, c.domain, self.config.heldout_limit)
         if len(fossils) < self.config.min_heldout:
@@ -382,20 +458,26 @@ class CheckpointVerifier:
                 c.checkpoint_id, False,
                 [f"only {len(fossils)} held-out fossils of {c.domain} (need {self.config.min_heldout}): cannot judge the checkpoint"],
             )
+        cfg = self.config
         try:
-            metrics = await asyncio.to_thread(evaluate_file, path, c.domain, fossils)
-        except Exception as exc:
+            metrics = await asyncio.to_thread(
+                evaluate_file, path, c.domain, fossils, decisions=cfg.ebdm_decisions, decision_contexts=cfg.decision_contexts
+            )
+        except Exception as exc:  # noqa: BLE001 - an untrusted file: whatever breaks is a named rejection
             return Verification(c.checkpoint_id, False, [f"cannot load or evaluate the checkpoint without pickle: {type(exc).__name__}: {exc}"])
         baseline: dict[str, float] = {}
         if production is not None:
-            key = (production.checkpoint_id, len(fossils))
+            decide = cfg.ebdm_decisions or DECISION_METRIC in metrics  # judged alike: on decisions if the candidate is
+            key = (production.checkpoint_id, len(fossils), decide)
             baseline = self._baseline.get(key, {})
             if not baseline:
                 try:
                     bpath = await self._fetch(production.uri, production.sha256, production.size, f"{subject_token(production.checkpoint_id)}.ckpt")
-                    baseline = await asyncio.to_thread(evaluate_file, bpath, c.domain, fossils)
+                    baseline = await asyncio.to_thread(
+                        evaluate_file, bpath, c.domain, fossils, decisions=decide, decision_contexts=cfg.decision_contexts
+                    )
                     self._baseline[key] = baseline
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a broken production is beaten by any good candidate
                     log.error("production checkpoint %s cannot be evaluated (%s): judging the candidate on its own", production.checkpoint_id, exc)
                     baseline = {}
         return Verification(
@@ -405,5 +487,6 @@ class CheckpointVerifier:
 
 __all__ = [
     "VerifySettings", "Verification", "Verifier", "compare", "decide_promotion", "current_promotion",
-    "heldout_fossils", "available", "CheckpointVerifier", "evaluate_file", "evaluate_on",
+    "heldout_fossils", "available", "CheckpointVerifier", "evaluate_file", "evaluate_on", "evaluate_optimiser_on",
+    "ebdm_decisions_on", "primary_metric", "DECISION_METRIC", "COST_METRIC",
 ]

@@ -275,7 +275,27 @@ def _markdown(d: dict[str, Any], period: str, now: dt.datetime) -> str:
             ["metric", "checkpoints", "first", "last", "best (min)"],
             [[m, len(v := [r["value"] for r in d["checkpoint_metrics"] if r["metric"] == m and r["value"] is not None]),
               _num(v[0], 4) if v else "n/a", _num(v[-1], 4) if v else "n/a", _num(min(v), 4) if v else "n/a"] for m in metrics])]
+    decided = decision_rows(d["checkpoint_metrics"])
+    if decided:
+        lines += ["## Decision quality", "",
+                  "Each checkpoint's decisions on held-out contexts, repaired to the domain's own check and measured against "
+                  "the exact optimum (docs/optimise.md): feasible share, relative gap to the optimum (median, p95), and the "
+                  "share of the achievable savings (observed state → optimum) captured.", "",
+                  *_table(["checkpoint", "domain", "status", "feasible", "gap median", "gap p95", "savings captured"], decided)]
     return "\n".join(lines) + "\n"
+
+
+def decision_rows(checkpoint_metrics: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per checkpoint that carries decision metrics (`decision_*`, ml.optimize /
+    ml.ebdm), in production order: id, domain, status, feasible, gap median, gap p95,
+    savings captured (percentages to 0.001 %)."""
+    by: dict[tuple[str, str, str], dict[str, float]] = {}
+    for r in checkpoint_metrics:
+        if r["metric"].startswith("decision_") and r["value"] is not None:
+            by.setdefault((r["checkpoint_id"], r["domain"], r["status"]), {})[r["metric"]] = r["value"]
+    fine = lambda x: "n/a" if x is None else f"{100 * x:.3f} %"  # noqa: E731
+    return [[cid, dom or "-", st, fine(m.get("decision_feasible")), fine(m.get("decision_gap_median")),
+             fine(m.get("decision_gap_p95")), fine(m.get("decision_savings_captured"))] for (cid, dom, st), m in by.items()]
 
 
 # --------------------------------------------------------------------------- HTML

@@ -94,6 +94,7 @@ def test_hvac_learned_decisions_are_feasible_and_beat_the_best_in_data(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # about 3 min each on a shared 2-core machine
 @pytest.mark.parametrize("name", ["grid:case118", "hvac:office3"])
 def test_learned_optimiser_meets_the_issue_goals(name, tmp_path):
     """Issue 12's measures on held-out contexts: 100 % feasible, gap median <= 0.5 %, p95 <= 2 %,
