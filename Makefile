@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[train,test,dev]'
+	$(PIP) -e '.[train,test,dev,report]'
 	touch $@
 
 .PHONY: install test test-fast demo bench lock lint
@@ -41,5 +41,5 @@ lint: $(VENV)/.installed
 # platform (Linux, macOS, Windows; CPU and CUDA), Python 3.11 and newer.
 lock: $(VENV)/.installed
 	$(PY) -m pip install -q uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra train --extra test --extra dev \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra train --extra test --extra dev --extra report \
 		--universal --python-version 3.11 -c constraints.in -o constraints.txt
