@@ -337,40 +337,13 @@ def _knots(cost: SeparableCost, rest: np.ndarray, a: np.ndarray, lo, hi) -> np.n
     return np.unique(t)
 
 
-def recover_dual(cost: SeparableCost, rows: Rows, lo, hi, x: np.ndarray, *, tol: float = 1e-6, max_active: int = 400) -> np.ndarray:
+def recover_dual(cost: SeparableCost, rows: Rows, lo, hi, x: np.ndarray, *, tol: float = 1e-6) -> np.ndarray:
     """Row multipliers for a decision x (no solver): least squares on the KKT stationarity
     f'_j(x_j) = (A'y)_j of the variables strictly inside their bounds, over the equality
-    rows and the rows x holds within `tol` (relative) of a bound; signs projected; then the
-    equality multipliers maximised (`tighten_equalities`)."""
-    x = np.asarray(x, float)
+    rows and the rows x holds within `tol` (relative) of a bound; signs projected; then
+    coordinate ascent of g (`recover_duals` for a batch of one)."""
     lo, hi = np.asarray(lo, float), np.asarray(hi, float)
-    act = rows.matvec(x)
-    span = np.maximum(1.0, np.abs(act))
-    eq = np.isfinite(rows.lo) & (rows.lo == rows.hi)
-    at_lo = ~eq & np.isfinite(rows.lo) & (act - rows.lo <= tol * span)
-    at_hi = ~eq & np.isfinite(rows.hi) & (rows.hi - act <= tol * span)
-    active = np.flatnonzero(eq | at_lo | at_hi)
-    if len(active) > max_active:
-        closeness = np.minimum(np.abs(act - rows.lo), np.abs(rows.hi - act))[active]
-        active = np.sort(active[np.argsort(closeness)[:max_active]])
-    y = np.zeros(len(rows.lo))
-    if len(active):
-        grad, smooth = cost.derivative(x, tol)
-        width = np.maximum(1.0, hi - lo)
-        interior = smooth & (x - lo > tol * width) & (hi - x > tol * width)
-        if interior.any():
-            cols = []
-            for r in active:
-                e = np.zeros(len(y))
-                e[r] = 1.0
-                cols.append(rows.rmatvec(e)[interior])
-            mat = np.stack(cols, axis=1)  # (n_interior, n_active)
-            sol, *_ = np.linalg.lstsq(mat, grad[interior], rcond=None)
-            y[active] = sol
-        y[at_lo & (y < 0)] = 0.0
-        y[at_hi & (y > 0)] = 0.0
-    coords = np.arange(len(y)) if len(y) <= SMALL_ROWS else active  # a small problem: every row
-    return ascend(cost, rows, lo, hi, y, coords, sweeps=3 if len(coords) <= SMALL_ROWS else 1)
+    return recover_duals(cost, rows, rows.lo[None], rows.hi[None], lo[None], hi[None], np.asarray(x, float)[None], tol=tol)[0]
 
 
 def make_certificate(cost: SeparableCost, rows: Rows, lo, hi, x: np.ndarray, dual: np.ndarray, source: str) -> Certificate:
