@@ -197,10 +197,16 @@ def report_value(
     since: Optional[str] = typer.Option(None, help="from this ISO date/time, or this long ago (30d, 12h)"),
     until: Optional[str] = typer.Option(None, help="up to this ISO date/time, or this long ago"),
     archive: Optional[Path] = ARCHIVE_OPT,
+    contract: Optional[str] = typer.Option(None, "--contract", help="one contract's report from its strike proofs (Markdown, HTML, PDF; docs/value-loop.md)"),
 ) -> None:
-    """Energy saved, stability, verdict and rollback rates, jobs and checkpoints: Markdown + HTML."""
+    """Energy saved, stability, verdict and rollback rates, jobs and checkpoints: Markdown + HTML (with --contract: a contract's, + PDF)."""
     from scf.cli.core import parse_since
     from scf.projections import report
+
+    if contract is not None:
+        from scf.cli.strike import contract_report
+
+        return contract_report(contract, out)
 
     start = parse_since(since) if since else None
     end = parse_since(until) if until else None

@@ -161,3 +161,24 @@ def strike_proof_verify(path: Path, online: bool = False) -> bool:
     typer.echo(f"OK: strike {body['activity_id']} of contract {body['contract_id']} ({body['status']}), signed by a release key; "
                f"{len(body['events'])} events{' match the log' if online else ' named (add --online to check them against the log)'}")
     return True
+
+
+def contract_report(contract_id: str, out: Path) -> None:
+    """`scf report value --contract ID`: the contract's value report from its verified strike proofs."""
+    from scf.producers import contracts
+    from scf.projections import contract_report as cr
+
+    s = load_settings()
+
+    async def main():
+        bus = await open_bus(s)
+        try:
+            c = await contracts.get(bus, contract_id)
+            return c, await cr.deploy_history(bus, c.spec.nodes)
+        finally:
+            await bus.close()
+
+    c, history = run(main())
+    proofs, invalid = cr.load_proofs(s.path("strikes"), contract_id, trust_list(s))
+    for line in cr.build(c.spec, proofs, history, out, invalid).lines():
+        typer.echo(line)

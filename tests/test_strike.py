@@ -126,7 +126,18 @@ async def test_two_contracts_strike_deploy_measure_and_prove(bus, settings, scf_
         forged = st.sign_proof({k: v for k, v in forged.items() if k != "signature"}, keys.release)
         assert (await st.check_against_log(bus, st.verify_proof(forged, keys.trust)))[0].endswith("holds other bytes than the proof names")
 
-        # 5. The regiment: nothing due; a newly promoted production model makes both due again.
+        # 5. The contract's value report: Markdown, light HTML with inline SVG charts, a PDF.
+        outd = tmp_path / "report"
+        r = await asyncio.to_thread(cli, "report", "value", "--contract", "acme", "--out", str(outd), env=scf_env)
+        assert r.returncode == 0 and "energy saved" in r.stdout, r.stdout + r.stderr
+        saved = sum(p["saved_kwh"] for p in a.proof["mv"]["periods"])
+        md = (outd / "acme.md").read_text()
+        assert f"{saved:.2f} ± " in md and "from 1 verified strike proofs" in md and "stability score" in md
+        page = (outd / "acme.html").read_text()
+        assert page.count("<svg") == 2 and "<script" not in page and len(page) < 300_000
+        assert (outd / "acme.pdf").read_bytes()[:5] == b"%PDF-"
+
+        # 6. The regiment: nothing due; a newly promoted production model makes both due again.
         report = await regiment.one_pass(bus, settings, key=keys.release, trust=keys.trust, opts=OPTS)
         assert (report.contracts, report.due) == (2, 0)
         make_model(tmp_path / "better.safetensors", 7)
