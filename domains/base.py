@@ -108,6 +108,25 @@ class Domain(abc.ABC):
     def feasible_rows(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(A, row_lo, row_hi) of the feasible polytope (A fixed; bounds per context)."""
 
+    # ------------------------------------------------------------------ certified path
+
+    def constraint_rows(self, context: np.ndarray):
+        """The rows of `feasible_rows` as a `certify.Rows` operator (domains with a sparse
+        structure override it; see domains/certify.py)."""
+        from scf.domains.certify import Rows
+
+        a, lo, hi = self.feasible_rows(context)
+        return Rows.dense(a, lo, hi, tuple(f"row[{i}]" for i in range(len(lo))))
+
+    @property
+    def separable_cost(self):
+        """The cost as a `certify.SeparableCost` (what duality certificates need)."""
+        raise DomainError(f"{self.name} has no certified path (its cost is not given as a separable convex cost); use the exact method")
+
+    def solve_exact(self, context: np.ndarray, *, lo=None, hi=None, start=None) -> tuple[np.ndarray, np.ndarray]:
+        """(the optimal state, the multipliers of `constraint_rows`); raises `Infeasible`."""
+        raise DomainError(f"{self.name} has no exact solve with multipliers; use reference_solution")
+
     # ------------------------------------------------------------------ shared
 
     @property

@@ -272,7 +272,12 @@ class GridDomain(Domain):
             slopes[g, len(m) :], intercepts[g, len(m) :] = m[-1], b0[-1]
             has[g] = True
         self.pwl_gens = np.flatnonzero(has)
-        self.separable_cost = SeparableCost(coef[:, 0].copy(), coef[:, 1].copy(), coef[:, 2].copy(), slopes, intercepts, has)
+        self._separable_cost = SeparableCost(coef[:, 0].copy(), coef[:, 1].copy(), coef[:, 2].copy(), slopes, intercepts, has)
+
+    @property
+    def separable_cost(self) -> SeparableCost:
+        """Each generator's cost: quadratic (c2, c1, c0) or piecewise linear (max of its lines)."""
+        return self._separable_cost
 
     # ------------------------------------------------------------------ physics
 
