@@ -69,7 +69,7 @@ def service_install(
 
 
 def demo(
-    home: Optional[Path] = typer.Option(None, help="a fresh SCF_HOME for the demo (default: ./.scf/demo-<time>)"),
+    home: Optional[Path] = typer.Option(None, help="a fresh SCF_HOME for the demo (default: $SCF_HOME when set, else ./.scf/demo-<time>)"),
     fossils: int = typer.Option(600, help="fossils to synthesise and ingest (one training pass once 5/6 of them are in)"),
     steps: int = typer.Option(300, help="training steps of the demo's model"),
     kill: Optional[str] = typer.Option(None, help="fault drill: SIGKILL this process after the gear shift (e.g. dispatch)"),
@@ -81,6 +81,11 @@ def demo(
     from scf.bus.errors import SCFError
     from scf.ops.demo import DemoFailed, run_demo, summary
 
+    import os
+
+    if home is None and os.environ.get("SCF_HOME"):
+        home = Path(os.environ["SCF_HOME"]).expanduser()
+        typer.echo(f"SCF_HOME is set: the demo runs in {home} (it must be empty or absent; --home DIR to choose another)")
     home = (home or Path(".scf") / f"demo-{dt.datetime.now():%Y%m%d-%H%M%S}").absolute()
     try:
         result = asyncio.run(run_demo(home, typer.echo, fossils=fossils, steps=steps, kill=kill))

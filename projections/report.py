@@ -337,6 +337,7 @@ def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
             for dom in domains
         ])
         fig.update_layout(barmode="stack", title="Energy saved per week (kWh), by domain", xaxis_title="week of", yaxis_title="kWh")
+        fig.update_xaxes(type="category")  # weeks are categories: one week must not become a millisecond-wide time axis
         figs.append(("Energy saved by week", fig))
     if d["energy_by_node"]:
         fig = go.Figure(go.Bar(x=[r["node"] for r in d["energy_by_node"]], y=[r["saved_kwh"] for r in d["energy_by_node"]]))
@@ -357,6 +358,7 @@ def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
             for st in statuses
         ])
         fig.update_layout(barmode="stack", title="Deployments per week by outcome")
+        fig.update_xaxes(type="category")
         figs.append(("Deployments and rollbacks", fig))
     if d["verdicts"]:
         v = d["verdicts"]
@@ -375,6 +377,7 @@ def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
             for st in statuses
         ])
         fig.update_layout(barmode="stack", title="Training jobs per week by outcome")
+        fig.update_xaxes(type="category")
         figs.append(("Training jobs", fig))
     if d["checkpoint_metrics"]:
         fig = go.Figure()

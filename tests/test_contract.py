@@ -78,3 +78,18 @@ async def test_contract_cli_round_trip(bus, scf_env, tmp_path):
     assert "acme-hq" not in (await run("contract", "ls")).stdout
     r = await run("contract", "end", "acme-hq")
     assert r.returncode == 1 and r.stderr == "Error: contract acme-hq has already ended\n"
+
+
+def test_demo_honours_an_exported_scf_home(tmp_path):
+    """First contact: `scf demo` with SCF_HOME exported runs there (a non-empty one is refused
+    before anything starts, naming it), not under ./.scf/demo-<time>."""
+    import os
+
+    home = tmp_path / "mine"
+    home.mkdir()
+    (home / "keep.txt").write_text("x")
+    env = dict(os.environ, SCF_HOME=str(home))
+    r = cli("demo", env=env)
+    assert r.returncode == 1
+    assert r.stdout.startswith(f"SCF_HOME is set: the demo runs in {home} (it must be empty or absent; --home DIR to choose another)")
+    assert f"Error: {home} is not empty: the demo needs a fresh SCF_HOME" in r.stderr

@@ -74,6 +74,8 @@ def test_html_is_self_contained_with_plotly_charts(archive, tmp_path):
     assert len(re.findall(r"plotly\.js v\d", html)) == 1 or html.count("window.PlotlyConfig") == 1
     assert not re.search(r"<script[^>]+src=", html)
     assert not re.search(r"<link[^>]+href=", html)
+    # weeks are categories on the axis (a single week on a time axis was ticked in fractions of a millisecond)
+    assert html.count('"type":"category"') >= 3
 
 
 def test_since_until_filter_the_period(archive, tmp_path, env):
