@@ -91,7 +91,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     keep_data: bool = False  # keep the fetched fossils after a successful job
     device: str = "auto"
     trainer: str = ""  # "module:function" taking a TrainRequest, returning a TrainResult; "" = ml.train
-    threads: int = 0  # torch intra-op threads on CPU (0: torch's default, one per core)
+    threads: int = 0  # torch intra-op threads on CPU (0: ml.train picks: one for a small model, else torch's default)
 
 
 def worker_spec(pool: str, cfg: WorkerSettings) -> ConsumerSpec:
@@ -127,6 +127,7 @@ def prepare_torch(device: str, threads: int = 0) -> str:
 
     if threads > 0:
         torch.set_num_threads(threads)
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # its first use imports torch._dynamo (seconds)
     return resolve_device(device)
 
 
@@ -218,6 +219,7 @@ class TrainRequest:
     out_path: Path
     device: str
     progress: Callable[[int, int, float, float], None]  # (step, total, loss, samples/s)
+    threads: int = 0  # torch CPU threads ([worker] threads; 0: ml.train decides)
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,7 @@ def train_with_ml(req: TrainRequest) -> TrainResult:
     try:
         result = ml_train.train(
             config, req.data_dir, out_dir=scratch, device=req.device,
-            progress_cb=req.progress, should_stop=stop, lineage=lineage,
+            progress_cb=req.progress, should_stop=stop, lineage=lineage, threads=req.threads or None,
         )
         if result.stopped_early:
             raise JobInterrupted(f"job {spec.job_id} stopped at step {result.steps}: the worker is stopping")
@@ -323,7 +325,7 @@ class Worker:
             while not stop.is_set():
                 try:
                     await self.announce()
-                except Exception as exc:  # NATS away for a moment: try again next beat
+                except Exception as exc:  # noqa: BLE001 - NATS away for a moment: try again next beat
                     log.warning("worker liveness refresh failed: %s", exc)
                 try:
                     await asyncio.wait_for(stop.wait(), self.cfg.heartbeat)
@@ -333,7 +335,7 @@ class Worker:
             try:
                 kv = await self.bus.kv(WORKERS_BUCKET)
                 await kv.delete(worker_key(self.pool, self.worker_id))
-            except Exception:
+            except Exception:  # noqa: BLE001 - the record expires after its TTL anyway
                 pass
 
     async def watch_stop(self, stop: asyncio.Event) -> None:
@@ -386,7 +388,7 @@ class Worker:
     async def _announce_quietly(self) -> None:
         try:
             await self.announce()
-        except Exception:
+        except Exception:  # noqa: BLE001 - liveness is best effort: the next heartbeat retries
             pass
 
     def _completion(self, work: ev.WorkItem, spec: ev.JobSpec, ref: ArtifactRef, metrics: dict[str, float], duration: float) -> list[ev.Event]:
@@ -418,7 +420,7 @@ class Worker:
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         progress = self._progress_reporter(work, spec, attempt)
-        req = TrainRequest(spec=spec, data_dir=data_dir, out_path=out, device=self.device, progress=progress)
+        req = TrainRequest(spec=spec, data_dir=data_dir, out_path=out, device=self.device, progress=progress, threads=self.cfg.threads)
         result = await asyncio.to_thread(self.trainer, req)
         metrics = finite_metrics({**result.metrics, "fossils": count})
         duration = time.monotonic() - t0

@@ -15,6 +15,15 @@ How the data is cut up (deterministic, from the files alone):
   order, records in random order within a window — memory stays flat (one window per
   worker plus the prefetched batches) however large the data.
 
+The columnar cache: a `ShardSource` decodes each shard once into numpy arrays (states,
+contexts and energies per (state, context) size, and per record the byte offset where its
+line starts, its domain and its split), stored as .npy files under `<root>/.columnar/
+<sha256 of the shard>/` and memory-mapped. A shard that changes has another digest, so
+its stale arrays are never read (and are pruned). Batches are then cut from the arrays —
+the same records, in the same order, at the same positions as decoding the NDJSON would
+give (a window's records are those whose offset lies in it), so resuming and sharding are
+unchanged; memory stays one window's gather per worker plus the page cache.
+
 Resuming: a slot's position is [unit, window, row] — its `unit`-th unit of this epoch,
 the `window`-th window of that unit, and `row` records of that window's permutation
 already emitted. `FossilLoader.state_dict()` is {"epoch", "positions": {slot: position},
@@ -30,8 +39,11 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Protocol
@@ -42,9 +54,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scf.bus.errors import SCFError
+from scf.bus.files import atomic_write
 
 DEFAULT_WINDOW = 8 << 20  # bytes of NDJSON shuffled together (about 2-3k case118 fossils)
 MAX_UNIT = 256 << 20
+COLUMNAR_FORMAT = 1  # bump when the cached arrays change meaning
+DECODE_CHUNK = 32 << 20  # bytes of a shard decoded at once while building its columns
 
 
 class LoaderError(SCFError):
@@ -98,10 +113,16 @@ class FossilSource(Protocol):
 
 
 class ShardSource:
-    """A directory of `*.ndjson` shards (uncompressed: units are byte ranges)."""
+    """A directory of `*.ndjson` shards (uncompressed: units are byte ranges).
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    `cache`: where decoded columns are kept (None: `<root>/.columnar`; False: never build
+    them, batches decode the NDJSON as they go)."""
+
+    def __init__(self, root: str | os.PathLike, cache: str | os.PathLike | None | bool = None) -> None:
         self.root = Path(root)
+        self.cache = None if cache is False else Path(cache) if cache not in (None, True) else self.root / ".columnar"
+        self._columns: dict[str, ShardColumns] = {}
+        self._digests: dict[str, str] = {}
         if not self.root.is_dir():
             raise LoaderError(f"no shard directory at {self.root}: write shards with `scf fossils synth` or pass the right path")
         self.files = sorted(p.name for p in self.root.glob("*.ndjson"))
@@ -144,13 +165,212 @@ class ShardSource:
         for name, size in zip(self.files, self.sizes):
             entry: dict = {"name": name, "bytes": size}
             if hashes:
-                h = hashlib.sha256()
-                with open(self.root / name, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                entry["sha256"] = h.hexdigest()
+                entry["sha256"] = self.sha256(name)
             shards.append(entry)
         return {"kind": "shards", "root": str(self.root), "shards": shards}
+
+    # ------------------------------------------------------------ the columnar cache
+
+    def sha256(self, name: str) -> str:
+        """The shard's digest; remembered in the cache's index against the file's size,
+        mtime and inode, so an unchanged shard is hashed once."""
+        path = self.root / name
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        index = self._index()
+        known = index.get(name)
+        if known and known.get("stamp") == stamp:
+            return known["sha256"]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(4 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        if self.cache is not None:
+            index[name] = {"stamp": stamp, "sha256": digest}
+            try:
+                self.cache.mkdir(parents=True, exist_ok=True)
+                atomic_write(self.cache / "index.json", json.dumps(index, sort_keys=True).encode())
+            except OSError:
+                pass  # a read-only directory: hash again next time
+        return digest
+
+    def _index(self) -> dict:
+        if self.cache is None:
+            return {}
+        try:
+            return json.loads((self.cache / "index.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def prepare(self) -> None:
+        """Build the columns of every shard now (before DataLoader workers start, so that
+        they only read them), and remove columns of shards no longer here."""
+        if self.cache is None:
+            return
+        keep = {self.sha256(name) for name in self.files}
+        for name in self.files:
+            self.columns(name)
+        if self.cache.is_dir():
+            for d in self.cache.iterdir():
+                if d.is_dir() and len(d.name) == 64 and d.name not in keep:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    def columns(self, name: str) -> ShardColumns | None:
+        """The shard's decoded columns (memory-mapped), built on first use; None without a cache."""
+        if self.cache is None:
+            return None
+        cols = self._columns.get(name)
+        if cols is not None:
+            return cols
+        digest = self.sha256(name)
+        where = self.cache / digest
+        cols = ShardColumns.load(where)
+        if cols is None:
+            cols = ShardColumns.build(self.root / name)
+            try:
+                cols.save(where)
+                cols = ShardColumns.load(where) or cols
+            except OSError:
+                pass  # cannot write here: keep the arrays in memory for this process
+        self._columns[name] = cols
+        return cols
+
+
+class ShardColumns:
+    """One shard decoded: per record (in file order) the byte offset where its line
+    starts, its domain (an index into `domains`), whether it is held out, and its row in
+    its group's arrays; per group (records of one (state, context) size) the float32
+    arrays state (n, d), context (n, m) and energy (n,). Lines that do not decode are not
+    records (as when decoding the NDJSON)."""
+
+    ARRAYS = ("offsets", "domain", "heldout", "group", "local")
+
+    def __init__(self, offsets, domain, heldout, group, local, domains, states, contexts, energies) -> None:
+        self.offsets, self.domain, self.heldout, self.group, self.local = offsets, domain, heldout, group, local
+        self.domains, self.states, self.contexts, self.energies = domains, states, contexts, energies
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def code(self, domain: str) -> int:
+        return self.domains.index(domain) if domain in self.domains else -1
+
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        """The records whose line starts in [lo, hi): rows [i, j)."""
+        i, j = np.searchsorted(self.offsets, (lo, hi))
+        return int(i), int(j)
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(state, context, energy) of records `rows` (one group)."""
+        groups = self.group[rows]
+        g = int(groups[0])
+        if (groups != g).any():
+            raise _ragged(self.states[g].shape[1], self.contexts[g].shape[1], self.domains[int(self.domain[rows[0]])], groups, self)
+        local = self.local[rows]
+        return self.states[g][local], self.contexts[g][local], self.energies[g][local]
+
+    @classmethod
+    def build(cls, path: Path) -> ShardColumns:
+        offsets, domain, heldout, group, local = [], [], [], [], []
+        domains: dict[str, int] = {}
+        groups: dict[tuple[int, int], int] = {}
+        parts: list[tuple[list, list, list]] = []
+        base = 0
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(DECODE_CHUNK)
+                if not data:
+                    break
+                if not data.endswith(b"\n"):
+                    data += f.readline()
+                rows, starts = _decode_with_offsets(data)
+                for row, start in zip(rows, starts.tolist()):
+                    shape = (len(row.state), len(row.context))
+                    g = groups.setdefault(shape, len(groups))
+                    if g == len(parts):
+                        parts.append(([], [], []))
+                    st, cx, en = parts[g]
+                    offsets.append(base + start)
+                    domain.append(domains.setdefault(row.domain, len(domains)))
+                    heldout.append(row.fossil_id[-1:] == "0")
+                    group.append(g)
+                    local.append(len(en))
+                    st.append(row.state)
+                    cx.append(row.context)
+                    en.append(row.energy)
+                base += len(data)
+        shapes = sorted(groups, key=groups.get)
+        return cls(
+            np.asarray(offsets, dtype=np.int64), np.asarray(domain, dtype=np.int16), np.asarray(heldout, dtype=bool),
+            np.asarray(group, dtype=np.int16), np.asarray(local, dtype=np.int64), list(domains),
+            [np.asarray(p[0], dtype=np.float32).reshape(-1, d) for p, (d, _) in zip(parts, shapes)],
+            [np.asarray(p[1], dtype=np.float32).reshape(-1, m) for p, (_, m) in zip(parts, shapes)],
+            [np.asarray(p[2], dtype=np.float32) for p in parts],
+        )
+
+    def save(self, where: Path) -> None:
+        """Write the arrays as .npy files into `where`, atomically (a directory renamed into place)."""
+        where.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{where.name[:12]}-", dir=where.parent))
+        try:
+            for name in self.ARRAYS:
+                np.save(tmp / f"{name}.npy", getattr(self, name))
+            for g in range(len(self.states)):
+                np.save(tmp / f"state-{g}.npy", self.states[g])
+                np.save(tmp / f"context-{g}.npy", self.contexts[g])
+                np.save(tmp / f"energy-{g}.npy", self.energies[g])
+            meta = {"format": COLUMNAR_FORMAT, "domains": self.domains, "groups": len(self.states), "records": len(self)}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                os.replace(tmp, where)
+            except OSError:
+                if not (where / "meta.json").exists():  # another process put it there first: use theirs
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, where: Path) -> ShardColumns | None:
+        try:
+            meta = json.loads((where / "meta.json").read_text())
+            if meta.get("format") != COLUMNAR_FORMAT:
+                return None
+            arrays = [np.load(where / f"{name}.npy", mmap_mode="r") for name in cls.ARRAYS]
+            per = [[np.load(where / f"{kind}-{g}.npy", mmap_mode="r") for g in range(meta["groups"])] for kind in ("state", "context", "energy")]
+        except (OSError, ValueError, KeyError):
+            return None
+        return cls(*arrays, list(meta["domains"]), *per)
+
+
+def _decode_with_offsets(data: bytes) -> tuple[list[FossilRow], np.ndarray]:
+    """The records of whole lines `data` and the offset where each one's line starts."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    starts = np.concatenate(([0], ends + 1))[: len(ends) + (0 if data.endswith(b"\n") else 1)]
+    ends = np.concatenate((ends, [len(data)]))[: len(starts)]
+    rows = _decode(data)
+    if len(rows) == len(starts) and (ends > starts).all():
+        return rows, starts
+    rows, kept = [], []  # blank or bad lines: line by line
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        line = data[a:b]
+        if not line.strip():
+            continue
+        try:
+            rows.append(_row_decoder.decode(line))
+            kept.append(a)
+        except msgspec.DecodeError:
+            continue
+    return rows, np.asarray(kept, dtype=np.int64)
+
+
+def _ragged(d: int, m: int, domain: str, groups, cols: ShardColumns) -> LoaderError:
+    return LoaderError(
+        f"fossils of {domain} have {d} state / {m} context values, others in the same batch "
+        f"{', '.join(f'{cols.states[g].shape[1]} / {cols.contexts[g].shape[1]}' for g in sorted(set(groups.tolist())) if cols.states[g].shape[1] != d or cols.contexts[g].shape[1] != m)}: "
+        "pass domain= to read one domain"
+    )
 
 
 def as_source(source: FossilSource | str | os.PathLike) -> FossilSource:
@@ -274,9 +494,52 @@ class Batch(NamedTuple):
 class _BatchStream(IterableDataset):
     """Yields (state, context, energy, slot, position) batches of one epoch, per worker."""
 
-    def __init__(self, plan: _Plan, epoch: int, rank: int, world_size: int, batch_size: int, positions: dict, turn: int) -> None:
+    def __init__(self, plan: _Plan, epoch: int, rank: int, world_size: int, batch_size: int, positions: dict, turn: int, columnar: bool = False) -> None:
         self.plan, self.epoch, self.rank, self.world_size = plan, epoch, rank, world_size
-        self.batch_size, self.positions, self.turn = batch_size, positions, turn
+        self.batch_size, self.positions, self.turn, self.columnar = batch_size, positions, turn, columnar
+
+    def _columnar(self, slot: int, slots: int, start):
+        """The batches of `__iter__` cut from the shards' cached columns: the windows'
+        records, permutations and positions are those of the NDJSON path, as arrays."""
+        plan, source, size = self.plan, self.plan.source, self.batch_size
+        units = plan.slot_units(self.epoch, slot, slots)
+        k0, w0, r0 = start
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        have, pos = 0, start
+        for k in range(k0, len(units)):
+            uid, unit = units[k]
+            cols = source.columns(unit.key)
+            code = cols.code(plan.domain) if plan.domain is not None else None
+            n_win = source.windows(unit, plan.window)
+            for w in range(w0 if k == k0 else 0, n_win):
+                lo = unit.start + w * plan.window
+                i, j = cols.span(lo, min(lo + plan.window, unit.end))
+                n = j - i
+                if n == 0:
+                    continue
+                first = r0 if (k, w) == (k0, w0) else 0
+                rows = np.random.default_rng([plan.seed, self.epoch, uid, w]).permutation(n)[first:] + i
+                keep = np.ones(len(rows), dtype=bool)
+                if code is not None:
+                    keep &= cols.domain[rows] == code
+                if plan.split is not None:
+                    keep &= cols.heldout[rows] == (plan.split == "heldout")
+                index = np.flatnonzero(keep) + first  # positions in the window's permutation
+                rows = rows[keep]
+                where = (k, w, n, n_win)
+                at = 0
+                while at < len(rows):
+                    take = min(size - have, len(rows) - at)
+                    parts.append(cols.gather(rows[at : at + take]))
+                    have += take
+                    at += take
+                    pos = _after(int(index[at - 1]), where)
+                    if have == size:
+                        yield (*_stack(parts), slot, pos)
+                        parts, have = [], 0
+        if parts:
+            yield (*_stack(parts), slot, pos)
+
 
     def __iter__(self):
         worker, workers = _slot()
@@ -284,6 +547,9 @@ class _BatchStream(IterableDataset):
         # round-robin from worker 0, so a resumed epoch continues with the slot whose turn it was
         slot, slots = self.rank * workers + (worker + self.turn) % workers, self.world_size * workers
         start = tuple(self.positions.get(str(slot), (0, 0, 0)))
+        if self.columnar:
+            yield from self._columnar(slot, slots, start)
+            return
         size, batch, dims, pos = self.batch_size, [], None, start
         for kept, index, where in self.plan.windows(self.epoch, slot, slots, start):
             j = 0
@@ -299,6 +565,17 @@ class _BatchStream(IterableDataset):
         if batch:
             _check_dims(batch, dims)
             yield (*_collate(batch), slot, pos)
+
+
+def _stack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch from gathered pieces; pieces of different sizes are a LoaderError."""
+    shapes = {(p[0].shape[1], p[1].shape[1]) for p in parts}
+    if len(shapes) > 1:
+        listed = ", ".join(f"{d} / {m}" for d, m in sorted(shapes))
+        raise LoaderError(f"one batch would hold fossils of several sizes (state / context {listed}): pass domain= to read one domain")
+    if len(parts) == 1:
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in parts[0])  # type: ignore[return-value]
+    return tuple(torch.from_numpy(np.concatenate(a)) for a in zip(*parts))  # type: ignore[return-value]
 
 
 def _check_dims(rows: list[FossilRow], dims: tuple[int, int] | None) -> tuple[int, int]:
@@ -347,6 +624,7 @@ class FossilLoader:
         state: dict | None = None,
         pin_memory: bool = False,
         prefetch_factor: int = 4,
+        columnar: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} is outside world_size {world_size}: pass 0 <= rank < world_size")
@@ -355,6 +633,8 @@ class FossilLoader:
         self.plan = _Plan(as_source(source), domain, seed, shuffle_buffer, split)
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.epochs, self.pin_memory, self.prefetch_factor = epochs, pin_memory, prefetch_factor
+        # batches from the shards' cached columns where the source keeps them (ShardSource)
+        self.columnar = columnar and getattr(self.plan.source, "cache", None) is not None
         self.epoch, self.positions, self.turn = 0, {}, 0
         if state is not None:
             self.load_state_dict(state)
@@ -364,9 +644,13 @@ class FossilLoader:
         return self.plan.source
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.columnar:
+            self.plan.source.prepare()  # decode once, here, before any worker reads
         while self.epochs is None or self.epoch < self.epochs:
             workers = max(1, self.num_workers)
-            stream = _BatchStream(self.plan, self.epoch, self.rank, self.world_size, self.batch_size, dict(self.positions), self.turn)
+            stream = _BatchStream(
+                self.plan, self.epoch, self.rank, self.world_size, self.batch_size, dict(self.positions), self.turn, self.columnar
+            )
             extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False} if self.num_workers else {}
             loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
             for state, context, energy, slot, pos in loader:

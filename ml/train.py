@@ -55,6 +55,33 @@ class FitStats:
     stopped_early: bool = False
 
 
+SMALL_STEP = 1 << 24  # batch × hidden²: at or below this a CPU step runs on one thread
+
+
+def cpu_threads(config: EBDMConfig, device: str | torch.device = "cpu") -> int | None:
+    """Intra-op threads for training `config` on `device`: 1 for a small model on the CPU,
+    None (leave torch's setting) otherwise. A small step is a few hundred tiny kernels:
+    OpenMP's hand-offs cost more than the arithmetic they share, and on a busy machine its
+    spinning threads slow the step down 10-30× (benchmarks/RESULTS.md)."""
+    if torch.device(device).type != "cpu":
+        return None
+    return 1 if config.batch_size * config.hidden**2 <= SMALL_STEP else None
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to `n` inside the block (None: unchanged)."""
+    if not n or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _ema(model: EBDM, decay: float) -> AveragedModel:
     """Exponential moving average of the weights, with the usual warm-up (1+n)/(10+n)."""
     count = [0]
@@ -145,15 +172,22 @@ def train(
     num_workers: int = 0,
     loader_state: dict | None = None,
     lineage: dict | None = None,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train on the "train" split of `data_source` (fossils of `config.domain`), evaluate
     on its "heldout" split (1 in 16 fossils by id), and write a safetensors checkpoint
     under `out_dir` (a fresh temporary directory if None). `lineage` adds to what the
     source reports (e.g. the stream sequence range a worker read); `loader_state` starts
     the data where a previous loader stopped. Metrics are finite floats (one that cannot
-    be computed, e.g. a correlation over constant values, is left out)."""
-    started = time.perf_counter()
+    be computed, e.g. a correlation over constant values, is left out). `threads`: torch's
+    CPU threads for this call (None: `cpu_threads`, one for a small model)."""
     cfg = config.resolved()
+    with torch_threads(threads or cpu_threads(cfg, device)):
+        return _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_workers, loader_state, lineage)
+
+
+def _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_workers, loader_state, lineage) -> TrainResult:
+    started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     source = as_source(data_source)
     pin = torch.device(device).type == "cuda"
@@ -217,7 +251,8 @@ def evaluate(
     cfg = model.config
     if limit is not None:
         cfg = dataclasses.replace(cfg, eval_records=limit)
-    return _evaluate(model, heldout, _penalty(cfg), cfg, device, seed=seed)
+    with torch_threads(cpu_threads(cfg, device)):
+        return _evaluate(model, heldout, _penalty(cfg), cfg, device, seed=seed)
 
 
 def compare(candidate: dict[str, float], baseline: dict[str, float], *, margin: float = 0.02, violation_slack: float = 0.01) -> tuple[bool, list[str]]:

@@ -148,3 +148,48 @@ def test_missing_or_empty_shard_directory_is_named(tmp_path):
         ShardSource(tmp_path / "nowhere")
     with pytest.raises(LoaderError, match="holds no \\*.ndjson shard"):
         ShardSource(tmp_path)
+
+
+@pytest.mark.parametrize("workers, world, rank, split, domain", [(0, 1, 0, None, None), (2, 1, 0, "train", "grid:case9"), (2, 2, 1, "heldout", "grid:case9")])
+def test_columnar_batches_are_the_ndjson_batches(shards, workers, world, rank, split, domain):
+    def batches(columnar, state=None):
+        loader = FossilLoader(shards, batch_size=24, seed=5, rank=rank, world_size=world, num_workers=workers, epochs=2,
+                              shuffle_buffer=4096, split=split, domain=domain, columnar=columnar, state=state)
+        return loader, [(b.state.tolist(), b.context.tolist(), b.energy.tolist()) for b in loader]
+
+    loader, columnar = batches(True)
+    assert loader.columnar and (shards / ".columnar" / "index.json").exists()
+    _, ndjson = batches(False)
+    assert columnar == ndjson and len(columnar) > 2  # the same records, in the same order
+    # a state saved by one path resumes in the other
+    first = FossilLoader(shards, batch_size=24, seed=5, rank=rank, world_size=world, num_workers=workers, epochs=2,
+                         shuffle_buffer=4096, split=split, domain=domain, columnar=False)
+    it = iter(first)
+    head = [next(it).energy.tolist() for _ in range(2)]
+    del it
+    _, tail = batches(True, state=first.state_dict())
+    assert head + [t[2] for t in tail] == [b[2] for b in ndjson]
+
+
+def test_columns_follow_the_shard_when_it_changes(tmp_path):
+    synth_shards("grid:case9", 60, tmp_path, shard_size=30, seed=1)
+    before = sorted(float(e) for b in FossilLoader(tmp_path, batch_size=16) for e in b.energy)
+    source = ShardSource(tmp_path)
+    old = {source.sha256(name) for name in source.files}
+    assert {d.name for d in (tmp_path / ".columnar").iterdir() if d.is_dir()} == old
+    shard = tmp_path / source.files[0]
+    lines = shard.read_bytes().splitlines(keepends=True)
+    shard.write_bytes(b"".join(lines[:10]))  # the shard changes: 20 fossils fewer
+    after = sorted(float(e) for b in FossilLoader(tmp_path, batch_size=16) for e in b.energy)
+    assert len(after) == len(before) - 20
+    assert after == sorted(float(e) for b in FossilLoader(tmp_path, batch_size=16, columnar=False) for e in b.energy)
+    now = {d.name for d in (tmp_path / ".columnar").iterdir() if d.is_dir()}
+    assert len(now) == 2 and now != old  # the changed shard's stale columns are gone
+
+
+def test_columns_skip_blank_and_bad_lines_like_the_ndjson_path(tmp_path, shards):
+    lines = (shards / "fossils-00000.ndjson").read_bytes().splitlines()
+    (tmp_path / "a.ndjson").write_bytes(b"\n".join([lines[0], b"", b'{"not": "a fossil"', b"   ", lines[1], lines[2]]))  # no final newline
+    ndjson = [b.energy.tolist() for b in FossilLoader(tmp_path, batch_size=2, columnar=False, shuffle_buffer=64)]
+    columnar = [b.energy.tolist() for b in FossilLoader(tmp_path, batch_size=2, shuffle_buffer=64)]
+    assert columnar == ndjson and sum(map(len, columnar)) == 3
