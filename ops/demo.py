@@ -200,7 +200,11 @@ async def run_demo(
     release = _keys(settings)
     echo(f"keys: release key {release.name} (signs promotions), node keys for {', '.join(NODES)}; trust list {settings.keys_dir / 'trusted.json'}")
 
-    sup = Supervisor(settings, _processes(settings), echo=lambda line: echo(f"   [up] {line}"), extra_env={"SCF_KEY": str(release)})
+    # one torch thread per process: the demo's model is small and ten processes share the
+    # cores; OpenMP threads spinning against each other made training and the checkpoint's
+    # evaluation 10-30x slower (benchmarks/RESULTS.md, bench_train_cpu)
+    env = {"SCF_KEY": str(release), "OMP_NUM_THREADS": "1"}
+    sup = Supervisor(settings, _processes(settings), echo=lambda line: echo(f"   [up] {line}"), extra_env=env)
     sup_task = asyncio.create_task(sup.run())
     bus: Bus | None = None
     try:
