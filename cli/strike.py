@@ -108,6 +108,11 @@ def run_regiment(
         cfg = s.section("regiment", regiment.RegimentSettings)
         if concurrency is not None:
             cfg = msgspec.structs.replace(cfg, concurrency=concurrency)
+        key_path = s.keys_dir / f"{cfg.release_key}.key"
+        if not once and not key_path.is_file():  # under `scf up`: idle until a release key exists, not a restart loop
+            typer.echo(f"regiment: no release key {key_path}: idle until one exists (`scf keys new {cfg.release_key}`, trusted with the release role)", err=True)
+            while not key_path.is_file():
+                await asyncio.sleep(10.0)
         k, trust = release_key(s, cfg.release_key), trust_list(s)
         bus = await open_bus(s, "scf-regiment", sign=True)
         gate = await EmergencyGate(bus, s.emergency_lock).start()

@@ -34,6 +34,7 @@ class Snapshot:
     ledger: str = "0 transfers"
     dlq: int = 0
     archive: list[str] = field(default_factory=list)
+    regiment: str = "not running"
 
 
 async def _kv_text(bus: Bus, key: str) -> str | None:
@@ -74,6 +75,7 @@ async def snapshot(bus: Bus) -> Snapshot:
     except EmergencyUnknown as exc:  # gates treat it as engaged: say so
         s.emergency = f"UNKNOWN, gates paused ({exc})"
     s.daemon = (await _kv_text(bus, "daemon")) or "no heartbeat"
+    s.regiment = regiment_line(await _kv_text(bus, "regiment"))
     try:
         kv = await bus.kv("scf_state")
         keys = [k for k in await kv.keys() if k.startswith("proc.")]
@@ -117,6 +119,21 @@ async def snapshot(bus: Bus) -> Snapshot:
     return s
 
 
+def regiment_line(text: str | None) -> str:
+    """The regiment's progress (`scf_state/regiment`, producers/regiment.py) in one line."""
+    if not text:
+        return "not running"
+    try:
+        d = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return "unreadable progress record"
+    if d.get("paused"):
+        return f"paused: {d['paused']}"
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted((d.get("statuses") or {}).items())) or "-"
+    state = "done" if d.get("finished_at") else "running"
+    return f"pass {d.get('pass_no', 0)} {state}: {d.get('done', 0)}/{d.get('due', 0)} due of {d.get('contracts', 0)} contracts ({statuses})"
+
+
 def render(s: Snapshot):
     from rich.console import Group
     from rich.panel import Panel
@@ -125,7 +142,7 @@ def render(s: Snapshot):
     head = Table.grid(padding=(0, 2))
     head.add_row("gear", f"[bold]{s.gear}[/]", "emergency", f"[bold red]{s.emergency}[/]" if s.emergency != "released" else "released")
     head.add_row("daemon", s.daemon[:80], "DLQ", f"[red]{s.dlq}[/]" if s.dlq else "0")
-    head.add_row("ledger", s.ledger, "", "")
+    head.add_row("ledger", s.ledger, "regiment", s.regiment[:80])
     procs = Table("process", "state", title="processes", expand=True)
     for name, state in s.processes:
         procs.add_row(name, state)
