@@ -428,6 +428,10 @@ def _finish(problem: Problem, x: np.ndarray, cert: Certificate, method: str, mod
         status, message = "infeasible", broken[0]
     elif max_gap is not None and not cert.certified(max_gap):
         status, message = "uncertified", f"certified gap {cert.rel_gap:.3g} exceeds max_gap {max_gap:g}"
+        unbounded = int(np.sum(~np.isfinite(problem.lo) | ~np.isfinite(problem.hi)))
+        if not math.isfinite(cert.lower_bound) and unbounded:
+            message += (f": {unbounded} state variables have no finite limit, and a duality bound over an unbounded range is finite only with"
+                        " multipliers exact to the last bit; give them finite limits (Pmin/Pmax) to certify")  # fmt: skip
     else:
         status, message = "optimal", f"certified within {cert.rel_gap:.3g} of the optimum"
     d = problem.domain
