@@ -33,6 +33,7 @@ Targets sit `MARGIN` inside each bound, so round-off never reads as a violation.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,7 @@ from scf.domains.base import Domain, Infeasible
 
 MARGIN = 1e-6  # aim this far inside each row bound (units of the row: MW, K)
 CHECK_TOL = 5e-4  # a row is treated as met within this (half the domains' 1e-3 tolerance)
+_GRID_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # domain -> its limited rows
 
 
 @dataclass
@@ -60,11 +62,14 @@ def batch_rows(domain: Domain, contexts: np.ndarray) -> tuple[np.ndarray, np.nda
     batched for the grid and HVAC domains, a loop over `feasible_rows` otherwise."""
     c = np.atleast_2d(np.asarray(contexts, dtype=float))
     if domain.kind == "grid" and hasattr(domain, "ptdf_load"):
-        lim = domain.limited
-        a = np.vstack([np.ones((1, domain.state_dim)), domain.ptdf_gen[lim]])
+        rows = _GRID_ROWS.get(domain)
+        if rows is None:  # the limited rows, sliced once per domain
+            lim = domain.limited
+            a = np.vstack([np.ones((1, domain.state_dim)), domain.ptdf_gen[lim]])
+            rows = _GRID_ROWS[domain] = (a, np.ascontiguousarray(domain.ptdf_load[lim].T), domain.flow_offset[lim], domain.rate[lim])
+        a, load_t, offset, rate = rows
         demand = c.sum(-1) + domain.fixed_load  # (B,)
-        base = domain.flow_offset[lim] - c @ domain.ptdf_load[lim].T  # (B, L)
-        rate = domain.rate[lim]
+        base = offset - c @ load_t  # (B, L)
         return a, np.concatenate([demand[:, None], -rate - base], 1), np.concatenate([demand[:, None], rate - base], 1)
     if domain.kind == "hvac":
         a, lo, hi = domain.feasible_rows(c)  # vectorised over leading axes

@@ -35,7 +35,7 @@ from torch import nn
 
 @dataclass
 class CostConfig:
-    knots: int = 17  # hinge knots over [-1, 1] (odd: one at the middle of the bounds)
+    knots: int = 9  # hinge knots over [-1, 1] (odd: one at the middle of the bounds)
     context_rank: int = 1  # principal components of the context that modulate the device curves
     fourier: int = 32  # random Fourier features of the context in g(c)
     ridge: float = 1e-6  # relative to the mean diagonal of the normal equations
@@ -86,6 +86,20 @@ class CostModel(nn.Module):
 
     def forward(self, x, c):  # (B,) energy
         return self.features(x, c) @ self.weights
+
+    def device_weights(self, c):
+        """The per-device curve coefficients w(c) (B, d, F) in contexts c (B, m): with them,
+        `device_energy` evaluates the state-dependent part of E (all but g(c)) cheaply."""
+        cz = (c.to(self.weights.dtype) - self.context_mid) / self.context_half
+        r, d, f = self.config.context_rank, self.state_dim, self.n_basis
+        w = self.weights[: d * f * (1 + r)].view(1 + r, d, f)
+        return w[0] + torch.einsum("br,rdf->bdf", cz @ self.pcs, w[1:])
+
+    def device_energy(self, x, weights):
+        """Σ_j Σ_k w_jk φ_k(z_j) for states x (B, K, d) under `device_weights` (B, d, F) -> (B, K):
+        E(c, x) minus g(c), which does not depend on the state."""
+        z = (x.to(self.weights.dtype) - self.state_mid) / self.state_half
+        return (self._basis(z) * weights[:, None]).sum((-1, -2))
 
     def marginal(self, x, c):
         """dE/dx (B, d): each variable's learned marginal cost (the repair's merit order)."""

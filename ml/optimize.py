@@ -70,7 +70,8 @@ class OptimiserConfig:
     penalty_start: float = 10.0  # … grown geometrically from this over the steps
     mixup: float = 0.5  # share of each batch drawn as convex combinations of two fossil contexts
     seed: int = 0
-    polish_sweeps: int = 2  # coordinate sweeps on the learned cost after repair (domains without balance rows)
+    polish_sweeps: int = 2  # line-search sweeps on the learned cost after repair (domains without balance rows)
+    polish_grid: int = 5  # evenly spaced candidates per line search, beside the ends and the cost model's kinks
     threads: int = 1  # torch intra-op threads while training and proposing (0: torch's default)
     max_fossils: int = 50_000  # train-split fossils read
     eval_contexts: int = 256  # held-out contexts judged against the exact optimum
@@ -185,14 +186,14 @@ class LearnedOptimiser(nn.Module):
         knots = (self.state_mid.double().numpy()[:, None] + self.state_half.double().numpy()[:, None] * self.cost.knots.numpy()[None, :])  # (d, K)
         dirs = [np.eye(a.shape[1])[j] for j in range(a.shape[1])]
         dirs += [v / max(np.abs(v).max(), 1e-12) for v in np.linalg.pinv(a).T]
-        ct = torch.as_tensor(contexts, dtype=torch.float64)
-        grid = np.linspace(0.0, 1.0, 33)
+        weights = self.cost.device_weights(torch.as_tensor(contexts, dtype=torch.float64))
+        grid = np.linspace(0.0, 1.0, self.config.polish_grid)
         for _ in range(self.config.polish_sweeps):
             for v in dirs:
-                x = self._line_search(x, v, a, rlo, rhi, lo, hi, feasible, knots, grid, ct)
+                x = self._line_search(x, v, a, rlo, rhi, lo, hi, feasible, knots, grid, weights)
         return x
 
-    def _line_search(self, x, v, a, rlo, rhi, lo, hi, feasible, knots, grid, ct):
+    def _line_search(self, x, v, a, rlo, rhi, lo, hi, feasible, knots, grid, weights):
         n = len(x)
         av, ax = a @ v, x @ a.T
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -211,9 +212,8 @@ class LearnedOptimiser(nn.Module):
             kinks = ((knots[moving][None, :, :] - x[:, moving, None]) / v[moving][None, :, None]).reshape(n, -1)
         cand = np.concatenate([t_lo[:, None] + grid * (t_hi - t_lo)[:, None], kinks, np.zeros((n, 1))], 1)
         cand = np.clip(cand, t_lo[:, None], t_hi[:, None])  # (B, K)
-        k = cand.shape[1]
         trial = x[:, None, :] + cand[:, :, None] * v  # (B, K, d)
-        energy = self.cost(torch.as_tensor(trial.reshape(n * k, -1)), ct.repeat_interleave(k, 0)).numpy().reshape(n, k)
+        energy = self.cost.device_energy(torch.as_tensor(trial), weights).numpy()  # g(c) is the same along the line
         energy[:, -1] -= 1e-12 * np.abs(energy[:, -1])  # ties keep the state where it is
         best = cand[np.arange(n), energy.argmin(1)]
         return np.where(ok[:, None], x + best[:, None] * v, x)
