@@ -199,6 +199,12 @@ class CodeProposal(Payload, frozen=True):
     generator: str = ""  # which model or tool wrote it
     prompt: str = ""  # the context it was written from
     domain: str = ""  # the domain the code controls: the safety gate scores it there in its sandbox ("" = static gate only)
+    # GenN's identity (docs/codegen.md): backend, model and its weights' sha256, sampling
+    backend: str = ""  # search | http | local | smollm2
+    model: str = ""
+    model_sha256: str = ""
+    sampling: dict[str, Scalar] = {}
+    error: str = ""  # a malformed answer: why (the raw answer is the code); the gate rejects it
 
 
 class CodeProposed(Event, tag="code.proposed", frozen=True, kw_only=True):

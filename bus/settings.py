@@ -45,6 +45,7 @@ SECTIONS: dict[str, str] = {
     "deploy": "scf.consumers.deploy:DeploySettings",
     "dispatch": "scf.consumers.dispatch:DispatchSettings",
     "edge": "scf.consumers.edge:EdgeSettings",
+    "genn": "scf.producers.genn:GennSettings",
     "ingest": "scf.producers.ingest:IngestSettings",
     "ledger": "scf.consumers.ledger:LedgerSettings",
     "safety": "scf.consumers.safety:SafetySettings",

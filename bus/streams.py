@@ -243,6 +243,9 @@ CONSUMERS: dict[str, ConsumerSpec] = {
     ),
     "safety": ConsumerSpec("INTENTS", "safety", ("intent.>", "code.>", "state.>"), description="the safety gate"),
     "dispatch": ConsumerSpec("VERDICTS", "dispatch", ("verdict.intent.approve",), description="approved intents to jobs"),
+    "genn": ConsumerSpec(
+        "VERDICTS", "genn", ("verdict.intent.approve",), ack_wait=120.0, max_deliver=3, description="GenN: code for approved codegen intents"
+    ),
     "deploy": ConsumerSpec("CHECKPOINTS", "deploy", ("checkpoint.promoted.>",), description="plans deployments"),
     "ledger": ConsumerSpec("DEPLOY", "ledger", ("energy.measured.>",), description="mints credits"),
 }

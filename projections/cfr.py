@@ -287,7 +287,7 @@ class _Sink:
         for w in self._writers.values():
             try:
                 w.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - aborting: the temporary files are removed below either way
                 pass
         for fh in self._jsonl.values():
             fh.close()

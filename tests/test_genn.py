@@ -1,0 +1,288 @@
+"""GenN: the search backend (good and bad code, deterministic), answers parsed into code or a
+reason, the http backend against a real OpenAI-compatible HTTP server started here, and the
+loop on a real bus: a codegen intent → the safety gate → GenN → proposals → the gate → the
+archive → a CFR dataset whose prompts are byte-identical to the served ones."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from scf.bus import events as ev
+from scf.domains import ethics
+from scf.producers.genn import CodeRequest, GennSettings, extract_code, open_generator, proposals
+from scf.producers.genn.search import DEFECTS, SearchGenerator
+from tests.conftest import cli, wait_for
+
+GOOD = (
+    "import numpy as np\n\n\nclass Controller:\n    def __init__(self, spec):\n        self.hi = spec['state_hi']\n\n"
+    "    def step(self, observation):\n        return [0.0 for _ in self.hi]\n"
+)
+
+
+def _gate(code: str) -> list:
+    gate = getattr(ethics, "gate", None)
+    return gate(code) if gate is not None else ethics.analyse(code)
+
+
+def _request(domain: str = "hvac:office3", intent_id: str = "i-1") -> CodeRequest:
+    return CodeRequest.for_intent(ev.Intent(intent_id=intent_id, kind="codegen", domain=domain, params={"objective": "energy"}))
+
+
+# --------------------------------------------------------------------------- search
+
+
+@pytest.mark.parametrize("domain", ["grid:case14", "hvac:office3"])
+def test_search_writes_good_and_bad_code_and_repeats_itself(domain):
+    g = SearchGenerator(bug_rate=0.35)
+    req = _request(domain)
+    a = g.generate(req, 40, seed=5)
+    assert [c.code for c in a] == [c.code for c in g.generate(req, 40, seed=5)]  # deterministic
+    assert [c.code for c in a] != [c.code for c in g.generate(req, 40, seed=6)]
+    clean = [c for c in a if not any(n.startswith("defect") for n in c.notes)]
+    broken = [c for c in a if any(n.startswith("defect") for n in c.notes)]
+    assert clean and broken
+    # every clean candidate passes the static gate, and the template is for the domain's kind
+    assert [c.notes for c in clean if _gate(c.code)] == []
+    assert all(c.notes[0].split(".")[0] in (domain.split(":")[0], "any") for c in a)
+    # defects the gate can see are refused by it
+    visible = [c for c in broken if c.notes[-1].removeprefix("defect: ") in ("network price lookup", "log file", "eval of a formula",
+                                                                             "environment read", "subprocess", "syntax slip")]
+    assert all(_gate(c.code) for c in visible)
+    assert g.identity.backend == "search" and len(g.identity.sha256) == 64
+
+
+def test_every_defect_changes_every_template():
+    import random
+
+    from scf.producers.genn.search import TEMPLATES
+
+    for t in TEMPLATES:
+        code = t.source.format(**t.params(random.Random(0), 0.8))
+        for name, apply in DEFECTS.items():
+            assert apply(code, random.Random(0)) != code, (t.name, name)
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def test_answers_become_code_or_a_reason():
+    assert extract_code(f"Here you go:\n```python\n{GOOD}```\nEnjoy.").code == GOOD
+    assert extract_code(f"```\nx = 1\n```\n```py\n{GOOD}```").code == GOOD  # the block with the Controller
+    assert extract_code(GOOD).error == ""
+    assert extract_code("").error == "malformed answer: empty"
+    assert extract_code(None).error == "malformed answer: empty"
+    assert extract_code("I cannot help with that.").error.startswith("malformed answer: not Python (line 1")
+    assert extract_code("```python\ndef step(obs):\n    return []\n```").error == (
+        "malformed answer: no class Controller (the code contract, docs/codegen.md)"
+    )
+    assert extract_code("```python\nclass Controller:\n    def step(self,\n").error.startswith("malformed answer: not Python")
+
+
+def test_proposals_carry_the_identity_and_repeat_their_ids():
+    g = SearchGenerator()
+    req = _request()
+    cands = g.generate(req, 3, seed=1) + [extract_code("no code here")]
+    a = proposals(req, cands, g.identity, seed=1, source="genn", cause=None)
+    b = proposals(req, cands, g.identity, seed=1, source="genn", cause=None)
+    assert [p.data.proposal_id for p in a] == [p.data.proposal_id for p in b]
+    assert len({p.data.proposal_id for p in a}) == 4
+    d = a[0].data
+    assert (d.backend, d.model, d.model_sha256) == ("search", "search-v1", g.identity.sha256)
+    assert d.sampling == {"temperature": 0.8, "bug_rate": 0.35, "seed": 1, "index": 0}
+    assert d.prompt == req.task and d.generator == g.identity.label()
+    assert a[3].data.error.startswith("malformed answer: not Python")
+
+
+# --------------------------------------------------------------------------- http: a real server speaking chat completions
+
+
+class _Peer(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint whose answers the test scripts, one per request."""
+
+    script: list = []
+    seen: list = []
+
+    def log_message(self, *a):  # quiet
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        kind = type(self).script.pop(0) if type(self).script else "good"
+        if kind == "hang":
+            threading.Event().wait(3)
+            kind = "good"
+        if kind == "500":
+            return self._send(500, {"error": {"message": "overloaded", "type": "server_error"}})
+        if kind == "garbage":
+            return self._send(200, b"this is not json", raw=True)
+        content = {"good": f"```python\n{GOOD}```", "prose": "Sure! A controller keeps the temperature.", "empty": ""}.get(kind)
+        if kind == "nochoices":
+            return self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []})
+        self._send(200, {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+        })
+
+    def _send(self, status, payload, raw=False):
+        data = payload if raw else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (the timeout case)
+            pass
+
+
+@pytest.fixture
+def peer():
+    _Peer.script, _Peer.seen = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Peer)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_backend_against_a_real_endpoint(peer, monkeypatch):
+    monkeypatch.setenv("GENN_TEST_KEY", "sk-test")
+    cfg = GennSettings(backend="http", base_url=peer, model="coder-7b", api_key_env="GENN_TEST_KEY", retries=1, timeout_s=1.0,
+                       model_sha256="ab" * 32)
+    gen = open_generator(cfg)
+    req = _request()
+    _Peer.script = ["good", "prose", "empty", "500", "500", "garbage", "nochoices", "hang", "hang", "500", "good"]
+    out = gen.generate(req, 8, seed=2)
+    gen.close()
+    assert out[0].code == GOOD and out[0].error == ""
+    assert out[1].error.startswith("malformed answer: not Python")
+    assert out[2].error == "malformed answer: empty"
+    assert out[3].code == "" and out[3].error.startswith(f"endpoint {peer}: HTTP 500: ")  # 500, retried once, 500 again
+    assert out[4].code == "" and out[4].error.startswith(f"endpoint {peer}: ")  # a body that is not JSON
+    assert out[5].error == f"endpoint {peer}: malformed response (no choices)"
+    assert out[6].error == f"endpoint {peer}: no answer within 1s after 1 retries"  # hang, retried, hang
+    assert out[7].code == GOOD and out[7].error == ""  # a 500, retried: the answer
+    assert len(_Peer.seen) == 11
+    first = _Peer.seen[0]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"
+    assert first["body"]["messages"] == req.messages() and first["body"]["model"] == "coder-7b"
+    assert first["body"]["seed"] == 2000 and first["body"]["temperature"] == 0.8
+    assert gen.identity.sha256 == "ab" * 32 and gen.identity.sampling["base_url"] == peer
+
+
+def test_http_backend_with_nobody_listening_is_a_reason_not_a_crash():
+    from scf.bus.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    gen = open_generator(GennSettings(backend="http", base_url=url, model="m", retries=0, timeout_s=2.0, api_key_env=""))
+    [c] = gen.generate(_request(), 1, seed=0)
+    assert c.code == "" and c.error.startswith(f"endpoint {url}: cannot connect")
+
+
+def test_backend_errors_are_one_line():
+    from scf.producers.genn import GenNError
+
+    with pytest.raises(GenNError, match=r"^unknown GenN backend 'gpt': use one of search, http, local, smollm2"):
+        open_generator(GennSettings(), backend="gpt")
+    with pytest.raises(GenNError, match=r"^\[genn\] model is empty"):
+        open_generator(GennSettings(backend="http"))
+    with pytest.raises(GenNError, match=r"^\[genn\] checkpoint is empty"):
+        open_generator(GennSettings(backend="local"))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_generate_and_its_errors(tmp_path, monkeypatch):
+    env = {"SCF_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    r = cli("genn", "generate", "--domain", "grid:case14", "-n", "3", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["index"] for x in rows] == [0, 1, 2] and all(x["backend"] == "search" for x in rows)
+    assert all("class " in x["code"] for x in rows)
+    r = cli("genn", "generate", "--contract", "c-1", "--domain", "grid:case14", env=env)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "Error: --contract brings its own domain and constraints: give --contract alone, or --domain with --constraints"
+    )
+    bad = tmp_path / "c.json"
+    bad.write_text("[1, 2]")
+    r = cli("genn", "generate", "--domain", "grid:case14", "--constraints", str(bad), env=env)
+    assert r.stderr.strip() == f"Error: constraints file {bad} holds a list: give a JSON object such as {{\"max_cost\": 5000}}"
+    r = cli("genn", "generate", "--domain", "grid:nowhere", env=env)
+    assert r.returncode == 1 and r.stderr.startswith("Error: unknown domain 'grid:nowhere': use one of grid:case9")
+    good = tmp_path / "ok.json"
+    good.write_text('{"max_cost_usd_h": 5000}')
+    r = cli("genn", "generate", "--domain", "hvac:office3", "--constraints", str(good), "--prompt", "-n", "1", env=env)
+    assert r.returncode == 0 and 'Contract constraints: {"max_cost_usd_h": 5000}' in r.stdout
+    assert "- params: {\"constraint.max_cost_usd_h\": 5000}" in r.stdout
+
+
+# --------------------------------------------------------------------------- the loop on a real bus
+
+@pytest.mark.anyio
+async def test_loop_fills_the_cfr_dataset_with_the_served_prompts(bus, settings, scf_env, tmp_path):
+    from scf.bus.reader import read
+    from scf.consumers.safety import SafetyGate, SafetySettings
+    from scf.producers import contracts
+    from scf.producers.genn.service import GennProcess
+    from scf.projections import archive, cfr
+
+    doc = contracts.parse_doc({"contract_id": "acme-1", "client": "acme", "domain": "hvac:office3",
+                               "constraints": {"T_out": 2.0, "budget": 30.0}})
+    await contracts.add(bus, doc, by="test")
+    stop = asyncio.Event()
+    gen = SearchGenerator(bug_rate=0.5)
+    proc = GennProcess(bus, GennSettings(proposals=6), gen)
+    # the sandbox scores every candidate that passes the gate: a short trial keeps the test cheap
+    gate = SafetyGate(bus, SafetySettings(sandbox_scenarios=1, sandbox_hours=2.0, sandbox_step_minutes=30.0))
+    tasks = [asyncio.create_task(gate.run(stop)), asyncio.create_task(proc.runner().run(stop))]
+    try:
+        for i, target in enumerate((["--domain", "grid:case14"], ["--contract", "acme-1"], ["--domain", "grid:case9"])):
+            r = await asyncio.to_thread(cli, "genn", "request", *target, "-n", "6", "--id", f"cg-{i}", env=scf_env)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.strip() == f"intent.created.codegen.cg-{i} (new)"
+
+        async def code_verdicts():
+            return len(await read(bus, "VERDICTS", "verdict.code.>")) >= 18
+
+        await wait_for(code_verdicts, 60, "18 code verdicts")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    from scf.bus import codec
+
+    props = [codec.decode(m.data) for m in await read(bus, "INTENTS", "code.proposed")]
+    assert len(props) == 18 and {p.data.backend for p in props} == {"search"}
+    assert {p.data.domain for p in props} == {"grid:case14", "hvac:office3", "grid:case9"}
+    # the contract's constraints are in the task GenN was given
+    contract_tasks = [p.data.prompt for p in props if p.data.intent_id == "cg-1"]
+    assert len(contract_tasks) == 6
+    assert all("Contract constraints: {" in t and '"T_out": 2.0' in t and '"budget": 30.0' in t for t in contract_tasks)
+    assert all(p.data.model_sha256 == gen.identity.sha256 for p in props)
+
+    await archive.replay(settings)
+    ds = cfr.build(settings.archive_dir, tmp_path / "cfr")
+    assert ds.counts["tuples"] == 18 and ds.counts["approved"] > 0 and ds.counts["rejected"] > 0
+    # the prompt in the dataset is, byte for byte, the prompt GenN served
+    from scf.producers.genn import render
+
+    served = {}
+    for p in props:
+        intent = (await bus.last(f"intent.created.codegen.{p.data.intent_id}"))[1].data
+        served[p.data.proposal_id] = render(intent, p.data.prompt)
+    rows = [json.loads(line) for split in ("train", "validation") for line in (tmp_path / "cfr" / "unpaired" / f"{split}.jsonl").read_text().splitlines()]
+    assert len(rows) == 18
+    import pyarrow.parquet as pq
+
+    by_id = {r["proposal_id"]: r for r in pq.read_table(tmp_path / "cfr" / "unpaired.parquet").to_pylist()}
+    for pid, user in served.items():
+        assert by_id[pid]["prompt"] == [{"role": "system", "content": cfr.SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    assert ds.counts["sft"]["train"] + ds.counts["sft"]["validation"] == ds.counts["approved"]
