@@ -15,6 +15,7 @@ step and the next waits). Progress goes to the `scf_state` KV key `regiment` (re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -91,9 +92,15 @@ async def one_pass(bus, settings, *, key, trust, opts: strike_mod.StrikeOptions,
     n, due = await due_contracts(bus, time.time() if now is None else now, opts, trust)
     report = PassReport(contracts=n, due=len(due))
     sem = asyncio.Semaphore(max(1, concurrency))
+    node_locks: dict[str, asyncio.Lock] = {}
 
     async def one(c: contracts_mod.Contract, o: strike_mod.StrikeOptions) -> None:
-        async with sem:
+        # one strike per node at a time: a node's orders then arrive in version order
+        locks = [node_locks.setdefault(n, asyncio.Lock()) for n in sorted(set(c.spec.nodes))]
+        async with contextlib.AsyncExitStack() as stack:
+            for lk in locks:
+                await stack.enter_async_context(lk)
+            await stack.enter_async_context(sem)
             while gate is not None and gate.engaged:
                 if progress is not None:
                     await progress(report, paused=gate.reason)

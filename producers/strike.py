@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +50,19 @@ from scf.producers import capsule as cap
 from scf.producers import contracts as contracts_mod
 
 log = logging.getLogger("scf.strike")
+_TIMINGS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("strike_timings", default=None)
+
+
+_VERSION_LOCKS: dict[str, asyncio.Lock] = {}
+
+
+def _mark(phase: str) -> None:
+    """Charge the time since the last mark to `phase` (this task's strike)."""
+    t = _TIMINGS.get()
+    if t is not None:
+        now = time.perf_counter()
+        t[phase] = t.get(phase, 0.0) + now - t.pop("_last", now)
+        t["_last"] = now
 
 PROOF_KIND = "scf.strike.proof/v1"
 MEASURE_MODES = ("sim", "live", "none")
@@ -79,6 +94,7 @@ class StrikeResult:
     proof: dict | None = None
     intent_id: str = ""
     resumed: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (benchmarks/bench_regiment.py)
 
 
 # --------------------------------------------------------------------------- inputs and ids
@@ -279,6 +295,7 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
         raise StrikeError(f"measure {opts.measure!r}: use one of {', '.join(MEASURE_MODES)}")
     if not spec.nodes:
         raise StrikeError(f"contract {spec.contract_id} names no nodes: add the edge nodes that run it (`nodes` in its file)")
+    _TIMINGS.set({"_last": time.perf_counter()})
     inputs = inputs_of(spec, opts)
     inputs_sha = sha256_json(inputs)
     activity = activity_id_for(spec.contract_id, inputs_sha)
@@ -294,10 +311,12 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
     if contract_seq:
         rec.add("contract", "CONTRACTS", contract_seq, contract_event_id, "contract", "", await _stored(bus, "CONTRACTS", contract_seq))
 
+    _mark("setup")
     # map + optimise
     solved = solve(spec, opts)
     states = solved.states if opts.decision_override is None else np.asarray(opts.decision_override, float).reshape(solved.states.shape)
 
+    _mark("optimise")
     # verify offline (the gate's code), then on the log
     from scf.producers.compliance import check_state
 
@@ -306,6 +325,7 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
         if r.decision != "APPROVE":
             return await _finish(bus, settings, key, spec, activity, inputs, inputs_sha, solved, states, rec, out_dir,
                                  status="rejected", detail=f"hour {h}: {'; '.join(r.reasons)}")
+    _mark("verify_offline")
     proposals = []
     for h, ctx, row in zip(solved.hours, solved.contexts, states):
         pid = derived_id("strike.state", activity, h)
@@ -328,8 +348,28 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
         return await _finish(bus, settings, key, spec, activity, inputs, inputs_sha, solved, states, rec, out_dir, status="rejected",
                              detail="the safety gate: " + "; ".join(refused[0].data.reasons))
 
+    _mark("gate")
     # the capsule, promoted and proposed for deployment
     capsule_id = f"capsule-{spec.contract_id}-{activity[:8]}"
+    # versions rise per domain (an edge agent refuses to go down): one promotion at a time per domain in this process
+    lock = _VERSION_LOCKS.setdefault(spec.domain, asyncio.Lock())
+    await lock.acquire()
+    held = [True]
+
+    def release() -> None:
+        if held[0]:
+            held[0] = False
+            lock.release()
+
+    try:
+        return await _deploy_and_measure(bus, settings, key, trust, spec, opts, activity, inputs, inputs_sha, solved, states, rec,
+                                         out_dir, capsule_id, release)
+    finally:
+        release()
+
+
+async def _deploy_and_measure(bus, settings, key, trust, spec, opts, activity, inputs, inputs_sha, solved, states, rec, out_dir,
+                              capsule_id, release) -> StrikeResult:
     version = await next_capsule_version(bus, spec.domain, capsule_id)
     manifest = cap.Manifest(
         format=cap.FORMAT, capsule_id=capsule_id, version=version, contract_id=spec.contract_id, domain=spec.domain,
@@ -345,6 +385,7 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
         bus, settings, cdir, manifest, spec.nodes, key, trust,
         reason=f"strike {activity}: capsule {capsule_id} v{version} for contract {spec.contract_id}")
     rec.add("promotion", "CHECKPOINTS", pseq, promotion.id, promotion.type_name(), promotion.subject(), praw)
+    release()  # the version is on the log: the next strike of the domain counts it
     iid = intent.data.intent_id
     rec.add("intent", "INTENTS", once.seq, (once.existing or intent).id, intent.type_name(), intent.subject(), await _stored(bus, "INTENTS", once.seq))
     # The gate's first word on the intent (a HOLD at STANDARD), then whatever is final now.
@@ -361,6 +402,7 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
         return await _finish(bus, settings, key, spec, activity, inputs, inputs_sha, solved, states, rec, out_dir, status="rejected",
                              detail=f"deploy intent {iid}: {'; '.join(verdict.data.reasons)}", capsule=manifest, cdir=cdir)
 
+    _mark("capsule_and_approval")
     # deployment: every node activates it (or says why not)
     from scf.consumers.deploy import deployment_id_for
 
@@ -380,6 +422,7 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
         return await _finish(bus, settings, key, spec, activity, inputs, inputs_sha, solved, states, rec, out_dir, status="failed",
                              detail=f"deployment: {why}", capsule=manifest, cdir=cdir)
 
+    _mark("deploy")
     # measurement
     mv: dict = {"mode": opts.measure, "periods": []}
     if opts.measure == "sim":
@@ -390,6 +433,7 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
         for seq, e, raw, subject in got:
             rec.add("measurement", "DEPLOY", seq, e.id, e.type_name(), subject, raw)
             mv["periods"].append(_period(e.data))
+    _mark("measure")
     status = "reverted" if mv.get("reverts") else "deployed" if not mv["periods"] else "measured"
     return await _finish(bus, settings, key, spec, activity, inputs, inputs_sha, solved, states, rec, out_dir, status=status,
                          detail=f"capsule {capsule_id} v{version} runs on {', '.join(sorted(spec.nodes))}", capsule=manifest,
@@ -523,7 +567,9 @@ async def _finish(bus, settings, key, spec, activity, inputs, inputs_sha, solved
                              inputs_sha256=inputs_sha, capsule_id=capsule.capsule_id if capsule else "",
                              proof_sha256=hashlib.sha256(canonical_json(proof)).hexdigest(), detail=detail[:500])
     await publish_signed(bus, ev.StrikeCompleted.new(record, source=bus.source, id=derived_id("strike.completed", activity)), key)
-    return StrikeResult(activity, status, detail, path, proof, intent_id=intent_id)
+    _mark("proof")
+    t = {k: v for k, v in (_TIMINGS.get() or {}).items() if not k.startswith("_")}
+    return StrikeResult(activity, status, detail, path, proof, intent_id=intent_id, timings=t)
 
 
 # --------------------------------------------------------------------------- the proof
