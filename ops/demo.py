@@ -5,23 +5,25 @@ the keys a deployment needs (a release key for the daemon, one key per edge node
 to the HYPER gear (no human approvals: the safety gate still rules on everything),
 synthesises and ingests fossils for the IEEE 14-bus grid, and follows one pass: a training
 intent, its verdict, the job on the local worker with its progress, the checkpoint
-verified and promoted, a canary deployment to two edge agents, energy measured (a
-simulated meter: the demo has no real site), credits minted, the archive updated, a CFR
-dataset and a value report written. Each step waits on the events that prove it; a step
+verified and promoted, a canary deployment to two edge agents; then two HVAC sites, each an
+edge agent controlling a simulated building (docs/plants.md), get a decision each — a
+day-ahead plan on the right weather forecast and one planned on a wrong (colder) forecast —
+and the savings are measured by IPMVP Option D against each site's calibrated baseline
+(docs/mv.md) and minted; the archive updated, a CFR dataset and a value report written. Each step waits on the events that prove it; a step
 that does not complete in time stops the demo with what to look at.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import json
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from scf.bus import codec, control
 from scf.bus import events as ev
@@ -34,6 +36,9 @@ from scf.ops.supervisor import ProcessSpec, Supervisor
 
 DOMAIN = "grid:case14"
 NODES = ("node-a", "node-b")
+HVAC = "hvac:office3"
+SITES = {"site-a": 10.0, "site-b": 4.0}  # HVAC site -> the daily mean outdoor temperature its decision was planned for (°C)
+SITE_SEED = 10  # the simulated sites' weather: a mild heating season, daily mean 9.7 °C
 FOLLOWED = ("gear.>", "intent.>", "verdict.>", "job.>", "checkpoint.>", "deploy.>", "energy.>", "ledger.>", "control.rejected", "dlq.>")
 
 
@@ -48,6 +53,7 @@ class DemoResult:
     version: int = 0
     activated: list[str] = field(default_factory=list)
     balances: dict[str, int] = field(default_factory=dict)
+    savings: dict[str, tuple[float, float]] = field(default_factory=dict)  # site -> (saved kWh, ± kWh at 90 %)
     dataset: Path | None = None
     report: Path | None = None
     seconds: float = 0.0
@@ -100,7 +106,7 @@ def _keys(settings: Settings) -> Path:
     release = SigningKey.generate("release")
     release_path = release.save(settings.keys_dir)
     trust.trust(release.public_b64, "release", ["release", "operator"])
-    for node in NODES:
+    for node in (*NODES, *SITES):
         key = SigningKey.generate(node)
         key.save(settings.keys_dir)
         trust.trust(key.public_b64, node, ["node"])  # the ledger requires the signer to be the node
@@ -122,6 +128,19 @@ train_threshold = {{ HYPER = {threshold} }}
 
 [worker]
 progress_every = 0.5
+
+[edge.control]
+# the HVAC sites (label plant=sim): a day of the status quo (the site's measured history),
+# then a day under the deployed decision, measured by IPMVP Option D
+domain = "{HVAC}"
+sim_seed = {SITE_SEED}
+sim_hours = 48
+min_history_hours = 24
+report_hours = 24
+hold_for_model = true
+
+[ledger]
+require_calibration = true
 """
     )
 
@@ -131,25 +150,68 @@ def _processes(settings: Settings) -> list[ProcessSpec]:
     procs.append(ProcessSpec("worker", "worker", ("--pool", "local", "--device", "cpu")))
     for node in NODES:
         procs.append(ProcessSpec(f"edge-{node}", "edge", ("--node", node, "--dir", str(settings.path("edge", node)), "--label", f"domain={DOMAIN}", "--label", "site=demo")))
+    for node in SITES:
+        procs.append(ProcessSpec(f"edge-{node}", "edge", ("--node", node, "--dir", str(settings.path("edge", node)), "--label", f"domain={HVAC}",
+                                                          "--label", "plant=sim")))
     return procs
 
 
-def _meter(settings: Settings, node: str, i: int) -> None:
-    """A simulated meter reading for the hour after activation (the demo has no real site)."""
-    start = dt.datetime.now(dt.timezone.utc).replace(minute=0, second=0, microsecond=0)
-    reading = {
-        "period_start": start.isoformat(),
-        "period_end": (start + dt.timedelta(hours=1)).isoformat(),
-        "baseline_kwh": 120.0,
-        "actual_kwh": 120.0 - 12.5 - 3.0 * i,
-        "method": "simulated-meter (scf demo)",
-        "domain": DOMAIN,
-    }
-    meter = settings.path("edge", node, "meter")
-    meter.mkdir(parents=True, exist_ok=True)
-    tmp = meter / f".reading-{i}.tmp"
-    tmp.write_text(json.dumps(reading))
-    tmp.rename(meter / f"reading-{i}.json")
+def hvac_day_ahead(domain, t_out_mean: float) -> np.ndarray:
+    """A day-ahead decision (24, z): HVAC power per zone and hour of the day from the
+    domain's exact LP, hour by hour over a forecast day (daily mean `t_out_mean` with the
+    simulator's ±4 K swing, occupied 8-18 h, the occupied band asked for from 6 h so the
+    zones are warm when people arrive; full heat where the LP cannot reach the band in an
+    hour). The edge runs it through the domain's repair step against what it measures."""
+    from scf.domains.base import Infeasible
+
+    z = domain.n_zones
+    t, rows = np.full(z, 20.0), []
+    for h in range(24):
+        t_out = t_out_mean + 4.0 * np.sin(2 * np.pi * (h - 9.0) / 24.0)
+        ctx = np.concatenate([[t_out, float(h)], np.full(z, 0.85 if 6 <= h < 18 else 0.0), t])
+        try:
+            u = domain.reference_solution(ctx)
+        except Infeasible:
+            u = domain.heat_max.copy()
+        t = domain.next_temperature(ctx, u)
+        rows.append(u)
+    return np.asarray(rows, dtype=np.float32)
+
+
+async def _deploy_hvac_decisions(bus: Bus, settings: Settings, follow: "Follower", echo: Callable[[str], None], step_timeout: float) -> list[ev.Event]:
+    """Write, promote (signed) and deploy one decision per HVAC site; the deploy intents
+    name their site (alias `candidate`: the planner makes no intent of its own for it)."""
+    import hashlib
+
+    from safetensors.numpy import save_file
+
+    from scf import domains
+    from scf.consumers.deploy import deploy_intent
+
+    dom = domains.get(HVAC)
+    out = []
+    for version, (site, forecast) in enumerate(SITES.items(), 1):
+        path = settings.path("model_zoo", "hvac", f"day-ahead-{site}.safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"decision": hvac_day_ahead(dom, forecast)}, str(path), metadata={"model": "hvac day-ahead LP", "forecast_c": str(forecast)})
+        data = path.read_bytes()
+        ck = f"hvac-day-ahead-{site}"
+        promo = ev.CheckpointPromoted.new(
+            ev.Promotion(checkpoint_id=ck, domain=HVAC, alias="candidate", version=version, uri=path.resolve().as_uri(),
+                         sha256=hashlib.sha256(data).hexdigest(), size=len(data)),
+            source=bus.source,
+        )
+        ack = await bus.publish(promo)
+        intent = deploy_intent(promo, ack.seq, target=f"nodes:{site}", strategy="all", source=bus.source, gear="HYPER",
+                               reason=f"demo: the day-ahead decision planned on a {forecast:g} °C forecast to {site}")
+        await bus.publish_once(intent)
+        echo(f"   {site}: decision {ck} (planned on a {forecast:g} °C daily mean; the site's weather averages 9.7 °C) → deploy intent")
+        out.append(promo)
+    activated = await follow.wait("hvac deploy", lambda e: isinstance(e, ev.DeployActivated) and e.data.node in SITES, step_timeout,
+                                  count=len(SITES), hint="see logs/deploy.log, logs/safety.log and logs/edge-site-*.log")
+    for e in activated:
+        echo(f"   deploy.activated on {e.data.node}: the agent's control loop runs {e.data.checkpoint_id}")
+    return out
 
 
 async def _archive_caught_up(bus: Bus, settings: Settings, streams: tuple[str, ...], timeout: float) -> None:
@@ -198,7 +260,7 @@ async def run_demo(
 
     echo(f"== SCF demo in {home}")
     release = _keys(settings)
-    echo(f"keys: release key {release.name} (signs promotions), node keys for {', '.join(NODES)}; trust list {settings.keys_dir / 'trusted.json'}")
+    echo(f"keys: release key {release.name} (signs promotions), node keys for {', '.join((*NODES, *SITES))}; trust list {settings.keys_dir / 'trusted.json'}")
 
     # one torch thread per process: the demo's model is small and ten processes share the
     # cores; OpenMP threads spinning against each other made training and the checkpoint's
@@ -294,18 +356,32 @@ async def run_demo(
             echo(f"   deploy.activated on {e.data.node} (v{e.data.version})")
             result.activated.append(e.data.node)
 
-        echo("7. energy measured at each node (a simulated meter: the demo has no real site), credits minted")
-        for i, node in enumerate(NODES):
-            _meter(settings, node, i)
-        minted = await follow.wait("ledger", lambda e: isinstance(e, ev.LedgerTransfer), 120, count=len(NODES), hint="see logs/ledger.log")
+        echo("7. two HVAC sites (edge agents controlling simulated buildings, docs/plants.md) get a decision each;")
+        echo("   the grid checkpoint above has no plant to act on here, so it earns nothing (no invented meter readings)")
+        echo("   each site ran its status-quo thermostat for a day: the measured history its baseline is calibrated to")
+        await _deploy_hvac_decisions(bus, settings, follow, echo, step_timeout)
+        echo("8. a day under each decision, measured by IPMVP Option D (calibrated simulation, ASHRAE Guideline 14), minted")
+        measured = await follow.wait("measure", lambda e: isinstance(e, ev.EnergyMeasured) and e.data.node in SITES, step_timeout,
+                                     count=len(SITES), hint="see logs/edge-site-*.log")
+        for e in sorted(measured, key=lambda e: e.data.node):
+            m, cal = e.data, e.data.calibration
+            saved = m.baseline_kwh - m.actual_kwh
+            result.savings[m.node] = (saved, m.uncertainty_kwh or 0.0)
+            echo(f"   energy.measured {m.node}: baseline {m.baseline_kwh:.1f} kWh (calibrated thermostat, same weather), actual "
+                 f"{m.actual_kwh:.1f} kWh → saved {saved:.2f} ± {m.uncertainty_kwh or 0:.2f} kWh (90 %); calibration CV(RMSE) "
+                 f"{100 * cal.cv_rmse:.1f} %, NMBE {100 * cal.nmbe:+.1f} % over {cal.points} h")
+        minted = await follow.wait("ledger", lambda e: isinstance(e, (ev.LedgerTransfer, ev.LedgerRejected)), 120, count=len(SITES), hint="see logs/ledger.log")
         for e in minted:
             d = e.data
-            echo(f"   ledger.transfer {d.kwh:.1f} kWh × {d.rate} → {d.micro_credits / 1e6:.2f} credits to {d.credit_account}")
+            if isinstance(e, ev.LedgerRejected):
+                echo(f"   ledger.rejected: {d.reason}")
+            else:
+                echo(f"   ledger.transfer {d.kwh:.2f} kWh × {d.rate} → {d.micro_credits / 1e6:.2f} credits to {d.credit_account}")
         from scf.consumers.ledger import balances, read_transfers
 
         result.balances = balances(await read_transfers(bus))
 
-        echo("8. the archive catches up; the CFR dataset and the value report are built from it")
+        echo("9. the archive catches up; the CFR dataset and the value report are built from it")
         await _archive_caught_up(bus, settings, ("CONTROL", "INTENTS", "VERDICTS", "TRAINING", "CHECKPOINTS", "DEPLOY", "LEDGER"), 120)
         from scf.projections import cfr, report
         from scf.projections.archive import archive_root
@@ -340,6 +416,7 @@ def summary(r: DemoResult) -> list[str]:
         f"   checkpoint        {r.checkpoint_id} (v{r.version}) in the object store scf_artifacts; edge copies in {r.home / 'edge'}",
         f"   deployed to       {', '.join(r.activated)}",
         "   credits           " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in sorted(credited.items())),
+        "   savings           " + ", ".join(f"{k} {s:.2f} ± {u:.2f} kWh" for k, (s, u) in sorted(r.savings.items())),
         f"   archive           {r.home / 'archive'} (Parquet + scf.duckdb)",
         f"   CFR dataset       {r.dataset}",
         f"   value report      {r.report / 'report.html' if r.report else '-'}",

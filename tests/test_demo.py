@@ -1,5 +1,6 @@
 """`scf demo` end to end on the CPU, with a process SIGKILLed mid-run (the supervisor
-restarts it and the loop still completes); its outputs exist and agree with each other."""
+restarts it and the loop still completes); its outputs exist and agree with each other; the
+credits come from the HVAC sites' measured savings, larger for the better decision."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def test_demo_runs_the_whole_loop_and_its_outputs_agree(tmp_path):
     for step in ("gear.changed → HYPER", "verdict APPROVE", "job.completed", "checkpoint.promoted", "ledger.transfer"):
         assert step in out, step
     assert out.count("deploy.activated on node-") == 2
+    # the HVAC sites: savings measured (Option D) from each deployed decision; the decision
+    # planned on the wrong forecast saves less
+    saved = {site: float(v) for site, v in re.findall(r"energy\.measured (site-[ab]): .* saved (-?[0-9.]+) ±", out)}
+    assert saved["site-a"] > saved["site-b"] > 0, saved
 
     # outputs exist
     report_md = (home / "out" / "report" / "report.md").read_text()
@@ -49,7 +54,10 @@ def test_demo_runs_the_whole_loop_and_its_outputs_agree(tmp_path):
     assert verify.returncode == 0, verify.stdout + verify.stderr
     ledger = {a: float(v) for a, v in (line.split() for line in balance.stdout.splitlines())}
     credited = {a: v for a, v in ledger.items() if v > 0}
-    assert set(credited) == {"node:node-a", "node:node-b"}
+    assert set(credited) == {"node:site-a", "node:site-b"}
+    assert credited["node:site-a"] == pytest.approx(saved["site-a"], abs=0.01)  # rate 1 credit per kWh
+    assert re.search(r"^\| site-a \| hvac-day-ahead-site-a \|", report_md, re.M)
+    assert re.search(r"^\| site-b \| hvac-day-ahead-site-b \|", report_md, re.M)
     assert abs(sum(ledger.values())) < 1e-9  # double entry: the books balance
     in_report = dict(re.findall(r"^\| (node:\S+) \| ([0-9.]+) \|", report_md, re.M))
     assert {a: float(v) for a, v in in_report.items()} == credited

@@ -167,3 +167,47 @@ async def test_edge_agent_controls_a_plant_over_mqtt(bus, settings, scf_env, tmp
 
 async def _nonempty(coro) -> bool:
     return bool(await coro)
+
+
+def test_deployable_models_run_with_numpy(tmp_path):
+    """A numpy MLP policy maps the context into the state bounds; a file the loop cannot
+    run (a grid EBDM's tensors, a wrong shape) is refused in one line."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from scf import domains
+    from scf.consumers.edge.control import ControlError, load_policy
+
+    dom = domains.get("hvac:office3")
+    rng = np.random.default_rng(0)
+    path = tmp_path / "policy.safetensors"
+    save_file({"policy.0.weight": rng.standard_normal((16, 8)).astype(np.float32), "policy.0.bias": np.zeros(16, np.float32),
+               "policy.1.weight": rng.standard_normal((3, 16)).astype(np.float32)}, str(path),
+              metadata={"scf.envelope": json.dumps({"comfort_tol_k": 0.5})})
+    policy, envelope = load_policy(path, dom)
+    assert envelope is not None and envelope.comfort_tol_k == 0.5
+    ctx = np.array([5.0, 9.0, 0.8, 0.8, 0.8, 20.0, 20.5, 21.0])
+    u = policy(ctx)
+    lo, hi = dom.state_bounds
+    assert u.shape == (3,) and np.all(u >= lo) and np.all(u <= hi)
+    # by hand: relu(W0 x + b0), then tanh(W1 h), scaled to the bounds
+    clo, chi = dom.context_bounds
+    x = 2 * (ctx - clo) / (chi - clo) - 1
+    h = np.maximum(rng_w(path, "policy.0.weight") @ x, 0.0)
+    y = np.tanh(rng_w(path, "policy.1.weight") @ h)
+    assert np.allclose(u, lo + (y + 1) / 2 * (hi - lo), atol=1e-5)
+
+    grid = tmp_path / "ebdm.safetensors"
+    save_file({"net.0.weight": np.ones((4, 4), np.float32)}, str(grid))
+    with pytest.raises(ControlError, match=r"holds neither a `decision` tensor nor `policy.N.weight` layers"):
+        load_policy(grid, dom)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"decision": np.ones((24, 5), np.float32)}, str(wrong))
+    with pytest.raises(ControlError, match=r"`decision` has shape \[24, 5\]; hvac:office3 needs \(z,\) or \(hours, z\)"):
+        load_policy(wrong, dom)
+
+
+def rng_w(path, name):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))[name].astype(float)

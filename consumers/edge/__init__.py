@@ -13,10 +13,13 @@ check, and reports meter readings. numpy only: nothing here imports torch or `sc
     reconcile.py  restart reconciliation: finishing an activation a crash interrupted
     meter.py      meter files → signed energy.measured
     keys.py       the node's signing key
+    plant.py      plants behind one interface: the simulated site (in process, or served
+                  over MQTT by `scf run plant`) and the MQTT adapter (docs/plants.md)
+    control.py    the control loop: the deployed decision + repair, the safety envelope,
+                  the runtime monitor (revert on breach), M&V measurements (docs/mv.md)
 
-What runs a deployed model belongs here too, numpy only: a runtime for deployed
-networks (ternary students) beside `tensors.py`, a control loop beside the agent, and plant
-adapters (simulated, MQTT) in a `plants/` subpackage.
+What runs a deployed model belongs here too, numpy only (a runtime for ternary students
+beside `tensors.py`).
 """
 
 from scf.consumers.edge.agent import EdgeAgent, EdgeSettings

@@ -65,8 +65,8 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     # deleted or replaced comes back within it; docs/security.md "The node registry")
     register_every_s: float = 30.0
     # the plant this node controls (docs/plants.md): "" (none: the agent only deploys),
-    # "sim" (the simulator in process) or "mqtt://HOST:PORT/SITE"; the loop's own settings
-    # are [edge.control]
+    # "sim" (the simulator in process) or "mqtt://HOST:PORT/SITE" (a node's label plant=...
+    # overrides it); the loop's own settings are [edge.control]
     plant: str = ""
     control: ControlSettings = ControlSettings()
 
@@ -177,11 +177,12 @@ class EdgeAgent:
         when no plant is set). A plant that cannot be opened is retried every 5 s."""
         from scf.consumers.edge.plant import PlantError, open_plant
 
-        if not self.settings.plant:
+        spec = self.labels.get("plant") or self.settings.plant  # a node's label `plant=` overrides [edge] plant
+        if not spec:
             return
         while not stop.is_set():
             try:
-                plant = await open_plant(self.settings.plant, self.settings.control.site())
+                plant = await open_plant(spec, self.settings.control.site())
             except PlantError as exc:
                 log.warning("%s: %s (retrying in 5 s)", self.node, exc)
                 try:

@@ -79,6 +79,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     sim_hours: float = 96.0
     sim_step_minutes: float = 15.0
     sim_factors: str = "envelope_ua=1.2,internal_gains=0.85,efficiency=0.9"
+    # demos and tests: once the status-quo history is long enough, stop the plant's clock
+    # (write no setpoint) until a model is installed. Never for a real plant: time runs on.
+    hold_for_model: bool = False
 
     def site(self) -> SiteOptions:
         from scf.consumers.edge.plant import parse_factors
@@ -195,6 +198,7 @@ class ModelController(Controller):
         self.every = max(1, steps_per_decision)
         self.k = 0
         self.held: np.ndarray | None = None
+        self.last: np.ndarray | None = None  # the last setpoint written, whoever decided it (the loop sets it)
 
     def decide(self, tel: Telemetry) -> np.ndarray:
         from scf.domains.repair import repair
@@ -205,8 +209,8 @@ class ModelController(Controller):
             if not np.isfinite(proposal).all():
                 raise ControlError(f"model {self.name} proposed non-finite setpoints")
             fixed = repair(self.domain, ctx[None, :], proposal[None, :])[0]
-            if self.held is not None:  # the domain's ramp between decisions (repair does not see the last one)
-                fixed = np.clip(fixed, self.held - self.domain.ramp, self.held + self.domain.ramp)
+            if self.last is not None:  # the domain's ramp from the last setpoint written (repair does not see it)
+                fixed = np.clip(fixed, self.last - self.domain.ramp, self.last + self.domain.ramp)
             self.held = fixed
         self.k += 1
         return self.held
@@ -517,6 +521,8 @@ class ControlLoop:
                 if wanted.checkpoint is not None:
                     self._report_from = len(self.records) - 1
         try:
+            if isinstance(self.active, ModelController):
+                self.active.last = self.u_prev
             u = np.asarray(self.active.decide(tel), dtype=float)
             why = self.monitor.setpoint(u, self.u_prev) if self.active.checkpoint is not None else None
         except ControlError as exc:
@@ -548,6 +554,26 @@ class ControlLoop:
             return f"period_s changed from {self.dt_h * 3600:g} to {tel.period_s:g}: restart the loop to change the control period"
         return None
 
+    async def finish(self) -> None:
+        """The plant ended: measure the running model's last period (an hour or more)."""
+        if self.active is not None and self.active.checkpoint is not None and self.records:
+            for event in self._close_period(len(self.records) - 1, cut=True):
+                self.events.append(event)
+                if self.publish is not None:
+                    await self.publish(event)
+
+    async def _model_or_stop(self, stop: asyncio.Event) -> bool:
+        """`hold_for_model`: wait while the history is complete, no model has run yet and
+        none is installed; False when `stop` came first."""
+        # the telemetry in hand completes step len(records): hold before acting on it
+        while (self.status_quo is not None and len(self.records) * self.dt_h >= self.settings.min_history_hours - 1e-9
+               and self.current() is None and all(r.controller == STATUS_QUO for r in self.records) and not stop.is_set()):
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        return not stop.is_set()
+
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Until the plant ends or `stop`; returns the periods run. A plant that goes quiet
         is logged and waited for again."""
@@ -558,10 +584,13 @@ class ControlLoop:
                 tel = await self.plant.telemetry(self.last_seq)
             except PlantEnded as exc:
                 log.info("%s: %s: the control loop stops", self.node, exc)
+                await self.finish()
                 break
             except PlantError as exc:
                 log.warning("%s: %s", self.node, exc)
                 continue
+            if self.settings.hold_for_model and not await self._model_or_stop(stop):
+                break
             self.last_seq = tel.seq
             if (bad := self.telemetry_problem(tel)) is not None:
                 log.error("%s: telemetry seq %d refused: %s; no setpoint written", self.node, tel.seq, bad)
