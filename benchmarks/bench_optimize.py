@@ -16,7 +16,12 @@ path and PYPOWER, exact re-solves per instance, and the certified path's fallbac
 3. certified path: candidates made from each optimum by noise of a given scale (a share of
    each generator's range) and repaired (`Domain.project`), then `producers.optimize.choose`
    (`choose_batch`: the whole batch certified at once) with `--max-gap`: the certified gap
-   against the true one, the fallback rate, the certification time per instance. With `--checkpoint DOMAIN=PATH`, the learned optimiser's own proposals are used.
+   against the true one, the fallback rate, the certification time per instance. With
+   `--checkpoint DOMAIN=PATH`, a trained learned optimiser's proposals are used too.
+4. `--learned grid:case118,hvac:office3`: a learned optimiser trained here on synthesised
+   fossils (`--learned-fossils`, `--learned-steps`), run through
+   `optimize(method="learned")` on `--n` fresh contexts: certified vs true gap, fallback
+   rate, time per instance against exact + certificate.
 Prints tables and one JSON line per measure.
 """
 
@@ -218,6 +223,47 @@ def certified(names: list[str], n: int, scales: list[float], max_gaps: list[floa
                               "with_fallback_ms_per_instance": dict(zip(map(str, max_gaps), ms[1:]))}))  # fmt: skip
 
 
+def learned(names: list[str], n: int, fossils: int, steps: int, max_gaps: list[float]) -> None:
+    """4. Train a learned optimiser (scf.ml.optimize, the train extra) on synthesised fossils
+    per domain, then run `optimize(method="learned")` on fresh contexts: certified vs true
+    gap, the fallback rate and time per instance against exact + certificate."""
+    import tempfile
+
+    from scf import domains
+    from scf.domains.fossils import synth_shards
+    from scf.ml.optimize import OptimiserConfig, train_optimiser
+    from scf.producers import optimize as opt
+
+    print(f"\n4. learned proposals through the certified path ({fossils} fossils, {steps} steps; {n} fresh contexts)")
+    for name in names:
+        root = Path(tempfile.mkdtemp(prefix="bench-opt-"))
+        t0 = time.perf_counter()
+        synth_shards(name, fossils, root / "shards", shard_size=max(1, fossils // 2), seed=11)
+        ckpt = train_optimiser(name, root / "shards", root / "zoo", OptimiserConfig(steps=steps)).checkpoint
+        print(f"{name}: synthesis + training {time.perf_counter() - t0:.0f} s")
+        d = domains.get(name)
+        problems = [opt.problem(d, {"context": list(c)}) for c in contexts(d, n, seed=99)]
+        optimum = np.array([d.cost(p.context, d.reference_solution(p.context)) for p in problems])
+        opt.optimize(problems[:8], method="learned", checkpoint=ckpt)  # warm-up
+        t0 = time.perf_counter()
+        opt.optimize(problems)
+        exact_ms = 1000 * (time.perf_counter() - t0) / n
+        for g in [None, *max_gaps]:
+            t0 = time.perf_counter()
+            decs = opt.optimize(problems, method="learned", checkpoint=ckpt, max_gap=g)
+            ms = 1000 * (time.perf_counter() - t0) / n
+            true = np.array([(x.cost - o) / max(abs(x.cost), GAP_FLOOR) for x, o in zip(decs, optimum) if x.certificate])
+            cert = np.array([x.certificate.rel_gap for x in decs if x.certificate])
+            fb = float(np.mean([x.fallback for x in decs]))
+            optimal = sum(x.status == "optimal" for x in decs)
+            q = lambda a: "/".join(f"{v:.1e}" for v in np.percentile(a, [50, 95, 100]))  # noqa: E731
+            print(f"  max_gap {g}: {optimal}/{n} optimal, fallback {100 * fb:.1f} %, true gap p50/p95/max {q(true)}, certified {q(cert)}, "
+                  f"{ms:.2f} ms/instance vs exact + certificate {exact_ms:.2f} ms")  # fmt: skip
+            print(json.dumps({"bench": "learned", "domain": name, "max_gap": g, "n": n, "optimal": optimal, "fallback_rate": fb,
+                              "true_gap": list(np.percentile(true, [50, 95, 100])), "cert_gap": list(np.percentile(cert, [50, 95, 100])),
+                              "ms_per_instance": ms, "exact_ms_per_instance": exact_ms}))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, help="MATPOWER's data/ folder (large cases are read from here)")
@@ -228,7 +274,10 @@ def main() -> None:
     ap.add_argument("--scales", default="0.001,0.01,0.05")
     ap.add_argument("--max-gaps", default="0.001,0.01")
     ap.add_argument("--checkpoint", action="append", default=[], help="DOMAIN=PATH: certify the learned optimiser's proposals too")
-    ap.add_argument("--only", choices=["build", "resolve", "certified"])
+    ap.add_argument("--only", choices=["build", "resolve", "certified", "learned"])
+    ap.add_argument("--learned", default="", help="domains to train a learned optimiser for and run through the certified path (section 4)")
+    ap.add_argument("--learned-fossils", type=int, default=4000)
+    ap.add_argument("--learned-steps", type=int, default=1500)
     args = ap.parse_args()
     from scf.domains import matpower as mp
 
@@ -244,6 +293,8 @@ def main() -> None:
     if args.only in (None, "certified"):
         certified(names, args.n, [float(s) for s in args.scales.split(",")], [float(g) for g in args.max_gaps.split(",")],
                   dict(c.split("=", 1) for c in args.checkpoint))  # fmt: skip
+    if args.learned and args.only in (None, "learned"):
+        learned(args.learned.split(","), args.n, args.learned_fossils, args.learned_steps, [float(g) for g in args.max_gaps.split(",")])
 
 
 if __name__ == "__main__":
