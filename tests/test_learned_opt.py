@@ -77,6 +77,25 @@ def test_checkpoint_is_safetensors_with_its_story_and_refuses_other_files(traine
         propose(domains.get("grid:case30"), np.zeros((1, 20)), result.checkpoint)
 
 
+def test_train_optimiser_command_writes_a_checkpoint_and_names_bad_input(trained, tmp_path):
+    import os
+
+    from tests.conftest import cli
+
+    _, shards = trained
+    env = {**os.environ, "SCF_HOME": str(tmp_path / "home")}
+    env.pop("NATS_URL", None)
+    r = cli("train-optimiser", "--data", str(shards), "--domain", "grid:case14", "--out", str(tmp_path / "zoo"), "--steps", "50", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"wrote {tmp_path / 'zoo'}/opt-") and "decision_feasible" in r.stdout
+    assert checkpoint_format(next((tmp_path / "zoo").glob("opt-*.safetensors"))) == FORMAT
+    r = cli("train-optimiser", "--data", str(tmp_path / "nothing"), "--domain", "grid:case14", env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"Error: no shard directory at {tmp_path / 'nothing'}: write shards with `scf fossils synth` or pass the right path"
+    r = cli("train-optimiser", "--data", str(shards), "--domain", "grid:case57", env=env)
+    assert r.returncode == 1 and r.stderr.strip().startswith("Error: unknown domain 'grid:case57': use one of grid:case9")
+
+
 def test_repair_hook_matches_the_domain_check():
     d = domains.get("grid:case9")
     c = np.stack([d.nominal_load, 1.1 * d.nominal_load])
