@@ -398,6 +398,11 @@ async def run_demo(
         result.report = out / "report"
         for line in report.build(root, result.report).lines():
             echo(f"   {line}")
+
+        echo("10. a client contract, the strike loop (map → optimise → verify → deploy a capsule → measure) and its signed proof")
+        from scf.ops.demo_strike import strike_step
+
+        await strike_step(bus, settings, echo, next(iter(SITES)), step_timeout)
     finally:
         if bus is not None:
             await bus.close()

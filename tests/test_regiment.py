@@ -68,3 +68,31 @@ def test_regiment_line():
     assert regiment_line("{") == "unreadable progress record"
     line = regiment_line('{"pass_no": 3, "finished_at": "x", "done": 2, "due": 2, "contracts": 5, "statuses": {"measured": 2}}')
     assert line == "pass 3 done: 2/2 due of 5 contracts (measured 2)"
+
+
+async def test_the_demo_step_ends_with_a_strike_and_its_proof(bus, settings, scf_env, tmp_path):
+    """ops/demo_strike.py at HYPER (the demo's gear): no human in the loop, the gate still rules."""
+    from scf.bus.gears import GearState, write_gear
+    from scf.ops.demo_strike import strike_step
+    from tests.test_deploy_helpers import start_edge
+
+    keys = Keys(settings)
+    keys.release.save(settings.keys_dir)
+    keys.node("site-a")
+    await write_gear(bus, GearState(gear="HYPER"))
+    logd = tmp_path / "logs"
+    logd.mkdir()
+    procs = [start_process(scf_env, "safety", logd), start_process(scf_env, "deploy", logd),
+             start_edge(scf_env, "site-a", tmp_path / "site-a", logd, {"domain": "hvac:office3"})]
+    lines: list[str] = []
+    try:
+        path = await strike_step(bus, settings, lines.append, "site-a", wait_s=60.0)
+        assert path.is_file() and lines[0].startswith("   contract demo-client registered")
+        assert lines[-1].startswith(f"   proof {path}: signed by a release key,") and "match the log" in lines[-1]
+        assert ": measured (capsule capsule-demo-client-" in lines[1]
+    except BaseException:
+        print(logs(logd))
+        raise
+    finally:
+        for p in procs:
+            stop(p)
