@@ -77,7 +77,7 @@ class Mosquitto:
         self.port = free_port()
         directory.mkdir(parents=True, exist_ok=True)
         conf = directory / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
         self.log = directory / "mosquitto.log"
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
