@@ -134,7 +134,7 @@ def proof_verify(
     from scf.cli.strike import strike_proof_verify
     from scf.projections import proofcheck
 
-    if strike_proof_verify(proof, online):  # a strike's proof (docs/value-loop.md): checked there
+    if strike_proof_verify(proof, online, key):  # a strike's proof (docs/value-loop.md): checked there
         return
     if key is None:
         raise fail("--key is needed: the log's verifier key (`scf proof key`)")

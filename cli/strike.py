@@ -44,6 +44,7 @@ def strike_command(
     wait: float = typer.Option(60.0, "--wait", help="seconds to wait for each of verdicts, activation and measurement"),
     key: str = KEY_OPT,
     as_json: bool = typer.Option(False, "--json", help="print the proof"),
+    log_proof: bool = typer.Option(False, "--log-proof", help="embed inclusion proofs against a signed checkpoint of the transparency log (needs `scf run archive`)"),
 ) -> None:
     """Map → optimise → verify → deploy a capsule → measure → a signed JSON proof; prints the activity id (re-running resumes, never deploys twice)."""
     from scf.producers import contracts
@@ -74,7 +75,10 @@ def strike_command(
                 spec = contracts.spec_of(doc)
             opts = st.StrikeOptions(measure=measure, wait_s=wait, model=await st.production_model(bus, spec.domain),
                                     period=st.period_of(spec, time.time()))
-            return await st.strike(bus, s, spec, key=k, trust=trust, opts=opts, contract_seq=seq, contract_event_id=eid)
+            r = await st.strike(bus, s, spec, key=k, trust=trust, opts=opts, contract_seq=seq, contract_event_id=eid)
+            if log_proof and r.proof_path is not None:
+                r.proof = await st.attach_log_proof(bus, s, r.proof_path, wait_s=max(wait, 60.0))
+            return r
         finally:
             await bus.close()
 
@@ -134,7 +138,7 @@ def run_regiment(
     run(main())
 
 
-def strike_proof_verify(path: Path, online: bool = False) -> bool:
+def strike_proof_verify(path: Path, online: bool = False, log_key: str | None = None) -> bool:
     """`scf proof verify FILE` for a strike's proof: False when FILE is not one (the log's
     own bundles are checked by cli/proof.py). The release signature is checked against
     $SCF_HOME/keys/trusted.json; with `online`, every event against the log too."""
@@ -151,6 +155,15 @@ def strike_proof_verify(path: Path, online: bool = False) -> bool:
         body = st.verify_proof(data, trust_list(s))
     except st.ProofInvalid as exc:
         raise fail(f"proof does not hold: {exc}") from None
+    log_line = ""
+    if log_key is not None:
+        key_text = Path(log_key).read_text().strip() if Path(log_key).is_file() else log_key
+        try:
+            log_line = "; in the transparency log: " + st.check_log_proof(data, key_text)
+        except st.ProofInvalid as exc:
+            raise fail(f"proof does not hold: {exc}") from None
+    elif "log" in data:
+        log_line = "; log inclusion not checked (give --key, the log's verifier key: `scf proof key`)"
     if online:
 
         async def main() -> list[str]:
@@ -164,7 +177,7 @@ def strike_proof_verify(path: Path, online: bool = False) -> bool:
         if problems:
             raise fail("proof does not hold: " + "; ".join(problems))
     typer.echo(f"OK: strike {body['activity_id']} of contract {body['contract_id']} ({body['status']}), signed by a release key; "
-               f"{len(body['events'])} events{' match the log' if online else ' named (add --online to check them against the log)'}")
+               f"{len(body['events'])} events{' match the log' if online else ' named (add --online to check them against the log)'}{log_line}")
     return True
 
 

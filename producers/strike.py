@@ -65,6 +65,7 @@ def _mark(phase: str) -> None:
         t["_last"] = now
 
 PROOF_KIND = "scf.strike.proof/v1"
+UNSIGNED = ("signature", "log", "log_verifier_key")  # the log's bundle is covered by its own signed note
 MEASURE_MODES = ("sim", "live", "none")
 
 
@@ -598,7 +599,7 @@ def verify_proof(proof: dict | bytes | str, trust) -> dict:
     sig = proof.get("signature")
     if not isinstance(sig, dict):
         raise ProofInvalid("the proof carries no signature")
-    body = {k: v for k, v in proof.items() if k != "signature"}
+    body = {k: v for k, v in proof.items() if k not in UNSIGNED}
     try:
         trust.verify(canonical_json(body), sig.get("sig"), sig.get("kid"), role="release")
     except (SCFError, ValueError) as exc:
@@ -622,6 +623,64 @@ async def check_against_log(bus, body: dict) -> list[str]:
         if hashlib.sha256(raw).hexdigest() != e["sha256"]:
             problems.append(f"{e['role']} {e['id']}: {e['stream']} seq {e['seq']} holds other bytes than the proof names")
     return problems
+
+
+async def attach_log_proof(bus, settings, proof_path: Path, *, key_name: str = "tlog", wait_s: float = 120.0) -> dict:
+    """Embed inclusion proofs of every event the proof names against one signed checkpoint of
+    the transparency log (docs/proofs.md) as `proof["log"]`: waits until the archive holds
+    them (`scf run archive`), syncs the log and signs a checkpoint (as `scf proof
+    checkpoint` does), then `TransparencyLog.events_bundle`. The bundle sits beside the
+    release signature, not under it: the log's own signed note covers it."""
+    from scf.projections import tlog
+    from scf.projections.archive import archive_root
+    from scf.projections.store import ArchiveStore
+
+    proof = json.loads(Path(proof_path).read_text())
+    events = proof.get("events") or []
+    if not events:
+        raise StrikeError(f"{proof_path} names no events to prove")
+    store = ArchiveStore(archive_root(settings))
+    need: dict[str, int] = {}
+    for e in events:
+        need[e["stream"]] = max(need.get(e["stream"], 0), int(e["seq"]))
+    loop = asyncio.get_running_loop()
+    deadline, delay = loop.time() + wait_s, 0.1
+    while any(store.position(stream) < seq for stream, seq in need.items()):
+        if loop.time() > deadline:
+            late = ", ".join(f"{s} seq {q}" for s, q in need.items() if store.position(s) < q)
+            raise StrikeError(f"the archive does not hold {late} after {wait_s:g} s: is `scf run archive` running?")
+        await asyncio.sleep(delay)  # the archive writes in batches: poll its files with backoff
+        delay = min(1.0, delay * 2)
+    result = await tlog.checkpoint(settings, bus, key_name=key_name)
+    key = tlog.log_key(settings, key_name)
+    with tlog.open_log(settings, key=key) as log:
+        bundle = log.events_bundle([log.find(e["stream"], int(e["seq"])) for e in events], result.sync.size)
+        proof["log"] = bundle
+        proof["log_verifier_key"] = tlog.verifier_key_of(log, key)
+    Path(proof_path).write_text(json.dumps(proof, indent=2, sort_keys=True) + "\n")
+    return proof
+
+
+def check_log_proof(proof: dict, verifier_key: str) -> str:
+    """The embedded log proof against the log's verifier key (pinned by the caller, not
+    taken from the proof): every named event is the leaf the bundle proves, in order."""
+    from scf.projections import proofcheck
+
+    bundle = proof.get("log")
+    if not isinstance(bundle, dict):
+        raise ProofInvalid("the proof carries no log inclusion proofs: add them with `scf strike ... --log-proof`")
+    try:
+        summary = proofcheck.verify_bundle(bundle, verifier_key)
+    except proofcheck.ProofError as exc:
+        raise ProofInvalid(f"log: {exc}") from None
+    entries = summary["entries"]
+    named = proof.get("events") or []
+    if len(entries) != len(named):
+        raise ProofInvalid(f"log: the bundle proves {len(entries)} events, the proof names {len(named)}")
+    for e, leaf in zip(named, entries):
+        if not isinstance(leaf, dict) or (leaf.get("stream"), leaf.get("seq"), leaf.get("id")) != (e["stream"], e["seq"], e["id"]):
+            raise ProofInvalid(f"log: leaf for {e['stream']} seq {e['seq']} is another event")
+    return f"{len(entries)} events in {summary['origin']} at tree size {summary['tree_size']}"
 
 
 def b64(data: bytes) -> str:

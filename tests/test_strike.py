@@ -71,7 +71,7 @@ async def test_two_contracts_strike_deploy_measure_and_prove(bus, settings, scf_
     logd = tmp_path / "logs"
     logd.mkdir()
     procs = [start_edge(scf_env, n, tmp_path / n, logd, {"domain": "hvac:office3"}) for n in ("edge-a", "edge-b")]
-    procs += [start_process(scf_env, "safety", logd), start_process(scf_env, "deploy", logd)]
+    procs += [start_process(scf_env, n, logd) for n in ("safety", "deploy", "archive")]
     try:
         await wait_for(lambda: node_runs(bus, "edge-a", None), 40, "edge-a to register")
         await wait_for(lambda: node_runs(bus, "edge-b", None), 40, "edge-b to register")
@@ -125,6 +125,22 @@ async def test_two_contracts_strike_deploy_measure_and_prove(bus, settings, scf_
         forged["events"][0]["sha256"] = "0" * 64
         forged = st.sign_proof({k: v for k, v in forged.items() if k != "signature"}, keys.release)
         assert (await st.check_against_log(bus, st.verify_proof(forged, keys.trust)))[0].endswith("holds other bytes than the proof names")
+
+        # the events' inclusion proofs against a signed checkpoint of the transparency log, checked offline
+        logged = await st.attach_log_proof(bus, settings, a.proof_path, wait_s=60.0)
+        vkey = logged["log_verifier_key"]
+        r = await asyncio.to_thread(cli, "proof", "verify", str(a.proof_path), "--key", vkey, env=scf_env)
+        n = len(a.proof["events"])
+        assert r.returncode == 0 and f"; in the transparency log: {n} events in scf.local/tlog/" in r.stdout, r.stdout + r.stderr
+        assert st.verify_proof(logged, keys.trust)  # the bundle sits beside the release signature
+        broken = copy.deepcopy(logged)
+        broken["log"]["events"][3]["proof"][0] = broken["log"]["events"][4]["proof"][0][::-1]
+        with pytest.raises(st.ProofInvalid, match="^log: event 3: "):
+            st.check_log_proof(broken, vkey)
+        swapped = copy.deepcopy(logged)
+        swapped["log"]["events"][0], swapped["log"]["events"][1] = swapped["log"]["events"][1], swapped["log"]["events"][0]
+        with pytest.raises(st.ProofInvalid, match="is another event"):
+            st.check_log_proof(swapped, vkey)
 
         # 5. The contract's value report: Markdown, light HTML with inline SVG charts, a PDF.
         outd = tmp_path / "report"
