@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500, help="distillation steps")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--anchor-weight", type=float, default=1.0, help="clean-state energy matching at σ_min (0: off)")
     ap.add_argument("--heldout", type=int, default=512)
     ap.add_argument("--decisions", type=int, default=0, help="held-out contexts for decision quality (EBDM sampling: slow on a CPU)")
     ap.add_argument("--optimiser", type=Path, help="a learned-optimiser checkpoint (default: train one with --opt-steps)")
@@ -112,11 +113,17 @@ def main() -> None:
     else:
         teacher_path = args.teacher
     teacher, _ = load_checkpoint(teacher_path)
-    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, log_every=max(1, args.steps // 5))
+    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, log_every=max(1, args.steps // 5),
+                        anchor_weight=args.anchor_weight)  # fmt: skip
     student, stats = distill_ebdm(teacher, x, c, cfg, log=lambda line: print("  distill " + line, flush=True))
     row["distill_s"], row["distill_samples_per_s"] = stats["train_seconds"], stats["samples_per_s"]
     m = compare_ebdm(teacher, student, hx, hc, he, domain=domain, decisions=args.decisions)
     row.update({k: v for k, v in m.items()})
+    if args.decisions:  # the sampler's own noise: the teacher against itself with another sampling seed
+        from scf.ml.optimize import ebdm_decisions
+
+        again = ebdm_decisions(teacher, domain, hx[: args.decisions].astype(float), hc[: args.decisions].astype(float), seed=1)
+        row.update({f"teacher_seed1_{k}": v for k, v in again.items()})
     config = dataclasses.asdict(teacher.config)
     sizes = {}
     for packing in ("2bit", "base3"):
@@ -188,6 +195,9 @@ def main() -> None:
     if "decision_gap_mean" in m and "teacher_decision_gap_mean" in m:
         diff = 100 * (m["decision_gap_mean"] - m["teacher_decision_gap_mean"])
         line("EBDM decisions: gap to optimum, student - teacher", f"{diff:+.3f} pp ({100 * m['decision_gap_mean']:.3f} % vs {100 * m['teacher_decision_gap_mean']:.3f} %)", "within 0.1 pp", abs(diff) <= 0.1)
+    if "teacher_seed1_decision_gap_mean" in row:
+        diff = 100 * (row["teacher_seed1_decision_gap_mean"] - m["teacher_decision_gap_mean"])
+        line("EBDM decisions: gap, the teacher against itself (sampling seed 1 vs 0)", f"{diff:+.3f} pp", "(the sampler's noise)", None)
     if "decision_savings_captured" in m and "teacher_decision_savings_captured" in m:
         diff = 100 * (m["decision_savings_captured"] - m["teacher_decision_savings_captured"])
         line("EBDM decisions: savings captured, student - teacher", f"{diff:+.3f} pp", "within 0.1 pp", abs(diff) <= 0.1)

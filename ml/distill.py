@@ -60,6 +60,7 @@ class DistillConfig:
     warmup: int = 50
     score_weight: float = 1.0  # σ²|s_S - s_T|² (EBDM)
     energy_weight: float = 1.0  # σ²(E_S - E_T)² (EBDM)
+    anchor_weight: float = 1.0  # σ_min²(E_S - E_T)² on the clean states, at σ_min: where states are ranked (EBDM)
     match_weight: float = 1.0  # |π_S - π_T|² on normalised outputs (optimiser)
     task_weight: float = 0.1  # the teacher's own loss on the data (DSM; the optimiser's objective)
     packing: str = "2bit"  # 2bit | base3
@@ -172,6 +173,11 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
             energy = (sigma.squeeze(-1) * (e_s - e_t)).square().mean()
             task = (sigma * s_s + eps).square().mean()
             loss = cfg.score_weight * score + cfg.energy_weight * energy + cfg.task_weight * task
+            if cfg.anchor_weight:  # the energies that rank states: clean data at σ_min (rare among the σ drawn)
+                smin = tcfg.sigma_min
+                with torch.no_grad():
+                    e_t0 = teacher.energy(z, cz, smin)
+                loss = loss + cfg.anchor_weight * (smin * (student.energy(z, cz, smin) - e_t0)).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -19,7 +19,7 @@ from scf.bus import events as ev
 from scf.consumers.edge.probe import health_check
 from scf.consumers.edge.ternary import TernaryNet, load_packed
 from scf.domains.fossils import synth_shards
-from scf.ml.checkpoint import save_checkpoint
+from scf.ml.checkpoint import load_checkpoint, save_checkpoint
 from scf.ml.distill import DistillConfig, compare_ebdm, distill_ebdm, distill_on_bus, judge_student, load_student
 from scf.ml.ebdm import EBDM, EBDMConfig
 from scf.ml.ternary import bit_layers
@@ -138,33 +138,27 @@ async def test_distilled_on_the_bus_judged_against_the_teacher_and_promoted_to_e
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)  # about 8 min on 2 shared cores (teacher 4 min, student 3.5 min)
 def test_student_quality_against_a_trained_teacher(tmp_path):
-    """A teacher trained to convergence on case9, distilled: held-out DSM within 2 % of the
-    teacher's and energies ranked like the teacher's (Spearman >= 0.98), judged by the
-    verifier's own check on fossils neither saw."""
-    from scf.ml.train import fit
-
-    d, x, c, cost = case9(4000, seed=5)
-    hx, hc, hcost = x[-256:], c[-256:], cost[-256:]
-    cfg = EBDMConfig(domain=d.name, hidden=128, depth=3, steps=3000, batch_size=256, lr=2e-3, seed=0)
-    xt, ct = torch.tensor(x[:-256], dtype=torch.float32), torch.tensor(c[:-256], dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-
-    def batches():
-        for _ in range(cfg.steps):
-            i = torch.randint(len(xt), (cfg.batch_size,), generator=gen)
-            yield xt[i], ct[i]
-
-    torch.manual_seed(0)
-    teacher, _ = fit(EBDM(cfg), batches())
-    teacher = teacher.eval()
-    student, _ = distill_ebdm(teacher, x[:-256], c[:-256], DistillConfig(steps=3000, batch_size=256, lr=1e-3))
-    tpath = save_checkpoint(tmp_path / "t.safetensors", teacher, lineage={}, metrics={})
+    """benchmarks/bench_distill.py's CPU configuration: a teacher (hidden 256, depth 4) trained
+    1500 steps on 7500 grid:case14 fossils, distilled 1500 steps. Judged by the verifier's
+    own check on held-out fossils neither saw: held-out DSM within 2 % of the teacher's,
+    energies ranked like the teacher's (Spearman >= 0.98), >= 90 % of the numbers ternary,
+    the packed file <= 0.15x the fp32 one. Measured 2026-12-01: DSM ratio 0.9986, Spearman
+    0.987, 93.1 % ternary, 0.129x (2-bit)."""
     from scf.ml.distill import export_student
+    from scf.ml.loader import load_arrays
+    from scf.ml.train import train_local
 
+    synth_shards("grid:case14", 8000, tmp_path / "fossils", seed=0)
+    res = train_local("grid:case14", tmp_path / "fossils", tmp_path, steps=1500, batch_size=256, hidden=256, depth=4, eval_records=64)
+    teacher, _ = load_checkpoint(res.checkpoint)  # read back from its file, as the verifier does
+    x, c, _ = load_arrays(tmp_path / "fossils", domain="grid:case14", split="train")
+    hx, hc, he = load_arrays(tmp_path / "fossils", domain="grid:case14", split="heldout", limit=256)
+    student, _ = distill_ebdm(teacher, x, c, DistillConfig(steps=1500, batch_size=256))
     spath = export_student(tmp_path / "s.safetensors", student, kind="ebdm", config=dataclasses.asdict(teacher.config), packing="2bit", lineage={}, metrics={})
-    metrics, teacher_metrics, reasons = judge_student(spath, tpath, hx, hc, hcost)
+    metrics, teacher_metrics, reasons = judge_student(spath, res.checkpoint, hx, hc, he)
     assert reasons == [], (reasons, metrics, teacher_metrics)
+    assert metrics["dsm_ratio"] <= 1.02 and metrics["energy_rank_corr"] >= 0.98
     assert metrics["ternary_share"] >= 0.9
-    assert spath.stat().st_size <= 0.15 * tpath.stat().st_size
+    assert spath.stat().st_size <= 0.15 * res.checkpoint.stat().st_size
