@@ -102,14 +102,15 @@ class StrikeResult:
 
 
 def inputs_of(spec: ev.ContractSpec, opts: StrikeOptions) -> dict:
+    """What the strike decides from: the contract's content, the method and model, the
+    schedule period. How it is measured is not an input (a strike measured live and the
+    same one measured in simulation deploy the same capsule)."""
     return {
         "contract_sha256": contracts_mod.spec_sha256(spec),
         "constraints_sha256": hashlib.sha256(spec.constraints.encode()).hexdigest(),
         "method": opts.method,
         "model": opts.model or ("highs" if opts.method == "exact" else str(opts.checkpoint or "")),
-        "measure": opts.measure,
         "period": opts.period,
-        "sim": {"hours": opts.sim_hours, "history_hours": opts.history_hours} if opts.measure == "sim" else None,
         "decision_override": None if opts.decision_override is None else hashlib.sha256(
             np.asarray(opts.decision_override, dtype=np.float32).tobytes()).hexdigest(),
     }
@@ -434,6 +435,16 @@ async def _deploy_and_measure(bus, settings, key, trust, spec, opts, activity, i
         for seq, e, raw, subject in got:
             rec.add("measurement", "DEPLOY", seq, e.id, e.type_name(), subject, raw)
             mv["periods"].append(_period(e.data))
+        # a node's runtime monitor that reverted this capsule said why (deploy.rolled_back)
+        mv["reverts"] = []
+        for m in await read(bus, "DEPLOY", [f"deploy.rolled_back.{subject_token(n)}" for n in spec.nodes]):
+            try:
+                e = Codec([ev.DeployRolledBack]).decode(m.data)
+            except Exception:  # noqa: BLE001 - not one we can read
+                continue
+            if e.data.deployment_id in deps or e.data.from_checkpoint_id == capsule_id:
+                rec.add("rollback", "DEPLOY", m.seq, e.id, e.type_name(), m.subject, bytes(m.data))
+                mv["reverts"].append(f"{e.data.node}: {e.data.reason}")
     _mark("measure")
     status = "reverted" if mv.get("reverts") else "deployed" if not mv["periods"] else "measured"
     return await _finish(bus, settings, key, spec, activity, inputs, inputs_sha, solved, states, rec, out_dir, status=status,

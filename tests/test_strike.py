@@ -28,6 +28,17 @@ ACME = {"contract_id": "acme", "client": "ACME", "domain": "hvac:office3", "node
 GLOBEX = {"contract_id": "globex", "client": "Globex", "domain": "hvac:office3", "nodes": ["edge-b"],
           "constraints": {"T_out": 19.0, "T0": [23.5, 23.5, 23.5]}, "schedule_s": 0}
 OPTS = st.StrikeOptions(measure="sim", wait_s=30.0, sim_hours=48.0, history_hours=24.0)
+LIVE = st.StrikeOptions(measure="live", wait_s=60.0)
+# the edge agents' simulated buildings: a day of status-quo history, then they hold for a
+# model and run a day under it, measured (IPMVP Option D) and signed by the node
+EDGE_CONTROL = """
+[edge.control]
+domain = "hvac:office3"
+sim_hours = 48
+min_history_hours = 24
+report_hours = 24
+hold_for_model = true
+"""
 
 
 def leaves(obj, path=()):
@@ -70,7 +81,9 @@ async def test_two_contracts_strike_deploy_measure_and_prove(bus, settings, scf_
         keys.node(n)
     logd = tmp_path / "logs"
     logd.mkdir()
-    procs = [start_edge(scf_env, n, tmp_path / n, logd, {"domain": "hvac:office3"}) for n in ("edge-a", "edge-b")]
+    with open(settings.home_path / "scf.toml", "a") as fh:
+        fh.write(EDGE_CONTROL)
+    procs = [start_edge(scf_env, n, tmp_path / n, logd, {"domain": "hvac:office3", "plant": "sim"}) for n in ("edge-a", "edge-b")]
     procs += [start_process(scf_env, n, logd) for n in ("safety", "deploy", "archive")]
     try:
         await wait_for(lambda: node_runs(bus, "edge-a", None), 40, "edge-a to register")
@@ -80,30 +93,34 @@ async def test_two_contracts_strike_deploy_measure_and_prove(bus, settings, scf_
         cs = await contracts.load(bus)
 
         # 1. ACME: held for a human at STANDARD (nothing deployed), then approved and resumed.
-        held, a = await strike_approved(bus, settings, keys, cs["acme"])
+        held, a = await strike_approved(bus, settings, keys, cs["acme"], LIVE)
         assert held.status == "awaiting-approval" and held.intent_id and "scf control approve" in held.detail
         assert a.activity_id == held.activity_id and a.status == "measured", (a.status, a.detail)
         assert await node_runs(bus, "edge-a", a.proof["capsule"]["capsule_id"])
-        periods = a.proof["mv"]["periods"]
-        assert periods and all(p["uncertainty_kwh"] is not None and p["cv_rmse"] < 0.3 for p in periods)
+        periods = a.proof["mv"]["periods"]  # measured by edge-a's control loop on its building, signed by its key
+        assert [p["node"] for p in periods] == ["edge-a"] and a.proof["mv"]["mode"] == "live"
+        assert all(p["uncertainty_kwh"] is not None and p["cv_rmse"] < 0.3 for p in periods)
         roles = [e["role"] for e in a.proof["events"]]
         assert roles.count("state") == 24 and roles.count("verdict") == 25  # 24 states and the deploy intent's final approval
-        assert {"contract", "promotion", "intent", "order", "deployment"} <= set(roles)
+        assert {"contract", "promotion", "intent", "order", "deployment", "measurement"} <= set(roles)
         cert = a.proof["decision"]
         assert cert["lower_bound"] <= cert["cost"] + 1e-6 and cert["rel_gap"] < 1e-6
 
         # 2. The same contract and inputs: the same activity, nothing deployed again.
         orders = await stream_count(bus, "DEPLOY", "deploy.requested.>")
-        again = await st.strike(bus, settings, cs["acme"].spec, key=keys.release, trust=keys.trust, opts=OPTS,
+        again = await st.strike(bus, settings, cs["acme"].spec, key=keys.release, trust=keys.trust, opts=LIVE,
                                 contract_seq=cs["acme"].seq, contract_event_id=cs["acme"].event_id)
         assert again.resumed and again.activity_id == a.activity_id and again.status == "measured"
         assert await stream_count(bus, "DEPLOY", "deploy.requested.>") == orders
 
         # 3. GLOBEX: deployed to edge-b, and the runtime monitor reverts it on the simulated site.
-        _, g = await strike_approved(bus, settings, keys, cs["globex"])
+        _, g = await strike_approved(bus, settings, keys, cs["globex"], LIVE)
         assert g.status == "reverted", (g.status, g.detail)
-        assert any(r.startswith("envelope breach: comfort") for r in g.proof["mv"]["reverts"])
-        assert await node_runs(bus, "edge-b", g.proof["capsule"]["capsule_id"])
+        assert any(r.startswith("edge-b: envelope breach: comfort") for r in g.proof["mv"]["reverts"]), g.proof["mv"]
+        assert "rollback" in [e["role"] for e in g.proof["events"]]
+        # the same capsule on the simulated site in this process: the same verdict from the monitor
+        sim = await asyncio.to_thread(st.simulate_capsule, g.proof_path.parent / "capsule", "hvac:office3", OPTS)
+        assert any(r.startswith("envelope breach: comfort") for r in sim["reverts"])
 
         # 4. The proofs verify offline and against the log; any field changed fails.
         for r in (a, g):
