@@ -124,7 +124,7 @@ def charts(periods: list[dict]) -> list[tuple[str, bytes, bytes]]:
     ax.axhline(0, color="#444", linewidth=0.8)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylabel("kWh saved")
-    ax.set_title("Energy saved per M&V period (bars: uncertainty at the stated confidence)", fontsize=9)
+    ax.set_title("Energy saved per M&V period (error bars: uncertainty at the stated confidence)", fontsize=9)
     out.append(("Energy saved per period", *_render(fig)))
     fig, ax = plt.subplots(figsize=(7, 3.2))
     w = 0.4
