@@ -54,6 +54,7 @@ class DemoResult:
     activated: list[str] = field(default_factory=list)
     balances: dict[str, int] = field(default_factory=dict)
     savings: dict[str, tuple[float, float]] = field(default_factory=dict)  # site -> (saved kWh, ± kWh at 90 %)
+    code: dict[str, int] = field(default_factory=dict)  # GenN's proposals: approved / rejected
     dataset: Path | None = None
     report: Path | None = None
     seconds: float = 0.0
@@ -148,6 +149,7 @@ require_calibration = true
 def _processes(settings: Settings) -> list[ProcessSpec]:
     procs = [ProcessSpec(n, n) for n in ("daemon", "safety", "dispatch", "deploy", "ledger", "archive")]
     procs.append(ProcessSpec("worker", "worker", ("--pool", "local", "--device", "cpu")))
+    procs.append(ProcessSpec("genn", "genn", ("--backend", "search")))  # GenN, program search: offline and fast
     for node in NODES:
         procs.append(ProcessSpec(f"edge-{node}", "edge", ("--node", node, "--dir", str(settings.path("edge", node)), "--label", f"domain={DOMAIN}", "--label", "site=demo")))
     for node in SITES:
@@ -233,6 +235,35 @@ async def _archive_caught_up(bus: Bus, settings: Settings, streams: tuple[str, .
         if time.monotonic() > deadline:
             raise DemoFailed(f"step 'archive' is behind ({', '.join(behind)}): see logs/archive.log")
         await asyncio.sleep(0.3)
+
+
+CODEGEN_PROPOSALS = 8
+
+
+async def _codegen_step(bus: Bus, follow: "Follower", echo: Callable[[str], None], timeout: float) -> dict[str, int]:
+    """GenN (the search backend) writes controllers for the demo's grid; the safety gate judges each
+    one (capability gate, then the sandbox against the simulator). Approved and rejected code both
+    go into the CFR dataset."""
+    echo(f"9. a codegen intent: GenN writes {CODEGEN_PROPOSALS} controllers for {DOMAIN} (program search: templates, parameters,"
+         " deliberate defects); the gate judges each, then runs it in the sandbox against the simulator")
+    intent = ev.IntentCreated.new(ev.Intent(
+        # a fixed id and seed (the demo's home is fresh): the same eight candidates every run, some refused
+        # by the gate (a misnamed class, a syntax slip), some by the sandbox (a setpoint short)
+        intent_id="codegen-demo", kind="codegen", domain=DOMAIN, params={"proposals": CODEGEN_PROPOSALS, "seed": 2},
+        reason="demo: dispatch controllers for the grid the demo trained on",
+    ), source=bus.source)
+    await bus.publish_once(intent)
+    verdicts = await follow.wait(
+        "codegen", lambda e: isinstance(e, ev.VerdictIssued) and e.data.subject_type == "code" and e.data.final and e.correlation_id == intent.id,
+        timeout, count=CODEGEN_PROPOSALS, hint="see logs/genn.log and logs/safety.log",
+    )
+    counts = {"approved": 0, "rejected": 0}
+    for e in verdicts:
+        v = e.data
+        counts["approved" if v.decision == "APPROVE" else "rejected"] += 1
+        echo(f"   code {v.subject_id[:8]} {v.decision} ({v.gate}): {(v.reasons or [''])[0][:110]}")
+    echo(f"   {counts['approved']} approved, {counts['rejected']} rejected")
+    return counts
 
 
 async def run_demo(
@@ -381,7 +412,8 @@ async def run_demo(
 
         result.balances = balances(await read_transfers(bus))
 
-        echo("9. the archive catches up; the CFR dataset and the value report are built from it")
+        result.code = await _codegen_step(bus, follow, echo, step_timeout)
+        echo("10. the archive catches up; the CFR dataset and the value report are built from it")
         await _archive_caught_up(bus, settings, ("CONTROL", "INTENTS", "VERDICTS", "TRAINING", "CHECKPOINTS", "DEPLOY", "LEDGER"), 120)
         from scf.projections import cfr, report
         from scf.projections.archive import archive_root
@@ -392,14 +424,14 @@ async def run_demo(
         dataset = cfr.build(root, result.dataset)
         for line in dataset.lines():
             echo(f"   {line}")
-        if dataset.counts["tuples"] == 0:
-            echo("   (no code generator runs in this demo yet, so no code was proposed and ruled on: the dataset is empty;"
-                 " tests/test_cfr.py builds one from a hand-made scenario)")
+        if dataset.counts["approved"] == 0 or dataset.counts["rejected"] == 0:
+            raise DemoFailed(f"step 'dataset': the CFR dataset needs approved and rejected code, it has {dataset.counts['approved']} "
+                             f"approved and {dataset.counts['rejected']} rejected (see logs/genn.log and logs/safety.log)")
         result.report = out / "report"
         for line in report.build(root, result.report).lines():
             echo(f"   {line}")
 
-        echo("10. a client contract, the strike loop (map → optimise → verify → deploy a capsule → measure) and its signed proof")
+        echo("11. a client contract, the strike loop (map → optimise → verify → deploy a capsule → measure) and its signed proof")
         from scf.ops.demo_strike import strike_step
 
         await strike_step(bus, settings, echo, next(iter(SITES)), step_timeout)
@@ -423,7 +455,7 @@ def summary(r: DemoResult) -> list[str]:
         "   credits           " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in sorted(credited.items())),
         "   savings           " + ", ".join(f"{k} {s:.2f} ± {u:.2f} kWh" for k, (s, u) in sorted(r.savings.items())),
         f"   archive           {r.home / 'archive'} (Parquet + scf.duckdb)",
-        f"   CFR dataset       {r.dataset}",
+        f"   CFR dataset       {r.dataset} (GenN's code: {r.code.get('approved', 0)} approved, {r.code.get('rejected', 0)} rejected)",
         f"   value report      {r.report / 'report.html' if r.report else '-'}",
         f"   process logs      {r.home / 'logs'}",
         "",

@@ -286,3 +286,27 @@ async def test_loop_fills_the_cfr_dataset_with_the_served_prompts(bus, settings,
     for pid, user in served.items():
         assert by_id[pid]["prompt"] == [{"role": "system", "content": cfr.SYSTEM_PROMPT}, {"role": "user", "content": user}]
     assert ds.counts["sft"]["train"] + ds.counts["sft"]["validation"] == ds.counts["approved"]
+
+
+@pytest.mark.anyio
+async def test_the_demo_step_gets_approved_and_rejected_code(bus):
+    """ops/demo.py's codegen step against the real gate (capability gate + sandbox) and GenN."""
+    from scf.consumers.safety import SafetyGate, SafetySettings
+    from scf.ops import demo
+    from scf.producers.genn.service import GennProcess
+
+    stop = asyncio.Event()
+    gate = SafetyGate(bus, SafetySettings(sandbox_scenarios=1, sandbox_hours=2.0, sandbox_step_minutes=30.0))
+    proc = GennProcess(bus, GennSettings(), SearchGenerator())
+    tasks = [asyncio.create_task(gate.run(stop)), asyncio.create_task(proc.runner().run(stop))]
+    lines: list[str] = []
+    try:
+        follow = await demo.Follower(bus).start()
+        counts = await demo._codegen_step(bus, follow, lines.append, 120)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert counts["approved"] > 0 and counts["rejected"] > 0
+    assert counts["approved"] + counts["rejected"] == demo.CODEGEN_PROPOSALS
+    assert lines[-1] == f"   {counts['approved']} approved, {counts['rejected']} rejected"
+    assert any("REJECT (ethics)" in line for line in lines) and any("REJECT (sandbox)" in line for line in lines)
