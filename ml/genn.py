@@ -19,6 +19,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -294,32 +296,80 @@ def _held_out(dataset: Path) -> tuple[list[list[dict[str, str]]], list[dict[str,
     return prompts, _rows(Path(dataset) / "sft" / "validation.jsonl")
 
 
+@dataclass(frozen=True)
+class Judged:
+    """A candidate through both judges: the static gate, then the sandbox against the simulator."""
+
+    gate_ok: bool
+    sandbox_ok: bool
+    reward: float
+    reason: str = ""
+    relative_cost: float | None = None
+
+
+def judge(code: str, domain: str, *, scenarios: int = 1, hours: float = 6.0) -> Judged:
+    """The reward of generated code: 0 when the gate refuses it or the sandbox run fails,
+    else 1 / (1 + relative cost) (0.5 = as good as the domain's status-quo controller, → 1 better).
+    The code runs only in the sandbox's separate process (scf.domains.sandbox), never here."""
+    from scf.domains import ethics, sandbox
+
+    findings = ethics.gate(code, contract=ethics.CONTROLLER)
+    if findings:
+        return Judged(False, False, 0.0, ethics.reasons(findings)[0])
+    r = sandbox.evaluate(code, sandbox.Trial(domain=domain, scenarios=scenarios, hours=hours, step_minutes=30.0),
+                         sandbox.SandboxLimits(cpu_s=30, wall_s=60.0))
+    if not r.ok:
+        return Judged(True, False, 0.0, r.reason)
+    rel = float(r.scores.get("relative_cost", float("inf")))
+    return Judged(True, True, 1.0 / (1.0 + rel) if math.isfinite(rel) and rel >= 0 else 0.0, "", rel)
+
+
+def _domain_of(messages: list[dict[str, str]]) -> str:
+    for line in messages[-1]["content"].splitlines():
+        if line.startswith("- domain: "):
+            return line.removeprefix("- domain: ").strip()
+    return ""
+
+
 def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_new_tokens: int = 256, seed: int = 0,
-             max_prompts: int = 16) -> dict[str, Any]:
-    """Base vs tuned on the dataset's held-out intents: the gate-pass rate of sampled code, the
-    share of answers that are code at all, and the NLL of the approved held-out completions.
-    Reward = gate pass (0/1) until the sandbox's score is available here (docs/codegen.md)."""
+             max_prompts: int = 16, sandbox: bool = True) -> dict[str, Any]:
+    """Base vs tuned on the dataset's held-out intents (its validation split): for sampled code,
+    the share that is code at all, the gate-pass rate, the sandbox-pass rate and the mean reward
+    (`judge`); and the NLL of the approved held-out completions."""
     from scf.producers.genn import extract_code
 
     prompts, approved = _held_out(dataset)
     prompts = prompts[:max_prompts]
     report: dict[str, Any] = {"held_out_prompts": len(prompts), "held_out_approved": len(approved), "samples": samples,
-                              "reward": "gate pass (0/1); sandbox score not wired yet"}
+                              "reward": "0 if the gate or the sandbox refuses, else 1/(1 + cost relative to the status quo)"
+                              if sandbox else "gate pass (0/1): sandbox off"}
     for name, directory in (("base", base), ("tuned", tuned)):
         r: dict[str, Any] = {}
         if approved:
             r["nll"] = completion_nll(directory, approved)
         if prompts and samples > 0:
             gen = LocalGenerator(directory, temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens)
-            total = code_ok = passed = 0
+            total = code_ok = gate_ok = box_ok = 0
+            reward = 0.0
             for p_i, messages in enumerate(prompts):
+                domain = _domain_of(messages)
                 for k in range(samples):
                     c = extract_code(gen.answer(messages, seed * 1000 + p_i * samples + k))
                     total += 1
-                    if not c.error:
-                        code_ok += 1
-                        passed += not _gate_findings(c.code)
-            r.update({"generated": total, "code_rate": code_ok / total, "gate_pass_rate": passed / total, "mean_reward": passed / total})
+                    if c.error:
+                        continue
+                    code_ok += 1
+                    if sandbox and domain:
+                        j = judge(c.code, domain)
+                        gate_ok += j.gate_ok
+                        box_ok += j.sandbox_ok
+                        reward += j.reward
+                    else:
+                        passed = not _gate_findings(c.code)
+                        gate_ok += passed
+                        reward += float(passed)
+            r.update({"generated": total, "code_rate": code_ok / total, "gate_pass_rate": gate_ok / total,
+                      "sandbox_pass_rate": box_ok / total if sandbox else None, "mean_reward": reward / total})
         report[name] = r
     return report
 
@@ -332,9 +382,11 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
         if "nll" in r:
             parts.append(f"NLL of approved code {r['nll']:.4f}/token")
         if "generated" in r:
-            parts.append(f"{r['generated']} samples: code {r['code_rate']:.0%}, gate pass {r['gate_pass_rate']:.0%}, mean reward {r['mean_reward']:.3f}")
+            box = f", sandbox pass {r['sandbox_pass_rate']:.0%}" if r.get("sandbox_pass_rate") is not None else ""
+            parts.append(f"{r['generated']} samples: code {r['code_rate']:.0%}, gate pass {r['gate_pass_rate']:.0%}{box}, "
+                         f"mean reward {r['mean_reward']:.3f}")
         lines.append(f"{name}: " + ("; ".join(parts) if parts else "nothing held out to measure (the dataset's validation split is empty)"))
     return lines
 
 
-__all__ += ["evaluate", "evaluation_lines"]
+__all__ += ["evaluate", "evaluation_lines", "judge", "Judged"]

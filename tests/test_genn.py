@@ -310,3 +310,18 @@ async def test_the_demo_step_gets_approved_and_rejected_code(bus):
     assert counts["approved"] + counts["rejected"] == demo.CODEGEN_PROPOSALS
     assert lines[-1] == f"   {counts['approved']} approved, {counts['rejected']} rejected"
     assert any("REJECT (ethics)" in line for line in lines) and any("REJECT (sandbox)" in line for line in lines)
+
+
+def test_the_reward_is_the_gate_then_the_sandbox():
+    from scf.ml.genn import judge
+
+    g = SearchGenerator(bug_rate=0.0)
+    [good] = g.generate(_request("grid:case14", "r-1"), 1, seed=0)
+    j = judge(good.code, "grid:case14", hours=2.0)
+    assert j.gate_ok and j.sandbox_ok and j.relative_cost is not None
+    assert j.reward == pytest.approx(1.0 / (1.0 + j.relative_cost))
+    refused = judge("import os\n" + good.code, "grid:case14")
+    assert (refused.gate_ok, refused.sandbox_ok, refused.reward) == (False, False, 0.0) and "os" in refused.reason
+    short = good.code.rstrip("\n").rsplit(".tolist()", 1)[0] + ".tolist()[:-1]\n"
+    failed = judge(short, "grid:case14", hours=2.0)
+    assert (failed.gate_ok, failed.sandbox_ok, failed.reward) == (True, False, 0.0) and "expected (1, 5)" in failed.reason
