@@ -62,7 +62,7 @@ def test_demo_runs_the_whole_loop_and_its_outputs_agree(tmp_path):
     in_report = dict(re.findall(r"^\| (node:\S+) \| ([0-9.]+) \|", report_md, re.M))
     assert {a: float(v) for a, v in in_report.items()} == credited
     total = re.search(r"credits minted \(ledger balances, all time\): \*\*([0-9.]+)\*\*", report_md).group(1)
-    assert float(total) == pytest.approx(sum(credited.values()))
+    assert float(total) == pytest.approx(sum(credited.values()), abs=0.005)  # the summary prints 2 decimals
 
     # the CFR dataset's counts equal the views'
     def count(sql: str) -> int:
