@@ -24,9 +24,12 @@ def run_plant(
     factors: str = typer.Option("envelope_ua=1.2,internal_gains=0.85,efficiency=0.9",
                                 help="the site's true factors on the domain's nominal model (what M&V calibration must find)"),
     start: Optional[str] = typer.Option(None, help="plant clock at seq 0, ISO 8601 UTC (default 2026-01-05T00:00Z)"),
+    username: Optional[str] = typer.Option(None, help="broker login (the password from $SCF_MQTT_PASSWORD)"),
+    tls: bool = typer.Option(False, "--tls", help="TLS to the broker, verified against the system's CAs"),
 ) -> None:
     """A simulated HVAC site as an MQTT plant: telemetry out, setpoints in, one step per setpoint."""
     import asyncio
+    import os
     import signal
 
     from scf.bus.errors import SCFError
@@ -52,7 +55,7 @@ def run_plant(
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            return await serve_mqtt(options, host, port, site, stop)
+            return await serve_mqtt(options, host, port, site, stop, username=username, password=os.environ.get("SCF_MQTT_PASSWORD"), tls=tls)
 
         steps = asyncio.run(main())
     except SCFError as exc:

@@ -4,6 +4,7 @@ decision files, and an in-process control run over the simulated site."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -70,14 +71,25 @@ async def control_run(directory: Path, schedule: dict[int, Installed | None], se
 
 
 class Mosquitto:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, users: dict[str, str] | None = None) -> None:
         binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if binary is None:
             pytest.skip("mosquitto is not installed: apt-get install mosquitto (.ci/run does)")
         self.port = free_port()
         directory.mkdir(parents=True, exist_ok=True)
         conf = directory / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
+        text = f"listener {self.port} 127.0.0.1\npersistence false\nset_tcp_nodelay true\n"
+        if os.geteuid() == 0:  # as root, mosquitto would drop to the `mosquitto` user and lose this test's files
+            text += "user root\n"
+        if users:  # logins required: a password file written with mosquitto_passwd
+            pw = directory / "passwords"
+            pw.write_text("")
+            for user, password in users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(pw), user, password], check=True, capture_output=True)
+            text += f"allow_anonymous false\npassword_file {pw}\n"
+        else:
+            text += "allow_anonymous true\n"
+        conf.write_text(text)
         self.log = directory / "mosquitto.log"
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10

@@ -6,6 +6,7 @@ decision; bad telemetry refused in one line."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import re
@@ -211,3 +212,36 @@ def rng_w(path, name):
     from safetensors.numpy import load_file
 
     return load_file(str(path))[name].astype(float)
+
+
+@pytest.mark.anyio
+async def test_mqtt_plant_with_broker_logins(tmp_path, monkeypatch):
+    """A broker that requires logins: the plant and the edge each log in; a wrong password
+    is one line naming what to fix; the protocol steps the plant once per setpoint."""
+    from scf.consumers.edge.plant import Setpoint, SiteOptions, open_plant, serve_mqtt
+
+    broker = Mosquitto(tmp_path / "mqtt", users={"edge-n1": "s3cret", "plant": "p1ant"})
+    try:
+        monkeypatch.setenv("SCF_MQTT_PASSWORD", "wrong")
+        with pytest.raises(PlantError, match=r"refused the connection \(Not authorized\): check the user and password"):
+            await open_plant(f"mqtt://edge-n1@{broker.address}/s1")
+        stop = asyncio.Event()
+        served = asyncio.create_task(serve_mqtt(SiteOptions(hours=1.0), "127.0.0.1", broker.port, "s1", stop,
+                                                username="plant", password="p1ant"))
+        plant = await open_plant(f"mqtt://edge-n1:s3cret@{broker.address}/s1")
+        try:
+            tel = await plant.telemetry(-1)
+            assert tel.seq == 0 and tel.zones == ["open_plan", "meeting", "south_office"] and tel.energy_kwh == 0.0
+            await plant.write(Setpoint(seq=0, u_kw=[3.0, 3.0, 3.0]))
+            nxt = await plant.telemetry(0)
+            assert nxt.seq == 1 and nxt.time - tel.time == dt.timedelta(minutes=15) and nxt.energy_kwh > 0
+            assert nxt.u_kw == [2.0, 1.0, 1.5]  # the equipment's ramp per 15 min (8, 4, 6 kW an hour)
+            await plant.write(Setpoint(seq=0, u_kw=[9.0, 9.0, 9.0]))  # stale: answers seq 0 again, ignored
+            await plant.write(Setpoint(seq=1, u_kw=[3.0, 3.0, 3.0]))
+            assert (await plant.telemetry(1)).seq == 2
+        finally:
+            stop.set()
+            assert await asyncio.wait_for(served, 10) == 2
+            await plant.close()
+    finally:
+        broker.stop()

@@ -231,6 +231,15 @@ def _nodelay(client) -> None:
             pass
 
 
+def _secure(client, username: str | None, password: str | None, tls: bool) -> None:
+    """Broker login (a user per edge node and per plant: docs/plants.md) and TLS with the
+    system's CAs (`mqtts://`)."""
+    if username:
+        client.username_pw_set(username, password)
+    if tls:
+        client.tls_set()
+
+
 def _client(name: str):
     import paho.mqtt.client as mqtt
 
@@ -240,7 +249,8 @@ def _client(name: str):
 class MqttPlant:
     """A plant behind an MQTT broker: telemetry in, setpoints out (docs/plants.md)."""
 
-    def __init__(self, host: str, port: int, site: str, *, client_id: str = "", timeout_s: float = 60.0) -> None:
+    def __init__(self, host: str, port: int, site: str, *, client_id: str = "", timeout_s: float = 60.0,
+                 username: str | None = None, password: str | None = None, tls: bool = False) -> None:
         self.host, self.port, self.site = host, port, site
         self.topics = topics(site)
         self.timeout_s = timeout_s
@@ -250,11 +260,17 @@ class MqttPlant:
         self._status = ""
         self._changed = asyncio.Event()
         self._connected = threading.Event()
+        self._refused = ""
         self.client = _client(client_id or f"scf-edge-{site}")
+        _secure(self.client, username, password, tls)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
 
     def _on_connect(self, client, userdata, flags, reason, properties=None) -> None:
+        if getattr(reason, "is_failure", False):
+            self._refused = str(reason)
+            self._connected.set()
+            return
         client.subscribe([(self.topics["telemetry"], 1), (self.topics["status"], 1)])
         self._connected.set()
 
@@ -288,6 +304,10 @@ class MqttPlant:
         self.client.loop_start()
         if not await asyncio.to_thread(self._connected.wait, 10.0):
             raise PlantError(f"MQTT broker {self.host}:{self.port} did not accept the connection within 10 s")
+        if self._refused:
+            self.client.loop_stop()
+            raise PlantError(f"MQTT broker {self.host}:{self.port} refused the connection ({self._refused}): "
+                             "check the user and password in [edge] plant (or SCF_MQTT_PASSWORD)")
         return self
 
     async def telemetry(self, after: int) -> Telemetry:
@@ -316,16 +336,22 @@ class MqttPlant:
 
 
 async def open_plant(spec: str, options: SiteOptions | None = None) -> Plant:
-    """`sim` (the simulator in process, `options`) or `mqtt://HOST:PORT/SITE`."""
+    """`sim` (the simulator in process, `options`) or `mqtt[s]://[USER[:PASSWORD]@]HOST:PORT/SITE`
+    (the password may come from $SCF_MQTT_PASSWORD instead of the URL)."""
+    import os
+
     if spec == "sim":
         return SimPlant(options or SiteOptions())
     u = urlparse(spec)
-    if u.scheme == "mqtt" and u.hostname and u.port and u.path.strip("/"):
-        return await MqttPlant(u.hostname, u.port, u.path.strip("/")).connect()
-    raise PlantError(f"plant {spec!r}: use 'sim' or 'mqtt://HOST:PORT/SITE'")
+    if u.scheme in ("mqtt", "mqtts") and u.hostname and u.port and u.path.strip("/"):
+        password = u.password if u.password is not None else os.environ.get("SCF_MQTT_PASSWORD")
+        return await MqttPlant(u.hostname, u.port, u.path.strip("/"), username=u.username, password=password,
+                               tls=u.scheme == "mqtts").connect()
+    raise PlantError(f"plant {spec!r}: use 'sim' or 'mqtt://[USER@]HOST:PORT/SITE' (mqtts:// for TLS)")
 
 
-async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop: asyncio.Event | None = None) -> int:
+async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop: asyncio.Event | None = None, *,
+                     username: str | None = None, password: str | None = None, tls: bool = False) -> int:
     """Run the simulated site as an MQTT plant until its horizon ends (or `stop`); returns
     the number of steps taken. A malformed or stale setpoint is logged and ignored."""
     sim = HvacSite(options)
@@ -334,11 +360,17 @@ async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop
     inbox: asyncio.Queue[bytes] = asyncio.Queue()
     stop = stop or asyncio.Event()
     client = _client(f"scf-plant-{site}")
+    _secure(client, username, password, tls)
     client.will_set(t["status"], b"offline", qos=1, retain=True)
     ready = threading.Event()
 
+    refused: list[str] = []
+
     def on_connect(c, userdata, flags, reason, properties=None):
-        c.subscribe(t["setpoint"], qos=1)
+        if getattr(reason, "is_failure", False):
+            refused.append(str(reason))
+        else:
+            c.subscribe(t["setpoint"], qos=1)
         ready.set()
 
     client.on_connect = on_connect
@@ -352,6 +384,8 @@ async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop
     try:
         if not await asyncio.to_thread(ready.wait, 10.0):
             raise PlantError(f"MQTT broker {host}:{port} did not accept the connection within 10 s")
+        if refused:
+            raise PlantError(f"MQTT broker {host}:{port} refused the plant's connection ({refused[0]}): check --username and SCF_MQTT_PASSWORD")
 
         def publish(tel: Telemetry) -> None:
             client.publish(t["telemetry"], msgspec.json.encode(tel), qos=1, retain=True)
