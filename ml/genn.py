@@ -153,6 +153,17 @@ class LocalGenerator:
             sampling={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens},
         )
 
+    @classmethod
+    def from_model(cls, model, tok, *, temperature: float, top_p: float, max_new_tokens: int, device: str = "cpu") -> "LocalGenerator":
+        """A generator over a model in memory (the policy during best-of-N rounds): no identity."""
+        self = cls.__new__(cls)
+        import torch
+
+        self.torch, self.tok, self.model, self.device = torch, tok, model, device
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.identity = None
+        return self
+
     def prompt_ids(self, messages: list[dict[str, str]]):
         enc = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
@@ -193,9 +204,12 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 
 def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_steps: int = 4, lora_r: int = 8,
-             lr: float = 2e-4, seed: int = 0, max_length: int = 1024) -> dict[str, Any]:
+             lr: float = 2e-4, seed: int = 0, max_length: int = 1024, best_of_n: int = 0, rounds: int = 0,
+             bon_max_new_tokens: int = 256) -> dict[str, Any]:
     """LoRA SFT on `dataset/sft/train.jsonl`, then DPO on `dataset/preference/train.jsonl` (when it
-    has rows); the adapters merged into `out` (safetensors). Returns what was run."""
+    has rows), then `rounds` of offline best-of-N → DPO (the model samples `best_of_n` answers per
+    training prompt, `judge` scores them, the best and the worst of each prompt become a pair);
+    the adapters merged into `out` (safetensors). Returns what was run."""
     for m in ("trl", "peft", "datasets"):
         _need(m)
     import torch
@@ -234,6 +248,25 @@ def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_st
         report["dpo"] = {"rows": len(pref_rows), "steps": dpo_steps, "loss": float(dpo_out.training_loss)}
     else:
         report["dpo"] = {"rows": len(pref_rows), "steps": 0, "skipped": "no preference pairs" if not pref_rows else "dpo_steps 0"}
+    report["best_of_n"] = []
+    if best_of_n > 1 and rounds > 0:
+        prompts = _train_prompts(dataset)
+        for r in range(rounds):
+            model.eval()
+            gen = LocalGenerator.from_model(model, tok, temperature=1.0, top_p=0.95, max_new_tokens=bon_max_new_tokens)
+            pairs, stats = best_of_n_pairs(gen.answer, prompts, best_of_n, seed=seed + 1000 * (r + 1))
+            entry: dict[str, Any] = {"round": r + 1, **stats}
+            if pairs and dpo_steps > 0:
+                model.train()
+                dpo = DPOTrainer(
+                    model=model, processing_class=tok, train_dataset=Dataset.from_list(pairs), peft_config=lora,
+                    args=DPOConfig(output_dir=str(work / f"bon{r}"), max_steps=dpo_steps, beta=0.1, **common),
+                )
+                entry["loss"] = float(dpo.train().training_loss)
+                model = dpo.model.merge_and_unload()
+            else:
+                entry["skipped"] = "no prompt had answers of different reward" if not pairs else "dpo_steps 0"
+            report["best_of_n"].append(entry)
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -243,6 +276,44 @@ def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_st
 
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _train_prompts(dataset: Path) -> list[tuple[list[dict[str, str]], str]]:
+    """Distinct training prompts (message lists) of the dataset with their domains."""
+    seen, out = set(), []
+    for r in _rows(Path(dataset) / "unpaired" / "train.jsonl") + _rows(Path(dataset) / "sft" / "train.jsonl"):
+        key = json.dumps(r["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append((r["prompt"], _domain_of(r["prompt"])))
+    return out
+
+
+def best_of_n_pairs(answer, prompts: list[tuple[list[dict[str, str]], str]], n: int, *, seed: int = 0,
+                    hours: float = 2.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Offline best-of-N: `answer(messages, seed) -> text` sampled `n` times per prompt, each answer
+    judged (`judge`: the gate, then the sandbox; a malformed answer scores 0); the best and the
+    worst answer of a prompt become a DPO pair when their rewards differ."""
+    from scf.producers.genn import extract_code
+
+    pairs: list[dict[str, Any]] = []
+    rewards: list[float] = []
+    for p_i, (messages, domain) in enumerate(prompts):
+        scored = []
+        for k in range(n):
+            text = answer(messages, seed + p_i * n + k)
+            c = extract_code(text)
+            reward = judge(c.code, domain, hours=hours).reward if not c.error and domain else 0.0
+            scored.append((reward, k, c.code or text or ""))
+            rewards.append(reward)
+        best, worst = max(scored), min(scored)
+        if best[0] > worst[0]:
+            pairs.append({"prompt": messages, "chosen": [{"role": "assistant", "content": best[2]}],
+                          "rejected": [{"role": "assistant", "content": worst[2]}]})
+    n_all = len(rewards)
+    return pairs, {"prompts": len(prompts), "samples": n_all, "pairs": len(pairs),
+                   "mean_reward": sum(rewards) / n_all if n_all else 0.0,
+                   "nonzero": sum(1 for x in rewards if x > 0)}
 
 
 def completion_nll(directory: Path, rows: list[dict[str, Any]], *, max_rows: int = 64) -> float:
@@ -389,4 +460,4 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ += ["evaluate", "evaluation_lines", "judge", "Judged"]
+__all__ += ["evaluate", "evaluation_lines", "judge", "Judged", "best_of_n_pairs"]

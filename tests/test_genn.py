@@ -325,3 +325,25 @@ def test_the_reward_is_the_gate_then_the_sandbox():
     short = good.code.rstrip("\n").rsplit(".tolist()", 1)[0] + ".tolist()[:-1]\n"
     failed = judge(short, "grid:case14", hours=2.0)
     assert (failed.gate_ok, failed.sandbox_ok, failed.reward) == (True, False, 0.0) and "expected (1, 5)" in failed.reason
+
+
+def test_best_of_n_pairs_the_best_and_the_worst_answer():
+    """Offline best-of-N with the search backend as the policy: each answer judged by the gate and
+    the sandbox; the pair's chosen answer scores higher than its rejected one."""
+    from scf.ml.genn import best_of_n_pairs, judge
+    from scf.projections.cfr_prompt import messages
+
+    g = SearchGenerator(bug_rate=0.5)
+
+    def answer(msgs, seed):
+        [c] = g.generate(_request("grid:case14", "bon"), 1, seed)
+        return "Here:\n```python\n" + c.code + "```" if seed % 3 else "I would rather not."
+
+    prompts = [(messages(_request("grid:case14", "bon").user), "grid:case14")]
+    pairs, stats = best_of_n_pairs(answer, prompts, 6, seed=0)
+    assert (stats["prompts"], stats["samples"], stats["pairs"]) == (1, 6, 1)
+    [p] = pairs
+    assert p["prompt"] == prompts[0][0]
+    chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+    assert judge(chosen, "grid:case14", hours=2.0).reward > 0.0
+    assert judge(rejected, "grid:case14", hours=2.0).reward == 0.0  # a refusal, or refused code

@@ -75,12 +75,27 @@ def test_weights_without_safetensors_are_refused(tmp_path):
         open_generator(GennSettings(backend="local", checkpoint=str(tmp_path / "ckpt")))
 
 
+def test_one_sft_step_writes_a_safetensors_checkpoint(tiny, tmp_path):
+    """The cheap default: one LoRA SFT step, merged, saved, its digest recorded."""
+    ds = _dataset(tmp_path / "ds", intents=(("train", ("a",)), ("validation", ("v",))), per_intent=3)
+    out = tmp_path / "tuned"
+    report = mg.finetune(tiny, ds, out, sft_steps=1, dpo_steps=0, lr=5e-3, max_length=768)
+    assert report["sft"]["steps"] == 1 and report["sft"]["rows"] > 0 and math.isfinite(report["sft"]["loss"])
+    assert report["dpo"]["steps"] == 0 and report["best_of_n"] == []
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert report["sha256"] == mg.weights_sha256(out) != mg.weights_sha256(tiny)
+
+
+@pytest.mark.slow
 def test_finetune_runs_sft_then_dpo_and_writes_a_safetensors_checkpoint(tiny, tmp_path):
     ds = _dataset(tmp_path / "ds")
     out = tmp_path / "tuned"
-    report = mg.finetune(tiny, ds, out, sft_steps=1, dpo_steps=1, lr=5e-3, max_length=768)
+    report = mg.finetune(tiny, ds, out, sft_steps=1, dpo_steps=1, lr=5e-3, max_length=768, best_of_n=2, rounds=1, bon_max_new_tokens=8)
     assert report["sft"]["steps"] == 1 and report["sft"]["rows"] > 0 and math.isfinite(report["sft"]["loss"])
     assert report["dpo"]["steps"] == 1 and report["dpo"]["rows"] > 0 and math.isfinite(report["dpo"]["loss"])
+    # best-of-N: the random model writes no code, every sample scores 0, so there is nothing to prefer
+    [bon] = report["best_of_n"]
+    assert bon["samples"] == 2 * bon["prompts"] > 0 and bon["pairs"] == 0 and bon["skipped"] == "no prompt had answers of different reward"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"] and not list(out.glob("*.bin"))
     assert report["sha256"] == mg.weights_sha256(out) != mg.weights_sha256(tiny)
     meta = json.loads((out / "scf-finetune.json").read_text())
@@ -123,3 +138,16 @@ def test_the_offline_model_converts_once_and_writes_python_shaped_answers(tmp_pa
     assert gen.identity.backend == "smollm2" and gen.identity.sha256 == first
     [c] = gen.generate(_request(), 1, seed=0)
     assert c.code or c.error  # an answer or its reason; quality is what fine-tuning is for
+
+
+def test_cli_finetune_names_an_empty_dataset(tiny, tmp_path):
+    from tests.conftest import cli
+
+    (tmp_path / "ds" / "sft").mkdir(parents=True)
+    (tmp_path / "ds" / "sft" / "train.jsonl").write_text("")
+    env = {"SCF_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    r = cli("genn", "finetune", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "out"), "--base", str(tiny), env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        f"Error: {tmp_path / 'ds'}/sft/train.jsonl has no approved examples: build the CFR dataset after code was approved (scf dataset cfr)"
+    )
