@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -30,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # as HiGHS runs: one thread
+    os.environ.setdefault(_var, "1")  # (a threaded BLAS on a loaded 2-core VM spins: 10-50x slower small products)
 
 
 def run(domain_name: str, fossils: int, steps: int, batch: int, heldout: int, seed: int, work: Path) -> dict:

@@ -132,8 +132,9 @@ class LearnedOptimiser(nn.Module):
         self.register_buffer("context_mid", (clo + chi) / 2)
         self.register_buffer("context_half", ((chi - clo) / 2).clamp(min=1e-9))
         self.cost = CostModel(cfg.state_lo, cfg.state_hi, cfg.context_lo, cfg.context_hi, cfg.cost)
-        torch.manual_seed(cfg.seed)
-        self.policy = PolicyNet(len(lo), len(clo), cfg.hidden, cfg.depth)
+        with torch.random.fork_rng():  # seeded initial weights, the caller's RNG untouched
+            torch.manual_seed(cfg.seed)
+            self.policy = PolicyNet(len(lo), len(clo), cfg.hidden, cfg.depth)
 
     def _raw(self, c):  # physical context (B, m) -> (state (B, d), unclamped normalised output)
         out = self.policy((c - self.context_mid) / self.context_half)
