@@ -323,20 +323,34 @@ def compare_optimiser(teacher, student, domain, heldout, limit: int = 256) -> di
 
 
 def judge_student(student_path, teacher_path, x, c, cost, *, max_dsm_ratio: float = 1.02, min_rank_corr: float = 0.98,
+                  max_decision_pp: float = 0.1, decision_contexts: int = 256,
                   seed: int = 0) -> tuple[dict[str, float], dict[str, float], list[str]]:  # fmt: skip
-    """The verifier's check of a packed EBDM student against its teacher on the same
-    held-out fossils: (student metrics, teacher metrics, reasons it fails). It fails when
-    its held-out DSM exceeds `max_dsm_ratio` × the teacher's or its energies rank the
-    held-out states with Spearman < `min_rank_corr` against the teacher's. Optimiser
-    students are refused here (docs/distill.md: judged by `compare_optimiser` offline)."""
+    """The verifier's check of a packed student against its teacher on the same held-out
+    fossils: (student metrics, teacher metrics, reasons it fails). An EBDM student fails
+    when its held-out DSM exceeds `max_dsm_ratio` × the teacher's or its energies rank the
+    held-out states with Spearman < `min_rank_corr` against the teacher's; an optimiser
+    student when its repaired decisions on the first `decision_contexts` held-out contexts
+    are off its teacher's by more than `max_decision_pp` percentage points (mean gap to
+    the exact optimum, savings captured) or any of them breaks a constraint."""
     student, meta = load_student(student_path)
-    if meta.get("model") != "ebdm":
-        return {}, {}, [f"a {meta.get('model')} student is not verified on the bus yet: judge it with benchmarks/bench_distill.py"]
     teacher, kind, _ = teacher_file(teacher_path)
-    if kind != "ebdm":
-        return {}, {}, [f"its teacher is a {kind}, not an EBDM: the student's lineage names the wrong checkpoint"]
-    if dataclasses.asdict(teacher.config) != meta["config"]:
+    if kind != meta.get("model"):
+        return {}, {}, [f"its teacher holds the model {kind!r}, the student {meta.get('model')!r}: the student's lineage names the wrong checkpoint"]
+    teacher_config = dataclasses.asdict(teacher.config) if kind == "ebdm" else teacher.config.to_dict()
+    if json.loads(json.dumps(teacher_config, sort_keys=True)) != meta["config"]:
         return {}, {}, ["its config differs from its teacher's: a student keeps its teacher's architecture"]
+    if kind == "optimiser":
+        from scf import domains
+
+        n = decision_contexts
+        m = compare_optimiser(teacher, student, domains.get(teacher.config.domain), (x[:n], c[:n], cost[:n]), limit=n)
+        student_metrics = {k: v for k, v in m.items() if not k.startswith("teacher_") and math.isfinite(v)}
+        teacher_metrics = {k.removeprefix("teacher_"): v for k, v in m.items() if k.startswith("teacher_") and math.isfinite(v)}
+        reasons = [f"its decisions' {k.removeprefix('decision_')} is {m[k + '_diff_pp']:+.3f} percentage points off its teacher's (allowed {max_decision_pp:g})"
+                   for k in ("decision_gap_mean", "decision_savings_captured") if not abs(m.get(k + "_diff_pp", math.nan)) <= max_decision_pp]  # fmt: skip
+        if not m.get("decision_feasible", 0.0) >= 1.0:
+            reasons.append(f"only {m.get('decision_feasible', 0.0):.1%} of its repaired decisions pass the domain's check")
+        return student_metrics, teacher_metrics, reasons
     m = compare_ebdm(teacher, student, x, c, cost, seed=seed)
     student_metrics = {k: v for k, v in m.items() if not k.startswith("teacher_") and math.isfinite(v)}
     teacher_metrics = {k.removeprefix("teacher_"): v for k, v in m.items() if k.startswith("teacher_") and math.isfinite(v)}

@@ -162,3 +162,24 @@ def test_student_quality_against_a_trained_teacher(tmp_path):
     assert metrics["dsm_ratio"] <= 1.02 and metrics["energy_rank_corr"] >= 0.98
     assert metrics["ternary_share"] >= 0.9
     assert spath.stat().st_size <= 0.15 * res.checkpoint.stat().st_size
+
+
+def test_an_optimiser_student_is_judged_on_decisions_against_its_teacher(tmp_path):
+    from scf.ml.distill import distill_optimiser, export_student
+    from scf.ml.optimize import OptimiserConfig, fit_optimiser, save_optimiser
+
+    d, x, c, cost = case9(400, seed=6)
+    teacher, _ = fit_optimiser(d, x[:360], c[:360], cost[:360], OptimiserConfig(domain=d.name, hidden=32, depth=3, steps=60, batch_size=64))
+    tpath = save_optimiser(tmp_path / "opt.safetensors", teacher, lineage={}, metrics={})
+    student, stats = distill_optimiser(teacher, d, c[:360], dataclasses.replace(FEW, steps=20))
+    assert stats["steps"] == 20 and math.isfinite(stats["match"])
+    spath = export_student(tmp_path / "s.safetensors", student, kind="optimiser", config=teacher.config.to_dict(), packing="2bit", lineage={}, metrics={})
+    hx, hc, he = x[360:], c[360:], cost[360:]
+    metrics, teacher_metrics, reasons = judge_student(spath, tpath, hx, hc, he, max_decision_pp=100.0, decision_contexts=16)
+    assert reasons == [] and metrics["decision_contexts"] == teacher_metrics["decision_contexts"] == 16
+    assert metrics["decision_feasible"] == 1.0 and math.isfinite(metrics["decision_gap_mean_diff_pp"])
+    # a student judged against a teacher of the other kind is named, not evaluated
+    ebdm = save_checkpoint(tmp_path / "ebdm.safetensors", tiny_teacher(steps=1), lineage={}, metrics={})
+    assert judge_student(spath, ebdm, hx, hc, he)[2] == [
+        "its teacher holds the model 'ebdm', the student 'optimiser': the student's lineage names the wrong checkpoint"
+    ]
