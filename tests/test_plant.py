@@ -110,9 +110,10 @@ async def test_bad_telemetry_is_refused_in_one_line(tmp_path):
 @pytest.mark.anyio
 @pytest.mark.timeout(300)
 async def test_edge_agent_controls_a_plant_over_mqtt(bus, settings, scf_env, tmp_path):
-    """Real processes: Mosquitto, `scf run plant`, `scf run edge`, `scf run ledger`. The
-    decision arrives as a signed release; the agent runs the status quo for a day (the
-    site's history), then the decision; M&V measures the day; the ledger mints it."""
+    """Real processes: Mosquitto, `scf run plant`, `scf run edge`, `scf run ledger`. Two
+    decisions arrive as signed releases, v1 then v2 (which breaks its own deployment's
+    envelope); the agent runs the status quo for a day (the site's history), tries v2,
+    reverts at once to v1 and says why; M&V measures v1's day; the ledger mints it."""
     broker = Mosquitto(tmp_path / "mqtt")
     keys = Keys(settings)
     keys.node("n1")
@@ -127,6 +128,9 @@ async def test_edge_agent_controls_a_plant_over_mqtt(bus, settings, scf_env, tmp
     art = write_decision(tmp_path / "artifacts" / "good.safetensors", "good")
     promo = promotion("ck-good", 1, art, domain="hvac:office3")
     seq, raw = await publish_raw(bus, promo, keys.release)
+    art2 = write_decision(tmp_path / "artifacts" / "hot.safetensors", "hot", envelope={"u_max_kw": [5.0, 5.0, 5.0]})
+    promo2 = promotion("ck-hot", 2, art2, domain="hvac:office3")
+    seq2, raw2 = await publish_raw(bus, promo2, keys.release)
     edge = start_edge(env, "n1", edir, logd, {"domain": "hvac:office3"})
     ledger = start_process(env, "ledger", logd)
     plant = None
@@ -134,6 +138,8 @@ async def test_edge_agent_controls_a_plant_over_mqtt(bus, settings, scf_env, tmp
         await wait_for(lambda: node_runs(bus, "n1", None), 30, "the agent to register")
         await bus.publish(orders_for(promo, raw, ["n1"], seq=seq, plan="plan-1")[0])
         await wait_for(lambda: node_runs(bus, "n1", "ck-good"), 30, "the decision to activate")
+        await bus.publish(orders_for(promo2, raw2, ["n1"], seq=seq2, plan="plan-2")[0])
+        await wait_for(lambda: node_runs(bus, "n1", "ck-hot"), 30, "v2 to activate")
         import sys
 
         plant = spawn([sys.executable, "-m", "scf.cli.main", "run", "plant", "--mqtt", broker.address, "--site", "site-1", "--hours", "48"],
@@ -148,9 +154,14 @@ async def test_edge_agent_controls_a_plant_over_mqtt(bus, settings, scf_env, tmp
         except Exception:
             print(logs(logd))
             raise
+        [revert] = [e for _, e in await events_on(bus, "DEPLOY", "deploy.rolled_back.>", [ev.DeployRolledBack])]
+        assert (revert.data.from_checkpoint_id, revert.data.to_checkpoint_id) == ("ck-hot", "ck-good")
+        assert re.fullmatch(r"envelope breach: u\[open_plan\] \d+\.\d\d kW above the envelope's 5\.00 kW", revert.data.reason)
         [m] = await measured()
         d = m.data
-        assert d.node == "n1" and d.method == mv.METHOD and d.deployment_id is not None
+        assert d.node == "n1" and d.method == mv.METHOD
+        assert d.deployment_id == next(e.data.deployment_id for _, e in await events_on(bus, "DEPLOY", "deploy.activated.>", [ev.DeployActivated])
+                                       if e.data.checkpoint_id == "ck-good")
         assert d.period_end - d.period_start == dt.timedelta(hours=24)
         assert d.calibration.interval == "hourly" and d.calibration.points == 24 and d.calibration.cv_rmse < 0.3
         assert d.baseline_kwh > d.actual_kwh and 0 < d.uncertainty_kwh < d.baseline_kwh - d.actual_kwh
