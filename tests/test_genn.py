@@ -347,3 +347,18 @@ def test_best_of_n_pairs_the_best_and_the_worst_answer():
     chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
     assert judge(chosen, "grid:case14", hours=2.0).reward > 0.0
     assert judge(rejected, "grid:case14", hours=2.0).reward == 0.0  # a refusal, or refused code
+
+
+@pytest.mark.anyio
+async def test_cli_generate_for_a_contract_reads_it_from_the_bus(bus, scf_env):
+    from scf.producers import contracts
+
+    await contracts.add(bus, contracts.parse_doc({"contract_id": "grid-7", "client": "utility", "domain": "grid:case30",
+                                                   "constraints": {"load_scale": 1.1, "budget": 9000.0}}), by="test")
+    r = await asyncio.to_thread(cli, "genn", "generate", "--contract", "grid-7", "--prompt", "-n", "1", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    assert "controls grid:case30" in r.stdout and '"load_scale": 1.1' in r.stdout and '"budget": 9000.0' in r.stdout
+    assert '- params: {"contract": "grid-7"}' in r.stdout
+    r = await asyncio.to_thread(cli, "genn", "generate", "--contract", "nope", env=scf_env)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "Error: no contract 'nope': register it with `scf contract add FILE` (see `scf contract ls`)"
