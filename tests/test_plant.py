@@ -157,6 +157,9 @@ async def test_edge_agent_controls_a_plant_over_mqtt(bus, settings, scf_env, tmp
         [revert] = [e for _, e in await events_on(bus, "DEPLOY", "deploy.rolled_back.>", [ev.DeployRolledBack])]
         assert (revert.data.from_checkpoint_id, revert.data.to_checkpoint_id) == ("ck-hot", "ck-good")
         assert re.fullmatch(r"envelope breach: u\[open_plan\] \d+\.\d\d kW above the envelope's 5\.00 kW", revert.data.reason)
+        from scf.consumers.nodes import get_node
+
+        assert (await get_node(bus, "n1")).status == "reverted"  # the registry says so too
         [m] = await measured()
         d = m.data
         assert d.node == "n1" and d.method == mv.METHOD

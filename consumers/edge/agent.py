@@ -207,6 +207,8 @@ class EdgeAgent:
             log.warning("%s: no node key: measurement for %s not reported", self.node, event.data.period_start)
             return
         await self.bus.publish(event)
+        if isinstance(event, ev.DeployRolledBack):  # the registry says the node runs its fallback now
+            await self.publish_status("reverted")
 
     async def start(self) -> "EdgeAgent":
         self.store.load()
