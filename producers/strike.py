@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -248,19 +249,32 @@ async def await_events(bus, stream: str, subjects, types, pick: Callable[[ev.Eve
     return found[:want] if len(found) >= want else found
 
 
+@dataclass
+class _Versions:
+    highest: int = 0
+    known: dict[str, int] = field(default_factory=dict)  # capsule id -> its version
+    last_seq: int = 0  # CHECKPOINTS read up to here
+
+
+_VERSIONS: "weakref.WeakKeyDictionary[Any, dict[str, _Versions]]" = weakref.WeakKeyDictionary()
+
+
 async def next_capsule_version(bus, domain: str, capsule_id: str) -> int:
     """The version this capsule is promoted under: its own when promoted before (a resumed
-    strike), else one above every capsule of the domain (an edge agent refuses to go down)."""
-    highest = 0
-    for m in await read(bus, "CHECKPOINTS", f"checkpoint.promoted.{ev.domain_token(domain)}"):
+    strike), else one above every promotion of the domain, capsule or model (an edge agent
+    refuses to go down). The domain's promotions are read once per connection and then
+    only what is new (a regiment pass over N contracts reads each promotion once)."""
+    v = _VERSIONS.setdefault(bus, {}).setdefault(domain, _Versions())
+    codec = Codec([ev.CheckpointPromoted])
+    for m in await read(bus, "CHECKPOINTS", f"checkpoint.promoted.{ev.domain_token(domain)}", start_seq=v.last_seq + 1):
+        v.last_seq = max(v.last_seq, m.seq)
         try:
-            p = Codec([ev.CheckpointPromoted]).decode(m.data)
+            p = codec.decode(m.data)
         except Exception:  # noqa: BLE001
             continue
-        if p.data.checkpoint_id == capsule_id:
-            return p.data.version
-        highest = max(highest, p.data.version)
-    return highest + 1
+        v.known.setdefault(p.data.checkpoint_id, p.data.version)
+        v.highest = max(v.highest, p.data.version)
+    return v.known.get(capsule_id) or v.highest + 1
 
 
 async def completed(bus, activity_id: str, trust) -> tuple[int, ev.StrikeCompleted, bytes] | None:
