@@ -161,3 +161,27 @@ async def test_ledger_mints_calibrated_and_rejects_miscalibrated(bus, settings):
         "baseline model not calibrated: hourly NMBE -12.0% outside ASHRAE Guideline 14's ±10% (48 points)",
         "the saving's uncertainty is not stated (uncertainty_kwh None): report ASHRAE Guideline 14's fractional savings uncertainty",
     ]
+
+
+@pytest.mark.anyio
+async def test_a_site_the_model_cannot_fit_is_not_minted(bus, settings, tmp_path):
+    """End to end: a site far outside the baseline model's reach (a tight envelope, three
+    times the gains: cooling-dominated) — the control loop still reports its measurement,
+    with the calibration figures it got, and the ledger refuses to mint it."""
+    from scf.consumers.edge.control import ControlSettings
+    from tests.plant_support import control_run, installed
+
+    s = ControlSettings(sim_hours=48, min_history_hours=24, report_hours=24, sim_factors="envelope_ua=0.3,internal_gains=3,efficiency=0.9")
+    loop = await control_run(tmp_path, {96: installed(tmp_path, "ck-1", "good")}, s)
+    measured = [e for e in loop.events if isinstance(e, ev.EnergyMeasured)]
+    assert measured and all(mv.g14_problem("hourly", e.data.calibration.cv_rmse, e.data.calibration.nmbe) for e in measured)
+    keys = Keys(settings)
+    async with running_ledger(bus, keys, LedgerSettings(rate=1.0)):
+        for e in measured:
+            await publish_signed(bus, e, keys.node("n1"))
+        await wait_for(lambda: consumer_done(bus), 20, "the ledger to drain")
+    assert await read_transfers(bus) == []
+    reasons = [r.reason for r in await rejections(bus)]
+    assert len(reasons) == len(measured)
+    assert all(r.startswith("baseline model not calibrated: hourly ") or r.startswith("negative saving") for r in reasons), reasons
+    assert any(r.startswith("baseline model not calibrated: hourly CV(RMSE)") for r in reasons), reasons
