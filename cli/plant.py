@@ -26,6 +26,7 @@ def run_plant(
     start: Optional[str] = typer.Option(None, help="plant clock at seq 0, ISO 8601 UTC (default 2026-01-05T00:00Z)"),
     username: Optional[str] = typer.Option(None, help="broker login (the password from $SCF_MQTT_PASSWORD)"),
     tls: bool = typer.Option(False, "--tls", help="TLS to the broker, verified against the system's CAs"),
+    period_s: float = typer.Option(0.0, help="free-running: a step every this many wall seconds, holding the latest setpoint (0: lock-step)"),
 ) -> None:
     """A simulated HVAC site as an MQTT plant: telemetry out, setpoints in, one step per setpoint."""
     import asyncio
@@ -46,8 +47,8 @@ def run_plant(
             except ValueError:
                 raise fail(f"--start {start!r} is not an ISO 8601 time (e.g. 2026-01-05T00:00Z)") from None
             t0 = t0 if t0.tzinfo else t0.replace(tzinfo=dt.timezone.utc)
-        if hours <= 0 or not (1 / 60 <= step_minutes <= 60):
-            raise fail(f"--hours {hours:g} must be positive and --step-minutes {step_minutes:g} between 1/60 and 60")
+        if hours <= 0 or not (1 / 60 <= step_minutes <= 60) or period_s < 0:
+            raise fail(f"--hours {hours:g} must be positive, --step-minutes {step_minutes:g} between 1/60 and 60, --period-s {period_s:g} not negative")
         options = SiteOptions(domain=domain, seed=seed, hours=hours, step_minutes=step_minutes, start=t0, factors=parse_factors(factors))
 
         async def main() -> int:
@@ -55,7 +56,8 @@ def run_plant(
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            return await serve_mqtt(options, host, port, site, stop, username=username, password=os.environ.get("SCF_MQTT_PASSWORD"), tls=tls)
+            return await serve_mqtt(options, host, port, site, stop, username=username, password=os.environ.get("SCF_MQTT_PASSWORD"), tls=tls,
+                                    period_s=period_s)
 
         steps = asyncio.run(main())
     except SCFError as exc:

@@ -259,3 +259,29 @@ async def test_mqtt_plant_with_broker_logins(tmp_path, monkeypatch):
             await plant.close()
     finally:
         broker.stop()
+
+
+@pytest.mark.anyio
+async def test_loop_follows_a_free_running_plant(tmp_path):
+    """A plant that steps on its own clock (as a real BMS does, `--period-s`), holding the
+    latest setpoint: the loop answers what it reads and the plant applies it."""
+    from scf.consumers.edge.plant import SiteOptions, open_plant, serve_mqtt
+
+    broker = Mosquitto(tmp_path / "mqtt")
+    try:
+        options = SiteOptions(hours=2.0, start=dt.datetime(2026, 1, 5, 7, 0, tzinfo=dt.timezone.utc))  # the morning warm-up
+        served = asyncio.create_task(serve_mqtt(options, "127.0.0.1", broker.port, "s1", period_s=0.2))
+        plant = await open_plant(f"mqtt://{broker.address}/s1")
+        loop = ControlLoop(plant, "n1", tmp_path, SETTINGS, current=lambda: None)
+        try:
+            periods = await asyncio.wait_for(loop.run(), 60)
+        finally:
+            await plant.close()
+        assert await asyncio.wait_for(served, 10) == 8  # 2 h of 15-min steps, on the plant's clock
+        assert 1 <= periods <= 9
+        seen = [r.tel for r in loop.records]
+        assert seen[-1].seq == 8 and [t.seq for t in seen] == sorted({t.seq for t in seen})
+        # the thermostat asked for heat (occupied band from 07:00) and the plant applied it
+        assert max(max(t.u_kw) for t in seen) > 0
+    finally:
+        broker.stop()

@@ -350,10 +350,36 @@ async def open_plant(spec: str, options: SiteOptions | None = None) -> Plant:
     raise PlantError(f"plant {spec!r}: use 'sim' or 'mqtt://[USER@]HOST:PORT/SITE' (mqtts:// for TLS)")
 
 
+async def _free_running(sim: HvacSite, inbox: asyncio.Queue, stop: asyncio.Event, period_s: float, publish, site: str) -> None:
+    """A step every `period_s` wall seconds whatever the edge does, holding the latest
+    valid setpoint (of any seq): how a real BMS behaves."""
+    u = [0.0] * len(sim.zones)
+    loop = asyncio.get_running_loop()
+    due = loop.time() + period_s
+    while not sim.ended and not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), max(0.0, due - loop.time()))
+            return
+        except asyncio.TimeoutError:
+            pass
+        while not inbox.empty():
+            try:
+                sp = SETPOINT.decode(inbox.get_nowait())
+                if len(sp.u_kw) != len(sim.zones) or not all(np.isfinite(sp.u_kw)):
+                    raise PlantError(f"setpoint needs {len(sim.zones)} finite numbers, got {sp.u_kw!r}")
+                u = list(sp.u_kw)
+            except (msgspec.DecodeError, PlantError) as exc:
+                log.error("plant %s: setpoint refused: %s", site, exc)
+        publish(sim.apply(u))
+        due += period_s
+
+
 async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop: asyncio.Event | None = None, *,
-                     username: str | None = None, password: str | None = None, tls: bool = False) -> int:
+                     username: str | None = None, password: str | None = None, tls: bool = False, period_s: float = 0.0) -> int:
     """Run the simulated site as an MQTT plant until its horizon ends (or `stop`); returns
-    the number of steps taken. A malformed or stale setpoint is logged and ignored."""
+    the number of steps taken. Lock-step (a step per setpoint answering the latest seq; a
+    malformed or stale setpoint is logged and ignored), or with `period_s` > 0 free-running
+    (a step every `period_s` wall seconds holding the latest setpoint)."""
     sim = HvacSite(options)
     t = topics(site)
     loop = asyncio.get_running_loop()
@@ -393,6 +419,8 @@ async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop
         client.publish(t["status"], b"online", qos=1, retain=True)
         publish(sim.last)
         log.info("plant %s: %s, %d steps of %g min, on %s:%d", site, options.domain, sim.steps, options.step_minutes, host, port)
+        if period_s > 0:
+            await _free_running(sim, inbox, stop, period_s, publish, site)
         while not sim.ended and not stop.is_set():
             get = asyncio.ensure_future(inbox.get())
             halt = asyncio.ensure_future(stop.wait())
