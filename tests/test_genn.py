@@ -362,3 +362,50 @@ async def test_cli_generate_for_a_contract_reads_it_from_the_bus(bus, scf_env):
     r = await asyncio.to_thread(cli, "genn", "generate", "--contract", "nope", env=scf_env)
     assert r.returncode == 1
     assert r.stderr.strip() == "Error: no contract 'nope': register it with `scf contract add FILE` (see `scf contract ls`)"
+
+
+@pytest.mark.anyio
+async def test_scf_run_genn_answers_an_approved_intent_and_stops_on_sigterm(bus, scf_env, tmp_path):
+    """The real process: an approved codegen intent in, proposals out; a redelivered verdict adds nothing."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import spawn, stream_count
+
+    intent = ev.IntentCreated.new(ev.Intent(intent_id="cg-proc", kind="codegen", domain="hvac:office3", params={"proposals": 3}), source="test")
+    verdict = ev.VerdictIssued.new(ev.Verdict(verdict_id="v-cg-proc", subject_id="cg-proc", subject_type="intent", decision="APPROVE",
+                                              gate="regulator", kind="codegen", domain="hvac:office3"), source="test", cause=intent)
+    await bus.publish_once(intent)
+    await bus.publish(verdict)
+    # a rejected intent and another kind are not answered
+    await bus.publish(ev.VerdictIssued.new(ev.Verdict(verdict_id="v-train", subject_id="t-1", subject_type="intent", decision="APPROVE",
+                                                      gate="regulator", kind="train"), source="test"))
+    proc = spawn([sys.executable, "-m", "scf.cli.main", "run", "genn", "--backend", "search"], scf_env, tmp_path / "genn.log")
+    try:
+        async def proposed(n):
+            return await stream_count(bus, "INTENTS", "code.proposed") >= n
+
+        await wait_for(lambda: proposed(3), 60, "3 proposals from scf run genn")
+        await wait_for(lambda: _acked(bus, 2), 30, "both verdicts acked")
+        info = await bus.js.consumer_info("VERDICTS", "genn")
+        assert info.config.filter_subject == "verdict.intent.approve"
+        # the same verdict again (a redelivery): the same proposal ids, deduplicated by the stream
+        from scf.bus import codec
+
+        await bus.js.publish(verdict.subject(), codec.encode(verdict))
+        await wait_for(lambda: _acked(bus, 3), 30, "the repeat acked")
+        assert await stream_count(bus, "INTENTS", "code.proposed") == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0, (tmp_path / "genn.log").read_text()[-2000:]
+
+
+async def _acked(bus, n: int) -> bool:
+    info = await bus.js.consumer_info("VERDICTS", "genn")
+    return info.ack_floor.stream_seq >= n and info.num_ack_pending == 0

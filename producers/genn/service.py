@@ -18,6 +18,7 @@ from CONTRACTS, are shown in the task) and any `constraint.<name>` (scalar const
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 
 from scf.bus import events as ev
@@ -54,7 +55,7 @@ def seed_of(intent: ev.Intent, verdict_id: str) -> int:
     s = intent.params.get("seed")
     if isinstance(s, int) and not isinstance(s, bool):
         return s
-    return int(verdict_id.replace("-", "")[:8], 16) if verdict_id else 0
+    return int(hashlib.sha256(verdict_id.encode()).hexdigest()[:8], 16)
 
 
 def answer(gen: Generator, settings: GennSettings, intent: ev.Intent, verdict: ev.VerdictIssued, *, source: str, ids=None,
