@@ -285,3 +285,23 @@ async def test_loop_follows_a_free_running_plant(tmp_path):
         assert max(max(t.u_kw) for t in seen) > 0
     finally:
         broker.stop()
+
+
+def test_monitor_flags_energy_beyond_what_the_applied_power_implies():
+    """The expected-energy check: metered energy far above what the applied thermal power
+    costs at the equipment's COP (a fault, a meter that counts something else) is a breach;
+    within the margin it is not."""
+    from scf import domains
+    from scf.consumers.edge.control import Envelope, Monitor
+
+    dom = domains.get("hvac:office3")
+    mon = Monitor(dom, Envelope(energy_margin=0.3, energy_floor_kwh=0.5, energy_window=4), per_step_h=0.25)
+    # 3.5 kW of heat at COP 3.5 is 1 kW electric: 0.25 kWh a period
+    tel = Telemetry(seq=1, time=dt.datetime(2026, 1, 5, 9, tzinfo=dt.timezone.utc), period_s=900.0, zones=list(dom.building.zones),
+                    t_zone_c=[22.0, 22.0, 22.0], t_out_c=5.0, occupancy=[0.8, 0.8, 0.8], u_kw=[3.5, 0.0, 0.0], energy_kwh=0.3)
+    assert [mon.observe(tel) for _ in range(4)] == [None] * 4  # 1.2 kWh against 1.0: within 30 % + 0.5 kWh
+    mon.reset()
+    hot = msgspec.structs.replace(tel, energy_kwh=0.6)
+    out = [mon.observe(hot) for _ in range(4)]
+    assert out[:3] == [None] * 3
+    assert out[3] == "energy: 2.40 kWh metered over 4 periods against 1.00 kWh expected from the applied power (margin 30% + 0.5 kWh)"
