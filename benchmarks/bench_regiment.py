@@ -72,10 +72,12 @@ async def main(args) -> None:
         for n in nodes:
             while not await node_runs(bus, n, None):
                 await asyncio.sleep(0.2)
+        op = await Bus.connect(settings, "operator", key=keys.operator)  # the regiment strikes operator-signed contracts
         for i in range(args.contracts + 1):
             doc = {"contract_id": f"c{i:05d}", "client": f"client {i}", "domain": "hvac:office3", "nodes": [nodes[i % len(nodes)]],
                    "constraints": {"T_out": 5.0 + (i % 9), "preheat_hours": 3}, "schedule_s": 0}
-            await contracts.add(bus, contracts.parse_doc(doc))
+            await contracts.add(op, contracts.parse_doc(doc))
+        await op.close()
         opts = st.StrikeOptions(measure=args.measure, wait_s=120.0, sim_hours=48.0, history_hours=24.0)
         first = (await contracts.load(bus, "c00000"))["c00000"]
         t0 = time.perf_counter()

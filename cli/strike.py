@@ -60,7 +60,7 @@ def strike_command(
         try:
             seq, eid = 0, ""
             if contract is not None:
-                c = await contracts.get(bus, contract)
+                c = await contracts.get(bus, contract)  # by hand: the operator's own choice, signed or not
                 if not c.active:
                     raise st.StrikeError(f"contract {contract} is {c.spec.status}: nothing to strike")
                 spec, seq, eid = c.spec, c.seq, c.event_id
@@ -123,7 +123,7 @@ def run_regiment(
         try:
             if once:
                 r = await regiment.one_pass(bus, s, key=k, trust=trust, opts=st.StrikeOptions(measure=cfg.measure, wait_s=cfg.wait_s),
-                                            concurrency=cfg.concurrency, gate=gate)
+                                            concurrency=cfg.concurrency, gate=gate, signed=cfg.require_signed_contracts)
                 typer.echo(f"{r.contracts} contracts, {r.due} due: {r.statuses() or 'nothing to do'} in {r.seconds:.1f} s")
                 return
 

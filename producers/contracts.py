@@ -282,16 +282,20 @@ def _subjects(contract_id: str) -> list[str]:
     return [f"contract.registered.{t}", f"contract.updated.{t}", f"contract.ended.{t}"]
 
 
-async def load(bus, contract_id: str | None = None) -> dict[str, Contract]:
-    """Every contract (or one) folded from CONTRACTS."""
+async def load(bus, contract_id: str | None = None, trust=None) -> dict[str, Contract]:
+    """Every contract (or one) folded from CONTRACTS. With `trust`, only events signed by an
+    operator key count (what the regiment acts on: nobody else's contract is struck)."""
     from scf.bus.reader import read
+
+    codec = CODEC if trust is None else Codec([ev.ContractRegistered, ev.ContractUpdated, ev.ContractEnded], trust=trust,
+                                              require_signature=True, role="operator")
 
     subjects = _subjects(contract_id) if contract_id else ["contract.>"]
     out: dict[str, Contract] = {}
     for m in await read(bus, "CONTRACTS", subjects):
         try:
-            e = CODEC.decode(m.data)
-        except Exception:  # noqa: BLE001 - a malformed entry is skipped (the writer validated it)
+            e = codec.decode(m.data)
+        except Exception:  # noqa: BLE001 - a malformed or unsigned entry is skipped (the writer validated it)
             continue
         cid = e.data.contract_id
         prev = out.get(cid)
@@ -304,10 +308,11 @@ async def load(bus, contract_id: str | None = None) -> dict[str, Contract]:
     return out
 
 
-async def get(bus, contract_id: str) -> Contract:
-    found = (await load(bus, contract_id)).get(contract_id)
+async def get(bus, contract_id: str, trust=None) -> Contract:
+    found = (await load(bus, contract_id, trust)).get(contract_id)
     if found is None:
-        raise ContractError(f"no contract {contract_id!r}: register it with `scf contract add FILE` (see `scf contract ls`)")
+        signed = " signed by an operator key (SCF_KEY)" if trust is not None else ""
+        raise ContractError(f"no contract {contract_id!r}{signed}: register it with `scf contract add FILE` (see `scf contract ls`)")
     return found
 
 

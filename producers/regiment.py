@@ -38,6 +38,7 @@ class RegimentSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     wait_s: float = 60.0  # per awaited step of a strike
     release_key: str = "release"  # the key in $SCF_HOME/keys that signs capsules and proofs
     heartbeat_s: float = 0.0  # 0: the gear's heartbeat
+    require_signed_contracts: bool = True  # strike only contracts whose events an operator key signed
 
 
 class Progress(msgspec.Struct, kw_only=True):
@@ -67,11 +68,13 @@ class PassReport:
         return out
 
 
-async def due_contracts(bus, now: float, opts: strike_mod.StrikeOptions, trust) -> tuple[int, list[tuple[contracts_mod.Contract, strike_mod.StrikeOptions]]]:
-    """(active contracts, those due now with the options their strike runs under)."""
+async def due_contracts(bus, now: float, opts: strike_mod.StrikeOptions, trust, signed: bool = True
+                        ) -> tuple[int, list[tuple[contracts_mod.Contract, strike_mod.StrikeOptions]]]:
+    """(active contracts, those due now with the options their strike runs under); with
+    `signed`, only contracts whose events an operator key signed."""
     import dataclasses
 
-    found = [c for c in (await contracts_mod.load(bus)).values() if c.active]
+    found = [c for c in (await contracts_mod.load(bus, trust=trust if signed else None)).values() if c.active]
     models: dict[str, str] = {}
     out = []
     for c in found:
@@ -85,11 +88,11 @@ async def due_contracts(bus, now: float, opts: strike_mod.StrikeOptions, trust) 
 
 
 async def one_pass(bus, settings, *, key, trust, opts: strike_mod.StrikeOptions, concurrency: int = 4,
-                   gate=None, progress=None, now: float | None = None) -> PassReport:
+                   gate=None, progress=None, now: float | None = None, signed: bool = True) -> PassReport:
     """Strike every due contract once, `concurrency` at a time; a strike's failure is its
     result (status "failed"), never the pass's."""
     t0 = time.perf_counter()
-    n, due = await due_contracts(bus, time.time() if now is None else now, opts, trust)
+    n, due = await due_contracts(bus, time.time() if now is None else now, opts, trust, signed)
     report = PassReport(contracts=n, due=len(due))
     sem = asyncio.Semaphore(max(1, concurrency))
     node_locks: dict[str, asyncio.Lock] = {}
@@ -146,7 +149,7 @@ async def run_regiment(settings, bus, *, key, trust, cfg: RegimentSettings = Reg
             state.pass_no += 1
             state.started_at, state.finished_at = _now(), ""
             report = await one_pass(bus, settings, key=key, trust=trust, opts=opts, concurrency=cfg.concurrency, gate=gate,
-                                    progress=progress)
+                                    progress=progress, signed=cfg.require_signed_contracts)
             state.finished_at = _now()
             await progress(report)
             if report.due:

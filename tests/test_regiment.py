@@ -7,6 +7,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from scf.bus.client import Bus
 from scf.bus.emergency import EmergencyState, write_state
 from scf.ops.status_view import regiment_line, snapshot
 from scf.producers import contracts
@@ -14,6 +15,8 @@ from tests.conftest import stream_count, wait_for
 from tests.test_deploy_helpers import Keys, logs, start_process, stop
 
 pytestmark = pytest.mark.anyio
+ACME = {"contract_id": "acme", "client": "ACME", "domain": "hvac:office3", "nodes": ["edge-a"],
+        "constraints": {"T_out": 9.0, "preheat_hours": 3}, "schedule_s": 0}
 
 
 async def progress(bus) -> dict:
@@ -30,9 +33,12 @@ async def test_regiment_process_strikes_reports_and_obeys_the_emergency_stop(bus
     keys.release.save(settings.keys_dir)  # as release.key: the regiment signs capsules and proofs with it
     with open(settings.home_path / "scf.toml", "a") as fh:
         fh.write('\n[regiment]\nmeasure = "none"\nwait_s = 5.0\nheartbeat_s = 0.5\n')
-    await contracts.add(bus, contracts.parse_doc({"contract_id": "acme", "client": "ACME", "domain": "hvac:office3",
-                                                  "nodes": ["edge-a"], "constraints": {"T_out": 9.0, "preheat_hours": 3},
-                                                  "schedule_s": 0}))
+    op = await Bus.connect(settings, "operator", key=keys.operator)  # the regiment strikes operator-signed contracts only
+    try:
+        await contracts.add(op, contracts.parse_doc(ACME))
+    finally:
+        await op.close()
+    await contracts.add(bus, contracts.parse_doc(dict(ACME, contract_id="forged")))  # unsigned: never struck
     logd = tmp_path / "logs"
     logd.mkdir()
     await write_state(bus, EmergencyState(engaged=True, reason="drill", by="test"))
@@ -46,7 +52,7 @@ async def test_regiment_process_strikes_reports_and_obeys_the_emergency_stop(bus
         assert await stream_count(bus, "INTENTS", "state.proposed.>") == 24
         assert await stream_count(bus, "INTENTS", "intent.created.deploy.>") == 1
         snap = await snapshot(bus)
-        assert "awaiting-approval 1" in snap.regiment and "of 1 contracts" in snap.regiment
+        assert "awaiting-approval 1" in snap.regiment and "of 1 contracts" in snap.regiment  # the unsigned one is not counted
     except BaseException:
         print(logs(logd))
         raise

@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from scf.bus.client import Bus
 from scf.producers import contracts, regiment
 from scf.producers import strike as st
 from tests.conftest import cli, stream_count, wait_for
@@ -88,8 +89,12 @@ async def test_two_contracts_strike_deploy_measure_and_prove(bus, settings, scf_
     try:
         await wait_for(lambda: node_runs(bus, "edge-a", None), 40, "edge-a to register")
         await wait_for(lambda: node_runs(bus, "edge-b", None), 40, "edge-b to register")
-        for doc in (ACME, GLOBEX):
-            await contracts.add(bus, contracts.parse_doc(doc))
+        op = await Bus.connect(settings, "operator", key=keys.operator)  # contracts are signed by an operator key
+        try:
+            for doc in (ACME, GLOBEX):
+                await contracts.add(op, contracts.parse_doc(doc))
+        finally:
+            await op.close()
         cs = await contracts.load(bus)
 
         # 1. ACME: held for a human at STANDARD (nothing deployed), then approved and resumed.
