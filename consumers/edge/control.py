@@ -510,12 +510,12 @@ class ControlLoop:
                 out += await self._revert(why, tel)
             else:
                 out += self._close_period(len(self.records) - 1)
-        wanted = self._controller_for(self.current())
+        item = self.current()
+        # no model before the baseline history is long enough (nor loaded: it would be discarded)
+        wanted = self._controller_for(item) if item is None or self._history_ready() else self.status_quo
         if wanted is not self.active:
             if self.active.checkpoint is not None:
                 out += self._close_period(len(self.records) - 1, cut=True)
-            if wanted.checkpoint is not None and not self._history_ready():
-                wanted = self.status_quo  # no model before the baseline history is long enough
             if wanted is not self.active:
                 self._switch(wanted)
                 if wanted.checkpoint is not None:
