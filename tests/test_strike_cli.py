@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from scf.bus.client import Bus
 from scf.producers import contracts
 from tests.conftest import cli, stream_count
 from tests.test_deploy_helpers import Keys
@@ -33,6 +34,14 @@ async def test_strike_refusals_are_one_line(bus, settings, scf_env, tmp_path):
     bad.write_text(json.dumps({"comfort": {"occupied": [21, "warm"]}}))
     r = await run("strike", "--domain", "hvac:office3", "--constraints", str(bad), "--nodes", "edge-a")
     assert r.returncode == 1 and r.stderr == "Error: Expected `float`, got `str` - at `$.constraints.comfort.occupied[1]`\n"
+    op = await Bus.connect(settings, "operator", key=keys.operator)
+    try:
+        await contracts.add(op, contracts.parse_doc(DOC))
+    finally:
+        await op.close()
+    r = await run("strike", "--contract", "acme", "--wait", "1", "--measure", "none")  # no gate is running
+    assert r.returncode == 1 and r.stdout.startswith("activity ") and \
+        ": failed (the safety gate ruled on 0 of 24 states within 1 s: is `scf run safety` running?)" in r.stdout, r.stdout + r.stderr
     other = tmp_path / "bundle.json"
     other.write_text(json.dumps({"kind": "scf.proof.inclusion/v1"}))
     r = await run("proof", "verify", str(other))
