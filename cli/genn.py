@@ -165,7 +165,8 @@ def genn_finetune(
     out: Path = typer.Option(..., "--out", help="where the fine-tuned checkpoint (safetensors) goes"),
     base: Optional[Path] = typer.Option(None, "--base", help="the base checkpoint directory (default: the offline model)"),
     sft_steps: int = typer.Option(8, "--sft-steps", min=1, help="LoRA SFT steps on approved code"),
-    dpo_steps: int = typer.Option(4, "--dpo-steps", min=0, help="LoRA DPO steps on preference pairs (0: skip)"),
+    dpo_steps: int = typer.Option(4, "--dpo-steps", min=0, help="LoRA DPO (or KTO) steps (0: skip)"),
+    preference: str = typer.Option("dpo", "--preference", help="dpo (preference pairs) or kto (unpaired approved/rejected rows)"),
     best_of_n: int = typer.Option(0, "--best-of-n", min=0, help="after SFT/DPO: sample N answers per training prompt, judge them (gate, sandbox), DPO on best vs worst (0: skip)"),
     rounds: int = typer.Option(1, "--rounds", min=0, help="best-of-N → DPO rounds"),
     eval_samples: int = typer.Option(2, "--eval-samples", min=0, help="generations per held-out prompt for the gate-pass rate (0: skip)"),
@@ -182,7 +183,7 @@ def genn_finetune(
     settings = load_settings("genn")
     try:
         base_dir = base or mg.offline_model(settings.home_path / "model_zoo")
-        report = mg.finetune(base_dir, dataset, out, sft_steps=sft_steps, dpo_steps=dpo_steps, seed=seed,
+        report = mg.finetune(base_dir, dataset, out, sft_steps=sft_steps, dpo_steps=dpo_steps, seed=seed, preference=preference,
                              best_of_n=best_of_n, rounds=rounds if best_of_n > 1 else 0, bon_max_new_tokens=max_new_tokens)
         ev_report = mg.evaluate(base_dir, out, dataset, samples=eval_samples, max_new_tokens=max_new_tokens, seed=seed)
     except SCFError as exc:
@@ -191,7 +192,7 @@ def genn_finetune(
     typer.echo(f"fine-tuned {base_dir} → {out} (sha256 {report['sha256'][:16]})")
     typer.echo(f"  SFT: {report['sft']['rows']} rows, {report['sft']['steps']} steps, loss {report['sft']['loss']:.4f}")
     d = report["dpo"]
-    typer.echo(f"  DPO: {d['rows']} pairs, {d['steps']} steps" + (f", loss {d['loss']:.4f}" if "loss" in d else f" ({d.get('skipped', '')})"))
+    typer.echo(f"  {d['method'].upper()}: {d['rows']} rows, {d['steps']} steps" + (f", loss {d['loss']:.4f}" if "loss" in d else f" ({d.get('skipped', '')})"))
     for b in report["best_of_n"]:
         typer.echo(f"  best-of-{best_of_n} round {b['round']}: {b['samples']} samples, mean reward {b['mean_reward']:.3f}, {b['pairs']} pairs"
                    + (f", DPO loss {b['loss']:.4f}" if "loss" in b else f" ({b.get('skipped', '')})"))

@@ -205,9 +205,9 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_steps: int = 4, lora_r: int = 8,
              lr: float = 2e-4, seed: int = 0, max_length: int = 1024, best_of_n: int = 0, rounds: int = 0,
-             bon_max_new_tokens: int = 256) -> dict[str, Any]:
+             bon_max_new_tokens: int = 256, preference: str = "dpo") -> dict[str, Any]:
     """LoRA SFT on `dataset/sft/train.jsonl`, then DPO on `dataset/preference/train.jsonl` (when it
-    has rows), then `rounds` of offline best-of-N → DPO (the model samples `best_of_n` answers per
+    has rows; `preference="kto"`: KTO on the unpaired approved/rejected rows instead), then `rounds` of offline best-of-N → DPO (the model samples `best_of_n` answers per
     training prompt, `judge` scores them, the best and the worst of each prompt become a pair);
     the adapters merged into `out` (safetensors). Returns what was run."""
     for m in ("trl", "peft", "datasets"):
@@ -218,9 +218,11 @@ def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_st
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    if preference not in ("dpo", "kto"):
+        raise ModelError(f"preference stage {preference!r}: use dpo (pairs) or kto (unpaired, labelled)")
     torch.manual_seed(seed)
     sft_rows = _rows(Path(dataset) / "sft" / "train.jsonl")
-    pref_rows = _rows(Path(dataset) / "preference" / "train.jsonl")
+    pref_rows = _rows(Path(dataset) / ("preference" if preference == "dpo" else "unpaired") / "train.jsonl")
     if not sft_rows:
         raise ModelError(f"{dataset}/sft/train.jsonl has no approved examples: build the CFR dataset after code was approved (scf dataset cfr)")
     tok = AutoTokenizer.from_pretrained(base)
@@ -238,16 +240,28 @@ def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_st
     sft_out = sft.train()
     model = sft.model.merge_and_unload()
     report: dict[str, Any] = {"sft": {"rows": len(sft_rows), "steps": sft_steps, "loss": float(sft_out.training_loss)}}
+    labels = {bool(r.get("label")) for r in pref_rows}
+    if preference == "kto" and len(labels) < 2:
+        pref_rows = []  # KTO needs approved and rejected examples
     if pref_rows and dpo_steps > 0:
-        dpo = DPOTrainer(
-            model=model, processing_class=tok, train_dataset=Dataset.from_list(pref_rows), peft_config=lora,
-            args=DPOConfig(output_dir=str(work / "dpo"), max_steps=dpo_steps, beta=0.1, **common),
-        )
-        dpo_out = dpo.train()
-        model = dpo.model.merge_and_unload()
-        report["dpo"] = {"rows": len(pref_rows), "steps": dpo_steps, "loss": float(dpo_out.training_loss)}
+        if preference == "kto":
+            from trl import KTOConfig, KTOTrainer
+
+            trainer = KTOTrainer(
+                model=model, processing_class=tok, train_dataset=Dataset.from_list(pref_rows), peft_config=lora,
+                args=KTOConfig(output_dir=str(work / "kto"), max_steps=dpo_steps, beta=0.1, **common),
+            )
+        else:
+            trainer = DPOTrainer(
+                model=model, processing_class=tok, train_dataset=Dataset.from_list(pref_rows), peft_config=lora,
+                args=DPOConfig(output_dir=str(work / "dpo"), max_steps=dpo_steps, beta=0.1, **common),
+            )
+        pref_out = trainer.train()
+        model = trainer.model.merge_and_unload()
+        report["dpo"] = {"method": preference, "rows": len(pref_rows), "steps": dpo_steps, "loss": float(pref_out.training_loss)}
     else:
-        report["dpo"] = {"rows": len(pref_rows), "steps": 0, "skipped": "no preference pairs" if not pref_rows else "dpo_steps 0"}
+        report["dpo"] = {"method": preference, "rows": len(pref_rows), "steps": 0,
+                         "skipped": ("no preference pairs" if preference == "dpo" else "no approved and rejected rows") if not pref_rows else "dpo_steps 0"}
     report["best_of_n"] = []
     if best_of_n > 1 and rounds > 0:
         prompts = _train_prompts(dataset)

@@ -108,6 +108,15 @@ def test_finetune_runs_sft_then_dpo_and_writes_a_safetensors_checkpoint(tiny, tm
     assert lines[0].startswith("held out: 1 prompts") and lines[1].startswith("base: NLL of approved code")
 
 
+@pytest.mark.slow
+def test_kto_on_the_unpaired_rows(tiny, tmp_path):
+    ds = _dataset(tmp_path / "ds", intents=(("train", ("a",)), ("validation", ("v",))), per_intent=4)
+    report = mg.finetune(tiny, ds, tmp_path / "kto", sft_steps=1, dpo_steps=1, lr=5e-3, max_length=768, preference="kto")
+    assert report["dpo"]["method"] == "kto" and report["dpo"]["steps"] == 1 and math.isfinite(report["dpo"]["loss"])
+    with pytest.raises(mg.ModelError, match=r"^preference stage 'orpo': use dpo \(pairs\) or kto \(unpaired, labelled\)$"):
+        mg.finetune(tiny, ds, tmp_path / "x", preference="orpo")
+
+
 def test_finetune_without_approved_code_says_so(tiny, tmp_path):
     (tmp_path / "ds" / "sft").mkdir(parents=True)
     (tmp_path / "ds" / "sft" / "train.jsonl").write_text("")
