@@ -1,14 +1,21 @@
-"""EBDM training throughput with the fossil loader feeding it, against in-device data.
+"""EBDM training on a GPU: the step (CUDA graph vs eager), its FLOP utilisation, and the
+fossil loader feeding it (vs in-device data). Issue 16, goals 1 and 2.
 
-    python benchmarks/bench_train_gpu.py                   # CUDA if present, else a small CPU run
-    python benchmarks/bench_train_gpu.py --device cuda --fossils 200000 --steps 500 --workers 6
+    python benchmarks/bench_train_gpu.py                    # CUDA; a tiny CPU smoke run otherwise
+    python benchmarks/bench_train_gpu.py --fossils 200000 --steps 300 --workers 0,4
 
-Both runs train the same model (same config, seed and step count) with `ml.train.fit`:
-  loader    — batches from `FossilLoader` over case118 shards on disk (DataLoader workers,
-              pinned memory, non-blocking copies);
-  in_device — the same fossils preloaded as device tensors, batches drawn by random index.
-Each run is warmed up first (kernels, allocator), then timed. Prints one JSON line: samples/s
-of both, their ratio (goal ≥ 0.9), and peak GPU memory (or peak RSS on CPU).
+One JSON line per measurement, then a summary line. Measured in one run:
+  peak      — bf16 8192³ matrix products (TFLOP/s): the ceiling model FLOPs utilisation is read against;
+  step      — per config, in-device data (batches drawn by random index from device tensors):
+              samples/s with the step eager (the old path) and replayed as a CUDA graph
+              (`ml.train.TrainStep`), FLOPs per step counted with FlopCounterMode (forward,
+              the score's double backward, the parameter backward), MFU = FLOPs / step time / peak;
+  loader    — batch 8192: `FossilLoader` over case118 shards on disk (columnar cache, pinned
+              memory, side-stream prefetch in `ml.train.device_batches`), DataLoader workers
+              as given, graph step; ratio against the in-device graph step of the same config.
+Goals: loader/in-device ≥ 0.95 at batch 8192; graph/eager ≥ 5× at the default config;
+MFU ≥ 25 % at the production config. Rates are the median over windows of `--window`
+steps after the first window (capture, warm-up).
 """
 
 from __future__ import annotations
@@ -16,112 +23,152 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from bench_loader import write_shards  # noqa: E402
+from scf import domains  # noqa: E402
 from scf.ml.ebdm import EBDM, EBDMConfig  # noqa: E402
 from scf.ml.loader import FossilLoader, load_arrays  # noqa: E402
 from scf.ml.physics import penalty_for  # noqa: E402
 from scf.ml.train import fit  # noqa: E402
 
+CONFIGS = {  # name: (hidden, depth, batch)
+    "default": (256, 4, 256),  # EBDMConfig's defaults
+    "bench": (512, 4, 8192),  # the loader benchmark's model (issue 7)
+    "production": (1024, 6, 8192),
+    "production-wide": (2048, 6, 16384),
+}
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+
+def emit(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
 
 
-def timed_fit(config: EBDMConfig, batches, device: torch.device, penalty) -> tuple[float, int]:
-    """(seconds, samples) of `config.steps` steps, after a short warm-up on the same stream."""
-    torch.manual_seed(config.seed)
-    warm = EBDM(EBDMConfig(**{**config.__dict__, "steps": 5}))
-    fit(warm, batches, penalty=penalty, device=device)
-    model = EBDM(config)
-    sync(device)
-    t0 = time.perf_counter()
-    _, stats = fit(model, batches, penalty=penalty, device=device)
-    sync(device)
-    return time.perf_counter() - t0, stats.samples
+def bf16_peak(device: torch.device, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def step_flops(config: EBDMConfig, x, c, penalty, device) -> int:
+    """FLOPs of one training step's loss and backward (the optimiser's elementwise work left out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = EBDM(config).to(device).train()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, _ = model.loss(x[: config.batch_size], c[: config.batch_size], penalty)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def rate(config: EBDMConfig, batches, device, penalty, graph: bool, window: int) -> tuple[float, dict]:
+    """Median samples/s over the windows after the first, and what fit reported."""
+    rates: list[float] = []
+    cfg = EBDMConfig(**{**config.__dict__, "log_every": window})
+    torch.manual_seed(0)
+    _, stats = fit(EBDM(cfg), batches, penalty=penalty, device=device, graph=graph,
+                   progress_cb=lambda step, total, loss, sps: rates.append(sps))
+    steady = rates[1:] or rates
+    return statistics.median(steady), {"graph": stats.graph, "graph_error": stats.graph_error, "loss": stats.loss}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--domain", default="grid:case118")
-    p.add_argument("--fossils", type=int, default=None, help="default: 100000 on CUDA, 4000 on CPU")
-    p.add_argument("--steps", type=int, default=None, help="default: 300 on CUDA, 20 on CPU")
-    p.add_argument("--batch", type=int, default=None, help="default: 4096 on CUDA, 256 on CPU")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers; default: 6 on CUDA, 0 on CPU")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--fossils", type=int, default=None, help="default: 200000 on CUDA, 3000 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="steps per measurement; default 300 on CUDA, 8 on CPU")
+    p.add_argument("--window", type=int, default=None, help="steps per rate window; default steps/6")
+    p.add_argument("--workers", default="0,4", help="DataLoader workers to try for the loader run, comma-separated")
+    p.add_argument("--configs", default="default,bench,production,production-wide")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    fossils = args.fossils or (100_000 if cuda else 4_000)
-    steps = args.steps or (300 if cuda else 20)
-    batch = args.batch or (4096 if cuda else 256)
-    workers = args.workers if args.workers is not None else (6 if cuda else 0)
-    config = EBDMConfig(domain=args.domain, hidden=args.hidden, depth=args.depth, steps=steps, batch_size=batch,
-                        log_every=max(1, steps), seed=0).resolved()
-    penalty = penalty_for(__import__("domains").get(args.domain))
+    fossils = args.fossils or (200_000 if cuda else 3_000)
+    steps = args.steps or (300 if cuda else 8)
+    window = args.window or max(1, steps // 6)
+    penalty = penalty_for(domains.get(args.domain)).to(device)
+    peak = bf16_peak(device) if cuda else None
+    head = {"bench": "train_gpu", "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+            "domain": args.domain, "fossils": fossils, "steps": steps, "window": window,
+            "bf16_peak_tflops": round(peak, 1) if peak else None, "date": time.strftime("%Y-%m-%d")}
+    emit({**head, "measure": "peak"})
+    summary: dict = {}
+
+    from bench_loader import write_shards
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         shards = Path(tmp) / "shards"
         write_shards(shards, args.domain, fossils, shard_size=max(1000, fossils // 16))
-
-        loader = FossilLoader(shards, domain=args.domain, batch_size=batch, num_workers=workers, epochs=None, pin_memory=cuda, split="train")
-        stream = iter(loader)
-        loader_batches = ((b.state, b.context) for b in stream)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t_loader, n_loader = timed_fit(config, loader_batches, device, penalty)
-        peak_loader = torch.cuda.max_memory_allocated(device) if cuda else None
-        del stream
-
-        x, c, _ = load_arrays(shards, domain=args.domain, split="train")
-        x, c = torch.from_numpy(x).to(device), torch.from_numpy(c).to(device)
+        t0 = time.perf_counter()
+        x_np, c_np, _ = load_arrays(shards, domain=args.domain, split="train")  # builds the columnar cache
+        build_s = time.perf_counter() - t0
+        x, c = torch.from_numpy(x_np).to(device), torch.from_numpy(c_np).to(device)
+        emit({**head, "measure": "columnar_cache", "records": len(x_np), "build_and_read_s": round(build_s, 2)})
         gen = torch.Generator(device=device).manual_seed(0)
 
-        def in_device():
+        def in_device(batch: int):
             while True:
                 idx = torch.randint(0, x.shape[0], (batch,), device=device, generator=gen)
                 yield x[idx], c[idx]
 
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t_dev, n_dev = timed_fit(config, in_device(), device, penalty)
-        peak_dev = torch.cuda.max_memory_allocated(device) if cuda else None
-
-    loader_rate, device_rate = n_loader / t_loader, n_dev / t_dev
-    result = {
-        "bench": "train_gpu",
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "domain": args.domain,
-        "fossils": fossils,
-        "steps": steps,
-        "batch": batch,
-        "workers": workers,
-        "hidden": args.hidden,
-        "depth": args.depth,
-        "params": sum(p.numel() for p in EBDM(config).parameters()),
-        "loader_samples_per_s": round(loader_rate, 1),
-        "in_device_samples_per_s": round(device_rate, 1),
-        "ratio": round(loader_rate / device_rate, 3),
-        "peak_gpu_mem_mb_loader": round(peak_loader / 2**20, 1) if cuda else None,
-        "peak_gpu_mem_mb_in_device": round(peak_dev / 2**20, 1) if cuda else None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "bf16_autocast": cuda,
-        "torch": torch.__version__,
-    }
-    print(json.dumps(result))
+        for name in args.configs.split(","):
+            hidden, depth, batch = CONFIGS[name]
+            if not cuda:
+                batch = min(batch, 256)
+            config = EBDMConfig(domain=args.domain, hidden=hidden, depth=depth, batch_size=batch, steps=steps, seed=0).resolved()
+            flops = step_flops(config, x, c, penalty, device)
+            row = {**head, "measure": "step", "config": name, "hidden": hidden, "depth": depth, "batch": batch,
+                   "params": sum(q.numel() for q in EBDM(config).parameters()), "gflop_per_step": round(flops / 1e9, 2)}
+            for graph in ((False, True) if cuda else (False,)):
+                sps, info = rate(config, in_device(batch), device, penalty, graph, window)
+                step_s = batch / sps
+                key = "graph" if graph else "eager"
+                row[f"{key}_samples_per_s"] = round(sps)
+                row[f"{key}_ms_per_step"] = round(step_s * 1e3, 3)
+                row[f"{key}_tflops"] = round(flops / step_s / 1e12, 1)
+                row[f"{key}_mfu"] = round(flops / step_s / 1e12 / peak, 4) if peak else None
+                if graph:
+                    row["graph_captured"], row["graph_error"] = info["graph"], info["graph_error"]
+            if cuda:
+                row["graph_over_eager"] = round(row["graph_samples_per_s"] / row["eager_samples_per_s"], 2)
+            summary[name] = emit(row)
+            if batch >= 8192 or not cuda:
+                best = summary[name].get("graph_samples_per_s", row["eager_samples_per_s"])
+                for workers in (int(w) for w in args.workers.split(",")):
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(device)
+                    loader = FossilLoader(shards, domain=args.domain, batch_size=batch, num_workers=workers, epochs=None,
+                                          pin_memory=cuda and workers > 0, split="train")
+                    batches = ((b.state, b.context) for b in loader)
+                    sps, info = rate(config, batches, device, penalty, cuda, window)
+                    batches.close()
+                    summary[f"{name}-loader-{workers}"] = emit({
+                        **head, "measure": "loader", "config": name, "batch": batch, "workers": workers,
+                        "loader_samples_per_s": round(sps), "in_device_samples_per_s": best, "ratio": round(sps / best, 3),
+                        "graph_captured": info["graph"], "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20) if cuda else None,
+                        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                    })
+    emit({**head, "measure": "summary", **{k: {kk: v.get(kk) for kk in ("graph_over_eager", "graph_mfu", "eager_mfu", "ratio") if kk in v} for k, v in summary.items()}})
 
 
 if __name__ == "__main__":

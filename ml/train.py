@@ -11,6 +11,7 @@ a candidate checkpoint with production on the same held-out fossils.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -22,7 +23,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel
 
 from scf import domains
 from scf.bus.events import domain_token
@@ -53,6 +53,8 @@ class FitStats:
     loss: float = math.nan  # mean loss over the last logging window
     samples_per_s: float = 0.0
     stopped_early: bool = False
+    graph: bool = False  # the step ran as a CUDA graph
+    graph_error: str | None = None  # why capture failed, if it did
 
 
 SMALL_STEP = 1 << 24  # batch × hidden²: at or below this a CPU step runs on one thread
@@ -82,15 +84,118 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _ema(model: EBDM, decay: float) -> AveragedModel:
-    """Exponential moving average of the weights, with the usual warm-up (1+n)/(10+n)."""
-    count = [0]
+class _EMA:
+    """Exponential moving average of the weights, with the usual warm-up (1+n)/(10+n): one
+    foreach lerp per step, no host sync (torch's AveragedModel reads its step count back).
+    `module` is a copy of the model holding the averages (buffers copied: EBDM's are constants)."""
 
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], _n) -> None:
-        count[0] += 1
-        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + count[0]) / (10 + count[0])))
+    def __init__(self, model: EBDM, decay: float) -> None:
+        self.module = copy.deepcopy(model)
+        self.decay, self.count = decay, 0
+        self.averaged = [p.detach() for p in self.module.parameters()]
+        self.current = [p.detach() for p in model.parameters()]
 
-    return AveragedModel(model, multi_avg_fn=update)
+    def update(self) -> None:
+        self.count += 1
+        torch._foreach_lerp_(self.averaged, self.current, 1 - min(self.decay, (1 + self.count) / (10 + self.count)))
+
+
+def lr_factor(cfg: EBDMConfig, step: int) -> float:
+    """The learning rate of step `step` (from 0) over cfg.lr: linear warm-up, then cosine to 0."""
+    warmup = max(1, min(cfg.warmup, cfg.steps // 10))
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, cfg.steps))))
+
+
+class TrainStep:
+    """One optimiser step (DSM loss with its double backward, clipping, AdamW). On CUDA it
+    is captured once into a CUDA graph and replayed: the step's ~1000 kernel launches and
+    its Python cost become one replay, inputs copied into static buffers, the learning rate
+    a device tensor filled before each replay; no host sync anywhere in the step. A batch of
+    another size than the captured one runs eagerly on the same parameters and optimiser."""
+
+    WARMUP = 3  # eager steps (on a side stream) before capture, as CUDA graphs need
+
+    def __init__(self, model: EBDM, penalty, device: torch.device, bf16: bool, graph: bool | None = None) -> None:
+        cfg = self.cfg = model.config
+        self.model, self.penalty, self.device = model, penalty, device
+        self.params = list(model.parameters())
+        cuda = device.type == "cuda"
+        self.graph_wanted = cuda if graph is None else (graph and cuda)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else contextlib.nullcontext()
+        if cuda:
+            self.lr = torch.tensor(cfg.lr, device=device)
+            try:
+                self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=cfg.weight_decay, fused=True, capturable=True)
+            except (RuntimeError, ValueError, TypeError):
+                self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=cfg.weight_decay, foreach=True, capturable=True)
+        else:
+            self.lr = None
+            self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_error: str | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, c, loss
+
+    def _compute(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            loss, _ = self.model.loss(x, c, self.penalty)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=self.device.type == "cuda" or None)
+        self.opt.step()
+        return loss.detach()
+
+    def _set_lr(self) -> None:
+        lr = self.cfg.lr * lr_factor(self.cfg, self.steps)
+        if self.lr is not None:
+            self.lr.fill_(lr)
+        else:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+
+    def __call__(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """One step on (x (B, d), c (B, m)) already on the device; the loss (a device scalar)."""
+        self._set_lr()
+        self.steps += 1
+        if self.graph is not None and x.shape == self.static[0].shape:
+            self.static[0].copy_(x, non_blocking=True)
+            self.static[1].copy_(c, non_blocking=True)
+            self.graph.replay()
+            return self.static[2].clone()
+        if self.graph_wanted and self.graph is None and self.graph_error is None and self.steps > self.WARMUP:
+            loss = self._capture(x, c)
+            if loss is not None:
+                return loss
+        if self.graph is not None:  # another batch size: eager, into the graph's gradient buffers
+            self.opt.zero_grad(set_to_none=False)
+            return self._compute(x, c)
+        self.opt.zero_grad(set_to_none=True)
+        if self.graph_wanted and self.graph_error is None:  # warm-up before capture: on a side stream
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                loss = self._compute(x, c)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return loss
+        return self._compute(x, c)
+
+    def _capture(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
+        """Capture the step on (x, c) and replay it once (this step); None when capture fails
+        (the step then runs eagerly from here on, and the reason is kept in `graph_error`)."""
+        static_x, static_c = x.clone(), c.clone()
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static_loss = self._compute(static_x, static_c)
+        except RuntimeError as exc:
+            self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            torch.cuda.synchronize(self.device)
+            self.opt.zero_grad(set_to_none=True)
+            return None
+        self.graph, self.static = graph, (static_x, static_c, static_loss)
+        graph.replay()
+        return static_loss.clone()
 
 
 def fit(
@@ -102,39 +207,36 @@ def fit(
     progress_cb: ProgressCb | None = None,
     should_stop: Callable[[], bool] | None = None,
     bf16: bool | None = None,
+    graph: bool | None = None,
+    threads: int | None = None,
 ) -> tuple[EBDM, FitStats]:
     """Run `config.steps` optimiser steps over (state, context) batches; return the EMA
     model (or the model itself with ema=0) and what happened. `bf16` autocast defaults to
-    on for CUDA, off elsewhere."""
-    cfg = model.config
+    on for CUDA, off elsewhere; `graph` (CUDA graph replay of the step, see `TrainStep`)
+    to on for CUDA. Batches on the host are moved with non-blocking copies (pinned memory
+    and a side stream: `device_batches`). `threads`: torch's CPU threads meanwhile (None:
+    `cpu_threads`)."""
     device = torch.device(device)
+    with torch_threads(threads or cpu_threads(model.config, device)):
+        return _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph)
+
+
+def _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph) -> tuple[EBDM, FitStats]:
+    cfg = model.config
     model.to(device).train()
     penalty = penalty.to(device) if penalty is not None else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, min(cfg.warmup, cfg.steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))
-    )
-    ema = _ema(model, cfg.ema) if cfg.ema > 0 else None
     bf16 = device.type == "cuda" if bf16 is None else bf16
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    step = TrainStep(model, penalty, device, bf16, graph)
+    ema = _EMA(model, cfg.ema) if cfg.ema > 0 else None
     stats = FitStats()
     window_loss, window_n, window_samples, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
-    for x, c in batches:
-        x, c = x.to(device, non_blocking=True), c.to(device, non_blocking=True)
-        with autocast:
-            loss, _ = model.loss(x, c, penalty)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
+    for x, c in device_batches(batches, device):
+        loss = step(x, c)
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update()
         stats.steps += 1
         stats.samples += x.shape[0]
-        window_loss += loss.detach()
+        window_loss += loss
         window_n += 1
         window_samples += x.shape[0]
         last = stats.steps >= cfg.steps
@@ -153,8 +255,49 @@ def fit(
             if window_n:
                 stats.loss = float(window_loss) / window_n
             break
+    stats.graph = step.graph is not None
+    stats.graph_error = step.graph_error
     trained = ema.module if ema is not None else model
     return trained.eval(), stats
+
+
+def device_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, depth: int = 2):
+    """(x, c) batches on `device`. For CUDA, up to `depth` batches ahead: host tensors pinned
+    (unless the DataLoader pinned them), copied with non-blocking copies on a side stream
+    that the consuming stream waits on, so copies overlap the steps."""
+    if device.type != "cuda":
+        for x, c in batches:
+            yield x.to(device), c.to(device)
+        return
+    side = torch.cuda.Stream(device)
+    ahead: list = []
+    it = iter(batches)
+
+    def stage() -> bool:
+        try:
+            x, c = next(it)
+        except StopIteration:
+            return False
+        if x.device.type == "cpu":
+            x = x if x.is_pinned() else x.pin_memory()
+            c = c if c.is_pinned() else c.pin_memory()
+        with torch.cuda.stream(side):  # device memory it frees is guarded by record_stream below
+            xd, cd = x.to(device, non_blocking=True), c.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        ahead.append((xd, cd, done))
+        return True
+
+    while len(ahead) < depth and stage():
+        pass
+    while ahead:
+        xd, cd, done = ahead.pop(0)
+        current = torch.cuda.current_stream(device)
+        current.wait_event(done)
+        xd.record_stream(current)
+        cd.record_stream(current)
+        stage()
+        yield xd, cd
 
 
 def _penalty(config: EBDMConfig):
@@ -199,7 +342,8 @@ def _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_work
     model = EBDM(cfg)
     batches = ((b.state, b.context) for b in loader)
     try:
-        trained, stats = fit(model, batches, penalty=penalty, device=device, progress_cb=progress_cb, should_stop=should_stop)
+        trained, stats = fit(model, batches, penalty=penalty, device=device, progress_cb=progress_cb, should_stop=should_stop,
+                             threads=torch.get_num_threads())  # as train() set them
     finally:
         batches.close()  # stops the DataLoader's workers now, not at garbage collection
     metrics = {"steps": float(stats.steps), "samples_per_s": stats.samples_per_s}
