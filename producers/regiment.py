@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from scf.bus.ids import subject_token
 from scf.producers import contracts as contracts_mod
 from scf.producers import strike as strike_mod
 
@@ -76,15 +77,41 @@ async def due_contracts(bus, now: float, opts: strike_mod.StrikeOptions, trust, 
 
     found = [c for c in (await contracts_mod.load(bus, trust=trust if signed else None)).values() if c.active]
     models: dict[str, str] = {}
+    final: set[str] | None = None  # deploy intents with a final verdict (read once per pass, when needed)
     out = []
     for c in found:
         if c.spec.domain not in models:
             models[c.spec.domain] = await strike_mod.production_model(bus, c.spec.domain)
         o = dataclasses.replace(opts, model=models[c.spec.domain] or opts.model, period=strike_mod.period_of(c.spec, now))
         activity = strike_mod.activity_id_for(c.spec.contract_id, strike_mod.sha256_json(strike_mod.inputs_of(c.spec, o)))
-        if await strike_mod.completed(bus, activity, trust) is None:
-            out.append((c, o))
+        if await strike_mod.completed(bus, activity, trust) is not None:
+            continue
+        # held for a human: nothing to redo until the intent is ruled on for good
+        iid = strike_mod.intent_id_of(c.spec.contract_id, activity)
+        if await bus.last(f"intent.created.deploy.{subject_token(iid)}") is not None:
+            if final is None:
+                final = await finally_ruled(bus)
+            if iid not in final:
+                continue
+        out.append((c, o))
     return len(found), out
+
+
+async def finally_ruled(bus) -> set[str]:
+    """The intents with a final verdict (approve or reject) on VERDICTS."""
+    from scf.bus.codec import Codec
+    from scf.bus.events import VerdictIssued
+    from scf.bus.reader import read
+
+    codec, out = Codec([VerdictIssued]), set()
+    for m in await read(bus, "VERDICTS", ["verdict.intent.approve", "verdict.intent.reject"]):
+        try:
+            v = codec.decode(m.data)
+        except Exception:  # noqa: BLE001 - not one we can read
+            continue
+        if v.data.final:
+            out.add(v.data.subject_id)
+    return out
 
 
 async def one_pass(bus, settings, *, key, trust, opts: strike_mod.StrikeOptions, concurrency: int = 4,

@@ -152,6 +152,17 @@ def activity_id_for(contract_id: str, inputs_sha256: str) -> str:
     return derived_id("strike", contract_id, inputs_sha256)
 
 
+def capsule_id_of(contract_id: str, activity_id: str) -> str:
+    return f"capsule-{contract_id}-{activity_id[:8]}"
+
+
+def intent_id_of(contract_id: str, activity_id: str) -> str:
+    """The deploy intent a strike creates (the planner's id for its capsule's promotion)."""
+    from scf.consumers.deploy import intent_id_for
+
+    return intent_id_for(capsule_id_of(contract_id, activity_id), cap.ALIAS)
+
+
 # --------------------------------------------------------------------------- map and optimise
 
 
@@ -366,7 +377,7 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
 
     _mark("gate")
     # the capsule, promoted and proposed for deployment
-    capsule_id = f"capsule-{spec.contract_id}-{activity[:8]}"
+    capsule_id = capsule_id_of(spec.contract_id, activity)
     # versions rise per domain (an edge agent refuses to go down): one promotion at a time per domain in this process
     lock = _VERSION_LOCKS.setdefault(spec.domain, asyncio.Lock())
     await lock.acquire()

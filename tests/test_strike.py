@@ -182,6 +182,8 @@ async def test_two_contracts_strike_deploy_measure_and_prove(bus, settings, scf_
         await publish_raw(bus, promotion("ck-better", 1, tmp_path / "better.safetensors", domain="hvac:office3"), keys.release)
         report = await regiment.one_pass(bus, settings, key=keys.release, trust=keys.trust, opts=OPTS, concurrency=2)
         assert (report.contracts, report.due) == (2, 2) and report.statuses() == {"awaiting-approval": 2}
+        held_pass = await regiment.one_pass(bus, settings, key=keys.release, trust=keys.trust, opts=OPTS)
+        assert held_pass.due == 0  # held for a human: nothing is redone until the intents are ruled on
         for res in report.results:
             await bus.publish(approve(res.intent_id))
         report = await regiment.one_pass(bus, settings, key=keys.release, trust=keys.trust, opts=OPTS, concurrency=2)
