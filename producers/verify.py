@@ -419,6 +419,8 @@ class CheckpointVerifier:
         def out(reasons: list[str], metrics=None, teacher_id=None, teacher_metrics=None) -> Verification:
             return Verification(c.checkpoint_id, True, reasons, metrics or {}, teacher_id, teacher_metrics or {}, alias=cfg.student_alias, head=head)
 
+        if head is not None and head.checkpoint_id == c.checkpoint_id:
+            return out([])  # already the head of its alias (a redelivery): nothing to judge or publish
         try:
             path = await self._fetch(c.uri, c.sha256, c.size, f"{subject_token(c.checkpoint_id)}.ckpt")
             teacher_id = str((await asyncio.to_thread(read_header, path))["lineage"]["teacher"]["checkpoint_id"])
