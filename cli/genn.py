@@ -169,11 +169,13 @@ def genn_finetune(
     preference: str = typer.Option("dpo", "--preference", help="dpo (preference pairs) or kto (unpaired approved/rejected rows)"),
     best_of_n: int = typer.Option(0, "--best-of-n", min=0, help="after SFT/DPO: sample N answers per training prompt, judge them (gate, sandbox), DPO on best vs worst (0: skip)"),
     rounds: int = typer.Option(1, "--rounds", min=0, help="best-of-N → DPO rounds"),
+    grpo_steps: int = typer.Option(0, "--grpo-steps", min=0, help="then online GRPO steps with the gate and sandbox as reward (0: skip)"),
+    grpo_generations: int = typer.Option(4, "--grpo-generations", min=2, help="GRPO: answers sampled per prompt"),
     eval_samples: int = typer.Option(2, "--eval-samples", min=0, help="generations per held-out prompt for the gate-pass rate (0: skip)"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=8, help="tokens per evaluation generation"),
     seed: int = typer.Option(0, "--seed", help="training and sampling seed"),
 ) -> None:
-    """Fine-tune a code model on the CFR dataset with TRL (LoRA SFT, DPO, best-of-N → DPO with the gate and sandbox as reward) and evaluate it against the base on held-out intents."""
+    """Fine-tune a code model on the CFR dataset with TRL (LoRA SFT, DPO or KTO, best-of-N → DPO and GRPO with the gate and sandbox as reward) and evaluate it against the base on held-out intents."""
     from scf.bus.errors import SCFError
 
     try:
@@ -185,6 +187,16 @@ def genn_finetune(
         base_dir = base or mg.offline_model(settings.home_path / "model_zoo")
         report = mg.finetune(base_dir, dataset, out, sft_steps=sft_steps, dpo_steps=dpo_steps, seed=seed, preference=preference,
                              best_of_n=best_of_n, rounds=rounds if best_of_n > 1 else 0, bon_max_new_tokens=max_new_tokens)
+        if grpo_steps > 0:
+            import shutil
+
+            staged = out.with_name(out.name + ".grpo")
+            report["grpo"] = mg.grpo(out, dataset, staged, steps=grpo_steps, num_generations=grpo_generations,
+                                     max_completion_length=max_new_tokens, seed=seed)["grpo"]
+            shutil.rmtree(out)
+            staged.rename(out)
+            report["sha256"] = mg.weights_sha256(out)
+            (out / "scf-finetune.json").write_text(json.dumps({"base": str(base_dir), "dataset": str(dataset), **report}, indent=2, sort_keys=True) + "\n")
         ev_report = mg.evaluate(base_dir, out, dataset, samples=eval_samples, max_new_tokens=max_new_tokens, seed=seed)
     except SCFError as exc:
         raise fail(str(exc)) from None
@@ -196,6 +208,9 @@ def genn_finetune(
     for b in report["best_of_n"]:
         typer.echo(f"  best-of-{best_of_n} round {b['round']}: {b['samples']} samples, mean reward {b['mean_reward']:.3f}, {b['pairs']} pairs"
                    + (f", DPO loss {b['loss']:.4f}" if "loss" in b else f" ({b.get('skipped', '')})"))
+    if "grpo" in report:
+        g = report["grpo"]
+        typer.echo(f"  GRPO: {g['steps']} steps, {g['samples']} samples, mean reward {g['mean_reward']:.3f}, loss {g['loss']:.4f}")
     for line in mg.evaluation_lines(ev_report):
         typer.echo("  " + line)
 

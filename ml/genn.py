@@ -292,6 +292,64 @@ def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_st
     return report
 
 
+def grpo(base: Path, dataset: Path, out: Path, *, steps: int = 4, num_generations: int = 4, max_completion_length: int = 256,
+         lora_r: int = 8, lr: float = 1e-5, seed: int = 0, hours: float = 2.0) -> dict[str, Any]:
+    """Online GRPO (TRL) on the dataset's training prompts with `judge` as the reward: the policy
+    samples `num_generations` answers per prompt, each is scored by the gate and the sandbox (the
+    code runs only in the sandbox's process), and the group-relative advantage moves the policy.
+    LoRA, merged into `out` (safetensors)."""
+    for m in ("trl", "peft", "datasets"):
+        _need(m)
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from scf.producers.genn import extract_code
+
+    prompts = _train_prompts(dataset)
+    if not prompts:
+        raise ModelError(f"{dataset} has no training prompts: build the CFR dataset first (scf dataset cfr)")
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
+    rewards: list[float] = []
+
+    def reward(prompts, completions, domain, **_):
+        scores = []
+        for comp, d in zip(completions, domain):
+            text = comp[-1]["content"] if isinstance(comp, list) else str(comp)
+            c = extract_code(text)
+            scores.append(judge(c.code, d, hours=hours).reward if not c.error and d else 0.0)
+        rewards.extend(scores)
+        return scores
+
+    work = Path(out).with_name(Path(out).name + ".work")
+    trainer = GRPOTrainer(
+        model=model, processing_class=tok, reward_funcs=reward, train_dataset=Dataset.from_list([{"prompt": m, "domain": d} for m, d in prompts]),
+        peft_config=LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+        args=GRPOConfig(output_dir=str(work), max_steps=steps, num_generations=num_generations, per_device_train_batch_size=num_generations,
+                        max_completion_length=max_completion_length, learning_rate=lr, logging_steps=1, save_strategy="no", report_to=[],
+                        seed=seed, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False),
+    )
+    result = trainer.train()
+    model = trainer.model.merge_and_unload()
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    report = {"grpo": {"prompts": len(prompts), "steps": steps, "num_generations": num_generations, "samples": len(rewards),
+                       "mean_reward": sum(rewards) / len(rewards) if rewards else 0.0, "loss": float(result.training_loss)},
+              "sha256": weights_sha256(out)}
+    (out / "scf-finetune.json").write_text(json.dumps({"base": str(base), "dataset": str(dataset), **report}, indent=2, sort_keys=True) + "\n")
+    return report
+
+
 def _train_prompts(dataset: Path) -> list[tuple[list[dict[str, str]], str]]:
     """Distinct training prompts (message lists) of the dataset with their domains."""
     seen, out = set(), []
@@ -474,4 +532,4 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ += ["evaluate", "evaluation_lines", "judge", "Judged", "best_of_n_pairs"]
+__all__ += ["evaluate", "evaluation_lines", "judge", "Judged", "best_of_n_pairs", "grpo"]

@@ -117,6 +117,16 @@ def test_kto_on_the_unpaired_rows(tiny, tmp_path):
         mg.finetune(tiny, ds, tmp_path / "x", preference="orpo")
 
 
+def test_grpo_step_with_the_gate_and_sandbox_as_reward(tiny, tmp_path):
+    """One GRPO step on the tiny model: the reward function is called on its samples (random
+    weights write no code: reward 0 each), and a safetensors checkpoint comes out."""
+    ds = _dataset(tmp_path / "ds", intents=(("train", ("a",)), ("validation", ("v",))), per_intent=3)
+    report = mg.grpo(tiny, ds, tmp_path / "g", steps=1, num_generations=2, max_completion_length=8)
+    g = report["grpo"]
+    assert (g["prompts"], g["steps"], g["samples"], g["mean_reward"]) == (1, 1, 2, 0.0)
+    assert report["sha256"] == mg.weights_sha256(tmp_path / "g")
+
+
 def test_finetune_without_approved_code_says_so(tiny, tmp_path):
     (tmp_path / "ds" / "sft").mkdir(parents=True)
     (tmp_path / "ds" / "sft" / "train.jsonl").write_text("")
