@@ -81,7 +81,7 @@ def main() -> None:
         g = mg.grpo(out, ds, out.with_name(out.name + "-grpo"), steps=args.grpo_steps, num_generations=8, max_completion_length=args.tokens)
         print(f"GRPO in {time.perf_counter() - t:.0f} s: {g['grpo']}")
         out = out.with_name(out.name + "-grpo")
-    e = mg.evaluate(base, out, ds, samples=args.eval_samples, max_new_tokens=args.tokens)
+    e = mg.evaluate(base, out, ds, samples=args.eval_samples, max_new_tokens=args.tokens, device=device)
     (out / "scf-eval.json").write_text(json.dumps(e, indent=2, sort_keys=True) + "\n")
     for line in mg.evaluation_lines(e):
         print("  " + line)

@@ -475,7 +475,7 @@ def _domain_of(messages: list[dict[str, str]]) -> str:
 
 
 def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_new_tokens: int = 256, seed: int = 0,
-             max_prompts: int = 16, sandbox: bool = True) -> dict[str, Any]:
+             max_prompts: int = 16, sandbox: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Base vs tuned on the dataset's held-out intents (its validation split): for sampled code,
     the share that is code at all, the gate-pass rate, the sandbox-pass rate and the mean reward
     (`judge`); and the NLL of the approved held-out completions."""
@@ -491,7 +491,7 @@ def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_ne
         if approved:
             r["nll"] = completion_nll(directory, approved)
         if prompts and samples > 0:
-            gen = LocalGenerator(directory, temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens)
+            gen = LocalGenerator(directory, temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens, device=device)
             total = code_ok = gate_ok = box_ok = 0
             reward = 0.0
             for p_i, messages in enumerate(prompts):
