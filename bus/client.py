@@ -64,10 +64,18 @@ async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -
 
     throttle = Throttle(1.0)
 
+    refused: dict[str, None] = {}  # subjects the server refused this login to publish (newest last)
+
     async def _report(exc: Exception) -> None:
         # Permission violations and similar server errors must be visible; the same error
         # repeated (a server down: "Connect call failed" per attempt) at most once a second.
         throttle.warn(log, str(exc)[:200], "nats: %s", exc)
+        text = str(exc)
+        mark = text.lower().find(PUBLISH_REFUSED)
+        if mark >= 0:  # -ERR 'Permissions Violation for Publish to "SUBJECT"': the publish's request times out
+            refused[text[mark + len(PUBLISH_REFUSED):].split('"', 1)[0]] = None
+            while len(refused) > 256:
+                refused.pop(next(iter(refused)))
 
     client: list[NATS] = []  # set once connected
 
@@ -105,7 +113,20 @@ async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -
     except (NoServersError, OSError, asyncio.TimeoutError, NatsTimeout) as exc:
         raise NatsUnavailable(settings.url, type(exc).__name__) from None
     client.append(nc)
+    nc.scf_refused = refused  # type: ignore[attr-defined] - read by Bus._send to name a refusal
     return nc
+
+
+PUBLISH_REFUSED = 'permissions violation for publish to "'
+
+
+def refused_publish(nc: NATS, subject: str, login: str | None) -> ServerError | None:
+    """The one-line error for a publish whose request timed out because the server refused
+    this login the subject (nats-py reports the refusal only to the error callback)."""
+    if subject not in getattr(nc, "scf_refused", {}):
+        return None
+    return ServerError(f"nats-server refused login {login or '(none)'!r} publishing to {subject}: "
+                       "use a login nats/users.conf allows on it (docs/nats.md)")
 
 
 class Throttle:
@@ -401,6 +422,10 @@ class Bus:
         try:
             return await self.js.publish(subject, self._body(event), timeout=timeout, headers=headers)
         except Exception as exc:  # noqa: BLE001 - mapped (a refusal, no stream); anything else re-raised as it is
+            if isinstance(exc, (NatsTimeout, asyncio.TimeoutError)):
+                refused = refused_publish(self.nc, subject, self.login)
+                if refused is not None:
+                    raise refused from None
             raise map_error(exc, subject) from None
 
     async def publish(self, event: ev.Event, *, timeout: float = 5.0, verify: bool | None = None) -> Published:

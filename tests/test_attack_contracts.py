@@ -1,0 +1,135 @@
+"""Attacks on client contracts (CONTRACTS stream), run as an outsider would: a real
+nats-server with the production users of nats/users.conf, `scf contract add` as a real
+process logged in as `operator`, plain nats-py clients for the other logins.
+
+* who may register a contract (and a refused login's `scf contract add` says so in one line): the operator login (a field engineer) signs with an operator
+  key and may publish `contract.*.*`; worker, edge and analyst may not; only services write
+  `strike.>` (a strike promotes and deploys under the release key);
+* a signed contract event captured from CONTRACTS and republished later (after the
+  duplicate window, or under another message id) must not roll the contract back to the
+  terms it replaced: the regiment's view (operator-signed events only) keeps the latest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import suppress
+import subprocess
+import sys
+from pathlib import Path
+
+import nats
+import pytest
+
+from scf.bus.client import Bus
+from scf.bus.reader import read
+from scf.producers import contracts
+from tests import test_attack_control
+from tests.test_attack_control import Deployment
+from tests.test_attack_sweep import env_as
+from tests.test_deploy_helpers import Keys
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
+
+deployment = test_attack_control.deployment
+service = test_attack_control.service
+
+ACME = {"contract_id": "acme", "client": "ACME", "domain": "hvac:office3", "nodes": ["edge-a"],
+        "constraints": {"T_out": 9.0, "preheat_hours": 3}, "schedule_s": 0}
+
+
+async def publish_error(deployment: Deployment, user: str, subject: str) -> str:
+    """Publish `{}` on `subject` as a plain client of `user`; the server's refusal ('' if none came)."""
+    errors: list[str] = []
+    got = asyncio.Event()
+
+    async def on_error(err: Exception) -> None:
+        errors.append(str(err))
+        got.set()
+
+    prefix = {"worker": "_INBOX.worker", "edge": "_INBOX.edge"}.get(user, "_INBOX")
+    nc = await nats.connect(deployment.url(user), error_cb=on_error, allow_reconnect=False, inbox_prefix=prefix)
+    try:
+        await nc.publish(subject, b"{}")
+        await nc.flush()
+        with suppress(asyncio.TimeoutError):  # every caller expects a refusal: this waits only when it fails
+            await asyncio.wait_for(got.wait(), 10)
+    finally:
+        await nc.close()
+    return " ".join(errors)
+
+
+def scf(deployment: Deployment, user: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scf.cli.main", *args], env=env_as(deployment, user, **env),
+                          capture_output=True, text=True, timeout=120)
+
+
+async def test_an_operator_login_registers_signed_contracts_and_no_one_else_can(deployment: Deployment, service: Bus, tmp_path: Path):
+    keys = Keys(deployment.settings)
+    keys.operator.save(deployment.settings.keys_dir)  # $SCF_HOME/keys/alice.key
+    doc = tmp_path / "acme.json"
+    doc.write_text(json.dumps(ACME))
+
+    r = scf(deployment, "operator", "contract", "add", str(doc), SCF_KEY="alice")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("contract acme registered (CONTRACTS seq 1)"), r.stdout
+    signed = await contracts.load(service, trust=keys.trust)  # what the regiment strikes
+    assert list(signed) == ["acme"] and signed["acme"].spec.nodes == ["edge-a"]
+
+    r = scf(deployment, "operator", "contract", "end", "acme", "--reason", "client left", SCF_KEY="alice")
+    assert r.returncode == 0, r.stderr
+    assert not (await contracts.load(service, trust=keys.trust))["acme"].active
+
+    # a login the server refuses: one line naming the login, the subject and the fix (no traceback)
+    other = tmp_path / "globex.json"
+    other.write_text(json.dumps(dict(ACME, contract_id="globex")))
+    r = scf(deployment, "analyst", "contract", "add", str(other))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.splitlines()[-1] == ("Error: nats-server refused login 'analyst' publishing to contract.registered.globex: "
+                                         "use a login nats/users.conf allows on it (docs/nats.md)"), r.stderr
+    assert "Traceback" not in r.stderr
+
+    for user in ("worker", "edge", "analyst"):
+        for subject in ("contract.registered.x", "contract.updated.acme", "contract.ended.acme"):
+            err = await publish_error(deployment, user, subject)
+            assert f'permissions violation for publish to "{subject}"' in err.lower(), (user, subject, err)
+    for user in ("operator", "worker", "edge", "analyst"):  # strikes are the services' (release key, deploys)
+        err = await publish_error(deployment, user, "strike.completed.acme")
+        assert 'permissions violation for publish to "strike.completed.acme"' in err.lower(), (user, err)
+
+
+async def test_a_replayed_signed_contract_event_does_not_roll_the_contract_back(deployment: Deployment, service: Bus):
+    keys = Keys(deployment.settings)
+    op = await Bus.connect(deployment.settings, "operator", key=keys.operator)
+    try:
+        what, _, _ = await contracts.add(op, contracts.parse_doc(ACME))
+        assert what == "registered"
+        warm = dict(ACME, constraints={"T_out": 19.0, "preheat_hours": 1})
+        what, _, _ = await contracts.add(op, contracts.parse_doc(warm))
+        assert what == "updated"
+        warmer = dict(ACME, constraints={"T_out": 21.0, "preheat_hours": 1})
+        what, _, _ = await contracts.add(op, contracts.parse_doc(warmer))
+        assert what == "updated"
+    finally:
+        await op.close()
+    latest = (await contracts.load(service, trust=keys.trust))["acme"]
+    assert json.loads(latest.spec.constraints)["T_out"] == 21.0
+
+    # the attacker: the production operator login, replaying the signed events it read
+    captured = await read(service, "CONTRACTS", "contract.>")
+    assert [m.subject for m in captured] == ["contract.registered.acme", "contract.updated.acme", "contract.updated.acme"]
+    nc = await nats.connect(deployment.url("operator"))
+    try:
+        js = nc.jetstream()
+        for m in captured[:2]:  # the original terms, then the first update: each a valid signature
+            ack = await js.publish(m.subject, m.data, headers={"Nats-Msg-Id": f"replay-{m.seq}"})
+            assert ack.stream == "CONTRACTS" and not ack.duplicate
+    finally:
+        await nc.close()
+
+    after = (await contracts.load(service, trust=keys.trust))["acme"]
+    assert json.loads(after.spec.constraints)["T_out"] == 21.0, after.spec.constraints
+    assert after.seq == latest.seq and after.event_id == latest.event_id
+    assert len(after.history) == 3
+    assert json.loads((await contracts.load(service))["acme"].spec.constraints)["T_out"] == 21.0  # `scf contract show` too
