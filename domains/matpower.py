@@ -162,9 +162,31 @@ def parse_case(text: str, name: str = "case", path: Path | None = None) -> Matpo
         missing.insert(0, "baseMVA")
     if missing:
         raise CaseFormatError(f"{where}: missing mpc.{', mpc.'.join(missing)}; a DC-OPF case needs all of them")
+    if not math.isfinite(base):
+        raise CaseFormatError(f"{where}: mpc.baseMVA is {base}; it must be a finite number; fix the case file")
+    for field in ("bus", "gen", "branch", "gencost"):
+        _check_finite(fields[field], field, where)
     return MatpowerCase(
         name=name, base_mva=float(base), bus=fields["bus"], gen=fields["gen"], branch=fields["branch"], gencost=fields["gencost"]
     )
+
+
+# Columns where MATPOWER writes Inf for "no limit": gen QMAX, QMIN, PMAX, PMIN and the ramp
+# rates; branch RATE_A/B/C, ANGMIN, ANGMAX. Anywhere else, and NaN anywhere, is a broken
+# file (a NaN load made every DC-OPF row NaN and the solver "certified" a dispatch that
+# served none of it; tests/test_attack_optimize.py).
+_INF_ALLOWED = {"gen": (3, 4, 8, 9, 16, 17, 18, 19), "branch": (5, 6, 7, 11, 12)}
+
+
+def _check_finite(m: np.ndarray, field: str, where: Path) -> None:
+    bad = ~np.isfinite(m)
+    cols = [j for j in _INF_ALLOWED.get(field, ()) if j < m.shape[1]]
+    bad[:, cols] &= np.isnan(m[:, cols])
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        raise CaseFormatError(
+            f"{where}: mpc.{field} row {r + 1} column {c + 1} is {m[r, c]}; only limits may be Inf and nothing NaN: fix the case file"
+        )
 
 
 def _run_statements(text: str, fields: dict[str, np.ndarray], scalars: dict[str, float], where: Path) -> None:
