@@ -158,7 +158,7 @@ def main() -> None:
                     if cuda:
                         torch.cuda.reset_peak_memory_stats(device)
                     loader = FossilLoader(shards, domain=args.domain, batch_size=batch, num_workers=workers, epochs=None,
-                                          pin_memory=cuda and workers > 0, split="train")
+                                          pin_memory=cuda, split="train")
                     batches = ((b.state, b.context) for b in loader)
                     sps, info = rate(config, batches, device, penalty, cuda, window)
                     batches.close()

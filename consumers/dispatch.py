@@ -18,7 +18,9 @@ Pool choice (`choose_pool`, pure): workers announce themselves in the KV bucket
 `scf_workers` as `<pool>.<worker_id>` (TTL 30 s, refreshed every 10 s). The intent's
 `params["pool"]` wins if that pool has a live worker; else a live non-local pool with an
 idle worker (most idle first); else `local` if it has a live worker; else any live pool
-(its queue); else `local` (the job waits there for a local worker).
+(its queue); else `local` (the job waits there for a local worker). A job whose params
+ask for `gpus` > 1 is routed among the workers that advertise that many (`WorkerInfo.gpus`)
+when one is live; the worker then trains it data-parallel over its GPUs (`ml.ddp`).
 
 Intent params that steer dispatch rather than the model — `pool`, `max_attempts` — are
 taken out; the rest is the job's `config`, hashed canonically (`config_hash`).
@@ -75,6 +77,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str | None = None
     started_at: str = ""
     at: str = ""  # when the record was last refreshed
+    gpus: int = 0  # CUDA devices the worker can train on (data parallel over them)
 
 
 def worker_key(pool: str, worker_id: str) -> str:
@@ -87,7 +90,7 @@ async def live_workers(bus: Bus) -> list[WorkerInfo]:
     out: list[WorkerInfo] = []
     try:
         watcher = await kv.watchall(ignore_deletes=True)
-    except Exception as exc:  # pragma: no cover - the bucket exists (bus.kv checked)
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - the bucket exists (bus.kv checked)
         raise DispatchError(f"cannot read {WORKERS_BUCKET}: {exc}") from None
     try:
         async for entry in watcher:
@@ -107,8 +110,11 @@ async def live_workers(bus: Bus) -> list[WorkerInfo]:
 # --------------------------------------------------------------------------- pure decisions
 
 
-def choose_pool(requested: str | None, workers: list[WorkerInfo], default: str = LOCAL_POOL) -> str:
-    """Where a job goes, from the live workers (see the module doc)."""
+def choose_pool(requested: str | None, workers: list[WorkerInfo], default: str = LOCAL_POOL, gpus: int = 0) -> str:
+    """Where a job goes, from the live workers (see the module doc). A job that asks for
+    `gpus` > 1 goes where workers have that many, when any live one has; else as any job."""
+    if gpus > 1 and any(w.gpus >= gpus for w in workers):
+        workers = [w for w in workers if w.gpus >= gpus]
     pools: dict[str, list[WorkerInfo]] = {}
     for w in workers:
         pools.setdefault(w.pool, []).append(w)
@@ -186,7 +192,7 @@ async def count_matching(bus: Bus, stream: str, subject: str, start_seq: int = 1
     finally:
         try:
             await bus.js.delete_consumer(stream, name)
-        except Exception:
+        except Exception:  # noqa: BLE001 - already gone: nothing to clean up
             pass
 
 
@@ -235,7 +241,9 @@ class Dispatcher:
         if await self.bus.last(f"job.dispatched.{job_id}") is not None:
             log.info("job %s of intent %s is already dispatched", job_id, intent.intent_id)
             return []
-        pool = choose_pool(_str(intent.params.get("pool")), await live_workers(self.bus), self.cfg.default_pool)
+        gpus = intent.params.get("gpus", 0)
+        gpus = int(gpus) if isinstance(gpus, (int, float)) and not isinstance(gpus, bool) else 0
+        pool = choose_pool(_str(intent.params.get("pool")), await live_workers(self.bus), self.cfg.default_pool, gpus)
         selection = await data_selection(self.bus, intent.domain)
         spec = plan_job(intent, pool, selection, self.cfg)
         source = self.bus.source

@@ -44,7 +44,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -129,6 +131,15 @@ def prepare_torch(device: str, threads: int = 0) -> str:
         torch.set_num_threads(threads)
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # its first use imports torch._dynamo (seconds)
     return resolve_device(device)
+
+
+def gpu_count(device: str) -> int:
+    """The CUDA devices a worker on `device` can train on (0 off CUDA)."""
+    if not device.startswith("cuda"):
+        return 0
+    from scf.ml.ddp import gpu_count as count
+
+    return count()
 
 
 def checkpoint_name(spec: ev.JobSpec) -> str:
@@ -220,6 +231,7 @@ class TrainRequest:
     device: str
     progress: Callable[[int, int, float, float], None]  # (step, total, loss, samples/s)
     threads: int = 0  # torch CPU threads ([worker] threads; 0: ml.train decides)
+    gpus: int = 0  # GPUs of this host (a job asking for several is trained data-parallel over them)
 
 
 @dataclass(frozen=True)
@@ -228,12 +240,26 @@ class TrainResult:
     metrics: dict[str, float]
 
 
+def job_gpus(spec: ev.JobSpec) -> int:
+    """How many GPUs the job asks for (its config's `gpus`; 0 or 1: one process)."""
+    value = spec.config.get("gpus", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
+        raise ConfigError(f"job {spec.job_id}: gpus = {value!r} is not a whole number >= 0")
+    return int(value)
+
+
+def model_params(spec: ev.JobSpec) -> dict:
+    """The job's config as EBDMConfig fields (without the worker's own keys)."""
+    return {**{k: v for k, v in spec.config.items() if k != "gpus"}, "domain": spec.domain}
+
+
 def check_with_ml(spec: ev.JobSpec) -> None:
     """Refuse a config the model cannot take, before any data is fetched (ConfigError)."""
     from scf.ml.ebdm import EBDMConfig
 
+    job_gpus(spec)
     try:
-        EBDMConfig.from_params({**spec.config, "domain": spec.domain}).resolved()
+        EBDMConfig.from_params(model_params(spec)).resolved()
     except TypeError as exc:
         raise ConfigError(f"job {spec.job_id}: config {dict(spec.config)} does not fit EBDMConfig ({exc})") from None
 
@@ -244,7 +270,10 @@ def train_with_ml(req: TrainRequest) -> TrainResult:
     from scf.ml import train as ml_train
     from scf.ml.ebdm import EBDMConfig
 
-    config = EBDMConfig.from_params({**req.spec.config, "domain": req.spec.domain})
+    nproc = min(job_gpus(req.spec), req.gpus) if req.device.startswith("cuda") else 0
+    if nproc > 1:
+        return train_distributed(req, nproc)
+    config = EBDMConfig.from_params(model_params(req.spec))
     spec = req.spec
     lineage = {"job_id": spec.job_id, "intent_id": spec.intent_id, "config_hash": spec.config_hash}
     if spec.data is not None:
@@ -262,6 +291,67 @@ def train_with_ml(req: TrainRequest) -> TrainResult:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TrainResult(req.out_path, finite_metrics(result.metrics))
+
+
+def train_distributed(req: TrainRequest, nproc: int, *, device: str = "cuda", poll: float = 0.5) -> TrainResult:
+    """Train the job data-parallel on `nproc` processes of this host (`ml.ddp` under
+    torchrun: NCCL on GPUs, gloo with device="cpu"). Rank 0's progress lines are relayed to
+    `req.progress` (which raises JobInterrupted when the worker stops: the ranks are then
+    terminated); a rank that fails fails the attempt (WorkerError, the ranks' log tail)
+    and nothing of it is published; rank 0's checkpoint moves to `req.out_path`."""
+    from scf.ml.ddp import launch_env, torchrun_argv
+
+    spec = req.spec
+    scratch = req.out_path.parent / f".train-{subject_token(spec.job_id)}-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    progress, result, logfile = scratch / "progress.ndjson", scratch / "result.json", scratch / "ranks.log"
+    progress.touch()
+    argv = torchrun_argv(nproc, config=model_params(spec), data=req.data_dir, out_dir=scratch / "out",
+                         device=device, progress=progress, result=result)
+    try:
+        with open(logfile, "wb") as log_out, open(progress, "rb") as lines:
+            proc = subprocess.Popen(argv, stdout=log_out, stderr=subprocess.STDOUT, env=launch_env(req.threads or 1), start_new_session=True)
+            try:
+                while True:
+                    rc = proc.poll()
+                    for line in lines.readlines():
+                        p = json.loads(line)
+                        req.progress(p["step"], p["total"], p["loss"], p["samples_per_s"])
+                    if rc is not None:
+                        break
+                    time.sleep(poll)
+            except BaseException:
+                _stop_group(proc)
+                raise
+        if rc != 0 or not result.exists():
+            raise WorkerError(f"job {spec.job_id}: data-parallel training on {nproc} processes failed (torchrun exit {rc}): {_rank_error(logfile)}")
+        done = json.loads(result.read_text())
+        os.replace(done["checkpoint"], req.out_path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return TrainResult(req.out_path, finite_metrics({**done["metrics"], "world_size": done["world_size"]}))
+
+
+def _rank_error(logfile: Path) -> str:
+    """The first exception a rank printed (its last traceback line), else the log's tail."""
+    import re
+
+    text = logfile.read_bytes().decode(errors="replace")
+    found = re.search(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupted|Fossils)\b: .*)$", text, re.MULTILINE)
+    return found.group(1)[:2000] if found else text[-2000:]
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM torchrun and its ranks (their own process group), SIGKILL after 30 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 Trainer = Callable[[TrainRequest], TrainResult]
@@ -301,6 +391,7 @@ class Worker:
         self.cfg = cfg or WorkerSettings()
         self.device_request = device
         self.device = "cpu"
+        self.gpus = 0  # CUDA devices of this host, when the worker trains on CUDA
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.trainer = trainer or train_with_ml
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -311,7 +402,7 @@ class Worker:
     # ------------------------------------------------------------------ liveness
     def record(self) -> WorkerInfo:
         return WorkerInfo(
-            worker_id=self.worker_id, pool=self.pool, device=self.device, host=socket.gethostname(),
+            worker_id=self.worker_id, pool=self.pool, device=self.device, host=socket.gethostname(), gpus=self.gpus,
             busy=self.job_id is not None, job_id=self.job_id, started_at=self.started_at,
             at=dt.datetime.now(dt.timezone.utc).isoformat(),
         )
@@ -420,7 +511,8 @@ class Worker:
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         progress = self._progress_reporter(work, spec, attempt)
-        req = TrainRequest(spec=spec, data_dir=data_dir, out_path=out, device=self.device, progress=progress, threads=self.cfg.threads)
+        req = TrainRequest(spec=spec, data_dir=data_dir, out_path=out, device=self.device, progress=progress,
+                           threads=self.cfg.threads, gpus=self.gpus)
         result = await asyncio.to_thread(self.trainer, req)
         metrics = finite_metrics({**result.metrics, "fossils": count})
         duration = time.monotonic() - t0
@@ -488,6 +580,7 @@ async def run_worker(settings, *, pool: str, device: str | None = None, worker_i
     worker = Worker(bus, open_store(bus, settings), pool=pool, home=settings.home_path,
                     device=device or cfg.device, worker_id=worker_id, cfg=cfg, trainer=trainer or load_trainer(cfg.trainer))
     worker.device = await asyncio.to_thread(prepare_torch, worker.device_request, cfg.threads)
+    worker.gpus = await asyncio.to_thread(gpu_count, worker.device)
     gate = await EmergencyGate(bus, settings.emergency_lock).start()
     runner = Runner(
         bus, worker_spec(pool, cfg), worker.handle,

@@ -261,14 +261,13 @@ class ShardColumns:
         i, j = np.searchsorted(self.offsets, (lo, hi))
         return int(i), int(j)
 
-    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(state, context, energy) of records `rows` (one group)."""
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(state, context, energy) arrays of records `rows` (one group) and their rows in them."""
         groups = self.group[rows]
         g = int(groups[0])
         if (groups != g).any():
             raise _ragged(self.states[g].shape[1], self.contexts[g].shape[1], self.domains[int(self.domain[rows[0]])], groups, self)
-        local = self.local[rows]
-        return self.states[g][local], self.contexts[g][local], self.energies[g][local]
+        return self.states[g], self.contexts[g], self.energies[g], self.local[rows]
 
     @classmethod
     def build(cls, path: Path) -> ShardColumns:
@@ -494,9 +493,10 @@ class Batch(NamedTuple):
 class _BatchStream(IterableDataset):
     """Yields (state, context, energy, slot, position) batches of one epoch, per worker."""
 
-    def __init__(self, plan: _Plan, epoch: int, rank: int, world_size: int, batch_size: int, positions: dict, turn: int, columnar: bool = False) -> None:
+    def __init__(self, plan: _Plan, epoch: int, rank: int, world_size: int, batch_size: int, positions: dict, turn: int,
+                 columnar: bool = False, pin: bool = False) -> None:
         self.plan, self.epoch, self.rank, self.world_size = plan, epoch, rank, world_size
-        self.batch_size, self.positions, self.turn, self.columnar = batch_size, positions, turn, columnar
+        self.batch_size, self.positions, self.turn, self.columnar, self.pin = batch_size, positions, turn, columnar, pin
 
     def _columnar(self, slot: int, slots: int, start):
         """The batches of `__iter__` cut from the shards' cached columns: the windows'
@@ -504,7 +504,7 @@ class _BatchStream(IterableDataset):
         plan, source, size = self.plan, self.plan.source, self.batch_size
         units = plan.slot_units(self.epoch, slot, slots)
         k0, w0, r0 = start
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         have, pos = 0, start
         for k in range(k0, len(units)):
             uid, unit = units[k]
@@ -535,10 +535,10 @@ class _BatchStream(IterableDataset):
                     at += take
                     pos = _after(int(index[at - 1]), where)
                     if have == size:
-                        yield (*_stack(parts), slot, pos)
+                        yield (*_stack(parts, self.pin), slot, pos)
                         parts, have = [], 0
         if parts:
-            yield (*_stack(parts), slot, pos)
+            yield (*_stack(parts, self.pin), slot, pos)
 
 
     def __iter__(self):
@@ -567,15 +567,24 @@ class _BatchStream(IterableDataset):
             yield (*_collate(batch), slot, pos)
 
 
-def _stack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch from gathered pieces; pieces of different sizes are a LoaderError."""
+def _stack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch from (state, context, energy arrays, rows) pieces, each row copied once,
+    straight into the batch's tensors (page-locked with `pin`, ready for a non-blocking
+    copy to the GPU); pieces of different sizes are a LoaderError."""
     shapes = {(p[0].shape[1], p[1].shape[1]) for p in parts}
     if len(shapes) > 1:
         listed = ", ".join(f"{d} / {m}" for d, m in sorted(shapes))
         raise LoaderError(f"one batch would hold fossils of several sizes (state / context {listed}): pass domain= to read one domain")
-    if len(parts) == 1:
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in parts[0])  # type: ignore[return-value]
-    return tuple(torch.from_numpy(np.concatenate(a)) for a in zip(*parts))  # type: ignore[return-value]
+    (d, m), n = shapes.pop(), sum(len(p[3]) for p in parts)
+    out = (torch.empty(n, d, pin_memory=pin), torch.empty(n, m, pin_memory=pin), torch.empty(n, pin_memory=pin))
+    views = [t.numpy() for t in out]
+    at = 0
+    for state, context, energy, rows in parts:
+        k = len(rows)
+        for src, dst in zip((state, context, energy), views):
+            np.take(src, rows, axis=0, out=dst[at : at + k])
+        at += k
+    return out
 
 
 def _check_dims(rows: list[FossilRow], dims: tuple[int, int] | None) -> tuple[int, int]:
@@ -649,10 +658,12 @@ class FossilLoader:
         while self.epochs is None or self.epoch < self.epochs:
             workers = max(1, self.num_workers)
             stream = _BatchStream(
-                self.plan, self.epoch, self.rank, self.world_size, self.batch_size, dict(self.positions), self.turn, self.columnar
+                self.plan, self.epoch, self.rank, self.world_size, self.batch_size, dict(self.positions), self.turn, self.columnar,
+                pin=self.pin_memory and self.num_workers == 0,  # in this process: gather straight into pinned memory
             )
             extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False} if self.num_workers else {}
-            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
+            pin = self.pin_memory and self.num_workers > 0  # (without workers the batches are pinned as they are cut)
+            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin, **extra)
             for state, context, energy, slot, pos in loader:
                 self.positions[str(int(slot))] = [int(v) for v in pos]
                 self.turn = (int(slot) - self.rank * workers + 1) % workers

@@ -115,9 +115,10 @@ class TrainStep:
 
     WARMUP = 3  # eager steps (on a side stream) before capture, as CUDA graphs need
 
-    def __init__(self, model: EBDM, penalty, device: torch.device, bf16: bool, graph: bool | None = None) -> None:
+    def __init__(self, model: EBDM, penalty, device: torch.device, bf16: bool, graph: bool | None = None,
+                 grad_reduce: Callable[[list[torch.Tensor]], None] | None = None) -> None:
         cfg = self.cfg = model.config
-        self.model, self.penalty, self.device = model, penalty, device
+        self.model, self.penalty, self.device, self.grad_reduce = model, penalty, device, grad_reduce
         self.params = list(model.parameters())
         cuda = device.type == "cuda"
         self.graph_wanted = cuda if graph is None else (graph and cuda)
@@ -140,6 +141,8 @@ class TrainStep:
         with self.autocast:
             loss, _ = self.model.loss(x, c, self.penalty)
         loss.backward()
+        if self.grad_reduce is not None:
+            self.grad_reduce(self.params)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=self.device.type == "cuda" or None)
         self.opt.step()
@@ -209,24 +212,27 @@ def fit(
     bf16: bool | None = None,
     graph: bool | None = None,
     threads: int | None = None,
+    grad_reduce: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> tuple[EBDM, FitStats]:
     """Run `config.steps` optimiser steps over (state, context) batches; return the EMA
     model (or the model itself with ema=0) and what happened. `bf16` autocast defaults to
     on for CUDA, off elsewhere; `graph` (CUDA graph replay of the step, see `TrainStep`)
     to on for CUDA. Batches on the host are moved with non-blocking copies (pinned memory
     and a side stream: `device_batches`). `threads`: torch's CPU threads meanwhile (None:
-    `cpu_threads`)."""
+    `cpu_threads`). `grad_reduce(params)` runs after each backward (data parallel: the
+    gradients' all-reduce, `ml.ddp`); the step is not captured as a graph then."""
     device = torch.device(device)
+    graph = False if grad_reduce is not None else graph
     with torch_threads(threads or cpu_threads(model.config, device)):
-        return _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph)
+        return _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph, grad_reduce)
 
 
-def _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph) -> tuple[EBDM, FitStats]:
+def _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph, grad_reduce) -> tuple[EBDM, FitStats]:
     cfg = model.config
     model.to(device).train()
     penalty = penalty.to(device) if penalty is not None else None
     bf16 = device.type == "cuda" if bf16 is None else bf16
-    step = TrainStep(model, penalty, device, bf16, graph)
+    step = TrainStep(model, penalty, device, bf16, graph, grad_reduce)
     ema = _EMA(model, cfg.ema) if cfg.ema > 0 else None
     stats = FitStats()
     window_loss, window_n, window_samples, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
@@ -316,36 +322,46 @@ def train(
     loader_state: dict | None = None,
     lineage: dict | None = None,
     threads: int | None = None,
-) -> TrainResult:
+    rank: int = 0,
+    world_size: int = 1,
+    grad_reduce: Callable[[list[torch.Tensor]], None] | None = None,
+) -> TrainResult | None:
     """Train on the "train" split of `data_source` (fossils of `config.domain`), evaluate
     on its "heldout" split (1 in 16 fossils by id), and write a safetensors checkpoint
     under `out_dir` (a fresh temporary directory if None). `lineage` adds to what the
     source reports (e.g. the stream sequence range a worker read); `loader_state` starts
     the data where a previous loader stopped. Metrics are finite floats (one that cannot
     be computed, e.g. a correlation over constant values, is left out). `threads`: torch's
-    CPU threads for this call (None: `cpu_threads`, one for a small model)."""
+    CPU threads for this call (None: `cpu_threads`, one for a small model). Data parallel
+    (`ml.ddp`): this process is `rank` of `world_size`, reads its share of the data and
+    calls `grad_reduce` after each backward; only rank 0 evaluates and writes the
+    checkpoint (the others return None)."""
     cfg = config.resolved()
     with torch_threads(threads or cpu_threads(cfg, device)):
-        return _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_workers, loader_state, lineage)
+        return _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_workers, loader_state, lineage,
+                      rank, world_size, grad_reduce)
 
 
-def _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_workers, loader_state, lineage) -> TrainResult:
+def _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_workers, loader_state, lineage,
+           rank=0, world_size=1, grad_reduce=None) -> TrainResult | None:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     source = as_source(data_source)
     pin = torch.device(device).type == "cuda"
     loader = FossilLoader(
         source, domain=cfg.domain, batch_size=cfg.batch_size, seed=cfg.seed, split="train", epochs=None,
-        num_workers=num_workers, state=loader_state, pin_memory=pin,
+        num_workers=num_workers, state=loader_state, pin_memory=pin, rank=rank, world_size=world_size,
     )
     penalty = _penalty(cfg)
     model = EBDM(cfg)
     batches = ((b.state, b.context) for b in loader)
     try:
         trained, stats = fit(model, batches, penalty=penalty, device=device, progress_cb=progress_cb, should_stop=should_stop,
-                             threads=torch.get_num_threads())  # as train() set them
+                             threads=torch.get_num_threads(), grad_reduce=grad_reduce)  # threads as train() set them
     finally:
         batches.close()  # stops the DataLoader's workers now, not at garbage collection
+    if rank != 0:
+        return None
     metrics = {"steps": float(stats.steps), "samples_per_s": stats.samples_per_s}
     if math.isfinite(stats.loss):
         metrics["train_loss"] = stats.loss
