@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,10 +368,10 @@ def verify_release(directory: Path, public_raw: bytes, *, log_proof: bytes | Non
     `log_proof` (an inclusion bundle of its `proof.release` event) and the log's verifier
     key: that the transparency log holds this very release."""
     directory = Path(directory)
-    try:
-        envelope = (directory / ENVELOPE).read_bytes()
-    except FileNotFoundError:
-        raise ReleaseError(f"{directory} has no {ENVELOPE}: not a release directory") from None
+    present = _regular_files(directory)  # first: nothing is read from a symlink or a FIFO
+    if ENVELOPE not in present:
+        raise ReleaseError(f"{directory} has no {ENVELOPE}: not a release directory")
+    envelope = (directory / ENVELOPE).read_bytes()
     payload = dsse_open(envelope, public_raw)
     try:
         statement = json.loads(payload)
@@ -382,13 +383,15 @@ def verify_release(directory: Path, public_raw: bytes, *, log_proof: bytes | Non
         raise ReleaseError("the signed statement is malformed (subjects, digests or the week are missing)") from None
     if any(not isinstance(n, str) or n.startswith("/") or ".." in Path(n).parts for n in subjects):
         raise ReleaseError("the signed statement names a file outside the release directory")
-    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {ENVELOPE}
+    present -= {ENVELOPE}
+    if STATEMENT not in present:
+        raise ReleaseError(f"{directory} has no {STATEMENT}: the release is incomplete; copy the whole release directory")
     extra = sorted(present - set(subjects) - {STATEMENT})
     if extra:
         raise ReleaseError(f"{directory} holds files the statement does not list: {', '.join(extra[:5])}")
     for name, want in subjects.items():
         p = directory / name
-        if not p.is_file():
+        if name not in present:
             raise ReleaseError(f"{name} is listed in the statement but missing from {directory}")
         if hashlib.sha256(p.read_bytes()).hexdigest() != want:
             raise ReleaseError(f"{name} does not match its digest in the signed statement: the release was altered")
@@ -397,6 +400,26 @@ def verify_release(directory: Path, public_raw: bytes, *, log_proof: bytes | Non
     out = {"week": week, "files": len(subjects)}
     if log_proof is not None:
         out["log"] = _verify_logged(log_proof, log_key or "", week, hashlib.sha256(envelope).hexdigest())
+    return out
+
+
+def _regular_files(directory: Path) -> set[str]:
+    """Every file under `directory` (relative POSIX paths). A release holds regular files
+    and directories only: a symlink (a listed file pointing elsewhere can be retargeted
+    after it verified; a linked directory hid unlisted files from the walk), a FIFO (reading
+    it blocks) or a device is refused (tests/test_release.py)."""
+    out: set[str] = set()
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            p = Path(root) / name
+            mode = p.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            rel = p.relative_to(directory).as_posix()
+            if not stat.S_ISREG(mode):
+                kind = "symlink" if stat.S_ISLNK(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+                raise ReleaseError(f"{rel} in {directory} is a {kind}: a release holds only regular files; replace it with the file itself or remove it")
+            out.add(rel)
     return out
 
 

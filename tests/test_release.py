@@ -6,13 +6,15 @@ import base64
 import datetime as dt
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from scf.bus.signing import SigningKey
 from scf.projections import release, sample
 from scf.projections.store import ArchiveStore
-from tests.conftest import cli
+from tests.conftest import ROOT, cli
 
 DAY = dt.date(2026, 11, 22)  # sample.write_archive publishes everything on this Sunday
 
@@ -85,6 +87,48 @@ def test_release_cli_verify_is_offline(store, tmp_path):
     r = cli("release", "verify", str(result.directory), "--key", str(pub), env=bare)
     assert r.returncode == 1
     assert r.stderr.strip() == f"Error: release does not verify: {result.directory} holds files the statement does not list: extra.txt"
+
+
+def test_release_verify_refuses_links_fifos_and_a_missing_statement(store, tmp_path):
+    """A hostile release directory, checked by a real `scf release verify` process: a symlinked
+    directory used to hide unlisted files from the walk, a listed file replaced by a symlink
+    to a same-bytes copy (retargetable after it verified) passed, a FIFO would block the
+    read, a missing statement was a traceback."""
+    key = SigningKey.generate("release")
+    result = release.weekly(store, tmp_path / "h", DAY, key)
+    pub = tmp_path / "release.pub"
+    pub.write_text(key.public_b64 + "\n")
+    d = result.directory
+    os.chmod(d, 0o755)
+
+    def verify() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "scf.cli.main", "release", "verify", str(d), "--key", str(pub)],
+                              env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    assert verify().returncode == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "payload.py").write_text("print('unlisted')")
+    card = next(d.glob("*/metrics.json"))
+    rel = card.relative_to(d).as_posix()
+    copy = tmp_path / "metrics-copy.json"
+    copy.write_bytes(card.read_bytes())
+    attacks = {
+        "linked directory": (lambda: (d / "extra").symlink_to(elsewhere), lambda: (d / "extra").unlink(),
+                             "extra in {d} is a symlink"),
+        "linked listed file": (lambda: (os.chmod(card.parent, 0o755), card.unlink(), card.symlink_to(copy)),
+                               lambda: (card.unlink(), card.write_bytes(copy.read_bytes())), f"{rel} in {{d}} is a symlink"),
+        "fifo": (lambda: os.mkfifo(d / "pipe"), lambda: (d / "pipe").unlink(), "pipe in {d} is a FIFO"),
+        "no statement": (lambda: (d / release.STATEMENT).rename(tmp_path / "stmt"), lambda: (tmp_path / "stmt").rename(d / release.STATEMENT),
+                         f"{{d}} has no {release.STATEMENT}: the release is incomplete"),
+    }
+    for what, (attack, undo, message) in attacks.items():
+        attack()
+        r = verify()
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (what, r.stderr)
+        assert r.stderr.startswith(f"Error: release does not verify: {message.format(d=d)}"), (what, r.stderr)
+        undo()
+        assert verify().returncode == 0, what
 
 
 @pytest.mark.anyio
