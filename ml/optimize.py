@@ -123,8 +123,8 @@ class LearnedOptimiser(nn.Module):
     def __init__(self, config: OptimiserConfig) -> None:
         super().__init__()
         cfg = self.config = config.resolved()
-        lo, hi = torch.tensor(cfg.state_lo), torch.tensor(cfg.state_hi)
-        clo, chi = torch.tensor(cfg.context_lo), torch.tensor(cfg.context_hi)
+        lo, hi = (torch.tensor(v, dtype=torch.float32) for v in (cfg.state_lo, cfg.state_hi))
+        clo, chi = (torch.tensor(v, dtype=torch.float32) for v in (cfg.context_lo, cfg.context_hi))
         self.register_buffer("state_lo", lo)
         self.register_buffer("state_hi", hi)
         self.register_buffer("state_mid", (lo + hi) / 2)
