@@ -124,7 +124,10 @@ async def test_failures_are_retried_then_final_and_dead_lettered(bus, settings, 
                 entry = await kv.get(worker_key(POOL, "W"))
             except Exception:
                 return False
-            return entry is not None and msgspec.json.decode(entry.value, type=WorkerInfo).pool == POOL
+            if entry is None:
+                return False
+            info = msgspec.json.decode(entry.value, type=WorkerInfo)
+            return info.pool == POOL and info.gpus == 0  # a CPU worker advertises no GPU
 
         await wait_for(announced, 30, "the worker's liveness record")
 
