@@ -132,6 +132,8 @@ class TrustList:
         """Check `sig` over `message`; returns the signer's name (or key id). Raises SignatureError."""
         if not sig or not kid:
             raise SignatureError("missing signature: sign it with a trusted key (`scf keys new`, then `scf keys trust`)")
+        if not isinstance(sig, str) or not isinstance(kid, str):  # from outside JSON: a list as a key id was a TypeError
+            raise SignatureError("malformed signature: its key id and signature must be strings; sign it again with `scf keys`")
         entry = self.keys.get(kid)
         if entry is None:
             raise SignatureError(f"unknown signing key {kid}: add it to the trust list with `scf keys trust`")

@@ -146,7 +146,7 @@ def strike_proof_verify(path: Path, online: bool = False, log_key: str | None = 
 
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # not a strike proof; cli/proof.py says what it is
         return False
     if not isinstance(data, dict) or data.get("kind") != st.PROOF_KIND:
         return False

@@ -628,7 +628,7 @@ def verify_proof(proof: dict | bytes | str, trust) -> dict:
     if isinstance(proof, (bytes, str)):
         try:
             proof = json.loads(proof)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProofInvalid("the proof is not JSON: pass the proof.json `scf strike` wrote") from None
     if not isinstance(proof, dict) or proof.get("kind") != PROOF_KIND:
         raise ProofInvalid(f"not a strike proof (kind {PROOF_KIND} expected)")

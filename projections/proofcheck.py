@@ -282,7 +282,7 @@ def verify_bundle(bundle: bytes | str | dict, verifier_key_text: str, entry: byt
     if isinstance(bundle, (bytes, str)):
         try:
             bundle = json.loads(bundle)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than any proof
             raise ProofError("the proof is not JSON: pass the file `scf proof inclusion` or `consistency` wrote") from None
     if not isinstance(bundle, dict):
         raise ProofError("the proof is not a JSON object")
