@@ -189,7 +189,7 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.device(self.device), torch.cuda.graph(graph):  # captures on the step's device
                 static_loss = self._compute(static_x, static_c)
         except RuntimeError as exc:
             self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
