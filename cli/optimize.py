@@ -80,6 +80,8 @@ def _read_context(text: str | None) -> dict:
         spec = json.loads(source)
     except json.JSONDecodeError as exc:
         raise OptimizeError(f"--context is not valid JSON ({exc.msg} at position {exc.pos}); give a JSON object") from None
+    except RecursionError:
+        raise OptimizeError("--context is not valid JSON (nested too deeply); give a JSON object") from None
     if not isinstance(spec, dict):
         raise OptimizeError(f"--context must be a JSON object of constraints, got {type(spec).__name__}")
     return spec

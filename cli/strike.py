@@ -67,8 +67,8 @@ def strike_command(
             else:
                 try:
                     raw = json.loads(constraints.read_text())  # type: ignore[union-attr]
-                except (OSError, ValueError) as exc:
-                    raise st.StrikeError(f"{constraints}: not a readable JSON file ({exc})") from None
+                except (OSError, ValueError, RecursionError) as exc:
+                    raise st.StrikeError(f"{constraints}: not a readable JSON file ({type(exc).__name__ if isinstance(exc, RecursionError) else exc})") from None
                 doc = contracts.parse_doc({"contract_id": "adhoc-" + st.sha256_json([domain, raw, nodes])[:12], "client": "ad hoc",
                                            "domain": domain, "nodes": [n for n in nodes.split(",") if n], "constraints": raw,
                                            "schedule_s": 0})

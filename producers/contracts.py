@@ -121,8 +121,8 @@ def parse_constraints(domain: str, raw: dict | str | bytes) -> Constraints:
     if isinstance(raw, (str, bytes)):
         try:
             raw = json.loads(raw)
-        except ValueError as exc:
-            raise ContractError(f"$.constraints is not JSON ({exc}): write a JSON object") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+            raise ContractError(f"$.constraints is not JSON ({str(exc)[:100]}): write a JSON object") from None
     if not isinstance(raw, dict):
         raise ContractError(f"$.constraints must be an object, got {type(raw).__name__}")
     kind = _kind(domain)
@@ -225,7 +225,7 @@ def read_doc(path: Path) -> ContractDoc:
         raise ContractError(f"{path}: cannot read it ({exc.strerror})") from None
     try:
         raw = yaml.safe_load(text) if Path(path).suffix in (".yaml", ".yml") else json.loads(text)
-    except (ValueError, yaml.YAMLError) as exc:
+    except (ValueError, yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise ContractError(f"{path}: not valid {'YAML' if Path(path).suffix in ('.yaml', '.yml') else 'JSON'} ({str(exc).splitlines()[0]})") from None
     return parse_doc(raw)
 

@@ -646,6 +646,8 @@ def read_batch(domain: Domain, path: Path) -> list[dict]:
                 spec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise OptimizeError(f"{path}:{n}: not JSON ({exc.msg}); write one JSON object per line") from None
+            except RecursionError:
+                raise OptimizeError(f"{path}:{n}: not JSON (nested too deeply); write one JSON object per line") from None
             if not isinstance(spec, dict):
                 raise OptimizeError(f"{path}:{n}: a line must be a JSON object of constraints, got {type(spec).__name__}")
             specs.append(spec)
@@ -659,7 +661,13 @@ def read_batch(domain: Domain, path: Path) -> list[dict]:
             raise OptimizeError(f"{path}: not a readable Parquet file ({exc}); write it with pyarrow or DuckDB") from None
         cols = table.column_names
         if "spec" in cols:
-            return [json.loads(s) for s in table.column("spec").to_pylist()]
+            try:
+                specs = [json.loads(s) for s in table.column("spec").to_pylist()]
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise OptimizeError(f"{path}: a 'spec' row is not a JSON object ({type(exc).__name__}); write each as a JSON string") from None
+            if not all(isinstance(s, dict) for s in specs):
+                raise OptimizeError(f"{path}: every 'spec' row must be a JSON object of constraints")
+            return specs
         if "context" in cols:
             return [{"context": list(c)} for c in table.column("context").to_pylist()]
         if all(name in cols for name in domain.context_names):

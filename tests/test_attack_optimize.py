@@ -55,3 +55,32 @@ def test_inf_limits_are_still_read(tmp_path: Path):
     r = optimize(tmp_path, text)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("optimal: certified")
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past the JSON parser's recursion limit
+
+
+def scf(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**base_env(), "SCF_HOME": str(tmp_path / "home")}
+    return subprocess.run([sys.executable, "-m", "scf.cli.main", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize(("name", "text", "args", "error"), [
+    ("ctx.json", '{"loads": ' + DEEP + "}", ("optimize", "--domain", "grid:case9", "--context", "{path}"),
+     "--context is not valid JSON (nested too deeply); give a JSON object"),
+    ("batch.jsonl", '{"load_scale": 1.0}\n' + DEEP, ("optimize", "--domain", "grid:case9", "--batch", "{path}"),
+     "{path}:2: not JSON (nested too deeply); write one JSON object per line"),
+    ("contract.json", '{"contract_id": "deep", "constraints": ' + DEEP + "}", ("contract", "add", "{path}"),
+     "{path}: not valid JSON (maximum recursion depth exceeded while decoding a JSON array from a unicode string)"),
+    ("contract.yaml", "constraints: " + DEEP, ("contract", "add", "{path}"),
+     "{path}: not valid YAML (maximum recursion depth exceeded while calling a Python object)"),
+])  # fmt: skip
+def test_deeply_nested_inputs_are_one_line(tmp_path: Path, name: str, text: str, args: tuple[str, ...], error: str):
+    """JSON or YAML nested 100 000 deep, given to `scf optimize` and `scf contract add` (real
+    processes): a RecursionError traceback before, one line now; refused before anything
+    connects to NATS."""
+    path = tmp_path / name
+    path.write_text(text)
+    r = scf(tmp_path, *(a.format(path=path) for a in args))
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert r.stderr.strip().splitlines() == ["Error: " + error.format(path=path)], r.stderr
