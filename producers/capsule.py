@@ -110,7 +110,7 @@ def parse_manifest(text: str | bytes, where: str = MANIFEST) -> Manifest:
 
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise CapsuleError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
     try:
         m = msgspec.convert(raw, Manifest)
@@ -160,11 +160,16 @@ def verify(directory: Path, trust, *, physics: bool = True) -> Checked:
     checked on the manifest's bytes before they are parsed."""
     directory = Path(directory)
     findings: list[str] = []
+    odd = [n for n in (MANIFEST, SIGNATURE) if (directory / n).is_symlink() or ((directory / n).exists() and not (directory / n).is_file())]
+    if odd:  # a FIFO would block the read; a link can be retargeted after the check
+        return Checked(manifest=None, signer=None, findings=[f"{directory}: {odd[0]} is not a regular file; rebuild the capsule with `scf capsule build`"])
     try:
         text = (directory / MANIFEST).read_bytes()
         sig = json.loads((directory / SIGNATURE).read_text())
-    except (OSError, ValueError) as exc:
-        return Checked(manifest=None, signer=None, findings=[f"{directory}: not a capsule ({exc}); build one with `scf capsule build`"])
+    except (OSError, ValueError, RecursionError) as exc:
+        return Checked(manifest=None, signer=None, findings=[f"{directory}: not a capsule ({str(exc)[:120]}); build one with `scf capsule build`"])
+    if not isinstance(sig, dict):
+        return Checked(manifest=None, signer=None, findings=[f"{directory}: {SIGNATURE} is not a JSON object; build the capsule with `scf capsule build`"])
     try:
         signer = trust.verify(text, sig.get("sig"), sig.get("kid"), role="release")
     except SCFError as exc:
@@ -177,6 +182,8 @@ def verify(directory: Path, trust, *, physics: bool = True) -> Checked:
         p = directory / name
         if not p.is_file() or "/" in name or name.startswith("."):
             findings.append(f"artifact {name}: missing")
+        elif p.is_symlink():
+            findings.append(f"artifact {name}: a symlink, not the file itself (it can be retargeted after the check)")
         elif _sha(p) != want:
             findings.append(f"artifact {name}: sha256 differs from the signed manifest (altered after signing)")
     if ARTIFACT not in m.artifacts:

@@ -6,6 +6,7 @@ line saying the proof does not hold."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,37 @@ def test_a_hostile_proof_file_is_one_line(tmp_path: Path, text: str, extra: tupl
     r = verify(tmp_path, text, *extra)
     assert r.returncode == 1 and r.stdout == "", r.stdout
     assert r.stderr.strip().splitlines() == [error], r.stderr
+
+
+@pytest.mark.parametrize(("what", "finding"), [
+    ("list", "{d}: capsule.sig is not a JSON object; build the capsule with `scf capsule build`"),
+    ("deep", "{d}: not a capsule (maximum recursion depth exceeded while decoding a JSON array from a unicode string); "
+             "build one with `scf capsule build`"),
+    ("fifo", "{d}: capsule.sig is not a regular file; rebuild the capsule with `scf capsule build`"),
+    ("link", "{d}: manifest.yaml is not a regular file; rebuild the capsule with `scf capsule build`"),
+])  # fmt: skip
+def test_a_hostile_capsule_is_a_finding_not_a_crash(tmp_path: Path, what: str, finding: str):
+    """`scf capsule verify DIR` (a real process) on a capsule directory an attacker wrote: its
+    signature file a JSON list (AttributeError before), nested 100 000 deep (RecursionError),
+    a FIFO (the read blocked), or its manifest a symlink."""
+    d = tmp_path / "capsule"
+    d.mkdir()
+    (d / "manifest.yaml").write_text("format: scf.capsule/v1\n")
+    sig = d / "capsule.sig"
+    if what == "list":
+        sig.write_text("[1]")
+    elif what == "deep":
+        sig.write_text("[" * 100_000 + "]" * 100_000)
+    elif what == "fifo":
+        os.mkfifo(sig)
+    else:
+        sig.write_text('{"sig": "AAAA", "kid": "x"}')
+        (tmp_path / "elsewhere.yaml").write_bytes((d / "manifest.yaml").read_bytes())
+        (d / "manifest.yaml").unlink()
+        (d / "manifest.yaml").symlink_to(tmp_path / "elsewhere.yaml")
+    env = {**base_env(), "SCF_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-m", "scf.cli.main", "capsule", "verify", str(d)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 1, r.stdout
+    assert r.stdout.strip().splitlines() == ["- " + finding.format(d=d)], r.stdout
+    assert r.stderr.strip().splitlines() == [f"Error: capsule {d} does not hold (1 finding(s))"], r.stderr
