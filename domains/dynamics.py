@@ -154,8 +154,8 @@ def load_decision(path: Path | str, width: int, names: tuple[str, ...]) -> np.nd
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise SimulationError(f"decision file {path} does not exist: give a JSON file with {width} numbers ({', '.join(names[:3])}…)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SimulationError(f"decision file {path} is not readable JSON ({exc}); write a list of {width} numbers") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
+        raise SimulationError(f"decision file {path} is not readable JSON ({str(exc)[:100]}); write a list of {width} numbers") from None
     if isinstance(raw, dict):
         raw = raw.get("state")
     try:

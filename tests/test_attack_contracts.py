@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import suppress
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import nats

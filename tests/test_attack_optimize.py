@@ -74,9 +74,12 @@ def scf(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
      "{path}: not valid JSON (maximum recursion depth exceeded while decoding a JSON array from a unicode string)"),
     ("contract.yaml", "constraints: " + DEEP, ("contract", "add", "{path}"),
      "{path}: not valid YAML (maximum recursion depth exceeded while calling a Python object)"),
+    ("decision.json", DEEP, ("simulate", "--domain", "hvac:office3", "--out", "{path}.out", "--decision", "{path}"),
+     "decision file {path} is not readable JSON (maximum recursion depth exceeded while decoding a JSON array from a unicode "
+     "string); write a list of 3 numbers"),
 ])  # fmt: skip
 def test_deeply_nested_inputs_are_one_line(tmp_path: Path, name: str, text: str, args: tuple[str, ...], error: str):
-    """JSON or YAML nested 100 000 deep, given to `scf optimize` and `scf contract add` (real
+    """JSON or YAML nested 100 000 deep, given to `scf optimize`, `scf contract add` and `scf simulate` (real
     processes): a RecursionError traceback before, one line now; refused before anything
     connects to NATS."""
     path = tmp_path / name
