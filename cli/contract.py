@@ -9,6 +9,9 @@ import typer
 
 from scf.cli.common import load_settings, open_bus, run
 
+UNSIGNED_NOTE = ("note: unsigned (no SCF_KEY): the regiment strikes only contracts an operator key signed; "
+                 "register it again with SCF_KEY set to an operator key")
+
 contract_app = typer.Typer(help="Client contracts: constraints, nodes and schedule, as facts on the log (docs/value-loop.md).", no_args_is_help=True)
 
 
@@ -25,11 +28,19 @@ def contract_add(file: Path = typer.Argument(..., help="the contract: JSON or YA
         doc = contracts.read_doc(file)
         s = load_settings()
         bus = await open_bus(s, sign=True)
+        trust = None
+        if bus.key is not None:  # the regiment's view: operator-signed events (this key among them)
+            from scf.cli.strike import trust_list
+
+            trust = trust_list(s)
+            trust.trust(bus.key.public_b64, bus.key.name, ["operator"])  # in memory only
         try:
-            what, event, seq = await contracts.add(bus, doc, by=s.source)
+            what, event, seq = await contracts.add(bus, doc, by=s.source, trust=trust)
         finally:
             await bus.close()
         typer.echo(f"contract {doc.contract_id} {what} (CONTRACTS seq {seq}): {doc.domain} on {', '.join(doc.nodes) or 'no nodes'}")
+        if bus.key is None and what != "unchanged":
+            typer.echo(UNSIGNED_NOTE, err=True)
 
     run(main())
 

@@ -299,8 +299,10 @@ async def load(bus, contract_id: str | None = None, trust=None) -> dict[str, Con
             continue
         cid = e.data.contract_id
         prev = out.get(cid)
-        if prev is None and not isinstance(e, ev.ContractRegistered):
+        if prev is None and isinstance(e, ev.ContractEnded):
             continue
+        # prev is None and an update: the first event of this view (the registration's id was
+        # taken by an event the view does not count, e.g. an unsigned squatter): it registers
         # a signed event republished later (a replay: past the duplicate window or under
         # another message id) must not roll the terms back: each event id counts once, and
         # a contract is registered once (tests/test_attack_contracts.py)
@@ -321,17 +323,23 @@ async def get(bus, contract_id: str, trust=None) -> Contract:
     return found
 
 
-async def add(bus, doc: ContractDoc, *, by: str = "") -> tuple[str, ev.Event, int]:
+async def add(bus, doc: ContractDoc, *, by: str = "", trust=None) -> tuple[str, ev.Event, int]:
     """Register the contract, or record an update when it exists with other content.
-    Returns (what, event, seq): what is "registered", "updated" or "unchanged"."""
+    Returns (what, event, seq): what is "registered", "updated" or "unchanged". With
+    `trust` (a signing bus: the trust list and its own key), the contract as the regiment
+    sees it: operator-signed events only, so an unsigned registration someone published
+    first neither makes this one "unchanged" nor keeps it from counting."""
     spec = spec_of(doc, by=by)
-    existing = (await load(bus, doc.contract_id)).get(doc.contract_id)
+    existing = (await load(bus, doc.contract_id, trust)).get(doc.contract_id)
     if existing is None:
         event = ev.ContractRegistered.new(spec, source=bus.source, id=derived_id("contract.registered", doc.contract_id))
         once = await bus.publish_once(event)
         if once.status == "new":
             return "registered", event, once.seq
-        existing = await get(bus, doc.contract_id)
+        existing = (await load(bus, doc.contract_id, trust)).get(doc.contract_id)
+        if existing is None:  # the registration's subject holds an event this view ignores: register by an update
+            event = ev.ContractUpdated.new(spec, source=bus.source, id=derived_id("contract.updated", doc.contract_id, once.seq))
+            return "registered", event, (await bus.publish(event)).seq
     if existing.spec.status == "ended":
         raise ContractError(f"contract {doc.contract_id} has ended: register it under a new id")
     if spec_sha256(existing.spec) == spec_sha256(spec) and existing.spec.schedule_s == spec.schedule_s:

@@ -133,3 +133,35 @@ async def test_a_replayed_signed_contract_event_does_not_roll_the_contract_back(
     assert after.seq == latest.seq and after.event_id == latest.event_id
     assert len(after.history) == 3
     assert json.loads((await contracts.load(service))["acme"].spec.constraints)["T_out"] == 21.0  # `scf contract show` too
+
+
+async def test_an_unsigned_registration_published_first_does_not_keep_the_signed_contract_out(
+        deployment: Deployment, service: Bus, tmp_path: Path):
+    """Squatting: someone with the operator password but no operator key registers `acme`
+    unsigned (other terms) before the field engineer does. The engineer's signed `scf
+    contract add` used to become an update the regiment's signed view never counted (no
+    signed registration): the contract was never struck. Now the signed update registers
+    it in that view; and an unsigned add says, on stderr, that the regiment will ignore it."""
+    keys = Keys(deployment.settings)
+    keys.operator.save(deployment.settings.keys_dir)
+    squat = tmp_path / "squat.json"
+    squat.write_text(json.dumps(dict(ACME, nodes=["edge-z"], constraints={"T_out": 30.0, "preheat_hours": 0})))
+    r = scf(deployment, "operator", "contract", "add", str(squat))  # no SCF_KEY
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("contract acme registered"), r.stdout
+    assert r.stderr.strip().splitlines()[-1] == ("note: unsigned (no SCF_KEY): the regiment strikes only contracts an operator "
+                                                 "key signed; register it again with SCF_KEY set to an operator key")
+    assert await contracts.load(service, trust=keys.trust) == {}
+
+    doc = tmp_path / "acme.json"
+    doc.write_text(json.dumps(ACME))
+    r = scf(deployment, "operator", "contract", "add", str(doc), SCF_KEY="alice")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("contract acme registered (CONTRACTS seq 2)"), r.stdout
+    assert "note: unsigned" not in r.stderr
+    signed = (await contracts.load(service, trust=keys.trust))["acme"]
+    assert signed.spec.nodes == ["edge-a"] and json.loads(signed.spec.constraints)["T_out"] == 9.0
+    # the same file again: unchanged in the signed view, nothing published
+    r = scf(deployment, "operator", "contract", "add", str(doc), SCF_KEY="alice")
+    assert r.returncode == 0 and r.stdout.startswith("contract acme unchanged (CONTRACTS seq 2)"), r.stdout
+    assert len(await read(service, "CONTRACTS", "contract.>")) == 2
