@@ -77,11 +77,10 @@ def demo(
     """The whole loop once, on this machine: fossils → training → promotion → deployment → credits → reports."""
     import asyncio
     import datetime as dt
+    import os
 
     from scf.bus.errors import SCFError
     from scf.ops.demo import DemoFailed, run_demo, summary
-
-    import os
 
     if home is None and os.environ.get("SCF_HOME"):
         home = Path(os.environ["SCF_HOME"]).expanduser()
