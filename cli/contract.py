@@ -12,6 +12,19 @@ from scf.cli.common import load_settings, open_bus, run
 UNSIGNED_NOTE = ("note: unsigned (no SCF_KEY): the regiment strikes only contracts an operator key signed; "
                  "register it again with SCF_KEY set to an operator key")
 
+def signed_view(bus, settings):
+    """For a signing bus, the trust list of the regiment's view (operator-signed events; this
+    key among them, in memory only): unsigned events someone else wrote neither make a write
+    "unchanged" or "already ended" nor keep it from counting. None when not signing."""
+    if bus.key is None:
+        return None
+    from scf.cli.strike import trust_list
+
+    trust = trust_list(settings)
+    trust.trust(bus.key.public_b64, bus.key.name, ["operator"])
+    return trust
+
+
 contract_app = typer.Typer(help="Client contracts: constraints, nodes and schedule, as facts on the log (docs/value-loop.md).", no_args_is_help=True)
 
 
@@ -28,14 +41,8 @@ def contract_add(file: Path = typer.Argument(..., help="the contract: JSON or YA
         doc = contracts.read_doc(file)
         s = load_settings()
         bus = await open_bus(s, sign=True)
-        trust = None
-        if bus.key is not None:  # the regiment's view: operator-signed events (this key among them)
-            from scf.cli.strike import trust_list
-
-            trust = trust_list(s)
-            trust.trust(bus.key.public_b64, bus.key.name, ["operator"])  # in memory only
         try:
-            what, event, seq = await contracts.add(bus, doc, by=s.source, trust=trust)
+            what, event, seq = await contracts.add(bus, doc, by=s.source, trust=signed_view(bus, s))
         finally:
             await bus.close()
         typer.echo(f"contract {doc.contract_id} {what} (CONTRACTS seq {seq}): {doc.domain} on {', '.join(doc.nodes) or 'no nodes'}")
@@ -100,7 +107,7 @@ def contract_end(
         s = load_settings()
         bus = await open_bus(s, sign=True)
         try:
-            _, seq = await contracts.end(bus, contract_id, by=s.source, reason=reason)
+            _, seq = await contracts.end(bus, contract_id, by=s.source, reason=reason, trust=signed_view(bus, s))
         finally:
             await bus.close()
         typer.echo(f"contract {contract_id} ended (CONTRACTS seq {seq})")

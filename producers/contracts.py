@@ -348,8 +348,9 @@ async def add(bus, doc: ContractDoc, *, by: str = "", trust=None) -> tuple[str, 
     return "updated", event, (await bus.publish(event)).seq
 
 
-async def end(bus, contract_id: str, *, by: str = "", reason: str = "") -> tuple[ev.ContractEnded, int]:
-    existing = await get(bus, contract_id)
+async def end(bus, contract_id: str, *, by: str = "", reason: str = "", trust=None) -> tuple[ev.ContractEnded, int]:
+    """End the contract; with `trust`, as the regiment's (signed) view holds it (see `add`)."""
+    existing = await get(bus, contract_id, trust)
     if existing.spec.status == "ended":
         raise ContractError(f"contract {contract_id} has already ended")
     spec = msgspec.structs.replace(existing.spec, status="ended", by=by, reason=reason)

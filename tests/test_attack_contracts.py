@@ -19,9 +19,12 @@ import sys
 from contextlib import suppress
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 
+from scf.bus import codec
+from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.reader import read
 from scf.producers import contracts
@@ -165,3 +168,17 @@ async def test_an_unsigned_registration_published_first_does_not_keep_the_signed
     r = scf(deployment, "operator", "contract", "add", str(doc), SCF_KEY="alice")
     assert r.returncode == 0 and r.stdout.startswith("contract acme unchanged (CONTRACTS seq 2)"), r.stdout
     assert len(await read(service, "CONTRACTS", "contract.>")) == 2
+
+    # an unsigned end published first: the signed view still holds the contract, and the
+    # engineer's signed `scf contract end` is not refused as "already ended"
+    nc = await nats.connect(deployment.url("operator"))
+    try:
+        forged = ev.ContractEnded.new(msgspec.structs.replace(signed.spec, status="ended"), source="squatter")
+        ack = await nc.jetstream().publish(forged.subject(), codec.encode(forged))
+        assert ack.stream == "CONTRACTS"
+    finally:
+        await nc.close()
+    assert (await contracts.load(service, trust=keys.trust))["acme"].active
+    r = scf(deployment, "operator", "contract", "end", "acme", SCF_KEY="alice")
+    assert r.returncode == 0 and r.stdout.startswith("contract acme ended (CONTRACTS seq 4)"), (r.stdout, r.stderr)
+    assert not (await contracts.load(service, trust=keys.trust))["acme"].active
