@@ -47,7 +47,7 @@ def strike_command(
     log_proof: bool = typer.Option(False, "--log-proof", help="embed inclusion proofs against a signed checkpoint of the transparency log (needs `scf run archive`)"),
 ) -> None:
     """Map → optimise → verify → deploy a capsule → measure → a signed JSON proof; prints the activity id (re-running resumes, never deploys twice)."""
-    from scf.producers import contracts
+    from scf.producers import contracts, regiment
     from scf.producers import strike as st
 
     if (contract is None) == (domain is None or constraints is None):
@@ -60,7 +60,11 @@ def strike_command(
         try:
             seq, eid = 0, ""
             if contract is not None:
-                c = await contracts.get(bus, contract)  # by hand: the operator's own choice, signed or not
+                # the regiment's view: with [regiment] require_signed_contracts (default), terms an
+                # operator key signed; an unsigned update anyone with the operator login wrote is
+                # not struck by hand either (docs/security.md, tests/test_attack_contracts.py)
+                signed = s.section("regiment", regiment.RegimentSettings).require_signed_contracts
+                c = await contracts.get(bus, contract, trust if signed else None)
                 if not c.active:
                     raise st.StrikeError(f"contract {contract} is {c.spec.status}: nothing to strike")
                 spec, seq, eid = c.spec, c.seq, c.event_id

@@ -155,6 +155,11 @@ async def test_an_unsigned_registration_published_first_does_not_keep_the_signed
     assert r.stderr.strip().splitlines()[-1] == ("note: unsigned (no SCF_KEY): the regiment strikes only contracts an operator "
                                                  "key signed; register it again with SCF_KEY set to an operator key")
     assert await contracts.load(service, trust=keys.trust) == {}
+    keys.release.save(deployment.settings.keys_dir)  # release.key: what `scf strike` signs with
+    r = scf(deployment, "service", "strike", "--contract", "acme", "--measure", "none")
+    assert r.returncode == 1 and r.stdout == "", r.stdout  # not struck by hand either
+    assert r.stderr.strip().splitlines()[-1] == ("Error: no contract 'acme' signed by an operator key (SCF_KEY): "
+                                                 "register it with `scf contract add FILE` (see `scf contract ls`)"), r.stderr
 
     doc = tmp_path / "acme.json"
     doc.write_text(json.dumps(ACME))

@@ -29,7 +29,8 @@ async def test_strike_refusals_are_one_line(bus, settings, scf_env, tmp_path):
     keys = Keys(settings)
     keys.release.save(settings.keys_dir)
     r = await run("strike", "--contract", "nobody")
-    assert r.returncode == 1 and r.stderr == "Error: no contract 'nobody': register it with `scf contract add FILE` (see `scf contract ls`)\n"
+    assert r.returncode == 1 and r.stderr == ("Error: no contract 'nobody' signed by an operator key (SCF_KEY): "
+                                              "register it with `scf contract add FILE` (see `scf contract ls`)\n")
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"comfort": {"occupied": [21, "warm"]}}))
     r = await run("strike", "--domain", "hvac:office3", "--constraints", str(bad), "--nodes", "edge-a")
