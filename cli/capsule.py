@@ -24,7 +24,7 @@ def capsule_build(
     key: str = typer.Option("release", "--key", help="the release key in $SCF_HOME/keys"),
 ) -> None:
     """Optimise a contract and write its capsule (manifest.yaml, model.safetensors, capsule.sig), signed."""
-    from scf.cli.strike import release_key
+    from scf.cli.strike import release_key, signed_terms, trust_list
     from scf.producers import capsule as cap
     from scf.producers import contracts
     from scf.producers import strike as st
@@ -34,7 +34,7 @@ def capsule_build(
         k = release_key(s, key)
         bus = await open_bus(s)
         try:
-            c = await contracts.get(bus, contract)
+            c = await contracts.get(bus, contract, signed_terms(s, trust_list(s)))
             opts = st.StrikeOptions(model=await st.production_model(bus, c.spec.domain), period=st.period_of(c.spec, time.time()))
         finally:
             await bus.close()

@@ -35,6 +35,17 @@ def trust_list(settings):
     return TrustList.load(settings.keys_dir / "trusted.json")
 
 
+def signed_terms(settings, trust):
+    """The trust list a contract's terms are read with before anything is signed under the
+    release key (`scf strike --contract`, `scf capsule build`): the regiment's, so with
+    `[regiment] require_signed_contracts` (default) only terms an operator key signed; an
+    unsigned update anyone with the operator login wrote is not struck by hand either
+    (docs/security.md, tests/test_attack_contracts.py). None: every event counts."""
+    from scf.producers import regiment
+
+    return trust if settings.section("regiment", regiment.RegimentSettings).require_signed_contracts else None
+
+
 def strike_command(
     contract: Optional[str] = typer.Option(None, "--contract", help="a registered contract's id"),
     domain: Optional[str] = typer.Option(None, "--domain", help="without a contract: the domain ..."),
@@ -47,7 +58,7 @@ def strike_command(
     log_proof: bool = typer.Option(False, "--log-proof", help="embed inclusion proofs against a signed checkpoint of the transparency log (needs `scf run archive`)"),
 ) -> None:
     """Map → optimise → verify → deploy a capsule → measure → a signed JSON proof; prints the activity id (re-running resumes, never deploys twice)."""
-    from scf.producers import contracts, regiment
+    from scf.producers import contracts
     from scf.producers import strike as st
 
     if (contract is None) == (domain is None or constraints is None):
@@ -60,11 +71,7 @@ def strike_command(
         try:
             seq, eid = 0, ""
             if contract is not None:
-                # the regiment's view: with [regiment] require_signed_contracts (default), terms an
-                # operator key signed; an unsigned update anyone with the operator login wrote is
-                # not struck by hand either (docs/security.md, tests/test_attack_contracts.py)
-                signed = s.section("regiment", regiment.RegimentSettings).require_signed_contracts
-                c = await contracts.get(bus, contract, trust if signed else None)
+                c = await contracts.get(bus, contract, signed_terms(s, trust))
                 if not c.active:
                     raise st.StrikeError(f"contract {contract} is {c.spec.status}: nothing to strike")
                 spec, seq, eid = c.spec, c.seq, c.event_id

@@ -160,6 +160,9 @@ async def test_an_unsigned_registration_published_first_does_not_keep_the_signed
     assert r.returncode == 1 and r.stdout == "", r.stdout  # not struck by hand either
     assert r.stderr.strip().splitlines()[-1] == ("Error: no contract 'acme' signed by an operator key (SCF_KEY): "
                                                  "register it with `scf contract add FILE` (see `scf contract ls`)"), r.stderr
+    r = scf(deployment, "service", "capsule", "build", "--contract", "acme", "--out", str(tmp_path / "cap"))
+    assert r.returncode == 1 and not (tmp_path / "cap").exists(), r.stdout  # no capsule signed for those terms
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: no contract 'acme' signed by an operator key"), r.stderr
 
     doc = tmp_path / "acme.json"
     doc.write_text(json.dumps(ACME))

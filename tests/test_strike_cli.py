@@ -52,7 +52,11 @@ async def test_strike_refusals_are_one_line(bus, settings, scf_env, tmp_path):
 async def test_capsule_build_verify_deploy(bus, settings, scf_env, tmp_path):
     keys = Keys(settings)
     keys.release.save(settings.keys_dir)
-    await contracts.add(bus, contracts.parse_doc(DOC))
+    op = await Bus.connect(settings, "operator", key=keys.operator)  # capsules are built from operator-signed terms
+    try:
+        await contracts.add(op, contracts.parse_doc(DOC))
+    finally:
+        await op.close()
     run = lambda *a: asyncio.to_thread(cli, *a, env=scf_env)  # noqa: E731
     out = tmp_path / "cap"
     r = await run("capsule", "build", "--contract", "acme", "--out", str(out), "--version", "3")
