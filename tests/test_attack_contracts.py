@@ -97,9 +97,11 @@ async def test_an_operator_login_registers_signed_contracts_and_no_one_else_can(
         for subject in ("contract.registered.x", "contract.updated.acme", "contract.ended.acme"):
             err = await publish_error(deployment, user, subject)
             assert f'permissions violation for publish to "{subject}"' in err.lower(), (user, subject, err)
-    for user in ("operator", "worker", "edge", "analyst"):  # strikes are the services' (release key, deploys)
-        err = await publish_error(deployment, user, "strike.completed.acme")
-        assert 'permissions violation for publish to "strike.completed.acme"' in err.lower(), (user, err)
+    for user in ("operator", "worker", "edge", "analyst"):
+        # strikes are the services' (release key, deploys); so are the gear and the emergency stop
+        for subject in ("strike.completed.acme", "$KV.scf_state.emergency", "$KV.scf_state.regiment"):
+            err = await publish_error(deployment, user, subject)
+            assert f'permissions violation for publish to "{subject.lower()}"' in err.lower(), (user, subject, err)
 
 
 async def test_a_replayed_signed_contract_event_does_not_roll_the_contract_back(deployment: Deployment, service: Bus):
