@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Literal, Union
@@ -237,8 +238,8 @@ def parse_doc(raw) -> ContractDoc:
         raise ContractError(str(exc)) from None
     if not _ID.match(doc.contract_id):
         raise ContractError(f"$.contract_id = {doc.contract_id!r}: use letters, digits, - and _ (at most 64)")
-    if doc.schedule_s < 0:
-        raise ContractError(f"$.schedule_s = {doc.schedule_s}: seconds between strikes, 0 or more")
+    if not (math.isfinite(doc.schedule_s) and doc.schedule_s >= 0):  # NaN/Infinity (Python's JSON reads them) went on the log as null
+        raise ContractError(f"$.schedule_s = {doc.schedule_s}: seconds between strikes, a finite number, 0 or more")
     for i, n in enumerate(doc.nodes):
         if not _ID.match(n):
             raise ContractError(f"$.nodes[{i}] = {n!r}: a node id (letters, digits, - and _)")

@@ -87,3 +87,17 @@ def test_deeply_nested_inputs_are_one_line(tmp_path: Path, name: str, text: str,
     r = scf(tmp_path, *(a.format(path=path) for a in args))
     assert r.returncode == 1 and r.stdout == "", r.stdout
     assert r.stderr.strip().splitlines() == ["Error: " + error.format(path=path)], r.stderr
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-1"])
+def test_a_contract_schedule_that_is_not_a_finite_number_is_refused(tmp_path: Path, value: str):
+    """Python's JSON reader takes NaN and Infinity; such a schedule went on the log as null,
+    and every reader then skipped the contract (or its update) without a word."""
+    path = tmp_path / "c.json"
+    path.write_text('{"contract_id": "n", "client": "X", "domain": "hvac:office3", "nodes": ["edge-a"], '
+                    '"constraints": {"T_out": 9}, "schedule_s": ' + value + "}")
+    r = scf(tmp_path, "contract", "add", str(path))
+    shown = {"NaN": "nan", "Infinity": "inf", "-1": "-1.0"}[value]
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert r.stderr.strip().splitlines() == [
+        f"Error: $.schedule_s = {shown}: seconds between strikes, a finite number, 0 or more"], r.stderr
