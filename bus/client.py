@@ -33,7 +33,7 @@ from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, Not
 
 from scf.bus import codec
 from scf.bus import events as ev
-from scf.bus.errors import NatsUnavailable, PublishConflict, ServerError, StreamNotFound
+from scf.bus.errors import NatsUnavailable, PublishConflict, ServerError, StreamNotFound, redact_url
 from scf.bus.headers import (  # noqa: F401 - the header names, also re-exported here
     BATCH_COMMIT,
     BATCH_ID,
@@ -174,9 +174,7 @@ SERVICE_LOGINS = (None, "service")
 
 
 def _redact(url: str) -> str:
-    import re
-
-    return re.sub(r"//[^@/]*@", "//", url)
+    return redact_url(url)
 
 
 async def _probe(url: str, timeout: float) -> None:
@@ -511,7 +509,11 @@ class Bus:
         except asyncio.TimeoutError:
             for f in futures:
                 pub.forget(f)
-            raise ServerError(f"no publish acknowledgement within {timeout:.0f}s from {self.settings.url}: is the server up?") from None
+            for subject in subjects:
+                refused = refused_publish(self.nc, subject, self.login)
+                if refused is not None:
+                    raise refused from None
+            raise ServerError(f"no publish acknowledgement within {timeout:.0f}s from {_redact(self.settings.url)}: is the server up?") from None
         out = []
         for reply, subject in zip(replies, subjects):
             if reply.error is not None:
@@ -621,6 +623,10 @@ class Bus:
             reply: PubReply = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             pub.forget(fut)
+            for e in chunk:
+                refused = refused_publish(self.nc, e.subject(), self.login)
+                if refused is not None:
+                    raise refused from None
             raise NatsTimeout from None
         if reply is _NO_RESPONDERS:
             raise reply_error(reply.error, chunk[-1].subject())  # type: ignore[arg-type]

@@ -15,11 +15,18 @@ class ConfigError(SCFError):
     """Settings or files that cannot be used as given."""
 
 
+def redact_url(url: str) -> str:
+    """A NATS URL (or comma-separated list) without its user:password, for messages and logs."""
+    import re
+
+    return re.sub(r"//[^@/]*@", "//", url)
+
+
 class NatsUnavailable(SCFError):
     def __init__(self, url: str, detail: str = "") -> None:
-        self.url = url
+        self.url = redact_url(url)  # the password must not reach a terminal or a log (tests/test_attack_proofs.py)
         msg = (
-            f"cannot reach NATS at {url}"
+            f"cannot reach NATS at {self.url}"
             + (f" ({detail})" if detail else "")
             + ": start the embedded server with `scf server start`, or set NATS_URL to a running server"
         )

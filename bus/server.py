@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scf.bus.errors import EmbeddedServerError
+from scf.bus.errors import EmbeddedServerError, redact_url
 from scf.bus.settings import Settings
 
 
@@ -130,7 +130,7 @@ class EmbeddedServer:
         s = self.settings
         if not s.embedded:
             raise EmbeddedServerError(
-                f"NATS_URL is set ({s.nats_url}): SCF uses that server and does not start its own; unset NATS_URL to use the embedded server"
+                f"NATS_URL is set ({redact_url(s.nats_url)}): SCF uses that server and does not start its own; unset NATS_URL to use the embedded server"
             )
         current = self.status()
         if current.running:  # started elsewhere (`scf server start`, a killed `scf up`): adopted

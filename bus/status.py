@@ -5,11 +5,12 @@ from __future__ import annotations
 from nats.js.errors import NotFoundError
 
 from scf.bus.client import Bus
+from scf.bus.errors import redact_url
 from scf.bus.streams import STREAMS
 
 
 async def collect(bus: Bus) -> list[str]:
-    lines = [f"NATS {bus.settings.url}"]
+    lines = [f"NATS {redact_url(bus.settings.url)}"]
     lines.append(f"{'stream':<12} {'messages':>10} {'last seq':>10}   consumers (pending / ack-pending)")
     for spec in STREAMS:
         try:

@@ -84,11 +84,12 @@ def server_stop() -> None:
 @errors_to_exit
 def server_status() -> None:
     """Say whether the embedded server runs, its pid, URL and store."""
+    from scf.bus.errors import redact_url
     from scf.bus.server import EmbeddedServer
 
     s = load_settings()
     if not s.embedded:
-        typer.echo(f"NATS_URL is set: using {s.nats_url} (the embedded server is not used)")
+        typer.echo(f"NATS_URL is set: using {redact_url(s.nats_url)} (the embedded server is not used)")
         return
     typer.echo(EmbeddedServer(s).status().line())
 

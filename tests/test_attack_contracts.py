@@ -192,3 +192,20 @@ async def test_an_unsigned_registration_published_first_does_not_keep_the_signed
     r = scf(deployment, "operator", "contract", "end", "acme", SCF_KEY="alice")
     assert r.returncode == 0 and r.stdout.startswith("contract acme ended (CONTRACTS seq 4)"), (r.stdout, r.stderr)
     assert not (await contracts.load(service, trust=keys.trust))["acme"].active
+
+
+async def test_no_command_prints_the_nats_password(deployment: Deployment, service: Bus):
+    """NATS_URL carries the login's password; `scf status`, `scf server status` and the
+    unreachable-server error printed it whole (into terminals, CI logs, service logs)."""
+    password = deployment.passwords["service"]
+    r = scf(deployment, "service", "status")
+    assert r.returncode == 0, r.stderr
+    assert password not in r.stdout + r.stderr and r.stdout.startswith("NATS nats://127.0.0.1:"), r.stdout
+    r = scf(deployment, "service", "server", "status")
+    assert r.returncode == 0 and password not in r.stdout + r.stderr, r.stdout
+    assert r.stdout.startswith("NATS_URL is set: using nats://127.0.0.1:"), r.stdout
+    down = deployment.url("service").rsplit(":", 1)[0] + ":1"  # the same login, a port nobody serves
+    r = subprocess.run([sys.executable, "-m", "scf.cli.main", "contract", "ls"], env={**env_as(deployment, "service"), "NATS_URL": down},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and password not in r.stdout + r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: cannot reach NATS at nats://127.0.0.1:1 (connection refused)"), r.stderr
