@@ -45,6 +45,7 @@ from scf.bus.signing import SigningKey, TrustList  # noqa: E402
 from scf.bus.streams import ensure  # noqa: E402
 from scf.consumers.energy import measurement_event  # noqa: E402
 from scf.consumers.ledger import Ledger, LedgerSettings, transfer_for  # noqa: E402
+from tests.mv_support import passing_mv  # noqa: E402 (a passing Guideline 14 calibration: the ledger mints only those)
 
 
 def measurements(n: int, nodes: list[str]) -> list[ev.EnergyMeasured]:
@@ -52,9 +53,11 @@ def measurements(n: int, nodes: list[str]) -> list[ev.EnergyMeasured]:
     out = []
     for i in range(n):
         start = t0 + dt.timedelta(minutes=15 * i)
+        baseline, actual = 10.0 + (i % 7), 8.0 + (i % 5) * 0.25
         out.append(
             measurement_event(nodes[i % len(nodes)], period_start=start, period_end=start + dt.timedelta(minutes=15),
-                              baseline_kwh=10.0 + (i % 7), actual_kwh=8.0 + (i % 5) * 0.25, method="bench", source="bench")
+                              baseline_kwh=baseline, actual_kwh=actual, method="bench", source="bench",
+                              **passing_mv(baseline, actual))
         )
     return out
 

@@ -198,11 +198,20 @@ def energy_report(
     domain: str = typer.Option("", help="the domain (e.g. grid:case14)"),
     meter: str = typer.Option("", help="which of the node's meters (default: its main meter)"),
     key: Optional[str] = typer.Option(None, help="signing key (name or path; default $SCF_HOME/keys/<node>.key)"),
+    cv_rmse: Optional[float] = typer.Option(None, "--cv-rmse", help="the baseline model's calibration CV(RMSE), a fraction (0.12 = 12 %)"),
+    nmbe: Optional[float] = typer.Option(None, help="the calibration's NMBE, a signed fraction (-0.03 = -3 %)"),
+    points: Optional[int] = typer.Option(None, help="measured intervals the calibration compared"),
+    interval: str = typer.Option("hourly", help="the calibration's data interval: hourly or monthly (ASHRAE Guideline 14)"),
+    uncertainty: Optional[float] = typer.Option(None, help="the saving's uncertainty: half-width of its interval at --confidence, kWh"),
+    confidence: float = typer.Option(0.9, help="the uncertainty's confidence level (at least 0.68)"),
+    model: str = typer.Option("", help="what was calibrated, against what (recorded with the calibration)"),
+    uncalibrated: bool = typer.Option(False, "--uncalibrated", help="a plain reading without M&V figures: minted only by a ledger whose require_calibration is false (not IPMVP Option D)"),
 ) -> None:
-    """Publish a signed energy.measured for NODE (what a meter bridge calls)."""
+    """Publish a signed energy.measured for NODE (what a meter bridge calls), with its M&V figures (docs/mv.md)."""
+    from scf.bus import events as ev
     from scf.bus.client import Bus
     from scf.consumers.edge import load_node_key
-    from scf.consumers.energy import finite_kwh, measurement_event
+    from scf.consumers.energy import calibration_problem, finite_kwh, measurement_event
 
     for name, value in (("baseline", baseline), ("actual", actual)):
         problem = finite_kwh(f"--{name}", value)
@@ -211,6 +220,24 @@ def energy_report(
     t0, t1 = _time(start, "start"), _time(end, "end")
     if t1 <= t0:
         raise fail(f"--end {end} is not after --start {start}: a measured period must have a positive length")
+    figures = {"--cv-rmse": cv_rmse, "--nmbe": nmbe, "--points": points, "--uncertainty": uncertainty}
+    given = [k for k, v in figures.items() if v is not None]
+    calibration = None
+    if uncalibrated and given:
+        raise fail(f"--uncalibrated with {', '.join(given)}: give the M&V figures or --uncalibrated, not both")
+    if not uncalibrated:
+        if not given:
+            raise fail("no M&V figures: the ledger mints a saving only against a baseline calibrated to ASHRAE Guideline 14 "
+                       "with its uncertainty stated: give --cv-rmse, --nmbe, --points and --uncertainty (docs/mv.md), or "
+                       "--uncalibrated for a ledger that sets [ledger] require_calibration = false")
+        if missing := [k for k, v in figures.items() if v is None]:
+            raise fail(f"{', '.join(given)} without {', '.join(missing)}: the M&V figures go together "
+                       "(--cv-rmse, --nmbe, --points and --uncertainty; docs/mv.md)")
+        if points < 2:
+            raise fail(f"--points {points}: a calibration compares at least 2 measured intervals")
+        calibration = ev.Calibration(interval=interval, points=points, cv_rmse=cv_rmse, nmbe=nmbe, model=model)
+        if (problem := calibration_problem(calibration, uncertainty, confidence)) is not None:
+            raise fail(f"{problem}: not reported")
 
     async def main() -> None:
         s = load_settings(f"energy-{node}")
@@ -221,11 +248,15 @@ def energy_report(
         try:
             event = measurement_event(node, period_start=t0, period_end=t1, baseline_kwh=baseline, actual_kwh=actual,
                                       method=method, deployment_id=deployment, domain=domain, meter=meter,
-                                      source=bus.source)
+                                      source=bus.source, calibration=calibration,
+                                      uncertainty_kwh=uncertainty if calibration else None,
+                                      confidence=confidence if calibration else 0.0)
             ack = await bus.publish(event)
         finally:
             await bus.close()
-        typer.echo(f"measurement {event.data.measurement_id}: {baseline - actual:g} kWh saved; DEPLOY seq {ack.seq}"
+        mv = (f" ± {uncertainty:g} kWh ({confidence:.0%}), calibration {interval} CV(RMSE) {cv_rmse:.1%} NMBE {nmbe:+.1%}"
+              if calibration else " (uncalibrated: minted only where [ledger] require_calibration = false)")
+        typer.echo(f"measurement {event.data.measurement_id}: {baseline - actual:g} kWh saved{mv}; DEPLOY seq {ack.seq}"
                    + (" (duplicate)" if ack.duplicate else ""))
 
     run(main())

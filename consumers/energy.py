@@ -112,6 +112,36 @@ def finite_kwh(name: str, value: float) -> str | None:
     return None
 
 
+# The fix named when a measurement states no calibration (docs/mv.md, docs/ledger.md).
+NO_CALIBRATION = (
+    "no calibration stated: a saving is minted only against a baseline model calibrated to the site's "
+    "measured history (IPMVP Option D, ASHRAE Guideline 14 CV(RMSE) and NMBE; docs/mv.md): report the "
+    "calibration and the saving's uncertainty (scf energy report --cv-rmse --nmbe --points --uncertainty; a "
+    "meter file's calibration and uncertainty_kwh), or set [ledger] require_calibration = false to accept "
+    "uncalibrated readings (not IPMVP Option D)"
+)
+
+
+def calibration_problem(cal: ev.Calibration | None, uncertainty_kwh: float | None, confidence: float) -> str | None:
+    """Why a measurement's M&V figures fail (docs/mv.md), or None: a calibration must be
+    stated and meet ASHRAE Guideline 14 for its interval, and the saving's uncertainty must
+    be stated at a confidence of at least 68 %. (The ledger also bounds the uncertainty by
+    `[ledger] max_fsu` of the saving.) One check for the ledger, `scf energy report` and
+    meter files."""
+    from scf.domains.mv import g14_problem
+
+    if cal is None:
+        return NO_CALIBRATION
+    if (problem := g14_problem(cal.interval, cal.cv_rmse, cal.nmbe, cal.points)) is not None:
+        return problem
+    u = uncertainty_kwh
+    if u is None or not math.isfinite(u) or u < 0:
+        return f"the saving's uncertainty is not stated (uncertainty_kwh {u}): report ASHRAE Guideline 14's fractional savings uncertainty"
+    if not (0.68 <= confidence < 1.0):
+        return f"the uncertainty's confidence level {confidence} is not stated or below 68 %: state it (e.g. 0.9)"
+    return None
+
+
 # --------------------------------------------------------------------------- the node's side
 
 

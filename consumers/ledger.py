@@ -56,6 +56,7 @@ from scf.consumers.energy import (
     DEFAULT_METER,
     MAX_KWH,
     Cause,
+    calibration_problem,
     content_digest,
     iso_micros,
     norm_meter,
@@ -81,10 +82,11 @@ class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True):
     ack_wait: float = 30.0  # seconds before an unacknowledged measurement is redelivered
     gather_s: float = 0.05  # how long a batch waits to fill once its first measurement is in
     concurrency: int = 32  # the per-message path (`Ledger.runner`): measurements handled at once
-    # M&V (docs/mv.md): every measurement must state a calibrated baseline (ASHRAE Guideline
-    # 14) and its uncertainty; off by default for meter-vs-baseline readings, always on for a
-    # measurement that states a calibration or an Option D method.
-    require_calibration: bool = False
+    # M&V (docs/mv.md): every measurement must state a baseline calibrated to ASHRAE Guideline
+    # 14 and its uncertainty (IPMVP Option D). `false` accepts plain meter-vs-baseline readings
+    # without either: not IPMVP Option D compliant (a measurement that states a calibration or
+    # an Option D method is still checked).
+    require_calibration: bool = True
     max_fsu: float = 0.5  # the saving's stated uncertainty may be at most this fraction of it (Guideline 14)
 
 
@@ -172,25 +174,15 @@ def check(m: ev.Measurement, settings: LedgerSettings) -> str | None:
 
 
 def mv_problem(m: ev.Measurement, kwh: float, settings: LedgerSettings) -> str | None:
-    """The calibration rule (IPMVP Option D, ASHRAE Guideline 14; docs/mv.md): a measurement
-    that states a calibration or an Option D method — every one when `[ledger]
-    require_calibration` — is minted only with a passing calibration and a stated uncertainty
-    no larger than `max_fsu` of the saving."""
-    from scf.domains.mv import g14_problem
-
+    """The calibration rule (IPMVP Option D, ASHRAE Guideline 14; docs/mv.md): every
+    measurement — unless `[ledger] require_calibration = false`, and then still one that
+    states a calibration or an Option D method — is minted only with a passing calibration
+    and a stated uncertainty no larger than `max_fsu` of the saving."""
     if m.calibration is None and "option-d" not in norm_method(m.method) and not settings.require_calibration:
         return None
-    cal = m.calibration
-    if cal is None:
-        return ("no calibration stated: a saving is minted only against a baseline model calibrated to the site's "
-                "measured history (ASHRAE Guideline 14 CV(RMSE) and NMBE; docs/mv.md)")
-    if (problem := g14_problem(cal.interval, cal.cv_rmse, cal.nmbe, cal.points)) is not None:
+    if (problem := calibration_problem(m.calibration, m.uncertainty_kwh, m.confidence)) is not None:
         return problem
     u = m.uncertainty_kwh
-    if u is None or not math.isfinite(u) or u < 0:
-        return f"the saving's uncertainty is not stated (uncertainty_kwh {u}): report ASHRAE Guideline 14's fractional savings uncertainty"
-    if not (0.68 <= m.confidence < 1.0):
-        return f"the uncertainty's confidence level {m.confidence} is not stated or below 68 %: state it (e.g. 0.9)"
     if u > settings.max_fsu * kwh:
         return (f"saving too uncertain: ±{u:.3g} kWh at {m.confidence:.0%} confidence is more than "
                 f"{settings.max_fsu:.0%} of the {kwh:.3g} kWh saved (ASHRAE Guideline 14)")

@@ -31,6 +31,7 @@ from scf.bus.signing import SigningKey
 from scf.bus.streams import CONSUMERS, ConsumerSpec, ensure, ensure_consumer
 from scf.consumers.energy import measurement_event
 from tests.conftest import cli, spawn, stream_count, wait_for
+from tests.mv_support import passing_mv
 from tests.test_deploy_helpers import Keys, start_process, stop
 from tests.test_nats_configs import Hub, hub, passwords, servers, tls_files, violation  # noqa: F401 (fixtures)
 
@@ -101,7 +102,8 @@ async def test_the_ledger_survives_a_max_payload_measurement_from_an_edge_subjec
         await wait_for(dead, 60, "the oversized measurement's dead letter")
         start = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
         good = measurement_event("n1", period_start=start, period_end=start + dt.timedelta(hours=1),
-                                 baseline_kwh=10.0, actual_kwh=8.0, method="metered-vs-baseline", source="meter")
+                                 baseline_kwh=10.0, actual_kwh=8.0, method="metered-vs-baseline", source="meter",
+                                 **passing_mv(10.0, 8.0))
         await bus.js.publish(good.subject(), codec.sign(good, k1))
 
         async def minted() -> bool:

@@ -33,6 +33,7 @@ from scf.consumers import nodes as nodes_mod
 from scf.consumers.energy import cause_id, measurement_event, utc_micros
 from scf.consumers.ledger import Ledger, LedgerSettings, balances, read_transfers, transfer_id_for, verify
 from tests.conftest import cli, spawn, stream_count, wait_for
+from tests.mv_support import mv_fields, passing_mv
 from tests.test_deploy_helpers import Keys
 from tests.test_ledger import consumer_done, publish_signed, rejections
 
@@ -48,7 +49,7 @@ def reading(node="n1", start=T0, end=T0 + HOUR, baseline=20.0, actual=2.0, metho
     """A measurement exactly as a (possibly hostile) node would write it: times as given
     (no conversion to UTC), any measurement id, a fresh envelope id (a new Nats-Msg-Id)."""
     m = measurement_event(node, period_start=start, period_end=end, baseline_kwh=baseline, actual_kwh=actual,
-                          method=method, meter=meter, source="attacker").data
+                          method=method, meter=meter, source="attacker", **passing_mv(baseline, actual)).data
     m = msgspec.structs.replace(m, period_start=start, period_end=end, meter=meter,
                                 measurement_id=measurement_id or m.measurement_id)
     return ev.EnergyMeasured.new(m, source="attacker", id=new_id())
@@ -429,7 +430,8 @@ async def test_edge_agent_never_reports_a_non_finite_or_absurd_meter_file(bus, s
         (meter / "b.json").write_text(json.dumps({**period, "baseline_kwh": 1e300, "actual_kwh": 1.0}))
         (meter / "c.json").write_bytes(b'{"period_start": "2026-11-03T10:00:00Z", "period_end": "2026-11-03T11:00:00Z",'
                                        b' "baseline_kwh": 1e999, "actual_kwh": 1.0}')
-        (meter / "d.json").write_text(json.dumps({**period, "baseline_kwh": 5.0, "actual_kwh": 1.0, "meter": " Main"}))
+        (meter / "d.json").write_text(json.dumps({**period, "baseline_kwh": 5.0, "actual_kwh": 1.0, "meter": " Main",
+                                                  **mv_fields(5.0, 1.0)}))
         assert await agent.meter.report_files() == 1
         assert sorted(p.name for p in (meter / "bad").iterdir()) == ["a.json", "b.json", "c.json"]
         assert await stream_count(bus, "DEPLOY", "energy.measured.>") == 1

@@ -21,6 +21,7 @@ from scf.bus.codec import Codec
 from scf.bus.events import DeployRequested, DeployRollbackRequested
 from scf.consumers.edge import EdgeAgent, Refused, health_check, verify_release
 from tests.conftest import scf, stream_count, wait_for
+from tests.mv_support import mv_fields
 from tests.test_deploy_helpers import (
     Keys,
     current_model,
@@ -182,9 +183,9 @@ async def test_edge_agent_lifecycle(bus, settings, scf_env, tmp_path):
         r = scf("control", "rollback", NODE, env=env)
         await wait_for(lambda: node_runs(bus, NODE, "ck-1"), 30, "rolled back to v1 after the restart")
 
-        # 8. A meter reading dropped by a bridge becomes a signed energy.measured.
+        # 8. A meter reading dropped by a bridge becomes a signed energy.measured, with its M&V figures.
         reading = {"period_start": "2026-11-01T00:00:00Z", "period_end": "2026-11-01T01:00:00Z",
-                   "baseline_kwh": 12.5, "actual_kwh": 10.0}
+                   "baseline_kwh": 12.5, "actual_kwh": 10.0, **mv_fields(12.5, 10.0)}
         (edir / "meter" / "r1.json").write_text(json.dumps(reading))
         await wait_for(lambda: (edir / "meter" / "sent" / "r1.json").exists(), 30, "the reading to be sent")
         measured = await events_on(bus, "DEPLOY", "energy.measured.>", [ev.EnergyMeasured])
@@ -192,6 +193,7 @@ async def test_edge_agent_lifecycle(bus, settings, scf_env, tmp_path):
         raw = (await bus.js.get_msg("DEPLOY", measured[0][0])).data
         m = Codec([ev.EnergyMeasured], trust=keys.trust, require_signature=True, role="node").decode(raw)
         assert m.data.node == NODE and m.data.saved_kwh == 2.5 and m.data.deployment_id is not None
+        assert m.data.calibration is not None and m.data.calibration.cv_rmse == 0.05 and m.data.uncertainty_kwh == 0.25
         assert await stream_count(bus, "DLQ") == 0
     finally:
         codes = [stop(agent), stop(planner)]

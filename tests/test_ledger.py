@@ -36,6 +36,7 @@ from scf.consumers.ledger import (
 )
 from scf.consumers.nodes import NodeInfo, register
 from tests.conftest import cli, stream_count, wait_for
+from tests.mv_support import mv_options, passing_mv
 from tests.test_deploy_helpers import Keys, utc
 
 T0 = utc(2026, 11, 1, 0, 0)
@@ -44,7 +45,7 @@ T0 = utc(2026, 11, 1, 0, 0)
 def measurement(node: str = "n1", baseline: float = 10.0, actual: float = 7.5, hour: int = 0, method: str = "metered-vs-baseline"):
     start = T0 + dt.timedelta(hours=hour)
     return measurement_event(node, period_start=start, period_end=start + dt.timedelta(hours=1), baseline_kwh=baseline,
-                             actual_kwh=actual, method=method, source="test")
+                             actual_kwh=actual, method=method, source="test", **passing_mv(baseline, actual))
 
 
 def again(event: ev.EnergyMeasured, **changes) -> ev.EnergyMeasured:
@@ -238,8 +239,8 @@ async def test_cli_balance_history_verify(bus, settings, scf_env):
             await publish_signed(bus, measurement("n1", 10.0, 9.0, hour=h), k1)
         # The third through `scf energy report`, as a meter bridge would (signed with keys/n1.key).
         rep = await asyncio.to_thread(cli, "energy", "report", "--node", "n1", "--baseline", "10", "--actual", "9",
-                  "--start", "2026-11-01T02:00:00Z", "--end", "2026-11-01T03:00:00Z", env=scf_env)
-        assert rep.returncode == 0 and "1 kWh saved" in rep.stdout, rep.stderr
+                  "--start", "2026-11-01T02:00:00Z", "--end", "2026-11-01T03:00:00Z", *mv_options(10, 9), env=scf_env)
+        assert rep.returncode == 0 and "1 kWh saved ± 0.1 kWh (90%), calibration hourly CV(RMSE) 5.0% NMBE +1.0%" in rep.stdout, rep.stderr
         assert rep.stdout.startswith(f"measurement {measurement('n1', hour=2).data.measurement_id}")
         await wait_for(lambda: stream_count(bus, "LEDGER"), 10, "transfers")
         await wait_for(lambda: consumer_done(bus), 20, "the ledger to drain")
@@ -251,7 +252,7 @@ async def test_cli_balance_history_verify(bus, settings, scf_env):
     hist = await asyncio.to_thread(cli, "ledger", "history", "--account", "node:n1", env=scf_env)
     assert hist.returncode == 0 and len(hist.stdout.strip().splitlines()) == 3
     nokey = await asyncio.to_thread(cli, "energy", "report", "--node", "ghost", "--baseline", "2", "--actual", "1",
-                "--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z", env=scf_env)
+                "--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z", *mv_options(2, 1), env=scf_env)
     assert nokey.returncode == 1
     assert nokey.stderr.strip() == "Error: no signing key for node ghost: create it with `scf keys new ghost` or pass --key"
     ok = await asyncio.to_thread(cli, "ledger", "verify", env=scf_env)

@@ -23,6 +23,7 @@ from scf.bus.reader import read
 from scf.consumers.energy import measurement_event
 from scf.consumers.ledger import balances, read_transfers
 from tests.conftest import scf, stream_count, wait_for
+from tests.mv_support import passing_mv
 from tests.test_deploy_helpers import Keys, logs, start_process, stop, utc
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -63,7 +64,8 @@ async def test_ledger_survives_sigkill_with_duplicates(bus, settings, scf_env, t
         else:
             actual = round(baseline - rng.uniform(0.001, min(baseline, MAX_KWH) * 0.9), 3)
         event = measurement_event(node, period_start=start, period_end=start + dt.timedelta(hours=1),
-                                  baseline_kwh=baseline, actual_kwh=actual, method="metered-vs-baseline", source="meter")
+                                  baseline_kwh=baseline, actual_kwh=actual, method="metered-vs-baseline", source="meter",
+                                  **passing_mv(baseline, actual))
         signed = kind >= 0.08 and rng.random() > 0.05
         causes.append((event, signed))
 

@@ -14,7 +14,7 @@ import pytest
 
 from scf import domains
 from scf.bus import events as ev
-from scf.consumers.energy import measurement_event
+from scf.consumers.energy import NO_CALIBRATION, measurement_event
 from scf.consumers.ledger import LedgerSettings, check, read_transfers
 from scf.domains import mv
 from scf.domains.hvac_dynamics import HvacPlant, run_plant, thermostat, weather
@@ -128,13 +128,19 @@ def test_ledger_rule_pure():
     assert "uncertainty is not stated" in check(calibrated_measurement("n1", 0, uncertainty=None).data, s)
     assert "confidence level 0.5" in check(calibrated_measurement("n1", 0, confidence=0.5).data, s)
     assert "saving too uncertain" in check(calibrated_measurement("n1", 0, uncertainty=1.5).data, s)
-    # an Option D method without a calibration, and any measurement when required
+    # any measurement without a calibration by default; with `require_calibration = false`
+    # (not Option D compliant) a plain reading mints, an Option D method still needs one
     plain = measurement_event("n1", period_start=utc(2026, 11, 1, 0, 0), period_end=utc(2026, 11, 1, 1, 0), baseline_kwh=10,
                               actual_kwh=8, method="metered-vs-baseline", source="test")
-    assert check(plain.data, s) is None
-    assert "no calibration stated" in check(plain.data, LedgerSettings(require_calibration=True))
+    assert s.require_calibration is True
+    assert check(plain.data, s) == NO_CALIBRATION
+    uncalibrated = LedgerSettings(require_calibration=False)
+    assert check(plain.data, uncalibrated) is None
     option_d = msgspec.structs.replace(plain.data, method=mv.METHOD)
-    assert "no calibration stated" in check(option_d, s)
+    assert check(option_d, uncalibrated) == NO_CALIBRATION
+    assert NO_CALIBRATION.startswith("no calibration stated: ") and "\n" not in NO_CALIBRATION
+    assert "scf energy report --cv-rmse --nmbe --points --uncertainty" in NO_CALIBRATION
+    assert "[ledger] require_calibration = false" in NO_CALIBRATION
 
 
 def test_measurement_with_calibration_round_trips():
@@ -185,3 +191,102 @@ async def test_a_site_the_model_cannot_fit_is_not_minted(bus, settings, tmp_path
     assert len(reasons) == len(measured)
     assert all(r.startswith("baseline model not calibrated: hourly ") or r.startswith("negative saving") for r in reasons), reasons
     assert any(r.startswith("baseline model not calibrated: hourly CV(RMSE)") for r in reasons), reasons
+
+
+# --------------------------------------------------------------------------- plain readings: refused, or an uncalibrated deployment
+
+
+def report(*extra: str, hour: int = 0, env) -> object:
+    from tests.conftest import cli
+
+    start = utc(2026, 11, 1, hour, 0)
+    return cli("energy", "report", "--node", "n1", "--baseline", "10", "--actual", "8", "--start", start.isoformat(),
+               "--end", (start + dt.timedelta(hours=1)).isoformat(), *extra, env=env)
+
+
+@pytest.mark.anyio
+async def test_energy_report_carries_the_figures_or_refuses(bus, settings, scf_env):
+    """`scf energy report` without M&V figures, with some of them, or with a calibration
+    that fails Guideline 14 refuses with one line and publishes nothing; `--uncalibrated`
+    publishes a plain reading, which the ledger rejects by default (naming the fix) and
+    mints only where `[ledger] require_calibration = false`."""
+    import asyncio
+
+    from tests.conftest import stream_count
+    from tests.mv_support import mv_options
+
+    keys = Keys(settings)
+    k1 = keys.node("n1")
+    cases = [
+        ((), "Error: no M&V figures: the ledger mints a saving only against a baseline calibrated to ASHRAE Guideline 14 "
+             "with its uncertainty stated: give --cv-rmse, --nmbe, --points and --uncertainty (docs/mv.md), or "
+             "--uncalibrated for a ledger that sets [ledger] require_calibration = false"),
+        (("--cv-rmse", "0.05", "--nmbe", "0.01"), "Error: --cv-rmse, --nmbe without --points, --uncertainty: the M&V figures go "
+                                                 "together (--cv-rmse, --nmbe, --points and --uncertainty; docs/mv.md)"),
+        (("--cv-rmse", "0.05", "--nmbe", "-0.12", "--points", "48", "--uncertainty", "0.2"),
+         "Error: baseline model not calibrated: hourly NMBE -12.0% outside ASHRAE Guideline 14's ±10% (48 points): not reported"),
+        (("--cv-rmse", "0.05", "--nmbe", "0.01", "--points", "48", "--uncertainty", "0.2", "--confidence", "0.5"),
+         "Error: the uncertainty's confidence level 0.5 is not stated or below 68 %: state it (e.g. 0.9): not reported"),
+        (("--uncalibrated", *mv_options(10, 8)), "Error: --uncalibrated with --cv-rmse, --nmbe, --points, --uncertainty: give "
+                                                 "the M&V figures or --uncalibrated, not both"),
+    ]
+    for extra, error in cases:
+        out = await asyncio.to_thread(report, *extra, env=scf_env)
+        assert out.returncode == 1 and out.stderr.strip() == error, out.stdout + out.stderr
+    assert await stream_count(bus, "DEPLOY") == 0
+
+    plain = await asyncio.to_thread(report, "--uncalibrated", hour=0, env=scf_env)
+    assert plain.returncode == 0, plain.stderr
+    assert "2 kWh saved (uncalibrated: minted only where [ledger] require_calibration = false)" in plain.stdout
+    async with running_ledger(bus, keys, LedgerSettings(rate=1.0)):
+        await wait_for(lambda: consumer_done(bus), 20, "the ledger to decide the plain reading")
+    assert await read_transfers(bus) == []
+    assert [r.reason for r in await rejections(bus)] == [NO_CALIBRATION]
+
+    # a deployment that deliberately accepts uncalibrated readings (not IPMVP Option D)
+    async with running_ledger(bus, keys, LedgerSettings(rate=1.0, require_calibration=False)):
+        n = (await bus.js.stream_info("DEPLOY")).state.last_seq
+        assert (await asyncio.to_thread(report, "--uncalibrated", hour=1, env=scf_env)).returncode == 0
+        await publish_signed(bus, calibrated_measurement("n1", 2, bias=-0.12), k1)  # a stated calibration is still checked
+        await wait_for(lambda: consumer_done(bus, n + 1), 20, "the ledger to decide")
+    assert [e.transfer.kwh for e in await read_transfers(bus)] == [2.0]
+    assert len(await rejections(bus)) == 2
+
+
+@pytest.mark.anyio
+async def test_meter_files_carry_the_figures_or_go_to_bad(bus, settings, tmp_path):
+    """A meter file without M&V figures goes to meter/bad/ (the log names the fix); one with
+    them is sent carrying them; `"uncalibrated": true` sends a plain reading."""
+    import json
+
+    from scf.bus.client import Bus
+    from scf.consumers.edge import EdgeAgent
+    from tests.mv_support import CALIBRATION, mv_fields
+    from tests.test_deploy_helpers import events_on
+
+    keys = Keys(settings)
+    node_bus = await Bus.connect(settings, "edge-n1", key=keys.node("n1"))
+    try:
+        agent = EdgeAgent(node_bus, "n1", tmp_path / "n1", keys.trust, register=False)
+        meter = tmp_path / "n1" / "meter"
+
+        def period(hour: int) -> dict:
+            return {"period_start": f"2026-11-01T{hour:02d}:00:00Z", "period_end": f"2026-11-01T{hour + 1:02d}:00:00Z",
+                    "baseline_kwh": 10.0, "actual_kwh": 8.0}
+
+        (meter / "a-plain.json").write_text(json.dumps(period(0)))
+        (meter / "b-miscalibrated.json").write_text(json.dumps({**period(1), **mv_fields(10, 8), "calibration": {
+            "interval": "hourly", "points": 48, "cv_rmse": 0.4, "nmbe": 0.0}}))
+        (meter / "c-both.json").write_text(json.dumps({**period(2), **mv_fields(10, 8), "uncalibrated": True}))
+        (meter / "d-calibrated.json").write_text(json.dumps({**period(3), **mv_fields(10, 8)}))
+        (meter / "e-uncalibrated.json").write_text(json.dumps({**period(4), "uncalibrated": True}))
+        assert await agent.meter.report_files() == 2
+        assert sorted(p.name for p in (meter / "bad").iterdir()) == ["a-plain.json", "b-miscalibrated.json", "c-both.json"]
+    finally:
+        await node_bus.close()
+    sent = sorted((e.data for _, e in await events_on(bus, "DEPLOY", "energy.measured.>", [ev.EnergyMeasured])),
+                  key=lambda m: m.period_start)
+    assert [m.period_start.hour for m in sent] == [3, 4]
+    assert sent[0].calibration == msgspec.structs.replace(CALIBRATION, model="") and sent[0].uncertainty_kwh == pytest.approx(0.2)
+    assert sent[0].confidence == 0.9
+    assert sent[1].calibration is None and sent[1].uncertainty_kwh is None and sent[1].confidence == 0.0

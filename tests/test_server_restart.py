@@ -32,6 +32,7 @@ from scf.bus.streams import CONSUMERS, KEY_DAEMON, ensure
 from scf.consumers.energy import measurement_event
 from tests.conftest import spawn, stream_count, wait_for
 from tests.daemon_support import fossil
+from tests.mv_support import passing_mv
 from tests.test_deploy_helpers import Keys, logs, start_process, stop
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -46,7 +47,8 @@ def intent(i: str) -> ev.IntentCreated:
 def measurement(hour: int) -> ev.EnergyMeasured:
     start = dt.datetime(2026, 11, 1, hour, tzinfo=dt.timezone.utc)
     return measurement_event("n1", period_start=start, period_end=start + dt.timedelta(hours=1),
-                             baseline_kwh=10.0, actual_kwh=8.0, method="metered-vs-baseline", source="meter")
+                             baseline_kwh=10.0, actual_kwh=8.0, method="metered-vs-baseline", source="meter",
+                             **passing_mv(10.0, 8.0))
 
 
 async def consumer_exists(bus: Bus, stream: str, durable: str) -> bool:

@@ -1,5 +1,7 @@
 """Meter reporting: readings a meter bridge drops into `<dir>/meter/*.json` become signed
-`energy.measured` events (signed with the node's key; the ledger mints from them)."""
+`energy.measured` events (signed with the node's key; the ledger mints from them). A reading
+carries its M&V figures (the baseline's Guideline 14 calibration and the saving's
+uncertainty, docs/mv.md) or says `"uncalibrated": true`; any other goes to meter/bad/."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from typing import Callable
 
 import msgspec
 
+from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.consumers.edge.store import Installed
-from scf.consumers.energy import finite_kwh, measurement_event
+from scf.consumers.energy import calibration_problem, finite_kwh, measurement_event
 
 log = logging.getLogger("scf.edge")
 
@@ -30,6 +33,28 @@ class MeterReading(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     deployment_id: str | None = None  # default: the deployment running now
     domain: str | None = None
     meter: str = ""  # which meter of the node ("" = its main meter)
+    # M&V (docs/mv.md): the baseline's calibration and the saving's uncertainty (kWh, the
+    # half-width of its interval at `confidence`); or `uncalibrated: true` for a plain
+    # reading, minted only by a ledger with `[ledger] require_calibration = false`.
+    calibration: ev.Calibration | None = None
+    uncertainty_kwh: float | None = None
+    confidence: float = 0.9
+    uncalibrated: bool = False
+
+
+def reading_problem(reading: MeterReading) -> str | None:
+    """Why a meter file is not reported, or None."""
+    for name, value in (("baseline_kwh", reading.baseline_kwh), ("actual_kwh", reading.actual_kwh)):
+        if (problem := finite_kwh(name, value)) is not None:
+            return problem
+    if reading.uncalibrated:
+        if reading.calibration is not None or reading.uncertainty_kwh is not None:
+            return "uncalibrated: true with a calibration or uncertainty_kwh: give the M&V figures or uncalibrated, not both"
+        return None
+    if reading.calibration is None and reading.uncertainty_kwh is None:
+        return ("no M&V figures: give calibration {interval, points, cv_rmse, nmbe} and uncertainty_kwh (docs/mv.md), "
+                'or "uncalibrated": true for a ledger that sets [ledger] require_calibration = false')
+    return calibration_problem(reading.calibration, reading.uncertainty_kwh, reading.confidence)
 
 
 class MeterReporter:
@@ -45,7 +70,8 @@ class MeterReporter:
 
     async def report_files(self) -> int:
         """Publish every reading in `<dir>/meter/*.json` as a signed energy.measured; the
-        file moves to meter/sent/ (or meter/bad/ when unreadable). Returns how many were sent."""
+        file moves to meter/sent/ (or meter/bad/ when unreadable, out of range or without
+        passing M&V figures, with the reason in the log). Returns how many were sent."""
         if self.bus.key is None:
             return 0
         sent = 0
@@ -58,9 +84,8 @@ class MeterReporter:
                 continue
             cur = self.running()
             try:
-                for name, value in (("baseline_kwh", reading.baseline_kwh), ("actual_kwh", reading.actual_kwh)):
-                    if (problem := finite_kwh(name, value)) is not None:
-                        raise ValueError(problem)
+                if (problem := reading_problem(reading)) is not None:
+                    raise ValueError(problem)
                 event = measurement_event(
                     self.node,
                     period_start=reading.period_start,
@@ -72,8 +97,11 @@ class MeterReporter:
                     domain=reading.domain or (cur.domain if cur else self.labels.get("domain", "")),
                     meter=reading.meter,
                     source=self.bus.source,
+                    calibration=reading.calibration,
+                    uncertainty_kwh=reading.uncertainty_kwh,
+                    confidence=reading.confidence if reading.calibration is not None else 0.0,
                 )
-            except ValueError as exc:  # a non-finite or absurd reading: never reported
+            except ValueError as exc:  # a non-finite or absurd reading, or no M&V figures: never reported
                 log.error("%s: meter file %s: %s: moved to meter/bad/", self.node, path, exc)
                 _move(path, self.dir / "bad")
                 continue
