@@ -15,6 +15,9 @@ For each domain, in one run:
      check, gap median / p95, savings captured from the observed state (status quo) to the optimum;
   4. speed: `--batch` contexts decided in one call (network, repair, polish), per instance,
      against `Domain.reference_solution` on each (HiGHS, the model built once, warm re-solves);
+     with `--device cuda` the model (network and cost model) runs on the GPU for steps 3 and 4
+     (training stays on the CPU; repair and polish's bookkeeping are numpy on the CPU either
+     way), and the same batch is also timed with the model on the CPU, in the same process;
   5. `--congested case30:0.7`: the same on a case whose line ratings are scaled so that lines
      bind at the optimum in part of the contexts (fossils synthesised in memory).
 Prints a table and one JSON line per domain. Goals: feasible 100 %; gap median <= 0.5 %,
@@ -37,7 +40,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # a
     os.environ.setdefault(_var, "1")  # (a threaded BLAS on a loaded 2-core VM spins: 10-50x slower small products)
 
 
-def run(domain_name: str, fossils: int, steps: int, batch: int, heldout: int, seed: int, work: Path) -> dict:
+def run(domain_name: str, fossils: int, steps: int, batch: int, heldout: int, seed: int, work: Path, device: str = "cpu") -> dict:
     """A registered domain: fossil shards on disk, `train_optimiser` on the train split."""
     import numpy as np
 
@@ -56,12 +59,12 @@ def run(domain_name: str, fossils: int, steps: int, batch: int, heldout: int, se
     model, _ = load_optimiser(result.checkpoint)
     test = tuple(np.asarray(a, dtype=float) for a in load_arrays(shards, domain=domain_name, split="heldout", limit=heldout))
     train = tuple(np.asarray(a, dtype=float) for a in load_arrays(shards, domain=domain_name, split="train"))
-    row = measure(d, model, train, test, batch, seed)
+    row = measure(d, model, train, test, batch, seed, device)
     return {"domain": domain_name, "fossils": fossils, "steps": steps, "synth_s": round(synth_s, 1),
             "train_s": round(result.metrics.get("train_seconds", float("nan")), 1), **row}
 
 
-def run_congested(case: str, derate: float, fossils: int, steps: int, batch: int, heldout: int, seed: int) -> dict:
+def run_congested(case: str, derate: float, fossils: int, steps: int, batch: int, heldout: int, seed: int, device: str = "cpu") -> dict:
     """A MATPOWER case with every rateA times `derate`, so that lines bind at the optimum in
     part of the contexts (the shipped cases never congest under the synthesiser's loads);
     fossils synthesised in memory, 1 in 16 held out."""
@@ -91,15 +94,19 @@ def run_congested(case: str, derate: float, fossils: int, steps: int, batch: int
     opt_states, _ = optimum_costs(d, test[1])
     ok = np.all(np.isfinite(opt_states), axis=1)
     congested = float(np.mean((np.abs(d.flows(test[1][ok], opt_states[ok])) - d.rate > -1e-3).any(1)))
-    row = measure(d, model, (x[~held], ctx[~held], e[~held]), test, batch, seed)
+    row = measure(d, model, (x[~held], ctx[~held], e[~held]), test, batch, seed, device)
     return {"domain": d.name, "fossils": fossils, "steps": steps, "synth_s": round(synth_s, 1),
             "train_s": round(metrics["train_seconds"], 1), "congested_share": congested, **row}
 
 
-def measure(d, model, train, test, batch: int, seed: int) -> dict:
+def measure(d, model, train, test, batch: int, seed: int, device: str = "cpu") -> dict:
     """Decision quality on the held-out contexts (learned vs best in data, against the exact
-    optimum) and speed on `batch` fresh contexts (learned path vs HiGHS per instance)."""
+    optimum) and speed on `batch` fresh contexts (learned path vs HiGHS per instance); the
+    model on `device` (on another device than the CPU, the CPU path is timed too)."""
     import numpy as np
+    import torch
+
+    model = model.to(device)
 
     from scf.domains.base import Infeasible
     from scf.domains.quality import best_in_data, decision_quality, optimum_costs
@@ -126,12 +133,23 @@ def measure(d, model, train, test, batch: int, seed: int) -> dict:
     for ci in ctx:
         d.reference_solution(ci)
     highs_s = (time.perf_counter() - t0) / batch
-    model.decide(d, ctx[:8])  # warm-up
-    best_learned = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        _, out = model.decide(d, ctx)
-        best_learned = min(best_learned, (time.perf_counter() - t0) / batch)
+
+    def timed(m):
+        m.decide(d, ctx[:8])  # warm-up
+        m.decide(d, ctx)  # … at the batch's shapes too (CUDA kernels, allocator)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _, out = m.decide(d, ctx)  # numpy out: the device work is finished
+            best = min(best, (time.perf_counter() - t0) / batch)
+        return best, out
+
+    best_learned, out = timed(model)
+    extra = {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"}
+    if device != "cpu":
+        cpu_s, _ = timed(model.to("cpu"))
+        model.to(device)
+        extra.update(cpu_learned_ms_per_instance=1e3 * cpu_s, cpu_speedup=highs_s / cpu_s)
     lm, bm = learned.metrics(), baseline.metrics()
     return {
         "train_fossils": len(tx), "heldout_contexts": len(c),
@@ -140,7 +158,7 @@ def measure(d, model, train, test, batch: int, seed: int) -> dict:
         "baseline_feasible": bm["feasible"], "baseline_gap_median": bm["gap_median"], "baseline_gap_p95": bm["gap_p95"],
         "baseline_savings_captured": bm["savings_captured"],
         "batch": batch, "learned_ms_per_instance": 1e3 * best_learned, "highs_ms_per_instance": 1e3 * highs_s,
-        "speedup": highs_s / best_learned, "batch_feasible": float(out.feasible.mean()),
+        "speedup": highs_s / best_learned, "batch_feasible": float(out.feasible.mean()), **extra,
     }
 
 
@@ -153,16 +171,17 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--congested", default="case30:0.7", help="CASE:DERATE, a case with rateA scaled so lines bind ('' to skip)")
+    p.add_argument("--device", default="cpu", help="where the trained model decides (cpu, cuda); training stays on the CPU")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-learned-") as tmp:
         for name in filter(None, args.domains.split(",")):
-            row = run(name, args.fossils, args.steps, args.batch, args.heldout, args.seed, Path(tmp))
+            row = run(name, args.fossils, args.steps, args.batch, args.heldout, args.seed, Path(tmp), args.device)
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.congested:
             case, derate = args.congested.split(":")
-            row = run_congested(case, float(derate), args.fossils, args.steps, args.batch, args.heldout, args.seed)
+            row = run_congested(case, float(derate), args.fossils, args.steps, args.batch, args.heldout, args.seed, args.device)
             rows.append(row)
             print(json.dumps(row), flush=True)
     pct = lambda v: f"{100 * v:.3f} %"  # noqa: E731

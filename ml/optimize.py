@@ -145,16 +145,18 @@ class LearnedOptimiser(nn.Module):
         """The network's proposals (B, d) within the state bounds, through the same balance
         layer as in training (where the domain has a balance row), before repair."""
         c = np.atleast_2d(np.asarray(contexts, dtype=float))
-        x = self._raw(torch.as_tensor(c, dtype=torch.float32))[0]
+        dev = self.state_lo.device  # the model's device (`model.to("cuda")`); numpy in and out
+        x = self._raw(torch.as_tensor(c, dtype=torch.float32, device=dev))[0]
         a, rlo, rhi = batch_rows(domain, c)
         eq = _equality_rows(a, rlo, rhi)
         if eq.any():
-            x = _balance_layer(x.double(), self.state_lo.double(), self.state_hi.double(), torch.as_tensor(rlo[:, eq][:, 0]))
-        return x.double().numpy()
+            x = _balance_layer(x.double(), self.state_lo.double(), self.state_hi.double(), torch.as_tensor(rlo[:, eq][:, 0], device=dev))
+        return x.double().cpu().numpy()
 
     def merit(self, contexts: np.ndarray, states: np.ndarray) -> np.ndarray:
         """The learned marginal cost of each variable at `states` (B, d)."""
-        return self.cost.marginal(torch.as_tensor(states), torch.as_tensor(contexts, dtype=torch.float64)).numpy()
+        dev = self.state_lo.device
+        return self.cost.marginal(torch.as_tensor(states, device=dev), torch.as_tensor(contexts, dtype=torch.float64, device=dev)).cpu().numpy()
 
     def decide(self, domain: Domain, contexts: np.ndarray) -> tuple[np.ndarray, RepairResult]:
         """(raw proposals, their repair) for `contexts` (B, m)."""
@@ -184,10 +186,10 @@ class LearnedOptimiser(nn.Module):
             return states
         x = states.copy()
         lo, hi = (np.asarray(v, dtype=float) for v in (self.config.state_lo, self.config.state_hi))
-        knots = (self.state_mid.double().numpy()[:, None] + self.state_half.double().numpy()[:, None] * self.cost.knots.numpy()[None, :])  # (d, K)
+        knots = (self.state_mid.double().cpu().numpy()[:, None] + self.state_half.double().cpu().numpy()[:, None] * self.cost.knots.cpu().numpy()[None, :])  # (d, K)
         dirs = [np.eye(a.shape[1])[j] for j in range(a.shape[1])]
         dirs += [v / max(np.abs(v).max(), 1e-12) for v in np.linalg.pinv(a).T]
-        weights = self.cost.device_weights(torch.as_tensor(contexts, dtype=torch.float64))
+        weights = self.cost.device_weights(torch.as_tensor(contexts, dtype=torch.float64, device=self.state_lo.device))
         grid = np.linspace(0.0, 1.0, self.config.polish_grid)
         for _ in range(self.config.polish_sweeps):
             for v in dirs:
@@ -214,7 +216,7 @@ class LearnedOptimiser(nn.Module):
         cand = np.concatenate([t_lo[:, None] + grid * (t_hi - t_lo)[:, None], kinks, np.zeros((n, 1))], 1)
         cand = np.clip(cand, t_lo[:, None], t_hi[:, None])  # (B, K)
         trial = x[:, None, :] + cand[:, :, None] * v  # (B, K, d)
-        energy = self.cost.device_energy(torch.as_tensor(trial), weights).numpy()  # g(c) is the same along the line
+        energy = self.cost.device_energy(torch.as_tensor(trial, device=weights.device), weights).cpu().numpy()  # g(c) is the same along the line
         energy[:, -1] -= 1e-12 * np.abs(energy[:, -1])  # ties keep the state where it is
         best = cand[np.arange(n), energy.argmin(1)]
         return np.where(ok[:, None], x + best[:, None] * v, x)
@@ -320,7 +322,8 @@ def evaluate_optimiser(
     metrics = quality.metrics("decision_")
     metrics["decision_repair_fallback"] = fixed.fallback_rate
     with torch.no_grad():
-        pred = model.cost(torch.as_tensor(x), torch.as_tensor(c)).numpy()
+        dev = model.state_lo.device
+        pred = model.cost(torch.as_tensor(x, device=dev), torch.as_tensor(c, device=dev)).cpu().numpy()
     metrics["cost_heldout_mae_rel"] = float(np.mean(np.abs(pred - e)) / max(float(np.mean(np.abs(e))), 1e-9))
     if train is not None:
         tx, tc, te = train
