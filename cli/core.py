@@ -370,7 +370,7 @@ async def _open_shared(s):
 
     bus = await open_bus(s, "scf-keys")
     view = SharedTrust(bus.js, load_roots(s.keys_dir), None)
-    await view.start()
+    await view.start(30.0)  # a command that writes the list must read it first: give a loaded server time
     if not view.following:
         await view.stop()
         await bus.close()

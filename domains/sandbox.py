@@ -235,6 +235,8 @@ class _Child:
             code = self.proc.wait(timeout=max(0.1, min(5.0, self.deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
             return "the sandboxed process stopped answering"
+        if code > 128 and self.mode == "bwrap":  # bwrap exits 128+N when its child dies of signal N
+            code = 128 - code
         if code < 0:
             sig = signal.Signals(-code).name
             why = {

@@ -128,12 +128,15 @@ def confine(limits):
     import ctypes
     import resource
 
-    def cap(which, value):
+    def cap(which, value, grace=0):
         soft, hard = resource.getrlimit(which)
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (value, value))
+        top = value + grace if hard == resource.RLIM_INFINITY else min(value + grace, hard)
+        resource.setrlimit(which, (min(value, top), top))
 
-    cap(resource.RLIMIT_CPU, int(limits["cpu_s"]))
+    # CPU: the soft limit sends SIGXCPU (which ends the process and names the cause); the
+    # hard limit one second later is the kernel's SIGKILL backstop (soft == hard would
+    # skip SIGXCPU and kill without saying why)
+    cap(resource.RLIMIT_CPU, int(limits["cpu_s"]), grace=1)
     cap(resource.RLIMIT_AS, int(limits["memory_mb"]) << 20)
     cap(resource.RLIMIT_FSIZE, 0)
     cap(resource.RLIMIT_CORE, 0)
