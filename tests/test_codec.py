@@ -7,7 +7,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scf.bus import codec
 from scf.bus import events as ev
