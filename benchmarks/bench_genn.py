@@ -79,10 +79,20 @@ class _Canned(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class _Rows(list):
+    """The table's rows, each printed as it is measured (a long run still shows what it has)."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        name, domain, n, s, j = row
+        print(f"measured: {name} {domain}: {n} in {s:.2f} s = {n / s * 60:,.1f}/min; code {j['code']:.0%}, gate {j['gate']:.0%}, "
+              f"sandbox {j['sandbox']:.0%}, reward {j['reward']:.3f}", flush=True)
+
+
 def speed(args) -> None:
     from scf.producers.genn.search import SearchGenerator
 
-    rows = []
+    rows = _Rows()
     search = SearchGenerator()
     for domain in DOMAINS:
         s, c = timed(search, args.search_n, domain)
