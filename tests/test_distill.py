@@ -137,7 +137,7 @@ async def test_distilled_on_the_bus_judged_against_the_teacher_and_promoted_to_e
     assert np.isfinite(TernaryNet.load(got).energy(x[:3], c[:3])).all()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(3600)  # 32 min on the 2 cores shared with other work (2026-12-01); under 10 min idle
 def test_student_quality_against_a_trained_teacher(tmp_path):
     """benchmarks/bench_distill.py's CPU configuration: a teacher (hidden 256, depth 4) trained

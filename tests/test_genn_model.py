@@ -86,7 +86,7 @@ def test_one_sft_step_writes_a_safetensors_checkpoint(tiny, tmp_path):
     assert report["sha256"] == mg.weights_sha256(out) != mg.weights_sha256(tiny)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_finetune_runs_sft_then_dpo_and_writes_a_safetensors_checkpoint(tiny, tmp_path):
     ds = _dataset(tmp_path / "ds")
     out = tmp_path / "tuned"
@@ -108,7 +108,7 @@ def test_finetune_runs_sft_then_dpo_and_writes_a_safetensors_checkpoint(tiny, tm
     assert lines[0].startswith("held out: 1 prompts") and lines[1].startswith("base: NLL of approved code")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_kto_on_the_unpaired_rows(tiny, tmp_path):
     ds = _dataset(tmp_path / "ds", intents=(("train", ("a",)), ("validation", ("v",))), per_intent=4)
     report = mg.finetune(tiny, ds, tmp_path / "kto", sft_steps=1, dpo_steps=1, lr=5e-3, max_length=768, preference="kto")
@@ -134,7 +134,7 @@ def test_finetune_without_approved_code_says_so(tiny, tmp_path):
         mg.finetune(tiny, tmp_path / "ds", tmp_path / "out")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sft_lowers_the_loss_of_the_code_it_learns_from(tiny, tmp_path):
     """The completion-only SFT rows teach: the NLL of the training completions falls."""
     ds = _dataset(tmp_path / "ds")
@@ -144,7 +144,7 @@ def test_sft_lowers_the_loss_of_the_code_it_learns_from(tiny, tmp_path):
     assert mg.completion_nll(out, rows) < mg.completion_nll(tiny, rows)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_offline_model_converts_once_and_writes_python_shaped_answers(tmp_path):
     zoo = tmp_path / "model_zoo"
     path = mg.offline_model(zoo)

@@ -112,7 +112,7 @@ def test_hvac_learned_decisions_are_feasible_and_beat_the_best_in_data(tmp_path)
     assert m["decision_gap_median"] <= m["baseline_gap_median"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1500)  # about 3 min each on a shared 2-core machine
 @pytest.mark.parametrize("name", ["grid:case118", "hvac:office3"])
 def test_learned_optimiser_meets_the_issue_goals(name, tmp_path):
@@ -127,7 +127,7 @@ def test_learned_optimiser_meets_the_issue_goals(name, tmp_path):
     assert m["decision_gap_mean"] < m["baseline_gap_mean"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1500)
 def test_learned_optimiser_on_congested_contexts():
     """case30 with every rateA at 70 %: lines bind at the optimum in about a fifth of the
