@@ -61,6 +61,7 @@ def default_processes(settings: Settings, edges: int = 2, pool: str = "local") -
         ProcessSpec("ledger", "ledger"),
         ProcessSpec("archive", "archive"),
         ProcessSpec("tlog", "tlog"),  # the transparency log over the archive (docs/proofs.md)
+        ProcessSpec("genn", "genn"),  # the code generator answering approved codegen intents (docs/codegen.md)
         ProcessSpec("regiment", "regiment"),  # strikes every due contract (docs/value-loop.md); idle without contracts
     ]
     for i in range(edges):
