@@ -100,7 +100,7 @@ class Mosquitto:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-500:]}") from None
-                time.sleep(0.05)
+                time.sleep(0.05)  # polling interval of the awaited condition above (the broker accepting connections)
 
     @property
     def address(self) -> str:

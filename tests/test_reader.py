@@ -134,7 +134,7 @@ async def test_follow_rides_out_a_server_restart_and_scan_says_what_failed(tmp_p
         task = asyncio.create_task(reader.follow(lambda m: seen.append(m.seq), stop))
         await wait_for(lambda: len(seen) == 20, 10, "the follow to catch up")
         server.stop()
-        await asyncio.sleep(1.0)  # the follow keeps trying while the server is away
+        await asyncio.sleep(1.0)  # an outage of a set length, not a wait for a condition: the follow must survive it
         assert not task.done()
         server.start()
         await wait_for(lambda: bus.nc.is_connected, 30, "the client to reconnect")
