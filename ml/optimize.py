@@ -253,13 +253,16 @@ def _balance_layer(x, lo, hi, demand):
     return x + gap.clamp(min=0)[:, None] * share_up + gap.clamp(max=0)[:, None] * share_down
 
 
-def fit_optimiser(domain: Domain, x: np.ndarray, c: np.ndarray, energy: np.ndarray, config: OptimiserConfig, log=None) -> tuple[LearnedOptimiser, dict[str, float]]:
-    """Fit the cost model on (x, c, energy) and train the proposal network on contexts c."""
+def fit_optimiser(domain: Domain, x: np.ndarray, c: np.ndarray, energy: np.ndarray, config: OptimiserConfig, log=None,
+                  progress=None) -> tuple[LearnedOptimiser, dict[str, float]]:
+    """Fit the cost model on (x, c, energy) and train the proposal network on contexts c.
+    `progress(step, total, loss, samples_per_s)` is called after every step (the worker's
+    job.progress; it may raise to stop training)."""
     with _threads(config.threads):
-        return _fit(domain, x, c, energy, config, log)
+        return _fit(domain, x, c, energy, config, log, progress)
 
 
-def _fit(domain, x, c, energy, config, log):
+def _fit(domain, x, c, energy, config, log, progress=None):
     model = LearnedOptimiser(config)
     cfg = model.config
     metrics = model.cost.fit(x, c, energy)
@@ -301,6 +304,8 @@ def _fit(domain, x, c, energy, config, log):
         torch.nn.utils.clip_grad_norm_(model.policy.parameters(), 1.0)
         opt.step()
         sched.step()
+        if progress is not None:
+            progress(step + 1, cfg.steps, float(loss.detach()), cfg.batch_size * (step + 1) / max(time.perf_counter() - started, 1e-9))
         if log is not None and (step % 500 == 0 or step == cfg.steps - 1):
             log(f"step {step}: energy {float(energy_b.mean().detach()):.5f} dist {float(dist.mean().detach()):.3g} rho {rho:.3g}")
     model.policy.eval()
@@ -358,9 +363,14 @@ def train_optimiser(
     out_dir: str | os.PathLike | None = None,
     config: OptimiserConfig | None = None,
     log=None,
+    *,
+    lineage: dict | None = None,
+    progress=None,
 ) -> OptimiserResult:
     """Train the learned optimiser of `domain_name` on the "train" split of `data_source`
-    (shards or a FossilSource), judge it on the "heldout" split, write the checkpoint."""
+    (shards or a FossilSource), judge it on the "heldout" split, write the checkpoint.
+    `lineage` is added to the checkpoint's (the worker's job id, intent, data selection);
+    `progress` as in `fit_optimiser`."""
     from scf.ml.loader import as_source, load_arrays
 
     started = time.perf_counter()
@@ -370,11 +380,11 @@ def train_optimiser(
     train = load_arrays(source, domain=domain_name, split="train", limit=cfg.max_fossils, seed=cfg.seed)
     heldout = load_arrays(source, domain=domain_name, split="heldout", limit=cfg.eval_contexts, seed=cfg.seed)
     x, c, e = (np.asarray(a, dtype=float) for a in train)
-    model, metrics = fit_optimiser(domain, x, c, e, cfg, log=log)
+    model, metrics = fit_optimiser(domain, x, c, e, cfg, log=log, progress=progress)
     metrics.update(evaluate_optimiser(model, domain, heldout, (x, c, e), limit=cfg.eval_contexts))
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="scf-opt-"))
     name = f"opt-{domain_token(domain_name)}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-s{cfg.steps}.safetensors"
-    lineage = {"domain": domain_name, "source": source.lineage(), "fossils": len(x), "split": "train: fossil_id last hex digit != 0"}
+    lineage = {"domain": domain_name, "source": source.lineage(), "fossils": len(x), "split": "train: fossil_id last hex digit != 0", **(lineage or {})}
     path = save_optimiser(out / name, model, lineage=lineage, metrics=metrics)
     return OptimiserResult(path, metrics, time.perf_counter() - started)
 
