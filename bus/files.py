@@ -54,3 +54,41 @@ def copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
         tmp.unlink(missing_ok=True)
         raise
     return h.hexdigest(), size
+
+
+class InputTooLarge(ValueError):
+    """A file given as input is larger than the reader takes."""
+
+
+def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of an input file no larger than `limit`; a larger one (a hostile or mistaken
+    input: a log, a core dump, /dev/zero) is refused before it is read, naming both sizes."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1)  # also bounds what is read from a pipe or a device (st_size 0)
+    if len(data) > limit or size > limit:
+        raise InputTooLarge(f"{path}: {max(size, len(data)):,} bytes is more than a {what} may be "
+                            f"({limit:,} bytes); check that this is the right file")
+    return data
+
+
+def load_yaml(text: str | bytes):
+    """YAML's plain data (yaml.safe_load) without aliases: `*name` references make a small file
+    expand into a huge structure once converted (the "billion laughs"), and no SCF document needs
+    them. An alias raises yaml.YAMLError naming its line."""
+    import yaml
+
+    class _NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"an alias (*{event.anchor}) refers to another node: write the value out in full",
+                    event.start_mark)
+            return super().compose_node(parent, index)
+
+    loader = _NoAliases(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()

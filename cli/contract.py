@@ -25,6 +25,16 @@ def signed_view(bus, settings):
     return trust
 
 
+def terms_trust(settings, unsigned: bool):
+    """The trust list `ls`/`show` read terms with: the regiment's (cli/strike.py `signed_terms`),
+    so what is printed is what would be struck; `--unsigned` (None) counts every event."""
+    if unsigned:
+        return None
+    from scf.cli.strike import signed_terms, trust_list
+
+    return signed_terms(settings, trust_list(settings))
+
+
 contract_app = typer.Typer(help="Client contracts: constraints, nodes and schedule, as facts on the log (docs/value-loop.md).", no_args_is_help=True)
 
 
@@ -53,19 +63,29 @@ def contract_add(file: Path = typer.Argument(..., help="the contract: JSON or YA
 
 
 @contract_app.command("ls")
-def contract_ls(all_: bool = typer.Option(False, "--all", help="ended contracts too")) -> None:
-    """List the contracts: id, status, client, domain, nodes, schedule."""
+def contract_ls(
+    all_: bool = typer.Option(False, "--all", help="ended contracts too"),
+    unsigned: bool = typer.Option(False, "--unsigned", help="every event on the log, signed or not (not what the regiment strikes)"),
+) -> None:
+    """List the contracts as the regiment reads them (operator-signed terms): id, status, client, domain, nodes, schedule."""
     from scf.producers import contracts
 
     async def main() -> None:
-        bus = await open_bus(load_settings())
+        s = load_settings()
+        bus = await open_bus(s)
+        trust = terms_trust(s, unsigned)
         try:
-            found = await contracts.load(bus)
+            found = await contracts.load(bus, trust=trust)
+            every = found if trust is None else await contracts.load(bus)
         finally:
             await bus.close()
         rows = [c for c in found.values() if all_ or c.spec.status != "ended"]
         if not rows:
             typer.echo("no contracts: register one with `scf contract add FILE`")
+        differ = sorted(cid for cid, c in every.items() if cid not in found or found[cid].history != c.history)
+        if differ:
+            typer.echo(f"note: unsigned events not counted for {', '.join(differ)} (the regiment strikes operator-signed "
+                       "terms only): `scf contract ls --unsigned` lists every event's view", err=True)
         for c in sorted(rows, key=lambda c: c.spec.contract_id):
             s = c.spec
             typer.echo(f"{s.contract_id:24} {s.status:7} {s.client:16} {s.domain:14} nodes={','.join(s.nodes) or '-'} every {s.schedule_s:g} s")
@@ -74,18 +94,33 @@ def contract_ls(all_: bool = typer.Option(False, "--all", help="ended contracts 
 
 
 @contract_app.command("show")
-def contract_show(contract_id: str = typer.Argument(..., help="the contract id")) -> None:
-    """Print a contract as JSON, with the log positions of its events."""
+def contract_show(
+    contract_id: str = typer.Argument(..., help="the contract id"),
+    unsigned: bool = typer.Option(False, "--unsigned", help="every event on the log, signed or not (not what the regiment strikes)"),
+) -> None:
+    """Print a contract as JSON as the regiment reads it (operator-signed terms), with the log positions of its events."""
     import msgspec
 
     from scf.producers import contracts
 
     async def main() -> None:
-        bus = await open_bus(load_settings())
+        s = load_settings()
+        bus = await open_bus(s)
+        trust = terms_trust(s, unsigned)
         try:
-            c = await contracts.get(bus, contract_id)
+            every = await contracts.load(bus, contract_id)
+            c = (await contracts.load(bus, contract_id, trust)).get(contract_id) if trust is not None else every.get(contract_id)
         finally:
             await bus.close()
+        if c is None and contract_id in every:
+            raise contracts.ContractError(
+                f"contract {contract_id!r} has no operator-signed terms: the regiment will not strike it; register it "
+                f"with SCF_KEY set to an operator key, or `scf contract show {contract_id} --unsigned` to read what is on the log")
+        if c is None:
+            raise contracts.ContractError(f"no contract {contract_id!r}: register it with `scf contract add FILE` (see `scf contract ls`)")
+        if contract_id in every and every[contract_id].history != c.history:
+            typer.echo(f"note: unsigned events on the log are not counted here (the regiment strikes operator-signed terms "
+                       f"only): `scf contract show {contract_id} --unsigned` prints every event's view", err=True)
         out = msgspec.to_builtins(c.spec)
         out["constraints"] = json.loads(c.spec.constraints)
         out["contract_sha256"] = contracts.spec_sha256(c.spec)

@@ -248,6 +248,9 @@ def _apply(action: str, fields: dict[str, np.ndarray], scalars: dict[str, float]
         raise CaseFormatError(f"{where}: a unit conversion needs {exc} defined before it; fix the case file") from None
 
 
+MAX_CASE_BYTES = 64 << 20  # case13659pegase.m, the largest in MATPOWER's data folder, is ~6 MB
+
+
 def load_case(name_or_path: str | Path) -> MatpowerCase:
     """A case by name ("case14", shipped under domains/data) or by path to a `.m` file."""
     path = Path(name_or_path)
@@ -257,6 +260,10 @@ def load_case(name_or_path: str | Path) -> MatpowerCase:
         shipped = sorted(p.stem for p in DATA_DIR.glob("*.m"))
         raise CaseFormatError(f"no MATPOWER case at {path}: use one of {', '.join(shipped)} or a path to a .m file")
     try:
+        size = path.stat().st_size
+        if size > MAX_CASE_BYTES:
+            raise CaseFormatError(f"{path}: {size:,} bytes is more than a MATPOWER case may be ({MAX_CASE_BYTES:,}; "
+                                  "the largest published cases are under 10 MB): check that this is the right file")
         text = path.read_text(errors="replace")
     except OSError as exc:
         raise CaseFormatError(f"cannot read {path}: {exc.strerror}; check the path and its permissions") from None

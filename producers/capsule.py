@@ -29,9 +29,11 @@ from typing import Any
 import msgspec
 
 from scf.bus.errors import SCFError
+from scf.bus.files import InputTooLarge, load_yaml, read_bounded
 
 FORMAT = "scf-capsule/1"
 MANIFEST = "manifest.yaml"
+MAX_MANIFEST = 1 << 20  # bytes: a manifest is a page of YAML; a larger file is refused unread
 ARTIFACT = "model.safetensors"
 SIGNATURE = "capsule.sig"
 ALIAS = "capsule"  # the promotion alias capsules are published under (the planner's own aliases stay untouched)
@@ -109,7 +111,7 @@ def parse_manifest(text: str | bytes, where: str = MANIFEST) -> Manifest:
     import yaml
 
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise CapsuleError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
     try:
@@ -164,8 +166,10 @@ def verify(directory: Path, trust, *, physics: bool = True) -> Checked:
     if odd:  # a FIFO would block the read; a link can be retargeted after the check
         return Checked(manifest=None, signer=None, findings=[f"{directory}: {odd[0]} is not a regular file; rebuild the capsule with `scf capsule build`"])
     try:
-        text = (directory / MANIFEST).read_bytes()
-        sig = json.loads((directory / SIGNATURE).read_text())
+        text = read_bounded(directory / MANIFEST, MAX_MANIFEST, "capsule manifest")
+        sig = json.loads(read_bounded(directory / SIGNATURE, MAX_MANIFEST, "capsule signature"))
+    except InputTooLarge as exc:
+        return Checked(manifest=None, signer=None, findings=[str(exc)])
     except (OSError, ValueError, RecursionError) as exc:
         return Checked(manifest=None, signer=None, findings=[f"{directory}: not a capsule ({str(exc)[:120]}); build one with `scf capsule build`"])
     if not isinstance(sig, dict):

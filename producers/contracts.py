@@ -26,6 +26,7 @@ import msgspec
 from scf.bus import events as ev
 from scf.bus.codec import Codec
 from scf.bus.errors import SCFError
+from scf.bus.files import InputTooLarge, load_yaml, read_bounded
 from scf.bus.ids import derived_id, subject_token
 
 NumberMap = dict[str, float]
@@ -105,6 +106,7 @@ class ContractDoc(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     schedule_s: float = 86_400.0
 
 
+MAX_DOC = 1 << 20  # bytes: a contract document is a page; a larger file is refused unread
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -221,11 +223,13 @@ def read_doc(path: Path) -> ContractDoc:
     import yaml
 
     try:
-        text = Path(path).read_text()
+        text = read_bounded(path, MAX_DOC, "contract file").decode("utf-8", errors="replace")
+    except InputTooLarge as exc:
+        raise ContractError(str(exc)) from None
     except OSError as exc:
         raise ContractError(f"{path}: cannot read it ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text) if Path(path).suffix in (".yaml", ".yml") else json.loads(text)
+        raw = load_yaml(text) if Path(path).suffix in (".yaml", ".yml") else json.loads(text)
     except (ValueError, yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise ContractError(f"{path}: not valid {'YAML' if Path(path).suffix in ('.yaml', '.yml') else 'JSON'} ({str(exc).splitlines()[0]})") from None
     return parse_doc(raw)

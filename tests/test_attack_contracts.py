@@ -209,3 +209,27 @@ async def test_no_command_prints_the_nats_password(deployment: Deployment, servi
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and password not in r.stdout + r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("Error: cannot reach NATS at nats://127.0.0.1:1 (connection refused)"), r.stderr
+
+
+async def test_contract_ls_and_show_print_the_terms_the_regiment_strikes(deployment: Deployment, service: Bus, tmp_path: Path):
+    """An unsigned update anyone with the operator login writes over a signed contract is not what
+    `scf strike --contract` or the regiment act on, so `scf contract show/ls` must not present it as
+    the terms either: they read the operator-signed view, say that unsigned events exist, and print
+    them only under --unsigned."""
+    keys = Keys(deployment.settings)
+    keys.operator.save(deployment.settings.keys_dir)
+    doc = tmp_path / "acme.json"
+    doc.write_text(json.dumps(ACME))
+    assert scf(deployment, "operator", "contract", "add", str(doc), SCF_KEY="alice").returncode == 0
+    doc.write_text(json.dumps(dict(ACME, nodes=["edge-mallory"])))
+    r = scf(deployment, "operator", "contract", "add", str(doc))  # no key: an unsigned update
+    assert r.returncode == 0 and "updated" in r.stdout, (r.stdout, r.stderr)
+
+    r = scf(deployment, "operator", "contract", "show", "acme")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["nodes"] == ["edge-a"]
+    assert "note: unsigned events on the log are not counted here" in r.stderr
+    assert json.loads(scf(deployment, "operator", "contract", "show", "acme", "--unsigned").stdout)["nodes"] == ["edge-mallory"]
+    r = scf(deployment, "operator", "contract", "ls")
+    assert "nodes=edge-a " in r.stdout and "edge-mallory" not in r.stdout and "note: unsigned events not counted for acme" in r.stderr
+    assert "nodes=edge-mallory " in scf(deployment, "operator", "contract", "ls", "--unsigned").stdout

@@ -66,16 +66,21 @@ async def test_contract_cli_round_trip(bus, scf_env, tmp_path):
     y = tmp_path / "acme.yaml"
     y.write_text("contract_id: acme-hq\nclient: ACME\ndomain: hvac:office3\nnodes: [edge-a, edge-b]\nconstraints: {T_out: 4.0}\n")
     assert "contract acme-hq updated" in (await run("contract", "add", str(y))).stdout
-    shown = json.loads((await run("contract", "show", "acme-hq")).stdout)
+    # unsigned (no SCF_KEY): ls/show read the regiment's view, so they say why it is not there
+    r = await run("contract", "show", "acme-hq")
+    assert r.returncode == 1 and "contract 'acme-hq' has no operator-signed terms: the regiment will not strike it" in r.stderr, r.stderr
+    shown = json.loads((await run("contract", "show", "acme-hq", "--unsigned")).stdout)
     assert shown["nodes"] == ["edge-a", "edge-b"] and shown["constraints"]["T_out"] == 4.0
     assert [h["type"] for h in shown["history"]] == ["contract.registered", "contract.updated"]
-    assert "acme-hq" in (await run("contract", "ls")).stdout
+    r = await run("contract", "ls")
+    assert "acme-hq" not in r.stdout and "note: unsigned events not counted for acme-hq" in r.stderr, (r.stdout, r.stderr)
+    assert "acme-hq" in (await run("contract", "ls", "--unsigned")).stdout
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(dict(HVAC, constraints={"comfort": {"occupied": ["x", 23]}})))
     r = await run("contract", "add", str(bad))
     assert r.returncode == 1 and "Error: Expected `float`, got `str` - at `$.constraints.comfort.occupied[0]`" in r.stdout + r.stderr
     assert "ended" in (await run("contract", "end", "acme-hq", "--reason", "term over")).stdout
-    assert "acme-hq" not in (await run("contract", "ls")).stdout
+    assert "acme-hq" not in (await run("contract", "ls", "--unsigned")).stdout
     r = await run("contract", "end", "acme-hq")
     assert r.returncode == 1 and r.stderr == "Error: contract acme-hq has already ended\n"
 
