@@ -234,7 +234,11 @@ Controller = Callable[[int, np.ndarray, np.ndarray], np.ndarray]  # (step, pg_pr
 def participation(domain: GridDomain, base: np.ndarray, demand: np.ndarray) -> np.ndarray:
     """`base` (.., G) plus the gap to `demand` shared in proportion to each unit's range,
     among the units not yet at a limit (what a unit cannot take passes to the others)."""
-    lo, hi = domain.pmin, domain.pmax
+    return share_within(domain.pmin, domain.pmax, base, demand)
+
+
+def share_within(lo: np.ndarray, hi: np.ndarray, base: np.ndarray, demand: np.ndarray) -> np.ndarray:
+    """`participation` within bounds `lo`, `hi` (a step's ramp window, an outage's zero)."""
     x = np.clip(base, lo, hi)
     for _ in range(len(lo)):
         gap = demand - x.sum(-1)
@@ -407,3 +411,73 @@ def run(
         "collapsed": (fm["nadir_hz"] < params.collapse_hz).astype(np.int8),
     })  # fmt: skip
     return SimResult(domain.name, name, scenarios, steps * dt_h, seed, trajectories, metrics, {"frequency": frequency})
+
+
+# --------------------------------------------------------------------------- one site in time (the edge's grid plant)
+
+
+NO_LOAD_SHARE = 0.05  # a unit's no-load fuel, of its fuel at Pmax (a nominal figure the site's `no_load` factor scales)
+FUEL_FACTORS = ("heat_rate", "no_load")  # what a grid site's M&V calibration fits (docs/mv.md)
+
+
+def window(plant: GridPlant, pg_prev: np.ndarray, available: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The outputs reachable in one step from `pg_prev`: the ramp and the unit's limits; a
+    unit out of service (`available` False) at 0."""
+    d = plant.domain
+    avail = np.asarray(available, dtype=bool)
+    lo = np.maximum(d.pmin, pg_prev - plant.ramp_per_step)
+    hi = np.minimum(d.pmax, pg_prev + plant.ramp_per_step)
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    return np.where(avail, lo, 0.0), np.where(avail, hi, 0.0)
+
+
+def status_quo_setpoint(plant: GridPlant, pg_prev: np.ndarray, available: np.ndarray, loads: np.ndarray) -> np.ndarray:
+    """The status quo of a grid site (`prorata`): every available unit at the same fraction
+    of its range meeting the measured demand, within the step's ramp window."""
+    lo, hi = window(plant, pg_prev, available)
+    d = plant.domain
+    return share_within(lo, hi, np.where(np.asarray(available, bool), d.pmin, 0.0), d.demand(loads))
+
+
+def agc_step(plant: GridPlant, pg_prev: np.ndarray, available: np.ndarray, setpoint: np.ndarray, loads_next: np.ndarray) -> np.ndarray:
+    """What a site does with a setpoint over one step: each unit moves toward it within its
+    ramp (a unit out of service drops to 0), and automatic generation control shares the
+    gap between the setpoints and the demand met at the step's end (`loads_next`) in
+    proportion to the units' ranges, within the same window."""
+    lo, hi = window(plant, pg_prev, available)
+    return share_within(lo, hi, np.clip(np.asarray(setpoint, float), lo, hi), plant.domain.demand(loads_next))
+
+
+def fuel_rates(domain: GridDomain, pg: np.ndarray, factors: dict[str, float] | None = None, fuel_price: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(variable, no-load) fuel input, MW of fuel (thermal), of dispatch `pg` (.., G): the
+    cost curves read as heat-rate curves times one fuel price (USD per MWh of fuel) — how
+    MATPOWER's polynomial costs were made — and a no-load fuel of `NO_LOAD_SHARE` of each
+    running unit's fuel at Pmax; each scaled by the site's factor (`heat_rate`, `no_load`)."""
+    f = factors or {}
+    pg = np.asarray(pg, dtype=float)
+    variable = domain.costs(pg) / fuel_price
+    at_max = np.asarray(domain.separable_cost.terms(domain.pmax), float)  # (G,) each unit's cost at its Pmax
+    running = pg > 1e-6
+    no_load = (running * (NO_LOAD_SHARE * at_max / fuel_price)).sum(-1)
+    return f.get("heat_rate", 1.0) * variable, f.get("no_load", 1.0) * no_load
+
+
+def n1_nadir_hz(plant: GridPlant, pg: np.ndarray, available: np.ndarray, demand_mw: float, window_s: float = 20.0) -> float:
+    """The frequency nadir (Hz) if the largest running unit tripped now: the SFR model of
+    the others (module doc), their primary reserve capped as in `GridPlant.measure`."""
+    p = plant.params
+    pg = np.asarray(pg, float)
+    avail = np.asarray(available, bool)
+    unit = int(np.argmax(pg))
+    others = avail.copy()
+    others[unit] = False
+    base = float((plant.domain.pmax * others).sum())
+    if pg[unit] <= 1e-6:
+        return p.f0_hz
+    if base <= 0:
+        return 0.0
+    reserve = float((np.minimum(plant.domain.pmax - pg, plant.reserve_cap) * others).sum())
+    t = np.arange(0.0, window_s + p.dt_s / 2, p.dt_s)
+    _, lowest = sfr_response(t, np.array([pg[unit] / base]), h=p.h_s, r=p.r, f_h=p.f_h, t_r=p.t_r, km=p.km,
+                             d=p.d * demand_mw / base, reserve=reserve / base)
+    return float(p.f0_hz * (1.0 + lowest[0]))

@@ -123,6 +123,12 @@ def parse_factors(text: str) -> tuple[tuple[str, float], ...]:
 class HvacSite:
     """The simulated building: one scenario of `HvacPlant`, with the site's true factors."""
 
+    setpoint_decoder = SETPOINT
+
+    @staticmethod
+    def values(sp: Setpoint) -> list[float]:
+        return sp.u_kw
+
     def __init__(self, options: SiteOptions) -> None:
         from scf import domains
         from scf.domains.hvac_dynamics import HvacPlant, weather
@@ -250,8 +256,10 @@ class MqttPlant:
     """A plant behind an MQTT broker: telemetry in, setpoints out (docs/plants.md)."""
 
     def __init__(self, host: str, port: int, site: str, *, client_id: str = "", timeout_s: float = 60.0,
-                 username: str | None = None, password: str | None = None, tls: bool = False) -> None:
+                 username: str | None = None, password: str | None = None, tls: bool = False,
+                 decoder: msgspec.json.Decoder = TELEMETRY, signer=None) -> None:
         self.host, self.port, self.site = host, port, site
+        self.decoder, self.signer = decoder, signer  # signer: plant_auth.Signer (setpoints signed by the node key) or None
         self.topics = topics(site)
         self.timeout_s = timeout_s
         self.zones: tuple[str, ...] = ()
@@ -279,7 +287,7 @@ class MqttPlant:
             self._loop.call_soon_threadsafe(self._set_status, msg.payload.decode("utf-8", "replace"))
             return
         try:
-            tel = TELEMETRY.decode(msg.payload)
+            tel = self.decoder.decode(msg.payload)
         except msgspec.DecodeError as exc:
             log.error("plant %s: telemetry payload refused (%s): fix the bridge's JSON (docs/plants.md)", self.site, exc)
             return
@@ -327,7 +335,9 @@ class MqttPlant:
                 pass
 
     async def write(self, setpoint: Setpoint) -> None:
-        info = self.client.publish(self.topics["setpoint"], msgspec.json.encode(setpoint), qos=1)
+        topic = self.topics["setpoint"]
+        payload = self.signer.seal(topic, setpoint) if self.signer is not None else msgspec.json.encode(setpoint)
+        info = self.client.publish(topic, payload, qos=1)
         await asyncio.to_thread(info.wait_for_publish, 10.0)
 
     async def close(self) -> None:
@@ -335,22 +345,30 @@ class MqttPlant:
         self.client.disconnect()
 
 
-async def open_plant(spec: str, options: SiteOptions | None = None) -> Plant:
-    """`sim` (the simulator in process, `options`) or `mqtt[s]://[USER[:PASSWORD]@]HOST:PORT/SITE`
-    (the password may come from $SCF_MQTT_PASSWORD instead of the URL)."""
+async def open_plant(spec: str, options=None, *, key=None, decoder: msgspec.json.Decoder = TELEMETRY) -> Plant:
+    """`sim` (the simulator in process, `options`: a `SiteOptions` or a grid plant's
+    `GridSiteOptions`) or `mqtt[s]://[USER[:PASSWORD]@]HOST:PORT/SITE` (the password may
+    come from $SCF_MQTT_PASSWORD instead of the URL; `key`, the node's signing key, signs
+    the setpoints; `decoder` reads the telemetry)."""
     import os
 
     if spec == "sim":
+        if options is not None and not isinstance(options, SiteOptions):
+            from scf.consumers.edge.grid_plant import GridSimPlant
+
+            return GridSimPlant(options)
         return SimPlant(options or SiteOptions())
     u = urlparse(spec)
     if u.scheme in ("mqtt", "mqtts") and u.hostname and u.port and u.path.strip("/"):
         password = u.password if u.password is not None else os.environ.get("SCF_MQTT_PASSWORD")
+        from scf.consumers.edge.plant_auth import Signer
+
         return await MqttPlant(u.hostname, u.port, u.path.strip("/"), username=u.username, password=password,
-                               tls=u.scheme == "mqtts").connect()
+                               tls=u.scheme == "mqtts", decoder=decoder, signer=Signer(key) if key is not None else None).connect()
     raise PlantError(f"plant {spec!r}: use 'sim' or 'mqtt://[USER@]HOST:PORT/SITE' (mqtts:// for TLS)")
 
 
-async def _free_running(sim: HvacSite, inbox: asyncio.Queue, stop: asyncio.Event, period_s: float, publish, site: str) -> None:
+async def _free_running(sim, inbox: asyncio.Queue, stop: asyncio.Event, period_s: float, publish, site: str, read) -> None:
     """A step every `period_s` wall seconds whatever the edge does, holding the latest
     valid setpoint (of any seq): how a real BMS behaves."""
     u = [0.0] * len(sim.zones)
@@ -364,23 +382,39 @@ async def _free_running(sim: HvacSite, inbox: asyncio.Queue, stop: asyncio.Event
             pass
         while not inbox.empty():
             try:
-                sp = SETPOINT.decode(inbox.get_nowait())
-                if len(sp.u_kw) != len(sim.zones) or not all(np.isfinite(sp.u_kw)):
-                    raise PlantError(f"setpoint needs {len(sim.zones)} finite numbers, got {sp.u_kw!r}")
-                u = list(sp.u_kw)
+                values = sim.values(read(inbox.get_nowait()))
+                if len(values) != len(sim.zones) or not all(np.isfinite(values)):
+                    raise PlantError(f"setpoint needs {len(sim.zones)} finite numbers, got {values!r}")
+                u = list(values)
             except (msgspec.DecodeError, PlantError) as exc:
                 log.error("plant %s: setpoint refused: %s", site, exc)
         publish(sim.apply(u))
         due += period_s
 
 
-async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop: asyncio.Event | None = None, *,
-                     username: str | None = None, password: str | None = None, tls: bool = False, period_s: float = 0.0) -> int:
-    """Run the simulated site as an MQTT plant until its horizon ends (or `stop`); returns
-    the number of steps taken. Lock-step (a step per setpoint answering the latest seq; a
-    malformed or stale setpoint is logged and ignored), or with `period_s` > 0 free-running
-    (a step every `period_s` wall seconds holding the latest setpoint)."""
-    sim = HvacSite(options)
+def make_site(options):
+    """The simulated site for `options`: an `HvacSite` or a grid plant's `GridSite`."""
+    if isinstance(options, SiteOptions):
+        return HvacSite(options)
+    from scf.consumers.edge.grid_plant import GridSite
+
+    return GridSite(options)
+
+
+async def serve_mqtt(options, host: str, port: int, site: str, stop: asyncio.Event | None = None, *,
+                     username: str | None = None, password: str | None = None, tls: bool = False, period_s: float = 0.0,
+                     verifier=None) -> int:
+    """Run the simulated site (`SiteOptions`: HVAC; `GridSiteOptions`: a grid) as an MQTT
+    plant until its horizon ends (or `stop`); returns the number of steps taken. Lock-step
+    (a step per setpoint answering the latest seq; a malformed or stale setpoint is logged
+    and ignored), or with `period_s` > 0 free-running (a step every `period_s` wall seconds
+    holding the latest setpoint). With `verifier` (plant_auth.Verifier) only setpoints
+    signed by a trusted node key, fresh and not replayed, are applied; the rest are logged
+    (`setpoint refused: ...`) and ignored."""
+    from scf.bus.errors import SignatureError
+    from scf.consumers.edge.plant_auth import unsealed
+
+    sim = make_site(options)
     t = topics(site)
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[bytes] = asyncio.Queue()
@@ -401,6 +435,18 @@ async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop
 
     client.on_connect = on_connect
     client.on_message = lambda c, u, msg: loop.call_soon_threadsafe(inbox.put_nowait, msg.payload)
+
+    def read(payload: bytes):
+        """The setpoint in `payload`: its signature checked first when this plant verifies."""
+        if verifier is not None:
+            try:
+                body = verifier.open(t["setpoint"], payload)
+            except SignatureError as exc:
+                raise PlantError(str(exc)) from None
+        else:
+            body = unsealed(payload)
+        return sim.setpoint_decoder.decode(body)
+
     try:
         client.connect(host, port, keepalive=30)
     except OSError as exc:
@@ -419,8 +465,10 @@ async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop
         client.publish(t["status"], b"online", qos=1, retain=True)
         publish(sim.last)
         log.info("plant %s: %s, %d steps of %g min, on %s:%d", site, options.domain, sim.steps, options.step_minutes, host, port)
+        if verifier is None:
+            log.warning("plant %s: setpoints are not authenticated (no --trust): the broker's logins are the only boundary", site)
         if period_s > 0:
-            await _free_running(sim, inbox, stop, period_s, publish, site)
+            await _free_running(sim, inbox, stop, period_s, publish, site, read)
         while not sim.ended and not stop.is_set():
             get = asyncio.ensure_future(inbox.get())
             halt = asyncio.ensure_future(stop.wait())
@@ -430,11 +478,11 @@ async def serve_mqtt(options: SiteOptions, host: str, port: int, site: str, stop
                 get.cancel()
                 break
             try:
-                sp = SETPOINT.decode(get.result())
+                sp = read(get.result())
                 if sp.seq != sim.seq:
                     log.info("plant %s: setpoint for seq %d ignored (the plant is at %d)", site, sp.seq, sim.seq)
                     continue
-                publish(sim.apply(sp.u_kw))
+                publish(sim.apply(sim.values(sp)))
             except (msgspec.DecodeError, PlantError) as exc:
                 log.error("plant %s: setpoint refused: %s", site, exc)
         client.publish(t["status"], b"ended" if sim.ended else b"offline", qos=1, retain=True).wait_for_publish(5.0)
