@@ -45,6 +45,7 @@ from scf.bus.runner import Delivery, Runner
 from scf.bus.signing import TrustList
 from scf.consumers import nodes as nodes_mod
 from scf.consumers.edge.control import ControlLoop, ControlSettings
+from scf.consumers.edge.grid_plant import GridSettings
 from scf.consumers.edge.meter import MeterReporter
 from scf.consumers.edge.probe import health_check
 from scf.consumers.edge.reconcile import reconcile
@@ -69,6 +70,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     # overrides it); the loop's own settings are [edge.control]
     plant: str = ""
     control: ControlSettings = ControlSettings()
+    grid: GridSettings = GridSettings()  # `[edge.grid]`: a grid plant's envelope, meter and simulated site (docs/plants.md)
 
 
 def _now() -> dt.datetime:
@@ -175,14 +177,22 @@ class EdgeAgent:
     async def control(self, stop: asyncio.Event) -> None:
         """The control loop on `[edge] plant` until `stop` (a loop for `run_all`; nothing
         when no plant is set). A plant that cannot be opened is retried every 5 s."""
-        from scf.consumers.edge.plant import PlantError, open_plant
+        from scf.consumers.edge.grid_control import GridControlLoop, is_grid
+        from scf.consumers.edge.grid_plant import GRID_TELEMETRY, GridSiteOptions
+        from scf.consumers.edge.plant import TELEMETRY, PlantError, open_plant
 
         spec = self.labels.get("plant") or self.settings.plant  # a node's label `plant=` overrides [edge] plant
         if not spec:
             return
+        control = self.settings.control
+        grid = is_grid(control.domain)
         while not stop.is_set():
             try:
-                plant = await open_plant(spec, self.settings.control.site())
+                if grid:  # setpoints signed with the node's key (docs/plants.md, Authenticity)
+                    plant = await open_plant(spec, GridSiteOptions.from_settings(self.settings.grid, control.domain), key=self.bus.key,
+                                             decoder=GRID_TELEMETRY)
+                else:
+                    plant = await open_plant(spec, control.site(), key=self.bus.key, decoder=TELEMETRY)
             except PlantError as exc:
                 log.warning("%s: %s (retrying in 5 s)", self.node, exc)
                 try:
@@ -191,8 +201,12 @@ class EdgeAgent:
                     pass
                 continue
             try:
-                self.loop = ControlLoop(plant, self.node, self.dir, self.settings.control, current=self.current,
-                                        previous=self.store.previous, publish=self._publish_control, source=self.bus.source)
+                if grid:
+                    self.loop = GridControlLoop(plant, self.node, self.dir, control, self.settings.grid, current=self.current,
+                                                previous=self.store.previous, publish=self._publish_control, source=self.bus.source)
+                else:
+                    self.loop = ControlLoop(plant, self.node, self.dir, control, current=self.current,
+                                            previous=self.store.previous, publish=self._publish_control, source=self.bus.source)
                 await self.loop.run(stop)
             except PlantError as exc:  # a misconfigured loop: the agent keeps deploying
                 log.error("%s: the control loop does not run: %s", self.node, exc)
