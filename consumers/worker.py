@@ -9,9 +9,11 @@ the pool; the JOBS stream is a work queue, so each job goes to one worker):
 3. fetch the job's data selection from the FOSSILS stream into
    `$SCF_HOME/system_cache/jobs/<job_id>/data/*.ndjson` (the `StreamReader` fast path;
    reused when a complete copy is already there);
-4. train in a thread (`ml.train`), the runner keeping the message alive with in-progress
-   acks; `job.progress` (step, loss, samples/s) at most every `progress_every` seconds,
-   published from the training thread onto the event loop;
+4. train in a thread, the runner keeping the message alive with in-progress acks: an EBDM
+   (`ml.train`), or — when the job's config says `model = "optimiser"` — a learned
+   optimiser (`ml.optimize.train_optimiser`: a cost model and a proposal network, judged on
+   the held-out split; format `scf-opt/1`); `job.progress` (step, loss, samples/s) at most
+   every `progress_every` seconds, published from the training thread onto the event loop;
 5. store the checkpoint (safetensors) in the artifact store as
    `<domain_token>/<job_id>.safetensors` with its metrics in the object's metadata, and
    keep a copy in `$SCF_HOME/model_zoo/<domain_token>/`;
@@ -24,7 +26,8 @@ instead of training again, so the events always describe the stored bytes.
 `job.started` / `job.progress` / `job.failed` are per attempt (ids derived from job id,
 attempt, step).
 
-Failures: a job config the model refuses (`ConfigError`) is final at once; any other error
+Failures: a job config the model refuses (`ConfigError`: an unknown domain or model, a key
+the model does not have, zero steps — checked before any data is fetched) is final at once; any other error
 is retried (`job.failed` with final=False, nak with backoff) until the attempt reaches
 the job's `max_attempts`, then `job.failed` final=True and the runner's DLQ. A worker
 killed mid-job never acks: JetStream redelivers the job after `ack_wait` to another
@@ -248,36 +251,132 @@ def job_gpus(spec: ev.JobSpec) -> int:
     return int(value)
 
 
+EBDM, OPTIMISER = "ebdm", "optimiser"
+MODELS = (EBDM, OPTIMISER)  # what a job's config `model` may name (default: ebdm)
+WORKER_KEYS = ("gpus", "model")  # config keys that are the worker's, not the model's
+
+
+def job_model(spec: ev.JobSpec) -> str:
+    """Which model the job trains: its config's `model` (`ebdm` when absent)."""
+    model = spec.config.get("model", EBDM)
+    if model not in MODELS:
+        raise ConfigError(f"job {spec.job_id}: model = {model!r} is unknown: use one of {', '.join(MODELS)}")
+    return str(model)
+
+
 def model_params(spec: ev.JobSpec) -> dict:
     """The job's config as EBDMConfig fields (without the worker's own keys)."""
-    return {**{k: v for k, v in spec.config.items() if k != "gpus"}, "domain": spec.domain}
+    return {**{k: v for k, v in spec.config.items() if k not in WORKER_KEYS}, "domain": spec.domain}
+
+
+def _check_domain(spec: ev.JobSpec) -> None:
+    from scf import domains
+
+    try:
+        domains.get(spec.domain)
+    except domains.UnknownDomain as exc:
+        raise ConfigError(f"job {spec.job_id}: {exc}") from None
+
+
+def optimiser_config(spec: ev.JobSpec):
+    """The job's config as an `ml.optimize.OptimiserConfig` (the cost model's settings as
+    `cost_<name>`); unknown keys and values of the wrong type are a ConfigError naming them."""
+    import dataclasses as dc
+
+    from scf.ml.cost import CostConfig
+    from scf.ml.optimize import OptimiserConfig
+
+    own = {f.name: f for f in dc.fields(OptimiserConfig) if f.name not in ("domain", "cost", "state_lo", "state_hi", "context_lo", "context_hi")}
+    cost = {f.name: f for f in dc.fields(CostConfig)}
+    top, sub, unknown = {}, {}, []
+    for key, value in spec.config.items():
+        if key in WORKER_KEYS:
+            continue
+        field_ = own.get(key) or (cost.get(key[5:]) if key.startswith("cost_") else None)
+        if field_ is None:
+            unknown.append(key)
+            continue
+        want = int if isinstance(field_.default, int) else float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (want is int and value != int(value)):
+            raise ConfigError(f"job {spec.job_id}: {key} = {value!r} is not {'a whole number' if want is int else 'a number'}")
+        (top if key in own else sub)[field_.name] = want(value)
+    if unknown:
+        raise ConfigError(
+            f"job {spec.job_id}: {sorted(unknown)} are not learned-optimiser settings: use some of {sorted(own)} "
+            f"or cost_<{'|'.join(sorted(cost))}>"
+        )
+    for key in ("eval_contexts", "max_fossils"):
+        if key in top and top[key] < 1:
+            raise ConfigError(f"job {spec.job_id}: {key} must be >= 1 (got {top[key]})")
+    cfg = OptimiserConfig(domain=spec.domain, cost=CostConfig(**sub), **top)
+    try:
+        cfg.resolved()  # steps, batch_size, hidden, depth >= 1
+    except ConfigError as exc:
+        raise ConfigError(f"job {spec.job_id}: {exc}") from None
+    return cfg
 
 
 def check_with_ml(spec: ev.JobSpec) -> None:
     """Refuse a config the model cannot take, before any data is fetched (ConfigError)."""
+    job_gpus(spec)
+    _check_domain(spec)
+    if job_model(spec) == OPTIMISER:
+        optimiser_config(spec)
+        return
     from scf.ml.ebdm import EBDMConfig
 
-    job_gpus(spec)
     try:
         EBDMConfig.from_params(model_params(spec)).resolved()
     except TypeError as exc:
         raise ConfigError(f"job {spec.job_id}: config {dict(spec.config)} does not fit EBDMConfig ({exc})") from None
 
 
+def job_lineage(spec: ev.JobSpec) -> dict:
+    """What a checkpoint records of the job that made it."""
+    lineage = {"job_id": spec.job_id, "intent_id": spec.intent_id, "config_hash": spec.config_hash}
+    if spec.data is not None:
+        lineage["selection"] = msgspec.to_builtins(spec.data)
+    return lineage
+
+
+def train_optimiser_with_ml(req: TrainRequest) -> TrainResult:
+    """Train the job's learned optimiser (`ml.optimize.train_optimiser`: a cost model of the
+    fossils' measured energy and a proposal network, judged on the held-out split) on the
+    fetched shards and move its `scf-opt/1` checkpoint to `req.out_path`. It trains on the
+    CPU (small networks: one thread is fastest, `threads`); `req.progress` reports every step
+    and raises JobInterrupted when the worker stops."""
+    import dataclasses as dc
+
+    from scf.ml.optimize import train_optimiser
+
+    spec = req.spec
+    cfg = optimiser_config(spec)
+    if req.threads:
+        cfg = dc.replace(cfg, threads=req.threads)
+    scratch = req.out_path.parent / f".train-{subject_token(spec.job_id)}-{os.getpid()}"
+    try:
+        result = train_optimiser(spec.domain, req.data_dir, scratch, cfg, lineage=job_lineage(spec), progress=req.progress)
+        os.replace(result.checkpoint, req.out_path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return TrainResult(req.out_path, finite_metrics(result.metrics))
+
+
 def train_with_ml(req: TrainRequest) -> TrainResult:
-    """Train the job's EBDM with `ml.train.train` on the fetched shards and move the
-    checkpoint (safetensors) to `req.out_path`."""
+    """Train the job's model on the fetched shards and move the checkpoint (safetensors) to
+    `req.out_path`: an EBDM with `ml.train.train` (data parallel when the job asks for
+    several GPUs), or a learned optimiser when the config says `model = "optimiser"`."""
     from scf.ml import train as ml_train
     from scf.ml.ebdm import EBDMConfig
 
+    if job_model(req.spec) == OPTIMISER:
+        return train_optimiser_with_ml(req)
     nproc = min(job_gpus(req.spec), req.gpus) if req.device.startswith("cuda") else 0
     if nproc > 1:
         return train_distributed(req, nproc)
     config = EBDMConfig.from_params(model_params(req.spec))
     spec = req.spec
-    lineage = {"job_id": spec.job_id, "intent_id": spec.intent_id, "config_hash": spec.config_hash}
-    if spec.data is not None:
-        lineage["selection"] = msgspec.to_builtins(spec.data)
+    lineage = job_lineage(spec)
     stop = getattr(req.progress, "should_stop", None)
     scratch = req.out_path.parent / f".train-{subject_token(spec.job_id)}-{os.getpid()}"
     try:

@@ -6,7 +6,9 @@ turns new fossils into training intents, verifies and promotes checkpoints.
                                 or control.rejected with the reason (nothing is ignored)
     fossil.recorded.<dom>.<id> → counted per domain (headers only); at a pulse, a domain
                                 with enough new fossils since its last training gets one
-                                intent.created.train.<intent_id>
+                                intent.created.train.<intent_id> per model of
+                                `[daemon] train_models` (an EBDM; a learned optimiser:
+                                params `model = "optimiser"`, id `…-optimiser`)
     checkpoint.produced.<dom> → checkpoint.verified + checkpoint.promoted, or
                                 checkpoint.rejected (producers/verify.py)
 
@@ -52,7 +54,7 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import msgspec
 from nats.aio.msg import Msg
@@ -63,7 +65,7 @@ from scf.bus import events as ev
 from scf.bus.client import Bus, Throttle
 from scf.bus.codec import Codec
 from scf.bus.emergency import EmergencyGate, EmergencyState, write_state
-from scf.bus.errors import DecodeError, SCFError, SignatureError
+from scf.bus.errors import ConfigError, DecodeError, SCFError, SignatureError
 from scf.bus.ids import derived_id, ensure_id_key, keyed_id, load_id_key, subject_token
 from scf.bus.reader import ReadStalled, StreamMsg, StreamReader, describe, last_seq
 from scf.bus.runner import Delivery, Runner, race, run_all
@@ -71,6 +73,7 @@ from scf.bus.settings import Settings
 from scf.bus.signing import TrustList
 from scf.bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
 from scf.bus.trust import SharedTrust
+from scf.consumers.worker import EBDM, MODELS, OPTIMISER
 from scf.producers.verify import CheckpointVerifier, Verifier, VerifySettings, current_promotion, decide_promotion
 
 log = logging.getLogger("scf.daemon")
@@ -87,6 +90,8 @@ class DaemonSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     train_threshold: dict[str, int] = {}  # per gear, e.g. {STANDARD = 5000}; default: the gear table
     train_config: dict[str, ev.Scalar] = {}  # model config every train intent asks for (steps = 300, hidden = 128 …)
+    train_models: tuple[str, ...] = (EBDM,)  # what each training generation trains: ebdm, optimiser (one intent each)
+    optimiser_config: dict[str, ev.Scalar] = {}  # the learned optimiser's config (steps = 2000, hidden = 256, cost_knots = 9 …)
     verify_checkpoints: str = "auto"  # auto (when torch is importable) | on (fail without torch) | off
     liveness_min_interval: float = 0.25  # seconds between liveness writes at fast gears
     command_window_s: float = 300.0  # a signed command's issued_at may lie this far before it reached CONTROL
@@ -286,8 +291,16 @@ def threshold(gear: str, overrides: Mapping[str, int]) -> int:
     return int(overrides.get(gear, gears.spec(gear).train_threshold))
 
 
-def train_intent_id(domain: str, generation: int) -> str:
-    return f"train-{subject_token(domain)}-{generation:06d}"
+def train_intent_id(domain: str, generation: int, model: str = EBDM) -> str:
+    """`train-<domain>-<generation>` (an EBDM), `…-optimiser` (a learned optimiser)."""
+    return f"train-{subject_token(domain)}-{generation:06d}" + ("" if model == EBDM else f"-{subject_token(model)}")
+
+
+def check_models(models: Sequence[str]) -> None:
+    """Refuse `[daemon] train_models` naming a model no worker trains (ConfigError)."""
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        raise ConfigError(f"[daemon] train_models = {list(models)}: {bad or 'empty'}: use some of {', '.join(MODELS)}")
 
 
 def orient(
@@ -299,9 +312,13 @@ def orient(
     source: str,
     now: dt.datetime | None = None,
     train_config: Mapping[str, ev.Scalar] | None = None,
+    models: Sequence[str] = (EBDM,),
+    optimiser_config: Mapping[str, ev.Scalar] | None = None,
 ) -> list[ev.IntentCreated]:
-    """One train intent per domain with at least the gear's threshold of new fossils. The
-    intent's params are the configured model config plus the daemon's bookkeeping."""
+    """One train intent per domain with at least the gear's threshold of new fossils and per
+    model in `models` (`ebdm`, `optimiser`). The intent's params are the configured model
+    config (`train_config` for an EBDM; `optimiser_config` and `model = "optimiser"` for a
+    learned optimiser) plus the daemon's bookkeeping."""
     out = []
     g = gears.spec(gear)
     need = threshold(gear, overrides)
@@ -311,25 +328,28 @@ def orient(
         if new < need:
             continue
         generation = (mark.generation if mark else 0) + 1
-        intent_id = train_intent_id(c.domain, generation)
-        intent = ev.Intent(
-            intent_id=intent_id,
-            kind="train",
-            domain=c.domain,
-            params={
-                **(train_config or {}),
-                "generation": generation,
-                "fossils": c.total,
-                "new_fossils": new,
-                "fossil_seq": c.last_seq,
-                "threshold": need,
-                "hypotheses": g.hypotheses,
-                "sampling_temperature": g.sampling_temperature,
-            },
-            reason=f"{new} new fossils of {c.domain} since its last training (threshold {need} in {gear})",
-            gear=gear,
-        )
-        out.append(ev.IntentCreated.new(intent, source=source, id=derived_id("intent", intent_id), at=now))
+        for model in models:
+            intent_id = train_intent_id(c.domain, generation, model)
+            config = {**(optimiser_config or {}), "model": OPTIMISER} if model == OPTIMISER else dict(train_config or {})
+            intent = ev.Intent(
+                intent_id=intent_id,
+                kind="train",
+                domain=c.domain,
+                params={
+                    **config,
+                    "generation": generation,
+                    "fossils": c.total,
+                    "new_fossils": new,
+                    "fossil_seq": c.last_seq,
+                    "threshold": need,
+                    "hypotheses": g.hypotheses,
+                    "sampling_temperature": g.sampling_temperature,
+                },
+                reason=f"{new} new fossils of {c.domain} since its last training (threshold {need} in {gear})"
+                + ("" if model == EBDM else f": a learned {model}"),
+                gear=gear,
+            )
+            out.append(ev.IntentCreated.new(intent, source=source, id=derived_id("intent", intent_id), at=now))
     return out
 
 
@@ -620,6 +640,7 @@ class Daemon:
         self.bus = bus
         self.settings = settings
         self.config = config or settings.section("daemon", DaemonSettings)
+        check_models(self.config.train_models)
         self.state = ControlState()
         self.trained: dict[str, TrainMark] = {}
         self.holds = HoldsView(bus)
@@ -875,6 +896,7 @@ class Daemon:
         for intent in orient(
             self.fossils.counts, self.trained, self.state.gear, self.config.train_threshold,
             source=self.bus.source, train_config=self.config.train_config,
+            models=self.config.train_models, optimiser_config=self.config.optimiser_config,
         ):
             once = await self.bus.publish_once(intent)
             chosen = intent.data
@@ -978,5 +1000,5 @@ async def serve(bus: Bus, settings: Settings, config: DaemonSettings | None = No
 
 __all__ = [
     "Daemon", "DaemonSettings", "ControlState", "TRAIN_INTENT_PARAMS", "CommandContext", "SubjectRuling", "decide_control", "orient",
-    "DomainCount", "TrainMark", "train_intent_id", "rebuild_control", "read_trainings", "HoldsView", "FossilView", "serve",
+    "DomainCount", "TrainMark", "train_intent_id", "check_models", "rebuild_control", "read_trainings", "HoldsView", "FossilView", "serve",
 ]
