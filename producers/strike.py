@@ -336,7 +336,9 @@ async def strike(bus, settings, spec: ev.ContractSpec, *, key, trust, opts: Stri
                             path if proof else None, proof, resumed=True)
     rec = Recorded()
     if contract_seq:
-        rec.add("contract", "CONTRACTS", contract_seq, contract_event_id, "contract", "", await _stored(bus, "CONTRACTS", contract_seq))
+        stored = await bus.js.get_msg("CONTRACTS", contract_seq)
+        rec.add("contract", "CONTRACTS", contract_seq, contract_event_id, stored.subject.rsplit(".", 1)[0], stored.subject,
+                bytes(stored.data))
 
     _mark("setup")
     # map + optimise
@@ -713,9 +715,12 @@ def check_log_proof(proof: dict, verifier_key: str) -> str:
     named = proof.get("events") or []
     if len(entries) != len(named):
         raise ProofInvalid(f"log: the bundle proves {len(entries)} events, the proof names {len(named)}")
+    keys = ("stream", "seq", "id", "type", "subject")  # every field the proof and the leaf both carry
     for e, leaf in zip(named, entries):
-        if not isinstance(leaf, dict) or (leaf.get("stream"), leaf.get("seq"), leaf.get("id")) != (e["stream"], e["seq"], e["id"]):
-            raise ProofInvalid(f"log: leaf for {e['stream']} seq {e['seq']} is another event")
+        differ = ["entry"] if not isinstance(leaf, dict) else [k for k in keys if leaf.get(k) != e.get(k)]
+        if differ:
+            what = ", ".join(f"{k} {leaf.get(k)!r} where the proof names {e.get(k)!r}" for k in differ) if isinstance(leaf, dict) else "not an entry"
+            raise ProofInvalid(f"log: leaf for {e['stream']} seq {e['seq']} is another event ({what})")
     return f"{len(entries)} events in {summary['origin']} at tree size {summary['tree_size']}"
 
 

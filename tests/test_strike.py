@@ -163,6 +163,10 @@ async def test_two_contracts_strike_deploy_measure_and_prove(bus, settings, scf_
         swapped["log"]["events"][0], swapped["log"]["events"][1] = swapped["log"]["events"][1], swapped["log"]["events"][0]
         with pytest.raises(st.ProofInvalid, match="is another event"):
             st.check_log_proof(swapped, vkey)
+        retyped = copy.deepcopy(logged)  # the proof names another type at the same (stream, seq, id)
+        retyped["events"][0]["type"] = "energy.measured"
+        with pytest.raises(st.ProofInvalid, match="is another event"):
+            st.check_log_proof(retyped, vkey)
 
         # 5. The contract's value report: Markdown, light HTML with inline SVG charts, a PDF.
         outd = tmp_path / "report"
