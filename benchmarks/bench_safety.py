@@ -13,6 +13,12 @@ proposed states of grid:case14 (feasible reference dispatches and perturbed ones
 * **decide floor** (baseline, same run): the pure `decide(view, event)` over the same
   events in a loop — rules, AST analysis, physics — without NATS: the CPU the gate must pay.
   Per type as well, to show where the time goes.
+
+On a shared machine the load changes from second to second, so the floor is measured right
+before and right after every gate run and each run's ratio is taken against the mean of its
+two floors (`--rounds` runs per concurrency, median ratio reported). The CPU columns compare
+this process's CPU time (the gate's, plus the bench's 10 ms polling) with the floor's: the
+cost on an idle core, much less exposed to the other work (the server's CPU is not in it).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import asyncio
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -94,6 +101,7 @@ async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int,
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=2, help="gate runs per concurrency, each between two floor runs")
     args = ap.parse_args()
     events = mixed(args.n)
 
@@ -101,10 +109,14 @@ async def main() -> None:
     view = GateView(gear="ACCELERATED", facts={"grid.state": "normal"})
     for e in events[:50]:  # warm caches (domain build, regexes)
         decide(view, e)
-    t0 = time.perf_counter()
-    for e in events:
-        decide(view, e)
-    floor = time.perf_counter() - t0
+
+    def floor_run() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for e in events:
+            decide(view, e)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    floor, _ = floor_run()
     per_type = {}
     for cls in (ev.IntentCreated, ev.CodeProposed, ev.StateProposed):
         sub = [e for e in events if isinstance(e, cls)]
@@ -113,9 +125,9 @@ async def main() -> None:
             decide(view, e)
         per_type[cls.type_name()] = len(sub) / (time.perf_counter() - t)
 
-    results = {}
+    results: dict[int, list[tuple[float, float, float, float]]] = {1: [], 8: []}  # (gate s, floor s, gate cpu, floor cpu)
     decisions: dict[str, int] = {}
-    for conc in (1, 8):  # a fresh server per run: verdict ids derive from the events (dedup)
+    for conc in [c for c in (1, 8) for _ in range(args.rounds)]:  # a fresh server per run: verdict ids derive from the events (dedup)
         tmp = Path(tempfile.mkdtemp(prefix="bench-safety-"))
         server = ServerProcess(tmp / "nats", free_port()).start()
         try:
@@ -126,7 +138,12 @@ async def main() -> None:
             await (await bus.kv("scf_context")).put("grid.state", b"normal")
             await gears.write_gear(bus, gears.GearState(gear="ACCELERATED"))
             await bus.publish_many(events)
-            results[conc] = await run_gate(settings, events, conc, f"bench-safety-{conc}")
+            before = floor_run()
+            c0 = time.process_time()
+            gate_s = await run_gate(settings, events, conc, f"bench-safety-{conc}")
+            gate_cpu = time.process_time() - c0
+            after = floor_run()
+            results[conc].append((gate_s, (before[0] + after[0]) / 2, gate_cpu, (before[1] + after[1]) / 2))
             info = await bus.js.stream_info("VERDICTS")
             assert info.state.messages == len(events), info.state.messages
             if not decisions:
@@ -143,14 +160,20 @@ async def main() -> None:
     print(f"stream: {args.n} events (40 % intents, 40 % code, 20 % states); verdicts: "
           + ", ".join(f"{k} {v}" for k, v in sorted(decisions.items())))
     print()
-    print("| measure | verdicts/s | vs decide floor |")
-    print("|---|---|---|")
+    print("| measure | verdicts/s | vs decide floor (median of runs; each run against its own floors) | CPU µs/verdict | CPU vs floor |")
+    print("|---|---|---|---|---|")
     fl = args.n / floor
-    print(f"| decide floor (pure, no NATS) | {fl:,.0f} | 1.00× |")
-    for conc, dt in results.items():
-        print(f"| `scf run safety` gate, concurrency {conc} | {args.n / dt:,.0f} | {args.n / dt / fl:.2f}× |")
+    print(f"| decide floor (pure, no NATS), first run | {fl:,.0f} | 1.00× | {floor / args.n * 1e6:.0f} | |")
+    for conc, runs in results.items():
+        ratios = sorted(f / g for g, f, _, _ in runs)
+        cpu = sorted(fc / gc for _, _, gc, fc in runs)
+        rates = ", ".join(f"{args.n / g:,.0f}" for g, _, _, _ in runs)
+        floors = ", ".join(f"{args.n / f:,.0f}" for _, f, _, _ in runs)
+        print(f"| `scf run safety` gate, concurrency {conc} | {rates} (floors {floors}) | **{statistics.median(ratios):.2f}×** "
+              f"({', '.join(f'{r:.2f}' for r in ratios)}) | {statistics.median([gc for _, _, gc, _ in runs]) / args.n * 1e6:.0f} | "
+              f"{statistics.median(cpu):.2f}× |")
     for name, rate in per_type.items():
-        print(f"| decide floor, {name} only | {rate:,.0f} | |")
+        print(f"| decide floor, {name} only | {rate:,.0f} | | | |")
 
 
 if __name__ == "__main__":

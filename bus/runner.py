@@ -19,6 +19,12 @@ A handler decides; the runner owns the I/O:
 * a server restart is ridden out: `Pull` turns fetch failures (ServiceUnavailable,
   connection closed or reconnecting, the consumer gone) into backoff and a re-bind, and
   `process` never raises, so a consumer loop never exits on bus errors;
+* `batched=True` (the safety gate): a fetched batch is decoded, handled (up to
+  `concurrency` handlers at once), its outputs published together in one pipelined
+  `publish_many` (one wait for all the server's acks instead of one per message), and only
+  then are its inputs acked. Each message keeps its own outcome: a failed handler is
+  nak'ed / dead-lettered alone; when the batch's publish is refused, each message's outputs
+  are published again alone, so a refusal fails only its own input;
 * batched handlers (the ledger) use the same pieces: `Pull`, `Runner.process` for the
   per-message fallback, `Runner.dead_letter`, `race`;
 * long handlers are kept alive with `in_progress` acks;
@@ -108,6 +114,7 @@ class Runner:
         backoff_base: float = 0.25,
         backoff_max: float = 30.0,
         create: bool = True,
+        batched: bool = False,
     ) -> None:
         self.bus, self.spec, self.handler = bus, spec, handler
         # create=False: only bind to the durable consumer (a restricted user, e.g. an edge
@@ -116,6 +123,7 @@ class Runner:
         self.decode = decode or event_decoder()
         self.concurrency = max(1, concurrency)
         self.batch = max(1, batch)
+        self.batched = batched  # handle a fetched batch together (see the module's doc)
         self.fetch_timeout = fetch_timeout
         self.pause = pause
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
@@ -132,8 +140,16 @@ class Runner:
                 if self.pause is not None and self.pause.engaged:
                     await race(self.pause.wait_clear(), stop)
                     continue
-                want = self.batch if self.concurrency == 1 else max(1, self.concurrency - len(self._tasks))
+                want = self.batch if self.concurrency == 1 or self.batched else max(1, self.concurrency - len(self._tasks))
                 msgs = await pull.fetch(want, self.fetch_timeout, stop)
+                if self.batched:
+                    if stop.is_set():
+                        for rest in msgs:
+                            await _quietly(rest.nak())
+                        break
+                    if msgs:
+                        await self.process_batch(msgs)
+                    continue
                 for i, msg in enumerate(msgs):
                     if stop.is_set():
                         for rest in msgs[i:]:
@@ -197,21 +213,143 @@ class Runner:
             await self.dead_letter(msg, f"Poison: {exc}")
             return
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: seq %s delivery %s failed: %s", self.spec.durable, d.stream_seq, d.deliveries, error)
-            log.debug("%s", traceback.format_exc())
-            self.stats.errors.append(error)
-            del self.stats.errors[:-100]
-            if d.deliveries >= self.spec.max_deliver > 0:
-                await self.dead_letter(msg, f"failed after {d.deliveries} deliveries: {error}")
-            else:
-                self.stats.retried += 1
-                await msg.nak(delay=self.backoff(d.deliveries))
+            await self._failed(msg, d, exc)
             return
         finally:
             keepalive.cancel()
         self.stats.handled += 1
         await msg.ack()
+
+    async def _failed(self, msg: Msg, d: Delivery, exc: BaseException) -> None:
+        """A failed handler (or publish): nak with backoff, the DLQ on the last delivery."""
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: seq %s delivery %s failed: %s", self.spec.durable, d.stream_seq, d.deliveries, error)
+        log.debug("%s", "".join(traceback.format_exception(exc)))
+        self.stats.errors.append(error)
+        del self.stats.errors[:-100]
+        if d.deliveries >= self.spec.max_deliver > 0:
+            await self.dead_letter(msg, f"failed after {d.deliveries} deliveries: {error}")
+        else:
+            self.stats.retried += 1
+            await msg.nak(delay=self.backoff(d.deliveries))
+
+    # ------------------------------------------------------------------ a batch
+    async def process_batch(self, msgs: Sequence[Msg]) -> None:
+        """Decode, handle, publish, ack a fetched batch (`batched=True`), with the same
+        per-message rules as `process`: every output of a message is published (acknowledged
+        by the server) before that message is acked. Never raises."""
+        try:
+            await self._process_batch(msgs)
+        except Exception as exc:  # noqa: BLE001 - e.g. an ack failed (connection lost): ack_wait redelivers the rest
+            self._throttle.warn(log, "process", "%s: %s in a batch of %d: left for redelivery",
+                                self.spec.durable, describe(exc), len(msgs))
+
+    async def _process_batch(self, msgs: Sequence[Msg]) -> None:
+        todo: list[tuple[Msg, Delivery, Any]] = []
+        for msg in msgs:
+            meta = msg.metadata
+            headers = dict(msg.headers or {})
+            d = Delivery(msg, msg.subject, meta.sequence.stream, meta.num_delivered, headers)
+            target = headers.get(SCF_REDRIVE_FOR)
+            if target and target != self.spec.durable:
+                self.stats.skipped += 1
+                await msg.ack()
+                continue
+            try:
+                item = self.decode(msg)
+            except (DecodeError, SignatureError) as exc:
+                await self.dead_letter(msg, f"{type(exc).__name__}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - a decoder bug is still poison for this message
+                await self.dead_letter(msg, f"undecodable: {type(exc).__name__}: {exc}")
+                continue
+            todo.append((msg, d, item))
+        if not todo:
+            return
+        held = {id(d): d for _, d, _ in todo}  # in hand, not settled: kept alive
+        keepalive = asyncio.create_task(self._keepalive_all(held))
+        ready: list[tuple[Msg, Delivery, Any]] = []  # handled, not settled yet
+        wake = asyncio.Event()
+        queue = iter(todo)
+
+        async def worker() -> None:
+            try:
+                for msg, d, item in queue:  # one iterator shared by the workers: each message once
+                    try:
+                        out: Any = await self.handler(item, d)
+                    except Exception as exc:  # noqa: BLE001 - settled per message below
+                        out = exc
+                    ready.append((msg, d, out))
+                    wake.set()
+            finally:
+                wake.set()
+
+        workers: list[asyncio.Task] = []
+        try:
+            if self.pause is not None and self.pause.engaged:
+                await self.pause.wait_clear()  # the keepalive holds the batch meanwhile
+            # `concurrency` handlers at once; whatever is handled by the time the loop gets
+            # here again is settled together (all of a batch of CPU-only handlers at once;
+            # a slow one, a sandbox run, is settled when it is done)
+            workers = [asyncio.create_task(worker()) for _ in range(min(self.concurrency, len(todo)))]
+            settled = 0
+            while settled < len(todo):
+                await wake.wait()
+                wake.clear()
+                wave, ready[:] = ready[:], []
+                if not wave and all(w.done() for w in workers):
+                    # a worker died of something other than an Exception: re-raised; what
+                    # was not settled is left for redelivery (ack_wait)
+                    for w in workers:
+                        if not w.cancelled() and w.exception() is not None:
+                            raise w.exception()  # type: ignore[misc]
+                    break
+                await self._settle(wave)
+                settled += len(wave)
+                for _, d, _ in wave:
+                    held.pop(id(d), None)
+        finally:
+            keepalive.cancel()
+            for w in workers:
+                w.cancel()
+
+    async def _settle(self, wave: list[tuple[Msg, Delivery, Any]]) -> None:
+        """Handled messages: failures retried or dead-lettered one by one; the outputs of
+        the others published together, then those inputs acked."""
+        done: list[tuple[Msg, Delivery, Sequence[ev.Event]]] = []
+        for msg, d, out in wave:
+            if isinstance(out, Poison):
+                await self.dead_letter(msg, f"Poison: {out}")
+            elif isinstance(out, BaseException):
+                await self._failed(msg, d, out)
+            else:
+                done.append((msg, d, out or ()))
+        events = [e for _, _, out in done for e in out]
+        if events:
+            try:
+                await self.bus.publish_many(events)
+                self.stats.published += len(events)
+            except Exception:  # noqa: BLE001 - refused or timed out: each message's outputs alone
+                done = await self._publish_each(done)
+        for msg, _, _ in done:
+            self.stats.handled += 1
+            await msg.ack()
+
+    async def _publish_each(self, done: list[tuple[Msg, Delivery, Sequence[ev.Event]]]) -> list[tuple[Msg, Delivery, Sequence[ev.Event]]]:
+        """The batch's publish failed: publish each message's outputs alone (their ids
+        dedup what the batch stored already); a message whose outputs fail is retried
+        (nak with backoff) or dead-lettered, the others go on to be acked."""
+        ok = []
+        for msg, d, out in done:
+            try:
+                if out:
+                    await self.bus.publish_many(out)
+                    self.stats.published += len(out)
+            except Exception as exc:  # noqa: BLE001 - this message's outputs were refused
+                await self._failed(msg, d, exc)
+                continue
+            ok.append((msg, d, out))
+        return ok
 
     async def dead_letter(self, msg: Msg, error: str) -> bool:
         """Copy `msg` to the DLQ and terminate it (bus/dlq.py: always fits, never raises;
@@ -234,6 +372,17 @@ class Runner:
                 await d.in_progress()
             except Exception:  # noqa: BLE001 - settled or connection gone: ack_wait takes over
                 return
+
+    async def _keepalive_all(self, held: dict[int, Delivery]) -> None:
+        """`_keepalive` for a batch: every message in hand (`held`), until cancelled."""
+        interval = max(0.5, self.spec.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for d in list(held.values()):
+                try:
+                    await d.in_progress()
+                except Exception:  # noqa: BLE001 - settled or connection gone: ack_wait takes over
+                    pass
 
     async def _hold(self, d: Delivery) -> None:
         """Keep a message in hand alive until the pause gate clears."""

@@ -149,8 +149,9 @@ def allowed_meters(labels: dict[str, str]) -> set[str]:
     return {DEFAULT_METER} | {norm_meter(x) for x in labels.get("meters", "").split(",") if x.strip()}
 
 
-def check(m: ev.Measurement, settings: LedgerSettings) -> str | None:
-    """Why a measurement may not be minted, or None."""
+def check(m: ev.Measurement, settings: LedgerSettings, cause: Cause | None = None) -> str | None:
+    """Why a measurement may not be minted, or None. `cause`: `normalise(m)`, when the
+    caller has it already."""
     for name, value in (("baseline_kwh", m.baseline_kwh), ("actual_kwh", m.actual_kwh)):
         if not math.isfinite(value):
             return f"{name} is {value}: not a number"
@@ -158,7 +159,7 @@ def check(m: ev.Measurement, settings: LedgerSettings) -> str | None:
             return f"{name} is negative ({value})"
         if value > MAX_KWH:
             return f"{name} is {value:g} kWh: absurd for one reading (above {MAX_KWH:g})"
-    c = normalise(m)  # compared as UTC microseconds: a naive and an aware time compare too
+    c = cause or normalise(m)  # compared as UTC microseconds: a naive and an aware time compare too
     if c.end_us <= c.start_us:
         return f"period ends ({m.period_end.isoformat()}) before it starts ({m.period_start.isoformat()})"
     kwh = saved_kwh(m)
@@ -189,15 +190,21 @@ def mv_problem(m: ev.Measurement, kwh: float, settings: LedgerSettings) -> str |
     return None
 
 
-def transfer_for(measured: ev.EnergyMeasured, account: str, settings: LedgerSettings, source: str) -> LedgerTransfer:
+def transfer_for(
+    measured: ev.EnergyMeasured, account: str, settings: LedgerSettings, source: str, *,
+    cause: Cause | None = None, cause_id: str | None = None,
+) -> LedgerTransfer:
     """The transfer for a checked measurement. Its cause is derived here from the
-    normalised content; the node's `measurement_id` is never trusted."""
+    normalised content; the node's `measurement_id` is never trusted. `cause` and
+    `cause_id`: `normalise(m)` and its id, when the caller has them already (the hot path
+    derives each once)."""
     m = measured.data
-    c = normalise(m)
+    c = cause or normalise(m)
+    cid = cause_id or c.id
     kwh = saved_kwh(m)
     t = Transfer(
-        transfer_id=transfer_id_for(c.id),
-        cause_id=c.id,
+        transfer_id=transfer_id_for(cid),
+        cause_id=cid,
         debit_account=settings.issuer,
         credit_account=account,
         micro_credits=micro_credits(kwh, settings.rate),
@@ -452,6 +459,7 @@ class Ledger:
         assert isinstance(measured, ev.EnergyMeasured)
         m = measured.data
         c = normalise(m)
+        cid = c.id  # a uuid5: derived once per measurement
         entry = self.trust.keys.get(measured.kid or "")
         signer = entry.name if entry else ""
         if self.settings.require_signer_is_node and signer != m.node:
@@ -459,16 +467,16 @@ class Ledger:
                 f"measurement for node {m.node!r} signed by key {measured.kid} named {signer!r}: "
                 "a node may only report its own savings (trust its key under its node id)"
             )
-            return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "signer")])
-        reason = check(m, self.settings)
+            return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "signer")])
+        reason = check(m, self.settings, c)
         if reason is not None:
-            return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "invalid")])
+            return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "invalid")])
         believed = await self.labels(m.node)
         labels = believed if believed is not None else {}
         if c.meter not in allowed_meters(labels):
             reason = (f"unknown meter {c.meter!r} of node {m.node}: a node reports its main meter, or those its "
                       f"signed registry entry lists (label meters={c.meter})")
-            return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "meter")])
+            return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "meter")])
         if believed is None:
             # No entry signed by the node (none yet, deleted or overwritten by another edge
             # login): the account its latest transfer credited, else its own.
@@ -476,8 +484,8 @@ class Ledger:
         else:
             account = credit_account(m.node, labels, self.settings)
         if (reason := account_problem(m.node, account, self.settings)) is not None:
-            return Decided(msg, measured, c, rejections=[rejection(c.id, reason, src, measured, "account")])
-        return Decided(msg, measured, c, transfer=transfer_for(measured, account, self.settings, src))
+            return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "account")])
+        return Decided(msg, measured, c, transfer=transfer_for(measured, account, self.settings, src, cause=c, cause_id=cid))
 
     def _undecodable(self, msg, exc: Exception) -> Decided:
         """A payload that claims to be an energy.measured but does not decode (null or
@@ -497,10 +505,11 @@ class Ledger:
         `d`'s period overlaps, or None."""
         assert d.cause is not None
         c = d.cause
-        hit = self.periods.overlapping(c.key, c.start_us, c.end_us, c.id)
+        cid = d.transfer.data.cause_id if d.transfer is not None else c.id  # c.id, derived once already
+        hit = self.periods.overlapping(c.key, c.start_us, c.end_us, cid)
         if hit is None:
             hit = next((p for p in pending.get(c.key, []) if p.start_us < c.end_us and c.start_us < p.end_us
-                        and p.cause_id != c.id), None)
+                        and p.cause_id != cid), None)
         return hit
 
     async def mint(self, ds: list[Decided]) -> list[ev.Event]:
@@ -538,7 +547,7 @@ class Ledger:
                 fresh_tids.add(tid(d))
                 c = d.cause
                 assert c is not None
-                pending[c.key].append(Claim(c.start_us, c.end_us, c.id, tid(d), 0))
+                pending[c.key].append(Claim(c.start_us, c.end_us, d.transfer.data.cause_id, tid(d), 0))  # type: ignore[union-attr]
             seqs = await self.bus.commit_batch([d.transfer for d in fresh], expected_last_seq=self.last_seq) if fresh else []  # type: ignore[misc]
             if seqs is None:
                 if not await self.catch_up():

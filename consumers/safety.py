@@ -48,6 +48,7 @@ log = logging.getLogger("scf.safety")
 
 SAFETY_CONSUMER: ConsumerSpec = CONSUMERS["safety"]
 CODEC = Codec([ev.IntentCreated, ev.CodeProposed, ev.StateProposed])
+BATCH = 128  # messages fetched and ruled together; their verdicts are published together
 
 
 class SafetySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -166,16 +167,17 @@ def rule_state(view: GateView, proposal: ev.StateProposal) -> Ruling:
     return Ruling("APPROVE", "physics", [f"{domain.name}: {checked} hold"])
 
 
-def decide(view: GateView, event: ev.Event, *, source: str = "safety", sandbox=None) -> list[ev.VerdictIssued]:
+def decide(view: GateView, event: ev.Event, *, source: str = "safety", sandbox=None, static: Ruling | None = None) -> list[ev.VerdictIssued]:
     """The gate's verdict on one event (a list of one verdict, or empty for other types).
     `sandbox`: the sandbox's result for a code proposal the static gate approved (the runner
-    runs it; `decide` stays pure)."""
+    runs it; `decide` stays pure); `static`: `rule_code(view, proposal)` when the caller
+    has it already (the AST analysis is the gate's largest cost: done once per proposal)."""
     match event:
         case ev.IntentCreated(data=intent):
             r = rule_intent(view, intent)
             sid, stype, kind, domain = intent.intent_id, "intent", intent.kind, intent.domain
         case ev.CodeProposed(data=proposal):
-            r = rule_code(view, proposal)
+            r = static if static is not None else rule_code(view, proposal)
             if sandbox is not None and r.decision == "APPROVE":
                 r = rule_sandbox(r, sandbox)
             sid, stype, kind, domain = proposal.proposal_id, "code", "", proposal.domain
@@ -277,14 +279,17 @@ class SafetyGate:
             self.view = replace(self.view, facts=dict(self._facts))
 
     async def handle(self, event: ev.Event, delivery: Delivery) -> list[ev.Event]:
-        result = None
+        result = static = None
+        view = self.view
         if isinstance(event, ev.CodeProposed) and self.config.sandbox and event.data.domain:
-            if rule_code(self.view, event.data).decision == "APPROVE":
+            static = rule_code(view, event.data)
+            if static.decision == "APPROVE":
                 result = await self._run_sandbox(event.data, delivery)
-        out = decide(self.view, event, source=self.bus.source, sandbox=result)
-        for v in out:
-            d = v.data
-            log.info("%s %s %s: %s (%s) %s", d.subject_type, d.subject_id, d.decision, d.gate, d.kind or d.domain, "; ".join(d.reasons)[:300])
+        out = decide(view, event, source=self.bus.source, sandbox=result, static=static)
+        if log.isEnabledFor(logging.INFO):
+            for v in out:
+                d = v.data
+                log.info("%s %s %s: %s (%s) %s", d.subject_type, d.subject_id, d.decision, d.gate, d.kind or d.domain, "; ".join(d.reasons)[:300])
         self.ruled += 1
         return list(out)
 
@@ -306,7 +311,10 @@ class SafetyGate:
             return job.result()
 
     def runner(self, spec: ConsumerSpec = SAFETY_CONSUMER) -> Runner:
-        return Runner(self.bus, spec, self.handle, decode=lambda m: CODEC.decode(m.data), concurrency=self.config.concurrency)
+        # batched: a fetched batch's verdicts are published together (one wait for the
+        # server's acks per batch, not per message), then its inputs are acked
+        return Runner(self.bus, spec, self.handle, decode=lambda m: CODEC.decode(m.data), concurrency=self.config.concurrency,
+                      batched=True, batch=BATCH)
 
     async def run(self, stop: asyncio.Event, spec: ConsumerSpec = SAFETY_CONSUMER) -> None:
         await self.start()

@@ -1,0 +1,139 @@
+"""The runner's batched mode (`Runner(batched=True)`, what the safety gate runs): a fetched
+batch is handled, its outputs published together, then its inputs acked — with every
+per-message rule kept. Real nats-server, the runner in this process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scf.bus import events as ev
+from scf.bus.codec import Codec
+from scf.bus.dlq import list_dead
+from scf.bus.runner import Poison, Runner, event_decoder
+from scf.bus.streams import ConsumerSpec
+from tests.conftest import stream_count, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+def intent(i: str) -> ev.IntentCreated:
+    return ev.IntentCreated.new(ev.Intent(intent_id=i, kind="train", domain="grid:case9"), source="test")
+
+
+def verdict_for(event: ev.IntentCreated, source: str) -> ev.VerdictIssued:
+    v = ev.Verdict(verdict_id="v-" + event.data.intent_id, subject_id=event.data.intent_id, subject_type="intent",
+                   decision="APPROVE", gate="test")
+    return ev.VerdictIssued.new(v, source=source, cause=event)
+
+
+def spec(durable: str, max_deliver: int = 3) -> ConsumerSpec:
+    return ConsumerSpec("INTENTS", durable, ("intent.created.>",), ack_wait=30.0, max_deliver=max_deliver)
+
+
+async def settled(bus, durable: str) -> bool:
+    info = await bus.js.consumer_info("INTENTS", durable)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def start(runner: Runner) -> tuple[asyncio.Event, asyncio.Task]:
+    stop = asyncio.Event()
+    return stop, asyncio.create_task(runner.run(stop))
+
+
+async def test_batched_runner_publishes_each_effect_once_retries_and_dead_letters_per_message(bus):
+    ids = [f"i{k}" for k in range(150)]
+    poison, flaky = {"i7", "i90"}, {"i33", "i120"}
+    await bus.publish_many([intent(i) for i in ids])
+    calls: list[tuple[str, int]] = []
+
+    async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
+        i = event.data.intent_id
+        calls.append((i, d.deliveries))
+        if i in poison:
+            raise Poison("never")
+        if i in flaky and d.deliveries == 1:
+            raise RuntimeError("first delivery fails on purpose")
+        return [verdict_for(event, bus.source)]
+
+    runner = Runner(bus, spec("batched"), handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=True,
+                    batch=64, backoff_base=0.05)
+    stop, task = await start(runner)
+    try:
+        await wait_for(lambda: settled(bus, "batched"), 60, "every intent to be settled")
+        await wait_for(lambda: runner.stats.handled == len(ids) - len(poison), 30, "the handled count")
+    finally:
+        stop.set()
+        await task
+    assert await stream_count(bus, "VERDICTS") == len(ids) - len(poison)  # one effect per input that succeeded
+    assert runner.stats.published == len(ids) - len(poison)
+    assert runner.stats.retried == len(flaky) and runner.stats.dead_lettered == len(poison)
+    assert sorted(d for i, d in calls if i in flaky) == [1, 1, 2, 2]  # failed alone, then handled on redelivery
+    dead = {d.event.data.subject: d.event.data for d in await list_dead(bus)}
+    assert set(dead) == {f"intent.created.train.{i}" for i in poison}
+    assert all(x.error == "Poison: never" for x in dead.values())
+
+
+async def test_a_refused_output_fails_only_its_own_input_and_is_never_acked_unpublished(bus):
+    """One input's output goes to a subject no stream stores: the batch's publish is refused,
+    the others' outputs are published alone and acked; that input is nak'ed (never acked
+    without its effect) and, after max_deliver, dead-lettered with the reason."""
+    await bus.js.delete_stream("LEDGER")
+    ids = [f"r{k}" for k in range(40)]
+    await bus.publish_many([intent(i) for i in ids])
+
+    async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
+        if event.data.intent_id == "r17":  # LEDGER is gone: no stream stores ledger.rejected.*
+            return [ev.LedgerRejected.new(ev.LedgerRejection(cause_id="c", reason="x"), source=bus.source, cause=event)]
+        return [verdict_for(event, bus.source)]
+
+    runner = Runner(bus, spec("refused", max_deliver=2), handle, decode=event_decoder(Codec([ev.IntentCreated])),
+                    batched=True, batch=64, backoff_base=0.05)
+    stop, task = await start(runner)
+    try:
+        await wait_for(lambda: settled(bus, "refused"), 60, "every intent to be settled")
+        await wait_for(lambda: runner.stats.dead_lettered == 1, 30, "the dead letter")
+    finally:
+        stop.set()
+        await task
+    assert await stream_count(bus, "VERDICTS") == len(ids) - 1
+    assert runner.stats.handled == len(ids) - 1 and runner.stats.retried == 1
+    (dead,) = [d.event.data for d in await list_dead(bus)]
+    assert dead.subject == "intent.created.train.r17"
+    assert dead.error.startswith("failed after 2 deliveries: StreamNotFound")
+
+
+async def test_a_slow_handler_holds_only_its_own_input(bus):
+    """Concurrency 4: while one handler waits (a sandbox run, say), the rest of its batch is
+    published and acked; the slow one is settled when it is done."""
+    ids = [f"s{k}" for k in range(30)]
+    await bus.publish_many([intent(i) for i in ids])
+    release, waiting = asyncio.Event(), asyncio.Event()
+
+    async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
+        if event.data.intent_id == "s3":
+            waiting.set()
+            await release.wait()
+        return [verdict_for(event, bus.source)]
+
+    runner = Runner(bus, spec("slow"), handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=True,
+                    batch=64, concurrency=4)
+    stop, task = await start(runner)
+    try:
+        await wait_for(waiting.is_set, 30, "the slow handler to start")
+
+        async def others_done() -> bool:
+            info = await bus.js.consumer_info("INTENTS", "slow")
+            return info.num_pending == 0 and info.num_ack_pending == 1
+        await wait_for(others_done, 60, "every other intent to be acked")
+        assert await stream_count(bus, "VERDICTS") == len(ids) - 1
+        assert runner.stats.handled == len(ids) - 1
+        release.set()
+        await wait_for(lambda: settled(bus, "slow"), 60, "the slow intent to be acked")
+    finally:
+        release.set()
+        stop.set()
+        await task
+    assert await stream_count(bus, "VERDICTS") == len(ids)
+    assert runner.stats.handled == len(ids)
