@@ -202,7 +202,7 @@ def contract_report(contract_id: str, out: Path) -> None:
     async def main():
         bus = await open_bus(s)
         try:
-            c = await contracts.get(bus, contract_id)
+            c = await contracts.get(bus, contract_id, signed_terms(s, trust_list(s)))  # the terms that were struck
             return c, await cr.deploy_history(bus, c.spec.nodes)
         finally:
             await bus.close()
