@@ -482,6 +482,15 @@ class CheckpointVerifier:
                 except Exception as exc:  # noqa: BLE001 - a broken production is beaten by any good candidate
                     log.error("production checkpoint %s cannot be evaluated (%s): judging the candidate on its own", production.checkpoint_id, exc)
                     baseline = {}
+            if cfg.decisions and DECISION_METRIC in baseline and DECISION_METRIC not in metrics:
+                # an EBDM against a learned optimiser in production: judged on its decisions too
+                # (else its DSM, which the optimiser has none of, would replace it unjudged)
+                try:
+                    metrics = await asyncio.to_thread(
+                        evaluate_file, path, c.domain, fossils, decisions=True, decision_contexts=cfg.decision_contexts
+                    )
+                except Exception as exc:  # noqa: BLE001
+                    return Verification(c.checkpoint_id, False, [f"cannot judge the checkpoint's decisions: {type(exc).__name__}: {exc}"])
         return Verification(
             c.checkpoint_id, True, [], metrics, production.checkpoint_id if production else None, baseline
         )

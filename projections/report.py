@@ -157,6 +157,12 @@ def collect(con, since: dt.datetime | None = None, until: dt.datetime | None = N
         FROM (SELECT *, unnest(json_keys(metrics)) AS key FROM checkpoints
               WHERE produced_at IS NOT NULL AND metrics IS NOT NULL AND {c_range})
         ORDER BY produced_at, checkpoint_id, metric""")
+    # What the daemon's verifier measured when it judged each checkpoint (the view's verified_* columns)
+    d["checkpoints"] = _rows(con, f"""
+        SELECT checkpoint_id, domain, status, alias, version, baseline_checkpoint_id, verified_feasible, verified_gap_median,
+            verified_gap_p95, verified_savings_captured, verified_regret, baseline_regret, verified_heldout_dsm, rejection_reasons
+        FROM checkpoints WHERE produced_at IS NOT NULL AND {c_range}
+        ORDER BY produced_at DESC, checkpoint_id LIMIT {CHECKPOINT_ROWS}""")
     # Credits are the ledger's balances (cumulative, all time): the accounts credited for
     # verified savings. The issuing account's negative balance is their counterpart.
     d["credits"] = _rows(con, """
@@ -308,7 +314,39 @@ def _markdown(d: dict[str, Any], period: str, now: dt.datetime) -> str:
                   "the exact optimum (docs/optimise.md): feasible share, relative gap to the optimum (median, p95), and the "
                   "share of the achievable savings (observed state → optimum) captured.", "",
                   *_table(["checkpoint", "domain", "status", "feasible", "gap median", "gap p95", "savings captured"], decided)]
+    if d["checkpoints"]:
+        lines += ["## Checkpoints as verified", "",
+                  f"The latest {CHECKPOINT_ROWS} checkpoints, newest first, with what the daemon's verifier measured when it judged "
+                  "each one on held-out fossils (the `checkpoints` view's `verified_*` columns): its repaired decisions' feasible "
+                  "share, gap to the exact optimum and savings captured, its regret beside the baseline's (production at the time) "
+                  "on the same contexts, and held-out DSM for EBDMs.", "",
+                  *_table(CHECKPOINT_HEADERS, checkpoint_rows(d["checkpoints"]))]
     return "\n".join(lines) + "\n"
+
+
+CHECKPOINT_ROWS = 50  # the latest checkpoints listed in the report's checkpoint table
+CHECKPOINT_HEADERS = ["checkpoint", "domain", "status", "feasible", "gap median", "gap p95", "savings captured", "regret",
+                      "baseline regret", "held-out DSM"]
+
+
+def checkpoint_rows(checkpoints: list[dict[str, Any]]) -> list[list[str]]:
+    """The checkpoint table, newest first: each checkpoint's status (with the alias and
+    version it was promoted to) and what the verifier measured on held-out fossils —
+    decision quality (percentages to 0.001 %), the baseline's regret on the same contexts,
+    held-out DSM; `n/a` where the verifier has no such number (an EBDM judged on DSM, a
+    rejected checkpoint: its first reason instead)."""
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.3f} %"  # noqa: E731
+    out = []
+    for r in checkpoints:
+        status = r["status"]
+        if status == "promoted" and r["alias"]:
+            status = f"promoted ({r['alias']} v{r['version']})"
+        elif status == "rejected" and r["rejection_reasons"]:
+            status = f"rejected: {r['rejection_reasons'][0]}"
+        out.append([r["checkpoint_id"], r["domain"] or "-", status, pct(r["verified_feasible"]), pct(r["verified_gap_median"]),
+                    pct(r["verified_gap_p95"]), pct(r["verified_savings_captured"]), pct(r["verified_regret"]),
+                    pct(r["baseline_regret"]), "n/a" if r["verified_heldout_dsm"] is None else _num(r["verified_heldout_dsm"], 4)])
+    return out
 
 
 def decision_rows(checkpoint_metrics: list[dict[str, Any]]) -> list[list[str]]:
@@ -441,6 +479,9 @@ def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
     parts.append("<h2>Credits by account (ledger balances, all time)</h2>")
     parts.append(_html_table(["account", "credits", "transfers"],
                              [[r["account"], f"{int(r['balance_micro']) / 1e6:.6f}", r["entries"]] for r in d["credits"]]))
+    if d["checkpoints"]:
+        parts.append("<h2>Checkpoints as verified</h2>")
+        parts.append(_html_table(CHECKPOINT_HEADERS, checkpoint_rows(d["checkpoints"])))
     parts.append("<h2>Verdicts</h2>")
     parts.append(_html_table(["ruled on", "verdicts", "approve", "reject", "hold"],
                              [[r["subject_type"], r["verdicts"], _pct(r["approve_rate"]), _pct(r["reject_rate"]), _pct(r["hold_rate"])]

@@ -1,11 +1,13 @@
 -- view: checkpoints
 -- key: checkpoint_id
 -- One row per checkpoint: produced, then verified or rejected, and its latest promotion.
+-- `metrics` are the worker's (at training); `verified_metrics` the daemon's verifier's own,
+-- measured on held-out fossils when it judged the checkpoint, with its headline numbers typed.
 WITH src AS (
     SELECT seq, event_at, type,
         from_json(payload, '{"checkpoint_id": "VARCHAR", "job_id": "VARCHAR", "domain": "VARCHAR", "uri": "VARCHAR",
             "sha256": "VARCHAR", "size": "BIGINT", "metrics": "JSON", "config_hash": "VARCHAR", "margin": "DOUBLE",
-            "baseline_checkpoint_id": "VARCHAR", "reasons": "VARCHAR[]", "alias": "VARCHAR", "version": "BIGINT"}') AS d
+            "baseline_checkpoint_id": "VARCHAR", "baseline_metrics": "JSON", "reasons": "VARCHAR[]", "alias": "VARCHAR", "version": "BIGINT"}') AS d
     FROM unique_events
     WHERE stream = 'CHECKPOINTS' AND type LIKE 'checkpoint.%'
 )
@@ -28,6 +30,15 @@ SELECT
     min(event_at) FILTER (WHERE type = 'checkpoint.verified') AS verified_at,
     arg_min(d.margin, seq) FILTER (WHERE type = 'checkpoint.verified') AS margin,
     arg_min(d.baseline_checkpoint_id, seq) FILTER (WHERE type = 'checkpoint.verified') AS baseline_checkpoint_id,
+    arg_min(d.metrics, seq) FILTER (WHERE type = 'checkpoint.verified') AS verified_metrics,
+    arg_min(d.baseline_metrics, seq) FILTER (WHERE type = 'checkpoint.verified') AS baseline_metrics,
+    TRY_CAST(verified_metrics->>'$.decision_feasible' AS DOUBLE) AS verified_feasible,
+    TRY_CAST(verified_metrics->>'$.decision_gap_median' AS DOUBLE) AS verified_gap_median,
+    TRY_CAST(verified_metrics->>'$.decision_gap_p95' AS DOUBLE) AS verified_gap_p95,
+    TRY_CAST(verified_metrics->>'$.decision_savings_captured' AS DOUBLE) AS verified_savings_captured,
+    TRY_CAST(verified_metrics->>'$.decision_regret' AS DOUBLE) AS verified_regret,
+    TRY_CAST(baseline_metrics->>'$.decision_regret' AS DOUBLE) AS baseline_regret,
+    TRY_CAST(verified_metrics->>'$.heldout_dsm' AS DOUBLE) AS verified_heldout_dsm,
     min(event_at) FILTER (WHERE type = 'checkpoint.rejected') AS rejected_at,
     arg_min(d.reasons, seq) FILTER (WHERE type = 'checkpoint.rejected') AS rejection_reasons,
     max(event_at) FILTER (WHERE type = 'checkpoint.promoted') AS promoted_at,
