@@ -15,12 +15,15 @@ For each domain, in one run:
      check, gap median / p95, savings captured from the observed state (status quo) to the optimum;
   4. speed: `--batch` contexts decided in one call (network, repair, polish), per instance,
      against `Domain.reference_solution` on each (HiGHS, the model built once, warm re-solves);
-     with `--device cuda` the model (network and cost model) runs on the GPU for steps 3 and 4
-     (training stays on the CPU; repair and polish's bookkeeping are numpy on the CPU either
-     way), and the same batch is also timed with the model on the CPU, in the same process;
+     the learned path is timed twice: with the torch repair and polish on the model's device
+     (`ml/repair_torch.py`, `repair_backend = "torch"`, the default) and with the numpy repair
+     of `domains/repair.py` and the numpy polish (`"numpy"`, the path before); the timed
+     batch's decisions are checked by the domain's own `violations`; with `--device cuda`
+     the model runs on the GPU for steps 3 and 4 (training stays on the CPU), and the same
+     batch is also timed with the model on the CPU (both backends), in the same process;
   5. `--congested case30:0.7`: the same on a case whose line ratings are scaled so that lines
      bind at the optimum in part of the contexts (fossils synthesised in memory).
-Prints a table and one JSON line per domain. Goals: feasible 100 %; gap median <= 0.5 %,
+Prints tables and one JSON line per domain (`--json PATH`: all rows in one file). Goals: feasible 100 %; gap median <= 0.5 %,
 p95 <= 2 %; savings captured >= 95 %; better than the baseline; speed >= 10x HiGHS (CPU).
 """
 
@@ -134,22 +137,36 @@ def measure(d, model, train, test, batch: int, seed: int, device: str = "cpu") -
         d.reference_solution(ci)
     highs_s = (time.perf_counter() - t0) / batch
 
-    def timed(m):
-        m.decide(d, ctx[:8])  # warm-up
-        m.decide(d, ctx)  # … at the batch's shapes too (CUDA kernels, allocator)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            _, out = m.decide(d, ctx)  # numpy out: the device work is finished
-            best = min(best, (time.perf_counter() - t0) / batch)
+    def timed(m, backend):
+        m.repair_backend = backend
+        try:
+            m.decide(d, ctx[:8])  # warm-up
+            m.decide(d, ctx)  # … at the batch's shapes too (CUDA kernels, allocator)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                _, out = m.decide(d, ctx)  # numpy out: the device work is finished
+                best = min(best, (time.perf_counter() - t0) / batch)
+        finally:
+            m.repair_backend = "auto"
         return best, out
 
-    best_learned, out = timed(model)
-    extra = {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"}
+    # the torch repair and polish on the model's device (ml/repair_torch.py), then the numpy
+    # repair of domains/repair.py with the same model ("before"); the timed batch's decisions
+    # checked by the domain's own `violations` (outside the timing)
+    best_learned, out = timed(model, "torch")
+    best_numpy, out_numpy = timed(model, "numpy")
+    extra = {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+             "numpy_repair_ms_per_instance": 1e3 * best_numpy, "numpy_repair_speedup": highs_s / best_numpy,
+             "batch_fallback": int(out.fallback.sum()), "numpy_batch_fallback": int(out_numpy.fallback.sum()),
+             "batch_checked_feasible": float(np.mean([not d.violations(ci, xi) for ci, xi in zip(ctx, out.states)]))}
     if device != "cpu":
-        cpu_s, _ = timed(model.to("cpu"))
+        model.to("cpu")
+        cpu_s, _ = timed(model, "torch")
+        cpu_np, _ = timed(model, "numpy")
         model.to(device)
-        extra.update(cpu_learned_ms_per_instance=1e3 * cpu_s, cpu_speedup=highs_s / cpu_s)
+        extra.update(cpu_learned_ms_per_instance=1e3 * cpu_s, cpu_speedup=highs_s / cpu_s,
+                     cpu_numpy_repair_ms_per_instance=1e3 * cpu_np, cpu_numpy_repair_speedup=highs_s / cpu_np)
     lm, bm = learned.metrics(), baseline.metrics()
     return {
         "train_fossils": len(tx), "heldout_contexts": len(c),
@@ -172,6 +189,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--congested", default="case30:0.7", help="CASE:DERATE, a case with rateA scaled so lines bind ('' to skip)")
     p.add_argument("--device", default="cpu", help="where the trained model decides (cpu, cuda); training stays on the CPU")
+    p.add_argument("--json", default="", help="also write every row to this file (a JSON list)")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-learned-") as tmp:
@@ -184,6 +202,9 @@ def main() -> None:
             row = run_congested(case, float(derate), args.fossils, args.steps, args.batch, args.heldout, args.seed, args.device)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     pct = lambda v: f"{100 * v:.3f} %"  # noqa: E731
     print("\n| domain | feasible (raw → repaired) | gap median | gap p95 | savings captured | baseline: gap median / p95 / savings | ms per instance (batch) | HiGHS ms | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -191,6 +212,12 @@ def main() -> None:
         print(f"| {r['domain']} | {pct(r['raw_feasible'])} → {pct(r['feasible'])} | {pct(r['gap_median'])} | {pct(r['gap_p95'])} | "
               f"{pct(r['savings_captured'])} | {pct(r['baseline_gap_median'])} / {pct(r['baseline_gap_p95'])} / {pct(r['baseline_savings_captured'])} | "
               f"{r['learned_ms_per_instance']:.4f} ({r['batch']}) | {r['highs_ms_per_instance']:.3f} | **{r['speedup']:.1f}×** |")
+    print("\n| domain | device | torch repair ms / instance (fallback in batch) | numpy repair ms (fallback) | HiGHS ms | torch vs HiGHS | numpy vs HiGHS | model on CPU: torch / numpy vs HiGHS | batch feasible (domain check) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cpu = f"{r['cpu_speedup']:.1f}× / {r['cpu_numpy_repair_speedup']:.1f}×" if "cpu_speedup" in r else "-"
+        print(f"| {r['domain']} | {r['device']} | {r['learned_ms_per_instance']:.4f} ({r['batch_fallback']}) | {r['numpy_repair_ms_per_instance']:.4f} ({r['numpy_batch_fallback']}) | "
+              f"{r['highs_ms_per_instance']:.3f} | **{r['speedup']:.1f}×** | {r['numpy_repair_speedup']:.1f}× | {cpu} | {pct(r['batch_checked_feasible'])} |")
 
 
 if __name__ == "__main__":

@@ -158,16 +158,53 @@ class LearnedOptimiser(nn.Module):
         dev = self.state_lo.device
         return self.cost.marginal(torch.as_tensor(states, device=dev), torch.as_tensor(contexts, dtype=torch.float64, device=dev)).cpu().numpy()
 
+    # "torch": repair and polish as one batched program on the model's device (ml/repair_torch.py);
+    # "numpy": domains.repair and the numpy polish; "auto": torch on an accelerator, numpy on the
+    # CPU (where the numpy loop measured faster: benchmarks/RESULTS.md, learned optimiser)
+    repair_backend = "auto"
+
     def decide(self, domain: Domain, contexts: np.ndarray) -> tuple[np.ndarray, RepairResult]:
-        """(raw proposals, their repair) for `contexts` (B, m)."""
+        """(raw proposals, their repair) for `contexts` (B, m). With the torch backend
+        (`repair_backend`; "auto" picks it when the model is on an accelerator) the network,
+        balance layer, merit order, repair and polish run as one batched program on the
+        model's device; the exact projection (numpy, the domain's) only for what is still
+        infeasible after it."""
         c = np.atleast_2d(np.asarray(contexts, dtype=float))
+        if self.repair_backend not in ("auto", "torch", "numpy"):
+            raise OptimiserError(f"repair_backend {self.repair_backend!r} is not one of auto, torch, numpy")
         with _threads(self.config.threads):
+            if self.repair_backend == "torch" or (self.repair_backend == "auto" and self.state_lo.device.type != "cpu"):
+                return self._decide_torch(domain, c)
             raw = self.propose_raw(domain, c)
             merit = self.merit(c, raw)
             fixed = repair_batch(domain, c, raw, merit=merit)
             if self.config.polish_sweeps:
                 fixed.states = self.polish(domain, c, fixed.states, fixed.feasible)
         return raw, fixed
+
+    @torch.no_grad()
+    def _decide_torch(self, domain: Domain, c: np.ndarray) -> tuple[np.ndarray, RepairResult]:
+        from scf.ml.repair_torch import device_rows, polish_t, repair_batch_t
+
+        dev = self.state_lo.device
+        ct = torch.as_tensor(c, dtype=torch.float64, device=dev)
+        rows = device_rows(domain, ct)
+        x = self._raw(ct.float())[0].double()
+        lo, hi = self.state_lo.double(), self.state_hi.double()
+        if rows.eq_host.any():
+            x = _balance_layer(x, lo, hi, rows.lo[:, int(np.flatnonzero(rows.eq_host)[0])])
+        merit = self.cost.marginal(x, ct)
+        polish = None
+        if self.config.polish_sweeps and not rows.eq_host.any() and len(rows.a_host) <= 4 * rows.a_host.shape[1]:
+            weights = self.cost.device_weights(ct)
+            knots = self.state_mid.double()[:, None] + self.state_half.double()[:, None] * self.cost.knots[None, :]
+
+            def polish(xs, met, r, idx=None):  # idx: the subset of the batch that xs holds
+                w = weights if idx is None else weights[idx]
+                return polish_t(self.cost, w, knots, r, xs, met, lo, hi, sweeps=self.config.polish_sweeps, grid=self.config.polish_grid)
+
+        fixed, _ = repair_batch_t(domain, c, x, merit=merit, rows=rows, polish=polish)
+        return x.cpu().numpy(), fixed
 
     @torch.no_grad()
     def polish(self, domain: Domain, contexts: np.ndarray, states: np.ndarray, feasible: np.ndarray) -> np.ndarray:
@@ -293,6 +330,8 @@ def _fit(domain, x, c, energy, config, log, progress=None):
         if eq.any():
             xb = _balance_layer(xb, model.state_lo, model.state_hi, torch.tensor(rlo[:, eq][:, 0], dtype=torch.float32))
         energy_b = (model.cost(xb, ct).float() - e_mean) / e_std
+        if cfg.cost.conservative > 0:  # away from the fossils' support the learned cost is not trusted (ml/cost.py)
+            energy_b = energy_b + cfg.cost.conservative * model.cost.support_penalty(xb, ct).float()
         ax = xb @ a_t.T
         excess = (ax - torch.tensor(rhi[:, ~eq], dtype=torch.float32)).clamp(min=0) + (torch.tensor(rlo[:, ~eq], dtype=torch.float32) - ax).clamp(min=0)
         dist = (excess / row_norm).square().sum(-1)

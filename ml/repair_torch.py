@@ -1,0 +1,300 @@
+"""The feasibility repair and the learned-cost polish as batched torch programs on the model's device.
+
+    rows = device_rows(domain, contexts_t)                        # A, row_lo, row_hi as tensors
+    x, met = repair_t(rows, states_t, lo, hi, merit=merit_t)      # (B, d), (B,) bool — no host sync
+    x = polish_t(cost, weights, knots, rows, x, met, lo, hi)       # line searches on the learned cost
+
+The same steps as `domains.repair.repair_batch` (clip; the balance restored in merit
+order; weighted least-norm moves onto the violated and binding rows — PTDF redispatch on
+the grid, the RC rows on HVAC) and as `LearnedOptimiser.polish` (exact line searches on
+the learned cost along each variable and each row), written for a whole batch at once:
+a fixed number of iterations with masked updates instead of a per-proposal loop with
+early exits, a batched Cholesky solve per iteration for the active rows (inactive rows
+are replaced by identity rows, so every proposal's system has the same shape), and no
+`.item()`/`.cpu()` inside — the only host syncs are in `repair_batch_t`: one to pick the
+proposals that need the least-norm stage at all (none on an uncongested grid: the stage is
+skipped) and one at the end to bring the result back. What is still outside a row by more
+than `CHECK_TOL` after the fixed iterations goes to the domain's exact projection
+(`Domain.project`, numpy/HiGHS on the CPU), counted in `RepairResult.fallback`.
+
+`domains/` stays numpy-only (the edge runs it); this module is its torch twin for the
+learned optimiser (`ml/optimize.py`), checked against it in tests/test_repair_torch.py.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from scf.domains.base import Domain, Infeasible
+from scf.domains.repair import CHECK_TOL, MARGIN, RepairResult, batch_rows
+
+ITERATIONS = 12  # least-norm iterations, fixed (the numpy repair stops early per proposal, at most 12)
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # domain -> {(device, dtype): constants}
+
+
+@dataclass
+class Rows:
+    """The feasible polytope row_lo <= x A' <= row_hi of every context, on one device."""
+
+    a: torch.Tensor  # (R, d)
+    lo: torch.Tensor  # (B, R)
+    hi: torch.Tensor  # (B, R)
+    eq: torch.Tensor  # (R,) bool: balance rows (equal bounds, all-nonzero coefficients)
+    eq_host: np.ndarray  # the same on the host (decides the code path without a sync)
+    a_host: np.ndarray  # A on the host (index sets and polish directions without a sync)
+    consts: dict  # per (domain, device): constant tensors made once (a host->device copy is a sync)
+
+    def const(self, name: str, make):
+        """A constant tensor on the rows' device, made by `make()` (numpy) once per domain and device."""
+        if name not in self.consts:
+            v = make()
+            self.consts[name] = [torch.as_tensor(e, device=self.a.device) for e in v] if isinstance(v, list) else torch.as_tensor(v, device=self.a.device)
+        return self.consts[name]
+
+
+def _constants(domain: Domain, device, dtype) -> dict:
+    per = _CACHE.setdefault(domain, {})
+    key = (str(device), dtype)
+    if key in per:
+        return per[key]
+    t = lambda v: torch.as_tensor(np.asarray(v, dtype=float), dtype=dtype, device=device)  # noqa: E731
+    if domain.kind == "grid" and hasattr(domain, "ptdf_load"):
+        lim = domain.limited
+        a = np.vstack([np.ones((1, domain.state_dim)), domain.ptdf_gen[lim]])
+        out = {"kind": "grid", "a": t(a), "a_host": a, "load_t": t(domain.ptdf_load[lim].T), "offset": t(domain.flow_offset[lim]),
+               "rate": t(domain.rate[lim]), "fixed_load": float(domain.fixed_load)}
+        eq = np.zeros(len(a), dtype=bool)
+        eq[0] = True
+    elif domain.kind == "hvac" and hasattr(domain, "b_u"):
+        b = domain.building
+        out = {"kind": "hvac", "a": t(domain.b_u), "a_host": np.asarray(domain.b_u, dtype=float), "a_d_t": t(domain.a_d.T), "b_u_t": t(domain.b_u.T), "b_out": t(domain.b_out),
+               "occ_gain": t(domain.occupancy_gain), "solar_gain": t(domain.solar_gain), "z": domain.n_zones,
+               "band": (*b.occupied_band, *b.unoccupied_band)}
+        eq = np.zeros(domain.n_zones, dtype=bool)
+    else:
+        out = {"kind": "other"}
+        eq = None
+    out["eq_host"] = eq
+    per[key] = out
+    return out
+
+
+def device_rows(domain: Domain, contexts: torch.Tensor) -> Rows:
+    """`domains.repair.batch_rows` computed on the contexts' device (grid and HVAC in torch;
+    any other domain through numpy, once per call)."""
+    from scf.domains.hvac import OCCUPIED
+
+    c = contexts
+    k = _constants(domain, c.device, c.dtype)
+    if k["kind"] == "grid":
+        demand = c.sum(-1) + k["fixed_load"]
+        base = k["offset"] - c @ k["load_t"]
+        lo = torch.cat([demand[:, None], -k["rate"] - base], 1)
+        hi = torch.cat([demand[:, None], k["rate"] - base], 1)
+        a, eq = k["a"], k["eq_host"]
+    elif k["kind"] == "hvac":
+        z = k["z"]
+        t_out, hour, occ, t0 = c[:, 0], c[:, 1], c[:, 2 : 2 + z], c[:, 2 + z : 2 + 2 * z]
+        sun = torch.sin(torch.pi * (hour - 6.0) / 12.0).clamp(min=0.0)
+        gains = occ * k["occ_gain"] + sun[:, None] * k["solar_gain"]
+        free = t0 @ k["a_d_t"] + gains @ k["b_u_t"] + t_out[:, None] * k["b_out"]
+        lo_o, hi_o, lo_u, hi_u = k["band"]
+        occupied = occ > OCCUPIED
+        lo = torch.where(occupied, lo_o, lo_u) - free
+        hi = torch.where(occupied, hi_o, hi_u) - free
+        a, eq = k["a"], k["eq_host"]
+    else:
+        an, ln, hn = batch_rows(domain, c.detach().cpu().numpy())
+        eq = np.all(ln == hn, axis=0) & np.all(an != 0, axis=1)
+        a, lo, hi = (torch.as_tensor(v, dtype=c.dtype, device=c.device) for v in (an, ln, hn))
+        k = {"a_host": an}
+    if "eq" not in k:
+        k["eq"] = torch.as_tensor(eq, device=c.device)
+    return Rows(a, lo, hi, k["eq"], eq, k["a_host"], k)
+
+
+def _room(x, lo, hi):
+    span = (hi - lo).clamp(min=1e-9)
+    return torch.maximum((x - lo) * (hi - x) / span, 1e-4 * span)
+
+
+def balance_t(x, rows: Rows, lo, hi, merit=None, passes: int = 3):
+    """The balance rows restored (`domains.repair._balance`): the mismatch spread over the
+    room in the needed direction, cheapest first for a shortfall and dearest first for a
+    surplus when `merit` (B, d) is given, else in proportion to the room; a fixed number
+    of passes, a mismatch within MARGIN left alone."""
+    for k in np.flatnonzero(rows.eq_host):
+        on = rows.const(f"on{k}", lambda: np.flatnonzero(rows.a_host[k] != 0))  # noqa: B023
+        lo_on, hi_on = lo[on], hi[on]
+        m = None if merit is None else merit[:, on]
+        for _ in range(passes):
+            xo = x[:, on]
+            gap = rows.lo[:, k] - xo.sum(-1)
+            gap = torch.where(gap.abs() > MARGIN, gap, torch.zeros_like(gap))
+            short = gap > 0
+            up = torch.where(short[:, None], hi_on - xo, xo - lo_on)
+            need = gap.abs()
+            if m is None:
+                share = up * torch.clamp(need / up.sum(-1).clamp(min=1e-12), max=1.0)[:, None]
+            else:
+                order = torch.argsort(torch.where(short[:, None], m, -m), dim=1)
+                room_sorted = torch.gather(up, 1, order)
+                before = torch.cumsum(room_sorted, 1) - room_sorted
+                take = torch.minimum((need[:, None] - before).clamp(min=0.0), room_sorted)
+                share = torch.empty_like(take).scatter_(1, order, take)
+            x = x.index_copy(1, on, xo + torch.sign(gap)[:, None] * share)
+        x = torch.minimum(torch.maximum(x, lo), hi)
+    return x
+
+
+def _outside(x, rows_a, rlo, rhi, lo, hi, tol):
+    ax = x @ rows_a.T
+    return (ax > rhi + tol).any(1) | (ax < rlo - tol).any(1) | (x < lo - tol).any(1) | (x > hi + tol).any(1)
+
+
+def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS):
+    """`domains.repair._active_set` for a batch: each iteration moves every proposal that
+    still violates a row (or a bound) by dx = -W A_act'(A_act W A_act')^-1 r, W the room
+    each variable has, A_act the violated, binding and equality rows; proposals already
+    within every row keep their state (masked). One change from the numpy loop: a variable
+    that the last step pushed past a bound (and was clipped there) is held at it for the
+    next step (weight ~0), so the others carry the move — clipping otherwise undoes part of
+    each step and the balance row creeps back in 1e-4 MW steps (the proposals that the
+    numpy repair hands to the exact projection on the congested grid). Returns x."""
+    r_n = a.shape[0]
+    eye = torch.eye(r_n, dtype=x.dtype, device=x.device)
+    pinned = torch.zeros_like(x, dtype=torch.bool)  # clipped at a bound by the last step: held there
+    for _ in range(iterations):
+        ax = x @ a.T
+        target = torch.minimum(torch.maximum(ax, rlo + MARGIN), rhi - MARGIN)
+        target = torch.where(eq, rlo, target)
+        r = ax - target
+        violated = r.abs() > CHECK_TOL
+        need = violated.any(1) | (x < lo).any(1) | (x > hi).any(1)
+        binding = (ax >= rhi - 2 * MARGIN - CHECK_TOL) | (ax <= rlo + 2 * MARGIN + CHECK_TOL)
+        act = (violated | binding | eq).to(x.dtype)  # (B, R)
+        w = torch.where(pinned, 1e-9 * (hi - lo), _room(x, lo, hi))  # (B, d)
+        m = (a * w[:, None, :]) @ a.T  # (B, R, R)
+        m = m * act[:, :, None] * act[:, None, :] + torch.diag_embed(1.0 - act)
+        diag = torch.diagonal(m, dim1=1, dim2=2)
+        m = m + (1e-10 * diag.mean(-1).clamp(min=1.0))[:, None, None] * eye
+        chol, _ = torch.linalg.cholesky_ex(m)
+        lam = torch.cholesky_solve((r * act)[:, :, None], chol)[:, :, 0]
+        step = torch.nan_to_num(w * (lam @ a), nan=0.0, posinf=0.0, neginf=0.0)
+        moved = x - step
+        pinned = (moved < lo) | (moved > hi)
+        x = torch.where(need[:, None], torch.minimum(torch.maximum(moved, lo), hi), x)
+    return x
+
+
+def repair_t(rows: Rows, states, lo, hi, *, merit=None, iterations: int = ITERATIONS):
+    """(repaired states (B, d), met (B,) bool) — the whole batch on its device, no host sync."""
+    x = torch.where(torch.isfinite(states), states, (lo + hi) / 2)
+    x = torch.minimum(torch.maximum(x, lo), hi)
+    if rows.eq_host.any():
+        x = balance_t(x, rows, lo, hi, merit)
+    x = least_norm_t(x, rows.a, rows.lo, rows.hi, rows.eq, lo, hi, iterations)
+    return x, ~_outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
+
+
+def repair_batch_t(
+    domain: Domain, contexts: np.ndarray, states: torch.Tensor, *, merit: torch.Tensor | None = None,
+    rows: Rows | None = None, iterations: int = ITERATIONS, fallback: bool = True, polish=None,
+) -> tuple[RepairResult, torch.Tensor]:
+    """`domains.repair.repair_batch` with the cheap steps on `states`' device: balance for
+    the whole batch; the least-norm stage only for the proposals outside a row after it
+    (one host sync to pick them; skipped when there are none); `polish(x, met, rows, idx)` (optional,
+    e.g. the learned-cost line searches) applied on the device; one sync to bring the
+    result back; then the exact projection for the rare proposal still outside a row by
+    more than CHECK_TOL (`RepairResult.fallback`). Returns (numpy result, the device states)."""
+    dev, dt = states.device, torch.float64
+    c_t = torch.as_tensor(np.atleast_2d(np.asarray(contexts, dtype=float)), dtype=dt, device=dev)
+    lo_np, hi_np = (np.asarray(b, dtype=float) for b in domain.state_bounds)
+    rows = rows if rows is not None else device_rows(domain, c_t)
+    lo, hi = rows.const("state_lo", lambda: lo_np), rows.const("state_hi", lambda: hi_np)
+    x0 = states.to(dt)
+    x = torch.where(torch.isfinite(x0), x0, (lo + hi) / 2)
+    start = x = torch.minimum(torch.maximum(x, lo), hi)
+    if rows.eq_host.any():
+        x = balance_t(x, rows, lo, hi, None if merit is None else merit.to(dt))
+    bad = _outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
+    idx = torch.nonzero(bad).flatten()  # sync 1: which proposals need the least-norm stage
+    if len(idx):
+        xs = least_norm_t(x[idx], rows.a, rows.lo[idx], rows.hi[idx], rows.eq, lo, hi, iterations)
+        x = x.index_copy(0, idx, xs)
+    met = ~_outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
+    if polish is not None:
+        x = polish(x, met, rows, None)
+    x_np, met_np, start_np = (v.cpu().numpy() for v in (x, met, start))  # sync 2
+    feasible = met_np.copy()
+    used = np.zeros(len(x_np), dtype=bool)
+    if fallback and not met_np.all():
+        c = np.atleast_2d(np.asarray(contexts, dtype=float))
+        x0_np = x0.cpu().numpy()
+        for i in np.flatnonzero(~met_np):
+            used[i] = True
+            try:
+                x_np[i] = domain.project(c[i], x0_np[i] if np.all(np.isfinite(x0_np[i])) else x_np[i])
+                feasible[i] = True
+            except Infeasible:
+                feasible[i] = False
+        fixed = torch.as_tensor(np.flatnonzero(used), device=dev)
+        x = x.index_copy(0, fixed, torch.as_tensor(x_np[used], dtype=dt, device=dev))
+        if polish is not None:  # the projected few polished too (a small batch)
+            sub = Rows(rows.a, rows.lo[fixed], rows.hi[fixed], rows.eq, rows.eq_host, rows.a_host, rows.consts)
+            x_np[used] = polish(x[fixed], torch.as_tensor(feasible[used], device=dev), sub, fixed).cpu().numpy()
+    half = np.maximum((hi_np - lo_np) / 2, 1e-9)
+    return RepairResult(states=x_np, feasible=feasible, fallback=used, moved=(np.abs(x_np - start_np) / half).sum(-1)), x
+
+
+# ------------------------------------------------------------------------ the polish
+
+
+def polish_directions(a: np.ndarray) -> list[np.ndarray]:
+    """Each variable alone, then each row alone (a column of pinv(A), scaled to max |v| = 1)."""
+    dirs = [np.eye(a.shape[1])[j] for j in range(a.shape[1])]
+    return dirs + [v / max(np.abs(v).max(), 1e-12) for v in np.linalg.pinv(a).T]
+
+
+def polish_t(cost, weights, knots, rows: Rows, x, feasible, lo, hi, *, sweeps: int = 2, grid: int = 5, dirs=None):
+    """`LearnedOptimiser.polish` for a batch on its device: `sweeps` rounds of exact line
+    searches on the learned cost (`cost.device_energy` under `weights` (B, d, F)) along
+    each direction, the candidates being the feasible interval's ends, a grid over it and
+    the cost model's kinks (`knots` (d, K), physical units); only `feasible` proposals move,
+    and each stays inside every row and bound. No host sync."""
+    dirs = polish_directions(rows.a_host) if dirs is None else dirs
+    v_all = rows.const("polish_dirs", lambda: [np.asarray(v, dtype=float) for v in dirs])
+    mv_all = rows.const("polish_moving", lambda: [np.flatnonzero(v != 0) for v in dirs])
+    dev, dt = x.device, x.dtype
+    g = torch.linspace(0.0, 1.0, grid, dtype=dt, device=dev)
+    inf = float("inf")
+    for _ in range(sweeps):
+        for v, mv in zip(v_all, mv_all):
+            av = rows.a @ v  # (R,)
+            ax = x @ rows.a.T  # (B, R)
+            r1, r2 = (rows.lo - ax) / av, (rows.hi - ax) / av
+            b1, b2 = (lo - x) / v, (hi - x) / v
+            t_lo = torch.maximum(torch.where(av > 0, r1, torch.where(av < 0, r2, -inf)).amax(1),
+                                 torch.where(v > 0, b1, torch.where(v < 0, b2, -inf)).amax(1))
+            t_hi = torch.minimum(torch.where(av > 0, r2, torch.where(av < 0, r1, inf)).amin(1),
+                                 torch.where(v > 0, b2, torch.where(v < 0, b1, inf)).amin(1))
+            span = t_hi - t_lo
+            t_lo, t_hi = t_lo + 1e-6 * span, t_hi - 1e-6 * span
+            ok = feasible & torch.isfinite(span) & (t_lo <= 0) & (t_hi >= 0)
+            t_lo, t_hi = torch.where(ok, t_lo, 0.0), torch.where(ok, t_hi, 0.0)
+            kinks = ((knots[mv][None] - x[:, mv, None]) / v[mv][None, :, None]).flatten(1)
+            cand = torch.cat([t_lo[:, None] + g * (t_hi - t_lo)[:, None], kinks, torch.zeros_like(t_lo)[:, None]], 1)
+            cand = torch.minimum(torch.maximum(cand, t_lo[:, None]), t_hi[:, None])
+            trial = x[:, None, :] + cand[:, :, None] * v
+            energy = cost.device_energy(trial, weights)
+            energy[:, -1] -= 1e-12 * energy[:, -1].abs()  # ties keep the state where it is
+            best = torch.gather(cand, 1, energy.argmin(1, keepdim=True))
+            x = torch.where(ok[:, None], x + best * v, x)
+    return x
+
+
+__all__ = ["ITERATIONS", "Rows", "balance_t", "device_rows", "least_norm_t", "polish_directions", "polish_t", "repair_batch_t", "repair_t"]
