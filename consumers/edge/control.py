@@ -8,8 +8,13 @@ energy against what the applied thermal power implies at the equipment's efficie
 breach the loop reverts at once to the previous controller (the previously deployed model,
 else the status quo) and reports why (`deploy.rolled_back`, reason `envelope breach: …`);
 the breached checkpoint is remembered (`<dir>/control/breached.json`) and never run again
-on this node. numpy only (no torch): a deployed model is a safetensors file holding either
+on this node. numpy only (no torch): a deployed model is a safetensors file holding
 
+* a learned optimiser — format `scf-opt/1` (ml/optimize.py) or its ternary student
+  (`scf-ternary/1`, model `optimiser`): run by consumers/edge/learned.py exactly as its
+  torch model decides (proposal network, merit-ordered repair, polish on its learned
+  cost), against the calibrated domain; the models the loop (`scf train-optimiser`,
+  `scf distill`) and the demo deploy; or
 * `decision` — HVAC powers per zone (kW), shape (z,) held, or (H, z) one row per hour of
   the day (row = hour mod H); or
 * `policy.0.weight`, `policy.0.bias`, `policy.1.weight`, … — a small MLP run with numpy:
@@ -100,9 +105,15 @@ def _context(tel: Telemetry) -> np.ndarray:
 class Policy:
     """A deployed model, run with numpy: context (c,) -> proposal (z,)."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], domain, origin: str) -> None:
+    def __init__(self, tensors: dict[str, np.ndarray], domain, origin: str, runtime=None) -> None:
         self.domain, self.origin = domain, origin
         z = domain.n_zones
+        if runtime is not None:  # a learned optimiser (scf-opt/1 or its ternary student): consumers/edge/learned.py
+            if runtime.domain_name != domain.name or (runtime.d, runtime.m) != (z, len(domain.context_names)):
+                raise ControlError(f"{origin} is a learned optimiser of {runtime.domain_name or 'an unstated domain'} "
+                                   f"({runtime.m} context → {runtime.d} state values); this loop runs {domain.name}: deploy one of {domain.name}")
+            self.kind, self.runtime = "learned", runtime
+            return
         if "decision" in tensors:
             d = np.asarray(tensors["decision"], dtype=float)
             d = d[None, :] if d.ndim == 1 else d
@@ -129,6 +140,8 @@ class Policy:
         self.lo, self.hi = (np.asarray(x, float) for x in domain.state_bounds)
 
     def __call__(self, context: np.ndarray) -> np.ndarray:
+        if self.kind == "learned":
+            return self.runtime.propose_raw(self.domain, context[None, :])[0]
         if self.kind == "decision":
             return self.decision[int(context[1]) % len(self.decision)]
         x = 2.0 * (context - self.ctx_lo) / (self.ctx_hi - self.ctx_lo) - 1.0
@@ -137,17 +150,35 @@ class Policy:
             x = np.tanh(x) if i == len(self.layers) - 1 else np.maximum(x, 0.0)
         return self.lo + (x + 1.0) / 2.0 * (self.hi - self.lo)
 
+    def decide(self, domain, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(proposal, its repair against `domain`) (z,) each: a learned optimiser decides as
+        its torch model does (merit-ordered repair, then the polish on its learned cost);
+        the others are repaired by the domain's repair step."""
+        from scf.domains.repair import repair
+
+        if self.kind == "learned":
+            raw, fixed = self.runtime.decide(domain, context[None, :])
+            return raw[0], fixed.states[0]
+        proposal = np.asarray(self(context), dtype=float)
+        if not np.isfinite(proposal).all():
+            return proposal, proposal
+        return proposal, repair(domain, context[None, :], proposal[None, :])[0]
+
 
 def load_policy(path: Path, domain) -> tuple[Policy, Envelope | None]:
     """The model at `path` and its deployment envelope (None when it carries none)."""
     from safetensors import safe_open
 
+    from scf.consumers.edge.learned import LearnedError, LearnedRuntime, is_learned
     from scf.consumers.edge.tensors import load_tensors
 
     try:
-        tensors = load_tensors(path)
         with safe_open(str(path), framework="numpy") as fh:
             meta = fh.metadata() or {}
+        runtime = LearnedRuntime.load(path) if is_learned(meta) else None
+        tensors = {} if runtime is not None else load_tensors(path)
+    except LearnedError as exc:
+        raise ControlError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any failure to load is one line
         raise ControlError(f"{path} does not load: {type(exc).__name__}: {exc}") from None
     envelope = None
@@ -156,7 +187,7 @@ def load_policy(path: Path, domain) -> tuple[Policy, Envelope | None]:
             envelope = msgspec.json.decode(meta["scf.envelope"].encode(), type=Envelope)
         except msgspec.DecodeError as exc:
             raise ControlError(f"{path}: its scf.envelope metadata is not a valid envelope ({exc})") from None
-    return Policy(tensors, domain, path.name), envelope
+    return Policy(tensors, domain, path.name, runtime), envelope
 
 
 class Controller:
@@ -187,6 +218,25 @@ class StatusQuo(Controller):
         return self.rule(0, state, now)[0]
 
 
+def lookahead(domain, ctx: np.ndarray) -> np.ndarray:
+    """The context a one-step optimiser decides on: the domain's band holds the temperature
+    at the END of the step (T+) to the band of the context's occupancy, so a zone empty now
+    but scheduled occupied when the step ends (the site's working hours, as the status-quo
+    thermostat knows them: domains/hvac_dynamics.py WORK_START-WORK_END) is given a token
+    occupancy just above the threshold: the occupied band then binds T+, and the learned
+    optimiser preheats in the hour before people arrive instead of meeting them cold."""
+    from scf.domains.hvac import OCCUPIED
+    from scf.domains.hvac_dynamics import WORK_END, WORK_START
+
+    z = domain.n_zones
+    end = (float(ctx[1]) + domain.building.dt_h) % 24.0
+    if not (WORK_START <= end < WORK_END):
+        return ctx
+    out = np.array(ctx, dtype=float)
+    out[2 : 2 + z] = np.maximum(out[2 : 2 + z], 2 * OCCUPIED)
+    return out
+
+
 class ModelController(Controller):
     """A deployed model: its proposal at each decision boundary (the domain's step, an
     hour), made feasible by the domain's repair step, within the domain's ramp of the last
@@ -201,14 +251,13 @@ class ModelController(Controller):
         self.last: np.ndarray | None = None  # the last setpoint written, whoever decided it (the loop sets it)
 
     def decide(self, tel: Telemetry) -> np.ndarray:
-        from scf.domains.repair import repair
-
         if self.held is None or self.k % self.every == 0:
             ctx = _context(tel)
-            proposal = np.asarray(self.policy(ctx), dtype=float)
-            if not np.isfinite(proposal).all():
+            if self.policy.kind == "learned":
+                ctx = lookahead(self.domain, ctx)
+            proposal, fixed = self.policy.decide(self.domain, ctx)
+            if not (np.isfinite(proposal).all() and np.isfinite(fixed).all()):
                 raise ControlError(f"model {self.name} proposed non-finite setpoints")
-            fixed = repair(self.domain, ctx[None, :], proposal[None, :])[0]
             if self.last is not None:  # the domain's ramp from the last setpoint written (repair does not see it)
                 fixed = np.clip(fixed, self.last - self.domain.ramp, self.last + self.domain.ramp)
             self.held = fixed
