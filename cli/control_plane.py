@@ -3,7 +3,7 @@
     scf run daemon                      the pulse / orient / act loop; applies control.*
     scf run safety                      the safety gate: verdicts on intents, code, states
     scf control watch-file PATH         the seed's control.json interface → control.*
-    scf safety check-code FILE.py       the ethics limiter on a file (exit 1 when rejected)
+    scf safety check-code FILE.py       the capability gate on a file (deny-list as explanations; exit 1 when rejected)
     scf safety check-rules [FILE]       validate a rules file and print its rules
     scf safety context [KEY [VALUE]]    list, read or set context facts (scf_context)
     scf safety held                     subjects waiting for a human (approve / reject)
@@ -90,9 +90,10 @@ def control_watch_file(
 @safety_app.command("check-code")
 def safety_check_code(
     file: Path = typer.Argument(..., help="a Python file to analyse (never run)"),
-    sandbox: list[str] = typer.Option([], help="sandbox root directories (default: [safety] sandbox_roots)"),
+    contract: bool = typer.Option(True, "--contract/--no-contract", help="also check the Controller contract (docs/codegen.md); --no-contract for a helper module"),
+    sandbox: list[str] = typer.Option([], help="sandbox root directories for the explanations (default: [safety] sandbox_roots)"),
 ) -> None:
-    """Run the ethics limiter on a file: prints each finding with its line; exit 1 when it would be rejected."""
+    """The safety gate's static ruling on a file: the capability gate (default deny: every construct outside the allow-list, and what the Controller contract misses), each finding with its line, then the deny-list's explanations ("why it matters"); exit 1 when it would be rejected."""
     from scf.consumers.safety import SafetySettings
     from scf.domains import ethics
 
@@ -102,13 +103,16 @@ def safety_check_code(
         code = file.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise fail(f"cannot read {file}: {exc.strerror}") from None
-    findings = ethics.analyse(code, ethics.EthicsConfig(sandbox_roots=tuple(sandbox or cfg.sandbox_roots), max_bytes=cfg.max_code_bytes))
+    findings = ethics.gate(code, ethics.CONTROLLER if contract else None, max_bytes=cfg.max_code_bytes)
     for f in findings:
         typer.echo(f"{file}:{f.line}: {f.category}: {f.detail}")
     if findings:
-        typer.echo(f"REJECT: {len(findings)} finding(s)")
+        why = ethics.explain(code, ethics.EthicsConfig(sandbox_roots=tuple(sandbox or cfg.sandbox_roots), max_bytes=cfg.max_code_bytes))
+        for f in why:
+            typer.echo(f"why it matters: {file}:{f.line}: {f.category}: {f.detail}")
+        typer.echo(f"REJECT: {len(findings)} finding(s) of the capability gate")
         raise typer.Exit(1)
-    typer.echo("APPROVE: nothing found")
+    typer.echo("APPROVE: every construct is within the capability set" + (" and the Controller contract holds" if contract else ""))
 
 
 @safety_app.command("check-rules")
