@@ -22,6 +22,19 @@ marginal costs the optimiser follows. Because Σ x = demand on the feasible set,
 term common to all generators is not identifiable from feasible data; it does not need to
 be: every feasible state of a context pays it alike, so the ranking and the minimiser over
 the feasible set are unaffected.
+
+**Conservatism away from the data** (`conservative` > 0; offline model-based optimisation,
+COMs, warns that a proposal network trained against a learned cost exploits its errors
+where there are no data). Each device's curve is identified only where that device has
+been observed: its features ψ_j = [φ(z_j), φ(z_j) p(c)] (F (1 + r) values) span a region
+in the fossils. In the principal axes of their second moment G_j = V Λ Vᵀ, whitened,
+s_j = ψ_j V (Λ + ε)^-½, the fossils cover a box [lo_j, hi_j] per axis; an axis the fossils
+never move along (a hinge past the highest output a generator was ever run at) has
+lo = hi = 0 and a scale of ε^-½. `support_penalty` is Σ_j Σ_k relu(s_jk − hi_jk)² +
+relu(lo_jk − s_jk)²: zero everywhere inside the fossils' box (in-distribution decisions are
+unchanged), quadratic outside, steep along directions without data. The proposal network's
+training adds `conservative` × it to the normalised learned cost (`ml.optimize`). Set at fit
+time and kept in memory only (decisions do not need it, checkpoints do not carry it).
 """
 
 from __future__ import annotations
@@ -40,6 +53,9 @@ class CostConfig:
     fourier: int = 32  # random Fourier features of the context in g(c)
     ridge: float = 1e-6  # relative to the mean diagonal of the normal equations
     seed: int = 0
+    conservative: float = 0.0  # weight of the distance-to-support penalty in the proposal network's training (0: off)
+    support_ridge: float = 1e-3  # ε: added to the eigenvalues of each device's feature second moment (basis units)
+    support_margin: float = 0.3  # the fossils' box widened by this share of its width on each side
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +81,11 @@ class CostModel(nn.Module):
         n_basis = 2 + cfg.knots
         self.register_buffer("weights", torch.zeros(d * n_basis * (1 + cfg.context_rank) + 2 * m + 2 * cfg.fourier + 1, dtype=torch.float64))
         self.register_buffer("energy_scale", torch.ones(2, dtype=torch.float64))  # (mean, std) of the fitted energies
+        k = n_basis * (1 + cfg.context_rank)
+        # the data's support per device (fit; not saved: only training uses it)
+        self.register_buffer("support_proj", torch.zeros(d, k, k, dtype=torch.float64), persistent=False)
+        self.register_buffer("support_lo", torch.full((d, k), -math.inf, dtype=torch.float64), persistent=False)
+        self.register_buffer("support_hi", torch.full((d, k), math.inf, dtype=torch.float64), persistent=False)
         self.state_dim, self.context_dim, self.n_basis = d, m, n_basis
 
     # ---------------------------------------------------------------- features
@@ -101,6 +122,39 @@ class CostModel(nn.Module):
         z = (x.to(self.weights.dtype) - self.state_mid) / self.state_half
         return (self._basis(z) * weights[:, None]).sum((-1, -2))
 
+    def device_features(self, x, c):  # physical (B, d), (B, m) -> (B, d, F (1 + r)): ψ_j
+        z = (x.to(self.weights.dtype) - self.state_mid) / self.state_half
+        cz = (c.to(self.weights.dtype) - self.context_mid) / self.context_half
+        basis = self._basis(z)  # (B, d, F)
+        p = cz @ self.pcs  # (B, r)
+        return torch.cat([basis] + [basis * p[:, i, None, None] for i in range(p.shape[1])], dim=-1)
+
+    def support_coords(self, x, c):
+        """s_j (B, d, K): each device's features in the whitened principal axes of the fossils'."""
+        return torch.einsum("bdk,dkl->bdl", self.device_features(x, c), self.support_proj)
+
+    def support_penalty(self, x, c):
+        """Σ_j Σ_k relu(s − hi)² + relu(lo − s)² (B,): 0 inside the fossils' box, growing outside."""
+        s = self.support_coords(x, c)
+        return ((s - self.support_hi).clamp(min=0).square() + (self.support_lo - s).clamp(min=0).square()).sum((-1, -2))
+
+    @torch.no_grad()
+    def fit_support(self, x, c) -> dict[str, float]:
+        """Each device's whitened principal axes over the fossils (x, c) and the box the
+        fossils cover in them (`support_penalty` is zero inside it)."""
+        x, c = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(c, dtype=torch.float64)
+        psi = self.device_features(x, c)  # (N, d, K)
+        gram = torch.einsum("ndk,ndl->dkl", psi, psi) / max(len(psi), 1)
+        lam, vec = torch.linalg.eigh(gram)
+        self.support_proj.copy_(vec / (lam.clamp(min=0) + self.config.support_ridge).sqrt()[:, None, :])
+        s = self.support_coords(x, c)
+        lo, hi = s.min(0).values, s.max(0).values
+        pad = self.config.support_margin * (hi - lo)
+        self.support_lo.copy_(lo - pad)
+        self.support_hi.copy_(hi + pad)
+        empty = (lam <= 1e-9 * lam.amax(-1, keepdim=True)).sum()  # axes the fossils never move along
+        return {"cost_support_empty_axes": float(empty)}
+
     def marginal(self, x, c):
         """dE/dx (B, d): each variable's learned marginal cost (the repair's merit order)."""
         with torch.enable_grad():
@@ -135,7 +189,10 @@ class CostModel(nn.Module):
         self.weights.copy_(w * std)
         self.weights[-1] += mean
         resid = self(x, c) - y
-        return {"cost_fit_rmse_rel": float(resid.square().mean().sqrt() / std), "cost_fit_r2": float(1 - resid.var() / y.var())}
+        out = {"cost_fit_rmse_rel": float(resid.square().mean().sqrt() / std), "cost_fit_r2": float(1 - resid.var() / y.var())}
+        if self.config.conservative > 0:
+            out.update(self.fit_support(x, c))
+        return out
 
 
 __all__ = ["CostConfig", "CostModel"]
