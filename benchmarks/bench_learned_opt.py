@@ -192,19 +192,20 @@ def main() -> None:
     p.add_argument("--json", default="", help="also write every row to this file (a JSON list)")
     args = p.parse_args()
     rows = []
+
+    def emit(row):  # each row printed and written as soon as it is measured (a cut run keeps what it has)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="bench-learned-") as tmp:
         for name in filter(None, args.domains.split(",")):
-            row = run(name, args.fossils, args.steps, args.batch, args.heldout, args.seed, Path(tmp), args.device)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            emit(run(name, args.fossils, args.steps, args.batch, args.heldout, args.seed, Path(tmp), args.device))
         if args.congested:
             case, derate = args.congested.split(":")
-            row = run_congested(case, float(derate), args.fossils, args.steps, args.batch, args.heldout, args.seed, args.device)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+            emit(run_congested(case, float(derate), args.fossils, args.steps, args.batch, args.heldout, args.seed, args.device))
     pct = lambda v: f"{100 * v:.3f} %"  # noqa: E731
     print("\n| domain | feasible (raw → repaired) | gap median | gap p95 | savings captured | baseline: gap median / p95 / savings | ms per instance (batch) | HiGHS ms | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")

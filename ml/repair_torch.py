@@ -13,7 +13,8 @@ early exits, a batched Cholesky solve per iteration for the active rows (inactiv
 are replaced by identity rows, so every proposal's system has the same shape), and no
 `.item()`/`.cpu()` inside — the only host syncs are in `repair_batch_t`: one to pick the
 proposals that need the least-norm stage at all (none on an uncongested grid: the stage is
-skipped) and one at the end to bring the result back. What is still outside a row by more
+skipped), one every 4th iteration to stop when none needs a move (at most 2 of them), and
+one at the end to bring the result back — a fixed number per batch, none per proposal. What is still outside a row by more
 than `CHECK_TOL` after the fixed iterations goes to the domain's exact projection
 (`Domain.project`, numpy/HiGHS on the CPU), counted in `RepairResult.fallback`.
 
@@ -156,7 +157,7 @@ def _outside(x, rows_a, rlo, rhi, lo, hi, tol):
     return (ax > rhi + tol).any(1) | (ax < rlo - tol).any(1) | (x < lo - tol).any(1) | (x > hi + tol).any(1)
 
 
-def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS):
+def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS, check_every: int = 0):
     """`domains.repair._active_set` for a batch: each iteration moves every proposal that
     still violates a row (or a bound) by dx = -W A_act'(A_act W A_act')^-1 r, W the room
     each variable has, A_act the violated, binding and equality rows; proposals already
@@ -164,17 +165,21 @@ def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS):
     that the last step pushed past a bound (and was clipped there) is held at it for the
     next step (weight ~0), so the others carry the move — clipping otherwise undoes part of
     each step and the balance row creeps back in 1e-4 MW steps (the proposals that the
-    numpy repair hands to the exact projection on the congested grid). Returns x."""
+    numpy repair hands to the exact projection on the congested grid). With `check_every`
+    = k > 0, every k-th iteration asks the device whether any proposal still needs a move
+    (one host sync) and stops if none does; 0: the fixed count, no sync. Returns x."""
     r_n = a.shape[0]
     eye = torch.eye(r_n, dtype=x.dtype, device=x.device)
     pinned = torch.zeros_like(x, dtype=torch.bool)  # clipped at a bound by the last step: held there
-    for _ in range(iterations):
+    for it in range(iterations):
         ax = x @ a.T
         target = torch.minimum(torch.maximum(ax, rlo + MARGIN), rhi - MARGIN)
         target = torch.where(eq, rlo, target)
         r = ax - target
         violated = r.abs() > CHECK_TOL
         need = violated.any(1) | (x < lo).any(1) | (x > hi).any(1)
+        if check_every and it and it % check_every == 0 and not bool(need.any()):
+            break
         binding = (ax >= rhi - 2 * MARGIN - CHECK_TOL) | (ax <= rlo + 2 * MARGIN + CHECK_TOL)
         act = (violated | binding | eq).to(x.dtype)  # (B, R)
         w = torch.where(pinned, 1e-9 * (hi - lo), _room(x, lo, hi))  # (B, d)
@@ -203,18 +208,19 @@ def repair_t(rows: Rows, states, lo, hi, *, merit=None, iterations: int = ITERAT
 
 def repair_batch_t(
     domain: Domain, contexts: np.ndarray, states: torch.Tensor, *, merit: torch.Tensor | None = None,
-    rows: Rows | None = None, iterations: int = ITERATIONS, fallback: bool = True, polish=None,
+    rows: Rows | None = None, iterations: int = ITERATIONS, fallback: bool = True, polish=None, check_every: int = 4,
 ) -> tuple[RepairResult, torch.Tensor]:
     """`domains.repair.repair_batch` with the cheap steps on `states`' device: balance for
     the whole batch; the least-norm stage only for the proposals outside a row after it
-    (one host sync to pick them; skipped when there are none); `polish(x, met, rows, idx)` (optional,
+    (one host sync to pick them; skipped when there are none; then `check_every`: a sync
+    every 4th iteration to stop once none needs a move); `polish(x, met, rows, idx)` (optional,
     e.g. the learned-cost line searches) applied on the device; one sync to bring the
     result back; then the exact projection for the rare proposal still outside a row by
     more than CHECK_TOL (`RepairResult.fallback`). Returns (numpy result, the device states)."""
     dev, dt = states.device, torch.float64
-    c_t = torch.as_tensor(np.atleast_2d(np.asarray(contexts, dtype=float)), dtype=dt, device=dev)
     lo_np, hi_np = (np.asarray(b, dtype=float) for b in domain.state_bounds)
-    rows = rows if rows is not None else device_rows(domain, c_t)
+    if rows is None:  # (a caller that has them passes them: a host->device copy is a sync)
+        rows = device_rows(domain, torch.as_tensor(np.atleast_2d(np.asarray(contexts, dtype=float)), dtype=dt, device=dev))
     lo, hi = rows.const("state_lo", lambda: lo_np), rows.const("state_hi", lambda: hi_np)
     x0 = states.to(dt)
     x = torch.where(torch.isfinite(x0), x0, (lo + hi) / 2)
@@ -224,7 +230,7 @@ def repair_batch_t(
     bad = _outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
     idx = torch.nonzero(bad).flatten()  # sync 1: which proposals need the least-norm stage
     if len(idx):
-        xs = least_norm_t(x[idx], rows.a, rows.lo[idx], rows.hi[idx], rows.eq, lo, hi, iterations)
+        xs = least_norm_t(x[idx], rows.a, rows.lo[idx], rows.hi[idx], rows.eq, lo, hi, iterations, check_every)
         x = x.index_copy(0, idx, xs)
     met = ~_outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
     if polish is not None:
