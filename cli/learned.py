@@ -28,6 +28,8 @@ def train_optimiser(
     steps: int = typer.Option(2000, help="training steps of the proposal network"),
     seed: int = typer.Option(0, help="random seed"),
     eval_contexts: int = typer.Option(256, help="held-out contexts judged against the exact optimum"),
+    hidden: int = typer.Option(256, help="width of the proposal network's hidden layers"),
+    depth: int = typer.Option(3, help="hidden layers of the proposal network"),
 ) -> None:
     """Train a learned optimiser on local shards (fossils only) and write its checkpoint."""
     from scf import domains
@@ -40,7 +42,7 @@ def train_optimiser(
         from scf.ml.optimize import train_optimiser as train
 
         out_dir = out or load_settings("train").path("model_zoo", domain_token(domain))
-        result = train(domain, data, out_dir, OptimiserConfig(steps=steps, seed=seed, eval_contexts=eval_contexts))
+        result = train(domain, data, out_dir, OptimiserConfig(steps=steps, seed=seed, eval_contexts=eval_contexts, hidden=hidden, depth=depth))
     except SCFError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"wrote {result.checkpoint} ({result.duration_s:.1f}s)")
