@@ -80,6 +80,12 @@ def _ack_tokens(reply: str) -> tuple[int, int, int, int]:
     return int(t[7]), int(t[8]), int(t[9]), int(t[10])
 
 
+def _ack_origin(reply: str) -> tuple[str, str]:
+    """(stream, consumer) named by a JetStream ack subject (v1 or v2)."""
+    t = reply.split(".")
+    return (t[2], t[3]) if len(t) == 9 else (t[4], t[5])
+
+
 def describe(exc: BaseException) -> str:
     """One line for a bus error (nats-py's own str() of a 503 is all `None`s)."""
     if isinstance(exc, ServiceUnavailableError):
@@ -94,6 +100,7 @@ class _Pass:
     def __init__(self, last: int) -> None:
         self.last = last
         self.cseq = 0
+        self.consumer = ""  # the consumer's name, once the server has answered its creation
         self.progress = time.monotonic()
         self.gap = False
         self.stalled = False
@@ -252,6 +259,9 @@ class StreamReader:
                 return
             if not msg.reply or not msg.reply.startswith("$JS.ACK."):
                 return
+            stream, consumer = _ack_origin(msg.reply)
+            if stream != self.stream or (p.consumer and consumer != p.consumer):
+                return  # not from the consumer this pass created (a push consumer someone else aimed at this inbox)
             sseq, cseq, ts, left = _ack_tokens(msg.reply)
             if cseq != p.cseq + 1:
                 p.gap = True  # a dropped message: resume after the last good one
@@ -287,6 +297,7 @@ class StreamReader:
         sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
         try:
             info = await self._add_consumer(inbox, last)
+            p.consumer = info.name
             self.live, self.problem = True, ""
             self.failed.clear()
             if not info.num_pending and not info.delivered.consumer_seq:

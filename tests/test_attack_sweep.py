@@ -302,37 +302,47 @@ async def _quiet(coro) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------- deliver subjects (open)
+# --------------------------------------------------------------------------- deliver subjects
 
 
-@pytest.mark.xfail(strict=True, reason="open (docs/security.md 'Push consumers deliver into streams their creator may not "
-                                        "write'): CONTROL stores the operator's bytes delivered by its own push consumer")
 async def test_an_operator_push_consumer_cannot_write_into_control(deployment: Deployment, service: Bus):
-    """Found during this sweep. The operator may create consumers on any stream but JOBS, and
-    a consumer's deliver subject is in the request body, which no subject permission sees:
-    bytes the operator may write into TRUST (trust.key.*), delivered onto `emergency.released`
-    (a publish denied to it) while it listens there, are stored by CONTROL — under their
-    original subject, outside CONTROL's own subjects, so filtered readers skip them."""
+    """Found during the sweep. The operator may create consumers on any stream but JOBS, and a
+    consumer's deliver subject is in the request body, which no subject permission sees: bytes
+    the operator may write into TRUST (trust.key.*), delivered onto `emergency.released`, were
+    stored by CONTROL while the operator listened there. A push consumer delivers only where
+    someone listens, and the operator (like analyst, worker and edge) may now subscribe only to
+    inboxes: its subscription is refused, the consumer is never bound, nothing is delivered."""
     from nats.js import api
 
-    operator = await login(deployment, "operator")
+    refusals: list[str] = []
+
+    async def on_error(err: Exception) -> None:
+        refusals.append(str(err))
+
+    operator = await nats.connect(deployment.url("operator"), name="attacker-operator", error_cb=on_error)
     try:
         seq = (await operator.jetstream().publish("trust.key.forged", b'{"type": "emergency.released"}')).seq
         received: list = []
 
-        async def interest(msg) -> None:  # a push consumer delivers only where someone listens
+        async def interest(msg) -> None:
             received.append(msg)
 
         await operator.subscribe("emergency.released", cb=interest)
-        await operator.jetstream().add_consumer(
+        await wait_for(lambda: any('subscription to "emergency.released"' in r.lower() for r in refusals), 30,
+                       "the server to refuse the subscription")
+        info = await operator.jetstream().add_consumer(
             "TRUST", api.ConsumerConfig(deliver_subject="emergency.released", ack_policy=api.AckPolicy.NONE,
                                         filter_subject="trust.key.forged", opt_start_seq=seq,
                                         deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE),
         )
-        await wait_for(lambda: bool(received), 30, "the delivery onto emergency.released")
-        # a message CONTROL stores after the delivery: whatever the delivery put there is stored by then
+        # the server's own view: the consumer has one message pending and no one to deliver it to
+        info = await operator.jetstream().consumer_info("TRUST", info.name)
+        assert info.push_bound is not True and info.num_pending == 1 and info.delivered.consumer_seq == 0, info
+        # a message CONTROL stores afterwards: whatever a delivery put there is stored by then
         marker = (await service.js.publish("control.stop", b"{}")).seq
         subjects = [(await service.js.get_msg("CONTROL", n)).subject for n in range(1, marker)]
-        assert subjects == [], f"CONTROL stored messages the operator may not write there: {subjects}"
+        assert subjects == [] and received == [], f"CONTROL stored messages the operator may not write there: {subjects}"
+        info = await operator.jetstream().consumer_info("TRUST", info.name)
+        assert info.delivered.consumer_seq == 0, info
     finally:
         await operator.close()

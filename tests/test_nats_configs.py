@@ -437,9 +437,9 @@ def test_prod_conf_serves_tls_and_logins_only(hub: Hub, tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_worker_is_refused_control_commands_and_may_report_progress(hub: Hub) -> None:
     async def run() -> None:
-        operator = await hub.connect("operator")
-        watch = await operator.nc.subscribe(">")
-        await operator.nc.flush()  # the subscription is in place before anyone publishes
+        watcher = await hub.connect("service")  # operator and analyst subscribe to inboxes only
+        watch = await watcher.nc.subscribe(">")
+        await watcher.nc.flush()  # the subscription is in place before anyone publishes
 
         worker = await hub.connect("worker", inbox_prefix="_INBOX.worker")
         await worker.nc.publish("control.stop", b"{}")
@@ -450,7 +450,7 @@ def test_worker_is_refused_control_commands_and_may_report_progress(hub: Hub) ->
         assert "control.stop" not in seen
         assert worker.errors == [f"nats: {violation('Publish', 'control.stop')}"]
         await worker.nc.close()
-        await operator.nc.close()
+        await watcher.nc.close()
 
     asyncio.run(run())
 
@@ -701,9 +701,9 @@ def test_leaf_node_joins_the_hub_over_tls(hub: Hub, servers: list[Server], tmp_p
 
     async def run() -> None:
         await eventually(leaf_is_connected, "the leaf connecting to the hub", timeout=10)
-        operator = await hub.connect("operator")
-        watch = await operator.nc.subscribe(">")
-        await operator.nc.flush()
+        watcher = await hub.connect("service")  # operator and analyst subscribe to inboxes only
+        watch = await watcher.nc.subscribe(">")
+        await watcher.nc.flush()
         # the GPU process talks to its local leaf without credentials
         local = await connect(servers[0].url(), inbox_prefix="_INBOX.worker", name="gpu-worker")
 
@@ -733,7 +733,7 @@ def test_leaf_node_joins_the_hub_over_tls(hub: Hub, servers: list[Server], tmp_p
         info = await (await js.object_store("scf_artifacts")).put("ckpt-leaf-1.safetensors", b"w" * 200_000)
         assert info.chunks == 2
         assert local.errors == [], local.errors
-        for conn in (local, operator, service):
+        for conn in (local, watcher, service):
             await conn.nc.close()
 
     asyncio.run(run())

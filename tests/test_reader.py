@@ -171,3 +171,40 @@ async def test_held_out_fossils_without_the_loader_say_what_failed(bus, monkeypa
     with pytest.raises(SCFError, match=r"^cannot pick the held-out fossils of grid:case14: scf\.ml\.loader does not import \(.+\): "
                        r"reinstall SCF with its train extra \(`pip install 'scf\[train\]'`\)$"):
         await heldout_fossils(bus, "grid:case14", 10)
+
+
+async def test_a_push_consumer_someone_else_aims_at_the_readers_inbox_is_ignored(bus, monkeypatch):
+    """Deliveries on the reader's inbox count only when they come from the consumer it created:
+    an operator who saw the inbox (it may subscribe to `_INBOX.>`) and aims a push consumer of
+    another stream (or another consumer of the same stream) at it feeds nothing in, and does not
+    force the reader onto a new consumer either."""
+    from nats.js import api
+
+    for i in range(1, 6):
+        await bus.js.publish(f"job.progress.p{i}", str(i).encode())
+    await bus.js.publish("control.stop", b"forged")
+    inbox = "_INBOX.watched.reader"
+    monkeypatch.setattr(bus.nc, "new_inbox", lambda: inbox)
+    seen: list[bytes] = []
+    stop = asyncio.Event()
+    reader = StreamReader(bus.nc, bus.js, "TRAINING", "job.>")
+    follower = asyncio.ensure_future(reader.follow(lambda m: seen.append(m.data), stop))
+    try:
+        await wait_for(lambda: len(seen) == 5, 30, "the reader to catch up")
+        for stream, subject in (("CONTROL", "control.stop"), ("TRAINING", "job.progress.p1")):
+            await bus.js.add_consumer(stream, api.ConsumerConfig(
+                deliver_subject=inbox, ack_policy=api.AckPolicy.NONE, filter_subject=subject,
+                deliver_policy=api.DeliverPolicy.ALL))
+
+        async def delivered_both() -> bool:
+            infos = [c for s in ("CONTROL", "TRAINING") for c in await bus.js.consumers_info(s) if c.config.deliver_subject == inbox]
+            return sum(c.delivered.consumer_seq for c in infos) >= 2 + 5  # the reader's 5, and one of each of the others
+
+        await wait_for(delivered_both, 30, "the stray consumers to deliver onto the inbox")
+        await bus.js.publish("job.progress.p6", b"6")
+        await wait_for(lambda: len(seen) == 6, 30, "the reader to take the next genuine message")
+        assert seen == [b"1", b"2", b"3", b"4", b"5", b"6"]
+        assert reader.stats.passes == 1  # not even taken for a gap that forces a new consumer
+    finally:
+        stop.set()
+        await follower
