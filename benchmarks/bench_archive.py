@@ -274,8 +274,16 @@ def bench_queries(events: int, keep: Path | None) -> dict:
 
 
 def _machine() -> str:
-    import duckdb
     import pyarrow
+
+    from scf.bus.server import binary
+
+    try:
+        import duckdb
+
+        duck = f"duckdb {duckdb.__version__}, "
+    except ImportError:  # the ingest benchmark does not need it (a bare benchmark machine)
+        duck = ""
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -292,9 +300,9 @@ def _machine() -> str:
         mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
     except ImportError:
         pass
-    server = subprocess.run([str(Path(sys.executable).parent / "nats-server"), "--version"], capture_output=True, text=True).stdout.strip()
+    server = subprocess.run([binary(), "--version"], capture_output=True, text=True).stdout.strip()
     return (f"{platform.machine()}, {os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}, "
-            f"{server}, duckdb {duckdb.__version__}, pyarrow {pyarrow.__version__}, {dt.date.today()}")
+            f"{server}, {duck}pyarrow {pyarrow.__version__}, {dt.date.today()}")
 
 
 def _markdown(ingest: dict | None, queries: dict | None, argv: str) -> str:

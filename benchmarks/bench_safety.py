@@ -77,12 +77,13 @@ def mixed(n: int) -> list[ev.Event]:
     return out
 
 
-async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int, durable: str) -> float:
+async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int, durable: str, batched: bool = True) -> float:
     bus = await Bus.connect(settings, "bench-gate")
     gate = SafetyGate(bus, SafetySettings(concurrency=concurrency))
     await gate.start()
     spec = ConsumerSpec("INTENTS", durable, ("intent.>", "code.>", "state.>"))
     runner = gate.runner(spec)
+    runner.batched = batched  # False: the runner's per-message path (what the gate ran before it was batched)
     stop = asyncio.Event()
     t0 = time.perf_counter()
     task = asyncio.create_task(runner.run(stop))
@@ -102,6 +103,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=2, help="gate runs per concurrency, each between two floor runs")
+    ap.add_argument("--per-message", action="store_true", help="also run the gate on the runner's per-message path (the gate before batching)")
     args = ap.parse_args()
     events = mixed(args.n)
 
@@ -116,7 +118,7 @@ async def main() -> None:
             decide(view, e)
         return time.perf_counter() - t0, time.process_time() - c0
 
-    floor, _ = floor_run()
+    floor, floor_cpu = floor_run()
     per_type = {}
     for cls in (ev.IntentCreated, ev.CodeProposed, ev.StateProposed):
         sub = [e for e in events if isinstance(e, cls)]
@@ -125,9 +127,12 @@ async def main() -> None:
             decide(view, e)
         per_type[cls.type_name()] = len(sub) / (time.perf_counter() - t)
 
-    results: dict[int, list[tuple[float, float, float, float]]] = {1: [], 8: []}  # (gate s, floor s, gate cpu, floor cpu)
+    modes = [True, False] if args.per_message else [True]
+    # (batched, concurrency) -> [(gate s, floor s, gate cpu, floor cpu)]
+    results: dict[tuple[bool, int], list[tuple[float, float, float, float]]] = {(b, c): [] for b in modes for c in (1, 8)}
     decisions: dict[str, int] = {}
-    for conc in [c for c in (1, 8) for _ in range(args.rounds)]:  # a fresh server per run: verdict ids derive from the events (dedup)
+    # a fresh server per run: verdict ids derive from the events (dedup); modes interleaved
+    for conc, batched in [(c, b) for c in (1, 8) for _ in range(args.rounds) for b in modes]:
         tmp = Path(tempfile.mkdtemp(prefix="bench-safety-"))
         server = ServerProcess(tmp / "nats", free_port()).start()
         try:
@@ -140,10 +145,10 @@ async def main() -> None:
             await bus.publish_many(events)
             before = floor_run()
             c0 = time.process_time()
-            gate_s = await run_gate(settings, events, conc, f"bench-safety-{conc}")
+            gate_s = await run_gate(settings, events, conc, f"bench-safety-{conc}", batched)
             gate_cpu = time.process_time() - c0
             after = floor_run()
-            results[conc].append((gate_s, (before[0] + after[0]) / 2, gate_cpu, (before[1] + after[1]) / 2))
+            results[(batched, conc)].append((gate_s, (before[0] + after[0]) / 2, gate_cpu, (before[1] + after[1]) / 2))
             info = await bus.js.stream_info("VERDICTS")
             assert info.state.messages == len(events), info.state.messages
             if not decisions:
@@ -163,13 +168,14 @@ async def main() -> None:
     print("| measure | verdicts/s | vs decide floor (median of runs; each run against its own floors) | CPU µs/verdict | CPU vs floor |")
     print("|---|---|---|---|---|")
     fl = args.n / floor
-    print(f"| decide floor (pure, no NATS), first run | {fl:,.0f} | 1.00× | {floor / args.n * 1e6:.0f} | |")
-    for conc, runs in results.items():
+    print(f"| decide floor (pure, no NATS), first run | {fl:,.0f} | 1.00× | {floor_cpu / args.n * 1e6:.0f} | 1.00× |")
+    for (batched, conc), runs in results.items():
         ratios = sorted(f / g for g, f, _, _ in runs)
         cpu = sorted(fc / gc for _, _, gc, fc in runs)
         rates = ", ".join(f"{args.n / g:,.0f}" for g, _, _, _ in runs)
         floors = ", ".join(f"{args.n / f:,.0f}" for _, f, _, _ in runs)
-        print(f"| `scf run safety` gate, concurrency {conc} | {rates} (floors {floors}) | **{statistics.median(ratios):.2f}×** "
+        how = "batched (`scf run safety`)" if batched else "per-message runner (before)"
+        print(f"| gate, {how}, concurrency {conc} | {rates} (floors {floors}) | **{statistics.median(ratios):.2f}×** "
               f"({', '.join(f'{r:.2f}' for r in ratios)}) | {statistics.median([gc for _, _, gc, _ in runs]) / args.n * 1e6:.0f} | "
               f"{statistics.median(cpu):.2f}× |")
     for name, rate in per_type.items():
