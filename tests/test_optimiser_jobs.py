@@ -80,6 +80,34 @@ def test_an_optimiser_jobs_config_is_checked_before_any_data_is_fetched():
         assert message in str(exc.value), name
 
 
+async def test_an_operator_asks_for_an_optimiser_from_the_cli(bus, scf_env):
+    from scf.consumers.dispatch import DispatchSettings, plan_job
+    from tests.conftest import cli
+
+    r = await asyncio.to_thread(cli, "train-optimiser", "--bus", "--domain", DOMAIN, "--steps", "300", "--conservative", "1",
+                                "--pool", "gpu", env=scf_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("intent.created.train.train-grid_case9-optimiser-") and "(new)" in r.stdout
+    [intent] = await read_all(bus, "INTENTS", "intent.created.train.>")
+    assert intent.data.kind == "train" and intent.data.domain == DOMAIN and r.stdout.split(" ")[0].endswith(intent.data.intent_id)
+    assert (intent.data.params["model"], intent.data.params["steps"], intent.data.params["cost_conservative"]) == ("optimiser", 300, 1.0)
+    # what dispatch makes of it once approved: a job the worker accepts (pool is dispatch's, not the model's)
+    sel = ev.DataSelection(domain=DOMAIN, stream="FOSSILS", subject="fossil.recorded.grid_case9.>", start_seq=1, end_seq=0, count=0)
+    job = plan_job(intent.data, "gpu", sel, DispatchSettings())
+    assert "pool" not in job.config
+    check_with_ml(job)
+    assert optimiser_config(job).cost.conservative == 1.0
+
+    for args, message in (
+        (("--domain", DOMAIN), "Error: give --data DIR (train here) or --bus (a worker trains it on the bus's fossils), not both"),
+        (("--bus", "--data", "x", "--domain", DOMAIN), "Error: give --data DIR (train here) or --bus"),
+        (("--bus", "--domain", "grid:nowhere"), "Error: unknown domain 'grid:nowhere': use one of"),
+    ):
+        r = await asyncio.to_thread(cli, "train-optimiser", *args, env=scf_env)
+        assert r.returncode == 1 and (r.stdout + r.stderr).strip().startswith(message), r.stdout + r.stderr
+    assert len(await read_all(bus, "INTENTS", "intent.created.train.>")) == 1  # nothing published for a bad request
+
+
 # --------------------------------------------------------------------------- real processes
 
 
