@@ -137,3 +137,29 @@ async def test_a_slow_handler_holds_only_its_own_input(bus):
         await task
     assert await stream_count(bus, "VERDICTS") == len(ids)
     assert runner.stats.handled == len(ids)
+
+
+async def test_pull_fetch_takes_every_message_once_in_order_and_an_empty_consumer_times_out(bus):
+    """`Pull.fetch(n)`: the first message through nats-py's fetch, the rest drained from one
+    no-wait pull request: every message once, in stream order, batches of at most n."""
+    from scf.bus.runner import Pull
+
+    await bus.publish_many([intent(f"p{k}") for k in range(300)])
+    pull = Pull(bus, spec("pull"))
+    stop = asyncio.Event()
+    seqs: list[int] = []
+    sizes: list[int] = []
+    try:
+        while len(seqs) < 300:
+            msgs = await pull.fetch(128, 5.0, stop)
+            assert msgs, "a fetch with messages pending returned none"
+            sizes.append(len(msgs))
+            for m in msgs:
+                seqs.append(m.metadata.sequence.stream)
+                await m.ack()
+        assert await pull.fetch(128, 0.3, stop) == []  # nothing left: an empty batch after the timeout
+    finally:
+        await pull.close()
+    assert seqs == list(range(1, 301))
+    assert sizes == [128, 128, 44]  # full batches while the stream has them
+    assert await settled(bus, "pull")
