@@ -6,10 +6,11 @@ to the HYPER gear (no human approvals: the safety gate still rules on everything
 synthesises and ingests fossils for the IEEE 14-bus grid, and follows one pass: a training
 intent, its verdict, the job on the local worker with its progress, the checkpoint
 verified and promoted, a canary deployment to two edge agents; then two HVAC sites, each an
-edge agent controlling a simulated building (docs/plants.md), get a decision each — a
-day-ahead plan on the right weather forecast and one planned on a wrong (colder) forecast —
-and the savings are measured by IPMVP Option D against each site's calibrated baseline
-(docs/mv.md) and minted; the archive updated, a CFR dataset and a value report written. Each step waits on the events that prove it; a step
+edge agent controlling a simulated building (docs/plants.md), get a learned optimiser each,
+trained meanwhile on HVAC fossils (ops/demo_hvac.py) — a better one and a deliberately
+worse one (a third of the data) — which decides every hour on the site; the savings of
+those decisions are measured by IPMVP Option D against each site's calibrated baseline
+(docs/mv.md) and minted, and the two models are put side by side; the archive updated, a CFR dataset and a value report written. Each step waits on the events that prove it; a step
 that does not complete in time stops the demo with what to look at.
 """
 
@@ -23,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from scf.bus import codec, control
 from scf.bus import events as ev
 from scf.bus.client import Bus
@@ -32,12 +31,13 @@ from scf.bus.errors import SCFError
 from scf.bus.server import free_port, port_open
 from scf.bus.settings import Settings, init_home, load
 from scf.bus.signing import SigningKey, TrustList
+from scf.ops import demo_hvac
 from scf.ops.supervisor import ProcessSpec, Supervisor
 
 DOMAIN = "grid:case14"
 NODES = ("node-a", "node-b")
-HVAC = "hvac:office3"
-SITES = {"site-a": 10.0, "site-b": 4.0}  # HVAC site -> the daily mean outdoor temperature its decision was planned for (°C)
+HVAC = demo_hvac.HVAC
+SITES = demo_hvac.SITES  # HVAC site -> (its model: "better" | "worse", the fossils it learns from)
 SITE_SEED = 10  # the simulated sites' weather: a mild heating season, daily mean 9.7 °C
 FOLLOWED = ("gear.>", "intent.>", "verdict.>", "job.>", "checkpoint.>", "deploy.>", "energy.>", "ledger.>", "control.rejected", "dlq.>")
 
@@ -55,6 +55,7 @@ class DemoResult:
     balances: dict[str, int] = field(default_factory=dict)
     savings: dict[str, tuple[float, float]] = field(default_factory=dict)  # site -> (saved kWh, ± kWh at 90 %)
     code: dict[str, int] = field(default_factory=dict)  # GenN's proposals: approved / rejected
+    models: dict[str, demo_hvac.SiteModel] = field(default_factory=dict)  # HVAC site -> its learned optimiser and what it earned
     dataset: Path | None = None
     report: Path | None = None
     seconds: float = 0.0
@@ -158,64 +159,6 @@ def _processes(settings: Settings) -> list[ProcessSpec]:
     return procs
 
 
-def hvac_day_ahead(domain, t_out_mean: float) -> np.ndarray:
-    """A day-ahead decision (24, z): HVAC power per zone and hour of the day from the
-    domain's exact LP, hour by hour over a forecast day (daily mean `t_out_mean` with the
-    simulator's ±4 K swing, occupied 8-18 h, the occupied band asked for from 6 h so the
-    zones are warm when people arrive; full heat where the LP cannot reach the band in an
-    hour). The edge runs it through the domain's repair step against what it measures."""
-    from scf.domains.base import Infeasible
-
-    z = domain.n_zones
-    t, rows = np.full(z, 20.0), []
-    for h in range(24):
-        t_out = t_out_mean + 4.0 * np.sin(2 * np.pi * (h - 9.0) / 24.0)
-        ctx = np.concatenate([[t_out, float(h)], np.full(z, 0.85 if 6 <= h < 18 else 0.0), t])
-        try:
-            u = domain.reference_solution(ctx)
-        except Infeasible:
-            u = domain.heat_max.copy()
-        t = domain.next_temperature(ctx, u)
-        rows.append(u)
-    return np.asarray(rows, dtype=np.float32)
-
-
-async def _deploy_hvac_decisions(bus: Bus, settings: Settings, follow: "Follower", echo: Callable[[str], None], step_timeout: float) -> list[ev.Event]:
-    """Write, promote (signed) and deploy one decision per HVAC site; the deploy intents
-    name their site (alias `candidate`: the planner makes no intent of its own for it)."""
-    import hashlib
-
-    from safetensors.numpy import save_file
-
-    from scf import domains
-    from scf.consumers.deploy import deploy_intent
-
-    dom = domains.get(HVAC)
-    out = []
-    for version, (site, forecast) in enumerate(SITES.items(), 1):
-        path = settings.path("model_zoo", "hvac", f"day-ahead-{site}.safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"decision": hvac_day_ahead(dom, forecast)}, str(path), metadata={"model": "hvac day-ahead LP", "forecast_c": str(forecast)})
-        data = path.read_bytes()
-        ck = f"hvac-day-ahead-{site}"
-        promo = ev.CheckpointPromoted.new(
-            ev.Promotion(checkpoint_id=ck, domain=HVAC, alias="candidate", version=version, uri=path.resolve().as_uri(),
-                         sha256=hashlib.sha256(data).hexdigest(), size=len(data)),
-            source=bus.source,
-        )
-        ack = await bus.publish(promo)
-        intent = deploy_intent(promo, ack.seq, target=f"nodes:{site}", strategy="all", source=bus.source, gear="HYPER",
-                               reason=f"demo: the day-ahead decision planned on a {forecast:g} °C forecast to {site}")
-        await bus.publish_once(intent)
-        echo(f"   {site}: decision {ck} (planned on a {forecast:g} °C daily mean; the site's weather averages 9.7 °C) → deploy intent")
-        out.append(promo)
-    activated = await follow.wait("hvac deploy", lambda e: isinstance(e, ev.DeployActivated) and e.data.node in SITES, step_timeout,
-                                  count=len(SITES), hint="see logs/deploy.log, logs/safety.log and logs/edge-site-*.log")
-    for e in activated:
-        echo(f"   deploy.activated on {e.data.node}: the agent's control loop runs {e.data.checkpoint_id}")
-    return out
-
-
 async def _archive_caught_up(bus: Bus, settings: Settings, streams: tuple[str, ...], timeout: float) -> None:
     from scf.projections.archive import archive_root
     from scf.projections.store import ArchiveStore
@@ -300,6 +243,7 @@ async def run_demo(
     sup = Supervisor(settings, _processes(settings), echo=lambda line: echo(f"   [up] {line}"), extra_env=env)
     sup_task = asyncio.create_task(sup.run())
     bus: Bus | None = None
+    hvac_training: asyncio.Task | None = None
     try:
         deadline = time.monotonic() + 60
         while sup.bus is None or any(c.proc is None for c in sup.children):
@@ -310,6 +254,8 @@ async def run_demo(
             await asyncio.sleep(0.05)
         bus = await Bus.connect(settings, "scf-demo", key=SigningKey.load(release))
         follow = await Follower(bus).start()
+        # the HVAC sites' two learned optimisers train meanwhile (two processes; step 7 deploys them)
+        hvac_training = asyncio.create_task(demo_hvac.train_models(settings, step_timeout))
 
         echo("1. shifting to HYPER: from here the loop runs without a human (the safety gate still rules)")
         subject, body, headers = control.encode(control.ShiftGear(level="HYPER", by="scf demo", reason="demo: one unattended pass"), bus.key)
@@ -387,17 +333,27 @@ async def run_demo(
             echo(f"   deploy.activated on {e.data.node} (v{e.data.version})")
             result.activated.append(e.data.node)
 
-        echo("7. two HVAC sites (edge agents controlling simulated buildings, docs/plants.md) get a decision each;")
+        echo("7. two HVAC sites (edge agents controlling simulated buildings, docs/plants.md) get a learned optimiser each,")
+        echo(f"   trained meanwhile by `scf train-optimiser` on {demo_hvac.FOSSILS} HVAC fossils (the better) and on the first "
+             f"{demo_hvac.FEW} of them (the worse: its learned cost is underdetermined);")
         echo("   the grid checkpoint above has no plant to act on here, so it earns nothing (no invented meter readings)")
         echo("   each site ran its status-quo thermostat for a day: the measured history its baseline is calibrated to")
-        await _deploy_hvac_decisions(bus, settings, follow, echo, step_timeout)
-        echo("8. a day under each decision, measured by IPMVP Option D (calibrated simulation, ASHRAE Guideline 14), minted")
+        try:
+            result.models = await asyncio.wait_for(asyncio.shield(hvac_training), step_timeout)
+        except asyncio.TimeoutError:
+            raise DemoFailed(f"step 'hvac training' did not complete within {step_timeout:.0f}s") from None
+        except demo_hvac.TrainingFailed as exc:
+            raise DemoFailed(f"step 'hvac training': {exc}") from None
+        await demo_hvac.deploy_models(bus, result.models, follow, echo, step_timeout)
+        echo("8. a day under each model's decisions, measured by IPMVP Option D (calibrated simulation, ASHRAE Guideline 14), minted")
         measured = await follow.wait("measure", lambda e: isinstance(e, ev.EnergyMeasured) and e.data.node in SITES, step_timeout,
                                      count=len(SITES), hint="see logs/edge-site-*.log")
         for e in sorted(measured, key=lambda e: e.data.node):
             m, cal = e.data, e.data.calibration
             saved = m.baseline_kwh - m.actual_kwh
             result.savings[m.node] = (saved, m.uncertainty_kwh or 0.0)
+            site = result.models[m.node]
+            site.saved_kwh, site.uncertainty_kwh = saved, m.uncertainty_kwh
             echo(f"   energy.measured {m.node}: baseline {m.baseline_kwh:.1f} kWh (calibrated thermostat, same weather), actual "
                  f"{m.actual_kwh:.1f} kWh → saved {saved:.2f} ± {m.uncertainty_kwh or 0:.2f} kWh (90 %); calibration CV(RMSE) "
                  f"{100 * cal.cv_rmse:.1f} %, NMBE {100 * cal.nmbe:+.1f} % over {cal.points} h")
@@ -406,8 +362,17 @@ async def run_demo(
             d = e.data
             if isinstance(e, ev.LedgerRejected):
                 echo(f"   ledger.rejected: {d.reason}")
+                node = next((m.data.node for m in measured if m.id == d.cause_id), "")
+                if node in result.models:
+                    result.models[node].ledger = d.reason
             else:
                 echo(f"   ledger.transfer {d.kwh:.2f} kWh × {d.rate} → {d.micro_credits / 1e6:.2f} credits to {d.credit_account}")
+                if d.node in result.models:
+                    result.models[d.node].minted_kwh += d.kwh
+                    result.models[d.node].ledger = "minted"
+        echo("   the two models side by side (held-out decision quality as `scf train-optimiser` judged it; what each earned on its site):")
+        for line in demo_hvac.table(result.models):
+            echo(f"   {line}")
         from scf.consumers.ledger import balances, read_transfers
 
         result.balances = balances(await read_transfers(bus))
@@ -430,12 +395,17 @@ async def run_demo(
         result.report = out / "report"
         for line in report.build(root, result.report).lines():
             echo(f"   {line}")
+        models_md = result.report / "hvac-models.md"
+        models_md.write_text("# The HVAC sites' learned optimisers, side by side\n\n" + "\n".join(demo_hvac.table(result.models)) + "\n")
+        echo(f"   the two HVAC models side by side: {models_md}")
 
         echo("11. a client contract, the strike loop (map → optimise → verify → deploy a capsule → measure) and its signed proof")
         from scf.ops.demo_strike import strike_step
 
         await strike_step(bus, settings, echo, next(iter(SITES)), step_timeout)
     finally:
+        if hvac_training is not None and not hvac_training.done():
+            hvac_training.cancel()
         if bus is not None:
             await bus.close()
         sup.stop_event.set()
@@ -454,6 +424,7 @@ def summary(r: DemoResult) -> list[str]:
         f"   deployed to       {', '.join(r.activated)}",
         "   credits           " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in sorted(credited.items())),
         "   savings           " + ", ".join(f"{k} {s:.2f} ± {u:.2f} kWh" for k, (s, u) in sorted(r.savings.items())),
+        "   hvac models       " + ", ".join(f"{m.site} {m.checkpoint_id} ({m.label}) minted {m.minted_kwh:.2f} kWh" for m in r.models.values()),
         f"   archive           {r.home / 'archive'} (Parquet + scf.duckdb)",
         f"   CFR dataset       {r.dataset} (GenN's code: {r.code.get('approved', 0)} approved, {r.code.get('rejected', 0)} rejected)",
         f"   value report      {r.report / 'report.html' if r.report else '-'}",

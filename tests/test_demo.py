@@ -1,6 +1,7 @@
 """`scf demo` end to end on the CPU, with a process SIGKILLed mid-run (the supervisor
 restarts it and the loop still completes); its outputs exist and agree with each other; the
-credits come from the HVAC sites' measured savings, larger for the better decision."""
+credits come from the HVAC sites' measured savings of two learned optimisers' decisions,
+larger for the better model."""
 
 from __future__ import annotations
 
@@ -31,10 +32,18 @@ def test_demo_runs_the_whole_loop_and_its_outputs_agree(tmp_path):
     for step in ("gear.changed → HYPER", "verdict APPROVE", "job.completed", "checkpoint.promoted", "ledger.transfer"):
         assert step in out, step
     assert out.count("deploy.activated on node-") == 2
-    # the HVAC sites: savings measured (Option D) from each deployed decision; the decision
-    # planned on the wrong forecast saves less
+    # the HVAC sites: savings measured (Option D) from each deployed learned optimiser's
+    # decisions; the worse model (a third of the fossils) saves less, as its held-out
+    # decision quality predicted
     saved = {site: float(v) for site, v in re.findall(r"energy\.measured (site-[ab]): .* saved (-?[0-9.]+) ±", out)}
     assert saved["site-a"] > saved["site-b"] > 0, saved
+    captured = dict(re.findall(r"(site-[ab]): hvac-opt-\w+-\w+ \(\w+; .* savings captured ([0-9.]+) %", out))
+    assert float(captured["site-a"]) > float(captured["site-b"]), captured
+    assert re.search(r"deploy\.activated on site-a: its control loop decides every hour with hvac-opt-better-", out)
+    assert re.search(r"deploy\.activated on site-b: its control loop decides every hour with hvac-opt-worse-", out)
+    side = (home / "out" / "report" / "hvac-models.md").read_text()
+    assert re.search(r"^\| site-a \| hvac-opt-better-\S+ \(better\) \| 300 \|", side, re.M)
+    assert re.search(r"^\| site-b \| hvac-opt-worse-\S+ \(worse\) \| 100 \|", side, re.M)
 
     # outputs exist
     report_md = (home / "out" / "report" / "report.md").read_text()
@@ -56,8 +65,8 @@ def test_demo_runs_the_whole_loop_and_its_outputs_agree(tmp_path):
     credited = {a: v for a, v in ledger.items() if v > 0}
     assert set(credited) == {"node:site-a", "node:site-b"}
     assert credited["node:site-a"] == pytest.approx(saved["site-a"], abs=0.01)  # rate 1 credit per kWh
-    assert re.search(r"^\| site-a \| hvac-day-ahead-site-a \|", report_md, re.M)
-    assert re.search(r"^\| site-b \| hvac-day-ahead-site-b \|", report_md, re.M)
+    assert re.search(r"^\| site-a \| hvac-opt-better-\S+ \|", report_md, re.M)  # the M&V table: which model earned what
+    assert re.search(r"^\| site-b \| hvac-opt-worse-\S+ \|", report_md, re.M)
     assert abs(sum(ledger.values())) < 1e-9  # double entry: the books balance
     in_report = dict(re.findall(r"^\| (node:\S+) \| ([0-9.]+) \|", report_md, re.M))
     assert {a: float(v) for a, v in in_report.items()} == credited
