@@ -199,9 +199,8 @@ class LearnedOptimiser(nn.Module):
             weights = self.cost.device_weights(ct)
             knots = self.state_mid.double()[:, None] + self.state_half.double()[:, None] * self.cost.knots[None, :]
 
-            def polish(xs, met, r, idx=None):  # idx: the subset of the batch that xs holds
-                w = weights if idx is None else weights[idx]
-                return polish_t(self.cost, w, knots, r, xs, met, lo, hi, sweeps=self.config.polish_sweeps, grid=self.config.polish_grid)
+            def polish(xs, feasible, r):
+                return polish_t(self.cost, weights, knots, r, xs, feasible, lo, hi, sweeps=self.config.polish_sweeps, grid=self.config.polish_grid)
 
         fixed, _ = repair_batch_t(domain, c, x, merit=merit, rows=rows, polish=polish)
         return x.cpu().numpy(), fixed

@@ -157,7 +157,12 @@ def _outside(x, rows_a, rlo, rhi, lo, hi, tol):
     return (ax > rhi + tol).any(1) | (ax < rlo - tol).any(1) | (x < lo - tol).any(1) | (x > hi + tol).any(1)
 
 
-def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS, check_every: int = 0):
+def _ridge(a: np.ndarray, span: np.ndarray) -> float:
+    """1e-10 of the largest diagonal entry A W A' can have (W is at most span / 4)."""
+    return 1e-10 * max(1.0, float((a**2 @ (span / 4)).max()))
+
+
+def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS, check_every: int = 0, ridge: float | None = None):
     """`domains.repair._active_set` for a batch: each iteration moves every proposal that
     still violates a row (or a bound) by dx = -W A_act'(A_act W A_act')^-1 r, W the room
     each variable has, A_act the violated, binding and equality rows; proposals already
@@ -168,31 +173,34 @@ def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS, check
     numpy repair hands to the exact projection on the congested grid). With `check_every`
     = k > 0, every k-th iteration asks the device whether any proposal still needs a move
     (one host sync) and stops if none does; 0: the fixed count, no sync. Returns x."""
-    r_n = a.shape[0]
-    eye = torch.eye(r_n, dtype=x.dtype, device=x.device)
+    span = hi - lo
+    if ridge is None:  # (a host sync on an accelerator: repair_batch_t passes it)
+        ridge = _ridge(a.detach().cpu().numpy(), span.detach().cpu().numpy())
+    eye = torch.eye(a.shape[0], dtype=x.dtype, device=x.device) * ridge
+    t_lo, t_hi = rlo + MARGIN, rhi - MARGIN
+    t_lo = torch.where(eq, rlo, t_lo)  # equality rows: exactly their value
+    t_hi = torch.where(eq, rlo, t_hi)
+    b_lo, b_hi = rlo + (2 * MARGIN + CHECK_TOL), rhi - (2 * MARGIN + CHECK_TOL)
+    floor = 1e-4 * span.clamp(min=1e-9)
+    pinned_w = 1e-9 * span
     pinned = torch.zeros_like(x, dtype=torch.bool)  # clipped at a bound by the last step: held there
     for it in range(iterations):
         ax = x @ a.T
-        target = torch.minimum(torch.maximum(ax, rlo + MARGIN), rhi - MARGIN)
-        target = torch.where(eq, rlo, target)
-        r = ax - target
+        r = ax - torch.clamp(ax, t_lo, t_hi)
         violated = r.abs() > CHECK_TOL
-        need = violated.any(1) | (x < lo).any(1) | (x > hi).any(1)
+        need = violated.any(1, keepdim=True)  # x is within its bounds (clipped at every step)
         if check_every and it and it % check_every == 0 and not bool(need.any()):
             break
-        binding = (ax >= rhi - 2 * MARGIN - CHECK_TOL) | (ax <= rlo + 2 * MARGIN + CHECK_TOL)
-        act = (violated | binding | eq).to(x.dtype)  # (B, R)
-        w = torch.where(pinned, 1e-9 * (hi - lo), _room(x, lo, hi))  # (B, d)
-        m = (a * w[:, None, :]) @ a.T  # (B, R, R)
-        m = m * act[:, :, None] * act[:, None, :] + torch.diag_embed(1.0 - act)
-        diag = torch.diagonal(m, dim1=1, dim2=2)
-        m = m + (1e-10 * diag.mean(-1).clamp(min=1.0))[:, None, None] * eye
+        act = (violated | (ax >= b_hi) | (ax <= b_lo) | eq).to(x.dtype)  # (B, R)
+        w = torch.where(pinned, pinned_w, torch.maximum((x - lo) * (hi - x) / span.clamp(min=1e-9), floor))  # (B, d)
+        aa = a * act[:, :, None]  # (B, R, d): the inactive rows zeroed …
+        m = torch.baddbmm(torch.diag_embed(1.0 - act) + eye, aa * w[:, None, :], aa.transpose(1, 2))  # … and replaced by identity rows
         chol, _ = torch.linalg.cholesky_ex(m)
-        lam = torch.cholesky_solve((r * act)[:, :, None], chol)[:, :, 0]
-        step = torch.nan_to_num(w * (lam @ a), nan=0.0, posinf=0.0, neginf=0.0)
+        lam = torch.cholesky_solve((r * act)[:, :, None], chol)  # (B, R, 1)
+        step = torch.nan_to_num(w * (lam.transpose(1, 2) @ a)[:, 0], nan=0.0, posinf=0.0, neginf=0.0)
         moved = x - step
         pinned = (moved < lo) | (moved > hi)
-        x = torch.where(need[:, None], torch.minimum(torch.maximum(moved, lo), hi), x)
+        x = torch.where(need, torch.clamp(moved, lo, hi), x)
     return x
 
 
@@ -213,10 +221,11 @@ def repair_batch_t(
     """`domains.repair.repair_batch` with the cheap steps on `states`' device: balance for
     the whole batch; the least-norm stage only for the proposals outside a row after it
     (one host sync to pick them; skipped when there are none; then `check_every`: a sync
-    every 4th iteration to stop once none needs a move); `polish(x, met, rows, idx)` (optional,
-    e.g. the learned-cost line searches) applied on the device; one sync to bring the
-    result back; then the exact projection for the rare proposal still outside a row by
-    more than CHECK_TOL (`RepairResult.fallback`). Returns (numpy result, the device states)."""
+    every 4th iteration to stop once none needs a move); one sync for the met mask; the
+    exact projection (`Domain.project`, on the host) for the rare proposal still outside a
+    row by more than CHECK_TOL (`RepairResult.fallback`); then `polish(x, feasible, rows)`
+    (optional, e.g. the learned-cost line searches) on the device for the whole batch; one
+    sync to bring the result back. Returns (numpy result, the device states)."""
     dev, dt = states.device, torch.float64
     lo_np, hi_np = (np.asarray(b, dtype=float) for b in domain.state_bounds)
     if rows is None:  # (a caller that has them passes them: a host->device copy is a sync)
@@ -230,29 +239,28 @@ def repair_batch_t(
     bad = _outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
     idx = torch.nonzero(bad).flatten()  # sync 1: which proposals need the least-norm stage
     if len(idx):
-        xs = least_norm_t(x[idx], rows.a, rows.lo[idx], rows.hi[idx], rows.eq, lo, hi, iterations, check_every)
+        xs = least_norm_t(x[idx], rows.a, rows.lo[idx], rows.hi[idx], rows.eq, lo, hi, iterations, check_every, _ridge(rows.a_host, hi_np - lo_np))
         x = x.index_copy(0, idx, xs)
     met = ~_outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
-    if polish is not None:
-        x = polish(x, met, rows, None)
-    x_np, met_np, start_np = (v.cpu().numpy() for v in (x, met, start))  # sync 2
-    feasible = met_np.copy()
-    used = np.zeros(len(x_np), dtype=bool)
-    if fallback and not met_np.all():
+    feasible = met.cpu().numpy()  # sync 2
+    used = np.zeros(len(feasible), dtype=bool)
+    if fallback and not feasible.all():  # the exact projection for the rare rest, on the host
         c = np.atleast_2d(np.asarray(contexts, dtype=float))
-        x0_np = x0.cpu().numpy()
-        for i in np.flatnonzero(~met_np):
+        which = np.flatnonzero(~feasible)
+        pick = torch.as_tensor(which, device=dev)
+        x0_np, xi_np = x0[pick].cpu().numpy(), x[pick].cpu().numpy()
+        for k, i in enumerate(which):
             used[i] = True
             try:
-                x_np[i] = domain.project(c[i], x0_np[i] if np.all(np.isfinite(x0_np[i])) else x_np[i])
+                xi_np[k] = domain.project(c[i], x0_np[k] if np.all(np.isfinite(x0_np[k])) else xi_np[k])
                 feasible[i] = True
             except Infeasible:
-                feasible[i] = False
-        fixed = torch.as_tensor(np.flatnonzero(used), device=dev)
-        x = x.index_copy(0, fixed, torch.as_tensor(x_np[used], dtype=dt, device=dev))
-        if polish is not None:  # the projected few polished too (a small batch)
-            sub = Rows(rows.a, rows.lo[fixed], rows.hi[fixed], rows.eq, rows.eq_host, rows.a_host, rows.consts)
-            x_np[used] = polish(x[fixed], torch.as_tensor(feasible[used], device=dev), sub, fixed).cpu().numpy()
+                pass
+        x = x.index_copy(0, pick, torch.as_tensor(xi_np, dtype=dt, device=dev))
+        met = torch.as_tensor(feasible, device=dev)
+    if polish is not None:
+        x = polish(x, met, rows)
+    x_np, start_np = x.cpu().numpy(), start.cpu().numpy()  # sync 3
     half = np.maximum((hi_np - lo_np) / 2, 1e-9)
     return RepairResult(states=x_np, feasible=feasible, fallback=used, moved=(np.abs(x_np - start_np) / half).sum(-1)), x
 
@@ -266,40 +274,59 @@ def polish_directions(a: np.ndarray) -> list[np.ndarray]:
     return dirs + [v / max(np.abs(v).max(), 1e-12) for v in np.linalg.pinv(a).T]
 
 
+def _direction_constants(rows: Rows, dirs) -> list[tuple]:
+    """Per direction v, host-side: the rows of G = [A; I] that v moves (G v != 0), split by
+    sign, with 1 / (G v), and the moving variables with 1 / v (no host work per line search)."""
+    def make():
+        g = np.vstack([rows.a_host, np.eye(rows.a_host.shape[1])])
+        out = []
+        for v in dirs:
+            gv = g @ v
+            pos, neg = np.flatnonzero(gv > 1e-12 * np.abs(gv).max()), np.flatnonzero(gv < -1e-12 * np.abs(gv).max())
+            sel = np.concatenate([pos, neg])
+            mv = np.flatnonzero(v != 0)
+            out += [np.asarray(v, float), g[sel], 1.0 / gv[sel], pos, neg, mv, 1.0 / v[mv]]
+        return out
+    flat = rows.const("polish_directions", make)
+    return [tuple(flat[k : k + 7]) for k in range(0, len(flat), 7)]
+
+
 def polish_t(cost, weights, knots, rows: Rows, x, feasible, lo, hi, *, sweeps: int = 2, grid: int = 5, dirs=None):
     """`LearnedOptimiser.polish` for a batch on its device: `sweeps` rounds of exact line
     searches on the learned cost (`cost.device_energy` under `weights` (B, d, F)) along
-    each direction, the candidates being the feasible interval's ends, a grid over it and
-    the cost model's kinks (`knots` (d, K), physical units); only `feasible` proposals move,
-    and each stays inside every row and bound. No host sync."""
+    each direction, the candidates being the current point, the feasible interval's ends,
+    a grid over it and the cost model's kinks (`knots` (d, K), physical units); only
+    `feasible` proposals move, and each stays inside every row and bound. The feasible
+    interval of a line is cut by the rows of [A; I] that it moves, their signs and
+    reciprocals fixed per direction on the host, so a line search is ~40 kernels and no
+    host sync. Ties keep the current point (it is the first candidate; argmin takes the
+    first minimum)."""
     dirs = polish_directions(rows.a_host) if dirs is None else dirs
-    v_all = rows.const("polish_dirs", lambda: [np.asarray(v, dtype=float) for v in dirs])
-    mv_all = rows.const("polish_moving", lambda: [np.flatnonzero(v != 0) for v in dirs])
-    dev, dt = x.device, x.dtype
-    g = torch.linspace(0.0, 1.0, grid, dtype=dt, device=dev)
-    inf = float("inf")
+    consts = _direction_constants(rows, dirs)
+    n = len(x)
+    big_lo = torch.cat([rows.lo, lo.expand(n, -1)], 1)  # (B, R + d): bounds of G x
+    big_hi = torch.cat([rows.hi, hi.expand(n, -1)], 1)
+    g = torch.linspace(0.0, 1.0, grid, dtype=x.dtype, device=x.device)
+    zero = torch.zeros(n, 1, dtype=x.dtype, device=x.device)
+    per_dir = []
+    for v, g_sel, inv, pos, neg, mv, inv_v in consts:  # the interval ends' bounds, once per call
+        start = torch.cat([big_lo[:, pos], big_hi[:, neg]], 1)  # t >= (start - G x) / (G v)
+        end = torch.cat([big_hi[:, pos], big_lo[:, neg]], 1)  # t <= (end - G x) / (G v)
+        per_dir.append((v, g_sel, inv, start, end, mv, inv_v, knots[mv][None]))
     for _ in range(sweeps):
-        for v, mv in zip(v_all, mv_all):
-            av = rows.a @ v  # (R,)
-            ax = x @ rows.a.T  # (B, R)
-            r1, r2 = (rows.lo - ax) / av, (rows.hi - ax) / av
-            b1, b2 = (lo - x) / v, (hi - x) / v
-            t_lo = torch.maximum(torch.where(av > 0, r1, torch.where(av < 0, r2, -inf)).amax(1),
-                                 torch.where(v > 0, b1, torch.where(v < 0, b2, -inf)).amax(1))
-            t_hi = torch.minimum(torch.where(av > 0, r2, torch.where(av < 0, r1, inf)).amin(1),
-                                 torch.where(v > 0, b2, torch.where(v < 0, b1, inf)).amin(1))
+        for v, g_sel, inv, start, end, mv, inv_v, knots_mv in per_dir:
+            gx = x @ g_sel.T  # (B, k)
+            t_lo = ((start - gx) * inv).amax(1, keepdim=True)
+            t_hi = ((end - gx) * inv).amin(1, keepdim=True)
             span = t_hi - t_lo
             t_lo, t_hi = t_lo + 1e-6 * span, t_hi - 1e-6 * span
-            ok = feasible & torch.isfinite(span) & (t_lo <= 0) & (t_hi >= 0)
-            t_lo, t_hi = torch.where(ok, t_lo, 0.0), torch.where(ok, t_hi, 0.0)
-            kinks = ((knots[mv][None] - x[:, mv, None]) / v[mv][None, :, None]).flatten(1)
-            cand = torch.cat([t_lo[:, None] + g * (t_hi - t_lo)[:, None], kinks, torch.zeros_like(t_lo)[:, None]], 1)
-            cand = torch.minimum(torch.maximum(cand, t_lo[:, None]), t_hi[:, None])
-            trial = x[:, None, :] + cand[:, :, None] * v
-            energy = cost.device_energy(trial, weights)
-            energy[:, -1] -= 1e-12 * energy[:, -1].abs()  # ties keep the state where it is
+            ok = feasible[:, None] & (t_lo <= 0) & (t_hi >= 0) & torch.isfinite(span)
+            t_lo, t_hi = torch.where(ok, t_lo, zero), torch.where(ok, t_hi, zero)
+            kinks = ((knots_mv - x[:, mv, None]) * inv_v[:, None]).flatten(1)
+            cand = torch.cat([zero, t_lo + g * (t_hi - t_lo), kinks], 1).clamp(t_lo, t_hi)  # (B, K)
+            energy = cost.device_energy(x[:, None, :] + cand[:, :, None] * v, weights)
             best = torch.gather(cand, 1, energy.argmin(1, keepdim=True))
-            x = torch.where(ok[:, None], x + best * v, x)
+            x = x + best * v  # best is 0 where not ok (the interval [0, 0])
     return x
 
 
