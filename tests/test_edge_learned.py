@@ -6,14 +6,18 @@ decision breaks the deployment's envelope is reverted to the previous controller
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scf import domains
-from scf.consumers.edge.control import ControlError, load_policy
+from scf.bus import events as ev
+from scf.consumers.edge.control import STATUS_QUO, ControlError, ControlSettings, load_policy
 from scf.consumers.edge.learned import LearnedRuntime
+from scf.consumers.edge.store import Installed
 
 
 def _fossils(domain_name: str, n: int, directory: Path, seed: int = 3):
@@ -100,3 +104,116 @@ def test_the_loop_refuses_a_learned_model_of_another_domain(tmp_path):
     save_file(tensors, str(damaged), metadata=read_metadata(path))
     with pytest.raises(ControlError, match=r"states a learned optimiser but lacks \['cost.weights'\]: the file is damaged"):
         load_policy(damaged, domains.get("grid:case14"))
+
+
+# --------------------------------------------------------------------------- on the simulated site
+
+# 24 h of status-quo history, then the model for a day (the demo's site: seed 10, 9.7 °C mean)
+SETTINGS = ControlSettings(sim_hours=48, min_history_hours=24, report_hours=24)
+
+
+@pytest.fixture(scope="module")
+def site_models(tmp_path_factory):
+    """The demo's two learned optimisers (ops/demo_hvac.py): trained on 300 HVAC fossils and
+    on the first 100 of them (fewer than the cost model's 147 features), 30 steps, 64 x 2."""
+    from scf.domains.fossils import synth_shards
+    from scf.ml.optimize import OptimiserConfig, train_optimiser
+    from scf.ops import demo_hvac
+
+    root = tmp_path_factory.mktemp("site-models")
+    synth_shards(demo_hvac.HVAC, demo_hvac.FOSSILS, root / "all", shard_size=demo_hvac.FOSSILS, seed=demo_hvac.SEED)
+    (root / "few").mkdir()
+    lines = (root / "all" / "fossils-00000.ndjson").read_bytes().splitlines(keepends=True)
+    (root / "few" / "fossils-00000.ndjson").write_bytes(b"".join(lines[: demo_hvac.FEW]))
+    cfg = OptimiserConfig(steps=30, hidden=64, depth=2, eval_contexts=128)
+    return {label: train_optimiser(demo_hvac.HVAC, root / data, root / label, cfg) for label, data in (("better", "all"), ("worse", "few"))}
+
+
+def _installed(directory: Path, checkpoint_id: str, source: Path, version: int = 1, envelope: dict | None = None) -> Installed:
+    """A model file placed as the edge store places it, with a deployment envelope when given."""
+    from safetensors.numpy import load_file, save_file
+
+    from scf.consumers.edge.ternary import read_metadata
+
+    dirname = f"{checkpoint_id}-v{version}"
+    path = directory / "versions" / dirname / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = read_metadata(source)
+    if envelope is not None:
+        meta["scf.envelope"] = json.dumps(envelope)
+    save_file(load_file(str(source)), str(path), metadata=meta)
+    return Installed(checkpoint_id=checkpoint_id, domain="hvac:office3", version=version, uri="", sha256="", size=0,
+                     dirname=dirname, deployment_id=f"dep-{checkpoint_id}", plan_id="plan")
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(600)
+async def test_minted_saving_follows_the_deployed_model(bus, settings, tmp_path, site_models):
+    """The same site, the same weather, two learned optimisers: the better model's decisions
+    earn the larger saving (measured by Option D against the calibrated baseline, minted by
+    the ledger); its held-out decision quality was better too."""
+    from scf.consumers.ledger import LedgerSettings, read_transfers
+    from scf.domains import mv
+    from tests.conftest import wait_for
+    from tests.plant_support import control_run
+    from tests.test_deploy_helpers import Keys
+    from tests.test_ledger import consumer_done, publish_signed, running_ledger
+
+    better, worse = site_models["better"], site_models["worse"]
+    assert better.metrics["decision_savings_captured"] > worse.metrics["decision_savings_captured"]
+    assert better.metrics["cost_heldout_mae_rel"] < worse.metrics["cost_heldout_mae_rel"]
+    keys = Keys(settings)
+    runs = {}
+    for node, result in (("n-better", better), ("n-worse", worse)):
+        d = tmp_path / node
+        runs[node] = await control_run(d, {96: _installed(d, f"ck-{node}", result.checkpoint)}, SETTINGS, node=node)
+    for node, loop in runs.items():
+        assert not any(isinstance(e, ev.DeployRolledBack) for e in loop.events), node
+        assert {r.controller for r in loop.records[97:]} == {f"ck-{node}"}  # the model decided the whole day
+        [m] = [e for e in loop.events if isinstance(e, ev.EnergyMeasured)]
+        assert m.data.method == mv.METHOD and m.data.calibration.cv_rmse < 0.3 and m.data.uncertainty_kwh > 0
+    # the same weather: the two baselines (the calibrated thermostat over the measured disturbances) agree
+    assert runs["n-better"].measured[0].baseline_kwh == pytest.approx(runs["n-worse"].measured[0].baseline_kwh, rel=1e-6)
+    async with running_ledger(bus, keys, LedgerSettings(rate=1.0, require_calibration=True)):
+        for node, loop in runs.items():
+            for e in loop.events:
+                if isinstance(e, ev.EnergyMeasured):
+                    await publish_signed(bus, e, keys.node(node))
+        await wait_for(lambda: consumer_done(bus), 60, "the ledger to drain")
+    minted: dict[str, float] = {}
+    for entry in await read_transfers(bus):
+        minted[entry.transfer.node] = minted.get(entry.transfer.node, 0.0) + entry.transfer.kwh
+    assert minted["n-better"] > minted["n-worse"] > 0
+    # the difference is beyond the stated uncertainty of either saving
+    u = max(runs[n].measured[0].uncertainty_kwh for n in runs)
+    assert minted["n-better"] - minted["n-worse"] > u
+    for node, loop in runs.items():
+        assert minted[node] == pytest.approx(sum(m.baseline_kwh - m.actual_kwh for m in loop.measured))
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(600)
+async def test_a_learned_model_breaking_its_envelope_reverts_to_the_previous_model(tmp_path, site_models):
+    """v1 a day-ahead decision; v2 the better learned optimiser, deployed with an envelope of
+    2 kW a zone: its first decision on a cold morning asks for more, so the loop reverts to
+    v1 before writing it, reports why, and never runs v2 again on this node."""
+    from scf.consumers.edge.control import ControlLoop
+    from scf.consumers.edge.plant import SimPlant
+    from tests.plant_support import control_run, installed
+
+    v1 = installed(tmp_path, "ck-1", "good", 1)
+    v2 = _installed(tmp_path, "ck-learned", site_models["better"].checkpoint, 2, envelope={"u_max_kw": [2.0, 2.0, 2.0]})
+    prev = {"ck-learned": v1, "ck-1": None}
+    # seq 128 is 08:00 of the second day: people arrive, the zones need heat
+    loop = await control_run(tmp_path, {96: v1, 128: v2}, SETTINGS, previous=lambda item: prev[item.checkpoint_id])
+    [revert] = [e for e in loop.events if isinstance(e, ev.DeployRolledBack)]
+    assert revert.data.from_checkpoint_id == "ck-learned" and revert.data.to_checkpoint_id == "ck-1"
+    assert re.fullmatch(r"envelope breach: u\[\w+\] (\d+\.\d\d) kW above the envelope's 2\.00 kW", revert.data.reason), revert.data.reason
+    assert revert.data.deployment_id == "dep-ck-learned"
+    ran = [r.controller for r in loop.records]
+    assert "ck-learned" not in ran and ran[-1] == "ck-1"
+    assert set(json.loads((tmp_path / "control" / "breached.json").read_text())) == {"ck-learned"}
+    again = ControlLoop(SimPlant(SETTINGS.site()), "n1", tmp_path, SETTINGS, current=lambda: v2, previous=lambda item: prev[item.checkpoint_id])
+    again._setup(await again.plant.telemetry(-1))
+    assert again._controller_for(v2).name == "ck-1"
+    assert STATUS_QUO not in ran[97:]
