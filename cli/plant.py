@@ -32,6 +32,8 @@ def run_plant(
     trust: List[str] = typer.Option([], help="a node's .pub file (or a trusted.json) whose signed setpoints this plant accepts; "
                                     "repeatable; given: unsigned, forged, stale or replayed setpoints are refused"),
     window_s: float = typer.Option(60.0, help="with --trust: a setpoint issued longer ago than this is refused"),
+    key: Optional[str] = typer.Option(None, help="the plant's signing key (a .key file from `scf keys new`): the telemetry is signed with it; "
+                                      "edges that list its .pub in [edge] plant_keys refuse telemetry not signed by it"),
     outages: str = typer.Option("", help="grid: units out of service, UNIT=FROM_HOUR+HOURS,... (e.g. Pg3@bus22=30+4)"),
     fuel_price: float = typer.Option(1.0, help="grid: the site's fuel price, USD per MWh of fuel"),
 ) -> None:
@@ -66,6 +68,14 @@ def run_plant(
             options = SiteOptions(domain=domain, seed=seed, hours=hours, step_minutes=step_minutes, start=t0,
                                   factors=parse_factors(factors if factors is not None else "envelope_ua=1.2,internal_gains=0.85,efficiency=0.9"))
         verifier = Verifier(load_trust(trust), window_s=window_s) if trust else None
+        signer = None
+        if key is not None:
+            from pathlib import Path
+
+            from scf.bus.signing import SigningKey
+            from scf.consumers.edge.plant_auth import Signer
+
+            signer = Signer(SigningKey.load(Path(key)))
 
         async def main() -> int:
             stop = asyncio.Event()
@@ -73,7 +83,7 @@ def run_plant(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             return await serve_mqtt(options, host, port, site, stop, username=username, password=os.environ.get("SCF_MQTT_PASSWORD"), tls=tls,
-                                    period_s=period_s, verifier=verifier)
+                                    period_s=period_s, verifier=verifier, signer=signer)
 
         steps = asyncio.run(main())
     except SCFError as exc:

@@ -1,7 +1,8 @@
 """Signed setpoints on MQTT (docs/plants.md, "Authenticity"): a real `scf run plant --trust
 n1.pub` process behind a real Mosquitto broker applies only setpoints signed by the edge
 node's key, fresh and never seen before; a forged, tampered, unsigned, stale or replayed
-setpoint is refused in one log line and changes nothing on the plant."""
+setpoint is refused in one log line and changes nothing on the plant. The plant may sign its
+telemetry too (`--key`): an edge that lists the plant's key refuses telemetry not signed by it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from scf.bus.errors import SignatureError
 from scf.bus.signing import SigningKey, TrustList
-from scf.consumers.edge.plant import Setpoint, open_plant, topics
+from scf.consumers.edge.plant import MqttPlant, Setpoint, open_plant, topics
 from scf.consumers.edge.plant_auth import SEALED, Sealed, Signer, Verifier
 from tests.conftest import spawn, wait_for
 from tests.plant_support import Mosquitto
@@ -54,8 +55,8 @@ class Attacker:
         self.client.loop_start()
         assert ready.wait(10)
 
-    def publish(self, payload: bytes) -> None:
-        self.client.publish(self.topic, payload, qos=1).wait_for_publish(10)
+    def publish(self, payload: bytes, topic: str | None = None) -> None:
+        self.client.publish(topic or self.topic, payload, qos=1).wait_for_publish(10)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -104,7 +105,7 @@ async def test_lock_step_plant_applies_only_the_nodes_signed_setpoints(tmp_path)
         await wait_for(lambda: len(_refusals(log)) == 2, 30, "the plant to refuse both")
         forged, unsigned = _refusals(log)
         assert forged.endswith("setpoint refused: unknown signing key " + forger.kid + ": add it to the trust list with `scf keys trust`")
-        assert "setpoint refused: unsigned setpoint: this plant accepts only setpoints signed by a trusted edge node key" in unsigned
+        assert "setpoint refused: unsigned setpoint: only setpoints signed by a trusted key are accepted here" in unsigned
         await edge.write(Setpoint(seq=0, u_kw=[3.0, 3.0, 3.0]))  # the node's own, signed
         nxt = await edge.telemetry(0)
         assert nxt.seq == 1 and nxt.u_kw == [2.0, 1.0, 1.5]  # heating within the ramp: the forged cooling was never applied
@@ -147,7 +148,7 @@ async def test_free_running_plant_refuses_replayed_tampered_and_stale_setpoints(
         replayed, altered, old, forged = _refusals(log)
         assert "setpoint refused: replayed setpoint from n1: ctr " in replayed
         assert "setpoint refused: bad signature from key " + node.kid + ": the message was altered or signed with another key" in altered
-        assert "setpoint refused: stale setpoint from n1: issued 60" in old and "s ago, beyond the plant's 60 s window (replayed?)" in old
+        assert "setpoint refused: stale setpoint from n1: issued 60" in old and "s ago, beyond the 60 s window (replayed?)" in old
         assert "setpoint refused: unknown signing key " + forger.kid in forged
         # the plant kept holding 'off' through all of them (each would have turned it on)
         after = await edge.telemetry(tel.seq)
@@ -157,6 +158,43 @@ async def test_free_running_plant_refuses_replayed_tampered_and_stale_setpoints(
         await _until(edge, later.seq, lambda t: t.u_kw == on, "the plant to apply the node's next setpoint")
     finally:
         await edge.close()
+        attacker.close()
+        stop(proc)
+        broker.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(180)
+async def test_edge_refuses_telemetry_not_signed_by_the_plant(tmp_path):
+    """Telemetry is what M&V measures: with the plant's key listed, a forged or unsigned
+    reading (here one claiming 999 kWh for the step) is refused, the genuine one used."""
+    broker = Mosquitto(tmp_path / "mqtt")
+    site_key, forger = SigningKey.generate("site-1"), SigningKey.generate("site-1")
+    site_key.save(tmp_path / "keys")
+    proc = spawn([sys.executable, "-m", "scf.cli.main", "run", "plant", "--mqtt", broker.address, "--site", "s1", "--hours", "1",
+                  "--key", str(tmp_path / "keys" / "site-1.key")], _env(tmp_path), tmp_path / "plant.log")
+    attacker = Attacker(broker, "s1")
+    edge = await open_plant(f"mqtt://{broker.address}/s1", plant_keys=[str(tmp_path / "keys" / "site-1.pub")])
+    # an edge that lists no plant key reads signed telemetry as before (its own client id: MQTT
+    # allows one connection per id, a second takes the first one's session over)
+    plain = await MqttPlant("127.0.0.1", broker.port, "s1", client_id="plain-edge").connect()
+    try:
+        tel = await edge.telemetry(-1)
+        assert tel.seq == 0 and (await plain.telemetry(-1)).seq == 0
+        fake = msgspec.structs.replace(tel, seq=1, energy_kwh=999.0)
+        telemetry_topic = topics("s1")["telemetry"]
+        attacker.publish(Signer(forger).seal(telemetry_topic, fake), telemetry_topic)
+        attacker.publish(msgspec.json.encode(fake), telemetry_topic)
+        await wait_for(lambda: len(edge.refused) >= 2, 30, "the edge to refuse both readings")
+        assert len(edge.refused) == 2, edge.refused
+        assert edge.refused[0].startswith("unknown signing key " + forger.kid), edge.refused
+        assert edge.refused[1].startswith("unsigned telemetry: only telemetry signed by a trusted key is accepted here"), edge.refused
+        await edge.write(Setpoint(seq=0, u_kw=[3.0, 3.0, 3.0]))
+        nxt = await edge.telemetry(0)
+        assert nxt.seq == 1 and nxt.energy_kwh != 999.0 and nxt.u_kw == [2.0, 1.0, 1.5]  # the plant's own reading
+    finally:
+        await edge.close()
+        await plain.close()
         attacker.close()
         stop(proc)
         broker.stop()
@@ -172,19 +210,24 @@ def test_verifier_rules_without_a_broker():
     v = Verifier(trust, window_s=60, skew_s=5)
     signer = Signer(node)
     sp = Setpoint(seq=3, u_kw=[1.0, 2.0, 3.0], controller="ck")
+    older = signer.seal("scf/plant/s1/setpoint", sp)
     a = signer.seal("scf/plant/s1/setpoint", sp)
     body = v.open("scf/plant/s1/setpoint", a)
     assert msgspec.json.decode(body, type=Setpoint) == sp
     with pytest.raises(SignatureError, match="replayed setpoint from n1"):
-        v.open("scf/plant/s1/setpoint", a)
+        v.open("scf/plant/s1/setpoint", older)
     with pytest.raises(SignatureError, match="bad signature"):  # another site's topic: the signature binds it
         Verifier(trust).open("scf/plant/s2/setpoint", signer.seal("scf/plant/s1/setpoint", sp))
     with pytest.raises(SignatureError, match="lacks the 'node' role"):
         v.open("scf/plant/s1/setpoint", Signer(other).seal("scf/plant/s1/setpoint", sp))
     future = signer.seal("scf/plant/s1/setpoint", sp, now=dt.datetime.now(UTC) + dt.timedelta(minutes=2))
-    with pytest.raises(SignatureError, match="in the future: check the edge node's clock"):
+    with pytest.raises(SignatureError, match="in the future: check the sender's clock"):
         v.open("scf/plant/s1/setpoint", future)
     with pytest.raises(SignatureError, match="malformed signed setpoint"):
         v.open("scf/plant/s1/setpoint", b'{"kid": 1}')
+    from scf.consumers.edge.plant_auth import Duplicate
+
+    with pytest.raises(Duplicate):  # the last accepted, delivered again (QoS 1): ignored quietly, not a replay
+        v.open("scf/plant/s1/setpoint", a)
     b = signer.seal("scf/plant/s1/setpoint", sp)
     assert msgspec.json.decode(v.open("scf/plant/s1/setpoint", b))["ctr"] > msgspec.json.decode(body)["ctr"]  # counters only rise

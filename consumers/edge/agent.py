@@ -71,6 +71,8 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     plant: str = ""
     control: ControlSettings = ControlSettings()
     grid: GridSettings = GridSettings()  # `[edge.grid]`: a grid plant's envelope, meter and simulated site (docs/plants.md)
+    # .pub files of the plant's keys: telemetry not signed by one of them is refused (docs/plants.md, Authenticity)
+    plant_keys: list[str] = []
 
 
 def _now() -> dt.datetime:
@@ -190,9 +192,9 @@ class EdgeAgent:
             try:
                 if grid:  # setpoints signed with the node's key (docs/plants.md, Authenticity)
                     plant = await open_plant(spec, GridSiteOptions.from_settings(self.settings.grid, control.domain), key=self.bus.key,
-                                             decoder=GRID_TELEMETRY)
+                                             decoder=GRID_TELEMETRY, plant_keys=self.settings.plant_keys)
                 else:
-                    plant = await open_plant(spec, control.site(), key=self.bus.key, decoder=TELEMETRY)
+                    plant = await open_plant(spec, control.site(), key=self.bus.key, decoder=TELEMETRY, plant_keys=self.settings.plant_keys)
             except PlantError as exc:
                 log.warning("%s: %s (retrying in 5 s)", self.node, exc)
                 try:

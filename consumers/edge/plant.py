@@ -257,9 +257,11 @@ class MqttPlant:
 
     def __init__(self, host: str, port: int, site: str, *, client_id: str = "", timeout_s: float = 60.0,
                  username: str | None = None, password: str | None = None, tls: bool = False,
-                 decoder: msgspec.json.Decoder = TELEMETRY, signer=None) -> None:
+                 decoder: msgspec.json.Decoder = TELEMETRY, signer=None, telemetry_verifier=None) -> None:
         self.host, self.port, self.site = host, port, site
         self.decoder, self.signer = decoder, signer  # signer: plant_auth.Signer (setpoints signed by the node key) or None
+        self.verifier = telemetry_verifier  # plant_auth.Verifier: telemetry must be signed by the plant's key, else refused
+        self.refused: list[str] = []  # why telemetry was refused, newest last
         self.topics = topics(site)
         self.timeout_s = timeout_s
         self.zones: tuple[str, ...] = ()
@@ -286,8 +288,19 @@ class MqttPlant:
         if msg.topic == self.topics["status"]:
             self._loop.call_soon_threadsafe(self._set_status, msg.payload.decode("utf-8", "replace"))
             return
+        from scf.bus.errors import SignatureError
+        from scf.consumers.edge.plant_auth import Duplicate, unsealed
+
         try:
-            tel = self.decoder.decode(msg.payload)
+            body = self.verifier.open(msg.topic, msg.payload) if self.verifier is not None else unsealed(msg.payload)
+        except Duplicate:
+            return
+        except SignatureError as exc:
+            self.refused.append(str(exc))
+            log.error("plant %s: telemetry refused: %s", self.site, exc)
+            return
+        try:
+            tel = self.decoder.decode(body)
         except msgspec.DecodeError as exc:
             log.error("plant %s: telemetry payload refused (%s): fix the bridge's JSON (docs/plants.md)", self.site, exc)
             return
@@ -345,11 +358,12 @@ class MqttPlant:
         self.client.disconnect()
 
 
-async def open_plant(spec: str, options=None, *, key=None, decoder: msgspec.json.Decoder = TELEMETRY) -> Plant:
+async def open_plant(spec: str, options=None, *, key=None, decoder: msgspec.json.Decoder = TELEMETRY, plant_keys=()) -> Plant:
     """`sim` (the simulator in process, `options`: a `SiteOptions` or a grid plant's
     `GridSiteOptions`) or `mqtt[s]://[USER[:PASSWORD]@]HOST:PORT/SITE` (the password may
     come from $SCF_MQTT_PASSWORD instead of the URL; `key`, the node's signing key, signs
-    the setpoints; `decoder` reads the telemetry)."""
+    the setpoints; `decoder` reads the telemetry; `plant_keys`, .pub files of the plant's
+    keys: telemetry must be signed by one of them)."""
     import os
 
     if spec == "sim":
@@ -361,10 +375,16 @@ async def open_plant(spec: str, options=None, *, key=None, decoder: msgspec.json
     u = urlparse(spec)
     if u.scheme in ("mqtt", "mqtts") and u.hostname and u.port and u.path.strip("/"):
         password = u.password if u.password is not None else os.environ.get("SCF_MQTT_PASSWORD")
-        from scf.consumers.edge.plant_auth import Signer
+        from scf.consumers.edge.plant_auth import Signer, Verifier, load_trust
 
+        # telemetry: no age limit (a lock-step plant's retained telemetry waits for the edge), the counter only rises
+        try:
+            verifier = Verifier(load_trust(list(plant_keys)), window_s=float("inf"), role=None) if plant_keys else None
+        except SCFError as exc:
+            raise PlantError(f"[edge] plant_keys: {exc}") from None
         return await MqttPlant(u.hostname, u.port, u.path.strip("/"), username=u.username, password=password,
-                               tls=u.scheme == "mqtts", decoder=decoder, signer=Signer(key) if key is not None else None).connect()
+                               tls=u.scheme == "mqtts", decoder=decoder, signer=Signer(key) if key is not None else None,
+                               telemetry_verifier=verifier).connect()
     raise PlantError(f"plant {spec!r}: use 'sim' or 'mqtt://[USER@]HOST:PORT/SITE' (mqtts:// for TLS)")
 
 
@@ -382,7 +402,10 @@ async def _free_running(sim, inbox: asyncio.Queue, stop: asyncio.Event, period_s
             pass
         while not inbox.empty():
             try:
-                values = sim.values(read(inbox.get_nowait()))
+                sp = read(inbox.get_nowait())
+                if sp is None:
+                    continue
+                values = sim.values(sp)
                 if len(values) != len(sim.zones) or not all(np.isfinite(values)):
                     raise PlantError(f"setpoint needs {len(sim.zones)} finite numbers, got {values!r}")
                 u = list(values)
@@ -403,16 +426,17 @@ def make_site(options):
 
 async def serve_mqtt(options, host: str, port: int, site: str, stop: asyncio.Event | None = None, *,
                      username: str | None = None, password: str | None = None, tls: bool = False, period_s: float = 0.0,
-                     verifier=None) -> int:
+                     verifier=None, signer=None) -> int:
     """Run the simulated site (`SiteOptions`: HVAC; `GridSiteOptions`: a grid) as an MQTT
     plant until its horizon ends (or `stop`); returns the number of steps taken. Lock-step
     (a step per setpoint answering the latest seq; a malformed or stale setpoint is logged
     and ignored), or with `period_s` > 0 free-running (a step every `period_s` wall seconds
     holding the latest setpoint). With `verifier` (plant_auth.Verifier) only setpoints
     signed by a trusted node key, fresh and not replayed, are applied; the rest are logged
-    (`setpoint refused: ...`) and ignored."""
+    (`setpoint refused: ...`) and ignored. With `signer` (plant_auth.Signer, the plant's
+    key) the telemetry is signed."""
     from scf.bus.errors import SignatureError
-    from scf.consumers.edge.plant_auth import unsealed
+    from scf.consumers.edge.plant_auth import Duplicate, unsealed
 
     sim = make_site(options)
     t = topics(site)
@@ -437,10 +461,12 @@ async def serve_mqtt(options, host: str, port: int, site: str, stop: asyncio.Eve
     client.on_message = lambda c, u, msg: loop.call_soon_threadsafe(inbox.put_nowait, msg.payload)
 
     def read(payload: bytes):
-        """The setpoint in `payload`: its signature checked first when this plant verifies."""
+        """The setpoint in `payload` (None: a duplicate delivery): its signature checked first when this plant verifies."""
         if verifier is not None:
             try:
                 body = verifier.open(t["setpoint"], payload)
+            except Duplicate:
+                return None  # the last setpoint delivered again (QoS 1): already applied
             except SignatureError as exc:
                 raise PlantError(str(exc)) from None
         else:
@@ -460,7 +486,8 @@ async def serve_mqtt(options, host: str, port: int, site: str, stop: asyncio.Eve
             raise PlantError(f"MQTT broker {host}:{port} refused the plant's connection ({refused[0]}): check --username and SCF_MQTT_PASSWORD")
 
         def publish(tel: Telemetry) -> None:
-            client.publish(t["telemetry"], msgspec.json.encode(tel), qos=1, retain=True)
+            payload = signer.seal(t["telemetry"], tel) if signer is not None else msgspec.json.encode(tel)
+            client.publish(t["telemetry"], payload, qos=1, retain=True)
 
         client.publish(t["status"], b"online", qos=1, retain=True)
         publish(sim.last)
@@ -479,6 +506,8 @@ async def serve_mqtt(options, host: str, port: int, site: str, stop: asyncio.Eve
                 break
             try:
                 sp = read(get.result())
+                if sp is None:
+                    continue
                 if sp.seq != sim.seq:
                     log.info("plant %s: setpoint for seq %d ignored (the plant is at %d)", site, sp.seq, sim.seq)
                     continue

@@ -31,6 +31,11 @@ from scf.bus.signing import SigningKey, TrustList, command_message
 UTC = dt.timezone.utc
 
 
+class Duplicate(SignatureError):
+    """The last accepted message delivered again (MQTT QoS 1 is at least once; a retained
+    message can arrive live and again on subscription): nothing new, ignore it."""
+
+
 class Sealed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kid: str
     sig: str
@@ -68,35 +73,40 @@ class Signer:
 
 class Verifier:
     """The plant side: `open(topic, payload)` returns the verified body (bytes) or raises
-    `SignatureError` with one line saying why the setpoint is refused."""
+    `SignatureError` with one line saying why the setpoint is refused. (The edge verifies a
+    plant's signed telemetry with the same class: `role=None`, no age limit.)"""
 
     def __init__(self, trust: TrustList, *, window_s: float = 60.0, skew_s: float = 5.0, role: str | None = "node") -> None:
         self.trust, self.window_s, self.skew_s, self.role = trust, window_s, skew_s, role
         self.last: dict[str, int] = {}
+        self._last_body: dict[str, bytes] = {}
 
     def open(self, topic: str, payload: bytes, now: dt.datetime | None = None) -> bytes:
+        what, only = ("telemetry", "only telemetry signed by a trusted key is") if topic.endswith("/telemetry") else \
+            ("setpoint", "only setpoints signed by a trusted key are")
         if not is_sealed(payload):
-            raise SignatureError("unsigned setpoint: this plant accepts only setpoints signed by a trusted edge node key "
-                                 "(docs/plants.md, Authenticity)")
+            raise SignatureError(f"unsigned {what}: {only} accepted here (docs/plants.md, Authenticity)")
         try:
             sealed = SEALED.decode(payload)
         except msgspec.DecodeError as exc:
-            raise SignatureError(f"malformed signed setpoint ({exc}): send {{\"kid\", \"sig\", \"body\"}}") from None
+            raise SignatureError(f"malformed signed {what} ({exc}): send {{\"kid\", \"sig\", \"body\"}}") from None
         body = sealed.body.encode()
         signer = self.trust.verify(command_message(topic, body), sealed.sig, sealed.kid, self.role)  # before the body is parsed
         try:
             fresh = FRESH.decode(body)
         except msgspec.DecodeError as exc:
-            raise SignatureError(f"signed setpoint from {signer} lacks its ctr or issued_at ({exc})") from None
+            raise SignatureError(f"signed {what} from {signer} lacks its ctr or issued_at ({exc})") from None
         issued = fresh.issued_at if fresh.issued_at.tzinfo else fresh.issued_at.replace(tzinfo=UTC)
         age = ((now or dt.datetime.now(UTC)) - issued).total_seconds()
         if age > self.window_s:
-            raise SignatureError(f"stale setpoint from {signer}: issued {age:.0f} s ago, beyond the plant's {self.window_s:g} s window (replayed?)")
+            raise SignatureError(f"stale {what} from {signer}: issued {age:.0f} s ago, beyond the {self.window_s:g} s window (replayed?)")
         if age < -self.skew_s:
-            raise SignatureError(f"setpoint from {signer} issued {-age:.0f} s in the future: check the edge node's clock")
+            raise SignatureError(f"{what} from {signer} issued {-age:.0f} s in the future: check the sender's clock")
+        if fresh.ctr == self.last.get(sealed.kid) and body == self._last_body.get(sealed.kid):
+            raise Duplicate(f"{what} ctr {fresh.ctr} from {signer} delivered again")
         if fresh.ctr <= self.last.get(sealed.kid, 0):
-            raise SignatureError(f"replayed setpoint from {signer}: ctr {fresh.ctr} is not above the last accepted {self.last[sealed.kid]}")
-        self.last[sealed.kid] = fresh.ctr
+            raise SignatureError(f"replayed {what} from {signer}: ctr {fresh.ctr} is not above the last accepted {self.last[sealed.kid]}")
+        self.last[sealed.kid], self._last_body[sealed.kid] = fresh.ctr, body
         return body
 
 
