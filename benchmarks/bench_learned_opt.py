@@ -117,8 +117,20 @@ def measure(d, model, train, test, batch: int, seed: int, device: str = "cpu") -
     x, c, _ = test
     tx, tc, te = train
     _, opt = optimum_costs(d, c)
-    raw, fixed = model.decide(d, c)
+    model.repair_backend = "numpy"  # the path before, judged the same way
+    _, fixed_np = model.decide(d, c)
+    torch_error = ""
+    try:
+        model.repair_backend = "torch"
+        raw, fixed = model.decide(d, c)
+    except Exception as e:  # noqa: BLE001 — a failure of the new path on this device is reported, the rest still measured
+        torch_error = f"{type(e).__name__}: {e}"
+        print(f"torch repair failed on {device}: {torch_error}", file=sys.stderr, flush=True)
+        model.repair_backend = "numpy"
+        raw, fixed = model.decide(d, c)
+    model.repair_backend = "auto"
     learned = decision_quality(d, c, fixed.states, status_quo=x, optimum=opt)
+    learned_np = decision_quality(d, c, fixed_np.states, status_quo=x, optimum=opt).metrics()
     raw_feasible = float(np.mean([not d.violations(ci, xi) for ci, xi in zip(c, raw)]))
     baseline = decision_quality(d, c, best_in_data(d, tc, tx, te, c), status_quo=x, optimum=opt)
 
@@ -154,15 +166,17 @@ def measure(d, model, train, test, batch: int, seed: int, device: str = "cpu") -
     # the torch repair and polish on the model's device (ml/repair_torch.py), then the numpy
     # repair of domains/repair.py with the same model ("before"); the timed batch's decisions
     # checked by the domain's own `violations` (outside the timing)
-    best_learned, out = timed(model, "torch")
+    best_learned, out = timed(model, "numpy" if torch_error else "torch")
     best_numpy, out_numpy = timed(model, "numpy")
-    extra = {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+    extra = {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu", "torch_error": torch_error,
+             "numpy_feasible": learned_np["feasible"], "numpy_gap_median": learned_np["gap_median"], "numpy_gap_p95": learned_np["gap_p95"],
+             "numpy_repair_fallback": fixed_np.fallback_rate,
              "numpy_repair_ms_per_instance": 1e3 * best_numpy, "numpy_repair_speedup": highs_s / best_numpy,
              "batch_fallback": int(out.fallback.sum()), "numpy_batch_fallback": int(out_numpy.fallback.sum()),
              "batch_checked_feasible": float(np.mean([not d.violations(ci, xi) for ci, xi in zip(ctx, out.states)]))}
     if device != "cpu":
         model.to("cpu")
-        cpu_s, _ = timed(model, "torch")
+        cpu_s, _ = timed(model, "numpy" if torch_error else "torch")
         cpu_np, _ = timed(model, "numpy")
         model.to(device)
         extra.update(cpu_learned_ms_per_instance=1e3 * cpu_s, cpu_speedup=highs_s / cpu_s,
