@@ -10,13 +10,17 @@ Both runs train the same model (config, seed, step count) with `ml.train.fit`, b
 Warm-up first (the optimiser's one-off imports, the cache built). Prints samples/s of both
 and their ratio (issue 16, goal 5: ≥ 10×), with the machine's load average: CPU timings on a
 shared machine are noisy, the ratio in one run less so.
+Then the score's two ways on the "after" setup (`score_impl`): autograd's double backward
+against the analytic score (the default), `--rounds` runs each, alternated, medians compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +59,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="alternated runs of each score implementation")
     args = p.parse_args()
     config = EBDMConfig(domain=args.domain, steps=args.steps, hidden=args.hidden, depth=args.depth, batch_size=args.batch, log_every=args.steps)
     with tempfile.TemporaryDirectory(prefix="bench-train-cpu-") as tmp:
@@ -65,11 +70,19 @@ def main() -> None:
         run(warm, shards, cpu_threads(warm), True)
         before = run(config, shards, None, False)
         after = run(config, shards, cpu_threads(config), True)
+        impls: dict[str, list[float]] = {"autograd": [], "analytic": []}
+        for _ in range(args.rounds):
+            for impl, rates in impls.items():
+                cfg = dataclasses.replace(config, score_impl=impl)
+                rates.append(run(cfg, shards, cpu_threads(cfg), True))
+        autograd, analytic = (statistics.median(impls[k]) for k in ("autograd", "analytic"))
     print(json.dumps({
         "bench": "train_cpu", "domain": args.domain, "fossils": args.fossils, "steps": args.steps, "hidden": args.hidden,
         "depth": args.depth, "batch": args.batch, "cores": os.cpu_count(), "default_threads": torch.get_num_threads(),
         "threads_after": cpu_threads(config) or torch.get_num_threads(),
         "before_samples_per_s": round(before, 1), "after_samples_per_s": round(after, 1), "ratio": round(after / before, 2),
+        "score_autograd_samples_per_s": round(autograd, 1), "score_analytic_samples_per_s": round(analytic, 1),
+        "analytic_over_autograd": round(analytic / autograd, 2), "rounds": args.rounds,
         "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
     }))
 

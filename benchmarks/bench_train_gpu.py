@@ -1,27 +1,39 @@
-"""EBDM training on a GPU: the step (CUDA graph vs eager), its FLOP utilisation, and the
-fossil loader feeding it (vs in-device data). Issue 16, goals 1 and 2.
+"""EBDM training on a GPU: the step (autograd double backward vs the analytic score, eager,
+CUDA graph, torch.compile), its FLOP utilisation, and the fossil loader feeding it (vs
+in-device data). Issue 16, goals 1 and 2.
 
     python benchmarks/bench_train_gpu.py                    # CUDA; a tiny CPU smoke run otherwise
     python benchmarks/bench_train_gpu.py --fossils 200000 --steps 300 --workers 0,4
+    python benchmarks/bench_train_gpu.py --configs production,default --variants graph,analytic,compiled --workers ""
 
-One JSON line per measurement, then a summary line. Measured in one run:
+One JSON line per measurement, then a summary line (and all of them into `--json`). Measured in one run:
   peak      — bf16 8192³ matrix products (TFLOP/s): the ceiling model FLOPs utilisation is read against;
   step      — per config, in-device data (batches drawn by random index from device tensors):
-              samples/s with the step eager (the old path) and replayed as a CUDA graph
-              (`ml.train.TrainStep`), FLOPs per step counted with FlopCounterMode (forward,
-              the score's double backward, the parameter backward), MFU = FLOPs / step time / peak;
-  loader    — batch 8192: `FossilLoader` over case118 shards on disk (columnar cache, pinned
+              samples/s of each step variant (`--variants`):
+                eager     the score by autograd's double backward, eager (the old path);
+                graph     the same captured as a CUDA graph (`ml.train.TrainStep`);
+                analytic  the analytic score (`EBDM.analytic_score`, a first-order loss), CUDA graph;
+                compiled  analytic + torch.compile of the loss (mode "default"), CUDA graph;
+                compiled-max  the same with mode "max-autotune-no-cudagraphs" (slow to compile);
+                compiled-ro   mode "reduce-overhead" (torch's own CUDA graphs, ours off);
+              model FLOPs per step counted with FlopCounterMode on the autograd path (forward, the
+              score's double backward, the parameter backward; the analytic path's count printed
+              beside it), MFU = FLOPs / step time / peak; the wall time of each run (compile included);
+  loader    — batch ≥ 8192: `FossilLoader` over case118 shards on disk (columnar cache, pinned
               memory, side-stream prefetch in `ml.train.device_batches`), DataLoader workers
-              as given, graph step; ratio against the in-device graph step of the same config.
+              as given (`--workers ""`: none), graph step; ratio against the in-device graph step.
 Goals: loader/in-device ≥ 0.95 at batch 8192; graph/eager ≥ 5× at the default config;
 MFU ≥ 25 % at the production config. Rates are the median over windows of `--window`
-steps after the first window (capture, warm-up).
+steps after the first window (capture, compile, warm-up). `--budget-s`: variants that would
+start after this many seconds are skipped (and say so), so the run fits a device lease.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import resource
 import statistics
 import sys
@@ -45,12 +57,17 @@ CONFIGS = {  # name: (hidden, depth, batch)
     "bench": (512, 4, 8192),  # the loader benchmark's model (issue 7)
     "production": (1024, 6, 8192),
     "production-wide": (2048, 6, 16384),
+    "wide-8192": (2048, 6, 8192),
 }
-
-
-def emit(row: dict) -> dict:
-    print(json.dumps(row), flush=True)
-    return row
+VARIANTS = {  # name: (score_impl, compile mode, CUDA graph)
+    "eager": ("autograd", "off", False),
+    "graph": ("autograd", "off", True),
+    "analytic-eager": ("analytic", "off", False),
+    "analytic": ("analytic", "off", True),
+    "compiled": ("analytic", "default", True),
+    "compiled-max": ("analytic", "max-autotune-no-cudagraphs", True),
+    "compiled-ro": ("analytic", "reduce-overhead", False),
+}
 
 
 def bf16_peak(device: torch.device, n: int = 8192) -> float:
@@ -68,11 +85,11 @@ def bf16_peak(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def step_flops(config: EBDMConfig, x, c, penalty, device) -> int:
+def step_flops(config: EBDMConfig, x, c, penalty, device, score_impl: str = "autograd") -> int:
     """FLOPs of one training step's loss and backward (the optimiser's elementwise work left out)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = EBDM(config).to(device).train()
+    model = EBDM(dataclasses.replace(config, score_impl=score_impl)).to(device).train()
     counter = FlopCounterMode(display=False)
     with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss, _ = model.loss(x[: config.batch_size], c[: config.batch_size], penalty)
@@ -85,10 +102,13 @@ def rate(config: EBDMConfig, batches, device, penalty, graph: bool, window: int)
     rates: list[float] = []
     cfg = EBDMConfig(**{**config.__dict__, "log_every": window})
     torch.manual_seed(0)
+    t0 = time.perf_counter()
     _, stats = fit(EBDM(cfg), batches, penalty=penalty, device=device, graph=graph,
                    progress_cb=lambda step, total, loss, sps: rates.append(sps))
     steady = rates[1:] or rates
-    return statistics.median(steady), {"graph": stats.graph, "graph_error": stats.graph_error, "loss": stats.loss}
+    return statistics.median(steady), {"graph": stats.graph, "graph_error": stats.graph_error, "loss": stats.loss,
+                                       "compiled": stats.compiled, "compile_error": stats.compile_error,
+                                       "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:
@@ -100,12 +120,31 @@ def main() -> None:
     p.add_argument("--window", type=int, default=None, help="steps per rate window; default steps/6")
     p.add_argument("--workers", default="0,4", help="DataLoader workers to try for the loader run, comma-separated")
     p.add_argument("--configs", default="default,bench,production,production-wide")
+    p.add_argument("--variants", default=None, help=f"comma-separated, of {list(VARIANTS)}; default eager,graph,analytic,compiled on CUDA, eager,analytic-eager on CPU")
+    p.add_argument("--budget-s", type=float, default=None, help="skip variants that would start after this many seconds")
+    p.add_argument("--json", default=None, help="also write every row to this file (default: $OUT/mfu.json when $OUT is set)")
     args = p.parse_args()
+    started = time.perf_counter()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     fossils = args.fossils or (200_000 if cuda else 3_000)
     steps = args.steps or (300 if cuda else 8)
     window = args.window or max(1, steps // 6)
+    variants = (args.variants or ("eager,graph,analytic,compiled" if cuda else "eager,analytic-eager")).split(",")
+    unknown = [v for v in variants if v not in VARIANTS] + [n for n in args.configs.split(",") if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown variants/configs {unknown}: variants are {list(VARIANTS)}, configs {list(CONFIGS)}")
+    rows: list[dict] = []
+    json_path = args.json or (os.path.join(os.environ["OUT"], "mfu.json") if os.environ.get("OUT") else None)
+
+    def emit(row: dict) -> dict:
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(rows, indent=1))
+        return row
+
     penalty = penalty_for(domains.get(args.domain)).to(device)
     peak = bf16_peak(device) if cuda else None
     head = {"bench": "train_gpu", "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
@@ -138,37 +177,62 @@ def main() -> None:
             config = EBDMConfig(domain=args.domain, hidden=hidden, depth=depth, batch_size=batch, steps=steps, seed=0).resolved()
             flops = step_flops(config, x, c, penalty, device)
             row = {**head, "measure": "step", "config": name, "hidden": hidden, "depth": depth, "batch": batch,
-                   "params": sum(q.numel() for q in EBDM(config).parameters()), "gflop_per_step": round(flops / 1e9, 2)}
-            for graph in ((False, True) if cuda else (False,)):
-                sps, info = rate(config, in_device(batch), device, penalty, graph, window)
+                   "params": sum(q.numel() for q in EBDM(config).parameters()), "gflop_per_step": round(flops / 1e9, 2),
+                   "gflop_per_step_analytic": round(step_flops(config, x, c, penalty, device, "analytic") / 1e9, 2)}
+            for variant in variants:
+                if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                    row[f"{variant}_skipped"] = f"time budget {args.budget_s:.0f} s spent"
+                    continue
+                impl, mode, graph = VARIANTS[variant]
+                vconfig = dataclasses.replace(config, score_impl=impl, compile=mode)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                sps, info = rate(vconfig, in_device(batch), device, penalty, graph and cuda, window)
                 step_s = batch / sps
-                key = "graph" if graph else "eager"
-                row[f"{key}_samples_per_s"] = round(sps)
-                row[f"{key}_ms_per_step"] = round(step_s * 1e3, 3)
-                row[f"{key}_tflops"] = round(flops / step_s / 1e12, 1)
-                row[f"{key}_mfu"] = round(flops / step_s / 1e12 / peak, 4) if peak else None
-                if graph:
-                    row["graph_captured"], row["graph_error"] = info["graph"], info["graph_error"]
-            if cuda:
-                row["graph_over_eager"] = round(row["graph_samples_per_s"] / row["eager_samples_per_s"], 2)
+                row[f"{variant}_samples_per_s"] = round(sps)
+                row[f"{variant}_ms_per_step"] = round(step_s * 1e3, 3)
+                row[f"{variant}_tflops"] = round(flops / step_s / 1e12, 1)
+                row[f"{variant}_mfu"] = round(flops / step_s / 1e12 / peak, 4) if peak else None
+                row[f"{variant}_wall_s"] = info["wall_s"]
+                row[f"{variant}_loss"] = round(info["loss"], 4)
+                if cuda:
+                    row[f"{variant}_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+                if graph and cuda:
+                    row[f"{variant}_graph_captured"], row[f"{variant}_graph_error"] = info["graph"], info["graph_error"]
+                if mode != "off":
+                    row[f"{variant}_compiled"], row[f"{variant}_compile_error"] = info["compiled"], info["compile_error"]
+                print(f"  {name} {variant}: {sps:,.0f} samples/s, {row[f'{variant}_tflops']} TFLOP/s, "
+                      f"MFU {row[f'{variant}_mfu']}, run {info['wall_s']} s", file=sys.stderr, flush=True)
+            for num, den in (("graph", "eager"), ("analytic", "graph"), ("compiled", "graph"), ("compiled", "analytic"),
+                             ("compiled-max", "graph"), ("compiled-ro", "graph"), ("analytic-eager", "eager")):
+                if f"{num}_samples_per_s" in row and f"{den}_samples_per_s" in row:
+                    row[f"{num}_over_{den}"] = round(row[f"{num}_samples_per_s"] / row[f"{den}_samples_per_s"], 2)
+            rated = {v: row[f"{v}_samples_per_s"] for v in variants if f"{v}_samples_per_s" in row}
+            if rated:
+                row["best"] = max(rated, key=rated.get)
+                row["best_mfu"] = row[f"{row['best']}_mfu"]
             summary[name] = emit(row)
-            if batch >= 8192 or not cuda:
-                best = summary[name].get("graph_samples_per_s", row["eager_samples_per_s"])
+            if (batch >= 8192 or not cuda) and args.workers.strip() and row.get("best"):
+                best = row[f"{row['best']}_samples_per_s"]
+                impl, mode, graph = VARIANTS[row["best"]]  # the loader feeds the fastest step
+                lconfig = dataclasses.replace(config, score_impl=impl, compile=mode)
                 for workers in (int(w) for w in args.workers.split(",")):
                     if cuda:
                         torch.cuda.reset_peak_memory_stats(device)
                     loader = FossilLoader(shards, domain=args.domain, batch_size=batch, num_workers=workers, epochs=None,
                                           pin_memory=cuda, split="train")
                     batches = ((b.state, b.context) for b in loader)
-                    sps, info = rate(config, batches, device, penalty, cuda, window)
+                    sps, info = rate(lconfig, batches, device, penalty, graph and cuda, window)
                     batches.close()
                     summary[f"{name}-loader-{workers}"] = emit({
                         **head, "measure": "loader", "config": name, "batch": batch, "workers": workers,
-                        "loader_samples_per_s": round(sps), "in_device_samples_per_s": best, "ratio": round(sps / best, 3),
+                        "step": row["best"], "loader_samples_per_s": round(sps), "in_device_samples_per_s": best, "ratio": round(sps / best, 3),
                         "graph_captured": info["graph"], "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20) if cuda else None,
                         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                     })
-    emit({**head, "measure": "summary", **{k: {kk: v.get(kk) for kk in ("graph_over_eager", "graph_mfu", "eager_mfu", "ratio") if kk in v} for k, v in summary.items()}})
+    keys = [f"{v}_mfu" for v in VARIANTS] + [k for v in summary.values() for k in v if "_over_" in k] + ["best", "best_mfu", "ratio"]
+    emit({**head, "measure": "summary", "wall_s": round(time.perf_counter() - started, 1),
+          **{k: {kk: v[kk] for kk in dict.fromkeys(keys) if kk in v} for k, v in summary.items()}})
 
 
 if __name__ == "__main__":

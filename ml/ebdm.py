@@ -3,6 +3,11 @@
 The network is an energy E(x, c, σ) — a scalar per example. Its score is -∇ₓE (autograd),
 so one model gives both energies (to rank states) and scores (to sample states).
 
+* The score is computed analytically by default (`score_impl`): the MLP's input gradient
+  written out as ordinary torch ops (LayerNorm, SiLU and linear backward by hand), so the
+  DSM loss is a first-order graph of the parameters that torch.compile takes (it cannot
+  take autograd's `create_graph` double backward); autograd's double backward stays as the
+  reference and for layers it does not know (a ternary student's BitLinear).
 * Inputs are normalised by the domain's bounds: z = (x - mid) / half, so z ∈ [-1, 1];
   all noise levels σ live in that normalised space. The context is normalised the same
   way and enters through random Fourier features; log σ through sinusoidal features.
@@ -36,6 +41,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from scf.bus.errors import ConfigError
+
+SCORE_IMPLS = ("auto", "analytic", "autograd")
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -77,6 +85,9 @@ class EBDMConfig:
     metropolis: bool = True  # Metropolis-adjust each move with the model's energy (MALA)
     guidance: float = 1.0  # physics guidance: constraint distance ~ N(0, (guidance·σ)²) at level σ (0: off)
     eval_records: int = 1024
+    # speed (issue 16): how the score -∇E is computed, and torch.compile of the training loss
+    score_impl: str = "auto"  # "analytic" (input gradient by hand), "autograd" (double backward), "auto": analytic where the layers allow
+    compile: str = "off"  # torch.compile of the loss in training: "off" or a mode: "default", "max-autotune-no-cudagraphs", "reduce-overhead"
 
     def resolved(self) -> EBDMConfig:
         """A copy with dimensions and bounds filled from the domain (a no-op if given)."""
@@ -96,6 +107,10 @@ class EBDMConfig:
             cfg.context_lo, cfg.context_hi = [-1.0] * cfg.context_dim, [1.0] * cfg.context_dim
         if cfg.state_dim < 1 or len(cfg.state_lo) != cfg.state_dim or len(cfg.context_lo) != cfg.context_dim:
             raise ConfigError("EBDMConfig needs a domain, or state_dim >= 1 with bounds of matching length")
+        if cfg.score_impl not in SCORE_IMPLS:
+            raise ConfigError(f"score_impl {cfg.score_impl!r} is not one of {list(SCORE_IMPLS)}: use \"auto\" unless comparing")
+        if cfg.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile {cfg.compile!r} is not one of {list(COMPILE_MODES)}: \"off\", or a torch.compile mode")
         if not 0 < cfg.sigma_min < cfg.sigma_max:
             raise ConfigError(f"need 0 < sigma_min < sigma_max (got {cfg.sigma_min}, {cfg.sigma_max})")
         return cfg
@@ -132,6 +147,22 @@ class Block(nn.Module):
 
     def forward(self, h, cond):  # h: (B, H), cond: (B, C)
         return h + self.fc2(F.silu(self.fc1(self.norm(h)) + self.cond(cond)))
+
+
+def _layer_norm(norm: nn.LayerNorm, h):
+    """nn.LayerNorm's output and what its backward needs (x̂, 1/std), in fp32 at least
+    (as autocast runs layer_norm)."""
+    h = h.to(torch.promote_types(h.dtype, torch.float32))
+    centred = h - h.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + norm.eps)
+    xhat = centred * rstd
+    return xhat * norm.weight + norm.bias, xhat, rstd
+
+
+def _layer_norm_backward(norm: nn.LayerNorm, dy, xhat, rstd):
+    """∂/∂h of LayerNorm given ∂/∂y: rstd·(ĝ - mean ĝ - x̂·mean(ĝ x̂)), ĝ = γ ⊙ dy."""
+    g = dy.to(xhat.dtype) * norm.weight
+    return rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
 
 
 class EBDM(nn.Module):
@@ -186,28 +217,96 @@ class EBDM(nn.Module):
         return envelope + g / sigma  # (B,)
 
     def score(self, z, cz, sigma, create_graph: bool = False):
-        """(-∇_z E (B, d), E (B,)); `create_graph` to backpropagate through the score."""
+        """(-∇_z E (B, d), E (B,)); `create_graph` to backpropagate through the score.
+        Analytic (`analytic_score`) or by autograd's double backward, as `score_impl` says."""
+        if self.analytic:
+            score, e = self.analytic_score(z.detach(), cz, sigma)
+            return (score if create_graph else score.detach()), e
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             e = self.energy(z, cz, sigma)
             (grad,) = torch.autograd.grad(e.sum(), z, create_graph=create_graph)
         return -grad, e
 
+    @property
+    def analytic(self) -> bool:
+        """Whether `score` uses `analytic_score`: asked for (or "auto") and every layer is one
+        it knows (plain nn.Linear, nn.LayerNorm, this file's Block; not e.g. a BitLinear)."""
+        impl = self.config.score_impl
+        return impl != "autograd" and self._plain_layers()
+
+    def _plain_layers(self) -> bool:
+        linears = [self.inp, self.head[1]] + [m for b in self.blocks for m in (b.fc1, b.cond, b.fc2)]
+        norms = [self.head[0]] + [b.norm for b in self.blocks]
+        return (
+            type(self).energy is EBDM.energy
+            and len(self.head) == 2
+            and all(type(b) is Block for b in self.blocks)
+            and all(type(m) is nn.Linear and m.bias is not None for m in linears)
+            and all(type(m) is nn.LayerNorm and m.weight is not None and m.bias is not None for m in norms)
+        )
+
+    def analytic_score(self, z, cz, sigma):
+        """(-∇_z E, E) with the input gradient written out: the forward keeps what LayerNorm
+        and SiLU need, then the gradient runs back through head, blocks and input layer as
+        plain matrix products and elementwise ops — differentiable in the parameters as an
+        ordinary first-order graph (no `create_graph`), so torch.compile and CUDA graphs take
+        the whole training step. Equal to autograd's score within rounding (tests, float64).
+        Under autocast the dtypes follow autograd's: LayerNorm in fp32, the residual stream
+        and its gradient in the matmuls' dtype."""
+        if not self._plain_layers():
+            raise TypeError("analytic_score needs plain nn.Linear/nn.LayerNorm layers: use score_impl='autograd'")
+        n, d = z.shape
+        sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device).expand(n, 1)
+        cond = self.condition(cz, sigma)  # (B, C)
+        h = self.inp(torch.cat([z, cond], dim=-1))  # (B, H)
+        saved = []
+        for block in self.blocks:
+            u, xhat, rstd = _layer_norm(block.norm, h)
+            a = block.fc1(u) + block.cond(cond)
+            gate = torch.sigmoid(a)
+            h = h + block.fc2(a * gate)  # silu(a) = a·sigmoid(a)
+            saved.append((xhat, rstd, a, gate))
+        norm, lin = self.head
+        u, xhat, rstd = _layer_norm(norm, h)
+        g = lin(u).squeeze(-1)
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
+        s1 = sigma.squeeze(-1)  # (B,)
+        e = z.square().sum(-1) / (2 * (1 + s1.square())) + g / s1
+        # backward: δ = ∂g/∂h, from the head down to the input layer
+        delta = _layer_norm_backward(norm, lin.weight.to(xhat.dtype), xhat, rstd).to(h.dtype)  # (B, H)
+        for block, (xhat, rstd, a, gate) in zip(reversed(self.blocks), reversed(saved)):
+            ds = delta @ block.fc2.weight  # ∂g/∂silu(a)
+            da = ds * (gate * (1 + a * (1 - gate)))  # silu'(a) = σ(a)(1 + a(1 - σ(a)))
+            du = da @ block.fc1.weight
+            delta = delta + _layer_norm_backward(block.norm, du, xhat, rstd).to(delta.dtype)
+        dz = (delta @ self.inp.weight[:, :d]).to(z.dtype)  # (B, d)
+        grad = z / (1 + sigma.square()) + dz / sigma
+        return -grad, e
+
     # ---------------------------------------------------------------- training loss
 
     def loss(self, x, c, penalty: nn.Module | None = None):
         """DSM + physics on a batch of physical states x (B, d) and contexts c (B, m)."""
+        sigma, eps = self.draw_noise(x.shape[0], x.shape[1], x.device, torch.promote_types(x.dtype, self.state_mid.dtype))
+        return self.dsm_loss(x, c, sigma, eps, penalty)
+
+    def draw_noise(self, n: int, d: int, device=None, dtype=torch.float32):
+        """The training noise of a batch: σ (n, 1) and ε (n, d). log σ: log-normal (EDM,
+        Karras et al. 2022) clamped to the ladder, except a share `sigma_uniform` drawn
+        log-uniform over it, so that the ends are trained too."""
+        cfg = self.config
+        log_lo, log_hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
+        log_normal = (cfg.sigma_log_mean + cfg.sigma_log_std * torch.randn(n, 1, device=device)).clamp(log_lo, log_hi)
+        log_uniform = log_lo + (log_hi - log_lo) * torch.rand(n, 1, device=device)
+        uniform = torch.rand(n, 1, device=device) < cfg.sigma_uniform
+        sigma = torch.exp(torch.where(uniform, log_uniform, log_normal))  # (n, 1)
+        return sigma, torch.randn(n, d, device=device, dtype=dtype)
+
+    def dsm_loss(self, x, c, sigma, eps, penalty: nn.Module | None = None):
+        """The loss given the noise (`draw_noise`): deterministic, what torch.compile takes."""
         cfg = self.config
         z, cz = self.normalise(x), self.normalise_context(c)
-        log_lo, log_hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
-        n = z.shape[0]
-        # log σ: log-normal (EDM, Karras et al. 2022) clamped to the ladder, except a share
-        # `sigma_uniform` drawn log-uniform over it, so that the ends are trained too
-        log_normal = (cfg.sigma_log_mean + cfg.sigma_log_std * torch.randn(n, 1, device=z.device)).clamp(log_lo, log_hi)
-        log_uniform = log_lo + (log_hi - log_lo) * torch.rand(n, 1, device=z.device)
-        uniform = torch.rand(n, 1, device=z.device) < cfg.sigma_uniform
-        sigma = torch.exp(torch.where(uniform, log_uniform, log_normal))  # (n, 1)
-        eps = torch.randn_like(z)  # (n, d)
         noisy = z + sigma * eps
         score, _ = self.score(noisy, cz, sigma, create_graph=self.training)
         dsm = (sigma * score + eps).square().mean()

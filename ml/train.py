@@ -55,6 +55,8 @@ class FitStats:
     stopped_early: bool = False
     graph: bool = False  # the step ran as a CUDA graph
     graph_error: str | None = None  # why capture failed, if it did
+    compiled: bool = False  # the loss ran through torch.compile
+    compile_error: str | None = None  # why it did not, when it was asked for
 
 
 SMALL_STEP = 1 << 24  # batch × hidden²: at or below this a CPU step runs on one thread
@@ -107,22 +109,41 @@ def lr_factor(cfg: EBDMConfig, step: int) -> float:
 
 
 class TrainStep:
-    """One optimiser step (DSM loss with its double backward, clipping, AdamW). On CUDA it
-    is captured once into a CUDA graph and replayed: the step's ~1000 kernel launches and
-    its Python cost become one replay, inputs copied into static buffers, the learning rate
-    a device tensor filled before each replay; no host sync anywhere in the step. A batch of
-    another size than the captured one runs eagerly on the same parameters and optimiser."""
+    """One optimiser step (DSM loss through the score, its backward, clipping, AdamW). On
+    CUDA it is captured once into a CUDA graph and replayed: the step's ~1000 kernel
+    launches and its Python cost become one replay, inputs copied into static buffers, the
+    learning rate a device tensor filled before each replay; no host sync anywhere in the
+    step. A batch of another size than the captured one runs eagerly on the same parameters
+    and optimiser. With `compile` (a torch.compile mode; needs the analytic score, whose
+    loss is a first-order graph) the loss given the noise (`EBDM.dsm_loss`) and its backward
+    run as compiled kernels, compiled in the warm-up steps, then captured in the graph like
+    the rest ("reduce-overhead" makes its own CUDA graphs: the step is not captured then).
+    The noise is drawn outside the compiled part, so compiled and eager steps see the same
+    random numbers. A compile that fails leaves the step eager, the reason in `compile_error`."""
 
     WARMUP = 3  # eager steps (on a side stream) before capture, as CUDA graphs need
 
     def __init__(self, model: EBDM, penalty, device: torch.device, bf16: bool, graph: bool | None = None,
-                 grad_reduce: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+                 grad_reduce: Callable[[list[torch.Tensor]], None] | None = None, compile_mode: str | None = None) -> None:
         cfg = self.cfg = model.config
         self.model, self.penalty, self.device, self.grad_reduce = model, penalty, device, grad_reduce
         self.params = list(model.parameters())
         cuda = device.type == "cuda"
         self.graph_wanted = cuda if graph is None else (graph and cuda)
+        self.bf16 = bf16
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else contextlib.nullcontext()
+        self.compile_mode = cfg.compile if compile_mode is None else compile_mode
+        self.compile_error: str | None = None
+        self.compiled: Callable | None = None  # the compiled loss, until it fails
+        self.compiled_ok = False  # a compiled step has run (forward and backward)
+        if self.compile_mode != "off":
+            if not model.analytic:
+                self.compile_error = "the autograd score's double backward does not compile: use score_impl analytic (or auto)"
+            else:
+                mode = None if self.compile_mode == "default" else self.compile_mode
+                self.compiled = torch.compile(self._loss_given_noise, mode=mode, dynamic=False)
+                if self.compile_mode == "reduce-overhead":
+                    self.graph_wanted = False  # its own CUDA graphs (cudagraph trees) replay the loss
         if cuda:
             self.lr = torch.tensor(cfg.lr, device=device)
             try:
@@ -137,10 +158,33 @@ class TrainStep:
         self.graph_error: str | None = None
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, c, loss
 
-    def _compute(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _loss_given_noise(self, x, c, sigma, eps) -> torch.Tensor:
+        """What torch.compile takes: the loss given the noise, under bf16 autocast if on."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, _ = self.model.dsm_loss(x, c, sigma, eps, self.penalty)
+        return loss
+
+    def _loss_backward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sigma, eps = self.model.draw_noise(x.shape[0], x.shape[1], x.device, torch.promote_types(x.dtype, self.model.state_mid.dtype))
+        if self.compiled is not None:
+            try:
+                loss = self.compiled(x, c, sigma, eps)
+                loss.backward()
+                self.compiled_ok = True
+                return loss
+            except RuntimeError as exc:  # inductor or dynamo failing (e.g. no C++ compiler): eager from here on
+                if self.compiled_ok:
+                    raise
+                self.compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                self.compiled = None
+                self.opt.zero_grad(set_to_none=True)
         with self.autocast:
-            loss, _ = self.model.loss(x, c, self.penalty)
+            loss, _ = self.model.dsm_loss(x, c, sigma, eps, self.penalty)
         loss.backward()
+        return loss
+
+    def _compute(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        loss = self._loss_backward(x, c)
         if self.grad_reduce is not None:
             self.grad_reduce(self.params)
         if self.cfg.grad_clip > 0:
@@ -213,6 +257,7 @@ def fit(
     graph: bool | None = None,
     threads: int | None = None,
     grad_reduce: Callable[[list[torch.Tensor]], None] | None = None,
+    compile_mode: str | None = None,
 ) -> tuple[EBDM, FitStats]:
     """Run `config.steps` optimiser steps over (state, context) batches; return the EMA
     model (or the model itself with ema=0) and what happened. `bf16` autocast defaults to
@@ -220,19 +265,21 @@ def fit(
     to on for CUDA. Batches on the host are moved with non-blocking copies (pinned memory
     and a side stream: `device_batches`). `threads`: torch's CPU threads meanwhile (None:
     `cpu_threads`). `grad_reduce(params)` runs after each backward (data parallel: the
-    gradients' all-reduce, `ml.ddp`); the step is not captured as a graph then."""
+    gradients' all-reduce, `ml.ddp`); the step is not captured as a graph then.
+    `compile_mode`: torch.compile of the loss (None: `config.compile`; see `TrainStep`)."""
     device = torch.device(device)
     graph = False if grad_reduce is not None else graph
     with torch_threads(threads or cpu_threads(model.config, device)):
-        return _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph, grad_reduce)
+        return _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph, grad_reduce, compile_mode)
 
 
-def _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph, grad_reduce) -> tuple[EBDM, FitStats]:
+def _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph, grad_reduce,
+         compile_mode=None) -> tuple[EBDM, FitStats]:
     cfg = model.config
     model.to(device).train()
     penalty = penalty.to(device) if penalty is not None else None
     bf16 = device.type == "cuda" if bf16 is None else bf16
-    step = TrainStep(model, penalty, device, bf16, graph, grad_reduce)
+    step = TrainStep(model, penalty, device, bf16, graph, grad_reduce, compile_mode)
     ema = _EMA(model, cfg.ema) if cfg.ema > 0 else None
     stats = FitStats()
     window_loss, window_n, window_samples, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
@@ -263,6 +310,7 @@ def _fit(model, batches, penalty, device, progress_cb, should_stop, bf16, graph,
             break
     stats.graph = step.graph is not None
     stats.graph_error = step.graph_error
+    stats.compiled, stats.compile_error = step.compiled is not None and step.compiled_ok, step.compile_error
     trained = ema.module if ema is not None else model
     return trained.eval(), stats
 
