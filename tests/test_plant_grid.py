@@ -258,3 +258,36 @@ async def test_edge_agent_runs_a_grid_plant_over_mqtt_with_signed_setpoints(bus,
 
 async def _nonempty(coro) -> bool:
     return bool(await coro)
+
+
+@pytest.mark.anyio
+async def test_envelope_refuses_an_overloaded_line_and_the_sim_plant_follows_settings(tmp_path):
+    """The envelope's line check on a balanced dispatch that pushes Pg4@bus27 to its limit
+    (line 25-27 at ~122 % of rateA); `[edge.grid]` builds the in-process site (outages
+    included) and refuses an unknown key."""
+    import msgspec
+
+    from scf.bus.errors import ConfigError
+    from scf.bus.settings import Settings
+    from scf.consumers.edge.agent import EdgeSettings
+    from scf.consumers.edge.plant import open_plant
+
+    grid = GridSettings(sim_outages="Pg3@bus22=1+1", sim_hours=3)
+    plant = await open_plant("sim", GridSiteOptions.from_settings(grid, DOMAIN))
+    assert isinstance(plant, GridSimPlant) and plant.site.available[4:8, 2].tolist() == [False] * 4 and plant.site.available[8, 2]
+    loop = GridControlLoop(plant, "n1", tmp_path, SETTINGS, grid, current=lambda: None)
+    tel = await plant.telemetry(-1)
+    await loop.step(tel)  # sets the loop's plant model up
+    d = loop.domain
+    loads = d.nominal_load.copy()
+    u = gd.share_within(d.pmin, d.pmax, np.array([0, 0, 0, 55.0, 0, 0]), d.demand(loads))
+    here = msgspec.structs.replace(tel, load_mw=[float(x) for x in loads], pg_mw=[float(x) for x in u])  # u inside its ramp window
+    why = loop.envelope_problem(u, here)
+    assert why is not None and why.startswith("line 25-27 at ") and "of its rateA" in why
+    assert loop.envelope_problem(gd.status_quo_setpoint(loop.gplant, u, np.ones(6, bool), loads), here) is None
+    wide = GridControlLoop(plant, "n1", tmp_path, SETTINGS, GridSettings(line_margin=0.25), current=lambda: None)
+    wide.gplant = loop.gplant
+    assert wide.envelope_problem(u, here) is None  # 122 % is within rateA + 25 %
+    with pytest.raises(ConfigError, match="unknown field `max_shortfal_mw`"):
+        Settings(home=str(tmp_path), raw={"edge": {"grid": {"max_shortfal_mw": 30.0}}}).section("edge", EdgeSettings)
+    assert Settings(home=str(tmp_path), raw={"edge": {"grid": {"max_shortfall_mw": 30.0}}}).section("edge", EdgeSettings).grid.max_shortfall_mw == 30.0
