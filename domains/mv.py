@@ -38,6 +38,12 @@ conductance, the internal gains and the equipment efficiency, each a factor on t
 domain's nominal value — fitted by bounded least squares (scipy.optimize.least_squares)
 to the measured energy of the history, simulated under the controller that ran then, over
 the disturbances measured then, from the zone temperatures measured at its start.
+
+The grid baseline model (`calibrate_grid`, `counterfactual_grid`): a dispatch plant's
+measured quantity is the fuel its units burn (kWh of fuel); the model is the status-quo
+dispatch over the measured loads and outages with the case's cost curves read as fuel
+curves, two factors (`heat_rate`, `no_load`) fitted by bounded linear least squares to
+the measured hourly fuel (docs/mv.md, "Grid sites").
 """
 
 from __future__ import annotations
