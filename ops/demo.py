@@ -338,8 +338,12 @@ async def run_demo(
              f"{demo_hvac.FEW} of them (the worse: its learned cost is underdetermined);")
         echo("   the grid checkpoint above has no plant to act on here, so it earns nothing (no invented meter readings)")
         echo("   each site ran its status-quo thermostat for a day: the measured history its baseline is calibrated to")
+        waited = time.monotonic()
         try:
             result.models = await asyncio.wait_for(asyncio.shield(hvac_training), step_timeout)
+            waited = time.monotonic() - waited
+            echo(f"   the models trained alongside steps 2-6 (synthesis, training and held-out judging in two processes); "
+                 f"the demo waited {waited:.1f}s for them here")
         except asyncio.TimeoutError:
             raise DemoFailed(f"step 'hvac training' did not complete within {step_timeout:.0f}s") from None
         except demo_hvac.TrainingFailed as exc:
