@@ -291,3 +291,22 @@ async def test_envelope_refuses_an_overloaded_line_and_the_sim_plant_follows_set
     with pytest.raises(ConfigError, match="unknown field `max_shortfal_mw`"):
         Settings(home=str(tmp_path), raw={"edge": {"grid": {"max_shortfal_mw": 30.0}}}).section("edge", EdgeSettings)
     assert Settings(home=str(tmp_path), raw={"edge": {"grid": {"max_shortfall_mw": 30.0}}}).section("edge", EdgeSettings).grid.max_shortfall_mw == 30.0
+
+
+def test_monitor_counts_periods_of_low_nadir_and_reserve_shortfall(tmp_path):
+    """The monitor's measured checks: a breach only after `breach_periods` in a row; a
+    good period in between starts the count again."""
+    import msgspec
+
+    from scf.consumers.edge.grid_plant import GridSite
+
+    tel = GridSite(GridSiteOptions(domain=DOMAIN, hours=1)).last
+    loop = GridControlLoop(GridSimPlant(GridSiteOptions(domain=DOMAIN, hours=1)), "n1", tmp_path, SETTINGS,
+                           GridSettings(min_nadir_hz=55.0, max_shortfall_mw=20.0, breach_periods=3), current=lambda: None)
+    low = msgspec.structs.replace(tel, nadir_hz=54.0, shortfall_mw=5.0)
+    ok = msgspec.structs.replace(tel, nadir_hz=56.0, shortfall_mw=5.0)
+    short = msgspec.structs.replace(tel, nadir_hz=56.0, shortfall_mw=25.0)
+    assert [loop.observe(t) for t in (low, low, ok, low, low)] == [None] * 5
+    assert loop.observe(low) == "N-1 frequency nadir 54.00 Hz below 55.0 Hz for 3 periods"
+    assert [loop.observe(t) for t in (short, short)] == [None, None]
+    assert loop.observe(short) == "N-1 reserve shortfall 25.00 MW above 20.0 MW for 3 periods"
