@@ -142,8 +142,11 @@ def _sigmas(cfg, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.exp(torch.where(pick, uniform, normal))
 
 
-def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, log=None):
-    """(frozen student, training stats) from a teacher EBDM and train-split fossils (x, c)."""
+def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, log=None, monitor=None):
+    """(frozen student, training stats) from a teacher EBDM and train-split fossils (x, c).
+    `monitor(step, student)`, where given, is called every `log_every` steps and after the
+    last (step = steps done; the student unfrozen, on the training device); its time is not
+    counted in `train_seconds` (`monitor_seconds`)."""
     cfg = config.check()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -160,6 +163,7 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     stats = {"steps": 0.0}
     started = time.perf_counter()
+    monitored = 0.0
     with _threads(cfg.threads):
         for step in range(cfg.steps):
             idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen).to(device)
@@ -188,8 +192,15 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
                 stats.update(score_match=float(score.detach()), energy_match=float(energy.detach()), dsm=float(task.detach()))
                 if log is not None:
                     log(f"step {step}: score {stats['score_match']:.5f} energy {stats['energy_match']:.5f} dsm {stats['dsm']:.5f}")
+                if monitor is not None:
+                    t0 = time.perf_counter()
+                    monitor(step + 1, student)
+                    monitored += time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the time is the GPU's work, not its queue
     stats["steps"] = float(cfg.steps)
-    stats["train_seconds"] = time.perf_counter() - started
+    stats["monitor_seconds"] = monitored
+    stats["train_seconds"] = time.perf_counter() - started - monitored
     stats["samples_per_s"] = cfg.steps * cfg.batch_size / max(stats["train_seconds"], 1e-9)
     freeze(student)
     teacher.to(home)
@@ -303,6 +314,108 @@ def compare_ebdm(teacher, student, x, c, cost=None, *, domain=None, decisions: i
         for prefix, model in (("", student), ("teacher_", teacher)):
             out.update({prefix + k: v for k, v in ebdm_decisions(model, domain, xs, cs, seed=seed).items()})
     out["records"] = float(len(x))
+    return out
+
+
+def _sample_decisions(model, domain, c: np.ndarray, *, seed: int, batch: int, device) -> np.ndarray:
+    """Physics-guided samples (B, d) of `model`, batch by batch, each batch's generator
+    seeded `seed + batch index` on `device`: two models given the same arguments draw
+    the same noise tensors (initial states, Langevin moves, Metropolis uniforms)."""
+    from scf.ml.physics import penalty_for
+
+    dev = torch.device(device)
+    home = next(model.parameters()).device
+    model = model.eval().to(dev)
+    penalty = penalty_for(domain)
+    penalty = penalty.to(dev) if penalty is not None else None
+    out = []
+    try:
+        for b, start in enumerate(range(0, len(c), batch)):
+            gen = torch.Generator(device=dev).manual_seed(seed + b)
+            ct = torch.as_tensor(c[start : start + batch], dtype=torch.float32, device=dev)
+            with torch.no_grad():
+                out.append(model.sample(ct, generator=gen, penalty=penalty).double().cpu().numpy())
+    finally:
+        model.to(home)
+    return np.concatenate(out) if out else np.zeros((0, domain.state_dim))
+
+
+def _mean_ci(d: np.ndarray, z: float) -> tuple[float, float, float]:
+    """(mean, low, high) of the paired differences d: a normal interval, z standard errors."""
+    if len(d) < 2:
+        return float(np.mean(d)) if len(d) else math.nan, math.nan, math.nan
+    m, se = float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(len(d)))
+    return m, m - z * se, m + z * se
+
+
+def _ratio_diff_ci(u: np.ndarray, a: np.ndarray, z: float) -> tuple[float, float, float]:
+    """(Σu/Σa, low, high): the difference of two savings-captured ratios that share their
+    denominator Σa (the achievable savings), by the delta method over contexts."""
+    if len(u) < 2 or a.sum() <= 0:
+        return math.nan, math.nan, math.nan
+    r = float(u.sum() / a.sum())
+    se = float(np.std(u - r * a, ddof=1) * math.sqrt(len(u)) / a.sum())
+    return r, r - z * se, r + z * se
+
+
+def verdict(low_pp: float, high_pp: float, tolerance_pp: float) -> str:
+    """`met` when the interval lies within ±tolerance, `missed` when it lies outside it,
+    else `undecided` (more contexts would decide)."""
+    if not (math.isfinite(low_pp) and math.isfinite(high_pp)):
+        return "undecided"
+    if -tolerance_pp <= low_pp and high_pp <= tolerance_pp:
+        return "met"
+    return "missed" if high_pp < -tolerance_pp or low_pp > tolerance_pp else "undecided"
+
+
+def paired_decisions(teacher, student, domain, x: np.ndarray, c: np.ndarray, *, seed: int = 0, batch: int = 256,
+                     device: str = "cpu", z: float = 1.96, tolerance_pp: float = 0.1,
+                     student_seed: int | None = None) -> dict[str, float | str]:  # fmt: skip
+    """Decision quality of student and teacher compared PAIRED on held-out contexts c (status
+    quo: the held-out states x): both sample with identical noise (the same generator seeds,
+    so the same initial states, Langevin moves and Metropolis uniforms), both are repaired
+    and measured against the same exact optimum, and the per-context differences give the
+    difference and its confidence interval (`z` standard errors; 1.96: 95 %). The
+    sampler's seed-to-seed noise, common to both, cancels in the pairs; what remains is
+    where the two energies send the same trajectory.
+
+    decision_gap_mean / teacher_decision_gap_mean      mean relative gap to the optimum
+    gap_diff_pp, gap_diff_low_pp, gap_diff_high_pp     student - teacher, pp, and its CI
+    decision_savings_captured / teacher_…              share of achievable savings
+    savings_diff_pp, savings_diff_low_pp, savings_diff_high_pp
+    gap_verdict, savings_verdict   met (CI within ±tolerance_pp), missed, undecided
+    `student_seed` other than `seed` unpairs the noise (the sampler's own spread: pass the
+    teacher twice)."""
+    from scf.domains.quality import decision_quality, optimum_costs
+    from scf.domains.repair import repair_batch
+
+    c, x = np.asarray(c, dtype=float), np.asarray(x, dtype=float)
+    optimum = optimum_costs(domain, c)[1]
+    runs = {}
+    for name, model, s in (("teacher", teacher, seed), ("student", student, seed if student_seed is None else student_seed)):
+        samples = _sample_decisions(model, domain, c, seed=s, batch=batch, device=device)
+        fixed = repair_batch(domain, c, samples)
+        runs[name] = (decision_quality(domain, c, fixed.states, status_quo=x, optimum=optimum), fixed.fallback_rate)
+    (qs, fs), (qt, ft) = runs["student"], runs["teacher"]
+    ok = np.isfinite(optimum)
+    both = ok & np.isfinite(qs.gap) & np.isfinite(qt.gap)
+    gap, glo, ghi = _mean_ci(qs.gap[both] - qt.gap[both], z)
+    got = lambda q: np.where(q.feasible[ok], q.status_quo[ok] - q.cost[ok], 0.0)  # noqa: E731 - as savings_captured counts
+    sav, slo, shi = _ratio_diff_ci(got(qs) - got(qt), qs.status_quo[ok] - optimum[ok], z)
+    out: dict[str, float | str] = {
+        "contexts": float(len(c)), "paired_contexts": float(both.sum()),
+        "decision_gap_mean": float(np.mean(qs.gap[both])) if both.any() else math.nan,
+        "teacher_decision_gap_mean": float(np.mean(qt.gap[both])) if both.any() else math.nan,
+        "decision_savings_captured": qs.savings_captured(), "teacher_decision_savings_captured": qt.savings_captured(),
+        "decision_feasible": float(qs.feasible.mean()), "teacher_decision_feasible": float(qt.feasible.mean()),
+        "decision_repair_fallback": fs, "teacher_decision_repair_fallback": ft,
+        "gap_diff_pp": 100 * gap, "gap_diff_low_pp": 100 * glo, "gap_diff_high_pp": 100 * ghi,
+        "gap_diff_sd_pp": 100 * float(np.std(qs.gap[both] - qt.gap[both], ddof=1)) if both.sum() > 1 else math.nan,
+        "savings_diff_pp": 100 * sav, "savings_diff_low_pp": 100 * slo, "savings_diff_high_pp": 100 * shi,
+        "identical_decisions": float(np.mean(qs.cost == qt.cost)) if len(c) else math.nan,  # the same cost: the same decision
+    }  # fmt: skip
+    out["gap_verdict"] = verdict(out["gap_diff_low_pp"], out["gap_diff_high_pp"], tolerance_pp)
+    out["savings_verdict"] = verdict(out["savings_diff_low_pp"], out["savings_diff_high_pp"], tolerance_pp)
     return out
 
 
@@ -591,6 +704,6 @@ async def distill_on_bus(bus, settings, checkpoint_id: str, config: DistillConfi
 
 __all__ = [
     "DistillConfig", "DistillError", "DistillResult", "compare_ebdm", "compare_optimiser", "distill_ebdm", "distill_file",
-    "distill_on_bus", "distill_optimiser", "export_student", "find_produced", "load_student", "make_student", "read_header",
-    "student_keep", "teacher_file",
+    "distill_on_bus", "distill_optimiser", "export_student", "find_produced", "load_student", "make_student", "paired_decisions",
+    "read_header", "student_keep", "teacher_file", "verdict",
 ]

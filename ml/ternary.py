@@ -35,10 +35,19 @@ def weight_quant(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[to
     return (w / gamma).round().clamp(-1, 1), gamma
 
 
+def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax 8-bit quantisation: (codes in [-128, 127] as x's dtype, s (rows, 1)),
+    x ≈ codes / s. The edge runtime (`consumers.edge.ternary.activation_codes`) computes the
+    same codes from the same float32 rows."""
+    m = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    s = torch.full_like(m, ACT_LEVELS) / m  # a true division (`127 / m` is 127 · (1/m) in torch: another rounding)
+    return (x * s).round().clamp(-ACT_LEVELS - 1, ACT_LEVELS), s
+
+
 def activation_quant(x: torch.Tensor) -> torch.Tensor:
     """Per-row absmax 8-bit quantisation, returned dequantised (same dtype as x)."""
-    s = ACT_LEVELS / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
-    return (x * s).round().clamp(-ACT_LEVELS - 1, ACT_LEVELS) / s
+    q, s = activation_codes(x)
+    return q / s
 
 
 class BitLinear(nn.Linear):
@@ -113,4 +122,4 @@ def ternary_share(module: nn.Module) -> float:
     return ternary / max(total, 1)
 
 
-__all__ = ["ACT_LEVELS", "BitLinear", "activation_quant", "bit_layers", "freeze", "ternarise", "ternary_share", "weight_quant"]
+__all__ = ["ACT_LEVELS", "BitLinear", "activation_codes", "activation_quant", "bit_layers", "freeze", "ternarise", "ternary_share", "weight_quant"]

@@ -16,10 +16,20 @@ Codes: 2-bit packs t + 1 ∈ {0, 1, 2} little-end first (byte = c0 | c1<<2 | c2<
 code 3 is invalid); base-3 packs Σ cᵢ·3ⁱ over five codes (values above 242 are invalid).
 Padding is code 1 (a zero weight). Unpacking refuses invalid codes and wrong lengths.
 
-The runtime unpacks each layer once at load into a float32 matrix of {-1, 0, 1} (BLAS
-matrix products beat integer ones in numpy) and computes every packed layer as BitNet
-b1.58 does: y = (Q₈(x) @ Tᵀ) · s + b, Q₈ the per-row absmax 8-bit quantiser. Nothing here
-imports torch or `scf.ml` (.importlinter).
+The runtime computes every packed layer as BitNet b1.58 does, in integers: the input
+rows are quantised per row (token) to int8 codes q = Clip(round(x · 127/max|x|), -128, 127),
+the product with the ternary codes T is an exact integer sum, and the scales come after,
+y = (q @ Tᵀ) · (max|x|/127) · s + b. Two kernels hold T differently (`TernaryNet(kernel=)`):
+
+* `f32` (default): T as float32 for BLAS. Every partial sum of int8 × ternary products is an
+  integer of magnitude ≤ 128 · in_features < 2²⁴ (in_features ≤ 131072, checked), which
+  float32 holds exactly, so BLAS's float32 product IS the integer product, bit for bit, in
+  any summation order — with BLAS's speed. 4 bytes a weight in memory.
+* `int8`: T as int8 (1 byte a weight in memory, 4x less), the product by numpy's integer
+  matmul with int32 accumulation; the same integers, so the same outputs bit for bit as
+  `f32`, but numpy has no integer BLAS: slower (benchmarks/bench_distill.py measures both).
+
+Nothing here imports torch or `scf.ml` (.importlinter).
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ import numpy as np
 FORMAT = "scf-ternary/1"
 PACKINGS = {"2bit": 2.0, "base3": 1.6}  # bits per weight
 ACT_LEVELS = 127  # 8-bit activations: x ↦ round(x · 127 / max|x|) ∈ [-127, 127]
+KERNELS = ("f32", "int8")  # how a packed layer's ternary codes are held and multiplied (module docstring)
+EXACT_F32_FAN_IN = 2**24 // 128  # the f32 kernel's products are exact integers up to this many inputs
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
 _BASE3_TABLE = np.array([[(v // 3**i) % 3 for i in range(5)] for v in range(243)], dtype=np.int8)  # (243, 5) codes
 
@@ -99,7 +111,7 @@ class PackedModel:
     config: dict
     metadata: dict[str, str]
     tensors: dict[str, np.ndarray]  # the float32 tensors, by name
-    ternary: dict[str, tuple[np.ndarray, float]]  # layer name -> (T (out, in) float32 in {-1,0,1}, scale)
+    ternary: dict[str, tuple[np.ndarray, float]]  # layer name -> (T (out, in) int8 in {-1,0,1}, scale)
 
     def weight_count(self) -> tuple[int, int]:
         """(ternary weights, all parameters and buffers stored as floats)."""
@@ -150,7 +162,7 @@ def load_packed(path: str | Path) -> PackedModel:
         if not (math.isfinite(scale) and scale > 0):
             raise TernaryError(f"{path}: layer {name} has scale {scale}: the file is damaged")
         t = unpack(raw.pop(key), int(np.prod(shape)), packing)
-        ternary[name] = (t.reshape(shape).astype(np.float32), scale)
+        ternary[name] = (t.reshape(shape), scale)
     leftover = [k for k in raw if k.endswith(".packed")]
     if leftover:
         raise TernaryError(f"{path} holds packed tensors its metadata does not state ({leftover[:3]}): the file is damaged")
@@ -161,10 +173,19 @@ def load_packed(path: str | Path) -> PackedModel:
 # --------------------------------------------------------------------------- the layers
 
 
+def activation_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax 8-bit quantisation of float32 rows: (codes int8, s (rows, 1) float32),
+    x ≈ codes / s. The same float32 operations as `ml.ternary.activation_codes`, so the
+    same codes."""
+    x = np.asarray(x, dtype=np.float32)
+    s = np.float32(ACT_LEVELS) / np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-5))
+    return np.clip(np.round(x * s), -ACT_LEVELS - 1, ACT_LEVELS).astype(np.int8), s
+
+
 def quantise_activations(x: np.ndarray) -> np.ndarray:
     """Per-row absmax 8-bit quantisation, dequantised (the student's activation quantiser)."""
-    s = ACT_LEVELS / np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-5)
-    return np.clip(np.round(x * s), -ACT_LEVELS - 1, ACT_LEVELS) / s
+    q, s = activation_codes(x)
+    return q.astype(np.float32) / s
 
 
 def _silu(x):
@@ -185,32 +206,60 @@ def _layer_norm_back(dy, w, cache):
 
 
 class TernaryNet:
-    """The numpy runtime of a student file: `energy`/`score` (EBDM), `propose` (optimiser)."""
+    """The numpy runtime of a student file: `energy`/`score` (EBDM), `propose` (optimiser).
+    `kernel`: `f32` (ternary codes as float32, BLAS) or `int8` (as int8, int32
+    accumulation); both compute the same integers (module docstring)."""
 
-    def __init__(self, model: PackedModel) -> None:
+    def __init__(self, model: PackedModel, kernel: str = "f32") -> None:
+        if kernel not in KERNELS:
+            raise TernaryError(f"unknown kernel {kernel!r}: use one of {list(KERNELS)}")
         self.m = model
         self.t = model.tensors
         self.config = model.config
+        self.kernel = kernel
+        self._codes: dict[str, np.ndarray] = {}  # name -> Tᵀ (in, out), float32 (f32) or int8 (int8)
+        for name, (t, _) in model.ternary.items():
+            if kernel == "f32" and t.shape[1] > EXACT_F32_FAN_IN:
+                raise TernaryError(f"layer {name} has {t.shape[1]} inputs: the f32 kernel is exact up to {EXACT_F32_FAN_IN}; use kernel='int8'")
+            self._codes[name] = np.ascontiguousarray(t.T, dtype=np.float32 if kernel == "f32" else np.int8)
 
     @classmethod
-    def load(cls, path: str | Path) -> TernaryNet:
-        return cls(load_packed(path))
+    def load(cls, path: str | Path, kernel: str = "f32") -> TernaryNet:
+        return cls(load_packed(path), kernel)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this runtime holds (ternary codes as its kernel keeps them,
+        float tensors); what a node's memory pays for the model, arrays only."""
+        return sum(w.nbytes for w in self._codes.values()) + sum(v.nbytes for v in self.t.values())
+
+    def accumulate(self, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(q @ Tᵀ as exact integers (int32), s): a packed layer's integer product with the
+        int8 codes q of x (per row) and the rows' activation scales s (x ≈ q / s)."""
+        q, s = activation_codes(x)
+        w = self._codes[name]
+        if self.kernel == "f32":
+            return (q.astype(np.float32) @ w).astype(np.int32), s
+        return np.matmul(q, w, dtype=np.int32), s
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
-        """A layer by name: ternary (8-bit activations) where packed, else float."""
+        """A layer by name: ternary where packed (int8 activations, integer product, then the
+        scales: y = (q @ Tᵀ) / s · γ + b), else float."""
         bias = self.t.get(f"{name}.bias")
-        if name in self.m.ternary:
-            w, scale = self.m.ternary[name]
-            y = (quantise_activations(x) @ w.T) * np.float32(scale)
+        if name in self._codes:
+            acc, s = self.accumulate(name, x)
+            y = acc.astype(np.float32) / s * np.float32(self.m.ternary[name][1])
         else:
             y = x @ self.t[f"{name}.weight"].T
         return y + bias if bias is not None else y
 
     def _linear_back(self, name: str, dy: np.ndarray) -> np.ndarray:
-        """dL/dx of `linear` (the quantisers pass gradients straight through, as in training)."""
-        if name in self.m.ternary:
-            w, scale = self.m.ternary[name]
-            return (dy @ w) * np.float32(scale)
+        """dL/dx of `linear` (the quantisers pass gradients straight through, as in training;
+        the gradient dy is a float, so this is a float product with T)."""
+        if name in self._codes:
+            w = self._codes[name]
+            if self.kernel == "int8":
+                w = w.astype(np.float32)  # transient: the int8 kernel trades the score's speed for memory
+            return (dy @ w.T) * np.float32(self.m.ternary[name][1])
         return dy @ self.t[f"{name}.weight"]
 
     # ---------------------------------------------------------------- EBDM
@@ -319,6 +368,6 @@ def probe(path: str | Path) -> str | None:
 
 
 __all__ = [
-    "FORMAT", "PACKINGS", "PackedModel", "TernaryError", "TernaryNet", "is_packed", "load_packed", "pack",
-    "packed_size", "probe", "quantise_activations", "read_metadata", "unpack",
+    "FORMAT", "KERNELS", "PACKINGS", "PackedModel", "TernaryError", "TernaryNet", "activation_codes", "is_packed", "load_packed",
+    "pack", "packed_size", "probe", "quantise_activations", "read_metadata", "unpack",
 ]

@@ -1,0 +1,208 @@
+"""A ternary student's training run on a GPU: throughput and time to target, in one run.
+
+    source benchmarks/device_setup.sh && python3 benchmarks/bench_distill_gpu.py --device cuda   # the GPU run
+    python benchmarks/bench_distill_gpu.py --device cpu --tiny                                     # the same path, tiny, on a CPU
+
+Three parts, each on the same machine in the same run, with a wall-clock budget (`--budget-s`:
+a part that would start after its share of the budget is skipped and says so):
+
+A. grid:case14: synthetic fossils; the EBDM teacher trained on the device first (hidden 256,
+   depth 4); then the ternary student distilled (`ml.distill.distill_ebdm`) on the device
+   with a monitor every `--every` steps: the student's held-out DSM over the teacher's (the
+   same fixed noise, `ml.ebdm.heldout_dsm`) and its energy rank correlation. Reported:
+   teacher and student samples/s, and the student's training time (monitor excluded) to
+   reach held-out DSM <= 1.02x the teacher's, and to reach that with rank correlation >= 0.98.
+B. grid:case118 at hidden `--wide` (default 512, depth 4): the ternary share there (the
+   goal >= 90 %; 89.5 % at hidden 256) and whether the student still meets DSM <= 1.02x and
+   rank correlation >= 0.98.
+C. Decisions on case14, PAIRED (`ml.distill.paired_decisions`): teacher and student sample
+   with the same noise on `--decisions` held-out contexts (on the device), repaired and
+   measured against the exact optimum (on the CPU); the differences of gap and savings
+   captured with their 95 % intervals; and the teacher against itself with another seed
+   (unpaired: the sampler's own spread).
+
+Prints each number as it comes and one JSON line at the end; writes the JSON to
+$OUT/ternary.json (or `--json`) after every part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a few steps at tiny sizes: test the path on a CPU")
+    ap.add_argument("--fossils", type=int, default=20000)
+    ap.add_argument("--teacher-steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1500, help="distillation steps")
+    ap.add_argument("--every", type=int, default=100, help="monitor every N distillation steps")
+    ap.add_argument("--wide", type=int, default=512, help="case118 hidden width (part B; 0: skip)")
+    ap.add_argument("--fossils-118", type=int, default=8000)
+    ap.add_argument("--decisions", type=int, default=1024, help="held-out contexts for the paired decisions (part C; 0: skip)")
+    ap.add_argument("--budget-s", type=float, default=160.0, help="wall-clock budget of the whole run")
+    ap.add_argument("--processes", type=int, default=min(16, os.cpu_count() or 1), help="processes for synthesising fossils")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.tiny:
+        args.fossils, args.teacher_steps, args.steps, args.every = 1600, 30, 20, 10
+        args.fossils_118, args.decisions = 600, 16
+    out_json = args.json or Path(os.environ.get("OUT", tempfile.gettempdir())) / "ternary.json"
+    started = time.perf_counter()
+
+    import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # a shared CPU: one thread each, no spinning OpenMP workers
+
+    from scf import domains
+    from scf.domains.fossils import synth_shards
+    from scf.ml.checkpoint import load_checkpoint
+    from scf.ml.distill import DistillConfig, _spearman, compare_ebdm, distill_ebdm, paired_decisions
+    from scf.ml.ebdm import heldout_dsm
+    from scf.ml.loader import load_arrays
+    from scf.ml.train import train_local
+
+    row: dict = {"device": args.device, "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+                 "torch": torch.__version__, "tiny": args.tiny}  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="scf-distill-gpu-"))
+
+    def elapsed() -> float:
+        return time.perf_counter() - started
+
+    def save(note: str) -> None:
+        row["elapsed_s"] = elapsed()
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(row, indent=1, default=float))
+        print(f"[{elapsed():6.1f}s] {note}", flush=True)
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def teacher_and_student(domain_name: str, n: int, hidden: int, depth: int, prefix: str, monitor_every: int):
+        t0 = time.perf_counter()
+        data = work / prefix / "fossils"
+        synth_shards(domain_name, n, data, seed=0, shard_size=max(1, -(-n // args.processes)), processes=args.processes)
+        x, c, _ = load_arrays(data, domain=domain_name, split="train", seed=0)
+        hx, hc, he = load_arrays(data, domain=domain_name, split="heldout", seed=0)
+        row[f"{prefix}_synth_s"] = time.perf_counter() - t0
+        row[f"{prefix}_train"], row[f"{prefix}_heldout"] = len(x), len(hx)
+        save(f"{prefix}: {n} fossils of {domain_name} ({len(x)} train, {len(hx)} held-out) in {row[f'{prefix}_synth_s']:.1f}s")
+        sync()
+        t0 = time.perf_counter()
+        res = train_local(domain_name, data, work / prefix, steps=args.teacher_steps, batch_size=256, device=args.device,
+                          hidden=hidden, depth=depth, eval_records=256)  # fmt: skip
+        sync()
+        row[f"{prefix}_teacher_train_s"] = time.perf_counter() - t0
+        row[f"{prefix}_teacher_samples_per_s"] = args.teacher_steps * 256 / row[f"{prefix}_teacher_train_s"]
+        save(f"{prefix}: teacher hidden {hidden} depth {depth}, {args.teacher_steps} steps in {row[f'{prefix}_teacher_train_s']:.1f}s "
+             f"({row[f'{prefix}_teacher_samples_per_s']:.0f} samples/s, with its own evaluation)")  # fmt: skip
+        teacher, _ = load_checkpoint(res.checkpoint)
+        dev = torch.device(args.device)
+        hxt, hct = torch.as_tensor(hx[:512], dtype=torch.float32, device=dev), torch.as_tensor(hc[:512], dtype=torch.float32, device=dev)
+        teacher.to(dev)
+        t_dsm = heldout_dsm(teacher, hxt, hct, seed=0)
+        z, cz = teacher.normalise(hxt), teacher.normalise_context(hct)
+        _, e_t = teacher.score(z, cz, teacher.config.sigma_min)
+        teacher.cpu()
+        curve = []
+        train_clock = {"t": 0.0, "last": time.perf_counter()}
+
+        def monitor(step, student):
+            was = student.training
+            student.eval()
+            ratio = heldout_dsm(student, hxt, hct, seed=0) / t_dsm
+            _, e_s = student.score(z, cz, teacher.config.sigma_min)
+            rho = _spearman(e_s.detach().cpu(), e_t.detach().cpu())
+            student.train(was)
+            curve.append({"step": step, "dsm_ratio": ratio, "rank_corr": rho})
+
+        def timed_monitor(step, student):  # the training time (monitor excluded) at each point of the curve
+            sync()
+            if elapsed() > 0.92 * args.budget_s:
+                raise OutOfTime(f"{prefix}: distillation stopped at step {step}: {elapsed():.0f}s of the {args.budget_s:.0f}s budget gone")
+            train_clock["t"] += time.perf_counter() - train_clock["last"]
+            monitor(step, student)
+            curve[-1]["train_s"] = train_clock["t"]
+            sync()
+            train_clock["last"] = time.perf_counter()
+
+        cfg = DistillConfig(steps=args.steps, batch_size=256, device=args.device, log_every=monitor_every)
+        train_clock["last"] = time.perf_counter()
+        try:
+            student, stats = distill_ebdm(teacher, x, c, cfg, monitor=timed_monitor)
+        except OutOfTime as exc:
+            row[f"{prefix}_curve"], row[f"{prefix}_stopped"] = curve, str(exc)
+            save(str(exc))
+            return None
+        row[f"{prefix}_distill_s"], row[f"{prefix}_distill_samples_per_s"] = stats["train_seconds"], stats["samples_per_s"]
+        row[f"{prefix}_curve"] = curve
+        hit = next((p for p in curve if p["dsm_ratio"] <= 1.02), None)
+        both = next((p for p in curve if p["dsm_ratio"] <= 1.02 and p["rank_corr"] >= 0.98), None)
+        row[f"{prefix}_to_dsm_target_s"] = hit["train_s"] if hit else math.nan
+        row[f"{prefix}_to_dsm_target_step"] = hit["step"] if hit else math.nan
+        row[f"{prefix}_to_both_targets_s"] = both["train_s"] if both else math.nan
+        row[f"{prefix}_to_both_targets_step"] = both["step"] if both else math.nan
+        for p in curve:
+            print(f"  step {p['step']:5d}: DSM ratio {p['dsm_ratio']:.4f}, rank corr {p['rank_corr']:.4f}, {p.get('train_s', 0):.1f}s")
+        m = compare_ebdm(teacher, student, hx[:512], hc[:512], he[:512])
+        row.update({f"{prefix}_{k}": v for k, v in m.items()})
+        save(f"{prefix}: student {args.steps} steps, {stats['samples_per_s']:.0f} samples/s; DSM <= 1.02x after {row[f'{prefix}_to_dsm_target_s']:.1f}s "
+             f"(step {row[f'{prefix}_to_dsm_target_step']}); with rank corr >= 0.98 after {row[f'{prefix}_to_both_targets_s']:.1f}s; final DSM "
+             f"{m['dsm_ratio']:.4f}x, rank corr {m['energy_rank_corr']:.4f}, ternary {100 * m['ternary_share']:.1f} %")  # fmt: skip
+        return teacher, student, hx, hc
+
+    # A: case14, time to target
+    got = teacher_and_student("grid:case14", args.fossils, 16 if args.tiny else 256, 2 if args.tiny else 4, "case14", args.every)
+    if got is None:
+        print(json.dumps(row, default=float))
+        return
+    teacher, student, hx, hc = got
+
+    # B: case118 wide
+    if args.wide and elapsed() < 0.5 * args.budget_s:
+        teacher_and_student("grid:case118", args.fossils_118, 16 if args.tiny else args.wide, 2 if args.tiny else 4, f"case118_h{args.wide}", args.every * 5)
+    elif args.wide:
+        row["case118_skipped"] = f"not started: {elapsed():.0f}s of the {args.budget_s:.0f}s budget gone"
+        save(row["case118_skipped"])
+
+    # C: paired decisions on case14
+    if args.decisions and elapsed() < 0.75 * args.budget_s:
+        domain = domains.get("grid:case14")
+        n = min(args.decisions, len(hx))
+        t0 = time.perf_counter()
+        p = paired_decisions(teacher, student, domain, hx[:n], hc[:n], seed=0, batch=n, device=args.device)
+        row.update({f"paired_{k}": v for k, v in p.items()})
+        row["paired_s"] = time.perf_counter() - t0
+        save(f"paired decisions on {n} contexts: gap {p['gap_diff_pp']:+.3f} pp [{p['gap_diff_low_pp']:+.3f}, {p['gap_diff_high_pp']:+.3f}] "
+             f"({p['gap_verdict']}); savings {p['savings_diff_pp']:+.3f} pp [{p['savings_diff_low_pp']:+.3f}, {p['savings_diff_high_pp']:+.3f}] "
+             f"({p['savings_verdict']}); teacher gap {100 * p['teacher_decision_gap_mean']:.3f} %, in {row['paired_s']:.0f}s")  # fmt: skip
+        if elapsed() < 0.9 * args.budget_s:
+            q = paired_decisions(teacher, teacher, domain, hx[:n], hc[:n], seed=0, student_seed=1, batch=n, device=args.device)
+            row.update({f"noise_{k}": v for k, v in q.items()})
+            save(f"the teacher against itself, seed 1 vs 0 (unpaired): gap {q['gap_diff_pp']:+.3f} pp [{q['gap_diff_low_pp']:+.3f}, "
+                 f"{q['gap_diff_high_pp']:+.3f}], per-context sd {q['gap_diff_sd_pp']:.3f} pp vs paired student sd {p['gap_diff_sd_pp']:.3f} pp")  # fmt: skip
+    elif args.decisions:
+        row["paired_skipped"] = f"not started: {elapsed():.0f}s of the {args.budget_s:.0f}s budget gone"
+        save(row["paired_skipped"])
+    print(json.dumps(row, default=float))
+
+
+if __name__ == "__main__":
+    main()
