@@ -104,6 +104,16 @@ def test_the_loop_refuses_a_learned_model_of_another_domain(tmp_path):
     save_file(tensors, str(damaged), metadata=read_metadata(path))
     with pytest.raises(ControlError, match=r"states a learned optimiser but lacks \['cost.weights'\]: the file is damaged"):
         load_policy(damaged, domains.get("grid:case14"))
+    # the health probe after activation runs the same runtime: a damaged optimiser is refused there
+    from scf.consumers.edge.probe import health_check
+
+    assert health_check(path) is None
+    assert health_check(damaged).endswith("lacks ['cost.weights']: the file is damaged or from another version")
+    poisoned = tmp_path / "nan.safetensors"
+    tensors = load_file(str(path))
+    tensors["policy.net.0.weight"][0, 0] = np.nan
+    save_file(tensors, str(poisoned), metadata=read_metadata(path))
+    assert health_check(poisoned).endswith("tensor policy.net.0.weight holds non-finite values: the model cannot decide")
 
 
 # --------------------------------------------------------------------------- on the simulated site
@@ -217,3 +227,42 @@ async def test_a_learned_model_breaking_its_envelope_reverts_to_the_previous_mod
     again._setup(await again.plant.telemetry(-1))
     assert again._controller_for(v2).name == "ck-1"
     assert STATUS_QUO not in ran[97:]
+
+
+WITHOUT_TORCH = r"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed on this edge box")
+sys.meta_path.insert(0, NoTorch())
+import numpy as np
+from scf import domains
+from scf.consumers.edge.control import load_policy
+from scf.consumers.edge.probe import health_check
+path, contexts = sys.argv[1], np.load(sys.argv[2])
+assert health_check(path) is None, health_check(path)
+policy, _ = load_policy(__import__("pathlib").Path(path), domains.get("hvac:office3"))
+out = np.stack([policy.decide(policy.domain, c)[1] for c in contexts])
+assert not any(m == "torch" or m.startswith("torch.") or m.startswith("scf.ml") for m in sys.modules), sorted(sys.modules)
+np.save(sys.argv[3], out)
+"""
+
+
+def test_the_edge_decides_with_a_learned_model_without_torch(tmp_path):
+    """A process where torch cannot be imported loads, probes and runs the checkpoint through
+    the control loop's policy: the torch model's decisions."""
+    import subprocess
+    import sys
+
+    dom, model, path, _ = _train("hvac:office3", tmp_path, steps=10, n=150)
+    rng = np.random.default_rng(3)
+    contexts = np.stack([dom.sample_context(rng) for _ in range(8)])
+    np.save(tmp_path / "c.npy", contexts)
+    run = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(path), str(tmp_path / "c.npy"), str(tmp_path / "u.npy")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    _, fixed = model.decide(dom, contexts)
+    ok = fixed.feasible
+    assert ok.any()
+    assert np.allclose(np.load(tmp_path / "u.npy")[ok], fixed.states[ok], atol=1e-5, rtol=1e-6)

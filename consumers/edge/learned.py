@@ -253,4 +253,26 @@ class LearnedRuntime:
         return np.where(ok[:, None], x + best[:, None] * v, x)
 
 
-__all__ = ["LearnedError", "LearnedRuntime", "OPT_FORMAT", "TERNARY_FORMAT", "is_learned"]
+def probe(path: str | Path) -> str | None:
+    """The health probe of a learned optimiser: None when it loads (every part present and
+    finite) and its network answers the middle of its context bounds with finite states
+    within its bounds; otherwise why not (one line)."""
+    try:
+        rt = LearnedRuntime.load(path)
+        c = rt.context_mid.astype(np.float64)[None, :]
+        h = (c.astype(np.float32) - rt.context_mid) / rt.context_half
+        for i, name in enumerate(rt.layers):
+            h = rt._linear(name, h)
+            if i < len(rt.layers) - 1:
+                h = _silu(h)
+        x = rt.state_mid + rt.state_half * h
+    except LearnedError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure to run is the answer
+        return f"the learned optimiser does not run: {type(exc).__name__}: {exc}"
+    if x.shape != (1, rt.d) or not np.isfinite(x).all():
+        return f"the learned optimiser answers the probe with {list(x.shape)} values, not {rt.d} finite ones"
+    return None
+
+
+__all__ = ["LearnedError", "LearnedRuntime", "OPT_FORMAT", "TERNARY_FORMAT", "is_learned", "probe"]

@@ -22,7 +22,20 @@ def health_check(path: Path, max_elements: int = 50_000_000) -> str | None:
     to W @ x (+ a bias of matching shape when present) with a finite, non-degenerate result.
     This is SCF's own minimal probe: ml/ offers no numpy-only one (docs/deploy.md). A
     ternary student (its header states `scf-ternary/1`) is unpacked (every code checked)
-    and run on a fixed input by the numpy runtime instead (`ternary.probe`, docs/distill.md)."""
+    and run on a fixed input by the numpy runtime instead (`ternary.probe`, docs/distill.md);
+    a learned optimiser (`scf-opt/1`, or its student) is loaded by its runtime, every part
+    checked, and its proposal network run on the middle of its context bounds
+    (`learned.probe`)."""
+    from scf.consumers.edge.learned import is_learned
+    from scf.consumers.edge.learned import probe as probe_learned
+    from scf.consumers.edge.ternary import read_metadata
+
+    try:
+        learned = is_learned(read_metadata(path))
+    except Exception:  # noqa: BLE001 - unreadable: the checks below say why
+        learned = False
+    if learned:  # a learned optimiser (scf-opt/1, or its ternary student): loaded and run by its runtime
+        return probe_learned(path)
     if is_packed(path):  # a ternary student (format scf-ternary/1): unpacked and run by its runtime
         return probe_packed(path)
     try:
