@@ -12,14 +12,15 @@ A. grid:case14: synthetic fossils; the EBDM teacher trained on the device first 
    same fixed noise, `ml.ebdm.heldout_dsm`) and its energy rank correlation. Reported:
    teacher and student samples/s, and the student's training time (monitor excluded) to
    reach held-out DSM <= 1.02x the teacher's, and to reach that with rank correlation >= 0.98.
-B. grid:case118 at hidden `--wide` (default 512, depth 4): the ternary share there (the
-   goal >= 90 %; 89.5 % at hidden 256) and whether the student still meets DSM <= 1.02x and
-   rank correlation >= 0.98.
-C. Decisions on case14, PAIRED (`ml.distill.paired_decisions`): teacher and student sample
-   with the same noise on `--decisions` held-out contexts (on the device), repaired and
-   measured against the exact optimum (on the CPU); the differences of gap and savings
-   captured with their 95 % intervals; and the teacher against itself with another seed
-   (unpaired: the sampler's own spread).
+B. Decisions on case14, PAIRED (`ml.distill.paired_decisions`): teacher and student sample
+   with the same noise on `--decisions` contexts (the held-out split, then fresh draws of
+   the synthesiser, seed 12345) on the device, repaired and measured against the exact
+   optimum on the CPU; the differences of gap and savings captured with their 95 %
+   intervals; and, time allowing, the teacher against itself with another seed (unpaired:
+   the sampler's own spread).
+C. grid:case118 at hidden `--wide` (default 512, depth 4): the ternary share there (the
+   goal >= 90 %; 89.5 % at hidden 256), what stays in full precision, and whether the
+   student still meets DSM <= 1.02x and rank correlation >= 0.98.
 
 Prints each number as it comes and one JSON line at the end; writes the JSON to
 $OUT/ternary.json (or `--json`) after every part.
@@ -54,17 +55,18 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=100, help="monitor every N distillation steps")
     ap.add_argument("--wide", type=int, default=512, help="case118 hidden width (part B; 0: skip)")
     ap.add_argument("--fossils-118", type=int, default=8000)
-    ap.add_argument("--decisions", type=int, default=1024, help="held-out contexts for the paired decisions (part C; 0: skip)")
-    ap.add_argument("--budget-s", type=float, default=160.0, help="wall-clock budget of the whole run")
+    ap.add_argument("--decisions", type=int, default=2048, help="held-out contexts for the paired decisions (part C; 0: skip)")
+    ap.add_argument("--budget-s", type=float, default=145.0, help="wall-clock budget of the whole run")
     ap.add_argument("--processes", type=int, default=min(16, os.cpu_count() or 1), help="processes for synthesising fossils")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.tiny:
         args.fossils, args.teacher_steps, args.steps, args.every = 1600, 30, 20, 10
-        args.fossils_118, args.decisions = 600, 16
+        args.fossils_118, args.decisions = 600, 120
     out_json = args.json or Path(os.environ.get("OUT", tempfile.gettempdir())) / "ternary.json"
     started = time.perf_counter()
 
+    import numpy as np
     import torch
 
     if args.device == "cpu":
@@ -72,10 +74,12 @@ def main() -> None:
 
     from scf import domains
     from scf.domains.fossils import synth_shards
+    from scf.domains.quality import optimum_costs
     from scf.ml.checkpoint import load_checkpoint
     from scf.ml.distill import DistillConfig, _spearman, compare_ebdm, distill_ebdm, paired_decisions
     from scf.ml.ebdm import heldout_dsm
     from scf.ml.loader import load_arrays
+    from scf.ml.ternary import precision_counts
     from scf.ml.train import train_local
 
     row: dict = {"device": args.device, "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
@@ -163,6 +167,7 @@ def main() -> None:
             print(f"  step {p['step']:5d}: DSM ratio {p['dsm_ratio']:.4f}, rank corr {p['rank_corr']:.4f}, {p.get('train_s', 0):.1f}s")
         m = compare_ebdm(teacher, student, hx[:512], hc[:512], he[:512])
         row.update({f"{prefix}_{k}": v for k, v in m.items()})
+        row[f"{prefix}_precision_counts"] = precision_counts(student)
         save(f"{prefix}: student {args.steps} steps, {stats['samples_per_s']:.0f} samples/s; DSM <= 1.02x after {row[f'{prefix}_to_dsm_target_s']:.1f}s "
              f"(step {row[f'{prefix}_to_dsm_target_step']}); with rank corr >= 0.98 after {row[f'{prefix}_to_both_targets_s']:.1f}s; final DSM "
              f"{m['dsm_ratio']:.4f}x, rank corr {m['energy_rank_corr']:.4f}, ternary {100 * m['ternary_share']:.1f} %")  # fmt: skip
@@ -175,32 +180,40 @@ def main() -> None:
         return
     teacher, student, hx, hc = got
 
-    # B: case118 wide
-    if args.wide and elapsed() < 0.5 * args.budget_s:
-        teacher_and_student("grid:case118", args.fossils_118, 16 if args.tiny else args.wide, 2 if args.tiny else 4, f"case118_h{args.wide}", args.every * 5)
-    elif args.wide:
-        row["case118_skipped"] = f"not started: {elapsed():.0f}s of the {args.budget_s:.0f}s budget gone"
-        save(row["case118_skipped"])
-
-    # C: paired decisions on case14
-    if args.decisions and elapsed() < 0.75 * args.budget_s:
+    # B: paired decisions on case14 (the first open question: before the wide case118)
+    if args.decisions and elapsed() < 0.6 * args.budget_s:
         domain = domains.get("grid:case14")
-        n = min(args.decisions, len(hx))
+        dx, dc = hx[: args.decisions].astype(float), hc[: args.decisions].astype(float)
+        if len(dx) < args.decisions:  # more held-out contexts: fresh draws of the synthesiser (no training fossil)
+            fresh = domain.synthesize(np.random.default_rng(12345), args.decisions - len(dx))
+            dx = np.concatenate([dx, np.stack([f.state for f in fresh])])
+            dc = np.concatenate([dc, np.stack([f.context for f in fresh])])
+        n = len(dx)
         t0 = time.perf_counter()
-        p = paired_decisions(teacher, student, domain, hx[:n], hc[:n], seed=0, batch=n, device=args.device)
+        optimum = optimum_costs(domain, dc)[1]
+        row["optimum_s"] = time.perf_counter() - t0
+        p = paired_decisions(teacher, student, domain, dx, dc, seed=0, batch=n, device=args.device, optimum=optimum)
         row.update({f"paired_{k}": v for k, v in p.items()})
         row["paired_s"] = time.perf_counter() - t0
         save(f"paired decisions on {n} contexts: gap {p['gap_diff_pp']:+.3f} pp [{p['gap_diff_low_pp']:+.3f}, {p['gap_diff_high_pp']:+.3f}] "
              f"({p['gap_verdict']}); savings {p['savings_diff_pp']:+.3f} pp [{p['savings_diff_low_pp']:+.3f}, {p['savings_diff_high_pp']:+.3f}] "
              f"({p['savings_verdict']}); teacher gap {100 * p['teacher_decision_gap_mean']:.3f} %, in {row['paired_s']:.0f}s")  # fmt: skip
-        if elapsed() < 0.9 * args.budget_s:
-            q = paired_decisions(teacher, teacher, domain, hx[:n], hc[:n], seed=0, student_seed=1, batch=n, device=args.device)
+        if elapsed() < 0.5 * args.budget_s:
+            q = paired_decisions(teacher, teacher, domain, dx, dc, seed=0, student_seed=1, batch=n, device=args.device, optimum=optimum)
             row.update({f"noise_{k}": v for k, v in q.items()})
             save(f"the teacher against itself, seed 1 vs 0 (unpaired): gap {q['gap_diff_pp']:+.3f} pp [{q['gap_diff_low_pp']:+.3f}, "
                  f"{q['gap_diff_high_pp']:+.3f}], per-context sd {q['gap_diff_sd_pp']:.3f} pp vs paired student sd {p['gap_diff_sd_pp']:.3f} pp")  # fmt: skip
     elif args.decisions:
         row["paired_skipped"] = f"not started: {elapsed():.0f}s of the {args.budget_s:.0f}s budget gone"
         save(row["paired_skipped"])
+
+    # C: case118 wide
+    if args.wide and elapsed() < 0.6 * args.budget_s:
+        teacher_and_student("grid:case118", args.fossils_118, 16 if args.tiny else args.wide, 2 if args.tiny else 4, f"case118_h{args.wide}", args.every * 5)
+    elif args.wide:
+        row["case118_skipped"] = f"not started: {elapsed():.0f}s of the {args.budget_s:.0f}s budget gone"
+        save(row["case118_skipped"])
+
     print(json.dumps(row, default=float))
 
 

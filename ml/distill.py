@@ -369,8 +369,8 @@ def verdict(low_pp: float, high_pp: float, tolerance_pp: float) -> str:
 
 
 def paired_decisions(teacher, student, domain, x: np.ndarray, c: np.ndarray, *, seed: int = 0, batch: int = 256,
-                     device: str = "cpu", z: float = 1.96, tolerance_pp: float = 0.1,
-                     student_seed: int | None = None) -> dict[str, float | str]:  # fmt: skip
+                     device: str = "cpu", z: float = 1.96, tolerance_pp: float = 0.1, student_seed: int | None = None,
+                     optimum: np.ndarray | None = None) -> dict[str, float | str]:  # fmt: skip
     """Decision quality of student and teacher compared PAIRED on held-out contexts c (status
     quo: the held-out states x): both sample with identical noise (the same generator seeds,
     so the same initial states, Langevin moves and Metropolis uniforms), both are repaired
@@ -385,12 +385,13 @@ def paired_decisions(teacher, student, domain, x: np.ndarray, c: np.ndarray, *, 
     savings_diff_pp, savings_diff_low_pp, savings_diff_high_pp
     gap_verdict, savings_verdict   met (CI within ±tolerance_pp), missed, undecided
     `student_seed` other than `seed` unpairs the noise (the sampler's own spread: pass the
-    teacher twice)."""
+    teacher twice); `optimum`: the contexts' exact optimal costs where known
+    (`domains.quality.optimum_costs`), else solved here."""
     from scf.domains.quality import decision_quality, optimum_costs
     from scf.domains.repair import repair_batch
 
     c, x = np.asarray(c, dtype=float), np.asarray(x, dtype=float)
-    optimum = optimum_costs(domain, c)[1]
+    optimum = optimum_costs(domain, c)[1] if optimum is None else np.asarray(optimum, dtype=float)
     runs = {}
     for name, model, s in (("teacher", teacher, seed), ("student", student, seed if student_seed is None else student_seed)):
         samples = _sample_decisions(model, domain, c, seed=s, batch=batch, device=device)

@@ -122,4 +122,22 @@ def ternary_share(module: nn.Module) -> float:
     return ternary / max(total, 1)
 
 
-__all__ = ["ACT_LEVELS", "BitLinear", "activation_codes", "activation_quant", "bit_layers", "freeze", "ternarise", "ternary_share", "weight_quant"]
+def precision_counts(module: nn.Module) -> dict[str, int]:
+    """The numbers `ternary_share` counts, by kind: `ternary` (BitLinear weights),
+    `projections` (full-precision linear weights: the input/output projections), `biases`,
+    `norms` (LayerNorm weights), `features` (every other parameter or buffer: Fourier
+    frequencies, normalisation constants)."""
+    out = dict.fromkeys(("ternary", "projections", "biases", "norms", "features"), 0)
+    kinds = {}
+    for name, m in module.named_modules():
+        kind = "ternary" if isinstance(m, BitLinear) else "projections" if isinstance(m, nn.Linear) else "norms" if isinstance(m, nn.LayerNorm) else None
+        if kind:
+            kinds[f"{name}.weight" if name else "weight"] = kind
+    named = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if not n.endswith("wscale")]
+    for name, t in named:
+        kind = kinds.get(name) or ("biases" if name.endswith("bias") else "features")
+        out[kind] += t.numel()
+    return out
+
+
+__all__ = ["ACT_LEVELS", "BitLinear", "activation_codes", "activation_quant", "bit_layers", "freeze", "precision_counts", "ternarise", "ternary_share", "weight_quant"]

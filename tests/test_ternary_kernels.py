@@ -14,7 +14,7 @@ import torch
 
 from scf.consumers.edge.ternary import EXACT_F32_FAN_IN, KERNELS, PackedModel, TernaryError, TernaryNet, activation_codes
 from scf.ml.distill import export_student
-from scf.ml.ternary import BitLinear
+from scf.ml.ternary import BitLinear, precision_counts, ternary_share
 from scf.ml.ternary import activation_codes as torch_codes
 from tests.test_ternary import TINY, tiny_student
 
@@ -106,3 +106,14 @@ def test_the_ebdm_student_runs_alike_in_both_kernels(tmp_path):
     assert np.allclose(e["int8"][0], energy.detach().numpy(), rtol=1e-4, atol=1e-4)
     assert np.allclose(-e["int8"][1], s.detach().numpy(), rtol=1e-3, atol=1e-3)
     assert nets["int8"].weight_bytes() < 0.5 * nets["f32"].weight_bytes()
+
+
+def test_precision_counts_say_what_is_kept_in_full_precision():
+    _, student = tiny_student()
+    counts = precision_counts(student)
+    total = sum(counts.values())
+    assert counts["ternary"] / total == pytest.approx(ternary_share(student))
+    assert counts["projections"] == student.inp.weight.numel() + student.head[1].weight.numel()  # input and output projections
+    assert counts["norms"] == sum(m.weight.numel() for m in student.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert counts["biases"] == sum(p.numel() for n, p in student.named_parameters() if n.endswith("bias"))
+    assert counts["features"] > 0  # Fourier frequencies, normalisation constants
