@@ -11,12 +11,21 @@
    student (`ml.distill.distill_ebdm`, BitNet b1.58) for `--steps`; both judged on the same
    held-out fossils (`compare_ebdm`): held-out DSM ratio, Spearman of the student's
    energies against the teacher's, ternary share; with `--decisions N`, decision quality
-   of both (one physics-guided sample per held-out context, repaired; gap to the exact
-   optimum, savings captured) and their difference in percentage points.
+   PAIRED (`ml.distill.paired_decisions`): teacher and student sample with the same noise on
+   the same N held-out contexts (beyond the held-out split: fresh draws of the domain's
+   synthesiser, seed 12345, no fossil of training), repaired, against the exact optimum;
+   the paired differences of gap and savings captured with 95 % intervals and a verdict
+   (met: the interval within ±0.1 pp); and the teacher against itself with another seed
+   (unpaired: the sampler's own spread, which the pairing removes). `--student FILE` takes
+   a packed student instead of distilling one.
 3. Files: the student packed at 2 bits and in base 3, each against the teacher's fp32
    safetensors file.
-4. Latency, batch 1 on this machine: the student in numpy (`consumers.edge.ternary`) against
-   the torch fp32 teacher, measured in the same run: energy alone, and energy + score.
+4. Latency, batch 1 on this machine, and memory: the student in numpy (`consumers.edge.ternary`)
+   with each kernel (`f32`: int8 codes through float32 BLAS, exact; `int8`: int8 weights,
+   int32 accumulation), the previous runtime (dequantised activations times the float32
+   unpack) and the torch fp32 teacher, measured in the same run: energy alone, energy +
+   score, and a decision (rank 64 candidate states of one context); the weights' bytes in
+   memory and the peak of a call's transient arrays (tracemalloc).
 5. Learned optimiser (trained here with `--opt-steps`, or `--optimiser`): its proposal
    network distilled (`distill_optimiser`); decision quality of both on the same held-out
    contexts; numpy batch-1 proposal latency against the torch teacher.
@@ -60,6 +69,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="fossil shards (default: --fossils synthetic ones)")
     ap.add_argument("--fossils", type=int, default=8000)
     ap.add_argument("--teacher", type=Path, help="an EBDM checkpoint (default: train one here)")
+    ap.add_argument("--student", type=Path, help="a packed student of --teacher (default: distil one here)")
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--depth", type=int, default=3)
@@ -74,13 +84,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=200, help="latency repetitions")
     ap.add_argument("--out", type=Path, help="keep the files here (default: a temporary directory)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; 1 on a shared machine)")
     args = ap.parse_args()
 
     import numpy as np
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     from scf import domains
-    from scf.consumers.edge.ternary import TernaryNet
+    from scf.consumers.edge.ternary import TernaryNet, quantise_activations
     from scf.domains.fossils import synth_shards
     from scf.ml.checkpoint import load_checkpoint
     from scf.ml.distill import DistillConfig, compare_ebdm, distill_ebdm, export_student
@@ -115,15 +129,32 @@ def main() -> None:
     teacher, _ = load_checkpoint(teacher_path)
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, log_every=max(1, args.steps // 5),
                         anchor_weight=args.anchor_weight)  # fmt: skip
-    student, stats = distill_ebdm(teacher, x, c, cfg, log=lambda line: print("  distill " + line, flush=True))
-    row["distill_s"], row["distill_samples_per_s"] = stats["train_seconds"], stats["samples_per_s"]
-    m = compare_ebdm(teacher, student, hx, hc, he, domain=domain, decisions=args.decisions)
-    row.update({k: v for k, v in m.items()})
-    if args.decisions:  # the sampler's own noise: the teacher against itself with another sampling seed
-        from scf.ml.optimize import ebdm_decisions
+    if args.student is None:
+        student, stats = distill_ebdm(teacher, x, c, cfg, log=lambda line: print("  distill " + line, flush=True))
+    else:
+        from scf.ml.distill import load_student
 
-        again = ebdm_decisions(teacher, domain, hx[: args.decisions].astype(float), hc[: args.decisions].astype(float), seed=1)
-        row.update({f"teacher_seed1_{k}": v for k, v in again.items()})
+        student, _ = load_student(args.student)
+        stats = {"train_seconds": float("nan"), "samples_per_s": float("nan")}
+    row["distill_s"], row["distill_samples_per_s"] = stats["train_seconds"], stats["samples_per_s"]
+    m = compare_ebdm(teacher, student, hx, hc, he)
+    row.update({k: v for k, v in m.items()})
+    paired = noise = None
+    if args.decisions:
+        from scf.ml.distill import paired_decisions
+
+        dx, dc = hx[: args.decisions].astype(float), hc[: args.decisions].astype(float)
+        if len(dx) < args.decisions:  # more held-out contexts: fresh draws of the synthesiser (no training fossil)
+            fresh = domain.synthesize(np.random.default_rng(12345), args.decisions - len(dx))
+            dx = np.concatenate([dx, np.stack([f.state for f in fresh])])
+            dc = np.concatenate([dc, np.stack([f.context for f in fresh])])
+        t0 = time.perf_counter()
+        paired = paired_decisions(teacher, student, domain, dx, dc, seed=0, batch=512)
+        row.update({f"paired_{k}": v for k, v in paired.items()})
+        row["paired_s"] = time.perf_counter() - t0
+        print(f"paired decisions on {len(dx)} contexts in {row['paired_s']:.0f}s", flush=True)
+        noise = paired_decisions(teacher, teacher, domain, dx, dc, seed=0, student_seed=1, batch=512)
+        row.update({f"noise_{k}": v for k, v in noise.items()})
     config = dataclasses.asdict(teacher.config)
     sizes = {}
     for packing in ("2bit", "base3"):
@@ -136,25 +167,59 @@ def main() -> None:
         row[f"student_bytes_{packing}"] = n
         row[f"file_ratio_{packing}"] = n / teacher_bytes
 
-    # ------------------------------------------------------------- latency, batch 1
-    net = TernaryNet.load(out / "student-2bit.safetensors")
+    # ------------------------------------------------------------- latency and memory, batch 1
+    import tracemalloc
+
+    class Dequantised(TernaryNet):  # the previous runtime: dequantised activations times the float32 unpack
+        def linear(self, name, x):
+            if name not in self.m.ternary:
+                return super().linear(name, x)
+            w, scale = self._codes[name], self.m.ternary[name][1]
+            y = (quantise_activations(x) @ w) * np.float32(scale)
+            bias = self.t.get(f"{name}.bias")
+            return y + bias if bias is not None else y
+
+    nets = {"f32": TernaryNet.load(out / "student-2bit.safetensors", kernel="f32"),
+            "int8": TernaryNet.load(out / "student-2bit.safetensors", kernel="int8"),
+            "unpack": Dequantised.load(out / "student-2bit.safetensors", kernel="f32")}  # fmt: skip
+    net = nets["f32"]
     x1, c1 = hx[:1].astype(np.float32), hc[:1].astype(np.float32)
     z1, cz1 = net.normalise(x1, c1)
     sigma = float(teacher.config.sigma_min)
     torch.set_num_threads(1)
     zt, czt = torch.as_tensor(z1), torch.as_tensor(cz1)
+    cand = hx[:64].astype(np.float32)  # a decision on the edge: rank 64 candidate states of one context
+    cand_c = np.broadcast_to(c1, (len(cand), c1.shape[1])).copy()
+    zc, czc = teacher.normalise(torch.as_tensor(cand)), teacher.normalise_context(torch.as_tensor(cand_c))
 
     def torch_energy():
         with torch.no_grad():
             teacher.energy(zt, czt, sigma)
 
-    lat = {
-        "numpy_student_energy_ms": median_time(lambda: net.energy_z(z1, cz1, sigma), args.repeat),
-        "torch_teacher_energy_ms": median_time(torch_energy, args.repeat),
-        "numpy_student_score_ms": median_time(lambda: net.energy_z(z1, cz1, sigma, grad=True), args.repeat),
-        "torch_teacher_score_ms": median_time(lambda: teacher.score(zt, czt, sigma), args.repeat),
-    }
-    row.update({k: 1000 * v for k, v in lat.items()})
+    def torch_rank():
+        with torch.no_grad():
+            torch.argsort(teacher.energy(zc, czc, sigma))
+
+    def peak_kib(fn) -> float:
+        tracemalloc.start()
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak / 1024
+
+    for k, n in nets.items():
+        row[f"numpy_{k}_energy_ms"] = 1000 * median_time(lambda n=n: n.energy_z(z1, cz1, sigma), args.repeat)
+        row[f"numpy_{k}_score_ms"] = 1000 * median_time(lambda n=n: n.energy_z(z1, cz1, sigma, grad=True), args.repeat)
+        row[f"numpy_{k}_rank64_ms"] = 1000 * median_time(lambda n=n: n.rank(cand, c1[0]), args.repeat)
+        row[f"numpy_{k}_weights_kib"] = n.weight_bytes() / 1024
+        row[f"numpy_{k}_score_peak_kib"] = peak_kib(lambda n=n: n.energy_z(z1, cz1, sigma, grad=True))
+        row[f"numpy_{k}_rank64_peak_kib"] = peak_kib(lambda n=n: n.rank(cand, c1[0]))
+    assert np.array_equal(nets["f32"].energy(cand, cand_c), nets["int8"].energy(cand, cand_c))  # the kernels: the same integers
+    row["torch_teacher_energy_ms"] = 1000 * median_time(torch_energy, args.repeat)
+    row["torch_teacher_score_ms"] = 1000 * median_time(lambda: teacher.score(zt, czt, sigma), args.repeat)
+    row["torch_teacher_rank64_ms"] = 1000 * median_time(torch_rank, args.repeat)
+    row["torch_teacher_weights_kib"] = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) / 1024
+    row["numpy_student_energy_ms"], row["numpy_student_score_ms"] = row["numpy_f32_energy_ms"], row["numpy_f32_score_ms"]
 
     # ------------------------------------------------------------- learned optimiser
     if args.optimiser is not None or args.opt_steps:
@@ -192,20 +257,25 @@ def main() -> None:
     line("held-out DSM, student / teacher", f"{m['dsm_ratio']:.4f} ({m['heldout_dsm']:.4f} / {m['teacher_heldout_dsm']:.4f})", "<= 1.02", m["dsm_ratio"] <= 1.02)
     line("energy rank correlation (Spearman, σ_min)", f"{m['energy_rank_corr']:.4f}", ">= 0.98", m["energy_rank_corr"] >= 0.98)
     line("energy rank correlation (noisy, mean over the ladder)", f"{m['energy_rank_corr_noisy']:.4f}", "(reported)", None)
-    if "decision_gap_mean" in m and "teacher_decision_gap_mean" in m:
-        diff = 100 * (m["decision_gap_mean"] - m["teacher_decision_gap_mean"])
-        line("EBDM decisions: gap to optimum, student - teacher", f"{diff:+.3f} pp ({100 * m['decision_gap_mean']:.3f} % vs {100 * m['teacher_decision_gap_mean']:.3f} %)", "within 0.1 pp", abs(diff) <= 0.1)
-    if "teacher_seed1_decision_gap_mean" in row:
-        diff = 100 * (row["teacher_seed1_decision_gap_mean"] - m["teacher_decision_gap_mean"])
-        line("EBDM decisions: gap, the teacher against itself (sampling seed 1 vs 0)", f"{diff:+.3f} pp", "(the sampler's noise)", None)
-    if "decision_savings_captured" in m and "teacher_decision_savings_captured" in m:
-        diff = 100 * (m["decision_savings_captured"] - m["teacher_decision_savings_captured"])
-        line("EBDM decisions: savings captured, student - teacher", f"{diff:+.3f} pp", "within 0.1 pp", abs(diff) <= 0.1)
+    if paired is not None:
+        n = int(paired["contexts"])
+        for k, name, mean in (("gap", "gap to optimum", "decision_gap_mean"), ("savings", "savings captured", "decision_savings_captured")):
+            p = paired
+            line(f"EBDM decisions, paired on {n} contexts: {name}, student - teacher [95 % CI]",
+                 f"{p[k + '_diff_pp']:+.3f} pp [{p[k + '_diff_low_pp']:+.3f}, {p[k + '_diff_high_pp']:+.3f}] ({100 * p[mean]:.3f} % vs {100 * p['teacher_' + mean]:.3f} %)",
+                 "within 0.1 pp", {"met": True, "missed": False}.get(p[k + "_verdict"]))  # fmt: skip
+            line(f"  the teacher against itself, seed 1 vs 0 (unpaired): {name}",
+                 f"{noise[k + '_diff_pp']:+.3f} pp [{noise[k + '_diff_low_pp']:+.3f}, {noise[k + '_diff_high_pp']:+.3f}]", "(the sampler's noise)", None)  # fmt: skip
+        line("  per-context sd of the gap difference: paired student / unpaired teacher", f"{paired['gap_diff_sd_pp']:.3f} / {noise['gap_diff_sd_pp']:.3f} pp; identical decisions {100 * paired['identical_decisions']:.1f} %", "(reported)", None)
     line("parameters ternary", f"{100 * m['ternary_share']:.1f} %", ">= 90 %", m["ternary_share"] >= 0.9)
     for packing in ("2bit", "base3"):
         line(f"file, {packing} / fp32 teacher", f"{row[f'file_ratio_{packing}']:.3f} ({sizes[packing]:,} / {teacher_bytes:,} bytes)", "<= 0.15", row[f"file_ratio_{packing}"] <= 0.15)
-    line("batch-1 energy: numpy student / torch fp32 teacher", f"{row['numpy_student_energy_ms']:.3f} / {row['torch_teacher_energy_ms']:.3f} ms = {row['numpy_student_energy_ms'] / row['torch_teacher_energy_ms']:.2f}x", "(reported)", None)
-    line("batch-1 energy + score: numpy student / torch fp32 teacher", f"{row['numpy_student_score_ms']:.3f} / {row['torch_teacher_score_ms']:.3f} ms = {row['numpy_student_score_ms'] / row['torch_teacher_score_ms']:.2f}x", "(reported)", None)
+    for what, key in (("energy", "energy"), ("energy + score", "score"), ("decision: rank 64 candidates", "rank64")):
+        t = row[f"torch_teacher_{key}_ms"]
+        got = ", ".join(f"{k} {row[f'numpy_{k}_{key}_ms']:.3f} ms ({row[f'numpy_{k}_{key}_ms'] / t:.2f}x)" for k in nets)
+        line(f"batch-1 {what}: numpy student by kernel / torch fp32 teacher {t:.3f} ms", got, "(reported)", None)
+    got = ", ".join(f"{k} {row[f'numpy_{k}_weights_kib']:.0f} KiB (score peak {row[f'numpy_{k}_score_peak_kib']:.0f} KiB)" for k in nets)
+    line(f"weights in memory: numpy student by kernel / torch teacher {row['torch_teacher_weights_kib']:.0f} KiB", got, "(reported)", None)
     if "opt_decision_gap_mean_diff_pp" in row:
         for k in ("decision_gap_mean", "decision_savings_captured"):
             d = row.get(f"opt_{k}_diff_pp")
