@@ -630,6 +630,10 @@ class Measurement(Payload, frozen=True):
     calibration: Calibration | None = None
     uncertainty_kwh: float | None = None
     confidence: float = 0.0
+    # What baseline_kwh and actual_kwh are kWh of: "kwh-electric" (electricity at the site's
+    # meter) or "kwh-fuel" (fuel burned, thermal input); "" = the unit `[ledger] meter_units`
+    # gives the meter (docs/ledger.md, "Units"). The ledger mints each unit as its own instrument.
+    unit: str = ""
 
     @property
     def saved_kwh(self) -> float:
@@ -661,6 +665,9 @@ class Transfer(Payload, frozen=True):
     meter: str = ""
     period_start_us: int = 0  # UTC microseconds since the epoch, half-open [start, end)
     period_end_us: int = 0
+    # The instrument: what `kwh` is kWh of ("kwh-electric", "kwh-fuel"); credits of different
+    # units are never added together (docs/ledger.md, "Units"). "" on transfers minted before.
+    unit: str = ""
 
 
 class LedgerTransfer(Event, tag="ledger.transfer", frozen=True, kw_only=True):

@@ -166,6 +166,7 @@ def measurement_event(
     calibration: ev.Calibration | None = None,
     uncertainty_kwh: float | None = None,
     confidence: float = 0.0,
+    unit: str = "",
 ) -> ev.EnergyMeasured:
     """An `energy.measured` for the node to sign, its times in UTC and its id the cause.
     (It builds what it is given; callers check readings from outside with `finite_kwh`.)"""
@@ -187,6 +188,7 @@ def measurement_event(
             calibration=calibration,
             uncertainty_kwh=uncertainty_kwh,
             confidence=confidence,
+            unit=unit,
         ),
         source=source,
         id=derived_id("energy.measured.event", mid),
