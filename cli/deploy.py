@@ -266,21 +266,33 @@ def energy_report(
 
 
 @ledger_app.command("balance")
-def ledger_balance(account: Optional[str] = typer.Argument(None, help="one account (e.g. node:edge-1); default: all")) -> None:
-    """Balances computed from the log (credits, 6 decimals)."""
-    from scf.consumers.ledger import balances, fmt_credits, read_transfers
+def ledger_balance(
+    account: Optional[str] = typer.Argument(None, help="one account (e.g. node:edge-1); default: all"),
+    unit: str = typer.Option("kwh-electric", help="the instrument: kwh-electric, kwh-fuel (none: transfers minted before units)"),
+) -> None:
+    """Balances of one unit computed from the log (credits, 6 decimals); units are never added together."""
+    from scf.consumers.ledger import UNITS, balances_by_unit, fmt_credits, norm_unit, read_transfers, unit_label
+
+    want = "" if norm_unit(unit) == "none" else norm_unit(unit)
+    if want and want not in UNITS:
+        typer.echo(f"Error: --unit {unit!r} is not a unit of the ledger: use one of {', '.join(UNITS)} (or none)", err=True)
+        raise typer.Exit(1)
 
     async def main() -> None:
         bus = await open_bus(load_settings())
         try:
-            bal = balances(await read_transfers(bus))
+            by_unit = balances_by_unit(await read_transfers(bus))
         finally:
             await bus.close()
+        bal = by_unit.get(want, {})
+        others = [u for u in sorted(by_unit) if u != want]
+        typer.echo(f"{unit_label(want)}: credits of {UNITS.get(want, 'kWh of an unrecorded unit')} × rate"
+                   + (f"; the ledger also holds {', '.join(unit_label(u) for u in others)} (--unit)" if others else ""), err=True)
         if account is not None:
             typer.echo(f"{account}  {fmt_credits(bal.get(account, 0))}")
             return
         if not bal:
-            typer.echo("the ledger is empty")
+            typer.echo("the ledger is empty" if not by_unit else f"no credits in {unit_label(want)}")
         for name in sorted(bal):
             typer.echo(f"{name:<40} {fmt_credits(bal[name]):>20}")
 
@@ -308,7 +320,7 @@ def ledger_history(
         for e in entries:
             t = e.transfer
             typer.echo(f"{e.seq:>8} {e.at[:19]}  {t.debit_account} -> {t.credit_account}  {fmt_credits(t.micro_credits)}"
-                       f"  {t.kwh:g} kWh @ {t.rate:g}  cause {t.cause_id}")
+                       f"  {t.kwh:g} {t.unit or 'kWh (unit not recorded)'} @ {t.rate:g}  cause {t.cause_id}")
 
     run(main())
 
@@ -318,13 +330,13 @@ def ledger_verify(
     causes: bool = typer.Option(True, help="also check each transfer against its measurement in the DEPLOY log"),
 ) -> None:
     """Recompute every balance from the log; check debits = credits, no cause minted twice, no overlapping periods."""
-    from scf.consumers.ledger import verify
+    from scf.consumers.ledger import LedgerSettings, verify
 
     async def main() -> bool:
         s = load_settings()
         bus = await open_bus(s)
         try:
-            report = await verify(bus, check_causes=causes, trust=await _trust(bus, s))
+            report = await verify(bus, check_causes=causes, trust=await _trust(bus, s), settings=s.section("ledger", LedgerSettings))
         finally:
             await bus.close()
         for line in report.lines():

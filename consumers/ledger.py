@@ -21,6 +21,12 @@ process that crashed between publishing and acking, or the duplicate window.
   max_saved_kwh`) savings are rejected with `ledger.rejected` and the reason — never the
   DLQ: a rejection is a business outcome.
 
+Every transfer names its **unit**, the instrument it is minted in: what its kWh are kWh
+of (`UNITS`: electricity, fuel), from the measurement's stated `unit` or, when it states
+none, from `[ledger] meter_units` for its meter; a measurement of no known unit, or one that
+contradicts its meter's, is rejected. Credits of different units are never added together:
+balances and verification are per (account, unit) (docs/ledger.md, "Units").
+
 Balances are a projection of the LEDGER stream (`balances`, `scf ledger balance`);
 `verify` recomputes everything from the log (`scf ledger verify`).
 """
@@ -69,6 +75,25 @@ log = logging.getLogger("scf.ledger")
 
 MICRO = 1_000_000
 
+# The instruments: what a transfer's kWh are kWh of. A kWh of fuel is not a kWh of
+# electricity (a unit of 35 % efficiency burns ~2.9 of the one per one of the other), so each
+# is minted, balanced and verified apart; nothing here converts one into the other
+# (docs/ledger.md, "Units": why no primary-energy or CO2e factor).
+ELECTRIC = "kwh-electric"
+FUEL = "kwh-fuel"
+UNITS: dict[str, str] = {
+    ELECTRIC: "kWh of electricity (final energy at the site's meter)",
+    FUEL: "kWh of fuel (thermal input to the generating units, as their fuel meters read it)",
+}
+
+
+def norm_unit(unit: str) -> str:
+    return " ".join(unit.split()).casefold()
+
+
+def _known_units() -> str:
+    return ", ".join(f"{u} ({d})" for u, d in UNITS.items())
+
 
 class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True):
     """`[ledger]` in scf.toml."""
@@ -91,6 +116,15 @@ class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # an Option D method is still checked).
     require_calibration: bool = True
     max_fsu: float = 0.5  # the saving's stated uncertainty may be at most this fraction of it (Guideline 14)
+    # The unit of a measurement that states none, by its meter (UNITS; docs/ledger.md "Units"):
+    # HVAC sites meter electricity on their main meter, grid sites report fuel on `fuel`. A
+    # meter not listed here must state its unit; a stated unit must agree with its meter's.
+    meter_units: dict[str, str] = msgspec.field(default_factory=lambda: {"main": ELECTRIC, "fuel": FUEL})
+
+    def __post_init__(self) -> None:
+        for meter, unit in self.meter_units.items():
+            if norm_unit(unit) not in UNITS:
+                raise ValueError(f"meter_units.{meter} = {unit!r} is not a unit the ledger knows: use one of {', '.join(UNITS)}")
 
 
 class LedgerError(SCFError):
@@ -162,6 +196,27 @@ def allowed_meters(labels: dict[str, str]) -> set[str]:
     return {DEFAULT_METER} | {norm_meter(x) for x in labels.get("meters", "").split(",") if x.strip()}
 
 
+def unit_of(m: ev.Measurement, meter: str, settings: LedgerSettings) -> tuple[str, str | None]:
+    """(the unit the measurement is minted in, None) or ("", why it has no known unit).
+    `meter`: the normalised meter."""
+    by_meter = {norm_meter(k): norm_unit(v) for k, v in settings.meter_units.items()}
+    meter_unit = by_meter.get(meter)
+    stated = norm_unit(m.unit)
+    if stated:
+        if stated not in UNITS:
+            what = "ambiguous: kWh of what?" if stated in ("kwh", "kw h", "kw·h") else "not a unit the ledger knows"
+            return "", (f"unknown unit {m.unit!r} ({what}): state the unit the kWh are measured in, one of "
+                        f"{_known_units()}")
+        if meter_unit is not None and stated != meter_unit:
+            return "", (f"unit {stated} contradicts meter {meter}, which measures {meter_unit} ([ledger] meter_units): "
+                        f"report {stated} on a meter of that unit, or correct the unit")
+        return stated, None
+    if meter_unit is None:
+        return "", (f"no unit: meter {meter!r} of node {m.node} has none in [ledger] meter_units and the measurement "
+                    f"states none: state unit = one of {_known_units()}, or map the meter in [ledger] meter_units")
+    return meter_unit, None
+
+
 def check(m: ev.Measurement, settings: LedgerSettings, cause: Cause | None = None) -> str | None:
     """Why a measurement may not be minted, or None. `cause`: `normalise(m)`, when the
     caller has it already."""
@@ -205,14 +260,19 @@ def mv_problem(m: ev.Measurement, kwh: float, settings: LedgerSettings) -> str |
 
 def transfer_for(
     measured: ev.EnergyMeasured, account: str, settings: LedgerSettings, source: str, *,
-    cause: Cause | None = None, cause_id: str | None = None,
+    cause: Cause | None = None, cause_id: str | None = None, unit: str | None = None,
 ) -> LedgerTransfer:
     """The transfer for a checked measurement. Its cause is derived here from the
     normalised content; the node's `measurement_id` is never trusted. `cause` and
     `cause_id`: `normalise(m)` and its id, when the caller has them already (the hot path
-    derives each once)."""
+    derives each once). `unit`: `unit_of(m, …)` (resolved here when not given; a measurement
+    of no known unit must have been rejected before)."""
     m = measured.data
     c = cause or normalise(m)
+    if unit is None:
+        unit, problem = unit_of(m, c.meter, settings)
+        if problem is not None:
+            raise LedgerError(problem)
     cid = cause_id or c.id
     kwh = saved_kwh(m)
     t = Transfer(
@@ -228,6 +288,7 @@ def transfer_for(
         meter=c.meter,
         period_start_us=c.start_us,
         period_end_us=c.end_us,
+        unit=unit,
     )
     return LedgerTransfer.new(t, source=source, cause=measured)
 
@@ -519,6 +580,9 @@ class Ledger:
             reason = (f"unknown meter {c.meter!r} of node {m.node}: a node reports its main meter, or those its "
                       f"signed registry entry lists (label meters={c.meter})")
             return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "meter")])
+        unit, reason = unit_of(m, c.meter, self.settings)
+        if reason is not None:
+            return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "unit")])
         if believed is None:
             # No entry signed by the node (none yet, deleted or overwritten by another edge
             # login): the account its latest transfer credited, else its own.
@@ -527,7 +591,8 @@ class Ledger:
             account = credit_account(m.node, labels, self.settings)
         if (reason := account_problem(m.node, account, self.settings)) is not None:
             return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "account")])
-        return Decided(msg, measured, c, transfer=transfer_for(measured, account, self.settings, src, cause=c, cause_id=cid))
+        return Decided(msg, measured, c, transfer=transfer_for(measured, account, self.settings, src, cause=c, cause_id=cid,
+                                                                unit=unit))
 
     def _undecodable(self, msg, exc: Exception) -> Decided:
         """A payload that claims to be an energy.measured but does not decode (null or
@@ -745,13 +810,33 @@ async def read_transfers(bus: Bus) -> list[Entry]:
     return out
 
 
-def balances(entries: list[Entry]) -> dict[str, int]:
-    """Account → balance in micro-credits (credits positive, debits negative)."""
-    bal: dict[str, int] = defaultdict(int)
+def balances_by_unit(entries: list[Entry]) -> dict[str, dict[str, int]]:
+    """Unit → account → balance in micro-credits (credits positive, debits negative). Each
+    unit is its own instrument: its balances sum to zero on their own. Transfers minted
+    before units were recorded come under "" (unit not recorded)."""
+    out: dict[str, dict[str, int]] = {}
     for e in entries:
+        bal = out.setdefault(e.transfer.unit, defaultdict(int))
         bal[e.transfer.debit_account] -= e.transfer.micro_credits
         bal[e.transfer.credit_account] += e.transfer.micro_credits
-    return dict(bal)
+    return {u: dict(b) for u, b in out.items()}
+
+
+def balances(entries: list[Entry], unit: str | None = None) -> dict[str, int]:
+    """Account → balance in micro-credits of one unit (credits positive, debits negative).
+    `unit` None: the ledger's only unit; a ledger holding several refuses to add them up
+    (LedgerError naming them): pass the unit, or use `balances_by_unit`."""
+    by_unit = balances_by_unit(entries)
+    if unit is None:
+        if len(by_unit) > 1:
+            raise LedgerError(f"the ledger holds credits of several units ({', '.join(sorted(u or '(not recorded)' for u in by_unit))}): "
+                              "they are not added together; name the unit")
+        return next(iter(by_unit.values()), {})
+    return by_unit.get(norm_unit(unit), {})
+
+
+def unit_label(unit: str) -> str:
+    return unit or "(unit not recorded)"
 
 
 def fmt_credits(micro: int) -> str:
@@ -769,22 +854,24 @@ class VerifyReport:
     measurements: int = 0
     rejections: int = 0
     problems: list[str] = field(default_factory=list)
+    issued: dict[str, int] = field(default_factory=dict)  # unit → micro-credits minted in it
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def lines(self) -> list[str]:
+        units = "; ".join(f"{unit_label(u)} {fmt_credits(v)}" for u, v in sorted(self.issued.items()))
         head = (
-            f"{self.transfers} transfers, {self.accounts} accounts, debits {fmt_credits(self.debits)} = "
-            f"credits {fmt_credits(self.credits)}; {self.measurements} measurements, {self.rejections} rejections in the log"
+            f"{self.transfers} transfers, {self.accounts} accounts, debits = credits in each unit"
+            f"{' (' + units + ')' if units else ''}; {self.measurements} measurements, {self.rejections} rejections in the log"
         )
         if self.ok:
             return [f"ok: {head}"]
         return [f"FAILED: {len(self.problems)} problem(s); {head}"] + [f"  {p}" for p in self.problems[:200]]
 
 
-async def verify(bus: Bus, check_causes: bool = True, trust=None) -> VerifyReport:
+async def verify(bus: Bus, check_causes: bool = True, trust=None, settings: LedgerSettings | None = None) -> VerifyReport:
     """Recompute the books from the log and check them:
 
     * every transfer is balanced (one debit, one credit of the same positive integer
@@ -794,9 +881,12 @@ async def verify(bus: Bus, check_causes: bool = True, trust=None) -> VerifyRepor
     * its cause id is the one derived from its normalised content (node, meter, period),
       and no two transfers of one (node, meter) cover overlapping periods;
     * no cause was minted twice (one transfer per cause id, one message per subject);
-    * its amount recomputes from kWh × rate;
+    * its amount recomputes from kWh × rate; its unit is one the ledger knows (or none
+      recorded, before units), and each unit's balances sum to zero on their own;
     * (check_causes) its cause is a measurement in the DEPLOY log — signed by the node's
-      own trusted key when `trust` is given — whose normalised content and digest match."""
+      own trusted key when `trust` is given — whose normalised content and digest match,
+      and whose unit (stated, else its meter's in `settings.meter_units`) is the
+      transfer's."""
     report = VerifyReport()
     entries = await read_transfers(bus)
     report.transfers = len(entries)
@@ -832,8 +922,11 @@ async def verify(bus: Bus, check_causes: bool = True, trust=None) -> VerifyRepor
             report.problems.append(
                 f"seq {e.seq}: {t.kwh} kWh × {t.rate} is {micro_credits(t.kwh, t.rate)} µcr, the transfer says {t.micro_credits}"
             )
+        if t.unit and t.unit not in UNITS:
+            report.problems.append(f"seq {e.seq}: transfer {t.transfer_id} is in unit {t.unit!r}, not one the ledger knows ({', '.join(UNITS)})")
         report.debits += t.micro_credits
         report.credits += t.micro_credits
+        report.issued[t.unit] = report.issued.get(t.unit, 0) + t.micro_credits
     for cause, items in by_cause.items():
         if len(items) > 1:
             report.problems.append(f"cause {cause} minted {len(items)} times (seqs {', '.join(str(i.seq) for i in items)})")
@@ -854,17 +947,19 @@ async def verify(bus: Bus, check_causes: bool = True, trust=None) -> VerifyRepor
                 )
             if reach is None or t.period_end_us > reach.transfer.period_end_us:
                 reach = e
-    bal = balances(entries)
-    report.accounts = len(bal)
-    debit_side = -sum(v for v in bal.values() if v < 0)
-    credit_side = sum(v for v in bal.values() if v > 0)
-    if sum(bal.values()) != 0 or debit_side != credit_side:
-        report.problems.append(f"balances do not sum to zero: debits {debit_side} µcr, credits {credit_side} µcr")
+    for unit, bal in sorted(balances_by_unit(entries).items()):
+        report.accounts += len(bal)
+        debit_side = -sum(v for v in bal.values() if v < 0)
+        credit_side = sum(v for v in bal.values() if v > 0)
+        if sum(bal.values()) != 0 or debit_side != credit_side:
+            report.problems.append(f"balances of {unit_label(unit)} do not sum to zero: debits {debit_side} µcr, credits {credit_side} µcr")
     report.rejections += len(await read(bus, LEDGER_STREAM, "ledger.rejected.>", headers_only=True))
     if check_causes:
         plain = Codec([ev.EnergyMeasured])
         verified = Codec([ev.EnergyMeasured], trust=trust, require_signature=True, role="node") if trust is not None else None
         digests: dict[str, set[str]] = defaultdict(set)
+        units: dict[tuple[str, str], set[str]] = defaultdict(set)  # (cause, digest) → the measurements' units
+        ls = settings or LedgerSettings()
         for msg in await read(bus, "DEPLOY", "energy.measured.>"):
             try:
                 m = plain.decode(msg.data)
@@ -880,7 +975,10 @@ async def verify(bus: Bus, check_causes: bool = True, trust=None) -> VerifyRepor
                 entry = trust.keys.get(m.kid or "")
                 if entry is None or entry.name != m.data.node:
                     continue
-            digests[normalise(m.data).id].add(cause_digest(m.data))
+            c = normalise(m.data)
+            digests[c.id].add(cause_digest(m.data))
+            unit, _ = unit_of(m.data, c.meter, ls)
+            units[(c.id, cause_digest(m.data))].add(unit)
         signed = " signed by its node's trusted key" if verified is not None else ""
         for cause, items in by_cause.items():
             t = items[0].transfer
@@ -890,5 +988,10 @@ async def verify(bus: Bus, check_causes: bool = True, trust=None) -> VerifyRepor
             elif t.cause_digest not in seen:
                 report.problems.append(
                     f"transfer {t.transfer_id}: no measurement of cause {cause} in the log has digest {t.cause_digest or '(none)'}"
+                )
+            elif t.unit and t.unit not in units[(cause, t.cause_digest)]:
+                found = ", ".join(sorted(u or "no known unit" for u in units[(cause, t.cause_digest)]))
+                report.problems.append(
+                    f"transfer {t.transfer_id} is minted in {t.unit}, but its measurement (cause {cause}) is in {found}"
                 )
     return report

@@ -322,7 +322,8 @@ class GridControlLoop:
             deployment_id=rec.deployment_id, domain=self.domain.name, meter=self.grid.meter, source=self.source,
             calibration=ev.Calibration(interval=cal.interval, points=cal.points, cv_rmse=cal.cv_rmse, nmbe=cal.nmbe, model=cal.model,
                                        parameters=cal.parameters),
-            uncertainty_kwh=unc, confidence=self.settings.confidence)
+            uncertainty_kwh=unc, confidence=self.settings.confidence,
+            unit="kwh-fuel")  # kWh of fuel, not of electricity: the ledger mints it as its own instrument
         self.measured.append(event.data)
         log.info("%s: measured %s: fuel baseline %.0f kWh, actual %.0f kWh, saved %.0f ± %s kWh (USD %.2f at %g USD/MWh) (%s)", self.node,
                  rec.controller, s.baseline_kwh, s.actual_kwh, s.saved_kwh, f"{unc:.0f}" if unc is not None else "n/a",
