@@ -57,6 +57,49 @@ def counts_of(root: Path) -> dict[str, int]:
             "unpaired_validation": n(root / "unpaired" / "validation.jsonl")}
 
 
+def probe(mg, name: str, directory: Path, domains: list[str], samples: int, tokens: int, device: str, workers: int) -> dict:
+    """What a model writes for one codegen prompt per domain: `samples` answers each (seeded,
+    batched), the share that is code / passes the gate / passes the sandbox, the mean reward,
+    the commonest reasons of refusal and two answers verbatim (cut at 1,200 characters)."""
+    from collections import Counter
+
+    from scf.producers.genn import extract_code
+
+    prompts = mg.heldout_requests(domains, 1)
+    gen = mg.LocalGenerator(directory, temperature=0.7, top_p=0.95, max_new_tokens=tokens, device=device)
+    t = time.perf_counter()
+    many = gen.answers_many(prompts, samples, 0)
+    gen_s = time.perf_counter() - t
+    out: dict = {"model": name, "generate_s": gen_s, "domains": {}}
+    for domain, texts in zip(domains, many):
+        verdicts = mg.judge_many([(x, domain) for x in texts], workers=workers, hours=6.0)
+        reasons: Counter = Counter()
+        code = gate = box = 0
+        reward = 0.0
+        for text, j in zip(texts, verdicts):
+            c = extract_code(text)
+            if c.error:
+                reasons[c.error[:90]] += 1
+                continue
+            code += 1
+            if j is not None:
+                gate += j.gate_ok
+                box += j.sandbox_ok
+                reward += j.reward
+                if not j.sandbox_ok:
+                    reasons[(j.reason or "?")[:90]] += 1
+        n = len(texts)
+        out["domains"][domain] = {"samples": n, "code_rate": code / n, "gate_pass_rate": gate / n, "sandbox_pass_rate": box / n,
+                                  "mean_reward": reward / n, "answer_chars_mean": sum(map(len, texts)) / n,
+                                  "reasons": reasons.most_common(4), "examples": [x[:1200] for x in texts[:2]]}
+        d = out["domains"][domain]
+        print(f"  {name} on {domain}: {n} samples, code {d['code_rate']:.0%}, gate {d['gate_pass_rate']:.0%}, sandbox "
+              f"{d['sandbox_pass_rate']:.0%}, reward {d['mean_reward']:.3f}, {d['answer_chars_mean']:.0f} chars; "
+              f"reasons {d['reasons'][:2]}")
+    print(f"  --- {name}, an answer for {domains[0]}:\n{many[0][0][:700]}\n  ---")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build-dataset", metavar="DIR", help="only build the judged dataset into DIR (CPU) and stop")
@@ -80,6 +123,10 @@ def main() -> None:
     ap.add_argument("--speed-n", type=int, default=16)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="sandbox runs at once")
     ap.add_argument("--json", default="", help="write the results here too")
+    ap.add_argument("--dpo-lr", type=float, default=None, help="DPO's learning rate (default: --lr)")
+    ap.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of the chosen answers' NLL in DPO (RPO; 0: plain DPO)")
+    ap.add_argument("--probe-domains", default="grid:case9,grid:case14,hvac:office3", help="domains the probes ask for code (case9 held out)")
+    ap.add_argument("--probe-samples", type=int, default=16, help="answers per probe domain and model (0: no probes)")
     args = ap.parse_args()
 
     if args.build_dataset:
@@ -87,7 +134,6 @@ def main() -> None:
         return
 
     import torch
-    from bench_genn import request
 
     from scf.ml import genn as mg
 
@@ -123,7 +169,55 @@ def main() -> None:
     record("dataset", {**counts, "sha256": mg.dataset_sha256(ds)})
     print(f"dataset: {counts}")
 
-    # proposals per minute of the base model on this device
+    probes: dict = {}
+    domains = [d for d in args.probe_domains.split(",") if d]
+
+    def run_probe(name: str, directory: Path) -> None:
+        if args.probe_samples > 0:
+            probes[name] = probe(mg, name, directory, domains, args.probe_samples, args.tokens, device, args.workers)
+            record("probes", probes)
+
+    run_probe("base", base)
+    if args.speed_n > 0:
+        speed_test(mg, base, args, device, record)
+
+    sft_dir = home / "model_zoo" / "smollm2-135m-genn-sft"
+    out = home / "model_zoo" / "smollm2-135m-genn-tuned"
+    t = time.perf_counter()
+    rep_sft = mg.finetune_torch(base, ds, sft_dir, sft_steps=args.sft_steps, dpo_steps=0, lr=args.lr, batch_size=args.batch_size,
+                                max_length=args.max_length, device=device)
+    rep_sft["seconds"] = time.perf_counter() - t
+    record("finetune_sft", rep_sft)
+    print(f"SFT ({device}) in {rep_sft['seconds']:.0f} s: {rep_sft['sft']}")
+    run_probe("sft", sft_dir)
+    t = time.perf_counter()
+    rep = mg.finetune_torch(sft_dir, ds, out, sft_steps=0, dpo_steps=args.dpo_steps, lr=args.lr, batch_size=args.batch_size,
+                            max_length=args.max_length, best_of_n=args.best_of_n, rounds=1 if args.best_of_n > 1 else 0,
+                            bon_max_new_tokens=args.tokens, bon_prompts=args.bon_prompts, device=device, workers=args.workers,
+                            dpo_lr=args.dpo_lr, rpo_alpha=args.rpo_alpha)
+    rep["seconds"] = time.perf_counter() - t
+    record("finetune", rep)
+    print(f"DPO + best-of-N ({device}) in {rep['seconds']:.0f} s: DPO {rep['dpo']}; best-of-N {rep['best_of_n']}")
+    run_probe("tuned", out)
+
+    t = time.perf_counter()
+    e = mg.evaluate(base, out, ds, samples=args.eval_samples, max_new_tokens=args.tokens, device=device, max_prompts=args.eval_prompts,
+                    batched=True, workers=args.workers)
+    e["seconds"] = time.perf_counter() - t
+    (out / "scf-eval.json").write_text(json.dumps(e, indent=2, sort_keys=True) + "\n")
+    record("evaluation", e)
+    print(f"evaluation in {e['seconds']:.0f} s")
+    for line in mg.evaluation_lines(e):
+        print("  " + line)
+    meta = json.loads((out / "scf-finetune.json").read_text())
+    record("checkpoint", {k: meta[k] for k in ("format", "sha256", "base_sha256", "dataset_sha256", "lineage")})
+    print(f"tuned checkpoint {out} sha256 {meta['sha256'][:16]} (base {meta['base_sha256'][:16]}, dataset {meta['dataset_sha256'][:16]})")
+
+
+def speed_test(mg, base: Path, args, device: str, record) -> None:
+    """Proposals per minute of the base model on this device: one batched call, then one answer."""
+    from bench_genn import request
+
     gen = mg.LocalGenerator(base, temperature=0.8, top_p=0.95, max_new_tokens=args.tokens, device=device)
     req = request("grid:case14", "gpu-speed")
     t = time.perf_counter()
@@ -142,28 +236,6 @@ def main() -> None:
     print(f"proposals per minute (base, {args.tokens} new tokens max, {device}): batched ×{args.speed_n} {speed['batched_per_min']:.1f}, "
           f"one at a time {speed['single_per_min']:.1f} (batch speed-up {speed['batch_speedup']:.1f}×); {parsed}/{args.speed_n} parse as code")
     del gen
-
-    out = home / "model_zoo" / "smollm2-135m-genn-tuned"
-    t = time.perf_counter()
-    rep = mg.finetune_torch(base, ds, out, sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, lr=args.lr, batch_size=args.batch_size,
-                            max_length=args.max_length, best_of_n=args.best_of_n, rounds=1 if args.best_of_n > 1 else 0,
-                            bon_max_new_tokens=args.tokens, bon_prompts=args.bon_prompts, device=device, workers=args.workers)
-    rep["seconds"] = time.perf_counter() - t
-    record("finetune", rep)
-    print(f"fine-tune ({device}) in {rep['seconds']:.0f} s: SFT {rep['sft']}; DPO {rep['dpo']}; best-of-N {rep['best_of_n']}")
-
-    t = time.perf_counter()
-    e = mg.evaluate(base, out, ds, samples=args.eval_samples, max_new_tokens=args.tokens, device=device, max_prompts=args.eval_prompts,
-                    batched=True, workers=args.workers)
-    e["seconds"] = time.perf_counter() - t
-    (out / "scf-eval.json").write_text(json.dumps(e, indent=2, sort_keys=True) + "\n")
-    record("evaluation", e)
-    print(f"evaluation in {e['seconds']:.0f} s")
-    for line in mg.evaluation_lines(e):
-        print("  " + line)
-    meta = json.loads((out / "scf-finetune.json").read_text())
-    record("checkpoint", {k: meta[k] for k in ("format", "sha256", "base_sha256", "dataset_sha256", "lineage")})
-    print(f"tuned checkpoint {out} sha256 {meta['sha256'][:16]} (base {meta['base_sha256'][:16]}, dataset {meta['dataset_sha256'][:16]})")
 
 
 if __name__ == "__main__":

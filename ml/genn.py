@@ -339,6 +339,7 @@ def finetune(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_st
 
 
 CODE_MODEL_FORMAT = "scf-code-model/1"
+CODE_MODEL_KEY = "scf_code_model"  # the one safetensors metadata key of a packed code model (JSON)
 
 
 def dataset_sha256(dataset: Path) -> str:
@@ -450,7 +451,9 @@ def sft_torch(model, tok, rows: list[dict[str, Any]], *, steps: int, lr: float, 
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    enc = [_encode(tok, r["prompt"], r["completion"], max_length) for r in rows]
+    enc = [e for e in (_encode(tok, r["prompt"], r["completion"], max_length) for r in rows) if any(x != -100 for x in e[1])]
+    if not enc:
+        raise ModelError(f"no SFT row keeps a completion token within max_length {max_length}: raise it (prompts are ~450 tokens)")
     pm = get_peft_model(model, _lora(lora_r))
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
     pm.train()
@@ -467,15 +470,20 @@ def sft_torch(model, tok, rows: list[dict[str, Any]], *, steps: int, lr: float, 
 
 
 def dpo_torch(model, tok, pairs: list[dict[str, Any]], *, steps: int, lr: float, batch_size: int, max_length: int, lora_r: int,
-              seed: int, device: str, beta: float = 0.1):
+              seed: int, device: str, beta: float = 0.1, rpo_alpha: float = 0.0):
     """LoRA DPO (β `beta`) against the model itself as the reference (the adapter disabled),
-    merged. Returns (model, per-step losses, per-step preference accuracies)."""
+    merged; `rpo_alpha` > 0 adds that weight × the chosen answers' NLL per token (RPO: keeps
+    the likelihood of good code from falling with the rejected one's). Returns (model,
+    per-step losses, per-step preference accuracies)."""
     import torch
     from peft import get_peft_model
     from torch.nn import functional as F
 
     torch.manual_seed(seed)
     enc = [(_encode(tok, r["prompt"], r["chosen"], max_length), _encode(tok, r["prompt"], r["rejected"], max_length)) for r in pairs]
+    enc = [(a, b) for a, b in enc if any(x != -100 for x in a[1]) and any(x != -100 for x in b[1])]
+    if not enc:
+        raise ModelError(f"no preference pair keeps completion tokens within max_length {max_length}: raise it (prompts are ~450 tokens)")
     pm = get_peft_model(model, _lora(lora_r))
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
     losses, accs = [], []
@@ -491,6 +499,9 @@ def dpo_torch(model, tok, pairs: list[dict[str, Any]], *, steps: int, lr: float,
             pol = _seq_logp(pm, ids, mask, labels)
         margin = beta * ((pol[:k] - ref[:k]) - (pol[k:] - ref[k:]))
         loss = -F.logsigmoid(margin).mean()
+        if rpo_alpha > 0:
+            n_tok = (labels[:k, 1:] != -100).sum(-1).clamp(min=1)
+            loss = loss + rpo_alpha * (-pol[:k] / n_tok).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -508,7 +519,8 @@ def _summary(losses: list[float]) -> dict[str, float]:
 
 def finetune_torch(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, dpo_steps: int = 4, lora_r: int = 8, lr: float = 2e-4,
                    seed: int = 0, max_length: int = 1024, best_of_n: int = 0, rounds: int = 0, bon_max_new_tokens: int = 256,
-                   batch_size: int = 2, device: str | None = None, workers: int = 1, bon_prompts: int = 0) -> dict[str, Any]:
+                   batch_size: int = 2, device: str | None = None, workers: int = 1, bon_prompts: int = 0, dpo_lr: float | None = None,
+                   rpo_alpha: float = 0.0) -> dict[str, Any]:
     """`finetune` on SCF's own loops (torch + peft; no TRL, no datasets): LoRA SFT, merged; LoRA
     DPO on the preference pairs, merged; `rounds` of best-of-N → DPO (`bon_prompts` > 0: that many
     training prompts a round). Saved as a code-model checkpoint (`_save`)."""
@@ -527,11 +539,12 @@ def finetune_torch(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, 
     model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True).to(device)
     common = dict(lr=lr, batch_size=batch_size, max_length=max_length, lora_r=lora_r, device=device)
     model, losses = sft_torch(model, tok, sft_rows, steps=sft_steps, seed=seed, **common)
+    pref_common = {**common, "lr": dpo_lr if dpo_lr is not None else lr, "rpo_alpha": rpo_alpha}
     report: dict[str, Any] = {"trainer": "torch", "device": device,
                               "sft": {"rows": len(sft_rows), "steps": sft_steps, "batch_size": batch_size, **_summary(losses)}}
     if pref_rows and dpo_steps > 0:
-        model, losses, accs = dpo_torch(model, tok, pref_rows, steps=dpo_steps, seed=seed, **common)
-        report["dpo"] = {"method": "dpo", "rows": len(pref_rows), "steps": dpo_steps, **_summary(losses),
+        model, losses, accs = dpo_torch(model, tok, pref_rows, steps=dpo_steps, seed=seed, **pref_common)
+        report["dpo"] = {"method": "dpo", "rows": len(pref_rows), "steps": dpo_steps, "lr": pref_common["lr"], "rpo_alpha": rpo_alpha, **_summary(losses),
                          "accuracy_last": sum(accs[-max(1, len(accs) // 10):]) / max(1, len(accs[-max(1, len(accs) // 10):]))}
     else:
         report["dpo"] = {"method": "dpo", "rows": len(pref_rows), "steps": 0, "skipped": "no preference pairs" if not pref_rows else "dpo_steps 0"}
@@ -550,7 +563,7 @@ def finetune_torch(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, 
                                            workers=workers)
             entry: dict[str, Any] = {"round": r + 1, **stats}
             if pairs and dpo_steps > 0:
-                model, losses, _ = dpo_torch(model, tok, pairs, steps=dpo_steps, seed=seed + r + 1, **common)
+                model, losses, _ = dpo_torch(model, tok, pairs, steps=dpo_steps, seed=seed + r + 1, **pref_common)
                 entry.update(_summary(losses))
             else:
                 entry["skipped"] = "no prompt had answers of different reward" if not pairs else "dpo_steps 0"
@@ -839,3 +852,157 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
 
 __all__ += ["evaluate", "evaluation_lines", "judge", "judge_many", "Judged", "best_of_n_pairs", "grpo", "finetune_torch", "sft_torch",
             "dpo_torch", "dataset_sha256", "CODE_MODEL_FORMAT"]
+
+
+# --------------------------------------------------------------------------- the code model as one checkpoint file
+
+_TEXT_FILE = __import__("re").compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.(json|jinja|txt|model)$")
+MAX_TEXT_FILE = 32 << 20  # a tokenizer.json is ~2-4 MB
+
+
+def pack_code_model(directory: Path, path: Path) -> Path:
+    """A code-model checkpoint directory as ONE safetensors file (`scf-code-model/1`): its
+    tensors, and in the header's metadata the format, its text files (config, tokenizer, chat
+    template, `scf-finetune.json`: base and dataset sha256, lineage) — an artifact the store and
+    the verifier handle like any checkpoint, loaded without pickle and without unpacking an archive."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    sha = weights_sha256(directory)  # refuses a directory without safetensors weights
+    tensors = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                if k in tensors:
+                    raise ModelError(f"{f.name}: tensor {k} appears in two weight files of {directory}")
+                tensors[k] = st.get_tensor(k)
+    files = {}
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and _TEXT_FILE.match(f.name) and not f.name.endswith(".index.json"):
+            if f.stat().st_size > MAX_TEXT_FILE:
+                raise ModelError(f"{f} is larger than {MAX_TEXT_FILE >> 20} MB: not a tokenizer or config file")
+            files[f.name] = f.read_text()
+    meta = json.loads(files.get("scf-finetune.json", "{}"))
+    # ONE metadata key: safetensors does not keep the order of several, and the same model must
+    # pack into the same bytes (its digest names the artifact and the event)
+    header = {CODE_MODEL_KEY: json.dumps({"format": CODE_MODEL_FORMAT, "weights_sha256": sha, "files": files,
+                                          "base_sha256": str(meta.get("base_sha256", "")), "dataset_sha256": str(meta.get("dataset_sha256", ""))},
+                                         sort_keys=True)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+    return path
+
+
+def code_model_header(path: Path) -> dict[str, Any]:
+    """The metadata of a packed code model (read without loading its tensors): format, weights'
+    sha256, base and dataset sha256, and `scf-finetune.json` (lineage, what was run)."""
+
+    head, files = _code_model_meta(path)
+    try:
+        finetune_meta = json.loads(files.get("scf-finetune.json", "{}"))
+    except ValueError as exc:
+        raise ModelError(f"{path}: its scf-finetune.json is not JSON ({exc})") from None
+    return {"format": head["format"], "sha256": str(head.get("weights_sha256", "")), "base_sha256": str(head.get("base_sha256", "")),
+            "dataset_sha256": str(head.get("dataset_sha256", "")), "files": sorted(files), "finetune": finetune_meta}
+
+
+def _code_model_meta(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            meta = st.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - an untrusted file: anything unreadable is named
+        raise ModelError(f"{path} is not a safetensors file ({type(exc).__name__}: {exc}): a code model is packed with scf genn publish") from None
+    try:
+        head = json.loads(meta.get(CODE_MODEL_KEY, "{}"))
+    except ValueError as exc:
+        raise ModelError(f"{path}: its {CODE_MODEL_KEY} header is not JSON ({exc})") from None
+    fmt = head.get("format") if isinstance(head, dict) else None
+    if fmt != CODE_MODEL_FORMAT:
+        raise ModelError(f"{path} is not a code model (format {fmt!r}, expected {CODE_MODEL_FORMAT!r})")
+    files = head.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ModelError(f"{path}: the header's file table is not a map of names to text")
+    return head, files
+
+
+def unpack_code_model(path: Path, directory: Path) -> Path:
+    """A packed code model back into a checkpoint directory (`model.safetensors` + its text
+    files), for `LocalGenerator`. Refuses what is not `scf-code-model/1`, file names that are
+    not plain config/tokenizer names, and weights whose sha256 differs from the header's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    head, files = _code_model_meta(path)
+    with safe_open(str(path), framework="pt") as st:
+        tensors = {k: st.get_tensor(k) for k in st.keys()}
+    for name, text in files.items():
+        if not _TEXT_FILE.match(name) or name.endswith(".index.json"):
+            raise ModelError(f"{path}: refused file name {name!r} in the header (plain config/tokenizer names only)")
+        if len(text) > MAX_TEXT_FILE:
+            raise ModelError(f"{path}: file {name} in the header is larger than {MAX_TEXT_FILE >> 20} MB")
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    got = weights_sha256(tmp)
+    if got != head.get("weights_sha256"):
+        import shutil
+
+        shutil.rmtree(tmp)
+        raise ModelError(f"{path}: its weights have sha256 {got}, the header says {head.get('weights_sha256')}")
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def heldout_requests(domains: list[str] | tuple[str, ...], per_domain: int) -> list[list[dict[str, str]]]:
+    """The prompts of held-out codegen intents (the served prompt, `CodeRequest.for_intent`)."""
+    from scf.bus import events as ev
+    from scf.producers.genn import CodeRequest
+
+    return [CodeRequest.for_intent(ev.Intent(intent_id=f"heldout-{d}-{i}", kind="codegen", domain=d)).messages()
+            for d in domains for i in range(per_domain)]
+
+
+def judge_model(directory: Path, domains: list[str] | tuple[str, ...], *, per_domain: int = 2, samples: int = 4, max_new_tokens: int = 384,
+                seed: int = 0, device: str = "cpu", workers: int = 1, hours: float = 6.0) -> dict[str, float]:
+    """A code model on held-out contracts: `samples` answers (seeded, one batched call) to
+    `per_domain` held-out intents of each domain, each through the gate and the sandbox.
+    Metrics: `code_rate`, `code_gate_pass_rate`, `code_sandbox_pass_rate`, `code_mean_reward`
+    (higher is better), `code_samples`."""
+    prompts = heldout_requests(domains, per_domain)
+    if not prompts:
+        raise ModelError("no held-out domains to judge a code model on: set [daemon] checkpoint.code_heldout")
+    gen = LocalGenerator(directory, temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens, device=device)
+    many = gen.answers_many(prompts, samples, seed)
+    from scf.producers.genn import extract_code
+
+    total = code = gate = box = 0
+    reward = 0.0
+    for messages, texts in zip(prompts, many):
+        domain = _domain_of(messages)
+        for text, j in zip(texts, judge_many([(t, domain) for t in texts], workers=workers, hours=hours)):
+            total += 1
+            code += not extract_code(text).error
+            if j is not None:
+                gate += j.gate_ok
+                box += j.sandbox_ok
+                reward += j.reward
+    return {"code_rate": code / total, "code_gate_pass_rate": gate / total, "code_sandbox_pass_rate": box / total,
+            "code_mean_reward": reward / total, "code_samples": float(total)}
+
+
+__all__ += ["pack_code_model", "unpack_code_model", "code_model_header", "judge_model", "heldout_requests"]
