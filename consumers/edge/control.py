@@ -255,7 +255,10 @@ class ModelController(Controller):
             ctx = _context(tel)
             if self.policy.kind == "learned":
                 ctx = lookahead(self.domain, ctx)
-            proposal, fixed = self.policy.decide(self.domain, ctx)
+            try:
+                proposal, fixed = self.policy.decide(self.domain, ctx)
+            except Exception as exc:  # noqa: BLE001 - a model that cannot decide is a breach: revert, never stop the loop
+                raise ControlError(f"model {self.name} could not decide: {type(exc).__name__}: {exc}") from None
             if not (np.isfinite(proposal).all() and np.isfinite(fixed).all()):
                 raise ControlError(f"model {self.name} proposed non-finite setpoints")
             if self.last is not None:  # the domain's ramp from the last setpoint written (repair does not see it)
