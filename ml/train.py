@@ -108,6 +108,25 @@ def lr_factor(cfg: EBDMConfig, step: int) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, cfg.steps))))
 
 
+def loss_given_noise(model: EBDM, penalty, x, c, sigma, eps, bf16: bool) -> torch.Tensor:
+    """What torch.compile takes: the DSM loss given the noise, under bf16 autocast if asked.
+    A function of the model (not a method of one step): compiled once per process and mode,
+    another model of the same shapes reuses the compiled graphs instead of recompiling."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = model.dsm_loss(x, c, sigma, eps, penalty)
+    return loss
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_loss(mode: str) -> Callable:
+    """`loss_given_noise` through torch.compile in `mode` ("default" or a torch.compile mode)."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(loss_given_noise, mode=None if mode == "default" else mode, dynamic=False)
+    return _COMPILED[mode]
+
+
 class TrainStep:
     """One optimiser step (DSM loss through the score, its backward, clipping, AdamW). On
     CUDA it is captured once into a CUDA graph and replayed: the step's ~1000 kernel
@@ -140,8 +159,7 @@ class TrainStep:
             if not model.analytic:
                 self.compile_error = "the autograd score's double backward does not compile: use score_impl analytic (or auto)"
             else:
-                mode = None if self.compile_mode == "default" else self.compile_mode
-                self.compiled = torch.compile(self._loss_given_noise, mode=mode, dynamic=False)
+                self.compiled = compiled_loss(self.compile_mode)
                 if self.compile_mode == "reduce-overhead":
                     self.graph_wanted = False  # its own CUDA graphs (cudagraph trees) replay the loss
         if cuda:
@@ -158,17 +176,11 @@ class TrainStep:
         self.graph_error: str | None = None
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, c, loss
 
-    def _loss_given_noise(self, x, c, sigma, eps) -> torch.Tensor:
-        """What torch.compile takes: the loss given the noise, under bf16 autocast if on."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss, _ = self.model.dsm_loss(x, c, sigma, eps, self.penalty)
-        return loss
-
     def _loss_backward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         sigma, eps = self.model.draw_noise(x.shape[0], x.shape[1], x.device, torch.promote_types(x.dtype, self.model.state_mid.dtype))
         if self.compiled is not None:
             try:
-                loss = self.compiled(x, c, sigma, eps)
+                loss = self.compiled(self.model, self.penalty, x, c, sigma, eps, self.bf16)
                 loss.backward()
                 self.compiled_ok = True
                 return loss

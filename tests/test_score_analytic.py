@@ -17,7 +17,7 @@ from scf.bus.errors import ConfigError
 from scf.ml.ebdm import EBDM, EBDMConfig
 from scf.ml.physics import penalty_for
 from scf.ml.ternary import ternarise
-from scf.ml.train import TrainStep, fit
+from scf.ml.train import fit, loss_given_noise
 
 ARCHES = {  # name: config — with and without context, no blocks, one, several, a wide input
     "hvac-context-depth2": EBDMConfig(domain="hvac:office3", hidden=16, depth=2, fourier_features=4),
@@ -184,14 +184,13 @@ def test_the_loss_given_the_noise_compiles_as_one_graph_with_the_same_gradients(
     cfg = EBDMConfig(domain="grid:case14", hidden=16, depth=2, fourier_features=4, physics_weight=1.0)
     torch.manual_seed(0)
     model = EBDM(cfg).train()
-    step = TrainStep(model, penalty, torch.device("cpu"), bf16=False, graph=False)
     sigma, eps = model.draw_noise(16, x.shape[1])
     params = list(model.parameters())
-    eager = step._loss_given_noise(x, c, sigma, eps)
+    eager = loss_given_noise(model, penalty, x, c, sigma, eps, False)
     eager_grads = torch.autograd.grad(eager, params, allow_unused=True)  # the head's biases move E, not the score
     torch._dynamo.reset()
-    compiled = torch.compile(step._loss_given_noise, backend="aot_eager", fullgraph=True, dynamic=False)
-    loss = compiled(x, c, sigma, eps)
+    compiled = torch.compile(loss_given_noise, backend="aot_eager", fullgraph=True, dynamic=False)
+    loss = compiled(model, penalty, x, c, sigma, eps, False)
     torch.testing.assert_close(loss, eager)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     unused = {name for (name, _), g in zip(model.named_parameters(), grads) if g is None}
