@@ -40,7 +40,7 @@ class ValueReport:
         s = self.summary
         return [
             f"wrote {self.markdown} and {self.html}",
-            f"  energy saved {s['saved_kwh']:.1f} kWh over {s['measurements']} measurements; "
+            f"  energy saved {saved_line(s['saved_by_unit'], bold=False, digits=1)} over {s['measurements']} measurements; "
             f"stability {s['stability']:.1f}; rollback rate {_pct(s['rollback_rate'])}",
         ]
 
@@ -77,15 +77,15 @@ def collect(con, since: dt.datetime | None = None, until: dt.datetime | None = N
     d["events"] = con.sql(f"SELECT count(*) FROM events WHERE event_at IS NOT NULL AND {ev_range}").fetchall()[0][0]
     e_range = _range_sql("period_start", since, until)
     d["energy_by_week"] = _rows(con, f"""
-        SELECT date_trunc('week', period_start)::DATE AS week, domain, sum(saved_kwh) AS saved_kwh,
+        SELECT date_trunc('week', period_start)::DATE AS week, domain, unit, sum(saved_kwh) AS saved_kwh,
                sum(baseline_kwh) AS baseline_kwh, count(*) AS measurements
         FROM energy WHERE {e_range} GROUP BY ALL ORDER BY week, domain""")
     d["energy_by_node"] = _rows(con, f"""
-        SELECT node, sum(saved_kwh) AS saved_kwh, sum(baseline_kwh) AS baseline_kwh,
+        SELECT node, unit, sum(saved_kwh) AS saved_kwh, sum(baseline_kwh) AS baseline_kwh,
                100 * sum(saved_kwh) / nullif(sum(baseline_kwh), 0) AS saved_pct, count(*) AS measurements
         FROM energy WHERE {e_range} GROUP BY ALL ORDER BY saved_kwh DESC, node""")
     d["energy_by_domain"] = _rows(con, f"""
-        SELECT domain, sum(saved_kwh) AS saved_kwh, sum(baseline_kwh) AS baseline_kwh,
+        SELECT domain, unit, sum(saved_kwh) AS saved_kwh, sum(baseline_kwh) AS baseline_kwh,
                100 * sum(saved_kwh) / nullif(sum(baseline_kwh), 0) AS saved_pct, count(*) AS measurements
         FROM energy WHERE {e_range} GROUP BY ALL ORDER BY saved_kwh DESC, domain""")
     # M&V (docs/mv.md): each measured period with the deployed checkpoint, the saving's
@@ -164,23 +164,66 @@ def collect(con, since: dt.datetime | None = None, until: dt.datetime | None = N
         FROM checkpoints WHERE produced_at IS NOT NULL AND {c_range}
         ORDER BY produced_at DESC, checkpoint_id LIMIT {CHECKPOINT_ROWS}""")
     # Credits are the ledger's balances (cumulative, all time): the accounts credited for
-    # verified savings. The issuing account's negative balance is their counterpart.
+    # verified savings, per unit (kWh of electricity, kWh of fuel: separate instruments, never
+    # added together; docs/ledger.md "Units"). The issuing account's negative balance is their counterpart.
     d["credits"] = _rows(con, """
-        SELECT account, balance_micro, entries FROM balances WHERE balance_micro > 0 ORDER BY account""")
-    saved = sum(r["saved_kwh"] or 0 for r in d["energy_by_node"])
+        SELECT account, unit, balance_micro, entries FROM balances WHERE balance_micro > 0 ORDER BY unit, account""")
+    saved: dict[str, float] = {}  # unit → kWh saved: kWh of fuel and of electricity are not added
+    for r in d["energy_by_node"]:
+        saved[r["unit"]] = saved.get(r["unit"], 0.0) + float(r["saved_kwh"] or 0)
     st = d["stability"] or {}
     d["summary"] = {
         "events": d["events"],
-        "saved_kwh": float(saved),
+        "saved_kwh": sum(saved.values()) if len(saved) <= 1 else None,  # one unit only
+        "saved_by_unit": saved,
         "measurements": sum(r["measurements"] for r in d["energy_by_node"]),
         "stability": float(st.get("stability") or 0.0),
         "rollback_rate": st.get("rollback_rate"),
         "deployments": st.get("decided", 0),
         "jobs": sum(r["jobs"] for r in d["jobs_by_week"]),
         "verdicts": sum(r["verdicts"] for r in d["verdicts"]),
-        "credits_micro": sum(int(r["balance_micro"]) for r in d["credits"]),
+        "credits_micro": credits_by_unit(d["credits"]),
     }
     return d
+
+
+UNIT_NAMES = {"kwh-electric": "kWh of electricity", "kwh-fuel": "kWh of fuel"}
+
+
+def unit_name(unit: str) -> str:
+    return UNIT_NAMES.get(unit, "kWh (unit unknown)")
+
+
+def saved_line(by_unit: dict[str, float], bold: bool = True, digits: int | None = None) -> str:
+    """'**6.3 kWh of electricity**; **165757.0 kWh of fuel**': each unit apart."""
+    b = "**" if bold else ""
+    fmt = (lambda v: f"{v:.{digits}f}") if digits is not None else _num  # noqa: E731
+    return "; ".join(f"{b}{fmt(v)} {unit_name(u)}{b}" for u, v in sorted(by_unit.items())) or f"{b}0 kWh{b}"
+
+
+def credits_by_unit(credits: list[dict[str, Any]]) -> dict[str, int]:
+    """Unit → micro-credits credited in it (units are not added together)."""
+    out: dict[str, int] = {}
+    for r in credits:
+        out[r["unit"]] = out.get(r["unit"], 0) + int(r["balance_micro"])
+    return out
+
+
+def _unit(unit: str) -> str:
+    return unit or "(unit not recorded)"
+
+
+def credits_line(by_unit: dict[str, int], bold: bool = True) -> str:
+    """'6.35 kwh-electric; 1657.57 kwh-fuel' (each unit apart), '0.00' when nothing was minted."""
+    b = "**" if bold else ""
+    return "; ".join(f"{b}{v / 1e6:.2f}{b} {_unit(u)}" for u, v in sorted(by_unit.items())) or f"{b}0.00{b}"
+
+
+CREDIT_HEADERS = ["account", "credits", "unit", "transfers"]
+
+
+def credit_rows(credits: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[r["account"], f"{int(r['balance_micro']) / 1e6:.6f}", _unit(r["unit"]), r["entries"]] for r in credits]
 
 
 def build(
@@ -249,25 +292,27 @@ def _markdown(d: dict[str, Any], period: str, now: dt.datetime) -> str:
         "",
         "## Summary",
         "",
-        f"- energy saved: **{_num(s['saved_kwh'])} kWh** over {s['measurements']} measured periods",
+        f"- energy saved: {saved_line(s['saved_by_unit'])} over {s['measurements']} measured periods",
         f"- stability score: **{_num(s['stability'])}** / 100 (clean deployments {_num(st.get('clean'))} of "
         f"{_num(st.get('decided'))}, variability cv {_num(st.get('cv'), 3)})",
         f"- rollback rate: **{_pct(s['rollback_rate'])}** of activated deployments",
         f"- verdicts: {s['verdicts']}; training jobs: {s['jobs']}; events in the period: {s['events']}",
-        f"- credits minted (ledger balances, all time): **{s['credits_micro'] / 1e6:.2f}**",
+        f"- credits minted (ledger balances, all time): {credits_line(s['credits_micro'])}"
+        + (" (separate instruments: kWh of fuel and kWh of electricity are not added)" if len(s["credits_micro"]) > 1 else ""),
         "",
         "## Credits by account (ledger balances, all time)",
         "",
-        *_table(["account", "credits", "transfers"],
-                [[r["account"], f"{int(r['balance_micro']) / 1e6:.6f}", r["entries"]] for r in d["credits"]]),
+        *_table(CREDIT_HEADERS, credit_rows(d["credits"])),
         "## Energy saved by domain",
         "",
-        *_table(["domain", "saved kWh", "baseline kWh", "saved %", "periods"],
-                [[r["domain"] or "-", _num(r["saved_kwh"]), _num(r["baseline_kwh"]), _num(r["saved_pct"], 2), r["measurements"]] for r in d["energy_by_domain"]]),
+        *_table(["domain", "saved kWh", "baseline kWh", "unit", "saved %", "periods"],
+                [[r["domain"] or "-", _num(r["saved_kwh"]), _num(r["baseline_kwh"]), unit_name(r["unit"]), _num(r["saved_pct"], 2),
+                  r["measurements"]] for r in d["energy_by_domain"]]),
         "## Energy saved by node",
         "",
-        *_table(["node", "saved kWh", "baseline kWh", "saved %", "periods"],
-                [[r["node"], _num(r["saved_kwh"]), _num(r["baseline_kwh"]), _num(r["saved_pct"], 2), r["measurements"]] for r in d["energy_by_node"]]),
+        *_table(["node", "saved kWh", "baseline kWh", "unit", "saved %", "periods"],
+                [[r["node"], _num(r["saved_kwh"]), _num(r["baseline_kwh"]), unit_name(r["unit"]), _num(r["saved_pct"], 2), r["measurements"]]
+                 for r in d["energy_by_node"]]),
         "## Savings by deployment (M&V)",
         "",
         "saved = the calibrated baseline (the status-quo controller simulated over the measured weather) − the metered "
@@ -282,8 +327,8 @@ def _markdown(d: dict[str, Any], period: str, now: dt.datetime) -> str:
                   _num(100 * r["nmbe"] if r["nmbe"] is not None else None, 1), r["method"]] for r in d["mv"]]),
         "## Energy saved by week",
         "",
-        *_table(["week", "domain", "saved kWh", "periods"],
-                [[r["week"], r["domain"] or "-", _num(r["saved_kwh"]), r["measurements"]] for r in d["energy_by_week"]]),
+        *_table(["week", "domain", "saved kWh", "unit", "periods"],
+                [[r["week"], r["domain"] or "-", _num(r["saved_kwh"]), unit_name(r["unit"]), r["measurements"]] for r in d["energy_by_week"]]),
         "## Stability by node",
         "",
         "stability = 100 × clean share / (1 + cv): clean share = deployments activated and never rolled back, over "
@@ -393,19 +438,24 @@ def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
     s = d["summary"]
     figs: list[tuple[str, Any]] = []
     weeks = sorted({r["week"] for r in d["energy_by_week"]})
-    domains = sorted({r["domain"] for r in d["energy_by_week"]})
+    series = sorted({(r["unit"], r["domain"]) for r in d["energy_by_week"]})
+    mixed = len({u for u, _ in series}) > 1  # kWh of fuel and of electricity: side by side, never stacked
     if weeks:
         fig = go.Figure([
-            go.Bar(name=dom or "-", x=[str(w) for w in weeks],
-                   y=[sum(r["saved_kwh"] for r in d["energy_by_week"] if r["week"] == w and r["domain"] == dom) for w in weeks])
-            for dom in domains
+            go.Bar(name=f"{dom or '-'} ({unit_name(unit)})" if mixed else (dom or "-"), x=[str(w) for w in weeks],
+                   y=[sum(r["saved_kwh"] for r in d["energy_by_week"] if r["week"] == w and (r["unit"], r["domain"]) == (unit, dom))
+                      for w in weeks])
+            for unit, dom in series
         ])
-        fig.update_layout(barmode="stack", title="Energy saved per week (kWh), by domain", xaxis_title="week of", yaxis_title="kWh")
+        one = unit_name(series[0][0]) if series and not mixed else "kWh of each domain's unit, not added across units"
+        fig.update_layout(barmode="group" if mixed else "stack", title=f"Energy saved per week ({one}), by domain",
+                          xaxis_title="week of", yaxis_title="kWh")
         fig.update_xaxes(type="category")  # weeks are categories: one week must not become a millisecond-wide time axis
         figs.append(("Energy saved by week", fig))
     if d["energy_by_node"]:
-        fig = go.Figure(go.Bar(x=[r["node"] for r in d["energy_by_node"]], y=[r["saved_kwh"] for r in d["energy_by_node"]]))
-        fig.update_layout(title="Energy saved by node (kWh)", yaxis_title="kWh")
+        fig = go.Figure(go.Bar(x=[f"{r['node']} ({unit_name(r['unit'])})" for r in d["energy_by_node"]],
+                               y=[r["saved_kwh"] for r in d["energy_by_node"]]))
+        fig.update_layout(title="Energy saved by node (kWh of its unit)", yaxis_title="kWh")
         figs.append(("Energy saved by node", fig))
     if d["stability_by_node"]:
         rows = d["stability_by_node"]
@@ -453,13 +503,13 @@ def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
         figs.append(("Checkpoint metrics", fig))
 
     cards = "".join(f"<div class='card'>{html.escape(k)}<b>{html.escape(v)}</b></div>" for k, v in (
-        ("energy saved", f"{_num(s['saved_kwh'])} kWh"),
+        ("energy saved", saved_line(s["saved_by_unit"], bold=False)),
         ("stability", f"{_num(s['stability'])} / 100"),
         ("rollback rate", _pct(s["rollback_rate"])),
         ("deployments", _num(s["deployments"])),
         ("verdicts", _num(s["verdicts"])),
         ("training jobs", _num(s["jobs"])),
-        ("credits minted", f"{s['credits_micro'] / 1e6:.2f}"),
+        ("credits minted", credits_line(s["credits_micro"], bold=False)),
     ))
     parts = [f"<p class='meta'>{html.escape(period)}; generated {now:%Y-%m-%d %H:%M} UTC</p>", f"<div class='cards'>{cards}</div>"]
     for i, (title, fig) in enumerate(figs):
@@ -473,12 +523,11 @@ def _html(d: dict[str, Any], period: str, now: dt.datetime) -> str:
                              [[r["key"], _num(r["stability"]), f"{r['clean']} / {r['decided']}", r["rolled_back"], r["failed"],
                                _num(r["cv"], 3), r["periods"]] for r in d["stability_by_node"]]))
     parts.append("<h2>Energy saved by domain</h2>")
-    parts.append(_html_table(["domain", "saved kWh", "baseline kWh", "saved %", "periods"],
-                             [[r["domain"] or "-", _num(r["saved_kwh"]), _num(r["baseline_kwh"]), _num(r["saved_pct"], 2), r["measurements"]]
-                              for r in d["energy_by_domain"]]))
+    parts.append(_html_table(["domain", "saved kWh", "baseline kWh", "unit", "saved %", "periods"],
+                             [[r["domain"] or "-", _num(r["saved_kwh"]), _num(r["baseline_kwh"]), unit_name(r["unit"]), _num(r["saved_pct"], 2),
+                               r["measurements"]] for r in d["energy_by_domain"]]))
     parts.append("<h2>Credits by account (ledger balances, all time)</h2>")
-    parts.append(_html_table(["account", "credits", "transfers"],
-                             [[r["account"], f"{int(r['balance_micro']) / 1e6:.6f}", r["entries"]] for r in d["credits"]]))
+    parts.append(_html_table(CREDIT_HEADERS, credit_rows(d["credits"])))
     if d["checkpoints"]:
         parts.append("<h2>Checkpoints as verified</h2>")
         parts.append(_html_table(CHECKPOINT_HEADERS, checkpoint_rows(d["checkpoints"])))

@@ -27,7 +27,7 @@ from scf.consumers.ledger import (
     verify,
 )
 from scf.consumers.nodes import NodeInfo, register
-from scf.projections import sample, views
+from scf.projections import report, sample, views
 from scf.projections.store import ArchiveStore
 from tests.conftest import cli, wait_for
 from tests.mv_support import passing_mv
@@ -106,16 +106,17 @@ async def test_fuel_and_electric_savings_mint_into_different_instruments(bus, se
     assert reasons[0].startswith("no unit: meter 'aux' of node g1")
     assert reasons[1].startswith("unit kwh-electric contradicts meter fuel, which measures kwh-fuel")
     assert reasons[2].startswith("unknown unit 'kWh' (ambiguous: kWh of what?)")
-    report = await verify(bus, trust=keys.trust, settings=SETTINGS)
-    assert report.ok, report.lines()
-    assert report.issued == {ELECTRIC: 3_500_000, FUEL: 100_000_000}
-    assert "kwh-electric 3.500000; kwh-fuel 100.000000" in report.lines()[0]
+    checked = await verify(bus, trust=keys.trust, settings=SETTINGS)
+    assert checked.ok, checked.lines()
+    assert checked.issued == {ELECTRIC: 3_500_000, FUEL: 100_000_000}
+    assert "kwh-electric 3.500000; kwh-fuel 100.000000" in checked.lines()[0]
 
     # The views show the units apart; each unit's books balance on their own.
     store = ArchiveStore(tmp_path / "archive")
     from tests.test_deploy_helpers import events_on
 
-    sample.write_archive(store, [e for _, e in await events_on(bus, "LEDGER", "ledger.transfer.>", [ev.LedgerTransfer])])
+    measured = [e for _, e in await events_on(bus, "DEPLOY", "energy.measured.>", [ev.EnergyMeasured])]
+    sample.write_archive(store, measured + [e for _, e in await events_on(bus, "LEDGER", "ledger.transfer.>", [ev.LedgerTransfer])])
     views.write_database(store.root)
     con = views.connect(store.root)
     try:
@@ -125,8 +126,20 @@ async def test_fuel_and_electric_savings_mint_into_different_instruments(bus, se
         assert con.sql("SELECT unit, sum(balance_micro) FROM balances GROUP BY unit ORDER BY unit").fetchall() == [(ELECTRIC, 0), (FUEL, 0)]
         assert con.sql("SELECT meter, unit, kwh FROM ledger WHERE node = 'g1' ORDER BY meter").fetchall() == [
             ("aux", ELECTRIC, 1.0), ("fuel", FUEL, 100.0)]
+        # the energy view: every measurement in its unit, stated or its meter's ('' for none: rejected)
+        assert con.sql("SELECT unit, count(*) FROM energy GROUP BY unit ORDER BY unit").fetchall() == [
+            ("", 1), ("kwh", 1), (ELECTRIC, 3), (FUEL, 2)]
+        by_unit = dict(con.sql("SELECT unit, sum(saved_kwh) FROM energy GROUP BY unit").fetchall())
     finally:
         con.close()
+    # the value report keeps them apart: credits and energy saved per unit, never one sum
+    r = report.build(store.root, tmp_path / "report")
+    md = r.markdown.read_text()
+    assert "- credits minted (ledger balances, all time): **3.50** kwh-electric; **100.00** kwh-fuel (separate instruments" in md
+    assert "| node:g1 | 100.000000 | kwh-fuel | 1 |" in md and "| node:g1 | 1.000000 | kwh-electric | 1 |" in md
+    assert r.summary["saved_kwh"] is None  # no single figure across units
+    assert r.summary["saved_by_unit"] == pytest.approx(by_unit) and len(by_unit) == 4
+    assert f"**{by_unit[FUEL]:.1f} kWh of fuel**" in md and "| g1 | " in md
 
     # A transfer minted in another unit than its measurement's fails verification.
     later = reading("g1", 30.0, 20.0, hour=5, meter="fuel", unit="kwh-fuel")
