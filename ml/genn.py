@@ -169,6 +169,15 @@ class LocalGenerator:
         self.identity = None
         return self
 
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an answer: the tokenizer's end of sequence and, for ChatML templates,
+        the start of a next turn (`<|im_start|>`: a model that skips `<|im_end|>` stops there)."""
+        ids = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        turn = self.tok.convert_tokens_to_ids("<|im_start|>") if "<|im_start|>" in self.tok.get_vocab() else None
+        if isinstance(turn, int) and turn not in ids:
+            ids.append(turn)
+        return ids
+
     def prompt_ids(self, messages: list[dict[str, str]]):
         enc = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
@@ -182,6 +191,7 @@ class LocalGenerator:
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=max(self.temperature, 1e-3), top_p=self.top_p,
                 max_new_tokens=self.max_new_tokens, num_return_sequences=n, pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id,
+                eos_token_id=self.stop_ids(),
             )
         return [self.tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out]
 
@@ -200,7 +210,7 @@ class LocalGenerator:
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=max(self.temperature, 1e-3), top_p=self.top_p,
-                max_new_tokens=self.max_new_tokens, num_return_sequences=n, pad_token_id=pad,
+                max_new_tokens=self.max_new_tokens, num_return_sequences=n, pad_token_id=pad, eos_token_id=self.stop_ids(),
             )
         texts = [self.tok.decode(o[width:], skip_special_tokens=True) for o in out]
         return [texts[i * n: (i + 1) * n] for i in range(len(prompts))]
@@ -213,6 +223,7 @@ class LocalGenerator:
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=self.temperature > 0, temperature=max(self.temperature, 1e-3),
                 top_p=self.top_p, max_new_tokens=self.max_new_tokens, pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id,
+                eos_token_id=self.stop_ids(),
             )
         return self.tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
 
