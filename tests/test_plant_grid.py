@@ -100,7 +100,7 @@ async def test_grid_loop_measures_the_fuel_saved_against_the_true_counterfactual
     loop, plant, written = await grid_run(tmp_path, {96: installed(tmp_path, "ck-opf", opf_schedule())})
     assert not [e for e in loop.events if isinstance(e, ev.DeployRolledBack)]
     [m] = loop.measured
-    assert m.method == mv.GRID_METHOD and m.meter == "fuel" and m.domain == DOMAIN
+    assert m.method == mv.GRID_METHOD and m.meter == "fuel" and m.unit == "kwh-fuel" and m.domain == DOMAIN
     assert m.period_end - m.period_start == dt.timedelta(hours=24)
     cal = m.calibration
     assert cal.interval == "hourly" and cal.points == 24 and mv.g14_problem("hourly", cal.cv_rmse, cal.nmbe, 24) is None
@@ -167,6 +167,7 @@ async def test_miscalibrated_grid_baseline_is_rejected_by_the_ledger(bus, settin
         await wait_for(lambda: consumer_done(bus), 60, "the ledger to drain")
     [entry] = await read_transfers(bus)
     assert entry.transfer.kwh == pytest.approx(good.measured[0].baseline_kwh - good.measured[0].actual_kwh)
+    assert (entry.transfer.meter, entry.transfer.unit) == ("fuel", "kwh-fuel")  # minted as kWh of fuel, its own instrument
     [rejected] = await rejections(bus)
     assert rejected.reason.startswith("baseline model not calibrated: hourly ") and "ASHRAE Guideline 14" in rejected.reason
 
@@ -244,7 +245,7 @@ async def test_edge_agent_runs_a_grid_plant_over_mqtt_with_signed_setpoints(bus,
         assert d.calibration.points == 24 and mv.g14_problem("hourly", d.calibration.cv_rmse, d.calibration.nmbe) is None
         assert d.baseline_kwh > d.actual_kwh and 0 < d.uncertainty_kwh < 0.5 * (d.baseline_kwh - d.actual_kwh)
         [entry] = await read_transfers(bus)
-        assert entry.transfer.kwh == pytest.approx(d.baseline_kwh - d.actual_kwh)
+        assert entry.transfer.kwh == pytest.approx(d.baseline_kwh - d.actual_kwh) and entry.transfer.unit == "kwh-fuel"
         assert plant.wait(60) == 0
         text = (logd / "plant.log").read_text()
         assert "plant grid-1: 192 steps served" in text and "setpoint refused" not in text  # every setpoint was signed and fresh
