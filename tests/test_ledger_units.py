@@ -12,7 +12,9 @@ import msgspec
 import pytest
 
 from scf.bus import events as ev
+from scf.bus.errors import ConfigError
 from scf.bus.ids import new_id
+from scf.bus.settings import load as load_settings
 from scf.consumers.energy import measurement_event
 from scf.consumers.ledger import (
     ELECTRIC,
@@ -66,6 +68,17 @@ def test_the_unit_comes_from_the_measurement_or_its_meter():
     assert unit_of(reading("g2", 10, 9).data, "main", LedgerSettings(meter_units={"main": "kwh-fuel"})) == (FUEL, None)
     with pytest.raises(msgspec.ValidationError, match=r"meter_units.main = 'therms' is not a unit the ledger knows"):
         msgspec.convert({"meter_units": {"main": "therms"}}, LedgerSettings)
+
+
+def test_meter_units_from_scf_toml(tmp_path):
+    (tmp_path / "scf.toml").write_text('[ledger]\nmeter_units = { main = "kwh-electric", boiler = "kwh-fuel" }\n')
+    s = load_settings(env={"SCF_HOME": str(tmp_path)}).section("ledger", LedgerSettings)
+    assert unit_of(reading("n1", 10, 9, meter="boiler").data, "boiler", s) == (FUEL, None)
+    assert unit_of(reading("n1", 10, 9, meter="fuel").data, "fuel", s)[0] == ""  # the table replaces the default
+    (tmp_path / "scf.toml").write_text('[ledger]\nmeter_units = { main = "therms" }\n')
+    with pytest.raises(ConfigError, match=r"^\[ledger\] in .*scf.toml: meter_units.main = 'therms' is not a unit the ledger knows: "
+                                          r"use one of kwh-electric, kwh-fuel"):
+        load_settings(env={"SCF_HOME": str(tmp_path)}).section("ledger", LedgerSettings)
 
 
 @pytest.mark.anyio
