@@ -202,3 +202,12 @@ async def test_published_code_models_are_judged_promoted_and_served(bus, setting
     [rejected] = decide_promotion(bogus, promoted2.data, v3, config, source="daemon")
     assert isinstance(rejected, ev.CheckpointRejected)
     assert rejected.data.reasons[0].endswith("is not a code model (format None, expected 'scf-code-model/1')")
+
+
+def test_an_answer_ends_at_the_end_of_the_turn_or_at_the_next_one(tiny):
+    gen = mg.LocalGenerator(tiny, temperature=0.8, top_p=0.95, max_new_tokens=4)
+    im_end, im_start = (gen.tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>"))
+    assert gen.tok.eos_token_id == im_end and gen.stop_ids() == [im_end, im_start]
+    req = CodeRequest.for_intent(ev.Intent(intent_id="i", kind="codegen", domain="grid:case9"))
+    [texts] = gen.answers_many([req.messages()], 3, seed=1)
+    assert len(texts) == 3 and texts == gen.answers_many([req.messages()], 3, seed=1)[0]  # seeded, batched
