@@ -266,3 +266,29 @@ def test_the_edge_decides_with_a_learned_model_without_torch(tmp_path):
     ok = fixed.feasible
     assert ok.any()
     assert np.allclose(np.load(tmp_path / "u.npy")[ok], fixed.states[ok], atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(600)
+async def test_a_ternary_student_of_the_better_model_decides_on_the_site(tmp_path, site_models):
+    """The better model distilled to a 2-bit student (`scf distill`'s path) is deployed like
+    any artifact; the loop runs it with numpy for the whole day and it saves what its
+    teacher saves on the same weather, within the stated uncertainty."""
+    from scf.consumers.edge.ternary import read_metadata
+    from scf.ml.distill import DistillConfig, distill_file
+    from tests.plant_support import control_run
+
+    teacher = site_models["better"].checkpoint
+    data = teacher.parent.parent / "all"
+    student = distill_file(teacher, data, tmp_path / "students", DistillConfig(steps=60, batch_size=64, heldout=32, packing="2bit")).student
+    assert read_metadata(student)["format"] == "scf-ternary/1" and student.stat().st_size < teacher.stat().st_size
+    saved = {}
+    for name, path in (("teacher", teacher), ("student", student)):
+        d = tmp_path / name
+        loop = await control_run(d, {96: _installed(d, f"ck-{name}", path)}, SETTINGS, node=name)
+        assert not any(isinstance(e, ev.DeployRolledBack) for e in loop.events), name
+        assert {r.controller for r in loop.records[97:]} == {f"ck-{name}"}
+        [m] = loop.measured
+        saved[name] = (m.baseline_kwh - m.actual_kwh, m.uncertainty_kwh)
+    assert saved["student"][0] > 0
+    assert abs(saved["student"][0] - saved["teacher"][0]) <= saved["teacher"][1], saved
