@@ -175,6 +175,11 @@ def measure(d, model, train, test, batch: int, seed: int, device: str = "cpu") -
              "batch_fallback": int(out.fallback.sum()), "numpy_batch_fallback": int(out_numpy.fallback.sum()),
              "batch_checked_feasible": float(np.mean([not d.violations(ci, xi) for ci, xi in zip(ctx, out.states)]))}
     if device != "cpu":
+        extra["graph_error"] = model.graph_error  # '' when the polish was recorded as a CUDA graph
+        model.device_graphs = False
+        eager_s, _ = timed(model, "numpy" if torch_error else "torch")
+        model.device_graphs = True
+        extra.update(eager_ms_per_instance=1e3 * eager_s, eager_speedup=highs_s / eager_s)
         model.to("cpu")
         cpu_s, _ = timed(model, "numpy" if torch_error else "torch")
         cpu_np, _ = timed(model, "numpy")
@@ -231,6 +236,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cpu = f"{r['cpu_speedup']:.1f}× / {r['cpu_numpy_repair_speedup']:.1f}×" if "cpu_speedup" in r else "-"
+        if "eager_speedup" in r:
+            cpu += f"; torch without the CUDA graph {r['eager_ms_per_instance']:.4f} ms, {r['eager_speedup']:.1f}×{' (graph failed: ' + r['graph_error'] + ')' if r['graph_error'] else ''}"
         print(f"| {r['domain']} | {r['device']} | {r['learned_ms_per_instance']:.4f} ({r['batch_fallback']}) | {r['numpy_repair_ms_per_instance']:.4f} ({r['numpy_batch_fallback']}) | "
               f"{r['highs_ms_per_instance']:.3f} | **{r['speedup']:.1f}×** | {r['numpy_repair_speedup']:.1f}× | {cpu} | {pct(r['batch_checked_feasible'])} |")
 

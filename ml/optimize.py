@@ -162,6 +162,16 @@ class LearnedOptimiser(nn.Module):
     # "numpy": domains.repair and the numpy polish; "auto": torch on an accelerator, numpy on the
     # CPU (where the numpy loop measured faster: benchmarks/RESULTS.md, learned optimiser)
     repair_backend = "auto"
+    device_graphs = True  # the torch polish recorded as a CUDA graph per batch shape on a GPU (ml/repair_torch.Graphed)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() move the buffers a recorded graph reads: drop the graphs
+        self._graphs = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def graph_error(self) -> str:
+        """Why recording a device graph failed (then the polish ran eagerly), or ''."""
+        return getattr(self, "_graphs", {}).get("error", "")
 
     def decide(self, domain: Domain, contexts: np.ndarray) -> tuple[np.ndarray, RepairResult]:
         """(raw proposals, their repair) for `contexts` (B, m). With the torch backend
@@ -184,7 +194,7 @@ class LearnedOptimiser(nn.Module):
 
     @torch.no_grad()
     def _decide_torch(self, domain: Domain, c: np.ndarray) -> tuple[np.ndarray, RepairResult]:
-        from scf.ml.repair_torch import device_rows, polish_t, repair_batch_t
+        from scf.ml.repair_torch import Rows, device_rows, polish_t, repair_batch_t, run_graphed
 
         dev = self.state_lo.device
         ct = torch.as_tensor(c, dtype=torch.float64, device=dev)
@@ -196,11 +206,19 @@ class LearnedOptimiser(nn.Module):
         merit = self.cost.marginal(x, ct)
         polish = None
         if self.config.polish_sweeps and not rows.eq_host.any() and len(rows.a_host) <= 4 * rows.a_host.shape[1]:
-            weights = self.cost.device_weights(ct)
-            knots = self.state_mid.double()[:, None] + self.state_half.double()[:, None] * self.cost.knots[None, :]
+            sweeps, grid = self.config.polish_sweeps, self.config.polish_grid
+
+            def program(xs, feasible, cs, rlo, rhi):  # fixed shapes, no host sync: recorded as a CUDA graph on a GPU
+                knots = self.state_mid.double()[:, None] + self.state_half.double()[:, None] * self.cost.knots[None, :]
+                r = Rows(rows.a, rlo, rhi, rows.eq, rows.eq_host, rows.a_host, rows.consts)
+                return polish_t(self.cost, self.cost.device_weights(cs), knots, r, xs, feasible,
+                                self.state_lo.double(), self.state_hi.double(), sweeps=sweeps, grid=grid)
 
             def polish(xs, feasible, r):
-                return polish_t(self.cost, weights, knots, r, xs, feasible, lo, hi, sweeps=self.config.polish_sweeps, grid=self.config.polish_grid)
+                if not (self.device_graphs and xs.is_cuda):
+                    return program(xs, feasible, ct, r.lo, r.hi)
+                key = ("polish", id(domain), len(xs), str(xs.device), sweeps, grid)
+                return run_graphed(self.__dict__.setdefault("_graphs", {}), key, program, (xs, feasible, ct, r.lo, r.hi), keep=(domain, rows.consts))
 
         fixed, _ = repair_batch_t(domain, c, x, merit=merit, rows=rows, polish=polish)
         return x.cpu().numpy(), fixed

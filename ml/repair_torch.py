@@ -265,6 +265,60 @@ def repair_batch_t(
     return RepairResult(states=x_np, feasible=feasible, fallback=used, moved=(np.abs(x_np - start_np) / half).sum(-1)), x
 
 
+# ------------------------------------------------------------------------ device graphs
+
+
+class Graphed:
+    """`fn(*inputs)` (a program of fixed shapes with no host sync) recorded once as a CUDA
+    graph and replayed: one launch instead of hundreds of small kernels, each of which costs
+    more to launch from Python than to run at these sizes. The inputs are copied into the
+    graph's own (static) tensors before each replay; the result is a copy. Tensors that `fn`
+    reads besides its inputs (model buffers, the domain's constants) must stay where they
+    are while the graph lives (`LearnedOptimiser` drops its graphs when it moves). On the
+    CPU (`capture=False`) the same bookkeeping calls `fn` on the static tensors, which is
+    what the tests check."""
+
+    def __init__(self, fn, inputs, *, capture: bool, keep=()) -> None:
+        self.fn, self.keep = fn, keep
+        self.static = [t.clone() for t in inputs]
+        self.graph = None
+        if capture:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(*self.static)  # warm-up outside the capture (allocator, constants, libraries)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = fn(*self.static)
+        else:
+            self.out = fn(*self.static)
+
+    def __call__(self, *inputs):
+        for dst, src in zip(self.static, inputs):
+            dst.copy_(src)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.out.copy_(self.fn(*self.static))
+        return self.out.clone()
+
+
+def run_graphed(cache: dict, key, fn, inputs, *, capture: bool | None = None, keep=()):
+    """`fn(*inputs)` through a `Graphed` cached under `key` (which must name every shape);
+    where recording fails, the error is kept in `cache["error"]` and `fn` runs eagerly from
+    then on for that key."""
+    capture = inputs[0].is_cuda if capture is None else capture
+    entry = cache.get(key)
+    if entry is None:
+        try:
+            entry = cache[key] = Graphed(fn, inputs, capture=capture, keep=keep)
+        except Exception as e:  # noqa: BLE001 — a device that cannot record falls back to eager launches
+            cache["error"] = f"{type(e).__name__}: {e}"
+            entry = cache[key] = "eager"
+    return fn(*inputs) if entry == "eager" else entry(*inputs)
+
+
 # ------------------------------------------------------------------------ the polish
 
 
@@ -330,4 +384,4 @@ def polish_t(cost, weights, knots, rows: Rows, x, feasible, lo, hi, *, sweeps: i
     return x
 
 
-__all__ = ["ITERATIONS", "Rows", "balance_t", "device_rows", "least_norm_t", "polish_directions", "polish_t", "repair_batch_t", "repair_t"]
+__all__ = ["ITERATIONS", "Graphed", "Rows", "run_graphed", "balance_t", "device_rows", "least_norm_t", "polish_directions", "polish_t", "repair_batch_t", "repair_t"]

@@ -155,3 +155,39 @@ def test_learned_optimiser_decides_the_same_with_either_backend(name):
     model.repair_backend = "fast"
     with pytest.raises(Exception, match="repair_backend"):
         model.decide(d, ctx[:2])
+
+
+def test_a_recorded_program_replays_with_new_inputs_like_an_eager_call():
+    """`run_graphed`'s bookkeeping (static inputs copied before each replay, the result a
+    copy), checked on the CPU with the polish as the program: the GPU records the same."""
+    from scf.ml.cost import CostModel
+    from scf.ml.repair_torch import polish_t, run_graphed
+
+    d = domains.get("hvac:office3")
+    c, best, rng = _contexts(d, 64, 6)
+    lo, hi = (torch.as_tensor(np.asarray(b, float)) for b in d.state_bounds)
+    cost = CostModel(*d.state_bounds, *d.context_bounds)
+    x_fit = np.stack([d.random_feasible(ci, rng) for ci in c])
+    cost.fit(x_fit, c, np.array([d.cost(ci, xi) for ci, xi in zip(c, x_fit)]))
+    knots = cost.state_mid[:, None] + cost.state_half[:, None] * cost.knots[None, :]
+
+    def program(x, feasible, cs, rlo, rhi):
+        rows = device_rows(d, cs)
+        return polish_t(cost, cost.device_weights(cs), knots, rows, x, feasible, lo, hi)
+
+    cache: dict = {}
+    outs = []
+    for seed in (1, 2):
+        start = torch.as_tensor(np.stack([d.random_feasible(ci, np.random.default_rng(seed)) for ci in c]))
+        feasible = torch.ones(len(c), dtype=torch.bool)
+        feasible[::7] = False
+        ct = torch.as_tensor(c, dtype=torch.float64)
+        rows = device_rows(d, ct)
+        eager = program(start, feasible, ct, rows.lo, rows.hi)
+        got = run_graphed(cache, "polish", program, (start, feasible, ct, rows.lo, rows.hi), capture=False)
+        torch.testing.assert_close(got, eager, rtol=0, atol=0)
+        assert torch.equal(got[::7], start[::7])  # infeasible rows are not moved
+        outs.append(got)
+    assert len(cache) == 1 and "error" not in cache  # recorded once, replayed with the second inputs
+    assert not torch.equal(outs[0], outs[1])  # the replay used the new inputs, not the first ones
+    assert _ok(d, c, outs[1].numpy()).all()  # the polish keeps a feasible state feasible
