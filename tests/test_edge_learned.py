@@ -292,3 +292,23 @@ async def test_a_ternary_student_of_the_better_model_decides_on_the_site(tmp_pat
         saved[name] = (m.baseline_kwh - m.actual_kwh, m.uncertainty_kwh)
     assert saved["student"][0] > 0
     assert abs(saved["student"][0] - saved["teacher"][0]) <= saved["teacher"][1], saved
+
+
+def test_lookahead_marks_zones_occupied_by_the_end_of_the_hour():
+    """A one-hour optimiser's context: empty zones count as occupied (0.1) when the site's
+    working hours begin by the end of the hour; occupied zones and other hours are as
+    measured; the hours are the site's setting, refused in one line when they make no sense."""
+    import msgspec
+
+    from scf.consumers.edge.control import lookahead
+
+    dom = domains.get("hvac:office3")
+    ctx = np.array([5.0, 7.0, 0.0, 0.5, 0.0, 17.0, 17.0, 17.0])
+    assert lookahead(dom, ctx).tolist() == [5.0, 7.0, 0.1, 0.5, 0.1, 17.0, 17.0, 17.0]
+    assert lookahead(dom, np.array([5.0, 17.0, 0.8, 0.0, 0.0, 21, 21, 21])).tolist() == [5.0, 17.0, 0.8, 0.0, 0.0, 21, 21, 21]
+    at5 = np.array([5.0, 5.0, 0.0, 0.0, 0.0, 17.0, 17.0, 17.0])
+    assert lookahead(dom, at5).tolist() == at5.tolist()
+    assert lookahead(dom, at5, (6.0, 16.0))[2:5].tolist() == [0.1, 0.1, 0.1]
+    assert msgspec.convert({"occupied_hours": [6, 16]}, ControlSettings).occupied_hours == (6.0, 16.0)
+    with pytest.raises(msgspec.ValidationError, match=r"occupied_hours = \[18.0, 8.0\]: give \[start, end\) hours of the day"):
+        msgspec.convert({"occupied_hours": [18, 8]}, ControlSettings)

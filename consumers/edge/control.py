@@ -79,6 +79,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     report_hours: float = 24.0  # a measurement every this many hours of a model's run
     min_history_hours: float = 24.0  # status-quo history needed before a saving is measured
     confidence: float = 0.9  # of the stated savings uncertainty
+    # the site's scheduled working hours [start, end) (local hours of day): a learned
+    # optimiser deciding in the hour before they start sees the zones as occupied (`lookahead`)
+    occupied_hours: tuple[float, float] = (8.0, 18.0)
     # the in-process simulated site (`plant = "sim"`): its seed, horizon, step and true factors
     sim_seed: int = 10  # a mild heating season (daily mean 9.7 °C): office3 holds its band under the status quo
     sim_hours: float = 96.0
@@ -87,6 +90,12 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # demos and tests: once the status-quo history is long enough, stop the plant's clock
     # (write no setpoint) until a model is installed. Never for a real plant: time runs on.
     hold_for_model: bool = False
+
+    def __post_init__(self) -> None:
+        start, stop = self.occupied_hours
+        if not (0.0 <= start < stop <= 24.0):
+            raise ValueError(f"[edge.control] occupied_hours = {list(self.occupied_hours)}: give [start, end) hours of the day, "
+                             "0 <= start < end <= 24, e.g. [8, 18]")
 
     def site(self) -> SiteOptions:
         from scf.consumers.edge.plant import parse_factors
@@ -218,19 +227,20 @@ class StatusQuo(Controller):
         return self.rule(0, state, now)[0]
 
 
-def lookahead(domain, ctx: np.ndarray) -> np.ndarray:
+def lookahead(domain, ctx: np.ndarray, hours: tuple[float, float] = (8.0, 18.0)) -> np.ndarray:
     """The context a one-step optimiser decides on: the domain's band holds the temperature
     at the END of the step (T+) to the band of the context's occupancy, so a zone empty now
-    but scheduled occupied when the step ends (the site's working hours, as the status-quo
-    thermostat knows them: domains/hvac_dynamics.py WORK_START-WORK_END) is given a token
-    occupancy just above the threshold: the occupied band then binds T+, and the learned
-    optimiser preheats in the hour before people arrive instead of meeting them cold."""
+    but scheduled occupied when the step ends (the site's working hours `[edge.control]
+    occupied_hours`; the simulated site's and its status-quo thermostat's are 8-18 h,
+    domains/hvac_dynamics.py) is given a token occupancy just above the threshold: the
+    occupied band then binds T+, and the learned optimiser preheats in the hour before
+    people arrive instead of meeting them cold."""
     from scf.domains.hvac import OCCUPIED
-    from scf.domains.hvac_dynamics import WORK_END, WORK_START
 
     z = domain.n_zones
+    start, stop = hours
     end = (float(ctx[1]) + domain.building.dt_h) % 24.0
-    if not (WORK_START <= end < WORK_END):
+    if not (start <= end < stop):
         return ctx
     out = np.array(ctx, dtype=float)
     out[2 : 2 + z] = np.maximum(out[2 : 2 + z], 2 * OCCUPIED)
@@ -249,12 +259,13 @@ class ModelController(Controller):
         self.k = 0
         self.held: np.ndarray | None = None
         self.last: np.ndarray | None = None  # the last setpoint written, whoever decided it (the loop sets it)
+        self.occupied_hours: tuple[float, float] = (8.0, 18.0)  # the loop sets the site's
 
     def decide(self, tel: Telemetry) -> np.ndarray:
         if self.held is None or self.k % self.every == 0:
             ctx = _context(tel)
             if self.policy.kind == "learned":
-                ctx = lookahead(self.domain, ctx)
+                ctx = lookahead(self.domain, ctx, self.occupied_hours)
             try:
                 proposal, fixed = self.policy.decide(self.domain, ctx)
             except Exception as exc:  # noqa: BLE001 - a model that cannot decide is a breach: revert, never stop the loop
@@ -450,6 +461,7 @@ class ControlLoop:
         per = round(self.domain.building.dt_h / self.dt_h)
         ctl = ModelController(self.model_domain(), policy, item, per)
         ctl.envelope = envelope  # type: ignore[attr-defined]
+        ctl.occupied_hours = tuple(self.settings.occupied_hours)  # type: ignore[assignment]
         return ctl
 
     def _switch(self, ctl: Controller) -> None:
