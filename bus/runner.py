@@ -295,6 +295,8 @@ class Runner:
         async def worker() -> None:
             try:
                 for msg, d, item in queue:  # one iterator shared by the workers: each message once
+                    if self.pause is not None and self.pause.engaged:
+                        await self.pause.wait_clear()  # nothing new is handled; the keepalive holds the batch
                     try:
                         out: Any = await self.handler(item, d)
                     except Exception as exc:  # noqa: BLE001 - settled per message below
@@ -306,8 +308,6 @@ class Runner:
 
         workers: list[asyncio.Task] = []
         try:
-            if self.pause is not None and self.pause.engaged:
-                await self.pause.wait_clear()  # the keepalive holds the batch meanwhile
             # `concurrency` handlers at once; whatever is handled by the time the loop gets
             # here again is settled together (all of a batch of CPU-only handlers at once;
             # a slow one, a sandbox run, is settled when it is done)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from nats.js.errors import NotFoundError
 
 from scf.bus import events as ev
 from scf.bus.codec import Codec
@@ -33,7 +34,10 @@ def spec(durable: str, max_deliver: int = 3) -> ConsumerSpec:
 
 
 async def settled(bus, durable: str) -> bool:
-    info = await bus.js.consumer_info("INTENTS", durable)
+    try:
+        info = await bus.js.consumer_info("INTENTS", durable)
+    except NotFoundError:  # the runner has not created its consumer yet
+        return False
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
@@ -163,3 +167,59 @@ async def test_pull_fetch_takes_every_message_once_in_order_and_an_empty_consume
     assert seqs == list(range(1, 301))
     assert sizes == [128, 128, 44]  # full batches while the stream has them
     assert await settled(bus, "pull")
+
+
+class Gate:
+    """A pause gate (the emergency stop's interface)."""
+
+    def __init__(self) -> None:
+        self._clear = asyncio.Event()
+        self._clear.set()
+
+    @property
+    def engaged(self) -> bool:
+        return not self._clear.is_set()
+
+    async def wait_clear(self) -> None:
+        await self._clear.wait()
+
+    def engage(self) -> None:
+        self._clear.clear()
+
+    def clear(self) -> None:
+        self._clear.set()
+
+
+async def test_a_pause_engaged_mid_batch_holds_the_rest_of_the_batch(bus):
+    """The emergency stop engages while a batch is being handled (here: by the 4th handler):
+    what was handled is settled, nothing more is handled until the gate clears, the rest of
+    the batch stays in hand (kept alive, not dropped)."""
+    ids = [f"q{k}" for k in range(20)]
+    await bus.publish_many([intent(i) for i in ids])
+    gate, handled = Gate(), []
+
+    async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
+        handled.append(event.data.intent_id)
+        if event.data.intent_id == "q3":
+            gate.engage()
+        return [verdict_for(event, bus.source)]
+
+    runner = Runner(bus, spec("paused"), handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=True,
+                    batch=64, pause=gate)
+    stop, task = await start(runner)
+    try:
+        async def four_settled_rest_in_hand() -> bool:
+            try:
+                info = await bus.js.consumer_info("INTENTS", "paused")
+            except NotFoundError:
+                return False
+            return await stream_count(bus, "VERDICTS") == 4 and info.num_ack_pending == len(ids) - 4
+        await wait_for(four_settled_rest_in_hand, 60, "the first four settled, the rest held")
+        assert handled == ["q0", "q1", "q2", "q3"]  # the worker waits on the gate: nothing else ran
+        gate.clear()
+        await wait_for(lambda: settled(bus, "paused"), 60, "every intent to be settled once the gate clears")
+    finally:
+        gate.clear()
+        stop.set()
+        await task
+    assert handled == ids and await stream_count(bus, "VERDICTS") == len(ids)
