@@ -79,7 +79,7 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     report_hours: float = 24.0  # a measurement every this many hours of a model's run
     min_history_hours: float = 24.0  # status-quo history needed before a saving is measured
     confidence: float = 0.9  # of the stated savings uncertainty
-    # the site's scheduled working hours [start, end) (local hours of day): a learned
+    # the site's scheduled working hours [start, end) (hours of day as the telemetry's time says, UTC): a learned
     # optimiser deciding in the hour before they start sees the zones as occupied (`lookahead`)
     occupied_hours: tuple[float, float] = (8.0, 18.0)
     # the in-process simulated site (`plant = "sim"`): its seed, horizon, step and true factors
