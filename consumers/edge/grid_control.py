@@ -13,9 +13,13 @@ once to the previous model (else the status quo), publishes `deploy.rolled_back`
 breached checkpoint is never run again on this node (`<dir>/control/breached.json`).
 
 Deployable models (numpy, a safetensors file): `decision` — MW per unit, (G,) held or
-(H, G) one row per hour of the day; or `policy.N.weight`/`policy.N.bias` — an MLP from the
+(H, G) one row per hour of the day; `policy.N.weight`/`policy.N.bias` — an MLP from the
 loads (scaled to [-1, 1] by the domain's context bounds) to the dispatch (tanh, scaled to
-the units' limits).
+the units' limits); or a learned optimiser of the site's domain — `scf-opt/1` or its
+ternary student — run by consumers/edge/learned.py as its torch model decides (proposal
+network from the loads, balance layer, merit order of its learned marginal costs), with
+the step's window as the bounds its repair keeps. Every model's dispatch then meets the
+same envelope.
 """
 
 from __future__ import annotations
@@ -52,8 +56,15 @@ def is_grid(domain_name: str) -> bool:
 class GridPolicy:
     """A deployed dispatch model run with numpy: (loads (L,), hour) -> MW per unit (G,)."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], domain, origin: str) -> None:
+    def __init__(self, tensors: dict[str, np.ndarray], domain, origin: str, runtime=None) -> None:
         g, n_load = len(domain.state_names), len(domain.context_names)
+        self.domain = domain
+        if runtime is not None:  # a learned optimiser (scf-opt/1 or its ternary student): consumers/edge/learned.py
+            if runtime.domain_name != domain.name or (runtime.d, runtime.m) != (g, n_load):
+                raise GridControlError(f"{origin} is a learned optimiser of {runtime.domain_name or 'an unstated domain'} "
+                                       f"({runtime.m} loads → {runtime.d} units); this loop runs {domain.name}: deploy one of {domain.name}")
+            self.kind, self.runtime = "learned", runtime
+            return
         if "decision" in tensors:
             d = np.asarray(tensors["decision"], dtype=float)
             d = d[None, :] if d.ndim == 1 else d
@@ -76,6 +87,9 @@ class GridPolicy:
         self.lo, self.hi = (np.asarray(x, float) for x in domain.state_bounds)
 
     def __call__(self, loads: np.ndarray, hour: float) -> np.ndarray:
+        """The proposal (G,) before the step's repair."""
+        if self.kind == "learned":
+            return self.runtime.propose_raw(self.domain, loads[None, :])[0]
         if self.kind == "decision":
             return self.decision[int(hour) % len(self.decision)]
         x = 2.0 * (loads - self.ctx_lo) / np.maximum(self.ctx_hi - self.ctx_lo, 1e-9) - 1.0
@@ -86,13 +100,21 @@ class GridPolicy:
 
 
 def load_grid_policy(path: Path, domain) -> GridPolicy:
+    from safetensors import safe_open
+
+    from scf.consumers.edge.learned import LearnedError, LearnedRuntime, is_learned
     from scf.consumers.edge.tensors import load_tensors
 
     try:
-        tensors = load_tensors(path)
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+        runtime = LearnedRuntime.load(path) if is_learned(meta) else None
+        tensors = {} if runtime is not None else load_tensors(path)
+    except LearnedError as exc:
+        raise GridControlError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any failure to load is one line
         raise GridControlError(f"{path} does not load: {type(exc).__name__}: {exc}") from None
-    return GridPolicy(tensors, domain, path.name)
+    return GridPolicy(tensors, domain, path.name, runtime)
 
 
 @dataclass(frozen=True)
@@ -226,13 +248,26 @@ class GridControlLoop:
         from scf.domains.repair import repair
 
         loads = np.asarray(tel.load_mw, float)
-        proposal = np.asarray(self.policy(loads, tel.hour()), dtype=float)
-        if not np.isfinite(proposal).all():
-            raise GridControlError(f"model {self.active_name} proposed non-finite setpoints")
         lo, hi = window(self.gplant, np.asarray(tel.pg_mw, float), np.asarray(tel.available, bool))
         dom = copy.copy(self.domain)  # the step's window as the bounds the repair keeps
         dom.__dict__.pop("_projection_lp", None)
         dom.state_bounds = (lo, hi)
+        if self.policy.kind == "learned":
+            # the model decides as its torch model does: its proposal, balanced, repaired in the
+            # merit order of its learned marginal costs — within this step's window
+            from scf.consumers.edge.learned import LearnedError
+
+            try:
+                _, fixed = self.policy.runtime.decide(dom, loads[None, :])
+            except LearnedError as exc:
+                raise GridControlError(f"model {self.active_name}: {exc}") from None
+            u = np.asarray(fixed.states[0], dtype=float)
+            if not np.isfinite(u).all():
+                raise GridControlError(f"model {self.active_name} decided non-finite setpoints")
+            return u
+        proposal = np.asarray(self.policy(loads, tel.hour()), dtype=float)
+        if not np.isfinite(proposal).all():
+            raise GridControlError(f"model {self.active_name} proposed non-finite setpoints")
         return repair(dom, loads[None, :], np.clip(proposal, lo, hi)[None, :])[0]
 
     def _wanted(self) -> Installed | None:
