@@ -399,6 +399,9 @@ class CheckpointRejection(Payload, frozen=True):
     checkpoint_id: str
     domain: str
     reasons: list[str]
+    metrics: dict[str, float] = {}  # what the verifier measured, when it got that far
+    baseline_checkpoint_id: str | None = None
+    baseline_metrics: dict[str, float] = {}  # the baseline's on the same held-out fossils
 
 
 class CheckpointRejected(Event, tag="checkpoint.rejected", frozen=True, kw_only=True):

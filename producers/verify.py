@@ -195,7 +195,11 @@ def decide_promotion(
     else:
         reasons = compare(verification.metrics, verification.baseline_metrics if production else None, settings)
     if reasons:
-        return [ev.CheckpointRejected.new(ev.CheckpointRejection(checkpoint_id=c.checkpoint_id, domain=c.domain, reasons=reasons), source=source, cause=event)]
+        return [ev.CheckpointRejected.new(ev.CheckpointRejection(
+            checkpoint_id=c.checkpoint_id, domain=c.domain, reasons=reasons, metrics=_finite(verification.metrics),
+            baseline_checkpoint_id=verification.baseline_checkpoint_id if verification.baseline_metrics else None,
+            baseline_metrics=_finite(verification.baseline_metrics),
+        ), source=source, cause=event)]
     verified = ev.CheckpointVerified.new(
         ev.CheckpointVerification(
             checkpoint_id=c.checkpoint_id,
@@ -224,6 +228,11 @@ def decide_promotion(
         id=derived_id(event.id, "checkpoint.promoted", settings.alias),
     )
     return [verified, promoted]
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """The finite metrics (JSON has no NaN: a rejection for a non-finite metric still encodes)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def _decide_student(event: ev.CheckpointProduced, verification: Verification, settings: VerifySettings, source: str) -> list[ev.Event]:

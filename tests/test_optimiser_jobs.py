@@ -322,3 +322,19 @@ async def test_an_ebdm_is_judged_on_its_decisions_against_an_optimiser_in_produc
     [rejected] = decide_promotion(candidate, promoted.data, v, config, source="daemon")
     assert isinstance(rejected, ev.CheckpointRejected)
     assert any(r.startswith("decision_regret ") and "does not beat production's" in r for r in rejected.data.reasons), rejected.data.reasons
+    # the rejection keeps what the verifier measured, and the checkpoints view shows it
+    assert rejected.data.metrics == v.metrics and rejected.data.baseline_metrics == v.baseline_metrics
+    assert rejected.data.baseline_checkpoint_id == "opt-1"
+    await bus.publish_many([first, promoted, candidate, rejected])
+    from scf.projections import views
+    from scf.projections.archive import archive_root, replay
+
+    await replay(settings, streams=["CHECKPOINTS"])
+    con = views.connect(archive_root(settings))
+    try:
+        got = con.sql("SELECT status, baseline_checkpoint_id, verified_regret, baseline_regret, verified_heldout_dsm "
+                      "FROM checkpoints WHERE checkpoint_id = 'ebdm-1'").fetchall()
+    finally:
+        con.close()
+    assert got == [("rejected", "opt-1", pytest.approx(v.metrics[DECISION_METRIC]), pytest.approx(v.baseline_metrics[DECISION_METRIC]),
+                    pytest.approx(v.metrics["heldout_dsm"]))]

@@ -2,7 +2,8 @@
 -- key: checkpoint_id
 -- One row per checkpoint: produced, then verified or rejected, and its latest promotion.
 -- `metrics` are the worker's (at training); `verified_metrics` the daemon's verifier's own,
--- measured on held-out fossils when it judged the checkpoint, with its headline numbers typed.
+-- measured on held-out fossils when it judged the checkpoint (verified or rejected), with its
+-- headline numbers typed.
 WITH src AS (
     SELECT seq, event_at, type,
         from_json(payload, '{"checkpoint_id": "VARCHAR", "job_id": "VARCHAR", "domain": "VARCHAR", "uri": "VARCHAR",
@@ -29,9 +30,9 @@ SELECT
     min(event_at) FILTER (WHERE type = 'checkpoint.produced') AS produced_at,
     min(event_at) FILTER (WHERE type = 'checkpoint.verified') AS verified_at,
     arg_min(d.margin, seq) FILTER (WHERE type = 'checkpoint.verified') AS margin,
-    arg_min(d.baseline_checkpoint_id, seq) FILTER (WHERE type = 'checkpoint.verified') AS baseline_checkpoint_id,
-    arg_min(d.metrics, seq) FILTER (WHERE type = 'checkpoint.verified') AS verified_metrics,
-    arg_min(d.baseline_metrics, seq) FILTER (WHERE type = 'checkpoint.verified') AS baseline_metrics,
+    arg_min(d.baseline_checkpoint_id, seq) FILTER (WHERE type IN ('checkpoint.verified', 'checkpoint.rejected')) AS baseline_checkpoint_id,
+    arg_min(d.metrics, seq) FILTER (WHERE type IN ('checkpoint.verified', 'checkpoint.rejected')) AS verified_metrics,
+    arg_min(d.baseline_metrics, seq) FILTER (WHERE type IN ('checkpoint.verified', 'checkpoint.rejected')) AS baseline_metrics,
     TRY_CAST(verified_metrics->>'$.decision_feasible' AS DOUBLE) AS verified_feasible,
     TRY_CAST(verified_metrics->>'$.decision_gap_median' AS DOUBLE) AS verified_gap_median,
     TRY_CAST(verified_metrics->>'$.decision_gap_p95' AS DOUBLE) AS verified_gap_p95,
