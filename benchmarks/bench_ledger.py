@@ -105,7 +105,7 @@ async def run_ledger(bus: Bus, trust: TrustList, settings: LedgerSettings, n_exp
     return ledger
 
 
-async def bench(url: str, n: int, concurrency: int, mode: str) -> dict:
+async def bench(url: str, n: int, concurrency: int, mode: str, verify_threads: int = LedgerSettings().verify_threads) -> dict:
     settings = Settings(home=tempfile.mkdtemp(prefix="scf-bench-"), nats_url=url, source="bench")
     bus = await Bus.connect(settings, "bench")
     await ensure(bus.js)
@@ -138,7 +138,7 @@ async def bench(url: str, n: int, concurrency: int, mode: str) -> dict:
     verify2_s = time.perf_counter() - t0
     await publish_signed(bus, events, keys)
     stats: dict = {}
-    ls = LedgerSettings(rate=0.37, concurrency=concurrency)
+    ls = LedgerSettings(rate=0.37, concurrency=concurrency, verify_threads=verify_threads)
     ledger = await run_ledger(bus, trust, ls, n, stats, "mint_s", mode)
     assert ledger.counts["new"] == n, ledger.counts
     info = await bus.js.stream_info("LEDGER")
@@ -168,6 +168,7 @@ async def bench(url: str, n: int, concurrency: int, mode: str) -> dict:
     await bus.close()
     return {
         "mode": mode,
+        "verify_threads": verify_threads,
         "n": n,
         "ledger_transfers_per_s": round(n / stats["mint_s"]),
         "ledger_repeats_acknowledged_per_s": round(n / stats["repeat_s"]),
@@ -194,6 +195,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--concurrency", type=int, default=LedgerSettings().concurrency, help="the per-message path's concurrency")
+    ap.add_argument("--verify-threads", type=int, default=LedgerSettings().verify_threads, help="[ledger] verify_threads")
     ap.add_argument("--mode", choices=["batched", "runner", "both"], default="both",
                     help="batched: `scf run ledger` (atomic batches); runner: the per-message path")
     ap.add_argument("--fsync", action="store_true", help="server with sync_interval: always")
@@ -207,7 +209,7 @@ async def main() -> None:
         for i, mode in enumerate(["batched", "runner"] if a.mode == "both" else [a.mode]):
             server = ServerProcess(Path(tmp) / f"store{i}", free_port(), config=conf).start()
             try:
-                result = await bench(server.url, a.n, a.concurrency, mode)
+                result = await bench(server.url, a.n, a.concurrency, mode, a.verify_threads)
             finally:
                 server.stop()
             result["fsync_always"] = a.fsync
