@@ -111,7 +111,7 @@ def main() -> None:
         sync()
         t0 = time.perf_counter()
         res = train_local(domain_name, data, work / prefix, steps=args.teacher_steps, batch_size=256, device=args.device,
-                          hidden=hidden, depth=depth, eval_records=256)  # fmt: skip
+                          hidden=hidden, depth=depth, eval_records=32)  # fmt: skip
         sync()
         row[f"{prefix}_teacher_train_s"] = time.perf_counter() - t0
         row[f"{prefix}_teacher_samples_per_s"] = args.teacher_steps * 256 / row[f"{prefix}_teacher_train_s"]
@@ -165,7 +165,8 @@ def main() -> None:
         row[f"{prefix}_to_both_targets_step"] = both["step"] if both else math.nan
         for p in curve:
             print(f"  step {p['step']:5d}: DSM ratio {p['dsm_ratio']:.4f}, rank corr {p['rank_corr']:.4f}, {p.get('train_s', 0):.1f}s")
-        m = compare_ebdm(teacher, student, hx[:512], hc[:512], he[:512])
+        m = compare_ebdm(teacher.to(dev), student.to(dev), hx[:512], hc[:512], he[:512])  # judged on the device
+        teacher.cpu(), student.cpu()
         row.update({f"{prefix}_{k}": v for k, v in m.items()})
         row[f"{prefix}_precision_counts"] = precision_counts(student)
         save(f"{prefix}: student {args.steps} steps, {stats['samples_per_s']:.0f} samples/s; DSM <= 1.02x after {row[f'{prefix}_to_dsm_target_s']:.1f}s "
@@ -197,7 +198,8 @@ def main() -> None:
         row["paired_s"] = time.perf_counter() - t0
         save(f"paired decisions on {n} contexts: gap {p['gap_diff_pp']:+.3f} pp [{p['gap_diff_low_pp']:+.3f}, {p['gap_diff_high_pp']:+.3f}] "
              f"({p['gap_verdict']}); savings {p['savings_diff_pp']:+.3f} pp [{p['savings_diff_low_pp']:+.3f}, {p['savings_diff_high_pp']:+.3f}] "
-             f"({p['savings_verdict']}); teacher gap {100 * p['teacher_decision_gap_mean']:.3f} %, in {row['paired_s']:.0f}s")  # fmt: skip
+             f"({p['savings_verdict']}); no worse by 0.1 pp: gap {p['gap_no_worse']}, savings {p['savings_no_worse']}; "
+             f"teacher gap {100 * p['teacher_decision_gap_mean']:.3f} %, in {row['paired_s']:.0f}s")  # fmt: skip
         if elapsed() < 0.5 * args.budget_s:
             q = paired_decisions(teacher, teacher, domain, dx, dc, seed=0, student_seed=1, batch=n, device=args.device, optimum=optimum)
             row.update({f"noise_{k}": v for k, v in q.items()})

@@ -287,30 +287,32 @@ def compare_ebdm(teacher, student, x, c, cost=None, *, domain=None, decisions: i
     from scf.ml.ebdm import heldout_dsm
 
     teacher.eval(), student.eval()
-    x, c = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(c, dtype=torch.float32)
+    dev = next(teacher.parameters()).device  # both models on one device (the CPU unless moved)
+    x, c = torch.as_tensor(x, dtype=torch.float32, device=dev), torch.as_tensor(c, dtype=torch.float32, device=dev)
     z, cz = teacher.normalise(x), teacher.normalise_context(c)
     out = {"heldout_dsm": heldout_dsm(student, x, c, seed=seed), "teacher_heldout_dsm": heldout_dsm(teacher, x, c, seed=seed)}
     out["dsm_ratio"] = out["heldout_dsm"] / out["teacher_heldout_dsm"]
     smin = teacher.config.sigma_min
     _, e_t = teacher.score(z, cz, smin)
     _, e_s = student.score(z, cz, smin)
-    out["energy_rank_corr"] = _spearman(e_s.detach(), e_t.detach())
+    e_s, e_t = e_s.detach().cpu(), e_t.detach().cpu()
+    out["energy_rank_corr"] = _spearman(e_s, e_t)
     gen = torch.Generator().manual_seed(seed)
     rhos = []
     for sigma in teacher.config.sigmas().tolist():
-        noisy = z + sigma * torch.randn(z.shape, generator=gen)
+        noisy = z + sigma * torch.randn(z.shape, generator=gen).to(dev)
         _, et = teacher.score(noisy, cz, sigma)
         _, es = student.score(noisy, cz, sigma)
-        rhos.append(_spearman(es.detach(), et.detach()))
+        rhos.append(_spearman(es.detach().cpu(), et.detach().cpu()))
     out["energy_rank_corr_noisy"] = float(np.nanmean(rhos))
     if cost is not None and len(x) > 2:
-        out["energy_cost_spearman"] = _spearman(e_s.detach(), cost)
-        out["teacher_energy_cost_spearman"] = _spearman(e_t.detach(), cost)
+        out["energy_cost_spearman"] = _spearman(e_s, cost)
+        out["teacher_energy_cost_spearman"] = _spearman(e_t, cost)
     out["ternary_share"] = ternary_share(student)
     if decisions and domain is not None:
         from scf.ml.optimize import ebdm_decisions
 
-        xs, cs = x[:decisions].double().numpy(), c[:decisions].double().numpy()
+        xs, cs = x[:decisions].double().cpu().numpy(), c[:decisions].double().cpu().numpy()
         for prefix, model in (("", student), ("teacher_", teacher)):
             out.update({prefix + k: v for k, v in ebdm_decisions(model, domain, xs, cs, seed=seed).items()})
     out["records"] = float(len(x))
@@ -361,11 +363,19 @@ def _ratio_diff_ci(u: np.ndarray, a: np.ndarray, z: float) -> tuple[float, float
 def verdict(low_pp: float, high_pp: float, tolerance_pp: float) -> str:
     """`met` when the interval lies within ±tolerance, `missed` when it lies outside it,
     else `undecided` (more contexts would decide)."""
-    if not (math.isfinite(low_pp) and math.isfinite(high_pp)):
+    if math.isnan(low_pp) or math.isnan(high_pp):
         return "undecided"
     if -tolerance_pp <= low_pp and high_pp <= tolerance_pp:
         return "met"
     return "missed" if high_pp < -tolerance_pp or low_pp > tolerance_pp else "undecided"
+
+
+def no_worse(low_pp: float, high_pp: float, tolerance_pp: float) -> str:
+    """One-sided, for an interval of how much worse the student is: `met` when it lies below
+    +tolerance, `missed` when above it, else `undecided`."""
+    if math.isnan(low_pp) or math.isnan(high_pp):
+        return "undecided"
+    return "met" if high_pp <= tolerance_pp else "missed" if low_pp > tolerance_pp else "undecided"
 
 
 def paired_decisions(teacher, student, domain, x: np.ndarray, c: np.ndarray, *, seed: int = 0, batch: int = 256,
@@ -384,6 +394,8 @@ def paired_decisions(teacher, student, domain, x: np.ndarray, c: np.ndarray, *, 
     decision_savings_captured / teacher_…              share of achievable savings
     savings_diff_pp, savings_diff_low_pp, savings_diff_high_pp
     gap_verdict, savings_verdict   met (CI within ±tolerance_pp), missed, undecided
+    gap_no_worse, savings_no_worse  one-sided: met when the CI excludes being worse than the
+                                    teacher by more than tolerance_pp, missed when the CI is all there
     `student_seed` other than `seed` unpairs the noise (the sampler's own spread: pass the
     teacher twice); `optimum`: the contexts' exact optimal costs where known
     (`domains.quality.optimum_costs`), else solved here."""
@@ -417,6 +429,9 @@ def paired_decisions(teacher, student, domain, x: np.ndarray, c: np.ndarray, *, 
     }  # fmt: skip
     out["gap_verdict"] = verdict(out["gap_diff_low_pp"], out["gap_diff_high_pp"], tolerance_pp)
     out["savings_verdict"] = verdict(out["savings_diff_low_pp"], out["savings_diff_high_pp"], tolerance_pp)
+    # one-sided: the student no worse than the teacher by more than the tolerance (a higher gap, lower savings is worse)
+    out["gap_no_worse"] = no_worse(out["gap_diff_low_pp"], out["gap_diff_high_pp"], tolerance_pp)
+    out["savings_no_worse"] = no_worse(-out["savings_diff_high_pp"], -out["savings_diff_low_pp"], tolerance_pp)
     return out
 
 
@@ -706,5 +721,5 @@ async def distill_on_bus(bus, settings, checkpoint_id: str, config: DistillConfi
 __all__ = [
     "DistillConfig", "DistillError", "DistillResult", "compare_ebdm", "compare_optimiser", "distill_ebdm", "distill_file",
     "distill_on_bus", "distill_optimiser", "export_student", "find_produced", "load_student", "make_student", "paired_decisions",
-    "read_header", "student_keep", "teacher_file", "verdict",
+    "no_worse", "read_header", "student_keep", "teacher_file", "verdict",
 ]

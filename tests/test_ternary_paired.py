@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from scf import domains
-from scf.ml.distill import _ratio_diff_ci, distill_ebdm, paired_decisions, verdict
+from scf.ml.distill import _ratio_diff_ci, distill_ebdm, no_worse, paired_decisions, verdict
 from tests.test_distill import FEW, case9, tiny_teacher
 
 
@@ -32,6 +32,7 @@ def test_a_model_paired_with_itself_differs_by_nothing_and_another_seed_shows_th
     assert same["paired_contexts"] == 40 and same["identical_decisions"] == 1.0
     assert same["gap_diff_pp"] == same["gap_diff_low_pp"] == same["gap_diff_high_pp"] == 0.0
     assert same["savings_diff_pp"] == 0.0 and same["gap_verdict"] == same["savings_verdict"] == "met"
+    assert same["gap_no_worse"] == same["savings_no_worse"] == "met"
     other = paired_decisions(teacher, teacher, d, hx, hc, seed=3, student_seed=4, batch=16)
     assert other["identical_decisions"] < 1.0 and other["gap_diff_sd_pp"] > 0  # unpaired: the sampler's own spread
     assert other["gap_diff_low_pp"] < other["gap_diff_pp"] < other["gap_diff_high_pp"]
@@ -65,3 +66,8 @@ def test_the_savings_interval_agrees_with_a_bootstrap():
                                                     (0.05, 0.2, "undecided"), (-0.2, 0.2, "undecided"), (math.nan, 0.0, "undecided")])  # fmt: skip
 def test_the_verdict_reads_the_interval(low, high, want):
     assert verdict(low, high, 0.1) == want
+
+
+@pytest.mark.parametrize(("low", "high", "want"), [(-0.6, 0.05, "met"), (-0.6, -0.2, "met"), (0.12, 0.3, "missed"), (-0.2, 0.2, "undecided")])
+def test_no_worse_is_one_sided(low, high, want):
+    assert no_worse(low, high, 0.1) == want
