@@ -203,7 +203,7 @@ class LearnedOptimiser(nn.Module):
         lo, hi = self.state_lo.double(), self.state_hi.double()
         if rows.eq_host.any():
             x = _balance_layer(x, lo, hi, rows.lo[:, int(np.flatnonzero(rows.eq_host)[0])])
-        merit = self.cost.marginal(x, ct)
+        merit = self.cost.marginal(x, ct) if rows.eq_host.any() else None  # only the balance uses the merit order
         polish = None
         if self.config.polish_sweeps and not rows.eq_host.any() and len(rows.a_host) <= 4 * rows.a_host.shape[1]:
             sweeps, grid = self.config.polish_sweeps, self.config.polish_grid

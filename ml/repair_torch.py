@@ -13,8 +13,8 @@ early exits, a batched Cholesky solve per iteration for the active rows (inactiv
 are replaced by identity rows, so every proposal's system has the same shape), and no
 `.item()`/`.cpu()` inside — the only host syncs are in `repair_batch_t`: one to pick the
 proposals that need the least-norm stage at all (none on an uncongested grid: the stage is
-skipped), one every 4th iteration to stop when none needs a move (at most 2 of them), and
-one at the end to bring the result back — a fixed number per batch, none per proposal. What is still outside a row by more
+skipped), one every 4th iteration to stop when none needs a move or none got in since the
+last check (at most 2 of them), one for the met mask, and one at the end to bring the result back — a fixed number per batch, none per proposal. What is still outside a row by more
 than `CHECK_TOL` after the fixed iterations goes to the domain's exact projection
 (`Domain.project`, numpy/HiGHS on the CPU), counted in `RepairResult.fallback`.
 
@@ -171,8 +171,10 @@ def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS, check
     next step (weight ~0), so the others carry the move — clipping otherwise undoes part of
     each step and the balance row creeps back in 1e-4 MW steps (the proposals that the
     numpy repair hands to the exact projection on the congested grid). With `check_every`
-    = k > 0, every k-th iteration asks the device whether any proposal still needs a move
-    (one host sync) and stops if none does; 0: the fixed count, no sync. Returns x."""
+    = k > 0, every k-th iteration asks the device how many proposals still need a move
+    (one host sync) and stops if none does, or if no more got in than at the last check
+    (those are stuck at a point the step cannot leave: the exact projection takes them);
+    0: the fixed count, no sync. Returns x."""
     span = hi - lo
     if ridge is None:  # (a host sync on an accelerator: repair_batch_t passes it)
         ridge = _ridge(a.detach().cpu().numpy(), span.detach().cpu().numpy())
@@ -184,13 +186,17 @@ def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS, check
     floor = 1e-4 * span.clamp(min=1e-9)
     pinned_w = 1e-9 * span
     pinned = torch.zeros_like(x, dtype=torch.bool)  # clipped at a bound by the last step: held there
+    still = len(x) + 1
     for it in range(iterations):
         ax = x @ a.T
         r = ax - torch.clamp(ax, t_lo, t_hi)
         violated = r.abs() > CHECK_TOL
         need = violated.any(1, keepdim=True)  # x is within its bounds (clipped at every step)
-        if check_every and it and it % check_every == 0 and not bool(need.any()):
-            break
+        if check_every and it and it % check_every == 0:
+            left = int(need.sum())  # one host sync
+            if left == 0 or left >= still:  # done, or no proposal got in since the last check: the rest is stuck
+                break
+            still = left
         act = (violated | (ax >= b_hi) | (ax <= b_lo) | eq).to(x.dtype)  # (B, R)
         w = torch.where(pinned, pinned_w, torch.maximum((x - lo) * (hi - x) / span.clamp(min=1e-9), floor))  # (B, d)
         aa = a * act[:, :, None]  # (B, R, d): the inactive rows zeroed …
