@@ -146,6 +146,7 @@ class Runner:
         self.concurrency = max(1, concurrency)
         self.batch = max(1, batch)
         self.batched = batched  # handle a fetched batch together (see the module's doc)
+        self._settling: asyncio.Task | None = None  # the batched path's settle in flight
         self.fetch_timeout = fetch_timeout
         self.pause = pause
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
@@ -186,6 +187,8 @@ class Runner:
                         task.add_done_callback(self._done)
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._settling is not None:
+                await self._settling  # the last batch's publishes and acks
         finally:
             await pull.close()
 
@@ -324,7 +327,7 @@ class Runner:
                         if not w.cancelled() and w.exception() is not None:
                             raise w.exception()  # type: ignore[misc]
                     break
-                await self._settle(wave)
+                await self._settle_later(wave)
                 settled += len(wave)
                 for _, d, _ in wave:
                     held.pop(id(d), None)
@@ -332,6 +335,24 @@ class Runner:
             keepalive.cancel()
             for w in workers:
                 w.cancel()
+
+    async def _settle_later(self, wave: list[tuple[Msg, Delivery, Any]]) -> None:
+        """`_settle` in the background, so that the wait for the server's acks of this
+        wave's outputs overlaps the handling of what comes next; one settle in flight at a
+        time (waited for before the next starts), so acks and publishes keep their order."""
+        if self._settling is not None:
+            await self._settling
+        self._settling = asyncio.create_task(self._settle_quietly(wave))
+
+    async def _settle_quietly(self, wave: list[tuple[Msg, Delivery, Any]]) -> None:
+        keepalive = asyncio.create_task(self._keepalive_all({id(d): d for _, d, _ in wave}))  # a slow server
+        try:
+            await self._settle(wave)
+        except Exception as exc:  # noqa: BLE001 - e.g. an ack failed (connection lost): ack_wait redelivers
+            self._throttle.warn(log, "settle", "%s: %s settling %d messages: left for redelivery",
+                                self.spec.durable, describe(exc), len(wave))
+        finally:
+            keepalive.cancel()
 
     async def _settle(self, wave: list[tuple[Msg, Delivery, Any]]) -> None:
         """Handled messages: failures retried or dead-lettered one by one; the outputs of
