@@ -160,7 +160,7 @@ class LearnedOptimiser(nn.Module):
 
     # "torch": repair and polish as one batched program on the model's device (ml/repair_torch.py);
     # "numpy": domains.repair and the numpy polish; "auto": torch on an accelerator, numpy on the
-    # CPU (where the numpy loop measured faster: benchmarks/RESULTS.md, learned optimiser)
+    # CPU (where the two measured within noise of each other: benchmarks/RESULTS.md, learned optimiser)
     repair_backend = "auto"
     device_graphs = True  # the torch polish recorded as a CUDA graph per batch shape on a GPU (ml/repair_torch.Graphed)
 
