@@ -162,7 +162,7 @@ class LearnedOptimiser(nn.Module):
     # "numpy": domains.repair and the numpy polish; "auto": torch on an accelerator, numpy on the
     # CPU (where the two measured within noise of each other: benchmarks/RESULTS.md, learned optimiser)
     repair_backend = "auto"
-    device_graphs = True  # the torch polish recorded as a CUDA graph per batch shape on a GPU (ml/repair_torch.Graphed)
+    device_graphs = True  # the torch polish recorded as a CUDA graph per batch shape on a GPU (ml/repair_torch.Graphed); "emulate": its bookkeeping on the CPU
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() move the buffers a recorded graph reads: drop the graphs
         self._graphs = {}
@@ -215,10 +215,12 @@ class LearnedOptimiser(nn.Module):
                                 self.state_lo.double(), self.state_hi.double(), sweeps=sweeps, grid=grid)
 
             def polish(xs, feasible, r):
-                if not (self.device_graphs and xs.is_cuda):
+                emulate = self.device_graphs == "emulate"  # the graph's bookkeeping without a GPU (tests)
+                if not (self.device_graphs and (xs.is_cuda or emulate)):
                     return program(xs, feasible, ct, r.lo, r.hi)
                 key = ("polish", id(domain), len(xs), str(xs.device), sweeps, grid)
-                return run_graphed(self.__dict__.setdefault("_graphs", {}), key, program, (xs, feasible, ct, r.lo, r.hi), keep=(domain, rows.consts))
+                return run_graphed(self.__dict__.setdefault("_graphs", {}), key, program, (xs, feasible, ct, r.lo, r.hi),
+                                   capture=not emulate, keep=(domain, rows.consts))
 
         fixed, _ = repair_batch_t(domain, c, x, merit=merit, rows=rows, polish=polish)
         return x.cpu().numpy(), fixed

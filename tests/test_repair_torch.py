@@ -152,6 +152,13 @@ def test_learned_optimiser_decides_the_same_with_either_backend(name):
     assert out["torch"][1].fallback.sum() <= out["numpy"][1].fallback.sum()
     gap_t, gap_n = out["torch"][2], out["numpy"][2]
     assert gap_t["gap_median"] <= gap_n["gap_median"] + 1e-3 and gap_t["gap_p95"] <= gap_n["gap_p95"] + 5e-3
+    model.repair_backend, model.device_graphs = "torch", "emulate"  # the GPU's recorded polish, its bookkeeping on the CPU
+    for _ in range(2):  # recorded, then replayed
+        _, replayed = model.decide(d, ctx)
+        np.testing.assert_array_equal(replayed.states, out["torch"][1].states)
+    assert model.graph_error == "" and len(model.__dict__.get("_graphs", {})) == (0 if d.kind == "grid" else 1)  # the grid has no polish
+    model.to("cpu")
+    assert model._graphs == {}  # moving the model drops what a graph would read
     model.repair_backend = "fast"
     with pytest.raises(Exception, match="repair_backend"):
         model.decide(d, ctx[:2])
