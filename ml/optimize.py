@@ -222,7 +222,8 @@ class LearnedOptimiser(nn.Module):
                 return run_graphed(self.__dict__.setdefault("_graphs", {}), key, program, (xs, feasible, ct, r.lo, r.hi),
                                    capture=not emulate, keep=(domain, rows.consts))
 
-        fixed, _ = repair_batch_t(domain, c, x, merit=merit, rows=rows, polish=polish)
+        graphs = self.__dict__.setdefault("_graphs", {}) if self.device_graphs else None
+        fixed, _ = repair_batch_t(domain, c, x, merit=merit, rows=rows, polish=polish, graphs=graphs, emulate=self.device_graphs == "emulate")
         return x.cpu().numpy(), fixed
 
     @torch.no_grad()

@@ -162,7 +162,27 @@ def _ridge(a: np.ndarray, span: np.ndarray) -> float:
     return 1e-10 * max(1.0, float((a**2 @ (span / 4)).max()))
 
 
-def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS, check_every: int = 0, ridge: float | None = None):
+def _spd_solve_small(m, b):
+    """m (B, R, R) symmetric positive definite, b (B, R, 1) -> m^-1 b, by a Cholesky
+    factorisation written out in elementwise ops (R <= 4): no solver library call, so it
+    can be recorded in a CUDA graph."""
+    n = m.shape[-1]
+    low = [[None] * n for _ in range(n)]
+    for j in range(n):
+        diag = m[:, j, j] - sum((low[j][k] ** 2 for k in range(j)), torch.zeros_like(m[:, 0, 0]))
+        low[j][j] = diag.clamp(min=1e-300).sqrt()
+        for i in range(j + 1, n):
+            low[i][j] = (m[:, i, j] - sum((low[i][k] * low[j][k] for k in range(j)), torch.zeros_like(m[:, 0, 0]))) / low[j][j]
+    y: list = []
+    for i in range(n):
+        y.append((b[:, i, 0] - sum((low[i][k] * y[k] for k in range(i)), torch.zeros_like(b[:, 0, 0]))) / low[i][i])
+    z: list = [None] * n
+    for i in reversed(range(n)):
+        z[i] = (y[i] - sum((low[k][i] * z[k] for k in range(i + 1, n)), torch.zeros_like(b[:, 0, 0]))) / low[i][i]
+    return torch.stack(z, 1)[:, :, None]
+
+
+def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS, check_every: int = 0, ridge: float | None = None, small: bool = False):
     """`domains.repair._active_set` for a batch: each iteration moves every proposal that
     still violates a row (or a bound) by dx = -W A_act'(A_act W A_act')^-1 r, W the room
     each variable has, A_act the violated, binding and equality rows; proposals already
@@ -201,8 +221,11 @@ def least_norm_t(x, a, rlo, rhi, eq, lo, hi, iterations: int = ITERATIONS, check
         w = torch.where(pinned, pinned_w, torch.maximum((x - lo) * (hi - x) / span.clamp(min=1e-9), floor))  # (B, d)
         aa = a * act[:, :, None]  # (B, R, d): the inactive rows zeroed …
         m = torch.baddbmm(torch.diag_embed(1.0 - act) + eye, aa * w[:, None, :], aa.transpose(1, 2))  # … and replaced by identity rows
-        chol, _ = torch.linalg.cholesky_ex(m)
-        lam = torch.cholesky_solve((r * act)[:, :, None], chol)  # (B, R, 1)
+        if small:  # written out (recordable in a CUDA graph)
+            lam = _spd_solve_small(m, (r * act)[:, :, None])
+        else:
+            chol, _ = torch.linalg.cholesky_ex(m)
+            lam = torch.cholesky_solve((r * act)[:, :, None], chol)  # (B, R, 1)
         step = torch.nan_to_num(w * (lam.transpose(1, 2) @ a)[:, 0], nan=0.0, posinf=0.0, neginf=0.0)
         moved = x - step
         pinned = (moved < lo) | (moved > hi)
@@ -223,6 +246,7 @@ def repair_t(rows: Rows, states, lo, hi, *, merit=None, iterations: int = ITERAT
 def repair_batch_t(
     domain: Domain, contexts: np.ndarray, states: torch.Tensor, *, merit: torch.Tensor | None = None,
     rows: Rows | None = None, iterations: int = ITERATIONS, fallback: bool = True, polish=None, check_every: int = 4,
+    graphs: dict | None = None, emulate: bool = False,
 ) -> tuple[RepairResult, torch.Tensor]:
     """`domains.repair.repair_batch` with the cheap steps on `states`' device: balance for
     the whole batch; the least-norm stage only for the proposals outside a row after it
@@ -242,10 +266,20 @@ def repair_batch_t(
     start = x = torch.minimum(torch.maximum(x, lo), hi)
     if rows.eq_host.any():
         x = balance_t(x, rows, lo, hi, None if merit is None else merit.to(dt))
-    bad = _outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
-    idx = torch.nonzero(bad).flatten()  # sync 1: which proposals need the least-norm stage
+    ridge = _ridge(rows.a_host, hi_np - lo_np)
+    if graphs is not None and len(rows.a_host) <= 4 and iterations and (x.is_cuda or emulate):
+        # few rows (HVAC): the fixed iterations on the whole batch, masked, recorded as a CUDA graph
+        def program(xs, rl, rh):
+            return least_norm_t(xs, rows.a, rl, rh, rows.eq, lo, hi, iterations, 0, ridge, small=True)
+
+        key = ("least_norm", id(rows.consts), len(x), str(x.device), iterations)
+        x = run_graphed(graphs, key, program, (x, rows.lo, rows.hi), capture=not emulate, keep=(rows.consts,))
+        idx = ()
+    else:
+        bad = _outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
+        idx = torch.nonzero(bad).flatten()  # sync 1: which proposals need the least-norm stage
     if len(idx):
-        xs = least_norm_t(x[idx], rows.a, rows.lo[idx], rows.hi[idx], rows.eq, lo, hi, iterations, check_every, _ridge(rows.a_host, hi_np - lo_np))
+        xs = least_norm_t(x[idx], rows.a, rows.lo[idx], rows.hi[idx], rows.eq, lo, hi, iterations, check_every, ridge)
         x = x.index_copy(0, idx, xs)
     met = ~_outside(x, rows.a, rows.lo, rows.hi, lo, hi, CHECK_TOL)
     feasible = met.cpu().numpy()  # sync 2

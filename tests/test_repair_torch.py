@@ -72,6 +72,35 @@ def test_noisy_optima_repaired_in_torch_pass_the_domains_check_like_the_numpy_re
     assert np.all(got.moved[broken] > 0)
 
 
+def test_the_written_out_solve_is_a_solve():
+    from scf.ml.repair_torch import _spd_solve_small
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4):
+        q = torch.randn(50, n, n, generator=gen, dtype=torch.float64)
+        m = q @ q.transpose(1, 2) + 0.1 * torch.eye(n, dtype=torch.float64)
+        b = torch.randn(50, n, 1, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(_spd_solve_small(m, b), torch.linalg.solve(m, b))
+
+
+def test_the_recordable_least_norm_stage_repairs_hvac_like_the_compacted_one():
+    """HVAC's few rows: the fixed-count stage over the whole batch (what a GPU records as a
+    graph; here its bookkeeping on the CPU) repairs what the compacted, early-stopping one does."""
+    d = domains.get("hvac:office3")
+    c, best, rng = _contexts(d, 80, 3)
+    lo, hi = d.state_bounds
+    proposals = best + rng.normal(scale=0.05, size=best.shape) * (hi - lo)
+    assert (~_ok(d, c, proposals)).sum() >= 20
+    plain, _ = repair_batch_t(d, c, torch.as_tensor(proposals))
+    cache: dict = {}
+    for _ in range(2):  # recorded, then replayed
+        graphed, _ = repair_batch_t(d, c, torch.as_tensor(proposals), graphs=cache, emulate=True)
+        assert _ok(d, c, graphed.states).all() and graphed.feasible.all()
+        assert graphed.fallback.sum() <= plain.fallback.sum()
+        np.testing.assert_allclose(graphed.states, plain.states, atol=1e-3)
+    assert list(cache) == [("least_norm", id(device_rows(d, torch.as_tensor(c)).consts), len(c), "cpu", 12)]
+
+
 def test_congested_line_overloads_are_relieved_in_torch_keeping_the_balance():
     d = _congested_case30()
     c, _, rng = _contexts(d, 80, 1)
@@ -156,7 +185,7 @@ def test_learned_optimiser_decides_the_same_with_either_backend(name):
     for _ in range(2):  # recorded, then replayed
         _, replayed = model.decide(d, ctx)
         np.testing.assert_array_equal(replayed.states, out["torch"][1].states)
-    assert model.graph_error == "" and len(model.__dict__.get("_graphs", {})) == (0 if d.kind == "grid" else 1)  # the grid has no polish
+    assert model.graph_error == "" and len(model.__dict__.get("_graphs", {})) == (0 if d.kind == "grid" else 2)  # HVAC: least-norm stage and polish
     model.to("cpu")
     assert model._graphs == {}  # moving the model drops what a graph would read
     model.repair_backend = "fast"
