@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--decisions", type=int, default=2048, help="held-out contexts for the paired decisions (part C; 0: skip)")
     ap.add_argument("--budget-s", type=float, default=145.0, help="wall-clock budget of the whole run")
     ap.add_argument("--processes", type=int, default=min(16, os.cpu_count() or 1), help="processes for synthesising fossils")
+    ap.add_argument("--parts", default="ABC", help="which parts to run (B needs A)")
+    ap.add_argument("--every-118", type=int, default=500, help="monitor case118's student every N steps")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.tiny:
@@ -175,14 +177,16 @@ def main() -> None:
         return teacher, student, hx, hc
 
     # A: case14, time to target
-    got = teacher_and_student("grid:case14", args.fossils, 16 if args.tiny else 256, 2 if args.tiny else 4, "case14", args.every)
-    if got is None:
-        print(json.dumps(row, default=float))
-        return
-    teacher, student, hx, hc = got
+    got = None
+    if "A" in args.parts:
+        got = teacher_and_student("grid:case14", args.fossils, 16 if args.tiny else 256, 2 if args.tiny else 4, "case14", args.every)
+        if got is None:
+            print(json.dumps(row, default=float))
+            return
+        teacher, student, hx, hc = got
 
     # B: paired decisions on case14 (the issue's first open question: before the wide case118)
-    if args.decisions and elapsed() < 0.6 * args.budget_s:
+    if "B" in args.parts and got is not None and args.decisions and elapsed() < 0.6 * args.budget_s:
         domain = domains.get("grid:case14")
         dx, dc = hx[: args.decisions].astype(float), hc[: args.decisions].astype(float)
         if len(dx) < args.decisions:  # more held-out contexts: fresh draws of the synthesiser (no training fossil)
@@ -205,14 +209,15 @@ def main() -> None:
             row.update({f"noise_{k}": v for k, v in q.items()})
             save(f"the teacher against itself, seed 1 vs 0 (unpaired): gap {q['gap_diff_pp']:+.3f} pp [{q['gap_diff_low_pp']:+.3f}, "
                  f"{q['gap_diff_high_pp']:+.3f}], per-context sd {q['gap_diff_sd_pp']:.3f} pp vs paired student sd {p['gap_diff_sd_pp']:.3f} pp")  # fmt: skip
-    elif args.decisions:
+    elif "B" in args.parts and args.decisions:
         row["paired_skipped"] = f"not started: {elapsed():.0f}s of the {args.budget_s:.0f}s budget gone"
         save(row["paired_skipped"])
 
     # C: case118 wide
-    if args.wide and elapsed() < 0.6 * args.budget_s:
-        teacher_and_student("grid:case118", args.fossils_118, 16 if args.tiny else args.wide, 2 if args.tiny else 4, f"case118_h{args.wide}", args.every * 5)
-    elif args.wide:
+    if "C" in args.parts and args.wide and elapsed() < 0.6 * args.budget_s:
+        teacher_and_student("grid:case118", args.fossils_118, 16 if args.tiny else args.wide, 2 if args.tiny else 4, f"case118_h{args.wide}",
+                            10 if args.tiny else args.every_118)  # fmt: skip
+    elif "C" in args.parts and args.wide:
         row["case118_skipped"] = f"not started: {elapsed():.0f}s of the {args.budget_s:.0f}s budget gone"
         save(row["case118_skipped"])
 
