@@ -332,7 +332,10 @@ def _fit(domain, x, c, energy, config, log, progress=None):
     row_norm = (a_t * model.state_half).norm(dim=-1).clamp(min=1e-9)  # distance in z per unit of the row
     e_mean, e_std = (float(v) for v in model.cost.energy_scale)
     opt = torch.optim.Adam(model.policy.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    # OneCycle needs at least one warm-up and one annealing step (pct_start * steps >= 2): short runs
+    # (a test, a tiny job) warm up over two steps, and fewer than four steps keep the rate constant
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=max(0.05, 2.0 / cfg.steps))
+             if cfg.steps >= 4 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     ratio = cfg.penalty / max(cfg.penalty_start, 1e-9)
     model.policy.train()
     started = time.perf_counter()

@@ -154,3 +154,17 @@ def test_learned_optimiser_on_congested_contexts():
     assert m["decision_feasible"] == 1.0
     assert m["decision_gap_median"] <= 0.005 and m["decision_gap_p95"] <= 0.02 and m["decision_savings_captured"] >= 0.95
     assert m["decision_gap_median"] < m["baseline_gap_median"]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 20])
+def test_short_training_runs_do_not_break_the_schedule(steps):
+    """A tiny job (`steps = 20` from an operator's config) trained: OneCycle's warm-up of
+    0.05 × 20 steps was one step, and its annealing then divided by zero."""
+    from scf.ml.optimize import fit_optimiser
+
+    d = domains.get("grid:case9")
+    samples = d.synthesize(np.random.default_rng(0), 200)
+    x, c = np.stack([s.state for s in samples]), np.stack([s.context for s in samples])
+    e = np.array([s.energy for s in samples])
+    model, metrics = fit_optimiser(d, x, c, e, OptimiserConfig(domain=d.name, hidden=16, depth=2, steps=steps, batch_size=32))
+    assert all(np.isfinite(p.detach().numpy()).all() for p in model.parameters())
