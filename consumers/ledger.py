@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -132,6 +133,18 @@ class LedgerError(SCFError):
 
 
 VERIFY_CHUNK_MIN = 32  # a batch is verified in threads only in chunks of at least this many
+AHEAD_WAIT_S = 0.002  # how long taking the next batch (while one is handled) waits for it
+
+
+async def _give_back(msgs: list, verifying: asyncio.Future) -> None:
+    """A batch taken ahead and not handled (a pause, a stop): nak'ed, so it is redelivered
+    at once (after the pause) instead of after ack_wait."""
+    verifying.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await verifying
+    for m in msgs:
+        with contextlib.suppress(Exception):
+            await m.nak()
 
 
 @dataclass(frozen=True)
@@ -747,30 +760,51 @@ class Ledger:
         # the fallback runner's `process` never raises either.
         pull = Pull(self.bus, self.spec)
         fallback = self.runner(pause=pause)  # for its per-message retry / DLQ rules
+        # The next batch, taken while this one is handled, its signatures being verified in
+        # threads meanwhile (verify_threads > 1): the verification overlaps this batch's
+        # rules, mint and acks where a core is free. Given back (nak'ed) on a pause or stop.
+        ahead: tuple[list, asyncio.Future] | None = None
         try:
             while not stop.is_set():
                 if pause is not None and pause.engaged:
+                    if ahead is not None:
+                        await _give_back(*ahead)
+                        ahead = None
                     await race(pause.wait_clear(), stop)
                     continue
-                msgs = await pull.fetch(1, fetch_timeout, stop)
-                if not msgs:
-                    continue
-                # Wait (up to fetch_timeout) for the first measurement alone, then take what
-                # else is there, up to a batch, waiting at most `gather_s` for it.
-                if self.settings.batch > 1:
-                    msgs += await pull.fetch(self.settings.batch - 1, self.settings.gather_s, stop)
+                if ahead is not None:
+                    msgs, verifying = ahead
+                    ahead = None
+                else:
+                    msgs = await pull.fetch(1, fetch_timeout, stop)
+                    if not msgs:
+                        continue
+                    # Wait (up to fetch_timeout) for the first measurement alone, then take what
+                    # else is there, up to a batch, waiting at most `gather_s` for it.
+                    if self.settings.batch > 1:
+                        msgs += await pull.fetch(self.settings.batch - 1, self.settings.gather_s, stop)
+                    verifying = asyncio.ensure_future(self.verify_batch(msgs))
+                if self.settings.verify_threads > 1 and self.settings.batch > 1 and len(msgs) >= 2 * VERIFY_CHUNK_MIN:
+                    following = await pull.fetch(self.settings.batch, AHEAD_WAIT_S, stop)  # what is there already
+                    if following:
+                        ahead = (following, asyncio.ensure_future(self.verify_batch(following)))
                 try:
-                    await self.handle_batch(msgs)
+                    await self.handle_batch(msgs, await verifying)
                 except Exception as exc:  # noqa: BLE001 - any batch failure: each message alone, by the runner's rules
                     log.warning("ledger batch of %d failed (%s: %s): handling one by one", len(msgs), type(exc).__name__, exc)
                     for msg in msgs:
                         await fallback.process(msg)
         finally:
+            if ahead is not None:
+                await _give_back(*ahead)
             await pull.close()
 
-    async def handle_batch(self, msgs: list) -> None:
+    async def handle_batch(self, msgs: list, checked: list | None = None) -> None:
+        """Decide, mint, publish the rejections, then ack a batch; `checked`: its
+        `verify_batch` result, when the caller verified it already."""
         await self.load()
-        checked = await self.verify_batch(msgs)
+        if checked is None:
+            checked = await self.verify_batch(msgs)
         decided = [await self.decide(msg, v) for msg, v in zip(msgs, checked)]
         poison = [d for d in decided if d.poison is not None]
         for d in poison:

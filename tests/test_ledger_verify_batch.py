@@ -5,6 +5,8 @@ for the threads. Real nats-server."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from scf.bus import codec
@@ -44,4 +46,53 @@ async def test_a_batch_verified_in_threads_mints_and_rejects_as_one_by_one(bus, 
     assert any("missing signature" in r for r in reasons)
     assert any("lacks the 'node' role" in r for r in reasons)
     assert any("bad signature" in r for r in reasons)
+    assert await stream_count(bus, "DLQ") == 0
+
+
+class Gate:
+    """A pause gate (the emergency stop's interface)."""
+
+    def __init__(self) -> None:
+        self._clear = asyncio.Event()
+        self._clear.set()
+
+    @property
+    def engaged(self) -> bool:
+        return not self._clear.is_set()
+
+    async def wait_clear(self) -> None:
+        await self._clear.wait()
+
+
+async def test_batches_taken_ahead_are_minted_once_and_given_back_on_a_pause(bus, settings):
+    """With batches of 64 and 4 x 64 measurements waiting, the ledger takes the next batch
+    (and verifies it) while it handles one. A pause engaged after the first batch gives the
+    batch taken ahead back (nak'ed: with an ack_wait of 10 minutes nothing else could bring
+    it back within this test); once cleared, every measurement is minted exactly once."""
+    keys = Keys(settings)
+    node_keys = {n: keys.node(n) for n in ("n1", "n2")}
+    total = 4 * 64
+    for h in range(total):
+        node = "n1" if h % 2 else "n2"
+        await publish_signed(bus, measurement(node, 9.0, 8.0, hour=h), node_keys[node])
+    gate = Gate()
+    cfg = LedgerSettings(rate=0.5, batch=64, verify_threads=2, ack_wait=600.0)
+    async with running_ledger(bus, keys, cfg, pause=gate) as ledger:
+        handle_batch = ledger.handle_batch
+        paused = asyncio.Event()
+
+        async def first_then_pause(msgs, checked=None):
+            await handle_batch(msgs, checked)
+            gate._clear.clear()  # the emergency stop engages after the first batch
+            paused.set()
+        ledger.handle_batch = first_then_pause  # type: ignore[method-assign]
+        await wait_for(paused.is_set, 60, "the first batch and the pause")
+        ledger.handle_batch = handle_batch  # type: ignore[method-assign]
+        info = await bus.js.consumer_info("DEPLOY", "ledger")
+        assert ledger.counts["new"] == 64 and info.delivered.stream_seq == 128  # one batch handled, one taken ahead
+        gate._clear.set()
+        await wait_for(lambda: consumer_done(bus), 60, "the ledger to drain after the pause (the batch given back)")
+        assert ledger.counts["new"] == total
+    transfers = await read_transfers(bus)
+    assert len(transfers) == total and len({e.transfer.cause_id for e in transfers}) == total
     assert await stream_count(bus, "DLQ") == 0
