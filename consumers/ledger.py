@@ -134,6 +134,7 @@ class LedgerError(SCFError):
 
 VERIFY_CHUNK_MIN = 32  # a batch is verified in threads only in chunks of at least this many
 AHEAD_WAIT_S = 0.002  # how long taking the next batch (while one is handled) waits for it
+TAKE_AHEAD = True  # take (and verify) the next batch while one is handled (verify_threads > 1)
 
 
 async def _give_back(msgs: list, verifying: asyncio.Future) -> None:
@@ -784,7 +785,7 @@ class Ledger:
                     if self.settings.batch > 1:
                         msgs += await pull.fetch(self.settings.batch - 1, self.settings.gather_s, stop)
                     verifying = asyncio.ensure_future(self.verify_batch(msgs))
-                if self.settings.verify_threads > 1 and self.settings.batch > 1 and len(msgs) >= 2 * VERIFY_CHUNK_MIN:
+                if TAKE_AHEAD and self.settings.verify_threads > 1 and self.settings.batch > 1 and len(msgs) >= 2 * VERIFY_CHUNK_MIN:
                     following = await pull.fetch(self.settings.batch, AHEAD_WAIT_S, stop)  # what is there already
                     if following:
                         ahead = (following, asyncio.ensure_future(self.verify_batch(following)))
