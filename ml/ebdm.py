@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from scf.bus.errors import ConfigError
 
 SCORE_IMPLS = ("auto", "analytic", "autograd")
-COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("auto", "off", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -87,7 +87,7 @@ class EBDMConfig:
     eval_records: int = 1024
     # speed (issue 16): how the score -∇E is computed, and torch.compile of the training loss
     score_impl: str = "auto"  # "analytic" (input gradient by hand), "autograd" (double backward), "auto": analytic where the layers allow
-    compile: str = "off"  # torch.compile of the loss in training: "off" or a mode: "default", "max-autotune-no-cudagraphs", "reduce-overhead"
+    compile: str = "auto"  # torch.compile of the training loss: "auto" (mode "default" on CUDA with the analytic score, else off), "off", or a mode
 
     def resolved(self) -> EBDMConfig:
         """A copy with dimensions and bounds filled from the domain (a no-op if given)."""
@@ -110,7 +110,7 @@ class EBDMConfig:
         if cfg.score_impl not in SCORE_IMPLS:
             raise ConfigError(f"score_impl {cfg.score_impl!r} is not one of {list(SCORE_IMPLS)}: use \"auto\" unless comparing")
         if cfg.compile not in COMPILE_MODES:
-            raise ConfigError(f"compile {cfg.compile!r} is not one of {list(COMPILE_MODES)}: \"off\", or a torch.compile mode")
+            raise ConfigError(f"compile {cfg.compile!r} is not one of {list(COMPILE_MODES)}: \"auto\", \"off\", or a torch.compile mode")
         if not 0 < cfg.sigma_min < cfg.sigma_max:
             raise ConfigError(f"need 0 < sigma_min < sigma_max (got {cfg.sigma_min}, {cfg.sigma_max})")
         return cfg

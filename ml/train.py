@@ -120,6 +120,16 @@ def loss_given_noise(model: EBDM, penalty, x, c, sigma, eps, bf16: bool) -> torc
 _COMPILED: dict[str, Callable] = {}
 
 
+def compile_choice(mode: str, model: EBDM, device: torch.device) -> str:
+    """The torch.compile mode a step uses: "auto" is "default" on CUDA with the analytic
+    score (2.5-3× the graphed step on an H200, benchmarks/RESULTS.md; compiling costs
+    ~10-15 s once per process and shape) and "off" elsewhere (on the CPU the compile costs
+    minutes and the demo's jobs are short)."""
+    if mode != "auto":
+        return mode
+    return "default" if torch.device(device).type == "cuda" and model.analytic else "off"
+
+
 def compiled_loss(mode: str) -> Callable:
     """`loss_given_noise` through torch.compile in `mode` ("default" or a torch.compile mode)."""
     if mode not in _COMPILED:
@@ -151,7 +161,7 @@ class TrainStep:
         self.graph_wanted = cuda if graph is None else (graph and cuda)
         self.bf16 = bf16
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else contextlib.nullcontext()
-        self.compile_mode = cfg.compile if compile_mode is None else compile_mode
+        self.compile_mode = compile_choice(cfg.compile if compile_mode is None else compile_mode, model, device)
         self.compile_error: str | None = None
         self.compiled: Callable | None = None  # the compiled loss, until it fails
         self.compiled_ok = False  # a compiled step has run (forward and backward)

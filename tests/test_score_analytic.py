@@ -17,7 +17,7 @@ from scf.bus.errors import ConfigError
 from scf.ml.ebdm import EBDM, EBDMConfig
 from scf.ml.physics import penalty_for
 from scf.ml.ternary import ternarise
-from scf.ml.train import fit, loss_given_noise
+from scf.ml.train import compile_choice, fit, loss_given_noise
 
 ARCHES = {  # name: config — with and without context, no blocks, one, several, a wide input
     "hvac-context-depth2": EBDMConfig(domain="hvac:office3", hidden=16, depth=2, fourier_features=4),
@@ -199,6 +199,19 @@ def test_the_loss_given_the_noise_compiles_as_one_graph_with_the_same_gradients(
         zero = torch.zeros_like(p)
         torch.testing.assert_close(zero if a is None else a, zero if b is None else b, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_compile_auto_means_default_mode_on_cuda_with_the_analytic_score_only():
+    cfg = ARCHES["no-context-depth3"]
+    analytic, autograd = EBDM(cfg), EBDM(dataclasses.replace(cfg, score_impl="autograd"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device name: no GPU needed
+    assert cfg.compile == "auto"
+    assert compile_choice("auto", analytic, cuda) == "default"
+    assert compile_choice("auto", analytic, cpu) == "off"  # the demo trains on the CPU: no compile
+    assert compile_choice("auto", autograd, cuda) == "off"
+    assert compile_choice("max-autotune-no-cudagraphs", analytic, cpu) == "max-autotune-no-cudagraphs"
+    _, stats = fit(EBDM(dataclasses.replace(cfg, steps=2, batch_size=8, log_every=1)), [(torch.randn(8, 3), torch.zeros(8, 0))] * 2)
+    assert stats.steps == 2 and not stats.compiled and stats.compile_error is None
 
 
 def test_compile_with_the_autograd_score_says_why_and_trains_eagerly():
