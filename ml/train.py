@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import os
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -194,10 +195,11 @@ class TrainStep:
                 loss.backward()
                 self.compiled_ok = True
                 return loss
-            except RuntimeError as exc:  # inductor or dynamo failing (e.g. no C++ compiler): eager from here on
+            except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as exc:  # dynamo, inductor, triton or
+                # its C compiler failing (on a machine without one, say): eager from here on
                 if self.compiled_ok:
                     raise
-                self.compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                self.compile_error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
                 self.compiled = None
                 self.opt.zero_grad(set_to_none=True)
         with self.autocast:

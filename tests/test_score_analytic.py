@@ -238,3 +238,18 @@ def test_inductor_compiled_training_follows_the_eager_loss_curve():
         assert stats.compiled == (mode != "off"), stats.compile_error
         curves[mode] = losses
     np.testing.assert_allclose(curves["default"], curves["off"], rtol=1e-4)
+
+
+def test_a_compile_that_fails_leaves_the_step_eager_and_says_why():
+    """inductor pointed at a C++ compiler that does not exist (as on a machine without one)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    cfg = EBDMConfig(state_dim=3, context_dim=0, hidden=12, depth=1, steps=3, batch_size=8, log_every=1)
+    batches = [(torch.randn(8, 3), torch.zeros(8, 0))] * 3
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        _, stats = fit(EBDM(cfg), batches, compile_mode="default")
+    torch._dynamo.reset()
+    assert stats.steps == 3 and math.isfinite(stats.loss) and not stats.compiled
+    assert "C++ compiler" in stats.compile_error, stats.compile_error
