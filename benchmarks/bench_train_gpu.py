@@ -16,6 +16,7 @@ One JSON line per measurement, then a summary line (and all of them into `--json
                 compiled  analytic + torch.compile of the loss (mode "default"), CUDA graph;
                 compiled-max  the same with mode "max-autotune-no-cudagraphs" (slow to compile);
                 compiled-ro   mode "reduce-overhead" (torch's own CUDA graphs, ours off);
+                auto      the config's defaults (score_impl and compile "auto"), CUDA graph;
               model FLOPs per step counted with FlopCounterMode on the autograd path (forward, the
               score's double backward, the parameter backward; the analytic path's count printed
               beside it), MFU = FLOPs / step time / peak; the wall time of each run (compile included);
@@ -67,6 +68,7 @@ VARIANTS = {  # name: (score_impl, compile mode, CUDA graph)
     "compiled": ("analytic", "default", True),
     "compiled-max": ("analytic", "max-autotune-no-cudagraphs", True),
     "compiled-ro": ("analytic", "reduce-overhead", False),
+    "auto": ("auto", "auto", True),  # what a job gets by default (EBDMConfig's score_impl and compile)
 }
 
 
@@ -199,12 +201,13 @@ def main() -> None:
                     row[f"{variant}_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
                 if graph and cuda:
                     row[f"{variant}_graph_captured"], row[f"{variant}_graph_error"] = info["graph"], info["graph_error"]
-                if mode != "off":
+                if mode != "off" or variant == "auto":
                     row[f"{variant}_compiled"], row[f"{variant}_compile_error"] = info["compiled"], info["compile_error"]
                 print(f"  {name} {variant}: {sps:,.0f} samples/s, {row[f'{variant}_tflops']} TFLOP/s, "
                       f"MFU {row[f'{variant}_mfu']}, run {info['wall_s']} s", file=sys.stderr, flush=True)
             for num, den in (("graph", "eager"), ("analytic", "graph"), ("compiled", "graph"), ("compiled", "analytic"),
-                             ("compiled-max", "graph"), ("compiled-ro", "graph"), ("analytic-eager", "eager")):
+                             ("compiled-max", "graph"), ("compiled-ro", "graph"), ("analytic-eager", "eager"),
+                             ("auto", "graph"), ("compiled-max", "compiled")):
                 if f"{num}_samples_per_s" in row and f"{den}_samples_per_s" in row:
                     row[f"{num}_over_{den}"] = round(row[f"{num}_samples_per_s"] / row[f"{den}_samples_per_s"], 2)
             rated = {v: row[f"{v}_samples_per_s"] for v in variants if f"{v}_samples_per_s" in row}
