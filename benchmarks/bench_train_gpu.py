@@ -203,6 +203,8 @@ def main() -> None:
                     row[f"{variant}_graph_captured"], row[f"{variant}_graph_error"] = info["graph"], info["graph_error"]
                 if mode != "off" or variant == "auto":
                     row[f"{variant}_compiled"], row[f"{variant}_compile_error"] = info["compiled"], info["compile_error"]
+                if json_path:  # the row so far, in case the run is cut
+                    Path(json_path).write_text(json.dumps(rows + [row], indent=1))
                 print(f"  {name} {variant}: {sps:,.0f} samples/s, {row[f'{variant}_tflops']} TFLOP/s, "
                       f"MFU {row[f'{variant}_mfu']}, run {info['wall_s']} s", file=sys.stderr, flush=True)
             for num, den in (("graph", "eager"), ("analytic", "graph"), ("compiled", "graph"), ("compiled", "analytic"),
