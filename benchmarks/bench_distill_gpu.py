@@ -141,7 +141,7 @@ def main() -> None:
 
         def timed_monitor(step, student):  # the training time (monitor excluded) at each point of the curve
             sync()
-            if elapsed() > 0.92 * args.budget_s:
+            if elapsed() > 0.92 * args.budget_s and step < args.steps:  # the last step is evaluated whatever the time
                 raise OutOfTime(f"{prefix}: distillation stopped at step {step}: {elapsed():.0f}s of the {args.budget_s:.0f}s budget gone")
             train_clock["t"] += time.perf_counter() - train_clock["last"]
             monitor(step, student)
