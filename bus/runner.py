@@ -207,23 +207,28 @@ class Runner:
             self._throttle.warn(log, "process", "%s: %s on %s: left for redelivery",
                                 self.spec.durable, describe(exc), msg.subject)
 
-    async def _process(self, msg: Msg) -> None:
+    async def _admit(self, msg: Msg) -> tuple[Delivery, Any] | None:
+        """The delivery and its decoded item; None when the message is settled here: a redrive
+        meant for another consumer (acked, skipped) or undecodable (dead-lettered)."""
         headers = dict(msg.headers or {})
         d = Delivery(msg, msg.subject, headers=headers)
         target = headers.get(SCF_REDRIVE_FOR)
         if target and target != self.spec.durable:
             self.stats.skipped += 1
             await msg.ack()
-            return
+            return None
         try:
-            item = self.decode(msg)
+            return d, self.decode(msg)
         except (DecodeError, SignatureError) as exc:
             await self.dead_letter(msg, f"{type(exc).__name__}: {exc}")
-            return
         except Exception as exc:  # noqa: BLE001 - a decoder bug is still poison for this message
             await self.dead_letter(msg, f"undecodable: {type(exc).__name__}: {exc}")
-            return
+        return None
 
+    async def _process(self, msg: Msg) -> None:
+        if (admitted := await self._admit(msg)) is None:
+            return
+        d, item = admitted
         if self.pause is not None and self.pause.engaged:
             await self._hold(d)
 
@@ -271,22 +276,8 @@ class Runner:
     async def _process_batch(self, msgs: Sequence[Msg]) -> None:
         todo: list[tuple[Msg, Delivery, Any]] = []
         for msg in msgs:
-            headers = dict(msg.headers or {})
-            d = Delivery(msg, msg.subject, headers=headers)
-            target = headers.get(SCF_REDRIVE_FOR)
-            if target and target != self.spec.durable:
-                self.stats.skipped += 1
-                await msg.ack()
-                continue
-            try:
-                item = self.decode(msg)
-            except (DecodeError, SignatureError) as exc:
-                await self.dead_letter(msg, f"{type(exc).__name__}: {exc}")
-                continue
-            except Exception as exc:  # noqa: BLE001 - a decoder bug is still poison for this message
-                await self.dead_letter(msg, f"undecodable: {type(exc).__name__}: {exc}")
-                continue
-            todo.append((msg, d, item))
+            if (admitted := await self._admit(msg)) is not None:
+                todo.append((msg, *admitted))
         if not todo:
             return
         held = {id(d): d for _, d, _ in todo}  # in hand, not settled: kept alive
