@@ -231,7 +231,8 @@ def read_doc(path: Path) -> ContractDoc:
     try:
         raw = load_yaml(text) if Path(path).suffix in (".yaml", ".yml") else json.loads(text)
     except (ValueError, yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
-        raise ContractError(f"{path}: not valid {'YAML' if Path(path).suffix in ('.yaml', '.yml') else 'JSON'} ({str(exc).splitlines()[0]})") from None
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
+        raise ContractError(f"{path}: not valid {'YAML' if Path(path).suffix in ('.yaml', '.yml') else 'JSON'} ({why})") from None
     return parse_doc(raw)
 
 

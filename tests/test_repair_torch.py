@@ -184,7 +184,8 @@ def test_learned_optimiser_decides_the_same_with_either_backend(name):
     model.repair_backend, model.device_graphs = "torch", "emulate"  # the GPU's recorded polish, its bookkeeping on the CPU
     for _ in range(2):  # recorded, then replayed
         _, replayed = model.decide(d, ctx)
-        np.testing.assert_array_equal(replayed.states, out["torch"][1].states)
+        # the same arithmetic; a last-bit difference (1e-16 seen once) comes from the BLAS's thread split
+        np.testing.assert_allclose(replayed.states, out["torch"][1].states, rtol=0, atol=1e-12)
     assert model.graph_error == "" and len(model.__dict__.get("_graphs", {})) == (0 if d.kind == "grid" else 2)  # HVAC: least-norm stage and polish
     model.to("cpu")
     assert model._graphs == {}  # moving the model drops what a graph would read
