@@ -262,6 +262,7 @@ class StreamReader:
             stream, consumer = _ack_origin(msg.reply)
             if stream != self.stream or (p.consumer and consumer != p.consumer):
                 return  # not from the consumer this pass created (a push consumer someone else aimed at this inbox)
+            self.live = True  # delivering: the consumer's creation can be answered after its first messages
             sseq, cseq, ts, left = _ack_tokens(msg.reply)
             if cseq != p.cseq + 1:
                 p.gap = True  # a dropped message: resume after the last good one
