@@ -88,8 +88,11 @@ async def test_batches_taken_ahead_are_minted_once_and_given_back_on_a_pause(bus
         ledger.handle_batch = first_then_pause  # type: ignore[method-assign]
         await wait_for(paused.is_set, 60, "the first batch and the pause")
         ledger.handle_batch = handle_batch  # type: ignore[method-assign]
-        info = await bus.js.consumer_info("DEPLOY", "ledger")
-        assert ledger.counts["new"] == 64 and info.delivered.stream_seq == 128  # one batch handled, one taken ahead
+        async def taken_ahead() -> bool:  # the next batch is fetched in the background: wait for it
+            return (await bus.js.consumer_info("DEPLOY", "ledger")).delivered.stream_seq == 128
+
+        await wait_for(taken_ahead, 60, "the next batch taken ahead")
+        assert ledger.counts["new"] == 64  # one batch handled, one taken ahead and held by the pause
         gate._clear.set()
         await wait_for(lambda: consumer_done(bus), 60, "the ledger to drain after the pause (the batch given back)")
         assert ledger.counts["new"] == total
