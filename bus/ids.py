@@ -23,6 +23,11 @@ from scf.bus.errors import ConfigError
 
 # A fixed namespace for SCF's derived ids (UUIDv5 over it).
 SCF_NAMESPACE = uuid.UUID("6f1f2b0e-9c55-4b8a-9a0e-5c0f3d7e2a11")
+# The same namespace for uuid_utils' uuid5 (Rust, ~0.5 µs an id against ~4 µs in the standard
+# library): the same RFC 4122 SHA-1 construction, so the same ids, bit for bit
+# (tests/test_ids_derived.py checks them against `uuid.uuid5`).
+_NAMESPACE = uuid_utils.UUID(str(SCF_NAMESPACE))
+_uuid5 = uuid_utils.uuid5
 
 
 def new_id() -> str:
@@ -31,8 +36,10 @@ def new_id() -> str:
 
 
 def derived_id(*parts: object) -> str:
-    """A deterministic id from the given parts (UUIDv5): same parts, same id."""
-    return str(uuid.uuid5(SCF_NAMESPACE, "\x1f".join(str(p) for p in parts)))
+    """A deterministic id from the given parts (UUIDv5): same parts, same id. The name is
+    encoded here (UTF-8, as `uuid.uuid5` does: a lone surrogate raises UnicodeEncodeError
+    alike) and hashed by uuid_utils."""
+    return str(_uuid5(_NAMESPACE, "\x1f".join([str(p) for p in parts]).encode()))
 
 
 def content_id(canonical: bytes) -> str:
@@ -108,7 +115,8 @@ def keyed_id(key: bytes, *parts: object) -> str:
     digest = bytearray(hmac.new(key, "\x1f".join(str(p) for p in parts).encode(), hashlib.sha256).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x80  # version 8 (custom)
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return str(uuid.UUID(bytes=bytes(digest)))
+    h = digest.hex()  # uuid.UUID's text form, without building a UUID
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Ids:
