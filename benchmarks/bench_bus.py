@@ -51,21 +51,29 @@ async def purge(js) -> None:
     await js.purge_stream("TRAINING")
 
 
-async def bench_publish(bus: Bus, n: int) -> dict:
+async def bench_publish(bus: Bus, n: int, chunk: int = 0) -> dict:
+    """`chunk`: publish_many called on slices of this many events, one after the other (the
+    safety gate publishes a batch's verdicts, ≤ 128, per call); 0: all in one call. The CPU
+    columns: this process's CPU time per message (the server's is not in it)."""
     events = make_events(n, "scf")
     await purge(bus.js)
-    t = time.perf_counter()
-    await bus.publish_many(events)
-    scf_rate = n / (time.perf_counter() - t)
+    step = chunk or n
+    t, c = time.perf_counter(), time.process_time()
+    for i in range(0, n, step):
+        await bus.publish_many(events[i : i + step])
+    scf_rate, scf_cpu = n / (time.perf_counter() - t), (time.process_time() - c) / n * 1e6
 
     raw_events = make_events(n, "raw")
     payloads = [(e.subject(), codec.encode(e), {MSG_ID: e.id}) for e in raw_events]
     await purge(bus.js)
-    t = time.perf_counter()
-    futs = [await bus.js.publish_async(s, b, headers=h) for s, b, h in payloads]
-    await asyncio.gather(*futs)
-    raw_rate = n / (time.perf_counter() - t)
-    return {"scf_publish_per_s": round(scf_rate), "raw_publish_async_per_s": round(raw_rate), "publish_ratio": round(scf_rate / raw_rate, 3)}
+    t, c = time.perf_counter(), time.process_time()
+    for i in range(0, n, step):
+        futs = [await bus.js.publish_async(s, b, headers=h) for s, b, h in payloads[i : i + step]]
+        await asyncio.gather(*futs)
+    raw_rate, raw_cpu = n / (time.perf_counter() - t), (time.process_time() - c) / n * 1e6
+    return {"scf_publish_per_s": round(scf_rate), "raw_publish_async_per_s": round(raw_rate), "publish_ratio": round(scf_rate / raw_rate, 3),
+            "scf_publish_cpu_us": round(scf_cpu, 1), "raw_publish_cpu_us": round(raw_cpu, 1),
+            "publish_cpu_ratio": round(raw_cpu / scf_cpu, 3), "publish_chunk": chunk}
 
 
 async def bench_consume(bus: Bus, n: int) -> dict:
@@ -182,7 +190,21 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--repeat", type=int, default=3, help="take the best of N runs for each ratio")
+    ap.add_argument("--only-publish", action="store_true", help="only the publish comparison (with CPU columns)")
+    ap.add_argument("--chunk", type=int, default=0, help="publish_many on slices of this many events (0: one call)")
     args = ap.parse_args()
+    if args.only_publish:
+        with tempfile.TemporaryDirectory() as d:
+            server = ServerProcess(Path(d) / "main", free_port()).start()
+            try:
+                bus = await Bus.connect(Settings(home=d, nats_url=server.url, source="bench"))
+                await ensure(bus.js)
+                for _ in range(args.repeat):
+                    print(json.dumps(await bench_publish(bus, args.n, args.chunk)), flush=True)
+                await bus.close()
+            finally:
+                server.stop()
+        return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         server = ServerProcess(tmp / "main", free_port()).start()

@@ -1,0 +1,62 @@
+"""`Bus.publish_many` writes its publishes as frames (`PipelinedPublisher.publish_frames`):
+the same bytes nats-py's `publish` writes, one write and one future per frame, every
+message still acknowledged by the server on its own."""
+
+from __future__ import annotations
+
+import base64
+
+import msgspec
+import pytest
+
+from scf.bus import client
+from scf.bus import events as ev
+from scf.bus.client import MSG_ID, SCF_TYPE, header_block
+from scf.bus.errors import StreamNotFound
+from tests.conftest import stream_count
+
+pytestmark = pytest.mark.anyio
+
+
+def intent(i: str) -> ev.IntentCreated:
+    return ev.IntentCreated.new(ev.Intent(intent_id=i, kind="train", domain="grid:case9"), source="test")
+
+
+async def test_frames_store_what_nats_py_stores(bus):
+    # one event through nats-py's own publish, one through the frames: same header bytes
+    a, b = intent("a"), intent("b")
+    await bus.js.publish(a.subject(), bus._body(a), headers=bus.headers(a))
+    [ack] = await bus.publish_many([b])
+    via_nats = await bus.js.get_msg("INTENTS", 1)
+    via_frames = await bus.js.get_msg("INTENTS", ack.seq)
+    assert base64.b64decode(via_frames.hdrs) == base64.b64decode(via_nats.hdrs).replace(a.id.encode(), b.id.encode())
+    assert via_frames.headers == {MSG_ID: b.id, SCF_TYPE: b.type_name()}
+    assert via_frames.data == bus._body(b) and via_frames.subject == b.subject()
+
+
+async def test_many_frames_in_order_with_a_small_window(bus, monkeypatch):
+    monkeypatch.setattr(client, "FRAME_MESSAGES", 7)
+    monkeypatch.setattr(client, "FRAMES_IN_FLIGHT", 2)
+    events = [intent(f"i{n}") for n in range(100)]
+    acks = await bus.publish_many(events + events[:30])
+    assert [a.seq for a in acks[:100]] == list(range(1, 101))  # every reply matched to its own message
+    assert [a.seq for a in acks[100:]] == list(range(1, 31)) and all(a.duplicate for a in acks[100:])
+    assert await stream_count(bus, "INTENTS") == 100
+    assert not bus._pipeline._futures  # every token answered and released
+
+
+async def test_an_id_that_needs_cleaning_goes_through_nats_py(bus):
+    odd = msgspec.structs.replace(intent("odd"), id=" padded-id ")
+    assert header_block(odd.id, odd.type_name()) is None
+    [ack] = await bus.publish_many([odd])
+    stored = await bus.js.get_msg("INTENTS", ack.seq)
+    assert stored.headers[MSG_ID] == "padded-id"  # nats-py strips a header value: as before
+
+
+async def test_a_refused_frame_raises_the_projects_error(bus, monkeypatch):
+    pub = await bus.pipeline()
+    [reply] = await (await pub.publish_frames([("nowhere.at.all", b"{}", header_block("id-1", "t"))]))
+    assert reply.error is not None and reply.error.code == 503
+    monkeypatch.setattr(ev.IntentCreated, "subject", lambda self: "nowhere.at.all")
+    with pytest.raises(StreamNotFound, match="scf streams ensure"):
+        await bus.publish_many([intent("x")])
