@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--parts", default="ABC", help="which parts to run (B needs A)")
     ap.add_argument("--every-118", type=int, default=500, help="monitor case118's student every N steps")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--anchor-weight", type=float, default=None, help="DistillConfig.anchor_weight (default: the config's)")
+    ap.add_argument("--batch", type=int, default=256, help="distillation batch size")
     args = ap.parse_args()
     if args.tiny:
         args.fossils, args.teacher_steps, args.steps, args.every = 1600, 30, 20, 10
@@ -149,7 +151,10 @@ def main() -> None:
             sync()
             train_clock["last"] = time.perf_counter()
 
-        cfg = DistillConfig(steps=args.steps, batch_size=256, device=args.device, log_every=monitor_every)
+        cfg = DistillConfig(steps=args.steps, batch_size=args.batch, device=args.device, log_every=monitor_every)
+        if args.anchor_weight is not None:
+            cfg.anchor_weight = args.anchor_weight
+        row[f"{prefix}_distill_config"] = {"anchor_weight": cfg.anchor_weight, "batch_size": cfg.batch_size, "steps": cfg.steps, "lr": cfg.lr}
         train_clock["last"] = time.perf_counter()
         try:
             student, stats = distill_ebdm(teacher, x, c, cfg, monitor=timed_monitor)
