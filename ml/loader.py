@@ -37,6 +37,7 @@ very batches, in the very order, that the uninterrupted run would have.
 
 from __future__ import annotations
 
+import collections
 import gc
 import hashlib
 import json
@@ -44,6 +45,7 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Protocol
@@ -490,56 +492,157 @@ class Batch(NamedTuple):
     energy: torch.Tensor  # (B,) float32
 
 
+def _cuts(plan: _Plan, epoch: int, slot: int, slots: int, start, size: int) -> Iterator[tuple[list[tuple[ShardColumns, np.ndarray]], tuple[int, int, int]]]:
+    """A slot's batches of one epoch from `start`, as row indices into the shards' cached
+    columns: per batch the (columns, rows) pieces in batch order and the position after it.
+    The windows' records, permutations and positions are those of the NDJSON path."""
+    source = plan.source
+    units = plan.slot_units(epoch, slot, slots)
+    k0, w0, r0 = start
+    pieces: list[tuple[ShardColumns, np.ndarray]] = []
+    have, pos = 0, start
+    for k in range(k0, len(units)):
+        uid, unit = units[k]
+        cols = source.columns(unit.key)
+        code = cols.code(plan.domain) if plan.domain is not None else None
+        n_win = source.windows(unit, plan.window)
+        for w in range(w0 if k == k0 else 0, n_win):
+            lo = unit.start + w * plan.window
+            i, j = cols.span(lo, min(lo + plan.window, unit.end))
+            n = j - i
+            if n == 0:
+                continue
+            first = r0 if (k, w) == (k0, w0) else 0
+            rows = np.random.default_rng([plan.seed, epoch, uid, w]).permutation(n)[first:] + i
+            keep = np.ones(len(rows), dtype=bool)
+            if code is not None:
+                keep &= cols.domain[rows] == code
+            if plan.split is not None:
+                keep &= cols.heldout[rows] == (plan.split == "heldout")
+            index = np.flatnonzero(keep) + first  # positions in the window's permutation
+            rows = rows[keep]
+            where = (k, w, n, n_win)
+            at = 0
+            while at < len(rows):
+                take = min(size - have, len(rows) - at)
+                pieces.append((cols, rows[at : at + take]))
+                have += take
+                at += take
+                pos = _after(int(index[at - 1]), where)
+                if have == size:
+                    yield pieces, pos
+                    pieces, have = [], 0
+    if pieces:
+        yield pieces, pos
+
+
+def _round_robin(streams: list[Iterator]) -> Iterator:
+    """The items of `streams` in turns, one from each, passing over those that have ended:
+    the order in which a DataLoader hands out its workers' batches."""
+    active = list(streams)
+    while active:
+        for it in list(active):
+            try:
+                yield next(it)
+            except StopIteration:
+                active.remove(it)
+
+
+class DeviceColumns:
+    """The records a loader reads (its domain and split), copied once onto one device: per
+    (state, context) size a state (n, d), context (n, m) and energy (n,) tensor, and per
+    shard each record's row in them (-1: not read). A batch is then gathered there from
+    its row indices (`batch`): no per-batch copy of the data through the host. Built only
+    when it fits the loader's device budget (`FossilLoader`'s `device_budget`)."""
+
+    def __init__(self, source: ShardSource, domain: str | None, split: str | None, device: torch.device) -> None:
+        self.device = torch.device(device)
+        # per shard (by its columns' identity): the columns, each record's row in its size's
+        # tensors (-1: not read), and per group the index of its size in `shapes`
+        self.rows: dict[int, tuple[ShardColumns, np.ndarray, np.ndarray]] = {}
+        sizes: dict[tuple[int, int], int] = {}
+        parts: list[tuple[list, list, list]] = []
+        counts: list[int] = []
+        for name in source.files:
+            cols = source.columns(name)
+            keep = _kept(cols, domain, split)
+            rid = np.full(len(cols), -1, dtype=np.int64)
+            size = np.empty(len(cols.states), dtype=np.int64)
+            for g in range(len(cols.states)):
+                shape = (cols.states[g].shape[1], cols.contexts[g].shape[1])
+                z = size[g] = sizes.setdefault(shape, len(sizes))
+                if z == len(parts):
+                    parts.append(([], [], []))
+                    counts.append(0)
+                sel = np.flatnonzero(keep & (cols.group == g))
+                if not len(sel):
+                    continue
+                rid[sel] = counts[z] + np.arange(len(sel))
+                counts[z] += len(sel)
+                local = np.asarray(cols.local[sel])
+                for dst, src in zip(parts[z], (cols.states[g], cols.contexts[g], cols.energies[g])):
+                    dst.append(torch.from_numpy(np.ascontiguousarray(src[local])))
+            self.rows[id(cols)] = (cols, rid, size)
+        shapes = sorted(sizes, key=sizes.get)
+        self.tensors = [
+            tuple(torch.cat(p).to(self.device) if p else torch.empty(0, *dims, device=self.device) for p, dims in zip(part, ((d,), (m,), ())))
+            for part, (d, m) in zip(parts, shapes)
+        ]
+        self.shapes = shapes
+
+    @staticmethod
+    def nbytes(source: ShardSource, domain: str | None, split: str | None) -> int:
+        """Device bytes the records of `domain` and `split` in `source` would take (columns built if needed)."""
+        total = 0
+        for name in source.files:
+            cols = source.columns(name)
+            keep = _kept(cols, domain, split)
+            for g in range(len(cols.states)):
+                n = int(np.count_nonzero(keep & (cols.group == g)))
+                total += 4 * n * (cols.states[g].shape[1] + cols.contexts[g].shape[1] + 1)
+        return total
+
+    def batch(self, pieces: list[tuple[ShardColumns, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of (columns, rows) `pieces` gathered on the device (pieces of several sizes: LoaderError)."""
+        ids, size = [], None
+        for cols, rows in pieces:
+            rid, sizes = self.rows[id(cols)][1:]
+            groups = cols.group[rows]
+            g = int(groups[0])
+            if (groups != g).any():
+                raise _ragged(cols.states[g].shape[1], cols.contexts[g].shape[1], cols.domains[int(cols.domain[rows[0]])], groups, cols)
+            if size is not None and sizes[g] != size:
+                raise _mixed({self.shapes[size], self.shapes[sizes[g]]})
+            size = int(sizes[g])
+            ids.append(rid[rows])
+        index = torch.empty(sum(map(len, ids)), dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        np.concatenate(ids, out=index.numpy())
+        index = index.to(self.device, non_blocking=True)  # from pinned memory: no host sync
+        state, context, energy = self.tensors[size]
+        return state.index_select(0, index), context.index_select(0, index), energy.index_select(0, index)
+
+
+def _kept(cols: ShardColumns, domain: str | None, split: str | None) -> np.ndarray:
+    """Which records of a shard a loader of `domain` and `split` reads."""
+    keep = np.ones(len(cols), dtype=bool)
+    if domain is not None:
+        keep &= np.asarray(cols.domain) == cols.code(domain)
+    if split is not None:
+        keep &= np.asarray(cols.heldout) == (split == "heldout")
+    return keep
+
+
+def _mixed(shapes) -> LoaderError:
+    listed = ", ".join(f"{d} / {m}" for d, m in sorted(shapes))
+    return LoaderError(f"one batch would hold fossils of several sizes (state / context {listed}): pass domain= to read one domain")
+
+
 class _BatchStream(IterableDataset):
     """Yields (state, context, energy, slot, position) batches of one epoch, per worker."""
 
-    def __init__(self, plan: _Plan, epoch: int, rank: int, world_size: int, batch_size: int, positions: dict, turn: int,
-                 columnar: bool = False, pin: bool = False) -> None:
+    def __init__(self, plan: _Plan, epoch: int, rank: int, world_size: int, batch_size: int, positions: dict, turn: int) -> None:
         self.plan, self.epoch, self.rank, self.world_size = plan, epoch, rank, world_size
-        self.batch_size, self.positions, self.turn, self.columnar, self.pin = batch_size, positions, turn, columnar, pin
-
-    def _columnar(self, slot: int, slots: int, start):
-        """The batches of `__iter__` cut from the shards' cached columns: the windows'
-        records, permutations and positions are those of the NDJSON path, as arrays."""
-        plan, source, size = self.plan, self.plan.source, self.batch_size
-        units = plan.slot_units(self.epoch, slot, slots)
-        k0, w0, r0 = start
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        have, pos = 0, start
-        for k in range(k0, len(units)):
-            uid, unit = units[k]
-            cols = source.columns(unit.key)
-            code = cols.code(plan.domain) if plan.domain is not None else None
-            n_win = source.windows(unit, plan.window)
-            for w in range(w0 if k == k0 else 0, n_win):
-                lo = unit.start + w * plan.window
-                i, j = cols.span(lo, min(lo + plan.window, unit.end))
-                n = j - i
-                if n == 0:
-                    continue
-                first = r0 if (k, w) == (k0, w0) else 0
-                rows = np.random.default_rng([plan.seed, self.epoch, uid, w]).permutation(n)[first:] + i
-                keep = np.ones(len(rows), dtype=bool)
-                if code is not None:
-                    keep &= cols.domain[rows] == code
-                if plan.split is not None:
-                    keep &= cols.heldout[rows] == (plan.split == "heldout")
-                index = np.flatnonzero(keep) + first  # positions in the window's permutation
-                rows = rows[keep]
-                where = (k, w, n, n_win)
-                at = 0
-                while at < len(rows):
-                    take = min(size - have, len(rows) - at)
-                    parts.append(cols.gather(rows[at : at + take]))
-                    have += take
-                    at += take
-                    pos = _after(int(index[at - 1]), where)
-                    if have == size:
-                        yield (*_stack(parts, self.pin), slot, pos)
-                        parts, have = [], 0
-        if parts:
-            yield (*_stack(parts, self.pin), slot, pos)
-
+        self.batch_size, self.positions, self.turn = batch_size, positions, turn
 
     def __iter__(self):
         worker, workers = _slot()
@@ -547,9 +650,6 @@ class _BatchStream(IterableDataset):
         # round-robin from worker 0, so a resumed epoch continues with the slot whose turn it was
         slot, slots = self.rank * workers + (worker + self.turn) % workers, self.world_size * workers
         start = tuple(self.positions.get(str(slot), (0, 0, 0)))
-        if self.columnar:
-            yield from self._columnar(slot, slots, start)
-            return
         size, batch, dims, pos = self.batch_size, [], None, start
         for kept, index, where in self.plan.windows(self.epoch, slot, slots, start):
             j = 0
@@ -573,8 +673,7 @@ def _stack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], p
     copy to the GPU); pieces of different sizes are a LoaderError."""
     shapes = {(p[0].shape[1], p[1].shape[1]) for p in parts}
     if len(shapes) > 1:
-        listed = ", ".join(f"{d} / {m}" for d, m in sorted(shapes))
-        raise LoaderError(f"one batch would hold fossils of several sizes (state / context {listed}): pass domain= to read one domain")
+        raise _mixed(shapes)
     (d, m), n = shapes.pop(), sum(len(p[3]) for p in parts)
     out = (torch.empty(n, d, pin_memory=pin), torch.empty(n, m, pin_memory=pin), torch.empty(n, pin_memory=pin))
     views = [t.numpy() for t in out]
@@ -615,7 +714,22 @@ class FossilLoader:
     """Minibatches of (state, context, energy) over epochs; `state_dict()` to resume.
 
     `epochs=None` repeats forever (training counts steps). `num_workers=0` reads in this
-    process (one slot per rank)."""
+    process (one slot per rank).
+
+    With the columnar cache (`ShardSource`'s default) batches are cut in this process, the
+    rank's `num_workers` slots served in the turns a DataLoader would give its workers (the
+    same batches, order and `state_dict()`), each batch gathered by one of `gather_threads`
+    threads (None: `num_workers`, else 2 when pinning, else 0: as it is asked for),
+    `prefetch_factor` batches per thread ahead, straight into pinned memory with
+    `pin_memory`. Without it, DataLoader workers decode the NDJSON.
+
+    `device` (e.g. "cuda"): where the batches are wanted. When the records this loader
+    reads take at most `device_budget` bytes there (None: a quarter of the device's free
+    memory on CUDA, 1 GiB elsewhere; 0: never), they are copied onto it once
+    (`DeviceColumns`) and each batch is gathered there from its row indices: nothing per
+    batch through the host but the indices. Otherwise batches stay on the host (pinned for
+    CUDA) and memory stays flat in the data. `resident` says which it was (None before the
+    first iteration)."""
 
     def __init__(
         self,
@@ -634,6 +748,9 @@ class FossilLoader:
         pin_memory: bool = False,
         prefetch_factor: int = 4,
         columnar: bool = True,
+        device: str | torch.device | None = None,
+        device_budget: int | None = None,
+        gather_threads: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} is outside world_size {world_size}: pass 0 <= rank < world_size")
@@ -641,7 +758,12 @@ class FossilLoader:
             raise LoaderError(f"split {split!r} is unknown: use None, 'train' or 'heldout'")
         self.plan = _Plan(as_source(source), domain, seed, shuffle_buffer, split)
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
-        self.epochs, self.pin_memory, self.prefetch_factor = epochs, pin_memory, prefetch_factor
+        self.epochs, self.prefetch_factor = epochs, prefetch_factor
+        self.device, self.device_budget = (torch.device(device) if device is not None else None), device_budget
+        self.pin_memory = pin_memory or (self.device is not None and self.device.type == "cuda")
+        self.gather_threads = (num_workers or (2 if self.pin_memory else 0)) if gather_threads is None else gather_threads
+        self.resident: bool | None = None
+        self._on_device: DeviceColumns | None = None
         # batches from the shards' cached columns where the source keeps them (ShardSource)
         self.columnar = columnar and getattr(self.plan.source, "cache", None) is not None
         self.epoch, self.positions, self.turn = 0, {}, 0
@@ -654,22 +776,78 @@ class FossilLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.columnar:
-            self.plan.source.prepare()  # decode once, here, before any worker reads
+            self.plan.source.prepare()  # decode once, here
+        if self.resident is None:
+            self._on_device = self._place()
+            self.resident = self._on_device is not None
         while self.epochs is None or self.epoch < self.epochs:
             workers = max(1, self.num_workers)
-            stream = _BatchStream(
-                self.plan, self.epoch, self.rank, self.world_size, self.batch_size, dict(self.positions), self.turn, self.columnar,
-                pin=self.pin_memory and self.num_workers == 0,  # in this process: gather straight into pinned memory
-            )
-            extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False} if self.num_workers else {}
-            pin = self.pin_memory and self.num_workers > 0  # (without workers the batches are pinned as they are cut)
-            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin, **extra)
-            for state, context, energy, slot, pos in loader:
+            for state, context, energy, slot, pos in self._columnar_epoch() if self.columnar else self._decoding_epoch():
                 self.positions[str(int(slot))] = [int(v) for v in pos]
                 self.turn = (int(slot) - self.rank * workers + 1) % workers
                 yield Batch(state, context, energy)
             self.epoch += 1
             self.positions, self.turn = {}, 0
+
+    def _place(self) -> DeviceColumns | None:
+        """The records on `device` when asked for and within the budget, else None."""
+        if self.device is None or not self.columnar:
+            return None
+        budget = self.device_budget
+        if budget is None:
+            budget = torch.cuda.mem_get_info(self.device)[0] // 4 if self.device.type == "cuda" else 1 << 30
+        plan = self.plan
+        if budget <= 0 or DeviceColumns.nbytes(plan.source, plan.domain, plan.split) > budget:
+            return None
+        return DeviceColumns(plan.source, plan.domain, plan.split, self.device)
+
+    def _decoding_epoch(self):
+        """One epoch's (state, context, energy, slot, position), decoding the NDJSON in DataLoader workers (or none)."""
+        stream = _BatchStream(self.plan, self.epoch, self.rank, self.world_size, self.batch_size, dict(self.positions), self.turn)
+        extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False} if self.num_workers else {}
+        yield from DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
+
+    def _columnar_epoch(self):
+        """The same from the columnar cache, in this process: the rank's slots in the
+        DataLoader's turns (worker w serves slot (w + turn) % workers, see `_BatchStream`),
+        each batch gathered on the device (resident) or into host memory by `gather_threads`
+        threads, `prefetch_factor` batches per thread ahead (none: as it is asked for)."""
+        workers, slots = max(1, self.num_workers), self.world_size * max(1, self.num_workers)
+        epoch, positions, size = self.epoch, dict(self.positions), self.batch_size
+
+        def cuts(slot: int):
+            for pieces, pos in _cuts(self.plan, epoch, slot, slots, tuple(positions.get(str(slot), (0, 0, 0))), size):
+                yield pieces, slot, pos
+
+        planned = _round_robin([cuts(self.rank * workers + (w + self.turn) % workers) for w in range(workers)])
+        if self.resident:
+            for pieces, slot, pos in planned:
+                yield (*self._on_device.batch(pieces), slot, pos)
+            return
+        pin = self.pin_memory
+
+        def gather(pieces):
+            return _stack([cols.gather(rows) for cols, rows in pieces], pin)
+
+        threads = self.gather_threads
+        if not threads:
+            for pieces, slot, pos in planned:
+                yield (*gather(pieces), slot, pos)
+            return
+        ahead: collections.deque = collections.deque()
+        with ThreadPoolExecutor(threads, thread_name_prefix="scf-loader") as pool:
+            try:
+                for pieces, slot, pos in planned:
+                    ahead.append((pool.submit(gather, pieces), slot, pos))
+                    if len(ahead) > threads * self.prefetch_factor:
+                        done, slot, pos = ahead.popleft()
+                        yield (*done.result(), slot, pos)
+                while ahead:
+                    done, slot, pos = ahead.popleft()
+                    yield (*done.result(), slot, pos)
+            finally:
+                for done, _, _ in ahead:
+                    done.cancel()
 
     def state_dict(self) -> dict:
         return {

@@ -397,6 +397,7 @@ def train(
     rank: int = 0,
     world_size: int = 1,
     grad_reduce: Callable[[list[torch.Tensor]], None] | None = None,
+    device_data_mb: float | None = None,
 ) -> TrainResult | None:
     """Train on the "train" split of `data_source` (fossils of `config.domain`), evaluate
     on its "heldout" split (1 in 16 fossils by id), and write a safetensors checkpoint
@@ -407,22 +408,27 @@ def train(
     CPU threads for this call (None: `cpu_threads`, one for a small model). Data parallel
     (`ml.ddp`): this process is `rank` of `world_size`, reads its share of the data and
     calls `grad_reduce` after each backward; only rank 0 evaluates and writes the
-    checkpoint (the others return None)."""
+    checkpoint (the others return None). On CUDA the training records are kept on the GPU
+    when they take at most `device_data_mb` MB there (None: a quarter of its free memory;
+    0: never) and batches are gathered there; else they are cut into pinned host memory
+    (`ml.loader.FossilLoader`'s `device`)."""
     cfg = config.resolved()
     with torch_threads(threads or cpu_threads(cfg, device)):
         return _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_workers, loader_state, lineage,
-                      rank, world_size, grad_reduce)
+                      rank, world_size, grad_reduce, device_data_mb)
 
 
 def _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_workers, loader_state, lineage,
-           rank=0, world_size=1, grad_reduce=None) -> TrainResult | None:
+           rank=0, world_size=1, grad_reduce=None, device_data_mb=None) -> TrainResult | None:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     source = as_source(data_source)
-    pin = torch.device(device).type == "cuda"
+    cuda = torch.device(device).type == "cuda"
     loader = FossilLoader(
         source, domain=cfg.domain, batch_size=cfg.batch_size, seed=cfg.seed, split="train", epochs=None,
-        num_workers=num_workers, state=loader_state, pin_memory=pin, rank=rank, world_size=world_size,
+        num_workers=num_workers, state=loader_state, rank=rank, world_size=world_size,
+        device=device if cuda else None,  # on CUDA: the records on the GPU when they fit, else pinned host batches
+        device_budget=None if device_data_mb is None else int(device_data_mb * 2**20),
     )
     penalty = _penalty(cfg)
     model = EBDM(cfg)

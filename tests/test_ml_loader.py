@@ -193,3 +193,52 @@ def test_columns_skip_blank_and_bad_lines_like_the_ndjson_path(tmp_path, shards)
     ndjson = [b.energy.tolist() for b in FossilLoader(tmp_path, batch_size=2, columnar=False, shuffle_buffer=64)]
     columnar = [b.energy.tolist() for b in FossilLoader(tmp_path, batch_size=2, shuffle_buffer=64)]
     assert columnar == ndjson and sum(map(len, columnar)) == 3
+
+
+LAYOUTS = [(0, 1, 0, None, None), (2, 1, 0, "train", "grid:case9"), (3, 2, 1, "heldout", "grid:case9")]
+
+
+@pytest.mark.parametrize("workers, world, rank, split, domain", LAYOUTS)
+def test_batches_on_the_device_and_by_threads_are_the_ndjson_batches(shards, workers, world, rank, split, domain):
+    """Data kept on the device (here the CPU stands in for it) and gather threads cut the
+    very batches DataLoader workers decoding the NDJSON give, and a state saved by any of
+    them resumes in any other."""
+    def make(state=None, **kw):
+        return FossilLoader(shards, batch_size=24, seed=5, rank=rank, world_size=world, num_workers=workers, epochs=2,
+                            shuffle_buffer=4096, split=split, domain=domain, state=state, **kw)
+
+    ways = {"ndjson": {"columnar": False}, "device": {"device": "cpu"}, "threads": {"gather_threads": 2, "prefetch_factor": 1},
+            "inline": {"gather_threads": 0}}
+    got = {}
+    for name, kw in ways.items():
+        loader = make(**kw)
+        got[name] = [(b.state.tolist(), b.context.tolist(), b.energy.tolist()) for b in loader]
+        assert loader.resident is (name == "device")
+    assert got["device"] == got["ndjson"] == got["threads"] == got["inline"] and len(got["ndjson"]) > 2
+    energies = [b[2] for b in got["ndjson"]]
+    for saver, resumer in (("ndjson", "device"), ("device", "threads"), ("threads", "ndjson")):
+        first = make(**ways[saver])
+        it = iter(first)
+        head = [next(it).energy.tolist() for _ in range(len(energies) // 2 + 1)]
+        it.close()  # (threads: the pool stops with the generator)
+        state = msgspec.json.decode(msgspec.json.encode(first.state_dict()))
+        tail = [b.energy.tolist() for b in make(state, **ways[resumer])]
+        assert head + tail == energies, f"saved by {saver}, resumed by {resumer}"
+
+
+def test_data_over_the_device_budget_stays_on_the_host(shards):
+    loader = FossilLoader(shards, batch_size=64, device="cpu", device_budget=1000)
+    batches = [b.energy.tolist() for b in loader]
+    assert loader.resident is False and sum(map(len, batches)) == 500
+    for budget, resident in ((500 * 7 * 4, True), (500 * 7 * 4 - 1, False), (0, False)):  # 3 + 3 + 1 float32 a record
+        again = FossilLoader(shards, batch_size=64, device="cpu", device_budget=budget)
+        assert [b.energy.tolist() for b in again] == batches and again.resident is resident, budget
+
+
+def test_mixed_sizes_on_the_device_are_named(tmp_path, shards):
+    synth_shards("grid:case14", 3, tmp_path, seed=0)
+    lines = (shards / "fossils-00000.ndjson").read_bytes().splitlines()
+    (tmp_path / "fossils-00001.ndjson").write_bytes(b"\n".join(lines[:3]) + b"\n")
+    with pytest.raises(LoaderError, match="several sizes .*pass domain= to read one domain"):
+        list(FossilLoader(tmp_path, batch_size=8, device="cpu"))
+    assert sum(len(b.energy) for b in FossilLoader(tmp_path, batch_size=8, domain="grid:case14", device="cpu")) == 3
