@@ -51,7 +51,7 @@ async def publish_error(deployment: Deployment, user: str, subject: str) -> str:
         errors.append(str(err))
         got.set()
 
-    prefix = {"worker": "_INBOX.worker", "edge": "_INBOX.edge"}.get(user, "_INBOX")
+    prefix = f"_INBOX.{user}"
     nc = await nats.connect(deployment.url(user), error_cb=on_error, allow_reconnect=False, inbox_prefix=prefix)
     try:
         await nc.publish(subject, b"{}")
@@ -124,7 +124,7 @@ async def test_a_replayed_signed_contract_event_does_not_roll_the_contract_back(
     # the attacker: the production operator login, replaying the signed events it read
     captured = await read(service, "CONTRACTS", "contract.>")
     assert [m.subject for m in captured] == ["contract.registered.acme", "contract.updated.acme", "contract.updated.acme"]
-    nc = await nats.connect(deployment.url("operator"))
+    nc = await nats.connect(deployment.url("operator"), inbox_prefix="_INBOX.operator")
     try:
         js = nc.jetstream()
         for m in captured[:2]:  # the original terms, then the first update: each a valid signature
@@ -181,7 +181,7 @@ async def test_an_unsigned_registration_published_first_does_not_keep_the_signed
 
     # an unsigned end published first: the signed view still holds the contract, and the
     # engineer's signed `scf contract end` is not refused as "already ended"
-    nc = await nats.connect(deployment.url("operator"))
+    nc = await nats.connect(deployment.url("operator"), inbox_prefix="_INBOX.operator")
     try:
         forged = ev.ContractEnded.new(msgspec.structs.replace(signed.spec, status="ended"), source="squatter")
         ack = await nc.jetstream().publish(forged.subject(), codec.encode(forged))

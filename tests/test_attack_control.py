@@ -144,7 +144,7 @@ async def service(deployment: Deployment):
 @pytest.fixture
 async def operator(deployment: Deployment):
     """The attacker: a plain nats-py client logged in as the production `operator` user."""
-    nc = await nats.connect(deployment.url("operator"), name="operator")
+    nc = await nats.connect(deployment.url("operator"), name="operator", inbox_prefix="_INBOX.operator")
     yield nc
     await nc.close()
 
@@ -368,7 +368,7 @@ async def test_duplicate_acks_are_checked_against_the_stream(deployment, service
 
 @pytest.mark.parametrize("user", ["operator", "worker", "edge", "analyst"])
 async def test_only_services_may_publish_effect_subjects(deployment, service, user):
-    inbox = {"worker": "_INBOX.worker", "edge": "_INBOX.edge"}.get(user, "_INBOX")
+    inbox = f"_INBOX.{user}"
     conn = await connect(deployment.url(user), inbox_prefix=inbox, name=user)
     try:
         for subject in ("gear.changed", "gear.daemon.stopped", "emergency.engaged", "emergency.released", "control.rejected"):

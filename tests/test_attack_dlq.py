@@ -146,7 +146,7 @@ async def test_a_failed_dlq_write_leaves_the_message_for_redelivery(bus, scf_env
 def test_only_services_may_write_the_dlq(hub: Hub) -> None:  # noqa: F811 (fixture)
     async def run() -> None:
         for user in ("worker", "edge", "operator", "analyst"):
-            prefix = {"worker": "_INBOX.worker", "edge": "_INBOX.edge"}.get(user, "_INBOX")
+            prefix = f"_INBOX.{user}"
             conn = await hub.connect(user, inbox_prefix=prefix)
             await conn.nc.publish("dlq.ledger", b'{"forged": true}')
             await conn.wait_for_error(violation("Publish", "dlq.ledger"))

@@ -47,8 +47,8 @@ service = test_attack_control.service
 
 async def login(deployment: Deployment, user: str):
     """A plain nats-py client logged in as a production user (the attacker)."""
-    prefix = {"worker": "_INBOX.worker", "edge": "_INBOX.edge"}.get(user)
-    return await nats.connect(deployment.url(user), name=f"attacker-{user}", **({"inbox_prefix": prefix} if prefix else {}))
+    prefix = f"_INBOX.{user}" if user != "service" else "_INBOX"  # users.conf: each its own inboxes
+    return await nats.connect(deployment.url(user), name=f"attacker-{user}", inbox_prefix=prefix)
 
 
 def settings_as(deployment: Deployment, user: str) -> Settings:
@@ -319,7 +319,8 @@ async def test_an_operator_push_consumer_cannot_write_into_control(deployment: D
     async def on_error(err: Exception) -> None:
         refusals.append(str(err))
 
-    operator = await nats.connect(deployment.url("operator"), name="attacker-operator", error_cb=on_error)
+    operator = await nats.connect(deployment.url("operator"), name="attacker-operator", error_cb=on_error,
+                                 inbox_prefix="_INBOX.operator")
     try:
         seq = (await operator.jetstream().publish("trust.key.forged", b'{"type": "emergency.released"}')).seq
         received: list = []

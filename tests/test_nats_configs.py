@@ -313,6 +313,10 @@ class Hub:
     passwords: dict[str, str]
 
     async def connect(self, user: str, **kwargs) -> Conn:
+        """A plain client of `user`, with its own inbox prefix `_INBOX.<user>` (users.conf) unless
+        `inbox_prefix` says otherwise (`service` keeps nats-py's default)."""
+        if user != "service":
+            kwargs.setdefault("inbox_prefix", f"_INBOX.{user}")
         return await connect(self.server.url(user, self.passwords[user]), tls=self.tls, name=user, **kwargs)
 
 
@@ -595,11 +599,20 @@ def test_worker_pulls_jobs_uploads_checkpoints_and_keeps_to_its_subjects(hub: Hu
 
 
 @pytest.mark.timeout(60)
-def test_worker_must_use_its_inbox_prefix(hub: Hub) -> None:
+@pytest.mark.parametrize("user", ["worker", "edge", "operator", "analyst"])
+def test_every_user_but_service_must_use_its_own_inbox_prefix(hub: Hub, user: str) -> None:
+    """nats-py's default inbox _INBOX.<random>, and another user's prefix, are refused: no
+    login reads replies meant for another (tests/test_attack_inboxes.py attacks it)."""
+    stream = "DEPLOY" if user == "edge" else "JOBS"
+
     async def run() -> None:
-        worker = await hub.connect("worker")  # default inbox _INBOX.<random>
-        await worker.refused(violation("Subscription", "_INBOX.", prefix=True), worker.nc.jetstream().stream_info("JOBS"))
-        await worker.nc.close()
+        for prefix in ("_INBOX", "_INBOX.service" if user != "worker" else "_INBOX.edge"):
+            conn = await hub.connect(user, inbox_prefix=prefix)
+            await conn.refused(violation("Subscription", f"{prefix}.", prefix=True), conn.nc.jetstream().stream_info(stream))
+            await conn.nc.close()
+        own = await hub.connect(user)  # _INBOX.<user>
+        assert (await own.nc.jetstream().stream_info(stream)).config.name == stream
+        await own.nc.close()
 
     asyncio.run(run())
 

@@ -460,7 +460,7 @@ async def test_production_users_only_operators_and_services_write_the_trust_list
         await cli("keys", "trust", base64.b64encode(node.public_raw).decode(), "--name", "node-a", "--role", "node", env=op_env)
         await wait_for(lambda: node.kid in view.keys, 20, "the edge host to see the grant")
         # an operator login may publish, but an entry no root signed is ignored
-        nc = await nats.connect(url(port, "operator"))
+        nc = await nats.connect(url(port, "operator"), inbox_prefix="_INBOX.operator")
         forged = _grant(SigningKey.generate("x"), 0, name="x")
         await nc.jetstream().publish(tr.subject_for(forged.kid), msgspec.json.encode(forged))
         await nc.close()
