@@ -90,15 +90,34 @@ class BitLinear(nn.Linear):
         return super().extra_repr() + ", ternary weights, 8-bit activations"
 
 
-def ternarise(module: nn.Module, keep: tuple[str, ...]) -> list[str]:
-    """Replace every nn.Linear of `module` whose name is not in `keep` by a BitLinear with
-    the same weights (in place); the names replaced, in order."""
+class RMSBitLinear(BitLinear):
+    """BitLinear with the b1.58 training tips' parameter-free RMSNorm of its input before the
+    activation quantiser (SubLN): each token's row is scaled to RMS 1, so the layer's output
+    does not grow with its input's size — what a model trained from scratch (the code student,
+    `ml.code_student`) uses; the EBDM students, copies of a trained teacher, do not."""
+
+    eps = 1e-5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(rms_normalise(x, self.eps))
+
+
+def rms_normalise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """x / RMS(x) per row (last dimension), computed in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def ternarise(module: nn.Module, keep: tuple[str, ...], layer: type[BitLinear] = BitLinear) -> list[str]:
+    """Replace every nn.Linear of `module` whose name is not in `keep` by a BitLinear (or the
+    subclass `layer`, e.g. `RMSBitLinear`) with the same weights (in place); the names
+    replaced, in order."""
     replaced = []
     for name, child in list(module.named_modules()):
         if isinstance(child, nn.Linear) and not isinstance(child, BitLinear) and name not in keep:
             parent_name, _, attr = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, attr, BitLinear.from_linear(child))
+            setattr(parent, attr, layer.from_linear(child))
             replaced.append(name)
     return replaced
 
@@ -140,4 +159,4 @@ def precision_counts(module: nn.Module) -> dict[str, int]:
     return out
 
 
-__all__ = ["ACT_LEVELS", "BitLinear", "activation_codes", "activation_quant", "bit_layers", "freeze", "precision_counts", "ternarise", "ternary_share", "weight_quant"]
+__all__ = ["ACT_LEVELS", "BitLinear", "RMSBitLinear", "rms_normalise", "activation_codes", "activation_quant", "bit_layers", "freeze", "precision_counts", "ternarise", "ternary_share", "weight_quant"]

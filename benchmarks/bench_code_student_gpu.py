@@ -1,0 +1,295 @@
+"""The code student (issue 14): a BitNet b1.58 causal LM distilled from the fine-tuned code
+model on a GPU within a wall-clock budget, then teacher vs student on held-out contracts
+with the same prompts, sample counts, seeds and judges; or (`--cpu-speed`) batch-1 decoding
+speed of the student's and the teacher's architectures on this machine's CPU.
+
+    # the device (after the foundry's script saved the tuned teacher at /tmp/scf-teacher):
+    source benchmarks/device_setup.sh && python3 benchmarks/bench_code_student_gpu.py \\
+        --teacher /tmp/scf-teacher --dataset .gpuw/foundry/cfr --budget-s 240 --json $OUT/codestudent/result.json
+    # a CPU check of the code paths (a tiny random teacher with SmolLM2's tokenizer, tiny widths):
+    .venv/bin/python benchmarks/bench_code_student_gpu.py --tiny --dataset .gpuw/foundry/cfr --device cpu --budget-s 60 ...
+    # CPU tokens/s on this machine (random weights: the speed does not depend on their values):
+    .venv/bin/python benchmarks/bench_code_student_gpu.py --cpu-speed --threads 2
+
+The run, in order (every step's seconds recorded): the teacher's NLL of the held-out approved
+code and its answers to the held-out prompts (`--eval-samples` each, T 0.7, top-p 0.95, one
+batched seeded call; judged in a background thread by the capability gate and a 6-hour
+sandbox run while the student trains); the teacher's answers to the training prompts
+(`--teacher-samples` each, judged with a 2-hour sandbox run: those that pass become
+cross-entropy targets, sequence-level KD); the student built (`ml.code_student`), its
+embedding from the teacher's (PCA), trained by distillation for what is left of the budget
+minus `--reserve-s` (the held-out NLL every `--eval-every-s`: time to NLL ≤ 1.15× the
+teacher's); frozen, written packed (`scf-ternary-lm/1`), read back from the file, and the
+read-back student judged like the teacher. The goals (issue 14) are printed beside the
+measures; nothing here fails on a missed goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GOALS = {"gate_pass_ratio": 0.9, "sandbox_pass_ratio": 0.9, "nll_ratio": 1.15, "bits_per_linear_weight": 2.07}
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=8192)
+
+
+def student_config(args):
+    from scf.ml.code_student import StudentConfig
+
+    if args.tiny:
+        return StudentConfig(hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, width_multiple=16)
+    return StudentConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp)
+
+
+def cpu_speed(args) -> dict:
+    """Batch-1 greedy decoding on this CPU: the student (packed, read back from its file) and
+    the teacher's architecture (SmolLM2-135M: the tuned teacher has the same shapes), random weights."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from scf.ml import code_student as cs
+    from scf.ml import genn as mg
+
+    tmp = Path(tempfile.mkdtemp(prefix="scf-cs-speed-"))
+    tok_dir = Path(args.teacher) if Path(args.teacher).is_dir() else mg.tiny_model(tmp / "tok")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = student_config(args)
+    student = cs.build_student(cfg, tok)
+    info = cs.save_student(student, tok, tmp / "student.safetensors", packing=args.packing, student=cfg)
+    student, tok = cs.load_student(tmp / "student.safetensors")
+    prompt = mg.heldout_requests(["grid:case9"], 1)[0]
+    torch.manual_seed(0)
+    tcfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, **SMOLLM2_135M)
+    teacher = LlamaForCausalLM(tcfg).eval()
+    out = {"student": cs.decode_speed(student, tok, prompt, new_tokens=args.speed_tokens, threads=args.threads),
+           "teacher_arch": cs.decode_speed(teacher, tok, prompt, new_tokens=args.speed_tokens, threads=args.threads),
+           "student_file": info, "student_config": cfg.__dict__, "cpu_count": os.cpu_count()}
+    s, t = out["student"], out["teacher_arch"]
+    out["decode_speedup"] = s["decode_tokens_per_s"] / t["decode_tokens_per_s"]
+    out["prefill_speedup"] = t["prefill_s"] / s["prefill_s"]
+    print(f"| CPU, batch 1, {s['threads']} threads | prompt {s['prompt_tokens']} tokens: prefill s | decode tokens/s ({args.speed_tokens} new) |")
+    print("|---|---|---|")
+    print(f"| teacher architecture (SmolLM2-135M) | {t['prefill_s']:.3f} | {t['decode_tokens_per_s']:.1f} |")
+    print(f"| student {cfg.hidden}x{cfg.layers} (packed file, read back) | {s['prefill_s']:.3f} | {s['decode_tokens_per_s']:.1f} |")
+    print(f"| student / teacher | {out['prefill_speedup']:.2f}x faster | {out['decode_speedup']:.2f}x |")
+    return out
+
+
+def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default="/tmp/scf-teacher", help="the tuned code model (HF directory with tokenizer)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random teacher and tiny widths (CPU check of the code paths)")
+    ap.add_argument("--dataset", default=".gpuw/foundry/cfr", help="the CFR dataset the teacher was tuned on")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="wall clock of the whole run, from the start of this script")
+    ap.add_argument("--reserve-s", type=float, default=45.0, help="kept for writing, reading back and judging the student")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--mlp", type=int, default=1536)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--temperature", type=float, default=2.0, help="of the token-level KL")
+    ap.add_argument("--kl-weight", type=float, default=1.0)
+    ap.add_argument("--ce-weight", type=float, default=1.0)
+    ap.add_argument("--max-steps", type=int, default=0, help="0: until the budget")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--eval-every-s", type=float, default=15.0)
+    ap.add_argument("--teacher-samples", type=int, default=4, help="teacher answers per training prompt (sequence-level KD)")
+    ap.add_argument("--teacher-prompts", type=int, default=24, help="training prompts the teacher answers (drawn, seeded; 0: all)")
+    ap.add_argument("--eval-prompts", type=int, default=8, help="held-out contracts: the first of the dataset's validation prompts")
+    ap.add_argument("--eval-domains", default="grid:case9", help="only when the validation split has no prompts: one served prompt a domain")
+    ap.add_argument("--eval-samples", type=int, default=8, help="answers per held-out prompt")
+    ap.add_argument("--tokens", type=int, default=512, help="max new tokens of an answer")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 3), help="sandbox runs at once")
+    ap.add_argument("--packing", default="2bit", choices=["2bit", "base3"])
+    ap.add_argument("--out", default="", help="where the student file goes (default: a temporary directory)")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpu-speed", action="store_true", help="only measure batch-1 CPU decoding speed (student vs teacher architecture)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed-tokens", type=int, default=64)
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    results: dict = {"args": vars(args), "goals": GOALS}
+
+    def record(key: str, value) -> None:
+        results[key] = value
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
+
+    if args.cpu_speed:
+        record("cpu_speed", cpu_speed(args))
+        return
+
+    teacher_dir = Path(args.teacher)
+    ds = Path(args.dataset)
+    if not (ds / "sft" / "train.jsonl").is_file():
+        sys.exit(f"codestudent: no CFR dataset at {ds} (sft/train.jsonl missing): build it with bench_genn_gpu.py --build-dataset {ds}")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scf.ml import code_student as cs
+    from scf.ml import genn as mg
+
+    if args.tiny:
+        teacher_dir = mg.tiny_model(Path(tempfile.mkdtemp(prefix="scf-cs-tiny-")) / "tiny-teacher")
+    elif not (teacher_dir / "config.json").is_file():
+        sys.exit(f"codestudent: no teacher at {teacher_dir} (config.json missing): the foundry's run must save the SFT-tuned model there first")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    record("machine", {"device": name, "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]})
+    print(f"codestudent: {name}; torch {torch.__version__}, transformers {transformers.__version__}")
+    timings: dict[str, float] = {}
+
+    def lap(key: str, t: float) -> None:
+        timings[key] = time.perf_counter() - t
+        record("timings", timings)
+
+    t = time.perf_counter()
+    teacher_sha = mg.weights_sha256(teacher_dir)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, use_safetensors=True).to(device).eval()
+    lap("teacher_load_s", t)
+    train_rows = mg._rows(ds / "sft" / "train.jsonl")
+    rejected = [r for r in mg._rows(ds / "unpaired" / "train.jsonl") if not r.get("label")]
+    val_rows = mg._rows(ds / "sft" / "validation.jsonl")
+    train_prompts = mg._train_prompts(ds)
+    heldout = mg._held_out(ds)[0][: args.eval_prompts]  # the validation split's contracts, as the foundry judges its models
+    if not heldout:
+        heldout = mg.heldout_requests([d for d in args.eval_domains.split(",") if d], 1)
+    domains = sorted({cs.contract_of(m)[0] for m in heldout})
+    record("data", {"dataset_sha256": mg.dataset_sha256(ds), "approved_train": len(train_rows), "rejected_train": len(rejected),
+                    "approved_validation": len(val_rows), "train_prompts": len(train_prompts), "heldout_prompts": len(heldout),
+                    "teacher": str(teacher_dir), "teacher_sha256": teacher_sha})
+    print(f"teacher {teacher_dir.name} sha256 {teacher_sha[:16]}; dataset: {len(train_rows)} approved + {len(rejected)} rejected train rows, "
+          f"{len(train_prompts)} training prompts, {len(val_rows)} held-out approved; held out: {domains}")
+
+    t = time.perf_counter()
+    teacher_nll = cs.completion_nll(teacher, tok, val_rows, device=device, max_length=args.max_length)
+    lap("teacher_nll_s", t)
+    gen_t = mg.LocalGenerator.from_model(teacher, tok, temperature=0.7, top_p=0.95, max_new_tokens=args.tokens, device=device)
+    t = time.perf_counter()
+    teacher_texts = gen_t.answers_many(heldout, args.eval_samples, args.seed)
+    lap("teacher_heldout_generate_s", t)
+    pool = ThreadPoolExecutor(max_workers=1)
+    teacher_judged = pool.submit(cs.judge_texts, heldout, teacher_texts, workers=args.workers, hours=6.0)  # the CPUs judge while the GPU trains
+    t = time.perf_counter()
+    asked = train_prompts
+    if 0 < args.teacher_prompts < len(train_prompts):
+        import random
+
+        asked = random.Random(args.seed).sample(train_prompts, args.teacher_prompts)
+    samples, sample_stats = cs.teacher_samples(gen_t, asked, args.teacher_samples, seed=args.seed + 1, workers=args.workers)
+    lap("teacher_train_samples_s", t)
+    record("teacher_samples", sample_stats)
+    print(f"teacher NLL of held-out approved code {teacher_nll:.4f}/token; its answers to the training prompts: {sample_stats}")
+
+    examples = (cs.encode_rows(tok, train_rows, ce=True, source="approved", max_length=args.max_length)
+                + cs.encode_rows(tok, [r for r in samples if r["passed"]], ce=True, source="teacher-passed", max_length=args.max_length)
+                + cs.encode_rows(tok, [r for r in samples if not r["passed"]], ce=False, source="teacher-failed", max_length=args.max_length)
+                + cs.encode_rows(tok, rejected, ce=False, source="rejected", max_length=args.max_length))
+    counts = {src: sum(e.source == src for e in examples) for src in ("approved", "teacher-passed", "teacher-failed", "rejected")}
+    record("examples", counts)
+    cfg = student_config(args)
+    student = cs.build_student(cfg, tok, seed=args.seed).to(device)
+    kept = cs.init_embeddings_from(student, teacher)
+    sizes = cs.linear_counts(student)
+    record("student", {"config": cfg.__dict__, "counts": sizes, "embedding_variance_kept": kept})
+    print(f"student {cfg}: {sizes} (embedding from the teacher's, {kept:.1%} of its variance); examples {counts}")
+
+    train_budget = args.budget_s - (time.perf_counter() - t_start) - args.reserve_s
+    if train_budget < 5:
+        sys.exit(f"codestudent: {train_budget:.0f} s left to train: raise --budget-s or lower --reserve-s")
+    settings = cs.DistillSettings(budget_s=train_budget, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                                  temperature=args.temperature, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
+                                  eval_every_s=args.eval_every_s, seed=args.seed)
+
+    def evaluate() -> dict[str, float]:
+        nll = cs.completion_nll(student, tok, val_rows, device=device, max_length=args.max_length)
+        return {"heldout_nll": nll, "nll_ratio": nll / teacher_nll}
+
+    print(f"distilling for {train_budget:.0f} s on {device} ...")
+    rep = cs.distill(student, teacher, tok, examples, settings, device=device, evaluate=evaluate)
+    target = next((p for p in rep["curve"] if p["nll_ratio"] <= GOALS["nll_ratio"]), None)
+    rep["time_to_nll_target_s"] = target["train_s"] if target else None
+    rep["step_at_nll_target"] = target["step"] if target else None
+    record("distill", rep)
+    print(f"trained {rep['steps']} steps in {rep['train_s']:.0f} s: {rep['tokens_per_s']:.0f} tokens/s ({rep['steps_per_s']:.2f} steps/s); "
+          f"loss {rep['first_loss']:.3f} -> {rep['last_loss']:.3f} (KL {rep['last_kl']:.3f}, CE {rep['last_ce']:.3f}); "
+          f"NLL ≤ {GOALS['nll_ratio']}x the teacher's: " + (f"at {target['train_s']:.0f} s (step {target['step']})" if target else "not reached"))
+
+    t = time.perf_counter()
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="scf-cs-"))
+    lineage = mg._lineage(teacher_dir) if not args.tiny else [{"checkpoint": teacher_dir.name, "sha256": teacher_sha}]
+    path = out_dir / "code-student.safetensors"
+    info = cs.save_student(student, tok, path, packing=args.packing, student=cfg,
+                           lineage=[*lineage, {"role": "teacher-of", "teacher_sha256": teacher_sha, "dataset_sha256": mg.dataset_sha256(ds)}],
+                           metrics={"train_s": rep["train_s"], "steps": rep["steps"]})
+    from scf.bus.files import sha256_file
+
+    info["sha256"] = sha256_file(path)[0]
+    del student
+    student, _ = cs.load_student(path, device=device)
+    lap("student_write_read_s", t)
+    record("student_file", info)
+    t = time.perf_counter()
+    student_nll = cs.completion_nll(student, tok, val_rows, device=device, max_length=args.max_length)
+    gen_s = mg.LocalGenerator.from_model(student, tok, temperature=0.7, top_p=0.95, max_new_tokens=args.tokens, device=device)
+    student_j = cs.judge_answers(gen_s, heldout, args.eval_samples, seed=args.seed, workers=args.workers, hours=6.0)
+    lap("student_eval_s", t)
+    t = time.perf_counter()
+    teacher_j = teacher_judged.result()
+    lap("teacher_judge_wait_s", t)
+    pool.shutdown()
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    cmp = {"teacher": {"nll": teacher_nll, **teacher_j}, "student": {"nll": student_nll, **student_j},
+           "gate_pass_ratio": ratio(student_j["gate_pass_rate"], teacher_j["gate_pass_rate"]),
+           "sandbox_pass_ratio": ratio(student_j["sandbox_pass_rate"], teacher_j["sandbox_pass_rate"]),
+           "nll_ratio": student_nll / teacher_nll, "bits_per_linear_weight": info["bits_per_linear_weight"]}
+    record("comparison", cmp)
+    record("wall_s", time.perf_counter() - t_start)
+
+    def fmt(v) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    n = teacher_j["samples"]
+    print(f"\n| held out: {len(heldout)} contracts ({', '.join(domains)}), {n} answers each model, T 0.7 | teacher | student | student/teacher | goal |")
+    print("|---|---|---|---|---|")
+    print(f"| code (parses as a Controller module) | {teacher_j['code_rate']:.3f} | {student_j['code_rate']:.3f} | "
+          f"{fmt(ratio(student_j['code_rate'], teacher_j['code_rate']))} | |")
+    print(f"| gate pass | {teacher_j['gate_pass_rate']:.3f} | {student_j['gate_pass_rate']:.3f} | {fmt(cmp['gate_pass_ratio'])} | ≥ 0.9 |")
+    print(f"| sandbox pass | {teacher_j['sandbox_pass_rate']:.3f} | {student_j['sandbox_pass_rate']:.3f} | {fmt(cmp['sandbox_pass_ratio'])} | ≥ 0.9 |")
+    print(f"| beats the status quo | {teacher_j['beats_status_quo_rate']:.3f} | {student_j['beats_status_quo_rate']:.3f} | | |")
+    print(f"| mean reward | {teacher_j['mean_reward']:.4f} | {student_j['mean_reward']:.4f} | | |")
+    print(f"| NLL of held-out approved code, per token | {teacher_nll:.4f} | {student_nll:.4f} | {cmp['nll_ratio']:.3f} | ≤ 1.15 |")
+    print(f"| bits per linear weight ({info['packing']}, scales counted) | 32 (float32) | {info['bits_per_linear_weight']:.4f} | | ≤ 2.07 |")
+    print(f"| student file | | {info['bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:16]} | | |")
+    print(f"| training: throughput, time to NLL target | | {rep['tokens_per_s']:.0f} tokens/s, "
+          f"{fmt(rep['time_to_nll_target_s'])} s | | |")
+    print(f"wall {time.perf_counter() - t_start:.0f} s; timings {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+    print(f"--- a student answer ({domains[0]}):\n{student_j['example'][:600]}\n---")
+    print(json.dumps({"comparison": {k: v for k, v in cmp.items() if not isinstance(v, dict)}, "steps": rep["steps"],
+                      "tokens_per_s": rep["tokens_per_s"], "time_to_nll_target_s": rep["time_to_nll_target_s"]}))
+
+
+if __name__ == "__main__":
+    main()

