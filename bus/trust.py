@@ -24,11 +24,13 @@ holds: a drop-in `TrustList` (same `verify` and `keys`) kept current by an order
 consumer on `trust.>`, so a grant or a revocation takes effect in every running process
 as soon as it is delivered (milliseconds; within seconds across a server restart).
 
-The host-local file `keys/trusted.json` is still read (and re-read when it changes) as a
-supplement: the fallback for hosts without a bus, for development, and until it is
-imported with `scf keys trust --import`. A revocation in the shared list overrides it.
-Set `[trust] local_file = false` in scf.toml to ignore the file on hosts that must rely on
-the shared list alone.
+The host-local file `keys/trusted.json` is honoured (and re-read when it changes) only on a
+host that pins no root key (`[trust] local_file = "auto"`, the default): there no shared
+entry can apply, so the file is the whole list (development, the demo, hosts without a
+bus). A host that pins a root relies on the signed TRUST entries alone and ignores the file
+(logged once at start, with the fix: `scf keys trust --import`): whoever can write one
+host's file must not decide what it trusts. `local_file = true` honours the file as a
+supplement anyway (a revocation in the shared list still overrides it); `false` never reads it.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ class TrustWriteError(SCFError):
 class TrustSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`[trust]` in scf.toml."""
 
-    local_file: bool = True  # also honour $SCF_HOME/keys/trusted.json (host-local supplement)
+    # $SCF_HOME/keys/trusted.json: "auto" honours it only where no root key is pinned (so the
+    # signed TRUST list is the authority wherever it can apply); true: as a supplement anyway
+    local_file: bool | Literal["auto"] = "auto"
     start_timeout: float = 10.0  # how long a process waits to read the shared list at start
 
 
@@ -98,6 +102,21 @@ def roots_path(keys_dir: Path) -> Path:
 def load_roots(keys_dir: Path) -> TrustList:
     """The root keys this host pins (key id → public key, name); roles are ["root"]."""
     return TrustList.load(roots_path(keys_dir))
+
+
+def local_trust_file(keys_dir: Path, cfg: TrustSettings, roots: TrustList) -> Path | None:
+    """This host's trusted.json when `[trust] local_file` says to honour it, else None (and,
+    when "auto" ignores an existing file because roots are pinned, one warning saying so)."""
+    path = Path(keys_dir) / "trusted.json"
+    if cfg.local_file == "auto":
+        if not roots.keys:
+            return path
+        if path.exists():
+            log.warning("%s is ignored: this host pins root keys, so the signed trust list (TRUST) is the authority; "
+                        "move its keys there with `scf keys trust --import`, or set [trust] local_file = true "
+                        "to honour it as well", path)
+        return None
+    return path if cfg.local_file else None
 
 
 def pin_root(keys_dir: Path, public_b64: str, name: str = "") -> str:
@@ -289,8 +308,9 @@ class SharedTrust(TrustList):
         """The live trust view of a process on `bus` (a Bus; its settings name the keys dir)."""
         s = settings or bus.settings
         cfg = s.section("trust", TrustSettings)
-        local = s.keys_dir / "trusted.json" if cfg.local_file else None
-        view = cls(bus.js, load_roots(s.keys_dir), local, history=history)
+        roots = load_roots(s.keys_dir)
+        local = local_trust_file(s.keys_dir, cfg, roots)
+        view = cls(bus.js, roots, local, history=history)
         await view.start(cfg.start_timeout if timeout is None else timeout)
         return view
 

@@ -30,9 +30,20 @@ def release_key(settings, name: str):
 
 
 def trust_list(settings):
+    """This host's keys/trusted.json, for checks without a bus (`scf proof verify`, a capsule
+    on disk). Processes on the bus verify with `shared_trust` instead."""
     from scf.bus.signing import TrustList
 
     return TrustList.load(settings.keys_dir / "trusted.json")
+
+
+async def shared_trust(bus, settings):
+    """The live trust view every process on the bus verifies with (bus/trust.py): the
+    root-signed TRUST list, and this host's trusted.json only as `[trust] local_file` says
+    (by default only where no root key is pinned). Stop it with `await view.stop()`."""
+    from scf.bus.trust import SharedTrust
+
+    return await SharedTrust.open(bus, settings)
 
 
 def signed_terms(settings, trust):
@@ -66,8 +77,9 @@ def strike_command(
 
     async def main() -> st.StrikeResult:
         s = load_settings("strike")
-        k, trust = release_key(s, key), trust_list(s)
+        k = release_key(s, key)
         bus = await open_bus(s, "scf-strike", sign=True)
+        trust = await shared_trust(bus, s)
         try:
             seq, eid = 0, ""
             if contract is not None:
@@ -91,6 +103,7 @@ def strike_command(
                 r.proof = await st.attach_log_proof(bus, s, r.proof_path, wait_s=max(wait, 60.0))
             return r
         finally:
+            await trust.stop()
             await bus.close()
 
     result = run(main())
@@ -128,8 +141,9 @@ def run_regiment(
             typer.echo(f"regiment: no release key {key_path}: idle until one exists (`scf keys new {cfg.release_key}`, trusted with the release role)", err=True)
             while not key_path.is_file():
                 await asyncio.sleep(10.0)
-        k, trust = release_key(s, cfg.release_key), trust_list(s)
+        k = release_key(s, cfg.release_key)
         bus = await open_bus(s, "scf-regiment", sign=True)
+        trust = await shared_trust(bus, s)
         gate = await EmergencyGate(bus, s.emergency_lock).start()
         try:
             if once:
@@ -144,6 +158,7 @@ def run_regiment(
             await run_all(bus, [loop])
         finally:
             await gate.stop()
+            await trust.stop()
             await bus.close()
 
     run(main())

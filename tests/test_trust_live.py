@@ -339,8 +339,9 @@ async def test_a_revocation_reaches_a_running_view_across_a_server_restart(bus, 
 
 
 async def test_a_shared_revocation_overrides_a_hosts_local_file(bus, settings, scf_env):
-    """A host whose keys/trusted.json still lists a key refuses it once the root revoked it;
-    `[trust] local_file = false` ignores the file altogether."""
+    """A host that honours its keys/trusted.json as well (`[trust] local_file = true`) refuses a
+    key it lists once the root revoked it; `false` ignores the file altogether (and so does the
+    default, "auto", on a host that pins a root: tests/test_attack_trust_file.py)."""
     node, other = SigningKey.generate("n1"), SigningKey.generate("n2")
     local = TrustList.load(settings.keys_dir / "trusted.json")
     local.trust(node.public_b64, "n1", ["node"])
@@ -350,7 +351,8 @@ async def test_a_shared_revocation_overrides_a_hosts_local_file(bus, settings, s
     await cli("keys", "revoke", node.kid, "--reason", "lost", env=scf_env)
     assert node.kid not in TrustList.load(settings.keys_dir / "trusted.json").keys  # dropped here too
     local.save()  # a stale copy of the file, as on another host
-    view = await tr.SharedTrust.open(bus, settings)
+    (settings.home_path / "scf.toml").write_text("[trust]\nlocal_file = true\n")
+    view = await tr.SharedTrust.open(bus, load_settings(home=settings.home, env={"NATS_URL": settings.nats_url}))
     try:
         with pytest.raises(SignatureError, match="was revoked by .*: lost"):
             view.verify(b"m", node.sign(b"m"), node.kid, "node")
