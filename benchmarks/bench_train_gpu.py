@@ -3,7 +3,7 @@ CUDA graph, torch.compile), its FLOP utilisation, and the fossil loader feeding 
 in-device data). Issue 16, goals 1 and 2.
 
     python benchmarks/bench_train_gpu.py                    # CUDA; a tiny CPU smoke run otherwise
-    python benchmarks/bench_train_gpu.py --fossils 200000 --steps 300 --workers 0,4
+    python benchmarks/bench_train_gpu.py --configs production,production-4096 --variants auto --loaders device,host,host-inline --rounds 3
     python benchmarks/bench_train_gpu.py --configs production,default --variants graph,analytic,compiled --workers ""
 
 One JSON line per measurement, then a summary line (and all of them into `--json`). Measured in one run:
@@ -20,9 +20,19 @@ One JSON line per measurement, then a summary line (and all of them into `--json
               model FLOPs per step counted with FlopCounterMode on the autograd path (forward, the
               score's double backward, the parameter backward; the analytic path's count printed
               beside it), MFU = FLOPs / step time / peak; the wall time of each run (compile included);
-  loader    — batch ≥ 8192: `FossilLoader` over case118 shards on disk (columnar cache, pinned
-              memory, side-stream prefetch in `ml.train.device_batches`), DataLoader workers
-              as given (`--workers ""`: none), graph step; ratio against the in-device graph step.
+  loader    — batch ≥ 4096 (`--loader-batch`): `FossilLoader` over case118 shards on disk (columnar
+              cache), each of `--loaders`:
+                device       the records kept on the GPU (`DeviceColumns`), batches gathered there;
+                host         device budget 0: batches gathered into pinned host memory by gather
+                             threads ahead (`--gather-threads`; 2 by default), copied on a side
+                             stream (`ml.train.device_batches`) — what a job gets when the data
+                             does not fit the device budget;
+                host-inline  the same gathered in the training thread as it asks (the loader of
+                             the previous session);
+              with `--workers` slots each, full batches only (`drop_last`, as `ml.train.train` on
+              CUDA); fed to the fastest step variant of the config; ratio
+              against that variant on in-device batches, measured again in each of `--rounds`
+              rounds (in-device, then each loader), the median ratio reported.
 Goals: loader/in-device ≥ 0.95 at batch 8192; graph/eager ≥ 5× at the default config;
 MFU ≥ 25 % at the production config. Rates are the median over windows of `--window`
 steps after the first window (capture, compile, warm-up). `--budget-s`: variants that would
@@ -57,6 +67,7 @@ CONFIGS = {  # name: (hidden, depth, batch)
     "default": (256, 4, 256),  # EBDMConfig's defaults
     "bench": (512, 4, 8192),  # the loader benchmark's model (issue 7)
     "production": (1024, 6, 8192),
+    "production-4096": (1024, 6, 4096),
     "production-wide": (2048, 6, 16384),
     "wide-8192": (2048, 6, 8192),
 }
@@ -120,7 +131,11 @@ def main() -> None:
     p.add_argument("--fossils", type=int, default=None, help="default: 200000 on CUDA, 3000 on CPU")
     p.add_argument("--steps", type=int, default=None, help="steps per measurement; default 300 on CUDA, 8 on CPU")
     p.add_argument("--window", type=int, default=None, help="steps per rate window; default steps/6")
-    p.add_argument("--workers", default="0,4", help="DataLoader workers to try for the loader run, comma-separated")
+    p.add_argument("--workers", default="0", help="loader slots (num_workers) to try for the loader runs, comma-separated ('': no loader runs)")
+    p.add_argument("--loaders", default="device,host", help="loader modes, comma-separated: device, host, host-inline")
+    p.add_argument("--loader-batch", type=int, default=4096, help="configs with at least this batch get loader runs")
+    p.add_argument("--gather-threads", type=int, default=None, help="the host loaders' gather threads (default: the loader's)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of (in-device, each loader) per config and workers")
     p.add_argument("--configs", default="default,bench,production,production-wide")
     p.add_argument("--variants", default=None, help=f"comma-separated, of {list(VARIANTS)}; default eager,graph,analytic,compiled on CUDA, eager,analytic-eager on CPU")
     p.add_argument("--budget-s", type=float, default=None, help="skip variants that would start after this many seconds")
@@ -134,8 +149,11 @@ def main() -> None:
     window = args.window or max(1, steps // 6)
     variants = (args.variants or ("eager,graph,analytic,compiled" if cuda else "eager,analytic-eager")).split(",")
     unknown = [v for v in variants if v not in VARIANTS] + [n for n in args.configs.split(",") if n not in CONFIGS]
+    loaders = [m for m in args.loaders.split(",") if m]
+    unknown += [m for m in loaders if m not in ("device", "host", "host-inline")]
     if unknown:
-        raise SystemExit(f"unknown variants/configs {unknown}: variants are {list(VARIANTS)}, configs {list(CONFIGS)}")
+        raise SystemExit(f"unknown variants/configs/loaders {unknown}: variants are {list(VARIANTS)}, configs {list(CONFIGS)}, "
+                         "loaders device, host, host-inline")
     rows: list[dict] = []
     json_path = args.json or (os.path.join(os.environ["OUT"], "mfu.json") if os.environ.get("OUT") else None)
 
@@ -217,25 +235,47 @@ def main() -> None:
                 row["best"] = max(rated, key=rated.get)
                 row["best_mfu"] = row[f"{row['best']}_mfu"]
             summary[name] = emit(row)
-            if (batch >= 8192 or not cuda) and args.workers.strip() and row.get("best"):
-                best = row[f"{row['best']}_samples_per_s"]
+            if (batch >= args.loader_batch or not cuda) and args.workers.strip() and row.get("best"):
                 impl, mode, graph = VARIANTS[row["best"]]  # the loader feeds the fastest step
                 lconfig = dataclasses.replace(config, score_impl=impl, compile=mode)
                 for workers in (int(w) for w in args.workers.split(",")):
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats(device)
-                    loader = FossilLoader(shards, domain=args.domain, batch_size=batch, num_workers=workers, epochs=None,
-                                          pin_memory=cuda, split="train")
-                    batches = ((b.state, b.context) for b in loader)
-                    sps, info = rate(lconfig, batches, device, penalty, graph and cuda, window)
-                    batches.close()
-                    summary[f"{name}-loader-{workers}"] = emit({
-                        **head, "measure": "loader", "config": name, "batch": batch, "workers": workers,
-                        "step": row["best"], "loader_samples_per_s": round(sps), "in_device_samples_per_s": best, "ratio": round(sps / best, 3),
-                        "graph_captured": info["graph"], "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20) if cuda else None,
-                        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                    })
-    keys = [f"{v}_mfu" for v in VARIANTS] + [k for v in summary.values() for k in v if "_over_" in k] + ["best", "best_mfu", "ratio"]
+                    lrow = {**head, "measure": "loader", "config": name, "batch": batch, "workers": workers, "step": row["best"]}
+                    for r in range(args.rounds):
+                        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                            lrow[f"round{r}_skipped"] = f"time budget {args.budget_s:.0f} s spent"
+                            break
+                        base, _ = rate(lconfig, in_device(batch), device, penalty, graph and cuda, window)
+                        lrow.setdefault("in_device_samples_per_s", []).append(round(base))
+                        for mode_name in loaders:
+                            if cuda:
+                                torch.cuda.reset_peak_memory_stats(device)
+                            kw = {"device": device} if mode_name == "device" else {
+                                "device": device, "device_budget": 0,
+                                "gather_threads": 0 if mode_name == "host-inline" else args.gather_threads}
+                            t0 = time.perf_counter()
+                            loader = FossilLoader(shards, domain=args.domain, batch_size=batch, num_workers=workers, epochs=None,
+                                                  split="train", drop_last=True, **kw)  # as ml.train.train on CUDA
+                            batches = ((b.state, b.context) for b in loader)
+                            sps, info = rate(lconfig, batches, device, penalty, graph and cuda, window)
+                            batches.close()
+                            lrow.setdefault(f"{mode_name}_samples_per_s", []).append(round(sps))
+                            lrow.setdefault(f"{mode_name}_ratio", []).append(round(sps / base, 3))
+                            lrow[f"{mode_name}_resident"] = loader.resident
+                            lrow[f"{mode_name}_graph_captured"] = info["graph"]
+                            lrow[f"{mode_name}_run_s"] = round(time.perf_counter() - t0, 1)
+                            if cuda:
+                                lrow[f"{mode_name}_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+                            print(f"  {name} loader {mode_name} (workers {workers}, round {r}): {sps:,.0f} samples/s, "
+                                  f"in-device {base:,.0f}, ratio {sps / base:.3f}", file=sys.stderr, flush=True)
+                            if json_path:  # what was measured so far, in case the run is cut
+                                Path(json_path).write_text(json.dumps(rows + [lrow], indent=1))
+                    for mode_name in loaders:
+                        if lrow.get(f"{mode_name}_ratio"):
+                            lrow[f"{mode_name}_ratio_median"] = round(statistics.median(lrow[f"{mode_name}_ratio"]), 3)
+                    lrow["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                    summary[f"{name}-loader-{workers}"] = emit(lrow)
+    keys = [f"{v}_mfu" for v in VARIANTS] + [k for v in summary.values() for k in v if "_over_" in k or k.endswith("_ratio_median")]
+    keys += ["best", "best_mfu"]
     emit({**head, "measure": "summary", "wall_s": round(time.perf_counter() - started, 1),
           **{k: {kk: v[kk] for kk in dict.fromkeys(keys) if kk in v} for k, v in summary.items()}})
 

@@ -729,7 +729,12 @@ class FossilLoader:
     (`DeviceColumns`) and each batch is gathered there from its row indices: nothing per
     batch through the host but the indices. Otherwise batches stay on the host (pinned for
     CUDA) and memory stays flat in the data. `resident` says which it was (None before the
-    first iteration)."""
+    first iteration).
+
+    `drop_last`: a slot's short last batch of an epoch is passed over (unless it is the
+    slot's only batch of that epoch), so every batch has `batch_size` records, as a step
+    captured in a CUDA graph or compiled for one shape wants; up to batch_size - 1 records
+    per slot then sit out an epoch (others each epoch: the order is shuffled anew)."""
 
     def __init__(
         self,
@@ -751,6 +756,7 @@ class FossilLoader:
         device: str | torch.device | None = None,
         device_budget: int | None = None,
         gather_threads: int | None = None,
+        drop_last: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} is outside world_size {world_size}: pass 0 <= rank < world_size")
@@ -762,6 +768,7 @@ class FossilLoader:
         self.device, self.device_budget = (torch.device(device) if device is not None else None), device_budget
         self.pin_memory = pin_memory or (self.device is not None and self.device.type == "cuda")
         self.gather_threads = (num_workers or (2 if self.pin_memory else 0)) if gather_threads is None else gather_threads
+        self.drop_last = drop_last
         self.resident: bool | None = None
         self._on_device: DeviceColumns | None = None
         # batches from the shards' cached columns where the source keeps them (ShardSource)
@@ -783,6 +790,8 @@ class FossilLoader:
         while self.epochs is None or self.epoch < self.epochs:
             workers = max(1, self.num_workers)
             for state, context, energy, slot, pos in self._columnar_epoch() if self.columnar else self._decoding_epoch():
+                if self.drop_last and len(energy) < self.batch_size and str(int(slot)) in self.positions:
+                    continue  # the slot's short last batch of the epoch (not its only one): passed over
                 self.positions[str(int(slot))] = [int(v) for v in pos]
                 self.turn = (int(slot) - self.rank * workers + 1) % workers
                 yield Batch(state, context, energy)

@@ -411,7 +411,8 @@ def train(
     checkpoint (the others return None). On CUDA the training records are kept on the GPU
     when they take at most `device_data_mb` MB there (None: a quarter of its free memory;
     0: never) and batches are gathered there; else they are cut into pinned host memory
-    (`ml.loader.FossilLoader`'s `device`)."""
+    (`ml.loader.FossilLoader`'s `device`); an epoch's short last batch is passed over there
+    (`drop_last`), since the step is captured and compiled for one batch size."""
     cfg = config.resolved()
     with torch_threads(threads or cpu_threads(cfg, device)):
         return _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_workers, loader_state, lineage,
@@ -428,6 +429,7 @@ def _train(cfg, data_source, out_dir, device, progress_cb, should_stop, num_work
         source, domain=cfg.domain, batch_size=cfg.batch_size, seed=cfg.seed, split="train", epochs=None,
         num_workers=num_workers, state=loader_state, rank=rank, world_size=world_size,
         device=device if cuda else None,  # on CUDA: the records on the GPU when they fit, else pinned host batches
+        drop_last=cuda,  # all batches of the size the step was captured and compiled for (another would run eagerly, compiled anew)
         device_budget=None if device_data_mb is None else int(device_data_mb * 2**20),
     )
     penalty = _penalty(cfg)

@@ -242,3 +242,27 @@ def test_mixed_sizes_on_the_device_are_named(tmp_path, shards):
     with pytest.raises(LoaderError, match="several sizes .*pass domain= to read one domain"):
         list(FossilLoader(tmp_path, batch_size=8, device="cpu"))
     assert sum(len(b.energy) for b in FossilLoader(tmp_path, batch_size=8, domain="grid:case14", device="cpu")) == 3
+
+
+@pytest.mark.parametrize("workers, world, rank", [(0, 1, 0), (3, 2, 1)])
+def test_drop_last_gives_full_batches_and_resumes_exactly(shards, workers, world, rank):
+    def make(state=None):
+        return FossilLoader(shards, batch_size=32, seed=3, rank=rank, world_size=world, num_workers=workers, epochs=2,
+                            shuffle_buffer=4096, drop_last=True, state=state, device="cpu")
+
+    full = [b.energy.tolist() for b in make()]
+    every = [b.energy.tolist() for b in FossilLoader(shards, batch_size=32, seed=3, rank=rank, world_size=world,
+                                                      num_workers=workers, epochs=2, shuffle_buffer=4096)]
+    assert full == [b for b in every if len(b) == 32]  # the short batches passed over, nothing else changed
+    assert len(full) < len(every) and all(len(b) == 32 for b in full)
+    for cut in (1, len(full) // 2, len(full) - 1):
+        loader = make()
+        it = iter(loader)
+        head = [next(it).energy.tolist() for _ in range(cut)]
+        it.close()
+        assert head + [b.energy.tolist() for b in make(loader.state_dict())] == full, f"cut at {cut}"
+
+
+def test_drop_last_keeps_a_slot_whose_only_batch_is_short(shards):
+    batches = [b.energy.tolist() for b in FossilLoader(shards, batch_size=1000, drop_last=True)]
+    assert [len(b) for b in batches] == [500]
