@@ -81,6 +81,12 @@ class SigningKey:
     def sign(self, message: bytes) -> str:
         return base64.b64encode(self._private.sign(message)).decode()
 
+    def id_key(self) -> bytes:
+        """A secret only this key's holder can compute, the same every time (an Ed25519
+        signature is deterministic): the key of the ids it gives its effects (`bus.ids.Ids`),
+        so no other login can take an effect's id first (docs/security.md)."""
+        return hashlib.sha256(b"scf effect ids\x00" + self._private.sign(b"scf effect ids v1")).digest()
+
 
 class TrustedKey(msgspec.Struct, frozen=True):
     public: str  # base64 raw Ed25519 public key

@@ -57,6 +57,9 @@ class DeploySettings(msgspec.Struct, frozen=True, kw_only=True):
     target: str = ""  # default target; "" means the selector domain=<the promotion's domain>
     strategy: Strategy = "canary"
     verify_release: bool = True  # refuse (to the DLQ) promotions without a trusted release signature
+    # a canary's deploy.activated advances its plan only when signed by the node's own trusted
+    # `node` key (any edge login may publish deploy.activated.<node>; docs/security.md)
+    verify_activations: bool = True
     # signed control.rollback: the daemon's replay window ([daemon] has the same two keys)
     command_window_s: float = 300.0
     clock_skew_s: float = 30.0
@@ -201,6 +204,8 @@ class DeployPlanner:
     def __init__(self, bus: Bus, trust: TrustList, settings: DeploySettings = DeploySettings()) -> None:
         self.bus, self.trust, self.settings = bus, trust, settings
         self.release_codec = Codec([ev.CheckpointPromoted], trust=trust, require_signature=True, role="release")
+        self.activation_codec = Codec([ev.DeployActivated], trust=trust, require_signature=True, role="node")
+        self.activation_plain = Codec([ev.DeployActivated])
         self.promotion_codec = (
             self.release_codec if settings.verify_release else Codec([ev.CheckpointPromoted])
         )
@@ -314,6 +319,20 @@ class DeployPlanner:
         log.info("plan %s: wave 0 to %s", intent.intent_id, ", ".join(o.data.node for o in orders))
         return list(orders)
 
+    def decode_activation(self, msg) -> ev.Event:
+        """A node's `deploy.activated`, believed only when the node's own trusted key signed
+        it (SignatureError otherwise: the runner dead-letters it with the reason)."""
+        if not self.settings.verify_activations:
+            return self.activation_plain.decode(msg.data)
+        event = self.activation_codec.decode(msg.data)
+        assert isinstance(event, ev.DeployActivated)
+        entry = self.trust.keys.get(event.kid or "")
+        if entry is None or entry.name != event.data.node:
+            raise SignatureError(f"deploy.activated for node {event.data.node!r} signed by key {event.kid} named "
+                                 f"{entry.name if entry else ''!r}: only the node's own key advances a plan "
+                                 "(trust its key under its node id with the node role)")
+        return event
+
     async def on_activated(self, event: ev.DeployActivated, delivery: Delivery) -> list[ev.Event]:
         """The canary of a plan reported healthy → wave 1 (the rest of the target)."""
         a = event.data
@@ -380,14 +399,13 @@ class DeployPlanner:
     def runners(self, pause=None, **kw) -> list[Runner]:
         raw = lambda msg: msg  # noqa: E731 - the handler verifies / decodes itself
         verdicts = Codec([ev.VerdictIssued])
-        activations = Codec([ev.DeployActivated])
         # batch=1: these events are rare and a handler makes several round trips; nothing
         # fetched waits in hand behind it.
         kw = dict(batch=1, **kw)
         return [
             Runner(self.bus, PROMOTIONS, self.on_promotion, decode=raw, pause=pause, **kw),
             Runner(self.bus, VERDICTS, self.on_verdict, decode=lambda m: verdicts.decode(m.data), pause=pause, **kw),
-            Runner(self.bus, PROGRESS, self.on_activated, decode=lambda m: activations.decode(m.data), pause=pause, **kw),
+            Runner(self.bus, PROGRESS, self.on_activated, decode=self.decode_activation, pause=pause, **kw),
             Runner(self.bus, ROLLBACKS, self.on_rollback, decode=raw, **kw),
         ]
 

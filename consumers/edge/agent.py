@@ -46,6 +46,7 @@ from scf.bus.signing import TrustList
 from scf.consumers import nodes as nodes_mod
 from scf.consumers.edge.control import ControlLoop, ControlSettings
 from scf.consumers.edge.grid_plant import GridSettings
+from scf.consumers.edge.keys import node_ids, seal
 from scf.consumers.edge.meter import MeterReporter
 from scf.consumers.edge.probe import health_check
 from scf.consumers.edge.reconcile import reconcile
@@ -103,6 +104,7 @@ class EdgeAgent:
         self.release_codec = Codec([ev.CheckpointPromoted], trust=trust, require_signature=True, role="release")
         self.order_codec = Codec([DeployRequested, DeployRollbackRequested])
         self.spec = nodes_mod.edge_consumer(node)
+        self.ids = node_ids(bus.key)  # every report's id keyed with the node's secret (keys.seal)
         self.store = VersionStore(node, self.dir, keep=settings.keep)
         self.meter = MeterReporter(bus, node, self.dir, self.store.current, labels=self.labels,
                                    poll_s=settings.meter_poll_s)
@@ -222,7 +224,7 @@ class EdgeAgent:
         if isinstance(event, ev.EnergyMeasured) and self.bus.key is None:
             log.warning("%s: no node key: measurement for %s not reported", self.node, event.data.period_start)
             return
-        await self.bus.publish(event)
+        await self.bus.publish(seal(self.ids, event))
         if isinstance(event, ev.DeployRolledBack):  # the registry says the node runs its fallback now
             await self.publish_status("reverted")
 
@@ -231,7 +233,7 @@ class EdgeAgent:
         reports = await reconcile(self)
         await self.publish_status("active" if self.store.state.current else "idle")
         for event in reports:
-            await self.bus.publish(event)
+            await self.bus.publish(seal(self.ids, event))
         return self
 
     # ------------------------------------------------------------------ orders
@@ -241,9 +243,9 @@ class EdgeAgent:
     async def handle(self, event: ev.Event, delivery: Delivery | None = None) -> list[ev.Event]:
         match event:
             case DeployRequested():
-                return await self.deploy(event, delivery)
+                return [seal(self.ids, e) for e in await self.deploy(event, delivery)]
             case DeployRollbackRequested():
-                return await self.rollback(event)
+                return [seal(self.ids, e) for e in await self.rollback(event)]
         return []
 
     async def deploy(self, event: DeployRequested, delivery: Delivery | None = None) -> list[ev.Event]:

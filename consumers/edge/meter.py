@@ -16,6 +16,7 @@ import msgspec
 
 from scf.bus import events as ev
 from scf.bus.client import Bus
+from scf.consumers.edge.keys import node_ids, seal
 from scf.consumers.edge.store import Installed
 from scf.consumers.energy import calibration_problem, finite_kwh, measurement_event
 
@@ -67,6 +68,7 @@ class MeterReporter:
         self.running = running
         self.labels = dict(labels or {})
         self.poll_s = poll_s
+        self.ids = node_ids(bus.key)  # measurement ids keyed with the node's secret (keys.seal)
 
     async def report_files(self) -> int:
         """Publish every reading in `<dir>/meter/*.json` as a signed energy.measured; the
@@ -105,7 +107,7 @@ class MeterReporter:
                 log.error("%s: meter file %s: %s: moved to meter/bad/", self.node, path, exc)
                 _move(path, self.dir / "bad")
                 continue
-            await self.bus.publish(event)
+            await self.bus.publish(seal(self.ids, event))
             _move(path, self.dir / "sent")
             sent += 1
         return sent
