@@ -139,29 +139,59 @@ def speed(args) -> None:
               f"{j['sandbox']:.0%} | {j['reward']:.3f} |")
 
 
-def dataset(root: Path, train: dict[str, int], held_out: dict[str, int], per_intent: int) -> dict[str, int]:
-    """CFR-format rows (the builder's formats, the served prompt) from judged search candidates."""
+def contract_params(domain: str, i: int, salt: str = "") -> dict[str, float]:
+    """A code contract's parameters for the i-th intent on `domain` (seeded): its scenario, its
+    objective's weight and its target (producers/genn/contract.py `CONTRACT_PARAMS`)."""
+    import random
+
+    g = random.Random(f"{domain}\x1f{i}\x1f{salt}")
+    if domain.startswith("grid"):
+        return {"load_scale": round(g.uniform(0.8, 1.2), 2), "voll": g.choice((500, 1000, 2000, 5000)), "target": g.choice((0.95, 0.98, 1.0))}
+    return {"t_out_shift": round(g.uniform(-8.0, 8.0), 1), "comfort_weight": g.choice((5, 10, 20)), "target": g.choice((0.6, 0.8, 0.9, 1.0))}
+
+
+def contract_request(domain: str, i: int, salt: str = "") -> CodeRequest:
+    """The served request of a codegen intent under the i-th code contract on `domain`."""
+    return CodeRequest.for_intent(ev.Intent(intent_id=f"ft-{domain}-{salt}{i}", kind="codegen", domain=domain,
+                                            params=contract_params(domain, i, salt)))
+
+
+def dataset(root: Path, train: dict[str, int], held_out: dict[str, int], per_intent: int, *, workers: int = 1,
+            sft_per_prompt: int = 3) -> dict[str, int]:
+    """CFR-format rows (the builder's formats, the served prompt) from judged search candidates,
+    one code contract (distinct scenario, objective weight, target: a distinct prompt) per intent.
+    SFT rows: code that passed the gate and the sandbox AND beats the status quo (relative cost
+    < 1), the best `sft_per_prompt` of a contract (so the domain whose templates win most often
+    does not flood the set); preference pairs: such code over refused code and over code that runs but
+    costs more than the status quo; unpaired (KTO) rows: every candidate, label = beats the status quo."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from scf.ml.genn import judge
     from scf.producers.genn.search import SearchGenerator
 
     g = SearchGenerator(bug_rate=0.35)
-    counts = {"approved": 0, "rejected": 0, "pairs": 0}
+    counts = {"approved": 0, "beats_status_quo": 0, "rejected": 0, "pairs": 0, "train_prompts": 0, "held_out_prompts": 0}
     for split, spec in (("train", train), ("validation", held_out)):
         sft, pref, un = [], [], []
         for domain, intents in spec.items():
             for i in range(intents):
-                req = request(domain, f"ft-{domain}-{i}")
+                req = contract_request(domain, i, "h" if split == "validation" else "")
                 cands = g.generate(req, per_intent, seed=i)
-                scored = [(c, judge(c.code, domain, hours=2.0)) for c in cands]
+                params = contract_params(domain, i, "h" if split == "validation" else "")
+                with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                    scored = list(zip(cands, pool.map(lambda c, d=domain, p=params: judge(c.code, d, hours=2.0, params=p), cands)))
                 p = messages(req.user)
-                good = [c for c, j in sorted(scored, key=lambda x: -x[1].reward) if j.sandbox_ok]
+                good = [c for c, j in sorted(scored, key=lambda x: -x[1].reward) if j.beats_status_quo]
+                runs = [c for c, j in scored if j.sandbox_ok and not j.beats_status_quo]
                 bad = [c for c, j in scored if not j.sandbox_ok]
-                counts["approved"] += len(good)
+                counts["approved"] += sum(1 for _, j in scored if j.sandbox_ok)
+                counts["beats_status_quo"] += len(good)
                 counts["rejected"] += len(bad)
-                sft += [{"prompt": p, "completion": [{"role": "assistant", "content": c.code}]} for c in good]
+                counts[f"{'train' if split == 'train' else 'held_out'}_prompts"] += 1
+                sft += [{"prompt": p, "completion": [{"role": "assistant", "content": c.code}]} for c in good[:sft_per_prompt]]
                 un += [{"prompt": p, "completion": [{"role": "assistant", "content": c.code}], "label": c in good} for c in cands]
                 pairs = [{"prompt": p, "chosen": [{"role": "assistant", "content": a.code}], "rejected": [{"role": "assistant", "content": b.code}]}
-                         for a in good for b in bad][:4]
+                         for a in good for b in runs[:1] + bad][:4]
                 pref += pairs
                 counts["pairs"] += len(pairs) if split == "train" else 0
         for name, rows in (("sft", sft), ("preference", pref), ("unpaired", un)):

@@ -1,27 +1,31 @@
-"""GenN on a GPU: SmolLM2-135M fine-tuned on judged code (LoRA SFT, then DPO, then a best-of-N → DPO
-round), evaluated against the base on held-out contracts; proposals per minute on the GPU.
+"""GenN on a GPU: SmolLM2-135M fine-tuned on judged code — LoRA SFT on controllers that beat the
+status quo, then on-policy rejection sampling (best-of-N → SFT on the answers that beat it) —,
+evaluated against the base on held-out code contracts; proposals per minute on the GPU.
 
 Written for the device tool (Python 3.12, its own torch/transformers/peft, no network, no TRL or
-datasets): the training loops are SCF's own (`scf.ml.genn.finetune_torch`), the GGUF file is
-given by path (`--gguf`, sha256-checked), the dataset is built beforehand on a CPU
-(`--build-dataset DIR`: search candidates judged by the capability gate and the sandbox, the
-CFR builder's formats and the served prompt) and carried. The commands: .gpu/foundry.cmd.
+datasets): the training loops are SCF's own (`scf.ml.genn`), the GGUF file is given by path
+(`--gguf`, sha256-checked), the dataset is built beforehand on a CPU (`--build-dataset DIR`:
+one code contract per intent — scenario, objective weight, target, so every intent has its own
+prompt —, search candidates judged by the capability gate and a sandbox run under the contract,
+the CFR builder's formats and the served prompt) and carried. The command: .gpu/foundry.cmd.
 
-    # here (CPU), once:
-    .venv/bin/python benchmarks/bench_genn_gpu.py --build-dataset .gpuw/foundry/cfr
+    # here (CPU), once (~3 min on 2 cores):
+    .venv/bin/python benchmarks/bench_genn_gpu.py --build-dataset .gpuw/foundry/cfr --intents 24 --held-out-intents 8 \
+        --per-intent 16 --workers 2
     # a tiny end-to-end check on the CPU (a tiny random model with SmolLM2's tokenizer):
-    .venv/bin/python benchmarks/bench_genn_gpu.py --tiny --dataset .gpuw/foundry/cfr --sft-steps 2 --dpo-steps 1 \
-        --eval-prompts 2 --eval-samples 2 --tokens 32 --speed-n 2 --best-of-n 2 --bon-prompts 1 --json /tmp/foundry.json
+    .venv/bin/python benchmarks/bench_genn_gpu.py --tiny --gguf FILE.gguf --dataset .gpuw/foundry/cfr --sft-steps 1 --rs-steps 1 \
+        --rs-n 2 --rs-prompts 2 --eval-prompts 2 --eval-samples 2 --tokens 16 --eval-hours 1 --json /tmp/foundry.json
 
-What it prints (and writes to --json): the dataset's size (approved / rejected / pairs), proposals
-per minute of the base model (one batched `generate` of --speed-n answers, and one answer at a
-time; --speed-n 0 skips it), probes of the base model, the SFT checkpoint and the SFT+DPO one (16
-answers per domain of --probe-domains: code / gate / sandbox rates, mean reward, the commonest
-refusals and two answers verbatim), the fine-tune's losses and times, and for base and tuned on
-the held-out intents (grid:case9, a domain never trained on): the share of answers that are code,
-gate-pass rate, sandbox-pass rate, mean reward (0 if refused, else 1/(1 + cost relative to the
-status quo)) and the NLL of approved held-out code. Nothing here is a pass/fail threshold: the
-figures are reported as measured (benchmarks/RESULTS.md "Code foundry": the defaults are run 2's).
+What it prints (and writes to --json): the dataset's size, optionally proposals per minute of the
+base model (--speed-n) and probes (--probe-samples), the SFT's and the rejection round's losses,
+samples and kept rows (and a light DPO+RPO with --dpo-steps, evaluated as its own model), and for
+base, SFT and SFT + rejection sampling on the same held-out contracts (grid:case9, a domain never
+trained on, and unseen contracts on the training domains) with the same seeds: the share of answers
+that are code, gate-pass, sandbox-pass and beats-the-status-quo rates, mean reward (0 if refused,
+else 1/(1 + cost relative to the status quo): 0.5 = as good as it), the median relative cost of the
+code that ran, per domain, and the NLL of approved held-out code. --teacher DIR copies the SFT model
+(a transformers directory) for the code student. Nothing here is a pass/fail threshold: the figures
+are reported as measured (benchmarks/RESULTS.md "Code foundry").
 """
 
 from __future__ import annotations
@@ -41,12 +45,16 @@ TRAIN = ("grid:case14", "grid:case30", "hvac:office3")
 HELD_OUT = "grid:case9"
 
 
-def build(root: Path, intents: int, held_out: int, per_intent: int) -> dict[str, int]:
+def build(root: Path, intents: int, held_out: int, per_intent: int, workers: int = 1) -> dict[str, int]:
+    """Training contracts on TRAIN; held out: `held_out` contracts on grid:case9 (a domain never
+    trained on) and a quarter as many on each training domain (contracts never seen)."""
     from bench_genn import dataset
 
     t = time.perf_counter()
-    counts = dataset(root, {d: intents for d in TRAIN}, {HELD_OUT: held_out}, per_intent=per_intent)
-    print(f"dataset at {root}: {counts} in {time.perf_counter() - t:.0f} s (train: {', '.join(TRAIN)}; held out: {HELD_OUT})")
+    held = {HELD_OUT: held_out, **{d: max(1, held_out // 4) for d in TRAIN}}
+    counts = dataset(root, {d: intents for d in TRAIN}, held, per_intent=per_intent, workers=workers)
+    (root / "counts.json").write_text(json.dumps(counts, indent=1) + "\n")
+    print(f"dataset at {root}: {counts} in {time.perf_counter() - t:.0f} s (train: {', '.join(TRAIN)}; held out: {held})")
     return counts
 
 
@@ -113,26 +121,32 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny random model with SmolLM2's tokenizer instead (CPU check of the code paths)")
     ap.add_argument("--home", default="", help="where the checkpoints go (default: a temporary directory)")
     ap.add_argument("--sft-steps", type=int, default=120, help="run 1's 300 over-trained: no answer parsed")
-    ap.add_argument("--dpo-steps", type=int, default=40)
+    ap.add_argument("--dpo-steps", type=int, default=0, help="a light DPO+RPO on the SFT model, evaluated as its own model (0: none; run 2's 40 hurt)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--max-length", type=int, default=1024, help="tokens of prompt + code (the dataset's longest: ~800)")
-    ap.add_argument("--best-of-n", type=int, default=8, help="answers per prompt in the best-of-N → DPO round (0: skip)")
-    ap.add_argument("--bon-prompts", type=int, default=12, help="training prompts in that round")
-    ap.add_argument("--eval-prompts", type=int, default=8)
+    ap.add_argument("--rs-rounds", type=int, default=1, help="rejection-sampling rounds on the SFT model (best-of-N -> SFT on what beats the status quo)")
+    ap.add_argument("--rs-n", type=int, default=8, help="answers per training prompt in a round")
+    ap.add_argument("--rs-prompts", type=int, default=36, help="training prompts a round (0: all)")
+    ap.add_argument("--rs-steps", type=int, default=40)
+    ap.add_argument("--rs-lr", type=float, default=1e-4)
+    ap.add_argument("--rs-keep", type=int, default=2, help="answers kept per prompt (the best that beat the status quo)")
+    ap.add_argument("--teacher", default="", help="copy the SFT model (merged, a transformers directory with its tokenizer) here")
+    ap.add_argument("--eval-hours", type=float, default=6.0, help="sandbox hours of each held-out answer's run")
+    ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=512, help="max new tokens of an answer")
-    ap.add_argument("--speed-n", type=int, default=16)
+    ap.add_argument("--speed-n", type=int, default=0)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="sandbox runs at once")
     ap.add_argument("--json", default="", help="write the results here too")
     ap.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO's learning rate")
     ap.add_argument("--rpo-alpha", type=float, default=1.0, help="weight of the chosen answers' NLL in DPO (RPO; 0: plain DPO)")
     ap.add_argument("--probe-domains", default="grid:case9,grid:case14,hvac:office3", help="domains the probes ask for code (case9 held out)")
-    ap.add_argument("--probe-samples", type=int, default=16, help="answers per probe domain and model (0: no probes)")
+    ap.add_argument("--probe-samples", type=int, default=0, help="answers per probe domain and model (0: no probes)")
     args = ap.parse_args()
 
     if args.build_dataset:
-        build(Path(args.build_dataset), args.intents, args.held_out_intents, args.per_intent)
+        build(Path(args.build_dataset), args.intents, args.held_out_intents, args.per_intent, args.workers)
         return
 
     import torch
@@ -183,37 +197,61 @@ def main() -> None:
     if args.speed_n > 0:
         speed_test(mg, base, args, device, record)
 
-    sft_dir = home / "model_zoo" / "smollm2-135m-genn-sft"
-    out = home / "model_zoo" / "smollm2-135m-genn-tuned"
+    zoo = home / "model_zoo"
+    sft_dir = zoo / "smollm2-135m-genn-sft"
     t = time.perf_counter()
     rep_sft = mg.finetune_torch(base, ds, sft_dir, sft_steps=args.sft_steps, dpo_steps=0, lr=args.lr, batch_size=args.batch_size,
                                 max_length=args.max_length, device=device)
     rep_sft["seconds"] = time.perf_counter() - t
     record("finetune_sft", rep_sft)
-    print(f"SFT ({device}) in {rep_sft['seconds']:.0f} s: {rep_sft['sft']}")
+    print(f"SFT ({device}) in {rep_sft['seconds']:.0f} s: {rep_sft['sft']}", flush=True)
+    if args.teacher:  # the SFT model for the code student (merged weights + tokenizer, a transformers directory)
+        import shutil
+
+        shutil.rmtree(args.teacher, ignore_errors=True)
+        shutil.copytree(sft_dir, args.teacher)
+        print(f"teacher (the SFT model) copied to {args.teacher}", flush=True)
     run_probe("sft", sft_dir)
-    t = time.perf_counter()
-    rep = mg.finetune_torch(sft_dir, ds, out, sft_steps=0, dpo_steps=args.dpo_steps, lr=args.lr, batch_size=args.batch_size,
-                            max_length=args.max_length, best_of_n=args.best_of_n, rounds=1 if args.best_of_n > 1 else 0,
-                            bon_max_new_tokens=args.tokens, bon_prompts=args.bon_prompts, device=device, workers=args.workers,
-                            dpo_lr=args.dpo_lr, rpo_alpha=args.rpo_alpha)
-    rep["seconds"] = time.perf_counter() - t
-    record("finetune", rep)
-    print(f"DPO + best-of-N ({device}) in {rep['seconds']:.0f} s: DPO {rep['dpo']}; best-of-N {rep['best_of_n']}")
-    run_probe("tuned", out)
+    models = {"base": base, "sft": sft_dir}
+    if args.rs_rounds > 0:
+        rs_dir = zoo / "smollm2-135m-genn-rs"
+        t = time.perf_counter()
+        rep = mg.rejection_sft(sft_dir, ds, rs_dir, rounds=args.rs_rounds, n=args.rs_n, prompts=args.rs_prompts, steps=args.rs_steps,
+                               lr=args.rs_lr, batch_size=args.batch_size, max_length=args.max_length, device=device, workers=args.workers,
+                               max_new_tokens=args.tokens, keep=args.rs_keep)
+        rep["seconds"] = time.perf_counter() - t
+        record("rejection_sft", rep)
+        print(f"rejection-sampling SFT ({device}) in {rep['seconds']:.0f} s: {rep['rejection']}", flush=True)
+        models["sft+rs"] = rs_dir
+    if args.dpo_steps > 0:
+        dpo_dir = zoo / "smollm2-135m-genn-dpo"
+        t = time.perf_counter()
+        rep = mg.finetune_torch(sft_dir, ds, dpo_dir, sft_steps=0, dpo_steps=args.dpo_steps, lr=args.lr, batch_size=args.batch_size,
+                                max_length=args.max_length, device=device, dpo_lr=args.dpo_lr, rpo_alpha=args.rpo_alpha)
+        rep["seconds"] = time.perf_counter() - t
+        record("finetune_dpo", rep)
+        print(f"light DPO+RPO on SFT ({device}) in {rep['seconds']:.0f} s: {rep['dpo']}", flush=True)
+        models["sft+dpo"] = dpo_dir
 
     t = time.perf_counter()
-    e = mg.evaluate(base, out, ds, samples=args.eval_samples, max_new_tokens=args.tokens, device=device, max_prompts=args.eval_prompts,
-                    batched=True, workers=args.workers)
+    e = mg.evaluate_models(models, ds, samples=args.eval_samples, max_new_tokens=args.tokens, device=device, max_prompts=args.eval_prompts,
+                           workers=args.workers, hours=args.eval_hours, on_model=lambda part: record("evaluation", part))
     e["seconds"] = time.perf_counter() - t
-    (out / "scf-eval.json").write_text(json.dumps(e, indent=2, sort_keys=True) + "\n")
     record("evaluation", e)
-    print(f"evaluation in {e['seconds']:.0f} s")
-    for line in mg.evaluation_lines(e):
-        print("  " + line)
-    meta = json.loads((out / "scf-finetune.json").read_text())
+    print(f"evaluation in {e['seconds']:.0f} s on {e['held_out_prompts']} held-out contracts ({', '.join(e['held_out_domains'])}), "
+          f"{e['samples_per_prompt']} samples each")
+    for name, r in e["models"].items():
+        rel = r["median_relative_cost"]
+        print(f"  {name}: code {r['code_rate']:.0%}, gate {r['gate_pass_rate']:.0%}, sandbox {r['sandbox_pass_rate']:.0%}, beats status quo "
+              f"{r['beats_status_quo_rate']:.0%}, mean reward {r['mean_reward']:.3f}, median relative cost {rel if rel is None else round(rel, 3)}, "
+              f"NLL {r.get('nll', float('nan')):.3f}")
+        for d, x in r["domains"].items():
+            print(f"     {d}: {x['samples']} samples, sandbox {x['sandbox_pass_rate']:.0%}, beats {x['beats_status_quo_rate']:.0%}, "
+                  f"reward {x['mean_reward']:.3f}")
+    last = list(models.values())[-1]
+    meta = json.loads((last / "scf-finetune.json").read_text())
     record("checkpoint", {k: meta[k] for k in ("format", "sha256", "base_sha256", "dataset_sha256", "lineage")})
-    print(f"tuned checkpoint {out} sha256 {meta['sha256'][:16]} (base {meta['base_sha256'][:16]}, dataset {meta['dataset_sha256'][:16]})")
+    print(f"final checkpoint {last} sha256 {meta['sha256'][:16]} (base {meta['base_sha256'][:16]}, dataset {meta['dataset_sha256'][:16]})")
 
 
 def speed_test(mg, base: Path, args, device: str, record) -> None:

@@ -2,7 +2,8 @@
 
     scf genn generate --domain hvac:office3 [--constraints c.json] [--backend search] [-n 4]
     scf genn generate --contract ID                  the contract's domain and constraints (read from the bus)
-    scf genn request --domain grid:case14 [-n 8]     a codegen intent on the bus (the loop answers it)
+    scf genn request --domain grid:case14 [-n 8] [--param load_scale=1.1 --param target=0.95]
+                                                     a codegen intent on the bus (the loop answers it)
     scf genn model [--promoted]                      the offline model, converted once into model_zoo (or the promoted code model)
     scf genn finetune --dataset DIR --out DIR        LoRA SFT, then DPO (TRL, or --trainer torch); evaluated on held-out intents
     scf genn publish DIR                             a fine-tuned code model as checkpoint.produced.genn (the daemon judges it)
@@ -18,6 +19,27 @@ from typing import Optional
 import typer
 
 from scf.cli.common import fail, load_settings, open_bus, run
+
+PARAM_HELP = ("a code contract's parameter KEY=VALUE (repeatable): load_scale, voll (grid), t_out_shift, comfort_weight (hvac), "
+              "target (docs/codegen.md); shown in the task and used by the sandbox's run")
+
+
+def _params(items: list[str] | None) -> dict:
+    """`--param KEY=VALUE` items as intent params (numbers where they parse)."""
+    from scf.producers.genn.contract import CONTRACT_PARAMS
+
+    known = sorted({k for ks in CONTRACT_PARAMS.values() for k in ks})
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise fail(f"--param {item!r}: give KEY=VALUE with KEY one of {', '.join(known)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise fail(f"--param {item!r}: the value must be a number")
+    return out
+
 
 genn_app = typer.Typer(help="GenN, the code generator: generate, request, model, finetune, publish.", no_args_is_help=True)
 
@@ -45,6 +67,7 @@ def genn_generate(
     seed: int = typer.Option(0, "--seed", help="sampling seed (same seed, same code for search and local)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per candidate: code, error, identity"),
     show_prompt: bool = typer.Option(False, "--prompt", help="print the served prompt (system and user turns) first"),
+    param: Optional[list[str]] = typer.Option(None, "--param", help=PARAM_HELP),
 ) -> None:
     """Generate controllers for a domain (offline: nothing is published); print the code or JSON."""
     from scf.bus import events as ev
@@ -58,7 +81,7 @@ def genn_generate(
         raise fail("--contract brings its own domain and constraints: give --contract alone, or --domain with --constraints")
     try:
         settings, cfg = _settings(backend)
-        params: dict = {}
+        params: dict = _params(param)
         if contract is not None:
             domain, cons = run(_contract(settings, contract))
             params["contract"] = contract
@@ -87,15 +110,23 @@ def genn_generate(
             typer.echo(head + "\n" + c.code)
 
 
-async def _contract(settings, contract_id: str):
-    from scf.producers.genn.service import contract_constraints
+def _trust(settings):
+    """The trust list contracts are read with: the regiment's view (`scf contract ls/show`, cli/strike.py
+    `signed_terms`): with `[regiment] require_signed_contracts` (default) only operator-signed terms."""
+    from scf.cli.strike import signed_terms, trust_list
 
+    return signed_terms(settings, trust_list(settings))
+
+
+async def _contract(settings, contract_id: str):
     bus = await open_bus(settings, "scf-genn-cli")
     try:
+        import json
+
         from scf.producers import contracts
 
-        c = await contracts.get(bus, contract_id)
-        return c.spec.domain, await contract_constraints(bus, contract_id)
+        c = await contracts.get(bus, contract_id, _trust(settings))
+        return c.spec.domain, json.loads(c.spec.constraints or "{}")
     finally:
         await bus.close()
 
@@ -108,6 +139,7 @@ def genn_request(
     constraints: Optional[Path] = typer.Option(None, "--constraints", help="a JSON object file of scalar constraints (params constraint.<name>)"),
     reason: str = typer.Option("requested on the command line", "--reason", help="why (shown in the prompt)"),
     intent_id: Optional[str] = typer.Option(None, "--id", help="the intent id (default: a new one)"),
+    param: Optional[list[str]] = typer.Option(None, "--param", help=PARAM_HELP),
 ) -> None:
     """Publish a codegen intent: the safety gate rules on it, GenN (scf run genn) answers it."""
     from scf.bus import events as ev
@@ -123,7 +155,7 @@ def genn_request(
         bad = [k for k, v in cons.items() if isinstance(v, (dict, list))]
         if bad:
             raise fail(f"constraint {bad[0]!r} is not a scalar: intent params hold numbers, strings and booleans")
-        params: dict[str, ev.Scalar] = {"proposals": n, **{f"constraint.{k}": v for k, v in sorted(cons.items())}}
+        params: dict[str, ev.Scalar] = {"proposals": n, **_params(param), **{f"constraint.{k}": v for k, v in sorted(cons.items())}}
         iid = intent_id or f"codegen-{new_id()}"
         bus = await open_bus(s, "scf-genn-cli")
         try:
@@ -131,7 +163,10 @@ def genn_request(
             if contract is not None:
                 from scf.producers import contracts
 
-                dom = (await contracts.get(bus, contract)).spec.domain
+                try:
+                    dom = (await contracts.get(bus, contract, _trust(s))).spec.domain
+                except contracts.ContractError as exc:
+                    raise fail(str(exc)) from None
                 params["contract"] = contract
             if dom is None:
                 raise fail("give --domain D or --contract ID")
@@ -284,7 +319,7 @@ def run_genn(
         except SCFError:
             await bus.close()
             raise
-        await serve(bus, cfg, gen)
+        await serve(bus, cfg, gen, trust=lambda: _trust(s))
 
     run(main())
 

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,20 @@ class Trial:
     hours: float = 24.0
     seed: int = 0
     step_minutes: float = 15.0
+    # a code contract's scenario and objective (GenN's intent params, producers/genn/contract.py);
+    # the status quo runs under the same ones
+    load_scale: float = 1.0  # grid: the loads times this
+    t_out_shift: float = 0.0  # hvac: the outdoor temperature plus this, °C
+    voll: float = 1000.0  # grid: the cost of unserved or excess energy, $/MWh
+    comfort_weight: float = 10.0  # hvac: the cost of one zone-degree-hour outside the band, kWh
+
+    @classmethod
+    def for_contract(cls, domain: str, params: dict | None = None, **kw) -> "Trial":
+        """A trial under a code contract's parameters (`contract.TRIAL_PARAMS` of an intent's params;
+        other keys are ignored)."""
+        p = params or {}
+        extra = {k: float(p[k]) for k in ("load_scale", "t_out_shift", "voll", "comfort_weight") if isinstance(p.get(k), (int, float))}
+        return cls(domain=domain, **{**kw, **extra})
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,7 @@ class SandboxResult:
     stderr: str = ""  # the tail of what the candidate printed
     contexts: np.ndarray | None = None  # hourly (context, state) samples of the run, for the EBDM's energy
     states: np.ndarray | None = None
+    baseline_states: np.ndarray | None = None  # the status quo's states at the same hours (the same contexts)
 
 
 class _Failed(Exception):
@@ -185,6 +200,7 @@ class _Child:
             start_new_session=True, close_fds=True,
         )  # fmt: skip
         self._err = bytearray()
+        self._closed = False
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
         self._buf = b""
@@ -235,6 +251,7 @@ class _Child:
             code = self.proc.wait(timeout=max(0.1, min(5.0, self.deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
             return "the sandboxed process stopped answering"
+        self._drain.join(timeout=5)  # its last words: the reader thread may not have run yet
         if code > 128 and self.mode == "bwrap":  # bwrap exits 128+N when its child dies of signal N
             code = 128 - code
         if code < 0:
@@ -253,6 +270,9 @@ class _Child:
         return f"the sandboxed process exited with {code}: {tail[0]}"
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -304,6 +324,8 @@ def evaluate(
 
     if trial.scenarios < 1 or trial.hours <= 0 or trial.step_minutes <= 0:
         raise SandboxError(f"trial {trial}: scenarios, hours and step_minutes must be positive")
+    if not (0.0 < trial.load_scale <= 10.0 and abs(trial.t_out_shift) <= 50.0 and trial.voll >= 0 and trial.comfort_weight >= 0):
+        raise SandboxError(f"trial {trial}: load_scale must be in (0, 10], |t_out_shift| <= 50 °C, voll and comfort_weight >= 0")
     domain = domains.get(trial.domain)
     caps = ethics.capabilities()
     mode = isolation_mode(isolation)
@@ -333,9 +355,11 @@ def evaluate(
         confined = tuple(hello.get("confined", ()))
         if "error" in hello:
             raise _Failed(str(hello["error"])[:500])
-        scores, contexts, states = plan.run(lambda k, obs, shape: _answer(child.call({"obs": obs}), k, shape))
-        return SandboxResult(True, "", scores, mode, confined, child.stderr, contexts, states)
+        scores, contexts, states, base_states = plan.run(lambda k, obs, shape: _answer(child.call({"obs": obs}), k, shape))
+        child.close()  # joins the stderr reader (which may not have run yet): then all it printed is in child.stderr
+        return SandboxResult(True, "", scores, mode, confined, child.stderr, contexts, states, base_states)
     except _Failed as exc:
+        child.close()
         return SandboxResult(False, str(exc), {}, mode, confined, child.stderr)
     finally:
         child.close()
@@ -344,23 +368,40 @@ def evaluate(
 def contract_spec(domain, dt_h: float | None = None) -> dict:
     """What `Controller(spec)` gets (docs/codegen.md): the domain's names, bounds and units as
     plain JSON values. The same keys as GenN's prompt (producers/genn/contract.py) names; `dt_h`
-    is the control step of the run."""
+    is the control step of the run. Grid domains add `cost_c2`, `cost_c1` (unit i at p MW costs
+    cost_c2[i] p^2 + cost_c1[i] p $/h plus a constant; a piecewise-linear cost as c2 = 0 and its
+    mean slope) and `ramp_per_h` (each unit's ramp limit, MW per hour)."""
     lo, hi = domain.state_bounds
-    return {
+    spec = {
         "domain": domain.name, "kind": domain.kind, "state_names": list(domain.state_names),
         "context_names": list(domain.context_names), "state_lo": [float(x) for x in lo], "state_hi": [float(x) for x in hi],
         "state_unit": domain.state_unit, "energy_unit": domain.energy_unit,
         "dt_h": float(dt_h if dt_h is not None else domain.sample_interval.total_seconds() / 3600.0),
     }  # fmt: skip
+    if domain.kind == "grid":
+        sc = domain.separable_cost
+        slope = (np.asarray(sc.terms(hi), float) - np.asarray(sc.terms(lo), float)) / np.maximum(hi - lo, 1e-9)
+        pwl = np.asarray(sc.has_pwl, bool)
+        spec["cost_c2"] = [0.0 if w else round(float(c), 6) for c, w in zip(sc.c2, pwl)]
+        spec["cost_c1"] = [round(float(m if w else c), 4) for c, m, w in zip(sc.c1, slope, pwl)]
+        interval_h = domain.sample_interval.total_seconds() / 3600.0
+        spec["ramp_per_h"] = [round(float(x) / interval_h, 3) for x in domain.ramp]
+    return spec
 
 
 def _mean(x) -> float:
     return float(np.mean(x))
 
 
-class _HvacPlan:
-    COMFORT_KWH_PER_KH = 10.0  # the cost of one zone-degree-hour outside the band, in kWh
+def _relative(cost: float, baseline: float) -> dict[str, float]:
+    """How the candidate compares with the status quo: `relative_cost` (below 1 = cheaper),
+    `improvement` = 1 - relative_cost (the share of the status quo's cost it saves; negative =
+    worse), `beats_status_quo` (1.0 / 0.0)."""
+    rel = cost / max(baseline, 1e-9)
+    return {"relative_cost": rel, "improvement": 1.0 - rel, "beats_status_quo": float(rel < 1.0)}
 
+
+class _HvacPlan:
     def __init__(self, domain, trial: Trial) -> None:
         from scf.domains import hvac_dynamics as hd
 
@@ -368,7 +409,8 @@ class _HvacPlan:
         self.dt_h = trial.step_minutes / 60.0
         self.plant = hd.HvacPlant(domain, dt_h=self.dt_h)
         self.steps = max(1, round(trial.hours / self.dt_h))
-        self.dist = hd.weather(domain, scenarios=trial.scenarios, steps=self.steps, dt_h=self.dt_h, seed=trial.seed)
+        dist = hd.weather(domain, scenarios=trial.scenarios, steps=self.steps, dt_h=self.dt_h, seed=trial.seed)
+        self.dist = replace(dist, t_out=dist.t_out + trial.t_out_shift) if trial.t_out_shift else dist
         self.t0 = hd.initial_temperatures(trial.seed, trial.scenarios, domain.n_zones)
         self.spec = contract_spec(domain, self.dt_h)
 
@@ -388,7 +430,15 @@ class _HvacPlan:
             return u
 
         run = hd.run_plant(self.plant, self.dist, controller, self.t0)
-        base = hd.run_plant(self.plant, self.dist, hd.thermostat(self.plant), self.t0)
+        thermostat, base_states = hd.thermostat(self.plant), []
+
+        def status_quo(k, state, now):
+            u = thermostat(k, state, now)
+            if k % per_hour == 0:
+                base_states.append(self.plant.limit(state.u, u))
+            return u
+
+        base = hd.run_plant(self.plant, self.dist, status_quo, self.t0)
         req = np.stack(requests, axis=1)  # (n, K, z)
         beyond = (req > d.heat_max + 1e-6) | (req < -d.cool_max - 1e-6)
         broken = (run.comfort_dev_k > 1e-3) | beyond
@@ -396,22 +446,21 @@ class _HvacPlan:
         comfort = run.comfort_dev_k.sum((1, 2)) * self.dt_h
         b_energy = base.power_kw.sum(1) * self.dt_h
         b_comfort = base.comfort_dev_k.sum((1, 2)) * self.dt_h
-        cost = energy + self.COMFORT_KWH_PER_KH * comfort
-        b_cost = b_energy + self.COMFORT_KWH_PER_KH * b_comfort
+        w = self.trial.comfort_weight
+        cost = energy + w * comfort
+        b_cost = b_energy + w * b_comfort
         scores = {
             "scenarios": float(n), "steps": float(self.steps),
             "energy_kwh": _mean(energy), "comfort_violation_kh": _mean(comfort), "peak_power_kw": _mean(run.power_kw.max(1)),
             "violations": float(broken.any(axis=2).sum()), "violation_rate": _mean(broken.any(axis=2)),
             "limit_requests": float(beyond.any(axis=2).sum()),
             "baseline_energy_kwh": _mean(b_energy), "baseline_comfort_violation_kh": _mean(b_comfort),
-            "cost": _mean(cost), "baseline_cost": _mean(b_cost), "relative_cost": _mean(cost) / max(_mean(b_cost), 1e-9),
+            "cost": _mean(cost), "baseline_cost": _mean(b_cost), **_relative(_mean(cost), _mean(b_cost)),
         }  # fmt: skip
-        return scores, np.concatenate(contexts), np.concatenate(states)
+        return scores, np.concatenate(contexts), np.concatenate(states), np.concatenate(base_states)
 
 
 class _GridPlan:
-    VOLL_PER_MWH = 1000.0  # the cost of unserved or excess energy, $/MWh
-
     def __init__(self, domain, trial: Trial) -> None:
         from scf.domains import grid_dynamics as gd
 
@@ -419,7 +468,8 @@ class _GridPlan:
         self.dt_h = trial.step_minutes / 60.0
         self.plant = gd.GridPlant(domain, dt_h=self.dt_h)
         self.steps = max(1, round(trial.hours / self.dt_h))
-        self.loads, self.forecast = gd.load_trajectory(domain, scenarios=trial.scenarios, steps=self.steps, dt_h=self.dt_h, seed=trial.seed)
+        loads, forecast = gd.load_trajectory(domain, scenarios=trial.scenarios, steps=self.steps, dt_h=self.dt_h, seed=trial.seed)
+        self.loads, self.forecast = loads * trial.load_scale, forecast * trial.load_scale
         self.spec = contract_spec(domain, self.dt_h)
 
     def run(self, ask):
@@ -437,7 +487,15 @@ class _GridPlan:
             return u
 
         run = gd.run_dispatch(self.plant, self.loads, controller)
-        base = gd.run_dispatch(self.plant, self.loads, gd.prorata(self.plant, self.forecast))
+        prorata, base_states = gd.prorata(self.plant, self.forecast), []
+
+        def status_quo(k, pg_prev, loads):
+            u = prorata(k, pg_prev, loads)
+            if k % per_hour == 0:
+                base_states.append(self.plant.limit(pg_prev, u))
+            return u
+
+        base = gd.run_dispatch(self.plant, self.loads, status_quo)
         req = np.stack(requests[1:] or requests, axis=1)
         beyond = ((req > d.pmax + 1e-6) | (req < d.pmin - 1e-6)).any(axis=2)
         beyond = np.pad(beyond, ((0, 0), (0, run.pg.shape[1] - beyond.shape[1])))
@@ -446,17 +504,17 @@ class _GridPlan:
         unbalanced = np.abs(run.imbalance_mw).sum(1) * self.dt_h
         b_cost = base.cost_per_h.sum(1) * self.dt_h
         b_unbalanced = np.abs(base.imbalance_mw).sum(1) * self.dt_h
-        total = cost + self.VOLL_PER_MWH * unbalanced
-        b_total = b_cost + self.VOLL_PER_MWH * b_unbalanced
+        total = cost + self.trial.voll * unbalanced
+        b_total = b_cost + self.trial.voll * b_unbalanced
         scores = {
             "scenarios": float(n), "steps": float(self.steps),
             "cost_usd": _mean(cost), "unbalanced_mwh": _mean(unbalanced), "max_imbalance_mw": float(np.abs(run.imbalance_mw).max()),
             "max_line_loading": float(run.max_loading.max()), "violations": float(broken.sum()), "violation_rate": _mean(broken),
             "limit_requests": float(beyond.sum()),
             "baseline_cost_usd": _mean(b_cost), "baseline_unbalanced_mwh": _mean(b_unbalanced),
-            "cost": _mean(total), "baseline_cost": _mean(b_total), "relative_cost": _mean(total) / max(_mean(b_total), 1e-9),
+            "cost": _mean(total), "baseline_cost": _mean(b_total), **_relative(_mean(total), _mean(b_total)),
         }  # fmt: skip
-        return scores, np.concatenate(contexts), np.concatenate(states)
+        return scores, np.concatenate(contexts), np.concatenate(states), np.concatenate(base_states)
 
 
 __all__ = [

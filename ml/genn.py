@@ -584,6 +584,141 @@ def finetune_torch(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, 
     return report
 
 
+def rejection_rows(prompts: list[tuple[list[dict[str, str]], str]], answers: list[list[str]], *, keep: int = 2, workers: int = 1,
+                   hours: float = 2.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rejection-sampling filter: each prompt's answers judged under its code contract (the
+    gate, then the sandbox); the best `keep` distinct answers that beat the status quo become SFT
+    rows (prompt/completion, the extracted code). Returns (rows, stats: samples, code, passed,
+    beat, mean_reward, kept)."""
+    from scf.producers.genn import extract_code
+
+    rows: list[dict[str, Any]] = []
+    stats: dict[str, Any] = {"prompts": len(prompts), "samples": 0, "code": 0, "passed": 0, "beat": 0}
+    reward = 0.0
+    for (messages, domain), texts in zip(prompts, answers):
+        params = _contract_of(messages)[1]
+        scored = []
+        for text, j in zip(texts, judge_many([(t, domain, params) for t in texts], workers=workers, hours=hours)):
+            stats["samples"] += 1
+            if j is None:
+                continue
+            stats["code"] += 1
+            stats["passed"] += j.sandbox_ok
+            stats["beat"] += j.beats_status_quo
+            reward += j.reward
+            if j.beats_status_quo:
+                scored.append((j.reward, extract_code(text).code))
+        seen: set[str] = set()
+        for _, code in sorted(scored, key=lambda x: -x[0]):
+            if code not in seen and len(seen) < keep:
+                seen.add(code)
+                rows.append({"prompt": messages, "completion": [{"role": "assistant", "content": code}]})
+    stats["mean_reward"] = reward / max(1, stats["samples"])
+    stats["kept"] = len(rows)
+    return rows, stats
+
+
+def rejection_sft(base: Path, dataset: Path, out: Path, *, rounds: int = 1, n: int = 8, prompts: int = 0, steps: int = 40,
+                  lr: float = 1e-4, batch_size: int = 8, max_length: int = 1024, lora_r: int = 8, seed: int = 0, device: str | None = None,
+                  workers: int = 1, max_new_tokens: int = 512, temperature: float = 1.0, keep: int = 2, hours: float = 2.0,
+                  replay: float = 1.0) -> dict[str, Any]:
+    """On-policy rejection sampling (best-of-N → SFT, "expert iteration"), SCF's own loop: each
+    round the model samples `n` answers to each training prompt (`prompts` > 0: that many, drawn
+    anew each round) in one batch, `judge` scores every answer under its prompt's code contract
+    (the gate, then the sandbox), the best `keep` answers of a prompt **that beat the status quo**
+    (relative cost < 1) become SFT rows, mixed with `replay` × as many of the dataset's own SFT
+    rows, and a LoRA SFT of `steps` steps trains on them, merged. A round with no answer beating
+    the status quo trains nothing. Saved as a code-model checkpoint (`_save`)."""
+    _need("peft")
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True).to(device)
+    all_prompts = _train_prompts(dataset)
+    sft_rows = _rows(Path(dataset) / "sft" / "train.jsonl")
+    if not all_prompts:
+        raise ModelError(f"{dataset} has no training prompts: build the CFR dataset first (scf dataset cfr)")
+    rng = random.Random(seed)
+    report: dict[str, Any] = {"trainer": "torch", "device": device, "method": "rejection-sampling sft", "rejection": []}
+    for r in range(rounds):
+        chosen = rng.sample(all_prompts, prompts) if 0 < prompts < len(all_prompts) else all_prompts
+        model.eval()
+        gen = LocalGenerator.from_model(model, tok, temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, device=device)
+        many = gen.answers_many([m for m, _ in chosen], n, seed + 1000 * (r + 1))
+        rows, stats = rejection_rows(chosen, many, keep=keep, workers=workers, hours=hours)
+        stats = {"round": r + 1, **stats}
+        if rows and steps > 0:
+            mixed = rows + rng.sample(sft_rows, min(len(sft_rows), int(replay * len(rows))))
+            model, losses = sft_torch(model, tok, mixed, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, lora_r=lora_r,
+                                      seed=seed + r + 1, device=device)
+            stats.update({"rows": len(mixed), "steps": steps, **_summary(losses)})
+        else:
+            stats["skipped"] = "no answer beat the status quo" if not rows else "steps 0"
+        report["rejection"].append(stats)
+    model.to("cpu")
+    _save(model, tok, Path(out), base, dataset, report)
+    return report
+
+
+def evaluate_models(models: dict[str, Path], dataset: Path, *, samples: int = 16, max_new_tokens: int = 512, seed: int = 0,
+                    max_prompts: int = 64, device: str = "cpu", workers: int = 1, hours: float = 6.0, nll: bool = True,
+                    on_model=None) -> dict[str, Any]:
+    """Several code models on the dataset's held-out contracts (its validation split, each a
+    distinct prompt), the same prompts and seeds for each: `samples` answers a prompt (one batched
+    call), each through the gate and a `hours`-hour sandbox run under its contract. Per model:
+    code, gate-pass, sandbox-pass and beats-the-status-quo rates, mean reward (`reward_of`), the
+    median relative cost of the code that ran, per-domain figures, and the NLL of the approved
+    held-out code. `on_model(report)` is called after each model (a cut run keeps what it measured)."""
+    from scf.producers.genn import extract_code
+
+    prompts, approved = _held_out(dataset)
+    prompts = prompts[:max_prompts]
+    out: dict[str, Any] = {"held_out_prompts": len(prompts), "held_out_approved": len(approved), "samples_per_prompt": samples,
+                           "held_out_domains": sorted({_domain_of(m) for m in prompts}), "models": {}}
+    for name, directory in models.items():
+        gen = LocalGenerator(directory, temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens, device=device)
+        many = gen.answers_many(prompts, samples, seed)
+        del gen
+        per: dict[str, dict[str, float]] = {}
+        rels: list[float] = []
+        for messages, texts in zip(prompts, many):
+            domain, params = _contract_of(messages)
+            d = per.setdefault(domain, {"samples": 0, "code": 0, "gate": 0, "sandbox": 0, "beats": 0, "reward": 0.0})
+            for text, j in zip(texts, judge_many([(t, domain, params) for t in texts], workers=workers, hours=hours)):
+                d["samples"] += 1
+                d["code"] += not extract_code(text).error
+                if j is not None:
+                    d["gate"] += j.gate_ok
+                    d["sandbox"] += j.sandbox_ok
+                    d["beats"] += j.beats_status_quo
+                    d["reward"] += j.reward
+                    if j.sandbox_ok and j.relative_cost is not None and math.isfinite(j.relative_cost):
+                        rels.append(j.relative_cost)
+        total = {k: sum(d[k] for d in per.values()) for k in ("samples", "code", "gate", "sandbox", "beats", "reward")}
+
+        def rates(d: dict[str, float]) -> dict[str, float]:
+            n = max(1, d["samples"])
+            return {"samples": d["samples"], "code_rate": d["code"] / n, "gate_pass_rate": d["gate"] / n, "sandbox_pass_rate": d["sandbox"] / n,
+                    "beats_status_quo_rate": d["beats"] / n, "mean_reward": d["reward"] / n}
+
+        r: dict[str, Any] = {**rates(total), "median_relative_cost": sorted(rels)[len(rels) // 2] if rels else None,
+                             "domains": {k: rates(v) for k, v in sorted(per.items())}, "sha256": weights_sha256(directory),
+                             "example": (many[0][0][:1200] if many and many[0] else "")}
+        if nll and approved:
+            r["nll"] = completion_nll(directory, approved, device=device)
+        out["models"][name] = r
+        if on_model is not None:
+            on_model(out)
+    return out
+
+
 def grpo(base: Path, dataset: Path, out: Path, *, steps: int = 4, num_generations: int = 4, max_completion_length: int = 256,
          lora_r: int = 8, lr: float = 1e-5, seed: int = 0, hours: float = 2.0) -> dict[str, Any]:
     """Online GRPO (TRL) on the dataset's training prompts with `judge` as the reward: the policy
@@ -612,10 +747,11 @@ def grpo(base: Path, dataset: Path, out: Path, *, steps: int = 4, num_generation
 
     def reward(prompts, completions, domain, **_):
         scores = []
-        for comp, d in zip(completions, domain):
+        for prompt, comp, d in zip(prompts, completions, domain):
             text = comp[-1]["content"] if isinstance(comp, list) else str(comp)
             c = extract_code(text)
-            scores.append(judge(c.code, d, hours=hours).reward if not c.error and d else 0.0)
+            params = _contract_of(prompt)[1] if isinstance(prompt, list) else None
+            scores.append(judge(c.code, d, hours=hours, params=params).reward if not c.error and d else 0.0)
         rewards.extend(scores)
         return scores
 
@@ -649,17 +785,18 @@ def _train_prompts(dataset: Path) -> list[tuple[list[dict[str, str]], str]]:
     return out
 
 
-def judge_many(items: list[tuple[str, str]], *, workers: int = 1, hours: float = 2.0) -> list["Judged | None"]:
-    """`judge` over (answer text, domain) pairs, `workers` sandbox runs at once (threads: each run
-    is its own process); None for a malformed answer (no code) or no domain."""
+def judge_many(items: list[tuple], *, workers: int = 1, hours: float = 2.0) -> list["Judged | None"]:
+    """`judge` over (answer text, domain[, contract params]) items, `workers` sandbox runs at once
+    (threads: each run is its own process); None for a malformed answer (no code) or no domain."""
     from concurrent.futures import ThreadPoolExecutor
 
     from scf.producers.genn import extract_code
 
-    def one(item: tuple[str, str]) -> "Judged | None":
-        text, domain = item
+    def one(item: tuple) -> "Judged | None":
+        text, domain = item[0], item[1]
+        params = item[2] if len(item) > 2 else None
         c = extract_code(text)
-        return judge(c.code, domain, hours=hours) if not c.error and domain else None
+        return judge(c.code, domain, hours=hours, params=params) if not c.error and domain else None
 
     if workers <= 1:
         return [one(i) for i in items]
@@ -686,7 +823,7 @@ def best_of_n_pairs(answer, prompts: list[tuple[list[dict[str, str]], str]], n: 
             texts = answers(messages, n, seed + p_i * n)
         else:
             texts = [answer(messages, seed + p_i * n + k) for k in range(n)]
-        verdicts = judge_many([(t, domain) for t in texts], workers=workers, hours=hours)
+        verdicts = judge_many([(t, domain, _contract_of(messages)[1]) for t in texts], workers=workers, hours=hours)
         scored = []
         for k, (text, j) in enumerate(zip(texts, verdicts)):
             reward = j.reward if j is not None else 0.0
@@ -764,29 +901,63 @@ class Judged:
     reason: str = ""
     relative_cost: float | None = None
 
+    @property
+    def beats_status_quo(self) -> bool:
+        """Passed both judges and costs less than the status quo on the same scenarios."""
+        return self.sandbox_ok and self.relative_cost is not None and self.relative_cost < 1.0
 
-def judge(code: str, domain: str, *, scenarios: int = 1, hours: float = 6.0) -> Judged:
+    @property
+    def improvement(self) -> float | None:
+        """1 - relative cost: the share of the status quo's cost it saves (negative: worse); None if refused."""
+        return None if self.relative_cost is None or not math.isfinite(self.relative_cost) else 1.0 - self.relative_cost
+
+
+def reward_of(relative_cost: float | None) -> float:
+    """The reward of code that passed both judges: 1 / (1 + relative cost) — 0.5 = as good as the
+    status quo, above 0.5 = cheaper (0.526 at 10 % cheaper), toward 0 = far worse; refused code
+    scores 0 (below any code that runs)."""
+    if relative_cost is None or not math.isfinite(relative_cost) or relative_cost < 0:
+        return 0.0
+    return 1.0 / (1.0 + relative_cost)
+
+
+def judge(code: str, domain: str, *, scenarios: int = 1, hours: float = 6.0, params: dict[str, Any] | None = None) -> Judged:
     """The reward of generated code: 0 when the gate refuses it or the sandbox run fails,
-    else 1 / (1 + relative cost) (0.5 = as good as the domain's status-quo controller, → 1 better).
-    The code runs only in the sandbox's separate process (scf.domains.sandbox), never here."""
+    else `reward_of(relative cost)` under the code contract's scenario and objective (`params`,
+    an intent's params: load_scale, voll, t_out_shift, comfort_weight). The code runs only in
+    the sandbox's separate process (scf.domains.sandbox), never here."""
     from scf.domains import ethics, sandbox
 
     findings = ethics.gate(code, contract=ethics.CONTROLLER)
     if findings:
         return Judged(False, False, 0.0, ethics.reasons(findings)[0])
-    r = sandbox.evaluate(code, sandbox.Trial(domain=domain, scenarios=scenarios, hours=hours, step_minutes=30.0),
+    r = sandbox.evaluate(code, sandbox.Trial.for_contract(domain, params, scenarios=scenarios, hours=hours, step_minutes=30.0),
                          sandbox.SandboxLimits(cpu_s=30, wall_s=60.0))
     if not r.ok:
         return Judged(True, False, 0.0, r.reason)
     rel = float(r.scores.get("relative_cost", float("inf")))
-    return Judged(True, True, 1.0 / (1.0 + rel) if math.isfinite(rel) and rel >= 0 else 0.0, "", rel)
+    return Judged(True, True, reward_of(rel), "", rel)
 
 
 def _domain_of(messages: list[dict[str, str]]) -> str:
+    return _contract_of(messages)[0]
+
+
+def _contract_of(messages: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
+    """The domain and the intent's params of a served prompt (its `- domain:` and `- params:` lines)."""
+    domain, params = "", {}
     for line in messages[-1]["content"].splitlines():
         if line.startswith("- domain: "):
-            return line.removeprefix("- domain: ").strip()
-    return ""
+            domain = line.removeprefix("- domain: ").strip()
+        elif line.startswith("- params: "):
+            try:
+                p = json.loads(line.removeprefix("- params: "))
+            except ValueError:
+                p = {}
+            params = p if isinstance(p, dict) else {}
+        elif line.startswith("Task:"):
+            break
+    return domain, params
 
 
 def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_new_tokens: int = 256, seed: int = 0,
@@ -812,8 +983,8 @@ def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_ne
             if batched and sandbox:  # one generate call per prompt, the sandbox runs `workers` at once
                 many = gen.answers_many(prompts, samples, seed * 1000)
                 for messages, texts in zip(prompts, many):
-                    domain = _domain_of(messages)
-                    for text, j in zip(texts, judge_many([(t, domain) for t in texts], workers=workers, hours=6.0)):
+                    domain, cparams = _contract_of(messages)
+                    for text, j in zip(texts, judge_many([(t, domain, cparams) for t in texts], workers=workers, hours=6.0)):
                         total += 1
                         code_ok += not extract_code(text).error
                         if j is not None:
@@ -824,7 +995,7 @@ def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_ne
             else:
                 prompts_left = prompts
             for p_i, messages in enumerate(prompts_left):
-                domain = _domain_of(messages)
+                domain, cparams = _contract_of(messages)
                 for k in range(samples):
                     c = extract_code(gen.answer(messages, seed * 1000 + p_i * samples + k))
                     total += 1
@@ -832,7 +1003,7 @@ def evaluate(base: Path, tuned: Path, dataset: Path, *, samples: int = 2, max_ne
                         continue
                     code_ok += 1
                     if sandbox and domain:
-                        j = judge(c.code, domain)
+                        j = judge(c.code, domain, params=cparams)
                         gate_ok += j.gate_ok
                         box_ok += j.sandbox_ok
                         reward += j.reward
@@ -861,7 +1032,7 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ += ["evaluate", "evaluation_lines", "judge", "judge_many", "Judged", "best_of_n_pairs", "grpo", "finetune_torch", "sft_torch",
+__all__ += ["evaluate", "evaluation_lines", "judge", "judge_many", "Judged", "reward_of", "rejection_sft", "rejection_rows", "evaluate_models", "best_of_n_pairs", "grpo", "finetune_torch", "sft_torch",
             "dpo_torch", "dataset_sha256", "CODE_MODEL_FORMAT"]
 
 
@@ -1004,8 +1175,8 @@ def judge_model(directory: Path, domains: list[str] | tuple[str, ...], *, per_do
     total = code = gate = box = 0
     reward = 0.0
     for messages, texts in zip(prompts, many):
-        domain = _domain_of(messages)
-        for text, j in zip(texts, judge_many([(t, domain) for t in texts], workers=workers, hours=hours)):
+        domain, cparams = _contract_of(messages)
+        for text, j in zip(texts, judge_many([(t, domain, cparams) for t in texts], workers=workers, hours=hours)):
             total += 1
             code += not extract_code(text).error
             if j is not None:

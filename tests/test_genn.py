@@ -226,6 +226,30 @@ def test_cli_generate_and_its_errors(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- the loop on a real bus
 
+
+async def _signed_contract(settings, doc: dict) -> None:
+    """Register `doc` signed by an operator key trusted in $SCF_HOME/keys/trusted.json (the
+    regiment's view: what GenN reads a contract from)."""
+    from scf.bus.client import Bus
+    from scf.bus.signing import SigningKey, TrustList
+    from scf.producers import contracts
+
+    key = SigningKey.generate("alice")
+    trust = TrustList.load(settings.keys_dir / "trusted.json")
+    trust.trust(key.public_b64, "alice", ["operator"])
+    trust.save()
+    op = await Bus.connect(settings, "operator", key=key)
+    try:
+        await contracts.add(op, contracts.parse_doc(doc), by="alice", trust=trust)
+    finally:
+        await op.close()
+
+
+def _regiment_trust(settings):
+    from scf.cli.strike import signed_terms, trust_list
+
+    return lambda: signed_terms(settings, trust_list(settings))
+
 @pytest.mark.anyio
 async def test_loop_fills_the_cfr_dataset_with_the_served_prompts(bus, settings, scf_env, tmp_path):
     from scf.bus.reader import read
@@ -234,17 +258,20 @@ async def test_loop_fills_the_cfr_dataset_with_the_served_prompts(bus, settings,
     from scf.producers.genn.service import GennProcess
     from scf.projections import archive, cfr
 
-    doc = contracts.parse_doc({"contract_id": "acme-1", "client": "acme", "domain": "hvac:office3",
-                               "constraints": {"T_out": 2.0, "budget": 30.0}})
-    await contracts.add(bus, doc, by="test")
+    await _signed_contract(settings, {"contract_id": "acme-1", "client": "acme", "domain": "hvac:office3",
+                                      "constraints": {"T_out": 2.0, "budget": 30.0}})
+    # an unsigned update of its terms on the log: not the regiment's view, so never in a prompt
+    await contracts.add(bus, contracts.parse_doc({"contract_id": "acme-1", "client": "acme", "domain": "hvac:office3",
+                                                  "constraints": {"T_out": 9.0, "budget": 99.0}}), by="mallory")
     stop = asyncio.Event()
     gen = SearchGenerator(bug_rate=0.5)
-    proc = GennProcess(bus, GennSettings(proposals=6), gen)
+    proc = GennProcess(bus, GennSettings(proposals=6), gen, trust=_regiment_trust(settings))
     # the sandbox scores every candidate that passes the gate: a short trial keeps the test cheap
     gate = SafetyGate(bus, SafetySettings(sandbox_scenarios=1, sandbox_hours=2.0, sandbox_step_minutes=30.0))
     tasks = [asyncio.create_task(gate.run(stop)), asyncio.create_task(proc.runner().run(stop))]
     try:
-        for i, target in enumerate((["--domain", "grid:case14"], ["--contract", "acme-1"], ["--domain", "grid:case9"])):
+        for i, target in enumerate((["--domain", "grid:case14", "--param", "load_scale=1.15", "--param", "target=0.95"], ["--contract", "acme-1"],
+                                    ["--domain", "grid:case9"])):
             r = await asyncio.to_thread(cli, "genn", "request", *target, "-n", "6", "--id", f"cg-{i}", env=scf_env)
             assert r.returncode == 0, r.stderr
             assert r.stdout.strip() == f"intent.created.codegen.cg-{i} (new)"
@@ -266,6 +293,9 @@ async def test_loop_fills_the_cfr_dataset_with_the_served_prompts(bus, settings,
     contract_tasks = [p.data.prompt for p in props if p.data.intent_id == "cg-1"]
     assert len(contract_tasks) == 6
     assert all("Contract constraints: {" in t and '"T_out": 2.0' in t and '"budget": 30.0' in t for t in contract_tasks)
+    # the code contract's parameters are in its task: the scenario and the target
+    scaled = [p.data.prompt for p in props if p.data.intent_id == "cg-0"]
+    assert all("at 1.15 x the case's nominal 259 MW" in t and "Target: a total cost at most 0.95 x" in t for t in scaled)
     assert all(p.data.model_sha256 == gen.identity.sha256 for p in props)
 
     await archive.replay(settings)
@@ -350,18 +380,28 @@ def test_best_of_n_pairs_the_best_and_the_worst_answer():
 
 
 @pytest.mark.anyio
-async def test_cli_generate_for_a_contract_reads_it_from_the_bus(bus, scf_env):
+async def test_cli_generate_for_a_contract_reads_it_from_the_bus(bus, settings, scf_env):
+    """GenN reads a contract as the regiment does (operator-signed terms, `scf contract show`):
+    an unsigned contract on the log is refused with the reason."""
     from scf.producers import contracts
 
-    await contracts.add(bus, contracts.parse_doc({"contract_id": "grid-7", "client": "utility", "domain": "grid:case30",
-                                                   "constraints": {"load_scale": 1.1, "budget": 9000.0}}), by="test")
+    await contracts.add(bus, contracts.parse_doc({"contract_id": "grid-6", "client": "utility", "domain": "grid:case30",
+                                                   "constraints": {"budget": 1.0}}), by="mallory")
+    r = await asyncio.to_thread(cli, "genn", "generate", "--contract", "grid-6", "-n", "1", env=scf_env)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("Error: no contract 'grid-6' signed by an operator key (SCF_KEY): register it with "
+                                "`scf contract add FILE` (see `scf contract ls`)")
+    r = await asyncio.to_thread(cli, "genn", "request", "--contract", "grid-6", env=scf_env)
+    assert r.returncode == 1 and "no contract 'grid-6' signed by an operator key" in r.stderr
+    await _signed_contract(settings, {"contract_id": "grid-7", "client": "utility", "domain": "grid:case30",
+                                      "constraints": {"load_scale": 1.1, "budget": 9000.0}})
     r = await asyncio.to_thread(cli, "genn", "generate", "--contract", "grid-7", "--prompt", "-n", "1", env=scf_env)
     assert r.returncode == 0, r.stderr
     assert "controls grid:case30" in r.stdout and '"load_scale": 1.1' in r.stdout and '"budget": 9000.0' in r.stdout
     assert '- params: {"contract": "grid-7"}' in r.stdout
     r = await asyncio.to_thread(cli, "genn", "generate", "--contract", "nope", env=scf_env)
     assert r.returncode == 1
-    assert r.stderr.strip() == "Error: no contract 'nope': register it with `scf contract add FILE` (see `scf contract ls`)"
+    assert r.stderr.strip() == "Error: no contract 'nope' signed by an operator key (SCF_KEY): register it with `scf contract add FILE` (see `scf contract ls`)"
 
 
 @pytest.mark.anyio
@@ -409,3 +449,64 @@ async def test_scf_run_genn_answers_an_approved_intent_and_stops_on_sigterm(bus,
 async def _acked(bus, n: int) -> bool:
     info = await bus.js.consumer_info("VERDICTS", "genn")
     return info.ack_floor.stream_seq >= n and info.num_ack_pending == 0
+
+
+# --------------------------------------------------------------------------- code contracts: the prompt names what each asks
+
+
+def test_each_code_contract_has_its_own_prompt_naming_what_it_asks():
+    from scf.projections.cfr_prompt import render_user
+
+    def req(domain, params):
+        return CodeRequest.for_intent(ev.Intent(intent_id="c-1", kind="codegen", domain=domain, params=params))
+
+    a = req("grid:case14", {"load_scale": 1.1, "voll": 2000, "target": 0.95})
+    b = req("grid:case14", {"load_scale": 0.85, "voll": 500, "target": 1.0})
+    h = req("hvac:office3", {"t_out_shift": -4.5, "comfort_weight": 20, "target": 0.8})
+    assert len({a.user, b.user, h.user}) == 3
+    assert "at 1.1 x the case's nominal 259 MW (about 285 MW in all)" in a.task and "imbalance" in a.task and "costs 2000 $" in a.task
+    assert "Target: a total cost at most 0.95 x the status quo's (pro rata on capacity" in a.task
+    assert "Pg1@bus1 0.043029 p^2 + 20 p" in a.task  # the units' cost curves, as spec["cost_c2"], spec["cost_c1"]
+    assert "shifted by -4.5 °C" in h.task and "costs 20 kWh" in h.task and "at most 0.8 x the status quo's (a scheduled thermostat)" in h.task
+    # without contract parameters: the defaults are stated, no target
+    plain = req("hvac:office3", {})
+    assert "shifted by +0 °C" in plain.task and "costs 10 kWh" in plain.task and "Target:" not in plain.task
+    # the served prompt is the CFR builder's rendering of the same intent and task
+    assert a.user == render_user(domain="grid:case14", gear=None, kind="codegen", hypothesis=0,
+                                 params={"load_scale": 1.1, "voll": 2000, "target": 0.95}, reason=None, task=a.task)
+
+
+def test_the_judge_runs_the_contracts_scenario_and_says_how_much_better_than_the_status_quo():
+    """The same controller under two code contracts: the scenario (loads x 1.2) changes both the
+    candidate's and the status quo's cost; economic dispatch on the cost curves beats pro rata."""
+    from scf.ml.genn import judge, reward_of
+    from scf.producers.genn.search import GRID_ECONOMIC, GRID_PRORATA
+
+    econ = GRID_ECONOMIC.format(margin=0.0, ramp_use=1.0, iterations=50)
+    base = judge(econ, "grid:case14", hours=2.0)
+    high = judge(econ, "grid:case14", hours=2.0, params={"load_scale": 1.2})
+    assert base.sandbox_ok and high.sandbox_ok
+    assert base.beats_status_quo and base.relative_cost < 1.0 and base.improvement == pytest.approx(1.0 - base.relative_cost)
+    assert base.reward == pytest.approx(reward_of(base.relative_cost)) and base.reward > 0.5
+    assert high.relative_cost != pytest.approx(base.relative_cost)
+    same = judge(GRID_PRORATA.format(margin=0.0), "grid:case14", hours=2.0)  # the status quo itself
+    assert same.relative_cost == pytest.approx(1.0) and not same.beats_status_quo and same.reward == pytest.approx(0.5)
+    worse = judge(GRID_PRORATA.format(margin=0.03), "grid:case14", hours=2.0, params={"voll": 5000})  # 3 % too much: imbalance
+    assert worse.sandbox_ok and worse.relative_cost > 1.0 and worse.improvement < 0 and 0 < worse.reward < 0.5
+    assert reward_of(None) == 0.0 and reward_of(float("inf")) == 0.0
+
+
+def test_rejection_sampling_keeps_only_answers_that_beat_the_status_quo():
+    from scf.ml.genn import rejection_rows
+    from scf.producers.genn.search import GRID_ECONOMIC, GRID_PRORATA
+    from scf.projections.cfr_prompt import messages
+
+    req = CodeRequest.for_intent(ev.Intent(intent_id="rs", kind="codegen", domain="grid:case14", params={"load_scale": 0.9}))
+    best = GRID_ECONOMIC.format(margin=0.0, ramp_use=1.0, iterations=50)
+    answers = [["```python\n" + best + "```", "```python\n" + best + "```",  # the same code twice: kept once
+                "```python\n" + GRID_PRORATA.format(margin=0.0) + "```",  # runs, but only as good as the status quo
+                "no code here", "```python\nimport os\n" + best + "```"]]
+    rows, stats = rejection_rows([(messages(req.user), "grid:case14")], answers, keep=2, hours=2.0)
+    assert (stats["samples"], stats["code"], stats["passed"], stats["beat"], stats["kept"]) == (5, 4, 3, 2, 1)
+    [row] = rows
+    assert row["prompt"] == messages(req.user) and row["completion"] == [{"role": "assistant", "content": best}]

@@ -170,3 +170,31 @@ def test_cli_finetune_names_an_empty_dataset(tiny, tmp_path):
     assert r.stderr.strip() == (
         f"Error: {tmp_path / 'ds'}/sft/train.jsonl has no approved examples: build the CFR dataset after code was approved (scf dataset cfr)"
     )
+
+
+def test_rejection_sampling_sft_trains_on_the_answers_that_beat_the_status_quo(tiny, tmp_path, monkeypatch):
+    """One on-policy round of SCF's own loop: the policy's answers (here the search backend's
+    economic dispatch, which beats pro rata, and a refused module stand in for what the tiny random
+    model cannot write) judged under each prompt's code contract; only the winners are trained
+    on, then the three models are judged on the held-out contracts with the same prompts and seeds."""
+    from scf.producers.genn.search import GRID_ECONOMIC
+
+    ds = _dataset(tmp_path / "ds", intents=(("train", ("a",)), ("validation", ("v",))), per_intent=3)
+    grid = CodeRequest.for_intent(ev.Intent(intent_id="g", kind="codegen", domain="grid:case14", params={"load_scale": 1.1}))
+    with (ds / "unpaired" / "train.jsonl").open("a") as f:  # a grid contract among the training prompts
+        f.write(json.dumps({"prompt": messages(grid.user), "completion": [{"role": "assistant", "content": "x"}], "label": False}) + "\n")
+    good = "```python\n" + GRID_ECONOMIC.format(margin=0.0, ramp_use=1.0, iterations=50) + "```"
+
+    def answers_many(self, prompts, n, seed):
+        return [[good if "grid:case14" in p[-1]["content"] else "import os\n"] * n for p in prompts]
+
+    monkeypatch.setattr(mg.LocalGenerator, "answers_many", answers_many)
+    out = tmp_path / "rs"
+    report = mg.rejection_sft(tiny, ds, out, rounds=1, n=2, steps=1, lr=5e-3, batch_size=2, max_length=1024, hours=1.0)
+    [r] = report["rejection"]
+    assert (r["prompts"], r["samples"], r["beat"], r["kept"]) == (2, 4, 2, 1) and r["steps"] == 1 and math.isfinite(r["loss"])
+    assert report["sha256"] == mg.weights_sha256(out) != mg.weights_sha256(tiny)
+    e = mg.evaluate_models({"base": tiny, "rs": out}, ds, samples=2, max_new_tokens=8, hours=1.0)
+    assert e["held_out_prompts"] == 1 and set(e["models"]) == {"base", "rs"}
+    for m in e["models"].values():  # the patched policy answers the hvac held-out prompt with refused code
+        assert m["samples"] == 2 and m["gate_pass_rate"] == 0.0 and m["beats_status_quo_rate"] == 0.0 and math.isfinite(m["nll"])

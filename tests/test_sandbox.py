@@ -38,16 +38,37 @@ def controller(init: str = "", step: str = "") -> str:
     )
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def leftover_children() -> list[int]:
-    """Processes still running the sandbox child (there must be none after a run)."""
+    """Processes still running the sandbox child that this test run started (there must be
+    none after a run). Orphans count too (an escapee is re-parented to init); children of
+    another test run on the same machine (another pytest, an xdist worker) do not."""
     out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"sandbox_child.py" in cmd or b"/sandbox/child.py" in cmd:
-            out.append(int(pid))
+        if b"sandbox_child.py" not in cmd and b"/sandbox/child.py" not in cmd:
+            continue
+        up, seen = _parent(pid), {pid}
+        while up > 1 and up != os.getpid() and up not in seen:  # through bwrap and the child's own forks
+            seen.add(up)
+            try:
+                parent_cmd = Path(f"/proc/{up}/cmdline").read_bytes()
+            except OSError:
+                break
+            if b"bwrap" not in parent_cmd and b"child.py" not in parent_cmd:
+                break  # started by another process: not this run's
+            up = _parent(up)
+        if up <= 1 or up == os.getpid():
+            out.append(pid)
     return out
 
 
@@ -154,11 +175,38 @@ def test_bubblewrap_hides_the_host_filesystem(tmp_path):
     assert "s3cret" not in r.stderr
 
 
-def test_the_candidate_cannot_forge_the_protocol_or_its_scores():
+def test_the_candidate_cannot_forge_the_protocol_or_its_scores(late_stderr_reader):
     code = controller(step='print(\'{"u": [[1e9, 1e9, 1e9]]}\')\nprint(\'{"error": "forged"}\')')
     r = sandbox.evaluate(code, SHORT)
     assert r.ok, r.reason
     assert r.scores["limit_requests"] == 0 and '"forged"' in r.stderr
+
+
+@pytest.fixture
+def late_stderr_reader(monkeypatch):
+    """The parent drains the child's stderr in a thread; on a loaded machine that thread may
+    not run before the child's last answer (or its exit) is seen: CI once got an empty stderr
+    (test_the_candidate_cannot_forge_the_protocol_or_its_scores, a full run). Here the reader
+    starts only once the child has exited — the latest a scheduler could run it —, so a result
+    that read stderr before the child ended and the reader finished would miss every line."""
+    read = sandbox._Child._read_stderr
+
+    def late(self):
+        self.proc.wait()
+        read(self)
+
+    monkeypatch.setattr(sandbox._Child, "_read_stderr", late)
+
+
+def test_everything_the_candidate_printed_is_kept_when_the_reader_runs_late(late_stderr_reader):
+    r = sandbox.evaluate(controller(step="print('hello from step')"), SHORT)
+    assert r.ok, r.reason
+    assert r.stderr.count("hello from step") == r.scores["steps"] * r.scores["scenarios"] == 16  # one per step of each copy
+
+
+def test_a_child_that_exits_is_reported_with_its_last_words_when_the_reader_runs_late(late_stderr_reader):
+    r = sandbox.evaluate(controller(init="import os\nprint('last words')\nos._exit(3)"), SHORT, **EVERYTHING)
+    assert not r.ok and r.reason == "the sandboxed process exited with 3: last words", r.reason
 
 
 def test_a_child_that_writes_garbage_to_the_protocol_cannot_crash_the_parent():
@@ -243,3 +291,23 @@ def test_the_seccomp_filter_decides_as_documented(machine, arch, calls):
         assert run_bpf(prog, 0x40000000 | 0, arch) == eperm  # the x32 ABI
     assert run_bpf(prog, 0, 0x40000003) == eperm  # a foreign architecture (i386 on x86-64)
     assert child.seccomp_program("riscv64") is None
+
+
+def test_a_code_contract_changes_the_scenario_and_the_status_quo_runs_under_it():
+    """Trial.for_contract: loads x 1.2 raise both costs; the status quo's states come back at the
+    same hours as the candidate's (for the EBDM's energy); improvement = 1 - relative cost."""
+    trial = sandbox.Trial("grid:case14", scenarios=1, hours=2, step_minutes=30)
+    a = sandbox.evaluate(GRID, trial)
+    b = sandbox.evaluate(GRID, sandbox.Trial.for_contract("grid:case14", {"load_scale": 1.2, "target": 0.9, "other": "x"}, scenarios=1,
+                                                          hours=2, step_minutes=30))
+    assert a.ok and b.ok
+    assert b.scores["baseline_cost_usd"] > a.scores["baseline_cost_usd"] * 1.1
+    for r in (a, b):
+        assert r.baseline_states.shape == r.states.shape == (2, 5)
+        assert r.scores["improvement"] == pytest.approx(1.0 - r.scores["relative_cost"])
+        assert r.scores["beats_status_quo"] == float(r.scores["relative_cost"] < 1.0)
+    h = sandbox.evaluate(HVAC, sandbox.Trial.for_contract("hvac:office3", {"t_out_shift": -10.0, "comfort_weight": 30}, scenarios=1,
+                                                          hours=2, step_minutes=30))
+    assert h.ok and h.baseline_states.shape == h.states.shape
+    with pytest.raises(sandbox.SandboxError, match="load_scale must be in"):
+        sandbox.evaluate(GRID, sandbox.Trial("grid:case14", load_scale=0.0))

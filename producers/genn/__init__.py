@@ -90,7 +90,7 @@ class CodeRequest:
     def for_intent(cls, intent: ev.Intent, constraints: Mapping[str, Any] | None = None) -> "CodeRequest":
         from scf.producers.genn.contract import task
 
-        t = task(intent.domain, constraints)
+        t = task(intent.domain, constraints, intent.params)
         return cls(intent, t, render(intent, t))
 
     def messages(self) -> list[dict[str, str]]:

@@ -3,7 +3,7 @@ search), no model. It writes good and bad code from the first day, so the loop h
 to judge and the CFR dataset gets approved and rejected examples before any model exists.
 
 A candidate is a template for the domain's kind (grid: pro-rata on capacity, merit order,
-smoothed pro-rata; hvac: proportional, deadband, proportional-integral; any: mid-range hold)
+economic dispatch on the units' cost curves, smoothed pro-rata; hvac: proportional, deadband, proportional-integral; any: mid-range hold)
 with parameters drawn from ranges, then, with probability `bug_rate`, one *defect*: the
 mistakes code models make (a network price lookup, a log file, `eval` of a formula, an
 environment read, no clipping to the bounds, a setpoint short, a syntax slip, the class
@@ -93,6 +93,41 @@ class Controller:
         target = self.lo + room / max(float(room.sum()), 1e-9) * max(demand - float(self.lo.sum()), 0.0)
         previous = np.asarray(observation.get("state") or target, dtype=float)
         setpoints = previous + self.alpha * (target - previous)
+        return np.clip(setpoints, self.lo, self.hi).tolist()
+'''
+
+GRID_ECONOMIC = '''import numpy as np
+
+
+class Controller:
+    """Economic dispatch: every unit at the same marginal cost (bisection on it), within its ramp window."""
+
+    def __init__(self, spec):
+        self.lo = np.asarray(spec["state_lo"], dtype=float)
+        self.hi = np.asarray(spec["state_hi"], dtype=float)
+        self.loads = [i for i, n in enumerate(spec["context_names"]) if n.startswith("Pd")]
+        self.c2 = np.maximum(np.asarray(spec["cost_c2"], dtype=float), 1e-6)
+        self.c1 = np.asarray(spec["cost_c1"], dtype=float)
+        self.ramp = np.asarray(spec["ramp_per_h"], dtype=float) * float(spec["dt_h"]) * {ramp_use}
+        self.margin = {margin}
+
+    def step(self, observation):
+        context = observation["context"]
+        demand = sum(context[i] for i in self.loads) * (1.0 + self.margin)
+        lo, hi = self.lo, self.hi
+        previous = observation.get("state")
+        if previous and observation["step"] > 0:
+            previous = np.asarray(previous, dtype=float)
+            lo = np.maximum(self.lo, previous - self.ramp)
+            hi = np.minimum(self.hi, np.maximum(previous + self.ramp, lo))
+        low, high = float(np.min(self.c1)) - 1.0, float(np.max(self.c1 + 2 * self.c2 * self.hi)) + 1.0
+        for _ in range({iterations}):
+            price = (low + high) / 2
+            if np.clip((price - self.c1) / (2 * self.c2), lo, hi).sum() < demand:
+                low = price
+            else:
+                high = price
+        setpoints = np.clip((high - self.c1) / (2 * self.c2), lo, hi)
         return np.clip(setpoints, self.lo, self.hi).tolist()
 '''
 
@@ -199,6 +234,9 @@ def _r(rng: random.Random, lo: float, hi: float, t: float, digits: int = 3) -> f
 TEMPLATES: tuple[Template, ...] = (
     Template("grid.prorata", "grid", GRID_PRORATA, lambda g, t: {"margin": _r(g, 0.0, 0.04, t)}),
     Template("grid.merit", "grid", GRID_MERIT, lambda g, t: {"order": g.sample(range(8), 8), "margin": _r(g, 0.0, 0.04, t)}),
+    Template("grid.economic", "grid", GRID_ECONOMIC,
+             lambda g, t: {"margin": 0.0 if g.random() < 0.5 else _r(g, -0.004, 0.004, t, 4), "ramp_use": _r(g, 0.5, 1.0, t),
+                           "iterations": g.choice((10, 20, 30, 40, 50, 60))}),
     Template("grid.smooth", "grid", GRID_SMOOTH, lambda g, t: {"alpha": _r(g, 0.3, 1.0, t)}),
     Template("hvac.proportional", "hvac", HVAC_PROPORTIONAL,
              lambda g, t: {"gain": _r(g, 0.5, 4.0, t), "occupied": _r(g, 20.5, 22.5, t, 1), "empty": _r(g, 16.0, 19.0, t, 1)}),

@@ -12,7 +12,10 @@ thread (a local model takes seconds to minutes); the runner keeps the message al
 
 Intent params the process reads: `proposals` (how many, 1..64; default `[genn] proposals`),
 `seed` (default: from the verdict), `contract` (a client contract's id: its constraints, read
-from CONTRACTS, are shown in the task) and any `constraint.<name>` (scalar constraints).
+from CONTRACTS as the regiment reads them — with `[regiment] require_signed_contracts`, the
+default, only operator-signed terms count, so an unsigned event on CONTRACTS never reaches a
+prompt), any `constraint.<name>` (scalar constraints) and the code contract's parameters
+(`load_scale`, `voll`, `t_out_shift`, `comfort_weight`, `target`: producers/genn/contract.py).
 """
 
 from __future__ import annotations
@@ -68,19 +71,23 @@ def answer(gen: Generator, settings: GennSettings, intent: ev.Intent, verdict: e
     return proposals(request, candidates, gen.identity, seed=seed, source=source, cause=verdict, ids=ids)
 
 
-async def contract_constraints(bus: Bus, contract_id: str) -> dict:
-    """A contract's constraints (its canonical JSON on CONTRACTS), for the task."""
+async def contract_constraints(bus: Bus, contract_id: str, trust=None) -> dict:
+    """A contract's constraints (its canonical JSON on CONTRACTS), for the task. With `trust`
+    (a TrustList: the regiment's view) only operator-signed events count."""
     import json
 
     from scf.producers import contracts
 
-    c = await contracts.get(bus, contract_id)
+    c = await contracts.get(bus, contract_id, trust)
     return json.loads(c.spec.constraints or "{}")
 
 
 class GennProcess:
-    def __init__(self, bus: Bus, settings: GennSettings, generator: Generator) -> None:
-        self.bus, self.settings, self.gen = bus, settings, generator
+    """`trust`: a function returning the trust list contracts are read with (the regiment's view,
+    read anew for each intent so a key trusted later counts), or None for every event."""
+
+    def __init__(self, bus: Bus, settings: GennSettings, generator: Generator, trust=None) -> None:
+        self.bus, self.settings, self.gen, self.trust = bus, settings, generator, trust
         self.answered = 0
 
     async def handle(self, event: ev.Event, delivery: Delivery) -> list[ev.Event] | None:
@@ -99,7 +106,7 @@ class GennProcess:
 
         cid = intent_event.data.params.get("contract")
         try:
-            cons = await contract_constraints(self.bus, str(cid)) if cid else None
+            cons = await contract_constraints(self.bus, str(cid), self.trust() if self.trust else None) if cid else None
             out = await asyncio.to_thread(answer, self.gen, self.settings, intent_event.data, event, source=self.bus.source,
                                           ids=self.bus.ids, contract_constraints=cons)
         except (ContractError, NoContract) as exc:
@@ -113,11 +120,11 @@ class GennProcess:
         return Runner(self.bus, genn_consumer(), self.handle, decode=lambda m: CODEC.decode(m.data), concurrency=1)
 
 
-async def serve(bus: Bus, settings: GennSettings, generator: Generator, stop: asyncio.Event | None = None) -> None:
-    """`scf run genn`: answer until SIGTERM."""
+async def serve(bus: Bus, settings: GennSettings, generator: Generator, stop: asyncio.Event | None = None, trust=None) -> None:
+    """`scf run genn`: answer until SIGTERM (`trust`: as GennProcess's)."""
     from scf.bus.runner import run_all
 
-    proc = GennProcess(bus, settings, generator)
+    proc = GennProcess(bus, settings, generator, trust)
     log.info("genn: backend %s", generator.identity.label())
     try:
         await run_all(bus, [proc.runner().run], stop)
