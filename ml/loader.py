@@ -553,15 +553,16 @@ class DeviceColumns:
     (state, context) size a state (n, d), context (n, m) and energy (n,) tensor, and per
     shard each record's row in them (-1: not read). A batch is then gathered there from
     its row indices (`batch`): no per-batch copy of the data through the host. Built only
-    when it fits the loader's device budget (`FossilLoader`'s `device_budget`)."""
+    when `nbytes` fits the loader's device budget (`FossilLoader`'s `device_budget`); the
+    copy goes one shard at a time, so host memory holds one shard's records meanwhile."""
 
-    def __init__(self, source: ShardSource, domain: str | None, split: str | None, device: torch.device) -> None:
-        self.device = torch.device(device)
+    def __init__(self, source: ShardSource, domain: str | None, split: str | None) -> None:
+        """The layout only (rows, sizes, bytes); `to(device)` copies the records."""
         # per shard (by its columns' identity): the columns, each record's row in its size's
         # tensors (-1: not read), and per group the index of its size in `shapes`
         self.rows: dict[int, tuple[ShardColumns, np.ndarray, np.ndarray]] = {}
+        self.picks: list[tuple[ShardColumns, int, int, np.ndarray, int]] = []  # (columns, group, size, local rows, first row)
         sizes: dict[tuple[int, int], int] = {}
-        parts: list[tuple[list, list, list]] = []
         counts: list[int] = []
         for name in source.files:
             cols = source.columns(name)
@@ -569,38 +570,31 @@ class DeviceColumns:
             rid = np.full(len(cols), -1, dtype=np.int64)
             size = np.empty(len(cols.states), dtype=np.int64)
             for g in range(len(cols.states)):
-                shape = (cols.states[g].shape[1], cols.contexts[g].shape[1])
-                z = size[g] = sizes.setdefault(shape, len(sizes))
-                if z == len(parts):
-                    parts.append(([], [], []))
-                    counts.append(0)
+                z = size[g] = sizes.setdefault((cols.states[g].shape[1], cols.contexts[g].shape[1]), len(sizes))
+                counts += [0] * (z + 1 - len(counts))
                 sel = np.flatnonzero(keep & (cols.group == g))
-                if not len(sel):
-                    continue
-                rid[sel] = counts[z] + np.arange(len(sel))
-                counts[z] += len(sel)
-                local = np.asarray(cols.local[sel])
-                for dst, src in zip(parts[z], (cols.states[g], cols.contexts[g], cols.energies[g])):
-                    dst.append(torch.from_numpy(np.ascontiguousarray(src[local])))
+                if len(sel):
+                    rid[sel] = counts[z] + np.arange(len(sel))
+                    self.picks.append((cols, g, z, np.asarray(cols.local[sel]), counts[z]))
+                    counts[z] += len(sel)
             self.rows[id(cols)] = (cols, rid, size)
-        shapes = sorted(sizes, key=sizes.get)
-        self.tensors = [
-            tuple(torch.cat(p).to(self.device) if p else torch.empty(0, *dims, device=self.device) for p, dims in zip(part, ((d,), (m,), ())))
-            for part, (d, m) in zip(parts, shapes)
-        ]
-        self.shapes = shapes
+        self.shapes = sorted(sizes, key=sizes.get)
+        self.counts = counts
+        self.nbytes = sum(4 * n * (d + m + 1) for n, (d, m) in zip(counts, self.shapes))
+        self.device: torch.device | None = None
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    @staticmethod
-    def nbytes(source: ShardSource, domain: str | None, split: str | None) -> int:
-        """Device bytes the records of `domain` and `split` in `source` would take (columns built if needed)."""
-        total = 0
-        for name in source.files:
-            cols = source.columns(name)
-            keep = _kept(cols, domain, split)
-            for g in range(len(cols.states)):
-                n = int(np.count_nonzero(keep & (cols.group == g)))
-                total += 4 * n * (cols.states[g].shape[1] + cols.contexts[g].shape[1] + 1)
-        return total
+    def to(self, device: str | torch.device) -> DeviceColumns:
+        """Copy the records onto `device`, one shard's group at a time."""
+        self.device = device = torch.device(device)
+        self.tensors = [
+            (torch.empty(n, d, device=device), torch.empty(n, m, device=device), torch.empty(n, device=device))
+            for n, (d, m) in zip(self.counts, self.shapes)
+        ]
+        for cols, g, z, local, first in self.picks:
+            for dst, src in zip(self.tensors[z], (cols.states[g], cols.contexts[g], cols.energies[g])):
+                dst[first : first + len(local)].copy_(torch.from_numpy(np.ascontiguousarray(src[local])))
+        return self
 
     def batch(self, pieces: list[tuple[ShardColumns, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch of (columns, rows) `pieces` gathered on the device (pieces of several sizes: LoaderError)."""
@@ -805,10 +799,11 @@ class FossilLoader:
         budget = self.device_budget
         if budget is None:
             budget = torch.cuda.mem_get_info(self.device)[0] // 4 if self.device.type == "cuda" else 1 << 30
-        plan = self.plan
-        if budget <= 0 or DeviceColumns.nbytes(plan.source, plan.domain, plan.split) > budget:
+        if budget <= 0:
             return None
-        return DeviceColumns(plan.source, plan.domain, plan.split, self.device)
+        plan = self.plan
+        columns = DeviceColumns(plan.source, plan.domain, plan.split)
+        return columns.to(self.device) if columns.nbytes <= budget else None
 
     def _decoding_epoch(self):
         """One epoch's (state, context, energy, slot, position), decoding the NDJSON in DataLoader workers (or none)."""
