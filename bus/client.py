@@ -271,7 +271,7 @@ class PipelinedPublisher:
         self._n = 0
         # `publish_frames` needs nats-py's internal write path (2.9 – 2.16); without it the
         # batch is published message by message through `publish`
-        self.frames = all(hasattr(nc, a) for a in ("_send_command", "_flush_pending", "_flush_queue", "_max_payload"))
+        self.frames = can_write_frames(nc)
 
     async def start(self) -> "PipelinedPublisher":
         self._prefix = self.nc.new_inbox()
@@ -337,10 +337,6 @@ class PipelinedPublisher:
         if not self.frames:
             futs = [await self.publish(subject, body, _parse_block(block)) for subject, body, block in items]
             return asyncio.ensure_future(asyncio.gather(*futs))
-        if nc.is_closed:
-            raise ConnectionClosedError
-        if nc.is_draining_pubs:
-            raise ConnectionDrainingError
         first = self._n + 1
         batch = _Batch(first, len(items), asyncio.get_running_loop().create_future())
         parts: list[bytes] = []
@@ -353,18 +349,12 @@ class PipelinedPublisher:
             parts += (f"HPUB {subject} {prefix}.{i} {n_hdr} {n_hdr + len(body)}\r\n".encode(), block, body, b"\r\n")
             size += len(body)
         blob = b"".join(parts)
-        if not nc.is_connected and (nc._max_pending_size <= 0 or len(blob) + nc._pending_data_size > nc._max_pending_size):
-            raise OutboundBufferLimitError  # reconnecting, and the buffer is full (as nats-py's publish)
         self._n += len(items)
         futures = self._futures
         for i in range(first, first + len(items)):
             futures[str(i)] = batch  # type: ignore[assignment]
         try:
-            nc.stats["out_msgs"] += len(items)
-            nc.stats["out_bytes"] += size
-            await nc._send_command(blob)
-            if nc._flush_queue is not None and nc._flush_queue.empty():
-                await nc._flush_pending()
+            await write_frames(nc, blob, len(items), size)
         except BaseException:
             self.forget(batch.fut)
             raise
@@ -393,6 +383,46 @@ class PipelinedPublisher:
             fut.answer(int(token), reply)
         else:
             fut.set_result(reply)
+
+
+async def write_frames(nc, blob: bytes, messages: int, size: int) -> None:
+    """Write protocol frames of `messages` publishes (`size` payload bytes) on the connection
+    as nats-py's `publish` does for one: refused when the connection is closed or draining,
+    or reconnecting with its buffer full; otherwise queued and the flusher kicked."""
+    if nc.is_closed:
+        raise ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise ConnectionDrainingError
+    if not nc.is_connected and (nc._max_pending_size <= 0 or len(blob) + nc._pending_data_size > nc._max_pending_size):
+        raise OutboundBufferLimitError
+    nc.stats["out_msgs"] += messages
+    nc.stats["out_bytes"] += size
+    await nc._send_command(blob)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
+
+
+def can_write_frames(nc) -> bool:
+    """Whether `nc` has the nats-py internals `write_frames` uses (nats-py 2.9 – 2.16)."""
+    return all(hasattr(nc, a) for a in ("_send_command", "_flush_pending", "_flush_queue", "_max_payload", "_pending_data_size"))
+
+
+async def ack_many(nc, msgs: Sequence) -> None:
+    """`msg.ack()` for each JetStream message of `msgs`, written as one frame: the same
+    fire-and-forget acknowledgement (an empty publish to the message's reply subject), about
+    0.5 µs a message instead of 4. Raises nats-py's error before acking anything when one of
+    them cannot be acked (not a JetStream message, or acked already)."""
+    if not msgs:
+        return
+    if not can_write_frames(nc):
+        for m in msgs:
+            await m.ack()
+        return
+    for m in msgs:
+        m._check_reply()
+    await write_frames(nc, b"".join([b"PUB %s 0\r\n\r\n" % m.reply.encode() for m in msgs]), len(msgs), 0)
+    for m in msgs:
+        m._ackd = True
 
 
 class _Batch:

@@ -51,7 +51,7 @@ from nats.js.errors import NotFoundError
 
 from scf.bus import codec, dlq
 from scf.bus import events as ev
-from scf.bus.client import SCF_REDRIVE_FOR, Bus, Throttle
+from scf.bus.client import SCF_REDRIVE_FOR, Bus, Throttle, ack_many
 from scf.bus.errors import DecodeError, SCFError, SignatureError
 from scf.bus.reader import describe
 from scf.bus.streams import ConsumerSpec, ensure_consumer
@@ -363,9 +363,8 @@ class Runner:
                 self.stats.published += len(events)
             except Exception:  # noqa: BLE001 - refused or timed out: each message's outputs alone
                 done = await self._publish_each(done)
-        for msg, _, _ in done:
-            self.stats.handled += 1
-            await msg.ack()
+        await ack_many(self.bus.nc, [msg for msg, _, _ in done])  # one write for the wave's acks
+        self.stats.handled += len(done)
 
     async def _publish_each(self, done: list[tuple[Msg, Delivery, Sequence[ev.Event]]]) -> list[tuple[Msg, Delivery, Sequence[ev.Event]]]:
         """The batch's publish failed: publish each message's outputs alone (their ids

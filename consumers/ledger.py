@@ -49,7 +49,7 @@ import msgspec
 
 from scf.bus import dlq
 from scf.bus import events as ev
-from scf.bus.client import Bus, Once
+from scf.bus.client import Bus, Once, ack_many
 from scf.bus.codec import Codec
 from scf.bus.errors import DecodeError, SCFError, SignatureError
 from scf.bus.events import LedgerTransfer, Transfer
@@ -820,9 +820,7 @@ class Ledger:
             out += await self.mint(decided)
             if out:
                 self.published(await self.bus.publish_many(out))
-        for d in decided:
-            if d.poison is None:
-                await d.msg.ack()
+        await ack_many(self.bus.nc, [d.msg for d in decided if d.poison is None])  # one write for the batch's acks
 
 
 # --------------------------------------------------------------------------- the projection

@@ -11,6 +11,7 @@ import pytest
 
 from scf.bus import codec
 from scf.bus.client import Bus
+from scf.consumers import ledger as ledger_mod
 from scf.consumers.ledger import VERIFY_CHUNK_MIN, LedgerSettings, read_transfers
 from tests.conftest import stream_count, wait_for
 from tests.test_deploy_helpers import Keys
@@ -64,11 +65,14 @@ class Gate:
         await self._clear.wait()
 
 
-async def test_batches_taken_ahead_are_minted_once_and_given_back_on_a_pause(bus, settings):
+async def test_batches_taken_ahead_are_minted_once_and_given_back_on_a_pause(bus, settings, monkeypatch):
     """With batches of 64 and 4 x 64 measurements waiting, the ledger takes the next batch
     (and verifies it) while it handles one. A pause engaged after the first batch gives the
     batch taken ahead back (nak'ed: with an ack_wait of 10 minutes nothing else could bring
     it back within this test); once cleared, every measurement is minted exactly once."""
+    # The take-ahead waits 2 ms for what is there already; on a loaded machine the server's
+    # answer can come later and no batch is taken ahead: wait for it here (it is there).
+    monkeypatch.setattr(ledger_mod, "AHEAD_WAIT_S", 5.0)
     keys = Keys(settings)
     node_keys = {n: keys.node(n) for n in ("n1", "n2")}
     total = 4 * 64

@@ -60,3 +60,24 @@ async def test_a_refused_frame_raises_the_projects_error(bus, monkeypatch):
     monkeypatch.setattr(ev.IntentCreated, "subject", lambda self: "nowhere.at.all")
     with pytest.raises(StreamNotFound, match="scf streams ensure"):
         await bus.publish_many([intent("x")])
+
+
+async def test_ack_many_acks_them_all_in_one_write(bus):
+    from nats.errors import MsgAlreadyAckdError
+
+    from scf.bus.client import ack_many
+    from scf.bus.streams import ConsumerSpec, ensure_consumer
+
+    await bus.publish_many([intent(f"k{n}") for n in range(20)])
+    spec = ConsumerSpec("INTENTS", "acks", ("intent.>",), ack_wait=600.0)
+    await ensure_consumer(bus.js, spec)
+    psub = await bus.js.pull_subscribe_bind(durable="acks", stream="INTENTS")
+    msgs = await psub.fetch(20, timeout=5)
+    assert len(msgs) == 20
+    await msgs[0].ack()
+    with pytest.raises(MsgAlreadyAckdError):  # refused before anything is acked
+        await ack_many(bus.nc, msgs)
+    await ack_many(bus.nc, msgs[1:])
+    await bus.nc.flush()
+    info = await bus.js.consumer_info("INTENTS", "acks")
+    assert info.num_ack_pending == 0 and info.ack_floor.stream_seq == 20
