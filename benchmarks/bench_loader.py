@@ -9,7 +9,11 @@ then, each in a fresh process so peak RSS is its own,
   raw    — read every shard and `msgspec.json.Decoder(Fossil).decode_lines` it;
   loader — one epoch of `FossilLoader` (window shuffle, float32 tensors of batch_size),
            from the shards' columnar cache (built first, timed apart as `build_s`: the
-           one-off decode) or, with `--columnar off`, decoding the NDJSON as it goes.
+           one-off decode) or, with `--columnar off`, decoding the NDJSON as it goes;
+           `--gather-threads` for the host gather; `--device cpu` keeps the records in a
+           `DeviceColumns` copy (in RAM here) and gathers from it, `--device meta` measures
+           only the host's share of that path (row indices; the gathers cost nothing on
+           "meta"), what the training thread pays per batch when the data sits on a GPU.
 Prints a table and one JSON line per size. Goal: loader ≥ 0.7× raw records/s, and peak RSS
 flat as the data grows.
 """
@@ -75,18 +79,24 @@ def run_raw(shards: Path) -> dict:
     return {"records": n, "bytes": size, "seconds": time.perf_counter() - t0}
 
 
-def run_loader(shards: Path, domain: str, batch: int, workers: int, columnar: bool = True) -> dict:
+def run_loader(shards: Path, domain: str, batch: int, workers: int, columnar: bool = True, device: str | None = None,
+               gather_threads: int | None = None) -> dict:
     from scf.ml.loader import FossilLoader
 
-    loader = FossilLoader(shards, domain=domain, batch_size=batch, num_workers=workers, epochs=1, columnar=columnar)
+    loader = FossilLoader(shards, domain=domain, batch_size=batch, num_workers=workers, epochs=1, columnar=columnar,
+                          device=device or None, gather_threads=gather_threads)
     size = sum(p.stat().st_size for p in shards.glob("*.ndjson"))
     t0 = time.perf_counter()
     if columnar:
         loader.source.prepare()  # decoded once (a no-op when the cache is there)
     t1, n = time.perf_counter(), 0
-    for b in loader:
+    batches = iter(loader)
+    first = next(batches)  # (with --device: the records copied there first, timed apart as place_s)
+    t2, n = time.perf_counter(), first.energy.shape[0]
+    for b in batches:
         n += b.energy.shape[0]
-    return {"records": n, "bytes": size, "seconds": time.perf_counter() - t1, "build_s": t1 - t0}
+    seconds = (time.perf_counter() - t2) * n / max(1, n - first.energy.shape[0])  # the first batch's share at the rate of the rest
+    return {"records": n, "bytes": size, "seconds": seconds, "build_s": t1 - t0, "place_s": t2 - t1, "resident": loader.resident}
 
 
 def child(args) -> None:
@@ -94,14 +104,17 @@ def child(args) -> None:
     if args.child == "raw":
         result = run_raw(Path(args.dir))
     else:
-        result = run_loader(Path(args.dir), args.domain, args.batch, args.workers, args.columnar == "on")
+        result = run_loader(Path(args.dir), args.domain, args.batch, args.workers, args.columnar == "on", args.device,
+                            args.gather_threads)
     result["rss_mb"], result["child_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
 def measure(kind: str, shards: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--dir", str(shards), "--domain", args.domain,
-           "--batch", str(args.batch), "--workers", str(args.workers), "--columnar", args.columnar]
+           "--batch", str(args.batch), "--workers", str(args.workers), "--columnar", args.columnar, "--device", args.device]
+    if args.gather_threads is not None:
+        cmd += ["--gather-threads", str(args.gather_threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -115,6 +128,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in-process)")
     p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is kept")
     p.add_argument("--columnar", choices=["on", "off"], default="on", help="batches from the columnar cache (on) or the NDJSON (off)")
+    p.add_argument("--device", default="", help="'' (batches on the host), cpu or meta (the records in a DeviceColumns copy there)")
+    p.add_argument("--gather-threads", type=int, default=None, help="host gather threads (default: the loader's)")
     p.add_argument("--child", choices=["raw", "loader"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -145,6 +160,11 @@ def main() -> None:
                 "workers": args.workers,
                 "columnar": args.columnar,
                 "columnar_build_s": round(builds[0]["build_s"], 2),
+                "device": args.device or None,
+                "resident": loader["resident"],
+                "place_s": round(loader["place_s"], 2),
+                "gather_threads": args.gather_threads,
+                "batch": args.batch,
             }
             print(f"{n:>8} {mb:>7.1f} {row['raw_records_per_s']:>10} {row['raw_mb_per_s']:>9} {row['loader_records_per_s']:>12} "
                   f"{row['loader_mb_per_s']:>11} {row['ratio']:>6} {row['loader_peak_rss_mb']:>13} {row['loader_worker_peak_rss_mb']:>13}")

@@ -5,8 +5,9 @@ How the data is cut up (deterministic, from the files alone):
 * A source is cut into *units*: byte ranges of shard files (`ShardSource`); a record
   belongs to the unit where its line starts. Units are small enough that there are at
   least 4 per slot.
-* A *slot* is one (rank, DataLoader worker): slot = rank * num_workers + worker, of
-  S = world_size * num_workers. In epoch e the units are permuted with seed (seed, e) and
+* A *slot* is one (rank, worker): slot = rank * num_workers + worker, of
+  S = world_size * num_workers (a worker is a DataLoader worker decoding NDJSON, or with
+  the columnar cache one of the slots this process serves in the same turns). In epoch e the units are permuted with seed (seed, e) and
   slot s takes units s, s+S, s+2S, … of that permutation: every record goes to exactly one
   slot per epoch, and no slot reads another's bytes.
 * A unit is read as *windows* of `shuffle_buffer` bytes (the records whose line starts in
@@ -22,7 +23,9 @@ line starts, its domain and its split), stored as .npy files under `<root>/.colu
 its stale arrays are never read (and are pruned). Batches are then cut from the arrays —
 the same records, in the same order, at the same positions as decoding the NDJSON would
 give (a window's records are those whose offset lies in it), so resuming and sharding are
-unchanged; memory stays one window's gather per worker plus the page cache.
+unchanged; memory stays one window's gather per worker plus the page cache. Given a device
+(`FossilLoader(device=)`) and a budget they fit, the records are instead copied there once
+(`DeviceColumns`) and batches gathered there from the same row indices.
 
 Resuming: a slot's position is [unit, window, row] — its `unit`-th unit of this epoch,
 the `window`-th window of that unit, and `row` records of that window's permutation
