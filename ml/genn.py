@@ -585,7 +585,7 @@ def finetune_torch(base: Path, dataset: Path, out: Path, *, sft_steps: int = 8, 
 
 
 def rejection_rows(prompts: list[tuple[list[dict[str, str]], str]], answers: list[list[str]], *, keep: int = 2, workers: int = 1,
-                   hours: float = 2.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                   hours: float = 2.0, energy: "EnergyScorer | None" = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rejection-sampling filter: each prompt's answers judged under its code contract (the
     gate, then the sandbox); the best `keep` distinct answers that beat the status quo become SFT
     rows (prompt/completion, the extracted code). Returns (rows, stats: samples, code, passed,
@@ -598,7 +598,7 @@ def rejection_rows(prompts: list[tuple[list[dict[str, str]], str]], answers: lis
     for (messages, domain), texts in zip(prompts, answers):
         params = _contract_of(messages)[1]
         scored = []
-        for text, j in zip(texts, judge_many([(t, domain, params) for t in texts], workers=workers, hours=hours)):
+        for text, j in zip(texts, judge_many([(t, domain, params) for t in texts], workers=workers, hours=hours, energy=energy)):
             stats["samples"] += 1
             if j is None:
                 continue
@@ -621,7 +621,7 @@ def rejection_rows(prompts: list[tuple[list[dict[str, str]], str]], answers: lis
 def rejection_sft(base: Path, dataset: Path, out: Path, *, rounds: int = 1, n: int = 8, prompts: int = 0, steps: int = 40,
                   lr: float = 1e-4, batch_size: int = 8, max_length: int = 1024, lora_r: int = 8, seed: int = 0, device: str | None = None,
                   workers: int = 1, max_new_tokens: int = 512, temperature: float = 1.0, keep: int = 2, hours: float = 2.0,
-                  replay: float = 1.0) -> dict[str, Any]:
+                  replay: float = 1.0, energy: "EnergyScorer | None" = None) -> dict[str, Any]:
     """On-policy rejection sampling (best-of-N → SFT, "expert iteration"), SCF's own loop: each
     round the model samples `n` answers to each training prompt (`prompts` > 0: that many, drawn
     anew each round) in one batch, `judge` scores every answer under its prompt's code contract
@@ -652,7 +652,7 @@ def rejection_sft(base: Path, dataset: Path, out: Path, *, rounds: int = 1, n: i
         model.eval()
         gen = LocalGenerator.from_model(model, tok, temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, device=device)
         many = gen.answers_many([m for m, _ in chosen], n, seed + 1000 * (r + 1))
-        rows, stats = rejection_rows(chosen, many, keep=keep, workers=workers, hours=hours)
+        rows, stats = rejection_rows(chosen, many, keep=keep, workers=workers, hours=hours, energy=energy)
         stats = {"round": r + 1, **stats}
         if rows and steps > 0:
             mixed = rows + rng.sample(sft_rows, min(len(sft_rows), int(replay * len(rows))))
@@ -669,7 +669,7 @@ def rejection_sft(base: Path, dataset: Path, out: Path, *, rounds: int = 1, n: i
 
 def evaluate_models(models: dict[str, Path], dataset: Path, *, samples: int = 16, max_new_tokens: int = 512, seed: int = 0,
                     max_prompts: int = 64, device: str = "cpu", workers: int = 1, hours: float = 6.0, nll: bool = True,
-                    on_model=None) -> dict[str, Any]:
+                    on_model=None, energy: "EnergyScorer | None" = None) -> dict[str, Any]:
     """Several code models on the dataset's held-out contracts (its validation split, each a
     distinct prompt), the same prompts and seeds for each: `samples` answers a prompt (one batched
     call), each through the gate and a `hours`-hour sandbox run under its contract. Per model:
@@ -688,10 +688,11 @@ def evaluate_models(models: dict[str, Path], dataset: Path, *, samples: int = 16
         del gen
         per: dict[str, dict[str, float]] = {}
         rels: list[float] = []
+        gaps: list[float] = []
         for messages, texts in zip(prompts, many):
             domain, params = _contract_of(messages)
             d = per.setdefault(domain, {"samples": 0, "code": 0, "gate": 0, "sandbox": 0, "beats": 0, "reward": 0.0})
-            for text, j in zip(texts, judge_many([(t, domain, params) for t in texts], workers=workers, hours=hours)):
+            for text, j in zip(texts, judge_many([(t, domain, params) for t in texts], workers=workers, hours=hours, energy=energy)):
                 d["samples"] += 1
                 d["code"] += not extract_code(text).error
                 if j is not None:
@@ -701,6 +702,8 @@ def evaluate_models(models: dict[str, Path], dataset: Path, *, samples: int = 16
                     d["reward"] += j.reward
                     if j.sandbox_ok and j.relative_cost is not None and math.isfinite(j.relative_cost):
                         rels.append(j.relative_cost)
+                    if j.energy_gap is not None:
+                        gaps.append(j.energy_gap)
         total = {k: sum(d[k] for d in per.values()) for k in ("samples", "code", "gate", "sandbox", "beats", "reward")}
 
         def rates(d: dict[str, float]) -> dict[str, float]:
@@ -709,6 +712,7 @@ def evaluate_models(models: dict[str, Path], dataset: Path, *, samples: int = 16
                     "beats_status_quo_rate": d["beats"] / n, "mean_reward": d["reward"] / n}
 
         r: dict[str, Any] = {**rates(total), "median_relative_cost": sorted(rels)[len(rels) // 2] if rels else None,
+                             "mean_energy_gap": sum(gaps) / len(gaps) if gaps else None,
                              "domains": {k: rates(v) for k, v in sorted(per.items())}, "sha256": weights_sha256(directory),
                              "example": (many[0][0][:1200] if many and many[0] else "")}
         if nll and approved:
@@ -785,7 +789,7 @@ def _train_prompts(dataset: Path) -> list[tuple[list[dict[str, str]], str]]:
     return out
 
 
-def judge_many(items: list[tuple], *, workers: int = 1, hours: float = 2.0) -> list["Judged | None"]:
+def judge_many(items: list[tuple], *, workers: int = 1, hours: float = 2.0, energy: "EnergyScorer | None" = None) -> list["Judged | None"]:
     """`judge` over (answer text, domain[, contract params]) items, `workers` sandbox runs at once
     (threads: each run is its own process); None for a malformed answer (no code) or no domain."""
     from concurrent.futures import ThreadPoolExecutor
@@ -796,8 +800,11 @@ def judge_many(items: list[tuple], *, workers: int = 1, hours: float = 2.0) -> l
         text, domain = item[0], item[1]
         params = item[2] if len(item) > 2 else None
         c = extract_code(text)
-        return judge(c.code, domain, hours=hours, params=params) if not c.error and domain else None
+        return judge(c.code, domain, hours=hours, params=params, energy=energy) if not c.error and domain else None
 
+    if energy is not None:  # load the energy models here, not in racing threads
+        for domain in {i[1] for i in items}:
+            energy.model(domain)
     if workers <= 1:
         return [one(i) for i in items]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -900,6 +907,7 @@ class Judged:
     reward: float
     reason: str = ""
     relative_cost: float | None = None
+    energy_gap: float | None = None  # the EBDM's mean energy of its states minus the status quo's (EnergyScorer)
 
     @property
     def beats_status_quo(self) -> bool:
@@ -912,20 +920,70 @@ class Judged:
         return None if self.relative_cost is None or not math.isfinite(self.relative_cost) else 1.0 - self.relative_cost
 
 
-def reward_of(relative_cost: float | None) -> float:
+def reward_of(relative_cost: float | None, energy_gap: float | None = None, energy_weight: float = 0.1) -> float:
     """The reward of code that passed both judges: 1 / (1 + relative cost) — 0.5 = as good as the
     status quo, above 0.5 = cheaper (0.526 at 10 % cheaper), toward 0 = far worse; refused code
-    scores 0 (below any code that runs)."""
+    scores 0 (below any code that runs). With the EBDM's `energy_gap` (EnergyScorer): minus
+    `energy_weight` x tanh(gap), floored at 0.001 — states the energy model finds less plausible
+    than the status quo's (gap > 0) cost up to `energy_weight`, more plausible ones earn it."""
     if relative_cost is None or not math.isfinite(relative_cost) or relative_cost < 0:
         return 0.0
-    return 1.0 / (1.0 + relative_cost)
+    r = 1.0 / (1.0 + relative_cost)
+    if energy_gap is not None and math.isfinite(energy_gap):
+        r = max(1e-3, r - energy_weight * math.tanh(energy_gap))
+    return r
 
 
-def judge(code: str, domain: str, *, scenarios: int = 1, hours: float = 6.0, params: dict[str, Any] | None = None) -> Judged:
+class EnergyScorer:
+    """The EBDM's energy of the states a controller produced (issue 19: "the EBDM's energy of the
+    produced states"), against the status quo's at the same hours and contexts: `gap(domain,
+    result)` = mean E(x, c, σ_min) of the candidate's hourly states minus the status quo's, in the
+    model's normalised units (negative: the candidate's states look more like the operation the
+    EBDM learned — the fossils of the domain — than the status quo's). The sandbox's cost says
+    what the states cost under the simulator's cost; the energy adds a learned prior over which
+    states are plausible for the context, which the cost alone does not see (a dispatch that is
+    cheap under the simulator's simplified cost but unlike anything operated; ties in cost).
+    `checkpoints`: domain → EBDM checkpoint (scf.ml.checkpoint), loaded once each."""
+
+    def __init__(self, checkpoints: dict[str, Path], *, device: str = "cpu", weight: float = 0.1) -> None:
+        self.checkpoints, self.device, self.weight = {k: Path(v) for k, v in checkpoints.items()}, device, weight
+        self._models: dict[str, Any] = {}
+
+    def model(self, domain: str):
+        if domain not in self._models:
+            from scf.ml.checkpoint import load_checkpoint
+
+            self._models[domain] = load_checkpoint(self.checkpoints[domain], self.device)[0] if domain in self.checkpoints else None
+        return self._models[domain]
+
+    def gap(self, domain: str, result) -> float | None:
+        """None when there is no model for the domain or the run returned no states."""
+        import torch
+
+        m = self.model(domain)
+        if m is None or result.states is None or result.baseline_states is None or result.contexts is None or not len(result.states):
+            return None
+        cfg = m.config
+        if result.states.shape[1] != cfg.state_dim or result.contexts.shape[1] != cfg.context_dim:
+            raise ModelError(f"the EBDM for {domain} takes {cfg.state_dim} states and {cfg.context_dim} context values, the run gave "
+                             f"{result.states.shape[1]} and {result.contexts.shape[1]}: give a checkpoint trained on {domain}")
+
+        def mean_energy(states) -> float:
+            x = torch.as_tensor(states, dtype=torch.float32, device=self.device)
+            c = torch.as_tensor(result.contexts, dtype=torch.float32, device=self.device)
+            _, e = m.score(m.normalise(x), m.normalise_context(c), cfg.sigma_min)
+            return float(e.detach().mean())
+
+        return mean_energy(result.states) - mean_energy(result.baseline_states)
+
+
+def judge(code: str, domain: str, *, scenarios: int = 1, hours: float = 6.0, params: dict[str, Any] | None = None,
+          energy: EnergyScorer | None = None) -> Judged:
     """The reward of generated code: 0 when the gate refuses it or the sandbox run fails,
-    else `reward_of(relative cost)` under the code contract's scenario and objective (`params`,
-    an intent's params: load_scale, voll, t_out_shift, comfort_weight). The code runs only in
-    the sandbox's separate process (scf.domains.sandbox), never here."""
+    else `reward_of(relative cost[, the EBDM's energy gap])` under the code contract's scenario and
+    objective (`params`, an intent's params: load_scale, voll, t_out_shift, comfort_weight;
+    `energy`: an EnergyScorer). The code runs only in the sandbox's separate process
+    (scf.domains.sandbox), never here."""
     from scf.domains import ethics, sandbox
 
     findings = ethics.gate(code, contract=ethics.CONTROLLER)
@@ -936,7 +994,8 @@ def judge(code: str, domain: str, *, scenarios: int = 1, hours: float = 6.0, par
     if not r.ok:
         return Judged(True, False, 0.0, r.reason)
     rel = float(r.scores.get("relative_cost", float("inf")))
-    return Judged(True, True, reward_of(rel), "", rel)
+    gap = energy.gap(domain, r) if energy is not None else None
+    return Judged(True, True, reward_of(rel, gap, energy.weight if energy is not None else 0.0), "", rel, gap)
 
 
 def _domain_of(messages: list[dict[str, str]]) -> str:
@@ -1032,7 +1091,7 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ += ["evaluate", "evaluation_lines", "judge", "judge_many", "Judged", "reward_of", "rejection_sft", "rejection_rows", "evaluate_models", "best_of_n_pairs", "grpo", "finetune_torch", "sft_torch",
+__all__ += ["evaluate", "evaluation_lines", "judge", "judge_many", "Judged", "reward_of", "EnergyScorer", "rejection_sft", "rejection_rows", "evaluate_models", "best_of_n_pairs", "grpo", "finetune_torch", "sft_torch",
             "dpo_torch", "dataset_sha256", "CODE_MODEL_FORMAT"]
 
 

@@ -2,9 +2,13 @@
 
 From the `cfr` view (one row per code proposal with its intent and its ruling):
 
-* approved code → supervised examples in the conversational prompt/completion format
-  (`prompt`: the system and user messages, `completion`: the assistant message), so a
-  trainer puts the loss on the code only (TRL's `SFTTrainer` does for this format);
+* approved code that is no worse than the status quo → supervised examples in the
+  conversational prompt/completion format (`prompt`: the system and user messages,
+  `completion`: the assistant message), so a trainer puts the loss on the code only (TRL's
+  `SFTTrainer` does for this format). "No worse": the sandbox's `relative_cost` (the verdict's
+  scores) below 1, or no sandbox run (a static approval). Approved code that costs more than
+  the status quo (relative cost >= 1) is not copied: it is a negative like rejected code
+  (`approved_worse` in the card), so the model learns to beat the status quo, not to pass;
 * rejected code → negatives: unpaired examples (`prompt`, `completion`, `label` false, the
   format of KTO-style trainers, approved ones with `label` true), and preference pairs
   (`prompt`, `chosen`, `rejected`) for every intent that has both (at most
@@ -66,8 +70,8 @@ class CfrDataset:
         c = self.counts
         return [
             f"CFR dataset in {self.out}",
-            f"  tuples reviewed: {c['tuples']} ({c['approved']} approved, {c['rejected']} rejected; "
-            f"{c['pending']} held or unruled left out) from {c['intents']} intents",
+            f"  tuples reviewed: {c['tuples']} ({c['approved']} approved, {c['approved_worse']} of them costlier than the status quo; "
+            f"{c['rejected']} rejected; {c['pending']} held or unruled left out) from {c['intents']} intents",
             f"  supervised: {c['sft']['train']} train / {c['sft']['validation']} validation",
             f"  preference pairs: {c['preference']['train']} train / {c['preference']['validation']} validation",
             f"  unpaired: {c['unpaired']['train']} train / {c['unpaired']['validation']} validation",
@@ -138,7 +142,7 @@ def build(
 
     out.mkdir(parents=True, exist_ok=True)
     sink = _Sink(out)
-    counts: dict[str, Any] = {"tuples": 0, "approved": 0, "rejected": 0, "pending": 0, "intents": 0}
+    counts: dict[str, Any] = {"tuples": 0, "approved": 0, "approved_worse": 0, "rejected": 0, "pending": 0, "intents": 0}
     con = views.connect(store.root, threads=threads, memory_limit=memory_limit)
     try:
         _limit_events(con, limits)
@@ -197,25 +201,32 @@ def _reviewed(rows, counts: dict[str, Any], validation_pct: float):
         yield r
 
 
+def _good(r: dict[str, Any]) -> bool:
+    """Approved and not worse than the status quo (relative cost < 1, or no sandbox score)."""
+    rel = r.get("relative_cost")
+    return r["decision"] == "APPROVE" and (rel is None or rel < 1.0)
+
+
 def _emit(sink: "_Sink", intent_id: str, group: list[dict[str, Any]], counts: dict[str, Any], max_pairs: int) -> None:
     """Every example of one intent."""
     counts["intents"] += 1
     for r in group:
-        approved = r["decision"] == "APPROVE"
+        approved, good = r["decision"] == "APPROVE", _good(r)
         counts["tuples"] += 1
         counts["approved" if approved else "rejected"] += 1
+        counts["approved_worse"] += approved and not good
         split, prompt = r["split"], messages(r["prompt_text"])
         completion = _answer(r["code"])
-        if approved:
+        if good:
             ex = {"prompt": prompt, "completion": completion}
             sink.add("sft", split, ex, {"split": split, "intent_id": intent_id, "proposal_id": r["proposal_id"], **ex})
-        un = {"prompt": prompt, "completion": completion, "label": approved}
+        un = {"prompt": prompt, "completion": completion, "label": good}
         sink.add("unpaired", split, un, {
             "split": split, "intent_id": intent_id, "proposal_id": r["proposal_id"], "reasons": list(r["reasons"] or []), **un,
         })
         sink.add_tuple(_tuple_row(r))
-    good = [r for r in group if r["decision"] == "APPROVE"]
-    bad = [r for r in group if r["decision"] == "REJECT"]
+    good = [r for r in group if _good(r)]
+    bad = [r for r in group if not _good(r)]
     for g, b in itertools.islice(itertools.product(good, bad), max_pairs):
         p = {"prompt": messages(g["prompt_text"]), "chosen": _answer(g["code"]), "rejected": _answer(b["code"])}
         sink.add("preference", g["split"], p, {
@@ -343,7 +354,7 @@ _TUPLE_COLUMNS = [
     ("hypothesis", pa.int64()), ("intent_reason", pa.string()), ("prompt", pa.string()), ("prompt_text", pa.string()),
     ("code", pa.string()), ("language", pa.string()), ("generator", pa.string()),
     ("decision", pa.string()), ("gate", pa.string()), ("reasons", pa.list_(pa.string())), ("ruled_by", pa.string()),
-    ("verdict_id", pa.string()), ("intent_at", pa.timestamp("us", tz="UTC")), ("proposed_at", pa.timestamp("us", tz="UTC")),
+    ("verdict_id", pa.string()), ("relative_cost", pa.float64()), ("intent_at", pa.timestamp("us", tz="UTC")), ("proposed_at", pa.timestamp("us", tz="UTC")),
     ("ruled_at", pa.timestamp("us", tz="UTC")), ("intent_seq", pa.int64()), ("code_seq", pa.int64()), ("verdict_seq", pa.int64()),
 ]
 _TUPLE_SCHEMA = pa.schema(_TUPLE_COLUMNS)
@@ -367,8 +378,9 @@ def _card(ds: CfrDataset, files: list[str]) -> str:
         "",
         "Context → Intent → Code → Review tuples from the SCF event log: code that a generator",
         "proposed for an intent, in the intent's context (domain, parameters, gear), and how the",
-        "safety gate or a human ruled on it. Approved code gives supervised examples; rejected code",
-        "gives negatives, and preference pairs where an intent has both.",
+        "safety gate or a human ruled on it. Approved code no worse than the status quo (the sandbox's relative",
+        "cost below 1, or no sandbox run) gives supervised examples; rejected code and approved code that costs",
+        "more than the status quo give negatives, and preference pairs where an intent has both.",
         "",
         "## Counts",
         "",
@@ -378,11 +390,12 @@ def _card(ds: CfrDataset, files: list[str]) -> str:
         f"| preference pairs (`preference/`) | {c['preference']['train']} | {c['preference']['validation']} |",
         f"| unpaired, approved + rejected (`unpaired/`) | {c['unpaired']['train']} | {c['unpaired']['validation']} |",
         "",
-        f"{c['tuples']} reviewed proposals ({c['approved']} approved, {c['rejected']} rejected) for {c['intents']} intents; "
+        f"{c['tuples']} reviewed proposals ({c['approved']} approved — {c['approved_worse']} of them costlier than the status quo —, "
+        f"{c['rejected']} rejected) for {c['intents']} intents; "
         f"{c['pending']} proposals held for a human or not yet ruled on are left out.",
         "",
         f"Split: by intent, `sha256(intent_id)` → validation for {l['validation_pct']:g} % of intents, so no intent "
-        "appears in both splits. Preference pairs: every approved × rejected proposal of an intent, at most "
+        "appears in both splits. Preference pairs: every good × (rejected or costlier) proposal of an intent, at most "
         f"{l['max_pairs_per_intent']} per intent, in proposal-id order.",
         "",
         "## Files and formats",
@@ -393,7 +406,7 @@ def _card(ds: CfrDataset, files: list[str]) -> str:
         "- `preference/*.jsonl`: `{\"prompt\": [system, user], \"chosen\": [assistant], \"rejected\": [assistant]}` "
         "(TRL `DPOTrainer` / ORPO / CPO, conversational).",
         "- `unpaired/*.jsonl`: `{\"prompt\": [system, user], \"completion\": [assistant], \"label\"}` (TRL `KTOTrainer`): "
-        "label true = approved.",
+        "label true = approved and no worse than the status quo.",
         "- `*.parquet`: the same rows with their split and ids; `tuples.parquet`: every reviewed tuple with its context.",
         "",
         "### Schemas",

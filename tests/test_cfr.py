@@ -97,7 +97,7 @@ async def test_hand_built_scenario_gives_exactly_the_expected_examples(bus, sett
         ("p-good", "APPROVE", "ACCELERATED", {"objective": "peak", "horizon": 24}),
     ]
     assert ds.counts == {
-        "tuples": 2, "approved": 1, "rejected": 1, "pending": 0, "intents": 1,
+        "tuples": 2, "approved": 1, "approved_worse": 0, "rejected": 1, "pending": 0, "intents": 1,
         "sft": {split: 1, other: 0}, "preference": {split: 1, other: 0}, "unpaired": {split: 2, other: 0},
     }
     card = (out / "README.md").read_text()

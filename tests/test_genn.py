@@ -315,7 +315,15 @@ async def test_loop_fills_the_cfr_dataset_with_the_served_prompts(bus, settings,
     by_id = {r["proposal_id"]: r for r in pq.read_table(tmp_path / "cfr" / "unpaired.parquet").to_pylist()}
     for pid, user in served.items():
         assert by_id[pid]["prompt"] == [{"role": "system", "content": cfr.SYSTEM_PROMPT}, {"role": "user", "content": user}]
-    assert ds.counts["sft"]["train"] + ds.counts["sft"]["validation"] == ds.counts["approved"]
+    # supervised rows: approved code no worse than the status quo (the verdict's relative cost < 1)
+    tuples = pq.read_table(tmp_path / "cfr" / "tuples.parquet").to_pylist()
+    worse = [t for t in tuples if t["decision"] == "APPROVE" and t["relative_cost"] >= 1.0]
+    assert all(t["relative_cost"] is not None for t in tuples if t["decision"] == "APPROVE")  # every approval ran the sandbox
+    assert ds.counts["approved_worse"] == len(worse) > 0
+    assert ds.counts["sft"]["train"] + ds.counts["sft"]["validation"] == ds.counts["approved"] - len(worse)
+    sft_codes = {r["completion"][0]["content"] for split in ("train", "validation")
+                 for r in map(json.loads, (tmp_path / "cfr" / "sft" / f"{split}.jsonl").read_text().splitlines())}
+    assert not sft_codes & {t["code"] for t in worse}
 
 
 @pytest.mark.anyio
@@ -510,3 +518,33 @@ def test_rejection_sampling_keeps_only_answers_that_beat_the_status_quo():
     assert (stats["samples"], stats["code"], stats["passed"], stats["beat"], stats["kept"]) == (5, 4, 3, 2, 1)
     [row] = rows
     assert row["prompt"] == messages(req.user) and row["completion"] == [{"role": "assistant", "content": best}]
+
+
+def test_the_ebdms_energy_of_the_produced_states_enters_the_reward(tmp_path):
+    """EnergyScorer: the EBDM's mean energy of the candidate's hourly states minus the status
+    quo's at the same contexts. The status quo's own code has gap 0 (the same states); another
+    controller's gap moves the reward by -weight x tanh(gap)."""
+    torch = pytest.importorskip("torch")
+    from scf.ml.checkpoint import save_checkpoint
+    from scf.ml.ebdm import EBDM, EBDMConfig
+    from scf.ml.genn import EnergyScorer, judge, reward_of
+    from scf.producers.genn.search import GRID_ECONOMIC, GRID_PRORATA
+
+    torch.manual_seed(0)
+    model = EBDM(EBDMConfig(domain="grid:case14", hidden=16, depth=1, fourier_features=4, sigma_features=2))
+    path = save_checkpoint(tmp_path / "ebdm.safetensors", model, lineage={"test": True}, metrics={})
+    scorer = EnergyScorer({"grid:case14": path}, weight=0.2)
+    same = judge(GRID_PRORATA.format(margin=0.0), "grid:case14", hours=2.0, energy=scorer)
+    assert same.energy_gap == pytest.approx(0.0, abs=1e-5) and same.reward == pytest.approx(0.5, abs=1e-4)
+    econ = judge(GRID_ECONOMIC.format(margin=0.0, ramp_use=1.0, iterations=50), "grid:case14", hours=2.0, energy=scorer)
+    plain = judge(GRID_ECONOMIC.format(margin=0.0, ramp_use=1.0, iterations=50), "grid:case14", hours=2.0)
+    assert econ.energy_gap is not None and econ.energy_gap != pytest.approx(0.0, abs=1e-4) and plain.energy_gap is None
+    assert econ.relative_cost == pytest.approx(plain.relative_cost)
+    assert econ.reward == pytest.approx(reward_of(econ.relative_cost, econ.energy_gap, 0.2)) != pytest.approx(plain.reward)
+    # no model for the domain: no energy term; a model of another domain: one clear line
+    assert judge(GRID_PRORATA.format(margin=0.0), "grid:case30", hours=2.0, energy=scorer).energy_gap is None
+    from scf.ml.genn import ModelError
+
+    wrong = EnergyScorer({"grid:case30": path})
+    with pytest.raises(ModelError, match="give a checkpoint trained on grid:case30"):
+        judge(GRID_PRORATA.format(margin=0.0), "grid:case30", hours=2.0, energy=wrong)
