@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
@@ -313,18 +314,47 @@ class PipelinedPublisher:
         The future's reply has `count` on success, an error when the batch was refused."""
         batch_id = new_id().replace("-", "")
         last = len(items)
-        for i, (subject, body) in enumerate(items, 1):
-            headers = {BATCH_ID: batch_id, BATCH_SEQUENCE: str(i), EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {})}
+        if not last:
+            raise ValueError("an atomic batch needs at least one message")
+        every = {EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {})}
+        headers_of: list[dict[str, str]] = []
+        for i in range(1, last + 1):
+            headers = {BATCH_ID: batch_id, BATCH_SEQUENCE: str(i), **every}
             if types is not None:
                 headers[SCF_TYPE] = types[i - 1]
             if i == 1 and expected_last_seq is not None:
                 headers[EXPECTED_LAST_SEQ] = str(expected_last_seq)
-            if i < last:
-                await self.nc.publish(subject, body, headers=headers)
-            else:
+            if i == last:
                 headers[BATCH_COMMIT] = "1"
-                return await self.publish(subject, body, headers)
-        raise ValueError("an atomic batch needs at least one message")
+            headers_of.append(headers)
+        blocks = [encode_headers(h) for h in headers_of] if self.frames else [None]
+        if None in blocks:  # nats-py's own publish, message by message
+            for (subject, body), headers in zip(items[:-1], headers_of):
+                await self.nc.publish(subject, body, headers=headers)
+            return await self.publish(items[-1][0], items[-1][1], headers_of[-1])
+        # One write: every message but the last without a reply, the commit with one.
+        self._n += 1
+        token = str(self._n)
+        fut = asyncio.get_running_loop().create_future()
+        parts: list[bytes] = []
+        size, limit = 0, self.nc._max_payload
+        for i, ((subject, body), block) in enumerate(zip(items, blocks), 1):
+            if len(body) > limit:
+                raise MaxPayloadError
+            validate_subject(subject)
+            reply = f" {self._prefix}.{token}" if i == last else ""
+            parts += (f"HPUB {subject}{reply} {len(block)} {len(block) + len(body)}\r\n".encode(), block, body, b"\r\n")  # type: ignore[arg-type]
+            size += len(body)
+        await self._sem.acquire()
+        fut.add_done_callback(lambda _f: self._sem.release())
+        self._futures[token] = fut
+        try:
+            await write_frames(self.nc, b"".join(parts), last, size)
+        except BaseException:
+            self._futures.pop(token, None)
+            fut.cancel()
+            raise
+        return fut
 
     async def publish_frames(self, items: Sequence[tuple[str, bytes, bytes]]) -> asyncio.Future:
         """Many publishes, written on the connection in one call and answered by one future:
@@ -465,6 +495,18 @@ def header_block(msg_id: str, type_name: str) -> bytes | None:
 
 
 _MSG_ID_B = MSG_ID.encode()
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # nats-py's rule for a header name
+
+
+def encode_headers(headers: dict[str, str]) -> bytes | None:
+    """The header block nats-py's `publish` writes for `headers`, byte for byte; None when a
+    name or value needs nats-py's cleaning or checks (see `header_block`)."""
+    lines = []
+    for k, v in headers.items():
+        if not (_HEADER_NAME.fullmatch(k) and _plain_value(v)):
+            return None
+        lines.append(f"{k}: {v}\r\n")
+    return _HDR_START + "".join(lines).encode() + b"\r\n"
 
 
 def _plain_value(value: str) -> bool:

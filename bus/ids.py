@@ -42,6 +42,17 @@ def derived_id(*parts: object) -> str:
     return str(_uuid5(_NAMESPACE, "\x1f".join([str(p) for p in parts]).encode()))
 
 
+def uuid5(namespace: uuid.UUID, name: str) -> str:
+    """`str(uuid.uuid5(namespace, name))`, computed by uuid_utils (the same id, bit for bit)."""
+    ns = _namespaces.get(namespace)
+    if ns is None:
+        ns = _namespaces[namespace] = uuid_utils.UUID(str(namespace))
+    return str(_uuid5(ns, name.encode()))
+
+
+_namespaces: dict[uuid.UUID, uuid_utils.UUID] = {}
+
+
 def content_id(canonical: bytes) -> str:
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 

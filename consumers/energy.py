@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import msgspec
 
 from scf.bus import events as ev
-from scf.bus.ids import derived_id
+from scf.bus.ids import derived_id, uuid5
 
 UTC = dt.timezone.utc
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
@@ -83,17 +83,18 @@ class Cause:
 
 
 def cause_id(node: str, meter: str, start_us: int, end_us: int) -> str:
-    return str(uuid.uuid5(CAUSE_NAMESPACE, "\x1f".join(["energy.cause", node, meter, str(start_us), str(end_us)])))
+    return uuid5(CAUSE_NAMESPACE, "\x1f".join(["energy.cause", node, meter, str(start_us), str(end_us)]))
 
 
 def normalise(m: ev.Measurement) -> Cause:
     return Cause(m.node, norm_meter(m.meter), utc_micros(m.period_start), utc_micros(m.period_end))
 
 
-def content_digest(m: ev.Measurement) -> str:
+def content_digest(m: ev.Measurement, cause: Cause | None = None) -> str:
     """sha256 over the normalised content (cause, readings, method, deployment, domain):
-    tells a true repeat (however spelled) from a changed claim for the same cause."""
-    c = normalise(m)
+    tells a true repeat (however spelled) from a changed claim for the same cause.
+    `cause`: `normalise(m)`, when the caller has it already."""
+    c = cause or normalise(m)
     canon = msgspec.json.encode(
         [c.node, c.meter, c.start_us, c.end_us, repr(float(m.baseline_kwh)), repr(float(m.actual_kwh)),
          norm_method(m.method), m.deployment_id, m.domain]

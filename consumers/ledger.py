@@ -297,7 +297,7 @@ def transfer_for(
         micro_credits=micro_credits(kwh, settings.rate),
         kwh=kwh,
         rate=float(settings.rate),
-        cause_digest=cause_digest(m),
+        cause_digest=cause_digest(m, c),
         node=c.node,
         meter=c.meter,
         period_start_us=c.start_us,

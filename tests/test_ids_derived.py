@@ -55,3 +55,20 @@ def test_a_lone_surrogate_fails_as_in_the_standard_library():
         stdlib_derived("a\udc80")
     with pytest.raises(UnicodeEncodeError):
         derived_id("a\udc80")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.uuids(), st.text())
+def test_uuid5_is_the_standard_librarys(namespace, name):
+    from scf.bus.ids import uuid5
+
+    assert uuid5(namespace, name) == str(uuid.uuid5(namespace, name))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.text(), st.integers(), st.integers())
+def test_a_measurements_cause_id_is_unchanged(node, meter, start, end):
+    from scf.consumers.energy import CAUSE_NAMESPACE, cause_id
+
+    expected = str(uuid.uuid5(CAUSE_NAMESPACE, "\x1f".join(["energy.cause", node, meter, str(start), str(end)])))
+    assert cause_id(node, meter, start, end) == expected

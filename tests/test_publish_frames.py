@@ -81,3 +81,32 @@ async def test_ack_many_acks_them_all_in_one_write(bus):
     await bus.nc.flush()
     info = await bus.js.consumer_info("INTENTS", "acks")
     assert info.num_ack_pending == 0 and info.ack_floor.stream_seq == 20
+
+
+def fossil(i: int) -> ev.FossilRecorded:
+    import datetime as dt
+
+    c = ev.FossilContent(domain="grid:case14", context=[float(i)], state=[1.0], energy=float(i),
+                         observed_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+                         provenance=ev.Provenance(source="test", verifier="v", verified=True))
+    return ev.FossilRecorded.new(ev.Fossil(**msgspec.structs.asdict(c), fossil_id=ev.fossil_content_id(c)), source="test")
+
+
+@pytest.mark.parametrize("extra", [None, {"X-Odd": " padded "}])  # the second: nats-py's publish, message by message
+async def test_an_atomic_batch_as_one_write_is_all_or_none(bus, extra):
+    from scf.bus.client import encode_headers
+
+    assert encode_headers({"X-Odd": " padded "}) is None and encode_headers({"A": "b"}) == b"NATS/1.0\r\nA: b\r\n\r\n"
+    pub = await bus.pipeline()
+    events = [fossil(i) for i in range(5)]
+    reply = await (await pub.publish_atomic([(e.subject(), bus._body(e)) for e in events], extra,
+                                            types=[e.type_name() for e in events]))
+    assert reply.error is None and reply.count == 5
+    stored = await bus.js.get_msg("FOSSILS", reply.seq)
+    assert stored.headers[SCF_TYPE] == "fossil.recorded" and stored.data == bus._body(events[-1])
+    if extra:
+        assert stored.headers["X-Odd"] == "padded"
+    # one entity already stored: the whole batch is refused, nothing of it is written
+    again = [fossil(10), events[0], fossil(11)]
+    assert await bus.commit_batch(again) is None
+    assert await stream_count(bus, "FOSSILS") == 5
