@@ -227,6 +227,10 @@ def genn_finetune(
     rounds: int = typer.Option(1, "--rounds", min=0, help="best-of-N → DPO rounds"),
     grpo_steps: int = typer.Option(0, "--grpo-steps", min=0, help="then online GRPO steps with the gate and sandbox as reward (0: skip)"),
     grpo_generations: int = typer.Option(4, "--grpo-generations", min=2, help="GRPO: answers sampled per prompt"),
+    rejection_rounds: int = typer.Option(0, "--rejection-rounds", min=0, help="then rejection-sampling rounds (SCF's own loop): N answers "
+                                         "per training prompt (--rejection-n), SFT on those that beat the status quo (0: skip)"),
+    rejection_n: int = typer.Option(8, "--rejection-n", min=2, help="rejection sampling: answers sampled per training prompt"),
+    rejection_steps: int = typer.Option(8, "--rejection-steps", min=1, help="rejection sampling: SFT steps a round"),
     eval_samples: int = typer.Option(2, "--eval-samples", min=0, help="generations per held-out prompt for the gate-pass rate (0: skip)"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=8, help="tokens per evaluation generation"),
     seed: int = typer.Option(0, "--seed", help="training and sampling seed"),
@@ -253,6 +257,15 @@ def genn_finetune(
             shutil.rmtree(out)
             staged.rename(out)  # its scf-finetune.json (written by grpo) names the SFT/DPO checkpoint in its lineage
             report["sha256"] = mg.weights_sha256(out)
+        if rejection_rounds > 0:
+            import shutil
+
+            staged = out.with_name(out.name + ".rs")
+            report["rejection"] = mg.rejection_sft(out, dataset, staged, rounds=rejection_rounds, n=rejection_n, steps=rejection_steps,
+                                                   max_new_tokens=max_new_tokens, seed=seed)["rejection"]
+            shutil.rmtree(out)
+            staged.rename(out)  # its scf-finetune.json names the checkpoint before it in its lineage
+            report["sha256"] = mg.weights_sha256(out)
         ev_report = mg.evaluate(base_dir, out, dataset, samples=eval_samples, max_new_tokens=max_new_tokens, seed=seed)
     except SCFError as exc:
         raise fail(str(exc)) from None
@@ -264,6 +277,9 @@ def genn_finetune(
     for b in report["best_of_n"]:
         typer.echo(f"  best-of-{best_of_n} round {b['round']}: {b['samples']} samples, mean reward {b['mean_reward']:.3f}, {b['pairs']} pairs"
                    + (f", DPO loss {b['loss']:.4f}" if "loss" in b else f" ({b.get('skipped', '')})"))
+    for r in report.get("rejection", []):
+        typer.echo(f"  rejection sampling round {r['round']}: {r['samples']} samples, {r['beat']} beat the status quo, mean reward "
+                   f"{r['mean_reward']:.3f}, {r['kept']} kept" + (f", SFT loss {r['loss']:.4f}" if "loss" in r else f" ({r.get('skipped', '')})"))
     if "grpo" in report:
         g = report["grpo"]
         typer.echo(f"  GRPO: {g['steps']} steps, {g['samples']} samples, mean reward {g['mean_reward']:.3f}, loss {g['loss']:.4f}")

@@ -198,3 +198,19 @@ def test_rejection_sampling_sft_trains_on_the_answers_that_beat_the_status_quo(t
     assert e["held_out_prompts"] == 1 and set(e["models"]) == {"base", "rs"}
     for m in e["models"].values():  # the patched policy answers the hvac held-out prompt with refused code
         assert m["samples"] == 2 and m["gate_pass_rate"] == 0.0 and m["beats_status_quo_rate"] == 0.0 and math.isfinite(m["nll"])
+
+
+def test_cli_finetune_with_a_rejection_sampling_round(tiny, tmp_path):
+    """`scf genn finetune --trainer torch --rejection-rounds 1`: SFT, then a rejection round; the tiny
+    random model writes no code, so no answer beats the status quo and the round says so."""
+    from tests.conftest import cli
+
+    ds = _dataset(tmp_path / "ds", intents=(("train", ("a",)), ("validation", ("v",))), per_intent=3)
+    env = {"SCF_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    r = cli("genn", "finetune", "--dataset", str(ds), "--out", str(tmp_path / "out"), "--base", str(tiny), "--trainer", "torch",
+            "--sft-steps", "1", "--dpo-steps", "0", "--rejection-rounds", "1", "--rejection-n", "2", "--eval-samples", "0",
+            "--max-new-tokens", "8", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "  rejection sampling round 1: 2 samples, 0 beat the status quo, mean reward 0.000, 0 kept (no answer beat the status quo)" in r.stdout
+    meta = json.loads((tmp_path / "out" / "scf-finetune.json").read_text())
+    assert meta["method"] == "rejection-sampling sft" and [c["checkpoint"] for c in meta["lineage"]][-1] == "out"
