@@ -71,9 +71,13 @@ def cpu_speed(args) -> dict:
     tcfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, **SMOLLM2_135M)
     teacher = LlamaForCausalLM(tcfg).eval()
-    out = {"student": cs.decode_speed(student, tok, prompt, new_tokens=args.speed_tokens, threads=args.threads),
-           "teacher_arch": cs.decode_speed(teacher, tok, prompt, new_tokens=args.speed_tokens, threads=args.threads),
-           "student_file": info, "student_config": cfg.__dict__, "cpu_count": os.cpu_count()}
+    runs: dict[str, list[dict]] = {"student": [], "teacher_arch": []}
+    for _ in range(args.speed_rounds):  # interleaved, the best of each kept: a shared machine's load hits both alike
+        for key, model in (("student", student), ("teacher_arch", teacher)):
+            runs[key].append(cs.decode_speed(model, tok, prompt, new_tokens=args.speed_tokens, threads=args.threads))
+    out = {k: {"prefill_s": min(r["prefill_s"] for r in v), "decode_tokens_per_s": max(r["decode_tokens_per_s"] for r in v),
+               "prompt_tokens": v[0]["prompt_tokens"], "threads": v[0]["threads"], "runs": v} for k, v in runs.items()}
+    out.update({"student_file": info, "student_config": cfg.__dict__, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()})
     s, t = out["student"], out["teacher_arch"]
     out["decode_speedup"] = s["decode_tokens_per_s"] / t["decode_tokens_per_s"]
     out["prefill_speedup"] = t["prefill_s"] / s["prefill_s"]
@@ -82,6 +86,7 @@ def cpu_speed(args) -> dict:
     print(f"| teacher architecture (SmolLM2-135M) | {t['prefill_s']:.3f} | {t['decode_tokens_per_s']:.1f} |")
     print(f"| student {cfg.hidden}x{cfg.layers} (packed file, read back) | {s['prefill_s']:.3f} | {s['decode_tokens_per_s']:.1f} |")
     print(f"| student / teacher | {out['prefill_speedup']:.2f}x faster | {out['decode_speedup']:.2f}x |")
+    print(f"load average {out['load_average']}")
     return out
 
 
@@ -100,7 +105,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--mlp", type=int, default=1536)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--temperature", type=float, default=2.0, help="of the token-level KL")
+    ap.add_argument("--temperature", type=float, default=1.0, help="of the token-level KL")
     ap.add_argument("--kl-weight", type=float, default=1.0)
     ap.add_argument("--ce-weight", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=0, help="0: until the budget")
@@ -120,6 +125,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--cpu-speed", action="store_true", help="only measure batch-1 CPU decoding speed (student vs teacher architecture)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed-tokens", type=int, default=64)
+    ap.add_argument("--speed-rounds", type=int, default=2, help="interleaved rounds of the CPU speed measure (best kept)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     results: dict = {"args": vars(args), "goals": GOALS}
@@ -254,7 +260,10 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     student_j = cs.judge_answers(gen_s, heldout, args.eval_samples, seed=args.seed, workers=args.workers, hours=6.0)
     lap("student_eval_s", t)
     t = time.perf_counter()
-    teacher_j = teacher_judged.result()
+    try:
+        teacher_j = teacher_judged.result()
+    except Exception as exc:  # noqa: BLE001 - the student's figures are kept; the teacher's judging failure is named
+        sys.exit(f"codestudent: judging the teacher's held-out answers failed ({type(exc).__name__}: {exc}); the student's: {student_j}")
     lap("teacher_judge_wait_s", t)
     pool.shutdown()
 

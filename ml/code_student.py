@@ -236,7 +236,7 @@ class DistillSettings:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.1  # on the ternary latent weights, off for the second half (the tips' two stages)
-    temperature: float = 2.0
+    temperature: float = 1.0
     kl_weight: float = 1.0
     ce_weight: float = 1.0
     eval_every_s: float = 15.0
@@ -547,6 +547,8 @@ def load_student(path: Path, *, device: str = "cpu"):
     if missing or unexpected:
         raise StudentError(f"{path}: tensors missing {missing[:3]} or unexpected {unexpected[:3]}: the file is damaged")
     model.tie_weights()
+    for m in layers.values():
+        m.frozen = True  # wscale and the weights γ·T are set: RMSBitLinear's inference path
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
             if name not in TOKENIZER_FILES:

@@ -97,9 +97,18 @@ class RMSBitLinear(BitLinear):
     `ml.code_student`) uses; the EBDM students, copies of a trained teacher, do not."""
 
     eps = 1e-5
+    frozen = False  # set by `freeze` (and by a loader that sets wscale): the weights are γ·T already
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(rms_normalise(x, self.eps))
+        x = rms_normalise(x, self.eps)
+        if self.frozen and not torch.is_grad_enabled():  # inference: the frozen weight IS γ·T (bit for bit), no requantising
+            return F.linear(activation_quant(x), self.weight, self.bias)
+        return super().forward(x)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        super().freeze()
+        self.frozen = True
 
 
 def rms_normalise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

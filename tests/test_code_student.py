@@ -109,7 +109,10 @@ def test_packed_file_round_trips_exactly_and_loads_without_pickle(teacher, tmp_p
             assert np.array_equal(got, t.numpy().astype(np.int8))  # pack → unpack: the same trits
     ids = torch.tensor([cs.encode_rows(tok, _rows(1), ce=True, source="x", max_length=520)[0].ids])
     with torch.no_grad():
-        assert torch.equal(student(input_ids=ids).logits, loaded(input_ids=ids).logits)  # the file computes what was saved
+        fast = student(input_ids=ids).logits
+        assert torch.equal(fast, loaded(input_ids=ids).logits)  # the file computes what was saved
+    with torch.enable_grad():  # the training path (requantising the latent weights) computes the same, bit for bit
+        assert torch.equal(student(input_ids=ids).logits.detach(), fast)
 
 
 def test_a_file_that_is_not_a_code_student_is_refused_in_one_line(tmp_path):
