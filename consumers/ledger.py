@@ -38,6 +38,7 @@ import bisect
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import logging
 import math
@@ -213,8 +214,7 @@ def allowed_meters(labels: dict[str, str]) -> set[str]:
 def unit_of(m: ev.Measurement, meter: str, settings: LedgerSettings) -> tuple[str, str | None]:
     """(the unit the measurement is minted in, None) or ("", why it has no known unit).
     `meter`: the normalised meter."""
-    by_meter = {norm_meter(k): norm_unit(v) for k, v in settings.meter_units.items()}
-    meter_unit = by_meter.get(meter)
+    meter_unit = _meter_units(tuple(settings.meter_units.items())).get(meter)
     stated = norm_unit(m.unit)
     if stated:
         if stated not in UNITS:
@@ -229,6 +229,12 @@ def unit_of(m: ev.Measurement, meter: str, settings: LedgerSettings) -> tuple[st
         return "", (f"no unit: meter {meter!r} of node {m.node} has none in [ledger] meter_units and the measurement "
                     f"states none: state unit = one of {_known_units()}, or map the meter in [ledger] meter_units")
     return meter_unit, None
+
+
+@functools.lru_cache(maxsize=16)
+def _meter_units(items: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """`[ledger] meter_units` normalised (meter → unit), once per setting."""
+    return {norm_meter(k): norm_unit(v) for k, v in items}
 
 
 def check(m: ev.Measurement, settings: LedgerSettings, cause: Cause | None = None) -> str | None:
@@ -621,7 +627,7 @@ class Ledger:
         key = "undecodable:" + hashlib.sha256(msg.data).hexdigest()
         return Decided(msg, rejections=[rejection(cid, reason, self.bus.source, None, key)])
 
-    def overlap(self, d: Decided, pending: dict[tuple[str, str], list[Claim]]) -> Claim | None:
+    def overlap(self, d: Decided, pending: Periods) -> Claim | None:
         """A minted period (or one `pending` earlier in the same mint) of another cause that
         `d`'s period overlaps, or None."""
         assert d.cause is not None
@@ -629,8 +635,7 @@ class Ledger:
         cid = d.transfer.data.cause_id if d.transfer is not None else c.id  # c.id, derived once already
         hit = self.periods.overlapping(c.key, c.start_us, c.end_us, cid)
         if hit is None:
-            hit = next((p for p in pending.get(c.key, []) if p.start_us < c.end_us and c.start_us < p.end_us
-                        and p.cause_id != cid), None)
+            hit = pending.overlapping(c.key, c.start_us, c.end_us, cid)  # sorted and disjoint too: a bisection
         return hit
 
     async def mint(self, ds: list[Decided]) -> list[ev.Event]:
@@ -654,7 +659,7 @@ class Ledger:
             fresh: list[Decided] = []
             later: list[Decided] = []
             refused: list[tuple[Decided, Claim]] = []
-            pending: dict[tuple[str, str], list[Claim]] = defaultdict(list)
+            pending = Periods()  # the periods this mint stores (disjoint: each checked against those before)
             fresh_tids: set[str] = set()
             for d in todo:
                 if tid(d) in fresh_tids:  # the same cause again: a repeat of what this mint stores
@@ -668,7 +673,7 @@ class Ledger:
                 fresh_tids.add(tid(d))
                 c = d.cause
                 assert c is not None
-                pending[c.key].append(Claim(c.start_us, c.end_us, d.transfer.data.cause_id, tid(d), 0))  # type: ignore[union-attr]
+                pending.add(c.key, Claim(c.start_us, c.end_us, d.transfer.data.cause_id, tid(d), 0))  # type: ignore[union-attr]
             seqs = await self.bus.commit_batch([d.transfer for d in fresh], expected_last_seq=self.last_seq) if fresh else []  # type: ignore[misc]
             if seqs is None:
                 if not await self.catch_up():
