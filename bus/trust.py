@@ -318,8 +318,9 @@ class SharedTrust(TrustList):
         """Start following TRUST and wait (up to `timeout`) until what it holds is applied;
         a stream that is missing or unreadable is waited for in the background."""
         self._refresh_local(force=True)
-        if not self.roots.keys:
-            log.warning("no root keys pinned in keys/roots.json: the shared trust list is ignored on this host (scf keys root pin)")
+        if not self.roots.keys:  # a development host (its trusted.json is the list): said, not warned, when the file is read
+            log.log(logging.INFO if self.local_path is not None else logging.WARNING,
+                    "no root keys pinned in keys/roots.json: the shared trust list is ignored on this host (scf keys root pin)")
         self._task = asyncio.create_task(self._follow())
         if not await self._settled(timeout):
             log.warning("the shared trust list was not read to its end within %.0f s: it applies as it arrives", timeout)

@@ -46,6 +46,34 @@ async def shared_trust(bus, settings):
     return await SharedTrust.open(bus, settings)
 
 
+def read_constraints(path: Path):
+    """`--constraints FILE`: a regular file of at most 1 MiB holding JSON; anything else
+    (a FIFO or a device that never ends, a directory, a huge file, bytes that are not UTF-8,
+    nesting deeper than the parser goes) is one StrikeError line naming the file."""
+    import stat
+
+    from scf.bus.files import InputTooLarge, read_bounded
+    from scf.producers.contracts import MAX_DOC
+    from scf.producers.strike import StrikeError
+
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise StrikeError(f"{path}: not a regular file: give a JSON file of the constraints")
+        data = read_bounded(path, MAX_DOC, "constraints file")
+    except InputTooLarge as exc:
+        raise StrikeError(str(exc)) from None
+    except OSError as exc:
+        raise StrikeError(f"{path}: cannot read it ({exc.strerror})") from None
+    def finite_only(name: str):
+        raise StrikeError(f"{path}: {name} is not a finite number: write the constraint as a number")
+
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=finite_only)  # NaN, Infinity: Python's reader takes them
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:200]
+        raise StrikeError(f"{path}: not a readable JSON file ({why})") from None
+
+
 def signed_terms(settings, trust):
     """The trust list a contract's terms are read with before anything is signed under the
     release key (`scf strike --contract`, `scf capsule build`): the regiment's, so with
@@ -74,10 +102,13 @@ def strike_command(
 
     if (contract is None) == (domain is None or constraints is None):
         raise fail("give --contract ID, or --domain D with --constraints FILE (and --nodes)")
+    if not (0.0 <= wait < float("inf")):  # NaN fails this too
+        raise fail(f"--wait {wait}: give the seconds to wait, a finite number ≥ 0")
 
     async def main() -> st.StrikeResult:
         s = load_settings("strike")
         k = release_key(s, key)
+        raw = read_constraints(constraints) if constraints is not None and contract is None else None  # before any server is asked
         bus = await open_bus(s, "scf-strike", sign=True)
         trust = await shared_trust(bus, s)
         try:
@@ -88,10 +119,6 @@ def strike_command(
                     raise st.StrikeError(f"contract {contract} is {c.spec.status}: nothing to strike")
                 spec, seq, eid = c.spec, c.seq, c.event_id
             else:
-                try:
-                    raw = json.loads(constraints.read_text())  # type: ignore[union-attr]
-                except (OSError, ValueError, RecursionError) as exc:
-                    raise st.StrikeError(f"{constraints}: not a readable JSON file ({type(exc).__name__ if isinstance(exc, RecursionError) else exc})") from None
                 doc = contracts.parse_doc({"contract_id": "adhoc-" + st.sha256_json([domain, raw, nodes])[:12], "client": "ad hoc",
                                            "domain": domain, "nodes": [n for n in nodes.split(",") if n], "constraints": raw,
                                            "schedule_s": 0})

@@ -55,7 +55,7 @@ class HttpGenerator:
             return Candidate("", f"endpoint {s.base_url}: HTTP {exc.status_code}: {str(exc.message)[:200]}")
         except openai.APIResponseValidationError as exc:
             return Candidate("", f"endpoint {s.base_url}: not a chat completion ({str(exc)[:200]})")
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             return Candidate("", f"endpoint {s.base_url}: malformed response ({type(exc).__name__}: {str(exc)[:200]})")
         choices = getattr(r, "choices", None)
         if not choices:
@@ -64,6 +64,10 @@ class HttpGenerator:
         content = getattr(message, "content", None)
         if not isinstance(content, str):
             return Candidate("", f"endpoint {s.base_url}: malformed response (the message has no text content)")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): no event could carry it
+            return Candidate("", f"endpoint {s.base_url}: malformed response (the text is not valid Unicode: lone surrogates)")
         c = extract_code(content)
         return c if c.code or c.error else Candidate(content, c.error)
 
