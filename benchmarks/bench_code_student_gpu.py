@@ -109,7 +109,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--kl-weight", type=float, default=1.0)
     ap.add_argument("--ce-weight", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=0, help="0: until the budget")
-    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--max-length", type=int, default=1536, help="tokens of prompt + completion (the CFR rows reach ~1300)")
     ap.add_argument("--eval-every-s", type=float, default=15.0)
     ap.add_argument("--teacher-samples", type=int, default=4, help="teacher answers per training prompt (sequence-level KD)")
     ap.add_argument("--teacher-prompts", type=int, default=24, help="training prompts the teacher answers (drawn, seeded; 0: all)")
