@@ -7,8 +7,10 @@ with files: `sha256_file` (hex digest and size, read in 4 MiB chunks), `atomic_w
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 CHUNK = 4 << 20  # bytes read at a time
@@ -63,9 +65,15 @@ class InputTooLarge(ValueError):
 def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
     """The bytes of an input file no larger than `limit`; a larger one (a hostile or mistaken
     input: a log, a core dump, /dev/zero) is refused before it is read, naming both sizes."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        data = f.read(limit + 1)  # also bounds what is read from a pipe or a device (st_size 0)
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO or socket"
+            raise OSError(errno.EINVAL, f"{kind}, not a file: give the file itself", str(path))
+        size = st.st_size
+        data = f.read(limit + 1)  # also bounds what is read from a device (st_size 0)
     if len(data) > limit or size > limit:
         raise InputTooLarge(f"{path}: {max(size, len(data)):,} bytes is more than a {what} may be "
                             f"({limit:,} bytes); check that this is the right file")

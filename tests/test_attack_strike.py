@@ -1,8 +1,9 @@
-"""`scf strike` on hostile input (the sweep of the newest surfaces): a constraints "file"
-that is a FIFO, a device, a directory, a sparse 2 GiB file, bytes that are not UTF-8, JSON
-nested 100 000 deep, NaN; contract ids and node lists an attacker writes. Each real `scf
-strike` process must stop with one `Error:` line naming the problem and exit 1, never hang,
-never print a traceback. A real nats-server (the `bus` fixture)."""
+"""`scf strike` and `scf contract add` on hostile input (the sweep of the newest surfaces): a
+constraints or contract "file" that is a FIFO (opening it waited for a writer forever), a
+device, a directory, a sparse 2 GiB file, bytes that are not UTF-8, JSON nested 100 000 deep,
+NaN; contract ids and node lists an attacker writes. Each real process must stop with one
+`Error:` line naming the problem and exit 1, never hang, never print a traceback. A real
+nats-server (the `bus` fixture)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,16 @@ async def test_hostile_contract_ids_and_node_lists_are_one_line_each(bus, settin
                                     "--measure", "none", "--wait", wait, env=scf_env, timeout=60)
         assert r.returncode != 0 and "Traceback" not in r.stderr + r.stdout, f"--wait {wait}: {r.stdout}{r.stderr[-1500:]}"
         assert "--wait" in r.stderr, f"--wait {wait}: {r.stdout}{r.stderr[-1500:]}"
+
+
+async def test_scf_contract_add_refuses_a_fifo_a_device_and_a_directory_in_one_line(bus, scf_env, tmp_path):
+    fifo = tmp_path / "contract.json"
+    os.mkfifo(fifo)
+    (tmp_path / "dir.yaml").mkdir()
+    for path, expected in ((fifo, "cannot read it (a FIFO or socket, not a file: give the file itself)"),
+                           (Path("/dev/zero"), "is more than a contract file may be"),
+                           (tmp_path / "dir.yaml", "cannot read it (")):
+        r = await asyncio.to_thread(scf, "contract", "add", str(path), env=scf_env, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"Error: {path}") and expected in lines[0], \
+            f"{path}: {r.stdout}{r.stderr[-1500:]}"
