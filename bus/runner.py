@@ -146,6 +146,7 @@ class Runner:
         self.concurrency = max(1, concurrency)
         self.batch = max(1, batch)
         self.batched = batched  # handle a fetched batch together (see the module's doc)
+        self.take_ahead = batched  # batched: ask for the next batch before handling this one
         self._settling: asyncio.Task | None = None  # the batched path's settle in flight
         self.fetch_timeout = fetch_timeout
         self.pause = pause
@@ -158,20 +159,38 @@ class Runner:
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         pull = Pull(self.bus, self.spec, create=self.create)
+        # batched: the next batch, asked for before this one is handled, so that the server's
+        # answer (and the wait for it) overlaps the handling; given back (nak'ed) on a pause
+        # or a stop, so nothing taken ahead waits unkept for ack_wait
+        ahead: asyncio.Future | None = None
         try:
             while not stop.is_set():
                 if self.pause is not None and self.pause.engaged:
+                    if ahead is not None:
+                        await _give_back(ahead)
+                        ahead = None
                     await race(self.pause.wait_clear(), stop)
                     continue
                 want = self.batch if self.concurrency == 1 or self.batched else max(1, self.concurrency - len(self._tasks))
-                msgs = await pull.fetch(want, self.fetch_timeout, stop)
+                if ahead is not None:
+                    msgs, ahead = await ahead, None
+                else:
+                    msgs = await pull.fetch(want, self.fetch_timeout, stop)
                 if self.batched:
                     if stop.is_set():
                         for rest in msgs:
                             await _quietly(rest.nak())
                         break
                     if msgs:
-                        await self.process_batch(msgs)
+                        if not self.take_ahead:
+                            await self.process_batch(msgs)
+                            continue
+                        ahead = asyncio.ensure_future(pull.fetch(want, self.fetch_timeout, stop))
+                        alive = asyncio.create_task(self._keepalive_ahead(ahead))  # a pause mid-batch can be long
+                        try:
+                            await self.process_batch(msgs)
+                        finally:
+                            alive.cancel()
                     continue
                 for i, msg in enumerate(msgs):
                     if stop.is_set():
@@ -190,6 +209,8 @@ class Runner:
             if self._settling is not None:
                 await self._settling  # the last batch's publishes and acks
         finally:
+            if ahead is not None:
+                await _give_back(ahead)
             await pull.close()
 
     def _done(self, task: asyncio.Task) -> None:
@@ -415,6 +436,15 @@ class Runner:
                 except Exception:  # noqa: BLE001 - settled or connection gone: ack_wait takes over
                     pass
 
+    async def _keepalive_ahead(self, ahead: asyncio.Future) -> None:
+        """`_keepalive` for a batch taken ahead, once it is in, until cancelled."""
+        interval = max(0.5, self.spec.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            if ahead.done() and not ahead.cancelled() and ahead.exception() is None:
+                for m in ahead.result():
+                    await _quietly(m.in_progress())
+
     async def _hold(self, d: Delivery) -> None:
         """Keep a message in hand alive until the pause gate clears."""
         assert self.pause is not None
@@ -543,6 +573,17 @@ def _status(msg: Msg) -> str | None:
     if msg.data or not msg.headers:
         return None
     return msg.headers.get("Status")
+
+
+async def _give_back(fetching: asyncio.Future) -> None:
+    """A batch taken ahead and not handled (a pause, a stop): its messages nak'ed, so they
+    are redelivered at once (after the pause) instead of after ack_wait."""
+    try:
+        msgs = await fetching
+    except Exception:  # noqa: BLE001 - Pull.fetch never raises: nothing to give back
+        return
+    for m in msgs:
+        await _quietly(m.nak())
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

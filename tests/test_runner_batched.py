@@ -5,6 +5,7 @@ per-message rule kept. Real nats-server, the runner in this process."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from nats.js.errors import NotFoundError
@@ -223,3 +224,43 @@ async def test_a_pause_engaged_mid_batch_holds_the_rest_of_the_batch(bus):
         stop.set()
         await task
     assert handled == ids and await stream_count(bus, "VERDICTS") == len(ids)
+
+
+async def test_the_batch_taken_ahead_is_kept_alive_through_a_pause(bus):
+    """While a batch is handled the next one is asked for (taken ahead). A pause engaged in
+    the first batch holds the rest of it; the batch taken ahead is kept alive meanwhile
+    (ack_wait 2 s: without keepalives it would be redelivered during the pause); after the
+    gate clears every message is handled once and settled."""
+    ids = [f"a{k:02d}" for k in range(24)]
+    await bus.publish_many([intent(i) for i in ids])
+    gate, handled = Gate(), []
+
+    async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
+        handled.append(event.data.intent_id)
+        if event.data.intent_id == "a03":
+            gate.engage()
+        return [verdict_for(event, bus.source)]
+
+    s = dataclasses.replace(spec("ahead"), ack_wait=2.0)
+    runner = Runner(bus, s, handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=True, batch=12, pause=gate)
+    stop, task = await start(runner)
+    try:
+        async def first_four_and_all_in_hand() -> bool:
+            try:
+                info = await bus.js.consumer_info("INTENTS", "ahead")
+            except NotFoundError:
+                return False
+            # 4 settled; the first batch's other 8 and the 12 taken ahead delivered and held
+            return await stream_count(bus, "VERDICTS") == 4 and info.delivered.stream_seq == 24 and info.num_ack_pending == 20
+        await wait_for(first_four_and_all_in_hand, 60, "the first four settled, the next batch taken ahead")
+        await asyncio.sleep(5.0)  # two and a half ack_waits: nothing in hand may be redelivered (a sleep: an absence)
+        info = await bus.js.consumer_info("INTENTS", "ahead")
+        assert info.num_redelivered == 0 and handled == ["a00", "a01", "a02", "a03"]
+        gate.clear()
+        await wait_for(lambda: settled(bus, "ahead"), 60, "every intent settled once the gate clears")
+    finally:
+        gate.clear()
+        stop.set()
+        await task
+    assert sorted(handled) == ids and len(handled) == len(ids)
+    assert await stream_count(bus, "VERDICTS") == len(ids)
