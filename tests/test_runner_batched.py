@@ -191,23 +191,28 @@ class Gate:
         self._clear.set()
 
 
-async def test_a_pause_engaged_mid_batch_holds_the_rest_of_the_batch(bus):
-    """The emergency stop engages while a batch is being handled (here: by the 4th handler):
-    what was handled is settled, nothing more is handled until the gate clears, the rest of
-    the batch stays in hand (kept alive, not dropped)."""
-    ids = [f"q{k}" for k in range(20)]
+async def paused_at(bus, ids: list[str], engage_at: str, s: ConsumerSpec, batch: int):
+    """A batched runner over intents `ids` whose handler engages the pause gate on `engage_at`:
+    (gate, the ids handled so far, (stop, task))."""
     await bus.publish_many([intent(i) for i in ids])
     gate, handled = Gate(), []
 
     async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
         handled.append(event.data.intent_id)
-        if event.data.intent_id == "q3":
+        if event.data.intent_id == engage_at:
             gate.engage()
         return [verdict_for(event, bus.source)]
 
-    runner = Runner(bus, spec("paused"), handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=True,
-                    batch=64, pause=gate)
-    stop, task = await start(runner)
+    runner = Runner(bus, s, handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=True, batch=batch, pause=gate)
+    return gate, handled, await start(runner)
+
+
+async def test_a_pause_engaged_mid_batch_holds_the_rest_of_the_batch(bus):
+    """The emergency stop engages while a batch is being handled (here: by the 4th handler):
+    what was handled is settled, nothing more is handled until the gate clears, the rest of
+    the batch stays in hand (kept alive, not dropped)."""
+    ids = [f"q{k}" for k in range(20)]
+    gate, handled, (stop, task) = await paused_at(bus, ids, "q3", spec("paused"), batch=64)
     try:
         async def four_settled_rest_in_hand() -> bool:
             try:
@@ -232,18 +237,7 @@ async def test_the_batch_taken_ahead_is_kept_alive_through_a_pause(bus):
     (ack_wait 2 s: without keepalives it would be redelivered during the pause); after the
     gate clears every message is handled once and settled."""
     ids = [f"a{k:02d}" for k in range(24)]
-    await bus.publish_many([intent(i) for i in ids])
-    gate, handled = Gate(), []
-
-    async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
-        handled.append(event.data.intent_id)
-        if event.data.intent_id == "a03":
-            gate.engage()
-        return [verdict_for(event, bus.source)]
-
-    s = dataclasses.replace(spec("ahead"), ack_wait=2.0)
-    runner = Runner(bus, s, handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=True, batch=12, pause=gate)
-    stop, task = await start(runner)
+    gate, handled, (stop, task) = await paused_at(bus, ids, "a03", dataclasses.replace(spec("ahead"), ack_wait=2.0), batch=12)
     try:
         async def first_four_and_all_in_hand() -> bool:
             try:
