@@ -1,7 +1,8 @@
 """The code student (issue 14): a BitNet b1.58 causal LM distilled from the fine-tuned code
 model on a GPU within a wall-clock budget, then teacher vs student on held-out contracts
 with the same prompts, sample counts, seeds and judges; or (`--cpu-speed`) batch-1 decoding
-speed of the student's and the teacher's architectures on this machine's CPU.
+speed of the student's and the teacher's architectures on this machine's CPU (the student
+in torch and in the numpy edge runtime, `consumers.edge.ternary_lm`).
 
     # the device (after the foundry's script saved the tuned teacher at /tmp/scf-teacher):
     source benchmarks/device_setup.sh && python3 benchmarks/bench_code_student_gpu.py \\
@@ -71,10 +72,27 @@ def cpu_speed(args) -> dict:
     tcfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, **SMOLLM2_135M)
     teacher = LlamaForCausalLM(tcfg).eval()
-    runs: dict[str, list[dict]] = {"student": [], "teacher_arch": []}
-    for _ in range(args.speed_rounds):  # interleaved, the best of each kept: a shared machine's load hits both alike
+    from scf.consumers.edge.ternary_lm import TernaryLM
+
+    lm = TernaryLM(tmp / "student.safetensors")
+    ids = list(tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+    def numpy_speed() -> dict:
+        lm.reset()
+        t = time.perf_counter()
+        logits = lm.forward(ids)[-1]
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(args.speed_tokens - 1):
+            logits = lm.forward([int(logits.argmax())])[-1]
+        return {"prompt_tokens": len(ids), "prefill_s": prefill, "new_tokens": args.speed_tokens,
+                "decode_tokens_per_s": (args.speed_tokens - 1) / (time.perf_counter() - t), "threads": args.threads}
+
+    runs: dict[str, list[dict]] = {"student": [], "teacher_arch": [], "student_numpy": []}
+    for _ in range(args.speed_rounds):  # interleaved, the best of each kept: a shared machine's load hits all alike
         for key, model in (("student", student), ("teacher_arch", teacher)):
             runs[key].append(cs.decode_speed(model, tok, prompt, new_tokens=args.speed_tokens, threads=args.threads))
+        runs["student_numpy"].append(numpy_speed())
     out = {k: {"prefill_s": min(r["prefill_s"] for r in v), "decode_tokens_per_s": max(r["decode_tokens_per_s"] for r in v),
                "prompt_tokens": v[0]["prompt_tokens"], "threads": v[0]["threads"], "runs": v} for k, v in runs.items()}
     out.update({"student_file": info, "student_config": cfg.__dict__, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()})
@@ -85,7 +103,10 @@ def cpu_speed(args) -> dict:
     print("|---|---|---|")
     print(f"| teacher architecture (SmolLM2-135M) | {t['prefill_s']:.3f} | {t['decode_tokens_per_s']:.1f} |")
     print(f"| student {cfg.hidden}x{cfg.layers} (packed file, read back) | {s['prefill_s']:.3f} | {s['decode_tokens_per_s']:.1f} |")
-    print(f"| student / teacher | {out['prefill_speedup']:.2f}x faster | {out['decode_speedup']:.2f}x |")
+    n = out["student_numpy"]
+    print(f"| student, numpy runtime (consumers.edge.ternary_lm, no torch) | {n['prefill_s']:.3f} | {n['decode_tokens_per_s']:.1f} |")
+    print(f"| student (torch) / teacher | {out['prefill_speedup']:.2f}x faster | {out['decode_speedup']:.2f}x |")
+    print(f"| student (numpy) / teacher | {t['prefill_s'] / n['prefill_s']:.2f}x faster | {n['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}x |")
     print(f"load average {out['load_average']}")
     return out
 

@@ -125,3 +125,41 @@ def test_a_file_that_is_not_a_code_student_is_refused_in_one_line(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(cs.StudentError, match="is not a safetensors file"):
         cs.load_student(tmp_path / "junk.safetensors")
+
+
+def test_the_numpy_runtime_reads_the_file_and_computes_what_torch_does(teacher, tmp_path):
+    from scf.consumers.edge.ternary_lm import TernaryLM
+
+    _, tok = teacher
+    cfg = cs.StudentConfig(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, width_multiple=16)
+    student = cs.build_student(cfg, tok, seed=3)
+    with torch.no_grad():  # norms off 1, so that a wrong norm would show
+        for name, p in student.named_parameters():
+            if "norm" in name:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    path = tmp_path / "s.safetensors"
+    cs.save_student(student, tok, path, packing="base3", student=cfg)
+    ids = torch.randint(0, 49000, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = student(input_ids=ids).logits[0].numpy()
+    lm = TernaryLM(path)
+    got = lm.forward(ids[0].numpy())
+    # float rounding can flip an activation code on a tie: close, not bit for bit
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+    lm.reset()  # the key/value cache: the same logits token by token as in one pass
+    parts = np.concatenate([lm.forward(ids[0, :30].numpy()), lm.forward(ids[0, 30:].numpy())])
+    assert np.allclose(parts, got, atol=1e-5)
+    greedy = lm.generate(ids[0].tolist(), 6)
+    with torch.no_grad():
+        hf = student.generate(input_ids=ids, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=tok.pad_token_id)
+    assert greedy == hf[0, 40:].tolist()
+
+
+def test_the_numpy_runtime_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, scf.consumers.edge.ternary_lm; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
