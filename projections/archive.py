@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import select
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,7 @@ from scf.projections.store import (
     ARCHIVED_STREAMS,
     SKIPPED_STREAMS,
     ArchiveError,
+    ArchiveFile,
     ArchiveStore,
     ArchiveWriteFailed,
     parse_replies,
@@ -56,6 +61,17 @@ class ArchiveSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     compact_rows: int = 1_000_000  # compaction merges small files into files of up to this many rows
     auto_compact_files: int = 64  # the process compacts a date once it wrote this many small files there (0: never)
     streams: list[str] = []  # default: every stream except JOBS
+    # Who turns a batch into Parquet: "process" (a child forked per batch: its Python does not
+    # hold the GIL the receiving needs; POSIX) or "thread" (a worker thread of this process).
+    writer: str = "process"
+
+    def __post_init__(self) -> None:
+        if self.writer not in WRITERS:
+            raise ValueError(f"[archive] writer = {self.writer!r}: use one of {', '.join(WRITERS)}")
+
+
+WRITERS = ("process", "thread")
+FORKED_WRITE_TIMEOUT = 300.0  # seconds a forked writer may take before it is killed (the batch is retried)
 
 
 def archive_settings(settings: Settings) -> ArchiveSettings:
@@ -172,6 +188,7 @@ class StreamFollower:
         self._room.set()
         self._sub = None
         self._small_files: dict[str, int] = {}
+        self.forked = cfg.writer == "process" and hasattr(os, "fork")
 
     # ------------------------------------------------------------------ subscription
     async def _subscribe(self) -> None:
@@ -258,8 +275,9 @@ class StreamFollower:
         self._room.set()
         if not batch:
             return
+        write = self._write_forked if self.forked else self._write
         try:
-            written, n, gap = await asyncio.to_thread(self._write, batch)
+            written, n, gap = await asyncio.to_thread(write, batch)
         except ArchiveWriteFailed as exc:
             self._write_failed(exc, batch, final)
             return
@@ -339,6 +357,72 @@ class StreamFollower:
         self._last_seq = int(s[new[-1]])
         return written, len(new), bool(len(jumps))
 
+    def _write_forked(self, batch: list) -> tuple[list, int, bool]:
+        """`_write` in a child forked for this batch (called from a worker thread). The child
+        sees the batch as it is (copy-on-write, nothing serialised), writes the files and
+        reports what it wrote, the positions it moved to, or its failure, as JSON on a pipe;
+        this process only waits (without the GIL) and takes the positions over. Files are made
+        durable by the child before it reports; a child that dies or hangs leaves the position
+        at what is on disk and the batch is retried, as a failed write."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no logging, no event loop, no NATS; out through os._exit
+            try:
+                os.close(r)
+                data = json.dumps(self._child_write(batch)).encode()
+                while data:
+                    data = data[os.write(w, data):]
+            finally:
+                os._exit(0)
+        os.close(w)
+        report = b""
+        try:
+            deadline = time.monotonic() + FORKED_WRITE_TIMEOUT
+            while True:
+                if not select.select([r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    break
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                report += chunk
+        finally:
+            os.close(r)
+            _, status = os.waitpid(pid, 0)
+        return self._take_report(report, status)
+
+    def _child_write(self, batch: list) -> dict:
+        try:
+            written, n, gap = self._write(batch)
+        except ArchiveWriteFailed as exc:
+            return {"failed": {"path": str(exc.path), "errno": getattr(exc.cause, "errno", None), "message": str(exc.cause),
+                               "written": [_file_row(f) for f in exc.written], "rows": getattr(exc, "rows", 0)},
+                    "last_seq": self._last_seq, "last_dseq": self._last_dseq}
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it there
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"files": [_file_row(f) for f in written], "n": n, "gap": gap,
+                "last_seq": self._last_seq, "last_dseq": self._last_dseq}
+
+    def _take_report(self, report: bytes, status: int) -> tuple[list, int, bool]:
+        try:
+            got = json.loads(report) if report else None
+        except ValueError:
+            got = None
+        if got is None:  # killed, crashed, hung: what it made durable is on disk, the rest is retried
+            self._last_seq = max(self._last_seq, self.store.position(self.stream))
+            why = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}"
+            raise ArchiveWriteFailed(self.store.stream_dir(self.stream), OSError(f"the writer process ended without a report ({why})"))
+        if "error" in got:
+            raise ArchiveError(f"{self.stream}: the writer process failed: {got['error']}")
+        self._last_seq, self._last_dseq = got["last_seq"], got["last_dseq"]
+        if "failed" in got:
+            f = got["failed"]
+            cause = OSError(f["errno"], f["message"]) if f["errno"] else OSError(f["message"])
+            exc = ArchiveWriteFailed(Path(f["path"]), cause, [_file_of(x) for x in f["written"]])
+            exc.rows = f["rows"]  # type: ignore[attr-defined]
+            raise exc
+        return [_file_of(x) for x in got["files"]], got["n"], got["gap"]
+
     def _compact(self, date: str) -> None:
         from scf.projections.store import ArchiveBusy
 
@@ -350,6 +434,14 @@ class StreamFollower:
             pass
         except ArchiveWriteFailed as exc:  # the small files stay as they are; compacted later
             log.warning("%s: compaction skipped: %s", self.stream, exc)
+
+
+def _file_row(f: ArchiveFile) -> list:
+    return [f.stream, f.first, f.last, f.date, str(f.path)]
+
+
+def _file_of(row: list) -> ArchiveFile:
+    return ArchiveFile(row[0], row[1], row[2], row[3], Path(row[4]))
 
 
 # --------------------------------------------------------------------------- the process

@@ -1,0 +1,98 @@
+"""The archive's writer: a child forked per batch (`[archive] writer = "process"`, the
+default) writes the same files as the writer thread, and a child that dies is a failed write
+that loses nothing and writes nothing twice."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import msgspec
+import pytest
+
+from scf.bus import codec
+from scf.bus import events as ev
+from scf.bus.client import Bus
+from scf.projections.archive import ArchiveSettings, StreamFollower
+from scf.projections.store import ArchiveStore, ArchiveWriteFailed
+
+
+class Msg:
+    """What the follower keeps of a delivered message."""
+
+    __slots__ = ("subject", "data", "headers", "reply")
+
+    def __init__(self, subject: str, data: bytes, headers: dict | None, reply: str) -> None:
+        self.subject, self.data, self.headers, self.reply = subject, data, headers, reply
+
+
+def batch(n: int, first: int = 1) -> list[Msg]:
+    out = []
+    for i in range(first, first + n):
+        c = ev.FossilContent(domain="grid:case14", context=[float(i)], state=[1.0], energy=float(i),
+                             observed_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(hours=i),
+                             provenance=ev.Provenance(source="test", verifier="v", verified=True))
+        e = ev.FossilRecorded.new(ev.Fossil(**msgspec.structs.asdict(c), fossil_id=ev.fossil_content_id(c)), source="test")
+        ts = 1_764_633_600_000_000_000 + i * 3_600_000_000_000  # one a hour: a batch spans dates
+        out.append(Msg(e.subject(), codec.encode(e), Bus.headers(e), f"$JS.ACK.FOSSILS.arc.1.{i}.{i}.{ts}.{first + n - 1 - i}"))
+    return out
+
+
+def follower(root, writer: str) -> StreamFollower:
+    store = ArchiveStore(root)
+    store.ensure()
+    return StreamFollower(None, store, "FOSSILS", 1, ArchiveSettings(writer=writer))  # type: ignore[arg-type]
+
+
+def test_the_forked_writer_writes_what_the_thread_writes(tmp_path):
+    msgs = batch(60)
+    forked, threaded = follower(tmp_path / "p", "process"), follower(tmp_path / "t", "thread")
+    assert forked.forked and not threaded.forked
+    written_p, n_p, gap_p = forked._write_forked(msgs)
+    written_t, n_t, gap_t = threaded._write(msgs)
+    assert (n_p, gap_p) == (n_t, gap_t) == (60, False)
+    assert [(f.first, f.last, f.date, f.path.name) for f in written_p] == [(f.first, f.last, f.date, f.path.name) for f in written_t]
+    assert len(written_p) == 3  # one file per date: 60 hours from 2025-12-02 01:00
+    assert (forked._last_seq, forked._last_dseq) == (threaded._last_seq, threaded._last_dseq) == (60, 60)
+    assert forked.store.read("FOSSILS").equals(threaded.store.read("FOSSILS"))
+    # the next batch continues from the positions the child reported
+    assert forked._write_forked(batch(10, first=61))[1] == 10 and forked.store.position("FOSSILS") == 70
+
+
+def test_a_writer_that_dies_after_writing_is_a_failed_write_and_nothing_is_written_twice(tmp_path, monkeypatch):
+    f = follower(tmp_path, "process")
+    msgs = batch(30)
+    real = StreamFollower._child_write
+
+    def write_then_die(self, b):  # runs in the child: the files are durable, the report never comes
+        real(self, b)
+        os._exit(3)
+
+    monkeypatch.setattr(StreamFollower, "_child_write", write_then_die)
+    with pytest.raises(ArchiveWriteFailed, match="without a report") as failed:
+        f._write_forked(msgs)
+    assert "exit 3" in str(failed.value.cause)
+    assert f.store.position("FOSSILS") == 30 and f._last_seq == 30  # the position is what is on disk
+    files = f.store.files("FOSSILS")
+    monkeypatch.setattr(StreamFollower, "_child_write", real)
+    written, n, gap = f._write_forked(msgs)  # the retry of the same batch
+    assert (written, n, gap) == ([], 0, False) and f.store.files("FOSSILS") == files
+    assert f.store.read("FOSSILS").column("seq").to_pylist() == list(range(1, 31))
+
+
+def test_a_failure_in_the_child_is_the_same_error_here(tmp_path, monkeypatch):
+    f = follower(tmp_path, "process")
+
+    def refuse(self, stream, table):  # runs in the child
+        raise ArchiveWriteFailed(self.root / "x.parquet", OSError(27, "File too large"))
+
+    monkeypatch.setattr(ArchiveStore, "append", refuse)
+    with pytest.raises(ArchiveWriteFailed) as failed:
+        f._write_forked(batch(5))
+    assert failed.value.reason == "File too large" and failed.value.written == []
+    assert f._last_seq == 0
+
+
+def test_an_unknown_writer_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="writer = 'gpu': use one of process, thread"):
+        ArchiveSettings(writer="gpu")
