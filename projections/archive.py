@@ -64,6 +64,7 @@ class ArchiveSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Who turns a batch into Parquet: "process" (a child forked per batch: its Python does not
     # hold the GIL the receiving needs; POSIX) or "thread" (a worker thread of this process).
     writer: str = "process"
+    fork_min_rows: int = 5000  # smaller batches are written in a thread anyway (a fork costs ~10-50 ms)
 
     def __post_init__(self) -> None:
         if self.writer not in WRITERS:
@@ -275,7 +276,8 @@ class StreamFollower:
         self._room.set()
         if not batch:
             return
-        write = self._write_forked if self.forked else self._write
+        # a small batch (a quiet stream flushed by time) costs little GIL and more to fork
+        write = self._write_forked if self.forked and len(batch) >= self.cfg.fork_min_rows else self._write
         try:
             written, n, gap = await asyncio.to_thread(write, batch)
         except ArchiveWriteFailed as exc:

@@ -18,6 +18,7 @@ import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,10 +79,13 @@ async def _wait_logged(predicate, log, what: str, proc=None) -> None:
         raise AssertionError(f"{exc}; the archive's log ends with:\n{log.read_text()[-3000:]}") from None
 
 
-@pytest.mark.parametrize("how", ["tmpfs", "fsize"])
-async def test_archive_waits_on_a_full_disk_and_loses_nothing(how, bus, scf_env, tmp_path):
+@pytest.mark.parametrize("how, writer", [("tmpfs", "process"), ("fsize", "process"), ("fsize", "thread")])
+async def test_archive_waits_on_a_full_disk_and_loses_nothing(how, writer, bus, scf_env, settings, tmp_path):
+    """`writer`: every batch written by a forked child (`fork_min_rows = 1`: the limit lifted
+    on the archive's pid holds for the next child), or by the writer thread."""
     root = tmp_path / "archive"
     root.mkdir()
+    (Path(settings.home) / "scf.toml").write_text(f'[archive]\nwriter = "{writer}"\nfork_min_rows = 1\n')
     mounted = False
     if how == "tmpfs":
         mounted = _mount_tmpfs(root)
