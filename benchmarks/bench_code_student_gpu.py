@@ -137,6 +137,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--eval-prompts", type=int, default=8, help="held-out contracts: the first of the dataset's validation prompts")
     ap.add_argument("--eval-domains", default="grid:case9", help="only when the validation split has no prompts: one served prompt a domain")
     ap.add_argument("--eval-samples", type=int, default=8, help="answers per held-out prompt")
+    ap.add_argument("--eval-temperature", type=float, default=0.7, help="sampling temperature of the held-out answers (both models)")
     ap.add_argument("--tokens", type=int, default=512, help="max new tokens of an answer")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 3), help="sandbox runs at once")
     ap.add_argument("--packing", default="2bit", choices=["2bit", "base3"])
@@ -210,12 +211,16 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     t = time.perf_counter()
     teacher_nll = cs.completion_nll(teacher, tok, val_rows, device=device, max_length=args.max_length)
     lap("teacher_nll_s", t)
-    gen_t = mg.LocalGenerator.from_model(teacher, tok, temperature=0.7, top_p=0.95, max_new_tokens=args.tokens, device=device)
+    gen_t = mg.LocalGenerator.from_model(teacher, tok, temperature=args.eval_temperature, top_p=0.95, max_new_tokens=args.tokens, device=device)
     t = time.perf_counter()
     teacher_texts = gen_t.answers_many(heldout, args.eval_samples, args.seed)
     lap("teacher_heldout_generate_s", t)
     pool = ThreadPoolExecutor(max_workers=1)
     teacher_judged = pool.submit(cs.judge_texts, heldout, teacher_texts, workers=args.workers, hours=6.0)  # the CPUs judge while the GPU trains
+    # the teacher's own held-out answers as rows: how well the student models what its teacher writes (teacher-forced)
+    answer_rows = [{"prompt": m, "completion": [{"role": "assistant", "content": x.strip()}]}
+                   for m, texts in zip(heldout, teacher_texts) for x in texts if x.strip()]
+    teacher_answers_nll = cs.completion_nll(teacher, tok, answer_rows, device=device, max_length=args.max_length) if answer_rows else None
     t = time.perf_counter()
     asked = train_prompts
     if 0 < args.teacher_prompts < len(train_prompts):
@@ -277,7 +282,8 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     record("student_file", info)
     t = time.perf_counter()
     student_nll = cs.completion_nll(student, tok, val_rows, device=device, max_length=args.max_length)
-    gen_s = mg.LocalGenerator.from_model(student, tok, temperature=0.7, top_p=0.95, max_new_tokens=args.tokens, device=device)
+    student_answers_nll = cs.completion_nll(student, tok, answer_rows, device=device, max_length=args.max_length) if answer_rows else None
+    gen_s = mg.LocalGenerator.from_model(student, tok, temperature=args.eval_temperature, top_p=0.95, max_new_tokens=args.tokens, device=device)
     student_j = cs.judge_answers(gen_s, heldout, args.eval_samples, seed=args.seed, workers=args.workers, hours=6.0)
     lap("student_eval_s", t)
     t = time.perf_counter()
@@ -291,7 +297,9 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None
 
-    cmp = {"teacher": {"nll": teacher_nll, **teacher_j}, "student": {"nll": student_nll, **student_j},
+    cmp = {"teacher": {"nll": teacher_nll, "nll_teacher_answers": teacher_answers_nll, **teacher_j},
+           "student": {"nll": student_nll, "nll_teacher_answers": student_answers_nll, **student_j},
+           "code_ratio": ratio(student_j["code_rate"], teacher_j["code_rate"]),
            "gate_pass_ratio": ratio(student_j["gate_pass_rate"], teacher_j["gate_pass_rate"]),
            "sandbox_pass_ratio": ratio(student_j["sandbox_pass_rate"], teacher_j["sandbox_pass_rate"]),
            "nll_ratio": student_nll / teacher_nll, "bits_per_linear_weight": info["bits_per_linear_weight"]}
@@ -302,7 +310,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         return "n/a" if v is None else f"{v:.3f}"
 
     n = teacher_j["samples"]
-    print(f"\n| held out: {len(heldout)} contracts ({', '.join(domains)}), {n} answers each model, T 0.7 | teacher | student | student/teacher | goal |")
+    print(f"\n| held out: {len(heldout)} contracts ({', '.join(domains)}), {n} answers each model, T {args.eval_temperature} | teacher | student | student/teacher | goal |")
     print("|---|---|---|---|---|")
     print(f"| code (parses as a Controller module) | {teacher_j['code_rate']:.3f} | {student_j['code_rate']:.3f} | "
           f"{fmt(ratio(student_j['code_rate'], teacher_j['code_rate']))} | |")
@@ -311,6 +319,9 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     print(f"| beats the status quo | {teacher_j['beats_status_quo_rate']:.3f} | {student_j['beats_status_quo_rate']:.3f} | | |")
     print(f"| mean reward | {teacher_j['mean_reward']:.4f} | {student_j['mean_reward']:.4f} | | |")
     print(f"| NLL of held-out approved code, per token | {teacher_nll:.4f} | {student_nll:.4f} | {cmp['nll_ratio']:.3f} | ≤ 1.15 |")
+    if teacher_answers_nll is not None:
+        print(f"| NLL of the teacher's held-out answers, per token | {teacher_answers_nll:.4f} | {student_answers_nll:.4f} | "
+              f"{student_answers_nll / teacher_answers_nll:.3f} | |")
     print(f"| bits per linear weight ({info['packing']}, scales counted) | 32 (float32) | {info['bits_per_linear_weight']:.4f} | | ≤ 2.07 |")
     print(f"| student file | | {info['bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:16]} | | |")
     print(f"| training: throughput, time to NLL target | | {rep['tokens_per_s']:.0f} tokens/s, "

@@ -163,3 +163,33 @@ def test_the_numpy_runtime_imports_no_torch():
     code = "import sys, scf.consumers.edge.ternary_lm; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_incremental_and_left_padded_decoding_give_the_full_forward_logits(teacher, tmp_path):
+    """The generation path (transformers' KV cache, rotary positions under left padding, the
+    frozen RMSBitLinear's inference path) computes what one full forward pass does."""
+    _, tok = teacher
+    cfg = cs.StudentConfig(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, width_multiple=16)
+    cs.save_student(cs.build_student(cfg, tok, seed=4), tok, tmp_path / "s.safetensors", student=cfg)
+    model, _ = cs.load_student(tmp_path / "s.safetensors")
+    ids = torch.randint(0, 49000, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0]
+        out = model(input_ids=ids[:, :16], use_cache=True)
+        steps = [out.logits[0]]
+        past = out.past_key_values
+        for i in range(16, 24):  # one token at a time, through the cache
+            out = model(input_ids=ids[:, i: i + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[0])
+        inc = torch.cat(steps)
+        assert torch.allclose(inc, full, atol=1e-4), float((inc - full).abs().max())
+        pad = tok.pad_token_id
+        padded = torch.cat([torch.full((1, 5), pad), ids], 1)  # left padding, as answers_many batches prompts
+        mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 24, dtype=torch.long)], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        left = model(input_ids=padded, attention_mask=mask, position_ids=pos).logits[0, 5:]
+        assert torch.allclose(left, full, atol=1e-4), float((left - full).abs().max())
+        gen = model.generate(input_ids=padded, attention_mask=mask, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=pad)
+        alone = model.generate(input_ids=ids, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=pad)
+        assert gen[0, 29:].tolist() == alone[0, 24:].tolist()
