@@ -131,9 +131,12 @@ def main() -> None:
     ap.add_argument("--rs-steps", type=int, default=40)
     ap.add_argument("--rs-lr", type=float, default=1e-4)
     ap.add_argument("--rs-keep", type=int, default=2, help="answers kept per prompt (the best that beat the status quo)")
+    ap.add_argument("--rs-temperature", type=float, default=1.0, help="sampling temperature of the rejection round")
+    ap.add_argument("--eval-base", action=argparse.BooleanOptionalAction, default=True, help="evaluate the base model too")
     ap.add_argument("--teacher", default="", help="copy the SFT model (merged, a transformers directory with its tokenizer) here")
     ap.add_argument("--eval-hours", type=float, default=6.0, help="sandbox hours of each held-out answer's run")
-    ap.add_argument("--eval-prompts", type=int, default=64)
+    ap.add_argument("--eval-prompts", type=int, default=64, help="held-out contracts, taken round-robin over their domains")
+    ap.add_argument("--eval-first", action="store_true", help="judge the SFT model (and base) before the rejection round, the round's model after")
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=512, help="max new tokens of an answer")
     ap.add_argument("--speed-n", type=int, default=0)
@@ -212,13 +215,21 @@ def main() -> None:
         shutil.copytree(sft_dir, args.teacher)
         print(f"teacher (the SFT model) copied to {args.teacher}", flush=True)
     run_probe("sft", sft_dir)
-    models = {"base": base, "sft": sft_dir}
+    models = {"base": base, "sft": sft_dir} if args.eval_base else {"sft": sft_dir}
+    if args.eval_first:  # the SFT model judged before the rejection round (a cut run keeps it)
+        t = time.perf_counter()
+        e = mg.evaluate_models(dict(models), ds, samples=args.eval_samples, max_new_tokens=args.tokens, device=device, max_prompts=args.eval_prompts,
+                               workers=args.workers, hours=args.eval_hours, on_model=lambda part: record("evaluation_sft", part))
+        e["seconds"] = time.perf_counter() - t
+        record("evaluation_sft", e)
+        report_eval(e)
+        models = {}
     if args.rs_rounds > 0:
         rs_dir = zoo / "smollm2-135m-genn-rs"
         t = time.perf_counter()
         rep = mg.rejection_sft(sft_dir, ds, rs_dir, rounds=args.rs_rounds, n=args.rs_n, prompts=args.rs_prompts, steps=args.rs_steps,
                                lr=args.rs_lr, batch_size=args.batch_size, max_length=args.max_length, device=device, workers=args.workers,
-                               max_new_tokens=args.tokens, keep=args.rs_keep)
+                               max_new_tokens=args.tokens, keep=args.rs_keep, temperature=args.rs_temperature)
         rep["seconds"] = time.perf_counter() - t
         record("rejection_sft", rep)
         print(f"rejection-sampling SFT ({device}) in {rep['seconds']:.0f} s: {rep['rejection']}", flush=True)
@@ -233,25 +244,32 @@ def main() -> None:
         print(f"light DPO+RPO on SFT ({device}) in {rep['seconds']:.0f} s: {rep['dpo']}", flush=True)
         models["sft+dpo"] = dpo_dir
 
+    if not models:
+        return
     t = time.perf_counter()
     e = mg.evaluate_models(models, ds, samples=args.eval_samples, max_new_tokens=args.tokens, device=device, max_prompts=args.eval_prompts,
                            workers=args.workers, hours=args.eval_hours, on_model=lambda part: record("evaluation", part))
     e["seconds"] = time.perf_counter() - t
     record("evaluation", e)
-    print(f"evaluation in {e['seconds']:.0f} s on {e['held_out_prompts']} held-out contracts ({', '.join(e['held_out_domains'])}), "
-          f"{e['samples_per_prompt']} samples each")
-    for name, r in e["models"].items():
-        rel = r["median_relative_cost"]
-        print(f"  {name}: code {r['code_rate']:.0%}, gate {r['gate_pass_rate']:.0%}, sandbox {r['sandbox_pass_rate']:.0%}, beats status quo "
-              f"{r['beats_status_quo_rate']:.0%}, mean reward {r['mean_reward']:.3f}, median relative cost {rel if rel is None else round(rel, 3)}, "
-              f"NLL {r.get('nll', float('nan')):.3f}")
-        for d, x in r["domains"].items():
-            print(f"     {d}: {x['samples']} samples, sandbox {x['sandbox_pass_rate']:.0%}, beats {x['beats_status_quo_rate']:.0%}, "
-                  f"reward {x['mean_reward']:.3f}")
+    report_eval(e)
     last = list(models.values())[-1]
     meta = json.loads((last / "scf-finetune.json").read_text())
     record("checkpoint", {k: meta[k] for k in ("format", "sha256", "base_sha256", "dataset_sha256", "lineage")})
     print(f"final checkpoint {last} sha256 {meta['sha256'][:16]} (base {meta['base_sha256'][:16]}, dataset {meta['dataset_sha256'][:16]})")
+
+
+def report_eval(e: dict) -> None:
+    print(f"evaluation in {e.get('seconds', 0):.0f} s on {e['held_out_prompts']} held-out contracts ({', '.join(e['held_out_domains'])}), "
+          f"{e['samples_per_prompt']} samples each", flush=True)
+    for name, r in e["models"].items():
+        rel = r["median_relative_cost"]
+        print(f"  {name}: code {r['code_rate']:.0%}, gate {r['gate_pass_rate']:.0%}, sandbox {r['sandbox_pass_rate']:.0%}, beats status quo "
+              f"{r['beats_status_quo_rate']:.0%}, mean reward {r['mean_reward']:.3f}, median relative cost {rel if rel is None else round(rel, 3)}, "
+              f"NLL {r.get('nll', float('nan')):.3f}", flush=True)
+        print(f"     commonest refusals: {r.get('reasons', [])[:3]}", flush=True)
+        for d, x in r["domains"].items():
+            print(f"     {d}: {x['samples']} samples, code {x['code_rate']:.0%}, gate {x['gate_pass_rate']:.0%}, sandbox {x['sandbox_pass_rate']:.0%}, "
+                  f"beats {x['beats_status_quo_rate']:.0%}, reward {x['mean_reward']:.3f}", flush=True)
 
 
 def speed_test(mg, base: Path, args, device: str, record) -> None:

@@ -667,6 +667,21 @@ def rejection_sft(base: Path, dataset: Path, out: Path, *, rounds: int = 1, n: i
     return report
 
 
+def _spread(prompts: list[list[dict[str, str]]], k: int) -> list[list[dict[str, str]]]:
+    """At most `k` prompts taken round-robin over their domains (in first-seen order), so a cut
+    evaluation still covers every held-out domain."""
+    by: dict[str, list] = {}
+    for m in prompts:
+        by.setdefault(_domain_of(m), []).append(m)
+    out: list[list[dict[str, str]]] = []
+    queues = [list(v) for v in by.values()]
+    while len(out) < k and any(queues):
+        for q in queues:
+            if q and len(out) < k:
+                out.append(q.pop(0))
+    return out
+
+
 def evaluate_models(models: dict[str, Path], dataset: Path, *, samples: int = 16, max_new_tokens: int = 512, seed: int = 0,
                     max_prompts: int = 64, device: str = "cpu", workers: int = 1, hours: float = 6.0, nll: bool = True,
                     on_model=None, energy: "EnergyScorer | None" = None) -> dict[str, Any]:
@@ -679,7 +694,7 @@ def evaluate_models(models: dict[str, Path], dataset: Path, *, samples: int = 16
     from scf.producers.genn import extract_code
 
     prompts, approved = _held_out(dataset)
-    prompts = prompts[:max_prompts]
+    prompts = _spread(prompts, max_prompts)
     out: dict[str, Any] = {"held_out_prompts": len(prompts), "held_out_approved": len(approved), "samples_per_prompt": samples,
                            "held_out_domains": sorted({_domain_of(m) for m in prompts}), "models": {}}
     for name, directory in models.items():
@@ -689,12 +704,17 @@ def evaluate_models(models: dict[str, Path], dataset: Path, *, samples: int = 16
         per: dict[str, dict[str, float]] = {}
         rels: list[float] = []
         gaps: list[float] = []
+        reasons: dict[str, int] = {}
         for messages, texts in zip(prompts, many):
             domain, params = _contract_of(messages)
             d = per.setdefault(domain, {"samples": 0, "code": 0, "gate": 0, "sandbox": 0, "beats": 0, "reward": 0.0})
             for text, j in zip(texts, judge_many([(t, domain, params) for t in texts], workers=workers, hours=hours, energy=energy)):
                 d["samples"] += 1
-                d["code"] += not extract_code(text).error
+                err = extract_code(text).error
+                d["code"] += not err
+                why = err or (j.reason if j is not None and not j.sandbox_ok else "")
+                if why:
+                    reasons[why[:100]] = reasons.get(why[:100], 0) + 1
                 if j is not None:
                     d["gate"] += j.gate_ok
                     d["sandbox"] += j.sandbox_ok
@@ -714,6 +734,7 @@ def evaluate_models(models: dict[str, Path], dataset: Path, *, samples: int = 16
         r: dict[str, Any] = {**rates(total), "median_relative_cost": sorted(rels)[len(rels) // 2] if rels else None,
                              "mean_energy_gap": sum(gaps) / len(gaps) if gaps else None,
                              "domains": {k: rates(v) for k, v in sorted(per.items())}, "sha256": weights_sha256(directory),
+                             "reasons": sorted(reasons.items(), key=lambda x: -x[1])[:6],
                              "example": (many[0][0][:1200] if many and many[0] else "")}
         if nll and approved:
             r["nll"] = completion_nll(directory, approved, device=device)
