@@ -19,17 +19,24 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 .PHONY: install test test-fast test-all demo bench lock lint
 install: $(VENV)/.installed
 
+# The tests run on TEST_WORKERS processes (pytest-xdist), one test file per worker at a time
+# (module fixtures are built once): the tests wait on real processes (nats-server, `scf`,
+# torchrun) about half of their time, so two workers fill a 2-core machine. TEST_WORKERS=0
+# runs them in this one process (for a debugger, or `-x` on the first failure).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 # The README's test command (and CI's): everything but the runs of many minutes.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not long"
+	$(PYTEST) -m "not long"
 
 # Without the tests over a minute (the demo, fault injection loops, training to quality).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not long"
+	$(PYTEST) -m "not slow and not long"
 
 # Everything, the model-quality and fine-tuning runs of many minutes included.
 test-all: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/scf demo

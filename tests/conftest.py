@@ -3,7 +3,9 @@ at it, a connected `Bus` with the streams ensured, and helpers to run `scf` proc
 real OS processes.
 
 Async tests use anyio's pytest plugin (`pytestmark = pytest.mark.anyio`); every test has a
-timeout (pytest-timeout, set in pyproject).
+timeout (pytest-timeout, set in pyproject). `make test` runs the files on two workers
+(pytest-xdist, `--dist loadfile`): every test keeps its own server, port and temporary home,
+so nothing may assume it is the only test running on the machine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ from scf.bus.settings import Settings, init_home
 from scf.bus.streams import ensure
 
 ROOT = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers (pytest-xdist) on a 2-core machine: one thread each for
+    # torch/BLAS here and in the processes the tests start (they inherit the environment),
+    # instead of two workers each splitting work over every core
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 
 @pytest.fixture

@@ -128,6 +128,7 @@ async def test_heldout_fossils_are_the_loaders_split(bus):
     assert await heldout_fossils(bus, "grid:case9", 10) == []
 
 
+@pytest.mark.slow
 async def test_real_checkpoints_are_verified_and_promoted(bus, settings, tmp_path):
     """torch on CPU, end to end: two tiny EBDMs saved with ml.checkpoint (safetensors, no
     pickle), put in the artifact store; real grid:case9 fossils in FOSSILS; the daemon's real

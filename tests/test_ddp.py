@@ -26,6 +26,7 @@ def shards(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_shard_the_data_exactly_and_hold_identical_weights(shards, tmp_path):
     support = Path(__file__).with_name("ddp_support.py")
     subprocess.run(
@@ -48,6 +49,7 @@ def _request(shards: Path, tmp_path: Path, config: dict, seen: list) -> TrainReq
                         progress=lambda *a: seen.append(a), threads=1, gpus=2)
 
 
+@pytest.mark.slow
 def test_the_worker_trains_a_job_on_two_ranks_and_rank_zero_alone_checkpoints(shards, tmp_path):
     from scf.ml.checkpoint import load_checkpoint
 
@@ -62,6 +64,7 @@ def test_the_worker_trains_a_job_on_two_ranks_and_rank_zero_alone_checkpoints(sh
     assert model.config.hidden == 32 and meta["lineage"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_a_failed_rank_fails_the_job_and_leaves_nothing(tmp_path):
     seen: list = []
     (tmp_path / "empty").mkdir()

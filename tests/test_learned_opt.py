@@ -103,6 +103,7 @@ def test_repair_hook_matches_the_domain_check():
     assert all(d.violations(ci, xi) == [] for ci, xi in zip(c, fixed))
 
 
+@pytest.mark.slow
 def test_hvac_learned_decisions_are_feasible_and_beat_the_best_in_data(tmp_path):
     synth_shards("hvac:office3", 2000, tmp_path / "shards", shard_size=1000, seed=6)
     result = train_optimiser("hvac:office3", tmp_path / "shards", tmp_path / "zoo", OptimiserConfig(steps=1000))

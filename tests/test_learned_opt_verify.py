@@ -50,6 +50,7 @@ def case9_data():
     return d, samples
 
 
+@pytest.mark.slow
 async def test_the_real_verifier_promotes_the_better_optimiser_on_its_decisions(bus, settings, tmp_path, case9_data):
     from scf.bus.artifacts import open_store
     from scf.ml.checkpoint import sha256_file

@@ -55,6 +55,7 @@ def mode_masses(model: EBDM, n: int, seed: int) -> tuple[float, float]:
     return first, float(near.float().mean())
 
 
+@pytest.mark.slow
 def test_ebdm_learns_the_mode_weights_of_a_2d_mixture_quickly():
     """The default run's version: a third of the steps at half the batch (about 1/6 of the
     slow test's work). Measured over seeds 0-7: 0.785-0.808 on the first mode, 0.978-0.992

@@ -34,6 +34,7 @@ def _specs(n: int) -> list[dict]:
     return [{"context": list(d.sample_context(rng))} for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_learned_decisions_are_certified_and_honour_max_gap(checkpoint, tmp_path):
     batch = tmp_path / "contexts.jsonl"
     batch.write_text("".join(json.dumps(s) + "\n" for s in _specs(40)))

@@ -107,6 +107,7 @@ async def test_bad_telemetry_is_refused_in_one_line(tmp_path):
         msgspec.json.decode(b'{"seq": 1}', type=Telemetry)
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.timeout(300)
 async def test_edge_agent_controls_a_plant_over_mqtt(bus, settings, scf_env, tmp_path):

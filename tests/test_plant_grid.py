@@ -196,6 +196,7 @@ def test_grid_telemetry_and_models_refused_in_one_line(tmp_path):
         load_grid_policy(wrong, loop.domain)
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.timeout(600)
 async def test_edge_agent_runs_a_grid_plant_over_mqtt_with_signed_setpoints(bus, settings, scf_env, tmp_path):

@@ -38,6 +38,7 @@ def test_ou_stationary_variance_matches_the_analytic_value():
     assert lag1 == pytest.approx(np.exp(-ou.theta * dt), abs=0.01)
 
 
+@pytest.mark.slow
 def test_thermal_network_driven_by_ou_weather_has_the_lyapunov_variance():
     """The linear SDE [T; X]: dT = (M T + e X) dt, dX = -theta X dt + sigma dW (HVAC off, no
     gains, outdoor temperature X an OU process). The plant's zone temperatures at the end of

@@ -76,6 +76,7 @@ async def strike_approved(bus, settings, keys, c, opts=OPTS):
     return first, second
 
 
+@pytest.mark.slow
 async def test_two_contracts_strike_deploy_measure_and_prove(bus, settings, scf_env, tmp_path):
     keys = Keys(settings)
     for n in ("edge-a", "edge-b"):
