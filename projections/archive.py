@@ -367,9 +367,16 @@ class StreamFollower:
         durable by the child before it reports; a child that dies or hangs leaves the position
         at what is on disk and the batch is retried, as a failed write."""
         r, w = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: no logging, no event loop, no NATS; out through os._exit
             try:
+                # not the event loop's signal handling (its wakeup fd is the parent's): a
+                # SIGTERM or SIGINT ends the child, and the parent sees a failed write
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _die_with(parent)
                 os.close(r)
                 data = json.dumps(self._child_write(batch)).encode()
                 while data:
@@ -436,6 +443,21 @@ class StreamFollower:
             pass
         except ArchiveWriteFailed as exc:  # the small files stay as they are; compacted later
             log.warning("%s: compaction skipped: %s", self.stream, exc)
+
+
+def _die_with(parent: int) -> None:
+    """In a forked writer: be killed when the archive process dies (Linux PR_SET_PDEATHSIG).
+    An orphan would hold the stream's write lock (its inherited descriptor) and keep writing
+    while a restarted archive is refused the lock; killed, it leaves at most a temporary
+    file, removed at the next start."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child ends when its batch is written
+        return
+    if os.getppid() != parent:  # the archive died before the request took effect
+        os._exit(1)
 
 
 def _file_row(f: ArchiveFile) -> list:

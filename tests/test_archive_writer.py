@@ -96,3 +96,41 @@ def test_a_failure_in_the_child_is_the_same_error_here(tmp_path, monkeypatch):
 def test_an_unknown_writer_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="writer = 'gpu': use one of process, thread"):
         ArchiveSettings(writer="gpu")
+
+
+def test_a_forked_writer_dies_with_the_archive_process(tmp_path):
+    """A child forked by a process that is then SIGKILLed is killed too (an orphan writer
+    would hold the stream's write lock against the restarted archive)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import os, sys, time\n"
+        "from scf.projections.archive import _die_with\n"
+        "parent = os.getpid()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    _die_with(parent)\n"
+        "    time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive() -> bool:
+        try:
+            state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state not in ("Z", "X")
+
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:  # the kill is asynchronous: wait for it, bounded
+        time.sleep(0.05)
+    assert not alive(), f"the forked writer {child} outlived its archive process"
