@@ -24,7 +24,7 @@ def capsule_build(
     key: str = typer.Option("release", "--key", help="the release key in $SCF_HOME/keys"),
 ) -> None:
     """Optimise a contract and write its capsule (manifest.yaml, model.safetensors, capsule.sig), signed."""
-    from scf.cli.strike import release_key, signed_terms, trust_list
+    from scf.cli.strike import checked_trust, release_key, signed_terms
     from scf.producers import capsule as cap
     from scf.producers import contracts
     from scf.producers import strike as st
@@ -34,7 +34,7 @@ def capsule_build(
         k = release_key(s, key)
         bus = await open_bus(s)
         try:
-            c = await contracts.get(bus, contract, signed_terms(s, trust_list(s)))
+            c = await contracts.get(bus, contract, signed_terms(s, await checked_trust(s, bus)))
             opts = st.StrikeOptions(model=await st.production_model(bus, c.spec.domain), period=st.period_of(c.spec, time.time()))
         finally:
             await bus.close()
@@ -54,10 +54,10 @@ def capsule_build(
 @capsule_app.command("verify")
 def capsule_verify(directory: Path = typer.Argument(..., help="the capsule directory")) -> None:
     """Check a capsule offline: release signature, artifact hashes, manifest keys, each decision row's physics."""
-    from scf.cli.strike import trust_list
+    from scf.cli.strike import checked_trust
     from scf.producers import capsule as cap
 
-    checked = cap.verify(directory, trust_list(load_settings()))
+    checked = cap.verify(directory, run(checked_trust(load_settings())))  # the regiment's trust list (no bus without a root)
     if not checked.ok:
         for f in checked.findings:
             typer.echo(f"- {f}")
@@ -74,19 +74,19 @@ def capsule_deploy(
     key: str = typer.Option("release", "--key", help="the release key in $SCF_HOME/keys"),
 ) -> None:
     """Verify a capsule, promote it under the release key and create its deploy intent (the gate rules; a human approves at low gears)."""
-    from scf.cli.strike import release_key, trust_list
+    from scf.cli.strike import checked_trust, release_key
     from scf.producers import capsule as cap
     from scf.producers import strike as st
 
     s = load_settings()
-    trust = trust_list(s)
-    checked = cap.verify(directory, trust)
-    if not checked.ok or checked.manifest is None:
-        raise fail(f"capsule {directory} does not hold: {'; '.join(checked.findings)}")
 
     async def main():
         bus = await open_bus(s, sign=True)
         try:
+            trust = await checked_trust(s, bus)  # the regiment's, as the deploy planner verifies it
+            checked = cap.verify(directory, trust)
+            if not checked.ok or checked.manifest is None:
+                raise fail(f"capsule {directory} does not hold: {'; '.join(checked.findings)}")
             return await st.deploy_capsule(bus, s, directory, checked.manifest, [n for n in nodes.split(",") if n], release_key(s, key), trust)
         finally:
             await bus.close()

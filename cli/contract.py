@@ -12,27 +12,29 @@ from scf.cli.common import load_settings, open_bus, run
 UNSIGNED_NOTE = ("note: unsigned (no SCF_KEY): the regiment strikes only contracts an operator key signed; "
                  "register it again with SCF_KEY set to an operator key")
 
-def signed_view(bus, settings):
+async def signed_view(bus, settings):
     """For a signing bus, the trust list of the regiment's view (operator-signed events; this
     key among them, in memory only): unsigned events someone else wrote neither make a write
     "unchanged" or "already ended" nor keep it from counting. None when not signing."""
     if bus.key is None:
         return None
-    from scf.cli.strike import trust_list
+    from scf.bus.signing import TrustList
+    from scf.cli.strike import checked_trust
 
-    trust = trust_list(settings)
+    trust = TrustList(dict((await checked_trust(settings, bus)).keys), None)  # a copy: this key added in memory only
     trust.trust(bus.key.public_b64, bus.key.name, ["operator"])
     return trust
 
 
-def terms_trust(settings, unsigned: bool):
-    """The trust list `ls`/`show` read terms with: the regiment's (cli/strike.py `signed_terms`),
+async def terms_trust(bus, settings, unsigned: bool):
+    """The trust list `ls`/`show` read terms with: the regiment's (cli/strike.py `signed_terms`
+    over `checked_trust`: on a host that pins a root, the signed TRUST list, not keys/trusted.json),
     so what is printed is what would be struck; `--unsigned` (None) counts every event."""
     if unsigned:
         return None
-    from scf.cli.strike import signed_terms, trust_list
+    from scf.cli.strike import checked_trust, signed_terms
 
-    return signed_terms(settings, trust_list(settings))
+    return signed_terms(settings, await checked_trust(settings, bus))
 
 
 contract_app = typer.Typer(help="Client contracts: constraints, nodes and schedule, as facts on the log (docs/value-loop.md).", no_args_is_help=True)
@@ -52,7 +54,7 @@ def contract_add(file: Path = typer.Argument(..., help="the contract: JSON or YA
         s = load_settings()
         bus = await open_bus(s, sign=True)
         try:
-            what, event, seq = await contracts.add(bus, doc, by=s.source, trust=signed_view(bus, s))
+            what, event, seq = await contracts.add(bus, doc, by=s.source, trust=await signed_view(bus, s))
         finally:
             await bus.close()
         typer.echo(f"contract {doc.contract_id} {what} (CONTRACTS seq {seq}): {doc.domain} on {', '.join(doc.nodes) or 'no nodes'}")
@@ -73,8 +75,8 @@ def contract_ls(
     async def main() -> None:
         s = load_settings()
         bus = await open_bus(s)
-        trust = terms_trust(s, unsigned)
         try:
+            trust = await terms_trust(bus, s, unsigned)
             found = await contracts.load(bus, trust=trust)
             every = found if trust is None else await contracts.load(bus)
         finally:
@@ -106,8 +108,8 @@ def contract_show(
     async def main() -> None:
         s = load_settings()
         bus = await open_bus(s)
-        trust = terms_trust(s, unsigned)
         try:
+            trust = await terms_trust(bus, s, unsigned)
             every = await contracts.load(bus, contract_id)
             c = (await contracts.load(bus, contract_id, trust)).get(contract_id) if trust is not None else every.get(contract_id)
         finally:
@@ -142,7 +144,7 @@ def contract_end(
         s = load_settings()
         bus = await open_bus(s, sign=True)
         try:
-            _, seq = await contracts.end(bus, contract_id, by=s.source, reason=reason, trust=signed_view(bus, s))
+            _, seq = await contracts.end(bus, contract_id, by=s.source, reason=reason, trust=await signed_view(bus, s))
         finally:
             await bus.close()
         typer.echo(f"contract {contract_id} ended (CONTRACTS seq {seq})")

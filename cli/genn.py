@@ -110,12 +110,12 @@ def genn_generate(
             typer.echo(head + "\n" + c.code)
 
 
-def _trust(settings):
+async def _trust(bus, settings):
     """The trust list contracts are read with: the regiment's view (`scf contract ls/show`, cli/strike.py
     `signed_terms`): with `[regiment] require_signed_contracts` (default) only operator-signed terms."""
-    from scf.cli.strike import signed_terms, trust_list
+    from scf.cli.strike import checked_trust, signed_terms
 
-    return signed_terms(settings, trust_list(settings))
+    return signed_terms(settings, await checked_trust(settings, bus))
 
 
 async def _contract(settings, contract_id: str):
@@ -125,7 +125,7 @@ async def _contract(settings, contract_id: str):
 
         from scf.producers import contracts
 
-        c = await contracts.get(bus, contract_id, _trust(settings))
+        c = await contracts.get(bus, contract_id, await _trust(bus, settings))
         return c.spec.domain, json.loads(c.spec.constraints or "{}")
     finally:
         await bus.close()
@@ -164,7 +164,7 @@ def genn_request(
                 from scf.producers import contracts
 
                 try:
-                    dom = (await contracts.get(bus, contract, _trust(s))).spec.domain
+                    dom = (await contracts.get(bus, contract, await _trust(bus, s))).spec.domain
                 except contracts.ContractError as exc:
                     raise fail(str(exc)) from None
                 params["contract"] = contract
@@ -335,7 +335,13 @@ def run_genn(
         except SCFError:
             await bus.close()
             raise
-        await serve(bus, cfg, gen, trust=lambda: _trust(s))
+        from scf.cli.strike import shared_trust, signed_terms
+
+        view = await shared_trust(bus, s)  # live, as the regiment's: a key trusted or revoked later counts
+        try:
+            await serve(bus, cfg, gen, trust=lambda: signed_terms(s, view))
+        finally:
+            await view.stop()
 
     run(main())
 

@@ -30,11 +30,46 @@ def release_key(settings, name: str):
 
 
 def trust_list(settings):
-    """This host's keys/trusted.json, for checks without a bus (`scf proof verify`, a capsule
-    on disk). Processes on the bus verify with `shared_trust` instead."""
+    """Where this host pins no root key, its whole trust list without a bus: keys/trusted.json
+    as `[trust] local_file` says (empty when `false`). None on a host that pins one: there
+    only the signed TRUST list counts (`checked_trust`, `shared_trust`)."""
     from scf.bus.signing import TrustList
+    from scf.bus.trust import TrustSettings, load_roots, local_trust_file
 
-    return TrustList.load(settings.keys_dir / "trusted.json")
+    roots = load_roots(settings.keys_dir)
+    if roots.keys:
+        return None
+    local = local_trust_file(settings.keys_dir, settings.section("trust", TrustSettings), roots)
+    return TrustList.load(local) if local is not None else TrustList({}, None)
+
+
+async def checked_trust(settings, bus=None):
+    """The trust list a one-shot check verifies with: the regiment's (`shared_trust`), read
+    once and stopped. A host that pins no root key (development, the demo, an auditor's
+    machine) needs no bus: its keys/trusted.json is the whole list, as `[trust] local_file`
+    says. A host that pins one reads the root-signed TRUST list from `bus` (or a connection
+    of its own) and ignores the file like every running process there, so `scf contract
+    ls/show`, `scf capsule build|verify|deploy`, `scf report value` and `scf proof verify`
+    print and accept exactly what the regiment would (docs/security.md, the trust list)."""
+    from scf.bus.errors import SCFError
+
+    local = trust_list(settings)
+    if local is not None:
+        return local
+    own = bus is None
+    if own:
+        try:
+            bus = await open_bus(settings, "scf-trust")
+        except SCFError as exc:
+            raise fail(f"this host pins a root key, so the signed trust list (TRUST) decides which keys count, and it cannot be "
+                       f"read: {exc} — check where the bus is reachable, or on a host that pins no root") from None
+    try:
+        view = await shared_trust(bus, settings)
+        await view.stop()  # a snapshot: what TRUST held when the check began
+        return view
+    finally:
+        if own:
+            await bus.close()
 
 
 async def shared_trust(bus, settings):
@@ -205,7 +240,7 @@ def strike_proof_verify(path: Path, online: bool = False, log_key: str | None = 
         return False
     s = load_settings()
     try:
-        body = st.verify_proof(data, trust_list(s))
+        body = st.verify_proof(data, run(checked_trust(s)))
     except st.ProofInvalid as exc:
         raise fail(f"proof does not hold: {exc}") from None
     log_line = ""
@@ -244,12 +279,13 @@ def contract_report(contract_id: str, out: Path) -> None:
     async def main():
         bus = await open_bus(s)
         try:
-            c = await contracts.get(bus, contract_id, signed_terms(s, trust_list(s)))  # the terms that were struck
-            return c, await cr.deploy_history(bus, c.spec.nodes)
+            trust = await checked_trust(s, bus)  # the regiment's: terms and proofs verified as it would
+            c = await contracts.get(bus, contract_id, signed_terms(s, trust))  # the terms that were struck
+            return c, await cr.deploy_history(bus, c.spec.nodes), trust
         finally:
             await bus.close()
 
-    c, history = run(main())
-    proofs, invalid = cr.load_proofs(s.path("strikes"), contract_id, trust_list(s))
+    c, history, trust = run(main())
+    proofs, invalid = cr.load_proofs(s.path("strikes"), contract_id, trust)
     for line in cr.build(c.spec, proofs, history, out, invalid).lines():
         typer.echo(line)

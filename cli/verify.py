@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from scf.cli.common import fail, load_settings
+from scf.cli.common import fail, load_settings, run
 
 
 def register(app: typer.Typer, run_app: typer.Typer) -> None:
@@ -19,12 +19,12 @@ def verify_command(
 ) -> None:
     """Run the safety gate's rules and physical checks on a state or capsule, offline; print every finding (exit 1 on any refusal)."""
     from scf.bus.errors import SCFError
-    from scf.bus.signing import TrustList
+    from scf.cli.strike import checked_trust
     from scf.producers import compliance
 
     settings = load_settings()
     try:
-        trust = TrustList.load(settings.keys_dir / "trusted.json") if path.is_dir() else None
+        trust = run(checked_trust(settings)) if path.is_dir() else None  # the regiment's trust list (cli/strike.py)
         rulings = compliance.verify_file(path, trust, gear=gear)
     except SCFError as exc:
         raise fail(str(exc)) from None
