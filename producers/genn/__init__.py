@@ -60,6 +60,7 @@ class GennSettings(msgspec.Struct, frozen=True, kw_only=True):
     model_sha256: str = ""  # what the endpoint serves, when known (recorded with every proposal)
     timeout_s: float = 120.0
     retries: int = 2
+    max_answer_bytes: int = 4 << 20  # http: the most of one answer read (larger: a rejected candidate, the connection cut)
     # local: a Hugging Face checkpoint directory ("" with backend smollm2: $SCF_HOME/model_zoo/smollm2-135m-instruct)
     checkpoint: str = ""
     device: str = "cpu"
