@@ -74,6 +74,19 @@ async def test_contract_show_and_ls_ignore_a_key_planted_in_the_file_of_a_rooted
     assert json.loads(r.stdout)["nodes"] == ["edge-mallory"], r.stdout
 
 
+def signed_proof(tmp_path: Path, key: SigningKey) -> Path:
+    """A strike proof (the shape `scf strike` writes, cut to what `scf proof verify` checks offline)."""
+    from scf.producers import strike as st
+
+    inputs = {"domain": SPEC.domain}
+    inputs["inputs_sha256"] = st.sha256_json(inputs)
+    body = {"kind": st.PROOF_KIND, "contract_id": "acme", "inputs": inputs, "status": "completed", "events": [],
+            "activity_id": st.activity_id_for("acme", inputs["inputs_sha256"])}
+    path = tmp_path / f"proof-{key.name}.json"
+    path.write_text(json.dumps(dict(body, signature={"kid": key.kid, "sig": key.sign(st.canonical_json(body))})))
+    return path
+
+
 def signed_capsule(tmp_path: Path, name: str, key: SigningKey) -> Path:
     from scf.producers import strike as st
 
@@ -83,12 +96,14 @@ def signed_capsule(tmp_path: Path, name: str, key: SigningKey) -> Path:
 
 async def test_capsule_verify_trusts_the_shared_list_on_a_rooted_host_and_the_file_elsewhere(bus, settings, scf_env, tmp_path: Path):
     planted = plant(settings.keys_dir, "evil-release", "release")
-    forged = signed_capsule(tmp_path, "forged", planted)
+    forged, forged_proof = signed_capsule(tmp_path, "forged", planted), signed_proof(tmp_path, planted)
     dead_bus = {**scf_env, "NATS_URL": "nats://127.0.0.1:9"}
 
     # development (no root pinned): the file is the list, and no bus is needed to read it
     r = await run_scf("capsule", "verify", str(forged), env=dead_bus)
     assert r.returncode == 0 and "signed by evil-release" in r.stdout, (r.stdout, r.stderr)
+    r = await run_scf("proof", "verify", str(forged_proof), env=dead_bus)
+    assert r.returncode == 0 and r.stdout.startswith("OK: strike"), (r.stdout, r.stderr)
 
     await cli("keys", "root", "new", "root", env=scf_env)  # now a production host
     r = await run_scf("capsule", "verify", str(forged), env=scf_env)
@@ -96,11 +111,16 @@ async def test_capsule_verify_trusts_the_shared_list_on_a_rooted_host_and_the_fi
     assert planted.kid in r.stdout and "unknown" in r.stdout, r.stdout
     r = await run_scf("verify", str(forged), env=scf_env)  # `scf verify DIR`: the same list
     assert r.returncode == 1, (r.stdout, r.stderr)
+    r = await run_scf("proof", "verify", str(forged_proof), env=scf_env)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "proof does not hold: signature:" in r.stderr and planted.kid in r.stderr, r.stderr
     release = SigningKey.generate("release")
     await grant(scf_env, release, "release")
     genuine = signed_capsule(tmp_path, "genuine", release)
     r = await run_scf("capsule", "verify", str(genuine), env=scf_env)
     assert r.returncode == 0 and "signed by release" in r.stdout, (r.stdout, r.stderr)
+    r = await run_scf("proof", "verify", str(signed_proof(tmp_path, release)), env=scf_env)
+    assert r.returncode == 0 and r.stdout.startswith("OK: strike"), (r.stdout, r.stderr)
     # a rooted host that cannot read TRUST says so in one line (never falls back to the file)
     r = await run_scf("capsule", "verify", str(forged), env=dead_bus)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
