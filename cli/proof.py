@@ -23,6 +23,38 @@ def register(app: typer.Typer, run_app: typer.Typer) -> None:
     run_app.command("tlog")(run_tlog)
 
 
+MAX_PROOF_BYTES = 64 << 20  # a proof or an event's bytes (`--entry`): the largest events bundle is far smaller
+MAX_KEY_BYTES = 64 << 10  # the log's verifier key: one line
+
+
+def read_input(path: Path, limit: int, what: str) -> bytes:
+    """A file `scf proof verify` is handed, bounded: a FIFO, a socket or a directory is refused
+    unread (reading a FIFO waited for a writer, forever), a larger file by its size before it
+    is read (/dev/zero ate the memory); each one `Error:` line naming the file."""
+    from scf.bus.files import InputTooLarge, read_bounded
+
+    try:
+        return read_bounded(path, limit, what)
+    except FileNotFoundError:
+        raise fail(f"{path}: no such file") from None
+    except OSError as exc:
+        raise fail(f"{path}: cannot read it ({exc.strerror})") from None
+    except InputTooLarge as exc:
+        raise fail(str(exc)) from None
+
+
+def key_text(key: str) -> str:
+    """`--key`: the log's verifier key itself, or a file holding it."""
+    path = Path(key)
+    if not path.exists():
+        return key
+    raw = read_input(path, MAX_KEY_BYTES, "verifier key file")
+    try:
+        return raw.decode().strip()
+    except UnicodeDecodeError:
+        raise fail(f"{path}: not a verifier key (not UTF-8 text): give the key `scf proof key` prints, or a file holding it") from None
+
+
 def _emit(obj: dict, out: Optional[Path]) -> None:
     text = json.dumps(obj, indent=2) + "\n"
     if out:
@@ -138,12 +170,11 @@ def proof_verify(
         return
     if key is None:
         raise fail("--key is needed: the log's verifier key (`scf proof key`)")
+    data = read_input(proof, MAX_PROOF_BYTES, "proof")
+    key_line = key_text(key)
+    entry_bytes = read_input(entry, MAX_PROOF_BYTES, "event") if entry else None
     try:
-        data = proof.read_bytes()
-        key_text = Path(key).read_text().strip() if Path(key).is_file() else key
-        summary = proofcheck.verify_bundle(data, key_text, entry.read_bytes() if entry else None)
-    except FileNotFoundError as exc:
-        raise fail(f"{exc.filename}: no such file") from None
+        summary = proofcheck.verify_bundle(data, key_line, entry_bytes)
     except proofcheck.ProofError as exc:
         raise fail(f"proof does not hold: {exc}") from None
     if summary["kind"] == "inclusion":

@@ -229,11 +229,13 @@ def run_regiment(
 def strike_proof_verify(path: Path, online: bool = False, log_key: str | None = None) -> bool:
     """`scf proof verify FILE` for a strike's proof: False when FILE is not one (the log's
     own bundles are checked by cli/proof.py). The release signature is checked against
-    $SCF_HOME/keys/trusted.json; with `online`, every event against the log too."""
+    the regiment's trust list (`checked_trust`); with `online`, every event against the log too."""
+    from scf.bus.files import read_bounded
+    from scf.cli.proof import MAX_PROOF_BYTES, key_text
     from scf.producers import strike as st
 
-    try:
-        data = json.loads(path.read_text())
+    try:  # bounded, no FIFO (InputTooLarge is a ValueError)
+        data = json.loads(read_bounded(path, MAX_PROOF_BYTES, "proof"))
     except (OSError, ValueError, RecursionError):  # not a strike proof; cli/proof.py says what it is
         return False
     if not isinstance(data, dict) or data.get("kind") != st.PROOF_KIND:
@@ -245,9 +247,8 @@ def strike_proof_verify(path: Path, online: bool = False, log_key: str | None = 
         raise fail(f"proof does not hold: {exc}") from None
     log_line = ""
     if log_key is not None:
-        key_text = Path(log_key).read_text().strip() if Path(log_key).is_file() else log_key
         try:
-            log_line = "; in the transparency log: " + st.check_log_proof(data, key_text)
+            log_line = "; in the transparency log: " + st.check_log_proof(data, key_text(log_key))
         except st.ProofInvalid as exc:
             raise fail(f"proof does not hold: {exc}") from None
     elif "log" in data:
