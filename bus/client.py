@@ -285,10 +285,12 @@ class PipelinedPublisher:
                 await self._sub.unsubscribe()
             except Exception:  # noqa: BLE001 - closing finishes whatever state the connection is in
                 pass
-        for fut in self._futures.values():
-            fut.cancel()
+        for fut in self._futures.values():  # a frame's tokens share one `_Batch`: its future
+            (fut.fut if isinstance(fut, _Batch) else fut).cancel()
+        self._futures.clear()
 
     async def publish(self, subject: str, body: bytes, headers: dict[str, str]) -> asyncio.Future:
+        check_payload(self.nc, len(body), header_size(headers))
         await self._sem.acquire()
         self._n += 1
         token = str(self._n)
@@ -329,6 +331,8 @@ class PipelinedPublisher:
             headers_of.append(headers)
         blocks = [encode_headers(h) for h in headers_of] if self.frames else [None]
         if None in blocks:  # nats-py's own publish, message by message
+            for (_, body), headers in zip(items, headers_of):  # none written unless all fit
+                check_payload(self.nc, len(body), header_size(headers))
             for (subject, body), headers in zip(items[:-1], headers_of):
                 await self.nc.publish(subject, body, headers=headers)
             return await self.publish(items[-1][0], items[-1][1], headers_of[-1])
@@ -337,10 +341,9 @@ class PipelinedPublisher:
         token = str(self._n)
         fut = asyncio.get_running_loop().create_future()
         parts: list[bytes] = []
-        size, limit = 0, self.nc._max_payload
+        size = 0
         for i, ((subject, body), block) in enumerate(zip(items, blocks), 1):
-            if len(body) > limit:
-                raise MaxPayloadError
+            check_payload(self.nc, len(body), len(block))  # type: ignore[arg-type]
             validate_subject(subject)
             reply = f" {self._prefix}.{token}" if i == last else ""
             parts += (f"HPUB {subject}{reply} {len(block)} {len(block) + len(body)}\r\n".encode(), block, body, b"\r\n")  # type: ignore[arg-type]
@@ -370,12 +373,11 @@ class PipelinedPublisher:
         first = self._n + 1
         batch = _Batch(first, len(items), asyncio.get_running_loop().create_future())
         parts: list[bytes] = []
-        prefix, size, limit = self._prefix, 0, nc._max_payload
+        prefix, size = self._prefix, 0
         for i, (subject, body, block) in enumerate(items, first):
-            if len(body) > limit:
-                raise MaxPayloadError
-            validate_subject(subject)
             n_hdr = len(block)
+            check_payload(nc, len(body), n_hdr)
+            validate_subject(subject)
             parts += (f"HPUB {subject} {prefix}.{i} {n_hdr} {n_hdr + len(body)}\r\n".encode(), block, body, b"\r\n")
             size += len(body)
         blob = b"".join(parts)
@@ -413,6 +415,28 @@ class PipelinedPublisher:
             fut.answer(int(token), reply)
         else:
             fut.set_result(reply)
+
+
+def check_payload(nc, body: int, headers: int) -> None:
+    """MaxPayloadError unless a message of `body` bytes with a header block of `headers`
+    bytes fits the server's max_payload. The server counts both (and closes the connection
+    over a message too big, losing every publish and ack in flight); nats-py's `publish`
+    checks the body alone, so every publish of this module checks here first."""
+    if body + headers > (nc.max_payload or 1 << 20):
+        raise MaxPayloadError
+
+
+def header_size(headers: dict[str, str] | None) -> int:
+    """The bytes of the header block nats-py's `publish` writes for `headers` (cleaned as it
+    cleans them); 0 without headers."""
+    if not headers:
+        return 0
+    n = len(_HDR_START) + 2
+    for k, v in headers.items():
+        key = k.strip()
+        if key:
+            n += len(key.encode()) + len(v.strip().encode()) + 4  # "k: v\r\n"; CR/LF become spaces
+    return n
 
 
 async def write_frames(nc, blob: bytes, messages: int, size: int) -> None:
@@ -614,8 +638,10 @@ class Bus:
     async def _send(self, event: ev.Event, headers: dict[str, str], timeout: float):
         """One event, one acknowledgement (nats-py's); refusals mapped to SCF errors."""
         subject = event.subject()
+        body = self._body(event)
+        check_payload(self.nc, len(body), header_size(headers))  # nats-py counts the body alone
         try:
-            return await self.js.publish(subject, self._body(event), timeout=timeout, headers=headers)
+            return await self.js.publish(subject, body, timeout=timeout, headers=headers)
         except Exception as exc:  # noqa: BLE001 - mapped (a refusal, no stream); anything else re-raised as it is
             if isinstance(exc, (NatsTimeout, asyncio.TimeoutError)):
                 refused = refused_publish(self.nc, subject, self.login)

@@ -110,3 +110,45 @@ async def test_an_atomic_batch_as_one_write_is_all_or_none(bus, extra):
     again = [fossil(10), events[0], fossil(11)]
     assert await bus.commit_batch(again) is None
     assert await stream_count(bus, "FOSSILS") == 5
+
+
+async def test_a_frame_over_the_servers_max_payload_is_refused_here_not_by_the_server(bus):
+    """The server counts a message's header block in max_payload (and closes the connection
+    over it, taking every publish and ack in flight with it); nats-py's own check counts the
+    body only. A body that fits alone but not with its headers is refused before anything
+    is written: MaxPayloadError, the connection kept."""
+    import asyncio
+
+    from nats.errors import MaxPayloadError
+
+    limit = bus.nc.max_payload
+    pub = await bus.pipeline()
+    block = header_block("id-big", "intent.created")
+    body = b"x" * (limit - len(block) + 1)  # fits alone, not with its header block
+    with pytest.raises(MaxPayloadError):
+        await asyncio.wait_for(pub.publish_frames([("intent.created.big", body, block)]), 10)
+    with pytest.raises(MaxPayloadError):
+        await asyncio.wait_for(pub.publish_atomic([("fossil.recorded.big", body)]), 10)
+    with pytest.raises(MaxPayloadError):  # nats-py's publish, message by message (an id it cleans)
+        await asyncio.wait_for(pub.publish("intent.created.big", body, {MSG_ID: " id-big ", SCF_TYPE: "intent.created"}), 10)
+    await bus.nc.flush()
+    assert bus.nc.stats["reconnects"] == 0 and bus.nc.is_connected
+    assert not pub._futures  # nothing left waiting for a reply
+    # what fits with its headers still goes
+    [reply] = await asyncio.wait_for(await pub.publish_frames([("intent.created.fits", body[: -200], block)]), 10)
+    assert reply.error is None and reply.seq == 1
+
+
+async def test_closing_with_a_frame_unanswered_cancels_it_and_still_drains(bus):
+    """A frame's replies share one `_Batch`: closing the publisher with one unanswered
+    cancels its future (it raised AttributeError, and `Bus.close` then skipped the drain
+    that flushes the acks still queued)."""
+    import asyncio
+
+    pub = await bus.pipeline()
+    await pub._sub.unsubscribe()  # the replies go nowhere: the frame stays unanswered
+    fut = await pub.publish_frames([("intent.created.c", b"{}", header_block("id-c", "t"))])
+    await bus.close()
+    assert fut.cancelled() and bus.nc.is_closed
+    with pytest.raises(asyncio.CancelledError):
+        await fut
