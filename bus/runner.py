@@ -160,16 +160,21 @@ class Runner:
     async def run(self, stop: asyncio.Event) -> None:
         pull = Pull(self.bus, self.spec, create=self.create)
         # batched: the next batch, asked for before this one is handled, so that the server's
-        # answer (and the wait for it) overlaps the handling; given back (nak'ed) on a pause
-        # or a stop, so nothing taken ahead waits unkept for ack_wait
+        # answer (and the wait for it) overlaps the handling; kept alive through a pause,
+        # given back (nak'ed) on a stop, so nothing taken ahead waits unkept for ack_wait
         ahead: asyncio.Future | None = None
         try:
             while not stop.is_set():
                 if self.pause is not None and self.pause.engaged:
-                    if ahead is not None:
-                        await _give_back(ahead)
-                        ahead = None
-                    await race(self.pause.wait_clear(), stop)
+                    # a batch taken ahead is held and kept alive through the pause, as the
+                    # messages of a batch in hand are: given back, each pause would spend
+                    # one of its deliveries (past max_deliver: never delivered again)
+                    alive = asyncio.create_task(self._keepalive_ahead(ahead)) if ahead is not None else None
+                    try:
+                        await race(self.pause.wait_clear(), stop)
+                    finally:
+                        if alive is not None:
+                            alive.cancel()
                     continue
                 want = self.batch if self.concurrency == 1 or self.batched else max(1, self.concurrency - len(self._tasks))
                 if ahead is not None:
@@ -576,8 +581,8 @@ def _status(msg: Msg) -> str | None:
 
 
 async def _give_back(fetching: asyncio.Future) -> None:
-    """A batch taken ahead and not handled (a pause, a stop): its messages nak'ed, so they
-    are redelivered at once (after the pause) instead of after ack_wait."""
+    """A batch taken ahead and not handled (a stop): its messages nak'ed, so they are
+    redelivered at once (to the next process) instead of after ack_wait."""
     try:
         msgs = await fetching
     except Exception:  # noqa: BLE001 - Pull.fetch never raises: nothing to give back

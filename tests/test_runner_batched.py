@@ -258,3 +258,41 @@ async def test_the_batch_taken_ahead_is_kept_alive_through_a_pause(bus):
         await task
     assert sorted(handled) == ids and len(handled) == len(ids)
     assert await stream_count(bus, "VERDICTS") == len(ids)
+
+
+async def test_a_pause_between_batches_keeps_the_batch_taken_ahead_without_a_redelivery(bus):
+    """The gate engages as a batch ends (its last handler engages it): the batch taken ahead
+    is held and kept alive through the pause, then handled on its first delivery. Given
+    back (nak'ed) instead, every pause would spend one of its deliveries: past the server's
+    max_deliver a message is never delivered again and never reaches the DLQ."""
+    ids = [f"b{k}" for k in range(8)]
+    await bus.publish_many([intent(i) for i in ids])
+    gate, deliveries = Gate(), {}
+
+    async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
+        deliveries.setdefault(event.data.intent_id, []).append(d.deliveries)
+        if event.data.intent_id == "b3":  # the last of the first batch
+            gate.engage()
+        return [verdict_for(event, bus.source)]
+
+    runner = Runner(bus, spec("between"), handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=True,
+                    batch=4, pause=gate)
+    stop, task = await start(runner)
+    try:
+        async def first_batch_settled_next_in_hand() -> bool:
+            try:
+                info = await bus.js.consumer_info("INTENTS", "between")
+            except NotFoundError:
+                return False
+            return await stream_count(bus, "VERDICTS") == 4 and info.delivered.stream_seq == 8
+        await wait_for(first_batch_settled_next_in_hand, 60, "the first batch settled, the next taken ahead")
+        info = await bus.js.consumer_info("INTENTS", "between")
+        assert info.num_ack_pending == 4 and info.num_pending == 0  # held, not given back
+        gate.clear()
+        await wait_for(lambda: settled(bus, "between"), 60, "every intent settled once the gate clears")
+    finally:
+        gate.clear()
+        stop.set()
+        await task
+    assert deliveries == {i: [1] for i in ids}  # each handled once, on its first delivery
+    assert await stream_count(bus, "VERDICTS") == len(ids)
