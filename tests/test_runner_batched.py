@@ -34,12 +34,17 @@ def spec(durable: str, max_deliver: int = 3) -> ConsumerSpec:
     return ConsumerSpec("INTENTS", durable, ("intent.created.>",), ack_wait=30.0, max_deliver=max_deliver)
 
 
-async def settled(bus, durable: str) -> bool:
+async def consumer_now(bus, durable: str):
+    """The consumer's info, None until the runner has created it."""
     try:
-        info = await bus.js.consumer_info("INTENTS", durable)
-    except NotFoundError:  # the runner has not created its consumer yet
-        return False
-    return info.num_pending == 0 and info.num_ack_pending == 0
+        return await bus.js.consumer_info("INTENTS", durable)
+    except NotFoundError:
+        return None
+
+
+async def settled(bus, durable: str) -> bool:
+    info = await consumer_now(bus, durable)
+    return info is not None and info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def start(runner: Runner) -> tuple[asyncio.Event, asyncio.Task]:
@@ -191,14 +196,16 @@ class Gate:
         self._clear.set()
 
 
-async def paused_at(bus, ids: list[str], engage_at: str, s: ConsumerSpec, batch: int):
+async def paused_at(bus, ids: list[str], engage_at: str, s: ConsumerSpec, batch: int, deliveries: dict | None = None):
     """A batched runner over intents `ids` whose handler engages the pause gate on `engage_at`:
-    (gate, the ids handled so far, (stop, task))."""
+    (gate, the ids handled so far, (stop, task)); `deliveries`: each id's delivery numbers."""
     await bus.publish_many([intent(i) for i in ids])
     gate, handled = Gate(), []
 
     async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
         handled.append(event.data.intent_id)
+        if deliveries is not None:
+            deliveries.setdefault(event.data.intent_id, []).append(d.deliveries)
         if event.data.intent_id == engage_at:
             gate.engage()
         return [verdict_for(event, bus.source)]
@@ -215,11 +222,8 @@ async def test_a_pause_engaged_mid_batch_holds_the_rest_of_the_batch(bus):
     gate, handled, (stop, task) = await paused_at(bus, ids, "q3", spec("paused"), batch=64)
     try:
         async def four_settled_rest_in_hand() -> bool:
-            try:
-                info = await bus.js.consumer_info("INTENTS", "paused")
-            except NotFoundError:
-                return False
-            return await stream_count(bus, "VERDICTS") == 4 and info.num_ack_pending == len(ids) - 4
+            info = await consumer_now(bus, "paused")
+            return info is not None and await stream_count(bus, "VERDICTS") == 4 and info.num_ack_pending == len(ids) - 4
         await wait_for(four_settled_rest_in_hand, 60, "the first four settled, the rest held")
         assert handled == ["q0", "q1", "q2", "q3"]  # the worker waits on the gate: nothing else ran
         gate.clear()
@@ -240,12 +244,10 @@ async def test_the_batch_taken_ahead_is_kept_alive_through_a_pause(bus):
     gate, handled, (stop, task) = await paused_at(bus, ids, "a03", dataclasses.replace(spec("ahead"), ack_wait=2.0), batch=12)
     try:
         async def first_four_and_all_in_hand() -> bool:
-            try:
-                info = await bus.js.consumer_info("INTENTS", "ahead")
-            except NotFoundError:
-                return False
+            info = await consumer_now(bus, "ahead")
             # 4 settled; the first batch's other 8 and the 12 taken ahead delivered and held
-            return await stream_count(bus, "VERDICTS") == 4 and info.delivered.stream_seq == 24 and info.num_ack_pending == 20
+            return (info is not None and await stream_count(bus, "VERDICTS") == 4 and info.delivered.stream_seq == 24
+                    and info.num_ack_pending == 20)
         await wait_for(first_four_and_all_in_hand, 60, "the first four settled, the next batch taken ahead")
         await asyncio.sleep(5.0)  # two and a half ack_waits: nothing in hand may be redelivered (a sleep: an absence)
         info = await bus.js.consumer_info("INTENTS", "ahead")
@@ -265,26 +267,12 @@ async def test_a_pause_between_batches_keeps_the_batch_taken_ahead_without_a_red
     is held and kept alive through the pause, then handled on its first delivery. Given
     back (nak'ed) instead, every pause would spend one of its deliveries: past the server's
     max_deliver a message is never delivered again and never reaches the DLQ."""
-    ids = [f"b{k}" for k in range(8)]
-    await bus.publish_many([intent(i) for i in ids])
-    gate, deliveries = Gate(), {}
-
-    async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
-        deliveries.setdefault(event.data.intent_id, []).append(d.deliveries)
-        if event.data.intent_id == "b3":  # the last of the first batch
-            gate.engage()
-        return [verdict_for(event, bus.source)]
-
-    runner = Runner(bus, spec("between"), handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=True,
-                    batch=4, pause=gate)
-    stop, task = await start(runner)
+    ids, deliveries = [f"b{k}" for k in range(8)], {}
+    gate, _, (stop, task) = await paused_at(bus, ids, "b3", spec("between"), batch=4, deliveries=deliveries)  # b3: the first batch's last
     try:
         async def first_batch_settled_next_in_hand() -> bool:
-            try:
-                info = await bus.js.consumer_info("INTENTS", "between")
-            except NotFoundError:
-                return False
-            return await stream_count(bus, "VERDICTS") == 4 and info.delivered.stream_seq == 8
+            info = await consumer_now(bus, "between")
+            return info is not None and await stream_count(bus, "VERDICTS") == 4 and info.delivered.stream_seq == 8
         await wait_for(first_batch_settled_next_in_hand, 60, "the first batch settled, the next taken ahead")
         info = await bus.js.consumer_info("INTENTS", "between")
         assert info.num_ack_pending == 4 and info.num_pending == 0  # held, not given back
