@@ -26,6 +26,7 @@ import logging
 import os
 import select
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +63,9 @@ class ArchiveSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     auto_compact_files: int = 64  # the process compacts a date once it wrote this many small files there (0: never)
     streams: list[str] = []  # default: every stream except JOBS
     # Who turns a batch into Parquet: "process" (a child forked per batch: its Python does not
-    # hold the GIL the receiving needs; POSIX) or "thread" (a worker thread of this process).
-    writer: str = "process"
+    # hold the GIL the receiving needs; POSIX), "thread" (a worker thread of this process) or
+    # "auto": process on Linux, thread elsewhere (`forks_writer`)
+    writer: str = "auto"
     fork_min_rows: int = 5000  # smaller batches are written in a thread anyway (a fork costs ~10-50 ms)
 
     def __post_init__(self) -> None:
@@ -71,7 +73,15 @@ class ArchiveSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             raise ValueError(f"[archive] writer = {self.writer!r}: use one of {', '.join(WRITERS)}")
 
 
-WRITERS = ("process", "thread")
+WRITERS = ("auto", "process", "thread")
+
+
+def forks_writer(writer: str, platform: str = sys.platform) -> bool:
+    """Whether `[archive] writer` means a child forked per batch on `platform`. "auto" forks
+    on Linux only: on macOS a fork without exec in a process with threads (the event loop's
+    executor, DuckDB's and pyarrow's pools) may crash or hang in the child (the system
+    libraries are not fork-safe; Python itself spawns there), so it writes in a thread."""
+    return hasattr(os, "fork") and (writer == "process" or (writer == "auto" and platform.startswith("linux")))
 FORKED_WRITE_TIMEOUT = 300.0  # seconds a forked writer may take before it is killed (the batch is retried)
 
 
@@ -189,7 +199,7 @@ class StreamFollower:
         self._room.set()
         self._sub = None
         self._small_files: dict[str, int] = {}
-        self.forked = cfg.writer == "process" and hasattr(os, "fork")
+        self.forked = forks_writer(cfg.writer)
 
     # ------------------------------------------------------------------ subscription
     async def _subscribe(self) -> None:

@@ -1,5 +1,5 @@
-"""The archive's writer: a child forked per batch (`[archive] writer = "process"`, the
-default) writes the same files as the writer thread, and a child that dies is a failed write
+"""The archive's writer: a child forked per batch (`[archive] writer = "process"`; "auto",
+the default, on Linux) writes the same files as the writer thread, and a child that dies is a failed write
 that loses nothing and writes nothing twice."""
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_a_failure_in_the_child_is_the_same_error_here(tmp_path, monkeypatch):
 
 
 def test_an_unknown_writer_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="writer = 'gpu': use one of process, thread"):
+    with pytest.raises(ValueError, match="writer = 'gpu': use one of auto, process, thread"):
         ArchiveSettings(writer="gpu")
 
 
@@ -134,3 +134,18 @@ def test_a_forked_writer_dies_with_the_archive_process(tmp_path):
     while alive() and time.monotonic() < deadline:  # the kill is asynchronous: wait for it, bounded
         time.sleep(0.05)
     assert not alive(), f"the forked writer {child} outlived its archive process"
+
+
+def test_the_writer_is_forked_by_default_on_linux_only(tmp_path):
+    """`[archive] writer = "auto"` (the default) forks on Linux and writes in a thread
+    elsewhere: on macOS a fork without exec in a process with threads (the event loop's
+    executor, DuckDB's, pyarrow's) may crash or hang in the child. An explicit choice is
+    honoured on every platform."""
+    import sys
+
+    from scf.projections.archive import forks_writer
+
+    assert ArchiveSettings().writer == "auto"
+    assert forks_writer("auto", "linux") and not forks_writer("auto", "darwin") and not forks_writer("auto", "win32")
+    assert forks_writer("process", "darwin") and not forks_writer("thread", "linux")
+    assert follower(tmp_path, "auto").forked == forks_writer("auto", sys.platform)
