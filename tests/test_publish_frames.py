@@ -152,3 +152,46 @@ async def test_closing_with_a_frame_unanswered_cancels_it_and_still_drains(bus):
     assert fut.cancelled() and bus.nc.is_closed
     with pytest.raises(asyncio.CancelledError):
         await fut
+
+
+
+async def test_header_blocks_are_nats_pys_bytes_or_left_to_it(bus):
+    """For any id, type and extra header (hostile ones included: CR/LF, NUL, non-ASCII,
+    padding), `header_block` / `encode_headers` give exactly the bytes nats-py's `publish`
+    writes, or None (then nats-py writes them, cleaning CR/LF to spaces): no value can end
+    its header line early and start a protocol line of its own."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from scf.bus.client import encode_headers
+
+    hostile = st.sampled_from(list("ab-_.:é€ \t\r\n\x00\x85\u2028"))
+    values = st.text(alphabet=hostile | st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
+    cases: list[tuple[dict[str, str], bytes | None]] = []
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(msg_id=values, type_name=values, extra=values)
+    def collect(msg_id: str, type_name: str, extra: str) -> None:
+        cases.append(({MSG_ID: msg_id, SCF_TYPE: type_name}, header_block(msg_id, type_name)))
+        cases.append(({MSG_ID: msg_id, "X-Extra": extra}, encode_headers({MSG_ID: msg_id, "X-Extra": extra})))
+
+    collect()
+    nc, sent = bus.nc, []
+    real = nc._send_command
+
+    async def capture(cmd, priority=False):  # what nats-py would write, kept here instead
+        sent.append(bytes(cmd))
+
+    nc._send_command = capture
+    try:
+        for headers, ours in cases:
+            await nc.publish("h.s", b"x", headers=headers)
+            frame = sent.pop()
+            block = frame[frame.index(b"\r\n") + 2 : -len(b"x\r\n")]
+            if ours is not None:
+                assert ours == block, headers
+            assert block.count(b"\r\n") == len(headers) + 2  # the first line, one a header, the blank line
+            assert b"\r" not in block.replace(b"\r\n", b"") and b"\n" not in block.replace(b"\r\n", b"")
+    finally:
+        nc._send_command = real
+    assert any(ours is None for _, ours in cases) and any(ours is not None for _, ours in cases)
