@@ -6,8 +6,9 @@ forever (chunked, no length), declares a 10 GB body, sends a gzip bomb (a few kB
 to gigabytes), an error status with an endless body, or trickles bytes slower than any read
 timeout, held the generator for ever and grew its memory until the host killed it. Now
 (producers/genn/http.py, `[genn] max_answer_bytes`, 4 MiB by default) every answer is cut at
-the cap or `timeout_s` after its headers, its connection closed, and it becomes a rejected
-candidate with the reason; the next genuine answer is accepted. A real HTTP server in a
+the cap or 2 x `timeout_s` after its connection was made (headers trickled too), its
+connection shut down, and it becomes a rejected candidate with the reason; the next genuine
+answer is accepted. A real HTTP server in a
 thread, the generator in this process and the real `scf genn generate` process.
 """
 
@@ -44,6 +45,7 @@ class _Endless(BaseHTTPRequestHandler):
     script: list[str] = []
     sent: dict[str, int] = {}  # bytes each answer got onto the wire before the client hung up
     stop = threading.Event()  # the test is over: stop whatever still streams
+    hung_up = threading.Event()  # the client closed the slow-headers connection
 
     def log_message(self, *a):
         pass
@@ -90,6 +92,16 @@ class _Endless(BaseHTTPRequestHandler):
             self._stream(name, status=500)
         elif name == "trickle":
             self._stream(name, chunk=b"x", pause=0.05)
+        elif name == "slow headers":  # each byte within the read timeout, the headers never done
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            try:
+                while not type(self).stop.is_set():
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.2)  # the attacker's trickle (server side)
+            except (BrokenPipeError, ConnectionResetError):
+                type(self).hung_up.set()
+            self.close_connection = True
         elif name == "declared 10 GB":
             self._whole(HEAD + b"x" * 65536, {"Content-Length": str(10 << 30)})
         elif name == "gzip bomb":
@@ -106,7 +118,7 @@ REASONS = {
     "declared 10 GB": f"answer of {10 << 30} bytes, larger than [genn] max_answer_bytes ({LIMIT} bytes): not read",
     "gzip bomb": "answer compressed (gzip) though an uncompressed one was asked: its size cannot be bounded",
     "endless 500": f"answer larger than [genn] max_answer_bytes ({LIMIT} bytes): cut off unread",
-    "trickle": "answer still arriving 3s after its headers ([genn] timeout_s): cut off",
+    "trickle": "answer still arriving 6s after connecting (2 x [genn] timeout_s): cut off",
 }
 
 
@@ -114,6 +126,7 @@ REASONS = {
 def endpoint():
     _Endless.script, _Endless.sent = [], {}
     _Endless.stop.clear()
+    _Endless.hung_up.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -142,6 +155,22 @@ def test_an_answer_without_end_is_a_rejected_candidate_and_the_next_one_is_accep
     assert _Endless.script == []  # nothing was retried: a cut answer is the endpoint's answer
     # the endless answers were cut near the cap: the server saw the connection closed
     assert 0 < _Endless.sent["endless"] < 64 << 20 and 0 < _Endless.sent["endless 500"] < 64 << 20, _Endless.sent
+
+
+def test_headers_trickled_forever_are_cut_at_the_deadline(endpoint):
+    """Each header byte arrives within the read timeout, so the openai client's timeout never
+    fires: the connection is shut down 2 x `timeout_s` after it was made, and retried as a failed
+    connection (here: no retry), then the next answer is read as usual."""
+    gen = open_generator(settings(endpoint, retries=0))
+    _Endless.script = ["slow headers", "good"]
+    try:
+        out = gen.generate(_request(), 2, seed=1)
+    finally:
+        gen.close()
+    assert out[0].error == (f"endpoint {endpoint}: no complete answer 6s after connecting (2 x [genn] timeout_s): "
+                            "the connection was cut (0 retries)"), out[0].error
+    assert out[1].error == "" and out[1].code == GOOD
+    assert _Endless.hung_up.wait(30)  # the server sees its connection closed (not left open for ever)
 
 
 def test_max_answer_bytes_must_be_positive(endpoint):
