@@ -34,20 +34,19 @@ signed `energy.measured` with the saving, the calibration figures and the uncert
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Callable
 
 import msgspec
 import numpy as np
 
 from scf.bus import events as ev
-from scf.bus.ids import derived_id
-from scf.consumers.edge.plant import Plant, PlantEnded, PlantError, Setpoint, SiteOptions, Telemetry
-from scf.consumers.edge.store import MODEL_FILE, Installed
+from scf.consumers.edge.loop import ControlCycle, Publish
+from scf.consumers.edge.plant import Plant, PlantError, Setpoint, SiteOptions, Telemetry
+from scf.consumers.edge.store import Installed
 
 log = logging.getLogger("scf.edge.control")
 STATUS_QUO = "status-quo:thermostat"
@@ -380,13 +379,15 @@ def history(records: list[Record], start: int, end: int, dt_h: float):
 # --------------------------------------------------------------------------- the loop
 
 
-Publish = Callable[[ev.Event], Awaitable[object]]
+class ControlLoop(ControlCycle):
+    """Runs the deployed model on `plant` (module doc) through the shared cycle
+    (consumers/edge/loop.py). `current()` says what is installed (the agent's version
+    store); `previous(item)` the one before; `publish` sends events (signed by the node's
+    bus), or None to only collect them in `events`."""
 
-
-class ControlLoop:
-    """Runs the deployed model on `plant` (module doc). `current()` says what is installed
-    (the agent's version store); `previous(item)` the one before; `publish` sends events
-    (signed by the node's bus), or None to only collect them in `events`."""
+    log = log
+    status_quo_name = STATUS_QUO
+    record_type = Record
 
     def __init__(self, plant: Plant, node: str, directory: Path, settings: ControlSettings, *,
                  current: Callable[[], Installed | None], previous: Callable[[Installed | None], Installed | None] = lambda _: None,
@@ -394,9 +395,8 @@ class ControlLoop:
         from scf import domains
         from scf.domains.hvac_dynamics import HvacPlant
 
-        self.plant, self.node, self.dir, self.settings = plant, node, Path(directory) / "control", settings
-        self.current, self.previous, self.publish, self.source = current, previous, publish, source or f"edge:{node}"
-        self.model_path = model_path or (lambda item: Path(directory) / "versions" / item.dirname / MODEL_FILE)
+        self._init_cycle(plant, node, directory, settings, current=current, previous=previous, publish=publish, source=source,
+                         model_path=model_path)
         try:
             self.domain = domains.get(settings.domain)
         except Exception as exc:  # noqa: BLE001
@@ -406,30 +406,10 @@ class ControlLoop:
         self._hvac_plant = HvacPlant
         self.status_quo: Controller | None = None
         self.active: Controller | None = None
-        self.events: list[ev.Event] = []
-        self.records: list[Record] = []
-        self.measured: list[ev.Measurement] = []
-        self.calibration = None
-        self.dt_h = 0.0
-        self.last_seq = -1
         self.u_prev: np.ndarray | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.breached: dict[str, str] = self._load_breached()
-        self._report_from: int | None = None  # index into records where the running model's unreported steps start
         self._failed_load: set[str] = set()
-
-    # ------------------------------------------------------------------ state on disk
-    def _load_breached(self) -> dict[str, str]:
-        path = self.dir / "breached.json"
-        try:
-            return dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return {}
-
-    def _save_breached(self) -> None:
-        tmp = self.dir / "breached.json.tmp"
-        tmp.write_text(json.dumps(self.breached, indent=1))
-        tmp.replace(self.dir / "breached.json")
 
     # ------------------------------------------------------------------ controllers
     def _setup(self, tel: Telemetry) -> None:
@@ -472,46 +452,46 @@ class ControlLoop:
         self.monitor.envelope = getattr(ctl, "envelope", None) or self.settings.envelope
         self.monitor.reset()
 
-    async def _revert(self, reason: str, tel: Telemetry) -> list[ev.Event]:
-        """Breach: back to the previous controller at once; report why."""
-        bad = self.active
-        assert bad is not None and bad.checkpoint is not None
-        self.breached[bad.name] = reason
-        self._save_breached()
-        fallback = self._controller_for(bad.checkpoint)
-        out = self._close_period(len(self.records) - 1, cut=True)
-        log.warning("%s: envelope breach by %s at %s: %s; reverted to %s", self.node, bad.name, tel.time.isoformat(), reason, fallback.name)
-        event = ev.DeployRolledBack.new(
-            ev.Rollback(node=self.node, from_checkpoint_id=bad.name, to_checkpoint_id=fallback.name,
-                        reason=f"envelope breach: {reason}", deployment_id=bad.checkpoint.deployment_id),
-            source=self.source,
-            id=derived_id("control.revert", self.node, bad.name),
-        )
+    @property
+    def running(self) -> Installed | None:
+        return self.active.checkpoint if self.active is not None else None
+
+    @property
+    def active_name(self) -> str:
+        return self.active.name if self.active is not None else STATUS_QUO
+
+    def _begin(self, tel: Telemetry) -> None:
+        if self.status_quo is None:
+            self._setup(tel)
+
+    def _fall_back(self, bad: Installed) -> str:
+        fallback = self._controller_for(bad)
         self._switch(fallback)
         if fallback.checkpoint is not None:
             self._report_from = len(self.records) - 1
-        return [event, *out]
+        return fallback.name
+
+    def _follow(self) -> list[ev.Event]:
+        out: list[ev.Event] = []
+        item = self.current()
+        # no model before the baseline history is long enough (nor loaded: it would be discarded)
+        wanted = self._controller_for(item) if item is None or self._history_ready() else self.status_quo
+        if wanted is not self.active:
+            if self.active.checkpoint is not None:
+                out += self._close_period(len(self.records) - 1, cut=True)
+            if wanted is not self.active:
+                self._switch(wanted)
+                if wanted.checkpoint is not None:
+                    self._report_from = len(self.records) - 1
+        return out
 
     # ------------------------------------------------------------------ M&V
-    def _close_period(self, end: int, cut: bool = False) -> list[ev.Event]:
-        """Measure the running model's steps records[_report_from+1 .. end] (when at least
-        an hour, or a full reporting period)."""
-        start = self._report_from
-        if start is None or end <= start:
-            return []
-        hours = (end - start) * self.dt_h
-        if hours < max(1.0, self.dt_h) - 1e-9 or (not cut and hours < self.settings.report_hours - 1e-9):
-            return []
-        self._report_from = end if not cut else None
-        return [self.measure(start, end)]
-
     def calibrate(self):
         """The baseline model calibrated to the status-quo history (once; domains/mv.py)."""
         from scf.domains import mv
 
         if self.calibration is None:
-            base_end = next((i for i, r in enumerate(self.records[1:], 1) if r.controller != STATUS_QUO), len(self.records)) - 1
-            self.calibration = mv.calibrate_hvac(self.domain, history(self.records, 0, base_end, self.dt_h))
+            self.calibration = mv.calibrate_hvac(self.domain, history(self.records, 0, self._history_steps(), self.dt_h))
             self.monitor.efficiency = self.calibration.parameters.get("efficiency", 1.0)
             log.info("%s: baseline calibrated on %d h: CV(RMSE) %.1f %%, NMBE %+.1f %%; factors %s", self.node, self.calibration.points,
                      100 * self.calibration.cv_rmse, 100 * self.calibration.nmbe,
@@ -556,34 +536,11 @@ class ControlLoop:
                  "calibrated" if cal.problem() is None else cal.problem())
         return event
 
-    def _history_ready(self) -> bool:
-        n_sq = next((i for i, r in enumerate(self.records[1:], 1) if r.controller != STATUS_QUO), len(self.records)) - 1
-        return n_sq * self.dt_h >= self.settings.min_history_hours - 1e-9
-
     # ------------------------------------------------------------------ one period
-    async def step(self, tel: Telemetry) -> Setpoint:
-        """One control period: record, monitor, decide, check, and the setpoint to write."""
-        if self.status_quo is None:
-            self._setup(tel)
-        out: list[ev.Event] = []
-        ran = self.active.name if self.records else STATUS_QUO
-        dep = self.active.checkpoint.deployment_id if self.active.checkpoint else None
-        self.records.append(Record(tel, ran if len(self.records) else STATUS_QUO, dep))
-        if self.active.checkpoint is not None:
-            if (why := self.monitor.observe(tel)) is not None:
-                out += await self._revert(why, tel)
-            else:
-                out += self._close_period(len(self.records) - 1)
-        item = self.current()
-        # no model before the baseline history is long enough (nor loaded: it would be discarded)
-        wanted = self._controller_for(item) if item is None or self._history_ready() else self.status_quo
-        if wanted is not self.active:
-            if self.active.checkpoint is not None:
-                out += self._close_period(len(self.records) - 1, cut=True)
-            if wanted is not self.active:
-                self._switch(wanted)
-                if wanted.checkpoint is not None:
-                    self._report_from = len(self.records) - 1
+    def observe(self, tel: Telemetry) -> str | None:
+        return self.monitor.observe(tel)
+
+    async def _decide(self, tel: Telemetry, out: list[ev.Event]) -> np.ndarray:
         try:
             if isinstance(self.active, ModelController):
                 self.active.last = self.u_prev
@@ -595,10 +552,9 @@ class ControlLoop:
             out += await self._revert(why, tel)
             u = np.asarray(self.active.decide(tel), dtype=float)
         self.u_prev = u
-        for event in out:
-            self.events.append(event)
-            if self.publish is not None:
-                await self.publish(event)
+        return u
+
+    def setpoint(self, tel: Telemetry, u: np.ndarray) -> Setpoint:
         return Setpoint(seq=tel.seq, u_kw=[float(x) for x in u], controller=self.active.name)
 
     def telemetry_problem(self, tel: Telemetry) -> str | None:
@@ -618,14 +574,6 @@ class ControlLoop:
             return f"period_s changed from {self.dt_h * 3600:g} to {tel.period_s:g}: restart the loop to change the control period"
         return None
 
-    async def finish(self) -> None:
-        """The plant ended: measure the running model's last period (an hour or more)."""
-        if self.active is not None and self.active.checkpoint is not None and self.records:
-            for event in self._close_period(len(self.records) - 1, cut=True):
-                self.events.append(event)
-                if self.publish is not None:
-                    await self.publish(event)
-
     async def _model_or_stop(self, stop: asyncio.Event) -> bool:
         """`hold_for_model`: wait while the history is complete, no model has run yet and
         none is installed; False when `stop` came first."""
@@ -638,28 +586,5 @@ class ControlLoop:
                 pass
         return not stop.is_set()
 
-    async def run(self, stop: asyncio.Event | None = None) -> int:
-        """Until the plant ends or `stop`; returns the periods run. A plant that goes quiet
-        is logged and waited for again."""
-        stop = stop or asyncio.Event()
-        n = 0
-        while not stop.is_set():
-            try:
-                tel = await self.plant.telemetry(self.last_seq)
-            except PlantEnded as exc:
-                log.info("%s: %s: the control loop stops", self.node, exc)
-                await self.finish()
-                break
-            except PlantError as exc:
-                log.warning("%s: %s", self.node, exc)
-                continue
-            if self.settings.hold_for_model and not await self._model_or_stop(stop):
-                break
-            self.last_seq = tel.seq
-            if (bad := self.telemetry_problem(tel)) is not None:
-                log.error("%s: telemetry seq %d refused: %s; no setpoint written", self.node, tel.seq, bad)
-                continue
-            sp = await self.step(tel)
-            await self.plant.write(sp)
-            n += 1
-        return n
+    async def _may_act(self, stop: asyncio.Event) -> bool:
+        return not self.settings.hold_for_model or await self._model_or_stop(stop)

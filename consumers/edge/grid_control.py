@@ -24,25 +24,22 @@ same envelope.
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Callable
 
 import numpy as np
 
 from scf.bus import events as ev
-from scf.bus.ids import derived_id
 from scf.consumers.edge.grid_plant import GRID_STATUS_QUO, GridSetpoint, GridSettings, GridTelemetry
-from scf.consumers.edge.plant import PlantEnded, PlantError
-from scf.consumers.edge.store import MODEL_FILE, Installed
+from scf.consumers.edge.loop import ControlCycle, Publish
+from scf.consumers.edge.plant import PlantError
+from scf.consumers.edge.store import Installed
 
 log = logging.getLogger("scf.edge.grid")
-Publish = Callable[[ev.Event], Awaitable[object]]
 
 
 class GridControlError(PlantError):
@@ -133,53 +130,51 @@ def grid_history(records: list[GridRecord], start: int, end: int, dt_h: float):
                        fuel_price=tels[-1].fuel_price_usd_mwh)
 
 
-class GridControlLoop:
-    """The grid loop (module doc): `settings` are `[edge.control]` (domain, report_hours,
-    min_history_hours, confidence), `grid` `[edge.grid]` (the envelope, the meter)."""
+class GridControlLoop(ControlCycle):
+    """The grid loop (module doc) through the shared cycle (consumers/edge/loop.py):
+    `settings` are `[edge.control]` (domain, report_hours, min_history_hours, confidence),
+    `grid` `[edge.grid]` (the envelope, the meter)."""
+
+    log = log
+    status_quo_name = GRID_STATUS_QUO
+    record_type = GridRecord
+    loop_name = "grid control loop"
+    telemetry_name = "grid telemetry"
 
     def __init__(self, plant, node: str, directory: Path, settings, grid: GridSettings = GridSettings(), *,
                  current: Callable[[], Installed | None], previous: Callable[[Installed | None], Installed | None] = lambda _: None,
                  publish: Publish | None = None, source: str = "", model_path: Callable[[Installed], Path] | None = None) -> None:
         from scf.consumers.edge.grid_plant import grid_domain
 
-        self.plant, self.node, self.settings, self.grid = plant, node, settings, grid
-        self.dir = Path(directory) / "control"
-        self.current, self.previous, self.publish, self.source = current, previous, publish, source or f"edge:{node}"
-        self.model_path = model_path or (lambda item: Path(directory) / "versions" / item.dirname / MODEL_FILE)
+        self._init_cycle(plant, node, directory, settings, current=current, previous=previous, publish=publish, source=source,
+                         model_path=model_path)
+        self.grid = grid
         try:
             self.domain = grid_domain(settings.domain)
         except PlantError as exc:
             raise GridControlError(f"[edge.control] domain: {exc}") from None
-        self.records: list[GridRecord] = []
-        self.events: list[ev.Event] = []
-        self.measured: list[ev.Measurement] = []
-        self.calibration = None
         self.gplant = None
-        self.dt_h = 0.0
-        self.last_seq = -1
         self.active: Installed | None = None  # None: the status quo
         self.policy: GridPolicy | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.breached: dict[str, str] = self._load_breached()
         self._failed: set[str] = set()
-        self._report_from: int | None = None
         self._strikes = {"shortfall": 0, "nadir": 0}
 
     @property
     def active_name(self) -> str:
         return self.active.checkpoint_id if self.active is not None else GRID_STATUS_QUO
 
-    # ------------------------------------------------------------------ state on disk
-    def _load_breached(self) -> dict[str, str]:
-        try:
-            return dict(json.loads((self.dir / "breached.json").read_text()))
-        except (OSError, ValueError, TypeError):
-            return {}
+    @property
+    def running(self) -> Installed | None:
+        return self.active
 
-    def _save_breached(self) -> None:
-        tmp = self.dir / "breached.json.tmp"
-        tmp.write_text(json.dumps(self.breached, indent=1))
-        tmp.replace(self.dir / "breached.json")
+    def _begin(self, tel: GridTelemetry) -> None:
+        from scf.domains.grid_dynamics import GridPlant
+
+        if self.gplant is None:
+            self.dt_h = tel.period_s / 3600.0
+            self.gplant = GridPlant(self.domain, self.dt_h)
 
     # ------------------------------------------------------------------ checks
     def telemetry_problem(self, tel: GridTelemetry) -> str | None:
@@ -297,31 +292,43 @@ class GridControlLoop:
         self._report_from = len(self.records) - 1 if item is not None else None
         return True
 
-    async def _revert(self, reason: str, tel: GridTelemetry) -> list[ev.Event]:
-        bad = self.active
-        assert bad is not None
-        self.breached[bad.checkpoint_id] = reason
-        self._save_breached()
-        out = self._close_period(len(self.records) - 1, cut=True)
+    def _fall_back(self, bad: Installed) -> str:
         fallback = self._wanted()
         if fallback is not None and not self._switch(fallback):
             fallback = None
         if fallback is None:
             self._switch(None)
-        log.warning("%s: envelope breach by %s at %s: %s; reverted to %s", self.node, bad.checkpoint_id, tel.time.isoformat(), reason, self.active_name)
-        event = ev.DeployRolledBack.new(
-            ev.Rollback(node=self.node, from_checkpoint_id=bad.checkpoint_id, to_checkpoint_id=self.active_name,
-                        reason=f"envelope breach: {reason}", deployment_id=bad.deployment_id),
-            source=self.source, id=derived_id("control.revert", self.node, bad.checkpoint_id))
-        return [event, *out]
+        return self.active_name
+
+    def _follow(self) -> list[ev.Event]:
+        out: list[ev.Event] = []
+        wanted = self._wanted() if self._history_ready() else None
+        if (wanted.checkpoint_id if wanted else None) != (self.active.checkpoint_id if self.active else None):
+            if self.active is not None:
+                out += self._close_period(len(self.records) - 1, cut=True)
+            self._switch(wanted)
+        return out
+
+    async def _decide(self, tel: GridTelemetry, out: list[ev.Event]) -> np.ndarray:
+        why = None
+        if self.active is not None:
+            try:
+                u = self.model_decide(tel)
+                why = self.envelope_problem(u, tel)
+            except GridControlError as exc:
+                why = str(exc)
+            if why is not None:
+                out += await self._revert(why, tel)
+        if self.active is None:
+            u = self.status_quo(tel)
+        elif why is not None:
+            u = self.model_decide(tel)
+        return u
+
+    def setpoint(self, tel: GridTelemetry, u: np.ndarray) -> GridSetpoint:
+        return GridSetpoint(seq=tel.seq, pg_mw=[float(x) for x in u], controller=self.active_name)
 
     # ------------------------------------------------------------------ M&V
-    def _history_steps(self) -> int:
-        return next((i for i, r in enumerate(self.records[1:], 1) if r.controller != GRID_STATUS_QUO), len(self.records)) - 1
-
-    def _history_ready(self) -> bool:
-        return self._history_steps() * self.dt_h >= self.settings.min_history_hours - 1e-9
-
     def calibrate(self):
         from scf.domains import mv
 
@@ -331,16 +338,6 @@ class GridControlLoop:
             log.info("%s: grid baseline calibrated on %d h of fuel: CV(RMSE) %.2f %%, NMBE %+.2f %%; factors %s", self.node, c.points,
                      100 * c.cv_rmse, 100 * c.nmbe, ", ".join(f"{k} {v:.3f}" for k, v in c.parameters.items()))
         return self.calibration
-
-    def _close_period(self, end: int, cut: bool = False) -> list[ev.Event]:
-        start = self._report_from
-        if start is None or end <= start:
-            return []
-        hours = (end - start) * self.dt_h
-        if hours < max(1.0, self.dt_h) - 1e-9 or (not cut and hours < self.settings.report_hours - 1e-9):
-            return []
-        self._report_from = end if not cut else None
-        return [self.measure(start, end)]
 
     def measure(self, start: int, end: int) -> ev.EnergyMeasured:
         from scf.consumers.energy import measurement_event
@@ -364,70 +361,3 @@ class GridControlLoop:
                  rec.controller, s.baseline_kwh, s.actual_kwh, s.saved_kwh, f"{unc:.0f}" if unc is not None else "n/a",
                  s.saved_kwh / 1000.0 * price, price, "calibrated" if cal.problem() is None else cal.problem())
         return event
-
-    # ------------------------------------------------------------------ one period
-    async def step(self, tel: GridTelemetry) -> GridSetpoint:
-        from scf.domains.grid_dynamics import GridPlant
-
-        if self.gplant is None:
-            self.dt_h = tel.period_s / 3600.0
-            self.gplant = GridPlant(self.domain, self.dt_h)
-        out: list[ev.Event] = []
-        dep = self.active.deployment_id if self.active else None
-        self.records.append(GridRecord(tel, self.active_name if len(self.records) else GRID_STATUS_QUO, dep))
-        if self.active is not None:
-            if (why := self.observe(tel)) is not None:
-                out += await self._revert(why, tel)
-            else:
-                out += self._close_period(len(self.records) - 1)
-        wanted = self._wanted() if self._history_ready() else None
-        if (wanted.checkpoint_id if wanted else None) != (self.active.checkpoint_id if self.active else None):
-            if self.active is not None:
-                out += self._close_period(len(self.records) - 1, cut=True)
-            self._switch(wanted)
-        why = None
-        if self.active is not None:
-            try:
-                u = self.model_decide(tel)
-                why = self.envelope_problem(u, tel)
-            except GridControlError as exc:
-                why = str(exc)
-            if why is not None:
-                out += await self._revert(why, tel)
-        if self.active is None:
-            u = self.status_quo(tel)
-        elif why is not None:
-            u = self.model_decide(tel)
-        for event in out:
-            self.events.append(event)
-            if self.publish is not None:
-                await self.publish(event)
-        return GridSetpoint(seq=tel.seq, pg_mw=[float(x) for x in u], controller=self.active_name)
-
-    async def finish(self) -> None:
-        if self.active is not None and self.records:
-            for event in self._close_period(len(self.records) - 1, cut=True):
-                self.events.append(event)
-                if self.publish is not None:
-                    await self.publish(event)
-
-    async def run(self, stop: asyncio.Event | None = None) -> int:
-        stop = stop or asyncio.Event()
-        n = 0
-        while not stop.is_set():
-            try:
-                tel = await self.plant.telemetry(self.last_seq)
-            except PlantEnded as exc:
-                log.info("%s: %s: the grid control loop stops", self.node, exc)
-                await self.finish()
-                break
-            except PlantError as exc:
-                log.warning("%s: %s", self.node, exc)
-                continue
-            self.last_seq = tel.seq
-            if (bad := self.telemetry_problem(tel)) is not None:
-                log.error("%s: grid telemetry seq %d refused: %s; no setpoint written", self.node, tel.seq, bad)
-                continue
-            await self.plant.write(await self.step(tel))
-            n += 1
-        return n
