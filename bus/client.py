@@ -40,7 +40,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
-from scf.bus import codec
+from scf.bus import codec, natsfix
 from scf.bus import events as ev
 from scf.bus.errors import NatsUnavailable, PublishConflict, ServerError, StreamNotFound, redact_url
 from scf.bus.headers import (  # noqa: F401 - the header names, also re-exported here
@@ -61,6 +61,7 @@ from scf.bus.signing import SigningKey
 from scf.bus.streams import stream_for_subject
 
 log = logging.getLogger("scf.bus")
+natsfix.install()  # a malformed header block must not end a connection's read loop (bus/natsfix.py)
 
 try:  # nats-py's own check of a publish subject (whitespace, CR/LF): the frames must pass it too
     from nats.aio.client import _validate_subject as validate_subject
