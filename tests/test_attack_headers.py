@@ -70,16 +70,19 @@ async def test_the_message_arrives_marked_and_the_connection_reads_on(bus, setti
 
     async def cb(msg):
         got.append((msg.subject, msg.headers, msg.data))
-        if len(got) == 2:
+        if len(got) == 3:
             done.set()
 
     sub = await bus.nc.subscribe("scf.test.>", cb=cb)
     await bus.nc.flush()
     try:
         await asyncio.to_thread(raw_publish, settings.nats_url, "scf.test.bad", POISON_HEADERS, b"x")
+        # an inline status line that is not UTF-8: UnicodeDecodeError, the same ended read loop
+        await asyncio.to_thread(raw_publish, settings.nats_url, "scf.test.status", b"NATS/1.0 \xff\xfe\xfd\xfc\xfb\r\n\r\n", b"y")
         await bus.nc.publish("scf.test.ok", b"ok")
         await asyncio.wait_for(done.wait(), 30)
     finally:
         await sub.unsubscribe()
     assert got[0][0] == "scf.test.bad" and set(got[0][1]) == {MALFORMED} and got[0][2] == b"x", got
-    assert got[1] == ("scf.test.ok", None, b"ok"), got
+    assert got[1][0] == "scf.test.status" and set(got[1][1]) == {MALFORMED} and "UnicodeDecodeError" in got[1][1][MALFORMED], got
+    assert got[2] == ("scf.test.ok", None, b"ok"), got
