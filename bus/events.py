@@ -415,11 +415,14 @@ class Promotion(Payload, frozen=True):
     checkpoint_id: str
     domain: str
     alias: str  # "production", "staging", …
-    version: int  # increases by one per (domain, alias)
+    version: int  # increases by one per (domain, alias), whatever the kind
     uri: str
     sha256: str
     size: int = 0
-    previous_checkpoint_id: str | None = None
+    previous_checkpoint_id: str | None = None  # the head of the same (domain, kind, alias) before it
+    # what kind of model (producers/verify.py: "ebdm", "optimiser", "code"): an alias has one head per
+    # (domain, kind); "" (events before 2026-12-02) is an EBDM's, a code model's in domain `genn`
+    kind: str = ""
 
 
 class CheckpointPromoted(Event, tag="checkpoint.promoted", frozen=True, kw_only=True):

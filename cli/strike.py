@@ -125,13 +125,19 @@ def strike_command(
     domain: Optional[str] = typer.Option(None, "--domain", help="without a contract: the domain ..."),
     constraints: Optional[Path] = typer.Option(None, "--constraints", help="... its constraints JSON file ..."),
     nodes: str = typer.Option("", "--nodes", help="... and the nodes to deploy to (a,b)"),
+    method: str = typer.Option("exact", "--method", help="exact (HiGHS) | learned (the learned optimiser) | auto (learned when one is promoted or given)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="with learned|auto: this optimiser file instead of the one promoted for the domain"),
     measure: str = typer.Option("sim", "--measure", help="sim (the capsule on the simulated site, here) | live (the nodes' energy.measured) | none"),
     wait: float = typer.Option(60.0, "--wait", help="seconds to wait for each of verdicts, activation and measurement"),
     key: str = KEY_OPT,
     as_json: bool = typer.Option(False, "--json", help="print the proof"),
     log_proof: bool = typer.Option(False, "--log-proof", help="embed inclusion proofs against a signed checkpoint of the transparency log (needs `scf run archive`)"),
 ) -> None:
-    """Map → optimise → verify → deploy a capsule → measure → a signed JSON proof; prints the activity id (re-running resumes, never deploys twice)."""
+    """Map → optimise → verify → deploy a capsule → measure → a signed JSON proof; prints the activity id (re-running resumes, never deploys twice).
+
+    --method learned|auto decides with the learned optimiser PROMOTED for the contract's domain
+    (fetched from the bus, its release signature and sha256 checked before it is read) unless
+    --checkpoint FILE is given; the model that decided (id, sha256) is printed and recorded."""
     from scf.producers import contracts
     from scf.producers import strike as st
 
@@ -139,6 +145,13 @@ def strike_command(
         raise fail("give --contract ID, or --domain D with --constraints FILE (and --nodes)")
     if not (0.0 <= wait < float("inf")):  # NaN fails this too
         raise fail(f"--wait {wait}: give the seconds to wait, a finite number ≥ 0")
+    if method not in ("exact", "learned", "auto"):
+        raise fail(f"--method {method!r}: use exact, learned or auto")
+    if checkpoint is not None and method == "exact":
+        raise fail("--checkpoint is a learned optimiser's file: give it with --method learned or auto")
+    if checkpoint is not None and not checkpoint.is_file():
+        raise fail(f"--checkpoint {checkpoint}: no such file: give a learned optimiser's checkpoint (scf train-optimiser writes one)")
+    decided_by: list[str] = []
 
     async def main() -> st.StrikeResult:
         s = load_settings("strike")
@@ -158,8 +171,10 @@ def strike_command(
                                            "domain": domain, "nodes": [n for n in nodes.split(",") if n], "constraints": raw,
                                            "schedule_s": 0})
                 spec = contracts.spec_of(doc)
-            opts = st.StrikeOptions(measure=measure, wait_s=wait, model=await st.production_model(bus, spec.domain),
-                                    period=st.period_of(spec, time.time()))
+            path, model, label = await learned_model(bus, s, trust, spec.domain, method, checkpoint)
+            decided_by.append(label)
+            opts = st.StrikeOptions(method="exact" if path is None else method, checkpoint=path, measure=measure, wait_s=wait,
+                                    model=model or await st.production_model(bus, spec.domain), period=st.period_of(spec, time.time()))
             r = await st.strike(bus, s, spec, key=k, trust=trust, opts=opts, contract_seq=seq, contract_event_id=eid)
             if log_proof and r.proof_path is not None:
                 r.proof = await st.attach_log_proof(bus, s, r.proof_path, wait_s=max(wait, 60.0))
@@ -173,10 +188,44 @@ def strike_command(
         typer.echo(json.dumps(result.proof, indent=2, sort_keys=True))
     else:
         typer.echo(st.summary(result))
+        if decided_by:
+            typer.echo(f"decided by: {decided_by[0]}")
         if result.proof_path:
             typer.echo(f"proof: {result.proof_path}")
     if result.status in ("rejected", "failed"):
         raise typer.Exit(1)
+
+
+async def learned_model(bus, settings, trust, domain: str, method: str, checkpoint: Path | None) -> tuple[Path | None, str, str]:
+    """(the optimiser file or None for exact, the model as the strike's inputs name it, a
+    line saying what decides). Without --checkpoint, learned|auto fetch the learned optimiser
+    promoted for `domain` (producers/promoted.py: release signature, sha256, format checked
+    before it is read); learned with none promoted fails in one line, auto solves exactly."""
+    import logging
+
+    from scf.bus.files import sha256_file
+    from scf.producers import promoted as pm
+
+    log = logging.getLogger("scf.strike")
+    if method == "exact":
+        return None, "", "exact (HiGHS)"
+    if checkpoint is not None:
+        digest = sha256_file(checkpoint)[0]
+        model = f"{checkpoint.name} sha256:{digest}"
+        log.info("strike of %s: the learned optimiser %s decides (--checkpoint)", domain, model)
+        return checkpoint, model, f"learned optimiser {checkpoint} (--checkpoint, sha256 {digest})"
+    try:
+        m = await pm.fetch_promoted(bus, settings, domain, pm.OPTIMISER, trust=trust)
+    except pm.NotPromoted as exc:
+        if method == "auto":
+            log.info("strike of %s: %s; solving exactly", domain, exc)
+            return None, "", f"exact (HiGHS): {exc}"
+        raise fail(str(exc)) from None
+    except pm.PromotedRefused as exc:
+        raise fail(str(exc)) from None
+    p = m.promotion
+    log.info("strike of %s: the promoted learned optimiser %s decides", domain, m.label())
+    return m.path, f"{p.checkpoint_id} sha256:{p.sha256.removeprefix('sha256:')}", f"learned optimiser {m.label()}"
 
 
 def run_regiment(

@@ -74,7 +74,7 @@ from scf.bus.signing import TrustList
 from scf.bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
 from scf.bus.trust import SharedTrust
 from scf.consumers.worker import EBDM, MODELS, OPTIMISER
-from scf.producers.verify import CheckpointVerifier, Verifier, VerifySettings, current_promotion, decide_promotion
+from scf.producers.verify import CheckpointVerifier, Verifier, VerifySettings, alias_heads, decide_promotion, next_version
 
 log = logging.getLogger("scf.daemon")
 
@@ -955,12 +955,15 @@ class Daemon:
         assert self.verifier is not None
         c = event.data
         cfg = self.config.checkpoint
-        production = await current_promotion(self.bus, c.domain, cfg.alias)
+        # an alias has one head per (domain, model kind): the candidate faces, and replaces, its own kind's
+        kind = await self.verifier.kind(event) if hasattr(self.verifier, "kind") else EBDM
+        heads = await alias_heads(self.bus, c.domain, cfg.alias)
+        production = heads.get(kind)
         if production is not None and production.checkpoint_id == c.checkpoint_id:
-            log.info("checkpoint %s is already %s of %s", c.checkpoint_id, cfg.alias, c.domain)
+            log.info("checkpoint %s is already %s of %s (%s)", c.checkpoint_id, cfg.alias, c.domain, kind)
             return []
         verification = await self.verifier(event, production)
-        out = decide_promotion(event, production, verification, cfg, source=self.bus.source)
+        out = decide_promotion(event, production, verification, cfg, source=self.bus.source, kind=kind, version=next_version(heads))
         # published here, not by the runner: a worker may publish into CHECKPOINTS, so a
         # duplicate ack is checked against the stream (an id taken first gets a fresh one)
         for e, p in zip(out, await self.bus.publish_many(out, verify=True)):

@@ -211,7 +211,7 @@ def solve(spec: ev.ContractSpec, opts: StrikeOptions) -> Solved:
         lower_bound=float(sum(x["lower_bound"] for x in certs)),
         rel_gap=float(max(x["rel_gap"] for x in certs)),
         method=decisions[0].method,
-        model_id=decisions[0].model_id or "highs",
+        model_id=(opts.model if decisions[0].method == "learned" and opts.model else decisions[0].model_id) or "highs",  # id + sha256
     )
 
 

@@ -23,9 +23,16 @@ A produced checkpoint is promoted to an alias (default `production`) when
    `heldout_dsm`, lower is better), and for a learned optimiser of a domain without an
    exact solver, its cost model's error on the measured energies (`cost_heldout_mae_rel`).
 
-Otherwise it is rejected with every reason. The versions of an alias count up by one per
-(domain, alias); each promotion names the checkpoint it replaces, so the history of an
-alias is the sequence of `checkpoint.promoted.<domain>` events.
+Otherwise it is rejected with every reason.
+
+An alias has one head per (domain, model kind): `ebdm`, `optimiser` (format `scf-opt/1`)
+and `code` (domain `genn`) — a candidate is judged against, and replaces, the head of its
+own kind only, so promoting a learned optimiser leaves the EBDM in production and vice
+versa. The kind is read from the artifact's header (`Promotion.kind`; a promotion without
+one, written before 2026-12-02, is an EBDM's, or a code model's in domain `genn`). The
+versions of an alias count up by one per (domain, alias) over every kind (an edge agent
+refuses to go down), each promotion names the checkpoint of its kind it replaces, and the
+history of an alias is the sequence of `checkpoint.promoted.<domain>` events.
 
 torch is imported lazily (here and in `ml/`): the daemon runs without it, and then it does
 not verify at all — `available()` says why, the daemon logs it once, and produced
@@ -104,6 +111,8 @@ Verifier = Callable[[ev.CheckpointProduced, ev.Promotion | None], Awaitable[Veri
 
 
 CODE_DOMAIN = "genn"  # the domain of code-model checkpoints (checkpoint.*.genn): GenN's models, not a plant's
+EBDM, OPTIMISER, CODE = "ebdm", "optimiser", "code"  # model kinds: an alias has one head per (domain, kind)
+KINDS = (EBDM, OPTIMISER, CODE)
 CODE_METRICS = ("code_mean_reward", "code_sandbox_pass_rate", "code_gate_pass_rate")  # higher is better, in this order
 DECISION_METRIC = "decision_regret"  # 1 - savings captured on held-out contexts (domains.quality)
 COST_METRIC = "cost_heldout_mae_rel"  # the learned cost against measured energy, where no optimum is known
@@ -174,6 +183,19 @@ def compare_code(metrics: dict[str, float], baseline: dict[str, float] | None, s
     return why
 
 
+def kind_of(p: ev.Promotion) -> str:
+    """A promotion's model kind: its `kind`, or for one written before kinds existed an
+    EBDM's (a code model's in domain `genn`)."""
+    return p.kind or (CODE if p.domain == CODE_DOMAIN else EBDM)
+
+
+def kind_of_format(fmt: str | None, domain: str) -> str:
+    """The model kind of a checkpoint from its header's `format` (None: unreadable)."""
+    if domain == CODE_DOMAIN:
+        return CODE
+    return OPTIMISER if fmt == "scf-opt/1" else EBDM
+
+
 def decide_promotion(
     event: ev.CheckpointProduced,
     production: ev.Promotion | None,
@@ -181,8 +203,12 @@ def decide_promotion(
     settings: VerifySettings,
     *,
     source: str,
+    kind: str = "",
+    version: int | None = None,
 ) -> list[ev.Event]:
-    """checkpoint.verified + checkpoint.promoted, or checkpoint.rejected with every reason."""
+    """checkpoint.verified + checkpoint.promoted, or checkpoint.rejected with every reason.
+    `production` is the head of the candidate's `kind` under the alias (what it replaces);
+    `version` the alias's next version over every kind (default: production's + 1)."""
     c = event.data
     if verification.alias:  # a ternary student: judged against its teacher by the verifier, its own alias
         return _decide_student(event, verification, settings, source)
@@ -217,11 +243,12 @@ def decide_promotion(
             checkpoint_id=c.checkpoint_id,
             domain=c.domain,
             alias=settings.alias,
-            version=(production.version + 1) if production else 1,
+            version=version or ((production.version + 1) if production else 1),
             uri=c.uri,
             sha256=c.sha256,
             size=c.size,
             previous_checkpoint_id=production.checkpoint_id if production else None,
+            kind=kind or (CODE if code else EBDM),
         ),
         source=source,
         cause=event,
@@ -265,25 +292,41 @@ def _decide_student(event: ev.CheckpointProduced, verification: Verification, se
 # --------------------------------------------------------------------------- the log
 
 
-async def current_promotion(bus, domain: str, alias: str) -> ev.Promotion | None:
-    """The latest promotion of `domain` to `alias` (the alias's head), from CHECKPOINTS."""
+async def alias_head_events(bus, domain: str, alias: str) -> dict[str, tuple[ev.Promotion, bytes]]:
+    """The heads of `alias` in `domain`, one per model kind (`kind_of`), each with its
+    event's bytes as stored (for a signature check), from CHECKPOINTS."""
     from scf.bus.codec import Codec
 
     subject = f"checkpoint.promoted.{subject_token(domain)}"
     last = await bus.last(subject)
     if last is None:
-        return None
-    seq, event = last
-    if isinstance(event, ev.CheckpointPromoted) and event.data.alias == alias:
-        return event.data
-    # Another alias was promoted last: read the subject's history (a few events per domain).
+        return {}
+    seq, _ = last
     codec = Codec([ev.CheckpointPromoted])
-    head = None
+    heads: dict[str, tuple[ev.Promotion, bytes]] = {}
     for msg in await read(bus, "CHECKPOINTS", subject, end_seq=seq):
         e = codec.decode(msg.data)
         if isinstance(e, ev.CheckpointPromoted) and e.data.alias == alias:
-            head = e.data
-    return head
+            heads[kind_of(e.data)] = (e.data, bytes(msg.data))
+    return heads
+
+
+async def alias_heads(bus, domain: str, alias: str) -> dict[str, ev.Promotion]:
+    """The heads of `alias` in `domain`, one per model kind (`kind_of`), from CHECKPOINTS."""
+    return {k: p for k, (p, _) in (await alias_head_events(bus, domain, alias)).items()}
+
+
+async def current_promotion(bus, domain: str, alias: str, kind: str | None = None) -> ev.Promotion | None:
+    """The head of `alias` in `domain` for model `kind` (None: the latest of any kind), from CHECKPOINTS."""
+    heads = await alias_heads(bus, domain, alias)
+    if kind is not None:
+        return heads.get(kind)
+    return max(heads.values(), key=lambda p: p.version, default=None)
+
+
+def next_version(heads: dict[str, ev.Promotion]) -> int:
+    """The alias's next version: one above every kind's head."""
+    return 1 + max((p.version for p in heads.values()), default=0)
 
 
 async def heldout_fossils(bus, domain: str, limit: int) -> list[ev.Fossil]:
@@ -431,11 +474,30 @@ class CheckpointVerifier:
         self._baseline: dict[tuple[str, int, bool], dict[str, float]] = {}  # (checkpoint, n fossils, decisions) -> metrics
         self._code_baseline: dict[str, dict[str, float]] = {}  # code model (or base sha256) -> metrics on held-out contracts
 
+    async def kind(self, event: ev.CheckpointProduced) -> str:
+        """The candidate's model kind (`ebdm`, `optimiser`, `code`), from its artifact's header
+        (fetched, digest checked, kept for `__call__`); an EBDM's when it cannot be read (the
+        verifier then rejects it with the reason)."""
+        c = event.data
+        if c.domain == CODE_DOMAIN:
+            return CODE
+        try:
+            path = await self._fetch(c.uri, c.sha256, c.size, f"{subject_token(c.checkpoint_id)}.ckpt")
+            from scf.ml.optimize import checkpoint_format
+
+            return kind_of_format(await asyncio.to_thread(checkpoint_format, path), c.domain)
+        except Exception as exc:  # noqa: BLE001 - judged (and rejected with the reason) by __call__
+            log.warning("checkpoint %s: its kind cannot be read (%s): taken for an EBDM", c.checkpoint_id, exc)
+            return EBDM
+
     async def _fetch(self, uri: str, sha256: str, size: int, name: str) -> Path:
         from scf.bus.artifacts import open_store
 
         self.cache.mkdir(parents=True, exist_ok=True)
         dest = self.cache / name
+        want = sha256.removeprefix("sha256:").lower()
+        if dest.is_file() and (await asyncio.to_thread(sha256_file, dest))[0] == want:
+            return dest  # fetched before (`kind`, a baseline), digest checked again on the bytes that will be loaded
         store = open_store(self.bus, self.settings)
         path = Path(await store.get(uri, dest, sha256=sha256))
         digest, got = await asyncio.to_thread(sha256_file, path)
@@ -598,6 +660,7 @@ class CheckpointVerifier:
 
 __all__ = [
     "VerifySettings", "Verification", "Verifier", "compare", "compare_code", "CODE_DOMAIN", "decide_promotion", "current_promotion",
+    "alias_heads", "alias_head_events", "next_version", "kind_of", "kind_of_format", "EBDM", "OPTIMISER", "CODE", "KINDS",
     "heldout_fossils", "available", "CheckpointVerifier", "evaluate_file", "evaluate_on", "evaluate_optimiser_on",
     "ebdm_decisions_on", "primary_metric", "DECISION_METRIC", "COST_METRIC",
 ]

@@ -76,6 +76,35 @@ async def test_promotion_history_and_rejections(bus, settings):
     assert verifier.calls == ["ck-1", "ck-2", "ck-3", "ck-broken", "ck-4"]
 
 
+class KindVerifier(TableVerifier):
+    """A table verifier that also says each candidate's model kind (the real one reads the header)."""
+
+    async def kind(self, event: ev.CheckpointProduced) -> str:
+        return "optimiser" if event.data.checkpoint_id.startswith("opt-") else "ebdm"
+
+
+async def test_an_alias_has_one_head_per_model_kind(bus, settings):
+    """A learned optimiser promoted to production leaves the EBDM there (and vice versa): each
+    candidate faces, and replaces, its own kind's head; versions still rise over the alias."""
+    from scf.producers.verify import alias_heads
+
+    SCORES.update({"opt-1": 5.0, "opt-2": 4.0})  # worse than every EBDM: judged against optimisers only
+    verifier = KindVerifier()
+    async with running_daemon(settings, CFG, verifier=verifier):
+        await bus.publish(produced("ck-1"))
+        await wait_events(bus, "CHECKPOINTS", "checkpoint.promoted.>", 1)
+        await bus.publish(produced("opt-1"))  # no optimiser in production yet: finite metrics suffice
+        await bus.publish(produced("opt-2"))  # 20 % better than opt-1 (not than ck-1): promoted
+        await bus.publish(produced("ck-2"))  # 10 % better than ck-1: promoted beside the optimiser
+        promoted = await wait_events(bus, "CHECKPOINTS", "checkpoint.promoted.>", 4)
+    got = [(p.data.checkpoint_id, p.data.kind, p.data.version, p.data.previous_checkpoint_id) for p in promoted]
+    assert got == [("ck-1", "ebdm", 1, None), ("opt-1", "optimiser", 2, None), ("opt-2", "optimiser", 3, "opt-1"), ("ck-2", "ebdm", 4, "ck-1")]
+    [_, v_opt1, v_opt2, v_ck2] = await wait_events(bus, "CHECKPOINTS", "checkpoint.verified.>", 4)
+    assert (v_opt1.data.baseline_checkpoint_id, v_opt2.data.baseline_checkpoint_id, v_ck2.data.baseline_checkpoint_id) == (None, "opt-1", "ck-1")
+    heads = await alias_heads(bus, "grid:case14", "production")
+    assert {k: p.checkpoint_id for k, p in heads.items()} == {"ebdm": "ck-2", "optimiser": "opt-2"}
+
+
 async def test_emergency_pauses_promotion(bus, settings):
     key = operator_key(settings)
     verifier = TableVerifier()

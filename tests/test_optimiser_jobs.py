@@ -1,8 +1,8 @@
 """Learned optimisers through the bus (issue 12): the daemon asks for one per training
 generation (`[daemon] train_models`), the safety gate rules, dispatch routes it, the worker
 trains it with `ml.optimize.train_optimiser` on the fossils it fetched, the daemon's
-verifier judges its decisions and promotes it to `production` (the alias `scf strike`
-reads). Every process is real (`scf run daemon|safety|dispatch|worker`, a real
+verifier judges its decisions and promotes it to `production` as the domain's optimiser
+head (what `scf strike --method learned` fetches). Every process is real (`scf run daemon|safety|dispatch|worker`, a real
 nats-server, real case9 fossils); a job spec the optimiser cannot take ends as a final
 `job.failed` that names the problem, and the worker keeps serving."""
 
@@ -205,11 +205,15 @@ async def test_the_daemon_requests_the_worker_trains_and_the_daemon_promotes_a_l
     assert math.isfinite(verified.data.metrics["decision_regret"])
     [promotion] = await read_all(bus, "CHECKPOINTS", "checkpoint.promoted.>")
     assert (promotion.data.checkpoint_id, promotion.data.alias, promotion.data.version) == (info.checkpoint_id, "production", 1)
-    assert promotion.data.sha256 == info.sha256
+    assert promotion.data.sha256 == info.sha256 and promotion.data.kind == "optimiser"  # the domain's optimiser head, not its EBDM's
 
     from scf.producers.strike import production_model
 
-    assert await production_model(bus, DOMAIN) == info.checkpoint_id  # what a strike decides with
+    assert await production_model(bus, DOMAIN) == info.checkpoint_id  # the newest head: the domain's contracts are due
+    from scf.producers.promoted import fetch_promoted
+
+    fetched = await fetch_promoted(bus, settings, DOMAIN, verify_release=False)  # what `scf strike --method learned` decides with
+    assert fetched.promotion.checkpoint_id == info.checkpoint_id and fetched.path.read_bytes() == path.read_bytes()
 
     # the archive's `checkpoints` view and the value report show the verifier's own numbers
     from scf.projections import report, views
@@ -223,7 +227,8 @@ async def test_the_daemon_requests_the_worker_trains_and_the_daemon_promotes_a_l
     finally:
         con.close()
     vm = verified.data.metrics
-    assert (row["checkpoint_id"], row["status"], row["alias"], row["version"]) == (info.checkpoint_id, "promoted", "production", 1)
+    assert (row["checkpoint_id"], row["status"], row["alias"], row["version"], row["kind"]) == (
+        info.checkpoint_id, "promoted", "production", 1, "optimiser")
     assert json.loads(row["verified_metrics"]) == pytest.approx(vm)
     assert json.loads(row["metrics"]) == pytest.approx(info.metrics)  # the worker's, beside the verifier's
     assert (row["verified_feasible"], row["verified_gap_median"], row["verified_gap_p95"], row["verified_savings_captured"],
@@ -275,9 +280,10 @@ async def test_a_bad_optimiser_job_fails_with_its_reason_and_the_worker_keeps_se
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_an_ebdm_is_judged_on_its_decisions_against_an_optimiser_in_production(bus, settings, tmp_path):
-    """With `train_models = ["ebdm", "optimiser"]` both kinds compete for `production`: an
-    EBDM candidate facing a learned optimiser is judged on its repaired decisions too (on
-    held-out DSM alone, which the optimiser does not have, it would replace it unjudged)."""
+    """The daemon reads each candidate's kind from its header and puts it against its own
+    kind's head only (an EBDM and an optimiser each have a `production` head); the verifier
+    still judges an EBDM against a baseline that carries decision metrics on its repaired
+    decisions (on held-out DSM alone, which the optimiser does not have, it would win unjudged)."""
     import msgspec
     import numpy as np
 
@@ -312,6 +318,8 @@ async def test_an_ebdm_is_judged_on_its_decisions_against_an_optimiser_in_produc
     config = VerifySettings(min_heldout=16, decision_contexts=32)
     verifier = CheckpointVerifier(bus, settings, config)
     first = await produced("opt-1", opt.checkpoint)
+    assert await verifier.kind(first) == "optimiser"  # from the fetched header (digest checked)
+    assert await verifier.kind(await produced("ebdm-0", ebdm.checkpoint)) == "ebdm"
     [_, promoted] = decide_promotion(first, None, await verifier(first, None), config, source="daemon")
     assert isinstance(promoted, ev.CheckpointPromoted) and promoted.data.alias == "production"
 

@@ -1,6 +1,7 @@
 -- view: checkpoints
 -- key: checkpoint_id
--- One row per checkpoint: produced, then verified or rejected, and its latest promotion.
+-- One row per checkpoint: produced, then verified or rejected, and its latest promotion
+-- (alias, version, model kind).
 -- `metrics` are the worker's (at training); `verified_metrics` the daemon's verifier's own,
 -- measured on held-out fossils when it judged the checkpoint (verified or rejected), with its
 -- headline numbers typed.
@@ -8,7 +9,8 @@ WITH src AS (
     SELECT seq, event_at, type,
         from_json(payload, '{"checkpoint_id": "VARCHAR", "job_id": "VARCHAR", "domain": "VARCHAR", "uri": "VARCHAR",
             "sha256": "VARCHAR", "size": "BIGINT", "metrics": "JSON", "config_hash": "VARCHAR", "margin": "DOUBLE",
-            "baseline_checkpoint_id": "VARCHAR", "baseline_metrics": "JSON", "reasons": "VARCHAR[]", "alias": "VARCHAR", "version": "BIGINT"}') AS d
+            "baseline_checkpoint_id": "VARCHAR", "baseline_metrics": "JSON", "reasons": "VARCHAR[]", "alias": "VARCHAR", "version": "BIGINT",
+            "kind": "VARCHAR"}') AS d
     FROM unique_events
     WHERE stream = 'CHECKPOINTS' AND type LIKE 'checkpoint.%'
 )
@@ -45,6 +47,10 @@ SELECT
     max(event_at) FILTER (WHERE type = 'checkpoint.promoted') AS promoted_at,
     arg_max(d.alias, seq) FILTER (WHERE type = 'checkpoint.promoted') AS alias,
     arg_max(d.version, seq) FILTER (WHERE type = 'checkpoint.promoted') AS version,
+    -- the model kind of that promotion (an alias has one head per domain and kind); none
+    -- written (before 2026-12-02): an EBDM's, a code model's in domain genn
+    arg_max(coalesce(nullif(d.kind, ''), CASE WHEN d.domain = 'genn' THEN 'code' ELSE 'ebdm' END), seq)
+        FILTER (WHERE type = 'checkpoint.promoted') AS kind,
     min(seq) AS first_seq,
     max(seq) AS last_seq
 FROM src
