@@ -388,6 +388,7 @@ class ControlLoop(ControlCycle):
     log = log
     status_quo_name = STATUS_QUO
     record_type = Record
+    decision_error = ControlError
 
     def __init__(self, plant: Plant, node: str, directory: Path, settings: ControlSettings, *,
                  current: Callable[[], Installed | None], previous: Callable[[Installed | None], Installed | None] = lambda _: None,
@@ -483,6 +484,8 @@ class ControlLoop(ControlCycle):
                 self._switch(wanted)
                 if wanted.checkpoint is not None:
                     self._report_from = len(self.records) - 1
+        if isinstance(self.active, ModelController):  # it decides within its ramp of the last setpoint written
+            self.active.last = self.u_prev
         return out
 
     # ------------------------------------------------------------------ M&V
@@ -540,21 +543,16 @@ class ControlLoop(ControlCycle):
     def observe(self, tel: Telemetry) -> str | None:
         return self.monitor.observe(tel)
 
-    async def _decide(self, tel: Telemetry, out: list[ev.Event]) -> np.ndarray:
-        try:
-            if isinstance(self.active, ModelController):
-                self.active.last = self.u_prev
-            u = np.asarray(self.active.decide(tel), dtype=float)
-            why = self.monitor.setpoint(u, self.u_prev) if self.active.checkpoint is not None else None
-        except ControlError as exc:
-            why = str(exc)
-        if why is not None:
-            out += await self._revert(why, tel)
-            u = np.asarray(self.active.decide(tel), dtype=float)
-        self.u_prev = u
-        return u
+    def decide_status_quo(self, tel: Telemetry) -> np.ndarray:
+        return np.asarray(self.active.decide(tel), dtype=float)
+
+    decide_model = decide_status_quo  # the active controller decides: the status quo or a ModelController
+
+    def envelope_problem(self, u: np.ndarray, tel: Telemetry) -> str | None:
+        return self.monitor.setpoint(u, self.u_prev)
 
     def setpoint(self, tel: Telemetry, u: np.ndarray) -> Setpoint:
+        self.u_prev = u
         return Setpoint(seq=tel.seq, u_kw=[float(x) for x in u], controller=self.active.name)
 
     def telemetry_problem(self, tel: Telemetry) -> str | None:

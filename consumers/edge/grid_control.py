@@ -140,6 +140,7 @@ class GridControlLoop(ControlCycle):
     record_type = GridRecord
     loop_name = "grid control loop"
     telemetry_name = "grid telemetry"
+    decision_error = GridControlError
 
     def __init__(self, plant, node: str, directory: Path, settings, grid: GridSettings = GridSettings(), *,
                  current: Callable[[], Installed | None], previous: Callable[[Installed | None], Installed | None] = lambda _: None,
@@ -233,12 +234,12 @@ class GridControlLoop(ControlCycle):
         return None
 
     # ------------------------------------------------------------------ deciding
-    def status_quo(self, tel: GridTelemetry) -> np.ndarray:
+    def decide_status_quo(self, tel: GridTelemetry) -> np.ndarray:
         from scf.domains.grid_dynamics import status_quo_setpoint
 
         return status_quo_setpoint(self.gplant, np.asarray(tel.pg_mw, float), np.asarray(tel.available, bool), np.asarray(tel.load_mw, float))
 
-    def model_decide(self, tel: GridTelemetry) -> np.ndarray:
+    def decide_model(self, tel: GridTelemetry) -> np.ndarray:
         from scf.domains.grid_dynamics import window
         from scf.domains.repair import repair
 
@@ -308,22 +309,6 @@ class GridControlLoop(ControlCycle):
                 out += self._close_period(len(self.records) - 1, cut=True)
             self._switch(wanted)
         return out
-
-    async def _decide(self, tel: GridTelemetry, out: list[ev.Event]) -> np.ndarray:
-        why = None
-        if self.active is not None:
-            try:
-                u = self.model_decide(tel)
-                why = self.envelope_problem(u, tel)
-            except GridControlError as exc:
-                why = str(exc)
-            if why is not None:
-                out += await self._revert(why, tel)
-        if self.active is None:
-            u = self.status_quo(tel)
-        elif why is not None:
-            u = self.model_decide(tel)
-        return u
 
     def setpoint(self, tel: GridTelemetry, u: np.ndarray) -> GridSetpoint:
         return GridSetpoint(seq=tel.seq, pg_mw=[float(x) for x in u], controller=self.active_name)

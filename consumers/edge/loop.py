@@ -11,8 +11,9 @@ writes the setpoints until the plant ends.
 A domain's loop subclasses `ControlCycle` and supplies the domain's part: how a period
 starts (`_begin`), its record type, which checkpoint runs (`running`, `active_name`), the
 monitor on live telemetry (`observe`), following the installed model (`_follow`), the
-decision and its envelope check (`_decide`, which reverts through `_revert`), falling back
-after a breach (`_fall_back`), the setpoint message (`setpoint`), the telemetry check
+status quo's and the model's decisions (`decide_status_quo`, `decide_model`), the envelope
+check of a model's setpoints (`envelope_problem`; a breach, or a `decision_error`, reverts),
+falling back after a breach (`_fall_back`), the setpoint message (`setpoint`), the telemetry check
 (`telemetry_problem`) and the measurement (`measure`).
 """
 
@@ -36,13 +37,15 @@ Publish = Callable[[ev.Event], Awaitable[object]]
 
 class ControlCycle:
     """The shared control cycle (module doc). Subclasses set `log`, `status_quo_name`,
-    `record_type`, `loop_name` and `telemetry_name`, and implement the domain hooks."""
+    `record_type`, `loop_name`, `telemetry_name` and `decision_error`, and implement the
+    domain hooks."""
 
     log: logging.Logger
     status_quo_name: str
     record_type: type
     loop_name = "control loop"  # "…: the <loop_name> stops"
     telemetry_name = "telemetry"  # "…: <telemetry_name> seq N refused: …"
+    decision_error: type[Exception] = PlantError  # a decision that cannot be made: a breach
 
     def _init_cycle(self, plant, node: str, directory: Path, settings, *, current: Callable[[], Installed | None],
                     previous: Callable[[Installed | None], Installed | None], publish: Publish | None, source: str,
@@ -83,8 +86,16 @@ class ControlCycle:
         """Pass control to the model installed now (or its fallback); the events that closes."""
         raise NotImplementedError
 
-    async def _decide(self, tel, out: list[ev.Event]) -> np.ndarray:  # pragma: no cover - interface
-        """The setpoints for this period, within the envelope; a breach reverts (adding to `out`)."""
+    def decide_status_quo(self, tel) -> np.ndarray:  # pragma: no cover - interface
+        """The site's previous controller's setpoints."""
+        raise NotImplementedError
+
+    def decide_model(self, tel) -> np.ndarray:  # pragma: no cover - interface
+        """The running model's setpoints (`decision_error` when it cannot decide)."""
+        raise NotImplementedError
+
+    def envelope_problem(self, u: np.ndarray, tel) -> str | None:  # pragma: no cover - interface
+        """Why the running model's setpoints `u` break the envelope, or None."""
         raise NotImplementedError
 
     def _fall_back(self, bad: Installed) -> str:  # pragma: no cover - interface
@@ -155,6 +166,22 @@ class ControlCycle:
         return [self.measure(start, end)]
 
     # ------------------------------------------------------------------ one period
+    def _decision(self, tel) -> np.ndarray:
+        return self.decide_model(tel) if self.running is not None else self.decide_status_quo(tel)
+
+    async def _decide(self, tel, out: list[ev.Event]) -> np.ndarray:
+        """The setpoints for this period: a model's within the envelope, else it is reverted
+        (the events added to `out`) and the fallback decides."""
+        try:
+            u = self._decision(tel)
+            why = self.envelope_problem(u, tel) if self.running is not None else None
+        except self.decision_error as exc:
+            why = str(exc)
+        if why is not None:
+            out += await self._revert(why, tel)
+            u = self._decision(tel)
+        return u
+
     async def _emit(self, out: list[ev.Event]) -> None:
         for event in out:
             self.events.append(event)
