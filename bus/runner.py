@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import traceback
 from dataclasses import dataclass, field
@@ -610,33 +611,106 @@ async def race(awaitable: Awaitable[Any], stop: asyncio.Event) -> None:
                 t.cancel()
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
+# The shutdown contract of every `scf run X` process (docs/architecture.md, "Stopping a
+# process"): the first SIGTERM/SIGINT sets `stop`; the loops get DRAIN_S in all (one deadline,
+# not one per loop) to finish, then are cancelled; the connection gets CLOSE_S to drain and
+# close. Anything left undone -- a loop cancelled or failed while stopping, a connection not
+# drained (the server gone) -- ends the run with ShutdownIncomplete (exit 1, one line). A
+# second SIGTERM/SIGINT exits at once (128 + the signal), whatever is still running.
+DRAIN_S = 10.0
+CLOSE_S = 5.0
+
+
+class ShutdownIncomplete(SCFError):
+    """A process stopped without finishing its loops or draining its connection."""
+
+
+def install_signal_handlers(stop: asyncio.Event, *, force_on_second: bool = False) -> None:
+    """SIGTERM/SIGINT set `stop`. With `force_on_second`, a second one exits the process at
+    once (exit 128 + signal, nothing more drained): the way out of a shutdown that hangs."""
     loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        name = signal.Signals(sig).name
+        if force_on_second and len(received) > 1:
+            log.error("%s again while stopping: exiting now (exit %d), nothing more drained", name, 128 + sig)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            os._exit(128 + sig)
+        if force_on_second:
+            log.warning("%s: stopping (loops %g s, connection %g s at most; %s again exits at once)", name, DRAIN_S, CLOSE_S, name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 
 
 async def run_all(bus: Bus, tasks: Sequence[Callable[[asyncio.Event], Awaitable[None]]], stop: asyncio.Event | None = None) -> None:
-    """Run runners / loops side by side until SIGTERM/SIGINT (or `stop`), then drain."""
+    """Run runners / loops side by side until SIGTERM/SIGINT (or `stop`, or one of them
+    failing), then stop within bounds: DRAIN_S for the loops, CLOSE_S for the connection
+    (the contract above). A loop's failure is raised; else ShutdownIncomplete if anything
+    was left undone."""
     stop = stop or asyncio.Event()
-    install_signal_handlers(stop)
-    running = [asyncio.create_task(t(stop)) for t in tasks]
+    install_signal_handlers(stop, force_on_second=True)
+    running = [asyncio.create_task(t(stop), name=getattr(t, "__qualname__", repr(t))) for t in tasks]
+    stopper = asyncio.create_task(stop.wait())
+    error: BaseException | None = None
     try:
-        done, _ = await asyncio.wait(running + [asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t in running and t.exception() is not None:
-                stop.set()
-                raise t.exception()  # type: ignore[misc]
-        await asyncio.gather(*running)
-    finally:
-        stop.set()
-        for t in running:
-            if not t.done():
-                try:
-                    await asyncio.wait_for(t, 15)
-                except Exception:  # noqa: BLE001 - shutting down: a loop that fails to finish is cancelled
-                    t.cancel()
-        await bus.close()
+        pending = set(running)
+        while pending and not stop.is_set():
+            done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(stopper)
+            failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None]
+            if failed:
+                error = failed[0].exception()
+    except BaseException as exc:  # noqa: BLE001 - cancelled (or interrupted): still stopped within bounds, then re-raised
+        error = exc
+    stop.set()
+    stopper.cancel()
+    problems = await finish_tasks(running, DRAIN_S, error) + await close_bus(bus, CLOSE_S)
+    if error is not None:
+        for p in problems:
+            log.error("while stopping: %s", p)
+        raise error
+    if problems:
+        raise ShutdownIncomplete("shutdown incomplete: " + "; ".join(problems))
+
+
+async def finish_tasks(tasks: Sequence[asyncio.Task], deadline: float, error: BaseException | None = None) -> list[str]:
+    """Await `tasks` (told to stop) for `deadline` seconds in all, cancel what is left; the
+    problems met, one phrase each (a loop cancelled, a loop that failed other than `error`)."""
+    problems: list[str] = []
+    left = [t for t in tasks if not t.done()]
+    if left:
+        _, late = await asyncio.wait(left, timeout=deadline)
+        if late:
+            for t in late:
+                t.cancel()
+            await asyncio.wait(late, timeout=1.0)  # a moment to unwind; one that ignores it is left to the exit
+            problems.append(f"{', '.join(sorted(t.get_name() for t in late))} still running {deadline:g} s after the stop: cancelled")
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None and t.exception() is not error:
+            problems.append(f"{t.get_name()} failed while stopping: {describe(t.exception())}")
+    return problems
+
+
+async def close_bus(bus: Bus, timeout: float) -> list[str]:
+    """Drain and close the connection within `timeout`; the problems met, one phrase each
+    (not connected -- the server gone: what was buffered is lost; a close that failed or
+    hung -- nats-py reconnecting to a server that is gone)."""
+    problems: list[str] = []
+    nc = bus.nc
+    if not nc.is_closed and not nc.is_connected:
+        problems.append("not connected to nats-server (reconnecting): the connection could not be drained")
+    try:
+        await asyncio.wait_for(bus.close(), timeout)
+    except (TimeoutError, asyncio.TimeoutError):
+        problems.append(f"the connection did not close within {timeout:g} s")
+    except Exception as exc:  # noqa: BLE001 - closing a connection the server dropped: said once, not a traceback
+        problems.append(f"closing the connection: {describe(exc)}")
+    return problems

@@ -44,14 +44,39 @@ def check_sections(settings: Settings) -> None:
             settings.section(name, getattr(importlib.import_module(module), struct))
 
 
+# what asyncio.run would wait for without bound after the command's coroutine: the tasks it
+# left (nats-py's reconnection among them, when the server is gone), cancelled
+LEFTOVER_S = 2.0
+
+
 def run(coro: Awaitable[T]) -> T:
-    """Run a coroutine; SCF errors become `Error: …` and exit code 1."""
+    """Run a coroutine; SCF errors become `Error: …` and exit code 1. Like asyncio.run, but
+    the tasks left behind get LEFTOVER_S in all to end once cancelled, so a process that
+    has finished does exit (the shutdown contract of `scf run X`: docs/architecture.md)."""
     try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return _run_bounded(coro)
     except SCFError as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _run_bounded(coro: Awaitable[T]) -> T:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in left:
+                t.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=LEFTOVER_S))
+            loop.run_until_complete(asyncio.wait([loop.create_task(loop.shutdown_asyncgens())], timeout=LEFTOVER_S))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
