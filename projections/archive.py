@@ -27,6 +27,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ def forks_writer(writer: str, platform: str = sys.platform) -> bool:
     executor, DuckDB's and pyarrow's pools) may crash or hang in the child (the system
     libraries are not fork-safe; Python itself spawns there), so it writes in a thread."""
     return hasattr(os, "fork") and (writer == "process" or (writer == "auto" and platform.startswith("linux")))
+_FORKING = threading.Lock()  # held by a writer from its pipe to the fork (`_write_forked`)
 FORKED_WRITE_TIMEOUT = 300.0  # seconds a forked writer may take before it is killed (the batch is retried)
 
 
@@ -376,9 +378,15 @@ class StreamFollower:
         this process only waits (without the GIL) and takes the positions over. Files are made
         durable by the child before it reports; a child that dies or hangs leaves the position
         at what is on disk and the batch is retried, as a failed write."""
-        r, w = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
+        # one writer forks at a time, its pipe's write end closed here before the next: a
+        # child forked meanwhile by another stream's writer would hold it, and this writer
+        # would see its report's end only when that child ended
+        with _FORKING:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid != 0:
+                os.close(w)
         if pid == 0:  # the child: no logging, no event loop, no NATS; out through os._exit
             try:
                 # not the event loop's signal handling (its wakeup fd is the parent's): a
@@ -393,7 +401,6 @@ class StreamFollower:
                     data = data[os.write(w, data):]
             finally:
                 os._exit(0)
-        os.close(w)
         report = b""
         try:
             deadline = time.monotonic() + FORKED_WRITE_TIMEOUT

@@ -149,3 +149,50 @@ def test_the_writer_is_forked_by_default_on_linux_only(tmp_path):
     assert forks_writer("auto", "linux") and not forks_writer("auto", "darwin") and not forks_writer("auto", "win32")
     assert forks_writer("process", "darwin") and not forks_writer("thread", "linux")
     assert follower(tmp_path, "auto").forked == forks_writer("auto", sys.platform)
+
+
+def test_a_forked_writer_does_not_wait_for_another_streams_child(tmp_path, monkeypatch):
+    """Two streams' writers fork from two threads of the archive process. A child forked
+    while another writer's pipe is open in the parent would hold that pipe's write end, and
+    that writer would wait for the other child to end (a hung child: 300 s) before it saw
+    its own report. Here stream B forks as soon as A has forked (os.fork wrapped so that A's
+    thread lets it) and B's child is held back: A still finishes."""
+    import threading
+
+    a, b = follower(tmp_path / "a", "process"), follower(tmp_path / "b", "process")
+    gate_r, gate_w = os.pipe()
+    write_b = b._child_write
+
+    def held_back(batch):  # in B's child: wait for the gate, then write
+        os.read(gate_r, 1)
+        return write_b(batch)
+
+    b._child_write = held_back  # type: ignore[method-assign]
+    real_fork, a_forked, b_forked = os.fork, threading.Event(), threading.Event()
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid and threading.current_thread().name == "A":
+            a_forked.set()
+            b_forked.wait(2)  # B may fork now, A's pipe still open here (an absence when it cannot: bounded)
+        elif pid:
+            b_forked.set()
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    results: dict[str, tuple] = {}
+    ta = threading.Thread(name="A", target=lambda: results.setdefault("a", a._write_forked(batch(10))))
+    tb = threading.Thread(name="B", target=lambda: (a_forked.wait(30), results.setdefault("b", b._write_forked(batch(10)))))
+    tb.start()
+    ta.start()
+    try:
+        ta.join(60)  # a hang fails here (the bound is not a speed goal)
+        assert not ta.is_alive() and tb.is_alive(), "stream A's write waited for stream B's child"
+        assert results["a"][1] == 10
+    finally:
+        os.write(gate_w, b"x")
+        ta.join(60)
+        tb.join(60)
+        os.close(gate_r)
+        os.close(gate_w)
+    assert results["b"][1] == 10 and b.store.position("FOSSILS") == 10
