@@ -617,7 +617,7 @@ async def race(awaitable: Awaitable[Any], stop: asyncio.Event) -> None:
 # close. Anything left undone -- a loop cancelled or failed while stopping, a connection not
 # drained (the server gone) -- ends the run with ShutdownIncomplete (exit 1, one line). A
 # second SIGTERM/SIGINT exits at once (128 + the signal), whatever is still running.
-DRAIN_S = 10.0
+DRAIN_S = 20.0  # + CLOSE_S + cli.common.LEFTOVER_S fits the 30 s grace of docker stop and systemd (TimeoutStopSec)
 CLOSE_S = 5.0
 
 

@@ -92,6 +92,9 @@ class ProcState(msgspec.Struct):
 
 
 SERVER_RESTART_TIMEOUT = 300.0  # seconds a restarted nats-server may take to answer (store recovery)
+# a child's SIGTERM-to-SIGKILL time: the 30 s of docker stop and systemd (TimeoutStopSec), which
+# a `scf run X`'s own bounds fit inside (bus/runner.py DRAIN_S + CLOSE_S + cli.common LEFTOVER_S)
+CHILD_GRACE_S = 30.0
 
 
 @dataclass
@@ -359,7 +362,7 @@ class Supervisor:
         finally:
             await self.shutdown()
 
-    async def shutdown(self, grace: float = 20.0) -> None:
+    async def shutdown(self, grace: float = CHILD_GRACE_S) -> None:
         if self.server_watch.restarting is not None:  # a server coming back: let it, for a while
             try:
                 await asyncio.wait_for(asyncio.shield(self.server_watch.restarting), 30)
@@ -379,7 +382,10 @@ class Supervisor:
                 self.echo(f"{c.spec.name} did not drain within {grace:.0f}s: killed")
         self.echo(f"stopped {len(live)} processes")
         if self.bus is not None:
-            await self.bus.close()
+            from scf.bus.runner import CLOSE_S, close_bus
+
+            for problem in await close_bus(self.bus, CLOSE_S):  # bounded: the server may be gone
+                self.echo(problem)
         if self.server is not None:
             self.server.stop()
             self.echo("nats-server stopped")
@@ -404,7 +410,7 @@ def _is_our_child(pid: int, home: str) -> bool:
     return b"scf.cli.main" in cmdline and f"SCF_HOME={home}".encode() in environ.split(b"\0")
 
 
-def _stop_pids(pids: list[int], grace: float = 20.0) -> None:
+def _stop_pids(pids: list[int], grace: float = CHILD_GRACE_S) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
