@@ -640,7 +640,7 @@ def install_signal_handlers(stop: asyncio.Event, *, force_on_second: bool = Fals
                 h.flush()
             os._exit(128 + sig)
         if force_on_second:
-            log.warning("%s: stopping (loops %g s, connection %g s at most; %s again exits at once)", name, DRAIN_S, CLOSE_S, name)
+            log.warning("%s: stopping (%s again exits at once)", name, name)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

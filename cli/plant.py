@@ -40,7 +40,6 @@ def run_plant(
     """A simulated HVAC or grid site as an MQTT plant: telemetry out, setpoints in, one step per setpoint."""
     import asyncio
     import os
-    import signal
 
     from scf.bus.errors import SCFError
     from scf.consumers.edge.grid_plant import GridSiteOptions, parse_grid_factors, parse_outages
@@ -78,10 +77,10 @@ def run_plant(
             signer = Signer(SigningKey.load(Path(key)))
 
         async def main() -> int:
+            from scf.bus.runner import install_signal_handlers
+
             stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
+            install_signal_handlers(stop, force_on_second=True)  # a second SIGTERM/SIGINT exits at once
             return await serve_mqtt(options, host, port, site, stop, username=username, password=os.environ.get("SCF_MQTT_PASSWORD"), tls=tls,
                                     period_s=period_s, verifier=verifier, signer=signer)
 
