@@ -156,9 +156,11 @@ class Runner:
         self._sem = asyncio.Semaphore(self.concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._throttle = Throttle(1.0)
+        self._stop: asyncio.Event | None = None  # run()'s: a message held by a pause is given back on a stop
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         pull = Pull(self.bus, self.spec, create=self.create)
         # batched: the next batch, asked for before this one is handled, so that the server's
         # answer (and the wait for it) overlaps the handling; kept alive through a pause,
@@ -256,8 +258,9 @@ class Runner:
         if (admitted := await self._admit(msg)) is None:
             return
         d, item = admitted
-        if self.pause is not None and self.pause.engaged:
-            await self._hold(d)
+        if self.pause is not None and self.pause.engaged and not await self._hold(d):
+            await _quietly(msg.nak())  # stopped while paused: given back, redelivered at once
+            return
 
         keepalive = asyncio.create_task(self._keepalive(d))
         try:
@@ -316,8 +319,11 @@ class Runner:
         async def worker() -> None:
             try:
                 for msg, d, item in queue:  # one iterator shared by the workers: each message once
-                    if self.pause is not None and self.pause.engaged:
-                        await self.pause.wait_clear()  # nothing new is handled; the keepalive holds the batch
+                    if self.pause is not None and self.pause.engaged and not await self._wait_clear():
+                        # stopped while paused: this message and the rest of the batch given back
+                        for rest in (msg, *(m for m, _, _ in queue)):
+                            await _quietly(rest.nak())
+                        return
                     try:
                         out: Any = await self.handler(item, d)
                     except Exception as exc:  # noqa: BLE001 - settled per message below
@@ -451,14 +457,22 @@ class Runner:
                 for m in ahead.result():
                     await _quietly(m.in_progress())
 
-    async def _hold(self, d: Delivery) -> None:
-        """Keep a message in hand alive until the pause gate clears."""
-        assert self.pause is not None
+    async def _hold(self, d: Delivery) -> bool:
+        """Keep a message in hand alive until the pause gate clears (True) or the run stops (False)."""
         keepalive = asyncio.create_task(self._keepalive(d))
         try:
-            await self.pause.wait_clear()
+            return await self._wait_clear()
         finally:
             keepalive.cancel()
+
+    async def _wait_clear(self) -> bool:
+        """Await the pause gate's clearing: True; False when run()'s stop comes first."""
+        assert self.pause is not None
+        if self._stop is None:  # process() called outside run() (the ledger's loop)
+            await self.pause.wait_clear()
+        else:
+            await race(self.pause.wait_clear(), self._stop)
+        return not self.pause.engaged
 
 class Pull:
     """A durable pull subscription that rides out a server restart.

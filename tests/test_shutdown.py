@@ -11,6 +11,7 @@ then killed by hand), and further SIGTERMs changed nothing.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -126,3 +127,70 @@ async def test_a_second_sigterm_exits_at_once(settings, scf_env, tmp_path):
     code = await _exited(proc, log, "stubborn")
     assert code == 128 + signal.SIGTERM, f"exit {code}\n{_log(log)}"
     assert "SIGTERM again while stopping: exiting now" in _log(log), _log(log)
+
+
+class _EngagesAfterTheFetch:
+    """A pause gate (the emergency stop) clear when the runner first looks (it fetches),
+    engaged for good from then on (the fetched messages are held)."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    @property
+    def engaged(self) -> bool:
+        self.looks += 1
+        return self.looks > 1
+
+    async def wait_clear(self) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_a_message_held_by_a_pause_is_given_back_on_a_stop(bus, batched):
+    """A runner holding messages through an emergency stop ends on its stop (before: it
+    waited for the gate to clear, the whole drain deadline) and gives them back."""
+    from scf.bus import events as ev
+    from scf.bus.runner import Runner
+    from scf.bus.streams import ConsumerSpec
+
+    for i in range(3):
+        await bus.publish(ev.IntentCreated.new(ev.Intent(intent_id=f"h{i}", kind="train", domain="grid:case9"), source="test"))
+    handled: list[str] = []
+
+    deliveries: list[int] = []
+
+    async def handle(event, d):
+        handled.append(event.data.intent_id)
+        deliveries.append(d.deliveries)
+        return []
+
+    spec = ConsumerSpec("INTENTS", "held", ("intent.created.>",), ack_wait=600)  # no redelivery but a give-back
+    runner = Runner(bus, spec, handle, pause=_EngagesAfterTheFetch(), batch=3, batched=batched)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(stop))
+
+    async def in_hand() -> bool:
+        try:
+            info = await bus.js.consumer_info("INTENTS", "held")
+        except Exception:  # noqa: BLE001 - not created yet
+            return False
+        return info.num_ack_pending == 3 and info.num_pending == 0
+
+    await wait_for(in_hand, 30, "the three messages to be in hand, held by the pause")
+    stop.set()
+    await asyncio.wait_for(running, 30)  # a bound on the awaited end, not a speed claim
+
+    assert handled == []  # nothing was handled through the pause
+    # given back (nak'ed): the next runner has them at once, not after the 600 s ack_wait
+    again = Runner(bus, spec, handle, batch=3, batched=batched)
+    stop = asyncio.Event()
+    running = asyncio.create_task(again.run(stop))
+    try:
+        await wait_for(lambda: len(handled) == 3, 60, "the messages given back to be handled by the next runner")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    assert sorted(handled) == ["h0", "h1", "h2"]
+    # the second delivery; batched, the third when the batch taken ahead (still asked for)
+    # got the nak'ed messages and gave them back in turn
+    assert all(n in ((2, 3) if batched else (2,)) for n in deliveries), deliveries
