@@ -139,14 +139,25 @@ TAKE_AHEAD = True  # take (and verify) the next batch while one is handled (veri
 
 
 async def _give_back(msgs: list, verifying: asyncio.Future) -> None:
-    """A batch taken ahead and not handled (a pause, a stop): nak'ed, so it is redelivered
-    at once (after the pause) instead of after ack_wait."""
+    """A batch taken ahead and not handled (a stop): nak'ed, so it is redelivered at once
+    (to the next process) instead of after ack_wait."""
     verifying.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await verifying
     for m in msgs:
         with contextlib.suppress(Exception):
             await m.nak()
+
+
+async def _keep_alive(msgs: list, ack_wait: float) -> None:
+    """In-progress acks for the messages in hand (`msgs`, read at each round: it may grow),
+    every third of ack_wait, until cancelled: held, not redelivered, and no delivery spent."""
+    interval = max(0.5, ack_wait / 3)
+    while True:
+        await asyncio.sleep(interval)
+        for m in msgs:
+            with contextlib.suppress(Exception):  # settled or connection gone: ack_wait takes over
+                await m.in_progress()
 
 
 @dataclass(frozen=True)
@@ -768,15 +779,19 @@ class Ledger:
         fallback = self.runner(pause=pause)  # for its per-message retry / DLQ rules
         # The next batch, taken while this one is handled, its signatures being verified in
         # threads meanwhile (verify_threads > 1): the verification overlaps this batch's
-        # rules, mint and acks where a core is free. Given back (nak'ed) on a pause or stop.
+        # rules, mint and acks where a core is free. Kept alive through a pause (given back,
+        # each pause would spend one of its deliveries: past max_deliver a measurement is never
+        # delivered again nor dead-lettered), given back (nak'ed) on a stop.
         ahead: tuple[list, asyncio.Future] | None = None
         try:
             while not stop.is_set():
                 if pause is not None and pause.engaged:
-                    if ahead is not None:
-                        await _give_back(*ahead)
-                        ahead = None
-                    await race(pause.wait_clear(), stop)
+                    alive = asyncio.create_task(_keep_alive(ahead[0], self.spec.ack_wait)) if ahead is not None else None
+                    try:
+                        await race(pause.wait_clear(), stop)
+                    finally:
+                        if alive is not None:
+                            alive.cancel()
                     continue
                 if ahead is not None:
                     msgs, verifying = ahead
@@ -790,16 +805,23 @@ class Ledger:
                     if self.settings.batch > 1:
                         msgs += await pull.fetch(self.settings.batch - 1, self.settings.gather_s, stop)
                     verifying = asyncio.ensure_future(self.verify_batch(msgs))
-                if TAKE_AHEAD and self.settings.verify_threads > 1 and self.settings.batch > 1 and len(msgs) >= 2 * VERIFY_CHUNK_MIN:
-                    following = await pull.fetch(self.settings.batch, AHEAD_WAIT_S, stop)  # what is there already
-                    if following:
-                        ahead = (following, asyncio.ensure_future(self.verify_batch(following)))
+                # the batch in hand and the one taken ahead kept alive while this one is handled
+                held = list(msgs)
+                alive = asyncio.create_task(_keep_alive(held, self.spec.ack_wait))
                 try:
-                    await self.handle_batch(msgs, await verifying)
-                except Exception as exc:  # noqa: BLE001 - any batch failure: each message alone, by the runner's rules
-                    log.warning("ledger batch of %d failed (%s: %s): handling one by one", len(msgs), type(exc).__name__, exc)
-                    for msg in msgs:
-                        await fallback.process(msg)
+                    if TAKE_AHEAD and self.settings.verify_threads > 1 and self.settings.batch > 1 and len(msgs) >= 2 * VERIFY_CHUNK_MIN:
+                        following = await pull.fetch(self.settings.batch, AHEAD_WAIT_S, stop)  # what is there already
+                        if following:
+                            held += following
+                            ahead = (following, asyncio.ensure_future(self.verify_batch(following)))
+                    try:
+                        await self.handle_batch(msgs, await verifying)
+                    except Exception as exc:  # noqa: BLE001 - any batch failure: each message alone, by the runner's rules
+                        log.warning("ledger batch of %d failed (%s: %s): handling one by one", len(msgs), type(exc).__name__, exc)
+                        for msg in msgs:
+                            await fallback.process(msg)
+                finally:
+                    alive.cancel()
         finally:
             if ahead is not None:
                 await _give_back(*ahead)

@@ -6,6 +6,7 @@ for the threads. Real nats-server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -65,41 +66,65 @@ class Gate:
         await self._clear.wait()
 
 
-async def test_batches_taken_ahead_are_minted_once_and_given_back_on_a_pause(bus, settings, monkeypatch):
-    """With batches of 64 and 4 x 64 measurements waiting, the ledger takes the next batch
-    (and verifies it) while it handles one. A pause engaged after the first batch gives the
-    batch taken ahead back (nak'ed: with an ack_wait of 10 minutes nothing else could bring
-    it back within this test); once cleared, every measurement is minted exactly once."""
-    # The take-ahead waits 2 ms for what is there already; on a loaded machine the server's
-    # answer can come later and no batch is taken ahead: wait for it here (it is there).
-    monkeypatch.setattr(ledger_mod, "AHEAD_WAIT_S", 5.0)
+async def publish_measurements(bus: Bus, settings, total: int) -> Keys:
+    """`total` signed measurements, one an hour, alternately of nodes n2 and n1: their keys."""
     keys = Keys(settings)
     node_keys = {n: keys.node(n) for n in ("n1", "n2")}
-    total = 4 * 64
     for h in range(total):
         node = "n1" if h % 2 else "n2"
         await publish_signed(bus, measurement(node, 9.0, 8.0, hour=h), node_keys[node])
-    gate = Gate()
-    cfg = LedgerSettings(rate=0.5, batch=64, verify_threads=2, ack_wait=600.0)
+    return keys
+
+
+@pytest.mark.parametrize(("pauses", "ack_wait", "hold_s"), [(1, 3.0, 7.5), (3, 600.0, 0.0)])
+async def test_batches_taken_ahead_are_held_through_pauses_and_minted_on_their_first_delivery(
+        bus, settings, monkeypatch, pauses, ack_wait, hold_s):
+    """With batches of 64 and 4 x 64 measurements waiting, the ledger takes the next batch
+    (and verifies it) while it handles one. The emergency stop engages after each of the first
+    `pauses` batches, each time with the next batch taken ahead; the consumer allows one
+    delivery (max_deliver 1; the server's backstop, one more, is for the DLQ rule). The batch
+    taken ahead is held through the pause, kept alive (in-progress acks) past its ack_wait when
+    the pause is long (`hold_s`), and handled on its first delivery. Given back (nak'ed)
+    instead, each pause spent one of its deliveries: past max_deliver a measurement is never
+    delivered again and never reaches the DLQ (a saving not minted)."""
+    # The take-ahead waits 2 ms for what is there already; on a loaded machine the server's
+    # answer can come later and no batch is taken ahead: wait for it here (it is there).
+    monkeypatch.setattr(ledger_mod, "AHEAD_WAIT_S", 5.0)
+    monkeypatch.setattr(ledger_mod, "LEDGER_CONSUMER", dataclasses.replace(ledger_mod.LEDGER_CONSUMER, max_deliver=1))
+    total = 4 * 64
+    keys = await publish_measurements(bus, settings, total)
+    gate, deliveries = Gate(), {}
+    cfg = LedgerSettings(rate=0.5, batch=64, verify_threads=2, ack_wait=ack_wait)
     async with running_ledger(bus, keys, cfg, pause=gate) as ledger:
-        handle_batch = ledger.handle_batch
-        paused = asyncio.Event()
+        handle_batch, handled = ledger.handle_batch, asyncio.Event()
 
-        async def first_then_pause(msgs, checked=None):
+        async def then_pause(msgs, checked=None):
+            for m in msgs:
+                deliveries.setdefault(m.metadata.sequence.stream, []).append(m.metadata.num_delivered)
             await handle_batch(msgs, checked)
-            gate._clear.clear()  # the emergency stop engages after the first batch
-            paused.set()
-        ledger.handle_batch = first_then_pause  # type: ignore[method-assign]
-        await wait_for(paused.is_set, 60, "the first batch and the pause")
-        ledger.handle_batch = handle_batch  # type: ignore[method-assign]
-        async def taken_ahead() -> bool:  # the next batch is fetched in the background: wait for it
-            return (await bus.js.consumer_info("DEPLOY", "ledger")).delivered.stream_seq == 128
+            if ledger.counts["new"] <= pauses * 64:
+                gate._clear.clear()  # the emergency stop engages as the batch ends
+            handled.set()
+        ledger.handle_batch = then_pause  # type: ignore[method-assign]
+        for k in range(1, pauses + 1):
+            await wait_for(handled.is_set, 60, f"batch {k} and the pause")
+            handled.clear()
 
-        await wait_for(taken_ahead, 60, "the next batch taken ahead")
-        assert ledger.counts["new"] == 64  # one batch handled, one taken ahead and held by the pause
-        gate._clear.set()
-        await wait_for(lambda: consumer_done(bus), 60, "the ledger to drain after the pause (the batch given back)")
+            async def next_taken_ahead_and_held(k=k) -> bool:
+                info = await bus.js.consumer_info("DEPLOY", "ledger")
+                return info.delivered.stream_seq == (k + 1) * 64 and info.num_ack_pending == 64
+
+            await wait_for(next_taken_ahead_and_held, 60, f"the batch after batch {k} taken ahead and held")
+            if hold_s:
+                await asyncio.sleep(hold_s)  # ack_wait passes (several times): the batch held must stay held
+            assert ledger.counts["new"] == k * 64 and gate.engaged
+            info = await bus.js.consumer_info("DEPLOY", "ledger")
+            assert info.num_ack_pending == 64 and info.num_pending == total - (k + 1) * 64  # held, not given back
+            gate._clear.set()
+        await wait_for(lambda: consumer_done(bus), 60, "the ledger to drain after the pauses")
         assert ledger.counts["new"] == total
+    assert sorted(deliveries) == list(range(1, total + 1))  # every measurement handled ...
+    assert all(d == [1] for d in deliveries.values()), {s: d for s, d in deliveries.items() if d != [1]}  # ... once, on its first delivery
     transfers = await read_transfers(bus)
     assert len(transfers) == total and len({e.transfer.cause_id for e in transfers}) == total
     assert await stream_count(bus, "DLQ") == 0
