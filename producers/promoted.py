@@ -100,7 +100,7 @@ async def _fetch(bus, settings, p: ev.Promotion, kind: str, what: str) -> Promot
     if not dest.is_file() or (await asyncio.to_thread(sha256_file, dest))[0] != want:
         dest.unlink(missing_ok=True)
         try:
-            await open_store(bus, settings).get(p.uri, dest, sha256=want)
+            await open_store(bus, settings).get(p.uri, dest, sha256=want, size=p.size or None)  # another size: refused unread
         except SCFError as exc:
             raise PromotedRefused(f"the promoted {what} {p.checkpoint_id}: {exc}") from None
     digest, size = await asyncio.to_thread(sha256_file, dest)

@@ -499,7 +499,7 @@ class CheckpointVerifier:
         if dest.is_file() and (await asyncio.to_thread(sha256_file, dest))[0] == want:
             return dest  # fetched before (`kind`, a baseline), digest checked again on the bytes that will be loaded
         store = open_store(self.bus, self.settings)
-        path = Path(await store.get(uri, dest, sha256=sha256))
+        path = Path(await store.get(uri, dest, sha256=sha256, size=size or None))  # another size: refused unread
         digest, got = await asyncio.to_thread(sha256_file, path)
         if digest != sha256.removeprefix("sha256:").lower():
             raise ValueError(f"digest mismatch: artifact has sha256 {digest}, the event says {sha256}")

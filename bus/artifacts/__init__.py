@@ -2,7 +2,7 @@
 
     store = open_store(bus, settings)             # backend from [artifacts] in scf.toml
     ref = await store.put(path, "grid_case14/<job_id>.safetensors", meta={"job_id": …})
-    path = await store.get(ref.uri, dest_dir, sha256=ref.sha256)   # any scheme
+    path = await store.get(ref.uri, dest_dir, sha256=ref.sha256, size=ref.size)   # any scheme; another size: SizeMismatch, unread
 
 Two backends behind one interface (`Backend`, in base.py):
 
@@ -28,6 +28,7 @@ from scf.bus.artifacts.base import (
     ArtifactSettings,
     Backend,
     DigestMismatch,
+    SizeMismatch,
 )
 from scf.bus.artifacts.file_backend import FileStoreBackend
 from scf.bus.artifacts.object_backend import ObjectStoreBackend
@@ -41,6 +42,7 @@ __all__ = [
     "ArtifactNotFound",
     "Backend",
     "DigestMismatch",
+    "SizeMismatch",
     "ObjectStoreBackend",
     "FileStoreBackend",
     "open_store",

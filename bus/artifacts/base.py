@@ -31,6 +31,23 @@ class DigestMismatch(ArtifactError):
     pass
 
 
+class SizeMismatch(DigestMismatch):
+    """The stored object is not the size the caller expects (or above its bound): refused
+    before its content is read (a content mismatch, so a DigestMismatch too)."""
+
+
+def read_bound(uri: str, stored: int, size: int | None, max_bytes: int | None) -> int:
+    """The most bytes a get of `uri` may read: the store's recorded size `stored`, once it
+    equals the expected `size` (when given, > 0) and is at most `max_bytes` (when given);
+    otherwise SizeMismatch, before anything is read."""
+    if size and stored != size:
+        raise SizeMismatch(f"{uri} holds {stored} bytes, expected {size}: the artifact was replaced; not fetched")
+    if max_bytes is not None and stored > max_bytes:
+        raise SizeMismatch(f"{uri} holds {stored} bytes, above the {max_bytes}-byte limit for an artifact of unknown size; "
+                           "not fetched (sign releases with their size, or raise the limit)")
+    return stored
+
+
 @dataclass(frozen=True)
 class ArtifactRef:
     """Where an artifact lives and what it is: `sha256` is lowercase hex."""
@@ -53,7 +70,9 @@ class ArtifactSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class Backend(Protocol):
     """One place artifacts live. `get` writes the file under its name only once its size and
-    digest are verified; `stat` and `delete` take a name or a URI of this backend."""
+    digest are verified; with `size` (the expected bytes) or `max_bytes` (a ceiling) it
+    refuses (SizeMismatch) an object of another size before reading it, and never reads
+    more bytes than it expects; `stat` and `delete` take a name or a URI of this backend."""
 
     scheme: str
 
@@ -61,7 +80,8 @@ class Backend(Protocol):
 
     async def put(self, path: str | os.PathLike, name: str, *, meta: dict[str, str] | None = None) -> ArtifactRef: ...
 
-    async def get(self, uri: str, dest: str | os.PathLike, *, sha256: str | None = None) -> Path: ...
+    async def get(self, uri: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
+                  max_bytes: int | None = None) -> Path: ...
 
     async def stat(self, name_or_uri: str) -> ArtifactRef | None: ...
 

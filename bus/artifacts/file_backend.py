@@ -21,6 +21,7 @@ from scf.bus.artifacts.base import (
     dest_file,
     land,
     part_file,
+    read_bound,
 )
 from scf.bus.files import atomic_write, copy_hashing, sha256_file
 
@@ -73,10 +74,12 @@ class FileStoreBackend:
         atomic_write(self._meta_path(target), msgspec.json.encode(m))
         return ArtifactRef("file://" + quote(str(target)), digest, size, dict(meta or {}))
 
-    async def get(self, uri: str, dest: str | os.PathLike, *, sha256: str | None = None) -> Path:
+    async def get(self, uri: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
+                  max_bytes: int | None = None) -> Path:
         src = self._path(uri)
         if not src.is_file():
             raise ArtifactNotFound(f"no artifact at {src}: check the URI and that the shared directory is mounted")
+        read_bound(uri, src.stat().st_size, size, max_bytes)  # before copying (the digest check follows the copy)
         ref = await self.stat(uri)
         expected = (ref.sha256 if ref else None, sha256)
         target = dest_file(dest, src.name)

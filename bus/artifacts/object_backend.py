@@ -37,11 +37,13 @@ from scf.bus.artifacts.base import (
     ArtifactNotFound,
     ArtifactRef,
     DigestMismatch,
+    SizeMismatch,
     check_name,
     dest_file,
     land,
     norm_digest,
     part_file,
+    read_bound,
 )
 from scf.bus.errors import StreamNotFound
 from scf.bus.reader import StreamReader
@@ -255,9 +257,13 @@ class ObjectStoreBackend:
             if exc is not None:
                 raise ArtifactError(f"storing a chunk failed: {exc}")
 
-    async def get(self, uri: str, dest: str | os.PathLike, *, sha256: str | None = None) -> Path:
+    async def get(self, uri: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
+                  max_bytes: int | None = None) -> Path:
         """Fetch `uri` to `dest` (a file, or a directory to put it in); the file appears
-        only once its size and digest (and `sha256`, when given) are verified."""
+        only once its size and digest (and `sha256`, when given) are verified. The meta
+        record's size is checked against `size` and `max_bytes` before any chunk is read,
+        and the read stops (SizeMismatch) as soon as the chunks exceed it: a replaced or
+        lying object never costs more than the expected bytes of disk."""
         name = self._name(uri)
         info = await self._info(name)
         if info is None:
@@ -268,14 +274,24 @@ class ObjectStoreBackend:
         part = part_file(target)
         want = _digest_to_hex(info.digest) if info.digest else None
         sha256 = norm_digest(sha256)
+        bound = read_bound(self.uri(name), info.size, size, max_bytes)
         if sha256 and want and sha256 != want:
             raise DigestMismatch(f"{self.uri(name)} holds sha256 {want}, expected {sha256}: the artifact was replaced")
         sink = _Sink(part)
+        taken = 0  # bytes handed to the sink: never more than `bound`
+
+        def take(chunk) -> None:
+            nonlocal taken
+            taken += len(chunk.data)
+            if taken > bound:  # more chunk bytes than the meta record says
+                raise SizeMismatch(f"{self.uri(name)}: its chunks exceed the {bound} bytes its meta record says: "
+                                   "the object was replaced or is corrupt; not fetched")
+            sink.put(chunk.data)
+
         try:
             if info.chunks:
                 reader = StreamReader(self.bus.nc, self.bus.js, self.stream, self._chunk_subject(info.nuid), limit=info.chunks)
-
-                await reader.scan(lambda chunk: sink.put(chunk.data))
+                await reader.scan(take)
             digest = await sink.close()
         except BaseException:
             sink.abort()

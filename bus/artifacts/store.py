@@ -48,8 +48,9 @@ class ArtifactStore:
     async def put(self, path: str | os.PathLike, name: str, *, meta: dict[str, str] | None = None) -> ArtifactRef:
         return await self.primary.put(path, name, meta=meta)
 
-    async def get(self, uri: str, dest: str | os.PathLike, *, sha256: str | None = None) -> Path:
-        return await self._backend(uri).get(uri, dest, sha256=sha256)
+    async def get(self, uri: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
+                  max_bytes: int | None = None) -> Path:
+        return await self._backend(uri).get(uri, dest, sha256=sha256, size=size, max_bytes=max_bytes)
 
     async def stat(self, name_or_uri: str) -> ArtifactRef | None:
         return await self._backend(name_or_uri).stat(name_or_uri)

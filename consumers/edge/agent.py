@@ -7,8 +7,10 @@ For a deployment:
    exactly the artifact the order names;
 2. refuses a downgrade (a lower version of the domain it runs) unless the order is an
    explicit rollback;
-3. fetches the artifact into `incoming/`, checks its sha256 (and size) against the signed
-   digest, and only then moves it beside the running one under `versions/` (store.py);
+3. fetches the artifact into `incoming/` (refused before reading when the store holds
+   another size than the signed one, or, for an unsized release, more than
+   `max_artifact_bytes`; never more bytes read than that), checks its sha256 against the
+   signed digest, and only then moves it beside the running one under `versions/` (store.py);
 4. activates atomically: `current` is a symlink, replaced by one `rename(2)`;
 5. runs the health probe (probe.py); on failure switches `current` back to the previous
    artifact and reports `deploy.failed` + `deploy.rolled_back`; on success reports
@@ -290,7 +292,9 @@ class EdgeAgent:
             staging.mkdir(parents=True)
             try:
                 try:
-                    await self.fetch(self.bus, a.uri, staging / MODEL_FILE, want)
+                    # the signed size bounds the read (an unsized, older release: max_artifact_bytes)
+                    await self.fetch(self.bus, a.uri, staging / MODEL_FILE, want, size=a.size,
+                                     max_bytes=self.settings.max_artifact_bytes)
                 except Refused:
                     raise
                 except Exception as exc:
