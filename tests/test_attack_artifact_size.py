@@ -28,20 +28,8 @@ from scf.bus.artifacts import object_backend as ob
 from scf.bus.codec import Codec
 from scf.consumers.edge import Refused, verify_release
 from scf.consumers.edge.release import fetch_artifact
+from tests import test_deploy_helpers as h
 from tests.conftest import wait_for
-from tests.test_deploy_helpers import (
-    Keys,
-    current_model,
-    events_on,
-    logs,
-    make_model,
-    node_runs,
-    orders_for,
-    promotion,
-    publish_raw,
-    start_edge,
-    stop,
-)
 from tests.test_nats_configs import Hub, hub, passwords, tls_files  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(90)
@@ -144,11 +132,11 @@ def test_worker_cannot_fill_an_edge_disk(hub: Hub, tmp_path: Path, monkeypatch) 
 
 
 def test_order_size_must_match_the_signed_release(tmp_path, settings) -> None:
-    keys = Keys(settings)
+    keys = h.Keys(settings)
     codec_r = Codec([ev.CheckpointPromoted], trust=keys.trust, require_signature=True, role="release")
-    make_model(tmp_path / "m.safetensors")
-    promo = promotion("ck-1", 1, tmp_path / "m.safetensors")
-    good = orders_for(promo, codec.sign(promo, keys.release), ["n"])[0].data
+    h.make_model(tmp_path / "m.safetensors")
+    promo = h.promotion("ck-1", 1, tmp_path / "m.safetensors")
+    good = h.orders_for(promo, codec.sign(promo, keys.release), ["n"])[0].data
     assert good.artifact.size == (tmp_path / "m.safetensors").stat().st_size
     assert verify_release(good, codec_r).data.size == good.artifact.size
     for size in (0, good.artifact.size * 1000):  # an order that drops or inflates the signed size
@@ -162,7 +150,7 @@ NODE = "edge-1"
 
 
 async def _failed(bus, text: str) -> ev.DeployFailure | None:
-    found = [e.data for _, e in await events_on(bus, "DEPLOY", f"deploy.failed.{NODE}", [ev.DeployFailed]) if text in e.data.reason]
+    found = [e.data for _, e in await h.events_on(bus, "DEPLOY", f"deploy.failed.{NODE}", [ev.DeployFailed]) if text in e.data.reason]
     return found[-1] if found else None
 
 
@@ -171,39 +159,39 @@ async def test_edge_agent_refuses_a_replaced_object(bus, settings, scf_env, tmp_
     """The real agent, artifacts in the object store: v1 runs; v2's object is replaced by one
     that lies about its size; the order is refused (deploy.failed, size mismatch, nothing
     left in incoming/), v1 keeps running; v2's genuine object put back deploys."""
-    keys = Keys(settings)
+    keys = h.Keys(settings)
     keys.node(NODE)
     art, edir, logd = tmp_path / "artifacts", tmp_path / "edge", tmp_path / "logs"
     logd.mkdir()
     store = ObjectStoreBackend(bus, chunk_size=CHUNK)
     promos = []
     for v in (1, 2):
-        make_model(art / f"v{v}.safetensors", v)
+        h.make_model(art / f"v{v}.safetensors", v)
         ref = await store.put(art / f"v{v}.safetensors", f"edge/v{v}.safetensors")
-        p = promotion(f"ck-{v}", v, art / f"v{v}.safetensors")
+        p = h.promotion(f"ck-{v}", v, art / f"v{v}.safetensors")
         p = msgspec.structs.replace(p, data=msgspec.structs.replace(p.data, uri=ref.uri))
-        promos.append((p, *await publish_raw(bus, p, keys.release)))
-    agent = start_edge(dict(scf_env, SCF_LOG="INFO"), NODE, edir, logd, {"domain": "grid:test", "site": "lab"})
+        promos.append((p, *await h.publish_raw(bus, p, keys.release)))
+    agent = h.start_edge(dict(scf_env, SCF_LOG="INFO"), NODE, edir, logd, {"domain": "grid:test", "site": "lab"})
     try:
-        await wait_for(lambda: node_runs(bus, NODE, None), 30, "the agent to register")
+        await wait_for(lambda: h.node_runs(bus, NODE, None), 30, "the agent to register")
         p1, s1, raw1 = promos[0]
-        await bus.publish(orders_for(p1, raw1, [NODE], seq=s1, plan="plan-1")[0])
-        await wait_for(lambda: node_runs(bus, NODE, "ck-1"), 30, "v1 active")
+        await bus.publish(h.orders_for(p1, raw1, [NODE], seq=s1, plan="plan-1")[0])
+        await wait_for(lambda: h.node_runs(bus, NODE, "ck-1"), 30, "v1 active")
 
         p2, s2, raw2 = promos[1]
         good = (art / "v2.safetensors").read_bytes()
         await _lying_object(bus.js, good, secrets.token_bytes(len(good) * 20), "edge/v2.safetensors")
-        await bus.publish(orders_for(p2, raw2, [NODE], seq=s2, plan="plan-2")[0])
+        await bus.publish(h.orders_for(p2, raw2, [NODE], seq=s2, plan="plan-2")[0])
         await wait_for(lambda: _failed(bus, "size mismatch"), 30, "the replaced object refused")
         f = await _failed(bus, "size mismatch")
         assert f is not None and f.checkpoint_id == "ck-2" and f.running_checkpoint_id == "ck-1"
-        assert current_model(edir) == "ck-1" and await node_runs(bus, NODE, "ck-1")
+        assert h.current_model(edir) == "ck-1" and await h.node_runs(bus, NODE, "ck-1")
         assert list((edir / "incoming").iterdir()) == []
 
         await store.put(art / "v2.safetensors", "edge/v2.safetensors")
-        await bus.publish(orders_for(p2, raw2, [NODE], seq=s2, plan="plan-3")[0])
-        await wait_for(lambda: node_runs(bus, NODE, "ck-2"), 30, "v2 active")
-        assert current_model(edir) == "ck-2"
+        await bus.publish(h.orders_for(p2, raw2, [NODE], seq=s2, plan="plan-3")[0])
+        await wait_for(lambda: h.node_runs(bus, NODE, "ck-2"), 30, "v2 active")
+        assert h.current_model(edir) == "ck-2"
     finally:
-        code = stop(agent)
-    assert code == 0, logs(logd)
+        code = h.stop(agent)
+    assert code == 0, h.logs(logd)
