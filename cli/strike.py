@@ -173,7 +173,7 @@ def strike_command(
                 spec = contracts.spec_of(doc)
             path, model, label = await learned_model(bus, s, trust, spec.domain, method, checkpoint)
             decided_by.append(label)
-            opts = st.StrikeOptions(method="exact" if path is None else method, checkpoint=path, measure=measure, wait_s=wait,
+            opts = st.StrikeOptions(method="exact" if path is None else "learned", checkpoint=path, measure=measure, wait_s=wait,
                                     model=model or await st.production_model(bus, spec.domain), period=st.period_of(spec, time.time()))
             r = await st.strike(bus, s, spec, key=k, trust=trust, opts=opts, contract_seq=seq, contract_event_id=eid)
             if log_proof and r.proof_path is not None:
@@ -209,6 +209,13 @@ async def learned_model(bus, settings, trust, domain: str, method: str, checkpoi
     log = logging.getLogger("scf.strike")
     if method == "exact":
         return None, "", "exact (HiGHS)"
+    if method == "auto":
+        from scf.producers.optimize import OptimizeError, learned_hook
+
+        try:
+            learned_hook()  # torch and scf.ml.optimize: else auto solves exactly, as `scf optimize` does
+        except OptimizeError as exc:
+            return None, "", f"exact (HiGHS): {exc}"
     if checkpoint is not None:
         digest = sha256_file(checkpoint)[0]
         model = f"{checkpoint.name} sha256:{digest}"
