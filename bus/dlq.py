@@ -41,7 +41,7 @@ from scf.bus.errors import DecodeError, SCFError, SignatureError
 from scf.bus.ids import derived_id
 from scf.bus.reader import read
 from scf.bus.signing import TrustList
-from scf.bus.streams import STREAM_BY_NAME, stream_for_subject
+from scf.bus.streams import STREAM_BY_NAME, ConsumerSpec, stream_for_subject
 
 log = logging.getLogger("scf.dlq")
 
@@ -151,6 +151,26 @@ async def dead_letter(bus: Bus, msg: Any, *, stream: str, consumer: str, error: 
               f" (body cut to {len(entry.payload)} of {entry.size} bytes)" if entry.truncated else "", error[:500])
     await _settle(msg, b"+TERM")
     return True
+
+
+async def give_back(bus: Bus, msg: Any, spec: ConsumerSpec, why: str) -> bool:
+    """A message taken and not handled (`why`: a stop): nak'ed, so it is redelivered at once.
+    On the last delivery the server allows (`spec.config().max_deliver`, one above the
+    runner's own limit) a nak would never bring it back, nor bring it to the DLQ: it is
+    dead-lettered instead, with the reason: True when it was (stored). Never raises."""
+    try:
+        delivered = msg.metadata.num_delivered
+    except Exception:  # noqa: BLE001 - not a JetStream message (cannot happen from a pull consumer)
+        delivered = 0
+    last = spec.config().max_deliver
+    if 0 < last <= delivered:
+        return await dead_letter(bus, msg, stream=spec.stream, consumer=spec.durable,
+                                 error=f"{why} on its last delivery ({delivered} of {last}): dead-lettered instead of given back")
+    try:
+        await msg.nak()
+    except Exception:  # noqa: BLE001 - connection gone: ack_wait redelivers
+        pass
+    return False
 
 
 async def _settle(msg: Any, term: bytes | None, delay: float = 0.0) -> None:

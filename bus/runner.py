@@ -32,7 +32,8 @@ A handler decides; the runner owns the I/O:
 * a pause gate (the emergency stop): while engaged nothing new is handled; messages in hand
   are kept alive and wait, nothing is dropped;
 * SIGTERM / SIGINT stop fetching, let in-flight handlers finish, nak what was fetched but
-  not started (so it is redelivered at once), then drain the connection.
+  not started (so it is redelivered at once; on the server's last delivery, which a nak
+  would lose, dead-lettered instead), then drain the connection.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class Runner:
                 if self.batched:
                     if stop.is_set():
                         for rest in msgs:
-                            await _quietly(rest.nak())
+                            await self.give_back(rest)
                         break
                     if msgs:
                         if not self.take_ahead:
@@ -203,7 +204,7 @@ class Runner:
                 for i, msg in enumerate(msgs):
                     if stop.is_set():
                         for rest in msgs[i:]:
-                            await _quietly(rest.nak())
+                            await self.give_back(rest)
                         break
                     if self.concurrency == 1:
                         await self.process(msg)
@@ -218,7 +219,7 @@ class Runner:
                 await self._settling  # the last batch's publishes and acks
         finally:
             if ahead is not None:
-                await _give_back(ahead)
+                await self._give_back_ahead(ahead)
             await pull.close()
 
     def _done(self, task: asyncio.Task) -> None:
@@ -259,7 +260,7 @@ class Runner:
             return
         d, item = admitted
         if self.pause is not None and self.pause.engaged and not await self._hold(d):
-            await _quietly(msg.nak())  # stopped while paused: given back, redelivered at once
+            await self.give_back(msg)  # stopped while paused: given back, redelivered at once
             return
 
         keepalive = asyncio.create_task(self._keepalive(d))
@@ -322,7 +323,7 @@ class Runner:
                     if self.pause is not None and self.pause.engaged and not await self._wait_clear():
                         # stopped while paused: this message and the rest of the batch given back
                         for rest in (msg, *(m for m, _, _ in queue)):
-                            await _quietly(rest.nak())
+                            await self.give_back(rest)
                         return
                     try:
                         out: Any = await self.handler(item, d)
@@ -414,6 +415,22 @@ class Runner:
                 continue
             ok.append((msg, d, out))
         return ok
+
+    async def give_back(self, msg: Msg) -> None:
+        """A message taken and not handled (a stop): nak'ed, so it is redelivered at once (to
+        the next process) instead of after ack_wait; on the server's last delivery, where a
+        nak would lose it, dead-lettered instead (`dlq.give_back`). Never raises."""
+        if await dlq.give_back(self.bus, msg, self.spec, "stopped"):
+            self.stats.dead_lettered += 1
+
+    async def _give_back_ahead(self, fetching: asyncio.Future) -> None:
+        """`give_back` for a batch taken ahead."""
+        try:
+            msgs = await fetching
+        except Exception:  # noqa: BLE001 - Pull.fetch never raises: nothing to give back
+            return
+        for m in msgs:
+            await self.give_back(m)
 
     async def dead_letter(self, msg: Msg, error: str) -> bool:
         """Copy `msg` to the DLQ and terminate it (bus/dlq.py: always fits, never raises;
@@ -593,17 +610,6 @@ def _status(msg: Msg) -> str | None:
     if msg.data or not msg.headers:
         return None
     return msg.headers.get("Status")
-
-
-async def _give_back(fetching: asyncio.Future) -> None:
-    """A batch taken ahead and not handled (a stop): its messages nak'ed, so they are
-    redelivered at once (to the next process) instead of after ack_wait."""
-    try:
-        msgs = await fetching
-    except Exception:  # noqa: BLE001 - Pull.fetch never raises: nothing to give back
-        return
-    for m in msgs:
-        await _quietly(m.nak())
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

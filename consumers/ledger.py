@@ -58,7 +58,7 @@ from scf.bus.ids import derived_id
 from scf.bus.reader import read
 from scf.bus.runner import Delivery, Runner
 from scf.bus.signing import TrustList
-from scf.bus.streams import CONSUMERS
+from scf.bus.streams import CONSUMERS, ConsumerSpec
 from scf.consumers import nodes as nodes_mod
 from scf.consumers.energy import (
     DEFAULT_METER,
@@ -138,15 +138,15 @@ AHEAD_WAIT_S = 0.002  # how long taking the next batch (while one is handled) wa
 TAKE_AHEAD = True  # take (and verify) the next batch while one is handled (verify_threads > 1)
 
 
-async def _give_back(msgs: list, verifying: asyncio.Future) -> None:
+async def _give_back(bus: Bus, spec: ConsumerSpec, msgs: list, verifying: asyncio.Future) -> None:
     """A batch taken ahead and not handled (a stop): nak'ed, so it is redelivered at once
-    (to the next process) instead of after ack_wait."""
+    (to the next process) instead of after ack_wait; a measurement on the server's last
+    delivery, which a nak would lose, dead-lettered instead (`dlq.give_back`)."""
     verifying.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await verifying
     for m in msgs:
-        with contextlib.suppress(Exception):
-            await m.nak()
+        await dlq.give_back(bus, m, spec, "stopped")
 
 
 async def _keep_alive(msgs: list, ack_wait: float) -> None:
@@ -824,7 +824,7 @@ class Ledger:
                     alive.cancel()
         finally:
             if ahead is not None:
-                await _give_back(*ahead)
+                await _give_back(self.bus, self.spec, *ahead)
             await pull.close()
 
     async def handle_batch(self, msgs: list, checked: list | None = None) -> None:

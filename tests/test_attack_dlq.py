@@ -24,7 +24,7 @@ import pytest
 
 from scf.bus import codec
 from scf.bus import events as ev
-from scf.bus.dlq import HEADROOM, list_dead
+from scf.bus.dlq import HEADROOM, give_back, list_dead
 from scf.bus.headers import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, SCF_REDRIVE_FOR
 from scf.bus.ids import new_id
 from scf.bus.signing import SigningKey
@@ -358,3 +358,36 @@ async def test_a_worker_meeting_poison_terminates_it_with_the_reason_and_writes_
         assert stop(worker) == 0, logs(tmp_path)
         await adv.close()
         await bus.close()
+
+
+# --------------------------------------------------------------------------- given back on a stop
+
+
+async def test_a_message_given_back_on_its_last_delivery_is_dead_lettered_not_lost(bus):
+    """A message taken and not handled when a process stops is given back (nak'ed): it is
+    redelivered at once. On the last delivery the server allows (the runner's max_deliver 1,
+    the server's 2) a nak would never bring it back and it would reach no DLQ: it is
+    dead-lettered instead, with the reason."""
+    spec = ConsumerSpec("INTENTS", "giveback", ("intent.created.>",), ack_wait=30.0, max_deliver=1)
+    await ensure_consumer(bus.js, spec)
+    await bus.publish_many([intent("g0"), intent("g1")])
+    sub = await bus.js.pull_subscribe("intent.created.>", durable="giveback", stream="INTENTS")
+    try:
+        first = await sub.fetch(2, timeout=10)
+        assert [m.metadata.num_delivered for m in first] == [1, 1]
+        assert [await give_back(bus, m, spec, "stopped") for m in first] == [False, False]  # not the last delivery: nak'ed
+        again = await sub.fetch(2, timeout=10)
+        assert [m.metadata.num_delivered for m in again] == [2, 2]  # redelivered at once, nothing lost
+        assert [await give_back(bus, m, spec, "stopped") for m in again] == [True, True]  # the server's last: dead-lettered
+    finally:
+        await sub.unsubscribe()
+    assert await stream_count(bus, "DLQ") == 2  # both dead-lettered (each stored before its term)
+    entries = await dead_letters(bus)
+    assert sorted(e.event.data.seq for e in entries) == [m.metadata.sequence.stream for m in again]
+    assert all(e.event.data.error == "stopped on its last delivery (2 of 2): dead-lettered instead of given back"
+               for e in entries)
+
+    async def settled() -> bool:  # terminated, not left pending
+        info = await bus.js.consumer_info("INTENTS", "giveback")
+        return info.num_pending == 0 and info.num_ack_pending == 0
+    await wait_for(settled, 20, "both terminated")

@@ -14,7 +14,7 @@ from scf.bus import events as ev
 from scf.bus.codec import Codec
 from scf.bus.dlq import list_dead
 from scf.bus.runner import Poison, Runner, event_decoder
-from scf.bus.streams import ConsumerSpec
+from scf.bus.streams import ConsumerSpec, ensure_consumer
 from tests.conftest import stream_count, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -284,3 +284,51 @@ async def test_a_pause_between_batches_keeps_the_batch_taken_ahead_without_a_red
         await task
     assert deliveries == {i: [1] for i in ids}  # each handled once, on its first delivery
     assert await stream_count(bus, "VERDICTS") == len(ids)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_a_stop_while_paused_dead_letters_the_message_on_its_last_delivery(bus, batched):
+    """A stop while the pause holds messages gives them back (nak'ed, redelivered at once) —
+    except a message on the last delivery the server allows (max_deliver 1, the server's 2),
+    which a nak would lose without a trace: it is dead-lettered with the reason instead.
+    l0 and l1 have spent a delivery (a process gone); l0's handler engages the pause, l1 (on
+    its last delivery) and l2 (on its first) are held when the runner stops."""
+    s = spec(f"last{int(batched)}", max_deliver=1)
+    await ensure_consumer(bus.js, s)
+    await bus.publish_many([intent("l0"), intent("l1")])
+    sub = await bus.js.pull_subscribe("intent.created.>", durable=s.durable, stream="INTENTS")
+    try:
+        spent = await sub.fetch(2, timeout=10)
+        for m in spent:
+            await m.nak()
+    finally:
+        await sub.unsubscribe()
+    await bus.publish_many([intent("l2")])
+    gate = Gate()
+
+    async def handle(event: ev.IntentCreated, d) -> list[ev.Event]:
+        gate.engage()  # the emergency stop engages while l0 is handled
+        return [verdict_for(event, bus.source)]
+
+    # no batch taken ahead: its pending fetch would take l2 back at once when it is given back
+    runner = Runner(bus, s, handle, decode=event_decoder(Codec([ev.IntentCreated])), batched=batched, batch=4, pause=gate)
+    runner.take_ahead = False
+    stop, task = await start(runner)
+    try:
+        async def all_in_hand_paused() -> bool:
+            info = await consumer_now(bus, s.durable)
+            return gate.engaged and info is not None and info.delivered.consumer_seq == 5
+        await wait_for(all_in_hand_paused, 30, "l0 handled, l1 and l2 in the paused runner's hand")
+    finally:
+        stop.set()
+        await task
+    [dead] = [e.event.data for e in await list_dead(bus) if e.event is not None]
+    assert dead.seq == spent[1].metadata.sequence.stream and dead.deliveries == 2
+    assert dead.error == "stopped on its last delivery (2 of 2): dead-lettered instead of given back"
+    assert await stream_count(bus, "VERDICTS") == 1 and runner.stats.dead_lettered == 1  # l0's; l1
+    sub = await bus.js.pull_subscribe("intent.created.>", durable=s.durable, stream="INTENTS")
+    try:
+        [back] = await sub.fetch(1, timeout=10)  # l2 given back: redelivered at once
+        assert back.metadata.num_delivered == 2 and back.metadata.sequence.stream == spent[1].metadata.sequence.stream + 1
+    finally:
+        await sub.unsubscribe()
