@@ -65,8 +65,10 @@ class ArchiveSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     streams: list[str] = []  # default: every stream except JOBS
     # Who turns a batch into Parquet: "process" (a child forked per batch: its Python does not
     # hold the GIL the receiving needs; POSIX), "thread" (a worker thread of this process) or
-    # "auto": process on Linux, thread elsewhere (`forks_writer`)
-    writer: str = "auto"
+    # "auto": process on Linux, thread elsewhere (`forks_writer`). Default "thread": on a quiet
+    # 2-core host the forked writer ingested no faster (0.653x vs 0.651x the raw replay) for
+    # 15 % more CPU (benchmarks/RESULTS.md "Bus speed", lead's run); it can pay where cores are free.
+    writer: str = "thread"
     fork_min_rows: int = 5000  # smaller batches are written in a thread anyway (a fork costs ~10-50 ms)
 
     def __post_init__(self) -> None:
