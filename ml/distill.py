@@ -697,7 +697,7 @@ async def distill_on_bus(bus, settings, checkpoint_id: str, config: DistillConfi
     work = Path(settings.path("model_zoo", "distill", subject_token(checkpoint_id)))
     work.mkdir(parents=True, exist_ok=True)
     store = open_store(bus, settings)
-    teacher_path = Path(await store.get(t.uri, work / "teacher.safetensors", sha256=t.sha256))
+    teacher_path = Path(await store.get(t.uri, work / "teacher.safetensors", sha256=t.sha256, size=t.size or None))
     if data is None:
         from scf.consumers.worker import fetch_fossils
 

@@ -114,7 +114,7 @@ async def fetch_promoted(bus, settings, *, alias: str = "production") -> Path:
         return directory
     work = Path(settings.path("model_zoo", "genn-fetch"))
     work.mkdir(parents=True, exist_ok=True)
-    path = Path(await open_store(bus, settings).get(head.uri, work / f"{subject_token(head.checkpoint_id)}.safetensors", sha256=head.sha256))
+    path = Path(await open_store(bus, settings).get(head.uri, work / f"{subject_token(head.checkpoint_id)}.safetensors", sha256=head.sha256, size=head.size or None))  # another size: refused unread
     try:
         await asyncio.to_thread(mg.unpack_code_model, path, directory)
     except mg.ModelError as exc:
