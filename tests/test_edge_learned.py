@@ -7,8 +7,12 @@ decision breaks the deployment's envelope is reverted to the previous controller
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -127,7 +131,6 @@ def site_models(tmp_path_factory):
     """The demo's two learned optimisers (ops/demo_hvac.py): trained on 300 HVAC fossils and
     on the first 100 of them (fewer than the cost model's 147 features), 30 steps, 64 x 2."""
     from scf.domains.fossils import synth_shards
-    from scf.ml.optimize import OptimiserConfig, train_optimiser
     from scf.ops import demo_hvac
 
     root = tmp_path_factory.mktemp("site-models")
@@ -135,8 +138,23 @@ def site_models(tmp_path_factory):
     (root / "few").mkdir()
     lines = (root / "all" / "fossils-00000.ndjson").read_bytes().splitlines(keepends=True)
     (root / "few" / "fossils-00000.ndjson").write_bytes(b"".join(lines[: demo_hvac.FEW]))
-    cfg = OptimiserConfig(steps=30, hidden=64, depth=2, eval_contexts=128)
-    return {label: train_optimiser(demo_hvac.HVAC, root / data, root / label, cfg) for label, data in (("better", "all"), ("worse", "few"))}
+    # each trained in a fresh process, as the demo trains them (`scf train-optimiser`): the worse
+    # model's cost is fitted on fewer fossils than it has features, so its decisions are sensitive
+    # to the last bits of its training; in a test worker that ran other files first (pytest-xdist)
+    # they once came out different (minted 5.89 instead of 2.99 kWh)
+    script = ("import json, sys; from pathlib import Path; from scf.ml.optimize import OptimiserConfig, train_optimiser; "
+              "from scf.ops import demo_hvac; "
+              "r = train_optimiser(demo_hvac.HVAC, Path(sys.argv[1]), Path(sys.argv[2]), "
+              "OptimiserConfig(steps=30, hidden=64, depth=2, eval_contexts=128)); "
+              "print(json.dumps({'metrics': r.metrics, 'checkpoint': str(r.checkpoint)}))")
+    trained = {}
+    for label, data in (("better", "all"), ("worse", "few")):
+        out = subprocess.run([sys.executable, "-c", script, str(root / data), str(root / label)], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        trained[label] = SimpleNamespace(metrics=got["metrics"], checkpoint=Path(got["checkpoint"]))
+    return trained
 
 
 def _installed(directory: Path, checkpoint_id: str, source: Path, version: int = 1, envelope: dict | None = None) -> Installed:
