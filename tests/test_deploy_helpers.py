@@ -154,7 +154,10 @@ def start_process(env: dict, name: str, log_dir: Path) -> subprocess.Popen:
     return spawn([sys.executable, "-m", "scf.cli.main", "run", name], env, log_dir / f"{name}.log")
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 35) -> int:
+    """SIGTERM, then its exit code; SIGKILL past `timeout` — beyond the 27 s a `scf run` process
+    may take to stop by its contract (20 s for its loops, 5 to drain, 2 for leftovers:
+    docs/architecture.md "Stopping a process")."""
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
