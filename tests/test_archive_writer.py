@@ -106,6 +106,8 @@ def test_a_forked_writer_dies_with_the_archive_process(tmp_path):
     import sys
     import time
 
+    # the parent and its forked child only have to stay alive until the parent is SIGKILLed (the
+    # 120 s sleeps are never waited out: the test kills the parent at once, the child dies with it)
     code = (
         "import os, sys, time\n"
         "from scf.projections.archive import _die_with\n"
@@ -132,7 +134,7 @@ def test_a_forked_writer_dies_with_the_archive_process(tmp_path):
 
     deadline = time.monotonic() + 30
     while alive() and time.monotonic() < deadline:  # the kill is asynchronous: wait for it, bounded
-        time.sleep(0.05)
+        time.sleep(0.05)  # the polling interval of the awaited condition above
     assert not alive(), f"the forked writer {child} outlived its archive process"
 
 
