@@ -135,22 +135,27 @@ def is_packed(path: str | Path) -> bool:
         return False
 
 
+def packed_header(path: Path, fmt: str, give: str) -> tuple[dict, str, dict, dict]:
+    """(metadata, packing, layer table, config) of a packed ternary file of format `fmt`; one
+    clear error (naming `give`, what to give instead) when the header is not one."""
+    meta = read_metadata(path)
+    if meta.get("format") != fmt:
+        raise TernaryError(f"{path} has format {meta.get('format')!r}, not {fmt!r}: give {give}")
+    packing = meta.get("packing", "")
+    if packing not in PACKINGS:
+        raise TernaryError(f"{path} states packing {packing!r}: only {sorted(PACKINGS)} are known")
+    try:
+        return meta, packing, json.loads(meta["layers"]), json.loads(meta.get("config", "{}"))
+    except (KeyError, ValueError) as exc:
+        raise TernaryError(f"{path}: its layers/config metadata do not decode ({exc}): the file is damaged") from None
+
+
 def load_packed(path: str | Path) -> PackedModel:
     """Read and unpack a student file with numpy; one clear error when it does not decode."""
     from scf.consumers.edge.tensors import load_tensors
 
     path = Path(path)
-    meta = read_metadata(path)
-    if meta.get("format") != FORMAT:
-        raise TernaryError(f"{path} has format {meta.get('format')!r}, not {FORMAT!r}: give a student written by `scf distill`")
-    packing = meta.get("packing", "")
-    if packing not in PACKINGS:
-        raise TernaryError(f"{path} states packing {packing!r}: only {sorted(PACKINGS)} are known")
-    try:
-        layers = json.loads(meta["layers"])
-        config = json.loads(meta.get("config", "{}"))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise TernaryError(f"{path}: its layers/config metadata do not decode ({exc}): the file is damaged") from None
+    meta, packing, layers, config = packed_header(path, FORMAT, "a student written by `scf distill`")
     raw = load_tensors(path)
     ternary = {}
     for name, info in layers.items():

@@ -17,13 +17,12 @@ imports torch or `scf.ml` (.importlinter).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from scf.consumers.edge.ternary import EXACT_F32_FAN_IN, PACKINGS, TernaryError, activation_codes, read_metadata, unpack
+from scf.consumers.edge.ternary import EXACT_F32_FAN_IN, TernaryError, activation_codes, packed_header, unpack
 
 FORMAT = "scf-ternary-lm/1"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -40,17 +39,9 @@ class TernaryLM:
         from scf.consumers.edge.tensors import load_tensors
 
         path = Path(path)
-        meta = read_metadata(path)
-        if meta.get("format") != FORMAT:
-            raise TernaryError(f"{path} has format {meta.get('format')!r}, not {FORMAT!r}: give a code student (save_student)")
-        packing = meta.get("packing", "")
-        if packing not in PACKINGS:
-            raise TernaryError(f"{path} states packing {packing!r}: only {sorted(PACKINGS)} are known")
-        try:
-            table = json.loads(meta["layers"])
-            cfg = json.loads(meta["config"])
-        except (KeyError, ValueError) as exc:
-            raise TernaryError(f"{path}: its layers/config metadata do not decode ({exc}): the file is damaged") from None
+        meta, packing, table, cfg = packed_header(path, FORMAT, "a code student (save_student)")
+        if "hidden_size" not in cfg:
+            raise TernaryError(f"{path}: its config metadata names no network (hidden_size missing): the file is damaged")
         self.config = cfg
         self.metadata = meta
         self.hidden = int(cfg["hidden_size"])
