@@ -112,6 +112,7 @@ def deploy_intent(
             "strategy": strategy,
             "promotion_seq": promotion_seq,
             "promotion_id": promotion.id,
+            "kind": p.kind,  # "" (a promotion before kinds, a student's): the edge judges the file
         },
         reason=reason or f"deploy {p.domain} {p.alias} v{p.version} ({p.checkpoint_id}) to {target_text}, {strategy}",
         gear=gear,
@@ -256,6 +257,13 @@ class DeployPlanner:
         target = nodes_mod.parse_target(str(intent.params.get("target") or f"domain={intent.domain}"))
         # Only entries signed by their own node's key: an edge login may write any entry.
         registered = await nodes_mod.list_nodes(self.bus, trust=self.trust) if target.is_selector else []
+        kind = str(intent.params.get("kind") or "")
+        if kind and target.is_selector:  # a selector names only the nodes that run the kind ([edge] runs)
+            other = sorted(n.node for n in registered if n.runs and kind not in n.runs and target.matches(n))
+            if other:
+                log.info("deploy intent %s (%s): not to %s, which run%s %s only", intent.intent_id, kind, ", ".join(other),
+                         "s" if len(other) == 1 else "", " or ".join(sorted({k for n in registered if n.node in other for k in n.runs})))
+            registered = [n for n in registered if not n.runs or kind in n.runs]
         return nodes_mod.select(registered, target)
 
     async def ensure_edge_consumers(self, nodes: list[str]) -> None:

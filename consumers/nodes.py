@@ -58,6 +58,7 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     deployment_id: str | None = None
     status: str = "idle"  # idle | active | failed | rolled_back | stopped
     agent: str = ""  # the agent's source identity
+    runs: list[str] = []  # the model kinds it deploys ([edge] runs; empty: every kind, or an older agent)
     updated_at: dt.datetime | None = None
 
 

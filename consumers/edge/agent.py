@@ -49,6 +49,7 @@ from scf.consumers import nodes as nodes_mod
 from scf.consumers.edge.control import ControlLoop, ControlSettings
 from scf.consumers.edge.grid_plant import GridSettings
 from scf.consumers.edge.keys import node_ids, seal
+from scf.consumers.edge.kinds import accepted, file_kind, refusal
 from scf.consumers.edge.meter import MeterReporter
 from scf.consumers.edge.probe import health_check
 from scf.consumers.edge.reconcile import reconcile
@@ -76,6 +77,10 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     grid: GridSettings = GridSettings()  # `[edge.grid]`: a grid plant's envelope, meter and simulated site (docs/plants.md)
     # .pub files of the plant's keys: telemetry not signed by one of them is refused (docs/plants.md, Authenticity)
     plant_keys: list[str] = []
+    # the model kinds this node deploys (ebdm, optimiser, code; consumers/edge/kinds.py): empty means
+    # ["optimiser"] when it controls a plant (its loop runs a learned optimiser or its ternary student), every
+    # kind when it has none; an order of another kind is refused (deploy.failed) and what runs keeps running
+    runs: list[str] = []
 
 
 def _now() -> dt.datetime:
@@ -108,6 +113,8 @@ class EdgeAgent:
         self.spec = nodes_mod.edge_consumer(node)
         self.ids = node_ids(bus.key)  # every report's id keyed with the node's secret (keys.seal)
         self.store = VersionStore(node, self.dir, keep=settings.keep)
+        # the kinds it deploys (None: every kind); a plant set by label or [edge] plant counts
+        self.runs = accepted(settings.runs, bool(self.labels.get("plant") or settings.plant))
         self.meter = MeterReporter(bus, node, self.dir, self.store.current, labels=self.labels,
                                    poll_s=settings.meter_poll_s)
 
@@ -164,6 +171,7 @@ class EdgeAgent:
             deployment_id=cur.deployment_id if cur else None,
             status=status,
             agent=self.bus.source,
+            runs=list(self.runs or ()),
             updated_at=_now(),
         )
         try:
@@ -265,6 +273,7 @@ class EdgeAgent:
             promotion = verify_release(order, self.release_codec)
             if cur is not None and cur.checkpoint_id == a.checkpoint_id:
                 return await self.confirm_running(event, cur)
+            self._check_stated_kind(promotion, cur)
             if cur is not None and cur.domain == a.domain and a.version <= cur.version:
                 raise Refused(
                     f"downgrade refused: {self.node} runs {cur.domain} v{cur.version} ({cur.checkpoint_id}), "
@@ -276,6 +285,31 @@ class EdgeAgent:
             return [self._failed(event, str(exc))]
         return await self._activate(event, item, previous=cur)
 
+    def _running(self, cur: Installed | None) -> str | None:
+        return f"{cur.domain} v{cur.version} ({cur.checkpoint_id})" if cur else None
+
+    def _check_stated_kind(self, promotion: ev.CheckpointPromoted, cur: Installed | None) -> None:
+        """Refused (before any fetch) when the signed promotion states a kind this node
+        does not run. A promotion that states none is judged by the file (`_check_file_kind`)."""
+        kind = promotion.data.kind
+        if self.runs is None or not kind or kind in self.runs:
+            return
+        p = promotion.data
+        raise Refused(refusal(self.node, self.runs, f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({p.checkpoint_id}, "
+                                                    f"{p.alias} v{p.version} of {p.domain})", self._running(cur)))
+
+    def _check_file_kind(self, path: Path, promotion: ev.CheckpointPromoted) -> None:
+        """Refused when the fetched file (digest checked) is no model of a kind this node
+        runs, or not of the kind its promotion states."""
+        if self.runs is None:
+            return
+        kind, what = file_kind(path)
+        stated = promotion.data.kind
+        if kind not in self.runs:
+            raise Refused(refusal(self.node, self.runs, f"{what} ({promotion.data.checkpoint_id})", self._running(self.current())))
+        if stated and stated != kind:
+            raise Refused(f"{promotion.data.checkpoint_id}: its signed promotion says kind {stated!r}, the file is {what}: not deployed")
+
     async def _install(self, order: DeployRequest, promotion: ev.CheckpointPromoted, delivery: Delivery | None) -> Installed:
         """Fetch and verify the artifact beside the running one (never activated from here)."""
         a = order.artifact
@@ -286,6 +320,8 @@ class EdgeAgent:
             got, _ = await asyncio.to_thread(sha256_file, final / MODEL_FILE)
             if got != want:
                 shutil.rmtree(final, ignore_errors=True)
+            else:
+                self._check_file_kind(final / MODEL_FILE, promotion)
         if not (final / MODEL_FILE).exists():
             staging = self.dir / "incoming" / f"{dirname}.{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
@@ -308,6 +344,7 @@ class EdgeAgent:
                     raise Refused(f"size mismatch for {a.uri}: the signed release says {a.size} bytes, got {size}")
                 if size > self.settings.max_artifact_bytes:
                     raise Refused(f"artifact {a.uri} is {size} bytes, above [edge] max_artifact_bytes")
+                self._check_file_kind(staging / MODEL_FILE, promotion)  # never beside the running one
                 (staging / "release.json").write_bytes(order.release)
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(staging, final)
