@@ -198,46 +198,21 @@ def strike_command(
 
 async def learned_model(bus, settings, trust, domain: str, method: str, checkpoint: Path | None) -> tuple[Path | None, str, str]:
     """(the optimiser file or None for exact, the model as the strike's inputs name it, a
-    line saying what decides). Without --checkpoint, learned|auto fetch the learned optimiser
-    promoted for `domain` (producers/promoted.py: release signature, sha256, format checked
-    before it is read); learned with none promoted fails in one line, auto solves exactly."""
-    import logging
+    line saying what decides): `producers.strike.decider`, its StrikeError one line."""
+    from scf.producers import strike as st
 
-    from scf.bus.files import sha256_file
-    from scf.producers import promoted as pm
-
-    log = logging.getLogger("scf.strike")
-    if method == "exact":
-        return None, "", "exact (HiGHS)"
-    if method == "auto":
-        from scf.producers.optimize import OptimizeError, learned_hook
-
-        try:
-            learned_hook()  # torch and scf.ml.optimize: else auto solves exactly, as `scf optimize` does
-        except OptimizeError as exc:
-            return None, "", f"exact (HiGHS): {exc}"
-    if checkpoint is not None:
-        digest = sha256_file(checkpoint)[0]
-        model = f"{checkpoint.name} sha256:{digest}"
-        log.info("strike of %s: the learned optimiser %s decides (--checkpoint)", domain, model)
-        return checkpoint, model, f"learned optimiser {checkpoint} (--checkpoint, sha256 {digest})"
     try:
-        m = await pm.fetch_promoted(bus, settings, domain, pm.OPTIMISER, trust=trust)
-    except pm.NotPromoted as exc:
-        if method == "auto":
-            log.info("strike of %s: %s; solving exactly", domain, exc)
-            return None, "", f"exact (HiGHS): {exc}"
+        d = await st.decider(bus, settings, trust, domain, method, checkpoint)
+    except st.StrikeError as exc:
         raise fail(str(exc)) from None
-    except pm.PromotedRefused as exc:
-        raise fail(str(exc)) from None
-    p = m.promotion
-    log.info("strike of %s: the promoted learned optimiser %s decides", domain, m.label())
-    return m.path, f"{p.checkpoint_id} sha256:{p.sha256.removeprefix('sha256:')}", f"learned optimiser {m.label()}"
+    return d.path, d.model, d.label
 
 
 def run_regiment(
     concurrency: Optional[int] = typer.Option(None, help="strikes at once (default [regiment] concurrency)"),
     once: bool = typer.Option(False, "--once", help="one pass, then exit"),
+    method: Optional[str] = typer.Option(None, "--method", help="exact | learned | auto, as `scf strike --method` (default [regiment] method, exact)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="with learned|auto: this optimiser file for every domain instead of the one promoted for each"),
 ) -> None:
     """The regiment: at the gear's heartbeat, strike every active contract that is due (schedule, contract change, new production model)."""
     import asyncio
@@ -247,13 +222,17 @@ def run_regiment(
     from scf.bus.emergency import EmergencyGate
     from scf.bus.runner import run_all
     from scf.producers import regiment
-    from scf.producers import strike as st
 
     async def main() -> None:
         s = load_settings("regiment")
         cfg = s.section("regiment", regiment.RegimentSettings)
         if concurrency is not None:
             cfg = msgspec.structs.replace(cfg, concurrency=concurrency)
+        if method is not None:
+            cfg = msgspec.structs.replace(cfg, method=method)
+        if checkpoint is not None:
+            cfg = msgspec.structs.replace(cfg, checkpoint=str(checkpoint))
+        cfg.check()  # one line before any server is asked
         key_path = s.keys_dir / f"{cfg.release_key}.key"
         if not once and not key_path.is_file():  # under `scf up`: idle until a release key exists, not a restart loop
             typer.echo(f"regiment: no release key {key_path}: idle until one exists (`scf keys new {cfg.release_key}`, trusted with the release role)", err=True)
@@ -265,9 +244,11 @@ def run_regiment(
         gate = await EmergencyGate(bus, s.emergency_lock).start()
         try:
             if once:
-                r = await regiment.one_pass(bus, s, key=k, trust=trust, opts=st.StrikeOptions(measure=cfg.measure, wait_s=cfg.wait_s),
-                                            concurrency=cfg.concurrency, gate=gate, signed=cfg.require_signed_contracts)
+                r = await regiment.one_pass(bus, s, key=k, trust=trust, opts=cfg.options(), concurrency=cfg.concurrency, gate=gate,
+                                            signed=cfg.require_signed_contracts)
                 typer.echo(f"{r.contracts} contracts, {r.due} due: {r.statuses() or 'nothing to do'} in {r.seconds:.1f} s")
+                for domain, label in sorted(r.decided_by.items()):
+                    typer.echo(f"{domain}: decided by {label}")
                 return
 
             async def loop(stop: asyncio.Event) -> None:

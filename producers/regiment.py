@@ -3,9 +3,17 @@
 At the gear's heartbeat, every active contract that is due is struck, at most
 `concurrency` at once. "Due" is one question — has the strike of the contract's current
 inputs been completed? — because a strike's activity id is a function of the contract's
-content, its schedule period (floor(now / schedule_s)) and the production model of its
-domain: a contract update, a new period or a newly promoted model each give a new
-activity id, and so a new strike; anything else finds its strike done and skips it.
+content, its schedule period (floor(now / schedule_s)) and the model that decides it: a
+contract update, a new period or a newly promoted model each give a new activity id, and
+so a new strike; anything else finds its strike done and skips it.
+
+What decides is `[regiment] method` (or `scf run regiment --method`), as `scf strike
+--method`: `exact` (the default: HiGHS; the domain's last production model is still part
+of the inputs), `learned` (the learned optimiser promoted for the contract's domain, or
+`checkpoint`; a domain with none fails its contracts' strikes with the one-line reason) or
+`auto` (learned where one is promoted, else exact). The strike names the method and the
+model (checkpoint id and sha256) in its inputs, capsule and proof; the progress record says
+what decided each domain.
 
 The emergency stop pauses the regiment between strikes (a strike in flight finishes its
 step and the next waits). Progress goes to the `scf_state` KV key `regiment` (read by
@@ -20,9 +28,11 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 
+from scf.bus.errors import ConfigError
 from scf.bus.ids import subject_token
 from scf.producers import contracts as contracts_mod
 from scf.producers import strike as strike_mod
@@ -40,6 +50,23 @@ class RegimentSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     release_key: str = "release"  # the key in $SCF_HOME/keys that signs capsules and proofs
     heartbeat_s: float = 0.0  # 0: the gear's heartbeat
     require_signed_contracts: bool = True  # strike only contracts whose events an operator key signed
+    method: str = "exact"  # exact | learned | auto: what decides (scf strike --method; producers.strike.decider)
+    checkpoint: str = ""  # with learned|auto: this optimiser file for every domain instead of the one promoted for each
+
+    def check(self) -> None:
+        """ConfigError (one line) for a method/checkpoint that cannot work."""
+        if self.method not in strike_mod.METHODS:
+            raise ConfigError(f"[regiment] method = {self.method!r}: use exact, learned or auto")
+        if self.checkpoint and self.method == "exact":
+            raise ConfigError("[regiment] checkpoint is a learned optimiser's file: set method = \"learned\" or \"auto\" with it")
+        if self.checkpoint and not Path(self.checkpoint).is_file():
+            raise ConfigError(f"[regiment] checkpoint {self.checkpoint}: no such file: give a learned optimiser's checkpoint "
+                              "(scf train-optimiser writes one)")
+
+    def options(self) -> strike_mod.StrikeOptions:
+        """The options every strike starts from (the method resolved per domain by `due_contracts`)."""
+        return strike_mod.StrikeOptions(method=self.method, checkpoint=Path(self.checkpoint) if self.checkpoint else None,
+                                        measure=self.measure, wait_s=self.wait_s)
 
 
 class Progress(msgspec.Struct, kw_only=True):
@@ -53,6 +80,8 @@ class Progress(msgspec.Struct, kw_only=True):
     done: int = 0
     statuses: dict[str, int] = {}
     paused: str = ""  # why the regiment waits (the emergency stop), "" when it does not
+    method: str = ""  # [regiment] method
+    decided_by: dict[str, str] = {}  # per domain of the last pass: what decided its strikes ("exact (HiGHS)", "learned optimiser ckpt-… (…)")
 
 
 @dataclass
@@ -61,6 +90,7 @@ class PassReport:
     due: int = 0
     results: list[strike_mod.StrikeResult] = field(default_factory=list)
     seconds: float = 0.0
+    decided_by: dict[str, str] = field(default_factory=dict)  # domain -> what decided (or why it could not)
 
     def statuses(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -69,20 +99,31 @@ class PassReport:
         return out
 
 
-async def due_contracts(bus, now: float, opts: strike_mod.StrikeOptions, trust, signed: bool = True
-                        ) -> tuple[int, list[tuple[contracts_mod.Contract, strike_mod.StrikeOptions]]]:
+async def due_contracts(bus, now: float, opts: strike_mod.StrikeOptions, trust, signed: bool = True, settings=None,
+                        decided_by: dict[str, str] | None = None,
+                        ) -> tuple[int, list[tuple[contracts_mod.Contract, strike_mod.StrikeOptions | str]]]:
     """(active contracts, those due now with the options their strike runs under); with
-    `signed`, only contracts whose events an operator key signed."""
+    `signed`, only contracts whose events an operator key signed. `opts.method` is resolved
+    per domain (`strike_mod.decider`; needs `settings` unless exact): a domain whose method
+    cannot decide (learned, none promoted) gives its contracts the reason (a str) instead of
+    options. `decided_by` (when given) receives, per domain, what decides or why not."""
     import dataclasses
 
     found = [c for c in (await contracts_mod.load(bus, trust=trust if signed else None)).values() if c.active]
-    models: dict[str, str] = {}
+    models: dict[str, tuple[strike_mod.StrikeOptions | str, str]] = {}
     final: set[str] | None = None  # deploy intents with a final verdict (read once per pass, when needed)
-    out = []
+    out: list[tuple[contracts_mod.Contract, strike_mod.StrikeOptions | str]] = []
     for c in found:
-        if c.spec.domain not in models:
-            models[c.spec.domain] = await strike_mod.production_model(bus, c.spec.domain)
-        o = dataclasses.replace(opts, model=models[c.spec.domain] or opts.model, period=strike_mod.period_of(c.spec, now))
+        domain = c.spec.domain
+        if domain not in models:
+            models[domain] = await _domain_options(bus, settings, trust, domain, opts)
+            if decided_by is not None:
+                decided_by[domain] = models[domain][1]
+        base = models[domain][0]
+        if isinstance(base, str):
+            out.append((c, base))
+            continue
+        o = dataclasses.replace(base, period=strike_mod.period_of(c.spec, now))
         activity = strike_mod.activity_id_for(c.spec.contract_id, strike_mod.sha256_json(strike_mod.inputs_of(c.spec, o)))
         if await strike_mod.completed(bus, activity, trust) is not None:
             continue
@@ -95,6 +136,29 @@ async def due_contracts(bus, now: float, opts: strike_mod.StrikeOptions, trust, 
                 continue
         out.append((c, o))
     return len(found), out
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+async def _domain_options(bus, settings, trust, domain: str, opts: strike_mod.StrikeOptions
+                          ) -> tuple[strike_mod.StrikeOptions | str, str]:
+    """(the options a strike of `domain` runs under — method resolved, model named — or why
+    none can (logged once per domain and reason), what decides in words)."""
+    import dataclasses
+
+    production = await strike_mod.production_model(bus, domain)
+    if opts.method == "exact":
+        return dataclasses.replace(opts, model=production or opts.model), "exact (HiGHS)"
+    try:
+        d = await strike_mod.decider(bus, settings, trust, domain, opts.method, opts.checkpoint)
+    except strike_mod.StrikeError as exc:
+        if (domain, str(exc)) not in _WARNED:
+            _WARNED.add((domain, str(exc)))
+            log.warning("regiment: contracts of %s are not struck (method %s): %s", domain, opts.method, exc)
+        why = f"method {opts.method}: {exc}"
+        return why, why
+    return dataclasses.replace(opts, method=d.method, checkpoint=d.path, model=d.model or production or opts.model), d.label
 
 
 async def finally_ruled(bus) -> set[str]:
@@ -119,12 +183,18 @@ async def one_pass(bus, settings, *, key, trust, opts: strike_mod.StrikeOptions,
     """Strike every due contract once, `concurrency` at a time; a strike's failure is its
     result (status "failed"), never the pass's."""
     t0 = time.perf_counter()
-    n, due = await due_contracts(bus, time.time() if now is None else now, opts, trust, signed)
-    report = PassReport(contracts=n, due=len(due))
+    report = PassReport()
+    n, due = await due_contracts(bus, time.time() if now is None else now, opts, trust, signed, settings, report.decided_by)
+    report.contracts, report.due = n, len(due)
     sem = asyncio.Semaphore(max(1, concurrency))
     node_locks: dict[str, asyncio.Lock] = {}
 
-    async def one(c: contracts_mod.Contract, o: strike_mod.StrikeOptions) -> None:
+    async def one(c: contracts_mod.Contract, o: strike_mod.StrikeOptions | str) -> None:
+        if isinstance(o, str):  # its domain's method cannot decide: the reason is its result
+            report.results.append(strike_mod.StrikeResult("", "failed", f"{c.spec.contract_id}: {o}"))
+            if progress is not None:
+                await progress(report)
+            return
         # one strike per node at a time: a node's orders then arrive in version order
         locks = [node_locks.setdefault(n, asyncio.Lock()) for n in sorted(set(c.spec.nodes))]
         async with contextlib.AsyncExitStack() as stack:
@@ -163,12 +233,14 @@ async def run_regiment(settings, bus, *, key, trust, cfg: RegimentSettings = Reg
     async def progress(report: PassReport, paused: str = "") -> None:
         state.contracts, state.due, state.done = report.contracts, report.due, len(report.results)
         state.statuses, state.paused = report.statuses(), paused
+        state.decided_by = dict(report.decided_by) or state.decided_by
         try:
             await kv.put(KEY_REGIMENT, msgspec.json.encode(state))
         except Exception as exc:  # noqa: BLE001 - progress is a courtesy
             log.debug("regiment progress not written: %s", exc)
 
-    opts = strike_mod.StrikeOptions(measure=cfg.measure, wait_s=cfg.wait_s)
+    opts = cfg.options()
+    state.method = cfg.method
     while not stop.is_set():
         if gate is not None and gate.engaged:
             await progress(PassReport(), paused=gate.reason)
@@ -180,8 +252,9 @@ async def run_regiment(settings, bus, *, key, trust, cfg: RegimentSettings = Reg
             state.finished_at = _now()
             await progress(report)
             if report.due:
-                log.info("regiment pass %d: %d contracts, %d due, %s in %.1f s", state.pass_no, report.contracts, report.due,
-                         report.statuses(), report.seconds)
+                log.info("regiment pass %d: %d contracts, %d due, %s in %.1f s; decided by %s", state.pass_no, report.contracts,
+                         report.due, report.statuses(), report.seconds,
+                         "; ".join(f"{k}: {v}" for k, v in sorted(report.decided_by.items())) or "-")
         beat = cfg.heartbeat_s or spec((await read_gear(bus)).gear).heartbeat_s
         try:
             await asyncio.wait_for(stop.wait(), beat)
