@@ -21,6 +21,17 @@ B. Decisions on case14, PAIRED (`ml.distill.paired_decisions`): teacher and stud
 C. grid:case118 at hidden `--wide` (default 512, depth 4): the ternary share there (the
    goal >= 90 %; 89.5 % at hidden 256), what stays in full precision, and whether the
    student still meets DSM <= 1.02x and rank correlation >= 0.98.
+R. grid:case118 at hidden `--wide`, recipes compared (`--variants`): one teacher trained on
+   the device, then each variant distilled from it in its own process (`--parallel` at
+   once on the one device; the same fossils, held-out states and monitor), its curve of
+   DSM ratio and rank correlation over training, then judged (`ml.distill.compare_ebdm`:
+   also the rank correlation at noisy points of every level), its ternary share and its
+   2-bit file over the teacher's fp32 file. The rank correlation is the one parts A and C
+   report: Spearman of the student's energies against the teacher's at σ_min over the
+   first 512 held-out clean states (each with its own context: pooled, not per context).
+   A variant is `name` or `name:key=value,key=value` (DistillConfig fields; `batch_size`).
+
+    python3 benchmarks/bench_distill_gpu.py --parts R --variants "old;rank:rank_weight=1" --device cuda
 
 Prints each number as it comes and one JSON line at the end; writes the JSON to
 $OUT/ternary.json (or `--json`) after every part.
@@ -45,6 +56,183 @@ class OutOfTime(Exception):
     pass
 
 
+DEFAULT_VARIANTS = "old;rank:rank_weight=1;rank_ema:rank_weight=1,ema=0.998;rank_ema_b1024:rank_weight=1,ema=0.998,batch_size=1024;old_b1024:batch_size=1024"
+
+
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """`name` or `name:key=value,key=value` separated by `;` -> [(name, DistillConfig overrides)]."""
+    from scf.ml.distill import DistillConfig
+
+    fields = {f for f in DistillConfig.__dataclass_fields__}
+    out = []
+    extra = {"more": int}  # more=1: also the `--more-118` fresh fossils of another seed (unlabelled contexts: the teacher never saw them)
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, kv = part.partition(":")
+        over = {}
+        for item in filter(None, kv.split(",")):
+            k, _, v = item.partition("=")
+            if k not in fields and k not in extra:
+                raise SystemExit(f"variant {name}: {k!r} is not a DistillConfig field (one of {sorted(fields)}) nor one of {sorted(extra)}")
+            over[k] = extra[k](v) if k in extra else type(getattr(DistillConfig, k))(v)
+        out.append((name, over))
+    if len({n for n, _ in out}) != len(out):
+        raise SystemExit(f"variant names must differ: {text}")
+    return out
+
+
+def run_variant(job: dict) -> dict:
+    """One recipe of part R, in its own process: distil the teacher at job["teacher"] on the
+    fossils at job["data"] with a monitor every job["every"] steps until job["deadline"]
+    (wall clock), then judge it. Returns its row."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from scf.ml.checkpoint import load_checkpoint
+    from scf.ml.distill import DistillConfig, _spearman, compare_ebdm, distill_ebdm, export_student
+    from scf.ml.ebdm import heldout_dsm
+    from scf.ml.loader import load_arrays
+    from scf.ml.ternary import freeze, precision_counts
+
+    dev = torch.device(job["device"])
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    teacher, _ = load_checkpoint(job["teacher"])
+    x, c, _ = load_arrays(job["data"], domain=job["domain"], split="train", seed=0)
+    overrides = dict(job["overrides"])
+    if overrides.pop("more", 0):
+        mx, mc, _ = load_arrays(job["more"], domain=job["domain"], seed=0)  # every fresh fossil: none is in the judged held-out set
+        x, c = np.concatenate([x, mx]), np.concatenate([c, mc])
+    hx, hc, he = load_arrays(job["data"], domain=job["domain"], split="heldout", seed=0)
+    hxt, hct = torch.as_tensor(hx[:512], dtype=torch.float32, device=dev), torch.as_tensor(hc[:512], dtype=torch.float32, device=dev)
+    teacher.to(dev)
+    t_dsm = heldout_dsm(teacher, hxt, hct, seed=0)
+    z, cz = teacher.normalise(hxt), teacher.normalise_context(hct)
+    _, e_t = teacher.score(z, cz, teacher.config.sigma_min)
+    teacher.cpu()
+    cfg = dataclasses.replace(DistillConfig(steps=job["steps"], batch_size=job["batch"], device=job["device"], log_every=job["every"]),
+                              **overrides)  # fmt: skip
+    row = {"variant": job["name"], "config": dataclasses.asdict(cfg), "fossils": len(x), "curve": []}
+    xs = torch.as_tensor(x[:512], dtype=torch.float32, device=dev)  # training states: is a rank gap a generalisation gap?
+    zs, czs = teacher.normalise(xs), teacher.normalise_context(torch.as_tensor(c[:512], dtype=torch.float32, device=dev))
+    teacher.to(dev)
+    _, e_t_train = teacher.score(zs, czs, teacher.config.sigma_min)
+    teacher.cpu()
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # the optimiser's first use imports torch._dynamo: not in the clock
+    clock = {"t": 0.0, "last": time.perf_counter(), "student": None}
+
+    def monitor(step, student):
+        sync()
+        clock["t"] += time.perf_counter() - clock["last"]
+        clock["student"] = student
+        was = student.training
+        student.eval()
+        ratio = heldout_dsm(student, hxt, hct, seed=0) / t_dsm
+        _, e_s = student.score(z, cz, teacher.config.sigma_min)
+        rho = _spearman(e_s.detach().cpu(), e_t.detach().cpu())
+        _, e_s_train = student.score(zs, czs, teacher.config.sigma_min)
+        rho_train = _spearman(e_s_train.detach().cpu(), e_t_train.detach().cpu())
+        student.train(was)
+        row["curve"].append({"step": step, "dsm_ratio": ratio, "rank_corr": rho, "rank_corr_train": rho_train, "train_s": clock["t"]})
+        print(f"  [{job['name']}] step {step:5d}: DSM ratio {ratio:.4f}, rank corr {rho:.4f} (training states {rho_train:.4f}), "
+              f"{clock['t']:.1f}s", flush=True)  # fmt: skip
+        if time.time() > job["deadline"] and step < cfg.steps:
+            raise OutOfTime(f"{job['name']}: stopped at step {step} by the run's deadline")
+        sync()
+        clock["last"] = time.perf_counter()
+
+    try:
+        student, stats = distill_ebdm(teacher, x, c, cfg, monitor=monitor)
+        row.update(train_s=stats["train_seconds"], samples_per_s=stats["samples_per_s"], steps_done=cfg.steps)
+    except OutOfTime as exc:  # judged as it stands (unfrozen weights frozen in a copy)
+        row["stopped"] = str(exc)
+        student = copy.deepcopy(clock["student"]).eval()
+        freeze(student)
+        done = row["curve"][-1]["step"]
+        row.update(train_s=clock["t"], samples_per_s=done * cfg.batch_size / max(clock["t"], 1e-9), steps_done=done)
+    m = compare_ebdm(teacher.to(dev), student.to(dev), hx[:512], hc[:512], he[:512])
+    teacher.cpu(), student.cpu()
+    row["final"] = {k: v for k, v in m.items() if not k.startswith("teacher_")}
+    row["teacher_heldout_dsm"] = m["teacher_heldout_dsm"]
+    row["precision_counts"] = precision_counts(student)
+    path = export_student(Path(job["work"]) / f"student-{job['name']}.safetensors", student, kind="ebdm",
+                          config=dataclasses.asdict(teacher.config), packing="2bit", lineage={}, metrics={})  # fmt: skip
+    row["file_bytes"], row["teacher_file_bytes"] = os.path.getsize(path), os.path.getsize(job["teacher"])
+    row["file_ratio"] = row["file_bytes"] / row["teacher_file_bytes"]
+    hit = next((p for p in row["curve"] if p["dsm_ratio"] <= 1.02), None)
+    both = next((p for p in row["curve"] if p["dsm_ratio"] <= 1.02 and p["rank_corr"] >= 0.98), None)
+    row["to_dsm_target_step"], row["to_both_targets_step"] = (hit or {}).get("step", math.nan), (both or {}).get("step", math.nan)
+    row["to_both_targets_s"] = (both or {}).get("train_s", math.nan)
+    return row
+
+
+def compare_recipes(args, row: dict, work: Path, save, elapsed, started_wall: float) -> None:
+    """Part R: one case118 teacher, every variant distilled from it (see the module's docstring)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    from scf.domains.fossils import synth_shards
+    from scf.ml.loader import load_arrays
+    from scf.ml.train import train_local
+
+    variants = parse_variants(args.variants)
+    domain, hidden, depth = "grid:case118", 16 if args.tiny else args.wide, 2 if args.tiny else 4
+    prefix = "recipes"
+    t0 = time.perf_counter()
+    data = work / prefix / "fossils"
+    n = args.fossils_118
+    synth_shards(domain, n, data, seed=0, shard_size=max(1, -(-n // args.processes)), processes=args.processes)
+    x, _, _ = load_arrays(data, domain=domain, split="train", seed=0)
+    hx, _, _ = load_arrays(data, domain=domain, split="heldout", seed=0)
+    more = work / prefix / "more"
+    if any(over.get("more") for _, over in variants):
+        synth_shards(domain, args.more_118, more, seed=1, shard_size=max(1, -(-args.more_118 // args.processes)), processes=args.processes)
+    row[f"{prefix}_train"], row[f"{prefix}_heldout"], row[f"{prefix}_synth_s"] = len(x), len(hx), time.perf_counter() - t0
+    save(f"{prefix}: {n} fossils of {domain} ({len(x)} train, {len(hx)} held-out, {min(512, len(hx))} judged) in {row[f'{prefix}_synth_s']:.1f}s")
+    t0 = time.perf_counter()
+    res = train_local(domain, data, work / prefix, steps=args.teacher_steps, batch_size=256, device=args.device, hidden=hidden, depth=depth,
+                      eval_records=32)  # fmt: skip
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    row[f"{prefix}_teacher_train_s"] = time.perf_counter() - t0
+    save(f"{prefix}: teacher hidden {hidden} depth {depth}, {args.teacher_steps} steps in {row[f'{prefix}_teacher_train_s']:.1f}s")
+    steps = args.steps_118 or args.steps
+    deadline = started_wall + 0.93 * args.budget_s - (5 if args.tiny else 25)  # room to judge and write after the last monitor
+    jobs = [{"name": name, "overrides": over, "teacher": str(res.checkpoint), "data": str(data), "more": str(more), "domain": domain, "device": args.device,
+             "steps": steps, "batch": args.batch, "every": 10 if args.tiny else args.every_118, "deadline": deadline, "work": str(work / prefix),
+             "threads": 1 if args.device == "cpu" else 2} for name, over in variants]  # fmt: skip
+    row[f"{prefix}_variants"] = {name: over for name, over in variants}
+    results: dict[str, dict] = {}
+    workers = min(len(jobs), args.parallel or len(jobs))
+    save(f"{prefix}: {len(jobs)} variants, {workers} at once, {steps} steps each, deadline in {deadline - time.time():.0f}s")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_variant, job): job["name"] for job in jobs}
+        for fut, name in futures.items():
+            try:
+                results[name] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - one broken variant does not lose the others
+                results[name] = {"variant": name, "error": f"{type(exc).__name__}: {exc}"}
+            r = results[name]
+            row[f"{prefix}_{name}"] = r
+            if "error" in r:
+                save(f"{prefix} [{name}]: failed: {r['error']}")
+                continue
+            f = r["final"]
+            save(f"{prefix} [{name}]: {r['steps_done']} steps, {r['samples_per_s']:.0f} samples/s; final DSM {f['dsm_ratio']:.4f}x, rank corr "
+                 f"{f['energy_rank_corr']:.4f} (noisy levels {f['energy_rank_corr_noisy']:.4f}), ternary {100 * f['ternary_share']:.2f} %, "
+                 f"file {r['file_ratio']:.4f}x fp32; both targets at step {r['to_both_targets_step']}" + (f"; {r['stopped']}" if "stopped" in r else ""))  # fmt: skip
+    print(f"{'variant':>18} {'steps':>6} {'DSM ratio':>9} {'rank':>7} {'rank noisy':>10} {'ternary':>8} {'file':>7}")
+    for name, r in results.items():
+        if "error" not in r:
+            f = r["final"]
+            print(f"{name:>18} {r['steps_done']:>6} {f['dsm_ratio']:>9.4f} {f['energy_rank_corr']:>7.4f} {f['energy_rank_corr_noisy']:>10.4f} "
+                  f"{100 * f['ternary_share']:>7.2f}% {r['file_ratio']:>7.4f}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -63,10 +251,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--anchor-weight", type=float, default=None, help="DistillConfig.anchor_weight (default: the config's)")
     ap.add_argument("--batch", type=int, default=256, help="distillation batch size")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="part R: recipes compared, `;`-separated")
+    ap.add_argument("--parallel", type=int, default=0, help="part R: variants distilled at once (0: all)")
+    ap.add_argument("--more-118", type=int, default=15000, help="part R: fresh fossils (seed 1) for variants with more=1")
+    ap.add_argument("--steps-118", type=int, default=0, help="part R: distillation steps per variant (0: --steps)")
     args = ap.parse_args()
     if args.tiny:
         args.fossils, args.teacher_steps, args.steps, args.every = 1600, 30, 20, 10
-        args.fossils_118, args.decisions = 600, 120
+        args.fossils_118, args.decisions, args.more_118, args.steps_118 = 600, 120, 300, 0
     out_json = args.json or Path(os.environ.get("OUT", tempfile.gettempdir())) / "ternary.json"
     started = time.perf_counter()
 
@@ -180,6 +372,9 @@ def main() -> None:
              f"(step {row[f'{prefix}_to_dsm_target_step']}); with rank corr >= 0.98 after {row[f'{prefix}_to_both_targets_s']:.1f}s; final DSM "
              f"{m['dsm_ratio']:.4f}x, rank corr {m['energy_rank_corr']:.4f}, ternary {100 * m['ternary_share']:.1f} %")  # fmt: skip
         return teacher, student, hx, hc
+
+    if "R" in args.parts:
+        compare_recipes(args, row, work, save, elapsed, started_wall=time.time() - elapsed())
 
     # A: case14, time to target
     got = None

@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 from torch import nn
+from torch.nn import functional as F
 
 from scf.bus.errors import ConfigError, SCFError
 from scf.consumers.edge.ternary import FORMAT, PACKINGS, TernaryError, pack, unpack
@@ -61,6 +62,10 @@ class DistillConfig:
     score_weight: float = 1.0  # σ²|s_S - s_T|² (EBDM)
     energy_weight: float = 1.0  # σ²(E_S - E_T)² (EBDM)
     anchor_weight: float = 1.0  # σ_min²(E_S - E_T)² on the clean states, at σ_min: where states are ranked (EBDM)
+    rank_weight: float = 0.0  # pairwise ranking of the batch's clean states at σ_min, RankNet with the teacher's soft order (EBDM; `rank_loss`)
+    rank_temperature: float = 0.1  # τ of `rank_loss` as a share of the batch's teacher-energy standard deviation
+    mix: float = 0.0  # share of each batch made of convex mixtures of two training fossils (state and context): matched, not in the task loss (EBDM)
+    ema: float = 0.0  # moving average of the latent weights (decay; 0: off): the average is what is frozen and judged (EBDM)
     match_weight: float = 1.0  # |π_S - π_T|² on normalised outputs (optimiser)
     task_weight: float = 0.1  # the teacher's own loss on the data (DSM; the optimiser's objective)
     packing: str = "2bit"  # 2bit | base3
@@ -78,6 +83,12 @@ class DistillConfig:
             raise ConfigError(f"packing {self.packing!r} is not one of {sorted(PACKINGS)}: use --packing 2bit or base3")
         if self.steps < 0 or self.batch_size < 1:
             raise ConfigError(f"distil steps must be >= 0 and batch_size >= 1 (got {self.steps}, {self.batch_size})")
+        if not 0 <= self.mix < 1:
+            raise ConfigError(f"distil mix must be in [0, 1) (got {self.mix}): the share of mixed fossils in a batch")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"distil ema must be in [0, 1) (got {self.ema}): a decay such as 0.999, or 0 for none")
+        if not self.rank_temperature > 0 or self.rank_weight < 0:
+            raise ConfigError(f"distil rank_temperature must be > 0 and rank_weight >= 0 (got {self.rank_temperature}, {self.rank_weight})")
         return self
 
     @classmethod
@@ -142,11 +153,44 @@ def _sigmas(cfg, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.exp(torch.where(pick, uniform, normal))
 
 
+def rank_loss(e_s: torch.Tensor, e_t: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Pairwise ranking of a batch's energies (B,) against the teacher's: RankNet (Burges et
+    al. 2005, "Learning to Rank using Gradient Descent", ICML) with the teacher's soft order
+    as the target (its pairwise probabilities p_ij = σ((E_T,i - E_T,j)/τ)), as a KL: the
+    mean over all ordered pairs of BCE(σ((E_S,i - E_S,j)/τ), p_ij) - H(p_ij), 0 when the
+    student orders every pair as the teacher does. τ = `temperature` × the std of the
+    batch's teacher energies (detached): scale-free, so the loss weighs each pair's order,
+    not how far apart the two energies are (what an MSE does: Spearman counts ranks)."""
+    tau = temperature * e_t.detach().std().clamp(min=1e-12)
+    target = torch.sigmoid((e_t[:, None] - e_t[None, :]).detach() / tau)
+    logits = (e_s[:, None] - e_s[None, :]) / tau
+    entropy = F.binary_cross_entropy(target, target, reduction="none")  # H(p): the BCE's floor
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") - entropy).mean()
+
+
+class _Average:
+    """An exponential moving average of a student's latent weights (its parameters), kept as a
+    second student (`model`); the decay warms up as (1 + n)/(10 + n), as the EBDM's does."""
+
+    def __init__(self, student: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(student).requires_grad_(False)
+        self.decay, self.n = decay, 0
+        self._src = [p for p in student.parameters()]
+        self._dst = [p for p in self.model.parameters()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self._dst, self._src, 1.0 - d)
+
+
 def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, log=None, monitor=None):
     """(frozen student, training stats) from a teacher EBDM and train-split fossils (x, c).
     `monitor(step, student)`, where given, is called every `log_every` steps and after the
     last (step = steps done; the student unfrozen, on the training device); its time is not
-    counted in `train_seconds` (`monitor_seconds`)."""
+    counted in `train_seconds` (`monitor_seconds`). With `ema`, the moving average of the
+    latent weights is what the monitor sees and what is frozen and returned."""
     cfg = config.check()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -161,13 +205,21 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
     z_all, cz_all = teacher.normalise(xt), teacher.normalise_context(ct)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    average = _Average(student, cfg.ema) if cfg.ema else None
     stats = {"steps": 0.0}
     started = time.perf_counter()
     monitored = 0.0
+    rank = torch.zeros((), device=device)
+    n_mix = min(cfg.batch_size - 1, round(cfg.mix * cfg.batch_size))
     with _threads(cfg.threads):
         for step in range(cfg.steps):
             idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen).to(device)
             z, cz = z_all[idx], cz_all[idx]
+            if n_mix:  # points between two fossils: the teacher is queried where no fossil is (held-out contexts are new too)
+                other = torch.randint(len(z_all), (n_mix,), generator=gen).to(device)
+                t = torch.rand(n_mix, 1, generator=gen).to(device)
+                z = torch.cat([t * z[:n_mix] + (1 - t) * z_all[other], z[n_mix:]])
+                cz = torch.cat([t * cz[:n_mix] + (1 - t) * cz_all[other], cz[n_mix:]])
             sigma = _sigmas(tcfg, len(z), gen).to(device)
             eps = torch.randn(z.shape, generator=gen).to(device)
             noisy = z + sigma * eps
@@ -175,26 +227,35 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
             s_s, e_s = student.score(noisy, cz, sigma, create_graph=True)
             score = (sigma * (s_s - s_t)).square().mean()
             energy = (sigma.squeeze(-1) * (e_s - e_t)).square().mean()
-            task = (sigma * s_s + eps).square().mean()
+            task = (sigma * s_s + eps)[n_mix:].square().mean()  # denoising the fossils themselves
             loss = cfg.score_weight * score + cfg.energy_weight * energy + cfg.task_weight * task
-            if cfg.anchor_weight:  # the energies that rank states: clean data at σ_min (rare among the σ drawn)
+            if cfg.anchor_weight or cfg.rank_weight:  # the energies that rank states: clean data at σ_min (rare among the σ drawn)
                 smin = tcfg.sigma_min
                 with torch.no_grad():
                     e_t0 = teacher.energy(z, cz, smin)
-                loss = loss + cfg.anchor_weight * (smin * (student.energy(z, cz, smin) - e_t0)).square().mean()
+                e_s0 = student.energy(z, cz, smin)
+                if cfg.anchor_weight:
+                    loss = loss + cfg.anchor_weight * (smin * (e_s0 - e_t0)).square().mean()
+                if cfg.rank_weight:
+                    rank = rank_loss(e_s0, e_t0, cfg.rank_temperature)
+                    loss = loss + cfg.rank_weight * rank
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
+            if average is not None:
+                average.update()
             if step % cfg.log_every == 0 or step == cfg.steps - 1:  # (a host sync: not every step)
-                stats.update(score_match=float(score.detach()), energy_match=float(energy.detach()), dsm=float(task.detach()))
+                stats.update(score_match=float(score.detach()), energy_match=float(energy.detach()), dsm=float(task.detach()),
+                             rank=float(rank.detach()))  # fmt: skip
                 if log is not None:
-                    log(f"step {step}: score {stats['score_match']:.5f} energy {stats['energy_match']:.5f} dsm {stats['dsm']:.5f}")
+                    log(f"step {step}: score {stats['score_match']:.5f} energy {stats['energy_match']:.5f} dsm {stats['dsm']:.5f}"
+                        + (f" rank {stats['rank']:.5f}" if cfg.rank_weight else ""))  # fmt: skip
                 if monitor is not None:
                     t0 = time.perf_counter()
-                    monitor(step + 1, student)
+                    monitor(step + 1, average.model if average is not None else student)
                     monitored += time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the time is the GPU's work, not its queue
@@ -202,6 +263,8 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
     stats["monitor_seconds"] = monitored
     stats["train_seconds"] = time.perf_counter() - started - monitored
     stats["samples_per_s"] = cfg.steps * cfg.batch_size / max(stats["train_seconds"], 1e-9)
+    if average is not None:
+        student = average.model
     freeze(student)
     teacher.to(home)
     return student.eval().to(home), stats
@@ -721,5 +784,5 @@ async def distill_on_bus(bus, settings, checkpoint_id: str, config: DistillConfi
 __all__ = [
     "DistillConfig", "DistillError", "DistillResult", "compare_ebdm", "compare_optimiser", "distill_ebdm", "distill_file",
     "distill_on_bus", "distill_optimiser", "export_student", "find_produced", "load_student", "make_student", "paired_decisions",
-    "no_worse", "read_header", "student_keep", "teacher_file", "verdict",
+    "no_worse", "rank_loss", "read_header", "student_keep", "teacher_file", "verdict",
 ]
