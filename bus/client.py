@@ -595,7 +595,8 @@ class Bus:
         if ids is None:
             ids = service_ids(settings.keys_dir) if self.login in SERVICE_LOGINS else PUBLIC_IDS
         self.ids = ids
-        self.verify_duplicates = self.login not in RESTRICTED_LOGINS if verify_duplicates is None else verify_duplicates
+        restricted = self.login in RESTRICTED_LOGINS or (self.login or "").startswith("edge-")  # a box's own login (ops/natsconf.py)
+        self.verify_duplicates = not restricted if verify_duplicates is None else verify_duplicates
         self._pipeline: PipelinedPublisher | None = None
 
     @classmethod
