@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
 import msgspec
-import nats
 from nats.aio.client import Client as NATS
 from nats.errors import (
     BadSubjectError,
@@ -113,7 +112,9 @@ async def connect(settings: Settings, name: str = "scf", timeout: float = 2.0) -
     # inbox prefix (nats/users.conf): _INBOX.<user>.>
     extra = {"inbox_prefix": f"_INBOX.{user}".encode()} if user and user != "service" else {}
     try:
-        nc = await nats.connect(
+        nc = NATS()
+        natsfix.use_rx_parser(nc)  # our receive path (bus/rx.py); the rest of the connection is nats-py's
+        await nc.connect(
             settings.url,
             name=name,
             **extra,

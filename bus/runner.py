@@ -55,10 +55,13 @@ from scf.bus import codec, dlq
 from scf.bus import events as ev
 from scf.bus.client import SCF_REDRIVE_FOR, Bus, Throttle, ack_many
 from scf.bus.errors import DecodeError, SCFError, SignatureError
+from scf.bus.natsfix import rx_parser
 from scf.bus.reader import describe
+from scf.bus.rx import PullInbox, PullStatus, RxMsg, ack_meta
 from scf.bus.streams import ConsumerSpec, ensure_consumer
 
 log = logging.getLogger("scf.runner")
+_REDRIVE_B = SCF_REDRIVE_FOR.encode()
 
 
 class Poison(SCFError):
@@ -77,17 +80,26 @@ class Delivery:
     count are parsed from the ack subject when first asked for (about 5 µs a message, which
     most handlers never need)."""
 
-    __slots__ = ("msg", "subject", "headers", "_seq", "_deliveries")
+    __slots__ = ("msg", "subject", "_headers", "_seq", "_deliveries")
 
     def __init__(self, msg: Msg, subject: str, stream_seq: int | None = None, deliveries: int | None = None,
                  headers: dict[str, str] | None = None) -> None:
         self.msg, self.subject = msg, subject
-        self.headers = headers if headers is not None else {}
+        self._headers = headers  # None: the message's, parsed when first read
         self._seq, self._deliveries = stream_seq, deliveries
 
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._headers = dict(self.msg.headers or {})
+        return self._headers
+
     def _load(self) -> None:
-        meta = self.msg.metadata
-        self._seq, self._deliveries = meta.sequence.stream, meta.num_delivered
+        try:
+            self._seq, self._deliveries = ack_meta(self.msg.reply)
+        except ValueError:  # not a JetStream ack subject: nats-py says what is wrong
+            meta = self.msg.metadata
+            self._seq, self._deliveries = meta.sequence.stream, meta.num_delivered
 
     @property
     def stream_seq(self) -> int:
@@ -240,9 +252,9 @@ class Runner:
     async def _admit(self, msg: Msg) -> tuple[Delivery, Any] | None:
         """The delivery and its decoded item; None when the message is settled here: a redrive
         meant for another consumer (acked, skipped) or undecodable (dead-lettered)."""
-        headers = dict(msg.headers or {})
-        d = Delivery(msg, msg.subject, headers=headers)
-        target = headers.get(SCF_REDRIVE_FOR)
+        d = Delivery(msg, msg.subject)
+        # a redrive names its consumer in a header: the header block is parsed only when it may
+        target = d.headers.get(SCF_REDRIVE_FOR) if not isinstance(msg, RxMsg) or msg.has_header(_REDRIVE_B) else None
         if target and target != self.spec.durable:
             self.stats.skipped += 1
             await msg.ack()
@@ -520,7 +532,12 @@ class Pull:
                     await ensure_consumer(self.bus.js, self.spec)
                 else:
                     await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
-                self.psub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+                if rx_parser(self.bus.nc) is not None:  # our receive path (bus/rx.py)
+                    inbox = PullInbox(self.bus.nc, self.spec.stream, self.spec.durable, _api_prefix(self.bus.js))
+                    await inbox.open()
+                    self.psub = inbox
+                else:  # a connection not made by bus.client.connect: nats-py's pull subscription
+                    self.psub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
                 return True
             except NotFoundError as exc:
                 if self.create:
@@ -542,9 +559,14 @@ class Pull:
         if self.psub is None and not await self.bind(stop):
             return []
         try:
-            msgs = await self.psub.fetch(1, timeout=timeout)
-            if n > 1 and msgs:
-                msgs += await self._more(n - len(msgs), timeout)
+            if isinstance(self.psub, PullInbox):
+                msgs = await self.psub.fetch(n, timeout)
+                if self.psub.silent >= self.REBIND_AFTER:  # requests go unanswered: the interest was lost
+                    raise PullStatus("000", f"{self.psub.silent} requests unanswered")
+            else:
+                msgs = await self.psub.fetch(1, timeout=timeout)
+                if n > 1 and msgs:
+                    msgs += await self._more(n - len(msgs), timeout)
         except (NatsTimeout, asyncio.TimeoutError):
             self.failures = 0
             return []
@@ -552,7 +574,8 @@ class Pull:
             self.failures += 1
             self._throttle.warn(log, type(exc).__name__, "%s: fetch failed (%s): retrying with backoff",
                                 self.spec.durable, describe(exc))
-            if isinstance(exc, NotFoundError) or self.failures % self.REBIND_AFTER == 0:
+            gone = isinstance(exc, NotFoundError) or (isinstance(exc, PullStatus) and exc.gone)
+            if gone or self.failures % self.REBIND_AFTER == 0:
                 await self.close()
             await race(asyncio.sleep(min(self.BACKOFF_MAX, 0.1 * 2 ** min(self.failures, 6))), stop)
             return []
@@ -603,6 +626,12 @@ class Pull:
         psub, self.psub = self.psub, None
         if psub is not None:
             await _quietly(psub.unsubscribe())
+
+
+def _api_prefix(js: Any) -> str:
+    """The JetStream API prefix of a nats-py JetStreamContext ("$JS.API" unless a domain or prefix is set)."""
+    prefix = getattr(js, "_prefix", None) or "$JS.API"
+    return prefix[:-1] if prefix.endswith(".") else prefix
 
 
 def _status(msg: Msg) -> str | None:

@@ -39,6 +39,8 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from scf.bus.client import Bus
+from scf.bus.natsfix import parse_headers, rx_parser, sid_of
+from scf.bus.rx import Sink
 from scf.bus.settings import Settings
 from scf.projections.store import (
     ARCHIVED_STREAMS,
@@ -52,6 +54,12 @@ from scf.projections.store import (
 )
 
 log = logging.getLogger("scf.archive")
+HEARTBEAT_S = 5.0  # the raw ordered consumer's idle heartbeat (the server's) ; 3 missed: resubscribe
+
+
+def _quiet_done(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a flow-control reply failed: %s", task.exception())
 
 
 class ArchiveSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -202,24 +210,117 @@ class StreamFollower:
         self._room = asyncio.Event()
         self._room.set()
         self._sub = None
+        self._sink: Sink | None = None  # our receive path's (None: nats-py's ordered consumer)
+        self._heard = 0.0
+        self._reconnects = 0
+        self._fc_held: str | None = None
         self._small_files: dict[str, int] = {}
         self.forked = forks_writer(cfg.writer)
 
     # ------------------------------------------------------------------ subscription
     async def _subscribe(self) -> None:
+        self._last_dseq = 0
+        self._gap = False
+        if rx_parser(self.bus.nc) is not None:
+            await self._subscribe_raw()
+            return
         cfg = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self._last_seq + 1,
             inactive_threshold=60.0,
         )
-        self._last_dseq = 0
-        self._gap = False
         self._sub = await self.bus.js.subscribe(
             "", stream=self.stream, ordered_consumer=True, cb=self._on_msg, config=cfg, idle_heartbeat=5.0
         )
 
+    async def _subscribe_raw(self) -> None:
+        """The ordered consumer on our receive path (bus/rx.py): an ephemeral push consumer
+        (no acks, in memory, flow control, idle heartbeats) onto a private inbox whose
+        messages the connection's parser appends raw to a sink; `_take` moves them into the
+        buffer once per socket read. A delivery gap (consumer sequence), a reconnection or
+        `HEARTBEAT_S` × 3 of silence resubscribes after the last message written."""
+        nc = self.bus.nc
+        sink = Sink()
+        sink.on_flush = self._take
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        rx_parser(nc).sinks[sid_of(sub)] = sink  # type: ignore[union-attr]
+        self._sub, self._sink = sub, sink
+        self._heard, self._reconnects = time.monotonic(), nc.stats.get("reconnects", 0)
+        self._fc_held = None
+        cfg = api.ConsumerConfig(
+            deliver_subject=inbox,
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self._last_seq + 1,
+            flow_control=True,
+            idle_heartbeat=HEARTBEAT_S,
+            mem_storage=True,
+            num_replicas=1,
+            max_deliver=1,
+            inactive_threshold=60.0,
+        )
+        try:
+            await self.bus.js.add_consumer(self.stream, cfg)
+        except BaseException:
+            await self._unsubscribe()
+            raise
+
+    def _take(self) -> None:
+        """The sink's flush (the read loop calls it once per socket read; it must not raise):
+        the raw messages into the buffer, then the flow-control replies and heartbeats."""
+        sink = self._sink
+        self._heard = time.monotonic()
+        items = sink.items
+        if items:
+            sink.items = []
+            buf = self._buffer
+            if not buf:
+                self._first_at = self._heard
+            buf.extend(items)
+            if self.until_caught_up and items[-1][1].endswith(b".0"):  # pending == 0: the stream's end for now
+                self._caught_up = True
+                self._wake.set()
+            if len(buf) >= self.cfg.flush_rows:
+                self._wake.set()
+        if sink.statuses:
+            statuses, sink.statuses = sink.statuses, []
+            for reply, hdr in statuses:
+                if reply:  # a flow-control request: answered once what came before it is taken
+                    if len(self._buffer) >= 2 * self.cfg.flush_rows:
+                        self._fc_held = reply.decode()  # back-pressure: the server waits for room
+                    else:
+                        self._send(reply.decode())
+                elif b"Nats-Consumer-Stalled" in hdr:  # a heartbeat naming a stalled flow-control reply
+                    stalled = (parse_headers(hdr) or {}).get("Nats-Consumer-Stalled")
+                    if stalled:
+                        self._send(stalled)
+
+    def _send(self, subject: str) -> None:
+        task = asyncio.ensure_future(self.bus.nc.publish(subject, b""))
+        task.add_done_callback(_quiet_done)
+
+    def _room_made(self) -> None:
+        if self._fc_held is not None and len(self._buffer) < 2 * self.cfg.flush_rows:
+            held, self._fc_held = self._fc_held, None
+            self._send(held)
+
+    def _lost(self) -> bool:
+        """Our raw consumer is lost: the connection came back (a server restart loses it) or
+        nothing, not even a heartbeat, came for three heartbeats."""
+        if self._sink is None or self._sub is None:
+            return False
+        if self.bus.nc.stats.get("reconnects", 0) != self._reconnects:
+            return True
+        return time.monotonic() - self._heard > 3 * HEARTBEAT_S and self._fc_held is None
+
     async def _unsubscribe(self) -> None:
         if self._sub is not None:
+            if self._sink is not None:
+                ps = rx_parser(self.bus.nc)
+                if ps is not None:
+                    ps.sinks.pop(sid_of(self._sub), None)
+                self._sink = None
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
@@ -271,6 +372,10 @@ class StreamFollower:
                 )
                 if due:
                     await self._flush()
+                if not self._gap and self._lost():
+                    self._gap = True
+                    log.warning("%s: the consumer was lost (a reconnection or silence): resubscribing after seq %s",
+                                self.stream, self._last_seq)
                 if self._gap:
                     await self._unsubscribe()
                     self._buffer = []
@@ -281,13 +386,25 @@ class StreamFollower:
         finally:
             stopper.cancel()
             await self._unsubscribe()
-            if self._buffer and not self._gap:
+            while self._buffer and not self._gap:
+                held = len(self._buffer)
                 await self._flush(final=True)
+                if len(self._buffer) >= held:  # the write failed: kept for the next start
+                    break
         return self.stats
 
     async def _flush(self, final: bool = False) -> None:
-        batch, self._buffer = self._buffer, []
+        rows = self.cfg.flush_rows
+        if self._sink is not None and len(self._buffer) > rows:
+            # our receive path hands over a socket read at a time, so the buffer may hold more
+            # than a file's worth: one file per flush_rows, the rest left for the next round
+            batch, self._buffer = self._buffer[:rows], self._buffer[rows:]
+            self._first_at = time.monotonic()
+            self._wake.set()
+        else:
+            batch, self._buffer = self._buffer, []
         self._room.set()
+        self._room_made()
         if not batch:
             return
         # a small batch (a quiet stream flushed by time) costs little GIL and more to fork
@@ -339,7 +456,8 @@ class StreamFollower:
         """Parse, check and write a batch (in a worker thread): (files, rows written, gap)."""
         import numpy as np
 
-        sseq, dseq, ts, _pending = parse_replies([m.reply for m in batch])
+        raw = bool(batch) and isinstance(batch[0], tuple)  # our receive path's (subject, reply, header block, payload)
+        sseq, dseq, ts, _pending = parse_replies([m[1] for m in batch] if raw else [m.reply for m in batch])
         s, d = sseq.to_numpy(), dseq.to_numpy()
         # A consumer's deliveries are numbered 1, 2, 3 …: a jump means a message was lost
         # between the server and us (a new consumer, after nats-py's ordered-consumer reset,
@@ -358,7 +476,10 @@ class StreamFollower:
             idx = pa.array(new)
             sseq, ts = sseq.take(idx), ts.take(idx)
             batch = [batch[i] for i in new.tolist()]
-        table = to_table(sseq, ts, [m.subject for m in batch], [m.data for m in batch], [m.headers for m in batch])
+        if raw:
+            table = to_table(sseq, ts, [m[0].decode() for m in batch], [m[3] for m in batch], [parse_headers(m[2]) for m in batch])
+        else:
+            table = to_table(sseq, ts, [m.subject for m in batch], [m.data for m in batch], [m.headers for m in batch])
         try:
             written = self.store.append(self.stream, table)
         except ArchiveWriteFailed as exc:
