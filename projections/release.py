@@ -67,14 +67,50 @@ class Candidate:
     seqs: list[int] = field(default_factory=list)  # CHECKPOINTS sequences of its events
     job_seqs: list[int] = field(default_factory=list)  # TRAINING sequences of its job's events
     data: dict = field(default_factory=dict)  # the job's data selection (FOSSILS range), as dispatched
+    kind: str = ""  # the promotion's model kind: ebdm | optimiser | code ("" before kinds: see `kind_of`)
+
+
+CODE_DOMAIN = "genn"  # as producers/verify.py: code models' domain (a projection does not import producers)
+
+
+def kind_of(c: Candidate) -> str:
+    """The candidate's model kind; a promotion before kinds existed was an EBDM's (a code model's in `genn`)."""
+    return c.kind or ("code" if c.domain == CODE_DOMAIN else "ebdm")
+
+
+def entry_of(c: Candidate) -> str:
+    """Its name in the release: the domain for the domain's first kind (an EBDM; a code model in
+    `genn`), as releases before kinds named it; `<domain>/<kind>` for another kind."""
+    first = "code" if c.domain == CODE_DOMAIN else "ebdm"
+    return c.domain if kind_of(c) == first else f"{c.domain}/{kind_of(c)}"
+
+
+# each kind is ranked by its own measure (smaller is better), never one kind against another
+MEASURES = {
+    "ebdm": "held-out `heldout_dsm`, then training `loss`",
+    "optimiser": "held-out `decision_regret` (the share of achievable savings its decisions miss), else the learned "
+                 "cost's held-out error `cost_heldout_mae_rel`, then training `loss`",
+    "code": "held-out `code_mean_reward`, then `code_sandbox_pass_rate`, then `code_gate_pass_rate` (larger is better)",
+}
 
 
 def selection_key(c: Candidate) -> tuple:
-    """How production checkpoints are ranked (smaller is better): the held-out denoising
-    score-matching loss the daemon's verification measured (`heldout_dsm`), else the training
-    `loss`, then the newest promotion. The one place to change when decision metrics exist."""
+    """How production checkpoints of one kind are ranked (smaller is better; `MEASURES`): an
+    EBDM by the held-out denoising score-matching loss the daemon's verification measured
+    (`heldout_dsm`), else the training `loss`; a learned optimiser by its held-out decision
+    regret, else its learned cost's held-out error; a code model by its held-out mean reward,
+    sandbox and gate pass rates; then the newest promotion. Kinds are never ranked against
+    each other (`select` picks one per domain and kind)."""
     inf = float("inf")
-    return (c.verified_metrics.get("heldout_dsm", inf), c.train_metrics.get("loss", inf), -c.promoted_at, c.checkpoint_id)
+    v, t = c.verified_metrics, c.train_metrics
+    kind = kind_of(c)
+    if kind == "optimiser":
+        head: tuple = (v.get("decision_regret", inf), v.get("cost_heldout_mae_rel", inf), t.get("loss", inf))
+    elif kind == "code":
+        head = tuple(-v.get(m, -inf) for m in ("code_mean_reward", "code_sandbox_pass_rate", "code_gate_pass_rate"))
+    else:
+        head = (v.get("heldout_dsm", inf), t.get("loss", inf))
+    return (*head, -c.promoted_at, c.checkpoint_id)
 
 
 def week_of(day: dt.date) -> tuple[dt.date, dt.datetime]:
@@ -121,7 +157,7 @@ def candidates(store, end: dt.datetime) -> tuple[dict[str, Candidate], dict[str,
             c.verified_metrics = dict(data.metrics)
         elif data.alias == "production":
             promoted.add(data.checkpoint_id)
-            c.version, c.promoted_at = data.version, at
+            c.version, c.promoted_at, c.kind = data.version, at, data.kind
             c.uri, c.sha256 = c.uri or data.uri, c.sha256 or data.sha256
     chosen = {k: v for k, v in by_id.items() if k in promoted}
     jobs = _jobs(store, end_us, {c.job_id for c in chosen.values() if c.job_id})
@@ -175,10 +211,12 @@ def _last_seq_before(store, stream: str, t_us: int) -> int:
 
 
 def select(cands: dict[str, Candidate]) -> dict[str, Candidate]:
+    """The best candidate per domain and model kind, by `entry_of` (each kind by its own measure)."""
     best: dict[str, Candidate] = {}
     for c in cands.values():
-        if c.domain not in best or selection_key(c) < selection_key(best[c.domain]):
-            best[c.domain] = c
+        e = entry_of(c)
+        if e not in best or selection_key(c) < selection_key(best[e]):
+            best[e] = c
     return dict(sorted(best.items()))
 
 
@@ -229,14 +267,21 @@ def _json(obj) -> bytes:
 
 
 def _files(c: Candidate, week: str, lineage: dict) -> dict[str, bytes]:
-    d = c.domain.replace(":", "_").replace("/", "_")
-    metrics = {"verified": c.verified_metrics, "training": c.train_metrics, "selection_key": list(selection_key(c)[:2])}
+    entry, kind = entry_of(c), kind_of(c)
+    d = entry.replace(":", "_").replace("/", "_")
+    head = 2 if kind == "ebdm" else 3
+    metrics = {"verified": c.verified_metrics, "training": c.train_metrics, "selection_key": list(selection_key(c)[:head])}
+    model = {
+        "ebdm": "energy-based diffusion model (EBDM) over the domain's fossils",
+        "optimiser": "learned optimiser (`scf-opt/1`: a proposal network, repaired to the domain's constraints; what edge sites run)",
+        "code": "code model (the foundry's generator of controllers)",
+    }.get(kind, f"model of kind {kind}")
     card = (
-        f"# Model card: {c.domain}, {week}\n\n"
+        f"# Model card: {entry}, {week}\n\n"
         f"- checkpoint: `{c.checkpoint_id}` (production version {c.version})\n"
         f"- artifact: `{c.uri}`, sha256 `{c.sha256}`, {c.size} bytes\n"
-        f"- model: energy-based diffusion model (EBDM) over the domain's fossils; training job `{c.job_id}`, config `{c.config_hash}`\n"
-        f"- selected by: `scf.projections.release.selection_key` (held-out `heldout_dsm`, then training `loss`)\n"
+        f"- model: {model}; training job `{c.job_id}`, config `{c.config_hash}`\n"
+        f"- selected by: `scf.projections.release.selection_key` ({MEASURES.get(kind, MEASURES['ebdm'])})\n"
         f"- held-out metrics: {json.dumps(c.verified_metrics, sort_keys=True)}\n"
         f"- limits: metrics are the daemon's held-out evaluation, not decision quality in the field\n"
     )
@@ -286,7 +331,8 @@ def build(store, day: dt.date, key, *, log_checkpoint: str | None = None) -> dic
     if log_checkpoint:
         manifest["transparency_log_checkpoint"] = log_checkpoint
     files["release.json"] = _json(manifest)
-    notes = [f"# SCF release {week}\n", f"Production checkpoints as of {end:%Y-%m-%d} 00:00 UTC, the best per domain:\n"]
+    notes = [f"# SCF release {week}\n", f"Production checkpoints as of {end:%Y-%m-%d} 00:00 UTC, the best per domain"
+             f"{' and model kind' if any(entry_of(c) != c.domain for c in chosen.values()) else ''}:\n"]
     for domain, c in chosen.items():
         notes.append(f"- **{domain}**: `{c.checkpoint_id}` v{c.version}, held-out {json.dumps(c.verified_metrics, sort_keys=True)}")
     notes.append("\nVerify offline: `scf release verify DIR --key release.pub`.\n")

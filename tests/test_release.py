@@ -202,3 +202,23 @@ def test_the_weekly_workflow_runs_real_commands():
             if t.startswith("--"):
                 assert t in options, f"scf {' '.join(words)} has no {t}"
     assert seen == {"proof checkpoint", "proof inclusion", "proof key", "release weekly", "release verify"}
+
+
+def test_each_model_kind_is_ranked_by_its_own_measure():
+    """An alias has one head per (domain, kind): the release takes the best of each kind, each by
+    its own measure (an optimiser has no DSM: ranked against EBDMs it always came last)."""
+    def cand(cid, kind, verified, at):
+        return release.Candidate(cid, "grid:case14", verified_metrics=verified, promoted_at=at, kind=kind)
+
+    cands = [cand("e1", "ebdm", {"heldout_dsm": 0.5}, 1), cand("e2", "", {"heldout_dsm": 0.4}, 2),
+             cand("o1", "optimiser", {"decision_regret": 0.10}, 3), cand("o2", "optimiser", {"decision_regret": 0.05}, 4),
+             cand("o3", "optimiser", {"cost_heldout_mae_rel": 0.01}, 5),  # no decision measure: after those that have one
+             release.Candidate("g1", "genn", verified_metrics={"code_mean_reward": 0.2}, kind="code"),
+             release.Candidate("g2", "genn", verified_metrics={"code_mean_reward": 0.3}, kind="code")]
+    chosen = release.select({c.checkpoint_id: c for c in cands})
+    assert {k: c.checkpoint_id for k, c in chosen.items()} == {"grid:case14": "e2", "grid:case14/optimiser": "o2", "genn": "g2"}
+    files = release._files(chosen["grid:case14/optimiser"], "week-x", {})
+    assert sorted(files) == [f"grid_case14_optimiser/{n}" for n in ("dataset_card.md", "lineage.json", "metrics.json", "model_card.md")]
+    card = files["grid_case14_optimiser/model_card.md"].decode()
+    assert "- model: learned optimiser" in card and "`decision_regret`" in card
+    assert json.loads(files["grid_case14_optimiser/metrics.json"])["selection_key"] == [0.05, float("inf"), float("inf")]
