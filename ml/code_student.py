@@ -177,23 +177,31 @@ def _items(texts: list[str], messages: list[dict[str, str]]) -> list[tuple]:
 def teacher_samples(gen, prompts: list[tuple[list[dict[str, str]], str]], n: int, *, seed: int, workers: int,
                     hours: float = 2.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """`n` teacher answers to each training prompt (one batched call), each judged by the gate
-    and the sandbox (`ml.genn.judge_many`): rows {prompt, completion, passed}."""
-    from scf.ml.genn import judge_many
-
+    and the sandbox (`judge_samples`): rows {prompt, completion, passed}."""
     if not prompts or n <= 0:
         return [], {"prompts": len(prompts), "samples": 0, "passed": 0}
     t = time.perf_counter()
     many = gen.answers_many([m for m, _ in prompts], n, seed)
     gen_s = time.perf_counter() - t
+    rows, stats = judge_samples([m for m, _ in prompts], many, workers=workers, hours=hours)
+    return rows, {**stats, "generate_s": gen_s}
+
+
+def judge_samples(prompts: list[list[dict[str, str]]], many: list[list[str]], *, workers: int,
+                  hours: float = 2.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Answers (`many[i]` to `prompts[i]`) judged by the gate and a sandbox run under each prompt's
+    contract (`ml.genn.judge_many`): rows {prompt, completion, passed} (empty answers dropped)."""
+    from scf.ml.genn import judge_many
+
+    t = time.perf_counter()
     rows, passed = [], 0
-    for (messages, _), texts in zip(prompts, many):
+    for messages, texts in zip(prompts, many):
         for text, j in zip(texts, judge_many(_items(texts, messages), workers=workers, hours=hours)):
             ok = j is not None and j.sandbox_ok
             passed += ok
             if text.strip():
                 rows.append({"prompt": messages, "completion": [{"role": "assistant", "content": text.strip()}], "passed": ok})
-    return rows, {"prompts": len(prompts), "samples": len(prompts) * n, "passed": passed, "generate_s": gen_s,
-                  "judge_s": time.perf_counter() - t - gen_s}
+    return rows, {"prompts": len(prompts), "samples": sum(map(len, many)), "passed": passed, "judge_s": time.perf_counter() - t}
 
 
 def _batch(examples: list[Example], pad: int, device: str):
@@ -244,14 +252,19 @@ class DistillSettings:
 
 
 def distill(student, teacher, tok, examples: list[Example], settings: DistillSettings, *, device: str,
-            evaluate: Callable[[], dict[str, float]] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+            evaluate: Callable[[], dict[str, float]] | None = None, log: Callable[[str], None] = print,
+            more: Callable[[], list[Example] | None] | None = None) -> dict[str, Any]:
     """Train `student` on `examples`: τ²·KL(teacher_τ ‖ student_τ) on every labelled token plus
     the cross-entropy on the tokens of `ce` examples. AdamW; linear warm-up, then a cosine
     over the wall-clock budget down to `min_lr_ratio`; weight decay on the ternary latent
     weights for the first half only. `evaluate()` runs every `eval_every_s` seconds of
-    training (its time not counted). Returns the curve, throughput and losses."""
+    training (its time not counted). `more()`, asked before every step until it answers a list,
+    adds examples that became ready while training ran (the teacher's samples, judged meanwhile).
+    Returns the curve, throughput and losses."""
     if not examples:
         raise StudentError("no training examples: the CFR dataset has no approved rows and the teacher passed no sample")
+    examples = list(examples)
+    added: dict[str, Any] = {}
     s = settings
     rng = random.Random(s.seed)
     torch.manual_seed(s.seed)
@@ -283,6 +296,14 @@ def distill(student, teacher, tok, examples: list[Example], settings: DistillSet
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
+        if more is not None:
+            extra = more()
+            if extra is not None:
+                more = None
+                examples += extra
+                order = []  # the next epoch draws over all of them
+                added = {"examples": len(extra), "step": step, "train_s": train_s}
+                log(f"  step {step}, {train_s:.1f} s: {len(extra)} examples added ({len(examples)} in all)")
         if len(order) < s.batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[: s.batch_size]], order[s.batch_size:]
@@ -322,7 +343,7 @@ def distill(student, teacher, tok, examples: list[Example], settings: DistillSet
             "tokens_per_s": tokens / train_s if train_s else 0.0, "steps_per_s": step / train_s if train_s else 0.0,
             "first_loss": losses[0][0] if losses else math.nan, "last_loss": sum(x[0] for x in tail) / len(tail),
             "last_kl": sum(x[1] for x in tail) / len(tail), "last_ce": sum(x[2] for x in tail) / len(tail),
-            "curve": curve, "settings": dataclasses.asdict(s)}
+            "curve": curve, "settings": dataclasses.asdict(s), "examples": len(examples), "added": added}
 
 
 # --------------------------------------------------------------------------- measures
@@ -361,16 +382,23 @@ def judge_answers(gen, prompts: list[list[dict[str, str]]], samples: int, *, see
 def judge_texts(prompts: list[list[dict[str, str]]], many: list[list[str]], *, workers: int, hours: float = 6.0) -> dict[str, Any]:
     """Answers (`many[i]` to `prompts[i]`) through the gate and the sandbox (`ml.genn.judge_many`,
     `workers` at once); rates over all answers (a malformed one fails both), per domain and overall."""
+    from collections import Counter
+
     from scf.ml.genn import judge_many
     from scf.producers.genn import extract_code
 
     t = time.perf_counter()
     by: dict[str, dict[str, float]] = {}
+    reasons: dict[str, Counter] = {}
     for messages, texts in zip(prompts, many):
-        tally = by.setdefault(contract_of(messages)[0], dict.fromkeys(("samples", "code", "gate", "sandbox", "beats", "reward"), 0))
+        domain = contract_of(messages)[0]
+        tally = by.setdefault(domain, dict.fromkeys(("samples", "code", "gate", "sandbox", "beats", "reward"), 0))
         verdicts = judge_many(_items(texts, messages), workers=workers, hours=hours)
         tally["samples"] += len(texts)
         tally["code"] += sum(not extract_code(x).error for x in texts)
+        why = reasons.setdefault(domain, Counter())
+        for x, j in zip(texts, verdicts):
+            why[((extract_code(x).error or "no domain") if j is None else (j.reason or "passed"))[:100]] += 1
         for j in (v for v in verdicts if v is not None):
             tally["gate"] += j.gate_ok
             tally["sandbox"] += j.sandbox_ok
@@ -380,11 +408,23 @@ def judge_texts(prompts: list[list[dict[str, str]]], many: list[list[str]], *, w
     def rates(d: dict[str, float]) -> dict[str, float]:
         k = max(d["samples"], 1)
         return {"samples": d["samples"], "code_rate": d["code"] / k, "gate_pass_rate": d["gate"] / k,
-                "sandbox_pass_rate": d["sandbox"] / k, "beats_status_quo_rate": d["beats"] / k, "mean_reward": d["reward"] / k}
+                "sandbox_pass_rate": d["sandbox"] / k, "beats_status_quo_rate": d["beats"] / k, "mean_reward": d["reward"] / k,
+                "counts": {x: int(d[x]) for x in ("code", "gate", "sandbox", "beats")},
+                "gate_95": wilson(int(d["gate"]), int(d["samples"])), "sandbox_95": wilson(int(d["sandbox"]), int(d["samples"]))}
 
     tot = {k: sum(d[k] for d in by.values()) for k in ("samples", "code", "gate", "sandbox", "beats", "reward")}
-    return {**rates(tot), "domains": {k: rates(v) for k, v in by.items()}, "judge_s": time.perf_counter() - t,
-            "example": many[0][0][:800] if many and many[0] else ""}
+    return {**rates(tot), "domains": {k: {**rates(v), "reasons": reasons[k].most_common(5)} for k, v in by.items()},
+            "judge_s": time.perf_counter() - t, "example": many[0][0][:800] if many and many[0] else "", "answers": many}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95 % at z 1.96) of a rate of k successes in n trials."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @torch.no_grad()
@@ -560,4 +600,4 @@ def load_student(path: Path, *, device: str = "cpu"):
 
 __all__ = ["FORMAT", "DistillSettings", "Example", "StudentConfig", "StudentError", "build_student", "completion_nll", "decode_speed",
            "distill", "encode_rows", "init_embeddings_from", "judge_answers", "linear_bits", "linear_counts", "load_student",
-           "contract_of", "judge_texts", "read_header", "save_student", "teacher_samples"]
+           "contract_of", "judge_samples", "judge_texts", "read_header", "save_student", "teacher_samples", "wilson"]

@@ -193,3 +193,35 @@ def test_incremental_and_left_padded_decoding_give_the_full_forward_logits(teach
         gen = model.generate(input_ids=padded, attention_mask=mask, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=pad)
         alone = model.generate(input_ids=ids, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=pad)
         assert gen[0, 29:].tolist() == alone[0, 24:].tolist()
+
+
+def test_examples_judged_while_training_join_when_ready(teacher):
+    t_model, tok = teacher
+    student = cs.build_student(TINY, tok, seed=2)
+    rows = _rows(2)
+    first = cs.encode_rows(tok, rows[:1], ce=True, source="approved", max_length=520)
+    later = cs.encode_rows(tok, rows[1:], ce=True, source="teacher-passed", max_length=520)
+    asked = []
+
+    def more():  # not ready for the first two steps, then ready once
+        asked.append(len(asked))
+        return later if len(asked) == 3 else None
+
+    settings = cs.DistillSettings(budget_s=1e9, max_steps=4, batch_size=1, lr=1e-2, warmup_steps=1, eval_every_s=1e9)
+    rep = cs.distill(student, t_model, tok, first, settings, device="cpu", more=more)
+    assert rep["added"] == {"examples": 1, "step": 2, "train_s": pytest.approx(rep["added"]["train_s"])}
+    assert rep["examples"] == 2 and len(asked) == 3  # asked before steps 0-2, never after it answered
+
+
+def test_wilson_intervals_and_judged_counts_by_domain():
+    assert cs.wilson(0, 0) == (0.0, 1.0)
+    lo, hi = cs.wilson(8, 16)
+    assert lo == pytest.approx(0.2800, abs=1e-3) and hi == pytest.approx(0.7200, abs=1e-3)
+    assert cs.wilson(0, 16)[0] == 0.0 and cs.wilson(0, 16)[1] == pytest.approx(0.1936, abs=1e-3)
+    rows = _rows(1)
+    good = rows[0]["completion"][0]["content"]
+    j = cs.judge_texts([rows[0]["prompt"]], [[good, "no code here"]], workers=1, hours=1.0)
+    d = j["domains"]["hvac:office3"]
+    assert d["samples"] == 2 and d["counts"]["code"] == 1 and d["counts"]["gate"] == d["counts"]["sandbox"] == 1
+    assert d["sandbox_95"] == cs.wilson(1, 2) and j["answers"] == [[good, "no code here"]]
+    assert dict(d["reasons"])["passed"] == 1 and sum(n for _, n in d["reasons"]) == 2
