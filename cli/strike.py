@@ -198,12 +198,13 @@ def strike_command(
 
 async def learned_model(bus, settings, trust, domain: str, method: str, checkpoint: Path | None) -> tuple[Path | None, str, str]:
     """(the optimiser file or None for exact, the model as the strike's inputs name it, a
-    line saying what decides): `producers.strike.decider`, its StrikeError one line."""
-    from scf.producers import strike as st
+    line saying what decides): `producers.promoted.decider`, its errors one line."""
+    from scf.bus.errors import SCFError
+    from scf.producers import promoted as pm
 
     try:
-        d = await st.decider(bus, settings, trust, domain, method, checkpoint)
-    except st.StrikeError as exc:
+        d = await pm.decider(bus, settings, trust, domain, method, checkpoint)
+    except SCFError as exc:
         raise fail(str(exc)) from None
     return d.path, d.model, d.label
 

@@ -17,6 +17,10 @@ Checked as the edge checks a release before anything is parsed:
    weights are read later through safetensors only (no pickle).
 
 Every failure is one `NotPromoted`/`PromotedRefused` line naming the fix.
+
+`decider(bus, settings, trust, domain, method, checkpoint)` is what decides a strike under
+`--method exact|learned|auto` (HiGHS, the promoted optimiser, or a given file), shared by
+`scf strike` and the regiment (`[regiment] method`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ class NotPromoted(SCFError):
 
 class PromotedRefused(SCFError):
     """The promoted model fails a check (signature, digest, format): not used."""
+
+
+class MethodError(SCFError):
+    """A decision method that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,61 @@ async def _fetch(bus, settings, p: ev.Promotion, kind: str, what: str) -> Promot
     return PromotedModel(dest, p, kind)
 
 
+# --------------------------------------------------------------------------- what decides a strike
+
+
+METHODS = ("exact", "learned", "auto")
+
+
+@dataclass(frozen=True)
+class Decider:
+    """What decides a strike: `path` the learned optimiser's file (None: exact, HiGHS),
+    `model` as the strike's inputs name it ("" for exact: the production model then),
+    `label` what decides in words (printed, logged, in the regiment's progress)."""
+
+    path: Path | None
+    model: str
+    label: str
+
+    @property
+    def method(self) -> str:
+        return "exact" if self.path is None else "learned"
+
+
+async def decider(bus, settings, trust, domain: str, method: str, checkpoint: Path | None = None) -> Decider:
+    """What decides a strike of `domain` under `method` (exact | learned | auto), as `scf
+    strike` and the regiment choose it: exact solves with HiGHS; learned|auto take
+    `checkpoint` when given, else the learned optimiser promoted for `domain`
+    (`fetch_promoted`: release signature, sha256, format checked before it is read).
+    learned with none promoted raises NotPromoted (a refused one PromotedRefused) in one
+    line; auto then solves exactly (also where torch/scf.ml.optimize is missing), and says why."""
+    if method not in METHODS:
+        raise MethodError(f"method {method!r}: use exact, learned or auto")
+    if method == "exact":
+        return Decider(None, "", "exact (HiGHS)")
+    if method == "auto":
+        from scf.producers.optimize import OptimizeError, learned_hook
+
+        try:
+            learned_hook()  # torch and scf.ml.optimize: else auto solves exactly, as `scf optimize` does
+        except OptimizeError as exc:
+            return Decider(None, "", f"exact (HiGHS): {exc}")
+    if checkpoint is not None:
+        digest = (await asyncio.to_thread(sha256_file, checkpoint))[0]
+        log.info("strike of %s: the learned optimiser %s decides (--checkpoint)", domain, checkpoint.name)
+        return Decider(checkpoint, f"{checkpoint.name} sha256:{digest}", f"learned optimiser {checkpoint} (--checkpoint, sha256 {digest})")
+    try:
+        m = await fetch_promoted(bus, settings, domain, OPTIMISER, trust=trust)
+    except NotPromoted as exc:
+        if method == "auto":
+            log.info("strike of %s: %s; solving exactly", domain, exc)
+            return Decider(None, "", f"exact (HiGHS): {exc}")
+        raise
+    p = m.promotion
+    log.info("strike of %s: the promoted learned optimiser %s decides", domain, m.label())
+    return Decider(m.path, f"{p.checkpoint_id} sha256:{p.sha256.removeprefix('sha256:')}", f"learned optimiser {m.label()}")
+
+
 def _format(path: Path) -> str | None:
     """The `format` in a safetensors header, read as JSON (no tensor, no torch)."""
     import json
@@ -131,4 +194,5 @@ def _format(path: Path) -> str | None:
         return None
 
 
-__all__ = ["fetch_promoted", "PromotedModel", "NotPromoted", "PromotedRefused", "FORMATS", "OPTIMISER", "EBDM"]
+__all__ = ["fetch_promoted", "PromotedModel", "NotPromoted", "PromotedRefused", "MethodError", "FORMATS", "OPTIMISER", "EBDM",
+           "METHODS", "Decider", "decider"]

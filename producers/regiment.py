@@ -32,9 +32,10 @@ from pathlib import Path
 
 import msgspec
 
-from scf.bus.errors import ConfigError
+from scf.bus.errors import ConfigError, SCFError
 from scf.bus.ids import subject_token
 from scf.producers import contracts as contracts_mod
+from scf.producers import promoted as promoted_mod
 from scf.producers import strike as strike_mod
 
 log = logging.getLogger("scf.regiment")
@@ -55,7 +56,7 @@ class RegimentSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
     def check(self) -> None:
         """ConfigError (one line) for a method/checkpoint that cannot work."""
-        if self.method not in strike_mod.METHODS:
+        if self.method not in promoted_mod.METHODS:
             raise ConfigError(f"[regiment] method = {self.method!r}: use exact, learned or auto")
         if self.checkpoint and self.method == "exact":
             raise ConfigError("[regiment] checkpoint is a learned optimiser's file: set method = \"learned\" or \"auto\" with it")
@@ -104,7 +105,7 @@ async def due_contracts(bus, now: float, opts: strike_mod.StrikeOptions, trust, 
                         ) -> tuple[int, list[tuple[contracts_mod.Contract, strike_mod.StrikeOptions | str]]]:
     """(active contracts, those due now with the options their strike runs under); with
     `signed`, only contracts whose events an operator key signed. `opts.method` is resolved
-    per domain (`strike_mod.decider`; needs `settings` unless exact): a domain whose method
+    per domain (`promoted_mod.decider`; needs `settings` unless exact): a domain whose method
     cannot decide (learned, none promoted) gives its contracts the reason (a str) instead of
     options. `decided_by` (when given) receives, per domain, what decides or why not."""
     import dataclasses
@@ -151,8 +152,8 @@ async def _domain_options(bus, settings, trust, domain: str, opts: strike_mod.St
     if opts.method == "exact":
         return dataclasses.replace(opts, model=production or opts.model), "exact (HiGHS)"
     try:
-        d = await strike_mod.decider(bus, settings, trust, domain, opts.method, opts.checkpoint)
-    except strike_mod.StrikeError as exc:
+        d = await promoted_mod.decider(bus, settings, trust, domain, opts.method, opts.checkpoint)
+    except SCFError as exc:  # NotPromoted, PromotedRefused: that domain's contracts are not struck
         if (domain, str(exc)) not in _WARNED:
             _WARNED.add((domain, str(exc)))
             log.warning("regiment: contracts of %s are not struck (method %s): %s", domain, opts.method, exc)

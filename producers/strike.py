@@ -117,63 +117,6 @@ def inputs_of(spec: ev.ContractSpec, opts: StrikeOptions) -> dict:
     }
 
 
-METHODS = ("exact", "learned", "auto")
-
-
-@dataclass(frozen=True)
-class Decider:
-    """What decides a strike: `path` the learned optimiser's file (None: exact, HiGHS),
-    `model` as the strike's inputs name it ("" for exact: the production model then),
-    `label` what decides in words (printed, logged, in the regiment's progress)."""
-
-    path: Path | None
-    model: str
-    label: str
-
-    @property
-    def method(self) -> str:
-        return "exact" if self.path is None else "learned"
-
-
-async def decider(bus, settings, trust, domain: str, method: str, checkpoint: Path | None = None) -> Decider:
-    """What decides a strike of `domain` under `method` (exact | learned | auto), as `scf
-    strike` and the regiment choose it: exact solves with HiGHS; learned|auto take
-    `checkpoint` when given, else the learned optimiser promoted for `domain`
-    (producers/promoted.py: release signature, sha256, format checked before it is read).
-    learned with none promoted (or a refused one) raises StrikeError in one line; auto then
-    solves exactly (also where torch/scf.ml.optimize is missing), and says why."""
-    from scf.bus.files import sha256_file
-    from scf.producers import promoted as pm
-
-    if method not in METHODS:
-        raise StrikeError(f"method {method!r}: use exact, learned or auto")
-    if method == "exact":
-        return Decider(None, "", "exact (HiGHS)")
-    if method == "auto":
-        from scf.producers.optimize import OptimizeError, learned_hook
-
-        try:
-            learned_hook()  # torch and scf.ml.optimize: else auto solves exactly, as `scf optimize` does
-        except OptimizeError as exc:
-            return Decider(None, "", f"exact (HiGHS): {exc}")
-    if checkpoint is not None:
-        digest = (await asyncio.to_thread(sha256_file, checkpoint))[0]
-        log.info("strike of %s: the learned optimiser %s decides (--checkpoint)", domain, checkpoint.name)
-        return Decider(checkpoint, f"{checkpoint.name} sha256:{digest}", f"learned optimiser {checkpoint} (--checkpoint, sha256 {digest})")
-    try:
-        m = await pm.fetch_promoted(bus, settings, domain, pm.OPTIMISER, trust=trust)
-    except pm.NotPromoted as exc:
-        if method == "auto":
-            log.info("strike of %s: %s; solving exactly", domain, exc)
-            return Decider(None, "", f"exact (HiGHS): {exc}")
-        raise StrikeError(str(exc)) from None
-    except pm.PromotedRefused as exc:
-        raise StrikeError(str(exc)) from None
-    p = m.promotion
-    log.info("strike of %s: the promoted learned optimiser %s decides", domain, m.label())
-    return Decider(m.path, f"{p.checkpoint_id} sha256:{p.sha256.removeprefix('sha256:')}", f"learned optimiser {m.label()}")
-
-
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj)).hexdigest()
 
