@@ -7,6 +7,10 @@ in torch and in the numpy edge runtime, `consumers.edge.ternary_lm`).
     # the device (after the foundry's script saved the tuned teacher at /tmp/scf-teacher):
     source benchmarks/device_setup.sh && python3 benchmarks/bench_code_student_gpu.py \\
         --teacher /tmp/scf-teacher --dataset .gpuw/foundry/cfr --budget-s 240 --json $OUT/codestudent/result.json
+    # run 3 (.gpu/codestudent3.cmd): the student's data (all passing programs), the teacher's training answers judged while
+    # the student trains, every held-out contract, T 0.2:
+    ... --student-data --no-rejected --teacher-prompts 0 --teacher-samples-background --no-teacher-failed --eval-prompts 0 \
+        --eval-samples 8 --eval-temperature 0.2 --hidden 768 --heads 12 --mlp 2048 --lr 1.5e-3
     # a CPU check of the code paths (a tiny random teacher with SmolLM2's tokenizer, tiny widths):
     .venv/bin/python benchmarks/bench_code_student_gpu.py --tiny --dataset .gpuw/foundry/cfr --device cpu --budget-s 60 ...
     # CPU tokens/s on this machine (random weights: the speed does not depend on their values):

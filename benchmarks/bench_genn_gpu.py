@@ -12,6 +12,13 @@ the CFR builder's formats and the served prompt) and carried. The command: .gpu/
     # here (CPU), once (~3 min on 2 cores):
     .venv/bin/python benchmarks/bench_genn_gpu.py --build-dataset .gpuw/foundry/cfr --intents 24 --held-out-intents 8 \
         --per-intent 16 --workers 2
+    # the code student's data too (every passing candidate of 48 contracts a domain, ~9 min), then the copy a device call carries:
+    .venv/bin/python benchmarks/bench_genn_gpu.py --build-dataset .gpuw/foundry/cfr3-full --intents 24 --held-out-intents 12 \
+        --per-intent 16 --workers 2 --student-intents 48
+    .venv/bin/python benchmarks/bench_genn_gpu.py --device-copy .gpuw/foundry/cfr3-full .gpuw/foundry/cfr3   # 0.74 MB
+    # the teacher of the code student only (SFT as the foundry's, saved; no evaluation, no rejection round):
+    python3 benchmarks/bench_genn_gpu.py --gguf FILE.gguf --dataset .gpuw/foundry/cfr3 --sft-only --no-eval-base --rs-rounds 0 \
+        --sft-steps 112 --lr 3e-4 --teacher /tmp/scf-teacher
     # a tiny end-to-end check on the CPU (a tiny random model with SmolLM2's tokenizer):
     .venv/bin/python benchmarks/bench_genn_gpu.py --tiny --gguf FILE.gguf --dataset .gpuw/foundry/cfr --sft-steps 1 --rs-steps 1 \
         --rs-n 2 --rs-prompts 2 --eval-prompts 2 --eval-samples 2 --tokens 16 --eval-hours 1 --json /tmp/foundry.json
