@@ -146,6 +146,7 @@ class PullInbox:
 
     ENDS = {"404", "408"}  # no messages / the request expired: the batch is what came
     IGNORED = {"100"}  # heartbeats
+    SILENT_AFTER_S = 1.0  # a no-wait request unanswered for this long counts as silence
 
     def __init__(self, nc, stream: str, durable: str, api_prefix: str = "$JS.API") -> None:
         self.nc = nc
@@ -208,7 +209,7 @@ class PullInbox:
         await self.nc.publish(self.nms, body, self.inbox)
         answered = await self.sink.wait(k, timeout)
         ended, error = self._ended()
-        if no_wait:
+        if no_wait and timeout >= self.SILENT_AFTER_S:  # a short wait may end before a busy server answers
             self.silent = 0 if answered else self.silent + 1
         if error is not None:
             raise error
