@@ -170,7 +170,8 @@ def nodes_ls() -> None:
             labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"
             running = f"{n.domain} v{n.version} {n.checkpoint_id}" if n.checkpoint_id else "-"
             when = n.updated_at.isoformat(timespec="seconds") if n.updated_at else "-"
-            typer.echo(f"{n.node:<20} {n.status:<12} {running:<60} {labels}  {when}")
+            runs = f"  runs {' or '.join(n.runs)} only" if n.runs else ""  # [edge] runs: the model kinds it deploys
+            typer.echo(f"{n.node:<20} {n.status:<12} {running:<60} {labels}  {when}{runs}")
 
     run(main())
 

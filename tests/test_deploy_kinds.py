@@ -26,7 +26,7 @@ from scf.consumers.edge import EdgeAgent, EdgeSettings
 from scf.consumers.edge.kinds import accepted, file_kind
 from scf.consumers.nodes import NodeInfo, get_node
 from scf.domains.fossils import synth_shards
-from tests.conftest import wait_for
+from tests.conftest import cli, wait_for
 from tests.test_deploy_helpers import Keys, approve, current_model, events_on, orders_for, publish_raw
 
 DOMAIN = "grid:case14"
@@ -90,7 +90,7 @@ async def _failures(bus: Bus, node: str) -> list[ev.DeployFailure]:
 
 @pytest.mark.slow
 @pytest.mark.anyio
-async def test_a_plant_node_keeps_its_optimiser_when_an_ebdm_is_promoted(bus, settings, tmp_path, optimiser):
+async def test_a_plant_node_keeps_its_optimiser_when_an_ebdm_is_promoted(bus, settings, scf_env, tmp_path, optimiser):
     keys = Keys(settings)
     buses = {n: await Bus.connect(settings, f"edge-{n}", key=keys.node(n)) for n in (CTL, STORE)}
     planner_bus = await Bus.connect(settings, "deploy")
@@ -166,6 +166,8 @@ async def test_a_plant_node_keeps_its_optimiser_when_an_ebdm_is_promoted(bus, se
         assert [p.name for p in (tmp_path / CTL / "versions").iterdir()] == [agents[CTL].store.current().dirname]
         assert not list((tmp_path / CTL / "incoming").glob("*/*"))
         assert agents[CTL].store.current().checkpoint_id == "opt-1"
+        listed = {ln.split()[0]: ln for ln in (await asyncio.to_thread(cli, "nodes", "ls", env=scf_env)).stdout.splitlines()}
+        assert listed[CTL].endswith("runs optimiser only") and "opt-1" in listed[CTL] and "runs " not in listed[STORE]
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
