@@ -609,6 +609,38 @@ def _transient(exc: BaseException, bus: Bus) -> bool:
     return isinstance(exc, ServerError) and (exc.code is None or exc.code == 503)
 
 
+class Stopping(SCFError):
+    """The daemon's stop came while it waited on something: what it was doing is abandoned."""
+
+
+async def until_stopped(awaitable, stop: asyncio.Event | None):
+    """`awaitable`'s result, awaited together with `stop`: when the stop comes first the
+    awaitable is cancelled and `Stopping` raised (its error, if any, is not lost: raised
+    when it finished first). Every wait of the daemon's loops goes through here (docs/
+    architecture.md "Stopping a process"): a wait on the server (a JetStream request, a
+    publish acknowledgement, a read while it restarts) is not bounded by its own timeout
+    alone, it ends at the stop."""
+    if stop is None:
+        return await awaitable
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_retrieve)  # cancelled: whatever it raises on the way out is not news
+    if not task.done():
+        raise Stopping("stopped while waiting")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 # --------------------------------------------------------------------------- liveness
 
 
@@ -667,6 +699,7 @@ class Daemon:
         self.ack_floor = 0
         self.decided: set[int] = set()
         self._throttle = Throttle(1.0)
+        self._stop: asyncio.Event | None = None  # run()'s: every wait of the loops ends at it (`until_stopped`)
 
     def _load_id_key(self) -> bytes:
         path, created = ensure_id_key(self.settings.keys_dir)
@@ -684,7 +717,11 @@ class Daemon:
         log.info("daemon: rebuilding its state from the log")
         while stop is None or not stop.is_set():
             try:
-                return await self._start()
+                # awaited with the stop: a read of the log waits up to a minute for a server
+                # that is away (StreamReader patience), a JetStream request 5 s
+                return await until_stopped(self._start(), stop)
+            except Stopping:
+                break
             except Exception as exc:
                 if not (_transient(exc, self.bus) or isinstance(exc, ReadStalled)):
                     await self._reset()
@@ -696,6 +733,7 @@ class Daemon:
             else:
                 await race(asyncio.sleep(delay), stop)
             delay = min(delay * 2, 5.0)
+        await self._reset()  # stopped while starting: what the attempt built is let go
         return self
 
     async def _reset(self) -> None:
@@ -755,11 +793,12 @@ class Daemon:
         return CheckpointVerifier(self.bus, self.settings, self.config.checkpoint)
 
     async def stop(self) -> None:
-        await self.holds.stop()
-        await self.fossils.stop()
-        await self.gate.stop()
+        """Stop the views, the gate and the trust view, together (each ends at once: its
+        reads are awaited with its stop)."""
+        parts = [self.holds.stop(), self.fossils.stop(), self.gate.stop()]
         if isinstance(self._trust, SharedTrust):
-            await self._trust.stop()
+            parts.append(self._trust.stop())
+        await asyncio.gather(*parts)
 
     # ------------------------------------------------------------------ control
     def trust(self) -> TrustList:
@@ -776,21 +815,25 @@ class Daemon:
     async def on_control(self, msg: Msg, d: Delivery) -> list[ev.Event] | None:
         """Apply one command; a failure is retried here (so later commands wait: order is
         kept), and a command that keeps failing becomes control.rejected with the error.
-        Connection trouble is left to the runner (nak: the command comes back later)."""
+        Connection trouble is left to the runner (nak: the command comes back later). The
+        stop (SIGTERM) ends every wait at once: the command is then given back (`Stopping`
+        raised: nak'ed, applied by the next start; its effects' ids are the same)."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                out = await self._on_control(msg, d)
+                out = await until_stopped(self._on_control(msg, d), self._stop)
                 break
+            except Stopping:
+                raise Stopping(f"stopped while applying control seq {d.stream_seq} ({d.subject}): given back for the next start") from None
             except Exception as exc:
                 if _transient(exc, self.bus):
                     raise  # nak'ed and redelivered: not decided, so never skipped
                 if attempt >= max(1, self.config.apply_attempts):
-                    out = await self._give_up(msg, d, exc, attempt)
+                    out = await until_stopped(self._give_up(msg, d, exc, attempt), self._stop)
                     break
                 log.warning("control seq %d (%s) attempt %d failed: %s: %s", d.stream_seq, d.subject, attempt, type(exc).__name__, exc)
-                await asyncio.sleep(min(5.0, 0.25 * 2 ** (attempt - 1)))  # backoff between attempts
+                await until_stopped(asyncio.sleep(min(5.0, 0.25 * 2 ** (attempt - 1))), self._stop)  # backoff between attempts
         self.control_seen = max(self.control_seen, d.stream_seq)
         if self.control_seen >= self.control_target:
             self._wake.set()
@@ -936,7 +979,11 @@ class Daemon:
             t0 = time.monotonic()
             self._wake.clear()
             try:
-                await self.pulse()
+                # with the server away a pulse waits on JetStream (the liveness write, an
+                # intent's publish: 5 s each): the stop ends it
+                await until_stopped(self.pulse(), stop)
+            except Stopping:
+                break
             except Exception as exc:  # noqa: BLE001 - a transient bus error must not end the daemon
                 log.error("pulse failed: %s: %s", type(exc).__name__, exc)
             left = self.heartbeat - (time.monotonic() - t0)
@@ -979,6 +1026,7 @@ class Daemon:
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         await self.start(stop)
         try:
             if not self.started.is_set():
@@ -1004,4 +1052,5 @@ async def serve(bus: Bus, settings: Settings, config: DaemonSettings | None = No
 __all__ = [
     "Daemon", "DaemonSettings", "ControlState", "TRAIN_INTENT_PARAMS", "CommandContext", "SubjectRuling", "decide_control", "orient",
     "DomainCount", "TrainMark", "train_intent_id", "check_models", "rebuild_control", "read_trainings", "HoldsView", "FossilView", "serve",
+    "Stopping", "until_stopped",
 ]
