@@ -297,7 +297,9 @@ class StreamReader:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
         try:
-            info = await self._add_consumer(inbox, last)
+            info = await self._add_consumer(inbox, last, stop)
+            if info is None:
+                return p  # stopped while the server was asked (a follow's stop: never a 5 s wait)
             p.consumer = info.name
             self.live, self.problem = True, ""
             self.failed.clear()
@@ -332,7 +334,8 @@ class StreamReader:
                 pass
         return p
 
-    async def _add_consumer(self, inbox: str, last: int):
+    async def _add_consumer(self, inbox: str, last: int, stop: asyncio.Event | None = None):
+        """The pass's consumer (its info), created by request; None when `stop` came first."""
         by_time = self.start_time is not None and last < self.start_seq
         subjects = [s for s in self.subjects if s]
         cfg = api.ConsumerConfig(
@@ -351,7 +354,18 @@ class StreamReader:
             inactive_threshold=max(5.0, 2 * self.heartbeat),
         )
         try:
-            return await self.js.add_consumer(self.stream, cfg)
+            if stop is None:
+                return await self.js.add_consumer(self.stream, cfg)
+            request = asyncio.ensure_future(self.js.add_consumer(self.stream, cfg))
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({request, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+                if not request.done():
+                    request.cancel()
+                    request.add_done_callback(lambda r: r.cancelled() or r.exception())  # nothing to report
+            return request.result() if request.done() else None
         except NotFoundError:
             raise StreamNotFound(f"stream {self.stream} does not exist: run `scf streams ensure`") from None
 
