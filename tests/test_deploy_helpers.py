@@ -8,6 +8,7 @@ import hashlib
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from scf.bus import codec
 from scf.bus import events as ev
 from scf.bus.client import Bus
 from scf.bus.reader import read
+from scf.bus.runner import CLOSE_S, DRAIN_S
 from scf.bus.settings import Settings
 from scf.bus.signing import SigningKey, TrustList
+from scf.cli.common import LEFTOVER_S
 from scf.consumers.deploy import deploy_intent, plan_orders
 from scf.consumers.nodes import get_node
 from tests.conftest import spawn
@@ -154,18 +157,30 @@ def start_process(env: dict, name: str, log_dir: Path) -> subprocess.Popen:
     return spawn([sys.executable, "-m", "scf.cli.main", "run", name], env, log_dir / f"{name}.log")
 
 
+# How long a `scf run` process may take from SIGTERM to its exit, by its contract: its loops,
+# then its connection, then the tasks left (docs/architecture.md "Stopping a process").
+STOP_BOUND_S = DRAIN_S + CLOSE_S + LEFTOVER_S
+
+
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 35) -> int:
     """SIGTERM, then its exit code; SIGKILL past `timeout` — beyond the 27 s a `scf run` process
-    may take to stop by its contract (20 s for its loops, 5 to drain, 2 for leftovers:
-    docs/architecture.md "Stopping a process")."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(5)
-    return proc.returncode
+    may take to stop by its contract (STOP_BOUND_S: 20 s for its loops, 5 to drain, 2 for
+    leftovers)."""
+    return timed_stop(proc, sig, timeout)[0]
+
+
+def timed_stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 35) -> tuple[int, float]:
+    """`stop`, and the seconds from the signal to the exit (0 when it had exited already)."""
+    if proc.poll() is not None:
+        return proc.returncode, 0.0
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait(5)
+    return code, time.monotonic() - t0
 
 
 def utc(*args) -> dt.datetime:

@@ -33,7 +33,7 @@ from scf.consumers.energy import measurement_event
 from tests.conftest import spawn, stream_count, wait_for
 from tests.daemon_support import fossil
 from tests.mv_support import passing_mv
-from tests.test_deploy_helpers import Keys, logs, start_process, stop
+from tests.test_deploy_helpers import STOP_BOUND_S, Keys, logs, start_process, stop, timed_stop
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -142,9 +142,58 @@ async def test_daemon_ledger_and_a_runner_ride_out_server_restarts(tmp_path):
     except AssertionError as exc:  # say what the processes said
         raise AssertionError(f"{exc}\n{logs(tmp_path)}\n--- nats-server\n{server.log.read_text(errors='replace')[-2000:]}") from None
     finally:
-        codes = {name: stop(p) for name, p in procs.items()}
+        stopped = {name: timed_stop(p) for name, p in procs.items()}
         server.stop()
+    codes = {name: code for name, (code, _) in stopped.items()}
     assert codes == {"consumer": 0, "ledger": 0, "daemon": 0}, logs(tmp_path)
+    for name, (_, seconds) in stopped.items():  # the shutdown contract's bound, after the restarts
+        assert seconds <= STOP_BOUND_S, (name, seconds, logs(tmp_path))
+
+
+async def test_the_daemon_stops_within_its_bounds_after_a_restart_when_the_server_stops_answering(tmp_path):
+    """After a server restart (SIGKILL, started again, a command applied) the server stops
+    answering (SIGSTOP: the connection stays open, no request is ever answered) and the
+    daemon is SIGTERMed. Every wait of its loops ends at the stop and its close is cut at
+    CLOSE_S: it exits within the shutdown contract's bound, with the one line that names the
+    connection and no loop cancelled at the deadline. Before the fix its loops sat out their
+    5 s JetStream timeouts and nats-py's drain swallowed the close's timeout (a 10 s flush
+    more): 20 s, and exit 0 as if everything had been drained."""
+    server = ServerProcess(tmp_path / "nats", free_port()).start()
+    settings = Settings(home=str(tmp_path / "home"), nats_url=server.url, source="test")
+    init_home(settings)
+    env = dict(os.environ, NATS_URL=server.url, SCF_HOME=settings.home, PYTHONUNBUFFERED="1", SCF_LOG="INFO")
+    env.pop("SCF_KEY", None)
+    bus = await Bus.connect(settings, "test")
+    await ensure(bus.js)
+    await bus.close()
+    daemon = start_process(env, "daemon", tmp_path)
+    text = lambda: (tmp_path / "daemon.log").read_text(errors="replace")  # noqa: E731
+    frozen = False
+    try:
+        await wait_for(lambda: "daemon: gear" in text(), 90, "the daemon to finish starting")
+        server.kill()
+        await wait_for(lambda: "disconnected from" in text(), 30, "the daemon to notice the server is gone")
+        server.start()
+        bus = await Bus.connect(settings, "test")
+        try:
+            await bus.js.publish("control.stop", json.dumps({"reason": "after the restart"}).encode())
+            await wait_for(lambda: stream_count(bus, "CONTROL", "gear.daemon.stopped"), 60, "the command sent after the restart")
+        finally:
+            await bus.close()
+        server.proc.send_signal(signal.SIGSTOP)
+        frozen = True
+        code, seconds = timed_stop(daemon)
+        log = text()
+        assert seconds <= STOP_BOUND_S, (seconds, log[-6000:])
+        assert code == 1, (code, log[-6000:])  # it could not drain: not a clean stop
+        line = [ln for ln in log.splitlines() if ln.startswith("Error: shutdown incomplete")]
+        assert len(line) == 1 and "the connection did not close within" in line[0], log[-6000:]
+        assert "still running" not in line[0], line  # no loop sat out the stop
+    finally:
+        if frozen:
+            server.proc.send_signal(signal.SIGCONT)
+        stop(daemon)
+        server.stop()
 
 
 async def test_the_emergency_gate_sees_a_stop_engaged_across_a_restart(tmp_path):
