@@ -1,6 +1,7 @@
 """Bus benchmarks: ratios against raw nats-py measured in the same run, on the same server.
 
     python benchmarks/bench_bus.py [--n 20000]
+    python benchmarks/bench_bus.py --only-fetch        (SCF's Pull + ack_many vs nats-py's fetch + ack, CPU a message)
 
 1. publish: SCF `Bus.publish_many` (encode + Nats-Msg-Id + pipelined acks) vs raw nats-py
    `publish_async` of the same pre-encoded payloads and headers — goal ≥ 0.9×;
@@ -111,6 +112,49 @@ async def bench_consume(bus: Bus, n: int) -> dict:
     return {"scf_consume_per_s": round(scf_rate), "raw_fetch_ack_per_s": round(raw_rate), "consume_ratio": round(scf_rate / raw_rate, 3)}
 
 
+async def bench_fetch(bus: Bus, url: str, n: int, batch: int = 500) -> dict:
+    """Fetch + ack of `n` small events in batches of `batch`: `runner.Pull.fetch` (SCF's
+    receive path, bus/rx.py, when the tree has it) + `ack_many`, against nats-py's own
+    `fetch(batch)` + `ack()` on a connection of its own (nats-py's stock parser); the same
+    stream and server, one after the other. Client CPU per message (µs, this process)."""
+    import nats
+
+    from scf.bus.client import ack_many
+    from scf.bus.runner import Pull
+
+    await purge(bus.js)
+    await bus.publish_many(make_events(n, "f"))
+    tag = str(time.monotonic_ns())
+    pull = Pull(bus, ConsumerSpec("TRAINING", f"scf-fetch-{tag}", ("job.>",)))
+    stop = asyncio.Event()
+    got = 0
+    t, c = time.perf_counter(), time.process_time()
+    while got < n:
+        msgs = await pull.fetch(batch, 5.0, stop)
+        await ack_many(bus.nc, msgs)
+        got += len(msgs)
+    scf_s, scf_cpu = time.perf_counter() - t, time.process_time() - c
+    await pull.close()
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_consumer("TRAINING", ConsumerSpec("TRAINING", f"raw-fetch-{tag}", ("job.>",)).config())
+    psub = await js.pull_subscribe_bind(durable=f"raw-fetch-{tag}", stream="TRAINING")
+    got = 0
+    t, c = time.perf_counter(), time.process_time()
+    while got < n:
+        msgs = await psub.fetch(batch, timeout=5)
+        for m in msgs:
+            await m.ack()
+        got += len(msgs)
+    raw_s, raw_cpu = time.perf_counter() - t, time.process_time() - c
+    await psub.unsubscribe()
+    await nc.close()
+    return {"scf_fetch_ack_per_s": round(n / scf_s), "raw_fetch_ack_per_s": round(n / raw_s),
+            "scf_fetch_cpu_us": round(scf_cpu / n * 1e6, 2), "raw_fetch_cpu_us": round(raw_cpu / n * 1e6, 2),
+            "fetch_cpu_ratio": round(raw_cpu / scf_cpu, 3), "fetch_batch": batch}
+
+
 async def bench_latency(bus: Bus, n: int) -> dict:
     lat = []
     for e in make_events(n, "lat"):
@@ -192,7 +236,20 @@ async def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="take the best of N runs for each ratio")
     ap.add_argument("--only-publish", action="store_true", help="only the publish comparison (with CPU columns)")
     ap.add_argument("--chunk", type=int, default=0, help="publish_many on slices of this many events (0: one call)")
+    ap.add_argument("--only-fetch", action="store_true", help="only fetch + ack: SCF's Pull vs nats-py's fetch (CPU columns)")
     args = ap.parse_args()
+    if args.only_fetch:
+        with tempfile.TemporaryDirectory() as d:
+            server = ServerProcess(Path(d) / "main", free_port()).start()
+            try:
+                bus = await Bus.connect(Settings(home=d, nats_url=server.url, source="bench"))
+                await ensure(bus.js)
+                for _ in range(args.repeat):
+                    print(json.dumps(await bench_fetch(bus, server.url, args.n)), flush=True)
+                await bus.close()
+            finally:
+                server.stop()
+        return
     if args.only_publish:
         with tempfile.TemporaryDirectory() as d:
             server = ServerProcess(Path(d) / "main", free_port()).start()
