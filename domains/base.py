@@ -226,7 +226,7 @@ class Domain(abc.ABC):
         lp = self._vertex_lp(a)
         points = []
         for _ in range(vertices):
-            x = lp.solve(row_lo, row_hi, cost=rng.normal(size=self.state_dim))
+            x = lp.solve(row_lo, row_hi, cost=rng.normal(size=self.state_dim), cold=True)
             if x is None:
                 raise Infeasible(f"{self.name}: no feasible state in this context ({lp.status})")
             points.append(x)
@@ -252,7 +252,7 @@ class Domain(abc.ABC):
                 cost=np.concatenate([np.zeros(d), np.ones(d)]),
             )  # fmt: skip
         s = np.asarray(state, dtype=float)
-        x = lp.solve(np.concatenate([row_lo, np.full(d, -np.inf), s]), np.concatenate([row_hi, s, np.full(d, np.inf)]))
+        x = lp.solve(np.concatenate([row_lo, np.full(d, -np.inf), s]), np.concatenate([row_hi, s, np.full(d, np.inf)]), cold=True)
         if x is None:
             raise Infeasible(f"{self.name}: no feasible state to project onto in this context ({lp.status})")
         return np.clip(x[:d], lo, hi)

@@ -108,12 +108,19 @@ class HighsProgram:
         self._rows = np.arange(self.n_row, dtype=np.int32)
 
     def solve(
-        self, row_lo: np.ndarray, row_hi: np.ndarray, *, cost: np.ndarray | None = None, start: np.ndarray | None = None
+        self, row_lo: np.ndarray, row_hi: np.ndarray, *, cost: np.ndarray | None = None, start: np.ndarray | None = None,
+        cold: bool = False,
     ) -> np.ndarray | None:
         """The optimal x for these row bounds (and cost, if given), or None if there is no
         optimum (`self.status` says why). `start`, a full column vector, is handed to
-        HiGHS as a starting point (a warm start from a candidate decision)."""
+        HiGHS as a starting point (a warm start from a candidate decision). By default the
+        solve starts from the previous solve's basis: fast, but the last bits of x (and,
+        where the optimum is not unique, which optimum) depend on what was solved before.
+        `cold` forgets that basis: x is then a function of this LP alone, whatever the
+        process solved earlier."""
         h = self._h
+        if cold:
+            h.clearSolver()
         if start is not None:
             sol = highspy.HighsSolution()
             sol.col_value = np.asarray(start, float).tolist()
