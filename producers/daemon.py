@@ -460,7 +460,14 @@ class _FossilBody(msgspec.Struct):
 
 
 class FossilView(_LogView):
-    """Fossil counts per domain, from the subjects alone (headers-only delivery)."""
+    """Fossil counts per domain, from the subjects alone (headers-only delivery).
+
+    A subject names its domain by a token (`grid:case9` -> `grid_case9`), which is lossy, so
+    a domain's real name is read from one of its fossils' bodies by `name()` (the pulse
+    calls it before it orients). A body that cannot be read now (the server away, a
+    timeout) leaves the domain counted but unnamed, so not trained, until a later call reads
+    it: never named by its token, which would make `orient` propose other content under an
+    existing intent's id (`train-grid_case9-000001`, "already exists with other content")."""
 
     stream, subject, headers_only = "FOSSILS", "fossil.recorded.>", True
 
@@ -468,26 +475,51 @@ class FossilView(_LogView):
         super().__init__(bus)
         self.by_token: dict[str, DomainCount] = {}
         self._decoder = msgspec.json.Decoder(_FossilBody)
+        self._nameless: dict[str, int] = {}  # token -> the seq whose body names no domain (tried again at a newer one)
+        self._throttle = Throttle(1.0)
 
     async def apply(self, msg: StreamMsg) -> None:
-        seq = msg.seq
         parts = msg.subject.split(".")
         if len(parts) < 4:
             return
-        token = parts[2]
-        count = self.by_token.get(token)
+        count = self.by_token.get(parts[2])
         if count is None:
-            domain = token
-            with contextlib.suppress(Exception):  # one body per new domain, for its real name
-                full = await self.bus.js.get_msg(self.stream, seq)
-                domain = self._decoder.decode(full.data).data.domain
-            count = self.by_token[token] = DomainCount(domain=domain)
+            count = self.by_token[parts[2]] = DomainCount(domain="")  # named by name()
         count.total += 1
-        count.last_seq = seq
+        count.last_seq = msg.seq
+
+    async def name(self) -> bool:
+        """Name the domains counted so far from a fossil's body each (its latest). False
+        while a body could not be read (tried again at the next call); a body that names no
+        domain (not a fossil) is skipped until a newer fossil of its token comes."""
+        from nats.js.errors import NotFoundError
+
+        named = True
+        for token, count in list(self.by_token.items()):
+            if count.domain or self._nameless.get(token) == count.last_seq:
+                continue
+            seq = count.last_seq
+            try:
+                full = await self.bus.js.get_msg(self.stream, seq)
+            except NotFoundError:
+                self._nameless[token] = seq  # deleted since: a newer fossil names it
+                continue
+            except Exception as exc:  # noqa: BLE001 - the server away or slow: counted, named at the next call
+                named = False
+                self._throttle.warn(log, "name", "fossils of %s: cannot read seq %d for the domain's name (%s): "
+                                    "not trained until it can be read", token, seq, describe(exc))
+                continue
+            try:
+                count.domain = self._decoder.decode(full.data).data.domain
+            except msgspec.DecodeError as exc:
+                self._nameless[token] = seq
+                log.warning("fossils of %s: seq %d names no domain (%s): waiting for another fossil of it", token, seq, exc)
+        return named
 
     @property
     def counts(self) -> dict[str, DomainCount]:
-        return {c.domain: c for c in self.by_token.values()}
+        """The named domains' counts (see `name`)."""
+        return {c.domain: c for c in self.by_token.values() if c.domain}
 
 
 async def read_trainings(bus: Bus) -> dict[str, TrainMark]:
@@ -927,7 +959,9 @@ class Daemon:
     async def pulse(self) -> list[ev.IntentCreated]:
         self.pulses += 1
         created: list[ev.IntentCreated] = []
-        self.ready = self.fossils.caught_up.is_set() and self.control_caught_up
+        caught_up = self.fossils.caught_up.is_set()
+        named = await self.fossils.name() if caught_up else False
+        self.ready = caught_up and named and self.control_caught_up
         if self.ready and not self.state.stopped and not self.state.emergency and not self.gate.engaged:
             async with self._lock:
                 created = await self._orient()
