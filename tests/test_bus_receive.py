@@ -28,11 +28,11 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 def test_the_nats_py_internals_the_receive_path_hooks_into_are_there():
     """bus/natsfix.py wraps private parts of nats-py 2.16: a new nats-py that moves them must
     fail here, not silently in production."""
+    from importlib.metadata import version
+
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.protocol.parser import Parser
-
-    from importlib.metadata import version
 
     assert version("nats-py") == "2.16.0", "nats-py moved: re-check every hook in bus/natsfix.py"
     for name in ("_process_msg", "_process_headers", "_parse_header_lines", "_process_ping", "_process_pong",
@@ -199,7 +199,11 @@ async def test_a_long_poll_takes_a_message_published_while_it_waits_and_the_rest
     try:
         assert await pull.fetch(10, 0.2, stop) == []  # binds; nothing there
         waiting = asyncio.ensure_future(pull.fetch(10, 10.0, stop))
-        await asyncio.sleep(0.2)  # the long poll is in the server's hands (no condition to await from here)
+
+        async def polling() -> bool:  # the long poll is in the server's hands
+            return (await bus.js.consumer_info("INTENTS", "rx-wait")).num_waiting >= 1
+
+        await wait_for(polling, 10, "the long poll to wait at the server")
         await intents(bus, 5, "w")
         msgs = await waiting
         assert 1 <= len(msgs) <= 5
@@ -256,5 +260,61 @@ async def test_a_server_restart_mid_fetch_is_ridden_out(tmp_path):
         await ack_many(bus.nc, got)
         await pull.close()
     finally:
+        await bus.close()
+        server.stop()
+
+
+async def test_the_archive_rides_out_a_server_restart_and_holds_back_the_server_when_full(tmp_path):
+    """The archive's raw ordered consumer (projections/archive.py on bus/rx.py): a buffer of
+    two files' worth holds the flow-control reply (the server waits, nothing is lost); a
+    server restart loses the consumer and the follower resubscribes after the last message
+    written; every message ends up archived once, in order."""
+    from scf.projections.archive import ArchiveSettings, StreamFollower
+    from scf.projections.store import ArchiveStore
+    from tests.test_runner_batched import intent
+
+    server = ServerProcess(tmp_path / "nats", free_port()).start()
+    settings = Settings(home=str(tmp_path / "home"), nats_url=server.url, source="test")
+    bus = await Bus.connect(settings, "test")
+    store = ArchiveStore(tmp_path / "archive")
+    store.ensure()
+    stop = asyncio.Event()
+    try:
+        await ensure(bus.js)
+        await bus.publish_many([intent(f"a{k}") for k in range(3000)])
+        follower = StreamFollower(bus, store, "INTENTS", 1, ArchiveSettings(flush_rows=200, flush_seconds=0.2))
+        holds: list[int] = []
+        take = follower._take
+
+        def watched_take() -> None:  # how full the buffer got (the hold is what bounds it)
+            take()
+            holds.append(len(follower._buffer))
+
+        follower._take = watched_take  # type: ignore[method-assign]
+        task = asyncio.create_task(follower.run(stop))
+        await wait_for(lambda: store.position("INTENTS") == 3000, 60, "the first 3000 archived")
+        server.stop()
+        server.start()
+        await wait_for(lambda: bus.nc.is_connected, 30, "the reconnection")
+
+        async def jetstream_up() -> bool:
+            try:
+                return (await bus.js.stream_info("INTENTS")).state.messages == 3000
+            except Exception:  # noqa: BLE001 - JetStream still recovering
+                return False
+
+        await wait_for(jetstream_up, 30, "JetStream to be back")
+        await bus.publish_many([intent(f"b{k}") for k in range(500)])
+        await wait_for(lambda: store.position("INTENTS") == 3500, 60, "the 500 published after the restart archived")
+        stop.set()
+        stats = await task
+        assert stats.resubscribes >= 1
+        assert max(holds) < 2 * 200 + 3000  # bounded by the hold (and the server's flow-control window)
+        import pyarrow.parquet as pq
+
+        seqs = sorted(s for f in (tmp_path / "archive").rglob("*.parquet") for s in pq.read_table(f, columns=["seq"])["seq"].to_pylist())
+        assert seqs == list(range(1, 3501))
+    finally:
+        stop.set()
         await bus.close()
         server.stop()
