@@ -527,17 +527,13 @@ class Pull:
         """Bind to the durable (creating it when allowed); True once bound, False if stopped first."""
         delay = 0.1
         while not stop.is_set():
+            # awaited with the stop: its JetStream requests wait 5 s each for a server that is away
+            attempt = asyncio.ensure_future(self._bind_once())
+            await race(attempt, stop)
             try:
-                if self.create:
-                    await ensure_consumer(self.bus.js, self.spec)
-                else:
-                    await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
-                if rx_parser(self.bus.nc) is not None:  # our receive path (bus/rx.py)
-                    inbox = PullInbox(self.bus.nc, self.spec.stream, self.spec.durable, _api_prefix(self.bus.js))
-                    await inbox.open()
-                    self.psub = inbox
-                else:  # a connection not made by bus.client.connect: nats-py's pull subscription
-                    self.psub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+                if not attempt.done():
+                    return False  # stopped (race cancelled the attempt)
+                self.psub = attempt.result()
                 return True
             except NotFoundError as exc:
                 if self.create:
@@ -552,6 +548,18 @@ class Pull:
             await race(asyncio.sleep(delay), stop)
             delay = min(delay * 2, 10.0)
         return False
+
+    async def _bind_once(self) -> Any:
+        if self.create:
+            await ensure_consumer(self.bus.js, self.spec)
+        else:
+            await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
+        if rx_parser(self.bus.nc) is not None:  # our receive path (bus/rx.py)
+            inbox = PullInbox(self.bus.nc, self.spec.stream, self.spec.durable, _api_prefix(self.bus.js))
+            await inbox.open()
+            return inbox
+        # a connection not made by bus.client.connect: nats-py's pull subscription
+        return await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
 
     async def fetch(self, n: int, timeout: float, stop: asyncio.Event) -> list[Msg]:
         """Up to `n` messages: the first waits up to `timeout` (nats-py's fetch: its long
