@@ -318,3 +318,46 @@ async def test_the_archive_rides_out_a_server_restart_and_holds_back_the_server_
         stop.set()
         await bus.close()
         server.stop()
+
+
+async def test_the_parser_gives_the_same_messages_however_the_reads_cut_the_stream():
+    """The protocol bytes cut at every kind of boundary (inside a control line, a header
+    block, a payload, the CRLF after it; one byte at a time; one 200 KiB message gathered in
+    chunks): a sink gets every message whole, in order; +OK lines go to nats-py's parser."""
+    from nats.aio.client import Client
+
+    nc = Client()  # never connected: the parser alone, fed bytes
+    ps = natsfix.use_rx_parser(nc)
+    sink = Sink()
+    got: list = []
+
+    def take() -> None:
+        got.extend(sink.items)
+        sink.items = []
+
+    sink.on_flush = take
+    ps.sinks[7] = sink
+    big = os.urandom(200_000)
+    msgs = [
+        (b"a.b", b"", None, b"hello"),
+        (b"a.c", b"$JS.ACK.S.c.1.2.3.4.0", b"NATS/1.0\r\nNats-Msg-Id: x\r\n\r\n", b"body with\r\nCRLF inside"),
+        (b"a.d", b"", b"NATS/1.0\r\nK: v\r\n\r\n", b""),
+        (b"a.e", b"r", None, big),
+        (b"a.f", b"", None, b""),
+    ]
+    wire = b"+OK\r\n"
+    for subject, reply, hdr, body in msgs:
+        r = b" " + reply if reply else b""
+        if hdr is None:
+            wire += b"MSG %s 7%s %d\r\n%s\r\n" % (subject, r, len(body), body)
+        else:
+            wire += b"HMSG %s 7%s %d %d\r\n%s%s\r\n" % (subject, r, len(hdr), len(hdr) + len(body), hdr, body)
+        wire += b"+OK\r\n"
+    for cut in (len(wire), 1, 2, 3, 5, 7, 13, 4096, 32_768):
+        got.clear()
+        ps.reset()
+        for i in range(0, len(wire), cut):
+            await ps.parse(wire[i : i + cut])
+        assert got == msgs, cut
+        assert ps._rest == b"" and not ps._need and not ps.buf
+    assert nc.stats["in_msgs"] == 9 * len(msgs)
