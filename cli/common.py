@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import typer
 
 from scf.bus import settings as settings_mod
-from scf.bus.client import Bus
 from scf.bus.errors import SCFError
 from scf.bus.settings import Settings
-from scf.bus.signing import SigningKey
+
+if TYPE_CHECKING:  # imported where used: a command that stops before connecting skips nats-py and cryptography
+    from scf.bus.client import Bus
+    from scf.bus.signing import SigningKey
 
 T = TypeVar("T")
 
@@ -97,6 +99,8 @@ def signing_key(settings: Settings) -> SigningKey | None:
         return None
     from pathlib import Path
 
+    from scf.bus.signing import SigningKey
+
     path = Path(settings.key)
     if not path.suffix:
         path = settings.keys_dir / f"{settings.key}.key"
@@ -104,6 +108,8 @@ def signing_key(settings: Settings) -> SigningKey | None:
 
 
 async def open_bus(settings: Settings, name: str = "scf-cli", *, sign: bool = False) -> Bus:
+    from scf.bus.client import Bus
+
     return await Bus.connect(settings, name, key=signing_key(settings) if sign else None)
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from scf.cli.common import fail, load_settings, open_bus, run
 
@@ -140,6 +139,8 @@ def safety_context(
     delete: bool = typer.Option(False, "--delete", help="remove the fact"),
 ) -> None:
     """List the context facts, read one, set one (KEY VALUE) or remove one (--delete)."""
+    from nats.js.errors import KeyNotFoundError, NoKeysError
+
     from scf.consumers.safety import SafetySettings
 
     async def main() -> None:
