@@ -562,8 +562,10 @@ class Pull:
         return await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
 
     async def fetch(self, n: int, timeout: float, stop: asyncio.Event) -> list[Msg]:
-        """Up to `n` messages: the first waits up to `timeout` (nats-py's fetch: its long
-        poll and its error handling), the rest are what the server has for us now (`_more`)."""
+        """Up to `n` messages, what the server has now, or the first to come within `timeout`
+        and what else is there then: through SCF's receive path (`rx.PullInbox.fetch`: one
+        request per batch, one wake-up), or on a connection without it nats-py's fetch for the
+        first and `_more` for the rest."""
         if self.psub is None and not await self.bind(stop):
             return []
         try:
