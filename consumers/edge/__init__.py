@@ -6,6 +6,8 @@ check, and reports meter readings. numpy only: nothing here imports torch or `sc
 
     agent.py      EdgeAgent: the order handler of `edge-<node>` (deploy, rollback, the
                   node registry entry), `EdgeSettings` ([edge] in scf.toml)
+    kinds.py      the model kinds a node deploys (`[edge] runs`: optimiser where it
+                  controls a plant) and a file's kind from its header (docs/deploy.md)
     release.py    release checks: the signed promotion, the artifact fetch with its digest
     store.py      the version store: versions/, the atomic `current` link, state.json
     probe.py      the health probe run after every activation
