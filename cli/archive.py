@@ -10,9 +10,9 @@ import typer
 
 from scf.cli.common import errors_to_exit, fail, load_settings, open_bus, run
 
-archive_app = typer.Typer(help="The Parquet archive of the log (a projection of JetStream; see docs/archive.md).", no_args_is_help=True)
-dataset_app = typer.Typer(help="Datasets built from the archive.", no_args_is_help=True)
-report_app = typer.Typer(help="Reports built from the archive.", no_args_is_help=True)
+archive_app = typer.Typer(rich_markup_mode="markdown", help="The Parquet archive of the log (a projection of JetStream; see docs/archive.md).", no_args_is_help=True)
+dataset_app = typer.Typer(rich_markup_mode="markdown", help="Datasets built from the archive.", no_args_is_help=True)
+report_app = typer.Typer(rich_markup_mode="markdown", help="Reports built from the archive.", no_args_is_help=True)
 
 ARCHIVE_OPT = typer.Option(None, "--archive", help="archive directory (default: dir in the archive table of scf.toml, else $SCF_HOME/archive)")
 

@@ -9,7 +9,7 @@ import typer
 
 from scf.cli.common import fail, load_settings, open_bus, run
 
-capsule_app = typer.Typer(help="Capsules: a signed manifest.yaml and its artifacts, deployed through the planner and edge agents (docs/value-loop.md).", no_args_is_help=True)
+capsule_app = typer.Typer(rich_markup_mode="markdown", help="Capsules: a signed manifest.yaml and its artifacts, deployed through the planner and edge agents (docs/value-loop.md).", no_args_is_help=True)
 
 
 def register(app: typer.Typer, run_app: typer.Typer) -> None:

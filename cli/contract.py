@@ -37,7 +37,7 @@ async def terms_trust(bus, settings, unsigned: bool):
     return signed_terms(settings, await checked_trust(settings, bus))
 
 
-contract_app = typer.Typer(help="Client contracts: constraints, nodes and schedule, as facts on the log (docs/value-loop.md).", no_args_is_help=True)
+contract_app = typer.Typer(rich_markup_mode="markdown", help="Client contracts: constraints, nodes and schedule, as facts on the log (docs/value-loop.md).", no_args_is_help=True)
 
 
 def register(app: typer.Typer, run_app: typer.Typer) -> None:

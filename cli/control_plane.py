@@ -18,7 +18,7 @@ import typer
 
 from scf.cli.common import fail, load_settings, open_bus, run
 
-safety_app = typer.Typer(help="The safety gate: ethics limiter, contextual rules, context facts, held subjects.", no_args_is_help=True)
+safety_app = typer.Typer(rich_markup_mode="markdown", help="The safety gate: ethics limiter, contextual rules, context facts, held subjects.", no_args_is_help=True)
 
 
 # --------------------------------------------------------------------------- processes

@@ -13,12 +13,12 @@ import typer
 
 from scf.cli.common import errors_to_exit, fail, load_settings, open_bus, run
 
-server_app = typer.Typer(help="Run the embedded nats-server (JetStream, store in $SCF_HOME/nats).", no_args_is_help=True)
-streams_app = typer.Typer(help="Streams, KV buckets and the object store, as declared in bus/streams.py.", no_args_is_help=True)
-events_app = typer.Typer(help="Read and write events on the bus.", no_args_is_help=True)
-control_app = typer.Typer(help="Command the system: publishes JSON on control.* (signed when SCF_KEY is set).", no_args_is_help=True)
-keys_app = typer.Typer(help="Ed25519 signing keys and the trust list.", no_args_is_help=True)
-dlq_app = typer.Typer(help="Dead letters: messages that could not be handled.", no_args_is_help=True)
+server_app = typer.Typer(rich_markup_mode="markdown", help="Run the embedded nats-server (JetStream, store in $SCF_HOME/nats).", no_args_is_help=True)
+streams_app = typer.Typer(rich_markup_mode="markdown", help="Streams, KV buckets and the object store, as declared in bus/streams.py.", no_args_is_help=True)
+events_app = typer.Typer(rich_markup_mode="markdown", help="Read and write events on the bus.", no_args_is_help=True)
+control_app = typer.Typer(rich_markup_mode="markdown", help="Command the system: publishes JSON on control.* (signed when SCF_KEY is set).", no_args_is_help=True)
+keys_app = typer.Typer(rich_markup_mode="markdown", help="Ed25519 signing keys and the trust list.", no_args_is_help=True)
+dlq_app = typer.Typer(rich_markup_mode="markdown", help="Dead letters: messages that could not be handled.", no_args_is_help=True)
 
 
 # --------------------------------------------------------------------------- init
@@ -336,7 +336,7 @@ def _me() -> str:
 # The shared trust list (bus/trust.py): `trust` / `revoke` write root-signed entries on the
 # TRUST stream, which every running verifier follows live; `log` is its audit trail.
 # `--local` (or a host without a pinned root key) writes this host's keys/trusted.json.
-root_app = typer.Typer(help="Root keys: the operator keys every host pins (keys/roots.json) to accept trust entries.", no_args_is_help=True)
+root_app = typer.Typer(rich_markup_mode="markdown", help="Root keys: the operator keys every host pins (keys/roots.json) to accept trust entries.", no_args_is_help=True)
 keys_app.add_typer(root_app, name="root")
 
 

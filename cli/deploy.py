@@ -19,10 +19,10 @@ import typer
 
 from scf.cli.common import fail, load_settings, open_bus, run
 
-deploy_app = typer.Typer(help="Deployments of promoted checkpoints to edge nodes.", no_args_is_help=True)
-nodes_app = typer.Typer(help="The edge node registry (KV scf_nodes).", no_args_is_help=True)
-energy_app = typer.Typer(help="Energy measurements (energy.measured), signed with a node's key.", no_args_is_help=True)
-ledger_app = typer.Typer(help="The negentropy ledger: balances, history, verification.", no_args_is_help=True)
+deploy_app = typer.Typer(rich_markup_mode="markdown", help="Deployments of promoted checkpoints to edge nodes.", no_args_is_help=True)
+nodes_app = typer.Typer(rich_markup_mode="markdown", help="The edge node registry (KV scf_nodes).", no_args_is_help=True)
+energy_app = typer.Typer(rich_markup_mode="markdown", help="Energy measurements (energy.measured), signed with a node's key.", no_args_is_help=True)
+ledger_app = typer.Typer(rich_markup_mode="markdown", help="The negentropy ledger: balances, history, verification.", no_args_is_help=True)
 
 
 async def _trust(bus, settings):

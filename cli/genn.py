@@ -41,7 +41,7 @@ def _params(items: list[str] | None) -> dict:
     return out
 
 
-genn_app = typer.Typer(help="GenN, the code generator: generate, request, model, finetune, publish.", no_args_is_help=True)
+genn_app = typer.Typer(rich_markup_mode="markdown", help="GenN, the code generator: generate, request, model, finetune, publish.", no_args_is_help=True)
 
 
 def _settings(backend: Optional[str], **over):

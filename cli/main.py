@@ -17,13 +17,13 @@ from scf.bus.errors import ConfigError
 from scf.bus.settings import load
 from scf.cli import core
 
-app = typer.Typer(
+app = typer.Typer(rich_markup_mode="markdown",
     help="SCF, the Sovereign Code Foundry: an event-sourced control plane on NATS JetStream.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-run_app = typer.Typer(help="Run one SCF process in the foreground (SIGTERM / Ctrl-C drains and stops).", no_args_is_help=True)
+run_app = typer.Typer(rich_markup_mode="markdown", help="Run one SCF process in the foreground (SIGTERM / Ctrl-C drains and stops).", no_args_is_help=True)
 
 app.command("init")(core.init)
 app.command("status")(core.status)

@@ -9,7 +9,7 @@ import typer
 
 from scf.cli.common import fail
 
-nats_app = typer.Typer(help="NATS server configuration: users.conf with a login per edge box.", no_args_is_help=True)
+nats_app = typer.Typer(rich_markup_mode="markdown", help="NATS server configuration: users.conf with a login per edge box.", no_args_is_help=True)
 
 
 def register(app: typer.Typer, run_app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ import typer
 
 from scf.cli.common import fail, load_settings, run
 
-service_app = typer.Typer(help="Service files to run SCF processes permanently (systemd, launchd).", no_args_is_help=True)
+service_app = typer.Typer(rich_markup_mode="markdown", help="Service files to run SCF processes permanently (systemd, launchd).", no_args_is_help=True)
 
 
 def up(

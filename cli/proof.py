@@ -11,7 +11,7 @@ import typer
 
 from scf.cli.common import errors_to_exit, fail, load_settings, open_bus, run
 
-proof_app = typer.Typer(help="The transparency log: signed checkpoints, inclusion and consistency proofs (docs/proofs.md).", no_args_is_help=True)
+proof_app = typer.Typer(rich_markup_mode="markdown", help="The transparency log: signed checkpoints, inclusion and consistency proofs (docs/proofs.md).", no_args_is_help=True)
 
 ARCHIVE_OPT = typer.Option(None, "--archive", help="archive directory (default: $SCF_HOME/archive or [archive] dir)")
 KEY_OPT = typer.Option("tlog", "--key", help="the log's signing key in $SCF_HOME/keys (created on first use)")

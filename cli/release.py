@@ -11,7 +11,7 @@ import typer
 
 from scf.cli.common import errors_to_exit, fail, load_settings, open_bus, run
 
-release_app = typer.Typer(help="Signed weekly releases: in-toto / SLSA provenance in a DSSE envelope (docs/proofs.md).", no_args_is_help=True)
+release_app = typer.Typer(rich_markup_mode="markdown", help="Signed weekly releases: in-toto / SLSA provenance in a DSSE envelope (docs/proofs.md).", no_args_is_help=True)
 
 
 def register(app: typer.Typer, run_app: typer.Typer) -> None:

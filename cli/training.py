@@ -19,8 +19,8 @@ import typer
 
 from scf.cli.common import fail, load_settings, open_bus, run
 
-fossils_app = typer.Typer(help="Fossils: write synthetic shards, ingest shards onto the bus.", no_args_is_help=True)
-artifacts_app = typer.Typer(help="The artifact store (JetStream Object Store or a shared directory).", no_args_is_help=True)
+fossils_app = typer.Typer(rich_markup_mode="markdown", help="Fossils: write synthetic shards, ingest shards onto the bus.", no_args_is_help=True)
+artifacts_app = typer.Typer(rich_markup_mode="markdown", help="The artifact store (JetStream Object Store or a shared directory).", no_args_is_help=True)
 
 
 # --------------------------------------------------------------------------- fossils
