@@ -101,6 +101,8 @@ async def test_archive_equals_stream(bus, settings):
     assert warp == [{"type": "control.warp", "payload": '{"factor": 9}', "event_id": None}]
 
 
+# seven `scf run archive` processes, six of them SIGKILLed: 11-16 s of CPU each (issue 16's profile)
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", ["process", "thread"])
 async def test_archive_process_survives_sigkill_without_duplicates_or_gaps(writer, bus, settings, scf_env, tmp_path):
     """`scf run archive` (a real process) killed with SIGKILL at random points while events

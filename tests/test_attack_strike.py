@@ -55,6 +55,7 @@ async def test_hostile_constraints_files_are_one_line_each(bus, settings, scf_en
         assert "Traceback" not in r.stderr + r.stdout
 
 
+@pytest.mark.slow  # eleven `scf strike` processes one after another: 9 s of CPU
 async def test_hostile_contract_ids_and_node_lists_are_one_line_each(bus, settings, scf_env, tmp_path):
     Keys(settings).release.save(settings.keys_dir)
     for contract in (">", "contract.*", "é" * 5000, "../../etc/passwd", " "):

