@@ -514,16 +514,64 @@ def compare_optimiser(teacher, student, domain, heldout, limit: int = 256) -> di
     return out
 
 
+DECISION_RULES = ("no_worse", "within", "proven")
+
+
+def decision_reasons(p: dict, tolerance_pp: float, rule: str = "no_worse") -> list[str]:
+    """Why an EBDM student's PAIRED decisions (`paired_decisions`' result, judged at
+    `tolerance_pp`) refuse it, by `rule`, for the gap to the optimum and the savings
+    captured alike (each a 95 % interval of student - teacher over the paired contexts):
+
+    no_worse  refused when the interval shows it worse than its teacher by more than the
+              tolerance (gap higher, savings lower): the one-sided verdict `missed`
+    within    refused when the interval lies outside ±tolerance on either side (the issue's
+              "within 0.1 percentage point" read literally: a student deciding much
+              better is refused too): the two-sided verdict `missed`
+    proven    refused unless the interval shows it no worse by more than the tolerance
+              (the one-sided verdict `met`: an undecided interval is refused; the
+              intervals need thousands of contexts to be that narrow)
+
+    and whatever the rule, when fewer of its repaired decisions pass the domain's check
+    than its teacher's. Nothing when no context was paired (no exact optimum known)."""
+    if rule not in DECISION_RULES:
+        raise ConfigError(f"decision rule {rule!r} is not one of {list(DECISION_RULES)}")
+    n = int(p.get("paired_contexts", 0))
+    if n == 0:
+        return []
+    reasons = []
+    what = {"gap": ("gap to the optimum", "higher"), "savings": ("share of the achievable savings captured", "lower")}
+    for key, (name, worse) in what.items():
+        diff, low, high = p[f"{key}_diff_pp"], p[f"{key}_diff_low_pp"], p[f"{key}_diff_high_pp"]
+        one, two = p[f"{key}_no_worse"], p[f"{key}_verdict"]
+        said = f"its decisions' {name} is {diff:+.3f} pp [95 % CI {low:+.3f}, {high:+.3f}] from its teacher's on {n} paired held-out contexts"
+        if rule == "no_worse" and one == "missed":
+            reasons.append(f"{said}: {worse}, worse by more than the allowed {tolerance_pp:g} pp")
+        elif rule == "within" and two == "missed":
+            reasons.append(f"{said}: outside ±{tolerance_pp:g} pp")
+        elif rule == "proven" and one != "met":
+            why = "worse by more than" if one == "missed" else "not shown to be within"
+            reasons.append(f"{said}: {why} the allowed {tolerance_pp:g} pp on the worse side (more contexts narrow the interval)")
+    if p["decision_feasible"] < p["teacher_decision_feasible"]:
+        reasons.append(f"only {p['decision_feasible']:.1%} of its repaired decisions pass the domain's check (its teacher's: {p['teacher_decision_feasible']:.1%})")
+    return reasons
+
+
 def judge_student(student_path, teacher_path, x, c, cost, *, max_dsm_ratio: float = 1.02, min_rank_corr: float = 0.98,
-                  max_decision_pp: float = 0.1, decision_contexts: int = 256,
+                  max_decision_pp: float = 0.1, decision_contexts: int = 256, decision_rule: str = "no_worse",
                   seed: int = 0) -> tuple[dict[str, float], dict[str, float], list[str]]:  # fmt: skip
     """The verifier's check of a packed student against its teacher on the same held-out
     fossils: (student metrics, teacher metrics, reasons it fails). An EBDM student fails
     when its held-out DSM exceeds `max_dsm_ratio` × the teacher's or its energies rank the
-    held-out states with Spearman < `min_rank_corr` against the teacher's; an optimiser
-    student when its repaired decisions on the first `decision_contexts` held-out contexts
-    are off its teacher's by more than `max_decision_pp` percentage points (mean gap to
-    the exact optimum, savings captured) or any of them breaks a constraint."""
+    held-out states with Spearman < `min_rank_corr` against the teacher's, or when its
+    decisions on the first `decision_contexts` held-out contexts (0: not judged), sampled
+    PAIRED with its teacher's (`paired_decisions`: the same noise, repaired, against the
+    same exact optimum; status quo: the held-out states), fail `decision_rule` at
+    `max_decision_pp` percentage points (`decision_reasons`); an optimiser student when
+    its repaired decisions on those contexts are off its teacher's by more than
+    `max_decision_pp` (mean gap to the exact optimum, savings captured) or any of them
+    breaks a constraint."""
+    if decision_rule not in DECISION_RULES:
+        raise ConfigError(f"decision rule {decision_rule!r} is not one of {list(DECISION_RULES)}")
     student, meta = load_student(student_path)
     teacher, kind, _ = teacher_file(teacher_path)
     if kind != meta.get("model"):
@@ -551,6 +599,20 @@ def judge_student(student_path, teacher_path, x, c, cost, *, max_dsm_ratio: floa
         reasons.append(f"held-out DSM {m['heldout_dsm']:.6g} is {m['dsm_ratio']:.4f}x its teacher's {m['teacher_heldout_dsm']:.6g} (allowed {max_dsm_ratio:.4g}x)")
     if not m["energy_rank_corr"] >= min_rank_corr:
         reasons.append(f"its energies rank the held-out states with Spearman {m['energy_rank_corr']:.4f} against its teacher's (needs >= {min_rank_corr:.4g})")
+    if decision_contexts and teacher.config.domain:
+        from scf import domains
+
+        n = decision_contexts
+        p = paired_decisions(teacher, student, domains.get(teacher.config.domain), x[:n], c[:n], seed=seed, tolerance_pp=max_decision_pp)
+        for k, v in p.items():
+            if isinstance(v, str) or not math.isfinite(v):
+                continue
+            if k.startswith("teacher_"):
+                teacher_metrics[k.removeprefix("teacher_")] = v
+            else:  # the differences named as an optimiser student's are (`compare_optimiser`)
+                name = {"gap_diff_pp": "decision_gap_mean_diff_pp", "savings_diff_pp": "decision_savings_captured_diff_pp"}.get(k, k)
+                student_metrics[name if name.startswith("decision_") else f"decision_{name}"] = v
+        reasons += decision_reasons(p, max_decision_pp, decision_rule)
     return student_metrics, teacher_metrics, reasons
 
 
@@ -784,5 +846,5 @@ async def distill_on_bus(bus, settings, checkpoint_id: str, config: DistillConfi
 __all__ = [
     "DistillConfig", "DistillError", "DistillResult", "compare_ebdm", "compare_optimiser", "distill_ebdm", "distill_file",
     "distill_on_bus", "distill_optimiser", "export_student", "find_produced", "load_student", "make_student", "paired_decisions",
-    "no_worse", "rank_loss", "read_header", "student_keep", "teacher_file", "verdict",
+    "no_worse", "rank_loss", "decision_reasons", "DECISION_RULES", "read_header", "student_keep", "teacher_file", "verdict",
 ]

@@ -47,7 +47,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Literal
 
 import msgspec
 
@@ -73,6 +73,13 @@ class VerifySettings(msgspec.Struct, frozen=True, kw_only=True):
     student_alias: str = "edge"
     student_max_dsm_ratio: float = 1.02  # held-out DSM at most this × the teacher's, on the same fossils
     student_min_rank_corr: float = 0.98  # Spearman of the student's energies against the teacher's
+    # … and its decisions on this many held-out contexts, paired with the teacher's (an EBDM student: sampled with the
+    # same noise, ~0.2 s a context and model on a CPU at hidden 256; 0: an EBDM student's decisions are not judged)
+    student_decision_contexts: int = 256
+    student_max_decision_pp: float = 0.1  # percentage points of gap to the optimum and of savings captured (issue 14)
+    # EBDM students: refused when the paired 95 % interval shows them worse than the teacher by more than that
+    # ("no_worse"), outside ±that either side ("within"), or unless it shows them no worse ("proven": thousands of contexts)
+    student_decision_rule: Literal["no_worse", "within", "proven"] = "no_worse"
     decisions: bool = True  # judge on decision quality (decision_regret) where both sides carry it
     decision_contexts: int = 64  # held-out contexts decided, repaired and solved exactly per checkpoint
     ebdm_decisions: bool = False  # decide with EBDM checkpoints too (sampling: 30-700 ms a context on a CPU)
@@ -510,7 +517,10 @@ class CheckpointVerifier:
     async def _verify_student(self, event: ev.CheckpointProduced) -> Verification:
         """A ternary student: fetch it and the teacher its lineage names (digest from the
         teacher's own checkpoint.produced), judge both on the same held-out fossils
-        (`ml.distill.judge_student`); promoted to `student_alias`, never to production."""
+        (`ml.distill.judge_student`: held-out DSM and energy ranking for an EBDM student, and
+        for either kind its decisions against the teacher's on `student_decision_contexts`
+        held-out contexts, an EBDM's sampled paired); promoted to `student_alias`, never to
+        production."""
         import numpy as np
 
         from scf.ml.distill import find_produced, judge_student, read_header
@@ -542,8 +552,10 @@ class CheckpointVerifier:
         x, cc, e = (np.asarray([getattr(f, k) for f in fossils], dtype=float) for k in ("state", "context", "energy"))
         try:
             metrics, teacher_metrics, reasons = await asyncio.to_thread(
-                judge_student, path, tpath, x, cc, e, max_dsm_ratio=cfg.student_max_dsm_ratio, min_rank_corr=cfg.student_min_rank_corr
-            )
+                judge_student, path, tpath, x, cc, e, max_dsm_ratio=cfg.student_max_dsm_ratio, min_rank_corr=cfg.student_min_rank_corr,
+                max_decision_pp=cfg.student_max_decision_pp, decision_contexts=cfg.student_decision_contexts,
+                decision_rule=cfg.student_decision_rule,
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             return out([f"cannot load or judge the student without pickle: {type(exc).__name__}: {exc}"])
         return out(reasons, metrics, t.checkpoint_id, teacher_metrics)

@@ -120,7 +120,7 @@ async def test_distilled_on_the_bus_judged_against_the_teacher_and_promoted_to_e
     assert v.alias == "edge" and v.baseline_checkpoint_id == "ck-teacher"
     assert any(r.startswith("held-out DSM ") and "x its teacher's" in r and "(allowed 0.5x)" in r for r in v.reasons), v.reasons
 
-    loose = VerifySettings(min_heldout=4, student_max_dsm_ratio=10.0, student_min_rank_corr=-1.0, violation_tolerance=1.0)
+    loose = VerifySettings(min_heldout=4, student_max_dsm_ratio=10.0, student_min_rank_corr=-1.0, student_max_decision_pp=100.0, violation_tolerance=1.0)
     async with running_daemon(settings, DaemonSettings(verify_checkpoints="on", checkpoint=loose), verifier=CheckpointVerifier(bus, settings, loose)):
         promoted = await wait_events(bus, "CHECKPOINTS", "checkpoint.promoted.>", 2, timeout=120)
     by_alias = {p.data.alias: p.data for p in promoted}
