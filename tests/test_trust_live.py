@@ -37,6 +37,7 @@ from scf.bus.settings import load as load_settings
 from scf.bus.signing import SigningKey, TrustList, command_message
 from scf.bus.streams import ensure
 from scf.consumers.ledger import read_transfers
+from tests.conftest import cli as in_process
 from tests.conftest import scf, spawn, wait_for
 from tests.test_ledger import measurement, publish_signed, rejections
 
@@ -90,7 +91,10 @@ def test_only_root_signed_chained_entries_apply():
 
 
 async def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    r = await asyncio.to_thread(scf, *args, env=env, timeout=120)
+    """An operator's `scf` command, run in this process (typer's CliRunner, in a thread: the
+    command runs its own event loop) with exactly `env`: the processes under test are the
+    ledger and the daemon started with `spawn`; `scf keys trust --import` stays a real one."""
+    r = await asyncio.to_thread(in_process, *args, env=env)
     assert r.returncode == 0, f"scf {' '.join(args)}: {r.stdout}{r.stderr}"
     return r
 
