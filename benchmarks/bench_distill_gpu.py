@@ -107,19 +107,18 @@ def run_variant(job: dict) -> dict:
         x, c = np.concatenate([x, mx]), np.concatenate([c, mc])
     hx, hc, he = load_arrays(job["data"], domain=job["domain"], split="heldout", seed=0)
     hxt, hct = torch.as_tensor(hx[:512], dtype=torch.float32, device=dev), torch.as_tensor(hc[:512], dtype=torch.float32, device=dev)
+    xs = torch.as_tensor(x[:512], dtype=torch.float32, device=dev)  # training states: is a rank gap a generalisation gap?
+    cs = torch.as_tensor(c[:512], dtype=torch.float32, device=dev)
     teacher.to(dev)
     t_dsm = heldout_dsm(teacher, hxt, hct, seed=0)
     z, cz = teacher.normalise(hxt), teacher.normalise_context(hct)
     _, e_t = teacher.score(z, cz, teacher.config.sigma_min)
+    zs, czs = teacher.normalise(xs), teacher.normalise_context(cs)
+    _, e_t_train = teacher.score(zs, czs, teacher.config.sigma_min)
     teacher.cpu()
     cfg = dataclasses.replace(DistillConfig(steps=job["steps"], batch_size=job["batch"], device=job["device"], log_every=job["every"]),
                               **overrides)  # fmt: skip
     row = {"variant": job["name"], "config": dataclasses.asdict(cfg), "fossils": len(x), "curve": []}
-    xs = torch.as_tensor(x[:512], dtype=torch.float32, device=dev)  # training states: is a rank gap a generalisation gap?
-    zs, czs = teacher.normalise(xs), teacher.normalise_context(torch.as_tensor(c[:512], dtype=torch.float32, device=dev))
-    teacher.to(dev)
-    _, e_t_train = teacher.score(zs, czs, teacher.config.sigma_min)
-    teacher.cpu()
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # the optimiser's first use imports torch._dynamo: not in the clock
     clock = {"t": 0.0, "last": time.perf_counter(), "student": None}
 
@@ -215,7 +214,7 @@ def compare_recipes(args, row: dict, work: Path, save, elapsed, started_wall: fl
             try:
                 results[name] = fut.result()
             except Exception as exc:  # noqa: BLE001 - one broken variant does not lose the others
-                results[name] = {"variant": name, "error": f"{type(exc).__name__}: {exc}"}
+                results[name] = {"variant": name, "error": f"{type(exc).__name__}: {exc}", "traceback": str(exc.__cause__ or "")[-3000:]}
             r = results[name]
             row[f"{prefix}_{name}"] = r
             if "error" in r:
