@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -67,6 +68,33 @@ def test_a_few_distillation_steps_keep_the_recipe():
     m = compare_ebdm(teacher, student, x[:64], c[:64], cost[:64])
     assert m["records"] == 64 and math.isfinite(m["dsm_ratio"]) and -1 <= m["energy_rank_corr"] <= 1
     assert 0.5 < m["ternary_share"] < 1
+
+
+def test_the_ranking_loss_the_latent_average_and_mixed_fossils():
+    from scf.bus.errors import ConfigError
+    from scf.ml.distill import rank_loss
+
+    e_t = torch.linspace(-3, 3, 64)
+    assert float(rank_loss(e_t, e_t)) < 1e-6  # the teacher's own order: the KL is 0
+    assert float(rank_loss(e_t.flip(0), e_t)) > 1.0 > float(rank_loss(e_t + 0.3 * torch.sin(7 * e_t), e_t)) > 1e-4  # reversed >> perturbed > 0
+    assert float(rank_loss(e_t + 100.0, e_t)) < 1e-6  # an offset does not change an order
+    teacher = tiny_teacher()
+    _, x, c, _ = case9(160, seed=1)
+    lines = []
+    plain, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=8))
+    ranked, stats = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=8, rank_weight=1.0, mix=0.5, log_every=4), log=lines.append)
+    assert " rank " in lines[0] and math.isfinite(stats["rank"]) and stats["rank"] > 0
+    assert not torch.equal(plain.blocks[0].fc1.weight, ranked.blocks[0].fc1.weight)
+    seen = []
+    averaged, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=8, ema=0.9, log_every=4), monitor=lambda step, m: seen.append(m))
+    assert seen[-1] is averaged  # the average is what the monitor saw and what was frozen
+    for layer in bit_layers(averaged).values():
+        assert set(torch.unique(layer.weight.detach() / layer.wscale).tolist()) <= {-1.0, 0.0, 1.0}
+    assert not torch.equal(plain.blocks[0].fc1.weight, averaged.blocks[0].fc1.weight)
+    for bad, said in (({"ema": 1.0}, "distil ema must be in [0, 1)"), ({"mix": 1.0}, "distil mix must be in [0, 1)"),
+                      ({"rank_temperature": 0.0}, "distil rank_temperature must be > 0")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            dataclasses.replace(FEW, **bad).check()
 
 
 def test_scf_distill_on_a_local_file(tmp_path):
