@@ -199,6 +199,9 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--rejected", action=argparse.BooleanOptionalAction, default=True, help="the dataset's rejected rows as KL-only examples")
     ap.add_argument("--teacher-failed", action=argparse.BooleanOptionalAction, default=True,
                     help="the teacher's failed answers as KL-only examples (run 1's degeneration suspect)")
+    ap.add_argument("--fresh-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                    help="special and unused tokens' embedding rows random, not the teacher's (run 3's student never stopped: "
+                         "SmolLM2's <|im_end|> row is a near-copy of 35 never-trained tokens')")
     ap.add_argument("--eval-prompts", type=int, default=8, help="held-out contracts: the first of the dataset's validation prompts (0: all)")
     ap.add_argument("--eval-domains", default="grid:case9", help="only when the validation split has no prompts: one served prompt a domain")
     ap.add_argument("--eval-samples", type=int, default=8, help="answers per held-out prompt")
@@ -278,6 +281,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
 
     t = time.perf_counter()
     teacher_nll = cs.completion_nll(teacher, tok, val_rows, device=device, max_length=args.max_length)
+    teacher_stop = cs.stop_probability(teacher, tok, val_rows, device=device, max_length=args.max_length)
     lap("teacher_nll_s", t)
     gen_t = mg.LocalGenerator.from_model(teacher, tok, temperature=args.eval_temperature, top_p=0.95, max_new_tokens=args.tokens, device=device)
     t = time.perf_counter()
@@ -337,9 +341,10 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         return extra
     cfg = student_config(args)
     student = cs.build_student(cfg, tok, seed=args.seed).to(device)
-    kept = cs.init_embeddings_from(student, teacher)
+    fresh = cs.fresh_rows(tok, examples) if args.fresh_embeddings else None
+    kept = cs.init_embeddings_from(student, teacher, fresh=fresh, seed=args.seed)
     sizes = cs.linear_counts(student)
-    record("student", {"config": cfg.__dict__, "counts": sizes, "embedding_variance_kept": kept})
+    record("student", {"config": cfg.__dict__, "counts": sizes, "embedding_variance_kept": kept, "fresh_embedding_rows": len(fresh or [])})
     print(f"student {cfg}: {sizes} (embedding from the teacher's, {kept:.1%} of its variance); examples {counts}")
 
     train_budget = args.budget_s - (time.perf_counter() - t_start) - args.reserve_s
@@ -382,6 +387,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     record("student_file", info)
     t = time.perf_counter()
     student_nll = cs.completion_nll(student, tok, val_rows, device=device, max_length=args.max_length)
+    student_stop = cs.stop_probability(student, tok, val_rows, device=device, max_length=args.max_length)
     student_answers_nll = cs.completion_nll(student, tok, answer_rows, device=device, max_length=args.max_length) if answer_rows else None
     gen_s = mg.LocalGenerator.from_model(student, tok, temperature=args.eval_temperature, top_p=0.95, max_new_tokens=args.tokens, device=device)
     student_j = cs.judge_answers(gen_s, heldout, args.eval_samples, seed=args.seed, workers=args.workers, hours=6.0)
@@ -397,8 +403,8 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None
 
-    cmp = {"teacher": {"nll": teacher_nll, "nll_teacher_answers": teacher_answers_nll, **teacher_j},
-           "student": {"nll": student_nll, "nll_teacher_answers": student_answers_nll, **student_j},
+    cmp = {"teacher": {"nll": teacher_nll, "nll_teacher_answers": teacher_answers_nll, "stop": teacher_stop, **teacher_j},
+           "student": {"nll": student_nll, "nll_teacher_answers": student_answers_nll, "stop": student_stop, **student_j},
            "code_ratio": ratio(student_j["code_rate"], teacher_j["code_rate"]),
            "gate_pass_ratio": ratio(student_j["gate_pass_rate"], teacher_j["gate_pass_rate"]),
            "sandbox_pass_ratio": ratio(student_j["sandbox_pass_rate"], teacher_j["sandbox_pass_rate"]),
@@ -422,6 +428,8 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     if teacher_answers_nll is not None:
         print(f"| NLL of the teacher's held-out answers, per token | {teacher_answers_nll:.4f} | {student_answers_nll:.4f} | "
               f"{student_answers_nll / teacher_answers_nll:.3f} | |")
+    print(f"| end of turn where the held-out code ends: mean p / share where it is the top token | {teacher_stop['mean_p_eos']:.3f} / "
+          f"{teacher_stop['eos_is_top']:.2f} | {student_stop['mean_p_eos']:.3f} / {student_stop['eos_is_top']:.2f} | | |")
     print(f"| bits per linear weight ({info['packing']}, scales counted) | 32 (float32) | {info['bits_per_linear_weight']:.4f} | | ≤ 2.07 |")
     print(f"| student file | | {info['bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:16]} | | |")
     print(f"| training: throughput, time to NLL target | | {rep['tokens_per_s']:.0f} tokens/s, "

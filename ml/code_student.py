@@ -107,10 +107,14 @@ def _ternary_llama(lcfg, seed: int = 0):
     return model
 
 
-def init_embeddings_from(student, teacher) -> float:
+def init_embeddings_from(student, teacher, *, fresh: list[int] | None = None, seed: int = 0) -> float:
     """The student's (tied) embedding from the teacher's: its top principal directions
-    (the teacher's width → the student's), scaled to the teacher's RMS. Returns the share of
-    the teacher embedding's variance kept."""
+    (the teacher's width → the student's), scaled to the teacher's RMS. The rows of `fresh`
+    (token ids) start instead as independent random vectors of the same RMS: SmolLM2's
+    `<|im_end|>` lies at cosine 0.99 of 35 never-trained tokens (`<file_sep>`, `<jupyter_code>`,
+    ...; most decode to nothing), so a student whose tied head starts from those rows cannot
+    tell stopping from them (run 3: no answer ended). Returns the share of the teacher
+    embedding's variance kept."""
     src = teacher.get_input_embeddings().weight.detach().float()
     dst = student.get_input_embeddings().weight
     if src.shape[0] != dst.shape[0]:
@@ -124,7 +128,47 @@ def init_embeddings_from(student, teacher) -> float:
     with torch.no_grad():
         dst.zero_()
         dst[:, :k] = proj.to(dst.device, dst.dtype)
+        if fresh:
+            rows = torch.tensor(sorted(set(fresh)), dtype=torch.long)
+            g = torch.Generator().manual_seed(seed)
+            rms = float(proj.pow(2).mean().sqrt())
+            dst[rows.to(dst.device)] = (torch.randn(len(rows), dst.shape[1], generator=g) * rms).to(dst.device, dst.dtype)
     return float(evals[-k:].sum() / evals.sum().clamp(min=1e-12))
+
+
+def fresh_rows(tok, examples: list[Example]) -> list[int]:
+    """Token ids whose embedding rows should not come from the teacher's (`init_embeddings_from`):
+    the special tokens (their pretrained rows are near-copies of never-trained ones) and every
+    token no training example holds (nothing will pull those rows apart)."""
+    used = {i for e in examples for i in e.ids}
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if getattr(t, "special", False)}
+    return sorted(special | (set(range(len(tok))) - used))
+
+
+@torch.no_grad()
+def stop_probability(model, tok, rows: list[dict[str, Any]], *, device: str, max_length: int = 1536, batch_size: int = 16) -> dict[str, float]:
+    """Teacher-forced at the end of each completion: the mean probability of the end-of-turn token
+    (`tok.eos_token_id`, `<|im_end|>`) where the completion ends, and the share of rows where it is
+    the most probable token — a model that cannot stop writes on past its program."""
+    ex = encode_rows(tok, rows, ce=True, source="stop", max_length=max_length)
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    was = model.training
+    model.eval()
+    probs, top = [], 0
+    for i in range(0, len(ex), batch_size):
+        chunk = ex[i: i + batch_size]
+        ids, mask, labels, _ = _batch(chunk, pad, device)
+        h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for j, e in enumerate(chunk):
+            where = [t for t in range(1, len(e.ids)) if e.labels[t] == eos]
+            if not where:
+                continue
+            logits = model.lm_head(h[j, where[-1] - 1]).float()
+            probs.append(float(logits.softmax(-1)[eos]))
+            top += int(logits.argmax()) == eos
+    model.train(was)
+    return {"rows": len(probs), "mean_p_eos": sum(probs) / max(len(probs), 1), "eos_is_top": top / max(len(probs), 1)}
 
 
 def linear_counts(model) -> dict[str, int]:
@@ -599,5 +643,5 @@ def load_student(path: Path, *, device: str = "cpu"):
 
 
 __all__ = ["FORMAT", "DistillSettings", "Example", "StudentConfig", "StudentError", "build_student", "completion_nll", "decode_speed",
-           "distill", "encode_rows", "init_embeddings_from", "judge_answers", "linear_bits", "linear_counts", "load_student",
-           "contract_of", "judge_samples", "judge_texts", "read_header", "save_student", "teacher_samples", "wilson"]
+           "distill", "encode_rows", "fresh_rows", "init_embeddings_from", "judge_answers", "linear_bits", "linear_counts", "load_student",
+           "contract_of", "judge_samples", "judge_texts", "read_header", "save_student", "stop_probability", "teacher_samples", "wilson"]

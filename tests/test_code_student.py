@@ -5,6 +5,7 @@ exactly and loads without pickle."""
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 
@@ -225,3 +226,30 @@ def test_wilson_intervals_and_judged_counts_by_domain():
     assert d["samples"] == 2 and d["counts"]["code"] == 1 and d["counts"]["gate"] == d["counts"]["sandbox"] == 1
     assert d["sandbox_95"] == cs.wilson(1, 2) and j["answers"] == [[good, "no code here"]]
     assert dict(d["reasons"])["passed"] == 1 and sum(n for _, n in d["reasons"]) == 2
+
+
+def test_fresh_rows_break_the_teachers_near_copies_and_the_stop_is_measured(teacher):
+    t_model, tok = teacher
+    rows = _rows(1)
+    ex = cs.encode_rows(tok, rows, ce=True, source="approved", max_length=520)
+    fresh = cs.fresh_rows(tok, ex)
+    used = set(ex[0].ids)
+    assert tok.eos_token_id in fresh and tok.bos_token_id in fresh  # special: their pretrained rows are not kept
+    assert not (used - set(tok.all_special_ids)) & set(fresh) and len(fresh) > len(tok) - len(used) - 1
+    t_model = copy.deepcopy(t_model)  # the module's teacher stays as it is
+    with torch.no_grad():  # the teacher's <|im_end|> row and two never-used rows made near-copies, as in SmolLM2
+        w = t_model.get_input_embeddings().weight
+        free = [i for i in fresh if i not in tok.all_special_ids][:2]
+        w[free] = w[tok.eos_token_id] * (1 + 1e-2 * torch.randn(2, w.shape[1]))
+    cos = torch.nn.functional.cosine_similarity
+    copied = cs.build_student(TINY, tok, seed=3)
+    cs.init_embeddings_from(copied, t_model)
+    e = copied.get_input_embeddings().weight.detach()
+    assert float(cos(e[free], e[tok.eos_token_id][None], dim=-1).min()) > 0.99
+    student = cs.build_student(TINY, tok, seed=3)
+    cs.init_embeddings_from(student, t_model, fresh=fresh)
+    e = student.get_input_embeddings().weight.detach()
+    assert float(cos(e[free], e[tok.eos_token_id][None], dim=-1).abs().max()) < 0.9
+    assert torch.equal(e[sorted(used - set(fresh))], copied.get_input_embeddings().weight[sorted(used - set(fresh))])
+    stop = cs.stop_probability(student, tok, rows, device="cpu", max_length=1536)
+    assert stop["rows"] == 1 and 0.0 < stop["mean_p_eos"] < 1.0 and stop["eos_is_top"] in (0.0, 1.0)
