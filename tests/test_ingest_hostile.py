@@ -5,6 +5,7 @@ per field name, or refused with --strict."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import msgspec
@@ -17,7 +18,7 @@ from scf import domains
 from scf.bus import events as ev
 from scf.domains.fossils import FossilInvalid, check_line, synth_shards, validate_line
 from scf.producers.ingest import LongLine, ingest, iter_batches
-from tests.conftest import scf, stream_count
+from tests.conftest import cli, stream_count
 
 pytestmark = pytest.mark.anyio
 
@@ -29,6 +30,12 @@ def good(tmp_path_factory) -> list[bytes]:
     out = tmp_path_factory.mktemp("shards")
     synth_shards(DOMAIN, 20, out, shard_size=20, seed=3)
     return (out / "fossils-00000.ndjson").read_bytes().splitlines()
+
+
+async def in_process(*args: str, env: dict[str, str]):
+    """`scf ARGS` in this process (conftest.cli, in a thread: the command runs its own event
+    loop); the one test that needs a real process (a file-size limit on it) starts its own."""
+    return await asyncio.to_thread(cli, *args, env=env)
 
 
 def with_id(fossil: dict) -> bytes:
@@ -152,23 +159,23 @@ async def test_energy_bounds_are_configurable_in_scf_toml(bus, settings, scf_env
     f = json.loads(good[0])
     high = with_id(dict(f, energy=50_000.0))  # above grid:case14's default plausible range (about 34 543 $/h)
     path = write(tmp_path / "in" / "energy-00000.ndjson", [good[1], high, with_id(dict(f, energy=-1e308))])
-    r = scf("fossils", "ingest", str(path), "--json", "-q", env=scf_env)
+    r = await in_process("fossils", "ingest", str(path), "--json", "-q", env=scf_env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert (out["recorded"], out["rejected"], out["reasons"]) == (1, 2, {"out_of_bounds": 2})
 
     (settings.home_path / "scf.toml").write_text('[ingest]\nenergy_bounds = { "grid:case14" = [0.0, 100000.0] }\n')
-    r = scf("fossils", "ingest", str(path), "--json", "-q", "--force", env=scf_env)
+    r = await in_process("fossils", "ingest", str(path), "--json", "-q", "--force", env=scf_env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert (out["recorded"], out["duplicate"], out["rejected"]) == (1, 1, 1)  # 50 000 now passes; -1e308 still not
 
     (settings.home_path / "scf.toml").write_text('[ingest]\nenergy_bounds = { "grid:case99" = [0.0, 1.0] }\n')
-    r = scf("fossils", "ingest", str(path), "-q", "--force", env=scf_env)
+    r = await in_process("fossils", "ingest", str(path), "-q", "--force", env=scf_env)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("Error: [ingest] energy_bounds names an unknown domain 'grid:case99': use one of")
     (settings.home_path / "scf.toml").write_text('[ingest]\nenergy_bounds = { "grid:case14" = [5.0, 1.0] }\n')
-    r = scf("fossils", "ingest", str(path), "-q", "--force", env=scf_env)
+    r = await in_process("fossils", "ingest", str(path), "-q", "--force", env=scf_env)
     assert r.returncode == 1 and "give a finite [LOW, HIGH] with LOW < HIGH" in r.stderr
 
 
@@ -190,14 +197,14 @@ async def test_unknown_fields_counted_or_refused_with_strict(bus, settings, scf_
         good[2],
     ]
     path = write(tmp_path / "in" / "extra-00000.ndjson", lines)
-    r = scf("fossils", "ingest", str(path), "-q", env=scf_env)
+    r = await in_process("fossils", "ingest", str(path), "-q", env=scf_env)
     assert r.returncode == 0, r.stderr
     assert "3 recorded, 0 duplicate, 0 rejected" in r.stdout
     assert "       2  line(s) with unknown field 'colour' (dropped; --strict refuses them)" in r.stdout
     assert "       1  line(s) with unknown field 'provenance.operator' (dropped; --strict refuses them)" in r.stdout
 
     # The same shard again with --strict (--force: a finished shard is otherwise skipped).
-    r = scf("fossils", "ingest", str(path), "--strict", "--force", "--json", "-q", env=scf_env)
+    r = await in_process("fossils", "ingest", str(path), "--strict", "--force", "--json", "-q", env=scf_env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert (out["recorded"], out["duplicate"], out["rejected"], out["reasons"]) == (0, 1, 2, {"unknown_field": 2})
@@ -234,7 +241,7 @@ async def test_ingest_that_cannot_write_stops_in_one_line_and_resumes(bus, setti
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Error: ingest of {path} stopped: File too large") and "run ingest again" in last, last
 
-    r = scf("fossils", "ingest", str(path), "--json", "-q", env=scf_env)
+    r = await in_process("fossils", "ingest", str(path), "--json", "-q", env=scf_env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["lines"] == 9 and out["rejected"] == 1 and out["recorded"] + out["duplicate"] == 8
