@@ -25,6 +25,16 @@ A produced checkpoint is promoted to an alias (default `production`) when
 
 Otherwise it is rejected with every reason.
 
+A ternary student (`scf distill`: job `distill-<teacher id>`) is judged against the teacher
+its lineage names, on the same held-out fossils (`ml.distill.judge_student`), and promoted
+to `student_alias` (default `edge`), never to production: an EBDM student on its held-out
+DSM (at most `student_max_dsm_ratio` × the teacher's), its energy ranking (Spearman at
+least `student_min_rank_corr`) and its decisions on `student_decision_contexts` held-out
+contexts, sampled PAIRED with the teacher's (the same noise, repaired, against the same
+exact optimum: refused when the 95 % interval of the difference shows it worse than the
+teacher by more than `student_max_decision_pp` percentage points of gap or of savings
+captured, by `student_decision_rule`); an optimiser student on its repaired decisions.
+
 An alias has one head per (domain, model kind): `ebdm`, `optimiser` (format `scf-opt/1`)
 and `code` (domain `genn`) — a candidate is judged against, and replaces, the head of its
 own kind only, so promoting a learned optimiser leaves the EBDM in production and vice
