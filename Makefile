@@ -30,7 +30,8 @@ PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: $(VENV)/.installed
 	$(PYTEST) -m "not long"
 
-# Without the tests over a minute (the demo, fault injection loops, training to quality).
+# Without the `slow` tests (about 10 s or more each on a quiet 2-core machine: the demo, fault
+# injection loops, training, long runs of `scf` processes): the ones `make test` adds.
 test-fast: $(VENV)/.installed
 	$(PYTEST) -m "not slow and not long"
 
