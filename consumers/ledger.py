@@ -42,6 +42,7 @@ import functools
 import hashlib
 import logging
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -193,7 +194,15 @@ def saved_kwh(m: ev.Measurement) -> float:
 
 def micro_credits(kwh: float, rate: float) -> int:
     """kWh × rate in millionths of a credit, rounded half-even: integers keep the books exact."""
-    return int((dec(kwh) * dec(rate) * MICRO).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+    return _micro(kwh, dec(rate))
+
+
+_ONE = Decimal(1)
+
+
+def _micro(kwh: float, rate: Decimal) -> int:
+    """`micro_credits` with the rate as `dec(rate)` already."""
+    return int((dec(kwh) * rate * MICRO).quantize(_ONE, rounding=ROUND_HALF_EVEN))
 
 
 # sha256 over the *normalised* content (consumers/energy.py): `10:00Z` and `11:00+01:00`,
@@ -215,6 +224,9 @@ def account_problem(node: str, account: str, settings: LedgerSettings) -> str | 
         return None
     return (f"node {node}'s registry label {settings.account_label}={account!r} names no client account: "
             f"credits go to client:<name> (label {settings.account_label}=<name>) or node:{node}")
+
+
+_MAIN_ONLY = frozenset({DEFAULT_METER})
 
 
 def allowed_meters(labels: dict[str, str]) -> set[str]:
@@ -251,26 +263,37 @@ def _meter_units(items: tuple[tuple[str, str], ...]) -> dict[str, str]:
 def check(m: ev.Measurement, settings: LedgerSettings, cause: Cause | None = None) -> str | None:
     """Why a measurement may not be minted, or None. `cause`: `normalise(m)`, when the
     caller has it already."""
+    return priced_check(m, settings, cause)[0]
+
+
+def priced_check(
+    m: ev.Measurement, settings: LedgerSettings, cause: Cause | None = None, rate: Decimal | None = None,
+) -> tuple[str | None, float, int]:
+    """(`check`'s answer, the saving in kWh, its micro-credits): the amount computed once for
+    the rules and the transfer. `rate`: `dec(settings.rate)`, when the caller has it already.
+    The kWh and micro-credits are 0 when the rules stop before pricing."""
     for name, value in (("baseline_kwh", m.baseline_kwh), ("actual_kwh", m.actual_kwh)):
         if not math.isfinite(value):
-            return f"{name} is {value}: not a number"
+            return f"{name} is {value}: not a number", 0.0, 0
         if value < 0:
-            return f"{name} is negative ({value})"
+            return f"{name} is negative ({value})", 0.0, 0
         if value > MAX_KWH:
-            return f"{name} is {value:g} kWh: absurd for one reading (above {MAX_KWH:g})"
+            return f"{name} is {value:g} kWh: absurd for one reading (above {MAX_KWH:g})", 0.0, 0
     c = cause or normalise(m)  # compared as UTC microseconds: a naive and an aware time compare too
     if c.end_us <= c.start_us:
-        return f"period ends ({m.period_end.isoformat()}) before it starts ({m.period_start.isoformat()})"
+        return f"period ends ({m.period_end.isoformat()}) before it starts ({m.period_start.isoformat()})", 0.0, 0
     kwh = saved_kwh(m)
     if kwh < 0:
-        return f"negative saving: actual {m.actual_kwh} kWh exceeds baseline {m.baseline_kwh} kWh"
+        return f"negative saving: actual {m.actual_kwh} kWh exceeds baseline {m.baseline_kwh} kWh", kwh, 0
     if kwh == 0:
-        return "no saving: actual equals baseline"
+        return "no saving: actual equals baseline", kwh, 0
     if kwh > settings.max_saved_kwh:
-        return f"implausible saving: {kwh} kWh in one measurement, above [ledger] max_saved_kwh = {settings.max_saved_kwh}"
-    if micro_credits(kwh, settings.rate) <= 0:
-        return f"saving of {kwh} kWh is worth less than one micro-credit at rate {settings.rate}"
-    return mv_problem(m, kwh, settings)
+        return (f"implausible saving: {kwh} kWh in one measurement, above [ledger] max_saved_kwh = {settings.max_saved_kwh}",
+                kwh, 0)
+    micro = _micro(kwh, dec(settings.rate) if rate is None else rate)
+    if micro <= 0:
+        return f"saving of {kwh} kWh is worth less than one micro-credit at rate {settings.rate}", kwh, micro
+    return mv_problem(m, kwh, settings), kwh, micro
 
 
 def mv_problem(m: ev.Measurement, kwh: float, settings: LedgerSettings) -> str | None:
@@ -292,12 +315,14 @@ def mv_problem(m: ev.Measurement, kwh: float, settings: LedgerSettings) -> str |
 def transfer_for(
     measured: ev.EnergyMeasured, account: str, settings: LedgerSettings, source: str, *,
     cause: Cause | None = None, cause_id: str | None = None, unit: str | None = None,
+    priced: tuple[float, int] | None = None,
 ) -> LedgerTransfer:
     """The transfer for a checked measurement. Its cause is derived here from the
     normalised content; the node's `measurement_id` is never trusted. `cause` and
     `cause_id`: `normalise(m)` and its id, when the caller has them already (the hot path
     derives each once). `unit`: `unit_of(m, …)` (resolved here when not given; a measurement
-    of no known unit must have been rejected before)."""
+    of no known unit must have been rejected before). `priced`: (kWh, micro-credits) as
+    `priced_check` computed them."""
     m = measured.data
     c = cause or normalise(m)
     if unit is None:
@@ -305,13 +330,18 @@ def transfer_for(
         if problem is not None:
             raise LedgerError(problem)
     cid = cause_id or c.id
-    kwh = saved_kwh(m)
+    if priced is None:
+        kwh = saved_kwh(m)
+        micro = micro_credits(kwh, settings.rate)
+    else:
+        kwh, micro = priced
+    tid = transfer_id_for(cid)
     t = Transfer(
-        transfer_id=transfer_id_for(cid),
+        transfer_id=tid,
         cause_id=cid,
         debit_account=settings.issuer,
         credit_account=account,
-        micro_credits=micro_credits(kwh, settings.rate),
+        micro_credits=micro,
         kwh=kwh,
         rate=float(settings.rate),
         cause_digest=cause_digest(m, c),
@@ -321,7 +351,20 @@ def transfer_for(
         period_end_us=c.end_us,
         unit=unit,
     )
-    return LedgerTransfer.new(t, source=source, cause=measured)
+    # `LedgerTransfer.new(t, source=source, cause=measured)`, its id derived as `Event.new`
+    # derives it (the cause's id, the type, "transfer_id=<id>": `_payload_key`), built here
+    # without looking the payload's key up field by field.
+    return LedgerTransfer(
+        id=derived_id(measured.id, _TRANSFER_TYPE, "transfer_id=" + tid),
+        at=ev.utcnow(),
+        source=source,
+        correlation_id=measured.correlation_id or measured.id,
+        causation_id=measured.id,
+        data=t,
+    )
+
+
+_TRANSFER_TYPE = LedgerTransfer.type_name()
 
 
 def rejection(cause_id: str, reason: str, source: str, cause: ev.Event | None, key: str) -> ev.LedgerRejected:
@@ -358,6 +401,7 @@ class Periods:
 
     def __init__(self) -> None:
         self._claims: dict[tuple[str, str], list[Claim]] = defaultdict(list)
+        self._starts: dict[tuple[str, str], list[int]] = defaultdict(list)  # the claims' starts, for bisecting
         self._causes: set[str] = set()
         self.minted: dict[str, int] = {}  # transfer id (its subject) → LEDGER seq, for every transfer
         self._accounts: dict[str, tuple[int, str]] = {}  # node → (seq, account) of its latest transfer
@@ -370,7 +414,7 @@ class Periods:
         claims = self._claims.get(key)
         if not claims:
             return None
-        i = bisect.bisect_left(claims, end_us, key=lambda c: c.start_us)  # claims[:i] start before `end`
+        i = bisect.bisect_left(self._starts[key], end_us)  # claims[:i] start before `end`
         for c in reversed(claims[max(0, i - 4) : i]):  # sorted, disjoint: only the last few can reach `start`
             if c.end_us > start_us and c.cause_id != cause:
                 return c
@@ -380,7 +424,10 @@ class Periods:
         if claim.cause_id in self._causes:  # a cause is one (node, meter, period): never twice
             return
         self._causes.add(claim.cause_id)
-        bisect.insort(self._claims[key], claim, key=lambda c: c.start_us)
+        starts = self._starts[key]
+        i = bisect.bisect_right(starts, claim.start_us)  # where `bisect.insort(…, key=start_us)` puts it
+        starts.insert(i, claim.start_us)
+        self._claims[key].insert(i, claim)
 
     def add_transfer(self, t: Transfer, seq: int) -> None:
         self.minted.setdefault(t.transfer_id, seq)
@@ -472,6 +519,11 @@ class Ledger:
     """
 
     def __init__(self, bus: Bus, trust: TrustList, settings: LedgerSettings = LedgerSettings()) -> None:
+        # What `check` needs (Guideline 14's criteria, consumers/energy.calibration_problem), imported
+        # with the process instead of by its first decision: numpy comes with it (≈ 0.1 s of CPU,
+        # 0.3 s on a loaded host), a cost of the process's start, not of its first measurement.
+        import scf.domains.mv  # noqa: F401
+
         self.bus, self.trust, self.settings = bus, trust, settings
         self.plain = Codec([ev.EnergyMeasured])
         self.verified = Codec([ev.EnergyMeasured], trust=trust, require_signature=True, role="node")
@@ -482,6 +534,12 @@ class Ledger:
         self.periods = Periods()
         self._loaded = False
         self._load_lock = asyncio.Lock()
+        # settings read once, not per measurement
+        self._units = _meter_units(tuple(settings.meter_units.items()))
+        self._rate = dec(settings.rate)
+        # node → (the labels object it was derived from, allowed meters, account, account problem):
+        # recomputed whenever `labels` gives another object (refetched)
+        self._views: dict[str, tuple[dict[str, str], set[str], str, str | None]] = {}
         self.last_seq = 0  # the LEDGER sequence the index covers: the fencing token of every mint
         self._write_lock = asyncio.Lock()  # one mint at a time in this process
 
@@ -521,8 +579,6 @@ class Ledger:
         node's own trusted key (an `edge` login may write any entry); None without such an
         entry. While this ledger runs, the newest entry it believed stands when the
         registry later holds none (deleted, forged) or an older one (a replay)."""
-        import time
-
         hit = self._labels.get(node)
         if hit and time.monotonic() - hit[0] < 30.0:
             return hit[1].labels if hit[1] else None
@@ -571,14 +627,37 @@ class Ledger:
         """Verify, check and price one measurement (no overlap check: that needs the
         minted periods, see `claim`). `verified`: the message's `verify_batch` result, when
         its batch was verified together."""
+        if verified is None:
+            verified = self._verify_each([msg.data])[0]
+        return self.decide_now(msg, verified, await self.believed([verified]))
+
+    async def decide_batch(self, msgs: list, checked: list) -> list[Decided]:
+        """`decide` for a verified batch (`checked`: its `verify_batch` result): the registry
+        labels read once per node, then every decision without an await."""
+        believed = await self.believed(checked)
+        return [self.decide_now(msg, v, believed) for msg, v in zip(msgs, checked)]
+
+    async def believed(self, checked: list) -> dict[str, dict[str, str] | None]:
+        """`labels(node)` of every node that `decide_now` may credit in `checked`: those of
+        its verified measurements signed by the node's own key (or by any trusted key when
+        `require_signer_is_node` is off)."""
+        keys, own = self.trust.keys, self.settings.require_signer_is_node
+        nodes: dict[str, None] = {}
+        for v in checked:
+            if isinstance(v, ev.EnergyMeasured):
+                entry = keys.get(v.kid or "")
+                if not own or (entry is not None and entry.name == v.data.node):
+                    nodes[v.data.node] = None
+        return {node: await self.labels(node) for node in nodes}
+
+    def decide_now(self, msg, verified, believed_of: dict[str, dict[str, str] | None]) -> Decided:
+        """`decide` with the message verified (`verify_batch`'s result for it) and its node's
+        labels read (`believed`)."""
         src = self.bus.source
         try:
-            if verified is None:
-                measured = self.verified.decode(msg.data)
-            elif isinstance(verified, _Failed):
+            if isinstance(verified, _Failed):
                 raise verified.exc
-            else:
-                measured = verified
+            measured = verified
         except SignatureError as exc:
             try:
                 unverified = self.plain.decode(msg.data)
@@ -602,28 +681,42 @@ class Ledger:
                 "a node may only report its own savings (trust its key under its node id)"
             )
             return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "signer")])
-        reason = check(m, self.settings, c)
+        reason, kwh, micro = priced_check(m, self.settings, c, self._rate)
         if reason is not None:
             return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "invalid")])
-        believed = await self.labels(m.node)
-        labels = believed if believed is not None else {}
-        if c.meter not in allowed_meters(labels):
-            reason = (f"unknown meter {c.meter!r} of node {m.node}: a node reports its main meter, or those its "
-                      f"signed registry entry lists (label meters={c.meter})")
-            return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "meter")])
-        unit, reason = unit_of(m, c.meter, self.settings)
-        if reason is not None:
-            return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "unit")])
+        believed = believed_of[m.node]
         if believed is None:
+            allowed: set[str] | frozenset[str] = _MAIN_ONLY
             # No entry signed by the node (none yet, deleted or overwritten by another edge
             # login): the account its latest transfer credited, else its own.
             account = self.periods.last_account(m.node) or f"node:{m.node}"
+            problem = None
         else:
-            account = credit_account(m.node, labels, self.settings)
-        if (reason := account_problem(m.node, account, self.settings)) is not None:
-            return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "account")])
+            allowed, account, problem = self._view(m.node, believed)
+        if c.meter not in allowed:
+            reason = (f"unknown meter {c.meter!r} of node {m.node}: a node reports its main meter, or those its "
+                      f"signed registry entry lists (label meters={c.meter})")
+            return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "meter")])
+        unit = self._units.get(c.meter) if not m.unit else None
+        if unit is None:  # a stated unit, or a meter of no unit: `unit_of` says which, or why not
+            unit, reason = unit_of(m, c.meter, self.settings)
+            if reason is not None:
+                return Decided(msg, measured, c, rejections=[rejection(cid, reason, src, measured, "unit")])
+        if believed is None:
+            problem = account_problem(m.node, account, self.settings)
+        if problem is not None:
+            return Decided(msg, measured, c, rejections=[rejection(cid, problem, src, measured, "account")])
         return Decided(msg, measured, c, transfer=transfer_for(measured, account, self.settings, src, cause=c, cause_id=cid,
-                                                                unit=unit))
+                                                                unit=unit, priced=(kwh, micro)))
+
+    def _view(self, node: str, labels: dict[str, str]) -> tuple[set[str], str, str | None]:
+        """(allowed meters, account, why the account may not be credited) for a node's believed
+        labels, derived once per labels object."""
+        hit = self._views.get(node)
+        if hit is None or hit[0] is not labels:
+            account = credit_account(node, labels, self.settings)
+            hit = self._views[node] = (labels, allowed_meters(labels), account, account_problem(node, account, self.settings))
+        return hit[1], hit[2], hit[3]
 
     def _undecodable(self, msg, exc: Exception) -> Decided:
         """A payload that claims to be an energy.measured but does not decode (null or
@@ -833,7 +926,7 @@ class Ledger:
         await self.load()
         if checked is None:
             checked = await self.verify_batch(msgs)
-        decided = [await self.decide(msg, v) for msg, v in zip(msgs, checked)]
+        decided = await self.decide_batch(msgs, checked)
         poison = [d for d in decided if d.poison is not None]
         for d in poison:
             await dlq.dead_letter(self.bus, d.msg, stream=self.spec.stream, consumer=self.spec.durable, error=d.poison or "")
