@@ -5,12 +5,15 @@ real OS processes.
 Async tests use anyio's pytest plugin (`pytestmark = pytest.mark.anyio`); every test has a
 timeout (pytest-timeout, set in pyproject). `make test` runs the files on two workers
 (pytest-xdist, `--dist loadfile`): every test keeps its own server, port and temporary home,
-so nothing may assume it is the only test running on the machine.
+so nothing may assume it is the only test running on the machine. Expensive read-only
+artefacts (a tiny model) are built once per run for every file and worker (`shared_artefact`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import os
 import subprocess
 import sys
@@ -38,6 +41,44 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+def shared_artefact(tmp_path_factory: pytest.TempPathFactory, name: str, key: str, build: Callable[[Path], object]) -> Path:
+    """A read-only artefact built once per test run and shared by every test file and xdist
+    worker: `build(directory)` runs in the first worker to ask (under a file lock), the others
+    wait for it and reuse `directory`. `key` names what the artefact depends on (parameters,
+    the source of the code that builds it): a change builds a new one. Its files are made
+    read-only, so a test that would write into it fails instead of changing it for the next."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's directory, shared by the workers
+    directory = root / "shared" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f"{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / ".built").exists():
+            if directory.exists():  # a build that died half-way
+                import shutil
+
+                shutil.rmtree(directory)
+            build(directory)
+            for f in directory.rglob("*"):
+                if f.is_file():
+                    f.chmod(0o444)
+            (directory / ".built").touch()
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """`scf.ml.genn.tiny_model` (a random tiny Llama with SmolLM2's tokenizer read from the
+    98 MB GGUF: ~7 s of CPU to build), built once for the run and shared read-only."""
+    from importlib.metadata import version
+
+    from scf.ml import genn as mg
+
+    code = hashlib.sha256(Path(mg.__file__).read_bytes()).hexdigest()
+    key = f"tiny_model(seed=0) genn.py {code} transformers {version('transformers')} gguf {mg.gguf_path().stat().st_size}"
+    return shared_artefact(tmp_path_factory, "tiny-llama", key, lambda d: mg.tiny_model(d / "tiny-llama")) / "tiny-llama"
 
 
 @pytest.fixture

@@ -33,8 +33,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return mg.tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+def tiny(tiny_llama):
+    """The tiny random Llama (conftest: built once for the run, read-only, shared by the files)."""
+    return tiny_llama
 
 
 def _dataset(root, per_intent=4):

