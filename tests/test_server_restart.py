@@ -376,3 +376,40 @@ async def test_a_daemon_started_while_jetstream_is_away_starts_when_it_is_back(t
         lines = [ln for ln in text().splitlines() if "daemon start interrupted" in ln]
         assert len(lines) <= elapsed + 1, (elapsed, lines)  # at most once a second
         await back_with_jetstream(server, settings, daemon, text)
+
+
+async def reading(bus: Bus, stream: str, subject: str) -> bool:
+    """Whether a reader's consumer (unnamed, no acks: bus/reader.py) reads `subject` of `stream` now."""
+    return any(c.config.filter_subject == subject and not c.config.durable_name for c in await bus.js.consumers_info(stream))
+
+
+@pytest.mark.slow
+async def test_the_daemon_stops_within_its_bounds_while_it_rebuilds_with_its_server_gone(tmp_path):
+    """SIGTERMed while it reads a long log at its start, its server gone (SIGKILL), the daemon
+    exits within the contract's bound, no loop cancelled at the deadline. Before the fix the
+    start's reads went on retrying (a read gives up after a minute without the server) and
+    the start was cancelled at DRAIN_S: 'Daemon.run still running 20 s after the stop'."""
+    server, settings, env = await long_log(tmp_path)
+    daemon = start_process(env, "daemon", tmp_path)
+    text = lambda: (tmp_path / "daemon.log").read_text(errors="replace")  # noqa: E731
+    try:
+        bus = await Bus.connect(settings, "test")
+        try:
+            # frozen inside its read of the trainings (its consumer on INTENTS delivers 60 MB)
+            await wait_for(lambda: reading(bus, "INTENTS", "intent.created.train.>"), 90, "the daemon to read its trainings")
+            daemon.send_signal(signal.SIGSTOP)
+        finally:
+            await bus.close()
+        server.kill()
+        daemon.send_signal(signal.SIGCONT)
+        await wait_for(lambda: "retrying from seq" in text(), 60, "the daemon's read to meet the server gone")
+        assert "daemon: gear" not in text()  # still starting
+        code, seconds = timed_stop(daemon)
+        log = text()
+        assert seconds <= STOP_BOUND_S, (seconds, log[-6000:])
+        line = [ln for ln in log.splitlines() if ln.startswith("Error: shutdown incomplete")]
+        assert code == 1 and len(line) == 1, (code, log[-6000:])  # not drained: the server is gone
+        assert "still running" not in line[0], line  # the start ended at the stop
+    finally:
+        stop(daemon)
+        server.stop()
