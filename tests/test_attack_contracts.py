@@ -140,6 +140,7 @@ async def test_a_replayed_signed_contract_event_does_not_roll_the_contract_back(
     assert json.loads((await contracts.load(service))["acme"].spec.constraints)["T_out"] == 21.0  # `scf contract show` too
 
 
+@pytest.mark.slow  # six `scf` processes (contract add, strike, capsule build): 7.7 s of CPU
 async def test_an_unsigned_registration_published_first_does_not_keep_the_signed_contract_out(
         deployment: Deployment, service: Bus, tmp_path: Path):
     """Squatting: someone with the operator password but no operator key registers `acme`
@@ -211,6 +212,7 @@ async def test_no_command_prints_the_nats_password(deployment: Deployment, servi
     assert r.stderr.strip().splitlines()[-1].startswith("Error: cannot reach NATS at nats://127.0.0.1:1 (connection refused)"), r.stderr
 
 
+@pytest.mark.slow  # six `scf` processes: 6.7 s of CPU
 async def test_contract_ls_and_show_print_the_terms_the_regiment_strikes(deployment: Deployment, service: Bus, tmp_path: Path):
     """An unsigned update anyone with the operator login writes over a signed contract is not what
     `scf strike --contract` or the regiment act on, so `scf contract show/ls` must not present it as

@@ -49,6 +49,7 @@ async def grant(env: dict[str, str], key: SigningKey, role: str) -> None:
     await cli("keys", "trust", base64.b64encode(key.public_raw).decode(), "--name", key.name, "--role", role, env=env)
 
 
+@pytest.mark.slow  # seven `scf` processes: 6.4 s of CPU
 async def test_contract_show_and_ls_ignore_a_key_planted_in_the_file_of_a_rooted_host(bus, settings, scf_env, tmp_path: Path):
     await cli("keys", "root", "new", "root", env=scf_env)  # a production host
     alice = SigningKey.generate("alice")

@@ -89,6 +89,7 @@ async def _intent_exists(bus, intent_id: str) -> bool:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow  # six `scf` processes (edge agents, canary, rollback, emergency): 6.6 s of CPU
 async def test_canary_health_rollback_and_emergency(bus, settings, scf_env, tmp_path):
     keys = Keys(settings)
     for n in NODES:

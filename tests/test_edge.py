@@ -92,6 +92,7 @@ async def _reports(bus: Bus):
 
 
 @pytest.mark.anyio
+@pytest.mark.slow  # seven `scf` processes (edge agents, deploys, rollback): 6.6 s of CPU
 async def test_edge_agent_lifecycle(bus, settings, scf_env, tmp_path):
     keys = Keys(settings)
     keys.node(NODE)
