@@ -27,13 +27,20 @@ Pure decisions: `decide_control(state, received, ctx, holds)` and `orient(...)`;
   generation and fossil count; intent ids are `train-<domain>-<generation>` and are
   published with `publish_once`, so a restarted (or a second) daemon cannot duplicate one;
 * fossil counts: a headers-only `StreamReader.follow` over `fossil.recorded.>` from the
-  start (the domain is the subject's third token); orient waits until it has caught up with
-  the stream's last sequence at start, so a replay never fires on partial counts;
+  start, counted per subject token (the third); a token's domain is named from one of its
+  fossils' bodies (`FossilView.name`: the token is lossy, `grid:case9` -> `grid_case9`), and
+  a domain not named yet is not trained; orient waits until the counts have caught up with
+  the stream's last sequence at start and are named, so a replay never fires on partial counts;
 * held subjects: a `StreamReader.follow` over `verdict.>`; an approve that names a subject
   the view has not seen yet waits until the view has caught up with the stream (read your
   writes).
 
 A server restart while this is rebuilt resets it and starts again (`Daemon.start`).
+
+Every wait of the daemon's loops (the start, a pulse, a command being applied) is awaited
+together with the stop (`until_stopped`), not checked between waits: SIGTERM ends them at
+once whatever the server's state; a command being applied is given back (nak'ed) and
+applied by the next start.
 
 Effect ids are keyed with the deployment's id key (`bus.ids.keyed_id`, `$SCF_HOME/keys/ids.key`)
 and published with `verify=True`: a duplicate ack for an id someone else took first is
