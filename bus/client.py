@@ -321,17 +321,20 @@ class PipelinedPublisher:
         if not last:
             raise ValueError("an atomic batch needs at least one message")
         every = {EXPECTED_LAST_SUBJECT_SEQ: "0", **(extra or {})}
-        headers_of: list[dict[str, str]] = []
-        for i in range(1, last + 1):
-            headers = {BATCH_ID: batch_id, BATCH_SEQUENCE: str(i), **every}
-            if types is not None:
-                headers[SCF_TYPE] = types[i - 1]
-            if i == 1 and expected_last_seq is not None:
-                headers[EXPECTED_LAST_SEQ] = str(expected_last_seq)
-            if i == last:
-                headers[BATCH_COMMIT] = "1"
-            headers_of.append(headers)
-        blocks = [encode_headers(h) for h in headers_of] if self.frames else [None]
+        # the blocks built from parts encoded once (the common case), else message by message
+        blocks: list[bytes | None] | None = _atomic_blocks(batch_id, every, last, types, expected_last_seq) if self.frames else None
+        if blocks is None:
+            headers_of: list[dict[str, str]] = []
+            for i in range(1, last + 1):
+                headers = {BATCH_ID: batch_id, BATCH_SEQUENCE: str(i), **every}
+                if types is not None:
+                    headers[SCF_TYPE] = types[i - 1]
+                if i == 1 and expected_last_seq is not None:
+                    headers[EXPECTED_LAST_SEQ] = str(expected_last_seq)
+                if i == last:
+                    headers[BATCH_COMMIT] = "1"
+                headers_of.append(headers)
+            blocks = [encode_headers(h) for h in headers_of] if self.frames else [None]
         if None in blocks:  # nats-py's own publish, message by message
             for (_, body), headers in zip(items, headers_of):  # none written unless all fit
                 check_payload(self.nc, len(body), header_size(headers))
@@ -533,6 +536,40 @@ def encode_headers(headers: dict[str, str]) -> bytes | None:
             return None
         lines.append(f"{k}: {v}\r\n")
     return _HDR_START + "".join(lines).encode() + b"\r\n"
+
+
+_PER_MESSAGE = frozenset({BATCH_ID, BATCH_SEQUENCE, EXPECTED_LAST_SEQ, BATCH_COMMIT})
+
+
+def _atomic_blocks(
+    batch_id: str, every: dict[str, str], last: int, types: Sequence[str] | None, expected_last_seq: int | None,
+) -> list[bytes] | None:
+    """The header blocks of an atomic batch's `last` messages, byte for byte what
+    `encode_headers` gives for {Nats-Batch-Id, Nats-Batch-Sequence: i, **every, Scf-Type:
+    types[i-1], Nats-Expected-Last-Sequence (the first), Nats-Batch-Commit: 1 (the last)}:
+    `every` and each type encoded once, not once per message. None when a value needs
+    nats-py's cleaning (see `encode_headers`) or `every` names a header set per message: then
+    the caller builds each message's headers."""
+    if _PER_MESSAGE.intersection(every) or (types is not None and SCF_TYPE in every):
+        return None
+    common = encode_headers(every)
+    if common is None or not _plain_value(batch_id):
+        return None
+    lines: dict[str, bytes] = {}
+    if types is not None:
+        for t in set(types):
+            if not _plain_value(t):
+                return None
+            lines[t] = f"{SCF_TYPE}: {t}\r\n".encode()
+    head = f"{BATCH_ID}: {batch_id}\r\n{BATCH_SEQUENCE}: ".encode()
+    mid = common[len(_HDR_START) : -2]  # the lines of `every`
+    first = f"{EXPECTED_LAST_SEQ}: {expected_last_seq}\r\n".encode() if expected_last_seq is not None else b""
+    commit = f"{BATCH_COMMIT}: 1\r\n".encode()
+    return [
+        b"%s%s%d\r\n%s%s%s%s\r\n" % (_HDR_START, head, i, mid, lines[types[i - 1]] if types is not None else b"",
+                                     first if i == 1 else b"", commit if i == last else b"")
+        for i in range(1, last + 1)
+    ]
 
 
 def _plain_value(value: str) -> bool:
