@@ -874,21 +874,29 @@ class Ledger:
         # threads meanwhile (verify_threads > 1): the verification overlaps this batch's
         # rules, mint and acks where a core is free. Kept alive through a pause (given back,
         # each pause would spend one of its deliveries: past max_deliver a measurement is never
-        # delivered again nor dead-lettered), given back (nak'ed) on a stop.
-        ahead: tuple[list, asyncio.Future] | None = None
+        # delivered again nor dead-lettered), given back (nak'ed) on a stop. `ahead` holds them
+        # in order: the next one, and the one in hand when a pause or a stop came before it was
+        # minted.
+        ahead: list[tuple[list, asyncio.Future]] = []
+        # The previous batch's mint, rejections and acks, in flight while this batch is decided:
+        # the wait for the server's answer to the atomic mint overlaps the next batch's rules.
+        # (Deciding reads no minted period — overlaps and repeats are settled by `mint`, one
+        # batch after the other, under the write lock — except a registry-less node's last
+        # account, which a batch of that node's own transfers leaves as it was.)
+        settling: asyncio.Task | None = None
         try:
             while not stop.is_set():
                 if pause is not None and pause.engaged:
-                    alive = asyncio.create_task(_keep_alive(ahead[0], self.spec.ack_wait)) if ahead is not None else None
+                    waiting = [m for batch, _ in ahead for m in batch]
+                    alive = asyncio.create_task(_keep_alive(waiting, self.spec.ack_wait)) if waiting else None
                     try:
                         await race(pause.wait_clear(), stop)
                     finally:
                         if alive is not None:
                             alive.cancel()
                     continue
-                if ahead is not None:
-                    msgs, verifying = ahead
-                    ahead = None
+                if ahead:
+                    msgs, verifying = ahead.pop(0)
                 else:
                     msgs = await pull.fetch(1, fetch_timeout, stop)
                     if not msgs:
@@ -900,25 +908,54 @@ class Ledger:
                     verifying = asyncio.ensure_future(self.verify_batch(msgs))
                 # the batch in hand and the one taken ahead kept alive while this one is handled
                 held = list(msgs)
-                alive = asyncio.create_task(_keep_alive(held, self.spec.ack_wait))
+                alive: asyncio.Task | None = asyncio.create_task(_keep_alive(held, self.spec.ack_wait))
                 try:
-                    if TAKE_AHEAD and self.settings.verify_threads > 1 and self.settings.batch > 1 and len(msgs) >= 2 * VERIFY_CHUNK_MIN:
+                    if (not ahead and TAKE_AHEAD and self.settings.verify_threads > 1 and self.settings.batch > 1
+                            and len(msgs) >= 2 * VERIFY_CHUNK_MIN):
                         following = await pull.fetch(self.settings.batch, AHEAD_WAIT_S, stop)  # what is there already
                         if following:
                             held += following
-                            ahead = (following, asyncio.ensure_future(self.verify_batch(following)))
+                            ahead.append((following, asyncio.ensure_future(self.verify_batch(following))))
+                    decided: list[Decided] | Exception
                     try:
-                        await self.handle_batch(msgs, await verifying)
-                    except Exception as exc:  # noqa: BLE001 - any batch failure: each message alone, by the runner's rules
-                        log.warning("ledger batch of %d failed (%s: %s): handling one by one", len(msgs), type(exc).__name__, exc)
-                        for msg in msgs:
-                            await fallback.process(msg)
+                        await self.load()
+                        decided = await self.decide_batch(msgs, await verifying)
+                    except Exception as exc:  # noqa: BLE001 - settled below: each message alone
+                        decided = exc
+                    if settling is not None:
+                        task, settling = settling, None
+                        await task  # never raises: one batch minted after the other
+                    if stop.is_set() or (pause is not None and pause.engaged):
+                        # stopped or paused while the batch before was minted: this one is not
+                        # minted now; held (decided again once the pause clears) or given back
+                        ahead.insert(0, (msgs, verifying))
+                        continue
+                    settling = asyncio.create_task(self._settle_or_fall_back(msgs, decided, fallback, alive))
+                    alive = None  # cancelled by the settle, once this batch is acked
                 finally:
-                    alive.cancel()
+                    if alive is not None:
+                        alive.cancel()
         finally:
-            if ahead is not None:
-                await _give_back(self.bus, self.spec, *ahead)
+            if settling is not None:
+                await settling
+            for batch in ahead:
+                await _give_back(self.bus, self.spec, *batch)
             await pull.close()
+
+    async def _settle_or_fall_back(self, msgs: list, decided: list[Decided] | Exception, fallback: Runner,
+                                   alive: asyncio.Task) -> None:
+        """`settle_batch` for a decided batch; a batch whose deciding or settling failed is
+        handled message by message, by the runner's rules. Never raises an Exception."""
+        try:
+            if isinstance(decided, Exception):
+                raise decided
+            await self.settle_batch(decided)
+        except Exception as exc:  # noqa: BLE001 - any batch failure: each message alone, by the runner's rules
+            log.warning("ledger batch of %d failed (%s: %s): handling one by one", len(msgs), type(exc).__name__, exc)
+            for msg in msgs:
+                await fallback.process(msg)
+        finally:
+            alive.cancel()
 
     async def handle_batch(self, msgs: list, checked: list | None = None) -> None:
         """Decide, mint, publish the rejections, then ack a batch; `checked`: its
@@ -926,7 +963,11 @@ class Ledger:
         await self.load()
         if checked is None:
             checked = await self.verify_batch(msgs)
-        decided = await self.decide_batch(msgs, checked)
+        await self.settle_batch(await self.decide_batch(msgs, checked))
+
+    async def settle_batch(self, decided: list[Decided]) -> None:
+        """Dead-letter the poison, mint the transfers, publish the rejections, then ack: a
+        decided batch."""
         poison = [d for d in decided if d.poison is not None]
         for d in poison:
             await dlq.dead_letter(self.bus, d.msg, stream=self.spec.stream, consumer=self.spec.durable, error=d.poison or "")

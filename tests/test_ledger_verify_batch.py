@@ -82,9 +82,10 @@ async def test_batches_taken_ahead_are_held_through_pauses_and_minted_on_their_f
     """With batches of 64 and 4 x 64 measurements waiting, the ledger takes the next batch
     (and verifies it) while it handles one. The emergency stop engages after each of the first
     `pauses` batches, each time with the next batch taken ahead; the consumer allows one
-    delivery (max_deliver 1; the server's backstop, one more, is for the DLQ rule). The batch
-    taken ahead is held through the pause, kept alive (in-progress acks) past its ack_wait when
-    the pause is long (`hold_s`), and handled on its first delivery. Given back (nak'ed)
+    delivery (max_deliver 1; the server's backstop, one more, is for the DLQ rule). The batches
+    taken ahead (the next one, decided while batch k was minted, and the one after it, being
+    verified) are held through the pause, not minted, kept alive (in-progress acks) past their
+    ack_wait when the pause is long (`hold_s`), and handled on their first delivery. Given back (nak'ed)
     instead, each pause spent one of its deliveries: past max_deliver a measurement is never
     delivered again and never reaches the DLQ (a saving not minted)."""
     # The take-ahead waits 2 ms for what is there already; on a loaded machine the server's
@@ -96,30 +97,32 @@ async def test_batches_taken_ahead_are_held_through_pauses_and_minted_on_their_f
     gate, deliveries = Gate(), {}
     cfg = LedgerSettings(rate=0.5, batch=64, verify_threads=2, ack_wait=ack_wait)
     async with running_ledger(bus, keys, cfg, pause=gate) as ledger:
-        handle_batch, handled = ledger.handle_batch, asyncio.Event()
+        settle_batch, handled = ledger.settle_batch, asyncio.Event()
 
-        async def then_pause(msgs, checked=None):
-            for m in msgs:
-                deliveries.setdefault(m.metadata.sequence.stream, []).append(m.metadata.num_delivered)
-            await handle_batch(msgs, checked)
+        async def then_pause(decided):
+            for d in decided:
+                deliveries.setdefault(d.msg.metadata.sequence.stream, []).append(d.msg.metadata.num_delivered)
+            await settle_batch(decided)
             if ledger.counts["new"] <= pauses * 64:
                 gate._clear.clear()  # the emergency stop engages as the batch ends
             handled.set()
-        ledger.handle_batch = then_pause  # type: ignore[method-assign]
+        ledger.settle_batch = then_pause  # type: ignore[method-assign]
         for k in range(1, pauses + 1):
             await wait_for(handled.is_set, 60, f"batch {k} and the pause")
             handled.clear()
 
-            async def next_taken_ahead_and_held(k=k) -> bool:
-                info = await bus.js.consumer_info("DEPLOY", "ledger")
-                return info.delivered.stream_seq == (k + 1) * 64 and info.num_ack_pending == 64
+            taken = min(total, (k + 2) * 64)  # the two batches after batch k (the last has one)
 
-            await wait_for(next_taken_ahead_and_held, 60, f"the batch after batch {k} taken ahead and held")
+            async def next_taken_ahead_and_held(k=k, taken=taken) -> bool:
+                info = await bus.js.consumer_info("DEPLOY", "ledger")
+                return info.delivered.stream_seq == taken and info.num_ack_pending == taken - k * 64
+
+            await wait_for(next_taken_ahead_and_held, 60, f"the batches after batch {k} taken ahead and held")
             if hold_s:
                 await asyncio.sleep(hold_s)  # ack_wait passes (several times): the batch held must stay held
             assert ledger.counts["new"] == k * 64 and gate.engaged
             info = await bus.js.consumer_info("DEPLOY", "ledger")
-            assert info.num_ack_pending == 64 and info.num_pending == total - (k + 1) * 64  # held, not given back
+            assert info.num_ack_pending == taken - k * 64 and info.num_pending == total - taken  # held, not given back
             gate._clear.set()
         await wait_for(lambda: consumer_done(bus), 60, "the ledger to drain after the pauses")
         assert ledger.counts["new"] == total
