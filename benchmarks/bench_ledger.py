@@ -16,7 +16,10 @@ pays at least; and raw nats-py `publish_async` of N pre-encoded transfers with
 `Nats-Expected-Last-Subject-Sequence: 0` — the cost of the exactly-once mints alone,
 without verification, decoding, rules or acks.
 
-`--fsync` runs against a server with `sync_interval: always` (nats/prod.conf).
+`--fsync` runs against a server with `sync_interval: always` (nats/prod.conf). `--sign`: the
+ledger signs every transfer it mints, as `scf run ledger` does (its bus opens with its key:
+one Ed25519 signature a transfer); without it (the default, and every figure recorded before
+2026-12-02) the transfers go unsigned, so the default flatters the ledger by that signature.
 """
 
 from __future__ import annotations
@@ -105,9 +108,10 @@ async def run_ledger(bus: Bus, trust: TrustList, settings: LedgerSettings, n_exp
     return ledger
 
 
-async def bench(url: str, n: int, concurrency: int, mode: str, verify_threads: int = LedgerSettings().verify_threads) -> dict:
+async def bench(url: str, n: int, concurrency: int, mode: str, verify_threads: int = LedgerSettings().verify_threads,
+                sign: bool = False) -> dict:
     settings = Settings(home=tempfile.mkdtemp(prefix="scf-bench-"), nats_url=url, source="bench")
-    bus = await Bus.connect(settings, "bench")
+    bus = await Bus.connect(settings, "bench", key=SigningKey.generate("ledger") if sign else None)
     await ensure(bus.js)
     nodes = [f"node-{i}" for i in range(4)]
     keys = {n_: SigningKey.generate(n_) for n_ in nodes}
@@ -169,6 +173,7 @@ async def bench(url: str, n: int, concurrency: int, mode: str, verify_threads: i
     return {
         "mode": mode,
         "verify_threads": verify_threads,
+        "transfers_signed": sign,
         "n": n,
         "ledger_transfers_per_s": round(n / stats["mint_s"]),
         "ledger_repeats_acknowledged_per_s": round(n / stats["repeat_s"]),
@@ -199,6 +204,7 @@ async def main() -> None:
     ap.add_argument("--mode", choices=["batched", "runner", "both"], default="both",
                     help="batched: `scf run ledger` (atomic batches); runner: the per-message path")
     ap.add_argument("--fsync", action="store_true", help="server with sync_interval: always")
+    ap.add_argument("--sign", action="store_true", help="the ledger signs its transfers, as `scf run ledger` does")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         conf = None
@@ -209,7 +215,7 @@ async def main() -> None:
         for i, mode in enumerate(["batched", "runner"] if a.mode == "both" else [a.mode]):
             server = ServerProcess(Path(tmp) / f"store{i}", free_port(), config=conf).start()
             try:
-                result = await bench(server.url, a.n, a.concurrency, mode, a.verify_threads)
+                result = await bench(server.url, a.n, a.concurrency, mode, a.verify_threads, a.sign)
             finally:
                 server.stop()
             result["fsync_always"] = a.fsync
