@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--anchor-weight", type=float, default=1.0, help="clean-state energy matching at σ_min (0: off)")
+    ap.add_argument("--rank-weight", type=float, default=0.0, help="pairwise ranking loss at σ_min (ml.distill.rank_loss; 0: off)")
+    ap.add_argument("--mix", type=float, default=0.0, help="share of each batch mixed from two fossils (0: off)")
+    ap.add_argument("--ema", type=float, default=0.0, help="moving average of the latent weights (0: off)")
     ap.add_argument("--heldout", type=int, default=512)
     ap.add_argument("--decisions", type=int, default=0, help="held-out contexts for decision quality (EBDM sampling: slow on a CPU)")
     ap.add_argument("--optimiser", type=Path, help="a learned-optimiser checkpoint (default: train one with --opt-steps)")
@@ -129,7 +132,7 @@ def main() -> None:
         teacher_path = args.teacher
     teacher, _ = load_checkpoint(teacher_path)
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, log_every=max(1, args.steps // 5),
-                        anchor_weight=args.anchor_weight)  # fmt: skip
+                        anchor_weight=args.anchor_weight, rank_weight=args.rank_weight, mix=args.mix, ema=args.ema)  # fmt: skip
     if args.student is None:
         student, stats = distill_ebdm(teacher, x, c, cfg, log=lambda line: print("  distill " + line, flush=True))
     else:

@@ -21,7 +21,7 @@ B. Decisions on case14, PAIRED (`ml.distill.paired_decisions`): teacher and stud
 C. grid:case118 at hidden `--wide` (default 512, depth 4): the ternary share there (the
    goal >= 90 %; 89.5 % at hidden 256), what stays in full precision, and whether the
    student still meets DSM <= 1.02x and rank correlation >= 0.98.
-R. grid:case118 at hidden `--wide`, recipes compared (`--variants`): one teacher trained on
+R. grid:case118 (`--recipes-domain`) at hidden `--wide`, recipes compared (`--variants`): one teacher trained on
    the device, then each variant distilled from it in its own process (`--parallel` at
    once on the one device; the same fossils, held-out states and monitor), its curve of
    DSM ratio and rank correlation over training, then judged (`ml.distill.compare_ebdm`:
@@ -179,7 +179,7 @@ def compare_recipes(args, row: dict, work: Path, save, elapsed, started_wall: fl
     from scf.ml.train import train_local
 
     variants = parse_variants(args.variants)
-    domain, hidden, depth = "grid:case118", 16 if args.tiny else args.wide, 2 if args.tiny else 4
+    domain, hidden, depth = args.recipes_domain, 16 if args.tiny else args.wide, 2 if args.tiny else 4
     prefix = "recipes"
     t0 = time.perf_counter()
     data = work / prefix / "fossils"
@@ -251,6 +251,7 @@ def main() -> None:
     ap.add_argument("--anchor-weight", type=float, default=None, help="DistillConfig.anchor_weight (default: the config's)")
     ap.add_argument("--batch", type=int, default=256, help="distillation batch size")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="part R: recipes compared, `;`-separated")
+    ap.add_argument("--recipes-domain", default="grid:case118", help="part R: the domain (hidden --wide, depth 4)")
     ap.add_argument("--parallel", type=int, default=0, help="part R: variants distilled at once (0: all)")
     ap.add_argument("--more-118", type=int, default=15000, help="part R: fresh fossils (seed 1) for variants with more=1")
     ap.add_argument("--steps-118", type=int, default=0, help="part R: distillation steps per variant (0: --steps)")
