@@ -10,7 +10,13 @@ layers, judge it against its teacher on held-out data, export it packed for the 
 * EBDM: at noisy points z̃ = z + σε of the training fossils (σ drawn as in training), the
   student matches the teacher's score (σ²|s_S - s_T|²: score distillation) and energy
   (σ²(E_S - E_T)²: the network part g, the envelope being the same), plus the task loss,
-  denoising score matching on the data itself.
+  denoising score matching on the data itself; the clean states' energies at σ_min (where
+  states are ranked) matched too, and optionally their ORDER (`rank_loss`, RankNet on the
+  teacher's soft order) and queries between fossils (`mix`: convex mixtures of two
+  fossils' states and contexts — a ternary student ranks the states it was trained on
+  nearly as its teacher does and held-out ones worse, a generalisation gap that mixing
+  closes on grid:case118; benchmarks/RESULTS.md), and a moving average of the latent
+  weights (`ema`).
 * Optimiser: the proposal network's normalised output matched on fossil contexts (and
   convex mixtures of two), plus the teacher's task loss: the learned cost of the balanced
   proposal and the constraint penalty.
