@@ -145,14 +145,22 @@ def fresh_rows(tok, examples: list[Example]) -> list[int]:
     return sorted(special | (set(range(len(tok))) - used))
 
 
+def end_of_turn(tok) -> int:
+    """The token that ends an answer: ChatML's `<|im_end|>` where the vocabulary has it (a
+    tokenizer converted from SmolLM2's GGUF may name `<|endoftext|>` its end of sequence),
+    else the end of sequence."""
+    turn = tok.get_vocab().get("<|im_end|>")
+    return turn if isinstance(turn, int) else tok.eos_token_id
+
+
 @torch.no_grad()
 def stop_probability(model, tok, rows: list[dict[str, Any]], *, device: str, max_length: int = 1536, batch_size: int = 16) -> dict[str, float]:
     """Teacher-forced at the end of each completion: the mean probability of the end-of-turn token
-    (`tok.eos_token_id`, `<|im_end|>`) where the completion ends, and the share of rows where it is
+    (`end_of_turn`) where the completion ends, and the share of rows where it is
     the most probable token — a model that cannot stop writes on past its program."""
     ex = encode_rows(tok, rows, ce=True, source="stop", max_length=max_length)
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    eos = end_of_turn(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     was = model.training
     model.eval()
     probs, top = [], 0
@@ -643,5 +651,5 @@ def load_student(path: Path, *, device: str = "cpu"):
 
 
 __all__ = ["FORMAT", "DistillSettings", "Example", "StudentConfig", "StudentError", "build_student", "completion_nll", "decode_speed",
-           "distill", "encode_rows", "fresh_rows", "init_embeddings_from", "judge_answers", "linear_bits", "linear_counts", "load_student",
+           "distill", "encode_rows", "end_of_turn", "fresh_rows", "init_embeddings_from", "judge_answers", "linear_bits", "linear_counts", "load_student",
            "contract_of", "judge_samples", "judge_texts", "read_header", "save_student", "stop_probability", "teacher_samples", "wilson"]

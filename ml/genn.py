@@ -171,11 +171,16 @@ class LocalGenerator:
 
     def stop_ids(self) -> list[int]:
         """Token ids that end an answer: the tokenizer's end of sequence and, for ChatML templates,
-        the start of a next turn (`<|im_start|>`: a model that skips `<|im_end|>` stops there)."""
+        the end of the turn (`<|im_end|>`: a tokenizer converted from the GGUF may name
+        `<|endoftext|>` its end of sequence; a model trained on turns that end with `<|im_end|>`
+        never writes what would follow it) and the start of a next turn (`<|im_start|>`: a model
+        that skips `<|im_end|>` stops there)."""
         ids = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
-        turn = self.tok.convert_tokens_to_ids("<|im_start|>") if "<|im_start|>" in self.tok.get_vocab() else None
-        if isinstance(turn, int) and turn not in ids:
-            ids.append(turn)
+        vocab = self.tok.get_vocab()
+        for name in ("<|im_end|>", "<|im_start|>"):
+            turn = vocab.get(name)
+            if isinstance(turn, int) and turn not in ids:
+                ids.append(turn)
         return ids
 
     def prompt_ids(self, messages: list[dict[str, str]]):

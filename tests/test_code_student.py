@@ -253,3 +253,18 @@ def test_fresh_rows_break_the_teachers_near_copies_and_the_stop_is_measured(teac
     assert torch.equal(e[sorted(used - set(fresh))], copied.get_input_embeddings().weight[sorted(used - set(fresh))])
     stop = cs.stop_probability(student, tok, rows, device="cpu", max_length=1536)
     assert stop["rows"] == 1 and 0.0 < stop["mean_p_eos"] < 1.0 and stop["eos_is_top"] in (0.0, 1.0)
+
+
+def test_answers_end_at_the_end_of_turn_whatever_the_tokenizer_calls_its_end_of_sequence(teacher):
+    # the device's GGUF conversion named <|endoftext|> the end of sequence: run 3/4's answers then ended only at a
+    # next <|im_start|>, which a student trained on turns that end with <|im_end|> never writes
+    t_model, tok = teacher
+    tok = copy.deepcopy(tok)
+    im_end, im_start = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|im_start|>")
+    tok.eos_token = "<|endoftext|>"
+    assert tok.eos_token_id not in (im_end, im_start)
+    gen = mg.LocalGenerator.from_model(t_model, tok, temperature=0.2, top_p=0.95, max_new_tokens=4)
+    assert im_end in gen.stop_ids() and im_start in gen.stop_ids() and tok.eos_token_id in gen.stop_ids()
+    assert cs.end_of_turn(tok) == im_end
+    stop = cs.stop_probability(t_model, tok, _rows(1), device="cpu", max_length=1536)
+    assert stop["rows"] == 1  # the end of turn is found in the labels although it is not the tokenizer's eos
