@@ -33,7 +33,11 @@ A handler decides; the runner owns the I/O:
   are kept alive and wait, nothing is dropped;
 * SIGTERM / SIGINT stop fetching, let in-flight handlers finish, nak what was fetched but
   not started (so it is redelivered at once; on the server's last delivery, which a nak
-  would lose, dead-lettered instead), then drain the connection.
+  would lose, dead-lettered instead), then drain the connection. A handler whose wait the
+  stop cut (`Stopping`, from `until_stopped`) has its message given back the same way:
+  never counted as a failure, never dead-lettered on the runner's last delivery;
+* `until_stopped(awaitable, stop)` and `race` are how every loop of every process awaits
+  the stop together with each wait on the server (docs/architecture.md "Stopping a process").
 """
 
 from __future__ import annotations
@@ -284,6 +288,12 @@ class Runner:
         except Poison as exc:
             await self.dead_letter(msg, f"Poison: {exc}")
             return
+        except Stopping as exc:
+            # the stop came while the handler waited: given back as the runner's own stop
+            # path does (nak'ed, not a failure: never dead-lettered for having been stopped)
+            log.info("%s: seq %s handed back at the stop: %s", self.spec.durable, d.stream_seq, exc)
+            await self.give_back(msg)
+            return
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
             await self._failed(msg, d, exc)
             return
@@ -398,6 +408,8 @@ class Runner:
         for msg, d, out in wave:
             if isinstance(out, Poison):
                 await self.dead_letter(msg, f"Poison: {out}")
+            elif isinstance(out, Stopping):
+                await self.give_back(msg)  # handed back at the stop: not a failure
             elif isinstance(out, BaseException):
                 await self._failed(msg, d, out)
             else:
@@ -668,6 +680,40 @@ async def race(awaitable: Awaitable[Any], stop: asyncio.Event) -> None:
         for t in (waiter, stopper):
             if not t.done():
                 t.cancel()
+
+
+class Stopping(SCFError):
+    """The process's stop came while a loop or a handler waited on something: what it was
+    doing is abandoned. Raised by a handler, the message is given back (`Runner.give_back`:
+    nak'ed, redelivered at once), never counted as a failure."""
+
+
+async def until_stopped(awaitable: Awaitable[Any], stop: asyncio.Event | None) -> Any:
+    """`awaitable`'s result, awaited together with `stop`: when the stop comes first the
+    awaitable is cancelled and `Stopping` raised (its error, if any, is not lost: raised
+    when it finished first). Every wait of a loop goes through here or `race` (docs/
+    architecture.md "Stopping a process"): a wait on the server (a JetStream request, a
+    publish acknowledgement, a KV put, a read while it restarts) is not bounded by its own
+    timeout alone, it ends at the stop."""
+    if stop is None:
+        return await awaitable
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_retrieve)  # cancelled: whatever it raises on the way out is not news
+    if not task.done():
+        raise Stopping("stopped while waiting")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 # The shutdown contract of every `scf run X` process (docs/architecture.md, "Stopping a

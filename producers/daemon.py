@@ -75,7 +75,7 @@ from scf.bus.emergency import EmergencyGate, EmergencyState, write_state
 from scf.bus.errors import ConfigError, DecodeError, SCFError, SignatureError
 from scf.bus.ids import derived_id, ensure_id_key, keyed_id, load_id_key, subject_token
 from scf.bus.reader import ReadStalled, StreamMsg, StreamReader, describe, last_seq
-from scf.bus.runner import Delivery, Runner, race, run_all
+from scf.bus.runner import Delivery, Runner, Stopping, race, run_all, until_stopped
 from scf.bus.settings import Settings
 from scf.bus.signing import TrustList
 from scf.bus.streams import CONSUMERS, KEY_DAEMON, ConsumerSpec, ensure_consumer
@@ -646,38 +646,6 @@ def _transient(exc: BaseException, bus: Bus) -> bool:
     if isinstance(exc, NatsUnavailable):
         return True
     return isinstance(exc, ServerError) and (exc.code is None or exc.code == 503)
-
-
-class Stopping(SCFError):
-    """The daemon's stop came while it waited on something: what it was doing is abandoned."""
-
-
-async def until_stopped(awaitable, stop: asyncio.Event | None):
-    """`awaitable`'s result, awaited together with `stop`: when the stop comes first the
-    awaitable is cancelled and `Stopping` raised (its error, if any, is not lost: raised
-    when it finished first). Every wait of the daemon's loops goes through here (docs/
-    architecture.md "Stopping a process"): a wait on the server (a JetStream request, a
-    publish acknowledgement, a read while it restarts) is not bounded by its own timeout
-    alone, it ends at the stop."""
-    if stop is None:
-        return await awaitable
-    task = asyncio.ensure_future(awaitable)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-        if not task.done():
-            task.cancel()
-            task.add_done_callback(_retrieve)  # cancelled: whatever it raises on the way out is not news
-    if not task.done():
-        raise Stopping("stopped while waiting")
-    return task.result()
-
-
-def _retrieve(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 # --------------------------------------------------------------------------- liveness
