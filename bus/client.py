@@ -948,10 +948,27 @@ class Bus:
         return info.state.last_seq
 
     async def kv(self, bucket: str):
+        """The KV bucket `bucket`; one line saying what went wrong otherwise: the bucket
+        missing (StreamNotFound), the server not answering in time or away, another
+        answer of the server (ServerError)."""
+        from nats.js.errors import BucketNotFoundError
+
         try:
             return await self.js.key_value(bucket)
-        except Exception as exc:
-            raise StreamNotFound(f"KV bucket {bucket} does not exist: run `scf streams ensure`") from exc
+        except (BucketNotFoundError, NotFoundError):
+            raise StreamNotFound(f"KV bucket {bucket} does not exist: run `scf streams ensure`") from None
+        except (NatsTimeout, asyncio.TimeoutError):
+            raise ServerError(f"KV bucket {bucket}: no answer from nats-server within {getattr(self.js, '_timeout', 5.0):g} s "
+                              "(a timeout, not a missing bucket): check the server (`scf status`)") from None
+        except (NoRespondersError, NoStreamResponseError):
+            raise ServerError(f"KV bucket {bucket}: no JetStream answered (nats-server without JetStream, or restarting): "
+                              "check its `-js` flag and its log, then try again", 503) from None
+        except (ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError) as exc:
+            raise ServerError(f"KV bucket {bucket}: not connected to nats-server ({type(exc).__name__}): "
+                              "check that it runs (`scf status`), then try again", 503) from None
+        except APIError as exc:
+            raise ServerError(f"KV bucket {bucket}: nats-server answered {exc.description or exc}: check the bucket "
+                              "(`scf streams ensure`) and the server's log", exc.code, exc.err_code) from None
 
 
 __all__ = ["Bus", "connect", "Published", "Once", "MSG_ID", "EXPECTED_LAST_SUBJECT_SEQ", "api"]
