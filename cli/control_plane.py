@@ -60,9 +60,8 @@ def control_watch_file(
 ) -> None:
     """Turn commands written to a JSON file ({"command": "SHIFT_GEAR", "payload": {...}}) into
     control.* messages (signed when SCF_KEY is set)."""
-    import asyncio
 
-    from scf.bus.runner import install_signal_handlers
+    from scf.bus.runner import run_all
     from scf.cli.common import echo_err, signing_key
     from scf.producers.control_file import ControlFileWatcher
 
@@ -70,15 +69,15 @@ def control_watch_file(
         s = load_settings("control-file")
         bus = await open_bus(s, "scf-control-file", sign=True)
         watcher = ControlFileWatcher(bus, path, s.path("system_cache"), key=signing_key(s), poll=poll, on_error=lambda m: echo_err(f"Error: {m}"))
-        try:
-            if once:
-                n = await watcher.check()
-                typer.echo(f"sent {n} command(s) from {path}")
-                return
-            stop = asyncio.Event()
-            install_signal_handlers(stop)
+        if not once:
             typer.echo(f"watching {path} (Ctrl-C stops)")
-            await watcher.run(stop)
+            # the shutdown contract of `scf run X` (docs/architecture.md "Stopping a process"):
+            # the loop ends at the stop, the connection is closed within CLOSE_S
+            await run_all(bus, [watcher.run])
+            return
+        try:
+            n = await watcher.check()
+            typer.echo(f"sent {n} command(s) from {path}")
         finally:
             await bus.close()
 

@@ -64,13 +64,14 @@ from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.errors import ConfigError, SCFError
 from scf.bus.ids import derived_id, subject_token
-from scf.bus.reader import StreamMsg, StreamReader
-from scf.bus.runner import Delivery, Poison, Runner, event_decoder
+from scf.bus.reader import StreamMsg, StreamReader, describe
+from scf.bus.runner import Delivery, Poison, Runner, Stopping, event_decoder, race, until_stopped
 from scf.bus.streams import ConsumerSpec, worker_consumer
 from scf.consumers.dispatch import WORKERS_BUCKET, WorkerInfo, worker_key
 
 log = logging.getLogger("scf.worker")
 
+FAREWELL_S = 1.0  # at the stop, the liveness entry's deletion is given this long (a frozen server: it expires after its TTL)
 SHARD_LINES = 200_000  # fossils per cached data shard
 
 
@@ -78,8 +79,9 @@ class WorkerError(SCFError):
     pass
 
 
-class JobInterrupted(WorkerError):
-    """Training stopped because the worker is shutting down: the job goes back to the queue."""
+class JobInterrupted(WorkerError, Stopping):
+    """Training stopped because the worker is shutting down: the job goes back to the queue
+    (a `Stopping`: the runner gives it back, never counted as a failure nor dead-lettered)."""
 
 
 class NoData(WorkerError):
@@ -511,22 +513,34 @@ class Worker:
         await kv.put(worker_key(self.pool, self.worker_id), msgspec.json.encode(self.record()))
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
+        """Refresh the liveness entry every `heartbeat` s until `stop`; each refresh (a
+        JetStream request and a KV put: 5 s each with the server away) ends at the stop
+        (`until_stopped`). At the stop the entry is deleted, given FAREWELL_S at most (it
+        expires after its TTL anyway)."""
         try:
             while not stop.is_set():
                 try:
-                    await self.announce()
+                    await until_stopped(self.announce(), stop)
+                except Stopping:
+                    log.info("worker liveness refresh cut by the stop")
+                    break
                 except Exception as exc:  # noqa: BLE001 - NATS away for a moment: try again next beat
                     log.warning("worker liveness refresh failed: %s", exc)
-                try:
-                    await asyncio.wait_for(stop.wait(), self.cfg.heartbeat)
-                except asyncio.TimeoutError:
-                    pass
+                await race(asyncio.sleep(self.cfg.heartbeat), stop)
         finally:
-            try:
-                kv = await self.bus.kv(WORKERS_BUCKET)
-                await kv.delete(worker_key(self.pool, self.worker_id))
-            except Exception:  # noqa: BLE001 - the record expires after its TTL anyway
-                pass
+            await self._farewell()
+
+    async def _farewell(self) -> None:
+        async def delete() -> None:
+            kv = await self.bus.kv(WORKERS_BUCKET)
+            await kv.delete(worker_key(self.pool, self.worker_id))
+
+        gone = asyncio.Event()
+        asyncio.get_running_loop().call_later(FAREWELL_S, gone.set)
+        try:
+            await until_stopped(delete(), gone)
+        except Exception as exc:  # noqa: BLE001 - the record expires after its TTL anyway (Stopping: not within FAREWELL_S)
+            log.info("worker liveness entry not deleted at the stop (%s): it expires after its TTL", describe(exc))
 
     async def watch_stop(self, stop: asyncio.Event) -> None:
         await stop.wait()

@@ -34,8 +34,10 @@ from typing import Callable
 import msgspec
 
 from scf.bus import control
-from scf.bus.client import Bus
+from scf.bus.client import Bus, Throttle
 from scf.bus.errors import SCFError
+from scf.bus.reader import describe
+from scf.bus.runner import Stopping, race, until_stopped
 from scf.bus.signing import SigningKey
 
 log = logging.getLogger("scf.control_file")
@@ -102,6 +104,7 @@ class ControlFileWatcher:
         self.on_error = on_error or (lambda m: log.error("%s", m))
         self.sent = 0
         self._last_stat: tuple[int, int] | None = None
+        self._throttle = Throttle(5.0)
 
     def _sent_digest(self) -> str:
         try:
@@ -115,8 +118,11 @@ class ControlFileWatcher:
         tmp.write_text(digest)
         tmp.replace(self.state_file)
 
-    async def check(self) -> int:
-        """Send the file's commands if it changed since the last send; returns how many."""
+    async def check(self, stop: asyncio.Event | None = None) -> int:
+        """Send the file's commands if it changed since the last send; returns how many.
+        Each publish (its acknowledgement: 5 s with the server away) ends at `stop`
+        (`Stopping` raised): the version is then not remembered as sent, and the next run
+        sends it (all of its commands, as after a crash)."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
@@ -140,19 +146,26 @@ class ControlFileWatcher:
             body, headers = m.body, None
             if self.key is not None:
                 body, headers = control.sign_json(m.subject, m.payload, self.key)
-            ack = await self.bus.js.publish(m.subject, body, headers=headers)
+            ack = await until_stopped(self.bus.js.publish(m.subject, body, headers=headers), stop)
             log.info("%s: sent %s %s (CONTROL seq %s)", self.path, m.subject, body.decode(errors="replace"), ack.seq)
         self._remember(digest)
         self.sent += len(messages)
         return len(messages)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Check the file every `poll` s until `stop`; a check that fails (the server away:
+        a publish times out) is logged and tried again at the next poll, one that the stop
+        cuts ends the run (the file is sent by the next run)."""
         while not stop.is_set():
-            await self.check()
             try:
-                await asyncio.wait_for(stop.wait(), self.poll)
-            except asyncio.TimeoutError:
-                pass
+                await self.check(stop)
+            except Stopping:
+                log.warning("%s: stopped while sending its commands: the next run sends them", self.path)
+                break
+            except Exception as exc:  # noqa: BLE001 - the server away: the file is sent at a later check
+                self._last_stat = None  # looked at again at the next check
+                self._throttle.warn(log, "check", "%s: sending its commands failed (%s): tried again in %g s", self.path, describe(exc), self.poll)
+            await race(asyncio.sleep(self.poll), stop)
 
 
 __all__ = ["ControlFileWatcher", "parse", "Outgoing", "ControlFileError"]

@@ -225,10 +225,18 @@ async def one_pass(bus, settings, *, key, trust, opts: strike_mod.StrikeOptions,
 
 async def run_regiment(settings, bus, *, key, trust, cfg: RegimentSettings = RegimentSettings(),
                        stop: asyncio.Event, gate=None) -> None:
-    """Pass after pass at the gear's heartbeat until `stop`."""
+    """Pass after pass at the gear's heartbeat until `stop`. Every wait (a pass's strikes,
+    the progress record's KV put, the gear's read, the sleep between passes) ends at the
+    stop (`until_stopped`): a pass cut there is abandoned, and its strikes not completed are
+    struck by the next run (a strike's activity id is a function of its inputs: one
+    completed already is skipped, one cut is struck again with the same ids)."""
     from scf.bus.gears import read_gear, spec
+    from scf.bus.runner import Stopping, race, until_stopped
 
-    kv = await bus.kv("scf_state")
+    try:
+        kv = await until_stopped(bus.kv("scf_state"), stop)
+    except Stopping:
+        return
     state = Progress()
 
     async def progress(report: PassReport, paused: str = "") -> None:
@@ -236,31 +244,35 @@ async def run_regiment(settings, bus, *, key, trust, cfg: RegimentSettings = Reg
         state.statuses, state.paused = report.statuses(), paused
         state.decided_by = dict(report.decided_by) or state.decided_by
         try:
-            await kv.put(KEY_REGIMENT, msgspec.json.encode(state))
-        except Exception as exc:  # noqa: BLE001 - progress is a courtesy
+            await until_stopped(kv.put(KEY_REGIMENT, msgspec.json.encode(state)), stop)
+        except Exception as exc:  # noqa: BLE001 - progress is a courtesy (Stopping included: the pass ends at the stop)
             log.debug("regiment progress not written: %s", exc)
 
     opts = cfg.options()
     state.method = cfg.method
     while not stop.is_set():
-        if gate is not None and gate.engaged:
-            await progress(PassReport(), paused=gate.reason)
-        else:
-            state.pass_no += 1
-            state.started_at, state.finished_at = _now(), ""
-            report = await one_pass(bus, settings, key=key, trust=trust, opts=opts, concurrency=cfg.concurrency, gate=gate,
-                                    progress=progress, signed=cfg.require_signed_contracts)
-            state.finished_at = _now()
-            await progress(report)
-            if report.due:
-                log.info("regiment pass %d: %d contracts, %d due, %s in %.1f s; decided by %s", state.pass_no, report.contracts,
-                         report.due, report.statuses(), report.seconds,
-                         "; ".join(f"{k}: {v}" for k, v in sorted(report.decided_by.items())) or "-")
-        beat = cfg.heartbeat_s or spec((await read_gear(bus)).gear).heartbeat_s
         try:
-            await asyncio.wait_for(stop.wait(), beat)
-        except asyncio.TimeoutError:
-            pass
+            if gate is not None and gate.engaged:
+                await progress(PassReport(), paused=gate.reason)
+            else:
+                state.pass_no += 1
+                state.started_at, state.finished_at = _now(), ""
+                report = await until_stopped(one_pass(bus, settings, key=key, trust=trust, opts=opts, concurrency=cfg.concurrency,
+                                                      gate=gate, progress=progress, signed=cfg.require_signed_contracts), stop)
+                state.finished_at = _now()
+                await progress(report)
+                if report.due:
+                    log.info("regiment pass %d: %d contracts, %d due, %s in %.1f s; decided by %s", state.pass_no, report.contracts,
+                             report.due, report.statuses(), report.seconds,
+                             "; ".join(f"{k}: {v}" for k, v in sorted(report.decided_by.items())) or "-")
+            beat = cfg.heartbeat_s or spec((await until_stopped(read_gear(bus), stop)).gear).heartbeat_s
+        except Stopping:
+            if state.started_at and not state.finished_at:
+                log.warning("regiment: pass %d cut by the stop: its strikes not completed are struck by the next run", state.pass_no)
+            else:
+                log.info("regiment: a wait on the server (the progress record, the gear) cut by the stop")
+            break
+        await race(asyncio.sleep(beat), stop)
 
 
 def _now() -> str:

@@ -43,7 +43,7 @@ from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.events import DeployRequest, DeployRequested, DeployRollbackRequested, RollbackRequest
 from scf.bus.files import sha256_file
-from scf.bus.runner import Delivery, Runner
+from scf.bus.runner import Delivery, Runner, Stopping, race, until_stopped
 from scf.bus.signing import TrustList
 from scf.consumers import nodes as nodes_mod
 from scf.consumers.edge.control import ControlLoop, ControlSettings
@@ -183,10 +183,14 @@ class EdgeAgent:
         """Re-register every `register_every_s` until `stop` (a loop for `run_all`): a
         deleted or replayed entry is replaced by a fresh one within that."""
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.register_every_s)
-            except asyncio.TimeoutError:
-                await self.publish_status(getattr(self, "_status", "active" if self.store.state.current else "idle"))
+            await race(asyncio.sleep(self.settings.register_every_s), stop)
+            if stop.is_set():
+                break
+            try:  # a KV request and a put, 5 s each with the server away: ended by the stop
+                await until_stopped(self.publish_status(getattr(self, "_status", "active" if self.store.state.current else "idle")), stop)
+            except Stopping:
+                log.info("%s: registry entry not rewritten: cut by the stop", self.node)
+                break
 
     async def control(self, stop: asyncio.Event) -> None:
         """The control loop on `[edge] plant` until `stop` (a loop for `run_all`; nothing
@@ -209,10 +213,7 @@ class EdgeAgent:
                     plant = await open_plant(spec, control.site(), key=self.bus.key, decoder=TELEMETRY, plant_keys=self.settings.plant_keys)
             except PlantError as exc:
                 log.warning("%s: %s (retrying in 5 s)", self.node, exc)
-                try:
-                    await asyncio.wait_for(stop.wait(), 5.0)
-                except asyncio.TimeoutError:
-                    pass
+                await race(asyncio.sleep(5.0), stop)
                 continue
             try:
                 if grid:

@@ -16,6 +16,7 @@ import msgspec
 
 from scf.bus import events as ev
 from scf.bus.client import Bus
+from scf.bus.runner import Stopping, race, until_stopped
 from scf.consumers.edge.keys import node_ids, seal
 from scf.consumers.edge.store import Installed
 from scf.consumers.energy import calibration_problem, finite_kwh, measurement_event
@@ -70,10 +71,13 @@ class MeterReporter:
         self.poll_s = poll_s
         self.ids = node_ids(bus.key)  # measurement ids keyed with the node's secret (keys.seal)
 
-    async def report_files(self) -> int:
+    async def report_files(self, stop: asyncio.Event | None = None) -> int:
         """Publish every reading in `<dir>/meter/*.json` as a signed energy.measured; the
         file moves to meter/sent/ (or meter/bad/ when unreadable, out of range or without
-        passing M&V figures, with the reason in the log). Returns how many were sent."""
+        passing M&V figures, with the reason in the log). Returns how many were sent.
+        Each publish (its acknowledgement: 5 s with the server away) ends at `stop`
+        (`Stopping` raised): that reading stays in meter/ and is sent by the next run (its
+        id is derived: a reading the server did store is not stored twice)."""
         if self.bus.key is None:
             return 0
         sent = 0
@@ -107,7 +111,7 @@ class MeterReporter:
                 log.error("%s: meter file %s: %s: moved to meter/bad/", self.node, path, exc)
                 _move(path, self.dir / "bad")
                 continue
-            await self.bus.publish(seal(self.ids, event))
+            await until_stopped(self.bus.publish(seal(self.ids, event)), stop)
             _move(path, self.dir / "sent")
             sent += 1
         return sent
@@ -115,13 +119,13 @@ class MeterReporter:
     async def loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                await self.report_files()
+                await self.report_files(stop)
+            except Stopping:
+                log.info("%s: stopped while reporting meter readings: the rest are sent by the next run", self.node)
+                break
             except Exception as exc:  # noqa: BLE001 - a reading stays in meter/ and is sent next round
                 log.warning("%s: reporting meter readings failed (will retry): %s", self.node, exc)
-            try:
-                await asyncio.wait_for(stop.wait(), self.poll_s)
-            except asyncio.TimeoutError:
-                pass
+            await race(asyncio.sleep(self.poll_s), stop)
 
 
 def _move(path: Path, directory: Path) -> None:
