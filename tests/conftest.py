@@ -38,6 +38,30 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(var, "1")
 
 
+# The backstop behind pytest-timeout: its timeout (pyproject, 300 s) raises in the main thread
+# from SIGALRM, which cannot help if that thread never returns to Python (a hang seen once in
+# a worker's epoll_wait under heavy load, 17 min with no timeout). faulthandler's watchdog is
+# a C thread: past HARD_TIMEOUT_S it prints every thread's stack and ends the process (under
+# xdist the controller reports the worker's crash and goes on), so a hang fails one test
+# instead of the whole run's time limit. A test with a longer `timeout` mark gets that plus
+# the margin.
+HARD_TIMEOUT_S = 900
+HARD_MARGIN_S = 300
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import faulthandler
+
+    mark = item.get_closest_marker("timeout")
+    own = float(mark.args[0]) if mark and mark.args else 0.0
+    faulthandler.dump_traceback_later(max(HARD_TIMEOUT_S, own + HARD_MARGIN_S), exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
