@@ -958,8 +958,9 @@ class Bus:
         except (BucketNotFoundError, NotFoundError):
             raise StreamNotFound(f"KV bucket {bucket} does not exist: run `scf streams ensure`") from None
         except (NatsTimeout, asyncio.TimeoutError):
-            raise ServerError(f"KV bucket {bucket}: no answer from nats-server within {getattr(self.js, '_timeout', 5.0):g} s "
-                              "(a timeout, not a missing bucket): check the server (`scf status`)") from None
+            # short enough for the emergency gate's 120 characters of it
+            raise ServerError(f"KV bucket {bucket}: no answer from nats-server in {getattr(self.js, '_timeout', 5.0):g} s "
+                              "(a timeout, not a missing bucket): check it (`scf status`)") from None
         except (NoRespondersError, NoStreamResponseError):
             raise ServerError(f"KV bucket {bucket}: no JetStream answered (nats-server without JetStream, or restarting): "
                               "check its `-js` flag and its log, then try again", 503) from None
