@@ -819,9 +819,25 @@ async def close_bus(bus: Bus, timeout: float) -> list[str]:
         # more: a server that does not answer never does), and wait_for waits for that.
         # Closed hard instead (what was buffered is lost); the drain is cancelled.
         problems.append(f"the connection did not close within {timeout:g} s")
+        retrieve_gathered(closing)
         closing.cancel()
         closing.add_done_callback(lambda f: f.cancelled() or f.exception())
         asyncio.ensure_future(nc.close()).add_done_callback(lambda f: f.cancelled() or f.exception())
     elif not closing.cancelled() and closing.exception() is not None:
         problems.append(f"closing the connection: {describe(closing.exception())}")  # said once, not a traceback
     return problems
+
+
+def retrieve_gathered(task: asyncio.Task) -> None:
+    """nats-py's drain gathers its subscriptions' drains (`asyncio.gather`); cancelled, the
+    gathered future ends holding a CancelledError that nobody retrieves, and asyncio logs
+    it when the future is collected ('_GatheringFuture exception was never retrieved', a
+    traceback an operator reads as a crash). Each gathered future awaited down `task`'s
+    chain of coroutines has its outcome retrieved once it ends; nothing else is touched."""
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None)
+        for value in (frame.f_locals.values() if frame is not None else ()):
+            if isinstance(value, asyncio.Future) and type(value).__name__ == "_GatheringFuture":
+                value.add_done_callback(lambda f: f.cancelled() or f.exception())
+        awaited = getattr(awaited, "cr_await", None)
