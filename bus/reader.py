@@ -31,6 +31,7 @@ from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from scf.bus.client import Throttle
 from scf.bus.errors import SCFError, StreamNotFound
+from scf.bus.stopping import Stopping, until_stopped
 
 log = logging.getLogger("scf.reader")
 
@@ -354,18 +355,9 @@ class StreamReader:
             inactive_threshold=max(5.0, 2 * self.heartbeat),
         )
         try:
-            if stop is None:
-                return await self.js.add_consumer(self.stream, cfg)
-            request = asyncio.ensure_future(self.js.add_consumer(self.stream, cfg))
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait({request, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopper.cancel()
-                if not request.done():
-                    request.cancel()
-                    request.add_done_callback(lambda r: r.cancelled() or r.exception())  # nothing to report
-            return request.result() if request.done() else None
+            return await until_stopped(self.js.add_consumer(self.stream, cfg), stop)
+        except Stopping:
+            return None
         except NotFoundError:
             raise StreamNotFound(f"stream {self.stream} does not exist: run `scf streams ensure`") from None
 
