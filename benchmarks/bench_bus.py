@@ -238,26 +238,15 @@ async def main() -> None:
     ap.add_argument("--chunk", type=int, default=0, help="publish_many on slices of this many events (0: one call)")
     ap.add_argument("--only-fetch", action="store_true", help="only fetch + ack: SCF's Pull vs nats-py's fetch (CPU columns)")
     args = ap.parse_args()
-    if args.only_fetch:
+    if args.only_fetch or args.only_publish:  # one comparison, `--repeat` times, on its own server
         with tempfile.TemporaryDirectory() as d:
             server = ServerProcess(Path(d) / "main", free_port()).start()
             try:
                 bus = await Bus.connect(Settings(home=d, nats_url=server.url, source="bench"))
                 await ensure(bus.js)
                 for _ in range(args.repeat):
-                    print(json.dumps(await bench_fetch(bus, server.url, args.n)), flush=True)
-                await bus.close()
-            finally:
-                server.stop()
-        return
-    if args.only_publish:
-        with tempfile.TemporaryDirectory() as d:
-            server = ServerProcess(Path(d) / "main", free_port()).start()
-            try:
-                bus = await Bus.connect(Settings(home=d, nats_url=server.url, source="bench"))
-                await ensure(bus.js)
-                for _ in range(args.repeat):
-                    print(json.dumps(await bench_publish(bus, args.n, args.chunk)), flush=True)
+                    row = await (bench_fetch(bus, server.url, args.n) if args.only_fetch else bench_publish(bus, args.n, args.chunk))
+                    print(json.dumps(row), flush=True)
                 await bus.close()
             finally:
                 server.stop()
