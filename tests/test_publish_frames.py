@@ -13,7 +13,7 @@ from scf.bus import client
 from scf.bus import events as ev
 from scf.bus.client import MSG_ID, SCF_TYPE, header_block
 from scf.bus.errors import StreamNotFound
-from tests.conftest import stream_count
+from tests.conftest import stream_count, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -78,9 +78,13 @@ async def test_ack_many_acks_them_all_in_one_write(bus):
     with pytest.raises(MsgAlreadyAckdError):  # refused before anything is acked
         await ack_many(bus.nc, msgs)
     await ack_many(bus.nc, msgs[1:])
-    await bus.nc.flush()
-    info = await bus.js.consumer_info("INTENTS", "acks")
-    assert info.num_ack_pending == 0 and info.ack_floor.stream_seq == 20
+    await bus.nc.flush()  # the server has the acks; JetStream applies them to the consumer asynchronously
+
+    async def all_acked() -> bool:
+        info = await bus.js.consumer_info("INTENTS", "acks")
+        return info.num_ack_pending == 0 and info.ack_floor.stream_seq == 20
+
+    await wait_for(all_acked, 10, "the 19 acks of one write to be applied")
 
 
 def fossil(i: int) -> ev.FossilRecorded:
