@@ -32,8 +32,11 @@ test: $(VENV)/.installed
 
 # Without the `slow` tests (about 10 s or more each on a quiet 2-core machine: the demo, fault
 # injection loops, training, long runs of `scf` processes): the ones `make test` adds.
+# Four workers by default (FAST_WORKERS): its tests are short and mostly wait on processes;
+# on a quiet 2-core machine 4:23 against 6:21 with two (2026-12-02, benchmarks/RESULTS.md).
+FAST_WORKERS ?= 4
 test-fast: $(VENV)/.installed
-	$(PYTEST) -m "not slow and not long"
+	$(PY) -m pytest -q -n $(FAST_WORKERS) --dist loadfile -m "not slow and not long"
 
 # Everything, the model-quality and fine-tuning runs of many minutes included.
 test-all: $(VENV)/.installed
