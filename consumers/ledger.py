@@ -640,15 +640,22 @@ class Ledger:
     async def believed(self, checked: list) -> dict[str, dict[str, str] | None]:
         """`labels(node)` of every node that `decide_now` may credit in `checked`: those of
         its verified measurements signed by the node's own key (or by any trusted key when
-        `require_signer_is_node` is off)."""
-        keys, own = self.trust.keys, self.settings.require_signer_is_node
-        nodes: dict[str, None] = {}
-        for v in checked:
-            if isinstance(v, ev.EnergyMeasured):
-                entry = keys.get(v.kid or "")
-                if not own or (entry is not None and entry.name == v.data.node):
-                    nodes[v.data.node] = None
-        return {node: await self.labels(node) for node in nodes}
+        `require_signer_is_node` is off). The trust list may change while a label is read
+        (the trust view runs beside): the nodes are looked up again until none is missing,
+        so `decide_now`, which runs right after without an await, finds each it needs."""
+        out: dict[str, dict[str, str] | None] = {}
+        while True:
+            keys, own = self.trust.keys, self.settings.require_signer_is_node
+            missing: dict[str, None] = {}
+            for v in checked:
+                if isinstance(v, ev.EnergyMeasured) and v.data.node not in out:
+                    entry = keys.get(v.kid or "")
+                    if not own or (entry is not None and entry.name == v.data.node):
+                        missing[v.data.node] = None
+            if not missing:
+                return out
+            for node in missing:
+                out[node] = await self.labels(node)
 
     def decide_now(self, msg, verified, believed_of: dict[str, dict[str, str] | None]) -> Decided:
         """`decide` with the message verified (`verify_batch`'s result for it) and its node's
