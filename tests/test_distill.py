@@ -81,12 +81,13 @@ def test_the_ranking_loss_the_latent_average_and_mixed_fossils():
     teacher = tiny_teacher()
     _, x, c, _ = case9(160, seed=1)
     lines = []
-    plain, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=8))
+    plain, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=8, rank_weight=0.0, mix=0.0))  # the recipe without them
     ranked, stats = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=8, rank_weight=1.0, mix=0.5, log_every=4), log=lines.append)
     assert " rank " in lines[0] and math.isfinite(stats["rank"]) and stats["rank"] > 0
     assert not torch.equal(plain.blocks[0].fc1.weight, ranked.blocks[0].fc1.weight)
     seen = []
-    averaged, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=8, ema=0.9, log_every=4), monitor=lambda step, m: seen.append(m))
+    averaged, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=8, rank_weight=0.0, mix=0.0, ema=0.9, log_every=4),
+                               monitor=lambda step, m: seen.append(m))
     assert seen[-1] is averaged  # the average is what the monitor saw and what was frozen
     for layer in bit_layers(averaged).values():
         assert set(torch.unique(layer.weight.detach() / layer.wscale).tolist()) <= {-1.0, 0.0, 1.0}
