@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-from urllib.parse import urlparse
 
 import nats
 import pytest
@@ -21,6 +19,7 @@ from scf.bus.server import ServerProcess, free_port
 from scf.bus.settings import Settings
 from scf.bus.streams import ConsumerSpec, ensure
 from tests.conftest import wait_for
+from tests.test_attack_headers import POISON_HEADERS, raw_publish
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -90,20 +89,6 @@ def spec(durable: str, max_deliver: int = 3, ack_wait: float = 30.0) -> Consumer
     return ConsumerSpec("INTENTS", durable, ("intent.created.>",), ack_wait=ack_wait, max_deliver=max_deliver)
 
 
-def raw_hpub(url: str, subject: str, headers: bytes, body: bytes) -> None:
-    """What a client of its own sends: the protocol, no library checks."""
-    u = urlparse(url)
-    with socket.create_connection((u.hostname, u.port or 4222), timeout=10) as s:
-        s.recv(4096)  # INFO
-        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
-        s.sendall(b"HPUB %s %d %d\r\n%s%s\r\nPING\r\n" % (subject.encode(), len(headers), len(headers) + len(body), headers, body))
-        got = b""
-        while b"PONG" not in got:
-            chunk = s.recv(4096)
-            assert chunk, "the server closed the connection"
-            got += chunk
-
-
 async def test_raw_sink_and_nats_py_receive_the_same_bytes_huge_small_malformed(bus, settings):
     """Messages of every size (empty, one byte, around the 32 KiB read and the 64 KiB
     gathering thresholds, the server's max_payload), with and without headers, one with a malformed header
@@ -139,7 +124,7 @@ async def test_raw_sink_and_nats_py_receive_the_same_bytes_huge_small_malformed(
             await bus.nc.publish(f"rx.test.{i}", body, reply=f"reply.{i}" if i % 3 else "", headers=hdr)
             sent.append(body)
         await bus.nc.flush()  # ours out before the raw one
-        raw_hpub(settings.nats_url, "rx.test.bad", b"XXXX\r\n\r\n", b"body")
+        raw_publish(settings.nats_url, "rx.test.bad", POISON_HEADERS, b"body")
         await wait_for(lambda: len(ours) == len(sizes) + 1 and len(theirs) == len(sizes) + 1, 30, "every message")
         # one publisher's messages come in its order on either connection; the raw publisher's
         # one (another connection) is not ordered against them: seen once passing a big one

@@ -38,6 +38,17 @@ def case9(n: int, seed: int = 0):
     return d, np.stack([s.state for s in samples]), np.stack([s.context for s in samples]), np.array([s.energy for s in samples])
 
 
+def recorded_fossils(d, x, c, cost) -> list[ev.FossilRecorded]:
+    """`fossil.recorded` events of the sampled (state, context, energy) rows, as ingest writes them."""
+    out = []
+    for s_x, s_c, e in zip(x, c, cost):
+        content = ev.FossilContent(domain=d.name, context=s_c.tolist(), state=s_x.tolist(), energy=float(e), observed_at=ev.utcnow(),
+                                   provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))  # fmt: skip
+        f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
+        out.append(ev.FossilRecorded.new(f, source="ingest"))
+    return out
+
+
 def tiny_teacher(steps: int = 40):
     d, x, c, _ = case9(200)
     torch.manual_seed(0)
@@ -124,13 +135,7 @@ async def test_distilled_on_the_bus_judged_against_the_teacher_and_promoted_to_e
     from scf.bus.artifacts import open_store
 
     d, x, c, cost = case9(240, seed=3)
-    recorded = []
-    for s_x, s_c, e in zip(x, c, cost):
-        content = ev.FossilContent(domain=d.name, context=s_c.tolist(), state=s_x.tolist(), energy=float(e), observed_at=ev.utcnow(),
-                                   provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))  # fmt: skip
-        f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
-        recorded.append(ev.FossilRecorded.new(f, source="ingest"))
-    await bus.publish_many(recorded)
+    await bus.publish_many(recorded_fossils(d, x, c, cost))
     teacher = tiny_teacher()
     tpath = save_checkpoint(tmp_path / "teacher.safetensors", teacher, lineage={"test": True}, metrics={})
     ref = await open_store(bus, settings).put(tpath, "grid_case9/teacher.safetensors")

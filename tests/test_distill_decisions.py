@@ -18,7 +18,7 @@ from scf.ml.checkpoint import save_checkpoint
 from scf.ml.distill import decision_reasons, distill_ebdm, export_student, judge_student, make_student
 from scf.ml.ternary import freeze
 from scf.producers.verify import CheckpointVerifier, VerifySettings
-from tests.test_distill import FEW, case9, tiny_teacher
+from tests.test_distill import FEW, case9, recorded_fossils, tiny_teacher
 
 ANY_QUALITY = {"max_dsm_ratio": 10.0, "min_rank_corr": -1.0}  # judged on decisions alone
 
@@ -116,13 +116,7 @@ async def test_the_verifier_refuses_a_student_that_decides_worse_than_its_teache
     from scf.bus.artifacts import open_store
 
     d, x, c, cost = case9(1200, seed=3)
-    fossils = []
-    for s_x, s_c, e in zip(x, c, cost):
-        content = ev.FossilContent(domain=d.name, context=s_c.tolist(), state=s_x.tolist(), energy=float(e), observed_at=ev.utcnow(),
-                                   provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))  # fmt: skip
-        f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
-        fossils.append(ev.FossilRecorded.new(f, source="ingest"))
-    await bus.publish_many(fossils)
+    await bus.publish_many(recorded_fossils(d, x, c, cost))
     teacher = tiny_teacher()
     store = open_store(bus, settings)
     tref = await store.put(save_checkpoint(tmp_path / "teacher.safetensors", teacher, lineage={}, metrics={}), "grid_case9/teacher.safetensors")
