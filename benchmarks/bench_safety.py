@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -40,16 +42,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scf import domains  # noqa: E402
+from scf.bus import codec, gears  # noqa: E402
 from scf.bus import events as ev  # noqa: E402
-from scf.bus import gears  # noqa: E402
 from scf.bus.client import Bus  # noqa: E402
 from scf.bus.server import ServerProcess, free_port  # noqa: E402
 from scf.bus.settings import Settings, init_home  # noqa: E402
 from scf.bus.streams import ConsumerSpec, ensure  # noqa: E402
-from scf.consumers.safety import GateView, SafetyGate, SafetySettings, decide  # noqa: E402
+from scf.consumers.safety import GateView, SafetyGate, SafetySettings, decide, decide_workers  # noqa: E402
 
 CORPUS = ROOT / "tests" / "data" / "ethics"
 
@@ -81,13 +84,38 @@ def mixed(n: int) -> list[ev.Event]:
     return out
 
 
-async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int, durable: str, batched: bool = True) -> tuple[float, float]:
-    """(wall s, CPU s) from the runner's start until it has handled every event: the same
-    window for both (connecting, reading the rules and the gear, closing are outside it, as
-    they are outside the floor's)."""
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def proc_cpu(pid: int) -> float | None:
+    """A process's CPU seconds so far (Linux /proc; None elsewhere)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int, durable: str, batched: bool = True,
+                   workers: int = 0) -> tuple[float, float, float]:
+    """(wall s, CPU s of this process, CPU s of its decide workers) from the runner's start
+    until it has handled every event: the same window for all (connecting, reading the rules
+    and the gear, forking the workers, closing are outside it, as they are outside the
+    floor's; the workers' CPU is read when they have exited: they do nothing outside the
+    window but start and stop)."""
     bus = await Bus.connect(settings, "bench-gate")
-    gate = SafetyGate(bus, SafetySettings(concurrency=concurrency))
+    gate = SafetyGate(bus, SafetySettings(concurrency=concurrency, decide_workers=workers))
     await gate.start()
+    kids0 = children_cpu()
     spec = ConsumerSpec("INTENTS", durable, ("intent.>", "code.>", "state.>"))
     runner = gate.runner(spec)
     runner.batched = batched  # False: the runner's per-message path (what the gate ran before it was batched)
@@ -101,15 +129,17 @@ async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int,
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     stop.set()
     await task
-    await gate.stop()
+    await gate.stop()  # reaps the workers: their CPU is in RUSAGE_CHILDREN from here
     await bus.close()
-    return dt, cpu
+    return dt, cpu, children_cpu() - kids0
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=2, help="gate runs per concurrency, each between two floor runs")
+    ap.add_argument("--workers", default="0,auto",
+                    help="decide workers to run the gate with at concurrency 8, comma-separated (auto: what `decide_workers = -1` gives here)")
     ap.add_argument("--per-message", action="store_true", help="also run the gate on the runner's per-message path (the gate before batching)")
     args = ap.parse_args()
     events = mixed(args.n)
@@ -134,12 +164,19 @@ async def main() -> None:
             decide(view, e)
         per_type[cls.type_name()] = len(sub) / (time.perf_counter() - t)
 
-    modes = [True, False] if args.per_message else [True]
-    # (batched, concurrency) -> [(gate s, floor s, gate cpu, floor cpu)]
-    results: dict[tuple[bool, int], list[tuple[float, float, float, float]]] = {(b, c): [] for b in modes for c in (1, 8)}
+    auto = decide_workers(SafetySettings(concurrency=8))
+    pools = sorted({auto if w == "auto" else int(w) for w in args.workers.split(",")})
+    # (batched, concurrency, decide workers); the per-message path and concurrency 1 rule in the loop
+    configs = [(True, 1, 0)] + [(True, 8, w) for w in pools]
+    if args.per_message:
+        configs += [(False, 1, 0), (False, 8, 0)]
+    # config -> [(gate s, floor s, gate cpu, floor cpu, workers' cpu, server cpu)]
+    results: dict[tuple[bool, int, int], list[tuple[float, float, float, float, float, float]]] = {c: [] for c in configs}
     decisions: dict[str, int] = {}
-    # a fresh server per run: verdict ids derive from the events (dedup); modes interleaved
-    for conc, batched in [(c, b) for c in (1, 8) for _ in range(args.rounds) for b in modes]:
+    rulings: set[str] = set()  # a digest of every run's verdicts: the same in every configuration
+    loads = []
+    # a fresh server per run: verdict ids derive from the events (dedup); configurations interleaved
+    for _, (batched, conc, workers) in [(r, c) for r in range(args.rounds) for c in configs]:
         tmp = Path(tempfile.mkdtemp(prefix="bench-safety-"))
         server = ServerProcess(tmp / "nats", free_port()).start()
         try:
@@ -150,39 +187,54 @@ async def main() -> None:
             await (await bus.kv("scf_context")).put("grid.state", b"normal")
             await gears.write_gear(bus, gears.GearState(gear="ACCELERATED"))
             await bus.publish_many(events)
+            loads.append(os.getloadavg()[0])
             before = floor_run()
-            gate_s, gate_cpu = await run_gate(settings, events, conc, f"bench-safety-{conc}", batched)
+            s0 = proc_cpu(server.proc.pid)
+            gate_s, gate_cpu, kids_cpu = await run_gate(settings, events, conc, f"bench-safety-{conc}", batched, workers)
+            s1 = proc_cpu(server.proc.pid)
             after = floor_run()
-            results[(batched, conc)].append((gate_s, (before[0] + after[0]) / 2, gate_cpu, (before[1] + after[1]) / 2))
+            results[(batched, conc, workers)].append((gate_s, (before[0] + after[0]) / 2, gate_cpu, (before[1] + after[1]) / 2,
+                                                      kids_cpu, (s1 - s0) if s0 is not None and s1 is not None else float("nan")))
             info = await bus.js.stream_info("VERDICTS")
             assert info.state.messages == len(events), info.state.messages
+            sub = await bus.js.subscribe("verdict.>", stream="VERDICTS", ordered_consumer=True)
+            verdicts = [codec.decode((await sub.next_msg(timeout=5)).data).data for _ in range(len(events))]
+            digest = hashlib.sha256()
+            for body in sorted(msgspec.json.encode(v) for v in verdicts):
+                digest.update(body)
+            rulings.add(digest.hexdigest())
             if not decisions:
-                sub = await bus.js.subscribe("verdict.>", stream="VERDICTS", ordered_consumer=True)
-                for _ in range(len(events)):
-                    m = await sub.next_msg(timeout=5)
-                    k = m.subject.split(".", 1)[1]
+                for v in verdicts:
+                    k = f"{v.subject_type}.{v.decision.lower()}"
                     decisions[k] = decisions.get(k, 0) + 1
             await bus.close()
         finally:
             server.stop()
-
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, load {os.getloadavg()[0]:.2f}")
-    print(f"stream: {args.n} events (40 % intents, 40 % code, 20 % states); verdicts: "
+    assert len(rulings) == 1, f"the verdicts differ between configurations: {len(rulings)} digests"
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cores()} usable), Python {platform.python_version()}, "
+          f"load average {min(loads):.1f}-{max(loads):.1f} at the runs' starts (median {statistics.median(loads):.1f})")
+    print(f"stream: {args.n} events (40 % intents, 40 % code, 20 % states); verdicts (the same in every run): "
           + ", ".join(f"{k} {v}" for k, v in sorted(decisions.items())))
     print()
-    print("| measure | verdicts/s | vs decide floor (median of runs; each run against its own floors) | CPU µs/verdict | CPU vs floor |")
-    print("|---|---|---|---|---|")
-    fl = args.n / floor
-    print(f"| decide floor (pure, no NATS), first run | {fl:,.0f} | 1.00× | {floor_cpu / args.n * 1e6:.0f} | 1.00× |")
-    for (batched, conc), runs in results.items():
-        ratios = sorted(f / g for g, f, _, _ in runs)
-        cpu = sorted(fc / gc for _, _, gc, fc in runs)
-        rates = ", ".join(f"{args.n / g:,.0f}" for g, _, _, _ in runs)
-        floors = ", ".join(f"{args.n / f:,.0f}" for _, f, _, _ in runs)
+    print("Wall: verdicts/s against the floor measured right before and after the run. CPU: the floor's CPU over the "
+          "gate's (this process plus its decide workers; the server's not counted, shown apart).")
+    print()
+    print("| measure | verdicts/s (floors) | wall vs floor, median (runs) | CPU µs/verdict: gate + workers | CPU vs floor, median (runs) | server CPU µs/verdict |")
+    print("|---|---|---|---|---|---|")
+    print(f"| decide floor (pure, no NATS, one process), first run | {args.n / floor:,.0f} | 1.00× | {floor_cpu / args.n * 1e6:.0f} | 1.00× | |")
+    for (batched, conc, workers), runs in results.items():
+        ratios = sorted(f / g for g, f, *_ in runs)
+        cpu = sorted(fc / (gc + kc) for _, _, gc, fc, kc, _ in runs)
+        rates = ", ".join(f"{args.n / r[0]:,.0f}" for r in runs)
+        floors = ", ".join(f"{args.n / r[1]:,.0f}" for r in runs)
         how = "batched (`scf run safety`)" if batched else "per-message runner (before)"
-        print(f"| gate, {how}, concurrency {conc} | {rates} (floors {floors}) | **{statistics.median(ratios):.2f}×** "
-              f"({', '.join(f'{r:.2f}' for r in ratios)}) | {statistics.median([gc for _, _, gc, _ in runs]) / args.n * 1e6:.0f} | "
-              f"{statistics.median(cpu):.2f}× |")
+        where = f"{workers} decide workers" if workers else "decide in the loop"
+        gc = statistics.median([r[2] for r in runs]) / args.n * 1e6
+        kc = statistics.median([r[4] for r in runs]) / args.n * 1e6
+        sc = statistics.median([r[5] for r in runs]) / args.n * 1e6
+        print(f"| gate, {how}, concurrency {conc}, {where} | {rates} ({floors}) | **{statistics.median(ratios):.2f}×** "
+              f"({', '.join(f'{r:.2f}' for r in ratios)}) | {gc:.0f} + {kc:.0f} | {statistics.median(cpu):.2f}× "
+              f"({', '.join(f'{r:.2f}' for r in cpu)}) | {sc:.0f} |")
     for name, rate in per_type.items():
         print(f"| decide floor, {name} only | {rate:,.0f} | | | |")
 

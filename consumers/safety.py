@@ -27,15 +27,22 @@ rules on the gear in force, which is what the operator last asked for.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
+import os
+import select
+import signal
+import socket
+import struct
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import msgspec
 
+from scf.bus import codec, gears
 from scf.bus import events as ev
-from scf.bus import gears
 from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.ids import derived_id
@@ -49,6 +56,8 @@ log = logging.getLogger("scf.safety")
 SAFETY_CONSUMER: ConsumerSpec = CONSUMERS["safety"]
 CODEC = Codec([ev.IntentCreated, ev.CodeProposed, ev.StateProposed])
 BATCH = 128  # messages fetched and ruled together; their verdicts are published together
+TURN_S = 0.005  # ruling in the loop: at most this long between two turns of the event loop
+FLUSH_S = 0.003  # a decide worker: at most this long between an answer and its sending
 
 
 class SafetySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +67,10 @@ class SafetySettings(msgspec.Struct, frozen=True, kw_only=True):
     sandbox_roots: list[str] = msgspec.field(default_factory=lambda: ["/sandbox", "/tmp/scf-sandbox"])
     max_code_bytes: int = 512_000
     concurrency: int = 8  # messages ruled at once (publishing overlaps; the analysis is CPU)
+    # `decide` in forked worker processes beside the event loop (DecidePool): -1 = one per
+    # CPU this process may use when it may use two or more, else none; 0 = in the loop.
+    # Only with concurrency > 1 (at 1 the gate rules in order, one at a time: in the loop)
+    decide_workers: int = -1
     context_bucket: str = "scf_context"
     # generated code in the sandbox (domains/sandbox.py, docs/codegen.md)
     sandbox: bool = True  # score code that names a domain; false = the static gate only
@@ -202,6 +215,12 @@ def decide(view: GateView, event: ev.Event, *, source: str = "safety", sandbox=N
     return [ev.VerdictIssued.new(verdict, source=source, cause=event)]
 
 
+def _wire(event: ev.Event, delivery: Delivery | None) -> bytes:
+    """The event's bytes as received (what the runner decoded), for a decide worker."""
+    data = getattr(getattr(delivery, "msg", None), "data", None)
+    return data if isinstance(data, (bytes, bytearray, memoryview)) and data else codec.encode(event)
+
+
 def evaluate_code(code: str, trial, limits, isolation: str = "auto"):
     """The sandbox run of a code proposal; an unknown domain or a sandbox that cannot start is a
     failed run (default deny), never an exception."""
@@ -212,6 +231,245 @@ def evaluate_code(code: str, trial, limits, isolation: str = "auto"):
         return sandbox.evaluate(code, trial, limits, isolation=isolation)
     except DomainError as exc:
         return sandbox.SandboxResult(False, str(exc), {}, isolation)
+
+
+# --------------------------------------------------------------------------- decide off the loop
+
+
+_FRAME = struct.Struct("!IcQ")  # length of what follows the length, kind, task id
+_ENC = msgspec.msgpack.Encoder()
+_VERDICTS = msgspec.msgpack.Decoder(list[ev.VerdictIssued])
+_RULING = msgspec.msgpack.Decoder(Ruling)
+_VIEW = msgspec.msgpack.Decoder(tuple[str, dict[str, Any]])
+
+
+class DecideWorkerError(RuntimeError):
+    """A decide worker died with rulings in hand: they are failed (the runner retries them)."""
+
+
+def decide_workers(config: SafetySettings) -> int:
+    """How many decide workers `config` asks for on this host (see `SafetySettings.decide_workers`)."""
+    if config.concurrency <= 1:
+        return 0
+    if config.decide_workers >= 0:
+        return config.decide_workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return min(cores, config.concurrency, 8) if cores >= 2 else 0
+
+
+class DecidePool:
+    """`decide` in forked worker processes: the gate's CPU (AST analysis, rules, physics)
+    beside the event loop, which keeps receiving, publishing and acking.
+
+    Forked from the gate after its view is loaded, so a worker has the rules and the ethics
+    configuration as the gate has them (nothing is pickled); a task is the message's bytes as
+    received (the worker decodes them with the gate's codec), the answer the verdict events
+    (msgpack). The view's gear and facts travel as a frame before the first task that was
+    handed over under them: every worker rules each message on the view the gate held when
+    the message was handled — what `decide` in the loop does. A worker that dies fails the
+    rulings it held (`DecideWorkerError`: the runner naks them, as any failed handler) and
+    the pool goes on with the others; with none left, the gate rules in the loop again."""
+
+    def __init__(self, view: GateView, workers: int, source: str) -> None:
+        self.view, self.workers, self.source = view, workers, source
+        self._procs: list[_Worker] = []
+        self._seq = 0
+
+    async def start(self) -> "DecidePool":
+        parents: list[socket.socket] = []
+        for i in range(self.workers):
+            parent, child = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns
+                parent.close()
+                _worker_main(child, self.view, self.source, [p.fileno() for p in parents])
+            child.close()
+            parents.append(parent)
+            reader, writer = await asyncio.open_unix_connection(sock=parent, limit=1 << 24)
+            w = _Worker(i, pid, reader, writer)
+            w.task = asyncio.create_task(self._read(w))
+            self._procs.append(w)
+        log.info("safety gate: %d decide workers (pids %s)", self.workers, ", ".join(str(w.pid) for w in self._procs))
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return any(w.alive for w in self._procs)
+
+    async def decide(self, view: GateView, data: bytes) -> list[ev.VerdictIssued]:
+        return _VERDICTS.decode(await self._ask(view, b"D", data))
+
+    async def static(self, view: GateView, data: bytes) -> Ruling:
+        """`rule_code` for the proposal in `data` (the sandbox path: the runner side runs the sandbox)."""
+        return _RULING.decode(await self._ask(view, b"S", data))
+
+    async def _ask(self, view: GateView, kind: bytes, data: bytes) -> bytes:
+        w = min((w for w in self._procs if w.alive), key=lambda w: len(w.pending))
+        if not w.out:  # the frames handed over in this turn of the loop go out in one write
+            asyncio.get_running_loop().call_soon(self._flush, w)
+        if w.view is not view:  # the gear or the facts changed since this worker's last task
+            body = _ENC.encode((view.gear, dict(view.facts)))
+            w.out += _FRAME.pack(_FRAME.size - 4 + len(body), b"V", 0)
+            w.out += body
+            w.view = view
+        self._seq += 1
+        fut = asyncio.get_running_loop().create_future()
+        w.pending[self._seq] = fut
+        w.out += _FRAME.pack(_FRAME.size - 4 + len(data), kind, self._seq)
+        w.out += data
+        return await fut
+
+    @staticmethod
+    def _flush(w: "_Worker") -> None:
+        out, w.out = w.out, bytearray()
+        if out and w.alive and not w.writer.is_closing():
+            w.writer.write(out)
+
+    async def _read(self, w: "_Worker") -> None:
+        head = _FRAME.size
+        try:
+            while True:
+                size, kind, seq = _FRAME.unpack(await w.reader.readexactly(head))
+                body = await w.reader.readexactly(size - head + 4)
+                fut = w.pending.pop(seq, None)
+                if fut is None or fut.done():
+                    continue
+                if kind == b"E":
+                    fut.set_exception(_rebuilt(body.decode()))
+                else:
+                    fut.set_result(body)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            w.alive = False
+            status = _reap(w, 0)
+            if w.pending:
+                log.error("safety gate: decide worker %d (pid %d) is gone (%s) with %d rulings in hand: they are retried%s",
+                          w.index, w.pid, status, len(w.pending), "" if self.alive else "; ruling in the loop from now on")
+            for fut in w.pending.values():
+                if not fut.done():
+                    fut.set_exception(DecideWorkerError(f"decide worker {w.index} (pid {w.pid}) is gone ({status})"))
+            w.pending.clear()
+
+    async def close(self) -> None:
+        for w in self._procs:
+            w.writer.close()  # the worker reads the end of its input and exits
+        deadline = time.monotonic() + 5
+        for w in self._procs:
+            while _reap(w, os.WNOHANG) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if _reap(w, os.WNOHANG) is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+                _reap(w, 0)
+            w.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await w.task
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    pid: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    task: asyncio.Task | None = None
+    pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    view: GateView | None = None
+    out: bytearray = field(default_factory=bytearray)  # frames not written yet
+    alive: bool = True
+    exit: str = ""  # how it ended, once reaped
+
+
+def _reap(w: "_Worker", flags: int) -> str | None:
+    """The worker's exit as words once it has exited (reaped once, remembered), else None."""
+    if w.exit:
+        return w.exit
+    try:
+        got, status = os.waitpid(w.pid, flags)
+    except ChildProcessError:
+        w.exit = "exited"
+        return w.exit
+    if got == 0:
+        return None
+    w.exit = f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.waitstatus_to_exitcode(status)}"
+    return w.exit
+
+
+def _rebuilt(error: str) -> Exception:
+    """The worker's exception, as the runner would have seen it in the loop ("Type: message")."""
+    name, _, message = error.partition(": ")
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        with contextlib.suppress(Exception):
+            return cls(message)
+    return type(name if name.isidentifier() else "DecideError", (RuntimeError,), {})(message)
+
+
+def _worker_main(sock: socket.socket, base: GateView, source: str, others: list[int]) -> None:
+    """A decide worker's life (a forked child): tasks in, verdicts out, until its input ends.
+    Answers go back together: when nothing more is waiting to be ruled, or `FLUSH_S` after the
+    oldest unsent one (fewer wake-ups of the gate, and verdicts settled in larger waves).
+    Never returns: `os._exit`, so nothing of the parent's (its event loop, its connection,
+    atexit handlers) runs here."""
+    code = 0
+    try:
+        for fd in others:  # the other workers' parent ends: theirs must see EOF when the gate goes
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the gate's to handle; the end of input ends this
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        view = base
+        head = _FRAME.size
+        buf = bytearray()
+        pos = 0  # where the next frame starts in buf
+        out = bytearray()
+        oldest = 0.0  # when the oldest answer in `out` was ready
+
+        def complete() -> bool:
+            return len(buf) - pos >= head and len(buf) - pos >= _FRAME.unpack_from(buf, pos)[0] + 4
+
+        while True:
+            while not complete():
+                if out and not select.select([sock], [], [], 0)[0]:  # nothing else to rule now
+                    sock.sendall(out)
+                    out = bytearray()
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise EOFError
+                del buf[:pos]
+                pos = 0
+                buf += data
+            size, kind, seq = _FRAME.unpack_from(buf, pos)
+            body = bytes(buf[pos + head:pos + size + 4])
+            pos += size + 4
+            if kind == b"V":
+                gear, facts = _VIEW.decode(body)
+                view = replace(base, gear=gear, facts=facts)
+                continue
+            try:
+                event = CODEC.decode(body)
+                answer = _ENC.encode(rule_code(view, event.data) if kind == b"S" else decide(view, event, source=source))
+                reply = b"R"
+            except Exception as exc:  # noqa: BLE001 - handed to the gate's handler, which raises it
+                answer, reply = f"{type(exc).__name__}: {exc}".encode(), b"E"
+            now = time.monotonic()
+            if not out:
+                oldest = now
+            out += _FRAME.pack(head - 4 + len(answer), reply, seq)
+            out += answer
+            if now - oldest >= FLUSH_S:
+                sock.sendall(out)
+                out = bytearray()
+    except EOFError:  # the gate closed its end: done
+        pass
+    except BaseException:  # noqa: BLE001 - the gate sees the worker gone and retries what it held
+        code = 1
+    finally:
+        os._exit(code)
 
 
 # --------------------------------------------------------------------------- the process
@@ -231,6 +489,8 @@ class SafetyGate:
         self._tasks: list[asyncio.Task] = []
         self._sandboxes = asyncio.Semaphore(max(1, self.config.sandbox_runs))
         self.ruled = 0
+        self.pool: DecidePool | None = None  # decide off the loop (start(); `decide_workers`)
+        self._turn = time.perf_counter()  # the last time ruling in the loop let the loop run
 
     async def start(self) -> "SafetyGate":
         """Read the gear and the facts (and keep watching them) before the first ruling."""
@@ -244,6 +504,8 @@ class SafetyGate:
             asyncio.create_task(self._watch_facts(facts_watch, facts_ready)),
         ]
         await asyncio.wait_for(asyncio.gather(gear_ready.wait(), facts_ready.wait()), 10)
+        if (n := decide_workers(self.config)) > 0:
+            self.pool = await DecidePool(self.view, n, self.bus.source).start()
         log.info("safety gate: gear %s, %d context facts, rules %s", self.view.gear, len(self._facts), self.view.rules.source)
         return self
 
@@ -253,6 +515,9 @@ class SafetyGate:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            await pool.close()
 
     async def _watch_gear(self, watcher, ready: asyncio.Event) -> None:
         while True:
@@ -281,11 +546,21 @@ class SafetyGate:
     async def handle(self, event: ev.Event, delivery: Delivery) -> list[ev.Event]:
         result = static = None
         view = self.view
+        pool = self.pool if self.pool is not None and self.pool.alive else None
         if isinstance(event, ev.CodeProposed) and self.config.sandbox and event.data.domain:
-            static = rule_code(view, event.data)
+            static = await pool.static(view, _wire(event, delivery)) if pool else rule_code(view, event.data)
             if static.decision == "APPROVE":
                 result = await self._run_sandbox(event.data, delivery)
-        out = decide(view, event, source=self.bus.source, sandbox=result, static=static)
+            out = decide(view, event, source=self.bus.source, sandbox=result, static=static)
+        elif pool is not None:
+            out = await pool.decide(view, _wire(event, delivery))
+        else:
+            out = decide(view, event, source=self.bus.source)
+            if time.perf_counter() - self._turn > TURN_S:
+                # ruling in the loop holds it: let it run now and then (the batch taken
+                # ahead is asked for, the last wave's verdicts go out, their acks come in)
+                await asyncio.sleep(0)
+                self._turn = time.perf_counter()
         if log.isEnabledFor(logging.INFO):
             for v in out:
                 d = v.data
@@ -313,7 +588,10 @@ class SafetyGate:
     def runner(self, spec: ConsumerSpec = SAFETY_CONSUMER) -> Runner:
         # batched: a fetched batch's verdicts are published together (one wait for the
         # server's acks per batch, not per message), then its inputs are acked
-        return Runner(self.bus, spec, self.handle, decode=lambda m: CODEC.decode(m.data), concurrency=self.config.concurrency,
+        # with decide workers a whole batch is handed to them at once (concurrency > 1 keeps
+        # no order in any case): the workers stay busy and the verdicts settle in large waves
+        concurrency = self.config.concurrency if self.pool is None else max(self.config.concurrency, BATCH)
+        return Runner(self.bus, spec, self.handle, decode=lambda m: CODEC.decode(m.data), concurrency=concurrency,
                       batched=True, batch=BATCH)
 
     async def run(self, stop: asyncio.Event, spec: ConsumerSpec = SAFETY_CONSUMER) -> None:
@@ -332,4 +610,4 @@ async def serve(bus: Bus, config: SafetySettings | None = None, stop: asyncio.Ev
     await run_all(bus, [gate.run], stop)
 
 
-__all__ = ["SafetySettings", "GateView", "Ruling", "decide", "rule_intent", "rule_code", "rule_sandbox", "rule_state", "evaluate_code", "SafetyGate", "serve"]
+__all__ = ["SafetySettings", "GateView", "Ruling", "decide", "rule_intent", "rule_code", "rule_sandbox", "rule_state", "evaluate_code", "SafetyGate", "DecidePool", "DecideWorkerError", "decide_workers", "serve"]
