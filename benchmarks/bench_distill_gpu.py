@@ -33,6 +33,21 @@ R. grid:case118 (`--recipes-domain`) at hidden `--wide`, recipes compared (`--va
 
     python3 benchmarks/bench_distill_gpu.py --parts R --variants "old;rank:rank_weight=1" --device cuda
 
+D. grid:case118's default-recipe student's decisions, PAIRED with its teacher's: the teacher
+   and one student as in part R (the student judged, written as its 2-bit file and read back:
+   that file decides), then `--decisions` contexts (the held-out split, then fresh draws of
+   the synthesiser) sampled on the device by both with the same noise, `--decision-batch` at
+   once, while a pool of `--processes` - 2 CPU processes makes the contexts and their exact
+   optimum (HiGHS; started while the device trains) and repairs and measures each chunk's
+   decisions (`ml.distill.decision_outcome`). Reported as part B: the paired differences of
+   gap and savings captured with 95 % intervals (`ml.distill.paired_summary`), the one-sided
+   no-worse-by-0.1 pp verdicts, feasibility and repair fallbacks, and on the first
+   `--noise-decisions` contexts the teacher against itself (unpaired). Budget-aware: no chunk
+   starts that cannot be measured before 93 % of `--budget-s`; the student's distillation
+   stops at `--distill-share` of it.
+
+    python3 benchmarks/bench_distill_gpu.py --parts D --device cuda --fossils-118 5000 --teacher-steps 1200 --steps-118 2500 --decisions 32768
+
 Prints each number as it comes and one JSON line at the end; writes the JSON to
 $OUT/ternary.json (or `--json`) after every part.
 """
@@ -232,6 +247,232 @@ def compare_recipes(args, row: dict, work: Path, save, elapsed, started_wall: fl
                   f"{100 * f['ternary_share']:>7.2f}% {r['file_ratio']:>7.4f}")  # fmt: skip
 
 
+_DOMAINS: dict = {}
+
+
+def _domain(name: str):
+    if name not in _DOMAINS:
+        from scf import domains
+
+        _DOMAINS[name] = domains.get(name)
+    return _DOMAINS[name]
+
+
+def _held_out_job(domain_name: str, x, c) -> tuple:
+    """Part D, in a worker: the exact optimum's costs of held-out contexts c (HiGHS)."""
+    from scf.domains.quality import optimum_costs
+
+    return x, c, optimum_costs(_domain(domain_name), c)[1]
+
+
+def _fresh_job(domain_name: str, seed: int, first: int, n: int) -> tuple:
+    """Part D, in a worker: n fresh synthesiser draws (generator (seed, first), indices from
+    `first`) as (status quo states, contexts, the exact optimum's costs)."""
+    import numpy as np
+
+    from scf.domains.quality import optimum_costs
+
+    d = _domain(domain_name)
+    fresh = d.synthesize(np.random.default_rng([seed, first]), n, first_index=first)
+    c = np.stack([f.context for f in fresh])
+    return np.stack([f.state for f in fresh]), c, optimum_costs(d, c)[1]
+
+
+def _outcome_job(domain_name: str, c, x, samples, optimum) -> tuple:
+    """Part D, in a worker: sampled decisions repaired and measured (`ml.distill.decision_outcome`)."""
+    from scf.ml.distill import decision_outcome
+
+    t0 = time.perf_counter()
+    q, fallback = decision_outcome(_domain(domain_name), c, x, samples, optimum)
+    return q, fallback, time.perf_counter() - t0
+
+
+def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float) -> None:
+    """Part D: a case118 teacher, the default-recipe student distilled from it (`run_variant`,
+    judged and written as the 2-bit file, which is what decides here), then PAIRED decisions on
+    up to `--decisions` contexts: the held-out split, then fresh synthesiser draws (generator
+    (12345, first index), made in worker processes while the GPU trains). Teacher and student
+    sample chunk by chunk (`--decision-batch` contexts, generator seed = chunk index, the same
+    noise for both) on the device; repair and measure run in the same process pool, so chunk
+    k+1 samples while chunk k is measured. Within the first `--noise-decisions` contexts the
+    teacher also samples with another seed (unpaired: the sampler's own spread). The loop
+    starts no chunk it cannot finish before 93 % of the budget; what is done is summarised
+    (`ml.distill.paired_summary`) and saved after every chunk."""
+    import multiprocessing as mp
+    import threading
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    import numpy as np
+    import torch
+
+    from scf.domains.fossils import synth_shards
+    from scf.ml.checkpoint import load_checkpoint
+    from scf.ml.distill import _sample_decisions, join_outcomes, load_student, paired_summary
+    from scf.ml.loader import load_arrays
+    from scf.ml.train import train_local
+
+    domain_name, hidden, depth, prefix = args.recipes_domain, 16 if args.tiny else args.wide, 2 if args.tiny else 4, "d118"
+    deadline = started_wall + 0.93 * args.budget_s - (3 if args.tiny else 10)  # room to summarise and write
+    t0 = time.perf_counter()
+    data, n = work / prefix / "fossils", args.fossils_118
+    synth_shards(domain_name, n, data, seed=0, shard_size=max(1, -(-n // args.processes)), processes=args.processes)
+    hx, hc, _ = load_arrays(data, domain=domain_name, split="heldout", seed=0)
+    row[f"{prefix}_heldout"], row[f"{prefix}_synth_s"] = len(hx), time.perf_counter() - t0
+    save(f"{prefix}: {n} fossils of {domain_name} ({len(hx)} held-out) in {row[f'{prefix}_synth_s']:.1f}s")
+
+    # contexts and their optimum, in workers, while the device trains: held-out first, then fresh draws
+    workers = max(1, args.processes - 2)  # the main process drives the device
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    job = 8 if args.tiny else 64  # contexts per job
+    hx, hc = hx[: args.decisions].astype(float), hc[: args.decisions].astype(float)
+    ctx_futures = [pool.submit(_held_out_job, domain_name, hx[i : i + job], hc[i : i + job]) for i in range(0, len(hx), job)]
+    fresh = [(first, min(job, args.decisions - len(hx) - first)) for first in range(0, max(0, args.decisions - len(hx)), job)]
+    lock, stop = threading.Lock(), threading.Event()
+
+    def feed():  # at most 2 jobs a worker waiting: a chunk's repair jobs never queue behind every context job
+        for first, k in fresh:
+            while not stop.is_set() and time.time() < deadline - (5 if args.tiny else 40):  # none made that no chunk could use
+                with lock:
+                    waiting = sum(not f.done() for f in ctx_futures)
+                if waiting < 2 * workers:
+                    break
+                time.sleep(0.05)
+            if stop.is_set() or time.time() >= deadline - (5 if args.tiny else 40):
+                return
+            with lock:
+                ctx_futures.append(pool.submit(_fresh_job, domain_name, 12345, first, k))
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        t0 = time.perf_counter()
+        res = train_local(domain_name, data, work / prefix, steps=args.teacher_steps, batch_size=256, device=args.device, hidden=hidden, depth=depth,
+                          eval_records=32)  # fmt: skip
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        row[f"{prefix}_teacher_train_s"] = time.perf_counter() - t0
+        save(f"{prefix}: teacher hidden {hidden} depth {depth}, {args.teacher_steps} steps in {row[f'{prefix}_teacher_train_s']:.1f}s")
+        steps = args.steps_118 or args.steps
+        distill_deadline = started_wall + args.distill_share * args.budget_s
+        r = run_variant({"name": "default", "overrides": {}, "teacher": str(res.checkpoint), "data": str(data), "more": "", "domain": domain_name,
+                         "device": args.device, "steps": steps, "batch": args.batch, "every": 10 if args.tiny else args.every_118,
+                         "deadline": distill_deadline, "work": str(work / prefix), "threads": 1 if args.device == "cpu" else 2})  # fmt: skip
+        row[f"{prefix}_student"] = r
+        f = r["final"]
+        save(f"{prefix}: student (the default recipe) {r['steps_done']} steps, {r['samples_per_s']:.0f} samples/s; DSM {f['dsm_ratio']:.4f}x, rank corr "
+             f"{f['energy_rank_corr']:.4f} (noisy {f['energy_rank_corr_noisy']:.4f}), ternary {100 * f['ternary_share']:.2f} %, file {r['file_ratio']:.4f}x fp32"
+             + (f"; {r['stopped']}" if "stopped" in r else ""))  # fmt: skip
+        with lock:
+            ready = sum(f.done() for f in ctx_futures)
+        row[f"{prefix}_contexts_ready_at_decisions"] = ready * job
+        teacher, _ = load_checkpoint(res.checkpoint)
+        student, _ = load_student(Path(work / prefix) / "student-default.safetensors")  # the 2-bit file: what would be deployed
+        row[f"{prefix}_student_from"] = "its 2-bit file (ml.distill.load_student)"
+        dom = _domain(domain_name)
+
+        # the chunk loop: sample on the device, measure in the pool
+        chunk = 48 if args.tiny else args.decision_batch
+        got: dict[str, list] = {"teacher": [], "student": [], "noise": []}  # futures of pieces, in context order
+        noise_pieces = 0  # the teacher's first pieces that the noise run pairs with
+        left: list[tuple] = []  # contexts made but not sampled yet
+        nxt, taken, sample_s = 0, 0, []
+        t_dec = time.perf_counter()
+
+        def ok(fu) -> bool:
+            if not fu.done() or fu.cancelled():
+                return False
+            if fu.exception() is not None:
+                errors, msg = row.setdefault(f"{prefix}_job_errors", []), f"{type(fu.exception()).__name__}: {fu.exception()}"
+                if msg not in errors:
+                    errors.append(msg)
+                return False
+            return True
+
+        def in_order(a: list, b: list) -> tuple[list, list]:
+            pa, pb = [], []
+            for fa, fb in zip(a, b):
+                if not (ok(fa) and ok(fb)):
+                    break  # in order: the contexts that both have done
+                pa.append(fa.result()[:2]), pb.append(fb.result()[:2])
+            return pa, pb
+
+        def summarise(final: bool) -> None:
+            pt, ps = in_order(got["teacher"], got["student"])
+            if pt:
+                p = paired_summary(join_outcomes(pt), join_outcomes(ps))
+                row.update({f"{prefix}_paired_{k}": v for k, v in p.items()})
+                busy = [fu.result()[2] for name in ("teacher", "student") for fu in got[name] if ok(fu)]
+                row[f"{prefix}_repair_measure_s_per_context"] = sum(busy) / max(1, 2 * p["contexts"])
+                row[f"{prefix}_decisions_s"] = time.perf_counter() - t_dec
+                save(f"{prefix}: paired decisions on {p['contexts']:.0f} contexts ({p['paired_contexts']:.0f} paired): gap {p['gap_diff_pp']:+.3f} pp "
+                     f"[{p['gap_diff_low_pp']:+.3f}, {p['gap_diff_high_pp']:+.3f}] ({p['gap_verdict']}); savings {p['savings_diff_pp']:+.3f} pp "
+                     f"[{p['savings_diff_low_pp']:+.3f}, {p['savings_diff_high_pp']:+.3f}] ({p['savings_verdict']}); no worse by 0.1 pp: gap "
+                     f"{p['gap_no_worse']}, savings {p['savings_no_worse']}; gap {100 * p['decision_gap_mean']:.3f} % vs teacher "
+                     f"{100 * p['teacher_decision_gap_mean']:.3f} %; savings captured {100 * p['decision_savings_captured']:.2f} % vs "
+                     f"{100 * p['teacher_decision_savings_captured']:.2f} %; feasible {100 * p['decision_feasible']:.2f} % / "
+                     f"{100 * p['teacher_decision_feasible']:.2f} %; fallbacks {100 * p['decision_repair_fallback']:.2f} % / "
+                     f"{100 * p['teacher_decision_repair_fallback']:.2f} %; identical {100 * p['identical_decisions']:.1f} %; "
+                     f"per-context sd {p['gap_diff_sd_pp']:.3f} pp")  # fmt: skip
+            pa, pb = in_order(got["teacher"][:noise_pieces], got["noise"])
+            if final and pa:
+                q = paired_summary(join_outcomes(pa), join_outcomes(pb))
+                row.update({f"{prefix}_noise_{k}": v for k, v in q.items()})
+                save(f"{prefix}: the teacher against itself, seed +{NOISE_SEED} (unpaired) on {q['contexts']:.0f} contexts: gap {q['gap_diff_pp']:+.3f} pp "
+                     f"[{q['gap_diff_low_pp']:+.3f}, {q['gap_diff_high_pp']:+.3f}], per-context sd {q['gap_diff_sd_pp']:.3f} pp; savings "
+                     f"{q['savings_diff_pp']:+.3f} pp [{q['savings_diff_low_pp']:+.3f}, {q['savings_diff_high_pp']:+.3f}]")  # fmt: skip
+
+        while taken < args.decisions:
+            need = min(chunk, args.decisions - taken)
+            est = (1.5 * max(sample_s) if sample_s else 0.0 if args.tiny else 30.0) + (2 if args.tiny else 12)  # sampling and the last pieces' measuring
+            have = sum(len(c_) for _, c_, _ in left)
+            while have < need and time.time() + est < deadline:
+                with lock:
+                    fut = ctx_futures[nxt] if nxt < len(ctx_futures) else None
+                if fut is None:
+                    time.sleep(0.05)
+                    continue
+                try:
+                    left.append(fut.result(timeout=max(0.0, deadline - est - time.time())))
+                except TimeoutError:
+                    break
+                nxt += 1
+                have += len(left[-1][1])
+            if have < need or time.time() + est > deadline:
+                row[f"{prefix}_stopped"] = (f"decisions stopped after {taken} contexts ({'contexts not ready' if have < need else 'no time for another chunk'}): "
+                                            f"{time.time() - started_wall:.0f}s of the {args.budget_s:.0f}s budget gone")  # fmt: skip
+                break
+            bx, bc, bo = (np.concatenate([part[i] for part in left]) for i in range(3))
+            cx, cc, co = bx[:need], bc[:need], bo[:need]
+            left = [(bx[need:], bc[need:], bo[need:])]
+            t1 = time.perf_counter()
+            seed = taken // chunk  # the chunk's index: teacher and student draw the same noise
+            runs = [("teacher", teacher, seed), ("student", student, seed)] + ([("noise", teacher, NOISE_SEED + seed)] if taken < args.noise_decisions else [])
+            piece = max(1, -(-len(cc) // workers))
+            for name, model, s_ in runs:
+                samples = _sample_decisions(model, dom, cc, seed=s_, batch=len(cc), device=args.device)
+                got[name].extend(pool.submit(_outcome_job, domain_name, cc[i : i + piece], cx[i : i + piece], samples[i : i + piece], co[i : i + piece])
+                                 for i in range(0, len(cc), piece))  # fmt: skip
+            if len(runs) == 3:
+                noise_pieces = len(got["noise"])
+            sample_s.append(time.perf_counter() - t1)
+            taken += len(cc)
+            row[f"{prefix}_sample_s"] = sample_s
+            summarise(final=False)
+        else:
+            row[f"{prefix}_stopped"] = f"all {taken} contexts sampled"
+        stop.set()
+        pending = [fu for fus in got.values() for fu in fus if not fu.done()]
+        wait(pending, timeout=max(0.0, deadline - time.time()))
+        row[f"{prefix}_unfinished_pieces"] = sum(not fu.done() for fus in got.values() for fu in fus)
+        summarise(final=True)
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+NOISE_SEED = 100_000  # the teacher's other seed (unpaired), added to the chunk index
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -242,7 +483,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=100, help="monitor every N distillation steps")
     ap.add_argument("--wide", type=int, default=512, help="case118 hidden width (part B; 0: skip)")
     ap.add_argument("--fossils-118", type=int, default=8000)
-    ap.add_argument("--decisions", type=int, default=2048, help="held-out contexts for the paired decisions (part C; 0: skip)")
+    ap.add_argument("--decisions", type=int, default=2048, help="contexts for the paired decisions (parts B and D; 0: skip)")
     ap.add_argument("--budget-s", type=float, default=145.0, help="wall-clock budget of the whole run")
     ap.add_argument("--processes", type=int, default=min(16, os.cpu_count() or 1), help="processes for synthesising fossils")
     ap.add_argument("--parts", default="ABC", help="which parts to run (B needs A)")
@@ -254,11 +495,15 @@ def main() -> None:
     ap.add_argument("--recipes-domain", default="grid:case118", help="part R: the domain (hidden --wide, depth 4)")
     ap.add_argument("--parallel", type=int, default=0, help="part R: variants distilled at once (0: all)")
     ap.add_argument("--more-118", type=int, default=15000, help="part R: fresh fossils (seed 1) for variants with more=1")
-    ap.add_argument("--steps-118", type=int, default=0, help="part R: distillation steps per variant (0: --steps)")
+    ap.add_argument("--steps-118", type=int, default=0, help="parts R and D: distillation steps per variant (0: --steps)")
+    ap.add_argument("--distill-share", type=float, default=0.6, help="part D: the student's distillation stops at this share of the budget")
+    ap.add_argument("--decision-batch", type=int, default=4096, help="part D: contexts sampled at once (one generator seed each chunk)")
+    ap.add_argument("--noise-decisions", type=int, default=8192, help="part D: contexts on which the teacher also samples with another seed")
     args = ap.parse_args()
     if args.tiny:
         args.fossils, args.teacher_steps, args.steps, args.every = 1600, 30, 20, 10
         args.fossils_118, args.decisions, args.more_118, args.steps_118 = 600, 120, 300, 0
+        args.noise_decisions = min(args.noise_decisions, 48)
     out_json = args.json or Path(os.environ.get("OUT", tempfile.gettempdir())) / "ternary.json"
     started = time.perf_counter()
 
@@ -372,6 +617,9 @@ def main() -> None:
              f"(step {row[f'{prefix}_to_dsm_target_step']}); with rank corr >= 0.98 after {row[f'{prefix}_to_both_targets_s']:.1f}s; final DSM "
              f"{m['dsm_ratio']:.4f}x, rank corr {m['energy_rank_corr']:.4f}, ternary {100 * m['ternary_share']:.1f} %")  # fmt: skip
         return teacher, student, hx, hc
+
+    if "D" in args.parts and args.decisions:
+        paired_decisions_118(args, row, work, save, started_wall=time.time() - elapsed())
 
     if "R" in args.parts:
         compare_recipes(args, row, work, save, elapsed, started_wall=time.time() - elapsed())

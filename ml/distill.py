@@ -470,33 +470,65 @@ def paired_decisions(teacher, student, domain, x: np.ndarray, c: np.ndarray, *, 
     `student_seed` other than `seed` unpairs the noise (the sampler's own spread: pass the
     teacher twice); `optimum`: the contexts' exact optimal costs where known
     (`domains.quality.optimum_costs`), else solved here."""
-    from scf.domains.quality import decision_quality, optimum_costs
-    from scf.domains.repair import repair_batch
+    from scf.domains.quality import optimum_costs
 
     c, x = np.asarray(c, dtype=float), np.asarray(x, dtype=float)
     optimum = optimum_costs(domain, c)[1] if optimum is None else np.asarray(optimum, dtype=float)
     runs = {}
     for name, model, s in (("teacher", teacher, seed), ("student", student, seed if student_seed is None else student_seed)):
         samples = _sample_decisions(model, domain, c, seed=s, batch=batch, device=device)
-        fixed = repair_batch(domain, c, samples)
-        runs[name] = (decision_quality(domain, c, fixed.states, status_quo=x, optimum=optimum), fixed.fallback_rate)
-    (qs, fs), (qt, ft) = runs["student"], runs["teacher"]
+        runs[name] = decision_outcome(domain, c, x, samples, optimum)
+    return paired_summary(runs["teacher"], runs["student"], z=z, tolerance_pp=tolerance_pp)
+
+
+def decision_outcome(domain, c: np.ndarray, x: np.ndarray, samples: np.ndarray, optimum: np.ndarray):
+    """(DecisionQuality, repair fallback flags (B,)) of sampled decisions `samples` (B, d) in
+    contexts c: repaired, measured against the exact optimum's costs `optimum` (B,), status quo
+    x. All numpy on the CPU: a process pool can take slices of the contexts (`paired_summary`
+    joins them with `join_outcomes`)."""
+    from scf.domains.quality import decision_quality
+    from scf.domains.repair import repair_batch
+
+    c, x = np.asarray(c, dtype=float), np.asarray(x, dtype=float)
+    fixed = repair_batch(domain, c, samples)
+    return decision_quality(domain, c, fixed.states, status_quo=x, optimum=np.asarray(optimum, dtype=float)), fixed.fallback
+
+
+def join_outcomes(parts):
+    """One (DecisionQuality, fallback flags) from `decision_outcome`'s results on consecutive
+    slices of the contexts, in order."""
+    from scf.domains.quality import DecisionQuality
+
+    parts = list(parts)
+    qs = [q for q, _ in parts]
+    join = lambda name: np.concatenate([getattr(q, name) for q in qs])  # noqa: E731
+    sq = None if any(q.status_quo is None for q in qs) else join("status_quo")
+    q = DecisionQuality(feasible=join("feasible"), cost=join("cost"), optimum=join("optimum"), gap=join("gap"), status_quo=sq)
+    return q, np.concatenate([f for _, f in parts])
+
+
+def paired_summary(teacher, student, *, z: float = 1.96, tolerance_pp: float = 0.1) -> dict[str, float | str]:
+    """`paired_decisions`' result from the two models' `decision_outcome`s on the same
+    contexts (the same optimum and status quo): see `paired_decisions`."""
+    (qt, ft), (qs, fs) = teacher, student
+    optimum = qt.optimum
+    rate = lambda f: float(np.mean(f)) if len(f) else 0.0  # noqa: E731 - RepairResult.fallback_rate
     ok = np.isfinite(optimum)
     both = ok & np.isfinite(qs.gap) & np.isfinite(qt.gap)
     gap, glo, ghi = _mean_ci(qs.gap[both] - qt.gap[both], z)
     got = lambda q: np.where(q.feasible[ok], q.status_quo[ok] - q.cost[ok], 0.0)  # noqa: E731 - as savings_captured counts
     sav, slo, shi = _ratio_diff_ci(got(qs) - got(qt), qs.status_quo[ok] - optimum[ok], z)
     out: dict[str, float | str] = {
-        "contexts": float(len(c)), "paired_contexts": float(both.sum()),
+        "contexts": float(len(optimum)), "paired_contexts": float(both.sum()),
         "decision_gap_mean": float(np.mean(qs.gap[both])) if both.any() else math.nan,
         "teacher_decision_gap_mean": float(np.mean(qt.gap[both])) if both.any() else math.nan,
         "decision_savings_captured": qs.savings_captured(), "teacher_decision_savings_captured": qt.savings_captured(),
         "decision_feasible": float(qs.feasible.mean()), "teacher_decision_feasible": float(qt.feasible.mean()),
-        "decision_repair_fallback": fs, "teacher_decision_repair_fallback": ft,
+        "decision_repair_fallback": rate(fs), "teacher_decision_repair_fallback": rate(ft),
         "gap_diff_pp": 100 * gap, "gap_diff_low_pp": 100 * glo, "gap_diff_high_pp": 100 * ghi,
         "gap_diff_sd_pp": 100 * float(np.std(qs.gap[both] - qt.gap[both], ddof=1)) if both.sum() > 1 else math.nan,
         "savings_diff_pp": 100 * sav, "savings_diff_low_pp": 100 * slo, "savings_diff_high_pp": 100 * shi,
-        "identical_decisions": float(np.mean(qs.cost == qt.cost)) if len(c) else math.nan,  # the same cost: the same decision
+        "identical_decisions": float(np.mean(qs.cost == qt.cost)) if len(optimum) else math.nan,  # the same cost: the same decision
     }  # fmt: skip
     out["gap_verdict"] = verdict(out["gap_diff_low_pp"], out["gap_diff_high_pp"], tolerance_pp)
     out["savings_verdict"] = verdict(out["savings_diff_low_pp"], out["savings_diff_high_pp"], tolerance_pp)
@@ -853,6 +885,7 @@ async def distill_on_bus(bus, settings, checkpoint_id: str, config: DistillConfi
 
 __all__ = [
     "DistillConfig", "DistillError", "DistillResult", "compare_ebdm", "compare_optimiser", "distill_ebdm", "distill_file",
-    "distill_on_bus", "distill_optimiser", "export_student", "find_produced", "load_student", "make_student", "paired_decisions",
+    "decision_outcome", "distill_on_bus", "distill_optimiser", "export_student", "find_produced", "join_outcomes", "load_student",
+    "make_student", "paired_decisions", "paired_summary",
     "no_worse", "rank_loss", "decision_reasons", "DECISION_RULES", "read_header", "student_keep", "teacher_file", "verdict",
 ]

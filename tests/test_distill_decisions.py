@@ -67,6 +67,27 @@ def test_paired_decisions_judge_an_ebdm_student_against_its_teacher(tmp_path):
         judge_student(good, tpath, hx, hc, he, decision_rule="best")
 
 
+def test_paired_decisions_summarised_from_slices_of_the_contexts_are_the_same():
+    """A process pool measures slices of the contexts (`decision_outcome`); joined in order
+    (`join_outcomes`), `paired_summary` gives what `paired_decisions` gives on them all."""
+    from scf.domains.quality import optimum_costs
+    from scf.ml.distill import _sample_decisions, decision_outcome, join_outcomes, paired_decisions, paired_summary
+
+    teacher = tiny_teacher()
+    d, hx, hc, _ = case9(40, seed=5)
+    optimum = optimum_costs(d, hc)[1]
+    whole = paired_decisions(teacher, teacher, d, hx, hc, seed=3, student_seed=4, batch=16, optimum=optimum)
+    runs = []
+    for s in (3, 4):
+        samples = _sample_decisions(teacher, d, hc, seed=s, batch=16, device="cpu")
+        runs.append(join_outcomes(decision_outcome(d, hc[i : i + 7], hx[i : i + 7], samples[i : i + 7], optimum[i : i + 7]) for i in range(0, 40, 7)))
+    assert len(runs[0][0].gap) == len(runs[0][1]) == 40
+    pieces = paired_summary(*runs)
+    assert pieces.keys() == whole.keys() and whole["paired_contexts"] == 40.0
+    for k, v in whole.items():
+        assert pieces[k] == v or (isinstance(v, float) and math.isnan(v) and math.isnan(pieces[k])), k
+
+
 def interval(diff, low, high, tol=0.1):
     from scf.ml.distill import no_worse, verdict
 
