@@ -276,7 +276,7 @@ class DecidePool:
     def __init__(self, view: GateView, workers: int, source: str) -> None:
         self.view, self.workers, self.source = view, workers, source
         self._procs: list[_Worker] = []
-        self._seq = 0
+        self._seq = 0  # rulings asked for
 
     async def start(self) -> "DecidePool":
         parents: list[socket.socket] = []
@@ -294,6 +294,10 @@ class DecidePool:
             self._procs.append(w)
         log.info("safety gate: %d decide workers (pids %s)", self.workers, ", ".join(str(w.pid) for w in self._procs))
         return self
+
+    @property
+    def asked(self) -> int:
+        return self._seq
 
     @property
     def alive(self) -> bool:
