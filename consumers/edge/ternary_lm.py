@@ -8,7 +8,10 @@ block is a BitNet b1.58 layer as `ml.ternary.RMSBitLinear` computes it: the inpu
 scaled to RMS 1 (no weight, eps 1e-5), quantised per row (token) to int8 codes
 q = Clip(round(x · 127/max|x|), -128, 127), an exact integer product with the ternary codes
 T (float32 BLAS: exact, `consumers.edge.ternary`), then the scales: y = (q @ Tᵀ) / s · γ.
-Greedy decoding keeps a key/value cache, so each new token costs one row through the blocks.
+Decoding (greedy, or sampled with a temperature and top-p from a seeded numpy generator)
+keeps a key/value cache, so each new token costs one row through the blocks; it ends at a
+stop id (`stop_ids`: the end of the turn `<|im_end|>`, the start of a next turn and the
+tokenizer's end of sequence, which a tokenizer converted from a GGUF may name otherwise).
 
 The outputs agree with the torch model to float rounding (a quantiser's rounding can flip on
 a tie, so not bit for bit; tests/test_code_student.py bounds the difference). Nothing here
@@ -33,7 +36,7 @@ def _rms(x: np.ndarray, eps: float) -> np.ndarray:
 
 
 class TernaryLM:
-    """A code student read with numpy: `logits(ids)` and `generate(ids, n)` (greedy, batch 1)."""
+    """A code student read with numpy: `forward(ids)` and `generate(ids, n, stop)` (greedy or sampled, batch 1)."""
 
     def __init__(self, path: str | Path) -> None:
         from scf.consumers.edge.tensors import load_tensors
@@ -69,6 +72,7 @@ class TernaryLM:
             raise TernaryError(f"{path}: layers {sorted(need - set(self.w))[:3]} missing: the file is damaged")
         self.t = {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
         self.embed = self.t["model.embed_tokens.weight"]  # (vocab, hidden), also the LM head
+        self.max_positions = int(cfg.get("max_position_embeddings") or 2048)
         self.reset()
 
     def reset(self) -> None:
@@ -94,8 +98,9 @@ class TernaryLM:
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    def forward(self, ids: list[int] | np.ndarray) -> np.ndarray:
-        """Logits (n, vocab) of the next token after each of `ids`, continuing the cached sequence."""
+    def forward(self, ids: list[int] | np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        """Logits (n, vocab) of the next token after each of `ids`, continuing the cached sequence
+        (`last_only`: only after the last, (1, vocab): a prompt's prefill skips the head's other rows)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = len(ids)
         pos = np.arange(self.pos, self.pos + n)
@@ -122,20 +127,68 @@ class TernaryLM:
             g = self.linear(p + "mlp.gate_proj", x)
             h = h + self.linear(p + "mlp.down_proj", g / (1.0 + np.exp(-g)) * self.linear(p + "mlp.up_proj", x))
         self.pos += n
+        if last_only:
+            h = h[-1:]
         return self._norm("model.norm.weight", h) @ self.embed.T
 
-    def generate(self, ids: list[int], new_tokens: int, stop: tuple[int, ...] = ()) -> list[int]:
-        """Greedy continuation of `ids` (a fresh sequence): up to `new_tokens` ids, ending at a stop id."""
+    def generate(self, ids: list[int], new_tokens: int, stop: tuple[int, ...] | list[int] = (), *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> list[int]:
+        """The continuation of `ids` (a fresh sequence): up to `new_tokens` ids, the last a stop id
+        when one came. Greedy at temperature 0; else each token drawn by `sample` from a numpy
+        generator seeded with `seed` (same ids, seed and settings: the same continuation)."""
         self.reset()
-        logits = self.forward(ids)[-1]
+        rng = np.random.default_rng(seed) if temperature > 0 else None
+        stops = set(int(s) for s in stop)
+        logits = self.forward(ids, last_only=True)[-1]
         out: list[int] = []
         for _ in range(new_tokens):
-            nxt = int(np.argmax(logits))
+            nxt = int(np.argmax(logits)) if rng is None else sample(logits, temperature, top_p, rng)
             out.append(nxt)
-            if nxt in stop:
+            if nxt in stops:
                 break
             logits = self.forward([nxt])[-1]
         return out
 
 
-__all__ = ["FORMAT", "TernaryLM"]
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """One token id from `logits` (vocab,): softmax at `temperature`, then nucleus (top-p)
+    sampling — the smallest set of the likeliest tokens whose probability reaches `top_p`
+    (the most likely token always), renormalised (Holtzman et al. 2019, as transformers'
+    `TopPLogitsWarper` keeps it)."""
+    z = logits.astype(np.float64) / max(float(temperature), 1e-5)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        k = min(64, len(p))
+        while True:  # the nucleus is usually a few tokens: sort the k likeliest, more only when they hold too little
+            order = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
+            order = order[np.argsort(-p[order], kind="stable")]
+            ranked = p[order]
+            if k == len(p) or ranked.sum() >= top_p:
+                break
+            k = min(len(p), k * 8)
+        before = np.cumsum(ranked) - ranked  # the mass of the likelier tokens
+        keep = order[before < top_p]  # never empty: the first has nothing before it
+        q = p[keep] / p[keep].sum()
+        return int(keep[rng.choice(len(keep), p=q)])
+    return int(rng.choice(len(p), p=p))
+
+
+def stop_ids(vocab: dict[str, int], eos: str | int | None = None) -> list[int]:
+    """Token ids that end an answer (as `ml.genn.LocalGenerator.stop_ids`): the tokenizer's end of
+    sequence (`eos`, a token or its id) and, for ChatML vocabularies, the end of the turn
+    `<|im_end|>` (a tokenizer converted from SmolLM2's GGUF names `<|endoftext|>` its end of
+    sequence; a model trained on turns that end with `<|im_end|>` never writes what would
+    follow it) and the start of a next turn `<|im_start|>`."""
+    ids: list[int] = []
+    first = vocab.get(eos) if isinstance(eos, str) else eos
+    if isinstance(first, int):
+        ids.append(first)
+    for name in ("<|im_end|>", "<|im_start|>"):
+        turn = vocab.get(name)
+        if isinstance(turn, int) and turn not in ids:
+            ids.append(turn)
+    return ids
+
+
+__all__ = ["FORMAT", "TernaryLM", "sample", "stop_ids"]

