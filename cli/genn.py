@@ -1,13 +1,14 @@
 """GenN, the code foundry's generator, on the command line (library: scf.producers.genn).
 
-    scf genn generate --domain hvac:office3 [--constraints c.json] [--backend search] [-n 4]
+    scf genn generate --domain hvac:office3 [--constraints c.json] [--backend search] [--checkpoint P] [-n 4]
     scf genn generate --contract ID                  the contract's domain and constraints (read from the bus)
     scf genn request --domain grid:case14 [-n 8] [--param load_scale=1.1 --param target=0.95]
                                                      a codegen intent on the bus (the loop answers it)
     scf genn model [--promoted]                      the offline model, converted once into model_zoo (or the promoted code model)
     scf genn finetune --dataset DIR --out DIR        LoRA SFT, then DPO (TRL, or --trainer torch); evaluated on held-out intents
     scf genn publish DIR                             a fine-tuned code model as checkpoint.produced.genn (the daemon judges it)
-    scf run genn [--backend B]                       answer approved codegen intents with code proposals
+    scf run genn [--backend B] [--checkpoint P]      answer approved codegen intents with code proposals
+                                                     (--backend student --checkpoint FILE: the code student, numpy only)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import typer
 
 from scf.cli.common import fail, load_settings, open_bus, run
 
+CHECKPOINT_HELP = ("local: a Hugging Face checkpoint directory; student: a code student file (scf-ternary-lm/1, run with numpy) "
+                   "(default: [genn] checkpoint)")
 PARAM_HELP = ("a code contract's parameter KEY=VALUE (repeatable): load_scale, voll (grid), t_out_shift, comfort_weight (hvac), "
               "target (docs/codegen.md); shown in the task and used by the sandbox's run")
 
@@ -62,9 +65,10 @@ def genn_generate(
     domain: Optional[str] = typer.Option(None, "--domain", help="the domain the controller is for: grid:case9|14|30|118, hvac:office3"),
     contract: Optional[str] = typer.Option(None, "--contract", help="a client contract's id (scf contract ls): its domain and constraints, read from the bus"),
     constraints: Optional[Path] = typer.Option(None, "--constraints", help="a JSON object file of the contract's constraints, shown in the task"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="search | http | local | smollm2 (default: [genn] backend)"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="search | http | local | smollm2 | promoted | student (default: [genn] backend)"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     n: int = typer.Option(4, "-n", "--proposals", min=1, max=64, help="how many candidates"),
-    seed: int = typer.Option(0, "--seed", help="sampling seed (same seed, same code for search and local)"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed (same seed, same code for search, local and student)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per candidate: code, error, identity"),
     show_prompt: bool = typer.Option(False, "--prompt", help="print the served prompt (system and user turns) first"),
     param: Optional[list[str]] = typer.Option(None, "--param", help=PARAM_HELP),
@@ -80,7 +84,7 @@ def genn_generate(
     if contract is not None and (domain is not None or constraints is not None):
         raise fail("--contract brings its own domain and constraints: give --contract alone, or --domain with --constraints")
     try:
-        settings, cfg = _settings(backend)
+        settings, cfg = _settings(backend, checkpoint=checkpoint)
         params: dict = _params(param)
         if contract is not None:
             domain, cons = run(_contract(settings, contract))
@@ -312,7 +316,8 @@ def genn_publish(
 
 
 def run_genn(
-    backend: Optional[str] = typer.Option(None, "--backend", help="search | http | local | smollm2 | promoted (default: [genn] backend)"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="search | http | local | smollm2 | promoted | student (default: [genn] backend)"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
 ) -> None:
     """GenN: answers approved codegen intents with code.proposed events (the generator's identity on each)."""
     from scf.bus.errors import SCFError
@@ -320,7 +325,7 @@ def run_genn(
     from scf.producers.genn.service import serve
 
     async def main() -> None:
-        s, cfg = _settings(backend)
+        s, cfg = _settings(backend, checkpoint=checkpoint)
         bus = await open_bus(s, "scf-genn")
         if cfg.backend == "promoted":  # the daemon's promoted code model, fetched (digest checked) before serving
             from scf.producers.genn.local import fetch_promoted

@@ -268,3 +268,31 @@ def test_answers_end_at_the_end_of_turn_whatever_the_tokenizer_calls_its_end_of_
     assert cs.end_of_turn(tok) == im_end
     stop = cs.stop_probability(t_model, tok, _rows(1), device="cpu", max_length=1536)
     assert stop["rows"] == 1  # the end of turn is found in the labels although it is not the tokenizer's eos
+
+
+def test_sampling_draws_from_the_nucleus_and_answers_stop_at_the_end_of_turn():
+    from scf.consumers.edge.ternary_lm import sample, stop_ids
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+
+    def draws(t, p, seed=0, n=2000):
+        rng = np.random.default_rng(seed)
+        return np.array([sample(logits, t, p, rng) for _ in range(n)])
+
+    nucleus = draws(1.0, 0.7)  # 0.5 + 0.3 reach 0.7: the two likeliest only, renormalised
+    assert set(nucleus.tolist()) == {0, 1} and abs((nucleus == 0).mean() - 0.625) < 0.04
+    assert set(draws(1.0, 1.0).tolist()) == {0, 1, 2, 3}
+    assert set(draws(1e-6, 1.0).tolist()) == {0}  # a temperature near 0 is greedy
+    assert set(draws(1.0, 0.01).tolist()) == {0}  # the likeliest is always kept
+    assert np.array_equal(draws(0.8, 0.95, seed=4, n=50), draws(0.8, 0.95, seed=4, n=50))
+    big = np.random.default_rng(1).normal(size=49152).astype(np.float32) * 4  # a vocabulary's width: the partial sort
+    rng = np.random.default_rng(2)
+    probs = np.exp(big.astype(np.float64) - big.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    inside = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.95)) + 1].tolist())
+    assert {sample(big, 1.0, 0.95, rng) for _ in range(300)} <= inside
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    assert stop_ids(vocab, "<|im_end|>") == [2, 1]
+    assert stop_ids(vocab, "<|endoftext|>") == [0, 2, 1]  # a GGUF conversion's end of sequence: the end of turn still stops
+    assert stop_ids({"a": 5}, 7) == [7] and stop_ids({}, None) == []

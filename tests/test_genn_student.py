@@ -198,11 +198,19 @@ def test_scf_genn_generate_with_the_student_from_scf_toml(files, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "scf.toml").write_text(f'[genn]\nbackend = "student"\ncheckpoint = "{files["plain"]}"\nmax_new_tokens = 4\n')
-    r = cli("genn", "generate", "--domain", "hvac:office3", "-n", "2", "--seed", "3", "--json", env={"SCF_HOME": str(home), "PATH": "/usr/bin:/bin"})
+    env = {"SCF_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    r = cli("genn", "generate", "--domain", "hvac:office3", "-n", "2", "--seed", "3", "--json", env=env)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["backend"] for x in rows] == ["student", "student"] and rows[0]["model_sha256"] == sha256_file(files["plain"])[0]
     assert rows[0]["sampling"] == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 4, "seed": 3}
+    # --checkpoint overrides scf.toml's; a file that is no student: exit 1, the reason in one line
+    r = cli("genn", "generate", "--domain", "hvac:office3", "-n", "1", "--json", "--checkpoint", str(files["eos"]), env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["model"] == "ends-eos"
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    r = cli("genn", "generate", "--domain", "hvac:office3", "--backend", "student", "--checkpoint", str(junk), env=env)
+    assert r.returncode == 1 and r.stderr.startswith(f"Error: {junk} is not a readable safetensors file (") and r.stderr.count("\n") == 1
 
 
 @pytest.mark.anyio
