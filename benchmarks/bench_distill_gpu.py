@@ -46,7 +46,7 @@ D. grid:case118's default-recipe student's decisions, PAIRED with its teacher's:
    starts that cannot be measured before 93 % of `--budget-s`; the student's distillation
    stops at `--distill-share` of it.
 
-    python3 benchmarks/bench_distill_gpu.py --parts D --device cuda --fossils-118 5000 --teacher-steps 1200 --steps-118 2500 --decisions 32768
+    python3 benchmarks/bench_distill_gpu.py --parts D --device cuda --fossils-118 5000 --teacher-steps 1200 --steps-118 2500 --decisions 65536 --budget-s 450   # .gpu/case118d.cmd
 
 Prints each number as it comes and one JSON line at the end; writes the JSON to
 $OUT/ternary.json (or `--json`) after every part.
@@ -363,8 +363,7 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
              f"{f['energy_rank_corr']:.4f} (noisy {f['energy_rank_corr_noisy']:.4f}), ternary {100 * f['ternary_share']:.2f} %, file {r['file_ratio']:.4f}x fp32"
              + (f"; {r['stopped']}" if "stopped" in r else ""))  # fmt: skip
         with lock:
-            ready = sum(f.done() for f in ctx_futures)
-        row[f"{prefix}_contexts_ready_at_decisions"] = ready * job
+            row[f"{prefix}_context_jobs_done_at_decisions"] = f"{sum(f.done() for f in ctx_futures)} of {len(ctx_futures)} submitted ({job} contexts a job)"
         teacher, _ = load_checkpoint(res.checkpoint)
         student, _ = load_student(Path(work / prefix) / "student-default.safetensors")  # the 2-bit file: what would be deployed
         row[f"{prefix}_student_from"] = "its 2-bit file (ml.distill.load_student)"
@@ -437,8 +436,9 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
                     break
                 nxt += 1
                 have += len(left[-1][1])
-            if have < need or time.time() + est > deadline:
-                row[f"{prefix}_stopped"] = (f"decisions stopped after {taken} contexts ({'contexts not ready' if have < need else 'no time for another chunk'}): "
+            no_time = time.time() + est > deadline
+            if have < need or no_time:
+                row[f"{prefix}_stopped"] = (f"decisions stopped after {taken} contexts ({'no time for another chunk' if no_time else 'contexts not ready'}): "
                                             f"{time.time() - started_wall:.0f}s of the {args.budget_s:.0f}s budget gone")  # fmt: skip
                 break
             bx, bc, bo = (np.concatenate([part[i] for part in left]) for i in range(3))
