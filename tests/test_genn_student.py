@@ -106,6 +106,7 @@ def test_sampling_is_seeded_and_temperature_zero_is_the_runtimes_greedy_decoding
     a, b = gen.completion(msgs, 7), gen.completion(msgs, 7)
     assert a == b and len(a) == 12  # no stop token in 12 draws from a random student
     assert gen.completion(msgs, 8) != a
+    assert gen.completion(msgs, -3) == gen.completion(msgs, -3) != a  # `scf genn generate --seed -3` too
     req = _request()
     first, again = gen.generate(req, 3, seed=5), gen.generate(req, 3, seed=5)
     assert [(c.code, c.error) for c in first] == [(c.code, c.error) for c in again]
@@ -250,6 +251,12 @@ async def test_scf_run_genn_answers_a_codegen_intent_with_the_students_proposals
     assert {(p.backend, p.model, p.model_sha256) for p in props} == {("student", "ends-im-end", sha)}
     assert [p.sampling["index"] for p in props] == [0, 1] and {p.sampling["max_new_tokens"] for p in props} == {16}
     assert all("controls grid:case9" in p.prompt for p in props)
+    # the archive's `code` view (the CFR dataset's source) names the student that wrote each proposal
+    from scf.projections import archive, views
+
+    await archive.replay(settings)
+    con = views.connect(settings.archive_dir)
+    assert con.sql("SELECT DISTINCT generator FROM code").fetchall() == [(f"student:ends-im-end@{sha[:12]}",)]
     # what the student wrote is what it writes offline for the same request and seed
     gen = open_generator(_settings(files["im_end"], max_new_tokens=16))
     req = CodeRequest.for_intent(intent.data)

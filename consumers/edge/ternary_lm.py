@@ -137,7 +137,7 @@ class TernaryLM:
         when one came. Greedy at temperature 0; else each token drawn by `sample` from a numpy
         generator seeded with `seed` (same ids, seed and settings: the same continuation)."""
         self.reset()
-        rng = np.random.default_rng(seed) if temperature > 0 else None
+        rng = np.random.default_rng(None if seed is None else seed % (1 << 64)) if temperature > 0 else None  # any int seeds
         stops = set(int(s) for s in stop)
         logits = self.forward(ids, last_only=True)[-1]
         out: list[int] = []
