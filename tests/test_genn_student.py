@@ -186,10 +186,21 @@ def test_a_wrong_or_damaged_file_is_refused_in_one_line(files, tmp_path, monkeyp
 
     with safe_open(str(files["plain"]), framework="numpy") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    meta["tokenizer"] = json.dumps({k: v for k, v in json.loads(meta["tokenizer"]).items() if k != "tokenizer.json"})
-    save_file(tensors, str(tmp_path / "no-tok.safetensors"), metadata=meta)
+    tok_files = json.loads(meta["tokenizer"])
+    no_tok = dict(meta, tokenizer=json.dumps({k: v for k, v in tok_files.items() if k != "tokenizer.json"}))
+    save_file(tensors, str(tmp_path / "no-tok.safetensors"), metadata=no_tok)
     assert refused(tmp_path / "no-tok.safetensors") == (f"{tmp_path / 'no-tok.safetensors'} carries no tokenizer.json in its metadata: "
                                                        "the file is damaged or not written by save_student")
+    evil = dict(meta, tokenizer=json.dumps({**tok_files, "chat_template.jinja": "{{ ''.__class__.__mro__ }}"}))
+    save_file(tensors, str(tmp_path / "evil.safetensors"), metadata=evil)
+    assert refused(tmp_path / "evil.safetensors") == (
+        f"{tmp_path / 'evil.safetensors'}: its chat template fails (SecurityError: access to attribute '__class__' of "
+        "'str' object is unsafe.): the file is damaged or not written by save_student")  # the template runs in jinja2's sandbox
+    import jinja2
+
+    monkeypatch.setattr(jinja2, "__version__", "3.1.5")
+    assert refused(files["plain"]) == ("jinja2 3.1.5 has known sandbox escapes and the chat template comes from the student file: "
+                                       "pip install -U 'jinja2>=3.1.6'")
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # an install without the genn extra
     assert refused(files["plain"]) == ("the student backend tokenises with `tokenizers` and renders the chat template with `jinja2` "
                                        "(tokenizers is missing): pip install 'scf[genn]' (or just: pip install tokenizers jinja2; no torch needed)")

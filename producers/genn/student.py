@@ -11,7 +11,8 @@ in the file's metadata: `tokenizer.json` is read with the `tokenizers` package (
 with no torch) and the chat template (`chat_template.jinja`, or `tokenizer_config.json`'s
 `chat_template`) is rendered with jinja2 in a sandbox the way transformers'
 `apply_chat_template` renders it (`trim_blocks`, `lstrip_blocks`, `loopcontrols`, the
-special tokens as variables, its `tojson` and `raise_exception`), then encoded without
+special tokens as variables, its `tojson`, `raise_exception` and guarded `namespace`; jinja2
+3.1.6 or later: the template is the file's, untrusted), then encoded without
 added special tokens — so the student is served the ids its teacher was trained and served
 with (tests/test_genn_student.py compares them with transformers'). The user turn is
 `scf.projections.cfr_prompt`'s, as for every backend: byte-identical to the CFR dataset's.
@@ -38,6 +39,13 @@ from scf.producers.genn import Candidate, GenNError, GennSettings, Identity, ext
 BACKEND = "student"
 INSTALL = "pip install 'scf[genn]' (or just: pip install tokenizers jinja2; no torch needed)"
 SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """A version's leading numbers ("3.2.0rc1" → (3, 2, 0))."""
+    import re
+
+    return tuple(int(m.group()) if (m := re.match(r"\d+", p)) else 0 for p in text.split(".")[:3])
 
 
 def _token_text(value: Any) -> str | None:
@@ -73,6 +81,9 @@ class ChatTokenizer:
             template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
         if not isinstance(template, str) or not template.strip():
             raise GenNError(f"{where} carries no chat template: the student cannot be served the teacher's prompts (the file is damaged)")
+        if _version(jinja2.__version__) < (3, 1, 6):  # the template is the file's: untrusted input to a sandbox
+            raise GenNError(f"jinja2 {jinja2.__version__} has known sandbox escapes and the chat template comes from the student file: "
+                            "pip install -U 'jinja2>=3.1.6'")
         self.special = {k: t for k in SPECIAL if (t := _token_text(config.get(k))) is not None}
         self.vocab = self.tok.get_vocab(with_added_tokens=True)
 
@@ -82,22 +93,50 @@ class ChatTokenizer:
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # transformers' (no HTML escaping)
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+        class Namespace(jinja2.utils.Namespace):  # as transformers': no underscore-prefixed attributes stored
+            def __init__(*args, **kwargs):
+                self, args = args[0], args[1:]
+                attrs = dict(*args, **kwargs)
+                for name in attrs:
+                    Namespace._check(name)
+                jinja2.utils.Namespace.__init__(self, attrs)
+
+            def __setitem__(self, name, value):
+                Namespace._check(name)
+                jinja2.utils.Namespace.__setitem__(self, name, value)
+
+            @staticmethod
+            def _check(name):
+                if isinstance(name, str) and name.startswith("_"):
+                    raise jinja2.exceptions.SecurityError(f"a chat template may not store {name!r} on a namespace")
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["namespace"] = Namespace
+        self.template_error = jinja2.exceptions.TemplateError
         try:
             self.template = env.from_string(template)
         except jinja2.exceptions.TemplateError as exc:
-            raise GenNError(f"{where}: its chat template does not compile ({exc}): the file is damaged") from None
+            raise GenNError(f"{where}: its chat template does not compile ({type(exc).__name__}: {str(exc)[:160]}): "
+                            "the file is damaged or not written by save_student") from None
+        try:
+            self.render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+        except ValueError as exc:
+            raise GenNError(f"{where}: {exc}: the file is damaged or not written by save_student") from None
 
     @property
     def eos(self) -> str | None:
         return self.special.get("eos_token")
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        """The chat as text, ready for the assistant's answer (add_generation_prompt)."""
-        return self.template.render(messages=[dict(m) for m in messages], add_generation_prompt=True, tools=None, documents=None,
-                                    **self.special)
+        """The chat as text, ready for the assistant's answer (add_generation_prompt); a template
+        that fails on these messages raises ValueError (a rejected candidate, not a crash)."""
+        try:
+            return self.template.render(messages=[dict(m) for m in messages], add_generation_prompt=True, tools=None, documents=None,
+                                        **self.special)
+        except self.template_error as exc:
+            raise ValueError(f"its chat template fails ({type(exc).__name__}: {str(exc)[:160]})") from None
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return list(self.tok.encode(self.render(messages), add_special_tokens=False).ids)
