@@ -181,6 +181,13 @@ async def test_decide_workers_rule_as_the_loop_does():
         await pool.close()
     assert all(w.exit for w in pool._procs)  # reaped
 
+    # a gate that goes without closing its pool (its tasks cancelled) takes its workers along
+    pool = await DecidePool(view, 2, "test").start()
+    for w in pool._procs:
+        w.task.cancel()
+    await asyncio.gather(*(w.task for w in pool._procs), return_exceptions=True)
+    assert [w.exit for w in pool._procs] == ["killed by signal 9"] * 2
+
 
 async def test_gate_rules_in_the_loop_when_its_workers_are_gone(bus, settings):
     assert decide_workers(SafetySettings(concurrency=1, decide_workers=2)) == 0  # concurrency 1 keeps order: in the loop
