@@ -7,10 +7,7 @@ decision breaks the deployment's envelope is reverted to the previous controller
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -138,22 +135,18 @@ def site_models(tmp_path_factory):
     (root / "few").mkdir()
     lines = (root / "all" / "fossils-00000.ndjson").read_bytes().splitlines(keepends=True)
     (root / "few" / "fossils-00000.ndjson").write_bytes(b"".join(lines[: demo_hvac.FEW]))
-    # each trained in a fresh process, as the demo trains them (`scf train-optimiser`). The worse
-    # model (its cost fitted on fewer fossils than it has features) changes with any fossil taken
-    # into or out of its training split: the fossils above must be byte-identical whatever this
-    # worker solved before (the domain's LPs solve cold: tests/test_solve_history.py)
-    script = ("import json, sys; from pathlib import Path; from scf.ml.optimize import OptimiserConfig, train_optimiser; "
-              "from scf.ops import demo_hvac; "
-              "r = train_optimiser(demo_hvac.HVAC, Path(sys.argv[1]), Path(sys.argv[2]), "
-              "OptimiserConfig(steps=30, hidden=64, depth=2, eval_contexts=128)); "
-              "print(json.dumps({'metrics': r.metrics, 'checkpoint': str(r.checkpoint)}))")
+    # trained in this process: the weights and metrics are bit-identical to `scf train-optimiser`'s
+    # in a fresh process (training pins its own threads, seeds its own RNG; checked 2026-12-02),
+    # and a process would spend its ~3 s importing torch again. The worse model (its cost fitted
+    # on fewer fossils than it has features) changes with any fossil taken into or out of its
+    # training split: the fossils above must be byte-identical whatever this worker solved
+    # before (the domain's LPs solve cold: tests/test_solve_history.py)
+    from scf.ml.optimize import OptimiserConfig, train_optimiser
+
     trained = {}
     for label, data in (("better", "all"), ("worse", "few")):
-        out = subprocess.run([sys.executable, "-c", script, str(root / data), str(root / label)], capture_output=True, text=True,
-                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert out.returncode == 0, out.stderr[-3000:]
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-        trained[label] = SimpleNamespace(metrics=got["metrics"], checkpoint=Path(got["checkpoint"]))
+        r = train_optimiser(demo_hvac.HVAC, root / data, root / label, OptimiserConfig(steps=30, hidden=64, depth=2, eval_contexts=128))
+        trained[label] = SimpleNamespace(metrics=r.metrics, checkpoint=r.checkpoint)
     return trained
 
 
