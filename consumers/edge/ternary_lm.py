@@ -159,14 +159,13 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     p = np.exp(z - z.max())
     p /= p.sum()
     if top_p < 1.0:
-        k = min(64, len(p))
-        while True:  # the nucleus is usually a few tokens: sort the k likeliest, more only when they hold too little
+        for k in (64, 2048, len(p)):  # the nucleus is usually a few tokens: sort the k likeliest, more only when they hold too little
+            k = min(k, len(p))
             order = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
-            order = order[np.argsort(-p[order], kind="stable")]
+            order = order[np.argsort(-p[order])]
             ranked = p[order]
             if k == len(p) or ranked.sum() >= top_p:
                 break
-            k = min(len(p), k * 8)
         before = np.cumsum(ranked) - ranked  # the mass of the likelier tokens
         keep = order[before < top_p]  # never empty: the first has nothing before it
         q = p[keep] / p[keep].sum()
