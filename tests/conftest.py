@@ -105,6 +105,24 @@ def tiny_llama(tmp_path_factory) -> Path:
     return shared_artefact(tmp_path_factory, "tiny-llama", key, lambda d: mg.tiny_model(d / "tiny-llama")) / "tiny-llama"
 
 
+@pytest.fixture(scope="session")
+def case14_optimiser(tmp_path_factory) -> Path:
+    """A small learned optimiser of grid:case14 (`train_optimiser`: 1000 fossils synthesised
+    with seed 5, 60 steps, 32 wide; ~4 s of CPU), trained once for the run and shared
+    read-only by the files that deploy or strike with one."""
+
+    def build(directory: Path) -> None:
+        from scf.domains.fossils import synth_shards
+        from scf.ml.optimize import OptimiserConfig, train_optimiser
+
+        synth_shards("grid:case14", 1000, directory / "shards", shard_size=500, seed=5)
+        train_optimiser("grid:case14", directory / "shards", directory / "zoo", OptimiserConfig(steps=60, hidden=32, batch_size=128))
+
+    key = "grid:case14 synth_shards(1000, shard_size=500, seed=5) OptimiserConfig(steps=60, hidden=32, batch_size=128)"
+    [checkpoint] = (shared_artefact(tmp_path_factory, "case14-optimiser", key, build) / "zoo").glob("*.safetensors")
+    return checkpoint
+
+
 @pytest.fixture
 def nats_server(tmp_path):
     server = ServerProcess(tmp_path / "nats", free_port()).start()

@@ -25,7 +25,6 @@ from scf.consumers.deploy import DeployPlanner, intent_id_for
 from scf.consumers.edge import EdgeAgent, EdgeSettings
 from scf.consumers.edge.kinds import accepted, file_kind
 from scf.consumers.nodes import NodeInfo, get_node
-from scf.domains.fossils import synth_shards
 from tests.conftest import cli, wait_for
 from tests.test_deploy_helpers import Keys, approve, current_model, events_on, orders_for, publish_raw
 
@@ -34,13 +33,9 @@ CTL, STORE = "ctl-1", "store-1"
 
 
 @pytest.fixture(scope="module")
-def optimiser(tmp_path_factory):
+def optimiser(case14_optimiser):
     pytest.importorskip("torch")
-    from scf.ml.optimize import OptimiserConfig, train_optimiser
-
-    root = tmp_path_factory.mktemp("deploy-kinds")
-    synth_shards(DOMAIN, 1000, root / "shards", shard_size=500, seed=5)
-    return train_optimiser(DOMAIN, root / "shards", root / "zoo", OptimiserConfig(steps=60, hidden=32, batch_size=128)).checkpoint
+    return case14_optimiser  # the run's one (conftest): trained once for this file and test_strike_learned
 
 
 def write(path: Path, tensors: dict[str, np.ndarray], **meta: str) -> Path:

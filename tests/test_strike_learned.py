@@ -17,7 +17,6 @@ import pytest
 from scf.bus import events as ev
 from scf.bus.artifacts import open_store
 from scf.bus.client import Bus
-from scf.domains.fossils import synth_shards
 from scf.producers import promoted as pm
 from scf.producers.verify import EBDM, OPTIMISER, alias_heads, current_promotion, next_version
 from tests.conftest import cli
@@ -31,12 +30,8 @@ DOMAIN = "grid:case14"
 
 
 @pytest.fixture(scope="module")
-def optimiser(tmp_path_factory):
-    from scf.ml.optimize import OptimiserConfig, train_optimiser
-
-    root = tmp_path_factory.mktemp("strike-learned")
-    synth_shards(DOMAIN, 1000, root / "shards", shard_size=500, seed=5)
-    return train_optimiser(DOMAIN, root / "shards", root / "zoo", OptimiserConfig(steps=60, hidden=32, batch_size=128)).checkpoint
+def optimiser(case14_optimiser):
+    return case14_optimiser  # the run's one (conftest): trained once for this file and test_deploy_kinds
 
 
 def promotion(cid: str, version: int, ref, kind: str = "", previous: str | None = None) -> ev.CheckpointPromoted:
