@@ -69,7 +69,8 @@ class SafetySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_code_bytes: int = 512_000
     concurrency: int = 8  # messages ruled at once (publishing overlaps; the analysis is CPU)
     # `decide` in forked worker processes beside the event loop (DecidePool): -1 = one per
-    # CPU this process may use when it may use two or more, else none; 0 = in the loop.
+    # CPU this process may use beyond two (the loop's and nats-server's), at most 8: none on
+    # a 2-CPU host; 0 = in the loop.
     # Only with concurrency > 1 (at 1 the gate rules in order, one at a time: in the loop)
     decide_workers: int = -1
     context_bucket: str = "scf_context"
@@ -258,7 +259,9 @@ def decide_workers(config: SafetySettings) -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
-    return min(cores, config.concurrency, 8) if cores >= 2 else 0
+    # one core is the loop's (receiving, publishing, acking), one a co-located nats-server's:
+    # on two, the workers would only take CPU from them (bench_safety: no faster, 1.2-1.4x the CPU)
+    return max(0, min(cores - 2, config.concurrency, 8))
 
 
 class DecidePool:
