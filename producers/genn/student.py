@@ -76,6 +76,8 @@ class ChatTokenizer:
             config = json.loads(files.get("tokenizer_config.json") or "{}")
         except Exception as exc:  # noqa: BLE001 - an untrusted file: any decoding failure is named
             raise GenNError(f"{where}: its tokenizer does not load ({type(exc).__name__}: {str(exc)[:160]}): the file is damaged") from None
+        if not isinstance(config, dict):
+            raise GenNError(f"{where}: its tokenizer_config.json holds a {type(config).__name__}, not an object: the file is damaged")
         template = files.get("chat_template.jinja") or config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
             template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
@@ -114,7 +116,6 @@ class ChatTokenizer:
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["namespace"] = Namespace
-        self.template_error = jinja2.exceptions.TemplateError
         try:
             self.template = env.from_string(template)
         except jinja2.exceptions.TemplateError as exc:
@@ -135,7 +136,7 @@ class ChatTokenizer:
         try:
             return self.template.render(messages=[dict(m) for m in messages], add_generation_prompt=True, tools=None, documents=None,
                                         **self.special)
-        except self.template_error as exc:
+        except Exception as exc:  # noqa: BLE001 - the file's template: whatever it raises is a rejected candidate, named
             raise ValueError(f"its chat template fails ({type(exc).__name__}: {str(exc)[:160]})") from None
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -176,6 +177,9 @@ class StudentGenerator:
         if not isinstance(files, dict):
             raise GenNError(f"{path}: its tokenizer metadata does not decode: the file is damaged")
         self.tokenizer = ChatTokenizer(files, str(path))
+        rows, top = self.lm.embed.shape[0], max(self.tokenizer.vocab.values(), default=-1)
+        if top >= rows:
+            raise GenNError(f"{path}: its tokenizer's ids reach {top}, its embedding has {rows} rows: the file is damaged")
         self.path = path
         self.stops = stop_ids(self.tokenizer.vocab, self.tokenizer.eos)
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
