@@ -16,7 +16,7 @@ from scf import domains
 from scf.bus import codec, gears
 from scf.bus import events as ev
 from scf.consumers.regulator import RuleSet
-from scf.consumers.safety import DecidePool, DecideWorkerError, GateView, SafetySettings, decide, decide_workers
+from scf.consumers.safety import DecidePool, DecideWorkerError, GateView, SafetySettings, decide, decide_workers, rule_code
 from tests.conftest import spawn, wait_for
 from tests.daemon_support import events, running_safety, wait_events
 
@@ -147,6 +147,10 @@ async def test_decide_workers_rule_as_the_loop_does():
         got = await asyncio.gather(*(pool.decide(view, codec.encode(e)) for e in evs))
         assert [[v.data for v in out] for out in got] == [[v.data for v in decide(view, e, source="test")] for e in evs]
         assert {v[0].data.decision for v in got} == {"APPROVE", "REJECT", "HOLD"}
+        # the static ruling of code that names a domain (the gate then runs the sandbox itself)
+        for code in ("import numpy as np\nimport os\n", "class Controller:\n    def act(self, obs):\n        return obs\n"):
+            p = ev.CodeProposed.new(ev.CodeProposal(proposal_id="p-dom", intent_id="i", domain="grid:case14", code=code), source="gen")
+            assert await pool.static(view, codec.encode(p)) == rule_code(view, p.data)
 
         # each message is ruled on the view it was handed over under, whatever came after
         hyper = replace(view, gear="HYPER", facts={"grid.state": "blackout"})
