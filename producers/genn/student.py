@@ -57,18 +57,31 @@ def _token_text(value: Any) -> str | None:
     return None
 
 
+def check_libraries() -> None:
+    """`tokenizers` and jinja2 ≥ 3.1.6 importable, or one line saying what to install."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.sandbox
+        import tokenizers  # noqa: F401
+    except ImportError as exc:
+        raise GenNError(f"the student backend tokenises with `tokenizers` and renders the chat template with `jinja2` "
+                        f"({exc.name} is missing): {INSTALL}") from None
+    if _version(jinja2.__version__) < (3, 1, 6):  # the template is the file's: untrusted input to a sandbox
+        raise GenNError(f"jinja2 {jinja2.__version__} has known sandbox escapes and the chat template comes from the student file: "
+                        "pip install -U 'jinja2>=3.1.6'")
+
+
 class ChatTokenizer:
     """The student file's tokenizer and chat template, without transformers."""
 
     def __init__(self, files: dict[str, str], where: str) -> None:
-        try:
-            import jinja2
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-            from tokenizers import Tokenizer
-        except ImportError as exc:
-            raise GenNError(f"the student backend tokenises with `tokenizers` and renders the chat template with `jinja2` "
-                            f"({exc.name} is missing): {INSTALL}") from None
+        check_libraries()
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from tokenizers import Tokenizer
+
         if "tokenizer.json" not in files:
             raise GenNError(f"{where} carries no tokenizer.json in its metadata: the file is damaged or not written by save_student")
         try:
@@ -83,9 +96,6 @@ class ChatTokenizer:
             template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
         if not isinstance(template, str) or not template.strip():
             raise GenNError(f"{where} carries no chat template: the student cannot be served the teacher's prompts (the file is damaged)")
-        if _version(jinja2.__version__) < (3, 1, 6):  # the template is the file's: untrusted input to a sandbox
-            raise GenNError(f"jinja2 {jinja2.__version__} has known sandbox escapes and the chat template comes from the student file: "
-                            "pip install -U 'jinja2>=3.1.6'")
         self.special = {k: t for k in SPECIAL if (t := _token_text(config.get(k))) is not None}
         self.vocab = self.tok.get_vocab(with_added_tokens=True)
 
@@ -154,6 +164,7 @@ class StudentGenerator:
         from scf.consumers.edge.ternary import TernaryError
         from scf.consumers.edge.ternary_lm import TernaryLM, stop_ids
 
+        check_libraries()  # before reading a file of tens of MB
         path = Path(path).expanduser()
         if not path.is_file():
             raise GenNError(f"code student file {path} does not exist: set [genn] checkpoint to a file written by `scf distill` "
@@ -222,4 +233,4 @@ def open_student(settings: GennSettings) -> StudentGenerator:
                             max_new_tokens=settings.max_new_tokens, sha256=settings.model_sha256)
 
 
-__all__ = ["BACKEND", "ChatTokenizer", "StudentGenerator", "open_student"]
+__all__ = ["BACKEND", "ChatTokenizer", "StudentGenerator", "check_libraries", "open_student"]
