@@ -42,6 +42,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -111,8 +112,10 @@ class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True):
     gather_s: float = 0.05  # how long a batch waits to fill once its first measurement is in
     concurrency: int = 32  # the per-message path (`Ledger.runner`): measurements handled at once
     # threads verifying a batch's signatures (Ed25519 verification releases the GIL: on a free
-    # core the threads verify side by side); 1 = in the loop, one after the other
-    verify_threads: int = 2
+    # core the threads verify side by side, and the next batch is verified while one is
+    # minted); 1 = in the loop, one after the other; -1 = 2 where the process may use three
+    # CPUs or more, else 1 (`verify_threads_for`)
+    verify_threads: int = -1
     # M&V (docs/mv.md): every measurement must state a baseline calibrated to ASHRAE Guideline
     # 14 and its uncertainty (IPMVP Option D). `false` accepts plain meter-vs-baseline readings
     # without either: not IPMVP Option D compliant (a measurement that states a calibration or
@@ -132,6 +135,22 @@ class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class LedgerError(SCFError):
     pass
+
+
+def verify_threads_for(settings: LedgerSettings) -> int:
+    """The verifying threads `settings` asks for on this host. -1: two where the process may
+    use three CPUs or more, else one. On two CPUs the second is nats-server's (co-located, as
+    `scf up` runs it) or another process's: measured on a 2-CPU VM, two threads verified no
+    faster than one and cost 16-29 % more CPU (benchmarks/RESULTS.md, issue 16). The CPUs the
+    process may use, not the load: a load average lags, counts this process too, and would
+    fix at start a choice made under a passing load."""
+    if settings.verify_threads >= 1:
+        return settings.verify_threads
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return 2 if cpus >= 3 else 1
 
 
 VERIFY_CHUNK_MIN = 32  # a batch is verified in threads only in chunks of at least this many
@@ -537,6 +556,7 @@ class Ledger:
         # settings read once, not per measurement
         self._units = _meter_units(tuple(settings.meter_units.items()))
         self._rate = dec(settings.rate)
+        self.verify_threads = verify_threads_for(settings)
         # node → (the labels object it was derived from, allowed meters, account, account problem):
         # recomputed whenever `labels` gives another object (refetched)
         self._views: dict[str, tuple[dict[str, str], set[str], str, str | None]] = {}
@@ -615,7 +635,7 @@ class Ledger:
         """`_verify_each` for a fetched batch, split over `[ledger] verify_threads` threads
         when the batch is large enough to pay for them."""
         bodies = [m.data for m in msgs]
-        threads = max(1, self.settings.verify_threads)
+        threads = self.verify_threads
         if threads == 1 or len(bodies) < 2 * VERIFY_CHUNK_MIN:
             return self._verify_each(bodies)
         size = max(VERIFY_CHUNK_MIN, -(-len(bodies) // threads))
@@ -917,7 +937,7 @@ class Ledger:
                 held = list(msgs)
                 alive: asyncio.Task | None = asyncio.create_task(_keep_alive(held, self.spec.ack_wait))
                 try:
-                    if (not ahead and TAKE_AHEAD and self.settings.verify_threads > 1 and self.settings.batch > 1
+                    if (not ahead and TAKE_AHEAD and self.verify_threads > 1 and self.settings.batch > 1
                             and len(msgs) >= 2 * VERIFY_CHUNK_MIN):
                         following = await pull.fetch(self.settings.batch, AHEAD_WAIT_S, stop)  # what is there already
                         if following:

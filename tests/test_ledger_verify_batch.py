@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 
 import pytest
 
 from scf.bus import codec
 from scf.bus.client import Bus
 from scf.consumers import ledger as ledger_mod
-from scf.consumers.ledger import VERIFY_CHUNK_MIN, LedgerSettings, read_transfers
+from scf.consumers.ledger import VERIFY_CHUNK_MIN, LedgerSettings, read_transfers, verify_threads_for
 from tests.conftest import stream_count, wait_for
 from tests.test_deploy_helpers import Keys
 from tests.test_ledger import consumer_done, measurement, publish_signed, rejections, running_ledger
@@ -49,6 +50,20 @@ async def test_a_batch_verified_in_threads_mints_and_rejects_as_one_by_one(bus, 
     assert any("lacks the 'node' role" in r for r in reasons)
     assert any("bad signature" in r for r in reasons)
     assert await stream_count(bus, "DLQ") == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_verify_threads_by_the_cpus_the_process_may_use():
+    assert [verify_threads_for(LedgerSettings(verify_threads=t)) for t in (1, 2, 3)] == [1, 2, 3]  # as set
+    auto = LedgerSettings()
+    assert auto.verify_threads == -1
+    cpus = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cpus)})  # one CPU: no second thread could verify beside the loop
+        assert verify_threads_for(auto) == 1
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert verify_threads_for(auto) == (2 if len(cpus) >= 3 else 1)
 
 
 class Gate:
