@@ -105,22 +105,37 @@ def tiny_llama(tmp_path_factory) -> Path:
     return shared_artefact(tmp_path_factory, "tiny-llama", key, lambda d: mg.tiny_model(d / "tiny-llama")) / "tiny-llama"
 
 
-@pytest.fixture(scope="session")
-def case14_optimiser(tmp_path_factory) -> Path:
-    """A small learned optimiser of grid:case14 (`train_optimiser`: 1000 fossils synthesised
-    with seed 5, 60 steps, 32 wide; ~4 s of CPU), trained once for the run and shared
-    read-only by the files that deploy or strike with one."""
+def shared_optimiser(tmp_path_factory: pytest.TempPathFactory, domain: str, fossils: int, shard_size: int, seed: int, **config) -> Path:
+    """A learned optimiser trained once for the run (`shared_artefact`) by `train_optimiser`
+    on `fossils` synthesised with `seed`: the directory holding its `shards/` and its
+    checkpoint in `zoo/`, shared read-only by every file that asks for the same one."""
 
     def build(directory: Path) -> None:
         from scf.domains.fossils import synth_shards
         from scf.ml.optimize import OptimiserConfig, train_optimiser
 
-        synth_shards("grid:case14", 1000, directory / "shards", shard_size=500, seed=5)
-        train_optimiser("grid:case14", directory / "shards", directory / "zoo", OptimiserConfig(steps=60, hidden=32, batch_size=128))
+        synth_shards(domain, fossils, directory / "shards", shard_size=shard_size, seed=seed)
+        train_optimiser(domain, directory / "shards", directory / "zoo", OptimiserConfig(**config))
 
-    key = "grid:case14 synth_shards(1000, shard_size=500, seed=5) OptimiserConfig(steps=60, hidden=32, batch_size=128)"
-    [checkpoint] = (shared_artefact(tmp_path_factory, "case14-optimiser", key, build) / "zoo").glob("*.safetensors")
+    key = f"{domain} synth_shards({fossils}, shard_size={shard_size}, seed={seed}) OptimiserConfig({sorted(config.items())})"
+    return shared_artefact(tmp_path_factory, f"optimiser-{domain.replace(':', '-')}", key, build)
+
+
+@pytest.fixture(scope="session")
+def case14_optimiser(tmp_path_factory) -> Path:
+    """A small learned optimiser of grid:case14 (1000 fossils, 60 steps, 32 wide; ~4 s of
+    CPU): the checkpoint test_strike_learned and test_deploy_kinds deploy."""
+    root = shared_optimiser(tmp_path_factory, "grid:case14", 1000, 500, 5, steps=60, hidden=32, batch_size=128)
+    [checkpoint] = (root / "zoo").glob("*.safetensors")
     return checkpoint
+
+
+@pytest.fixture(scope="session")
+def case14_optimiser_2000(tmp_path_factory) -> Path:
+    """grid:case14's learned optimiser trained briefly on 2000 fossils (400 steps, 128 wide;
+    ~13 s of CPU): the directory with its shards/ and zoo/, for test_learned_opt and
+    test_optimize_learned."""
+    return shared_optimiser(tmp_path_factory, "grid:case14", 2000, 1000, 5, steps=400, hidden=128, batch_size=128)
 
 
 @pytest.fixture

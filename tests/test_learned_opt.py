@@ -3,6 +3,8 @@ the exact optimum on held-out contexts."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -24,13 +26,13 @@ from scf.ml.optimize import (
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """case14: 2000 synthesised fossils, a small network trained briefly."""
-    root = tmp_path_factory.mktemp("opt14")
-    synth_shards("grid:case14", 2000, root / "shards", shard_size=1000, seed=5)
-    cfg = OptimiserConfig(steps=400, hidden=128, batch_size=128)
-    result = train_optimiser("grid:case14", root / "shards", root / "zoo", cfg)
-    return result, root / "shards"
+def trained(case14_optimiser_2000):
+    """case14: 2000 synthesised fossils, a small network trained briefly (the run's one,
+    conftest: test_optimize_learned certifies its decisions). The result as train_optimiser
+    returned it: the checkpoint and the metrics it holds."""
+    [checkpoint] = (case14_optimiser_2000 / "zoo").glob("*.safetensors")
+    _, meta = load_optimiser(checkpoint)
+    return SimpleNamespace(checkpoint=checkpoint, metrics=meta["metrics"]), case14_optimiser_2000 / "shards"
 
 
 def test_learned_proposals_are_feasible_and_beat_the_best_in_data_on_heldout_contexts(trained):
@@ -66,7 +68,9 @@ def test_checkpoint_is_safetensors_with_its_story_and_refuses_other_files(traine
     result, _ = trained
     assert checkpoint_format(result.checkpoint) == FORMAT
     raw = result.checkpoint.read_bytes()
-    assert b"pickle" not in raw[:4096] and not raw.startswith(b"\x80")  # a safetensors header, not a pickle stream
+    # a safetensors header (its length, then JSON), not a pickle stream (PROTO: 0x80 and a protocol
+    # number up to 5; a header 0x..80 bytes long starts with 0x80 too)
+    assert raw[8:10] == b'{"' and b"pickle" not in raw[:4096] and not (raw[0] == 0x80 and raw[1] <= 5)
     model, meta = load_optimiser(result.checkpoint)
     assert meta["config"]["domain"] == "grid:case14" and meta["lineage"]["fossils"] > 1500
     junk = tmp_path / "junk.safetensors"

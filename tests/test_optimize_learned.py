@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from scf import domains
-from scf.domains.fossils import synth_shards
 from scf.producers import optimize as opt
 from tests.conftest import cli
 
@@ -20,12 +19,11 @@ pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from scf.ml.optimize import OptimiserConfig, train_optimiser
-
-    root = tmp_path_factory.mktemp("learned14")
-    synth_shards("grid:case14", 2000, root / "shards", shard_size=1000, seed=11)
-    return train_optimiser("grid:case14", root / "shards", root / "zoo", OptimiserConfig(steps=300, hidden=64, batch_size=128)).checkpoint
+def checkpoint(case14_optimiser_2000):
+    """case14's learned optimiser trained on 2000 fossils, once for the run (conftest;
+    test_learned_opt judges its decisions)."""
+    [path] = (case14_optimiser_2000 / "zoo").glob("*.safetensors")
+    return path
 
 
 def _specs(n: int) -> list[dict]:
