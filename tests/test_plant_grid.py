@@ -317,9 +317,10 @@ def test_monitor_counts_periods_of_low_nadir_and_reserve_shortfall(tmp_path):
 
 @pytest.mark.anyio
 @pytest.mark.timeout(600)
-async def test_a_deployed_learned_optimiser_dispatches_the_grid(tmp_path):
-    """A tiny `scf-opt/1` learned optimiser of case14, trained on synthesised fossils and
-    deployed after a day of status-quo history: the grid loop runs it with numpy
+async def test_a_deployed_learned_optimiser_dispatches_the_grid(tmp_path, case14_optimiser_2000):
+    """A small `scf-opt/1` learned optimiser of case14, trained on synthesised fossils (the
+    run's one, conftest: test_learned_opt judges it) and deployed after a day of status-quo
+    history: the grid loop runs it with numpy
     (consumers/edge/learned.py: its proposal from the loads, balanced, repaired in the merit
     order of its learned marginal costs within each step's window), the envelope holds, and
     the day's fuel saving is measured by Option D in kWh of fuel, within its stated
@@ -329,17 +330,14 @@ async def test_a_deployed_learned_optimiser_dispatches_the_grid(tmp_path):
 
     from scf import domains
     from scf.consumers.edge.learned import LearnedRuntime
-    from scf.domains.fossils import synth_shards
-    from scf.ml.loader import load_arrays
-    from scf.ml.optimize import OptimiserConfig, fit_optimiser, save_optimiser
 
     name = "grid:case14"
-    synth_shards(name, 1000, tmp_path / "fossils", shard_size=1000, seed=7)
-    x, c, e = (np.asarray(a, dtype=float) for a in load_arrays(tmp_path / "fossils", domain=name, split="train", seed=0))
-    model, metrics = fit_optimiser(domains.get(name), x, c, e, OptimiserConfig(domain=name, steps=300, hidden=64, depth=2, batch_size=128))
     item = Installed(checkpoint_id="ck-learned", domain=name, version=1, uri="", sha256="", size=0, dirname="ck-learned-v1",
                      deployment_id="dep-learned", plan_id="plan")
-    path = save_optimiser(tmp_path / "versions" / item.dirname / "model.safetensors", model, lineage={"test": True}, metrics=metrics)
+    [trained] = (case14_optimiser_2000 / "zoo").glob("*.safetensors")
+    path = tmp_path / "versions" / item.dirname / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(trained.read_bytes())
     with safe_open(str(path), framework="numpy") as fh:
         assert (fh.metadata() or {})["format"] == "scf-opt/1"
     site = GridSiteOptions(domain=name, hours=48)
