@@ -8,21 +8,23 @@ proposals (the ethics corpus of tests/data/ethics, malicious and benign, in turn
 proposed states of grid:case14 (feasible reference dispatches and perturbed ones).
 
 * **gate**: `SafetyGate` (what `scf run safety` runs), in this process, with its durable
-  consumer: the clock runs from the runner's start until VERDICTS holds N verdicts;
-  at concurrency 1 and at the default (8).
+  consumer: the clock runs from the runner's start until it has handled N events; at
+  concurrency 1 (in the loop, in order) and at the default (8) with `decide` in the loop
+  and in forked decide workers (`--workers`, default "0,auto": `[safety] decide_workers`).
 * **decide floor** (baseline, same run): the pure `decide(view, event)` over the same
-  events in a loop — rules, AST analysis, physics — without NATS: the CPU the gate must pay.
-  Per type as well, to show where the time goes.
+  events in a loop, in one process — rules, AST analysis, physics — without NATS: the CPU
+  the gate must pay. Per type as well, to show where the time goes.
 
 On a shared machine the load changes from second to second, so the floor is measured right
 before and right after every gate run and each run's ratio is taken against the mean of its
-two floors (`--rounds` runs per concurrency, median ratio reported). The CPU columns compare
-this process's CPU time (the gate's, plus the bench's 10 ms polling) with the floor's: the
-cost on an idle core, much less exposed to the other work (the server's CPU is not in it).
-The gate's CPU is taken over the same window as its clock (since 2026-12-02: before, it also
-counted connecting, reading the rules, the gear and the facts, and closing the connection,
-which the floor does not pay: a fixed ≈ 20–50 ms against the gate), and the bench looks at
-the runner's count every 2 ms (was 10: up to 10 ms added to a run of ≈ 0.5 s).
+two floors (`--rounds` runs per configuration, configurations interleaved, median ratio
+reported, the load average at each run's start printed). The CPU columns compare the gate's
+CPU — this process's plus its decide workers' — with the floor's, over the same window as
+the clock (connecting, reading the rules, the gear and the facts, forking the workers and
+closing are outside it, as they are outside the floor's); the nats-server's CPU is shown
+apart. The end of a run is seen when the runner counts the last event (no polling: polls
+cost the gate CPU). Every run's verdicts are read back and must be the same in every
+configuration (a digest of their contents).
 """
 
 from __future__ import annotations
@@ -92,6 +94,14 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def run_delay() -> float:
+    """Seconds this thread has waited on a run queue, runnable but not running (Linux; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -121,8 +131,9 @@ class _Counted(RunnerStats):
 
 
 async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int, durable: str, batched: bool = True,
-                   workers: int = 0) -> tuple[float, float, float]:
-    """(wall s, CPU s of this process, CPU s of its decide workers) from the runner's start
+                   workers: int = 0) -> tuple[float, float, float, float]:
+    """(wall s, CPU s of this process, CPU s of its decide workers, s this thread waited on a
+    run queue) from the runner's start
     until it has handled every event: the same window for all (connecting, reading the rules
     and the gear, forking the workers, closing are outside it, as they are outside the
     floor's; the workers' CPU is read when they have exited: they do nothing outside the
@@ -136,18 +147,18 @@ async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int,
     runner.batched = batched  # False: the runner's per-message path (what the gate ran before it was batched)
     stop, all_in = asyncio.Event(), asyncio.Event()
     runner.stats = _Counted(len(events), all_in)  # the end seen when it comes, not by polling (the polls cost the gate CPU)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, q0 = time.perf_counter(), time.process_time(), run_delay()
     task = asyncio.create_task(runner.run(stop))
     waiter = asyncio.create_task(all_in.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if not all_in.is_set():
         task.result()  # the runner ended first: its error
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    dt, cpu, queued = time.perf_counter() - t0, time.process_time() - c0, run_delay() - q0
     stop.set()
     await task
     await gate.stop()  # reaps the workers: their CPU is in RUSAGE_CHILDREN from here
     await bus.close()
-    return dt, cpu, children_cpu() - kids0
+    return dt, cpu, children_cpu() - kids0, queued
 
 
 async def main() -> None:
@@ -186,8 +197,8 @@ async def main() -> None:
     configs = [(True, 1, 0)] + [(True, 8, w) for w in pools]
     if args.per_message:
         configs += [(False, 1, 0), (False, 8, 0)]
-    # config -> [(gate s, floor s, gate cpu, floor cpu, workers' cpu, server cpu)]
-    results: dict[tuple[bool, int, int], list[tuple[float, float, float, float, float, float]]] = {c: [] for c in configs}
+    # config -> [(gate s, floor s, gate cpu, floor cpu, workers' cpu, server cpu, run-queue wait)]
+    results: dict[tuple[bool, int, int], list[tuple[float, float, float, float, float, float, float]]] = {c: [] for c in configs}
     decisions: dict[str, int] = {}
     rulings: set[str] = set()  # a digest of every run's verdicts: the same in every configuration
     loads = []
@@ -206,11 +217,11 @@ async def main() -> None:
             loads.append(os.getloadavg()[0])
             before = floor_run()
             s0 = proc_cpu(server.proc.pid)
-            gate_s, gate_cpu, kids_cpu = await run_gate(settings, events, conc, f"bench-safety-{conc}", batched, workers)
+            gate_s, gate_cpu, kids_cpu, queued = await run_gate(settings, events, conc, f"bench-safety-{conc}", batched, workers)
             s1 = proc_cpu(server.proc.pid)
             after = floor_run()
             results[(batched, conc, workers)].append((gate_s, (before[0] + after[0]) / 2, gate_cpu, (before[1] + after[1]) / 2,
-                                                      kids_cpu, (s1 - s0) if s0 is not None and s1 is not None else float("nan")))
+                                                      kids_cpu, (s1 - s0) if s0 is not None and s1 is not None else float("nan"), queued))
             info = await bus.js.stream_info("VERDICTS")
             assert info.state.messages == len(events), info.state.messages
             sub = await bus.js.subscribe("verdict.>", stream="VERDICTS", ordered_consumer=True)
@@ -235,9 +246,13 @@ async def main() -> None:
     print("Wall: verdicts/s against the floor measured right before and after the run. CPU: the floor's CPU over the "
           "gate's (this process plus its decide workers; the server's not counted, shown apart).")
     print()
-    print("| measure | verdicts/s (floors) | wall vs floor, median (runs) | CPU µs/verdict: gate + workers | CPU vs floor, median (runs) | server CPU µs/verdict |")
-    print("|---|---|---|---|---|---|")
-    print(f"| decide floor (pure, no NATS, one process), first run | {args.n / floor:,.0f} | 1.00× | {floor_cpu / args.n * 1e6:.0f} | 1.00× | |")
+    print("Gate's wall split (this process's main thread, share of the wall): running (its CPU), runnable but waiting "
+          "for a CPU (the run queue: the machine's load), and waiting on the server or the workers (the rest).")
+    print()
+    print("| measure | verdicts/s (floors) | wall vs floor, median (runs) | CPU µs/verdict: gate + workers | CPU vs floor, median (runs) "
+          "| server CPU µs/verdict | gate wall: running / run queue / waiting |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| decide floor (pure, no NATS, one process), first run | {args.n / floor:,.0f} | 1.00× | {floor_cpu / args.n * 1e6:.0f} | 1.00× | | |")
     for (batched, conc, workers), runs in results.items():
         ratios = sorted(f / g for g, f, *_ in runs)
         cpu = sorted(fc / (gc + kc) for _, _, gc, fc, kc, _ in runs)
@@ -248,11 +263,14 @@ async def main() -> None:
         gc = statistics.median([r[2] for r in runs]) / args.n * 1e6
         kc = statistics.median([r[4] for r in runs]) / args.n * 1e6
         sc = statistics.median([r[5] for r in runs]) / args.n * 1e6
+        run_share = statistics.median([r[2] / r[0] for r in runs])
+        queue_share = statistics.median([r[6] / r[0] for r in runs])
+        wait_share = statistics.median([max(0.0, 1 - (r[2] + r[6]) / r[0]) for r in runs])
         print(f"| gate, {how}, concurrency {conc}, {where} | {rates} ({floors}) | **{statistics.median(ratios):.2f}×** "
               f"({', '.join(f'{r:.2f}' for r in ratios)}) | {gc:.0f} + {kc:.0f} | {statistics.median(cpu):.2f}× "
-              f"({', '.join(f'{r:.2f}' for r in cpu)}) | {sc:.0f} |")
+              f"({', '.join(f'{r:.2f}' for r in cpu)}) | {sc:.0f} | {run_share:.0%} / {queue_share:.0%} / {wait_share:.0%} |")
     for name, rate in per_type.items():
-        print(f"| decide floor, {name} only | {rate:,.0f} | | | |")
+        print(f"| decide floor, {name} only | {rate:,.0f} | | | | | |")
 
 
 if __name__ == "__main__":
