@@ -33,20 +33,24 @@ R. grid:case118 (`--recipes-domain`) at hidden `--wide`, recipes compared (`--va
 
     python3 benchmarks/bench_distill_gpu.py --parts R --variants "old;rank:rank_weight=1" --device cuda
 
-D. grid:case118's default-recipe student's decisions, PAIRED with its teacher's: the teacher
-   and one student as in part R (the student judged, written as its 2-bit file and read back:
-   that file decides), then `--decisions` contexts (the held-out split, then fresh draws of
-   the synthesiser) sampled on the device by both with the same noise, `--decision-batch` at
-   once, while a pool of `--processes` - 2 CPU processes makes the contexts and their exact
-   optimum (HiGHS; started while the device trains) and repairs and measures each chunk's
-   decisions (`ml.distill.decision_outcome`). Reported as part B: the paired differences of
-   gap and savings captured with 95 % intervals (`ml.distill.paired_summary`), the one-sided
-   no-worse-by-0.1 pp verdicts, feasibility and repair fallbacks, and on the first
-   `--noise-decisions` contexts the teacher against itself (unpaired). Budget-aware: no chunk
-   starts that cannot be measured before 93 % of `--budget-s`; the student's distillation
-   stops at `--distill-share` of it.
+D. grid:case118's students' decisions, PAIRED with their teacher's: the teacher and the
+   students of `--d-variants` (part R's syntax; default: the default recipe alone; several are
+   distilled at once in parallel processes), each as in part R (judged, written as its 2-bit
+   file and read back: that file decides), then `--decisions` contexts (the held-out split,
+   then fresh draws of the synthesiser) sampled on the device by the teacher and every
+   student with the same noise, `--decision-batch` at once, while a pool of `--processes` - 2
+   CPU processes makes the contexts and their exact optimum (HiGHS; started while the device
+   trains) and repairs and measures each chunk's decisions (`ml.distill.decision_outcome`).
+   Reported as part B, per student: the paired differences of gap and savings captured with
+   95 % intervals (`ml.distill.paired_summary`), the one-sided no-worse-by-0.1 pp verdicts,
+   feasibility and repair fallbacks; and on the first `--noise-decisions` contexts the teacher
+   against itself (unpaired). Budget-aware: no chunk starts that cannot be measured before
+   93 % of `--budget-s`; distillation stops at `--distill-share` of it. A student's figures
+   are keyed `d118_<name>_paired_*` and `d118_student_<name>`; the variant named `default`
+   also as `d118_paired_*` and `d118_student` (the keys before variants).
 
     python3 benchmarks/bench_distill_gpu.py --parts D --device cuda --fossils-118 5000 --teacher-steps 1200 --steps-118 2500 --decisions 65536 --budget-s 450   # .gpu/case118d.cmd
+    python3 benchmarks/bench_distill_gpu.py --parts D --d-variants "default;chain:chain=0.25" ...   # on-policy matching: .gpu/case118e.cmd
 
 Prints each number as it comes and one JSON line at the end; writes the JSON to
 $OUT/ternary.json (or `--json`) after every part.
@@ -159,7 +163,7 @@ def run_variant(job: dict) -> dict:
 
     try:
         student, stats = distill_ebdm(teacher, x, c, cfg, monitor=monitor)
-        row.update(train_s=stats["train_seconds"], samples_per_s=stats["samples_per_s"], steps_done=cfg.steps)
+        row.update(train_s=stats["train_seconds"], samples_per_s=stats["samples_per_s"], steps_done=cfg.steps, chain_s=stats["chain_seconds"])
     except OutOfTime as exc:  # judged as it stands (unfrozen weights frozen in a copy)
         row["stopped"] = str(exc)
         student = copy.deepcopy(clock["student"]).eval()
@@ -312,6 +316,10 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
     from scf.ml.train import train_local
 
     domain_name, hidden, depth, prefix = args.recipes_domain, 16 if args.tiny else args.wide, 2 if args.tiny else 4, "d118"
+    variants = parse_variants(args.d_variants)
+    if {"teacher", "noise"} & {name for name, _ in variants}:
+        raise SystemExit(f"--d-variants {args.d_variants!r}: 'teacher' and 'noise' name the teacher's runs; call the students otherwise")
+    row[f"{prefix}_variants"] = {name: over for name, over in variants}
     deadline = started_wall + 0.93 * args.budget_s - (3 if args.tiny else 10)  # room to summarise and write
     t0 = time.perf_counter()
     data, n = work / prefix / "fossils", args.fossils_118
@@ -354,24 +362,43 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
         save(f"{prefix}: teacher hidden {hidden} depth {depth}, {args.teacher_steps} steps in {row[f'{prefix}_teacher_train_s']:.1f}s")
         steps = args.steps_118 or args.steps
         distill_deadline = started_wall + args.distill_share * args.budget_s
-        r = run_variant({"name": "default", "overrides": {}, "teacher": str(res.checkpoint), "data": str(data), "more": "", "domain": domain_name,
-                         "device": args.device, "steps": steps, "batch": args.batch, "every": 10 if args.tiny else args.every_118,
-                         "deadline": distill_deadline, "work": str(work / prefix), "threads": 1 if args.device == "cpu" else 2})  # fmt: skip
-        row[f"{prefix}_student"] = r
-        f = r["final"]
-        save(f"{prefix}: student (the default recipe) {r['steps_done']} steps, {r['samples_per_s']:.0f} samples/s; DSM {f['dsm_ratio']:.4f}x, rank corr "
-             f"{f['energy_rank_corr']:.4f} (noisy {f['energy_rank_corr_noisy']:.4f}), ternary {100 * f['ternary_share']:.2f} %, file {r['file_ratio']:.4f}x fp32"
-             + (f"; {r['stopped']}" if "stopped" in r else ""))  # fmt: skip
+        base = {"teacher": str(res.checkpoint), "data": str(data), "more": "", "domain": domain_name, "device": args.device, "steps": steps,
+                "batch": args.batch, "every": 10 if args.tiny else args.every_118, "deadline": distill_deadline, "work": str(work / prefix),
+                "threads": 1 if args.device == "cpu" else 2}  # fmt: skip
+        jobs = [{**base, "name": name, "overrides": over} for name, over in variants]
+        results: dict[str, dict] = {}
+        if len(jobs) == 1:
+            results[jobs[0]["name"]] = run_variant(jobs[0])
+        else:  # at once, each in its own process on the one device (as part R)
+            with ProcessPoolExecutor(max_workers=len(jobs), mp_context=mp.get_context("spawn")) as vpool:
+                futures = {j["name"]: vpool.submit(run_variant, j) for j in jobs}
+                for name, fu in futures.items():
+                    try:
+                        results[name] = fu.result()
+                    except Exception as exc:  # noqa: BLE001 - one broken variant does not lose the others
+                        results[name] = {"variant": name, "error": f"{type(exc).__name__}: {exc}"}
+        students = {}
+        for name, r in results.items():
+            row[f"{prefix}_student_{name}"] = r
+            if name == "default":
+                row[f"{prefix}_student"] = r
+            if "error" in r:
+                save(f"{prefix} [{name}]: failed: {r['error']}")
+                continue
+            f = r["final"]
+            save(f"{prefix} [{name}]: student {r['steps_done']} steps, {r['samples_per_s']:.0f} samples/s (sampler pool {r.get('chain_s', 0):.1f}s of it); "
+                 f"DSM {f['dsm_ratio']:.4f}x, rank corr {f['energy_rank_corr']:.4f} (noisy {f['energy_rank_corr_noisy']:.4f}), ternary "
+                 f"{100 * f['ternary_share']:.2f} %, file {r['file_ratio']:.4f}x fp32" + (f"; {r['stopped']}" if "stopped" in r else ""))  # fmt: skip
+            students[name], _ = load_student(Path(work / prefix) / f"student-{name}.safetensors")  # the 2-bit file: what would be deployed
         with lock:
             row[f"{prefix}_context_jobs_done_at_decisions"] = f"{sum(f.done() for f in ctx_futures)} of {len(ctx_futures)} submitted ({job} contexts a job)"
         teacher, _ = load_checkpoint(res.checkpoint)
-        student, _ = load_student(Path(work / prefix) / "student-default.safetensors")  # the 2-bit file: what would be deployed
         row[f"{prefix}_student_from"] = "its 2-bit file (ml.distill.load_student)"
         dom = _domain(domain_name)
 
         # the chunk loop: sample on the device, measure in the pool
         chunk = 48 if args.tiny else args.decision_batch
-        got: dict[str, list] = {"teacher": [], "student": [], "noise": []}  # futures of pieces, in context order
+        got: dict[str, list] = {"teacher": [], **{name: [] for name in students}, "noise": []}  # futures of pieces, in context order
         noise_pieces = 0  # the teacher's first pieces that the noise run pairs with
         left: list[tuple] = []  # contexts made but not sampled yet
         nxt, taken, sample_s = 0, 0, []
@@ -396,14 +423,19 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
             return pa, pb
 
         def summarise(final: bool) -> None:
-            pt, ps = in_order(got["teacher"], got["student"])
-            if pt:
+            busy, n_teacher, n_models = [], 0, 1
+            for name in students:
+                pt, ps = in_order(got["teacher"], got[name])
+                if not pt:
+                    continue
                 p = paired_summary(join_outcomes(pt), join_outcomes(ps))
-                row.update({f"{prefix}_paired_{k}": v for k, v in p.items()})
-                busy = [fu.result()[2] for name in ("teacher", "student") for fu in got[name] if ok(fu)]
-                row[f"{prefix}_repair_measure_s_per_context"] = sum(busy) / max(1, 2 * p["contexts"])
+                row.update({f"{prefix}_{name}_paired_{k}": v for k, v in p.items()})
+                if name == "default":
+                    row.update({f"{prefix}_paired_{k}": v for k, v in p.items()})
+                busy += [fu.result()[2] for fu in got[name][: len(ps)]]
+                n_teacher, n_models = max(n_teacher, len(pt)), n_models + 1
                 row[f"{prefix}_decisions_s"] = time.perf_counter() - t_dec
-                save(f"{prefix}: paired decisions on {p['contexts']:.0f} contexts ({p['paired_contexts']:.0f} paired): gap {p['gap_diff_pp']:+.3f} pp "
+                save(f"{prefix} [{name}]: paired decisions on {p['contexts']:.0f} contexts ({p['paired_contexts']:.0f} paired): gap {p['gap_diff_pp']:+.3f} pp "
                      f"[{p['gap_diff_low_pp']:+.3f}, {p['gap_diff_high_pp']:+.3f}] ({p['gap_verdict']}); savings {p['savings_diff_pp']:+.3f} pp "
                      f"[{p['savings_diff_low_pp']:+.3f}, {p['savings_diff_high_pp']:+.3f}] ({p['savings_verdict']}); no worse by 0.1 pp: gap "
                      f"{p['gap_no_worse']}, savings {p['savings_no_worse']}; gap {100 * p['decision_gap_mean']:.3f} % vs teacher "
@@ -412,6 +444,9 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
                      f"{100 * p['teacher_decision_feasible']:.2f} %; fallbacks {100 * p['decision_repair_fallback']:.2f} % / "
                      f"{100 * p['teacher_decision_repair_fallback']:.2f} %; identical {100 * p['identical_decisions']:.1f} %; "
                      f"per-context sd {p['gap_diff_sd_pp']:.3f} pp")  # fmt: skip
+            if busy:  # each model's pieces measured: the repair and measure time per context and model
+                busy += [fu.result()[2] for fu in got["teacher"][:n_teacher]]
+                row[f"{prefix}_repair_measure_s_per_context"] = sum(busy) / max(1, n_models * p["contexts"])
             pa, pb = in_order(got["teacher"][:noise_pieces], got["noise"])
             if final and pa:
                 q = paired_summary(join_outcomes(pa), join_outcomes(pb))
@@ -446,13 +481,14 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
             left = [(bx[need:], bc[need:], bo[need:])]
             t1 = time.perf_counter()
             seed = taken // chunk  # the chunk's index: teacher and student draw the same noise
-            runs = [("teacher", teacher, seed), ("student", student, seed)] + ([("noise", teacher, NOISE_SEED + seed)] if taken < args.noise_decisions else [])
+            runs = [("teacher", teacher, seed)] + [(name, m_, seed) for name, m_ in students.items()]
+            runs += [("noise", teacher, NOISE_SEED + seed)] if taken < args.noise_decisions else []
             piece = max(1, -(-len(cc) // workers))
             for name, model, s_ in runs:
                 samples = _sample_decisions(model, dom, cc, seed=s_, batch=len(cc), device=args.device)
                 got[name].extend(pool.submit(_outcome_job, domain_name, cc[i : i + piece], cx[i : i + piece], samples[i : i + piece], co[i : i + piece])
                                  for i in range(0, len(cc), piece))  # fmt: skip
-            if len(runs) == 3:
+            if runs[-1][0] == "noise":
                 noise_pieces = len(got["noise"])
             sample_s.append(time.perf_counter() - t1)
             taken += len(cc)
@@ -498,6 +534,7 @@ def main() -> None:
     ap.add_argument("--steps-118", type=int, default=0, help="parts R and D: distillation steps per variant (0: --steps)")
     ap.add_argument("--distill-share", type=float, default=0.6, help="part D: the student's distillation stops at this share of the budget")
     ap.add_argument("--decision-batch", type=int, default=4096, help="part D: contexts sampled at once (one generator seed each chunk)")
+    ap.add_argument("--d-variants", default="default", help="part D: the students judged (part R's variant syntax; distilled at once)")
     ap.add_argument("--noise-decisions", type=int, default=8192, help="part D: contexts on which the teacher also samples with another seed")
     args = ap.parse_args()
     if args.tiny:

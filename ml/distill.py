@@ -74,6 +74,13 @@ class DistillConfig:
     rank_temperature: float = 0.1  # τ of `rank_loss` as a share of the batch's teacher-energy standard deviation
     mix: float = 0.5  # share of each batch made of convex mixtures of two training fossils (state and context): matched, not in the task loss (EBDM)
     ema: float = 0.0  # moving average of the latent weights (decay; 0: off): the average is what is frozen and judged (EBDM)
+    # on-policy matching (issue 14: decisions are made where the sampler goes, not at the fossils): a share of each batch made of
+    # states the physics-guided annealed MALA sampler visits, each at its level's σ, drawn from a pool refreshed every `chain_every` steps
+    chain: float = 0.0  # share of each batch from the sampler's pool: matched (score and energy), not in the task loss (EBDM; 0: off)
+    chain_by: str = "teacher"  # whose sampler fills the pool: "teacher", or "student" (its own, DAgger-style)
+    chain_every: int = 100  # steps between refreshes of the pool
+    chain_contexts: int = 256  # contexts sampled at each refresh (convex mixtures of two fossils' contexts); the pool keeps every level's state
+    chain_steps: int = 4  # Langevin moves per level of the pool's sampler (the decisions' sampler uses the model's langevin_steps)
     match_weight: float = 1.0  # |π_S - π_T|² on normalised outputs (optimiser)
     task_weight: float = 0.1  # the teacher's own loss on the data (DSM; the optimiser's objective)
     packing: str = "2bit"  # 2bit | base3
@@ -95,6 +102,12 @@ class DistillConfig:
             raise ConfigError(f"distil mix must be in [0, 1) (got {self.mix}): the share of mixed fossils in a batch")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"distil ema must be in [0, 1) (got {self.ema}): a decay such as 0.999, or 0 for none")
+        if not 0 <= self.chain < 1 or self.mix + self.chain >= 1:
+            raise ConfigError(f"distil chain must be in [0, 1) with mix + chain < 1 (got chain {self.chain}, mix {self.mix}): fossils keep a share of each batch")
+        if self.chain_by not in ("teacher", "student"):
+            raise ConfigError(f"distil chain_by {self.chain_by!r} is not 'teacher' or 'student': whose sampler fills the pool")
+        if self.chain_every < 1 or self.chain_contexts < 1 or self.chain_steps < 1:
+            raise ConfigError(f"distil chain_every, chain_contexts and chain_steps must be >= 1 (got {self.chain_every}, {self.chain_contexts}, {self.chain_steps})")
         if not self.rank_temperature > 0 or self.rank_weight < 0:
             raise ConfigError(f"distil rank_temperature must be > 0 and rank_weight >= 0 (got {self.rank_temperature}, {self.rank_weight})")
         return self
@@ -193,6 +206,45 @@ class _Average:
         torch._foreach_lerp_(self._dst, self._src, 1.0 - d)
 
 
+@torch.no_grad()
+def sampler_states(model, c: torch.Tensor, *, generator: torch.Generator, steps: int, penalty=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states `model`'s sampler visits for contexts c (B, m) (physical units): the
+    annealed, Metropolis-adjusted, physics-guided Langevin chain of `EBDM.sample` (the same
+    moves, step adaptation and guidance; `steps` moves per level), each level's last state
+    kept. Returns (z (L·B, d) in normalised space, σ (L·B, 1)), level by level: where the
+    decisions' sampler asks the energy and its score."""
+    cfg = model.config
+    cz = model.normalise_context(c)
+    n, d = c.shape[0], cfg.state_dim
+    noise = lambda: torch.randn(n, d, generator=generator, device=c.device)  # noqa: E731
+    uniform = lambda: torch.rand(n, generator=generator, device=c.device)  # noqa: E731
+    z = noise() * cfg.sigma_max
+    h = cfg.langevin_step
+    zs, sig = [], []
+    for sigma in cfg.sigmas().tolist():
+        score, energy = model.guided_score(z, cz, c, sigma, penalty)
+        for _ in range(steps):
+            alpha = h * sigma**2
+            prop = z + 0.5 * alpha * score + math.sqrt(alpha) * noise()
+            if not cfg.metropolis:
+                z = prop
+                score, energy = model.guided_score(z, cz, c, sigma, penalty)
+                continue
+            score_p, energy_p = model.guided_score(prop, cz, c, sigma, penalty)
+            fwd = (prop - z - 0.5 * alpha * score).square().sum(-1) / (2 * alpha)
+            bwd = (z - prop - 0.5 * alpha * score_p).square().sum(-1) / (2 * alpha)
+            accept = torch.log(uniform()) < energy - energy_p + fwd - bwd
+            z = torch.where(accept[:, None], prop, z)
+            score = torch.where(accept[:, None], score_p, score)
+            energy = torch.where(accept, energy_p, energy)
+            rate = float(accept.float().mean())
+            h = h * 0.8 if rate < 0.5 else (h * 1.25 if rate > 0.8 else h)
+            h = min(max(h, cfg.langevin_step / 16), 4 * cfg.langevin_step)
+        zs.append(z.detach().clone())
+        sig.append(torch.full((n, 1), sigma, device=c.device, dtype=z.dtype))
+    return torch.cat(zs), torch.cat(sig)
+
+
 def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, log=None, monitor=None):
     """(frozen student, training stats) from a teacher EBDM and train-split fossils (x, c).
     `monitor(step, student)`, where given, is called every `log_every` steps and after the
@@ -219,8 +271,33 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
     monitored = 0.0
     rank = torch.zeros((), device=device)
     n_mix = min(cfg.batch_size - 1, round(cfg.mix * cfg.batch_size))
+    n_chain = min(cfg.batch_size - 1 - n_mix, round(cfg.chain * cfg.batch_size))
+    n_own = n_mix + n_chain  # rows before this are matched only; the fossils after it are in the task loss too
+    pool: tuple | None = None
+    penalty = None
+    if n_chain and tcfg.domain:
+        from scf import domains
+        from scf.ml.physics import penalty_for
+
+        penalty = penalty_for(domains.get(tcfg.domain))
+        penalty = penalty.to(device) if penalty is not None else None
+    pool_gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
+    stats["chain_seconds"] = 0.0
     with _threads(cfg.threads):
         for step in range(cfg.steps):
+            if n_chain and step % cfg.chain_every == 0:  # refresh the pool: where the sampler goes for new (mixed) contexts
+                t0 = time.perf_counter()
+                k = cfg.chain_contexts
+                a, b = (torch.randint(len(cz_all), (k,), generator=gen).to(device) for _ in range(2))
+                t = torch.rand(k, 1, generator=gen).to(device)
+                cp = t * ct[a] + (1 - t) * ct[b]
+                walker = teacher if cfg.chain_by == "teacher" else student
+                was = walker.training
+                walker.eval()
+                zp, sp = sampler_states(walker, cp, generator=pool_gen, steps=cfg.chain_steps, penalty=penalty)
+                walker.train(was)
+                pool = (zp, teacher.normalise_context(cp).repeat(len(zp) // k, 1), sp)
+                stats["chain_seconds"] += time.perf_counter() - t0
             idx = torch.randint(len(z_all), (cfg.batch_size,), generator=gen).to(device)
             z, cz = z_all[idx], cz_all[idx]
             if n_mix:  # points between two fossils: the teacher is queried where no fossil is (held-out contexts are new too)
@@ -231,14 +308,21 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
             sigma = _sigmas(tcfg, len(z), gen).to(device)
             eps = torch.randn(z.shape, generator=gen).to(device)
             noisy = z + sigma * eps
+            if n_chain:  # the sampler's states, each at its own level: queried as they are (no noise added)
+                pick = torch.randint(len(pool[0]), (n_chain,), generator=gen).to(device)
+                noisy = torch.cat([noisy[:n_mix], pool[0][pick], noisy[n_own:]])
+                cz = torch.cat([cz[:n_mix], pool[1][pick], cz[n_own:]])
+                sigma = torch.cat([sigma[:n_mix], pool[2][pick], sigma[n_own:]])
             s_t, e_t = (v.detach() for v in teacher.score(noisy, cz, sigma))
             s_s, e_s = student.score(noisy, cz, sigma, create_graph=True)
             score = (sigma * (s_s - s_t)).square().mean()
             energy = (sigma.squeeze(-1) * (e_s - e_t)).square().mean()
-            task = (sigma * s_s + eps)[n_mix:].square().mean()  # denoising the fossils themselves
+            task = (sigma * s_s + eps)[n_own:].square().mean()  # denoising the fossils themselves
             loss = cfg.score_weight * score + cfg.energy_weight * energy + cfg.task_weight * task
             if cfg.anchor_weight or cfg.rank_weight:  # the energies that rank states: clean data at σ_min (rare among the σ drawn)
                 smin = tcfg.sigma_min
+                if n_chain:  # fossils and their mixtures: the sampler's states are matched at their own level above
+                    z, cz = torch.cat([z[:n_mix], z[n_own:]]), torch.cat([cz[:n_mix], cz[n_own:]])
                 with torch.no_grad():
                     e_t0 = teacher.energy(z, cz, smin)
                 e_s0 = student.energy(z, cz, smin)
