@@ -52,7 +52,8 @@ def student_config(args):
 
     if args.tiny:
         return StudentConfig(hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, width_multiple=16)
-    return StudentConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp)
+    return StudentConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp,
+                         max_positions=args.max_positions)
 
 
 def load_student_data(ds: Path, per_contract: int = 0) -> list[dict]:
@@ -71,8 +72,78 @@ def load_student_data(ds: Path, per_contract: int = 0) -> list[dict]:
             if line.strip():
                 c = json.loads(line)
                 codes = c["codes"][:per_contract] if per_contract > 0 else c["codes"]
-                rows += [{"prompt": c["prompt"], "completion": [{"role": "assistant", "content": x["code"]}]} for x in codes]
+                rows += [{"prompt": c["prompt"], "completion": [{"role": "assistant", "content": x["code"]}], "domain": c["domain"]}
+                         for x in codes]
     return rows
+
+
+def synthetic_grid(rng) -> dict:
+    """A random grid system, not one of SCF's cases: 2-12 units at random buses with random bounds (a
+    lower bound 0 or 2-30 % of the upper) and quadratic costs, 2-40 loads; its nominal load 40-75 %
+    of the capacity."""
+    n = rng.randint(2, 12)
+    n_bus = rng.randint(max(n, 5), 150)
+    buses = sorted(rng.sample(range(1, n_bus + 1), n))
+    hi = [float(rng.choice((round(rng.uniform(20, 600)), round(rng.uniform(20, 600), 1)))) for _ in range(n)]
+    zero = rng.random() < 0.5
+    lo = [0.0 if zero or rng.random() < 0.2 else float(round(h * rng.uniform(0.02, 0.3))) for h in hi]
+    c2 = [float(f"{10 ** rng.uniform(-2.5, 0):.3g}") for _ in range(n)]
+    c1 = [float(f"{rng.uniform(0.5, 50):.2g}") for _ in range(n)]
+    loads = sorted(rng.sample(range(1, n_bus + 1), rng.randint(2, min(40, n_bus))))
+    return {"case": rng.randint(5, 300), "names": [f"Pg{k + 1}@bus{b}" for k, b in enumerate(buses)], "lo": lo, "hi": hi,
+            "c2": c2, "c1": c1, "loads": [f"Pd@bus{b}" for b in loads], "nominal": sum(hi) * rng.uniform(0.4, 0.75)}
+
+
+def vary_grid_prompt(prompt: list[dict[str, str]], g: dict) -> list[dict[str, str]] | None:
+    """The served grid prompt with its system rewritten for `g` (`synthetic_grid`): the domain's
+    name, the units and their bounds, the loads, the costs, the nominal load (the contract's load
+    scale, VOLL and target kept). None when the prompt is not a grid contract's."""
+    import re
+
+    user = next((m for m in prompt if m["role"] == "user"), None)
+    m = re.search(r"grid:case\d+", user["content"]) if user else None
+    if m is None:
+        return None
+    name = f"grid:case{g['case']}"
+    text = user["content"].replace(m.group(0), name)
+    bounds = ", ".join(f"{n} in [{lo:g}, {hi:g}]" for n, lo, hi in zip(g["names"], g["lo"], g["hi"]))
+    costs = ", ".join(f"{n} {a:g} p^2 + {b:g} p" for n, a, b in zip(g["names"], g["c2"], g["c1"]))
+    out = []
+    for line in text.split("\n"):
+        if line.startswith("It returns a list of "):
+            line = f"It returns a list of {len(g['names'])} floats, the setpoints in state_names order (MW): {bounds}."
+        elif line.startswith("Context variables: "):
+            line = f"Context variables: {', '.join(g['loads'])}."
+        elif line.startswith("Unit costs ("):
+            line = line.split("): ", 1)[0] + f"): {costs}."
+        elif line.startswith("Scenario: the loads follow") and (s := re.search(r"at ([\d.]+) x the case's nominal", line)):
+            scale = float(s.group(1))
+            line = (f"Scenario: the loads follow a daily profile at {scale:g} x the case's nominal {g['nominal']:.0f} MW"
+                    f" (about {g['nominal'] * scale:.0f} MW in all), with noise.")
+        out.append(line)
+    return [dict(x, content="\n".join(out)) if x is user else x for x in prompt]
+
+
+def prompt_variants(rows: list[dict], k: int, *, seed: int, forbidden: set[str]) -> list[dict]:
+    """`k` copies of every grid row whose prompt describes a random grid system instead
+    (`synthetic_grid`): the same judged program, which reads its system from `spec`, not from the
+    prompt, under prompts the student cannot key on. A synthetic system never takes a name in
+    `forbidden` (the held-out domains)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        if not r.get("domain", "").startswith("grid:"):
+            continue
+        for _ in range(k):
+            g = synthetic_grid(rng)
+            while f"grid:case{g['case']}" in forbidden:
+                g["case"] = rng.randint(5, 300)
+            p = vary_grid_prompt(r["prompt"], g)
+            if p is not None:
+                out.append({**r, "prompt": p, "domain": "synthetic"})
+    return out
 
 
 def student_data_sha(ds: Path) -> str | None:
@@ -180,6 +251,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--mlp", type=int, default=1536)
+    ap.add_argument("--max-positions", type=int, default=2048, help="the student's context (grid:case118's prompts alone are ~3300 tokens)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--temperature", type=float, default=1.0, help="of the token-level KL")
@@ -196,6 +268,13 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--student-data", action=argparse.BooleanOptionalAction, default=True,
                     help="train on the dataset's student/train.jsonl.gz too (every sandbox-passing candidate; bench_genn_gpu.py --student-intents)")
     ap.add_argument("--per-contract", type=int, default=0, help="student data: at most this many passing programs per contract, cheapest first (0: all)")
+    ap.add_argument("--prompt-variants", type=int, default=0,
+                    help="student data: this many copies of every grid row under a random synthetic grid's prompt (the same program; 0: none)")
+    ap.add_argument("--teacher-student-domains", default="",
+                    help="the teacher also answers the student data's prompts of these domains (e.g. grid:case118), judged the same way")
+    ap.add_argument("--teacher-student-prompts", type=int, default=16, help="at most this many of those prompts (the first; 0: all)")
+    ap.add_argument("--length-buckets", type=int, default=0,
+                    help="> 1: batches of similar length (runs of batch-size x this many sorted): long prompts (grid:case118's) pad few batches")
     ap.add_argument("--rejected", action=argparse.BooleanOptionalAction, default=True, help="the dataset's rejected rows as KL-only examples")
     ap.add_argument("--teacher-failed", action=argparse.BooleanOptionalAction, default=True,
                     help="the teacher's failed answers as KL-only examples (run 1's degeneration suspect)")
@@ -272,8 +351,16 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     if not heldout:
         heldout = mg.heldout_requests([d for d in args.eval_domains.split(",") if d], 1)
     domains = sorted({cs.contract_of(m)[0] for m in heldout})
+    unseen = set(domains) - {cs.contract_of(r["prompt"])[0] for r in train_rows}  # held-out domains the teacher never trained on
+    leaked = sorted({r["domain"] for r in student_rows} & unseen)
+    if leaked:
+        sys.exit(f"codestudent: the student data holds never-trained held-out domain(s) {leaked}: rebuild it without them (--student-domains)")
+    student_by_domain = {d: sum(r["domain"] == d for r in student_rows) for d in sorted({r["domain"] for r in student_rows})}
+    real = set(domains) | set(student_by_domain)  # a synthetic grid never takes a real domain's name
+    variants = prompt_variants(student_rows, args.prompt_variants, seed=args.seed, forbidden=real) if args.prompt_variants > 0 else []
     record("data", {"dataset_sha256": mg.dataset_sha256(ds), "approved_train": len(train_rows), "rejected_train": len(rejected),
-                    "student_rows": len(student_rows), "student_data_sha256": student_data_sha(ds) if args.student_data else None,
+                    "student_rows": len(student_rows), "student_rows_by_domain": student_by_domain, "prompt_variants": len(variants),
+                    "student_data_sha256": student_data_sha(ds) if args.student_data else None,
                     "approved_validation": len(val_rows), "train_prompts": len(train_prompts), "heldout_prompts": len(heldout),
                     "teacher": str(teacher_dir), "teacher_sha256": teacher_sha})
     print(f"teacher {teacher_dir.name} sha256 {teacher_sha[:16]}; dataset: {len(train_rows)} approved + {len(rejected)} rejected train rows, "
@@ -300,6 +387,19 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         import random
 
         asked = random.Random(args.seed).sample(train_prompts, args.teacher_prompts)
+    extra: list[tuple] = []
+    extra_domains = {d for d in args.teacher_student_domains.split(",") if d}
+    if extra_domains & unseen:
+        sys.exit(f"codestudent: --teacher-student-domains {sorted(extra_domains & unseen)} never trained on and held out: leave them out")
+    if extra_domains:
+        seen: set[str] = set()
+        for r in student_rows:
+            key = json.dumps(r["prompt"], sort_keys=True)
+            if r["domain"] in extra_domains and key not in seen:
+                seen.add(key)
+                extra.append((r["prompt"], r["domain"]))
+        extra = extra[: args.teacher_student_prompts] if args.teacher_student_prompts > 0 else extra
+        print(f"the teacher also answers {len(extra)} student-data prompts of {sorted(extra_domains)}")
     gen_kd = mg.LocalGenerator.from_model(teacher, tok, temperature=args.teacher_temperature, top_p=0.95, max_new_tokens=args.tokens, device=device)
 
     def sample_examples(samples: list[dict]) -> list:
@@ -311,12 +411,16 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     sample_future = None
     if args.teacher_samples_background and asked and args.teacher_samples > 0:
         many = gen_kd.answers_many([m for m, _ in asked], args.teacher_samples, args.seed + 1)
+        if extra:  # a call of their own: their long prompts do not pad the training prompts' batch
+            many += gen_kd.answers_many([m for m, _ in extra], args.teacher_samples, args.seed + 2)
+        asked = list(asked) + extra
         lap("teacher_train_samples_s", t)
         # two judging jobs share the CPUs while the student trains: half the workers each
         sample_future = pool.submit(cs.judge_samples, [m for m, _ in asked], many, workers=max(1, args.workers // 2), hours=2.0)
         print(f"teacher NLL of held-out approved code {teacher_nll:.4f}/token; {sum(map(len, many))} answers to {len(asked)} training "
               f"prompts generated, judged while the student trains")
     else:
+        asked = list(asked) + extra
         samples, sample_stats = cs.teacher_samples(gen_kd, asked, args.teacher_samples, seed=args.seed + 1, workers=args.workers)
         lap("teacher_train_samples_s", t)
         record("teacher_samples", sample_stats)
@@ -324,9 +428,10 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
 
     examples = (cs.encode_rows(tok, train_rows, ce=True, source="approved", max_length=args.max_length)
                 + cs.encode_rows(tok, student_rows, ce=True, source="passed", max_length=args.max_length)
+                + cs.encode_rows(tok, variants, ce=True, source="variant", max_length=args.max_length)
                 + sample_examples(samples)
                 + (cs.encode_rows(tok, rejected, ce=False, source="rejected", max_length=args.max_length) if args.rejected else []))
-    sources = ("approved", "passed", "teacher-passed", "teacher-failed", "rejected")
+    sources = ("approved", "passed", "variant", "teacher-passed", "teacher-failed", "rejected")
     counts = {src: sum(e.source == src for e in examples) for src in sources}
     record("examples", counts)
 
@@ -352,11 +457,24 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         sys.exit(f"codestudent: {train_budget:.0f} s left to train: raise --budget-s or lower --reserve-s")
     settings = cs.DistillSettings(budget_s=train_budget, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                                   temperature=args.temperature, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
-                                  eval_every_s=args.eval_every_s, seed=args.seed)
+                                  eval_every_s=args.eval_every_s, seed=args.seed, length_buckets=args.length_buckets)
+
+    val_domains = sorted({cs.contract_of(r["prompt"])[0] for r in val_rows})
+    unseen_val = [r for r in val_rows if cs.contract_of(r["prompt"])[0] in unseen]
+    teacher_unseen_nll = cs.completion_nll(teacher, tok, unseen_val, device=device, max_length=args.max_length) if unseen_val else None
+
+    def nll_by_domain(model) -> dict[str, float]:
+        """The NLL of the held-out approved code per domain (the never-trained domain's apart)."""
+        return {d: cs.completion_nll(model, tok, [r for r in val_rows if cs.contract_of(r["prompt"])[0] == d], device=device,
+                                     max_length=args.max_length) for d in val_domains}
 
     def evaluate() -> dict[str, float]:
         nll = cs.completion_nll(student, tok, val_rows, device=device, max_length=args.max_length)
-        return {"heldout_nll": nll, "nll_ratio": nll / teacher_nll}
+        out = {"heldout_nll": nll, "nll_ratio": nll / teacher_nll}
+        if unseen_val:
+            u = cs.completion_nll(student, tok, unseen_val, device=device, max_length=args.max_length)
+            out.update({"unseen_nll": u, "unseen_nll_ratio": u / teacher_unseen_nll})
+        return out
 
     print(f"distilling for {train_budget:.0f} s on {device} ...")
     rep = cs.distill(student, teacher, tok, examples, settings, device=device, evaluate=evaluate, more=more if sample_future else None)
@@ -408,7 +526,8 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
            "code_ratio": ratio(student_j["code_rate"], teacher_j["code_rate"]),
            "gate_pass_ratio": ratio(student_j["gate_pass_rate"], teacher_j["gate_pass_rate"]),
            "sandbox_pass_ratio": ratio(student_j["sandbox_pass_rate"], teacher_j["sandbox_pass_rate"]),
-           "nll_ratio": student_nll / teacher_nll, "bits_per_linear_weight": info["bits_per_linear_weight"]}
+           "nll_ratio": student_nll / teacher_nll, "nll_by_domain": {"teacher": nll_by_domain(teacher), "student": nll_by_domain(student)},
+           "bits_per_linear_weight": info["bits_per_linear_weight"]}
     record("comparison", cmp)
     record("wall_s", time.perf_counter() - t_start)
 
@@ -434,6 +553,9 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     print(f"| student file | | {info['bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:16]} | | |")
     print(f"| training: throughput, time to NLL target | | {rep['tokens_per_s']:.0f} tokens/s, "
           f"{fmt(rep['time_to_nll_target_s'])} s | | |")
+    for d in val_domains:
+        a, b = cmp["nll_by_domain"]["teacher"][d], cmp["nll_by_domain"]["student"][d]
+        print(f"| NLL of held-out approved code, {d} | {a:.4f} | {b:.4f} | {b / a:.3f} | |")
     print()
     for line in domain_table(teacher_j, student_j):
         print(line)

@@ -65,9 +65,10 @@ def build(root: Path, intents: int, held_out: int, per_intent: int, workers: int
     return counts
 
 
-def build_student_data(root: Path, intents: int, per_intent: int, workers: int = 1, start: int = 0) -> dict[str, int]:
+def build_student_data(root: Path, intents: int, per_intent: int, workers: int = 1, start: int = 0,
+                       domains: tuple[str, ...] = TRAIN) -> dict[str, int]:
     """The code student's extra data (issue 14): for training contracts `start`..`intents`-1 of each
-    TRAIN domain (the foundry's contracts first, the same seeded search candidates as `build`), every
+    of `domains` (default TRAIN; never HELD_OUT) (the foundry's contracts first, the same seeded search candidates as `build`), every
     candidate that passes the gate and a 2-hour sandbox run under its contract, not only those that
     beat the status quo. One gzipped JSON line per contract, `student/train.jsonl.gz`:
     {prompt, domain, params, codes: [{code, relative_cost, beats_status_quo}] (best first, distinct)}."""
@@ -80,12 +81,14 @@ def build_student_data(root: Path, intents: int, per_intent: int, workers: int =
     from scf.producers.genn.search import SearchGenerator
     from scf.projections.cfr_prompt import messages
 
+    if HELD_OUT in domains:
+        sys.exit(f"student data: {HELD_OUT} is the held-out domain: leave it out of --student-domains")
     t = time.perf_counter()
     g = SearchGenerator(bug_rate=0.35)  # bench_genn.dataset's generator: contracts < its intents get its candidates
     counts = {"contracts": 0, "candidates": 0, "passed": 0, "distinct_passed": 0, "beats_status_quo": 0}
     (root / "student").mkdir(parents=True, exist_ok=True)
     with gzip.open(root / "student" / "train.jsonl.gz", "wt") as out, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for domain in TRAIN:
+        for domain in domains:
             for i in range(start, intents):
                 req = contract_request(domain, i)
                 params = contract_params(domain, i)
@@ -199,6 +202,8 @@ def main() -> None:
     ap.add_argument("--per-intent", type=int, default=8, help="--build-dataset: search candidates per intent")
     ap.add_argument("--student-intents", type=int, default=0,
                     help="--build-dataset: also the code student's data, every passing candidate of training contracts 0..N-1 per domain")
+    ap.add_argument("--student-domains", default=",".join(TRAIN),
+                    help="--build-dataset: the domains of the student's data (grid:case118 too: a grid domain neither trained on nor held out)")
     ap.add_argument("--student-only", action="store_true", help="--build-dataset: only the code student's data (the CFR dataset is there)")
     ap.add_argument("--device-copy", nargs=2, metavar=("SRC", "DST"), help="only copy what a device call needs of dataset SRC to DST and stop")
     ap.add_argument("--sft-only", action="store_true",
@@ -242,7 +247,8 @@ def main() -> None:
         if not args.student_only:
             build(Path(args.build_dataset), args.intents, args.held_out_intents, args.per_intent, args.workers)
         if args.student_intents > 0:
-            c = build_student_data(Path(args.build_dataset), args.student_intents, args.per_intent, args.workers)
+            c = build_student_data(Path(args.build_dataset), args.student_intents, args.per_intent, args.workers,
+                                   domains=tuple(d for d in args.student_domains.split(",") if d))
             print(f"student data at {args.build_dataset}/student: {c}")
         return
 

@@ -301,6 +301,23 @@ class DistillSettings:
     ce_weight: float = 1.0
     eval_every_s: float = 15.0
     seed: int = 0
+    length_buckets: int = 0  # > 1: batches drawn from runs of batch_size x this many shuffled examples sorted by length (less padding)
+
+
+def _epoch(examples: list[Example], rng: random.Random, batch_size: int, buckets: int) -> list[int]:
+    """One epoch's order of example indices: a shuffle; with `buckets` > 1, each run of
+    batch_size x buckets of it sorted by length and cut into batches, the batches shuffled (a
+    few very long prompts then pad a few batches, not nearly all)."""
+    perm = rng.sample(range(len(examples)), len(examples))
+    if buckets <= 1:
+        return perm
+    run = batch_size * buckets
+    batches = []
+    for i in range(0, len(perm), run):
+        chunk = sorted(perm[i:i + run], key=lambda j: len(examples[j].ids))
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [j for b in batches if len(b) == batch_size for j in b] + [j for b in batches if len(b) < batch_size for j in b]
 
 
 def distill(student, teacher, tok, examples: list[Example], settings: DistillSettings, *, device: str,
@@ -357,7 +374,7 @@ def distill(student, teacher, tok, examples: list[Example], settings: DistillSet
                 added = {"examples": len(extra), "step": step, "train_s": train_s}
                 log(f"  step {step}, {train_s:.1f} s: {len(extra)} examples added ({len(examples)} in all)")
         if len(order) < s.batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
+            order = (order if s.length_buckets <= 1 else []) + _epoch(examples, rng, s.batch_size, s.length_buckets)
         batch, order = [examples[i] for i in order[: s.batch_size]], order[s.batch_size:]
         ids, mask, labels, ce = _batch(batch, pad, device)
         sel = labels[:, 1:] != -100

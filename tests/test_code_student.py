@@ -296,3 +296,18 @@ def test_sampling_draws_from_the_nucleus_and_answers_stop_at_the_end_of_turn():
     assert stop_ids(vocab, "<|im_end|>") == [2, 1]
     assert stop_ids(vocab, "<|endoftext|>") == [0, 2, 1]  # a GGUF conversion's end of sequence: the end of turn still stops
     assert stop_ids({"a": 5}, 7) == [7] and stop_ids({}, None) == []
+
+
+def test_length_buckets_keep_every_example_once_and_cut_the_padding():
+    import random
+
+    rng = random.Random(7)
+    lengths = [rng.choice((20, 20, 20, 20, 20, 20, 20, 3000)) for _ in range(256)]
+    ex = [cs.Example([1] * n, [1] * n, True, "passed") for n in lengths]
+    pad = {}
+    for buckets in (0, 8):
+        order = cs._epoch(ex, random.Random(0), 16, buckets)
+        assert sorted(order) == list(range(256))  # every example exactly once an epoch
+        batches = [order[i:i + 16] for i in range(0, 256, 16)]
+        pad[buckets] = sum(16 * max(lengths[j] for j in b) - sum(lengths[j] for j in b) for b in batches)
+    assert pad[8] < pad[0] / 2, pad  # sorted runs: the long prompts share batches
