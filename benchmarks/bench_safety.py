@@ -255,7 +255,7 @@ async def main() -> None:
     print(f"| decide floor (pure, no NATS, one process), first run | {args.n / floor:,.0f} | 1.00× | {floor_cpu / args.n * 1e6:.0f} | 1.00× | | |")
     for (batched, conc, workers), runs in results.items():
         ratios = sorted(f / g for g, f, *_ in runs)
-        cpu = sorted(fc / (gc + kc) for _, _, gc, fc, kc, _ in runs)
+        cpu = sorted(fc / (gc + kc) for _, _, gc, fc, kc, *_ in runs)
         rates = ", ".join(f"{args.n / r[0]:,.0f}" for r in runs)
         floors = ", ".join(f"{args.n / r[1]:,.0f}" for r in runs)
         how = "batched (`scf run safety`)" if batched else "per-message runner (before)"
