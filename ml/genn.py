@@ -1254,7 +1254,13 @@ def judge_model(directory: Path, domains: list[str] | tuple[str, ...], *, per_do
     if not prompts:
         raise ModelError("no held-out domains to judge a code model on: set [daemon] checkpoint.code_heldout")
     gen = LocalGenerator(directory, temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens, device=device)
-    many = gen.answers_many(prompts, samples, seed)
+    return judge_answers(prompts, gen.answers_many(prompts, samples, seed), workers=workers, hours=hours)
+
+
+def judge_answers(prompts: list[list[dict[str, str]]], many: list[list[str]], *, workers: int = 1, hours: float = 6.0) -> dict[str, float]:
+    """`judge_model`'s metrics of given answers (`many[i]`: the answers to `prompts[i]`), each
+    through the gate and the sandbox under its prompt's contract; needs no torch (the code
+    student's verifier, producers/verify.py, judges its numpy answers with it)."""
     from scf.producers.genn import extract_code
 
     total = code = gate = box = 0
@@ -1272,4 +1278,4 @@ def judge_model(directory: Path, domains: list[str] | tuple[str, ...], *, per_do
             "code_mean_reward": reward / total, "code_samples": float(total)}
 
 
-__all__ += ["pack_code_model", "unpack_code_model", "code_model_header", "judge_model", "heldout_requests"]
+__all__ += ["pack_code_model", "unpack_code_model", "code_model_header", "judge_model", "judge_answers", "heldout_requests"]

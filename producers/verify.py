@@ -102,6 +102,9 @@ class VerifySettings(msgspec.Struct, frozen=True, kw_only=True):
     code_tolerance: float = 0.0  # allowed drop of a code metric below the baseline's ("not worse")
     code_workers: int = 2  # sandbox runs at once
     code_base: str = ""  # a base model directory to compare with when no code model is in production yet
+    # code students (scf-ternary-lm/1 in domain genn): judged with the numpy `student` backend on the same held-out contracts,
+    # promoted to `student_alias` when their gate-pass and sandbox-pass rates are at least this × their teacher's (issue 14)
+    code_student_min_ratio: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,31 @@ def compare_code(metrics: dict[str, float], baseline: dict[str, float] | None, s
     return why
 
 
+CODE_STUDENT_RATES = ("code_gate_pass_rate", "code_sandbox_pass_rate")  # a code student's, against its teacher's
+
+
+def compare_code_student(metrics: dict[str, float], teacher: dict[str, float] | None, settings: VerifySettings,
+                         who: str = "its teacher") -> list[str]:
+    """Why a code student may not be promoted (empty when it may): its code metrics must be
+    finite, at least one of its answers must pass the sandbox, and where its teacher's rates
+    are known its gate-pass and sandbox-pass rates must each be at least
+    `code_student_min_ratio` × the teacher's. With no teacher rates the first two suffice."""
+    why = [f"metric {m} is missing or not finite ({metrics.get(m)}) on held-out contracts" for m in CODE_METRICS
+           if m not in metrics or not math.isfinite(metrics[m])]
+    if why:
+        return why
+    if metrics["code_sandbox_pass_rate"] <= 0:
+        n = metrics.get("code_samples", float("nan"))
+        why.append(f"none of its {n:.0f} answers to held-out contracts passed the sandbox (code_rate {metrics.get('code_rate', float('nan')):.4g}, "
+                   f"code_gate_pass_rate {metrics['code_gate_pass_rate']:.4g}): a code student must write code that runs")
+    r = settings.code_student_min_ratio
+    for m in CODE_STUDENT_RATES:
+        t = (teacher or {}).get(m)
+        if t is not None and math.isfinite(t) and metrics[m] < r * t - 1e-9:  # rates are ratios of counts: 0.72 meets 0.9 × 0.8
+            why.append(f"{m} {metrics[m]:.4g} is below {r:.4g} × {who}'s {t:.4g} (needs >= {r * t:.4g})")
+    return why
+
+
 def kind_of(p: ev.Promotion) -> str:
     """A promotion's model kind: its `kind`, or for one written before kinds existed an
     EBDM's (a code model's in domain `genn`)."""
@@ -287,12 +315,17 @@ def _decide_student(event: ev.CheckpointProduced, verification: Verification, se
         return []  # already the head of its alias (a redelivery)
     if verification.reasons or not verification.ok:
         reasons = list(verification.reasons) or ["the student could not be judged"]
-        return [ev.CheckpointRejected.new(ev.CheckpointRejection(checkpoint_id=c.checkpoint_id, domain=c.domain, reasons=reasons), source=source, cause=event)]
+        measured = {}  # a code student's rejection carries what was measured, and its teacher's rates, as a code model's does
+        if c.domain == CODE_DOMAIN:
+            measured = {"metrics": _finite(verification.metrics), "baseline_metrics": _finite(verification.baseline_metrics),
+                        "baseline_checkpoint_id": verification.baseline_checkpoint_id}
+        return [ev.CheckpointRejected.new(ev.CheckpointRejection(checkpoint_id=c.checkpoint_id, domain=c.domain, reasons=reasons, **measured),
+                                          source=source, cause=event)]
     verified = ev.CheckpointVerified.new(
         ev.CheckpointVerification(
             checkpoint_id=c.checkpoint_id, domain=c.domain, metrics=verification.metrics,
             baseline_checkpoint_id=verification.baseline_checkpoint_id, baseline_metrics=verification.baseline_metrics,
-            margin=settings.student_max_dsm_ratio - 1.0,
+            margin=(1.0 - settings.code_student_min_ratio) if c.domain == CODE_DOMAIN else settings.student_max_dsm_ratio - 1.0,
         ),
         source=source, cause=event,
     )  # fmt: skip
@@ -480,6 +513,21 @@ def evaluate_on(model, domain: str, fossils: list[ev.Fossil], seed: int = 0) -> 
     return {k: float(v) for k, v in evaluate_model(model, x, c, cost, penalty, seed=seed).items()}
 
 
+def judge_code_student(path: Path, cfg: VerifySettings) -> dict[str, float]:
+    """A code student's answers to the held-out contracts of `cfg` (`code_heldout`,
+    `code_prompts`, `code_samples`, `code_max_new_tokens`; T 0.7, top-p 0.95 as a code model's),
+    written by the numpy `student` backend — no torch — and judged by the gate and the sandbox
+    like a code model's (`ml.genn.judge_answers`, which needs no torch either). Blocking."""
+    from scf.ml import genn as mg
+    from scf.producers.genn.student import StudentGenerator
+
+    prompts = mg.heldout_requests(list(cfg.code_heldout), cfg.code_prompts)
+    if not prompts:
+        raise ValueError("no held-out domains to judge a code student on: set [daemon] checkpoint.code_heldout")
+    gen = StudentGenerator(path, temperature=0.7, top_p=0.95, max_new_tokens=cfg.code_max_new_tokens)
+    return mg.judge_answers(prompts, gen.answers_many(prompts, cfg.code_samples, 0), workers=cfg.code_workers)
+
+
 class CheckpointVerifier:
     """`await verifier(event, production)`: fetch, check the digest, load, evaluate both."""
 
@@ -596,11 +644,17 @@ class CheckpointVerifier:
         the sandbox; the baseline is production's code model on the same prompts and seeds, or,
         with none, its base model where this host has it (else it is judged alone)."""
         from scf.ml import genn as mg
+        from scf.producers.genn.student import is_student_file
 
         c = event.data
         token = subject_token(c.checkpoint_id)
         try:
             path = await self._fetch(c.uri, c.sha256, c.size, f"{token}.ckpt")
+        except Exception as exc:  # noqa: BLE001 - fetched bytes that are not the event's are never read
+            return Verification(c.checkpoint_id, False, [f"code model {c.uri}: {type(exc).__name__}: {exc}"])
+        if await asyncio.to_thread(is_student_file, path):  # scf-ternary-lm/1: a code student
+            return await self._verify_code_student(event, path)
+        try:
             head = await asyncio.to_thread(mg.code_model_header, path)
             directory = await asyncio.to_thread(mg.unpack_code_model, path, self.cache / f"{token}.d")
             metrics = await asyncio.to_thread(self._judge_code, directory)
@@ -628,12 +682,70 @@ class CheckpointVerifier:
             baseline = {}
         return Verification(c.checkpoint_id, True, [], metrics, baseline_id if baseline else None, baseline)
 
+    async def _teacher_rates(self, teacher_id: str) -> tuple[ev.CheckpointProduced | None, dict[str, float], str]:
+        """A code student's teacher: its checkpoint.produced.genn, and its recorded rates — this
+        verifier's judgement of it on held-out contracts (its checkpoint.verified, else
+        checkpoint.rejected, the latest), else the rates its checkpoint.produced carries (the
+        fine-tuning's evaluation); {} when neither has both rates. And where they came from."""
+        from scf.bus.codec import Codec
+
+        token = subject_token(CODE_DOMAIN)
+        produced, judged = None, {}
+        codec = Codec([ev.CheckpointProduced, ev.CheckpointVerified, ev.CheckpointRejected])
+        for subject in (f"checkpoint.produced.{token}", f"checkpoint.rejected.{token}", f"checkpoint.verified.{token}"):
+            for msg in await read(self.bus, "CHECKPOINTS", subject):
+                e = codec.decode(msg.data)
+                if e.data.checkpoint_id != teacher_id:
+                    continue
+                if isinstance(e, ev.CheckpointProduced):
+                    produced = e
+                elif all(m in e.data.metrics for m in CODE_STUDENT_RATES):
+                    judged = dict(e.data.metrics)  # verified read after rejected: a verification wins
+        if judged:
+            return produced, judged, "the verifier's judgement"
+        if produced is not None and all(m in produced.data.metrics for m in CODE_STUDENT_RATES):
+            return produced, dict(produced.data.metrics), "its checkpoint.produced"
+        return produced, {}, "none"
+
+    async def _verify_code_student(self, event: ev.CheckpointProduced, path: Path) -> Verification:
+        """A code student (`scf-ternary-lm/1`, fetched, digest checked): its teacher is the one its
+        job names (`distill-<teacher id>`, as an EBDM student's), which must have a
+        checkpoint.produced.genn; judged with the numpy `student` backend on the same held-out
+        contracts, samples and judges as a code model (`judge_code_student`), against its
+        teacher's recorded rates (`compare_code_student`); promoted to `student_alias`, never to
+        production. A teacher without recorded rates: judged on its own."""
+        from scf.producers.genn.student import teacher_of
+
+        c, cfg = event.data, self.config
+        head = await current_promotion(self.bus, CODE_DOMAIN, cfg.student_alias, CODE)
+
+        def out(reasons: list[str], metrics=None, teacher_id=None, teacher_metrics=None) -> Verification:
+            return Verification(c.checkpoint_id, True, reasons, metrics or {}, teacher_id, teacher_metrics or {}, alias=cfg.student_alias, head=head)
+
+        if head is not None and head.checkpoint_id == c.checkpoint_id:
+            return out([])  # already the head of its alias (a redelivery): nothing to judge or publish
+        teacher_id, teacher = teacher_of(c.job_id), {}
+        if teacher_id is not None:
+            produced, teacher, source = await self._teacher_rates(teacher_id)
+            if produced is None:
+                return out([f"its teacher {teacher_id} has no checkpoint.produced of {CODE_DOMAIN}: a student is judged against its teacher"])
+            if not teacher:
+                log.warning("code student %s: its teacher %s has no recorded gate/sandbox rates: judged on its own", c.checkpoint_id, teacher_id)
+            else:
+                log.info("code student %s: against its teacher %s's rates (%s)", c.checkpoint_id, teacher_id, source)
+        try:
+            metrics = await asyncio.to_thread(judge_code_student, path, cfg)
+        except Exception as exc:  # noqa: BLE001 - an untrusted file: whatever breaks is a named rejection
+            return out([f"code student {c.uri}: {type(exc).__name__}: {exc}"], teacher_id=teacher_id, teacher_metrics=teacher)
+        reasons = compare_code_student(metrics, teacher, cfg, f"its teacher {teacher_id}" if teacher_id else "its teacher")
+        return out(reasons, metrics, teacher_id, {k: teacher[k] for k in CODE_STUDENT_RATES} if teacher else {})
+
     async def __call__(self, event: ev.CheckpointProduced, production: ev.Promotion | None) -> Verification:
         c = event.data
+        if c.domain == CODE_DOMAIN:  # a code model or a code student (GenN): judged on held-out contracts
+            return await self._verify_code_model(event, production)
         if c.job_id.startswith(STUDENT_JOB_PREFIX):  # a ternary student (`scf distill`): judged against its teacher
             return await self._verify_student(event)
-        if c.domain == CODE_DOMAIN:  # a code model (GenN): judged on held-out contracts
-            return await self._verify_code_model(event, production)
         try:
             path = await self._fetch(c.uri, c.sha256, c.size, f"{subject_token(c.checkpoint_id)}.ckpt")
         except Exception as exc:  # noqa: BLE001 - any failure to fetch is a reason to reject, named
@@ -684,5 +796,5 @@ __all__ = [
     "VerifySettings", "Verification", "Verifier", "compare", "compare_code", "CODE_DOMAIN", "decide_promotion", "current_promotion",
     "alias_heads", "alias_head_events", "next_version", "kind_of", "kind_of_format", "EBDM", "OPTIMISER", "CODE", "KINDS",
     "heldout_fossils", "available", "CheckpointVerifier", "evaluate_file", "evaluate_on", "evaluate_optimiser_on",
-    "ebdm_decisions_on", "primary_metric", "DECISION_METRIC", "COST_METRIC",
+    "ebdm_decisions_on", "primary_metric", "DECISION_METRIC", "COST_METRIC", "compare_code_student", "CODE_STUDENT_RATES", "judge_code_student",
 ]

@@ -167,7 +167,8 @@ def test_a_wrong_or_damaged_file_is_refused_in_one_line(files, tmp_path, monkeyp
         assert "\n" not in str(e.value)
         return str(e.value)
 
-    assert refused("") == "[genn] checkpoint is empty: give the code student file (scf-ternary-lm/1) for the student backend"
+    assert refused("") == ("[genn] checkpoint is empty: give the code student file (scf-ternary-lm/1) for the student backend, or run "
+                           "`scf run genn --backend student`, which fetches the promoted student (`scf genn model --promoted --student`)")
     missing = tmp_path / "nope.safetensors"
     assert refused(missing) == (f"code student file {missing} does not exist: set [genn] checkpoint to a file written by "
                                 "`scf distill` for the code model (scf-ternary-lm/1)")

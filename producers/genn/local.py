@@ -93,6 +93,38 @@ async def publish_code_model(bus, settings, directory: Path, *, job_id: str | No
     return event
 
 
+async def promoted_head(bus, alias: str, *, kind: str | None = None, what: str = "code model", publish: str = "scf genn publish DIR"):
+    """The promotion at the head of `alias` in domain genn, of model `kind` (None: any), or one
+    line saying how to get one."""
+    from scf.producers.verify import CODE_DOMAIN, current_promotion
+
+    head = await current_promotion(bus, CODE_DOMAIN, alias, kind)
+    if head is None:
+        raise GenNError(f"no {what} is promoted to {alias!r} yet: publish one ({publish}) and let the daemon judge it")
+    return head
+
+
+async def fetch_head(bus, settings, head) -> Path:
+    """A promotion's artifact, fetched into model_zoo/genn-fetch by the store, which checks its
+    sha256 and size against the promotion (another size: refused unread). Shared by the
+    promoted code model and the promoted code student (producers/genn/student.py)."""
+    from scf.bus.artifacts import open_store
+    from scf.bus.ids import subject_token
+
+    work = Path(settings.path("model_zoo", "genn-fetch"))
+    work.mkdir(parents=True, exist_ok=True)
+    return Path(await open_store(bus, settings).get(head.uri, work / f"{subject_token(head.checkpoint_id)}.safetensors", sha256=head.sha256,
+                                                     size=head.size or None))
+
+
+def promoted_marker(head) -> str:
+    """`scf-promoted.json`: which promotion a fetched model is."""
+    import json
+
+    return json.dumps({"checkpoint_id": head.checkpoint_id, "alias": head.alias, "version": head.version, "uri": head.uri,
+                       "sha256": head.sha256}, indent=2, sort_keys=True) + "\n"
+
+
 async def fetch_promoted(bus, settings, *, alias: str = "production") -> Path:
     """The code model at the head of `alias` (checkpoint.promoted.genn), fetched (digest checked
     by the store), unpacked into model_zoo/genn-<alias> with `scf-promoted.json` naming it;
@@ -100,28 +132,21 @@ async def fetch_promoted(bus, settings, *, alias: str = "production") -> Path:
     import asyncio
     import json
 
-    from scf.bus.artifacts import open_store
     from scf.bus.ids import subject_token
-    from scf.producers.verify import CODE_DOMAIN, current_promotion
 
     mg = _ml("the promoted code model")
-    head = await current_promotion(bus, CODE_DOMAIN, alias)
-    if head is None:
-        raise GenNError(f"no code model is promoted to {alias!r} yet: publish one (scf genn publish DIR) and let the daemon judge it")
+    head = await promoted_head(bus, alias)
     directory = Path(settings.path("model_zoo", PROMOTED_DIR.format(alias=subject_token(alias))))
     marker = directory / "scf-promoted.json"
     if marker.is_file() and json.loads(marker.read_text()).get("checkpoint_id") == head.checkpoint_id:
         return directory
-    work = Path(settings.path("model_zoo", "genn-fetch"))
-    work.mkdir(parents=True, exist_ok=True)
-    path = Path(await open_store(bus, settings).get(head.uri, work / f"{subject_token(head.checkpoint_id)}.safetensors", sha256=head.sha256, size=head.size or None))  # another size: refused unread
+    path = await fetch_head(bus, settings, head)
     try:
         await asyncio.to_thread(mg.unpack_code_model, path, directory)
     except mg.ModelError as exc:
         raise GenNError(f"the promoted code model {head.checkpoint_id}: {exc}") from None
-    marker.write_text(json.dumps({"checkpoint_id": head.checkpoint_id, "alias": alias, "version": head.version, "uri": head.uri,
-                                  "sha256": head.sha256}, indent=2, sort_keys=True) + "\n")
+    marker.write_text(promoted_marker(head))
     return directory
 
 
-__all__ = ["open_local", "publish_code_model", "fetch_promoted", "PROMOTED_DIR"]
+__all__ = ["open_local", "publish_code_model", "fetch_promoted", "promoted_head", "fetch_head", "promoted_marker", "PROMOTED_DIR"]

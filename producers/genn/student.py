@@ -211,6 +211,20 @@ class StudentGenerator:
     def answer(self, messages: list[dict[str, str]], seed: int) -> str:
         return self.tokenizer.decode(self.completion(messages, seed))
 
+    def answers_many(self, prompts: list[list[dict[str, str]]], n: int, seed: int) -> list[list[str]]:
+        """`n` answers to each prompt (the k-th of all from seed × 1000 + k); an answer that
+        cannot be generated is empty (no code: judged as such)."""
+        out = []
+        for j, messages in enumerate(prompts):
+            texts = []
+            for i in range(n):
+                try:
+                    texts.append(self.answer(messages, seed * 1000 + j * n + i))
+                except (ValueError, FloatingPointError, MemoryError):
+                    texts.append("")
+            out.append(texts)
+        return out
+
     def generate(self, request, n: int, seed: int) -> list[Candidate]:
         out = []
         for i in range(n):
@@ -228,9 +242,164 @@ class StudentGenerator:
 
 def open_student(settings: GennSettings) -> StudentGenerator:
     if not settings.checkpoint:
-        raise GenNError("[genn] checkpoint is empty: give the code student file (scf-ternary-lm/1) for the student backend")
+        raise GenNError("[genn] checkpoint is empty: give the code student file (scf-ternary-lm/1) for the student backend, or run "
+                        "`scf run genn --backend student`, which fetches the promoted student (`scf genn model --promoted --student`)")
     return StudentGenerator(Path(settings.checkpoint), temperature=settings.temperature, top_p=settings.top_p,
                             max_new_tokens=settings.max_new_tokens, sha256=settings.model_sha256)
 
 
-__all__ = ["BACKEND", "ChatTokenizer", "StudentGenerator", "check_libraries", "open_student"]
+# --------------------------------------------------------------------------- on the bus: published, judged, promoted, served
+
+PROMOTED_STUDENT_DIR = "genn-student-{alias}"  # model_zoo/genn-student-edge: the promoted code student, as fetched
+STUDENT_FILE = "student.safetensors"
+TEACHER_KEY = "teacher_checkpoint_id"  # a lineage entry's key naming the teacher's checkpoint (optional in the file)
+STUDENT_JOB_PREFIX = "distill-"  # as an EBDM student's: job distill-<teacher checkpoint id> (producers/verify.py)
+
+
+def student_format(path: Path) -> str | None:
+    """The format a safetensors file states in its metadata (None: unreadable, no format)."""
+    from scf.consumers.edge.ternary import read_metadata
+
+    try:
+        return read_metadata(path).get("format")
+    except Exception:  # noqa: BLE001 - unreadable is "not a student"; the caller names the file
+        return None
+
+
+def is_student_file(path: Path) -> bool:
+    """Whether `path` is a code student file (`scf-ternary-lm/1`, by its stated format)."""
+    from scf.consumers.edge.ternary_lm import FORMAT
+
+    return Path(path).is_file() and student_format(Path(path)) == FORMAT
+
+
+def lineage_teacher(metadata: dict[str, str]) -> str | None:
+    """The teacher's checkpoint id where the file's lineage states one (`teacher_checkpoint_id`
+    in its last entry that has it), else None."""
+    try:
+        lineage = json.loads(metadata.get("lineage") or "[]")
+    except ValueError:
+        return None
+    found = [e[TEACHER_KEY] for e in lineage if isinstance(lineage, list) and isinstance(e, dict) and isinstance(e.get(TEACHER_KEY), str)]
+    return found[-1] if found else None
+
+
+def teacher_of(job_id: str) -> str | None:
+    """The teacher a code student's checkpoint.produced names (job `distill-<teacher id>`)."""
+    return (job_id.removeprefix(STUDENT_JOB_PREFIX) or None) if job_id.startswith(STUDENT_JOB_PREFIX) else None
+
+
+def _file_metrics(metadata: dict[str, str]) -> dict[str, float]:
+    """The finite numbers among the file's `metrics` (what its distillation measured)."""
+    import math
+
+    try:
+        metrics = json.loads(metadata.get("metrics") or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(metrics, dict):
+        return {}
+    return {str(k): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+async def _code_model_produced(bus, checkpoint_id: str):
+    """The checkpoint.produced.genn event of `checkpoint_id`, or None."""
+    from scf.bus import events as ev
+    from scf.bus.codec import Codec
+    from scf.bus.reader import read
+    from scf.producers.verify import CODE_DOMAIN
+
+    codec = Codec([ev.CheckpointProduced])
+    found = None
+    for msg in await read(bus, "CHECKPOINTS", f"checkpoint.produced.{CODE_DOMAIN}"):
+        e = codec.decode(msg.data)
+        if isinstance(e, ev.CheckpointProduced) and e.data.checkpoint_id == checkpoint_id:
+            found = e
+    return found
+
+
+async def publish_code_student(bus, settings, path: Path, *, teacher: str | None = None, job_id: str | None = None):
+    """`scf genn publish FILE.safetensors`: a code student (`scf-ternary-lm/1`), checked as the
+    student backend opens it, put in the artifact store as it is and published as
+    `checkpoint.produced.genn` with job `distill-<teacher checkpoint id>` (`teacher`, else the
+    file's lineage's `teacher_checkpoint_id`; with none known: `genn-student-<sha256>`). The
+    daemon judges it with this backend on held-out contracts against its teacher's rates and
+    promotes it to the student alias (`edge`). Ids derive from the job and the file's digest:
+    publishing twice is one event."""
+    import asyncio
+
+    from scf.bus import events as ev
+    from scf.bus.artifacts import open_store
+    from scf.bus.files import sha256_file
+    from scf.bus.ids import derived_id
+    from scf.consumers.edge.ternary import read_metadata
+    from scf.consumers.edge.ternary_lm import FORMAT
+    from scf.producers.verify import CODE_DOMAIN
+
+    path = Path(path).expanduser()
+    if not is_student_file(path):
+        raise GenNError(f"{path} is not a code student (format {student_format(path)!r}, expected {FORMAT!r}): give a file written by "
+                        "save_student, or a fine-tuned code model's directory")
+    await asyncio.to_thread(StudentGenerator, path, temperature=0.0, top_p=1.0, max_new_tokens=1)  # a damaged file: refused here, unpublished
+    meta = await asyncio.to_thread(read_metadata, path)
+    stated = lineage_teacher(meta)
+    teacher = teacher or stated
+    if teacher:
+        if stated and stated != teacher:
+            raise GenNError(f"--teacher {teacher}, but {path}'s lineage names {stated}: give the student's own teacher (or leave --teacher out)")
+        if await _code_model_produced(bus, teacher) is None:
+            raise GenNError(f"no code model {teacher} on the bus (no checkpoint.produced.{CODE_DOMAIN}): give the checkpoint id "
+                            "`scf genn publish DIR` printed for the student's teacher")
+        job = f"{STUDENT_JOB_PREFIX}{teacher}"
+        if job_id and job_id != job:
+            raise GenNError(f"--job {job_id}: a code student's job is {job} (it names its teacher): leave --job out")
+    else:
+        if job_id and job_id.startswith(STUDENT_JOB_PREFIX):
+            raise GenNError(f"--job {job_id}: a distill- job names the student's teacher: give --teacher CHECKPOINT_ID instead")
+        job = ""
+    sha, _ = await asyncio.to_thread(sha256_file, path)
+    job = job or job_id or f"genn-student-{sha[:16]}"
+    ref = await open_store(bus, settings).put(path, f"genn/student-{sha[:16]}.safetensors", meta={"format": FORMAT})
+    event = ev.CheckpointProduced.new(
+        ev.CheckpointInfo(checkpoint_id=derived_id("checkpoint", job, ref.sha256), job_id=job, domain=CODE_DOMAIN, uri=ref.uri,
+                          sha256=ref.sha256, size=ref.size, metrics=_file_metrics(meta)),
+        source=bus.source, id=derived_id("checkpoint.produced", job, ref.sha256),
+    )
+    await bus.publish(event)
+    return event
+
+
+async def fetch_promoted_student(bus, settings, *, alias: str = "edge") -> tuple[Path, Any]:
+    """The code student at the head of `alias` (checkpoint.promoted.genn, kind `code`), fetched
+    (sha256 and size checked by the store against the promotion) into
+    model_zoo/genn-student-<alias>/student.safetensors with `scf-promoted.json` naming it;
+    already there with that digest: not fetched again. Returns (the file, the promotion)."""
+    import asyncio
+    import os
+
+    from scf.bus.files import sha256_file
+    from scf.bus.ids import subject_token
+    from scf.consumers.edge.ternary_lm import FORMAT
+    from scf.producers.genn.local import fetch_head, promoted_head, promoted_marker
+    from scf.producers.verify import CODE
+
+    head = await promoted_head(bus, alias, kind=CODE, what="code student", publish="scf genn publish FILE.safetensors")
+    directory = Path(settings.path("model_zoo", PROMOTED_STUDENT_DIR.format(alias=subject_token(alias))))
+    dest, marker = directory / STUDENT_FILE, directory / "scf-promoted.json"
+    want = head.sha256.removeprefix("sha256:").lower()
+    if marker.is_file() and dest.is_file() and json.loads(marker.read_text()).get("checkpoint_id") == head.checkpoint_id \
+            and (await asyncio.to_thread(sha256_file, dest))[0] == want:
+        return dest, head
+    path = await fetch_head(bus, settings, head)
+    if student_format(path) != FORMAT:
+        raise GenNError(f"the head of {alias!r} in genn, {head.checkpoint_id}, is not a code student (format {student_format(path)!r}): "
+                        f"fetch it with `scf genn model --promoted --alias {alias}` (a code model)")
+    directory.mkdir(parents=True, exist_ok=True)
+    os.replace(path, dest)
+    marker.write_text(promoted_marker(head))
+    return dest, head
+
+
+__all__ = ["BACKEND", "ChatTokenizer", "StudentGenerator", "check_libraries", "open_student", "publish_code_student",
+           "fetch_promoted_student", "is_student_file", "lineage_teacher", "teacher_of", "PROMOTED_STUDENT_DIR"]
