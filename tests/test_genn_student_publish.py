@@ -177,6 +177,22 @@ async def test_the_verifier_judges_a_published_student_with_numpy_and_refuses_a_
                                                            "checkpoint_id": "orphan", "job_id": "distill-nobody"}), source="t")
     assert (await verifier(orphan, None)).reasons == [
         "its teacher nobody has no checkpoint.produced of genn: a student is judged against its teacher"]
+    # the daemon itself, on the published events: the same verdict, in the log
+    from scf.producers.daemon import DaemonSettings
+    from tests.conftest import wait_for
+    from tests.daemon_support import events, running_daemon
+
+    async def judged() -> list:
+        return [e for e in await events(bus, "CHECKPOINTS", "checkpoint.rejected.genn") if e.data.checkpoint_id == event.data.checkpoint_id]
+
+    async def logged() -> bool:
+        return bool(await judged())
+
+    async with running_daemon(settings, DaemonSettings(verify_checkpoints="on", checkpoint=CONFIG), verifier=CheckpointVerifier(bus, settings, CONFIG)):
+        await wait_for(logged, 300, "the daemon's verdict on the student")
+    [rejection] = await judged()
+    assert rejection.data.reasons == v.reasons and rejection.data.baseline_metrics == v.baseline_metrics
+    assert await current_promotion(bus, CODE_DOMAIN, "edge") is None
 
 
 async def test_a_forged_or_damaged_student_is_refused_before_it_is_parsed(bus, settings, files, tmp_path):
