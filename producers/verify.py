@@ -35,6 +35,13 @@ exact optimum: refused when the 95 % interval of the difference shows it worse t
 teacher by more than `student_max_decision_pp` percentage points of gap or of savings
 captured, by `student_decision_rule`); an optimiser student on its repaired decisions.
 
+A code student (`scf-ternary-lm/1` in domain `genn`, `scf genn publish FILE`; job
+`distill-<teacher id>`) is told from a code model by its artifact's stated format, judged
+with the numpy `student` backend (no torch) on the code models' held-out contracts, and
+promoted to `student_alias` when at least one answer passed the sandbox and its gate-pass
+and sandbox-pass rates are at least `code_student_min_ratio` × its teacher's recorded ones
+(`compare_code_student`; docs/codegen.md).
+
 An alias has one head per (domain, model kind): `ebdm`, `optimiser` (format `scf-opt/1`)
 and `code` (domain `genn`) — a candidate is judged against, and replaces, the head of its
 own kind only, so promoting a learned optimiser leaves the EBDM in production and vice
