@@ -133,6 +133,22 @@ async def test_a_code_student_is_published_naming_its_teacher(bus, settings, fil
     assert len(await _produced(bus)) == n  # nothing refused was published
 
 
+async def test_scf_genn_publish_tells_a_student_file_by_its_format(bus, settings, scf_env, files, tmp_path):
+    await _teacher(bus, settings, tmp_path)
+    r = await asyncio.to_thread(cli, "genn", "publish", str(files["plain"]), "--teacher", "teacher-1", env=scf_env)
+    assert r.returncode == 0, r.stderr
+    [made] = [e for e in await _produced(bus) if e.data.job_id == "distill-teacher-1"]
+    assert r.stdout.startswith(f"checkpoint.produced.genn {made.data.checkpoint_id} (") and r.stdout.rstrip().endswith("job distill-teacher-1")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    r = await asyncio.to_thread(cli, "genn", "publish", str(junk), env=scf_env)
+    assert r.returncode == 1 and r.stderr == (f"Error: {junk} is not a code student (its safetensors metadata states no format "
+                                              "scf-ternary-lm/1): give a student file written by save_student, or a fine-tuned "
+                                              "code model's directory\n")
+    r = await asyncio.to_thread(cli, "genn", "publish", str(tmp_path), "--teacher", "teacher-1", env=scf_env)
+    assert r.returncode == 1 and r.stderr.startswith("Error: --teacher names a code student's teacher: give a student file")
+
+
 def test_a_code_student_is_held_to_nine_tenths_of_its_teachers_rates():
     s = VerifySettings()
     teacher = {"code_gate_pass_rate": 0.80, "code_sandbox_pass_rate": 0.50, "code_mean_reward": 0.3}
