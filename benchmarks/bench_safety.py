@@ -55,7 +55,12 @@ from scf.bus.runner import RunnerStats  # noqa: E402
 from scf.bus.server import ServerProcess, free_port  # noqa: E402
 from scf.bus.settings import Settings, init_home  # noqa: E402
 from scf.bus.streams import ConsumerSpec, ensure  # noqa: E402
-from scf.consumers.safety import GateView, SafetyGate, SafetySettings, decide, decide_workers  # noqa: E402
+from scf.consumers.safety import GateView, SafetyGate, SafetySettings, decide  # noqa: E402
+
+try:
+    from scf.consumers.safety import decide_workers
+except ImportError:  # a tree from before the decide workers (this script run against it, for a before/after)
+    decide_workers = None
 
 CORPUS = ROOT / "tests" / "data" / "ethics"
 
@@ -139,7 +144,8 @@ async def run_gate(settings: Settings, events: list[ev.Event], concurrency: int,
     floor's; the workers' CPU is read when they have exited: they do nothing outside the
     window but start and stop)."""
     bus = await Bus.connect(settings, "bench-gate")
-    gate = SafetyGate(bus, SafetySettings(concurrency=concurrency, decide_workers=workers))
+    pool = {"decide_workers": workers} if "decide_workers" in SafetySettings.__struct_fields__ else {}
+    gate = SafetyGate(bus, SafetySettings(concurrency=concurrency, **pool))
     await gate.start()
     kids0 = children_cpu()
     spec = ConsumerSpec("INTENTS", durable, ("intent.>", "code.>", "state.>"))
@@ -191,7 +197,7 @@ async def main() -> None:
             decide(view, e)
         per_type[cls.type_name()] = len(sub) / (time.perf_counter() - t)
 
-    auto = decide_workers(SafetySettings(concurrency=8))
+    auto = decide_workers(SafetySettings(concurrency=8)) if decide_workers is not None else 0
     pools = sorted({auto if w == "auto" else int(w) for w in args.workers.split(",")})
     # (batched, concurrency, decide workers); the per-message path and concurrency 1 rule in the loop
     configs = [(True, 1, 0)] + [(True, 8, w) for w in pools]
