@@ -55,6 +55,7 @@ from scf.bus.runner import RunnerStats  # noqa: E402
 from scf.bus.server import ServerProcess, free_port  # noqa: E402
 from scf.bus.settings import Settings, init_home  # noqa: E402
 from scf.bus.streams import ConsumerSpec, ensure  # noqa: E402
+from scf.consumers import safety as safety_mod  # noqa: E402
 from scf.consumers.safety import GateView, SafetyGate, SafetySettings, decide  # noqa: E402
 
 try:
@@ -89,6 +90,22 @@ def mixed(n: int) -> list[ev.Event]:
         else:
             c, x = states[i % len(states)]
             out.append(ev.StateProposed.new(ev.StateProposal(proposal_id=f"state-{i}", domain="grid:case14", context=c, state=x), source="bench"))
+    return out
+
+
+# --decide-cpu: the CPU of each `decide` call (this thread's), by event type, in the floor's
+# loop and inside the gate's runs (in the loop only): where = "floor" | "gate"
+DECIDE_CPU: dict[tuple[str, str], list[float]] = {}
+_WHERE = ["floor"]
+_decide = decide
+
+
+def timed_decide(view, event, **kw):
+    c0 = time.thread_time()
+    out = _decide(view, event, **kw)
+    acc = DECIDE_CPU.setdefault((_WHERE[0], event.type_name()), [0.0, 0])
+    acc[0] += time.thread_time() - c0
+    acc[1] += 1
     return out
 
 
@@ -173,6 +190,8 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="gate runs per concurrency, each between two floor runs")
     ap.add_argument("--workers", default="0,auto",
                     help="decide workers to run the gate with at concurrency 8, comma-separated (auto: what `decide_workers = -1` gives here)")
+    ap.add_argument("--decide-cpu", action="store_true",
+                    help="time each decide call (thread CPU) in the floor's loop and inside the gate (decide in the loop): is it dearer there?")
     ap.add_argument("--per-message", action="store_true", help="also run the gate on the runner's per-message path (the gate before batching)")
     args = ap.parse_args()
     events = mixed(args.n)
@@ -182,10 +201,13 @@ async def main() -> None:
     for e in events[:50]:  # warm caches (domain build, regexes)
         decide(view, e)
 
+    rule = timed_decide if args.decide_cpu else decide
+
     def floor_run() -> tuple[float, float]:
+        _WHERE[0] = "floor"
         t0, c0 = time.perf_counter(), time.process_time()
         for e in events:
-            decide(view, e)
+            rule(view, e)
         return time.perf_counter() - t0, time.process_time() - c0
 
     floor, floor_cpu = floor_run()
@@ -223,7 +245,13 @@ async def main() -> None:
             loads.append(os.getloadavg()[0])
             before = floor_run()
             s0 = proc_cpu(server.proc.pid)
-            gate_s, gate_cpu, kids_cpu, queued = await run_gate(settings, events, conc, f"bench-safety-{conc}", batched, workers)
+            if args.decide_cpu and not workers:
+                _WHERE[0] = "gate"
+                safety_mod.decide = timed_decide
+            try:
+                gate_s, gate_cpu, kids_cpu, queued = await run_gate(settings, events, conc, f"bench-safety-{conc}", batched, workers)
+            finally:
+                safety_mod.decide = _decide
             s1 = proc_cpu(server.proc.pid)
             after = floor_run()
             results[(batched, conc, workers)].append((gate_s, (before[0] + after[0]) / 2, gate_cpu, (before[1] + after[1]) / 2,
@@ -277,6 +305,16 @@ async def main() -> None:
               f"({', '.join(f'{r:.2f}' for r in cpu)}) | {sc:.0f} | {run_share:.0%} / {queue_share:.0%} / {wait_share:.0%} |")
     for name, rate in per_type.items():
         print(f"| decide floor, {name} only | {rate:,.0f} | | | | | |")
+    if args.decide_cpu:
+        print()
+        print("`decide`'s own CPU a call (thread CPU, every call of every run), in the floor's loop and inside the gate's runs (decide in the loop):")
+        print()
+        print("| event type | floor µs (calls) | inside the gate µs (calls) | gate / floor |")
+        print("|---|---|---|---|")
+        for name in per_type:
+            f, g = DECIDE_CPU.get(("floor", name), [0.0, 0]), DECIDE_CPU.get(("gate", name), [0.0, 0])
+            if f[1] and g[1]:
+                print(f"| {name} | {f[0] / f[1] * 1e6:.0f} ({f[1]}) | {g[0] / g[1] * 1e6:.0f} ({g[1]}) | {(g[0] / g[1]) / (f[0] / f[1]):.2f}× |")
 
 
 if __name__ == "__main__":
