@@ -385,7 +385,8 @@ def run_genn(
             except SCFError as exc:
                 await bus.close()
                 raise fail(str(exc)) from None
-            cfg = msgspec.structs.replace(cfg, checkpoint=str(path), model_sha256=head.sha256.removeprefix("sha256:"))
+            # a model_sha256 the operator pinned stays the pin (another promoted file is refused on open)
+            cfg = msgspec.structs.replace(cfg, checkpoint=str(path), model_sha256=cfg.model_sha256 or head.sha256.removeprefix("sha256:"))
         try:
             gen = open_generator(cfg, home=s.home_path)
         except SCFError:
