@@ -306,6 +306,10 @@ async def test_a_promoted_student_is_fetched_checked_and_served(bus, settings, s
             raise
     [prop] = [codec.decode(m.data).data for m in await read(bus, "INTENTS", "code.proposed")]
     assert (prop.backend, prop.model, prop.model_sha256) == ("student", "student", sha)
+    # a digest the operator pinned stays the pin: the promoted student, another file, is refused
+    (settings.home_path / "scf.toml").write_text(f'[genn]\nbackend = "student"\nmodel_sha256 = "{"ab" * 32}"\n')
+    r = await asyncio.to_thread(cli, "run", "genn", env=scf_env)
+    assert r.returncode == 1 and f"has sha256 {sha}, not the configured {'ab' * 32} ([genn] model_sha256)" in r.stderr
 
 
 def test_judging_a_code_student_needs_no_torch(files):
