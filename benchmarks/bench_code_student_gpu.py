@@ -11,6 +11,10 @@ in torch and in the numpy edge runtime, `consumers.edge.ternary_lm`).
     # the student trains, every held-out contract, T 0.2:
     ... --student-data --no-rejected --teacher-prompts 0 --teacher-samples-background --no-teacher-failed --eval-prompts 0 \
         --eval-samples 8 --eval-temperature 0.2 --hidden 768 --heads 12 --mlp 2048 --lr 1.5e-3
+    # run 6 (.gpu/codestudent6.cmd): + grid:case118's judged programs (dataset cfr4), a synthetic-grid prompt variant of every
+    # grid row, the teacher's answers to 12 case118 prompts; case9 still held out:
+    ... --prompt-variants 1 --length-buckets 8 --max-length 4096 --max-positions 4096 --teacher-student-domains grid:case118 \
+        --teacher-student-prompts 12
     # a CPU check of the code paths (a tiny random teacher with SmolLM2's tokenizer, tiny widths):
     .venv/bin/python benchmarks/bench_code_student_gpu.py --tiny --dataset .gpuw/foundry/cfr --device cpu --budget-s 60 ...
     # CPU tokens/s on this machine (random weights: the speed does not depend on their values):
@@ -51,7 +55,7 @@ def student_config(args):
     from scf.ml.code_student import StudentConfig
 
     if args.tiny:
-        return StudentConfig(hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, width_multiple=16)
+        return StudentConfig(hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, width_multiple=16, max_positions=args.max_positions)
     return StudentConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, mlp=args.mlp,
                          max_positions=args.max_positions)
 

@@ -16,6 +16,9 @@ the CFR builder's formats and the served prompt) and carried. The command: .gpu/
     .venv/bin/python benchmarks/bench_genn_gpu.py --build-dataset .gpuw/foundry/cfr3-full --intents 24 --held-out-intents 12 \
         --per-intent 16 --workers 2 --student-intents 48
     .venv/bin/python benchmarks/bench_genn_gpu.py --device-copy .gpuw/foundry/cfr3-full .gpuw/foundry/cfr3   # 0.74 MB
+    # run 6's cfr4 = cfr3 + grid:case118's student data (48 contracts, ~4 min; its student/train.jsonl.gz lines appended to cfr3's):
+    .venv/bin/python benchmarks/bench_genn_gpu.py --build-dataset .gpuw/foundry/cfr4-118 --student-only --student-intents 48 \
+        --per-intent 16 --workers 2 --student-domains grid:case118
     # the teacher of the code student only (SFT as the foundry's, saved; no evaluation, no rejection round):
     python3 benchmarks/bench_genn_gpu.py --gguf FILE.gguf --dataset .gpuw/foundry/cfr3 --sft-only --no-eval-base --rs-rounds 0 \
         --sft-steps 112 --lr 3e-4 --teacher /tmp/scf-teacher
