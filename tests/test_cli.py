@@ -75,7 +75,9 @@ def test_payload_of_the_wrong_shape_names_the_field(home_env):
 
 
 def test_embedded_server_start_status_stop_and_a_taken_port(home_env):
-    assert scf("init", env=home_env).returncode == 0
+    # `scf server start/stop/status` as real processes (the server outlives the one that
+    # started it); the commands that only use it in-process
+    assert cli("init", env=home_env).returncode == 0
     r = scf("server", "start", env=home_env)
     assert r.returncode == 0, r.stderr
     try:
@@ -84,12 +86,12 @@ def test_embedded_server_start_status_stop_and_a_taken_port(home_env):
         assert again.returncode == 0 and again.stdout == r.stdout
         from scf.bus.streams import STREAMS
 
-        assert scf("streams", "ensure", env=home_env).stdout.count("created   stream") == len(STREAMS)
-        st = scf("status", env=home_env)
+        assert cli("streams", "ensure", env=home_env).stdout.count("created   stream") == len(STREAMS)
+        st = cli("status", env=home_env)
         assert st.returncode == 0 and "FOSSILS" in st.stdout and "DLQ size: 0" in st.stdout
-        sent = scf("control", "stop", "--reason", "test", env=home_env)
+        sent = cli("control", "stop", "--reason", "test", env=home_env)
         assert sent.returncode == 0 and sent.stdout.startswith("sent control.stop")
-        tail = scf("events", "tail", "control.>", env=home_env)
+        tail = cli("events", "tail", "control.>", env=home_env)
         assert '"reason":"test"' in tail.stdout
     finally:
         assert scf("server", "stop", env=home_env).stdout.strip() == "stopped"

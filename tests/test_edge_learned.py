@@ -39,11 +39,18 @@ def _train(domain_name: str, tmp_path: Path, steps: int = 60, n: int = 400):
     return dom, model, path, c
 
 
+@pytest.fixture(scope="module")
+def hvac_trained(tmp_path_factory):
+    """`_train("hvac:office3")` once for the two tests that run it (the model is not changed:
+    the student is a copy)."""
+    return _train("hvac:office3", tmp_path_factory.mktemp("hvac-trained"))
+
+
 @pytest.mark.parametrize("domain_name", ["hvac:office3", "grid:case14"])
-def test_numpy_runtime_decides_as_the_torch_model(tmp_path, domain_name):
+def test_numpy_runtime_decides_as_the_torch_model(tmp_path, domain_name, request):
     """Same proposals, same merit order, same repaired and polished decisions: to 1e-5 kW
     (HVAC) and float32 round-off (1e-6 relative: MW of a grid's 160 MW units)."""
-    dom, model, path, c = _train(domain_name, tmp_path)
+    dom, model, path, c = request.getfixturevalue("hvac_trained") if domain_name == "hvac:office3" else _train(domain_name, tmp_path)
     rt = LearnedRuntime.load(path)
     rng = np.random.default_rng(1)
     contexts = np.stack([dom.sample_context(rng) for _ in range(48)])
@@ -67,11 +74,11 @@ def test_numpy_runtime_decides_as_the_torch_model(tmp_path, domain_name):
         assert dom.violations(ci, xi) == []
 
 
-def test_numpy_runtime_runs_a_ternary_student_as_torch_does(tmp_path):
+def test_numpy_runtime_runs_a_ternary_student_as_torch_does(tmp_path, hvac_trained):
     from scf.ml.distill import export_student, load_student, make_student
     from scf.ml.ternary import freeze
 
-    dom, teacher, _, _ = _train("hvac:office3", tmp_path)
+    dom, teacher, _, _ = hvac_trained
     student = make_student(teacher, "optimiser")
     freeze(student)
     path = export_student(tmp_path / "student.safetensors", student, kind="optimiser", config=teacher.config.to_dict(),
