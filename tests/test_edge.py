@@ -7,6 +7,7 @@ a restart keeps the state; a meter reading becomes a signed energy.measured."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import shutil
@@ -20,7 +21,7 @@ from scf.bus.client import Bus
 from scf.bus.codec import Codec
 from scf.bus.events import DeployRequested, DeployRollbackRequested
 from scf.consumers.edge import EdgeAgent, Refused, health_check, verify_release
-from tests.conftest import scf, stream_count, wait_for
+from tests.conftest import cli, stream_count, wait_for
 from tests.mv_support import mv_fields
 from tests.test_deploy_helpers import (
     Keys,
@@ -92,7 +93,7 @@ async def _reports(bus: Bus):
 
 
 @pytest.mark.anyio
-@pytest.mark.slow  # seven `scf` processes (edge agents, deploys, rollback): 6.6 s of CPU
+@pytest.mark.slow  # three `scf run` processes (the edge agent twice, the deploy planner; the rollbacks in-process)
 async def test_edge_agent_lifecycle(bus, settings, scf_env, tmp_path):
     keys = Keys(settings)
     keys.node(NODE)
@@ -163,15 +164,15 @@ async def test_edge_agent_lifecycle(bus, settings, scf_env, tmp_path):
         assert f.running_checkpoint_id == "ck-2" and current_model(edir) == "ck-2"
 
         # 6. Rollback on command (through the planner): to the previous, then to a named version.
-        r = scf("control", "rollback", NODE, "--reason", "bad readings", env=env)
+        r = await asyncio.to_thread(cli, "control", "rollback", NODE, "--reason", "bad readings", env=env)
         assert r.returncode == 0, r.stderr
         await wait_for(lambda: node_runs(bus, NODE, "ck-1"), 30, "rolled back to v1")
         rb = [e.data for e in await _reports(bus) if isinstance(e, ev.DeployRolledBack)]
         assert rb[-1].from_checkpoint_id == "ck-2" and rb[-1].to_checkpoint_id == "ck-1" and rb[-1].reason == "bad readings"
-        r = scf("control", "rollback", NODE, "--to", "2", env=env)
+        r = await asyncio.to_thread(cli, "control", "rollback", NODE, "--to", "2", env=env)
         assert r.returncode == 0, r.stderr
         await wait_for(lambda: node_runs(bus, NODE, "ck-2"), 30, "rolled forward to v2 by name")
-        r = scf("control", "rollback", NODE, "--to", "ck-404", env=env)
+        r = await asyncio.to_thread(cli, "control", "rollback", NODE, "--to", "ck-404", env=env)
         await wait_for(lambda: _has_failure(bus, "no artifact 'ck-404'"), 30, "the refused rollback")
         assert current_model(edir) == "ck-2"
 
@@ -181,7 +182,7 @@ async def test_edge_agent_lifecycle(bus, settings, scf_env, tmp_path):
         agent = start_edge(env, NODE, edir, logd, {"domain": "grid:test", "site": "lab"})
         await wait_for(lambda: _registered_after_restart(bus), 30, "the agent to come back")
         assert current_model(edir) == "ck-2"
-        r = scf("control", "rollback", NODE, env=env)
+        r = await asyncio.to_thread(cli, "control", "rollback", NODE, env=env)
         await wait_for(lambda: node_runs(bus, NODE, "ck-1"), 30, "rolled back to v1 after the restart")
 
         # 8. A meter reading dropped by a bridge becomes a signed energy.measured, with its M&V figures.
