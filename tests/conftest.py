@@ -6,7 +6,8 @@ Async tests use anyio's pytest plugin (`pytestmark = pytest.mark.anyio`); every 
 timeout (pytest-timeout, set in pyproject). `make test` runs the files on two workers
 (pytest-xdist, `--dist loadfile`): every test keeps its own server, port and temporary home,
 so nothing may assume it is the only test running on the machine. Expensive read-only
-artefacts (a tiny model) are built once per run for every file and worker (`shared_artefact`).
+artefacts (a tiny model, learned optimisers: `tiny_llama`, `shared_optimiser`) are built once
+per run for every file and worker (`shared_artefact`).
 """
 
 from __future__ import annotations
