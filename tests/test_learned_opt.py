@@ -3,6 +3,7 @@ the exact optimum on held-out contexts."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -68,9 +69,10 @@ def test_checkpoint_is_safetensors_with_its_story_and_refuses_other_files(traine
     result, _ = trained
     assert checkpoint_format(result.checkpoint) == FORMAT
     raw = result.checkpoint.read_bytes()
-    # a safetensors header (its length, then JSON), not a pickle stream (PROTO: 0x80 and a protocol
-    # number up to 5; a header 0x..80 bytes long starts with 0x80 too)
-    assert raw[8:10] == b'{"' and b"pickle" not in raw[:4096] and not (raw[0] == 0x80 and raw[1] <= 5)
+    # a safetensors file (an 8-byte little-endian length, then that many bytes of a JSON object), not a
+    # pickle stream (whose first bytes are no length of a JSON header within the file)
+    size = int.from_bytes(raw[:8], "little")
+    assert 8 + size <= len(raw) and isinstance(json.loads(raw[8:8 + size]), dict) and b"pickle" not in raw[:4096]
     model, meta = load_optimiser(result.checkpoint)
     assert meta["config"]["domain"] == "grid:case14" and meta["lineage"]["fossils"] > 1500
     junk = tmp_path / "junk.safetensors"
