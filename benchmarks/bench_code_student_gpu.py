@@ -60,10 +60,10 @@ def student_config(args):
                          max_positions=args.max_positions)
 
 
-def load_student_data(ds: Path, per_contract: int = 0) -> list[dict]:
+def load_student_data(ds: Path, per_contract: int = 0, domains: set[str] | None = None) -> list[dict]:
     """The student's extra rows: every passing program of each training contract
     (`student/train.jsonl.gz`, bench_genn_gpu.py --student-intents), cheapest first, at most
-    `per_contract` a contract (0: all), as CFR rows {prompt, completion}."""
+    `per_contract` a contract (0: all), of `domains` only where given, as CFR rows {prompt, completion, domain}."""
     import gzip
 
     path = ds / "student" / "train.jsonl.gz"
@@ -75,6 +75,8 @@ def load_student_data(ds: Path, per_contract: int = 0) -> list[dict]:
         for line in f:
             if line.strip():
                 c = json.loads(line)
+                if domains is not None and c["domain"] not in domains:
+                    continue
                 codes = c["codes"][:per_contract] if per_contract > 0 else c["codes"]
                 rows += [{"prompt": c["prompt"], "completion": [{"role": "assistant", "content": x["code"]}], "domain": c["domain"]}
                          for x in codes]
@@ -271,6 +273,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
                     help="judge the teacher's training answers while the student trains; those that pass join the training set when judged")
     ap.add_argument("--student-data", action=argparse.BooleanOptionalAction, default=True,
                     help="train on the dataset's student/train.jsonl.gz too (every sandbox-passing candidate; bench_genn_gpu.py --student-intents)")
+    ap.add_argument("--student-data-domains", default="", help="student data: only these domains' contracts (default: all of the file's)")
     ap.add_argument("--per-contract", type=int, default=0, help="student data: at most this many passing programs per contract, cheapest first (0: all)")
     ap.add_argument("--prompt-variants", type=int, default=0,
                     help="student data: this many copies of every grid row under a random synthetic grid's prompt (the same program; 0: none)")
@@ -351,7 +354,8 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     train_prompts = mg._train_prompts(ds)
     heldout = mg._held_out(ds)[0]  # the validation split's contracts, as the foundry judges its models
     heldout = heldout[: args.eval_prompts] if args.eval_prompts > 0 else heldout
-    student_rows = load_student_data(ds, args.per_contract) if args.student_data else []
+    keep = {d for d in args.student_data_domains.split(",") if d} or None
+    student_rows = load_student_data(ds, args.per_contract, keep) if args.student_data else []
     if not heldout:
         heldout = mg.heldout_requests([d for d in args.eval_domains.split(",") if d], 1)
     domains = sorted({cs.contract_of(m)[0] for m in heldout})
