@@ -45,7 +45,9 @@ D. grid:case118's students' decisions, PAIRED with their teacher's: the teacher 
    95 % intervals (`ml.distill.paired_summary`), the one-sided no-worse-by-0.1 pp verdicts,
    feasibility and repair fallbacks; and on the first `--noise-decisions` contexts the teacher
    against itself (unpaired). Budget-aware: no chunk starts that cannot be measured before
-   93 % of `--budget-s`; distillation stops at `--distill-share` of it. A student's figures
+   93 % of `--budget-s` (where a whole chunk would not fit, a half, down to 1024 contexts;
+   the estimate: 1.5× the slowest chunk's seconds per context and model run, 1.2 ms before
+   the first); distillation stops at `--distill-share` of it. A student's figures
    are keyed `d118_<name>_paired_*` and `d118_student_<name>`; the variant named `default`
    also as `d118_paired_*` and `d118_student` (the keys before variants).
 
@@ -455,9 +457,15 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
                      f"[{q['gap_diff_low_pp']:+.3f}, {q['gap_diff_high_pp']:+.3f}], per-context sd {q['gap_diff_sd_pp']:.3f} pp; savings "
                      f"{q['savings_diff_pp']:+.3f} pp [{q['savings_diff_low_pp']:+.3f}, {q['savings_diff_high_pp']:+.3f}]")  # fmt: skip
 
+        rate: list[float] = []  # sampling seconds per context and model run, chunk by chunk
+        min_chunk, n_chunk = (8 if args.tiny else 1024), 0
         while taken < args.decisions:
+            runs_n = 1 + len(students) + (taken < args.noise_decisions)
+            per = max(rate) if rate else 0.0 if args.tiny else 1.2e-3  # before any chunk: 1.2 ms a context and model run (H200, hidden 512: 0.4-0.6)
             need = min(chunk, args.decisions - taken)
-            est = (1.5 * max(sample_s) if sample_s else 0.0 if args.tiny else 30.0) + (2 if args.tiny else 12)  # sampling and the last pieces' measuring
+            while need > min_chunk and time.time() + 1.5 * per * need * runs_n + (2 if args.tiny else 12) > deadline:
+                need = max(min_chunk, need // 2)  # a smaller chunk where a whole one would not fit (the first one with several students)
+            est = 1.5 * per * need * runs_n + (2 if args.tiny else 12)  # sampling and the last pieces' measuring
             have = sum(len(c_) for _, c_, _ in left)
             while have < need and time.time() + est < deadline:
                 with lock:
@@ -474,13 +482,15 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
             no_time = time.time() + est > deadline
             if have < need or no_time:
                 row[f"{prefix}_stopped"] = (f"decisions stopped after {taken} contexts ({'no time for another chunk' if no_time else 'contexts not ready'}): "
-                                            f"{time.time() - started_wall:.0f}s of the {args.budget_s:.0f}s budget gone")  # fmt: skip
+                                            f"{time.time() - started_wall:.0f}s of the {args.budget_s:.0f}s budget gone; the next chunk {need} contexts "
+                                            f"x {runs_n} models, estimated {est:.0f}s")  # fmt: skip
+                save(f"{prefix}: {row[f'{prefix}_stopped']}")
                 break
             bx, bc, bo = (np.concatenate([part[i] for part in left]) for i in range(3))
             cx, cc, co = bx[:need], bc[:need], bo[:need]
             left = [(bx[need:], bc[need:], bo[need:])]
             t1 = time.perf_counter()
-            seed = taken // chunk  # the chunk's index: teacher and student draw the same noise
+            seed, n_chunk = n_chunk, n_chunk + 1  # the chunk's index: teacher and students draw the same noise
             runs = [("teacher", teacher, seed)] + [(name, m_, seed) for name, m_ in students.items()]
             runs += [("noise", teacher, NOISE_SEED + seed)] if taken < args.noise_decisions else []
             piece = max(1, -(-len(cc) // workers))
@@ -491,6 +501,7 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
             if runs[-1][0] == "noise":
                 noise_pieces = len(got["noise"])
             sample_s.append(time.perf_counter() - t1)
+            rate.append(sample_s[-1] / (len(cc) * len(runs)))
             taken += len(cc)
             row[f"{prefix}_sample_s"] = sample_s
             summarise(final=False)
