@@ -243,7 +243,7 @@ def test_on_policy_matching_at_the_states_the_sampler_visits():
     # (another seed than the pool's); measured 2026-12-02, three seeds: energy 0.377-0.382 vs 0.418-0.433, score 0.0339-0.0342 vs 0.0348-0.0350
     z, sigma = sampler_states(teacher, ct, generator=torch.Generator().manual_seed(99), steps=2, penalty=penalty)
     cz = teacher.normalise_context(ct).repeat(levels, 1)
-    s_t, e_t = teacher.score(z, cz, sigma)
+    s_t, e_t = (v.detach() for v in teacher.score(z, cz, sigma))
 
     def mismatch(student):
         s_s, e_s = student.score(z, cz, sigma)
