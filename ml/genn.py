@@ -233,17 +233,9 @@ class LocalGenerator:
         return self.tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
 
     def generate(self, request, n: int, seed: int):
-        from scf.producers.genn import Candidate, extract_code
+        from scf.producers.genn import answered
 
-        out = []
-        for i in range(n):
-            try:
-                text = self.answer(request.messages(), seed * 1000 + i)
-            except (RuntimeError, ValueError) as exc:  # a generation failure is a rejected candidate, not a crash
-                out.append(Candidate("", f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"))
-                continue
-            out.append(extract_code(text))
-        return out
+        return answered(self.answer, request, n, seed, (RuntimeError, ValueError))
 
     def close(self) -> None:
         pass

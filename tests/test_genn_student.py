@@ -226,30 +226,26 @@ def test_scf_genn_generate_with_the_student_from_scf_toml(files, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith(f"Error: {junk} is not a readable safetensors file (") and r.stderr.count("\n") == 1
 
 
-@pytest.mark.anyio
-async def test_scf_run_genn_answers_a_codegen_intent_with_the_students_proposals(files, bus, settings, scf_env, tmp_path):
-    """The real process on a real nats-server: `[genn] backend = "student"` in scf.toml, an approved
-    codegen intent in, code.proposed events from the student out."""
+async def genn_answers(bus, scf_env, tmp_path, intent_id: str, proposals: int):
+    """An approved codegen intent for grid:case9 asking for `proposals` candidates, answered by a
+    real `scf run genn` process (its settings in $SCF_HOME/scf.toml), stopped by SIGTERM once the
+    proposals are on the bus: it must exit 0. Returns the intent event."""
     import signal
 
-    from scf.bus import codec
     from scf.bus.reader import read
     from tests.conftest import spawn
 
-    sha = sha256_file(files["im_end"])[0]
-    (settings.home_path / "scf.toml").write_text(
-        f'[genn]\nbackend = "student"\ncheckpoint = "{files["im_end"]}"\nmodel_sha256 = "{sha}"\nmax_new_tokens = 16\n')
-    intent = ev.IntentCreated.new(ev.Intent(intent_id="cg-student", kind="codegen", domain="grid:case9", params={"proposals": 2}), source="test")
+    intent = ev.IntentCreated.new(ev.Intent(intent_id=intent_id, kind="codegen", domain="grid:case9", params={"proposals": proposals}), source="test")
     await bus.publish_once(intent)
-    await bus.publish(ev.VerdictIssued.new(ev.Verdict(verdict_id="v-cg-student", subject_id="cg-student", subject_type="intent",
+    await bus.publish(ev.VerdictIssued.new(ev.Verdict(verdict_id=f"v-{intent_id}", subject_id=intent_id, subject_type="intent",
                                                       decision="APPROVE", gate="regulator", kind="codegen", domain="grid:case9"),
                                            source="test", cause=intent))
     proc = spawn([sys.executable, "-m", "scf.cli.main", "run", "genn"], scf_env, tmp_path / "genn.log")
     try:
         async def proposed() -> bool:
-            return len(await read(bus, "INTENTS", "code.proposed")) >= 2
+            return len(await read(bus, "INTENTS", "code.proposed")) >= proposals
 
-        await wait_for(proposed, 120, "2 proposals from the student")
+        await wait_for(proposed, 120, f"{proposals} proposals from the student")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -258,6 +254,20 @@ async def test_scf_run_genn_answers_a_codegen_intent_with_the_students_proposals
             proc.kill()
             raise
     assert rc == 0, (tmp_path / "genn.log").read_text()[-2000:]
+    return intent
+
+
+@pytest.mark.anyio
+async def test_scf_run_genn_answers_a_codegen_intent_with_the_students_proposals(files, bus, settings, scf_env, tmp_path):
+    """The real process on a real nats-server: `[genn] backend = "student"` in scf.toml, an approved
+    codegen intent in, code.proposed events from the student out."""
+    from scf.bus import codec
+    from scf.bus.reader import read
+
+    sha = sha256_file(files["im_end"])[0]
+    (settings.home_path / "scf.toml").write_text(
+        f'[genn]\nbackend = "student"\ncheckpoint = "{files["im_end"]}"\nmodel_sha256 = "{sha}"\nmax_new_tokens = 16\n')
+    intent = await genn_answers(bus, scf_env, tmp_path, "cg-student", 2)
     props = [codec.decode(m.data).data for m in await read(bus, "INTENTS", "code.proposed")]
     assert [p.intent_id for p in props] == ["cg-student", "cg-student"] and {p.domain for p in props} == {"grid:case9"}
     assert {(p.backend, p.model, p.model_sha256) for p in props} == {("student", "ends-im-end", sha)}

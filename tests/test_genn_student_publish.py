@@ -280,30 +280,11 @@ async def test_a_promoted_student_is_fetched_checked_and_served(bus, settings, s
     assert r.stdout.startswith(f"{path}  checkpoint {event.data.checkpoint_id} (edge v1)  sha256 {sha}")
 
     # `scf run genn --backend student`, no checkpoint: the promoted student answers a codegen intent
-    import signal
-
     from scf.bus import codec
-    from tests.conftest import spawn, wait_for
+    from tests.test_genn_student import genn_answers
 
     (settings.home_path / "scf.toml").write_text('[genn]\nbackend = "student"\nmax_new_tokens = 4\n')
-    intent = ev.IntentCreated.new(ev.Intent(intent_id="cg-promoted", kind="codegen", domain="grid:case9", params={"proposals": 1}), source="test")
-    await bus.publish_once(intent)
-    await bus.publish(ev.VerdictIssued.new(ev.Verdict(verdict_id="v-cg-promoted", subject_id="cg-promoted", subject_type="intent",
-                                                      decision="APPROVE", gate="regulator", kind="codegen", domain="grid:case9"),
-                                           source="test", cause=intent))
-    proc = spawn([sys.executable, "-m", "scf.cli.main", "run", "genn"], scf_env, tmp_path / "genn.log")
-    try:
-        async def proposed() -> bool:
-            return len(await read(bus, "INTENTS", "code.proposed")) >= 1
-
-        await wait_for(proposed, 120, "a proposal from the promoted student")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(proc.wait, 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+    await genn_answers(bus, scf_env, tmp_path, "cg-promoted", 1)
     [prop] = [codec.decode(m.data).data for m in await read(bus, "INTENTS", "code.proposed")]
     assert (prop.backend, prop.model, prop.model_sha256) == ("student", "student", sha)
     # a digest the operator pinned stays the pin: the promoted student, another file, is refused

@@ -152,6 +152,20 @@ def extract_code(answer: str | None) -> Candidate:
     return Candidate(code)
 
 
+def answered(answer, request: CodeRequest, n: int, seed: int, errors: tuple[type[BaseException], ...]) -> list[Candidate]:
+    """`n` candidates from a model's `answer(messages, seed)` (answer i with seed `seed`·1000 + i), the
+    code extracted from each; an error of the kinds in `errors` is a rejected candidate, not a crash."""
+    out = []
+    for i in range(n):
+        try:
+            text = answer(request.messages(), seed * 1000 + i)
+        except errors as exc:
+            out.append(Candidate("", f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"))
+            continue
+        out.append(extract_code(text))
+    return out
+
+
 def proposals(
     request: CodeRequest, candidates: list[Candidate], identity: Identity, *, seed: int, source: str, cause: ev.Event | None, ids=None
 ) -> list[ev.CodeProposed]:
@@ -194,5 +208,5 @@ def open_generator(settings: GennSettings, *, home=None, backend: str | None = N
 
 __all__ = [
     "BACKENDS", "GenNError", "GennSettings", "Identity", "CodeRequest", "Candidate", "Generator",
-    "render", "extract_code", "proposals", "open_generator",
+    "render", "extract_code", "answered", "proposals", "open_generator",
 ]

@@ -67,11 +67,6 @@ async def publish_code_model(bus, settings, directory: Path, *, job_id: str | No
     Returns the event (ids derive from the job and the file's digest: publishing twice is one event)."""
     import asyncio
 
-    from scf.bus import events as ev
-    from scf.bus.artifacts import open_store
-    from scf.bus.ids import derived_id
-    from scf.producers.verify import CODE_DOMAIN
-
     mg = _ml("publishing a code model")
     directory = Path(directory)
     if not directory.is_dir():
@@ -82,11 +77,23 @@ async def publish_code_model(bus, settings, directory: Path, *, job_id: str | No
         packed = await asyncio.to_thread(mg.pack_code_model, directory, work / f"genn-{sha[:16]}.safetensors")
     except mg.ModelError as exc:
         raise GenNError(str(exc)) from None
-    ref = await open_store(bus, settings).put(packed, f"genn/{packed.name}", meta={"format": mg.CODE_MODEL_FORMAT, "weights_sha256": sha})
-    job = job_id or f"genn-finetune-{sha[:16]}"
+    return await publish_checkpoint(bus, settings, packed, f"genn/{packed.name}", {"format": mg.CODE_MODEL_FORMAT, "weights_sha256": sha},
+                                    job_id or f"genn-finetune-{sha[:16]}", _eval_metrics(directory))
+
+
+async def publish_checkpoint(bus, settings, path: Path, key: str, meta: dict[str, str], job: str, metrics: dict[str, float]):
+    """A code model's or code student's file put in the artifact store under `key` and published as
+    `checkpoint.produced.genn` of `job` (ids derive from the job and the file's digest: publishing
+    twice is one event). Returns the event."""
+    from scf.bus import events as ev
+    from scf.bus.artifacts import open_store
+    from scf.bus.ids import derived_id
+    from scf.producers.verify import CODE_DOMAIN
+
+    ref = await open_store(bus, settings).put(path, key, meta=meta)
     event = ev.CheckpointProduced.new(
         ev.CheckpointInfo(checkpoint_id=derived_id("checkpoint", job, ref.sha256), job_id=job, domain=CODE_DOMAIN, uri=ref.uri,
-                          sha256=ref.sha256, size=ref.size, metrics=_eval_metrics(directory)),
+                          sha256=ref.sha256, size=ref.size, metrics=metrics),
         source=bus.source, id=derived_id("checkpoint.produced", job, ref.sha256),
     )
     await bus.publish(event)

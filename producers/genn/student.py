@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from scf.producers.genn import Candidate, GenNError, GennSettings, Identity, extract_code
+from scf.producers.genn import Candidate, GenNError, GennSettings, Identity, answered
 
 BACKEND = "student"
 INSTALL = "pip install 'scf[genn]' (or just: pip install tokenizers jinja2; no torch needed)"
@@ -226,15 +226,7 @@ class StudentGenerator:
         return out
 
     def generate(self, request, n: int, seed: int) -> list[Candidate]:
-        out = []
-        for i in range(n):
-            try:
-                text = self.answer(request.messages(), seed * 1000 + i)
-            except (ValueError, FloatingPointError, MemoryError) as exc:  # a rejected candidate, not a crash
-                out.append(Candidate("", f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"))
-                continue
-            out.append(extract_code(text))
-        return out
+        return answered(self.answer, request, n, seed, (ValueError, FloatingPointError, MemoryError))
 
     def close(self) -> None:
         pass
@@ -329,12 +321,10 @@ async def publish_code_student(bus, settings, path: Path, *, teacher: str | None
     publishing twice is one event."""
     import asyncio
 
-    from scf.bus import events as ev
-    from scf.bus.artifacts import open_store
     from scf.bus.files import sha256_file
-    from scf.bus.ids import derived_id
     from scf.consumers.edge.ternary import read_metadata
     from scf.consumers.edge.ternary_lm import FORMAT
+    from scf.producers.genn.local import publish_checkpoint
     from scf.producers.verify import CODE_DOMAIN
 
     path = Path(path).expanduser()
@@ -360,14 +350,7 @@ async def publish_code_student(bus, settings, path: Path, *, teacher: str | None
         job = ""
     sha, _ = await asyncio.to_thread(sha256_file, path)
     job = job or job_id or f"genn-student-{sha[:16]}"
-    ref = await open_store(bus, settings).put(path, f"genn/student-{sha[:16]}.safetensors", meta={"format": FORMAT})
-    event = ev.CheckpointProduced.new(
-        ev.CheckpointInfo(checkpoint_id=derived_id("checkpoint", job, ref.sha256), job_id=job, domain=CODE_DOMAIN, uri=ref.uri,
-                          sha256=ref.sha256, size=ref.size, metrics=_file_metrics(meta)),
-        source=bus.source, id=derived_id("checkpoint.produced", job, ref.sha256),
-    )
-    await bus.publish(event)
-    return event
+    return await publish_checkpoint(bus, settings, path, f"genn/student-{sha[:16]}.safetensors", {"format": FORMAT}, job, _file_metrics(meta))
 
 
 async def fetch_promoted_student(bus, settings, *, alias: str = "edge") -> tuple[Path, Any]:
