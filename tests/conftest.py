@@ -213,6 +213,28 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
+def freeze(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGSTOP `proc` and return once every thread of it is stopped: kill() returns before a
+    thread running on another CPU has stopped, and such a thread can still answer a request
+    sent right after (a frozen server that answered once: the flake of test_bus_kv_says_...)."""
+    import signal
+
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):  # a thread that ended meanwhile
+                continue
+        if states and all(s in "Tt" for s in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pid {proc.pid} not stopped {timeout} s after SIGSTOP: thread states {states}")
+        time.sleep(0.002)
+
+
 async def stream_count(bus: Bus, stream: str, subject: str | None = None) -> int:
     info = await bus.js.stream_info(stream, subjects_filter=subject) if subject else await bus.js.stream_info(stream)
     if subject:

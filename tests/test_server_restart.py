@@ -30,7 +30,7 @@ from scf.bus.server import ServerProcess, binary, free_port, port_open
 from scf.bus.settings import Settings, init_home
 from scf.bus.streams import CONSUMERS, KEY_DAEMON, ensure
 from scf.consumers.energy import measurement_event
-from tests.conftest import spawn, stream_count, wait_for
+from tests.conftest import freeze, spawn, stream_count, wait_for
 from tests.daemon_support import fossil
 from tests.mv_support import passing_mv
 from tests.test_deploy_helpers import STOP_BOUND_S, Keys, logs, start_process, stop, timed_stop
@@ -180,7 +180,7 @@ async def test_the_daemon_stops_within_its_bounds_after_a_restart_when_the_serve
             await wait_for(lambda: stream_count(bus, "CONTROL", "gear.daemon.stopped"), 60, "the command sent after the restart")
         finally:
             await bus.close()
-        server.proc.send_signal(signal.SIGSTOP)
+        freeze(server.proc)
         frozen = True
         code, seconds = timed_stop(daemon)
         log = text()

@@ -43,7 +43,7 @@ from scf.bus.streams import ConsumerSpec, ensure
 from scf.consumers.dispatch import WORKERS_BUCKET
 from scf.consumers.nodes import NODES_BUCKET
 from scf.producers.regiment import KEY_REGIMENT
-from tests.conftest import spawn, wait_for
+from tests.conftest import freeze, spawn, wait_for
 from tests.test_server_restart import STOP_BOUND_S, Keys, start_process, stop, timed_stop
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
@@ -118,7 +118,7 @@ async def test_a_process_sigtermed_with_its_server_frozen_stops_within_its_bound
             assert proc.poll() is None, text()[-4000:]
         finally:
             await bus.close()
-        server.proc.send_signal(signal.SIGSTOP)
+        freeze(server.proc)
         frozen = True
         give_work(name, tmp_path)
         # a frozen server cannot say when a process waits on it: its loops (every 0.3 s) are
@@ -178,7 +178,7 @@ async def test_bus_kv_says_a_timeout_is_a_timeout_and_a_missing_bucket_is_missin
     try:
         with pytest.raises(StreamNotFound, match=r"KV bucket nope does not exist: run `scf streams ensure`"):
             await bus.kv("nope")
-        server.proc.send_signal(signal.SIGSTOP)
+        freeze(server.proc)
         try:
             with pytest.raises(ServerError, match=r"KV bucket scf_state: no answer from nats-server in 5 s \(a timeout, not a missing bucket\)") as err:
                 await bus.kv("scf_state")
