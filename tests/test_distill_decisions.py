@@ -154,7 +154,11 @@ async def test_the_verifier_refuses_a_student_that_decides_worse_than_its_teache
     verifier = CheckpointVerifier(bus, settings, cfg)
     v = await verifier(produced["bad"], None)
     assert (v.alias, v.baseline_checkpoint_id) == ("edge", "ck-teacher")
-    assert v.metrics["decision_paired_contexts"] == 64 and "decision_gap_mean" in v.baseline_metrics
+    # all 64 contexts judged; paired are those where both repaired decisions pass the domain's check (the
+    # bad student's repair can fail a few: CI saw 61 of 64 once — counted by decision_feasible, not paired)
+    infeasible = round(64 * (1 - v.metrics["decision_feasible"])) + round(64 * (1 - v.baseline_metrics["decision_feasible"]))
+    assert v.metrics["decision_contexts"] == 64 and 64 - infeasible <= v.metrics["decision_paired_contexts"] <= 64
+    assert "decision_gap_mean" in v.baseline_metrics
     assert any(r.startswith("its decisions' gap to the optimum is +") and r.endswith("worse by more than the allowed 0.1 pp") for r in v.reasons), v.reasons
     v = await verifier(produced["good"], None)
     assert v.reasons == [] and v.metrics["decision_paired_contexts"] == 64
