@@ -209,39 +209,15 @@ class _Average:
 @torch.no_grad()
 def sampler_states(model, c: torch.Tensor, *, generator: torch.Generator, steps: int, penalty=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The states `model`'s sampler visits for contexts c (B, m) (physical units): the
-    annealed, Metropolis-adjusted, physics-guided Langevin chain of `EBDM.sample` (the same
-    moves, step adaptation and guidance; `steps` moves per level), each level's last state
-    kept. Returns (z (L·B, d) in normalised space, σ (L·B, 1)), level by level: where the
-    decisions' sampler asks the energy and its score."""
-    cfg = model.config
-    cz = model.normalise_context(c)
-    n, d = c.shape[0], cfg.state_dim
-    noise = lambda: torch.randn(n, d, generator=generator, device=c.device)  # noqa: E731
-    uniform = lambda: torch.rand(n, generator=generator, device=c.device)  # noqa: E731
-    z = noise() * cfg.sigma_max
-    h = cfg.langevin_step
-    zs, sig = [], []
-    for sigma in cfg.sigmas().tolist():
-        score, energy = model.guided_score(z, cz, c, sigma, penalty)
-        for _ in range(steps):
-            alpha = h * sigma**2
-            prop = z + 0.5 * alpha * score + math.sqrt(alpha) * noise()
-            if not cfg.metropolis:
-                z = prop
-                score, energy = model.guided_score(z, cz, c, sigma, penalty)
-                continue
-            score_p, energy_p = model.guided_score(prop, cz, c, sigma, penalty)
-            fwd = (prop - z - 0.5 * alpha * score).square().sum(-1) / (2 * alpha)
-            bwd = (z - prop - 0.5 * alpha * score_p).square().sum(-1) / (2 * alpha)
-            accept = torch.log(uniform()) < energy - energy_p + fwd - bwd
-            z = torch.where(accept[:, None], prop, z)
-            score = torch.where(accept[:, None], score_p, score)
-            energy = torch.where(accept, energy_p, energy)
-            rate = float(accept.float().mean())
-            h = h * 0.8 if rate < 0.5 else (h * 1.25 if rate > 0.8 else h)
-            h = min(max(h, cfg.langevin_step / 16), 4 * cfg.langevin_step)
-        zs.append(z.detach().clone())
-        sig.append(torch.full((n, 1), sigma, device=c.device, dtype=z.dtype))
+    annealed, Metropolis-adjusted, physics-guided Langevin chain of `EBDM.sample` itself
+    (`steps` moves per level), each level's last state kept. Returns (z (L·B, d) in
+    normalised space, σ (L·B, 1)), level by level: where the decisions' sampler asks the
+    energy and its score."""
+    levels: list = []
+    model.sample(c, generator=generator, steps=steps, penalty=penalty, levels=levels)
+    n = c.shape[0]
+    zs = [z for z, _ in levels]
+    sig = [torch.full((n, 1), sigma, device=c.device, dtype=z.dtype) for z, sigma in levels]
     return torch.cat(zs), torch.cat(sig)
 
 

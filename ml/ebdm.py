@@ -346,9 +346,11 @@ class EBDM(nn.Module):
         return score - grad, energy + phys.detach()
 
     @torch.no_grad()
-    def sample(self, c, generator: torch.Generator | None = None, steps: int | None = None, penalty: nn.Module | None = None):
+    def sample(self, c, generator: torch.Generator | None = None, steps: int | None = None, penalty: nn.Module | None = None,
+               levels: list | None = None):
         """One state per context row c (B, m), in physical units (B, d); with `penalty`,
-        physics-guided (see `guided_score`).
+        physics-guided (see `guided_score`). `levels`, where given, gets each level's last
+        state (normalised, (B, d)) and its σ: the states the chain visits (`ml.distill.sampler_states`).
 
         Annealed Langevin: from N(0, σ_max²) down the σ ladder, `steps` Langevin moves per
         level with step α = h·σ², then a Tweedie step at σ_min. With `metropolis` (the
@@ -384,6 +386,8 @@ class EBDM(nn.Module):
                 rate = float(accept.float().mean())
                 h = h * 0.8 if rate < 0.5 else (h * 1.25 if rate > 0.8 else h)
                 h = min(max(h, cfg.langevin_step / 16), 4 * cfg.langevin_step)  # moves stay local: ≤ 2σ
+            if levels is not None:
+                levels.append((z.clone(), sigma))
         score, _ = self.score(z, cz, cfg.sigma_min)  # Tweedie with the model's score alone
         return self.denormalise(z + cfg.sigma_min**2 * score)
 
