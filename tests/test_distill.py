@@ -38,11 +38,13 @@ def case9(n: int, seed: int = 0):
     return d, np.stack([s.state for s in samples]), np.stack([s.context for s in samples]), np.array([s.energy for s in samples])
 
 
-def recorded_fossils(d, x, c, cost) -> list[ev.FossilRecorded]:
-    """`fossil.recorded` events of the sampled (state, context, energy) rows, as ingest writes them."""
+def recorded_fossils(d, x, c, cost, observed_at=None) -> list[ev.FossilRecorded]:
+    """`fossil.recorded` events of the sampled (state, context, energy) rows, as ingest writes them;
+    observed now, or at `observed_at` (then their content ids, and so the held-out split, are the
+    same in every run)."""
     out = []
     for s_x, s_c, e in zip(x, c, cost):
-        content = ev.FossilContent(domain=d.name, context=s_c.tolist(), state=s_x.tolist(), energy=float(e), observed_at=ev.utcnow(),
+        content = ev.FossilContent(domain=d.name, context=s_c.tolist(), state=s_x.tolist(), energy=float(e), observed_at=observed_at or ev.utcnow(),
                                    provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))  # fmt: skip
         f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
         out.append(ev.FossilRecorded.new(f, source="ingest"))

@@ -8,6 +8,7 @@ nats-server, the artifact store and the daemon's own verifier."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from scf.bus import events as ev
 from scf.bus.errors import ConfigError
 from scf.ml.checkpoint import save_checkpoint
 from scf.ml.distill import decision_reasons, distill_ebdm, export_student, judge_student, make_student
+from scf.ml.loader import in_split
 from scf.ml.ternary import freeze
 from scf.producers.verify import CheckpointVerifier, VerifySettings
 from tests.test_distill import FEW, case9, recorded_fossils, tiny_teacher
@@ -137,7 +139,12 @@ async def test_the_verifier_refuses_a_student_that_decides_worse_than_its_teache
     from scf.bus.artifacts import open_store
 
     d, x, c, cost = case9(1200, seed=3)
-    await bus.publish_many(recorded_fossils(d, x, c, cost))
+    # held out: 1 fossil in 16 by its content id, which holds the time it was observed: a fixed time, so
+    # the same held-out contexts in every run (observed now, CI saw 61 held out of 1200 once, and the
+    # distilled student worse than its teacher by > 0.1 pp on some draws of them)
+    fossils = recorded_fossils(d, x, c, cost, observed_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    await bus.publish_many(fossils)
+    n = min(64, sum(in_split(f.data.fossil_id, "heldout") for f in fossils))
     teacher = tiny_teacher()
     store = open_store(bus, settings)
     tref = await store.put(save_checkpoint(tmp_path / "teacher.safetensors", teacher, lineage={}, metrics={}), "grid_case9/teacher.safetensors")
@@ -154,11 +161,11 @@ async def test_the_verifier_refuses_a_student_that_decides_worse_than_its_teache
     verifier = CheckpointVerifier(bus, settings, cfg)
     v = await verifier(produced["bad"], None)
     assert (v.alias, v.baseline_checkpoint_id) == ("edge", "ck-teacher")
-    # all 64 contexts judged; paired are those where both repaired decisions pass the domain's check (the
-    # bad student's repair can fail a few: CI saw 61 of 64 once — counted by decision_feasible, not paired)
-    infeasible = round(64 * (1 - v.metrics["decision_feasible"])) + round(64 * (1 - v.baseline_metrics["decision_feasible"]))
-    assert v.metrics["decision_contexts"] == 64 and 64 - infeasible <= v.metrics["decision_paired_contexts"] <= 64
+    # all n contexts judged; paired are those where both repaired decisions pass the domain's check (the
+    # bad student's repair can fail a few — counted by decision_feasible, not paired)
+    infeasible = round(n * (1 - v.metrics["decision_feasible"])) + round(n * (1 - v.baseline_metrics["decision_feasible"]))
+    assert v.metrics["decision_contexts"] == n and n - infeasible <= v.metrics["decision_paired_contexts"] <= n
     assert "decision_gap_mean" in v.baseline_metrics
     assert any(r.startswith("its decisions' gap to the optimum is +") and r.endswith("worse by more than the allowed 0.1 pp") for r in v.reasons), v.reasons
     v = await verifier(produced["good"], None)
-    assert v.reasons == [] and v.metrics["decision_paired_contexts"] == 64
+    assert v.reasons == [] and v.metrics["decision_paired_contexts"] == n
