@@ -127,7 +127,7 @@ async def deploy_models(bus: Bus, models: dict[str, SiteModel], follow, echo: Ca
         await bus.publish_once(intent)
         q = m.metrics
         echo(f"   {m.site}: {m.checkpoint_id} ({m.label}; {m.fossils} fossils, trained in {m.seconds:.1f}s; held-out decisions: "
-             f"savings captured {100 * q.get('decision_savings_captured', float('nan')):.1f} %, gap p95 {q.get('decision_gap_p95', float('nan')):.3g} %) → deploy intent")
+             f"savings captured {100 * q.get('decision_savings_captured', float('nan')):.2f} %, gap p95 {q.get('decision_gap_p95', float('nan')):.3g} %) → deploy intent")
     activated = await follow.wait("hvac deploy", lambda e: isinstance(e, ev.DeployActivated) and e.data.node in models, timeout,
                                   count=len(models), hint="see logs/deploy.log, logs/safety.log and logs/edge-site-*.log")
     for e in activated:
@@ -143,7 +143,7 @@ def table(models: dict[str, SiteModel]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|"]
     for m in models.values():
         q = m.metrics
-        rows.append(f"| {m.site} | {m.checkpoint_id} ({m.label}) | {m.fossils} | {num(q.get('decision_savings_captured'), '.1%')} | "
+        rows.append(f"| {m.site} | {m.checkpoint_id} ({m.label}) | {m.fossils} | {num(q.get('decision_savings_captured'), '.2%')} | "
                     f"{num(q.get('decision_gap_p95'), '.3g')} | {num(q.get('cost_heldout_mae_rel'), '.2%')} | {num(m.saved_kwh, '.2f')} | "
                     f"{num(m.uncertainty_kwh, '.2f')} | {m.minted_kwh:.2f}{'' if m.ledger in ('', 'minted') else ' (' + m.ledger + ')'} |")
     return rows

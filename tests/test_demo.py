@@ -37,8 +37,11 @@ def test_demo_runs_the_whole_loop_and_its_outputs_agree(tmp_path):
     # decision quality predicted
     saved = {site: float(v) for site, v in re.findall(r"energy\.measured (site-[ab]): .* saved (-?[0-9.]+) ±", out)}
     assert saved["site-a"] > saved["site-b"] > 0, saved
-    captured = dict(re.findall(r"(site-[ab]): hvac-opt-\w+-\w+ \(\w+; .* savings captured ([0-9.]+) %", out))
-    assert float(captured["site-a"]) > float(captured["site-b"]), captured
+    # both models near the optimum on held-out hours (99.99 and 99.98 % of the achievable saving at
+    # 2026-12-02's code): the better one's 95th-percentile gap is the lower, its savings no lower
+    held = {site: (float(c), float(g)) for site, c, g in
+            re.findall(r"(site-[ab]): hvac-opt-\w+-\w+ \(\w+; .* savings captured ([0-9.]+) %, gap p95 ([0-9.eE+-]+) %", out)}
+    assert held["site-a"][1] < held["site-b"][1] and held["site-a"][0] >= held["site-b"][0], held
     assert re.search(r"deploy\.activated on site-a: its control loop decides every hour with hvac-opt-better-", out)
     assert re.search(r"deploy\.activated on site-b: its control loop decides every hour with hvac-opt-worse-", out)
     side = (home / "out" / "report" / "hvac-models.md").read_text()
