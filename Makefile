@@ -29,7 +29,9 @@ TEST_WORKERS ?= 2
 # assertion-rewrites every test file again (collection 23 s of CPU instead of 12 s a worker)
 # and every Python process the tests start compiles the project's modules again.
 TESTPY := PYTHONDONTWRITEBYTECODE= $(PY)
-PYTEST := $(TESTPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+# --durations: the 15 slowest tests (set-up and teardown counted apart) at the end of every run, so
+# a CI log says where the suite's time went
+PYTEST := $(TESTPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The README's test command (and CI's): everything but the runs of many minutes.
 test: $(VENV)/.installed
