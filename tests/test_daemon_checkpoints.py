@@ -7,6 +7,7 @@ ml.checkpoint's safetensors format) evaluated on real grid:case9 fossils."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 
 import pytest
@@ -18,6 +19,10 @@ from tests.conftest import wait_for
 from tests.daemon_support import add_fossils, operator_key, running_daemon, send, wait_events
 
 pytestmark = pytest.mark.anyio
+
+# the fossils' observation time: fixed, so their content ids (and the held-out split they choose) are
+# the same in every run
+OBSERVED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 CFG = DaemonSettings(verify_checkpoints="off", checkpoint=VerifySettings(margin=0.05))
 SCORES = {"ck-1": 1.0, "ck-2": 0.9, "ck-3": 0.88, "ck-4": 0.5}  # heldout_dsm of each candidate (lower is better)
@@ -177,7 +182,7 @@ async def test_real_checkpoints_are_verified_and_promoted(bus, settings, tmp_pat
     recorded = []
     for i, smp in enumerate(samples):
         content = ev.FossilContent(domain=d.name, context=smp.context.tolist(), state=smp.state.tolist(), energy=smp.energy,
-                                   observed_at=ev.utcnow(), provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))
+                                   observed_at=OBSERVED_AT, provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))
         f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
         recorded.append(ev.FossilRecorded.new(f, source="ingest"))
     await bus.publish_many(recorded)

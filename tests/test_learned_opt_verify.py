@@ -4,6 +4,8 @@ fossils against the exact optimum."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,10 @@ from scf.producers.verify import (
 )
 
 pytestmark = pytest.mark.anyio
+
+# the fossils' observation time: fixed, so their content ids (and the held-out split they choose) are
+# the same in every run
+OBSERVED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 S = VerifySettings(margin=0.05)
 
@@ -60,7 +66,7 @@ async def test_the_real_verifier_promotes_the_better_optimiser_on_its_decisions(
     recorded = []
     for smp in samples:
         content = ev.FossilContent(domain=d.name, context=smp.context.tolist(), state=smp.state.tolist(), energy=smp.energy,
-                                   observed_at=ev.utcnow(), provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))
+                                   observed_at=OBSERVED_AT, provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))
         f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
         recorded.append(ev.FossilRecorded.new(f, source="ingest"))
     await bus.publish_many(recorded)

@@ -9,6 +9,7 @@ nats-server, real case9 fossils); a job spec the optimiser cannot take ends as a
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import math
 import signal
@@ -26,6 +27,10 @@ from tests.conftest import scf, spawn, stream_count, wait_for
 from tests.daemon_support import events, send
 
 pytestmark = pytest.mark.anyio
+
+# the fossils' observation time: fixed, so their content ids (and the held-out split they choose) are
+# the same in every run
+OBSERVED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 DOMAIN = "grid:case9"
 
@@ -296,7 +301,7 @@ async def test_an_ebdm_is_judged_on_its_decisions_against_an_optimiser_in_produc
     recorded = []
     for smp in d.synthesize(np.random.default_rng(5), 800):
         content = ev.FossilContent(domain=d.name, context=smp.context.tolist(), state=smp.state.tolist(), energy=smp.energy,
-                                   observed_at=ev.utcnow(), provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))
+                                   observed_at=OBSERVED_AT, provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))
         f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
         recorded.append(ev.FossilRecorded.new(f, source="ingest"))
     await bus.publish_many(recorded)
