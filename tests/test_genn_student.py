@@ -117,6 +117,38 @@ def test_sampling_is_seeded_and_temperature_zero_is_the_runtimes_greedy_decoding
     assert greedy.completion(msgs, 1) == greedy.completion(msgs, 2) == want
 
 
+def test_continuations_decoded_side_by_side_are_each_the_one_its_seed_gives_alone(files):
+    """`TernaryLM.generate_many` (what `answers_many` and the verifier use): the prompt read once,
+    the continuations decoded as one batch, the ones that end leaving it — each the same ids as
+    its seed alone, whatever the others do."""
+    from scf.consumers.edge.ternary_lm import TernaryLM
+
+    gen = open_generator(_settings(files["im_end"], max_new_tokens=40))
+    msgs = _request().messages()
+    seeds = list(range(6))
+    alone = [gen.completion(msgs, s) for s in seeds]
+    assert len({len(a) for a in alone}) > 1 and all(a[-1] == IM_END for a in alone)  # they end at different steps
+    assert gen.completions(msgs, seeds) == alone
+    assert gen.completions(msgs, seeds[::-1]) == alone[::-1]  # another order: the same answers
+    assert gen.answers_many([msgs, msgs], 3, seed=2) == [[gen.answer(msgs, 2000 + k) for k in range(3)],
+                                                         [gen.answer(msgs, 2003 + k) for k in range(3)]]  # fmt: skip
+    plain = open_generator(_settings(files["plain"], temperature=0.0))
+    lm = TernaryLM(files["plain"])
+    ids = plain.tokenizer.prompt_ids(msgs)
+    assert lm.generate_many(ids, [1, 2, 3], 12, plain.stops) == [lm.generate(ids, 12, plain.stops)] * 3  # greedy: one answer
+    # rows do not mix: two different continuations of one cache, each as if alone
+    lm.reset()
+    lm.forward(ids)
+    lm.keep_rows([0, 0])
+    both = lm.forward_rows(np.array([[5, 6], [7, 8]]))
+    for row, toks in enumerate(([5, 6], [7, 8])):
+        lm.reset()
+        lm.forward(ids)
+        np.testing.assert_allclose(both[row], lm.forward(toks), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3 rows continue a cache of 1 sequences"):
+        lm.forward_rows(np.zeros((3, 1), dtype=np.int64))
+
+
 def test_answers_end_at_the_end_of_turn_and_at_the_tokenizers_end_of_sequence(files):
     gen = open_generator(_settings(files["im_end"], max_new_tokens=40))
     assert gen.stops == [IM_END, IM_START]  # SmolLM2's tokenizer: its end of sequence is <|im_end|>

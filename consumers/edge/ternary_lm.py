@@ -75,15 +75,28 @@ class TernaryLM:
         self.max_positions = int(cfg.get("max_position_embeddings") or 2048)
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the key/value cache (a new sequence)."""
-        self.cache: list[tuple[np.ndarray, np.ndarray]] = [
-            (np.zeros((self.kv_heads, 0, self.head_dim), np.float32), np.zeros((self.kv_heads, 0, self.head_dim), np.float32))
-            for _ in range(self.n_layers)]
+    def reset(self, rows: int = 1) -> None:
+        """Forget the key/value cache (a new sequence; `rows` sequences decoded side by side)."""
+        empty = np.zeros((rows, self.kv_heads, 0, self.head_dim), np.float32)
+        self.cache: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty) for _ in range(self.n_layers)]  # (B, kv, capacity, hd) each
         self.pos = 0
 
+    def _room(self, n: int) -> None:
+        """Capacity in the cache for n more positions: buffers grown by doubling, written in place
+        (a step copies no cache; appending by concatenation copied all of it every token)."""
+        cap = self.cache[0][0].shape[2]
+        if self.pos + n <= cap:
+            return
+        new = min(max(2 * cap, self.pos + n, 64), max(self.max_positions, self.pos + n))
+        grown = []
+        for k, v in self.cache:
+            bigger = [np.zeros(k.shape[:2] + (new, self.head_dim), np.float32) for _ in range(2)]
+            bigger[0][:, :, : self.pos], bigger[1][:, :, : self.pos] = k[:, :, : self.pos], v[:, :, : self.pos]
+            grown.append((bigger[0], bigger[1]))
+        self.cache = grown
+
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
-        """A ternary layer on rows x (n, in): RMS-normalised, int8 codes, exact integer product, scales."""
+        """A ternary layer on rows x (..., in): RMS-normalised, int8 codes per row, exact integer product, scales."""
         t, gamma = self.w[name]
         q, s = activation_codes(_rms(x, 1e-5))
         return (q.astype(np.float32) @ t) / s * gamma
@@ -101,53 +114,95 @@ class TernaryLM:
     def forward(self, ids: list[int] | np.ndarray, *, last_only: bool = False) -> np.ndarray:
         """Logits (n, vocab) of the next token after each of `ids`, continuing the cached sequence
         (`last_only`: only after the last, (1, vocab): a prompt's prefill skips the head's other rows)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        n = len(ids)
+        return self.forward_rows(np.asarray(ids, dtype=np.int64).reshape(1, -1), last_only=last_only)[0]
+
+    def forward_rows(self, ids: np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        """Logits (B, n, vocab) after each of ids (B, n): B cached sequences, all at the same
+        position, each continued by its row (`last_only`: (B, 1, vocab)). Each row's numbers
+        are its own: a ternary layer's product is exact whatever the batch, and the rest
+        (attention, norms, head) is computed per row."""
+        ids = np.asarray(ids, dtype=np.int64)
+        b, n = ids.shape
+        if self.cache[0][0].shape[0] != b:
+            raise ValueError(f"{b} rows continue a cache of {self.cache[0][0].shape[0]} sequences: reset(rows) or keep_rows first")
         pos = np.arange(self.pos, self.pos + n)
-        h = self.embed[ids]
+        total = self.pos + n
+        self._room(n)
+        h = self.embed[ids]  # (B, n, hidden)
         rep = self.heads // self.kv_heads
+
+        def heads(y: np.ndarray, count: int) -> np.ndarray:  # (B, n, count·hd) -> (B, count, n, hd)
+            return y.reshape(b, n, count, self.head_dim).transpose(0, 2, 1, 3)
+
         for i in range(self.n_layers):
             p = f"model.layers.{i}."
             x = self._norm(p + "input_layernorm.weight", h)
-            q = self._rope(self.linear(p + "self_attn.q_proj", x).reshape(n, self.heads, self.head_dim).transpose(1, 0, 2), pos)
-            k = self._rope(self.linear(p + "self_attn.k_proj", x).reshape(n, self.kv_heads, self.head_dim).transpose(1, 0, 2), pos)
-            v = self.linear(p + "self_attn.v_proj", x).reshape(n, self.kv_heads, self.head_dim).transpose(1, 0, 2)
-            ck, cv = self.cache[i]
-            ck, cv = np.concatenate([ck, k], axis=1), np.concatenate([cv, v], axis=1)
-            self.cache[i] = (ck, cv)
-            total = ck.shape[1]
-            qg = q.reshape(self.kv_heads, rep, n, self.head_dim)  # head h reads key/value head h // rep
-            scores = np.einsum("grnd,gmd->grnm", qg, ck) / np.float32(math.sqrt(self.head_dim))
-            future = np.arange(total)[None, :] > (pos[:, None])  # causal: token at pos sees keys ≤ pos
-            scores = np.where(future[None, None], np.float32(-np.inf), scores)
+            q = self._rope(heads(self.linear(p + "self_attn.q_proj", x), self.heads), pos)
+            k = self._rope(heads(self.linear(p + "self_attn.k_proj", x), self.kv_heads), pos)
+            v = heads(self.linear(p + "self_attn.v_proj", x), self.kv_heads)
+            kb, vb = self.cache[i]
+            kb[:, :, self.pos : total], vb[:, :, self.pos : total] = k, v
+            ck, cv = kb[:, :, :total], vb[:, :, :total]
+            qg = q.reshape(b, self.kv_heads, rep, n, self.head_dim)  # head h reads key/value head h // rep
+            scores = (qg @ ck[:, :, None].swapaxes(-1, -2)) / np.float32(math.sqrt(self.head_dim))  # (B, kv, rep, n, total)
+            if n > 1:  # causal: token at pos sees keys ≤ pos (one new token sees them all)
+                scores = np.where(np.arange(total)[None, :] > pos[:, None], np.float32(-np.inf), scores)
             scores = np.exp(scores - scores.max(-1, keepdims=True))
-            att = np.einsum("grnm,gmd->grnd", scores / scores.sum(-1, keepdims=True), cv)
-            h = h + self.linear(p + "self_attn.o_proj", att.reshape(self.heads, n, self.head_dim).transpose(1, 0, 2).reshape(n, -1))
+            att = (scores / scores.sum(-1, keepdims=True)) @ cv[:, :, None]  # (B, kv, rep, n, hd)
+            h = h + self.linear(p + "self_attn.o_proj", att.reshape(b, self.heads, n, self.head_dim).transpose(0, 2, 1, 3).reshape(b, n, -1))
             x = self._norm(p + "post_attention_layernorm.weight", h)
             g = self.linear(p + "mlp.gate_proj", x)
             h = h + self.linear(p + "mlp.down_proj", g / (1.0 + np.exp(-g)) * self.linear(p + "mlp.up_proj", x))
         self.pos += n
         if last_only:
-            h = h[-1:]
-        return self._norm("model.norm.weight", h) @ self.embed.T
+            h = h[:, -1:]
+        h = self._norm("model.norm.weight", h)
+        return (self.embed @ h.reshape(-1, self.hidden).T).T.reshape(b, -1, self.embed.shape[0])  # the tied head: its rows read once for all
+
+    def keep_rows(self, rows: np.ndarray | list[int]) -> None:
+        """Keep only these sequences of the cache (by index), in this order: a row may repeat
+        (a prompt's cache copied for several continuations)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self.cache = [(k[rows], v[rows]) for k, v in self.cache]
 
     def generate(self, ids: list[int], new_tokens: int, stop: tuple[int, ...] | list[int] = (), *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None) -> list[int]:
         """The continuation of `ids` (a fresh sequence): up to `new_tokens` ids, the last a stop id
         when one came. Greedy at temperature 0; else each token drawn by `sample` from a numpy
         generator seeded with `seed` (same ids, seed and settings: the same continuation)."""
+        return self.generate_many(ids, [seed], new_tokens, stop, temperature=temperature, top_p=top_p)[0]
+
+    def generate_many(self, ids: list[int], seeds: list[int | None], new_tokens: int, stop: tuple[int, ...] | list[int] = (), *,
+                      temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+        """One continuation of the prompt `ids` per seed, decoded side by side: the prompt read
+        once, then one batched row per unfinished continuation and step (the weights read once a
+        step for all, where batch 1 reads them once a token). Each is what `generate` gives
+        with its seed: its own generator, and rows that do not mix (`forward_rows`); one that
+        reaches a stop id leaves the batch."""
+        if not seeds:
+            return []
         self.reset()
-        rng = np.random.default_rng(None if seed is None else seed % (1 << 64)) if temperature > 0 else None  # any int seeds
         stops = set(int(s) for s in stop)
-        logits = self.forward(ids, last_only=True)[-1]
-        out: list[int] = []
+        rngs = [np.random.default_rng(None if s is None else s % (1 << 64)) if temperature > 0 else None for s in seeds]  # any int seeds
+        first = self.forward_rows(np.asarray(ids, dtype=np.int64).reshape(1, -1), last_only=True)[:, -1]  # (1, vocab)
+        self.keep_rows([0] * len(seeds))
+        logits = np.repeat(first, len(seeds), axis=0)
+        outs: list[list[int]] = [[] for _ in seeds]
+        live = list(range(len(seeds)))  # the continuations still decoding, in the cache's row order
         for _ in range(new_tokens):
-            nxt = int(np.argmax(logits)) if rng is None else sample(logits, temperature, top_p, rng)
-            out.append(nxt)
-            if nxt in stops:
+            nxt = [int(np.argmax(logits[r])) if rngs[j] is None else sample(logits[r], temperature, top_p, rngs[j]) for r, j in enumerate(live)]
+            going = []
+            for r, (j, t) in enumerate(zip(live, nxt)):
+                outs[j].append(t)
+                if t not in stops:
+                    going.append(r)
+            if len(outs[live[0]]) >= new_tokens or not going:
                 break
-            logits = self.forward([nxt])[-1]
-        return out
+            if len(going) < len(live):
+                self.keep_rows(going)
+                live, nxt = [live[r] for r in going], [nxt[r] for r in going]
+            logits = self.forward_rows(np.asarray(nxt, dtype=np.int64).reshape(-1, 1))[:, -1]
+        return outs
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

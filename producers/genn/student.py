@@ -198,30 +198,34 @@ class StudentGenerator:
         self.identity = Identity(backend=BACKEND, model=path.stem, sha256=digest,
                                  sampling={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens})
 
-    def completion(self, messages: list[dict[str, str]], seed: int) -> list[int]:
-        """The answer's token ids (the last a stop id when the answer ended before the limit)."""
+    def completions(self, messages: list[dict[str, str]], seeds: list[int]) -> list[list[int]]:
+        """One answer's token ids per seed (the last a stop id when the answer ended before the
+        limit), decoded side by side (`TernaryLM.generate_many`: each the answer its seed gives alone)."""
         ids = self.tokenizer.prompt_ids(messages)
         room = self.lm.max_positions - len(ids)
         if room <= 0:
             raise ValueError(f"the prompt has {len(ids)} tokens, the student {self.lm.max_positions} positions")
         with self.lock:
-            return self.lm.generate(ids, min(self.max_new_tokens, room), self.stops, temperature=self.temperature,
-                                    top_p=self.top_p, seed=seed)
+            return self.lm.generate_many(ids, list(seeds), min(self.max_new_tokens, room), self.stops, temperature=self.temperature,
+                                         top_p=self.top_p)
+
+    def completion(self, messages: list[dict[str, str]], seed: int) -> list[int]:
+        """The answer's token ids (the last a stop id when the answer ended before the limit)."""
+        return self.completions(messages, [seed])[0]
 
     def answer(self, messages: list[dict[str, str]], seed: int) -> str:
         return self.tokenizer.decode(self.completion(messages, seed))
 
     def answers_many(self, prompts: list[list[dict[str, str]]], n: int, seed: int) -> list[list[str]]:
-        """`n` answers to each prompt (the k-th of all from seed × 1000 + k); an answer that
-        cannot be generated is empty (no code: judged as such)."""
+        """`n` answers to each prompt (the k-th of all from seed × 1000 + k), a prompt's decoded
+        side by side; a prompt whose answers cannot be generated gets empty ones (no code:
+        judged as such)."""
         out = []
         for j, messages in enumerate(prompts):
-            texts = []
-            for i in range(n):
-                try:
-                    texts.append(self.answer(messages, seed * 1000 + j * n + i))
-                except (ValueError, FloatingPointError, MemoryError):
-                    texts.append("")
+            try:
+                texts = [self.tokenizer.decode(c) for c in self.completions(messages, [seed * 1000 + j * n + i for i in range(n)])]
+            except (ValueError, FloatingPointError, MemoryError):
+                texts = [""] * n
             out.append(texts)
         return out
 
