@@ -28,7 +28,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from scf.bus import events as ev  # noqa: E402
 from scf.bus.files import sha256_file  # noqa: E402
 from scf.ml import code_student as cs  # noqa: E402
-from scf.producers.genn import CodeRequest, GenNError, GennSettings, open_generator, proposals, render  # noqa: E402
+from scf.producers.genn import CodeRequest, GenNError, GennSettings, extract_code, open_generator, proposals, render  # noqa: E402
 from tests.conftest import cli, wait_for  # noqa: E402
 
 TINY = cs.StudentConfig(hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, width_multiple=16)
@@ -111,6 +111,7 @@ def test_sampling_is_seeded_and_temperature_zero_is_the_runtimes_greedy_decoding
     first, again = gen.generate(req, 3, seed=5), gen.generate(req, 3, seed=5)
     assert [(c.code, c.error) for c in first] == [(c.code, c.error) for c in again]
     assert len({c.code for c in first}) == 3  # each candidate its own seed
+    assert [c.code for c in first] == [extract_code(gen.answer(req.messages(), 5000 + i)).code for i in range(3)]  # decoded side by side
     greedy = open_generator(_settings(files["plain"], temperature=0.0))
     lm = TernaryLM(files["plain"])
     want = lm.generate(greedy.tokenizer.prompt_ids(msgs), 12, greedy.stops)

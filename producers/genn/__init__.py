@@ -152,15 +152,27 @@ def extract_code(answer: str | None) -> Candidate:
     return Candidate(code)
 
 
-def answered(answer, request: CodeRequest, n: int, seed: int, errors: tuple[type[BaseException], ...]) -> list[Candidate]:
+def answered(answer, request: CodeRequest, n: int, seed: int, errors: tuple[type[BaseException], ...], *, many=None) -> list[Candidate]:
     """`n` candidates from a model's `answer(messages, seed)` (answer i with seed `seed`·1000 + i), the
-    code extracted from each; an error of the kinds in `errors` is a rejected candidate, not a crash."""
-    out = []
-    for i in range(n):
+    code extracted from each; an error of the kinds in `errors` is a rejected candidate, not a crash.
+    `many(messages, seeds)`: all n answers at once instead (a backend that decodes them side by
+    side), the same texts; its error rejects them all."""
+    seeds = [seed * 1000 + i for i in range(n)]
+
+    def failed(exc: BaseException) -> Candidate:
+        return Candidate("", f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+    if many is not None:
         try:
-            text = answer(request.messages(), seed * 1000 + i)
+            return [extract_code(text) for text in many(request.messages(), seeds)]
         except errors as exc:
-            out.append(Candidate("", f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"))
+            return [failed(exc)] * n
+    out = []
+    for s in seeds:
+        try:
+            text = answer(request.messages(), s)
+        except errors as exc:
+            out.append(failed(exc))
             continue
         out.append(extract_code(text))
     return out

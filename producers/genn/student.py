@@ -223,14 +223,18 @@ class StudentGenerator:
         out = []
         for j, messages in enumerate(prompts):
             try:
-                texts = [self.tokenizer.decode(c) for c in self.completions(messages, [seed * 1000 + j * n + i for i in range(n)])]
+                texts = self.texts(messages, [seed * 1000 + j * n + i for i in range(n)])
             except (ValueError, FloatingPointError, MemoryError):
                 texts = [""] * n
             out.append(texts)
         return out
 
+    def texts(self, messages: list[dict[str, str]], seeds: list[int]) -> list[str]:
+        """One answer's text per seed, decoded side by side (`completions`)."""
+        return [self.tokenizer.decode(c) for c in self.completions(messages, seeds)]
+
     def generate(self, request, n: int, seed: int) -> list[Candidate]:
-        return answered(self.answer, request, n, seed, (ValueError, FloatingPointError, MemoryError))
+        return answered(self.answer, request, n, seed, (ValueError, FloatingPointError, MemoryError), many=self.texts)
 
     def close(self) -> None:
         pass
