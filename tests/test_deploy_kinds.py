@@ -161,8 +161,10 @@ async def test_a_plant_node_keeps_its_optimiser_when_an_ebdm_is_promoted(bus, se
         assert [p.name for p in (tmp_path / CTL / "versions").iterdir()] == [agents[CTL].store.current().dirname]
         assert not list((tmp_path / CTL / "incoming").glob("*/*"))
         assert agents[CTL].store.current().checkpoint_id == "opt-1"
-        listed = {ln.split()[0]: ln for ln in (await asyncio.to_thread(cli, "nodes", "ls", env=scf_env)).stdout.splitlines()}
-        assert listed[CTL].endswith("runs optimiser only") and "opt-1" in listed[CTL] and "runs " not in listed[STORE]
+        r = await asyncio.to_thread(cli, "nodes", "ls", env=scf_env)
+        listed = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.strip()}
+        assert r.returncode == 0 and CTL in listed and STORE in listed, (r.returncode, r.stdout, r.stderr)
+        assert listed[CTL].endswith("runs optimiser only") and "opt-1" in listed[CTL] and "runs " not in listed[STORE], r.stdout
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
