@@ -94,7 +94,13 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
             k, _, v = item.partition("=")
             if k not in fields and k not in extra:
                 raise SystemExit(f"variant {name}: {k!r} is not a DistillConfig field (one of {sorted(fields)}) nor one of {sorted(extra)}")
-            over[k] = extra[k](v) if k in extra else type(getattr(DistillConfig, k))(v)
+            kind = extra.get(k) or type(getattr(DistillConfig, k))
+            if kind is bool:  # bool("false") is True
+                if v.lower() not in ("true", "false", "1", "0"):
+                    raise SystemExit(f"variant {name}: {k}={v!r} is not true or false")
+                over[k] = v.lower() in ("true", "1")
+            else:
+                over[k] = kind(v)
         out.append((name, over))
     if len({n for n, _ in out}) != len(out):
         raise SystemExit(f"variant names must differ: {text}")
@@ -137,8 +143,8 @@ def run_variant(job: dict) -> dict:
     zs, czs = teacher.normalise(xs), teacher.normalise_context(cs)
     _, e_t_train = teacher.score(zs, czs, teacher.config.sigma_min)
     teacher.cpu()
-    cfg = dataclasses.replace(DistillConfig(steps=job["steps"], batch_size=job["batch"], device=job["device"], log_every=job["every"]),
-                              **overrides)  # fmt: skip
+    cfg = dataclasses.replace(DistillConfig(steps=job["steps"], batch_size=job["batch"], device=job["device"], log_every=job["every"],
+                                            seed=job.get("seed", 0)), **overrides)  # fmt: skip
     row = {"variant": job["name"], "config": dataclasses.asdict(cfg), "fossils": len(x), "curve": []}
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # the optimiser's first use imports torch._dynamo: not in the clock
     clock = {"t": 0.0, "last": time.perf_counter(), "student": None}
@@ -205,7 +211,7 @@ def compare_recipes(args, row: dict, work: Path, save, elapsed, started_wall: fl
     t0 = time.perf_counter()
     data = work / prefix / "fossils"
     n = args.fossils_118
-    synth_shards(domain, n, data, seed=0, shard_size=max(1, -(-n // args.processes)), processes=args.processes)
+    synth_shards(domain, n, data, seed=args.seed, shard_size=max(1, -(-n // args.processes)), processes=args.processes)
     x, _, _ = load_arrays(data, domain=domain, split="train", seed=0)
     hx, _, _ = load_arrays(data, domain=domain, split="heldout", seed=0)
     more = work / prefix / "more"
@@ -215,7 +221,7 @@ def compare_recipes(args, row: dict, work: Path, save, elapsed, started_wall: fl
     save(f"{prefix}: {n} fossils of {domain} ({len(x)} train, {len(hx)} held-out, {min(512, len(hx))} judged) in {row[f'{prefix}_synth_s']:.1f}s")
     t0 = time.perf_counter()
     res = train_local(domain, data, work / prefix, steps=args.teacher_steps, batch_size=256, device=args.device, hidden=hidden, depth=depth,
-                      eval_records=32)  # fmt: skip
+                      eval_records=32, seed=args.seed)  # fmt: skip
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     row[f"{prefix}_teacher_train_s"] = time.perf_counter() - t0
@@ -224,7 +230,7 @@ def compare_recipes(args, row: dict, work: Path, save, elapsed, started_wall: fl
     deadline = started_wall + 0.93 * args.budget_s - (5 if args.tiny else 25)  # room to judge and write after the last monitor
     jobs = [{"name": name, "overrides": over, "teacher": str(res.checkpoint), "data": str(data), "more": str(more), "domain": domain, "device": args.device,
              "steps": steps, "batch": args.batch, "every": 10 if args.tiny else args.every_118, "deadline": deadline, "work": str(work / prefix),
-             "threads": 1 if args.device == "cpu" else 2} for name, over in variants]  # fmt: skip
+             "threads": 1 if args.device == "cpu" else 2, "seed": args.seed} for name, over in variants]  # fmt: skip
     row[f"{prefix}_variants"] = {name: over for name, over in variants}
     results: dict[str, dict] = {}
     workers = min(len(jobs), args.parallel or len(jobs))
@@ -325,7 +331,7 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
     deadline = started_wall + 0.93 * args.budget_s - (3 if args.tiny else 10)  # room to summarise and write
     t0 = time.perf_counter()
     data, n = work / prefix / "fossils", args.fossils_118
-    synth_shards(domain_name, n, data, seed=0, shard_size=max(1, -(-n // args.processes)), processes=args.processes)
+    synth_shards(domain_name, n, data, seed=args.seed, shard_size=max(1, -(-n // args.processes)), processes=args.processes)
     hx, hc, _ = load_arrays(data, domain=domain_name, split="heldout", seed=0)
     row[f"{prefix}_heldout"], row[f"{prefix}_synth_s"] = len(hx), time.perf_counter() - t0
     save(f"{prefix}: {n} fossils of {domain_name} ({len(hx)} held-out) in {row[f'{prefix}_synth_s']:.1f}s")
@@ -357,7 +363,7 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
     try:
         t0 = time.perf_counter()
         res = train_local(domain_name, data, work / prefix, steps=args.teacher_steps, batch_size=256, device=args.device, hidden=hidden, depth=depth,
-                          eval_records=32)  # fmt: skip
+                          eval_records=32, seed=args.seed)  # fmt: skip
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         row[f"{prefix}_teacher_train_s"] = time.perf_counter() - t0
@@ -366,7 +372,7 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
         distill_deadline = started_wall + args.distill_share * args.budget_s
         base = {"teacher": str(res.checkpoint), "data": str(data), "more": "", "domain": domain_name, "device": args.device, "steps": steps,
                 "batch": args.batch, "every": 10 if args.tiny else args.every_118, "deadline": distill_deadline, "work": str(work / prefix),
-                "threads": 1 if args.device == "cpu" else 2}  # fmt: skip
+                "threads": 1 if args.device == "cpu" else 2, "seed": args.seed}  # fmt: skip
         jobs = [{**base, "name": name, "overrides": over} for name, over in variants]
         results: dict[str, dict] = {}
         if len(jobs) == 1:
@@ -547,6 +553,7 @@ def main() -> None:
     ap.add_argument("--decision-batch", type=int, default=4096, help="part D: contexts sampled at once (one generator seed each chunk)")
     ap.add_argument("--d-variants", default="default", help="part D: the students judged (part R's variant syntax; distilled at once)")
     ap.add_argument("--noise-decisions", type=int, default=8192, help="part D: contexts on which the teacher also samples with another seed")
+    ap.add_argument("--seed", type=int, default=0, help="parts R and D: the fossils', the teacher's and the students' seed (a variant may set its own)")
     args = ap.parse_args()
     if args.tiny:
         args.fossils, args.teacher_steps, args.steps, args.every = 1600, 30, 20, 10

@@ -81,6 +81,12 @@ class DistillConfig:
     chain_every: int = 100  # steps between refreshes of the pool
     chain_contexts: int = 256  # contexts sampled at each refresh (convex mixtures of two fossils' contexts); the pool keeps every level's state
     chain_steps: int = 4  # Langevin moves per level of the pool's sampler (the decisions' sampler uses the model's langevin_steps)
+    # the sampler's Metropolis test (issue 14): at each batch point z (level σ), a MALA proposal p = z + ½α s_T(z) + √α ξ with
+    # α = hσ², h log-uniform over the sampler's range [h₀/16, 4h₀]; the student's log acceptance ratio
+    # E(z) - E(p) + log q(z|p) - log q(p|z) matched to the teacher's (squared difference, nats): energy DIFFERENCES and the scores
+    # along the move, what decides which moves the chain takes
+    accept_weight: float = 0.0  # weight of that match (EBDM; 0: off; costs a second teacher and student score per batch)
+    ternary: bool = True  # False: the student stays full precision (a diagnostic: is a gap the recipe's or the ternary weights'?) (EBDM)
     match_weight: float = 1.0  # |π_S - π_T|² on normalised outputs (optimiser)
     task_weight: float = 0.1  # the teacher's own loss on the data (DSM; the optimiser's objective)
     packing: str = "2bit"  # 2bit | base3
@@ -108,6 +114,10 @@ class DistillConfig:
             raise ConfigError(f"distil chain_by {self.chain_by!r} is not 'teacher' or 'student': whose sampler fills the pool")
         if self.chain_every < 1 or self.chain_contexts < 1 or self.chain_steps < 1:
             raise ConfigError(f"distil chain_every, chain_contexts and chain_steps must be >= 1 (got {self.chain_every}, {self.chain_contexts}, {self.chain_steps})")
+        if not (self.accept_weight >= 0 and math.isfinite(self.accept_weight)):
+            raise ConfigError(f"distil accept_weight must be a finite number >= 0 (got {self.accept_weight}): 0 turns the acceptance match off")
+        if not isinstance(self.ternary, bool):
+            raise ConfigError(f"distil ternary must be true or false (got {self.ternary!r}): false keeps the student full precision (a diagnostic)")
         if not self.rank_temperature > 0 or self.rank_weight < 0:
             raise ConfigError(f"distil rank_temperature must be > 0 and rank_weight >= 0 (got {self.rank_temperature}, {self.rank_weight})")
         return self
@@ -151,14 +161,15 @@ def student_keep(kind: str, model: nn.Module) -> tuple[str, ...]:
     return (linears[0], linears[-1])
 
 
-def make_student(teacher: nn.Module, kind: str) -> nn.Module:
+def make_student(teacher: nn.Module, kind: str, *, ternary: bool = True) -> nn.Module:
     """A copy of the teacher whose inner linear layers are BitLinear (latent weights = the
-    teacher's: distillation starts where the teacher is)."""
+    teacher's: distillation starts where the teacher is). `ternary=False`: a plain copy,
+    full precision throughout (a diagnostic: the recipe without the ternary weights)."""
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(True)
     root = student if kind == "ebdm" else student.policy.net
-    if not ternarise(root, student_keep(kind, student)):
+    if ternary and not ternarise(root, student_keep(kind, student)):
         raise DistillError("the teacher has no inner linear layer to ternarise: give it depth >= 1")
     if kind == "optimiser":
         student.cost.requires_grad_(False)
@@ -187,6 +198,31 @@ def rank_loss(e_s: torch.Tensor, e_t: torch.Tensor, temperature: float = 0.1) ->
     logits = (e_s[:, None] - e_s[None, :]) / tau
     entropy = F.binary_cross_entropy(target, target, reduction="none")  # H(p): the BCE's floor
     return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") - entropy).mean()
+
+
+def accept_loss(teacher, student, z, cz, sigma, s_t, e_t, s_s, e_s, gen: torch.Generator, step: float) -> torch.Tensor:
+    """Mean squared difference (nats²) between the student's and the teacher's log
+    Metropolis-Hastings ratio, log a = E(z) - E(p) + log q(z|p) - log q(p|z), of one MALA move
+    from each point z (B, d) at its level σ (B, 1) (`EBDM.sample`'s move without the physics
+    term, which both share): p = z + ½α s_T(z) + √α ξ, α = hσ², h log-uniform over
+    [step/16, 4·step] (the sampler's adapted range). (s_t, e_t), (s_s, e_s): both models'
+    score and energy at z (the student's with its graph). The ratio weighs the energy
+    difference E(z) - E(p) and both scores along the move: where the student's chain would
+    accept a move its teacher's refuses, or the reverse."""
+    n = z.shape[0]
+    h = step * torch.exp(math.log(1 / 16) + math.log(64) * torch.rand(n, 1, generator=gen)).to(z.device)
+    alpha = h * sigma.square()
+    prop = z + 0.5 * alpha * s_t + alpha.sqrt() * torch.randn(z.shape, generator=gen).to(z.device)
+    sp_t, ep_t = (v.detach() for v in teacher.score(prop, cz, sigma))
+    sp_s, ep_s = student.score(prop, cz, sigma, create_graph=True)
+    a = alpha.squeeze(-1)
+
+    def log_ratio(s0, e0, sp, ep):
+        fwd = (prop - z - 0.5 * alpha * s0).square().sum(-1) / (2 * a)  # -log q(p | z)
+        bwd = (z - prop - 0.5 * alpha * sp).square().sum(-1) / (2 * a)  # -log q(z | p)
+        return e0 - ep + fwd - bwd
+
+    return (log_ratio(s_s, e_s, sp_s, ep_s) - log_ratio(s_t, e_t, sp_t, ep_t)).square().mean()
 
 
 class _Average:
@@ -235,7 +271,7 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
     teacher = teacher.eval().to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = make_student(teacher, "ebdm").train()
+    student = make_student(teacher, "ebdm", ternary=cfg.ternary).train()
     tcfg = teacher.config
     xt, ct = torch.as_tensor(x, dtype=torch.float32, device=device), torch.as_tensor(c, dtype=torch.float32, device=device)
     z_all, cz_all = teacher.normalise(xt), teacher.normalise_context(ct)
@@ -295,6 +331,9 @@ def distill_ebdm(teacher, x: np.ndarray, c: np.ndarray, config: DistillConfig, l
             energy = (sigma.squeeze(-1) * (e_s - e_t)).square().mean()
             task = (sigma * s_s + eps)[n_own:].square().mean()  # denoising the fossils themselves
             loss = cfg.score_weight * score + cfg.energy_weight * energy + cfg.task_weight * task
+            if cfg.accept_weight:  # the Metropolis test of a MALA move from each point, as the teacher would take it
+                accept = accept_loss(teacher, student, noisy, cz, sigma, s_t, e_t, s_s, e_s, gen, tcfg.langevin_step)
+                loss = loss + cfg.accept_weight * accept
             if cfg.anchor_weight or cfg.rank_weight:  # the energies that rank states: clean data at σ_min (rare among the σ drawn)
                 smin = tcfg.sigma_min
                 if n_chain:  # fossils and their mixtures: the sampler's states are matched at their own level above
@@ -946,6 +985,6 @@ async def distill_on_bus(bus, settings, checkpoint_id: str, config: DistillConfi
 __all__ = [
     "DistillConfig", "DistillError", "DistillResult", "compare_ebdm", "compare_optimiser", "distill_ebdm", "distill_file",
     "decision_outcome", "distill_on_bus", "distill_optimiser", "export_student", "find_produced", "join_outcomes", "load_student",
-    "make_student", "paired_decisions", "paired_summary",
+    "make_student", "paired_decisions", "accept_loss", "paired_summary",
     "no_worse", "rank_loss", "decision_reasons", "DECISION_RULES", "read_header", "student_keep", "teacher_file", "verdict",
 ]

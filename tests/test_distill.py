@@ -265,3 +265,42 @@ def test_on_policy_matching_at_the_states_the_sampler_visits():
                       ({"chain": 0.2, "chain_steps": 0}, "chain_steps must be >= 1")):  # fmt: skip
         with pytest.raises(ConfigError, match=re.escape(said)):
             dataclasses.replace(FEW, **bad).check()
+
+
+def test_a_full_precision_student_and_the_acceptance_match():
+    """Diagnostics of issue 14: `ternary=False` distils a full-precision copy with the same
+    recipe (no BitLinear; at 0 steps it IS its teacher); `accept_weight` matches the log
+    Metropolis ratio of MALA moves (`accept_loss`: 0 between equal models, > 0 for a
+    ternary copy, and it trains the student)."""
+    from scf.bus.errors import ConfigError
+    from scf.ml.distill import accept_loss, make_student
+    from scf.ml.ternary import ternary_share
+
+    teacher = tiny_teacher()
+    d, x, c, _ = case9(160, seed=1)
+    z = torch.randn(48, d.state_dim, generator=torch.Generator().manual_seed(4))
+    cz = teacher.normalise_context(torch.tensor(c[:48], dtype=torch.float32))
+    sigma = torch.full((48, 1), 0.3)
+    same, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=0, ternary=False))
+    assert not bit_layers(same) and ternary_share(same) == 0.0
+    assert torch.equal(same.energy(z, cz, sigma), teacher.energy(z, cz, sigma))  # a plain copy: no step, no change
+    moved, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=6, ternary=False))
+    assert not bit_layers(moved) and not torch.equal(moved.blocks[0].fc1.weight, teacher.blocks[0].fc1.weight)
+    quantised, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=0))
+    assert bit_layers(quantised)
+
+    def mismatch(student, seed=0):
+        s_t, e_t = (v.detach() for v in teacher.score(z, cz, sigma))
+        s_s, e_s = student.score(z, cz, sigma, create_graph=True)
+        return accept_loss(teacher, student, z, cz, sigma, s_t, e_t, s_s, e_s, torch.Generator().manual_seed(seed), 1.0)
+
+    assert float(mismatch(same).detach()) == 0.0 and float(mismatch(make_student(teacher, "ebdm").eval()).detach()) > 1e-4
+    student = make_student(teacher, "ebdm")
+    mismatch(student).backward()
+    assert student.blocks[0].fc1.weight.grad is not None and student.blocks[0].fc1.weight.grad.abs().sum() > 0
+    plain, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=4))
+    matched, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=4, accept_weight=1.0))
+    assert not torch.equal(plain.blocks[0].fc1.weight, matched.blocks[0].fc1.weight)
+    for bad, said in (({"ternary": "no"}, "distil ternary must be true or false"), ({"accept_weight": -1.0}, "accept_weight must be a finite number >= 0")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            dataclasses.replace(FEW, **bad).check()
