@@ -39,9 +39,10 @@ test: $(VENV)/.installed
 
 # Without the `slow` tests (about 10 s or more each on a quiet 2-core machine: the demo, fault
 # injection loops, training, long runs of `scf` processes): the ones `make test` adds.
-# Four workers by default (FAST_WORKERS): its tests are short and mostly wait on processes;
-# on a quiet 2-core machine 4:23 against 6:21 with two (2026-12-02, benchmarks/RESULTS.md).
-FAST_WORKERS ?= 4
+# Six workers by default (FAST_WORKERS): its tests are short and mostly wait on processes;
+# on a quiet 2-core machine 3:04 with six, 3:28 with four, 3:13 with eight (2026-12-02,
+# benchmarks/RESULTS.md "Test suite time").
+FAST_WORKERS ?= 6
 test-fast: $(VENV)/.installed
 	$(TESTPY) -m pytest -q -n $(FAST_WORKERS) --dist loadfile -m "not slow and not long"
 
