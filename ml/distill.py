@@ -765,9 +765,11 @@ def export_student(path: str | os.PathLike, student: nn.Module, *, kind: str, co
     other tensor as it is (float)."""
     if packing not in PACKINGS:
         raise ConfigError(f"packing {packing!r} is not one of {sorted(PACKINGS)}")
+    bits = bit_layers(student)
+    if not bits:
+        raise DistillError("the student has no ternary layer (distilled with ternary=false, a diagnostic): it is not exported as a student")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    bits = bit_layers(student)
     tensors, layers = {}, {}
     for name, layer in bits.items():
         t, gamma = layer.quantised_weight()

@@ -267,13 +267,13 @@ def test_on_policy_matching_at_the_states_the_sampler_visits():
             dataclasses.replace(FEW, **bad).check()
 
 
-def test_a_full_precision_student_and_the_acceptance_match():
+def test_a_full_precision_student_and_the_acceptance_match(tmp_path):
     """Diagnostics of issue 14: `ternary=False` distils a full-precision copy with the same
     recipe (no BitLinear; at 0 steps it IS its teacher); `accept_weight` matches the log
     Metropolis ratio of MALA moves (`accept_loss`: 0 between equal models, > 0 for a
     ternary copy, and it trains the student)."""
     from scf.bus.errors import ConfigError
-    from scf.ml.distill import accept_loss, make_student
+    from scf.ml.distill import DistillError, accept_loss, export_student, make_student
     from scf.ml.ternary import ternary_share
 
     teacher = tiny_teacher()
@@ -283,6 +283,8 @@ def test_a_full_precision_student_and_the_acceptance_match():
     sigma = torch.full((48, 1), 0.3)
     same, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=0, ternary=False))
     assert not bit_layers(same) and ternary_share(same) == 0.0
+    with pytest.raises(DistillError, match="no ternary layer"):  # a diagnostic never leaves as a student file
+        export_student(tmp_path / "fp.safetensors", same, kind="ebdm", config={}, packing="2bit", lineage={}, metrics={})
     assert torch.equal(same.energy(z, cz, sigma), teacher.energy(z, cz, sigma))  # a plain copy: no step, no change
     moved, _ = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=6, ternary=False))
     assert not bit_layers(moved) and not torch.equal(moved.blocks[0].fc1.weight, teacher.blocks[0].fc1.weight)
