@@ -118,11 +118,11 @@ def run_variant(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from scf.ml.checkpoint import load_checkpoint
+    from scf.ml.checkpoint import load_checkpoint, save_checkpoint
     from scf.ml.distill import DistillConfig, _spearman, compare_ebdm, distill_ebdm, export_student
     from scf.ml.ebdm import heldout_dsm
     from scf.ml.loader import load_arrays
-    from scf.ml.ternary import freeze, precision_counts
+    from scf.ml.ternary import bit_layers, freeze, precision_counts
 
     dev = torch.device(job["device"])
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -183,8 +183,12 @@ def run_variant(job: dict) -> dict:
     row["final"] = {k: v for k, v in m.items() if not k.startswith("teacher_")}
     row["teacher_heldout_dsm"] = m["teacher_heldout_dsm"]
     row["precision_counts"] = precision_counts(student)
-    path = export_student(Path(job["work"]) / f"student-{job['name']}.safetensors", student, kind="ebdm",
-                          config=dataclasses.asdict(teacher.config), packing="2bit", lineage={}, metrics={})  # fmt: skip
+    path = Path(job["work"]) / f"student-{job['name']}.safetensors"
+    if bit_layers(student):
+        export_student(path, student, kind="ebdm", config=dataclasses.asdict(teacher.config), packing="2bit", lineage={}, metrics={})
+    else:  # a full-precision diagnostic (ternary=false) is no student file: written as an EBDM checkpoint
+        save_checkpoint(path, student, lineage={}, metrics={})
+        row["full_precision"] = True
     row["file_bytes"], row["teacher_file_bytes"] = os.path.getsize(path), os.path.getsize(job["teacher"])
     row["file_ratio"] = row["file_bytes"] / row["teacher_file_bytes"]
     hit = next((p for p in row["curve"] if p["dsm_ratio"] <= 1.02), None)
@@ -397,7 +401,8 @@ def paired_decisions_118(args, row: dict, work: Path, save, started_wall: float)
             save(f"{prefix} [{name}]: student {r['steps_done']} steps, {r['samples_per_s']:.0f} samples/s (sampler pool {r.get('chain_s', 0):.1f}s of it); "
                  f"DSM {f['dsm_ratio']:.4f}x, rank corr {f['energy_rank_corr']:.4f} (noisy {f['energy_rank_corr_noisy']:.4f}), ternary "
                  f"{100 * f['ternary_share']:.2f} %, file {r['file_ratio']:.4f}x fp32" + (f"; {r['stopped']}" if "stopped" in r else ""))  # fmt: skip
-            students[name], _ = load_student(Path(work / prefix) / f"student-{name}.safetensors")  # the 2-bit file: what would be deployed
+            spath = Path(work / prefix) / f"student-{name}.safetensors"  # the 2-bit file: what would be deployed
+            students[name] = (load_checkpoint(spath) if r.get("full_precision") else load_student(spath))[0]
         with lock:
             row[f"{prefix}_context_jobs_done_at_decisions"] = f"{sum(f.done() for f in ctx_futures)} of {len(ctx_futures)} submitted ({job} contexts a job)"
         teacher, _ = load_checkpoint(res.checkpoint)
