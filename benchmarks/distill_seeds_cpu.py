@@ -35,13 +35,11 @@ DOMAIN = "grid:case118"
 
 def seed_setup(args, s: int):
     """(teacher, train x, c, judged x, c, cost, decision contexts (x, c), optimum, the teacher's outcome) of seed s, cached."""
-    import pickle
-
     import numpy as np
 
     from scf import domains
     from scf.domains.fossils import synth_shards
-    from scf.domains.quality import optimum_costs
+    from scf.domains.quality import DecisionQuality, optimum_costs
     from scf.ml.checkpoint import load_checkpoint
     from scf.ml.distill import _sample_decisions, decision_outcome
     from scf.ml.loader import load_arrays
@@ -62,7 +60,7 @@ def seed_setup(args, s: int):
         ckpt.write_text(str(res.checkpoint))
         print(f"seed {s}: teacher {args.teacher_steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
     teacher, _ = load_checkpoint(ckpt.read_text())
-    judged = base / "judged.pkl"
+    judged = base / "judged.npz"  # arrays only (np.load without pickle)
     if not judged.exists():
         t0 = time.perf_counter()
         fresh = d.synthesize(np.random.default_rng([12345, s]), 512)
@@ -71,9 +69,14 @@ def seed_setup(args, s: int):
         optimum = optimum_costs(d, jc[:n])[1]
         samples = _sample_decisions(teacher, d, jc[:n], seed=s, batch=n, device="cpu")
         outcome = decision_outcome(d, jc[:n], jx[:n], samples, optimum)
-        judged.write_bytes(pickle.dumps((jx, jc, je, optimum, outcome, n)))
+        q, fallback = outcome
+        np.savez(judged, jx=jx, jc=jc, je=je, optimum=optimum, n=n, feasible=q.feasible, cost=q.cost, q_optimum=q.optimum, gap=q.gap,
+                 status_quo=q.status_quo, fallback=np.asarray(fallback))  # fmt: skip
         print(f"seed {s}: {n} contexts' optimum and the teacher's decisions in {time.perf_counter() - t0:.0f}s", flush=True)
-    jx, jc, je, optimum, outcome, n = pickle.loads(judged.read_bytes())
+    with np.load(judged, allow_pickle=False) as z:
+        jx, jc, je, optimum, n = z["jx"], z["jc"], z["je"], z["optimum"], int(z["n"])
+        outcome = (DecisionQuality(feasible=z["feasible"], cost=z["cost"], optimum=z["q_optimum"], gap=z["gap"], status_quo=z["status_quo"]),
+                   z["fallback"])  # fmt: skip
     if n != args.decisions:
         raise SystemExit(f"{judged} holds {n} decision contexts, not --decisions {args.decisions}: use another --work")
     return teacher, x, c, jx, jc, je, optimum, outcome
