@@ -123,6 +123,7 @@ def test_continuations_decoded_side_by_side_are_each_the_one_its_seed_gives_alon
     the continuations decoded as one batch, the ones that end leaving it — each the same ids as
     its seed alone, whatever the others do."""
     from scf.consumers.edge.ternary_lm import TernaryLM
+    from scf.producers.genn.student import SIDE_BY_SIDE
 
     gen = open_generator(_settings(files["im_end"], max_new_tokens=40))
     msgs = _request().messages()
@@ -131,6 +132,8 @@ def test_continuations_decoded_side_by_side_are_each_the_one_its_seed_gives_alon
     assert len({len(a) for a in alone}) > 1 and all(a[-1] == IM_END for a in alone)  # they end at different steps
     assert gen.completions(msgs, seeds) == alone
     assert gen.completions(msgs, seeds[::-1]) == alone[::-1]  # another order: the same answers
+    more = list(range(SIDE_BY_SIDE + 3))  # more than one batch: decoded SIDE_BY_SIDE at a time
+    assert gen.completions(msgs, more) == alone + [gen.completion(msgs, s) for s in more[len(alone):]]
     assert gen.answers_many([msgs, msgs], 3, seed=2) == [[gen.answer(msgs, 2000 + k) for k in range(3)],
                                                          [gen.answer(msgs, 2003 + k) for k in range(3)]]  # fmt: skip
     plain = open_generator(_settings(files["plain"], temperature=0.0))
