@@ -103,13 +103,31 @@ async def running_safety(settings: Settings, config: SafetySettings | None = Non
         await bus.close()
 
 
+# a fixed observation time: fossils observed at it have the same content ids, and so the same
+# held-out split (`ml.loader.in_split`), in every run
+FIXED_TIME = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def recorded_fossils(d, x, c, cost, observed_at: dt.datetime | None = None) -> list[ev.FossilRecorded]:
+    """`fossil.recorded` events of the (state, context, energy) rows of domain `d`, as ingest
+    writes them; observed now, or at `observed_at` (`FIXED_TIME`: the same held-out split in
+    every run)."""
+    out = []
+    for s_x, s_c, e in zip(x, c, cost):
+        content = ev.FossilContent(domain=d.name, context=list(map(float, s_c)), state=list(map(float, s_x)), energy=float(e),
+                                   observed_at=observed_at or ev.utcnow(), provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))  # fmt: skip
+        f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
+        out.append(ev.FossilRecorded.new(f, source="ingest"))
+    return out
+
+
 def fossil(domain: str, i: int) -> ev.FossilRecorded:
     content = ev.FossilContent(
         domain=domain,
         context=[float(i), 1.0],
         state=[float(i) * 0.5, 2.0],
         energy=float(i),
-        observed_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(minutes=i),
+        observed_at=FIXED_TIME + dt.timedelta(minutes=i),
         provenance=ev.Provenance(source="test", verifier="none", verified=True),
     )
     f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})

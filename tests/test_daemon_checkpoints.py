@@ -7,7 +7,6 @@ ml.checkpoint's safetensors format) evaluated on real grid:case9 fossils."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 
 import pytest
@@ -16,13 +15,9 @@ from scf.bus import events as ev
 from scf.producers.daemon import DaemonSettings
 from scf.producers.verify import CheckpointVerifier, Verification, VerifySettings, current_promotion, heldout_fossils
 from tests.conftest import wait_for
-from tests.daemon_support import add_fossils, operator_key, running_daemon, send, wait_events
+from tests.daemon_support import FIXED_TIME, add_fossils, operator_key, recorded_fossils, running_daemon, send, wait_events
 
 pytestmark = pytest.mark.anyio
-
-# the fossils' observation time: fixed, so their content ids (and the held-out split they choose) are
-# the same in every run
-OBSERVED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 CFG = DaemonSettings(verify_checkpoints="off", checkpoint=VerifySettings(margin=0.05))
 SCORES = {"ck-1": 1.0, "ck-2": 0.9, "ck-3": 0.88, "ck-4": 0.5}  # heldout_dsm of each candidate (lower is better)
@@ -179,12 +174,8 @@ async def test_real_checkpoints_are_verified_and_promoted(bus, settings, tmp_pat
 
     d = domains.get("grid:case9")
     samples = d.synthesize(np.random.default_rng(0), 240)
-    recorded = []
-    for i, smp in enumerate(samples):
-        content = ev.FossilContent(domain=d.name, context=smp.context.tolist(), state=smp.state.tolist(), energy=smp.energy,
-                                   observed_at=OBSERVED_AT, provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))
-        f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
-        recorded.append(ev.FossilRecorded.new(f, source="ingest"))
+    rows = [np.array([getattr(s, k) for s in samples]) for k in ("state", "context", "energy")]
+    recorded = recorded_fossils(d, *rows, observed_at=FIXED_TIME)
     await bus.publish_many(recorded)
 
     cfg = EBDMConfig(domain=d.name, hidden=32, depth=1, fourier_features=8, n_levels=4, langevin_steps=2, seed=0)

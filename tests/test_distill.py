@@ -27,7 +27,7 @@ from scf.ml.ternary import bit_layers
 from scf.producers.daemon import DaemonSettings
 from scf.producers.verify import CheckpointVerifier, VerifySettings
 from tests.conftest import cli
-from tests.daemon_support import running_daemon, wait_events
+from tests.daemon_support import recorded_fossils, running_daemon, wait_events
 
 FEW = DistillConfig(steps=6, batch_size=32, heldout=48, log_every=1000)
 
@@ -36,19 +36,6 @@ def case9(n: int, seed: int = 0):
     d = domains.get("grid:case9")
     samples = d.synthesize(np.random.default_rng(seed), n)
     return d, np.stack([s.state for s in samples]), np.stack([s.context for s in samples]), np.array([s.energy for s in samples])
-
-
-def recorded_fossils(d, x, c, cost, observed_at=None) -> list[ev.FossilRecorded]:
-    """`fossil.recorded` events of the sampled (state, context, energy) rows, as ingest writes them;
-    observed now, or at `observed_at` (then their content ids, and so the held-out split, are the
-    same in every run)."""
-    out = []
-    for s_x, s_c, e in zip(x, c, cost):
-        content = ev.FossilContent(domain=d.name, context=s_c.tolist(), state=s_x.tolist(), energy=float(e), observed_at=observed_at or ev.utcnow(),
-                                   provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))  # fmt: skip
-        f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
-        out.append(ev.FossilRecorded.new(f, source="ingest"))
-    return out
 
 
 def tiny_teacher(steps: int = 40):

@@ -8,7 +8,6 @@ nats-server, the artifact store and the daemon's own verifier."""
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import math
 
 import pytest
@@ -20,7 +19,8 @@ from scf.ml.distill import decision_reasons, distill_ebdm, export_student, judge
 from scf.ml.loader import in_split
 from scf.ml.ternary import freeze
 from scf.producers.verify import CheckpointVerifier, VerifySettings
-from tests.test_distill import FEW, case9, recorded_fossils, tiny_teacher
+from tests.daemon_support import FIXED_TIME, recorded_fossils
+from tests.test_distill import FEW, case9, tiny_teacher
 
 ANY_QUALITY = {"max_dsm_ratio": 10.0, "min_rank_corr": -1.0}  # judged on decisions alone
 
@@ -142,7 +142,7 @@ async def test_the_verifier_refuses_a_student_that_decides_worse_than_its_teache
     # held out: 1 fossil in 16 by its content id, which holds the time it was observed: a fixed time, so
     # the same held-out contexts in every run (observed now, CI saw 61 held out of 1200 once, and the
     # distilled student worse than its teacher by > 0.1 pp on some draws of them)
-    fossils = recorded_fossils(d, x, c, cost, observed_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    fossils = recorded_fossils(d, x, c, cost, observed_at=FIXED_TIME)
     await bus.publish_many(fossils)
     n = min(64, sum(in_split(f.data.fossil_id, "heldout") for f in fossils))
     teacher = tiny_teacher()

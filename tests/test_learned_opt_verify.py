@@ -4,8 +4,6 @@ fossils against the exact optimum."""
 
 from __future__ import annotations
 
-import datetime as dt
-
 import numpy as np
 import pytest
 
@@ -17,12 +15,9 @@ from scf.producers.verify import (
     decide_promotion,
     primary_metric,
 )
+from tests.daemon_support import FIXED_TIME, recorded_fossils
 
 pytestmark = pytest.mark.anyio
-
-# the fossils' observation time: fixed, so their content ids (and the held-out split they choose) are
-# the same in every run
-OBSERVED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 S = VerifySettings(margin=0.05)
 
@@ -63,12 +58,8 @@ async def test_the_real_verifier_promotes_the_better_optimiser_on_its_decisions(
     from scf.ml.optimize import OptimiserConfig, fit_optimiser, save_optimiser
 
     d, samples = case9_data
-    recorded = []
-    for smp in samples:
-        content = ev.FossilContent(domain=d.name, context=smp.context.tolist(), state=smp.state.tolist(), energy=smp.energy,
-                                   observed_at=OBSERVED_AT, provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))
-        f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
-        recorded.append(ev.FossilRecorded.new(f, source="ingest"))
+    rows = [np.array([getattr(s, k) for s in samples]) for k in ("state", "context", "energy")]
+    recorded = recorded_fossils(d, *rows, observed_at=FIXED_TIME)
     await bus.publish_many(recorded)
     train = [s for s, r in zip(samples, recorded) if r.data.fossil_id[-1] != "0"]
     x, c, e = (np.array([getattr(s, k) for s in train]) for k in ("state", "context", "energy"))

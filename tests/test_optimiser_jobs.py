@@ -9,7 +9,6 @@ nats-server, real case9 fossils); a job spec the optimiser cannot take ends as a
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import math
 import signal
@@ -24,13 +23,9 @@ from scf.consumers.dispatch import job_id_for
 from scf.consumers.worker import check_with_ml, optimiser_config
 from scf.producers.daemon import DomainCount, check_models, orient
 from tests.conftest import scf, spawn, stream_count, wait_for
-from tests.daemon_support import events, send
+from tests.daemon_support import FIXED_TIME, events, recorded_fossils, send
 
 pytestmark = pytest.mark.anyio
-
-# the fossils' observation time: fixed, so their content ids (and the held-out split they choose) are
-# the same in every run
-OBSERVED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 DOMAIN = "grid:case9"
 
@@ -298,12 +293,9 @@ async def test_an_ebdm_is_judged_on_its_decisions_against_an_optimiser_in_produc
     from scf.producers.verify import DECISION_METRIC, CheckpointVerifier, VerifySettings, decide_promotion
 
     d = domains.get(DOMAIN)
-    recorded = []
-    for smp in d.synthesize(np.random.default_rng(5), 800):
-        content = ev.FossilContent(domain=d.name, context=smp.context.tolist(), state=smp.state.tolist(), energy=smp.energy,
-                                   observed_at=OBSERVED_AT, provenance=ev.Provenance(source="t", verifier=d.verifier, verified=True))
-        f = ev.Fossil(fossil_id=ev.fossil_content_id(content), **{k: getattr(content, k) for k in content.__struct_fields__})
-        recorded.append(ev.FossilRecorded.new(f, source="ingest"))
+    samples = d.synthesize(np.random.default_rng(5), 800)
+    rows = [np.array([getattr(s, k) for s in samples]) for k in ("state", "context", "energy")]
+    recorded = recorded_fossils(d, *rows, observed_at=FIXED_TIME)
     await bus.publish_many(recorded)
     shards = tmp_path / "shards"
     shards.mkdir()
