@@ -76,11 +76,14 @@ class DistillConfig:
     ema: float = 0.0  # moving average of the latent weights (decay; 0: off): the average is what is frozen and judged (EBDM)
     # on-policy matching (issue 14: decisions are made where the sampler goes, not at the fossils): a share of each batch made of
     # states the physics-guided annealed MALA sampler visits, each at its level's σ, drawn from a pool refreshed every `chain_every` steps
-    chain: float = 0.0  # share of each batch from the sampler's pool: matched (score and energy), not in the task loss (EBDM; 0: off)
-    chain_by: str = "teacher"  # whose sampler fills the pool: "teacher", or "student" (its own, DAgger-style)
-    chain_every: int = 100  # steps between refreshes of the pool
-    chain_contexts: int = 256  # contexts sampled at each refresh (convex mixtures of two fossils' contexts); the pool keeps every level's state
-    chain_steps: int = 4  # Langevin moves per level of the pool's sampler (the decisions' sampler uses the model's langevin_steps)
+    # on by default since 2026-12-02 (session 8): grid:case118 at hidden 512 on an H200, paired decisions on 10,240-16,384 fresh
+    # contexts: the student's own pool gives decisions -0.23, -1.00, -0.85 pp against its teacher's (three teacher/student pairs),
+    # the recipe without it +1.41 and +4.04 pp, the teacher's pool +0.58 to +0.80 (docs/distill.md, benchmarks/RESULTS.md)
+    chain: float = 0.25  # share of each batch from the sampler's pool: matched (score and energy), not in the task loss (EBDM; 0: off)
+    chain_by: str = "student"  # whose sampler fills the pool: "student" (its own, DAgger-style), or "teacher"
+    chain_every: int = 200  # steps between refreshes of the pool
+    chain_contexts: int = 1024  # contexts sampled at each refresh (convex mixtures of two fossils' contexts); the pool keeps every level's state
+    chain_steps: int = 8  # Langevin moves per level of the pool's sampler (the decisions' sampler uses the model's langevin_steps)
     # the sampler's Metropolis test (issue 14): at each batch point z (level σ), a MALA proposal p = z + ½α s_T(z) + √α ξ with
     # α = hσ², h log-uniform over the sampler's range [h₀/16, 4h₀]; the student's log acceptance ratio
     # E(z) - E(p) + log q(z|p) - log q(p|z) matched to the teacher's (squared difference, nats): energy DIFFERENCES and the scores

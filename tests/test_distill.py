@@ -239,9 +239,9 @@ def test_on_policy_matching_at_the_states_the_sampler_visits():
         s_s, e_s = s_s.detach(), e_s.detach()
         return float((sigma * (s_s - s_t)).square().mean()), float((sigma.squeeze(-1) * (e_s - e_t)).square().mean())
 
-    plain, stats = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=30))
+    plain, stats = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=30, chain=0.0))
     assert stats["chain_seconds"] == 0.0
-    chained, stats = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=30, chain=0.4, chain_every=10, chain_contexts=32, chain_steps=2))
+    chained, stats = distill_ebdm(teacher, x, c, dataclasses.replace(FEW, steps=30, chain=0.4, chain_by="teacher", chain_every=10, chain_contexts=32, chain_steps=2))
     assert stats["chain_seconds"] > 0
     (score_p, energy_p), (score_c, energy_c) = mismatch(plain), mismatch(chained)
     assert energy_c < 0.95 * energy_p and score_c < score_p, (energy_c, energy_p, score_c, score_p)
