@@ -282,6 +282,11 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--teacher-student-prompts", type=int, default=16, help="at most this many of those prompts (the first; 0: all)")
     ap.add_argument("--length-buckets", type=int, default=0,
                     help="> 1: batches of similar length (runs of batch-size x this many sorted): long prompts (grid:case118's) pad few batches")
+    ap.add_argument("--on-policy", type=float, default=0.0,
+                    help="share of every batch that is the student's own answers to training prompts, matched to the teacher (GKD; 0: off)")
+    ap.add_argument("--on-policy-every", type=int, default=100, help="steps between refreshes of the student's own answers")
+    ap.add_argument("--on-policy-prompts", type=int, default=64, help="training prompts the student answers at each refresh (one answer each)")
+    ap.add_argument("--on-policy-temperature", type=float, default=0.7, help="the student's sampling temperature for its own answers")
     ap.add_argument("--rejected", action=argparse.BooleanOptionalAction, default=True, help="the dataset's rejected rows as KL-only examples")
     ap.add_argument("--teacher-failed", action=argparse.BooleanOptionalAction, default=True,
                     help="the teacher's failed answers as KL-only examples (run 1's degeneration suspect)")
@@ -465,7 +470,21 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         sys.exit(f"codestudent: {train_budget:.0f} s left to train: raise --budget-s or lower --reserve-s")
     settings = cs.DistillSettings(budget_s=train_budget, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                                   temperature=args.temperature, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
-                                  eval_every_s=args.eval_every_s, seed=args.seed, length_buckets=args.length_buckets)
+                                  eval_every_s=args.eval_every_s, seed=args.seed, length_buckets=args.length_buckets,
+                                  on_policy=args.on_policy, on_policy_every=args.on_policy_every)
+    settings.check()
+    # the prompts the student answers on policy: every training prompt (the foundry's and the student data's), never a held-out one
+    own_prompts = list({json.dumps(m, sort_keys=True): m for m in [m for m, _ in train_prompts] + [r["prompt"] for r in student_rows]}.values())
+
+    def rollouts(model, step: int) -> list:
+        import random
+
+        asked = random.Random(args.seed * 1_000_003 + step).sample(own_prompts, min(args.on_policy_prompts, len(own_prompts)))
+        gen = mg.LocalGenerator.from_model(model, tok, temperature=args.on_policy_temperature, top_p=0.95, max_new_tokens=args.tokens,
+                                           device=device)
+        texts = gen.answers_many(asked, 1, args.seed + 7 + step)
+        rows = [{"prompt": m, "completion": [{"role": "assistant", "content": t[0].strip()}]} for m, t in zip(asked, texts) if t[0].strip()]
+        return cs.encode_rows(tok, rows, ce=False, source="student-own", max_length=args.max_length)
 
     val_domains = sorted({cs.contract_of(r["prompt"])[0] for r in val_rows})
     unseen_val = [r for r in val_rows if cs.contract_of(r["prompt"])[0] in unseen]
@@ -485,7 +504,8 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         return out
 
     print(f"distilling for {train_budget:.0f} s on {device} ...")
-    rep = cs.distill(student, teacher, tok, examples, settings, device=device, evaluate=evaluate, more=more if sample_future else None)
+    rep = cs.distill(student, teacher, tok, examples, settings, device=device, evaluate=evaluate, more=more if sample_future else None,
+                     rollouts=rollouts if args.on_policy > 0 else None)
     if sample_future is not None and "teacher_samples" not in results:  # judged too late to train on: recorded all the same
         rows, stats = sample_future.result()
         record("teacher_samples", {**stats, "examples_added": "none: judged after training ended"})
@@ -495,7 +515,8 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     record("distill", rep)
     print(f"trained {rep['steps']} steps in {rep['train_s']:.0f} s: {rep['tokens_per_s']:.0f} tokens/s ({rep['steps_per_s']:.2f} steps/s); "
           f"loss {rep['first_loss']:.3f} -> {rep['last_loss']:.3f} (KL {rep['last_kl']:.3f}, CE {rep['last_ce']:.3f}); "
-          f"NLL ≤ {GOALS['nll_ratio']}x the teacher's: " + (f"at {target['train_s']:.0f} s (step {target['step']})" if target else "not reached"))
+          f"NLL ≤ {GOALS['nll_ratio']}x the teacher's: " + (f"at {target['train_s']:.0f} s (step {target['step']})" if target else "not reached")
+          + (f"; on policy: {rep['on_policy']}" if rep.get("on_policy") else ""))
 
     t = time.perf_counter()
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="scf-cs-"))

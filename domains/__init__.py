@@ -39,6 +39,13 @@ _REGISTRY: dict[str, Callable[[], Domain]] = {
     "grid:case14": _grid("case14"),
     "grid:case30": _grid("case30"),
     "grid:case118": _grid("case118"),
+    # MATPOWER's own files (domains/data/*.m name their sources): more real networks for the code foundry and its
+    # students to learn from, and for operators whose plant is one of them.
+    "grid:case5": _grid("case5"),
+    "grid:case6ww": _grid("case6ww"),
+    "grid:case24_ieee_rts": _grid("case24_ieee_rts"),
+    "grid:case39": _grid("case39"),
+    "grid:case57": _grid("case57"),
     "hvac:office3": _hvac("office3"),
 }
 

@@ -302,6 +302,18 @@ class DistillSettings:
     eval_every_s: float = 15.0
     seed: int = 0
     length_buckets: int = 0  # > 1: batches drawn from runs of batch_size x this many shuffled examples sorted by length (less padding)
+    # On-policy distillation (GKD, Agarwal et al. 2024, arXiv:2306.13649): this share of every batch is the student's OWN
+    # answers to training prompts (`rollouts`, refreshed every `on_policy_every` steps), matched to the teacher token by
+    # token (KL only: nothing says they are right). A student trained only on fixed text drifts off it when it writes,
+    # and never learned the way back; here it is taught where its own sampling goes. 0: off.
+    on_policy: float = 0.0
+    on_policy_every: int = 100
+
+    def check(self) -> None:
+        if not 0.0 <= self.on_policy < 1.0:
+            raise StudentError(f"on_policy {self.on_policy}: give the share of a batch taken from the student's own answers, in [0, 1)")
+        if self.on_policy_every < 1:
+            raise StudentError(f"on_policy_every {self.on_policy_every}: refresh the student's answers every 1 or more steps")
 
 
 def _epoch(examples: list[Example], rng: random.Random, batch_size: int, buckets: int) -> list[int]:
@@ -322,19 +334,26 @@ def _epoch(examples: list[Example], rng: random.Random, batch_size: int, buckets
 
 def distill(student, teacher, tok, examples: list[Example], settings: DistillSettings, *, device: str,
             evaluate: Callable[[], dict[str, float]] | None = None, log: Callable[[str], None] = print,
-            more: Callable[[], list[Example] | None] | None = None) -> dict[str, Any]:
+            more: Callable[[], list[Example] | None] | None = None,
+            rollouts: Callable[[Any, int], list[Example]] | None = None) -> dict[str, Any]:
     """Train `student` on `examples`: τ²·KL(teacher_τ ‖ student_τ) on every labelled token plus
     the cross-entropy on the tokens of `ce` examples. AdamW; linear warm-up, then a cosine
     over the wall-clock budget down to `min_lr_ratio`; weight decay on the ternary latent
     weights for the first half only. `evaluate()` runs every `eval_every_s` seconds of
     training (its time not counted). `more()`, asked before every step until it answers a list,
     adds examples that became ready while training ran (the teacher's samples, judged meanwhile).
-    Returns the curve, throughput and losses."""
+    `rollouts(student, step)`, with `settings.on_policy` > 0, answers training prompts with the
+    student as it is now (in eval mode, no gradients, under the training's autocast): its time
+    counts as training time. Returns the curve, throughput and losses."""
     if not examples:
         raise StudentError("no training examples: the CFR dataset has no approved rows and the teacher passed no sample")
+    settings.check()
     examples = list(examples)
     added: dict[str, Any] = {}
     s = settings
+    n_own = min(s.batch_size - 1, round(s.on_policy * s.batch_size)) if rollouts is not None else 0
+    own: list[Example] = []
+    own_stats = {"refreshes": 0, "seconds": 0.0, "answers": 0}
     rng = random.Random(s.seed)
     torch.manual_seed(s.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -373,9 +392,20 @@ def distill(student, teacher, tok, examples: list[Example], settings: DistillSet
                 order = []  # the next epoch draws over all of them
                 added = {"examples": len(extra), "step": step, "train_s": train_s}
                 log(f"  step {step}, {train_s:.1f} s: {len(extra)} examples added ({len(examples)} in all)")
-        if len(order) < s.batch_size:
+        if n_own and step % s.on_policy_every == 0:
+            t1 = time.perf_counter()
+            student.eval()
+            with torch.no_grad(), _autocast(device):
+                own = rollouts(student, step) or own
+            student.train()
+            own_stats["refreshes"] += 1
+            own_stats["seconds"] += time.perf_counter() - t1
+            own_stats["answers"] = len(own)
+        take = n_own if own else 0
+        if len(order) < s.batch_size - take:
             order = (order if s.length_buckets <= 1 else []) + _epoch(examples, rng, s.batch_size, s.length_buckets)
-        batch, order = [examples[i] for i in order[: s.batch_size]], order[s.batch_size:]
+        batch, order = [examples[i] for i in order[: s.batch_size - take]], order[s.batch_size - take:]
+        batch += [own[rng.randrange(len(own))] for _ in range(take)]
         ids, mask, labels, ce = _batch(batch, pad, device)
         sel = labels[:, 1:] != -100
         tgt = labels[:, 1:][sel]
@@ -412,7 +442,8 @@ def distill(student, teacher, tok, examples: list[Example], settings: DistillSet
             "tokens_per_s": tokens / train_s if train_s else 0.0, "steps_per_s": step / train_s if train_s else 0.0,
             "first_loss": losses[0][0] if losses else math.nan, "last_loss": sum(x[0] for x in tail) / len(tail),
             "last_kl": sum(x[1] for x in tail) / len(tail), "last_ce": sum(x[2] for x in tail) / len(tail),
-            "curve": curve, "settings": dataclasses.asdict(s), "examples": len(examples), "added": added}
+            "curve": curve, "settings": dataclasses.asdict(s), "examples": len(examples), "added": added,
+            "on_policy": own_stats if n_own else None}
 
 
 # --------------------------------------------------------------------------- measures

@@ -311,3 +311,41 @@ def test_length_buckets_keep_every_example_once_and_cut_the_padding():
         batches = [order[i:i + 16] for i in range(0, 256, 16)]
         pad[buckets] = sum(16 * max(lengths[j] for j in b) - sum(lengths[j] for j in b) for b in batches)
     assert pad[8] < pad[0] / 2, pad  # sorted runs: the long prompts share batches
+
+
+def test_on_policy_batches_hold_the_students_own_answers_matched_to_the_teacher(teacher):
+    """GKD: every `on_policy_every` steps the student (in eval mode, no gradients) answers
+    training prompts; `on_policy` of each batch is drawn from those answers (KL only)."""
+    t_model, tok = teacher
+    student = cs.build_student(TINY, tok, seed=3)
+    rows = _rows(2)
+    ex = cs.encode_rows(tok, rows, ce=True, source="approved", max_length=520)
+    calls, drawn = [], []
+
+    class Drawn(list):  # counts the draws a batch makes from the student's answers
+        def __getitem__(self, i):
+            drawn.append(i)
+            return list.__getitem__(self, i)
+
+    def rollouts(model, step):
+        assert model is student and not model.training and not torch.is_grad_enabled()
+        calls.append(step)
+        gen = mg.LocalGenerator.from_model(model, tok, temperature=1.0, top_p=0.95, max_new_tokens=8, device="cpu")
+        texts = gen.answers_many([r["prompt"] for r in rows], 1, seed=step)
+        own = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": t[0].strip() or "x"}]} for r, t in zip(rows, texts)]
+        return Drawn(cs.encode_rows(tok, own, ce=False, source="student-own", max_length=520))
+
+    settings = cs.DistillSettings(budget_s=1e9, max_steps=5, batch_size=4, lr=1e-2, warmup_steps=1, eval_every_s=1e9,
+                                  on_policy=0.5, on_policy_every=2)
+    before = [p.detach().clone() for p in student.parameters()]
+    rep = cs.distill(student, t_model, tok, ex, settings, device="cpu", rollouts=rollouts)
+    assert calls == [0, 2, 4] and student.training is False
+    assert rep["on_policy"]["refreshes"] == 3 and rep["on_policy"]["answers"] == 2
+    assert len(drawn) == 5 * 2  # two of every batch of four, at every step
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    off = cs.distill(cs.build_student(TINY, tok, seed=3), t_model, tok, ex,
+                     cs.DistillSettings(budget_s=1e9, max_steps=1, batch_size=2, eval_every_s=1e9), device="cpu", rollouts=rollouts)
+    assert off["on_policy"] is None and calls == [0, 2, 4]  # on_policy 0: never asked
+    for bad, match in ((dict(on_policy=1.0), "on_policy 1.0: give the share"), (dict(on_policy_every=0), "on_policy_every 0")):
+        with pytest.raises(cs.StudentError, match=match):
+            cs.distill(student, t_model, tok, ex, cs.DistillSettings(**bad), device="cpu", rollouts=rollouts)

@@ -22,7 +22,8 @@ from scf.domains.grid import GridDomain
 
 @pytest.mark.parametrize(
     "case, n_bus, n_gen, n_branch",
-    [("case9", 9, 3, 9), ("case14", 14, 5, 20), ("case30", 30, 6, 41), ("case118", 118, 54, 186)],
+    [("case9", 9, 3, 9), ("case14", 14, 5, 20), ("case30", 30, 6, 41), ("case118", 118, 54, 186), ("case5", 5, 5, 6),
+     ("case6ww", 6, 3, 11), ("case24_ieee_rts", 24, 33, 38), ("case39", 39, 10, 46), ("case57", 57, 7, 80)],
 )
 def test_case_files_parse_with_published_sizes(case, n_bus, n_gen, n_branch):
     c = mp.load_case(case)
@@ -36,8 +37,8 @@ def test_case_parser_reports_broken_files():
         mp.parse_case("mpc.baseMVA = 100;\nmpc.bus = [1 3 0;];\nmpc.gen = [1 0;];\nmpc.branch = [1 2;];")
     with pytest.raises(mp.CaseFormatError, match="rows of different lengths"):
         mp.parse_case("mpc.bus = [1 2 3;\n 4 5;];")
-    with pytest.raises(mp.CaseFormatError, match="use one of case118, case14, case30, case9"):
-        mp.load_case("case57")
+    with pytest.raises(mp.CaseFormatError, match="use one of case118, case14, case24_ieee_rts, case30, case39, case5, case57, case6ww, case9"):
+        mp.load_case("case300")
 
 
 @settings(max_examples=25, deadline=None)
@@ -51,10 +52,11 @@ def test_case_parser_reads_back_what_was_written(rows):
 
 
 def test_registry_names_and_unknown_domain():
-    assert {"grid:case9", "grid:case14", "grid:case30", "grid:case118", "hvac:office3"} <= set(domains.names())
+    assert {"grid:case9", "grid:case14", "grid:case30", "grid:case118", "grid:case5", "grid:case6ww", "grid:case24_ieee_rts",
+            "grid:case39", "grid:case57", "hvac:office3"} <= set(domains.names())
     assert domains.get("grid:case14") is domains.get("grid:case14")
-    with pytest.raises(domains.UnknownDomain, match="unknown domain 'grid:case57': use one of grid:case9"):
-        domains.get("grid:case57")
+    with pytest.raises(domains.UnknownDomain, match="unknown domain 'grid:case300': use one of grid:case9"):
+        domains.get("grid:case300")
 
 
 # --------------------------------------------------------------------------- grid: DC-OPF
@@ -128,7 +130,11 @@ def test_dcopf_with_a_binding_line_agrees_across_formulations():
     np.testing.assert_allclose(x, pg, atol=1e-2)
 
 
-@pytest.mark.parametrize("name, optimum", [("grid:case14", 7642.59), ("grid:case30", 565.21), ("grid:case118", 125947.88)])
+# MATPOWER rundcopf; case5, case39 and case57 as published in other projects' tests of MATPOWER's DC OPF: case5 17479.89677
+# (Egret's and PowerModels' DC-OPF tests), case39 41263.94078588 ("from MATPOWER v8.0b1", the AMS project's known results),
+# case57 41006.736942 (PYPOWER's t_opf_dc values). case6ww and case24_ieee_rts: no published DC value found (session 9).
+@pytest.mark.parametrize("name, optimum", [("grid:case14", 7642.59), ("grid:case30", 565.21), ("grid:case118", 125947.88),
+                                           ("grid:case5", 17479.90), ("grid:case39", 41263.94), ("grid:case57", 41006.74)])
 def test_nominal_dcopf_costs_match_matpower(name, optimum):
     grid = domains.get(name)
     x = grid.reference_solution(grid.nominal_load)
@@ -316,7 +322,7 @@ def test_validate_line_reasons(case14_shards):
         ),
         "missing_provenance": msgspec.json.encode({k: v for k, v in msgspec.structs.asdict(good).items() if k != "provenance"}),
         "out_of_bounds": _with(good, state=[good.state[0] + 1000.0, *good.state[1:]]),
-        "unknown_domain": _with(good, domain="grid:case57"),
+        "unknown_domain": _with(good, domain="grid:case300"),
         "verifier_failed": msgspec.json.encode(_line(case14_shards, verified=False)),
         "shape_mismatch": _with(good, state=good.state[:-1]),
     }

@@ -98,8 +98,8 @@ def test_train_optimiser_command_writes_a_checkpoint_and_names_bad_input(trained
     r = cli("train-optimiser", "--data", str(tmp_path / "nothing"), "--domain", "grid:case14", env=env)
     assert r.returncode == 1
     assert r.stderr.strip() == f"Error: no shard directory at {tmp_path / 'nothing'}: write shards with `scf fossils synth` or pass the right path"
-    r = cli("train-optimiser", "--data", str(shards), "--domain", "grid:case57", env=env)
-    assert r.returncode == 1 and r.stderr.strip().startswith("Error: unknown domain 'grid:case57': use one of grid:case9")
+    r = cli("train-optimiser", "--data", str(shards), "--domain", "grid:case300", env=env)
+    assert r.returncode == 1 and r.stderr.strip().startswith("Error: unknown domain 'grid:case300': use one of grid:case9")
 
 
 def test_repair_hook_matches_the_domain_check():

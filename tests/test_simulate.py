@@ -231,7 +231,8 @@ def test_cli_writes_parquet_and_prints_the_metrics(tmp_path, env):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--domain", "grid:case57"], "unknown domain 'grid:case57': use one of grid:case9, grid:case14, grid:case30, grid:case118, hvac:office3"),
+        (["--domain", "grid:case300"], "unknown domain 'grid:case300': use one of grid:case9, grid:case14, grid:case30, grid:case118, grid:case5, grid:case6ww, "
+         "grid:case24_ieee_rts, grid:case39, grid:case57, hvac:office3"),
         (["--domain", "hvac", "--scenarios", "0"], "--scenarios 0: simulate at least one scenario"),
         (["--domain", "hvac", "--hours", "-2"], "--hours -2.0: give a positive number of hours, at most a year (8784)"),
         (["--domain", "hvac", "--controller", "pid"], "unknown controller 'pid' for hvac:office3: use one of thermostat, off, reference"),
