@@ -550,7 +550,14 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None
 
-    cmp = {"teacher": {"nll": teacher_nll, "nll_teacher_answers": teacher_answers_nll, "stop": teacher_stop, **teacher_j},
+    def lines_by_domain(model) -> dict[str, dict]:
+        """Teacher-forced, per domain: where the most probable next token first differs from the held-out approved
+        program (`cs.first_misses`) — the line a low-temperature answer would leave it."""
+        return {d: cs.first_misses(cs.line_agreement(model, tok, [r for r in val_rows if cs.contract_of(r["prompt"])[0] == d],
+                                                     device=device, max_length=args.max_length)) for d in val_domains}
+
+    cmp = {"lines_by_domain": {"teacher": lines_by_domain(teacher), "student": lines_by_domain(student)},
+           "teacher": {"nll": teacher_nll, "nll_teacher_answers": teacher_answers_nll, "stop": teacher_stop, **teacher_j},
            "student": {"nll": student_nll, "nll_teacher_answers": student_answers_nll, "stop": student_stop, **student_j},
            "code_ratio": ratio(student_j["code_rate"], teacher_j["code_rate"]),
            "gate_pass_ratio": ratio(student_j["gate_pass_rate"], teacher_j["gate_pass_rate"]),
@@ -585,6 +592,11 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     for d in val_domains:
         a, b = cmp["nll_by_domain"]["teacher"][d], cmp["nll_by_domain"]["student"][d]
         print(f"| NLL of held-out approved code, {d} | {a:.4f} | {b:.4f} | {b / a:.3f} | |")
+    for d in val_domains:
+        a, b = cmp["lines_by_domain"]["teacher"][d], cmp["lines_by_domain"]["student"][d]
+        print(f"| held-out approved programs of {d} followed by the most probable token to the end; else the median line of the "
+              f"first miss | {a['no_miss']}/{a['rows']}; line {a['median_first_miss_line']} | {b['no_miss']}/{b['rows']}; "
+              f"line {b['median_first_miss_line']} | | |")
     print()
     for line in domain_table(teacher_j, student_j):
         print(line)

@@ -179,6 +179,67 @@ def stop_probability(model, tok, rows: list[dict[str, Any]], *, device: str, max
     return {"rows": len(probs), "mean_p_eos": sum(probs) / max(len(probs), 1), "eos_is_top": top / max(len(probs), 1)}
 
 
+@torch.no_grad()
+def line_agreement(model, tok, rows: list[dict[str, Any]], *, device: str, max_length: int = 1536,
+                   batch_size: int = 16) -> list[list[dict[str, float]]]:
+    """Teacher-forced, line by line of each completion: per row, one entry per line of its
+    code (1-based `line`, its `tokens`, mean `nll`, and `misses`: tokens where the model's most
+    probable next token is not the one written). Sampling at a low temperature follows the most
+    probable token, so a row's first line with a miss is where such an answer would leave the
+    program — where the average NLL cannot say. A written token that holds a digit is never a
+    miss (a contract's constants, drawn at random, are no model's to know); the end-of-turn
+    token is left out."""
+    ex = encode_rows(tok, rows, ce=True, source="lines", max_length=max_length)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stop = end_of_turn(tok)
+    was = model.training
+    model.eval()
+    out: list[list[dict[str, float]]] = []
+    for i in range(0, len(ex), batch_size):
+        chunk = ex[i: i + batch_size]
+        ids, mask, labels, _ = _batch(chunk, pad, device)
+        with _autocast(device):
+            h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for j, e in enumerate(chunk):
+            where = [t for t in range(1, len(e.ids)) if e.labels[t] != -100 and e.labels[t] != stop]
+            if not where:
+                out.append([])
+                continue
+            logp = model.lm_head(h[j, [t - 1 for t in where]]).float().log_softmax(-1)
+            target = torch.tensor([e.ids[t] for t in where], device=logp.device)
+            nll = (-logp.gather(1, target[:, None])[:, 0]).tolist()
+            miss = (logp.argmax(-1) != target).tolist()
+            lines: list[dict[str, float]] = []
+            line = 1
+            for k, t in enumerate(where):
+                text = tok.decode([e.ids[t]])
+                miss[k] = miss[k] and not any(ch.isdigit() for ch in text)
+                while len(lines) < line:
+                    lines.append({"line": len(lines) + 1, "tokens": 0, "nll": 0.0, "misses": 0})
+                cur = lines[line - 1]
+                cur["tokens"] += 1
+                cur["nll"] += nll[k]
+                cur["misses"] += int(miss[k])
+                line += text.count("\n")  # a token that ends a line counts on it; the next starts the next
+            for cur in lines:
+                cur["nll"] = cur["nll"] / cur["tokens"] if cur["tokens"] else 0.0
+            out.append(lines)
+    model.train(was)
+    return out
+
+
+def first_misses(per_row: list[list[dict[str, float]]]) -> dict[str, Any]:
+    """Summary of `line_agreement`: how many rows have no miss at all, and for the others the
+    line of their first miss (a histogram, the median)."""
+    firsts = [next((x["line"] for x in lines if x["misses"]), None) for lines in per_row if lines]
+    hit = sorted(f for f in firsts if f is not None)
+    hist: dict[int, int] = {}
+    for f in hit:
+        hist[f] = hist.get(f, 0) + 1
+    return {"rows": len(firsts), "no_miss": sum(f is None for f in firsts), "first_miss_line": dict(sorted(hist.items())),
+            "median_first_miss_line": hit[len(hit) // 2] if hit else None}
+
+
 def linear_counts(model) -> dict[str, int]:
     """Numbers of the model by kind: ternary (BitLinear weights), embedding, other full precision."""
     ternary = sum(m.weight.numel() for m in bit_layers(model).values())

@@ -349,3 +349,21 @@ def test_on_policy_batches_hold_the_students_own_answers_matched_to_the_teacher(
     for bad, match in ((dict(on_policy=1.0), "on_policy 1.0: give the share"), (dict(on_policy_every=0), "on_policy_every 0")):
         with pytest.raises(cs.StudentError, match=match):
             cs.distill(student, t_model, tok, ex, cs.DistillSettings(**bad), device="cpu", rollouts=rollouts)
+
+
+def test_line_agreement_counts_every_token_on_its_line_and_finds_the_first_miss(teacher):
+    t_model, tok = teacher
+    rows = _rows(2)
+    per_row = cs.line_agreement(t_model, tok, rows, device="cpu", max_length=2048)
+    for r, lines in zip(rows, per_row):
+        code = r["completion"][0]["content"]
+        ids = cs.encode_rows(tok, [r], ce=True, source="x", max_length=2048)[0]
+        n_tokens = sum(x != -100 for x in ids.labels) - 1  # the end of turn left out
+        assert sum(x["tokens"] for x in lines) == n_tokens
+        assert len(lines) == code.count("\n") + 1  # every line of the program, blank ones too (their newline token)
+        assert all(0 <= x["misses"] <= x["tokens"] and x["nll"] >= 0 for x in lines)
+    # a random tiny model misses at once; the summary says so
+    s = cs.first_misses(per_row)
+    assert s["rows"] == 2 and s["no_miss"] == 0 and s["median_first_miss_line"] == 1
+    assert cs.first_misses([[{"line": 1, "tokens": 3, "nll": 0.1, "misses": 0}, {"line": 2, "tokens": 2, "nll": 2.0, "misses": 1}], []]) == {
+        "rows": 1, "no_miss": 0, "first_miss_line": {2: 1}, "median_first_miss_line": 2}
