@@ -257,7 +257,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     r = scf_optimize(tmp_path, "--domain", "grid:case14", "--context", '{"load_scale": 3}')
     assert r.returncode == 1 and r.stderr.strip().endswith("power_balance conflicts with gen_limit")
     r = scf_optimize(tmp_path, "--case", "no/such.m")
-    assert r.stderr.strip() == "Error: no MATPOWER case at no/such.m: use one of case118, case14, case30, case9 or a path to a .m file"
+    assert r.stderr.strip() == "Error: no MATPOWER case at no/such.m: use one of case118, case14, case24_ieee_rts, case30, case39, case5, case57, case6ww, case9 or a path to a .m file"
 
 
 def test_cli_batch_jsonl_to_parquet(tmp_path):

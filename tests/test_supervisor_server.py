@@ -54,6 +54,8 @@ async def test_scf_up_restarts_its_killed_nats_server(tmp_path):
         # The supervisor reaps it (no zombie left), then a new server answers on the same port.
         await wait_for(lambda: _state(first) == "gone", 30, "the killed server reaped, not left defunct")
         await wait_for(lambda: (_pid(pid_file) or first) != first and speaks_nats("127.0.0.1", port), 60, "a new nats-server")
+        # the new server writes its pid file as it starts; the supervisor says so once it answers (CI once read between the two)
+        await wait_for(lambda: "restarted nats-server (restart #1" in log.read_text(), 30, "the supervisor's restart line")
         second = _pid(pid_file)
         text = log.read_text()
         assert f"nats-server (pid {first}) killed by signal 9" in text
