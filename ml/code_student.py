@@ -198,8 +198,7 @@ def line_agreement(model, tok, rows: list[dict[str, Any]], *, device: str, max_l
     for i in range(0, len(ex), batch_size):
         chunk = ex[i: i + batch_size]
         ids, mask, labels, _ = _batch(chunk, pad, device)
-        with _autocast(device):
-            h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # float32, as `stop_probability`
         for j, e in enumerate(chunk):
             where = [t for t in range(1, len(e.ids)) if e.labels[t] != -100 and e.labels[t] != stop]
             if not where:
