@@ -254,6 +254,28 @@ def test_on_policy_matching_at_the_states_the_sampler_visits():
             dataclasses.replace(FEW, **bad).check()
 
 
+def test_the_pools_final_states_ranked_with_the_fossils():
+    """`rank_pool`: the sampler pool's last-level states (new contexts) join the clean states
+    anchored and ranked at σ_min; they change the updates only through that term."""
+    from scf.bus.errors import ConfigError
+
+    teacher = tiny_teacher()
+    _, x, c, _ = case9(160, seed=1)
+    pooled = dataclasses.replace(FEW, steps=4, chain=0.25, chain_every=2, chain_contexts=8, chain_steps=1)
+    plain, _ = distill_ebdm(teacher, x, c, pooled)
+    ranked, stats = distill_ebdm(teacher, x, c, dataclasses.replace(pooled, rank_pool=0.5))
+    assert math.isfinite(stats["rank"]) and not torch.equal(plain.blocks[0].fc1.weight, ranked.blocks[0].fc1.weight)
+    # without the anchor and the rank loss the option does nothing (the same draws, the same student)
+    off = dataclasses.replace(pooled, anchor_weight=0.0, rank_weight=0.0)
+    a, _ = distill_ebdm(teacher, x, c, off)
+    b, _ = distill_ebdm(teacher, x, c, dataclasses.replace(off, rank_pool=0.5))
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    for bad, said in (({"rank_pool": 0.5, "chain": 0.0}, "rank_pool 0.5 needs chain > 0"), ({"rank_pool": -0.1}, "distil rank_pool must be in [0, 4]"),
+                      ({"rank_pool": math.nan}, "distil rank_pool must be in [0, 4]")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            dataclasses.replace(FEW, **bad).check()
+
+
 def test_a_full_precision_student_and_the_acceptance_match(tmp_path):
     """Diagnostics of issue 14: `ternary=False` distils a full-precision copy with the same
     recipe (no BitLinear; at 0 steps it IS its teacher); `accept_weight` matches the log
