@@ -113,7 +113,7 @@ class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: int = 32  # the per-message path (`Ledger.runner`): measurements handled at once
     # threads verifying a batch's signatures (Ed25519 verification releases the GIL: on a free
     # core the threads verify side by side, and the next batch is verified while one is
-    # minted); 1 = in the loop, one after the other; -1 = 2 where the process may use three
+    # minted); 1 = in the loop, one after the other; -1 = 2 where the process may use two
     # CPUs or more, else 1 (`verify_threads_for`)
     verify_threads: int = -1
     # M&V (docs/mv.md): every measurement must state a baseline calibrated to ASHRAE Guideline
@@ -139,18 +139,20 @@ class LedgerError(SCFError):
 
 def verify_threads_for(settings: LedgerSettings) -> int:
     """The verifying threads `settings` asks for on this host. -1: two where the process may
-    use three CPUs or more, else one. On two CPUs the second is nats-server's (co-located, as
-    `scf up` runs it) or another process's: measured on a 2-CPU VM, two threads verified no
-    faster than one and cost 16-29 % more CPU (benchmarks/RESULTS.md, issue 16). The CPUs the
-    process may use, not the load: a load average lags, counts this process too, and would
-    fix at start a choice made under a passing load."""
+    use two CPUs or more, else one. Measured (benchmarks/RESULTS.md, issue 16, goal 4): on
+    the quiet 2-CPU VM, with nats-server on the same two CPUs, two threads mint 0.64-0.72x the
+    one-thread verify floor against 0.53-0.56x with one (five runs each, 2026-12-03), on two
+    pinned CPUs of a quiet 16-core host 0.86x against 0.54x, for about 6 % more CPU a
+    measurement (session 6's loaded VM had measured no gain; its 2-CPU default was one). The
+    CPUs the process may use, not the load: a load average lags, counts this process too,
+    and would fix at start a choice made under a passing load."""
     if settings.verify_threads >= 1:
         return settings.verify_threads
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cpus = os.cpu_count() or 1
-    return 2 if cpus >= 3 else 1
+    return 2 if cpus >= 2 else 1
 
 
 VERIFY_CHUNK_MIN = 32  # a batch is verified in threads only in chunks of at least this many

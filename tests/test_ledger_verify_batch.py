@@ -63,7 +63,7 @@ def test_verify_threads_by_the_cpus_the_process_may_use():
         assert verify_threads_for(auto) == 1
     finally:
         os.sched_setaffinity(0, cpus)
-    assert verify_threads_for(auto) == (2 if len(cpus) >= 3 else 1)
+    assert verify_threads_for(auto) == (2 if len(cpus) >= 2 else 1)
 
 
 class Gate:
