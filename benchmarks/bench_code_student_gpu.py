@@ -556,7 +556,17 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         return {d: cs.first_misses(cs.line_agreement(model, tok, [r for r in val_rows if cs.contract_of(r["prompt"])[0] == d],
                                                      device=device, max_length=args.max_length)) for d in val_domains}
 
+    def lines_on_training(model, per_domain: int = 24) -> dict[str, dict]:
+        """The same on programs the student trained on (the first `per_domain` student-data rows of each domain): a miss
+        here is under-fitting, one only on held-out programs is the prompt's (generalisation)."""
+        out = {}
+        for d in sorted({r["domain"] for r in student_rows}):
+            rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in student_rows if r["domain"] == d][:per_domain]
+            out[d] = cs.first_misses(cs.line_agreement(model, tok, rows, device=device, max_length=args.max_length))
+        return out
+
     cmp = {"lines_by_domain": {"teacher": lines_by_domain(teacher), "student": lines_by_domain(student)},
+           "lines_on_training": {"teacher": lines_on_training(teacher), "student": lines_on_training(student)},
            "teacher": {"nll": teacher_nll, "nll_teacher_answers": teacher_answers_nll, "stop": teacher_stop, **teacher_j},
            "student": {"nll": student_nll, "nll_teacher_answers": student_answers_nll, "stop": student_stop, **student_j},
            "code_ratio": ratio(student_j["code_rate"], teacher_j["code_rate"]),
@@ -597,6 +607,10 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
         print(f"| held-out approved programs of {d} followed by the most probable token to the end; else the median line of the "
               f"first miss | {a['no_miss']}/{a['rows']}; line {a['median_first_miss_line']} | {b['no_miss']}/{b['rows']}; "
               f"line {b['median_first_miss_line']} | | |")
+    for d, b in cmp["lines_on_training"]["student"].items():
+        a = cmp["lines_on_training"]["teacher"][d]
+        print(f"| training programs of {d} followed to the end; else the median first-miss line | {a['no_miss']}/{a['rows']}; "
+              f"line {a['median_first_miss_line']} | {b['no_miss']}/{b['rows']}; line {b['median_first_miss_line']} | | |")
     print()
     for line in domain_table(teacher_j, student_j):
         print(line)
