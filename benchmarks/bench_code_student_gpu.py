@@ -261,7 +261,7 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--temperature", type=float, default=1.0, help="of the token-level KL")
-    ap.add_argument("--kl-weight", type=float, default=1.0)
+    ap.add_argument("--kl-weight", type=float, default=0.1, help="of the token-level KL to the teacher (CE weight 1); 1.0 before session 10")
     ap.add_argument("--ce-weight", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=0, help="0: until the budget")
     ap.add_argument("--max-length", type=int, default=1536, help="tokens of prompt + completion (the CFR rows reach ~1300)")
