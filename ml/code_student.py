@@ -359,7 +359,8 @@ class DistillSettings:
     temperature: float = 1.0
     # 0.1 since 2026-12-03 (session 10, H200, one teacher, cfr3, 21 held-out contracts x 8 answers): at weight 1 the student
     # takes on its weak teacher's slips (teacher-forced, both first leave the held-out grid programs at line 24) and its gate
-    # pass is 0.43x the teacher's; at 0.1 its most probable token follows them past line 24 and it passes 1.82x (sandbox 5.6x)
+    # pass is 0.43x the teacher's; at 0.1 its most probable token follows them past line 24 and it passes 1.82x (sandbox 5.6x);
+    # a second teacher and seed 1.97x (6.2x) (benchmarks/RESULTS.md, "GPU runs 10-12")
     kl_weight: float = 0.1
     ce_weight: float = 1.0
     eval_every_s: float = 15.0
