@@ -550,23 +550,19 @@ def main() -> None:  # noqa: PLR0915 - one run, read top to bottom
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None
 
-    def lines_by_domain(model) -> dict[str, dict]:
-        """Teacher-forced, per domain: where the most probable next token first differs from the held-out approved
-        program (`cs.first_misses`) — the line a low-temperature answer would leave it."""
-        return {d: cs.first_misses(cs.line_agreement(model, tok, [r for r in val_rows if cs.contract_of(r["prompt"])[0] == d],
-                                                     device=device, max_length=args.max_length)) for d in val_domains}
+    def first_misses(model, groups: dict[str, list[dict]]) -> dict[str, dict]:
+        """Teacher-forced, per group of programs: where the most probable next token first differs from the program
+        (`cs.first_misses`) — the line a low-temperature answer would leave it."""
+        return {d: cs.first_misses(cs.line_agreement(model, tok, rows, device=device, max_length=args.max_length)) for d, rows in groups.items()}
 
-    def lines_on_training(model, per_domain: int = 24) -> dict[str, dict]:
-        """The same on programs the student trained on (the first `per_domain` student-data rows of each domain): a miss
-        here is under-fitting, one only on held-out programs is the prompt's (generalisation)."""
-        out = {}
-        for d in sorted({r["domain"] for r in student_rows}):
-            rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in student_rows if r["domain"] == d][:per_domain]
-            out[d] = cs.first_misses(cs.line_agreement(model, tok, rows, device=device, max_length=args.max_length))
-        return out
+    held = {d: [r for r in val_rows if cs.contract_of(r["prompt"])[0] == d] for d in val_domains}
+    # programs the student trained on (the first 24 student-data rows a domain): a miss there is under-fitting, one only
+    # on the held-out programs is the prompt's (generalisation)
+    trained = {d: [{"prompt": r["prompt"], "completion": r["completion"]} for r in student_rows if r["domain"] == d][:24]
+               for d in sorted({r["domain"] for r in student_rows})}
 
-    cmp = {"lines_by_domain": {"teacher": lines_by_domain(teacher), "student": lines_by_domain(student)},
-           "lines_on_training": {"teacher": lines_on_training(teacher), "student": lines_on_training(student)},
+    cmp = {"lines_by_domain": {"teacher": first_misses(teacher, held), "student": first_misses(student, held)},
+           "lines_on_training": {"teacher": first_misses(teacher, trained), "student": first_misses(student, trained)},
            "teacher": {"nll": teacher_nll, "nll_teacher_answers": teacher_answers_nll, "stop": teacher_stop, **teacher_j},
            "student": {"nll": student_nll, "nll_teacher_answers": student_answers_nll, "stop": student_stop, **student_j},
            "code_ratio": ratio(student_j["code_rate"], teacher_j["code_rate"]),
